@@ -1,0 +1,16 @@
+{
+  "targets": [
+    {
+      "target_name": "ambient_bpf",
+      "sources": [
+        "native/addon.c",
+        "native/datapath.c",
+        "native/netns_socket.c",
+        "native/netns_thread.c",
+        "native/rtnl.c"
+      ],
+      "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-Wno-format-truncation", "-Wno-stringop-truncation", "-Werror"],
+      "libraries": ["-lbpf", "-lelf", "-lz", "-lpthread"]
+    }
+  ]
+}

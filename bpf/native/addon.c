@@ -1,0 +1,649 @@
+/* N-API surface of the native addon. Every operation that may block (bpf syscalls, netlink, a
+ * netns thread) runs as async work off the JS thread and settles a Promise. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <node_api.h>
+
+#include "datapath.h"
+#include "netns_socket.h"
+
+#define CHECK(call)                                                                                               \
+	do {                                                                                                      \
+		if ((call) != napi_ok) {                                                                          \
+			napi_throw_error(env, "EADDON", "N-API call failed: " #call);                              \
+			return NULL;                                                                              \
+		}                                                                                                 \
+	} while (0)
+
+/* ---- the datapath handle ---- */
+
+struct handle {
+	struct datapath *dp;
+	unsigned inflight;
+	bool closing;
+};
+
+static void handle_release(struct handle *h)
+{
+	if (h->closing && h->inflight == 0 && h->dp) {
+		dp_close(h->dp);
+		h->dp = NULL;
+	}
+}
+
+static void handle_finalize(napi_env env, void *data, void *hint)
+{
+	struct handle *h = data;
+
+	(void)env;
+	(void)hint;
+	h->closing = true;
+	handle_release(h);
+	if (!h->dp)
+		free(h);
+}
+
+/* ---- async jobs ---- */
+
+struct job;
+typedef void (*job_run)(struct job *);
+typedef napi_value (*job_result)(napi_env, struct job *);
+
+struct job {
+	napi_async_work work;
+	napi_deferred deferred;
+	napi_ref handle_ref;
+	struct handle *h;
+	job_run run;
+	job_result result;
+	struct dp_error err;
+	union {
+		struct {
+			char root[4096], object[4096];
+			struct datapath *dp;
+		} open;
+		struct {
+			struct dp_attach_request req;
+			struct dp_attach_result res;
+		} attach;
+		struct {
+			char uid[POD_UID_LEN];
+			struct dp_detach_result res;
+		} detach;
+		struct {
+			struct dp_pod *pods;
+			size_t count;
+		} list;
+		struct {
+			char uid[POD_UID_LEN];
+			struct dp_verify_result res;
+		} verify;
+		struct {
+			char (*uids)[POD_UID_LEN];
+			size_t count;
+		} gc;
+		struct {
+			struct netns_socket_request req;
+			int fd;
+		} socket;
+	} u;
+};
+
+static void job_execute(napi_env env, void *data)
+{
+	struct job *job = data;
+
+	(void)env;
+	job->run(job);
+}
+
+static napi_value make_error(napi_env env, const struct dp_error *e)
+{
+	napi_value code, msg, err;
+
+	napi_create_string_utf8(env, e->code, NAPI_AUTO_LENGTH, &code);
+	napi_create_string_utf8(env, e->message, NAPI_AUTO_LENGTH, &msg);
+	napi_create_error(env, code, msg, &err);
+	return err;
+}
+
+static void job_complete(napi_env env, napi_status status, void *data)
+{
+	struct job *job = data;
+	napi_value value;
+
+	if (status != napi_ok && !job->err.code) {
+		job->err.code = DPE_SYSTEM;
+		snprintf(job->err.message, sizeof(job->err.message), "operation cancelled");
+	}
+	if (job->err.code) {
+		napi_reject_deferred(env, job->deferred, make_error(env, &job->err));
+	} else {
+		value = job->result(env, job);
+		napi_resolve_deferred(env, job->deferred, value);
+	}
+	if (job->h) {
+		job->h->inflight--;
+		handle_release(job->h);
+	}
+	if (job->handle_ref)
+		napi_delete_reference(env, job->handle_ref);
+	napi_delete_async_work(env, job->work);
+	free(job);
+}
+
+static napi_value job_start(napi_env env, struct job *job, const char *name)
+{
+	napi_value promise, resource_name;
+
+	CHECK(napi_create_promise(env, &job->deferred, &promise));
+	CHECK(napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name));
+	CHECK(napi_create_async_work(env, NULL, resource_name, job_execute, job_complete, job, &job->work));
+	if (job->h)
+		job->h->inflight++;
+	CHECK(napi_queue_async_work(env, job->work));
+	return promise;
+}
+
+static struct job *job_new(job_run run, job_result result)
+{
+	struct job *job = calloc(1, sizeof(*job));
+
+	if (job) {
+		job->run = run;
+		job->result = result;
+	}
+	return job;
+}
+
+/* ---- argument helpers ---- */
+
+static bool get_string(napi_env env, napi_value v, char *buf, size_t len, const char *what)
+{
+	size_t n = 0;
+
+	if (napi_get_value_string_utf8(env, v, buf, len, &n) != napi_ok) {
+		napi_throw_type_error(env, DPE_INVALID, what);
+		return false;
+	}
+	if (n >= len - 1) {
+		napi_throw_range_error(env, DPE_INVALID, what);
+		return false;
+	}
+	return true;
+}
+
+/* Takes the handle argument and a reference to it for the job's lifetime. */
+static bool take_handle(napi_env env, napi_value v, struct job *job)
+{
+	struct handle *h = NULL;
+
+	if (napi_get_value_external(env, v, (void **)&h) != napi_ok || !h || !h->dp || h->closing) {
+		napi_throw_error(env, DPE_INVALID, "the datapath is closed");
+		return false;
+	}
+	job->h = h;
+	napi_create_reference(env, v, 1, &job->handle_ref);
+	return true;
+}
+
+static bool parse_ip(const char *s, struct pod_ip *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (inet_pton(AF_INET, s, out->addr + 12) == 1) {
+		out->addr[10] = out->addr[11] = 0xff;
+		return true;
+	}
+	return inet_pton(AF_INET6, s, out->addr) == 1;
+}
+
+static napi_value ip_value(napi_env env, const struct pod_ip *ip)
+{
+	static const uint8_t v4_prefix[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+	char buf[INET6_ADDRSTRLEN] = "";
+	napi_value v;
+
+	if (memcmp(ip->addr, v4_prefix, 12) == 0)
+		inet_ntop(AF_INET, ip->addr + 12, buf, sizeof(buf));
+	else
+		inet_ntop(AF_INET6, ip->addr, buf, sizeof(buf));
+	napi_create_string_utf8(env, buf, NAPI_AUTO_LENGTH, &v);
+	return v;
+}
+
+static void set_named(napi_env env, napi_value obj, const char *name, napi_value v)
+{
+	napi_set_named_property(env, obj, name, v);
+}
+
+static void set_u32(napi_env env, napi_value obj, const char *name, uint32_t n)
+{
+	napi_value v;
+
+	napi_create_uint32(env, n, &v);
+	set_named(env, obj, name, v);
+}
+
+static void set_bool(napi_env env, napi_value obj, const char *name, bool b)
+{
+	napi_value v;
+
+	napi_get_boolean(env, b, &v);
+	set_named(env, obj, name, v);
+}
+
+static void set_str(napi_env env, napi_value obj, const char *name, const char *s)
+{
+	napi_value v;
+
+	napi_create_string_utf8(env, s, NAPI_AUTO_LENGTH, &v);
+	set_named(env, obj, name, v);
+}
+
+static void set_double(napi_env env, napi_value obj, const char *name, double d)
+{
+	napi_value v;
+
+	napi_create_double(env, d, &v);
+	set_named(env, obj, name, v);
+}
+
+/* ---- open ---- */
+
+static void open_run(struct job *job)
+{
+	dp_open(job->u.open.root, job->u.open.object, &job->u.open.dp, &job->err);
+}
+
+static napi_value open_result(napi_env env, struct job *job)
+{
+	struct handle *h = calloc(1, sizeof(*h));
+	napi_value ext;
+
+	h->dp = job->u.open.dp;
+	napi_create_external(env, h, handle_finalize, NULL, &ext);
+	return ext;
+}
+
+static napi_value js_open(napi_env env, napi_callback_info info)
+{
+	size_t argc = 2;
+	napi_value argv[2];
+	struct job *job = job_new(open_run, open_result);
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job || argc < 2 || !get_string(env, argv[0], job->u.open.root, sizeof(job->u.open.root), "bpffs root") ||
+	    !get_string(env, argv[1], job->u.open.object, sizeof(job->u.open.object), "object path")) {
+		free(job);
+		return NULL;
+	}
+	return job_start(env, job, "ambient-bpf:open");
+}
+
+static napi_value js_close(napi_env env, napi_callback_info info)
+{
+	size_t argc = 1;
+	napi_value argv[1];
+	struct handle *h = NULL;
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 1 || napi_get_value_external(env, argv[0], (void **)&h) != napi_ok || !h)
+		return NULL;
+	h->closing = true;
+	handle_release(h);
+	return NULL;
+}
+
+/* ---- attach ---- */
+
+static void attach_run(struct job *job)
+{
+	dp_attach(job->h->dp, &job->u.attach.req, &job->u.attach.res, &job->err);
+}
+
+static napi_value attach_result(napi_env env, struct job *job)
+{
+	napi_value obj;
+
+	napi_create_object(env, &obj);
+	set_str(env, obj, "mode", job->u.attach.res.mode == ATTACH_MODE_TCX ? "tcx" : "tc");
+	set_u32(env, obj, "ifindex", (uint32_t)job->u.attach.res.ifindex);
+	set_bool(env, obj, "updated", job->u.attach.res.updated);
+	return obj;
+}
+
+/* attach(handle, uid, netnsPath, ips: string[], mode: 0 auto | 1 tcx | 2 tc) */
+static napi_value js_attach(napi_env env, napi_callback_info info)
+{
+	size_t argc = 5;
+	napi_value argv[5];
+	struct job *job = job_new(attach_run, attach_result);
+	struct dp_attach_request *req;
+	uint32_t n = 0, mode = 0;
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job)
+		return NULL;
+	req = &job->u.attach.req;
+	if (argc < 5 || !get_string(env, argv[1], req->uid, sizeof(req->uid), "pod uid (at most 63 characters)") ||
+	    !get_string(env, argv[2], req->netns_path, sizeof(req->netns_path), "netns path (at most 255 bytes)"))
+		goto bad;
+	if (napi_get_array_length(env, argv[3], &n) != napi_ok || n == 0 || n > MAX_POD_IPS) {
+		napi_throw_range_error(env, DPE_INVALID, "a pod needs 1 to 8 IPs");
+		goto bad;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		char s[INET6_ADDRSTRLEN + 1];
+		napi_value v;
+
+		napi_get_element(env, argv[3], i, &v);
+		if (!get_string(env, v, s, sizeof(s), "pod IP") || !parse_ip(s, &req->ips[i])) {
+			napi_value code, msg, err;
+			char text[128];
+
+			snprintf(text, sizeof(text), "not an IP address: %s", s);
+			napi_create_string_utf8(env, DPE_INVALID, NAPI_AUTO_LENGTH, &code);
+			napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
+			napi_create_type_error(env, code, msg, &err);
+			napi_throw(env, err);
+			goto bad;
+		}
+	}
+	req->ip_count = n;
+	napi_get_value_uint32(env, argv[4], &mode);
+	req->mode = (enum dp_mode_request)mode;
+	if (!take_handle(env, argv[0], job))
+		goto bad;
+	return job_start(env, job, "ambient-bpf:attach");
+bad:
+	free(job);
+	return NULL;
+}
+
+/* ---- detach / verify (by uid) ---- */
+
+static void detach_run(struct job *job)
+{
+	dp_detach(job->h->dp, job->u.detach.uid, &job->u.detach.res, &job->err);
+}
+
+static napi_value detach_result(napi_env env, struct job *job)
+{
+	napi_value obj;
+
+	napi_create_object(env, &obj);
+	set_bool(env, obj, "found", job->u.detach.res.found);
+	if (job->u.detach.res.warning[0])
+		set_str(env, obj, "warning", job->u.detach.res.warning);
+	return obj;
+}
+
+static void verify_run(struct job *job)
+{
+	dp_verify(job->h->dp, job->u.verify.uid, &job->u.verify.res, &job->err);
+}
+
+static napi_value verify_result(napi_env env, struct job *job)
+{
+	napi_value obj, arr, s;
+
+	napi_create_object(env, &obj);
+	set_bool(env, obj, "found", job->u.verify.res.found);
+	napi_create_array_with_length(env, job->u.verify.res.problem_count, &arr);
+	for (unsigned i = 0; i < job->u.verify.res.problem_count; i++) {
+		napi_create_string_utf8(env, job->u.verify.res.problems[i], NAPI_AUTO_LENGTH, &s);
+		napi_set_element(env, arr, i, s);
+	}
+	set_named(env, obj, "problems", arr);
+	return obj;
+}
+
+static napi_value uid_job(napi_env env, napi_callback_info info, job_run run, job_result result, size_t uid_offset,
+			  const char *name)
+{
+	size_t argc = 2;
+	napi_value argv[2];
+	struct job *job = job_new(run, result);
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job)
+		return NULL;
+	if (argc < 2 || !get_string(env, argv[1], (char *)job + uid_offset, POD_UID_LEN, "pod uid (at most 63 characters)") ||
+	    !take_handle(env, argv[0], job)) {
+		free(job);
+		return NULL;
+	}
+	return job_start(env, job, name);
+}
+
+static napi_value js_detach(napi_env env, napi_callback_info info)
+{
+	return uid_job(env, info, detach_run, detach_result, offsetof(struct job, u.detach.uid), "ambient-bpf:detach");
+}
+
+static napi_value js_verify(napi_env env, napi_callback_info info)
+{
+	return uid_job(env, info, verify_run, verify_result, offsetof(struct job, u.verify.uid), "ambient-bpf:verify");
+}
+
+/* ---- list / gc ---- */
+
+static void list_run(struct job *job)
+{
+	dp_list(job->h->dp, &job->u.list.pods, &job->u.list.count, &job->err);
+}
+
+static napi_value list_result(napi_env env, struct job *job)
+{
+	napi_value arr;
+
+	napi_create_array_with_length(env, job->u.list.count, &arr);
+	for (size_t i = 0; i < job->u.list.count; i++) {
+		const struct dp_pod *p = &job->u.list.pods[i];
+		napi_value obj, ips;
+
+		napi_create_object(env, &obj);
+		set_str(env, obj, "uid", p->uid);
+		set_str(env, obj, "netnsPath", p->meta.netns_path);
+		set_double(env, obj, "netnsInode", (double)p->meta.netns_ino);
+		set_u32(env, obj, "ifindex", p->meta.ifindex);
+		set_str(env, obj, "mode", p->meta.mode == ATTACH_MODE_TCX ? "tcx" : p->meta.mode == ATTACH_MODE_TC ? "tc" : "none");
+		set_str(env, obj, "state", p->meta.state == ATTACH_STATE_ATTACHED ? "attached" : "attaching");
+		set_double(env, obj, "attachedAtMs", (double)(p->meta.attached_at_ns / 1000000ull));
+		set_bool(env, obj, "netnsPresent", p->netns_present);
+		set_bool(env, obj, "linksPinned", p->links_pinned);
+		napi_create_array_with_length(env, p->meta.ip_count, &ips);
+		for (unsigned j = 0; j < p->meta.ip_count && j < MAX_POD_IPS; j++)
+			napi_set_element(env, ips, j, ip_value(env, &p->meta.ips[j]));
+		set_named(env, obj, "ips", ips);
+		napi_set_element(env, arr, (uint32_t)i, obj);
+	}
+	free(job->u.list.pods);
+	return arr;
+}
+
+static void gc_run(struct job *job)
+{
+	dp_gc(job->h->dp, &job->u.gc.uids, &job->u.gc.count, &job->err);
+}
+
+static napi_value gc_result(napi_env env, struct job *job)
+{
+	napi_value arr, s;
+
+	napi_create_array_with_length(env, job->u.gc.count, &arr);
+	for (size_t i = 0; i < job->u.gc.count; i++) {
+		napi_create_string_utf8(env, job->u.gc.uids[i], NAPI_AUTO_LENGTH, &s);
+		napi_set_element(env, arr, (uint32_t)i, s);
+	}
+	free(job->u.gc.uids);
+	return arr;
+}
+
+static napi_value handle_job(napi_env env, napi_callback_info info, job_run run, job_result result, const char *name)
+{
+	size_t argc = 1;
+	napi_value argv[1];
+	struct job *job = job_new(run, result);
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job)
+		return NULL;
+	if (argc < 1 || !take_handle(env, argv[0], job)) {
+		free(job);
+		return NULL;
+	}
+	return job_start(env, job, name);
+}
+
+static napi_value js_list(napi_env env, napi_callback_info info)
+{
+	return handle_job(env, info, list_run, list_result, "ambient-bpf:list");
+}
+
+static napi_value js_gc(napi_env env, napi_callback_info info)
+{
+	return handle_job(env, info, gc_run, gc_result, "ambient-bpf:gc");
+}
+
+/* ---- sockets inside a netns ---- */
+
+static void socket_run(struct job *job)
+{
+	job->u.socket.fd = netns_socket(&job->u.socket.req, &job->err);
+}
+
+static napi_value socket_result(napi_env env, struct job *job)
+{
+	napi_value v;
+
+	napi_create_int32(env, job->u.socket.fd, &v);
+	return v;
+}
+
+static bool opt_u32(napi_env env, napi_value obj, const char *name, uint32_t *out)
+{
+	bool has = false;
+	napi_value v;
+
+	napi_has_named_property(env, obj, name, &has);
+	if (!has)
+		return false;
+	napi_get_named_property(env, obj, name, &v);
+	return napi_get_value_uint32(env, v, out) == napi_ok;
+}
+
+static bool opt_bool(napi_env env, napi_value obj, const char *name)
+{
+	bool has = false, b = false;
+	napi_value v;
+
+	napi_has_named_property(env, obj, name, &has);
+	if (has && napi_get_named_property(env, obj, name, &v) == napi_ok)
+		napi_get_value_bool(env, v, &b);
+	return b;
+}
+
+static bool opt_string(napi_env env, napi_value obj, const char *name, char *buf, size_t len)
+{
+	bool has = false;
+	napi_value v;
+
+	napi_has_named_property(env, obj, name, &has);
+	if (!has)
+		return false;
+	napi_get_named_property(env, obj, name, &v);
+	return get_string(env, v, buf, len, name);
+}
+
+/* socket({netns?, family: 4|6, type: 'tcp'|'udp', mark?, transparent?, freebind?, reuseport?,
+ *         v6only?, bindAddress?, bindPort?, listen?}) -> fd */
+static napi_value js_socket(napi_env env, napi_callback_info info)
+{
+	size_t argc = 1;
+	napi_value argv[1];
+	struct job *job = job_new(socket_run, socket_result);
+	struct netns_socket_request *r;
+	char type[8] = "tcp", addr[INET6_ADDRSTRLEN + 1] = "";
+	uint32_t family = 4, port = 0;
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job)
+		return NULL;
+	r = &job->u.socket.req;
+	if (argc < 1)
+		goto bad;
+	opt_string(env, argv[0], "netns", r->netns_path, sizeof(r->netns_path));
+	opt_u32(env, argv[0], "family", &family);
+	opt_string(env, argv[0], "type", type, sizeof(type));
+	r->family = family == 6 ? 6 : 4;
+	r->udp = strcmp(type, "udp") == 0;
+	r->has_mark = opt_u32(env, argv[0], "mark", &r->mark);
+	r->transparent = opt_bool(env, argv[0], "transparent");
+	r->freebind = opt_bool(env, argv[0], "freebind");
+	r->reuseport = opt_bool(env, argv[0], "reuseport");
+	r->v6only = opt_bool(env, argv[0], "v6only");
+	if (opt_string(env, argv[0], "bindAddress", addr, sizeof(addr))) {
+		snprintf(r->bind_address, sizeof(r->bind_address), "%s", addr);
+		r->bind = true;
+	}
+	if (opt_u32(env, argv[0], "bindPort", &port)) {
+		r->bind_port = (uint16_t)port;
+		r->bind = true;
+	}
+	r->listen_backlog = -1;
+	if (opt_u32(env, argv[0], "listen", &port))
+		r->listen_backlog = (int)port;
+	return job_start(env, job, "ambient-bpf:socket");
+bad:
+	free(job);
+	napi_throw_type_error(env, DPE_INVALID, "socket() takes an options object");
+	return NULL;
+}
+
+/* ---- module ---- */
+
+static void export_u32(napi_env env, napi_value obj, const char *name, uint32_t v)
+{
+	set_u32(env, obj, name, v);
+}
+
+static napi_value init(napi_env env, napi_value exports)
+{
+	napi_value constants;
+	const napi_property_descriptor fns[] = {
+		{ "open", NULL, js_open, NULL, NULL, NULL, napi_default, NULL },
+		{ "close", NULL, js_close, NULL, NULL, NULL, napi_default, NULL },
+		{ "attach", NULL, js_attach, NULL, NULL, NULL, napi_default, NULL },
+		{ "detach", NULL, js_detach, NULL, NULL, NULL, napi_default, NULL },
+		{ "verify", NULL, js_verify, NULL, NULL, NULL, napi_default, NULL },
+		{ "list", NULL, js_list, NULL, NULL, NULL, napi_default, NULL },
+		{ "gc", NULL, js_gc, NULL, NULL, NULL, napi_default, NULL },
+		{ "socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL },
+	};
+
+	CHECK(napi_define_properties(env, exports, sizeof(fns) / sizeof(fns[0]), fns));
+	CHECK(napi_create_object(env, &constants));
+	export_u32(env, constants, "ZTUNNEL_OUTBOUND_PORT", ZTUNNEL_OUTBOUND_PORT);
+	export_u32(env, constants, "ZTUNNEL_INBOUND_PORT", ZTUNNEL_INBOUND_PORT);
+	export_u32(env, constants, "ZTUNNEL_HBONE_PORT", ZTUNNEL_HBONE_PORT);
+	export_u32(env, constants, "ZTUNNEL_DNS_PORT", ZTUNNEL_DNS_PORT);
+	export_u32(env, constants, "ZTUNNEL_MARK", ZTUNNEL_MARK);
+	export_u32(env, constants, "REDIRECT_MARK", REDIRECT_MARK);
+	export_u32(env, constants, "MARK_MASK", MARK_MASK);
+	export_u32(env, constants, "REDIRECT_ROUTE_TABLE", REDIRECT_ROUTE_TABLE);
+	export_u32(env, constants, "REDIRECT_RULE_PRIORITY", REDIRECT_RULE_PRIORITY);
+	export_u32(env, constants, "MAX_POD_IPS", MAX_POD_IPS);
+	export_u32(env, constants, "TC_FILTER_HANDLE", TC_FILTER_HANDLE);
+	export_u32(env, constants, "TC_FILTER_PRIORITY", TC_FILTER_PRIORITY);
+	CHECK(napi_set_named_property(env, exports, "constants", constants));
+	return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -1,0 +1,1061 @@
+#define _GNU_SOURCE
+#include "datapath.h"
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <net/if.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/pkt_sched.h>
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "netns_thread.h"
+#include "rtnl.h"
+
+#define BPF_FS_MAGIC 0xcafe4a11
+
+enum hook_dir { HOOK_INGRESS = 0, HOOK_EGRESS = 1 };
+static const char *const hook_names[2] = { "ingress", "egress" };
+static const char *const prog_names[2] = { "pod_ingress", "pod_egress" };
+static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS };
+
+struct datapath {
+	char root[PATH_MAX];
+	int root_fd; /* flock'ed around every operation: other processes share the pins */
+	struct bpf_object *obj;
+	int prog_fd[2];
+	int meta_fd;
+	pthread_mutex_t lock;
+};
+
+/* ---- errors and libbpf's log ---- */
+
+static __thread char libbpf_log[2048];
+
+static int libbpf_log_cb(enum libbpf_print_level level, const char *fmt, va_list args)
+{
+	char line[512];
+	size_t have = strlen(libbpf_log), add;
+
+	if (level == LIBBPF_DEBUG)
+		return 0;
+	vsnprintf(line, sizeof(line), fmt, args);
+	add = strlen(line);
+	if (have + add >= sizeof(libbpf_log)) { /* keep the tail: the verifier's verdict is last */
+		size_t drop = have + add - sizeof(libbpf_log) + 1;
+
+		if (drop > have)
+			drop = have;
+		memmove(libbpf_log, libbpf_log + drop, have - drop + 1);
+	}
+	strncat(libbpf_log, line, sizeof(libbpf_log) - strlen(libbpf_log) - 1);
+	return 0;
+}
+
+static int fail(struct dp_error *e, const char *code, int err, const char *fmt, ...)
+{
+	va_list ap;
+	size_t n;
+
+	e->code = code;
+	va_start(ap, fmt);
+	vsnprintf(e->message, sizeof(e->message), fmt, ap);
+	va_end(ap);
+	n = strlen(e->message);
+	if (err && n < sizeof(e->message))
+		snprintf(e->message + n, sizeof(e->message) - n, ": %s", strerror(err < 0 ? -err : err));
+	return -1;
+}
+
+static const char *ip_str(const struct pod_ip *ip, char buf[INET6_ADDRSTRLEN])
+{
+	static const uint8_t v4_prefix[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+
+	if (memcmp(ip->addr, v4_prefix, 12) == 0)
+		return inet_ntop(AF_INET, ip->addr + 12, buf, INET6_ADDRSTRLEN);
+	return inet_ntop(AF_INET6, ip->addr, buf, INET6_ADDRSTRLEN);
+}
+
+static bool ip_is_v4(const struct pod_ip *ip)
+{
+	char buf[INET6_ADDRSTRLEN];
+
+	return strchr(ip_str(ip, buf), ':') == NULL;
+}
+
+/* ---- paths, pins and the meta map ---- */
+
+static bool uid_valid(const char *uid)
+{
+	size_t n = strnlen(uid, POD_UID_LEN);
+
+	if (n == 0 || n >= POD_UID_LEN || uid[0] == '.')
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char c = uid[i];
+
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+		      c == '_' || c == '.'))
+			return false;
+	}
+	return true;
+}
+
+static void pod_dir(const struct datapath *dp, const char *uid, char out[PATH_MAX])
+{
+	snprintf(out, PATH_MAX, "%s/pods/%s", dp->root, uid);
+}
+
+static void pin_path(const struct datapath *dp, const char *uid, enum hook_dir d, char out[PATH_MAX])
+{
+	snprintf(out, PATH_MAX, "%s/pods/%s/%s", dp->root, uid, hook_names[d]);
+}
+
+static struct pod_meta_key meta_key(const char *uid)
+{
+	struct pod_meta_key k;
+
+	memset(&k, 0, sizeof(k));
+	strncpy(k.uid, uid, sizeof(k.uid) - 1);
+	return k;
+}
+
+static int meta_get(struct datapath *dp, const char *uid, struct pod_meta *m)
+{
+	struct pod_meta_key k = meta_key(uid);
+
+	return bpf_map_lookup_elem(dp->meta_fd, &k, m) ? -errno : 0;
+}
+
+static int meta_put(struct datapath *dp, const char *uid, const struct pod_meta *m)
+{
+	struct pod_meta_key k = meta_key(uid);
+
+	return bpf_map_update_elem(dp->meta_fd, &k, m, BPF_ANY) ? -errno : 0;
+}
+
+static void meta_del(struct datapath *dp, const char *uid)
+{
+	struct pod_meta_key k = meta_key(uid);
+
+	bpf_map_delete_elem(dp->meta_fd, &k);
+}
+
+static int mkdir_p(const char *path)
+{
+	char buf[PATH_MAX];
+
+	snprintf(buf, sizeof(buf), "%s", path);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(buf, 0700) && errno != EEXIST)
+			return -errno;
+		*p = '/';
+	}
+	return mkdir(buf, 0700) && errno != EEXIST ? -errno : 0;
+}
+
+/* Unpins a pod's link pins and removes its directory (ignores what is already gone). */
+static void remove_pod_dir(struct datapath *dp, const char *uid)
+{
+	char path[PATH_MAX];
+
+	for (int d = 0; d < 2; d++) {
+		pin_path(dp, uid, d, path);
+		unlink(path);
+	}
+	pod_dir(dp, uid, path);
+	rmdir(path);
+}
+
+/* Does the netns path still name the namespace the pod was attached in? */
+static bool netns_present(const struct pod_meta *m)
+{
+	struct stat st;
+
+	return stat(m->netns_path, &st) == 0 && st.st_ino == m->netns_ino && st.st_dev == m->netns_dev;
+}
+
+/* tcx link info; the 6.1 uapi headers predate the tcx member of bpf_link_info's union. */
+struct tcx_link_info {
+	__u32 type;
+	__u32 id;
+	__u32 prog_id;
+	__u32 pad;
+	__u32 ifindex;
+	__u32 attach_type;
+	__u8 rest[64];
+};
+
+static int pinned_link_info(const char *pin, struct tcx_link_info *info)
+{
+	__u32 len = sizeof(*info);
+	int fd = bpf_obj_get(pin);
+	int err = 0;
+
+	if (fd < 0)
+		return -errno;
+	memset(info, 0, sizeof(*info));
+	if (bpf_obj_get_info_by_fd(fd, info, &len))
+		err = -errno;
+	close(fd);
+	return err;
+}
+
+static int prog_name_by_id(__u32 id, char name[BPF_OBJ_NAME_LEN])
+{
+	struct bpf_prog_info info;
+	__u32 len = sizeof(info);
+	int fd = bpf_prog_get_fd_by_id(id);
+	int err = 0;
+
+	if (fd < 0)
+		return -errno;
+	memset(&info, 0, sizeof(info));
+	if (bpf_obj_get_info_by_fd(fd, &info, &len))
+		err = -errno;
+	else
+		memcpy(name, info.name, BPF_OBJ_NAME_LEN);
+	close(fd);
+	return err;
+}
+
+/* ---- open / close ---- */
+
+static int check_bpffs(const char *root, struct dp_error *e)
+{
+	char path[PATH_MAX];
+	struct statfs sfs;
+	char *slash;
+
+	snprintf(path, sizeof(path), "%s", root);
+	while (statfs(path, &sfs) != 0) {
+		if (errno != ENOENT || !(slash = strrchr(path, '/')) || slash == path)
+			return fail(e, DPE_BPFFS, errno, "cannot inspect %s", path);
+		*slash = '\0';
+	}
+	if ((unsigned long)sfs.f_type != BPF_FS_MAGIC)
+		return fail(e, DPE_BPFFS, 0,
+			    "%s is not on a bpffs (%s is not bpffs; mount one with: mount -t bpf bpf /sys/fs/bpf)",
+			    root, path);
+	return 0;
+}
+
+static int check_kernel(struct dp_error *e)
+{
+	static const struct {
+		enum bpf_func_id id;
+		const char *name;
+		const char *since;
+	} helpers[] = {
+		{ BPF_FUNC_skc_lookup_tcp, "bpf_skc_lookup_tcp", "5.2" },
+		{ BPF_FUNC_sk_assign, "bpf_sk_assign", "5.7" },
+		{ BPF_FUNC_redirect, "bpf_redirect", "4.4" },
+	};
+
+	for (size_t i = 0; i < sizeof(helpers) / sizeof(helpers[0]); i++) {
+		int ok = libbpf_probe_bpf_helper(BPF_PROG_TYPE_SCHED_CLS, helpers[i].id, NULL);
+
+		if (ok == 0)
+			return fail(e, DPE_KERNEL, 0, "the kernel lacks the BPF helper %s for tc programs (Linux %s+)",
+				    helpers[i].name, helpers[i].since);
+		if (ok < 0)
+			return fail(e, DPE_KERNEL, ok, "cannot probe the kernel for BPF support (is this root?)");
+	}
+	return 0;
+}
+
+int dp_open(const char *root, const char *object_path, struct datapath **out, struct dp_error *e)
+{
+	char path[PATH_MAX];
+	struct datapath *dp;
+	struct bpf_map *map;
+	int err;
+
+	if (root[0] != '/' || strlen(root) > PATH_MAX - 128)
+		return fail(e, DPE_INVALID, 0, "bpffs root must be an absolute path: %s", root);
+	if (check_bpffs(root, e) || check_kernel(e))
+		return -1;
+	snprintf(path, sizeof(path), "%s/maps", root);
+	if ((err = mkdir_p(path)))
+		return fail(e, DPE_BPFFS, err, "cannot create %s", path);
+	snprintf(path, sizeof(path), "%s/pods", root);
+	if ((err = mkdir_p(path)))
+		return fail(e, DPE_BPFFS, err, "cannot create %s", path);
+
+	dp = calloc(1, sizeof(*dp));
+	if (!dp)
+		return fail(e, DPE_SYSTEM, ENOMEM, "datapath");
+	snprintf(dp->root, sizeof(dp->root), "%s", root);
+	pthread_mutex_init(&dp->lock, NULL);
+	dp->root_fd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dp->root_fd < 0) {
+		fail(e, DPE_BPFFS, errno, "cannot open %s", root);
+		goto out_free;
+	}
+
+	libbpf_set_print(libbpf_log_cb);
+	libbpf_log[0] = '\0';
+	dp->obj = bpf_object__open_file(object_path, NULL);
+	if (!dp->obj) {
+		fail(e, DPE_LOAD, errno, "cannot open BPF object %s (was `npm run build` run?)", object_path);
+		goto out_close;
+	}
+	/* Maps are shared through pins by every process using this root, so a restarted agent and
+	 * the CLI see the same records. */
+	bpf_object__for_each_map(map, dp->obj) {
+		snprintf(path, sizeof(path), "%s/maps/%s", root, bpf_map__name(map));
+		bpf_map__set_pin_path(map, path);
+	}
+	flock(dp->root_fd, LOCK_EX);
+	err = bpf_object__load(dp->obj);
+	flock(dp->root_fd, LOCK_UN);
+	if (err) {
+		fail(e, DPE_LOAD, err, "cannot load BPF object %s (%s)%s", object_path, libbpf_log,
+		     strstr(libbpf_log, "reuse") ? "; the pinned maps are from an incompatible version" : "");
+		goto out_obj;
+	}
+	for (int d = 0; d < 2; d++)
+		dp->prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, prog_names[d]));
+	dp->meta_fd = bpf_map__fd(bpf_object__find_map_by_name(dp->obj, "pod_meta"));
+	*out = dp;
+	return 0;
+
+out_obj:
+	bpf_object__close(dp->obj);
+out_close:
+	close(dp->root_fd);
+out_free:
+	pthread_mutex_destroy(&dp->lock);
+	free(dp);
+	return -1;
+}
+
+void dp_close(struct datapath *dp)
+{
+	if (!dp)
+		return;
+	bpf_object__close(dp->obj);
+	close(dp->root_fd);
+	pthread_mutex_destroy(&dp->lock);
+	free(dp);
+}
+
+static void dp_lock(struct datapath *dp)
+{
+	pthread_mutex_lock(&dp->lock);
+	flock(dp->root_fd, LOCK_EX);
+}
+
+static void dp_unlock(struct datapath *dp)
+{
+	flock(dp->root_fd, LOCK_UN);
+	pthread_mutex_unlock(&dp->lock);
+}
+
+/* ---- work inside the pod netns ---- */
+
+static const struct fwmark_rule redirect_rule_v4 = { AF_INET, REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE,
+						     REDIRECT_RULE_PRIORITY };
+static const struct fwmark_rule redirect_rule_v6 = { AF_INET6, REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE,
+						     REDIRECT_RULE_PRIORITY };
+
+static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
+{
+	*v4 = *v6 = false;
+	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++) {
+		if (ip_is_v4(&m->ips[i]))
+			*v4 = true;
+		else
+			*v6 = true;
+	}
+}
+
+/* Removes the pod's programs: tcx links through their pins (works from any netns), tc filters
+ * from inside the netns (in_netns). */
+static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
+{
+	char pin[PATH_MAX];
+
+	for (int d = 0; d < 2; d++) {
+		int fd;
+
+		pin_path(dp, uid, d, pin);
+		fd = bpf_obj_get(pin);
+		if (fd >= 0) {
+			bpf_link_detach(fd); /* detaches even if another process still holds the link */
+			close(fd);
+		}
+		unlink(pin);
+	}
+	if (m->mode == ATTACH_MODE_TC && in_netns) {
+		LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex);
+		LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+
+		for (int d = 0; d < 2; d++) {
+			hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+			bpf_tc_detach(&hook, &opts);
+		}
+		if (m->owns & OWNS_CLSACT) {
+			struct rtnl nl;
+			int in = 1, eg = 1;
+
+			if (rtnl_open(&nl) == 0) {
+				rtnl_count_filters(&nl, (int)m->ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS), &in);
+				rtnl_count_filters(&nl, (int)m->ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS), &eg);
+				rtnl_close(&nl);
+			}
+			/* Only an empty qdisc that we created goes: others' filters are never touched. */
+			if (in == 0 && eg == 0) {
+				hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS;
+				bpf_tc_hook_destroy(&hook);
+			}
+		}
+	}
+}
+
+/* Undoes, best effort, everything the meta record says attach did in this netns. */
+static void undo_in_netns(struct datapath *dp, const char *uid, struct pod_meta *m)
+{
+	struct rtnl nl;
+
+	detach_programs(dp, uid, m, true);
+	if (rtnl_open(&nl))
+		return;
+	if (m->owns & OWNS_RULE_V4)
+		rtnl_rule_del(&nl, &redirect_rule_v4);
+	if (m->owns & OWNS_RULE_V6)
+		rtnl_rule_del(&nl, &redirect_rule_v6);
+	if (m->owns & OWNS_ROUTE_V4)
+		rtnl_local_default_route_del(&nl, AF_INET, REDIRECT_ROUTE_TABLE);
+	if (m->owns & OWNS_ROUTE_V6)
+		rtnl_local_default_route_del(&nl, AF_INET6, REDIRECT_ROUTE_TABLE);
+	if (m->owns & OWNS_ACCEPT_LOCAL)
+		rtnl_set_accept_local(&nl, (int)m->ifindex, m->saved_accept_local);
+	rtnl_close(&nl);
+}
+
+struct netns_job {
+	struct datapath *dp;
+	const char *uid;
+	struct pod_meta *meta;
+	const struct dp_attach_request *req;
+	struct dp_error *e;
+	struct dp_verify_result *verify;
+};
+
+static int undo_job(void *p)
+{
+	struct netns_job *job = p;
+
+	undo_in_netns(job->dp, job->uid, job->meta);
+	return 0;
+}
+
+/* Locates the one non-loopback interface that carries every pod IP. */
+static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const char *netns, int *ifindex,
+			      struct dp_error *e)
+{
+	char a[INET6_ADDRSTRLEN], b[INET6_ADDRSTRLEN];
+	int first = 0;
+
+	for (unsigned i = 0; i < m->ip_count; i++) {
+		int idx = 0, err = rtnl_find_address(nl, m->ips[i].addr, &idx);
+
+		if (err == -ENOENT)
+			return fail(e, DPE_POD_IP, 0, "pod IP %s is not configured in netns %s", ip_str(&m->ips[i], a),
+				    netns);
+		if (err)
+			return fail(e, DPE_SYSTEM, err, "cannot list addresses in netns %s", netns);
+		if (idx == (int)if_nametoindex("lo"))
+			return fail(e, DPE_POD_IP, 0, "pod IP %s is on the loopback device in netns %s",
+				    ip_str(&m->ips[i], a), netns);
+		if (first && idx != first)
+			return fail(e, DPE_POD_IP, 0, "pod IPs %s and %s are on different interfaces in netns %s",
+				    ip_str(&m->ips[0], a), ip_str(&m->ips[i], b), netns);
+		first = idx;
+	}
+	*ifindex = first;
+	return 0;
+}
+
+/* Adds what is missing of the fwmark rules, local routes and accept_local; records in m->owns
+ * what this created, so detach removes exactly that. */
+static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_error *e)
+{
+	bool v4, v6;
+	int err;
+	const struct {
+		bool want;
+		const struct fwmark_rule *rule;
+		unsigned rule_bit, route_bit;
+		const char *name;
+	} fam[2] = {
+		{ false, &redirect_rule_v4, OWNS_RULE_V4, OWNS_ROUTE_V4, "IPv4" },
+		{ false, &redirect_rule_v6, OWNS_RULE_V6, OWNS_ROUTE_V6, "IPv6" },
+	};
+
+	pod_families(m, &v4, &v6);
+	for (int i = 0; i < 2; i++) {
+		if (!(i == 0 ? v4 : v6))
+			continue;
+		err = rtnl_rule_add(nl, fam[i].rule);
+		if (err == 0)
+			m->owns |= fam[i].rule_bit;
+		else if (err != -EEXIST)
+			return fail(e, DPE_SYSTEM, err, "cannot add the %s fwmark rule", fam[i].name);
+		err = rtnl_local_default_route_add(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE);
+		if (err == 0)
+			m->owns |= fam[i].route_bit;
+		else if (err != -EEXIST)
+			return fail(e, DPE_SYSTEM, err, "cannot add the %s local route to table %d", fam[i].name,
+				    REDIRECT_ROUTE_TABLE);
+	}
+	if (v4) {
+		uint32_t cur = 0;
+
+		/* Looped-back packets carry the pod's own address as source: without accept_local the
+		 * stack drops them as martians. (IPv6 has no such check.) */
+		if ((err = rtnl_get_accept_local(nl, (int)m->ifindex, &cur)))
+			return fail(e, DPE_SYSTEM, err, "cannot read accept_local");
+		if (cur != 1) {
+			if (!(m->owns & OWNS_ACCEPT_LOCAL))
+				m->saved_accept_local = cur;
+			if ((err = rtnl_set_accept_local(nl, (int)m->ifindex, 1)))
+				return fail(e, DPE_SYSTEM, err, "cannot set accept_local");
+			m->owns |= OWNS_ACCEPT_LOCAL;
+		}
+	}
+	return 0;
+}
+
+static int attach_tcx(struct datapath *dp, const char *uid, struct pod_meta *m, enum hook_dir d)
+{
+	struct tcx_link_info info;
+	char pin[PATH_MAX];
+	int fd, err = 0;
+
+	pin_path(dp, uid, d, pin);
+	if (pinned_link_info(pin, &info) == 0) {
+		if (info.type == AMB_BPF_LINK_TYPE_TCX && info.ifindex == m->ifindex && info.attach_type == tcx_types[d]) {
+			/* Already attached: swap in this process's program (same code or newer). */
+			fd = bpf_obj_get(pin);
+			if (fd < 0)
+				return -errno;
+			if (bpf_link_update(fd, dp->prog_fd[d], NULL))
+				err = -errno;
+			close(fd);
+			return err;
+		}
+		fd = bpf_obj_get(pin);
+		if (fd >= 0) {
+			bpf_link_detach(fd);
+			close(fd);
+		}
+		unlink(pin);
+	}
+	fd = bpf_link_create(dp->prog_fd[d], (int)m->ifindex, tcx_types[d], NULL);
+	if (fd < 0)
+		return -errno;
+	if (bpf_obj_pin(fd, pin))
+		err = -errno;
+	if (err)
+		bpf_link_detach(fd);
+	close(fd);
+	return err;
+}
+
+static int attach_tc(struct datapath *dp, struct pod_meta *m)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
+	int err = bpf_tc_hook_create(&hook);
+
+	if (err == 0)
+		m->owns |= OWNS_CLSACT;
+	else if (err != -EEXIST)
+		return err;
+	for (int d = 0; d < 2; d++) {
+		LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY,
+			    .prog_fd = dp->prog_fd[d], .flags = BPF_TC_F_REPLACE);
+
+		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+		if ((err = bpf_tc_attach(&hook, &opts)))
+			return err;
+	}
+	return 0;
+}
+
+static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, enum dp_mode_request want,
+			   struct dp_error *e)
+{
+	char dir[PATH_MAX];
+	int err;
+
+	pod_dir(dp, uid, dir);
+	if (mkdir(dir, 0700) && errno != EEXIST)
+		return fail(e, DPE_BPFFS, errno, "cannot create %s", dir);
+	if (want != DP_MODE_TC) {
+		err = attach_tcx(dp, uid, m, HOOK_INGRESS);
+		if (!err)
+			err = attach_tcx(dp, uid, m, HOOK_EGRESS);
+		if (!err) {
+			m->mode = ATTACH_MODE_TCX;
+			return 0;
+		}
+		if (want == DP_MODE_TCX || err != -EINVAL)
+			return fail(e, err == -EINVAL ? DPE_KERNEL : DPE_SYSTEM, err,
+				    err == -EINVAL ? "cannot attach with tcx (the kernel needs tcx, Linux 6.6+; "
+						     "the tc fallback works on older kernels)"
+						   : "cannot attach tcx links");
+		detach_programs(dp, uid, m, false);
+	}
+	m->mode = ATTACH_MODE_TC;
+	if ((err = attach_tc(dp, m)))
+		return fail(e, DPE_SYSTEM, err, "cannot attach cls_bpf filters to the clsact qdisc");
+	return 0;
+}
+
+static int attach_job(void *p)
+{
+	struct netns_job *job = p;
+	struct pod_meta *m = job->meta;
+	struct rtnl nl;
+	int ifindex = 0, err;
+
+	if ((err = rtnl_open(&nl)))
+		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s", job->req->netns_path);
+	if (find_pod_interface(&nl, m, job->req->netns_path, &ifindex, job->e))
+		goto out;
+	if (m->state == ATTACH_STATE_ATTACHED && (m->ifindex != (unsigned)ifindex ||
+						  (job->req->mode != DP_MODE_AUTO && (unsigned)job->req->mode != m->mode))) {
+		/* Same netns, but another interface or attach mode: move the programs. */
+		detach_programs(job->dp, job->uid, m, true);
+	}
+	m->ifindex = (unsigned)ifindex;
+	if (m->state != ATTACH_STATE_ATTACHED) {
+		/* Before touching the netns: a crash from here on leaves a record detach can act on. */
+		m->owns = OWNS_RULE_V4 | OWNS_RULE_V6 | OWNS_ROUTE_V4 | OWNS_ROUTE_V6;
+		m->state = ATTACH_STATE_ATTACHING;
+		if ((err = meta_put(job->dp, job->uid, m))) {
+			fail(job->e, DPE_SYSTEM, err, "cannot record pod %s", job->uid);
+			goto out;
+		}
+		m->owns = 0;
+	}
+	if (configure_routing(&nl, m, job->e) ||
+	    attach_programs(job->dp, job->uid, m,
+			    job->req->mode == DP_MODE_AUTO && m->mode ? (enum dp_mode_request)m->mode : job->req->mode,
+			    job->e))
+		goto out;
+	m->state = ATTACH_STATE_ATTACHED;
+	if ((err = meta_put(job->dp, job->uid, m)))
+		fail(job->e, DPE_SYSTEM, err, "cannot record pod %s", job->uid);
+out:
+	rtnl_close(&nl);
+	if (job->e->code) /* roll back in this same netns: never leave a pod half redirected */
+		undo_in_netns(job->dp, job->uid, m);
+	return job->e->code ? -1 : 0;
+}
+
+static int open_pod_netns(const char *path, struct pod_meta *m, struct dp_error *e)
+{
+	unsigned long long ino, dev;
+	int fd = open_netns(path, &ino, &dev);
+
+	if (fd == -ENOENT)
+		return fail(e, DPE_NETNS, 0, "netns %s does not exist", path);
+	if (fd == -EINVAL)
+		return fail(e, DPE_NETNS, 0, "%s is not a network namespace", path);
+	if (fd < 0)
+		return fail(e, DPE_NETNS, fd, "cannot open netns %s", path);
+	if (m) {
+		m->netns_ino = ino;
+		m->netns_dev = dev;
+	}
+	return fd;
+}
+
+/* Undoes a recorded attachment: inside its netns when that is still reachable. */
+static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta *m, char *warning, size_t wlen)
+{
+	struct netns_job job = { .dp = dp, .uid = uid, .meta = m };
+	unsigned long long ino = 0, dev = 0;
+	int fd = open_netns(m->netns_path, &ino, &dev);
+
+	if (fd >= 0 && ino == m->netns_ino && dev == m->netns_dev) {
+		run_in_netns(fd, undo_job, &job);
+	} else {
+		detach_programs(dp, uid, m, false);
+		if (warning && netns_present(m) == false && m->mode == ATTACH_MODE_TC)
+			snprintf(warning, wlen, "netns %s is gone; its tc filters went with it", m->netns_path);
+		else if (warning)
+			snprintf(warning, wlen, "netns %s is gone or was replaced; nothing to undo inside it",
+				 m->netns_path);
+	}
+	if (fd >= 0)
+		close(fd);
+}
+
+int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct dp_attach_result *res,
+	      struct dp_error *e)
+{
+	struct pod_meta m, old;
+	struct netns_job job = { .dp = dp, .uid = req->uid, .meta = &m, .req = req, .e = e };
+	struct timespec now;
+	int fd, rc;
+
+	if (!uid_valid(req->uid))
+		return fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", req->uid);
+	if (req->ip_count == 0 || req->ip_count > MAX_POD_IPS)
+		return fail(e, DPE_INVALID, 0, "a pod needs 1 to %d IPs, got %u", MAX_POD_IPS, req->ip_count);
+	if (req->netns_path[0] != '/')
+		return fail(e, DPE_INVALID, 0, "netns path must be absolute: %s", req->netns_path);
+
+	memset(&m, 0, sizeof(m));
+	fd = open_pod_netns(req->netns_path, &m, e);
+	if (fd < 0)
+		return -1;
+	dp_lock(dp);
+	res->updated = false;
+	if (meta_get(dp, req->uid, &old) == 0) {
+		if (old.state == ATTACH_STATE_ATTACHED && old.netns_ino == m.netns_ino && old.netns_dev == m.netns_dev) {
+			m = old; /* same pod, same netns: update in place */
+			res->updated = true;
+		} else {
+			/* A new sandbox for the same pod, or a crashed attach: clear the old record first. */
+			undo_recorded(dp, req->uid, &old, NULL, 0);
+			meta_del(dp, req->uid);
+			remove_pod_dir(dp, req->uid);
+		}
+	}
+	snprintf(m.netns_path, sizeof(m.netns_path), "%s", req->netns_path);
+	memcpy(m.ips, req->ips, sizeof(m.ips));
+	m.ip_count = req->ip_count;
+	clock_gettime(CLOCK_REALTIME, &now);
+	if (!res->updated)
+		m.attached_at_ns = (__u64)now.tv_sec * 1000000000ull + (__u64)now.tv_nsec;
+
+	rc = run_in_netns(fd, attach_job, &job);
+	if (rc < 0 && !e->code)
+		fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
+	if (e->code) {
+		meta_del(dp, req->uid);
+		remove_pod_dir(dp, req->uid);
+	} else {
+		res->mode = m.mode;
+		res->ifindex = (int)m.ifindex;
+	}
+	dp_unlock(dp);
+	close(fd);
+	return e->code ? -1 : 0;
+}
+
+int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res, struct dp_error *e)
+{
+	struct pod_meta m;
+
+	if (!uid_valid(uid))
+		return fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", uid);
+	res->warning[0] = '\0';
+	dp_lock(dp);
+	res->found = meta_get(dp, uid, &m) == 0;
+	if (res->found) {
+		undo_recorded(dp, uid, &m, res->warning, sizeof(res->warning));
+		meta_del(dp, uid);
+	}
+	remove_pod_dir(dp, uid); /* also pins left by a crash before the record was written */
+	dp_unlock(dp);
+	return 0;
+}
+
+static int for_each_meta(struct datapath *dp, int (*fn)(struct datapath *, const char *, struct pod_meta *, void *),
+			 void *ctx)
+{
+	struct pod_meta_key key, next;
+	struct pod_meta m;
+	void *prev = NULL;
+
+	while (bpf_map_get_next_key(dp->meta_fd, prev, &next) == 0) {
+		key = next;
+		prev = &key;
+		if (bpf_map_lookup_elem(dp->meta_fd, &key, &m) == 0) {
+			int err = fn(dp, key.uid, &m, ctx);
+
+			if (err)
+				return err;
+		}
+	}
+	return 0;
+}
+
+struct list_ctx {
+	struct dp_pod *pods;
+	size_t count, cap;
+};
+
+static int list_one(struct datapath *dp, const char *uid, struct pod_meta *m, void *p)
+{
+	struct list_ctx *ctx = p;
+	struct dp_pod *pod;
+	char pin[PATH_MAX];
+	struct stat st;
+
+	if (ctx->count == ctx->cap) {
+		size_t cap = ctx->cap ? ctx->cap * 2 : 64;
+		struct dp_pod *n = realloc(ctx->pods, cap * sizeof(*n));
+
+		if (!n)
+			return -ENOMEM;
+		ctx->pods = n;
+		ctx->cap = cap;
+	}
+	pod = &ctx->pods[ctx->count++];
+	memset(pod, 0, sizeof(*pod));
+	snprintf(pod->uid, sizeof(pod->uid), "%s", uid);
+	pod->meta = *m;
+	pod->netns_present = netns_present(m);
+	pod->links_pinned = true;
+	for (int d = 0; d < 2; d++) {
+		pin_path(dp, uid, d, pin);
+		pod->links_pinned = pod->links_pinned && stat(pin, &st) == 0;
+	}
+	return 0;
+}
+
+int dp_list(struct datapath *dp, struct dp_pod **pods, size_t *count, struct dp_error *e)
+{
+	struct list_ctx ctx = { 0 };
+	int err;
+
+	dp_lock(dp);
+	err = for_each_meta(dp, list_one, &ctx);
+	dp_unlock(dp);
+	if (err) {
+		free(ctx.pods);
+		return fail(e, DPE_SYSTEM, err, "cannot list pods");
+	}
+	*pods = ctx.pods;
+	*count = ctx.count;
+	return 0;
+}
+
+/* ---- verify ---- */
+
+static void problem(struct dp_verify_result *r, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (r->problem_count >= DP_MAX_PROBLEMS)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(r->problems[r->problem_count++], sizeof(r->problems[0]), fmt, ap);
+	va_end(ap);
+}
+
+static void verify_program_name(struct dp_verify_result *r, __u32 prog_id, enum hook_dir d)
+{
+	char name[BPF_OBJ_NAME_LEN] = "";
+
+	if (prog_name_by_id(prog_id, name) || strcmp(name, prog_names[d]))
+		problem(r, "%s hook runs program %u (%s), not %s", hook_names[d], prog_id, name, prog_names[d]);
+}
+
+static int verify_job(void *p)
+{
+	struct netns_job *job = p;
+	struct pod_meta *m = job->meta;
+	struct dp_verify_result *r = job->verify;
+	struct rtnl nl;
+	bool v4, v6, exists;
+	char ip[INET6_ADDRSTRLEN];
+	int err;
+
+	if ((err = rtnl_open(&nl)))
+		return err;
+	rtnl_link_exists(&nl, (int)m->ifindex, &exists);
+	if (!exists)
+		problem(r, "interface %u is gone from the netns", m->ifindex);
+	for (unsigned i = 0; i < m->ip_count; i++) {
+		int idx = 0;
+
+		if (rtnl_find_address(&nl, m->ips[i].addr, &idx) || idx != (int)m->ifindex)
+			problem(r, "pod IP %s is no longer on interface %u", ip_str(&m->ips[i], ip), m->ifindex);
+	}
+	pod_families(m, &v4, &v6);
+	for (int fam = 0; fam < 2; fam++) {
+		const struct fwmark_rule *rule = fam == 0 ? &redirect_rule_v4 : &redirect_rule_v6;
+
+		if (!(fam == 0 ? v4 : v6))
+			continue;
+		if (rtnl_rule_exists(&nl, rule, &exists) == 0 && !exists)
+			problem(r, "the %s fwmark rule (mark 0x%x/0x%x, table %d) is missing", fam ? "IPv6" : "IPv4",
+				REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE);
+		if (rtnl_local_default_route_exists(&nl, rule->family, REDIRECT_ROUTE_TABLE, &exists) == 0 && !exists)
+			problem(r, "the %s local route in table %d is missing", fam ? "IPv6" : "IPv4",
+				REDIRECT_ROUTE_TABLE);
+	}
+	if (v4) {
+		uint32_t al = 0;
+
+		if (rtnl_get_accept_local(&nl, (int)m->ifindex, &al) == 0 && al != 1)
+			problem(r, "accept_local is %u on interface %u", al, m->ifindex);
+	}
+	rtnl_close(&nl);
+
+	if (m->mode == ATTACH_MODE_TCX) {
+		for (int d = 0; d < 2; d++) {
+			struct tcx_link_info info;
+			char pin[PATH_MAX];
+
+			pin_path(job->dp, job->uid, d, pin);
+			if (pinned_link_info(pin, &info))
+				problem(r, "the %s link pin %s is missing", hook_names[d], pin);
+			else if (info.ifindex != m->ifindex)
+				problem(r, "the %s link is detached", hook_names[d]);
+			else
+				verify_program_name(r, info.prog_id, d);
+		}
+	} else {
+		LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex);
+
+		for (int d = 0; d < 2; d++) {
+			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+
+			hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+			if (bpf_tc_query(&hook, &opts))
+				problem(r, "the %s tc filter is missing", hook_names[d]);
+			else
+				verify_program_name(r, opts.prog_id, d);
+		}
+	}
+	return 0;
+}
+
+int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res, struct dp_error *e)
+{
+	struct pod_meta m;
+	struct netns_job job = { .dp = dp, .uid = uid, .meta = &m, .verify = res, .e = e };
+	unsigned long long ino = 0, dev = 0;
+	int fd, rc;
+
+	if (!uid_valid(uid))
+		return fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", uid);
+	memset(res, 0, sizeof(*res));
+	dp_lock(dp);
+	res->found = meta_get(dp, uid, &m) == 0;
+	if (!res->found)
+		goto out;
+	if (m.state != ATTACH_STATE_ATTACHED)
+		problem(res, "attach did not complete");
+	fd = open_netns(m.netns_path, &ino, &dev);
+	if (fd < 0 || ino != m.netns_ino || dev != m.netns_dev) {
+		problem(res, "netns %s is gone or was replaced", m.netns_path);
+	} else {
+		rc = run_in_netns(fd, verify_job, &job);
+		if (rc < 0)
+			problem(res, "cannot inspect netns %s: %s", m.netns_path, strerror(-rc));
+	}
+	if (fd >= 0)
+		close(fd);
+out:
+	dp_unlock(dp);
+	return 0;
+}
+
+/* ---- garbage collection ---- */
+
+struct gc_ctx {
+	char (*uids)[POD_UID_LEN];
+	size_t count, cap;
+};
+
+static bool pod_gone(struct datapath *dp, const char *uid, const struct pod_meta *m)
+{
+	struct tcx_link_info info;
+	char pin[PATH_MAX];
+
+	if (m->mode == ATTACH_MODE_TCX && m->state == ATTACH_STATE_ATTACHED) {
+		/* A tcx link whose device was unregistered reports ifindex 0: authoritative even when
+		 * the netns lives on without its path. */
+		pin_path(dp, uid, HOOK_INGRESS, pin);
+		if (pinned_link_info(pin, &info) == 0)
+			return info.ifindex == 0;
+	}
+	return !netns_present(m);
+}
+
+static int gc_add(struct gc_ctx *ctx, const char *uid)
+{
+	if (ctx->count == ctx->cap) {
+		size_t cap = ctx->cap ? ctx->cap * 2 : 16;
+		char(*n)[POD_UID_LEN] = realloc(ctx->uids, cap * POD_UID_LEN);
+
+		if (!n)
+			return -ENOMEM;
+		ctx->uids = n;
+		ctx->cap = cap;
+	}
+	snprintf(ctx->uids[ctx->count++], POD_UID_LEN, "%s", uid);
+	return 0;
+}
+
+static int gc_one(struct datapath *dp, const char *uid, struct pod_meta *m, void *p)
+{
+	if (!pod_gone(dp, uid, m))
+		return 0;
+	detach_programs(dp, uid, m, false);
+	meta_del(dp, uid);
+	remove_pod_dir(dp, uid);
+	return gc_add(p, uid);
+}
+
+int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct dp_error *e)
+{
+	struct gc_ctx ctx = { 0 };
+	char path[PATH_MAX];
+	struct dirent *de;
+	DIR *dir;
+	int err;
+
+	dp_lock(dp);
+	err = for_each_meta(dp, gc_one, &ctx);
+	/* Pin directories without a record: left by a crash inside attach. */
+	snprintf(path, sizeof(path), "%s/pods", dp->root);
+	dir = err ? NULL : opendir(path);
+	while (dir && (de = readdir(dir))) {
+		struct pod_meta m;
+
+		if (de->d_name[0] == '.' || !uid_valid(de->d_name) || meta_get(dp, de->d_name, &m) == 0)
+			continue;
+		memset(&m, 0, sizeof(m));
+		detach_programs(dp, de->d_name, &m, false);
+		remove_pod_dir(dp, de->d_name);
+		if ((err = gc_add(&ctx, de->d_name)))
+			break;
+	}
+	if (dir)
+		closedir(dir);
+	dp_unlock(dp);
+	if (err) {
+		free(ctx.uids);
+		return fail(e, DPE_SYSTEM, err, "cannot collect pins");
+	}
+	*uids = ctx.uids;
+	*count = ctx.count;
+	return 0;
+}

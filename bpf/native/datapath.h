@@ -1,0 +1,81 @@
+/* The pod datapath: the BPF object loaded once per bpffs root, attached to many pods.
+ * Every function may block (syscalls, a netns thread): call them off the JS main thread. */
+#ifndef AMBIENT_DATAPATH_H
+#define AMBIENT_DATAPATH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "../progs/ambient_shared.h"
+
+struct dp_error {
+	const char *code; /* stable, for callers: see the DP_E* below */
+	char message[768];
+};
+
+#define DPE_INVALID "EINVALID" /* bad argument */
+#define DPE_NETNS "ENETNS" /* netns path missing or not a network namespace */
+#define DPE_POD_IP "EPODIP" /* a pod IP is not configured in the netns */
+#define DPE_BPFFS "EBPFFS" /* no bpffs where pins should go */
+#define DPE_KERNEL "EKERNEL" /* the kernel lacks a feature */
+#define DPE_LOAD "ELOAD" /* the BPF object did not load */
+#define DPE_SYSTEM "ESYSTEM" /* anything else, with errno text */
+
+struct datapath;
+
+enum dp_mode_request {
+	DP_MODE_AUTO = 0, /* tcx where the kernel has it, else tc */
+	DP_MODE_TCX = ATTACH_MODE_TCX,
+	DP_MODE_TC = ATTACH_MODE_TC,
+};
+
+int dp_open(const char *root, const char *object_path, struct datapath **out, struct dp_error *e);
+void dp_close(struct datapath *dp);
+
+struct dp_attach_request {
+	char uid[POD_UID_LEN];
+	char netns_path[NETNS_PATH_LEN];
+	struct pod_ip ips[MAX_POD_IPS];
+	unsigned ip_count;
+	enum dp_mode_request mode;
+};
+
+struct dp_attach_result {
+	unsigned mode;
+	int ifindex;
+	bool updated; /* the pod was attached already (same netns): updated in place */
+};
+
+int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct dp_attach_result *res,
+	      struct dp_error *e);
+
+struct dp_detach_result {
+	bool found;
+	char warning[512]; /* set when the netns could not be entered to undo its changes */
+};
+
+int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res, struct dp_error *e);
+
+struct dp_pod {
+	char uid[POD_UID_LEN];
+	struct pod_meta meta;
+	bool netns_present; /* the netns path still names the attached namespace */
+	bool links_pinned; /* tcx: both link pins present */
+};
+
+/* Fills *pods (malloc'd, caller frees). */
+int dp_list(struct datapath *dp, struct dp_pod **pods, size_t *count, struct dp_error *e);
+
+#define DP_MAX_PROBLEMS 12
+struct dp_verify_result {
+	bool found;
+	unsigned problem_count;
+	char problems[DP_MAX_PROBLEMS][200];
+};
+
+int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res, struct dp_error *e);
+
+/* Removes pins and records of pods whose netns is gone; fills *uids (malloc'd, caller frees). */
+int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct dp_error *e);
+
+#endif

@@ -1,0 +1,427 @@
+#define _GNU_SOURCE
+#include "rtnl.h"
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+#include <net/if.h>
+#include <sys/socket.h>
+#include <linux/fib_rules.h>
+#include <linux/if_addr.h>
+#include <linux/if_link.h>
+#include <linux/ip.h>
+#include <linux/netlink.h>
+#include <linux/pkt_sched.h>
+#include <linux/rtnetlink.h>
+
+#define MSG_BUF 4096
+#define RECV_BUF 32768
+
+struct msg {
+	struct nlmsghdr hdr;
+	char body[MSG_BUF - sizeof(struct nlmsghdr)];
+};
+
+int rtnl_open(struct rtnl *nl)
+{
+	struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
+	int one = 1;
+
+	nl->fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+	if (nl->fd < 0)
+		return -errno;
+	nl->seq = 0;
+	/* Extended acks make kernel errors explicit; strict checking makes dumps honour filters. */
+	setsockopt(nl->fd, SOL_NETLINK, NETLINK_EXT_ACK, &one, sizeof(one));
+	setsockopt(nl->fd, SOL_NETLINK, NETLINK_GET_STRICT_CHK, &one, sizeof(one));
+	if (bind(nl->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int err = -errno;
+
+		close(nl->fd);
+		nl->fd = -1;
+		return err;
+	}
+	return 0;
+}
+
+void rtnl_close(struct rtnl *nl)
+{
+	if (nl->fd >= 0)
+		close(nl->fd);
+	nl->fd = -1;
+}
+
+static void *msg_init(struct msg *m, uint16_t type, uint16_t flags, size_t family_len)
+{
+	memset(m, 0, sizeof(*m));
+	m->hdr.nlmsg_type = type;
+	m->hdr.nlmsg_flags = NLM_F_REQUEST | flags;
+	m->hdr.nlmsg_len = NLMSG_LENGTH(family_len);
+	return NLMSG_DATA(&m->hdr);
+}
+
+static struct rtattr *attr_put(struct msg *m, uint16_t type, const void *data, size_t len)
+{
+	struct rtattr *rta = (struct rtattr *)((char *)&m->hdr + NLMSG_ALIGN(m->hdr.nlmsg_len));
+
+	rta->rta_type = type;
+	rta->rta_len = RTA_LENGTH(len);
+	if (len)
+		memcpy(RTA_DATA(rta), data, len);
+	m->hdr.nlmsg_len = NLMSG_ALIGN(m->hdr.nlmsg_len) + RTA_ALIGN(rta->rta_len);
+	return rta;
+}
+
+static void attr_put_u32(struct msg *m, uint16_t type, uint32_t v)
+{
+	attr_put(m, type, &v, sizeof(v));
+}
+
+static struct rtattr *nest_start(struct msg *m, uint16_t type)
+{
+	return attr_put(m, type, NULL, 0);
+}
+
+static void nest_end(struct msg *m, struct rtattr *nest)
+{
+	nest->rta_len = (unsigned short)((char *)&m->hdr + m->hdr.nlmsg_len - (char *)nest);
+}
+
+typedef int (*dump_cb)(struct nlmsghdr *h, void *ctx);
+
+/* Sends one request and reads until its ACK (or, for dumps, NLMSG_DONE), passing every data
+ * message to cb. */
+static int transact(struct rtnl *nl, struct msg *m, dump_cb cb, void *ctx)
+{
+	static __thread char buf[RECV_BUF];
+	/* NLM_F_DUMP is two bits; NLM_F_EXCL of a create reuses one of them. */
+	bool dump = (m->hdr.nlmsg_flags & NLM_F_DUMP) == NLM_F_DUMP;
+	int cb_err = 0;
+
+	m->hdr.nlmsg_seq = ++nl->seq;
+	if (!dump)
+		m->hdr.nlmsg_flags |= NLM_F_ACK;
+	if (send(nl->fd, m, m->hdr.nlmsg_len, 0) < 0)
+		return -errno;
+	for (;;) {
+		ssize_t n = recv(nl->fd, buf, sizeof(buf), 0);
+		struct nlmsghdr *h;
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		for (h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+			if (h->nlmsg_seq != nl->seq)
+				continue;
+			if (h->nlmsg_type == NLMSG_ERROR) {
+				struct nlmsgerr *e = NLMSG_DATA(h);
+
+				return e->error ? e->error : cb_err;
+			}
+			if (h->nlmsg_type == NLMSG_DONE)
+				return cb_err;
+			if (cb && !cb_err)
+				cb_err = cb(h, ctx);
+		}
+	}
+}
+
+static struct rtattr *find_attr(struct rtattr *rta, int len, uint16_t type)
+{
+	for (; RTA_OK(rta, len); rta = RTA_NEXT(rta, len))
+		if ((rta->rta_type & NLA_TYPE_MASK) == type)
+			return rta;
+	return NULL;
+}
+
+/* ---- addresses ---- */
+
+struct find_addr_ctx {
+	uint8_t addr[16];
+	int ifindex;
+};
+
+static int find_addr_cb(struct nlmsghdr *h, void *p)
+{
+	struct find_addr_ctx *ctx = p;
+	struct ifaddrmsg *ifa = NLMSG_DATA(h);
+	int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*ifa)));
+	struct rtattr *a;
+	bool v4 = ifa->ifa_family == AF_INET;
+
+	if (h->nlmsg_type != RTM_NEWADDR)
+		return 0;
+	a = find_attr(IFA_RTA(ifa), len, IFA_LOCAL);
+	if (!a)
+		a = find_attr(IFA_RTA(ifa), len, IFA_ADDRESS);
+	if (!a)
+		return 0;
+	if (v4 ? memcmp(RTA_DATA(a), ctx->addr + 12, 4) == 0 : memcmp(RTA_DATA(a), ctx->addr, 16) == 0)
+		ctx->ifindex = (int)ifa->ifa_index;
+	return 0;
+}
+
+static bool is_v4_mapped(const uint8_t a[16])
+{
+	static const uint8_t prefix[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+
+	return memcmp(a, prefix, 12) == 0;
+}
+
+int rtnl_find_address(struct rtnl *nl, const uint8_t addr[16], int *ifindex)
+{
+	struct msg m;
+	struct ifaddrmsg *ifa = msg_init(&m, RTM_GETADDR, NLM_F_DUMP, sizeof(*ifa));
+	struct find_addr_ctx ctx = { .ifindex = 0 };
+	int err;
+
+	ifa->ifa_family = is_v4_mapped(addr) ? AF_INET : AF_INET6;
+	memcpy(ctx.addr, addr, 16);
+	err = transact(nl, &m, find_addr_cb, &ctx);
+	if (err)
+		return err;
+	if (!ctx.ifindex)
+		return -ENOENT;
+	*ifindex = ctx.ifindex;
+	return 0;
+}
+
+/* ---- fwmark rules ---- */
+
+static void rule_msg(struct msg *m, uint16_t type, uint16_t flags, const struct fwmark_rule *r)
+{
+	struct fib_rule_hdr *frh = msg_init(m, type, flags, sizeof(*frh));
+
+	frh->family = (uint8_t)r->family;
+	frh->action = FR_ACT_TO_TBL;
+	frh->table = r->table < 256 ? (uint8_t)r->table : RT_TABLE_UNSPEC;
+	attr_put_u32(m, FRA_TABLE, r->table);
+	attr_put_u32(m, FRA_PRIORITY, r->priority);
+	attr_put_u32(m, FRA_FWMARK, r->mark);
+	attr_put_u32(m, FRA_FWMASK, r->mask);
+}
+
+int rtnl_rule_add(struct rtnl *nl, const struct fwmark_rule *r)
+{
+	struct msg m;
+
+	rule_msg(&m, RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, r);
+	return transact(nl, &m, NULL, NULL);
+}
+
+int rtnl_rule_del(struct rtnl *nl, const struct fwmark_rule *r)
+{
+	struct msg m;
+
+	rule_msg(&m, RTM_DELRULE, 0, r);
+	return transact(nl, &m, NULL, NULL);
+}
+
+struct rule_match_ctx {
+	const struct fwmark_rule *want;
+	bool found;
+};
+
+static uint32_t attr_u32(struct rtattr *base, int len, uint16_t type, uint32_t dflt)
+{
+	struct rtattr *a = find_attr(base, len, type);
+
+	return a ? *(uint32_t *)RTA_DATA(a) : dflt;
+}
+
+static int rule_match_cb(struct nlmsghdr *h, void *p)
+{
+	struct rule_match_ctx *ctx = p;
+	struct fib_rule_hdr *frh = NLMSG_DATA(h);
+	struct rtattr *base = (struct rtattr *)((char *)frh + NLMSG_ALIGN(sizeof(*frh)));
+	int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*frh)));
+
+	if (h->nlmsg_type != RTM_NEWRULE || frh->family != ctx->want->family)
+		return 0;
+	if (attr_u32(base, len, FRA_TABLE, frh->table) == ctx->want->table &&
+	    attr_u32(base, len, FRA_PRIORITY, 0) == ctx->want->priority &&
+	    attr_u32(base, len, FRA_FWMARK, 0) == ctx->want->mark &&
+	    attr_u32(base, len, FRA_FWMASK, 0) == ctx->want->mask)
+		ctx->found = true;
+	return 0;
+}
+
+int rtnl_rule_exists(struct rtnl *nl, const struct fwmark_rule *r, bool *exists)
+{
+	struct msg m;
+	struct fib_rule_hdr *frh = msg_init(&m, RTM_GETRULE, NLM_F_DUMP, sizeof(*frh));
+	struct rule_match_ctx ctx = { .want = r };
+	int err;
+
+	frh->family = (uint8_t)r->family;
+	err = transact(nl, &m, rule_match_cb, &ctx);
+	*exists = ctx.found;
+	return err;
+}
+
+/* ---- the local default route of the redirect table ---- */
+
+static void route_msg(struct msg *m, uint16_t type, uint16_t flags, int family, uint32_t table)
+{
+	struct rtmsg *rtm = msg_init(m, type, flags, sizeof(*rtm));
+
+	rtm->rtm_family = (uint8_t)family;
+	rtm->rtm_dst_len = 0;
+	rtm->rtm_table = table < 256 ? (uint8_t)table : RT_TABLE_UNSPEC;
+	rtm->rtm_protocol = RTPROT_BOOT;
+	rtm->rtm_scope = RT_SCOPE_HOST;
+	rtm->rtm_type = RTN_LOCAL;
+	attr_put_u32(m, RTA_TABLE, table);
+	attr_put_u32(m, RTA_OIF, if_nametoindex("lo"));
+}
+
+int rtnl_local_default_route_add(struct rtnl *nl, int family, uint32_t table)
+{
+	struct msg m;
+
+	route_msg(&m, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, family, table);
+	return transact(nl, &m, NULL, NULL);
+}
+
+int rtnl_local_default_route_del(struct rtnl *nl, int family, uint32_t table)
+{
+	struct msg m;
+
+	route_msg(&m, RTM_DELROUTE, 0, family, table);
+	return transact(nl, &m, NULL, NULL);
+}
+
+struct route_match_ctx {
+	uint32_t table;
+	bool found;
+};
+
+static int route_match_cb(struct nlmsghdr *h, void *p)
+{
+	struct route_match_ctx *ctx = p;
+	struct rtmsg *rtm = NLMSG_DATA(h);
+	int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*rtm)));
+
+	if (h->nlmsg_type != RTM_NEWROUTE)
+		return 0;
+	if (rtm->rtm_type == RTN_LOCAL && rtm->rtm_dst_len == 0 &&
+	    attr_u32(RTM_RTA(rtm), len, RTA_TABLE, rtm->rtm_table) == ctx->table)
+		ctx->found = true;
+	return 0;
+}
+
+int rtnl_local_default_route_exists(struct rtnl *nl, int family, uint32_t table, bool *exists)
+{
+	struct msg m;
+	struct rtmsg *rtm = msg_init(&m, RTM_GETROUTE, NLM_F_DUMP, sizeof(*rtm));
+	struct route_match_ctx ctx = { .table = table };
+	int err;
+
+	rtm->rtm_family = (uint8_t)family;
+	rtm->rtm_table = table < 256 ? (uint8_t)table : RT_TABLE_UNSPEC;
+	attr_put_u32(&m, RTA_TABLE, table);
+	err = transact(nl, &m, route_match_cb, &ctx);
+	*exists = ctx.found;
+	return err;
+}
+
+/* ---- devconf: accept_local ---- */
+
+struct devconf_ctx {
+	uint32_t value;
+	bool found;
+};
+
+static int devconf_cb(struct nlmsghdr *h, void *p)
+{
+	struct devconf_ctx *ctx = p;
+	struct ifinfomsg *ifi = NLMSG_DATA(h);
+	int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*ifi)));
+	struct rtattr *spec, *inet, *conf;
+
+	if (h->nlmsg_type != RTM_NEWLINK)
+		return 0;
+	spec = find_attr(IFLA_RTA(ifi), len, IFLA_AF_SPEC);
+	if (!spec)
+		return 0;
+	inet = find_attr(RTA_DATA(spec), (int)RTA_PAYLOAD(spec), AF_INET);
+	if (!inet)
+		return 0;
+	conf = find_attr(RTA_DATA(inet), (int)RTA_PAYLOAD(inet), IFLA_INET_CONF);
+	if (!conf || RTA_PAYLOAD(conf) < IPV4_DEVCONF_ACCEPT_LOCAL * sizeof(uint32_t))
+		return 0;
+	ctx->value = ((uint32_t *)RTA_DATA(conf))[IPV4_DEVCONF_ACCEPT_LOCAL - 1];
+	ctx->found = true;
+	return 0;
+}
+
+int rtnl_get_accept_local(struct rtnl *nl, int ifindex, uint32_t *value)
+{
+	struct msg m;
+	struct ifinfomsg *ifi = msg_init(&m, RTM_GETLINK, 0, sizeof(*ifi));
+	struct devconf_ctx ctx = { 0 };
+	int err;
+
+	ifi->ifi_family = AF_UNSPEC;
+	ifi->ifi_index = ifindex;
+	err = transact(nl, &m, devconf_cb, &ctx);
+	if (err)
+		return err;
+	if (!ctx.found)
+		return -EOPNOTSUPP;
+	*value = ctx.value;
+	return 0;
+}
+
+int rtnl_set_accept_local(struct rtnl *nl, int ifindex, uint32_t value)
+{
+	struct msg m;
+	struct ifinfomsg *ifi = msg_init(&m, RTM_SETLINK, 0, sizeof(*ifi));
+	struct rtattr *spec, *inet, *conf;
+
+	ifi->ifi_family = AF_UNSPEC;
+	ifi->ifi_index = ifindex;
+	spec = nest_start(&m, IFLA_AF_SPEC);
+	inet = nest_start(&m, AF_INET);
+	conf = nest_start(&m, IFLA_INET_CONF);
+	attr_put_u32(&m, IPV4_DEVCONF_ACCEPT_LOCAL, value);
+	nest_end(&m, conf);
+	nest_end(&m, inet);
+	nest_end(&m, spec);
+	return transact(nl, &m, NULL, NULL);
+}
+
+/* ---- links and tc filters ---- */
+
+int rtnl_link_exists(struct rtnl *nl, int ifindex, bool *exists)
+{
+	struct msg m;
+	struct ifinfomsg *ifi = msg_init(&m, RTM_GETLINK, 0, sizeof(*ifi));
+	int err;
+
+	ifi->ifi_index = ifindex;
+	err = transact(nl, &m, NULL, NULL);
+	*exists = err == 0;
+	return err == -ENODEV ? 0 : err;
+}
+
+static int count_cb(struct nlmsghdr *h, void *p)
+{
+	if (h->nlmsg_type == RTM_NEWTFILTER)
+		(*(int *)p)++;
+	return 0;
+}
+
+int rtnl_count_filters(struct rtnl *nl, int ifindex, uint32_t parent, int *count)
+{
+	struct msg m;
+	struct tcmsg *tcm = msg_init(&m, RTM_GETTFILTER, NLM_F_DUMP, sizeof(*tcm));
+
+	tcm->tcm_family = AF_UNSPEC;
+	tcm->tcm_ifindex = ifindex;
+	tcm->tcm_parent = parent;
+	*count = 0;
+	return transact(nl, &m, count_cb, count);
+}

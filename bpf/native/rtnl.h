@@ -1,0 +1,45 @@
+/* Minimal rtnetlink client: just what the datapath configures in a pod netns. Every function acts
+ * on the network namespace of the calling thread (the socket is opened there). Functions return 0
+ * or a negative errno. */
+#ifndef AMBIENT_RTNL_H
+#define AMBIENT_RTNL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct rtnl {
+	int fd;
+	uint32_t seq;
+};
+
+int rtnl_open(struct rtnl *nl);
+void rtnl_close(struct rtnl *nl);
+
+/* The interface carrying `addr` (16 bytes; IPv4 as ::ffff:a.b.c.d), or -ENOENT. */
+int rtnl_find_address(struct rtnl *nl, const uint8_t addr[16], int *ifindex);
+
+/* "fwmark MARK/MASK lookup TABLE pref PRIO" for AF_INET or AF_INET6. */
+struct fwmark_rule {
+	int family;
+	uint32_t mark, mask, table, priority;
+};
+int rtnl_rule_add(struct rtnl *nl, const struct fwmark_rule *r); /* -EEXIST if already there */
+int rtnl_rule_del(struct rtnl *nl, const struct fwmark_rule *r);
+int rtnl_rule_exists(struct rtnl *nl, const struct fwmark_rule *r, bool *exists);
+
+/* "local 0.0.0.0/0 dev lo table TABLE" (or ::/0). */
+int rtnl_local_default_route_add(struct rtnl *nl, int family, uint32_t table);
+int rtnl_local_default_route_del(struct rtnl *nl, int family, uint32_t table);
+int rtnl_local_default_route_exists(struct rtnl *nl, int family, uint32_t table, bool *exists);
+
+/* net.ipv4.conf.<dev>.accept_local, through IFLA_AF_SPEC/IFLA_INET_CONF. */
+int rtnl_get_accept_local(struct rtnl *nl, int ifindex, uint32_t *value);
+int rtnl_set_accept_local(struct rtnl *nl, int ifindex, uint32_t value);
+
+/* Number of tc filters under a clsact parent (ingress or egress) of a device. */
+int rtnl_count_filters(struct rtnl *nl, int ifindex, uint32_t parent, int *count);
+
+/* Does a device with this index exist (in this netns)? */
+int rtnl_link_exists(struct rtnl *nl, int ifindex, bool *exists);
+
+#endif

@@ -1,0 +1,89 @@
+/* Constants and map layouts shared by the BPF programs and the native addon (and, through the
+ * addon's exports, by TypeScript). One definition each: change them here only. */
+#ifndef AMBIENT_SHARED_H
+#define AMBIENT_SHARED_H
+
+#include <linux/types.h>
+
+/* ztunnel's in-pod listeners. */
+#define ZTUNNEL_OUTBOUND_PORT 15001
+#define ZTUNNEL_INBOUND_PORT 15006
+#define ZTUNNEL_HBONE_PORT 15008
+#define ZTUNNEL_DNS_PORT 15053
+
+/* Every socket ztunnel opens in the pod carries this mark (upstream: 1337). */
+#define ZTUNNEL_MARK 0x539
+/* Packets our egress program loops back into the pod's ingress carry this mark; a fwmark rule
+ * sends them to a table whose only route is "local everything", so the stack delivers them to
+ * the socket on this host that owns their (non-local) destination. Upstream uses the same. */
+#define REDIRECT_MARK 0x111
+#define MARK_MASK 0xfff
+#define REDIRECT_ROUTE_TABLE 100
+#define REDIRECT_RULE_PRIORITY 32764
+
+/* Kubelet probes are SNATed to these on the node, so the pod can tell them apart. */
+#define PROBE_ADDR_V4 0xa9fe077f /* 169.254.7.127, host order */
+#define PROBE_ADDR_V6_W0 0xfd169254 /* fd16:9254:7127:1337:ffff:ffff:ffff:ffff, host order words */
+#define PROBE_ADDR_V6_W1 0x71271337
+#define PROBE_ADDR_V6_W2 0xffffffff
+#define PROBE_ADDR_V6_W3 0xffffffff
+
+#define MAX_POD_IPS 8
+#define MAX_PODS 8192
+#define POD_UID_LEN 64
+#define NETNS_PATH_LEN 256
+
+/* pod_meta map: user-space bookkeeping of each attachment, kept in a pinned map so that any
+ * process (a restarted agent, the CLI) can detach, verify or collect it. Programs never read it. */
+enum attach_mode {
+	ATTACH_MODE_TCX = 1,
+	ATTACH_MODE_TC = 2, /* clsact qdisc + cls_bpf, for kernels without tcx */
+};
+
+enum attach_state {
+	ATTACH_STATE_ATTACHING = 1, /* written before the netns is touched: a crash leaves a trace */
+	ATTACH_STATE_ATTACHED = 2,
+};
+
+/* What attach created in the pod netns (and so what detach removes). */
+#define OWNS_RULE_V4 (1u << 0)
+#define OWNS_RULE_V6 (1u << 1)
+#define OWNS_ROUTE_V4 (1u << 2)
+#define OWNS_ROUTE_V6 (1u << 3)
+#define OWNS_ACCEPT_LOCAL (1u << 4)
+#define OWNS_CLSACT (1u << 5)
+
+struct pod_meta_key {
+	char uid[POD_UID_LEN];
+};
+
+struct pod_ip {
+	__u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
+};
+
+struct pod_meta {
+	char netns_path[NETNS_PATH_LEN];
+	__u64 netns_ino;
+	__u64 netns_dev;
+	__u64 attached_at_ns; /* CLOCK_REALTIME */
+	__u32 ifindex;
+	__u32 mode;
+	__u32 state;
+	__u32 owns;
+	__u32 saved_accept_local;
+	__u32 ip_count;
+	__u32 tc_priority;
+	struct pod_ip ips[MAX_POD_IPS];
+};
+
+/* cls_bpf filter identity used in the tc fallback: ours, fixed, so only ours is replaced or
+ * deleted and other users of the clsact qdisc are never touched. */
+#define TC_FILTER_HANDLE 0xab1
+#define TC_FILTER_PRIORITY 0x1ab1
+
+/* tcx (Linux 6.6); defined here because bookworm's uapi headers predate it. */
+#define AMB_BPF_TCX_INGRESS 46
+#define AMB_BPF_TCX_EGRESS 47
+#define AMB_BPF_LINK_TYPE_TCX 11
+
+#endif

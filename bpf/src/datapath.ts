@@ -1,0 +1,155 @@
+// The pod datapath: BPF programs loaded once per process and bpffs root, attached to many pods.
+// Knows network namespaces, addresses and pins; nothing about Kubernetes.
+import { isIP } from 'node:net';
+import { addon, BPF_OBJECT_PATH, type NativeHandle } from './native.js';
+
+export const DEFAULT_BPFFS_ROOT = '/sys/fs/bpf/ambient-bpf';
+
+/** How programs are attached: tcx links (Linux 6.6+), or the clsact/cls_bpf fallback. */
+export type AttachMode = 'auto' | 'tcx' | 'tc';
+const MODE_CODES: Record<AttachMode, number> = { auto: 0, tcx: 1, tc: 2 };
+
+export type DatapathErrorCode =
+  | 'EINVALID' // bad argument
+  | 'ENETNS' // the netns path is missing or not a network namespace
+  | 'EPODIP' // a pod IP is not configured in the netns
+  | 'EBPFFS' // no bpffs where pins go
+  | 'EKERNEL' // the kernel lacks a needed feature
+  | 'ELOAD' // the BPF object did not load
+  | 'ESYSTEM';
+
+export class DatapathError extends Error {
+  override readonly name = 'DatapathError';
+  constructor(
+    readonly code: DatapathErrorCode,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+function wrap(err: unknown): DatapathError {
+  if (err instanceof DatapathError) return err;
+  const e = err as { code?: string; message?: string };
+  return new DatapathError((e.code ?? 'ESYSTEM') as DatapathErrorCode, e.message ?? String(err));
+}
+
+async function call<T>(op: () => Promise<T>): Promise<T> {
+  try {
+    return await op();
+  } catch (err) {
+    throw wrap(err);
+  }
+}
+
+export interface PodAttachment {
+  /** Stable pod identity (the Kubernetes pod UID); names the pin directory. */
+  uid: string;
+  /** A path that opens the pod's network namespace (/proc/PID/ns/net, /var/run/netns/NAME). */
+  netnsPath: string;
+  /** The pod's addresses; all must be configured on one interface of the netns. */
+  ips: string[];
+}
+
+export interface AttachOptions {
+  mode?: AttachMode;
+}
+
+export interface AttachResult {
+  mode: 'tcx' | 'tc';
+  ifindex: number;
+  /** The pod was attached in this netns already and was updated in place. */
+  updated: boolean;
+}
+
+export interface AttachedPod {
+  uid: string;
+  netnsPath: string;
+  netnsInode: number;
+  ifindex: number;
+  mode: 'tcx' | 'tc' | 'none';
+  state: 'attached' | 'attaching';
+  attachedAt: Date;
+  ips: string[];
+  /** The netns path still names the namespace the pod was attached in. */
+  netnsPresent: boolean;
+  /** tcx: both link pins are present. */
+  linksPinned: boolean;
+}
+
+export interface VerifyResult {
+  found: boolean;
+  ok: boolean;
+  problems: string[];
+}
+
+export interface DetachResult {
+  found: boolean;
+  warning?: string;
+}
+
+export interface DatapathOptions {
+  /** bpffs directory for this datapath's maps and per-pod pins. */
+  bpffsRoot?: string;
+  /** The compiled BPF object (default: the one `npm run build` makes). */
+  objectPath?: string;
+}
+
+export class Datapath {
+  private closed = false;
+
+  private constructor(
+    private readonly handle: NativeHandle,
+    readonly bpffsRoot: string,
+  ) {}
+
+  /** Loads and verifies the BPF programs once; every attach reuses them. */
+  static async open(options: DatapathOptions = {}): Promise<Datapath> {
+    const root = options.bpffsRoot ?? DEFAULT_BPFFS_ROOT;
+    const handle = await call(() => addon().open(root, options.objectPath ?? BPF_OBJECT_PATH));
+    return new Datapath(handle, root);
+  }
+
+  /** Attaches (or updates in place) the redirection of one pod. On failure nothing is left behind. */
+  async attach(pod: PodAttachment, options: AttachOptions = {}): Promise<AttachResult> {
+    for (const ip of pod.ips) {
+      if (isIP(ip) === 0) throw new DatapathError('EINVALID', `not an IP address: ${ip}`);
+    }
+    const mode = options.mode ?? 'auto';
+    if (!(mode in MODE_CODES)) throw new DatapathError('EINVALID', `unknown attach mode: ${String(mode)}`);
+    return call(() => addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode]));
+  }
+
+  /** Removes a pod's redirection and restores its netns; a pod that is not attached is not an error. */
+  async detach(uid: string): Promise<DetachResult> {
+    return call(() => addon().detach(this.live(), uid));
+  }
+
+  async list(): Promise<AttachedPod[]> {
+    const pods = await call(() => addon().list(this.live()));
+    return pods.map(({ attachedAtMs, ...p }) => ({ ...p, attachedAt: new Date(attachedAtMs) }));
+  }
+
+  /** Checks in the pod's netns that hooks, rules, routes and sysctls are still as attach left them. */
+  async verify(uid: string): Promise<VerifyResult> {
+    const r = await call(() => addon().verify(this.live(), uid));
+    return { found: r.found, ok: r.found && r.problems.length === 0, problems: r.problems };
+  }
+
+  /** Removes the pins and records of pods whose netns is gone; returns their uids. */
+  async collectGarbage(): Promise<string[]> {
+    return call(() => addon().gc(this.live()));
+  }
+
+  /** Releases this process's programs; attached pods stay attached (their links are pinned). */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    addon().close(this.handle);
+  }
+
+  private live(): NativeHandle {
+    if (this.closed) throw new DatapathError('EINVALID', 'the datapath is closed');
+    return this.handle;
+  }
+}

@@ -1,0 +1,88 @@
+// Typed binding to the project's native addon (bpf/native, built by node-gyp): the
+// "bpf-native-addon" and "node-netns" of the design, in one shared object.
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+/** Files the addon and the BPF programs are built to, relative to this module (dist/bpf/src). */
+export const ADDON_PATH = fileURLToPath(new URL('../../../bpf/build/Release/ambient_bpf.node', import.meta.url));
+export const BPF_OBJECT_PATH = fileURLToPath(new URL('../../../bpf/progs/pod_redirect.bpf.o', import.meta.url));
+
+declare const handleBrand: unique symbol;
+export type NativeHandle = { readonly [handleBrand]: true };
+
+export interface NativeListedPod {
+  uid: string;
+  netnsPath: string;
+  netnsInode: number;
+  ifindex: number;
+  mode: 'tcx' | 'tc' | 'none';
+  state: 'attached' | 'attaching';
+  attachedAtMs: number;
+  netnsPresent: boolean;
+  linksPinned: boolean;
+  ips: string[];
+}
+
+export interface NativeSocketOptions {
+  netns?: string;
+  family?: 4 | 6;
+  type?: 'tcp' | 'udp';
+  mark?: number;
+  transparent?: boolean;
+  freebind?: boolean;
+  reuseport?: boolean;
+  v6only?: boolean;
+  bindAddress?: string;
+  bindPort?: number;
+  listen?: number;
+}
+
+export interface NativeAddon {
+  open(bpffsRoot: string, objectPath: string): Promise<NativeHandle>;
+  close(handle: NativeHandle): void;
+  attach(
+    handle: NativeHandle,
+    uid: string,
+    netnsPath: string,
+    ips: string[],
+    mode: number,
+  ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean }>;
+  detach(handle: NativeHandle, uid: string): Promise<{ found: boolean; warning?: string }>;
+  verify(handle: NativeHandle, uid: string): Promise<{ found: boolean; problems: string[] }>;
+  list(handle: NativeHandle): Promise<NativeListedPod[]>;
+  gc(handle: NativeHandle): Promise<string[]>;
+  socket(options: NativeSocketOptions): Promise<number>;
+  constants: {
+    ZTUNNEL_OUTBOUND_PORT: number;
+    ZTUNNEL_INBOUND_PORT: number;
+    ZTUNNEL_HBONE_PORT: number;
+    ZTUNNEL_DNS_PORT: number;
+    ZTUNNEL_MARK: number;
+    REDIRECT_MARK: number;
+    MARK_MASK: number;
+    REDIRECT_ROUTE_TABLE: number;
+    REDIRECT_RULE_PRIORITY: number;
+    MAX_POD_IPS: number;
+    TC_FILTER_HANDLE: number;
+    TC_FILTER_PRIORITY: number;
+  };
+}
+
+let loaded: NativeAddon | undefined;
+
+export function addon(): NativeAddon {
+  if (!loaded) {
+    const require = createRequire(import.meta.url);
+    try {
+      loaded = require(ADDON_PATH) as NativeAddon;
+    } catch (err) {
+      throw new Error(`cannot load the native addon ${ADDON_PATH} (run \`npm run build\`): ${(err as Error).message}`);
+    }
+  }
+  return loaded;
+}
+
+/** Constants shared with the BPF programs (bpf/progs/ambient_shared.h). */
+export function constants(): NativeAddon['constants'] {
+  return addon().constants;
+}
