@@ -1,0 +1,35 @@
+// ambient-bpf command line. Each command family lives in ./commands; this file wires them up and
+// turns failures into one line on stderr and a non-zero exit.
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { datapathCommand } from './commands/datapath.js';
+import { CliError } from './commands/cli-error.js';
+
+function fail(message: string, exitCode: number): never {
+  process.stderr.write(`ambient-bpf: ${message.replace(/\s*\n\s*/g, ' ')}\n`);
+  process.exit(exitCode);
+}
+
+async function main(): Promise<void> {
+  await yargs(hideBin(process.argv))
+    .scriptName('ambient-bpf')
+    .usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.')
+    .command(datapathCommand)
+    .demandCommand(1, 'name a command (see --help)')
+    .strict()
+    .help()
+    .alias('h', 'help')
+    .version(false)
+    .wrap(Math.min(110, process.stdout.columns || 110))
+    .fail((msg, err) => {
+      if (err) throw err;
+      fail(`${msg} (see --help)`, 2);
+    })
+    .parseAsync();
+}
+
+main().catch((err: unknown) => {
+  if (err instanceof CliError) fail(err.message, err.exitCode);
+  const e = err as { code?: string; message?: string };
+  fail(e.message ?? String(err), 1);
+});

@@ -1,0 +1,122 @@
+// `ambient-bpf datapath ...`: direct access to the pod datapath, for operators and for checks.
+import type { ArgumentsCamelCase, Argv, CommandModule } from 'yargs';
+import { Datapath, DEFAULT_BPFFS_ROOT, type AttachMode, type AttachedPod } from '../../../bpf/src/index.js';
+import { CliError } from './cli-error.js';
+
+interface CommonArgs {
+  bpffs: string;
+}
+
+async function withDatapath<T>(args: CommonArgs, fn: (dp: Datapath) => Promise<T>): Promise<T> {
+  const dp = await Datapath.open({ bpffsRoot: args.bpffs });
+  try {
+    return await fn(dp);
+  } finally {
+    dp.close();
+  }
+}
+
+function bpffsOption<T>(y: Argv<T>): Argv<T & CommonArgs> {
+  return y.option('bpffs', {
+    type: 'string',
+    default: DEFAULT_BPFFS_ROOT,
+    describe: 'bpffs directory for the datapath maps and per-pod pins',
+  });
+}
+
+type AttachArgs = CommonArgs & { netns: string; uid: string; 'pod-ip': string[]; 'attach-mode': AttachMode };
+
+const attach: CommandModule<CommonArgs, AttachArgs> = {
+  command: 'attach',
+  describe: 'redirect a pod netns to ztunnel (idempotent; updates IPs in place)',
+  builder: (y) =>
+    bpffsOption(y)
+      .option('netns', { type: 'string', demandOption: true, describe: 'path of the pod network namespace' })
+      .option('uid', { type: 'string', demandOption: true, describe: 'pod UID (names the pins)' })
+      .option('pod-ip', { type: 'string', array: true, demandOption: true, describe: 'pod IP (repeat for each)' })
+      .option('attach-mode', {
+        choices: ['auto', 'tcx', 'tc'] as const,
+        default: 'auto',
+        describe: 'tcx links (Linux 6.6+), the clsact/cls_bpf fallback, or auto',
+      }),
+  handler: async (args: ArgumentsCamelCase<AttachArgs>) => {
+    const r = await withDatapath(args, (dp) =>
+      dp.attach({ uid: args.uid, netnsPath: args.netns, ips: args.podIp }, { mode: args.attachMode }),
+    );
+    process.stdout.write(`${r.updated ? 'updated' : 'attached'} ${args.uid}: ${r.mode} on ifindex ${r.ifindex}\n`);
+  },
+};
+
+const detach: CommandModule<CommonArgs, CommonArgs & { uid: string }> = {
+  command: 'detach',
+  describe: "remove a pod's redirection and restore its netns",
+  builder: (y) => bpffsOption(y).option('uid', { type: 'string', demandOption: true, describe: 'pod UID' }),
+  handler: async (args) => {
+    const r = await withDatapath(args, (dp) => dp.detach(args.uid));
+    if (r.warning) process.stderr.write(`ambient-bpf: warning: ${r.warning}\n`);
+    process.stdout.write(r.found ? `detached ${args.uid}\n` : `${args.uid} was not attached\n`);
+  },
+};
+
+function formatTable(pods: AttachedPod[]): string {
+  const rows = [['UID', 'MODE', 'STATE', 'IFINDEX', 'IPS', 'NETNS', 'ATTACHED']];
+  for (const p of pods) {
+    rows.push([
+      p.uid,
+      p.mode,
+      p.state,
+      String(p.ifindex),
+      p.ips.join(','),
+      p.netnsPresent ? p.netnsPath : `${p.netnsPath} (gone)`,
+      p.attachedAt.toISOString(),
+    ]);
+  }
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n') + '\n';
+}
+
+const list: CommandModule<CommonArgs, CommonArgs & { json: boolean }> = {
+  command: 'list',
+  describe: 'list attached pods',
+  builder: (y) => bpffsOption(y).option('json', { type: 'boolean', default: false, describe: 'print JSON' }),
+  handler: async (args) => {
+    const pods = await withDatapath(args, (dp) => dp.list());
+    process.stdout.write(args.json ? JSON.stringify(pods, null, 2) + '\n' : formatTable(pods));
+  },
+};
+
+const verify: CommandModule<CommonArgs, CommonArgs & { uid: string }> = {
+  command: 'verify',
+  describe: "check that a pod's hooks, rules, routes and sysctls are in place",
+  builder: (y) => bpffsOption(y).option('uid', { type: 'string', demandOption: true, describe: 'pod UID' }),
+  handler: async (args) => {
+    const r = await withDatapath(args, (dp) => dp.verify(args.uid));
+    if (!r.found) throw new CliError(`${args.uid} is not attached`);
+    if (!r.ok) throw new CliError(`${args.uid}: ${r.problems.join('; ')}`);
+    process.stdout.write(`${args.uid}: ok\n`);
+  },
+};
+
+const gc: CommandModule<CommonArgs, CommonArgs> = {
+  command: 'gc',
+  describe: 'remove pins and records of pods whose netns is gone',
+  builder: (y) => bpffsOption(y),
+  handler: async (args) => {
+    const uids = await withDatapath(args, (dp) => dp.collectGarbage());
+    process.stdout.write(uids.length ? `collected ${uids.join(' ')}\n` : 'nothing to collect\n');
+  },
+};
+
+export const datapathCommand: CommandModule = {
+  command: 'datapath <command>',
+  describe: 'attach, detach, list, verify and collect pod datapaths directly',
+  builder: (y) =>
+    y
+      .command(attach as unknown as CommandModule)
+      .command(detach as unknown as CommandModule)
+      .command(list as unknown as CommandModule)
+      .command(verify as unknown as CommandModule)
+      .command(gc as unknown as CommandModule)
+      .demandCommand(1, 'name a datapath command'),
+  handler: () => {},
+};
