@@ -24,6 +24,8 @@ function bpffsOption<T>(y: Argv<T>): Argv<T & CommonArgs> {
   });
 }
 
+const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
+
 type AttachArgs = CommonArgs & { netns: string; uid: string; 'pod-ip': string[]; 'attach-mode': AttachMode };
 
 const attach: CommandModule<CommonArgs, AttachArgs> = {
@@ -35,7 +37,7 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
       .option('uid', { type: 'string', demandOption: true, describe: 'pod UID (names the pins)' })
       .option('pod-ip', { type: 'string', array: true, demandOption: true, describe: 'pod IP (repeat for each)' })
       .option('attach-mode', {
-        choices: ['auto', 'tcx', 'tc'] as const,
+        choices: ATTACH_MODES,
         default: 'auto',
         describe: 'tcx links (Linux 6.6+), the clsact/cls_bpf fallback, or auto',
       }),
