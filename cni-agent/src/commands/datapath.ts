@@ -25,6 +25,7 @@ function bpffsOption<T>(y: Argv<T>): Argv<T & CommonArgs> {
 }
 
 const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
+const DEFAULT_ATTACH_MODE: AttachMode = 'auto';
 
 type AttachArgs = CommonArgs & { netns: string; uid: string; 'pod-ip': string[]; 'attach-mode': AttachMode };
 
@@ -38,7 +39,7 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
       .option('pod-ip', { type: 'string', array: true, demandOption: true, describe: 'pod IP (repeat for each)' })
       .option('attach-mode', {
         choices: ATTACH_MODES,
-        default: 'auto',
+        default: DEFAULT_ATTACH_MODE,
         describe: 'tcx links (Linux 6.6+), the clsact/cls_bpf fallback, or auto',
       }),
   handler: async (args: ArgumentsCamelCase<AttachArgs>) => {
