@@ -1,0 +1,43 @@
+// Preconditions of kernel tests, per shared/conventions.md: root, bpffs, netns. Without them a
+// test skips on a developer machine and fails in CI (CI=true), so a green run means the datapath ran.
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { statfsSync } from 'node:fs';
+
+const BPF_FS_MAGIC = 0xcafe4a11;
+
+function missingPrerequisite(): string | undefined {
+  if (process.getuid?.() !== 0) return 'kernel tests need root';
+  try {
+    if (statfsSync('/sys/fs/bpf').type !== BPF_FS_MAGIC) return 'no bpffs at /sys/fs/bpf (run scripts/setup.sh)';
+  } catch {
+    return 'no /sys/fs/bpf';
+  }
+  try {
+    execFileSync('ip', ['-V'], { stdio: 'ignore' });
+  } catch {
+    return 'iproute2 (ip) is not installed';
+  }
+  return undefined;
+}
+
+/** Options for `describe`/`it`: skip with the reason, or throw in CI where skipping is a failure. */
+export function kernelTest(): { skip?: string } {
+  const missing = missingPrerequisite();
+  if (!missing) return {};
+  if (process.env.CI === 'true') throw new Error(`CI=true and ${missing}: kernel tests must run in CI`);
+  return { skip: missing };
+}
+
+/** A short random suffix for names of namespaces, devices, pins and sockets. */
+export function uniqueSuffix(): string {
+  return randomBytes(3).toString('hex');
+}
+
+/** Every name a test makes starts with this, so a suite can check nothing of its own is left. */
+export const TEST_PREFIX = 'abt';
+
+/** Directory for one test's pins; removed by the test, checked by assertNothingLeft. */
+export function testBpffsRoot(id: string): string {
+  return `/sys/fs/bpf/${TEST_PREFIX}-${id}`;
+}

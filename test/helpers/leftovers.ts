@@ -1,0 +1,19 @@
+// Suite-level check that a test file left nothing of its own behind.
+import assert from 'node:assert/strict';
+import { readdirSync } from 'node:fs';
+import { TEST_PREFIX } from './kernel.js';
+import { leftoverNamespaces, sh } from './topology.js';
+
+export async function assertNothingLeft(): Promise<void> {
+  assert.deepEqual(await leftoverNamespaces(), [], 'test network namespaces left behind');
+  const pins = readdirSync('/sys/fs/bpf').filter((n) => n.startsWith(`${TEST_PREFIX}-`));
+  assert.deepEqual(pins, [], 'test bpffs directories left behind');
+}
+
+/** IDs of BPF links whose program is one of ours (pod_ingress / pod_egress), machine-wide. */
+export async function podLinkIds(): Promise<number[]> {
+  const progs = JSON.parse(await sh('bpftool', ['-j', 'prog', 'show'])) as { id: number; name?: string }[];
+  const ours = new Set(progs.filter((p) => p.name === 'pod_ingress' || p.name === 'pod_egress').map((p) => p.id));
+  const links = JSON.parse(await sh('bpftool', ['-j', 'link', 'show'])) as { id: number; prog_id: number }[];
+  return links.filter((l) => ours.has(l.prog_id)).map((l) => l.id);
+}
