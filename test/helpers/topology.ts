@@ -80,10 +80,11 @@ export interface PodNet {
   remoteV6: string;
 }
 
-/** A pod netns (eth0 with v4+v6) wired to a "remote" host netns that is also its gateway. */
-export async function podWithRemote(topo: Topology, subnet = 0): Promise<PodNet> {
-  const pod = await topo.netns('pod');
-  const remote = await topo.netns('rem');
+/** A pod netns (eth0 with v4+v6) wired to a "remote" host netns that is also its gateway. `tag`
+ * tells apart several such pairs in one topology. */
+export async function podWithRemote(topo: Topology, subnet = 0, tag = ''): Promise<PodNet> {
+  const pod = await topo.netns(`pod${tag}`);
+  const remote = await topo.netns(`rem${tag}`);
   await topo.veth(pod, 'eth0', remote, 'eth0');
   const net: PodNet = {
     topo,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian machine (as root) to build and run ambient-bpf: Debian packages, npm
+# packages, the build, and a bpffs mount. Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Build: clang (BPF target), libbpf/libelf/zlib (native addon), make/gcc/python3 (node-gyp).
+# Run and test: iproute2 (ip, tc), util-linux (nsenter), bpftool, procps (sysctl);
+# iptables for the benchmark's upstream baseline.
+packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ python3 iproute2 util-linux bpftool procps iptables)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "setup: npm ci"
+  npm ci --no-fund --no-audit --loglevel=error
+fi
+
+echo "setup: npm run build"
+npm run --silent build >/dev/null
+
+if ! mountpoint -q /sys/fs/bpf; then
+  echo "setup: mounting bpffs at /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
