@@ -404,17 +404,20 @@ static napi_value verify_result(napi_env env, struct job *job)
 	return obj;
 }
 
-static napi_value uid_job(napi_env env, napi_callback_info info, job_run run, job_result result, size_t uid_offset,
-			  const char *name)
+/* Starts a job on a datapath handle (argv[0]); with a uid_offset, argv[1] is a pod uid copied to
+ * that offset of the job. */
+static napi_value handle_job(napi_env env, napi_callback_info info, job_run run, job_result result, size_t uid_offset,
+			     const char *name)
 {
-	size_t argc = 2;
+	size_t argc = 2, want = uid_offset ? 2 : 1;
 	napi_value argv[2];
 	struct job *job = job_new(run, result);
 
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
 	if (!job)
 		return NULL;
-	if (argc < 2 || !get_string(env, argv[1], (char *)job + uid_offset, POD_UID_LEN, "pod uid (at most 63 characters)") ||
+	if (argc < want ||
+	    (uid_offset && !get_string(env, argv[1], (char *)job + uid_offset, POD_UID_LEN, "pod uid (at most 63 characters)")) ||
 	    !take_handle(env, argv[0], job)) {
 		free(job);
 		return NULL;
@@ -424,12 +427,12 @@ static napi_value uid_job(napi_env env, napi_callback_info info, job_run run, jo
 
 static napi_value js_detach(napi_env env, napi_callback_info info)
 {
-	return uid_job(env, info, detach_run, detach_result, offsetof(struct job, u.detach.uid), "ambient-bpf:detach");
+	return handle_job(env, info, detach_run, detach_result, offsetof(struct job, u.detach.uid), "ambient-bpf:detach");
 }
 
 static napi_value js_verify(napi_env env, napi_callback_info info)
 {
-	return uid_job(env, info, verify_run, verify_result, offsetof(struct job, u.verify.uid), "ambient-bpf:verify");
+	return handle_job(env, info, verify_run, verify_result, offsetof(struct job, u.verify.uid), "ambient-bpf:verify");
 }
 
 /* ---- list / gc ---- */
@@ -486,30 +489,14 @@ static napi_value gc_result(napi_env env, struct job *job)
 	return arr;
 }
 
-static napi_value handle_job(napi_env env, napi_callback_info info, job_run run, job_result result, const char *name)
-{
-	size_t argc = 1;
-	napi_value argv[1];
-	struct job *job = job_new(run, result);
-
-	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-	if (!job)
-		return NULL;
-	if (argc < 1 || !take_handle(env, argv[0], job)) {
-		free(job);
-		return NULL;
-	}
-	return job_start(env, job, name);
-}
-
 static napi_value js_list(napi_env env, napi_callback_info info)
 {
-	return handle_job(env, info, list_run, list_result, "ambient-bpf:list");
+	return handle_job(env, info, list_run, list_result, 0, "ambient-bpf:list");
 }
 
 static napi_value js_gc(napi_env env, napi_callback_info info)
 {
-	return handle_job(env, info, gc_run, gc_result, "ambient-bpf:gc");
+	return handle_job(env, info, gc_run, gc_result, 0, "ambient-bpf:gc");
 }
 
 /* ---- sockets inside a netns ---- */
@@ -609,11 +596,6 @@ bad:
 
 /* ---- module ---- */
 
-static void export_u32(napi_env env, napi_value obj, const char *name, uint32_t v)
-{
-	set_u32(env, obj, name, v);
-}
-
 static napi_value init(napi_env env, napi_value exports)
 {
 	napi_value constants;
@@ -630,18 +612,18 @@ static napi_value init(napi_env env, napi_value exports)
 
 	CHECK(napi_define_properties(env, exports, sizeof(fns) / sizeof(fns[0]), fns));
 	CHECK(napi_create_object(env, &constants));
-	export_u32(env, constants, "ZTUNNEL_OUTBOUND_PORT", ZTUNNEL_OUTBOUND_PORT);
-	export_u32(env, constants, "ZTUNNEL_INBOUND_PORT", ZTUNNEL_INBOUND_PORT);
-	export_u32(env, constants, "ZTUNNEL_HBONE_PORT", ZTUNNEL_HBONE_PORT);
-	export_u32(env, constants, "ZTUNNEL_DNS_PORT", ZTUNNEL_DNS_PORT);
-	export_u32(env, constants, "ZTUNNEL_MARK", ZTUNNEL_MARK);
-	export_u32(env, constants, "REDIRECT_MARK", REDIRECT_MARK);
-	export_u32(env, constants, "MARK_MASK", MARK_MASK);
-	export_u32(env, constants, "REDIRECT_ROUTE_TABLE", REDIRECT_ROUTE_TABLE);
-	export_u32(env, constants, "REDIRECT_RULE_PRIORITY", REDIRECT_RULE_PRIORITY);
-	export_u32(env, constants, "MAX_POD_IPS", MAX_POD_IPS);
-	export_u32(env, constants, "TC_FILTER_HANDLE", TC_FILTER_HANDLE);
-	export_u32(env, constants, "TC_FILTER_PRIORITY", TC_FILTER_PRIORITY);
+	set_u32(env, constants, "ZTUNNEL_OUTBOUND_PORT", ZTUNNEL_OUTBOUND_PORT);
+	set_u32(env, constants, "ZTUNNEL_INBOUND_PORT", ZTUNNEL_INBOUND_PORT);
+	set_u32(env, constants, "ZTUNNEL_HBONE_PORT", ZTUNNEL_HBONE_PORT);
+	set_u32(env, constants, "ZTUNNEL_DNS_PORT", ZTUNNEL_DNS_PORT);
+	set_u32(env, constants, "ZTUNNEL_MARK", ZTUNNEL_MARK);
+	set_u32(env, constants, "REDIRECT_MARK", REDIRECT_MARK);
+	set_u32(env, constants, "MARK_MASK", MARK_MASK);
+	set_u32(env, constants, "REDIRECT_ROUTE_TABLE", REDIRECT_ROUTE_TABLE);
+	set_u32(env, constants, "REDIRECT_RULE_PRIORITY", REDIRECT_RULE_PRIORITY);
+	set_u32(env, constants, "MAX_POD_IPS", MAX_POD_IPS);
+	set_u32(env, constants, "TC_FILTER_HANDLE", TC_FILTER_HANDLE);
+	set_u32(env, constants, "TC_FILTER_PRIORITY", TC_FILTER_PRIORITY);
 	CHECK(napi_set_named_property(env, exports, "constants", constants));
 	return exports;
 }

@@ -80,20 +80,18 @@ static int fail(struct dp_error *e, const char *code, int err, const char *fmt, 
 	return -1;
 }
 
-static const char *ip_str(const struct pod_ip *ip, char buf[INET6_ADDRSTRLEN])
+static bool ip_is_v4(const struct pod_ip *ip)
 {
 	static const uint8_t v4_prefix[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
 
-	if (memcmp(ip->addr, v4_prefix, 12) == 0)
-		return inet_ntop(AF_INET, ip->addr + 12, buf, INET6_ADDRSTRLEN);
-	return inet_ntop(AF_INET6, ip->addr, buf, INET6_ADDRSTRLEN);
+	return memcmp(ip->addr, v4_prefix, sizeof(v4_prefix)) == 0;
 }
 
-static bool ip_is_v4(const struct pod_ip *ip)
+static const char *ip_str(const struct pod_ip *ip, char buf[INET6_ADDRSTRLEN])
 {
-	char buf[INET6_ADDRSTRLEN];
-
-	return strchr(ip_str(ip, buf), ':') == NULL;
+	if (ip_is_v4(ip))
+		return inet_ntop(AF_INET, ip->addr + 12, buf, INET6_ADDRSTRLEN);
+	return inet_ntop(AF_INET6, ip->addr, buf, INET6_ADDRSTRLEN);
 }
 
 /* ---- paths, pins and the meta map ---- */
@@ -501,13 +499,12 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 	bool v4, v6;
 	int err;
 	const struct {
-		bool want;
 		const struct fwmark_rule *rule;
 		unsigned rule_bit, route_bit;
 		const char *name;
 	} fam[2] = {
-		{ false, &redirect_rule_v4, OWNS_RULE_V4, OWNS_ROUTE_V4, "IPv4" },
-		{ false, &redirect_rule_v6, OWNS_RULE_V6, OWNS_ROUTE_V6, "IPv6" },
+		{ &redirect_rule_v4, OWNS_RULE_V4, OWNS_ROUTE_V4, "IPv4" },
+		{ &redirect_rule_v6, OWNS_RULE_V6, OWNS_ROUTE_V6, "IPv6" },
 	};
 
 	pod_families(m, &v4, &v6);

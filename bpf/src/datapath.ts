@@ -1,7 +1,7 @@
 // The pod datapath: BPF programs loaded once per process and bpffs root, attached to many pods.
 // Knows network namespaces, addresses and pins; nothing about Kubernetes.
 import { isIP } from 'node:net';
-import { addon, BPF_OBJECT_PATH, type NativeHandle } from './native.js';
+import { addon, BPF_OBJECT_PATH, type NativeHandle, type NativeListedPod } from './native.js';
 
 export const DEFAULT_BPFFS_ROOT = '/sys/fs/bpf/ambient-bpf';
 
@@ -62,20 +62,7 @@ export interface AttachResult {
   updated: boolean;
 }
 
-export interface AttachedPod {
-  uid: string;
-  netnsPath: string;
-  netnsInode: number;
-  ifindex: number;
-  mode: 'tcx' | 'tc' | 'none';
-  state: 'attached' | 'attaching';
-  attachedAt: Date;
-  ips: string[];
-  /** The netns path still names the namespace the pod was attached in. */
-  netnsPresent: boolean;
-  /** tcx: both link pins are present. */
-  linksPinned: boolean;
-}
+export type AttachedPod = Omit<NativeListedPod, 'attachedAtMs'> & { attachedAt: Date };
 
 export interface VerifyResult {
   found: boolean;

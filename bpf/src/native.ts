@@ -18,7 +18,9 @@ export interface NativeListedPod {
   mode: 'tcx' | 'tc' | 'none';
   state: 'attached' | 'attaching';
   attachedAtMs: number;
+  /** The netns path still names the namespace the pod was attached in. */
   netnsPresent: boolean;
+  /** tcx: both link pins are present. */
   linksPinned: boolean;
   ips: string[];
 }
@@ -80,9 +82,4 @@ export function addon(): NativeAddon {
     }
   }
   return loaded;
-}
-
-/** Constants shared with the BPF programs (bpf/progs/ambient_shared.h). */
-export function constants(): NativeAddon['constants'] {
-  return addon().constants;
 }
