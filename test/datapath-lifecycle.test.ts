@@ -88,6 +88,42 @@ describe('datapath lifecycle', kernelTest(), () => {
     await assert.rejects(whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 80, timeoutMs: 1000 }));
   });
 
+  it('switches attach mode in place without a moment in which traffic escapes', { timeout: 60_000 }, async (t) => {
+    const { topo, dp } = await fixture(t);
+    const net = await podWithRemote(topo, 8);
+    const uid = `pod-${topo.id}`;
+    const zt = await ztunnelListener(net.podPath, 15001);
+    t.after(() => zt.close());
+    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4] }, { mode: 'tc' });
+    // Nothing listens on the remote: a connection that is not redirected is refused.
+    let running = true;
+    let redirected = 0;
+    const escaped: string[] = [];
+    const load = (async () => {
+      while (running) {
+        try {
+          assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 9 }), 'ztunnel-15001');
+          redirected++;
+        } catch (err) {
+          escaped.push((err as Error).message);
+        }
+      }
+    })();
+    for (const mode of ['tcx', 'tc', 'tcx'] as const) {
+      const before = redirected;
+      assert.equal((await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4] }, { mode })).mode, mode);
+      for (let i = 0; i < 1000 && redirected < before + 20; i++) await new Promise((r) => setTimeout(r, 5));
+      assert.ok(redirected >= before + 20, `only ${redirected - before} connections redirected after switching to ${mode}`);
+    }
+    running = false;
+    await load;
+    assert.deepEqual(escaped, []);
+    assert.deepEqual((await dp.list()).map((p) => p.mode), ['tcx']);
+    assert.equal((await dp.verify(uid)).ok, true);
+    assert.equal(await topo.exec(net.pod, 'tc', 'filter', 'show', 'dev', 'eth0', 'ingress'), '');
+    assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', 'eth0'), /clsact/);
+  });
+
   for (const mode of ['tcx', 'tc'] as const) {
     it(`collects the pins and record of a pod whose netns was deleted (${mode})`, async (t) => {
       const { topo, dp, root } = await fixture(t);

@@ -384,9 +384,8 @@ static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
 	}
 }
 
-/* Removes the pod's programs: tcx links through their pins (works from any netns), tc filters
- * from inside the netns (in_netns). */
-static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
+/* Removes the pod's tcx links through their pins (works from any netns). */
+static void detach_tcx_links(struct datapath *dp, const char *uid)
 {
 	char pin[PATH_MAX];
 
@@ -401,30 +400,39 @@ static void detach_programs(struct datapath *dp, const char *uid, struct pod_met
 		}
 		unlink(pin);
 	}
-	if (m->mode == ATTACH_MODE_TC && in_netns) {
-		LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex);
-		LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+}
 
-		for (int d = 0; d < 2; d++) {
-			hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
-			bpf_tc_detach(&hook, &opts);
-		}
-		if (m->owns & OWNS_CLSACT) {
-			struct rtnl nl;
-			int in = 1, eg = 1;
+/* Removes our cls_bpf filters (from inside the netns), and the clsact qdisc if attach created it
+ * and nobody else has filters on it. */
+static void detach_tc_filters(struct pod_meta *m)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex);
+	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+	struct rtnl nl;
+	int in = 1, eg = 1;
 
-			if (rtnl_open(&nl) == 0) {
-				rtnl_count_filters(&nl, (int)m->ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS), &in);
-				rtnl_count_filters(&nl, (int)m->ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS), &eg);
-				rtnl_close(&nl);
-			}
-			/* Only an empty qdisc that we created goes: others' filters are never touched. */
-			if (in == 0 && eg == 0) {
-				hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS;
-				bpf_tc_hook_destroy(&hook);
-			}
-		}
+	for (int d = 0; d < 2; d++) {
+		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+		bpf_tc_detach(&hook, &opts);
 	}
+	if (!(m->owns & OWNS_CLSACT) || rtnl_open(&nl))
+		return;
+	rtnl_count_filters(&nl, (int)m->ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS), &in);
+	rtnl_count_filters(&nl, (int)m->ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS), &eg);
+	rtnl_close(&nl);
+	if (in == 0 && eg == 0) {
+		hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS;
+		if (bpf_tc_hook_destroy(&hook) == 0)
+			m->owns &= ~OWNS_CLSACT;
+	}
+}
+
+/* Removes the pod's programs: tcx links from anywhere, tc filters only from inside the netns. */
+static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
+{
+	detach_tcx_links(dp, uid);
+	if (in_netns && (m->mode == ATTACH_MODE_TC || (m->owns & OWNS_CLSACT)))
+		detach_tc_filters(m);
 }
 
 /* Undoes, best effort, everything the meta record says attach did in this netns. */
@@ -632,16 +640,18 @@ static int attach_job(void *p)
 	struct netns_job *job = p;
 	struct pod_meta *m = job->meta;
 	struct rtnl nl;
+	unsigned old_mode = 0;
 	int ifindex = 0, err;
 
 	if ((err = rtnl_open(&nl)))
 		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s", job->req->netns_path);
 	if (find_pod_interface(&nl, m, job->req->netns_path, &ifindex, job->e))
 		goto out;
-	if (m->state == ATTACH_STATE_ATTACHED && (m->ifindex != (unsigned)ifindex ||
-						  (job->req->mode != DP_MODE_AUTO && (unsigned)job->req->mode != m->mode))) {
-		/* Same netns, but another interface or attach mode: move the programs. */
-		detach_programs(job->dp, job->uid, m, true);
+	if (m->state == ATTACH_STATE_ATTACHED) {
+		if (m->ifindex != (unsigned)ifindex)
+			detach_programs(job->dp, job->uid, m, true); /* the pod's interface was replaced */
+		else
+			old_mode = m->mode;
 	}
 	m->ifindex = (unsigned)ifindex;
 	if (m->state != ATTACH_STATE_ATTACHED) {
@@ -659,6 +669,12 @@ static int attach_job(void *p)
 			    job->req->mode == DP_MODE_AUTO && m->mode ? (enum dp_mode_request)m->mode : job->req->mode,
 			    job->e))
 		goto out;
+	/* A mode switch removes the old hooks only now that the new ones run: no window in which the
+	 * pod's traffic is not redirected (both running at once is harmless: same decisions). */
+	if (old_mode == ATTACH_MODE_TC && m->mode == ATTACH_MODE_TCX)
+		detach_tc_filters(m);
+	else if (old_mode == ATTACH_MODE_TCX && m->mode == ATTACH_MODE_TC)
+		detach_tcx_links(job->dp, job->uid);
 	m->state = ATTACH_STATE_ATTACHED;
 	if ((err = meta_put(job->dp, job->uid, m)))
 		fail(job->e, DPE_SYSTEM, err, "cannot record pod %s", job->uid);
