@@ -7,7 +7,8 @@
         "native/datapath.c",
         "native/netns_socket.c",
         "native/netns_thread.c",
-        "native/rtnl.c"
+        "native/rtnl.c",
+        "native/seqpacket.c"
       ],
       "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-Wno-format-truncation", "-Wno-stringop-truncation", "-Werror"],
       "libraries": ["-lbpf", "-lelf", "-lz", "-lpthread"]

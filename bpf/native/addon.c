@@ -12,6 +12,7 @@
 
 #include "datapath.h"
 #include "netns_socket.h"
+#include "seqpacket.h"
 
 #define CHECK(call)                                                                                               \
 	do {                                                                                                      \
@@ -625,6 +626,7 @@ static napi_value init(napi_env env, napi_value exports)
 	set_u32(env, constants, "TC_FILTER_HANDLE", TC_FILTER_HANDLE);
 	set_u32(env, constants, "TC_FILTER_PRIORITY", TC_FILTER_PRIORITY);
 	CHECK(napi_set_named_property(env, exports, "constants", constants));
+	seqpacket_register(env, exports);
 	return exports;
 }
 

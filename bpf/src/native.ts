@@ -39,6 +39,26 @@ export interface NativeSocketOptions {
   listen?: number;
 }
 
+export interface NativeWatcher {
+  /** events: 1 readable, 2 writable; the callback gets a bitmask (4 = peer hung up) or a negative errno. */
+  start(events: number): void;
+  close(): void;
+}
+
+export interface NativeSeqpacket {
+  listen(path: string, mode: number): number;
+  connect(path: string): number;
+  /** -1 when no connection is pending. */
+  accept(fd: number): number;
+  /** false when the socket buffer is full (wait for writable). */
+  send(fd: number, data: Buffer, pass: number | number[]): boolean;
+  /** null when nothing is pending. */
+  recv(fd: number, maxLength: number): { data: Buffer; fds: number[] } | { eof: true } | null;
+  close(fd: number): void;
+  dup(fd: number): number;
+  Watcher: new (fd: number, callback: (events: number) => void) => NativeWatcher;
+}
+
 export interface NativeAddon {
   open(bpffsRoot: string, objectPath: string): Promise<NativeHandle>;
   close(handle: NativeHandle): void;
@@ -54,6 +74,7 @@ export interface NativeAddon {
   list(handle: NativeHandle): Promise<NativeListedPod[]>;
   gc(handle: NativeHandle): Promise<string[]>;
   socket(options: NativeSocketOptions): Promise<number>;
+  seqpacket: NativeSeqpacket;
   constants: {
     ZTUNNEL_OUTBOUND_PORT: number;
     ZTUNNEL_INBOUND_PORT: number;

@@ -88,3 +88,12 @@ function socketOptions(
   if (extra.listen !== undefined) out.listen = extra.listen;
   return out;
 }
+
+/** A UDP socket bound inside `netns` (fd, for dgram's bind({ fd })). */
+export async function udpSocketInNetns(options: { netns?: string; address: string; port: number; mark?: number }): Promise<number> {
+  const family = isIP(options.address) === 6 ? 6 : 4;
+  const o: NativeSocketOptions = { family, type: 'udp', bindAddress: options.address, bindPort: options.port };
+  if (options.netns !== undefined) o.netns = options.netns;
+  if (options.mark !== undefined) o.mark = options.mark;
+  return addon().socket(o);
+}

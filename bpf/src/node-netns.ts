@@ -1,0 +1,10 @@
+// The "node-netns" surface of the native addon: sockets inside network namespaces and Unix
+// SEQPACKET sockets with fd passing. ztunnel-bridge uses this, never the datapath.
+export { listenInNetns, connectFromNetns, udpSocketInNetns } from './netns-socket.js';
+export type { NetnsListenOptions, NetnsConnectOptions } from './netns-socket.js';
+export { SeqpacketServer, SeqpacketSocket, SeqpacketError, closeFd, dupFd } from './seqpacket.js';
+
+/** A path that opens the netns behind an fd this process holds. */
+export function netnsPathOfFd(fd: number): string {
+  return `/proc/self/fd/${fd}`;
+}

@@ -1,0 +1,318 @@
+// One pod's proxy in the ztunnel stand-in: the listeners ztunnel opens inside the pod netns, and
+// plain-TCP proxying behind them (no mTLS: the stand-in is for one machine and for tests).
+//   15001 outbound: to the accepted socket's local address (the original destination), from the
+//         pod netns with ztunnel's mark
+//   15006 inbound: to the app at the local address, with the real client as (spoofed) source
+//   15008 HBONE: HTTP/1.1 CONNECT without TLS, tunnelled to the authority
+//   15053 DNS (127.0.0.1, UDP and TCP): forwarded to a configured upstream
+import dgram from 'node:dgram';
+import type net from 'node:net';
+import { connectFromNetns, listenInNetns, netnsPathOfFd, udpSocketInNetns, closeFd } from '../../../bpf/src/node-netns.js';
+
+export const ZTUNNEL_MARK = 0x539;
+export const PORTS = { outbound: 15001, inbound: 15006, hbone: 15008, dns: 15053 } as const;
+
+export type Direction = 'outbound' | 'inbound' | 'hbone' | 'dns';
+
+export interface DirectionStats {
+  connections: number;
+  /** Bytes from the connecting side (the client) toward the destination. */
+  bytesUp: number;
+  bytesDown: number;
+  failures: number;
+}
+
+/** What the proxy saw of a recent connection: enough to tell where traffic really went. */
+export interface SeenConnection {
+  direction: Direction;
+  source: string;
+  destination: string;
+  at: number;
+}
+
+export interface Endpoint {
+  host: string;
+  port: number;
+}
+
+const RECENT = 32;
+const MAX_CONNECT_HEAD = 8192;
+const DNS_TIMEOUT_MS = 5000;
+
+export class PodProxy {
+  readonly stats: Record<Direction, DirectionStats> = {
+    outbound: emptyStats(),
+    inbound: emptyStats(),
+    hbone: emptyStats(),
+    dns: emptyStats(),
+  };
+  readonly recent: SeenConnection[] = [];
+  private readonly servers: net.Server[] = [];
+  private readonly sockets = new Set<net.Socket>();
+  private udp: { local: dgram.Socket; upstream: dgram.Socket } | undefined;
+  private readonly dnsPending = new Map<number, { id: number; address: string; port: number; at: number }>();
+  private nextDnsId = 1;
+  private closed = false;
+
+  private constructor(
+    readonly uid: string,
+    /** Held for the proxy's lifetime: every upstream socket is made inside this netns. */
+    private readonly netnsFd: number,
+    private readonly dnsUpstream: Endpoint | undefined,
+  ) {}
+
+  private get netns(): string {
+    return netnsPathOfFd(this.netnsFd);
+  }
+
+  /** Opens every listener inside the pod netns; on any failure nothing stays open (the caller
+   * keeps ownership of netnsFd then). */
+  static async open(uid: string, netnsFd: number, dnsUpstream?: Endpoint): Promise<PodProxy> {
+    const proxy = new PodProxy(uid, netnsFd, dnsUpstream);
+    try {
+      await proxy.listenAll();
+    } catch (err) {
+      proxy.closeListeners();
+      throw err;
+    }
+    return proxy;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.closeListeners();
+    closeFd(this.netnsFd);
+  }
+
+  private closeListeners(): void {
+    for (const s of this.servers) s.close();
+    for (const s of this.sockets) s.destroy();
+    this.udp?.local.close();
+    this.udp?.upstream.close();
+    this.udp = undefined;
+    this.servers.length = 0;
+  }
+
+  private async listenAll(): Promise<void> {
+    const handlers: [number, (s: net.Socket) => void][] = [
+      [PORTS.outbound, (s) => void this.outbound(s)],
+      [PORTS.inbound, (s) => void this.inbound(s)],
+      [PORTS.hbone, (s) => this.hbone(s)],
+    ];
+    for (const [port, handler] of handlers) {
+      const server = await this.listenWildcard(port);
+      server.on('connection', handler);
+      this.servers.push(server);
+    }
+    const dnsTcp = await listenInNetns({ netns: this.netns, family: 4, address: '127.0.0.1', port: PORTS.dns, mark: ZTUNNEL_MARK });
+    dnsTcp.on('connection', (s) => void this.dnsTcp(s));
+    this.servers.push(dnsTcp);
+    await this.listenDnsUdp();
+  }
+
+  /** [::] dual-stack like ztunnel, or 0.0.0.0 when the pod has no IPv6. */
+  private async listenWildcard(port: number): Promise<net.Server> {
+    const common = { netns: this.netns, port, transparent: true, reuseport: true, mark: ZTUNNEL_MARK };
+    try {
+      return await listenInNetns({ ...common, family: 6, address: '::' });
+    } catch {
+      return listenInNetns({ ...common, family: 4, address: '0.0.0.0' });
+    }
+  }
+
+  private track(socket: net.Socket): void {
+    this.sockets.add(socket);
+    socket.on('close', () => this.sockets.delete(socket));
+    socket.on('error', () => socket.destroy());
+  }
+
+  private see(direction: Direction, source: string, destination: string): void {
+    this.stats[direction].connections++;
+    this.recent.push({ direction, source, destination, at: Date.now() });
+    if (this.recent.length > RECENT) this.recent.shift();
+  }
+
+  /** Splices two sockets, counting bytes; `head` is data already read from the client. */
+  private splice(direction: Direction, client: net.Socket, upstream: net.Socket, head?: Buffer): void {
+    const stats = this.stats[direction];
+    this.track(upstream);
+    if (head?.length) {
+      stats.bytesUp += head.length;
+      upstream.write(head);
+    }
+    client.on('data', (d: Buffer) => (stats.bytesUp += d.length));
+    upstream.on('data', (d: Buffer) => (stats.bytesDown += d.length));
+    client.pipe(upstream);
+    upstream.pipe(client);
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+    client.resume();
+  }
+
+  private async outbound(client: net.Socket): Promise<void> {
+    this.track(client);
+    client.pause();
+    const destination = { host: unmap(client.localAddress), port: client.localPort ?? 0 };
+    this.see('outbound', `${unmap(client.remoteAddress)}:${client.remotePort}`, hostPort(destination));
+    try {
+      const upstream = await connectFromNetns({ netns: this.netns, ...destination, mark: ZTUNNEL_MARK });
+      this.splice('outbound', client, upstream);
+    } catch {
+      this.stats.outbound.failures++;
+      client.destroy();
+    }
+  }
+
+  private async inbound(client: net.Socket): Promise<void> {
+    this.track(client);
+    client.pause();
+    const app = { host: unmap(client.localAddress), port: client.localPort ?? 0 };
+    const source = unmap(client.remoteAddress);
+    this.see('inbound', `${source}:${client.remotePort}`, hostPort(app));
+    try {
+      const upstream = await connectFromNetns({
+        netns: this.netns,
+        ...app,
+        localAddress: source,
+        transparent: true,
+        freebind: true,
+        mark: ZTUNNEL_MARK,
+      });
+      this.splice('inbound', client, upstream);
+    } catch {
+      this.stats.inbound.failures++;
+      client.destroy();
+    }
+  }
+
+  /** HBONE without TLS: `CONNECT host:port HTTP/1.1`, then a tunnel to the app. */
+  private hbone(client: net.Socket): void {
+    this.track(client);
+    let head = Buffer.alloc(0);
+    const onData = (d: Buffer): void => {
+      head = Buffer.concat([head, d]);
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) {
+        if (head.length > MAX_CONNECT_HEAD) this.reject(client, '431 Request Header Fields Too Large');
+        return;
+      }
+      client.off('data', onData);
+      client.pause();
+      const target = parseConnect(head.subarray(0, end).toString('latin1'));
+      if (!target) return this.reject(client, '400 Bad Request');
+      void this.tunnel(client, target, head.subarray(end + 4));
+    };
+    client.on('data', onData);
+  }
+
+  private async tunnel(client: net.Socket, target: Endpoint, rest: Buffer): Promise<void> {
+    const source = unmap(client.remoteAddress);
+    this.see('hbone', `${source}:${client.remotePort}`, hostPort(target));
+    try {
+      const upstream = await connectFromNetns({
+        netns: this.netns,
+        ...target,
+        localAddress: source,
+        transparent: true,
+        freebind: true,
+        mark: ZTUNNEL_MARK,
+      });
+      client.write('HTTP/1.1 200 OK\r\n\r\n');
+      this.splice('hbone', client, upstream, rest);
+    } catch {
+      this.stats.hbone.failures++;
+      this.reject(client, '502 Bad Gateway');
+    }
+  }
+
+  private reject(client: net.Socket, status: string): void {
+    client.end(`HTTP/1.1 ${status}\r\ncontent-length: 0\r\n\r\n`);
+  }
+
+  private async dnsTcp(client: net.Socket): Promise<void> {
+    this.track(client);
+    client.pause();
+    this.see('dns', `${unmap(client.remoteAddress)}:${client.remotePort}`, this.dnsUpstream ? hostPort(this.dnsUpstream) : 'none');
+    if (!this.dnsUpstream) {
+      this.stats.dns.failures++;
+      return void client.destroy();
+    }
+    try {
+      const upstream = await connectFromNetns({ netns: this.netns, ...this.dnsUpstream, mark: ZTUNNEL_MARK });
+      this.splice('dns', client, upstream);
+    } catch {
+      this.stats.dns.failures++;
+      client.destroy();
+    }
+  }
+
+  private async listenDnsUdp(): Promise<void> {
+    const local = await bindUdp(await udpSocketInNetns({ netns: this.netns, address: '127.0.0.1', port: PORTS.dns, mark: ZTUNNEL_MARK }));
+    const family = this.dnsUpstream && this.dnsUpstream.host.includes(':') ? '::' : '0.0.0.0';
+    const upstream = await bindUdp(await udpSocketInNetns({ netns: this.netns, address: family, port: 0, mark: ZTUNNEL_MARK }), family === '::');
+    this.udp = { local, upstream };
+    local.on('message', (msg, rinfo) => this.dnsQuery(msg, rinfo));
+    upstream.on('message', (msg) => this.dnsAnswer(msg));
+  }
+
+  /** Forwards a query with an id of our own, so answers map back to the right client. */
+  private dnsQuery(msg: Buffer, from: dgram.RemoteInfo): void {
+    if (!this.udp || msg.length < 12) return;
+    this.see('dns', `${from.address}:${from.port}`, this.dnsUpstream ? hostPort(this.dnsUpstream) : 'none');
+    this.stats.dns.bytesUp += msg.length;
+    if (!this.dnsUpstream) return void this.stats.dns.failures++;
+    const now = Date.now();
+    for (const [id, p] of this.dnsPending) if (now - p.at > DNS_TIMEOUT_MS) this.dnsPending.delete(id);
+    const id = this.nextDnsId;
+    this.nextDnsId = (this.nextDnsId % 0xffff) + 1;
+    this.dnsPending.set(id, { id: msg.readUInt16BE(0), address: from.address, port: from.port, at: now });
+    const out = Buffer.from(msg);
+    out.writeUInt16BE(id, 0);
+    this.udp.upstream.send(out, this.dnsUpstream.port, this.dnsUpstream.host);
+  }
+
+  private dnsAnswer(msg: Buffer): void {
+    if (!this.udp || msg.length < 12) return;
+    const pending = this.dnsPending.get(msg.readUInt16BE(0));
+    if (!pending) return;
+    this.dnsPending.delete(msg.readUInt16BE(0));
+    const out = Buffer.from(msg);
+    out.writeUInt16BE(pending.id, 0);
+    this.stats.dns.bytesDown += out.length;
+    this.udp.local.send(out, pending.port, pending.address);
+  }
+}
+
+function emptyStats(): DirectionStats {
+  return { connections: 0, bytesUp: 0, bytesDown: 0, failures: 0 };
+}
+
+function bindUdp(fd: number, ipv6 = false): Promise<dgram.Socket> {
+  const socket = dgram.createSocket(ipv6 ? 'udp6' : 'udp4');
+  return new Promise((resolve, reject) => {
+    socket.once('error', reject);
+    socket.bind({ fd }, () => {
+      socket.off('error', reject);
+      resolve(socket);
+    });
+  });
+}
+
+function unmap(address: string | undefined): string {
+  const a = address ?? '';
+  return a.startsWith('::ffff:') ? a.slice(7) : a;
+}
+
+function hostPort(e: Endpoint): string {
+  return e.host.includes(':') ? `[${e.host}]:${e.port}` : `${e.host}:${e.port}`;
+}
+
+/** `CONNECT authority HTTP/1.x` -> the authority, or undefined. */
+export function parseConnect(head: string): Endpoint | undefined {
+  const m = /^CONNECT (\[[0-9a-fA-F:.]+\]|[^\s:]+):(\d{1,5}) HTTP\/1\.[01]\r?(\n|$)/.exec(head);
+  if (!m) return undefined;
+  const port = Number(m[2]);
+  if (port < 1 || port > 65535) return undefined;
+  return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
+}
