@@ -1,6 +1,8 @@
 // Real sockets in test namespaces that record who took each connection, and with which addresses.
+import dgram from 'node:dgram';
 import type net from 'node:net';
 import { connectFromNetns, listenInNetns, type NetnsConnectOptions, type NetnsListenOptions } from '../../bpf/src/index.js';
+import { udpSocketInNetns } from '../../bpf/src/node-netns.js';
 
 export interface Accepted {
   localAddress: string;
@@ -88,4 +90,12 @@ export async function connectFails(options: NetnsConnectOptions): Promise<Error>
 
 function unmap(a: string): string {
   return a.startsWith('::ffff:') ? a.slice(7) : a;
+}
+
+/** A UDP socket bound inside `netns`. */
+export async function udpInNetns(netns: string, address: string, port: number): Promise<dgram.Socket> {
+  const fd = await udpSocketInNetns({ netns, address, port });
+  const socket = dgram.createSocket(address.includes(':') ? 'udp6' : 'udp4');
+  await new Promise<void>((resolve) => socket.bind({ fd }, resolve));
+  return socket;
 }
