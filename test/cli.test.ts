@@ -5,7 +5,11 @@ import { after, describe, it } from 'node:test';
 import { kernelTest, testBpffsRoot, uniqueSuffix } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
-import { runCli } from './helpers/cli.js';
+import { CLI, runCli } from './helpers/cli.js';
+import { spawn } from 'node:child_process';
+import { openSync } from 'node:fs';
+import { ZdsServer } from '../ztunnel-bridge/src/zds-server.js';
+import { FakeAgent } from './helpers/zds-peer.js';
 
 after(assertNothingLeft);
 
@@ -68,5 +72,57 @@ describe('ambient-bpf datapath CLI', kernelTest(), () => {
       oneLine(r.stderr);
       assert.match(r.stderr, message);
     }
+  });
+});
+
+describe('ambient-bpf ztunnel CLI', kernelTest(), () => {
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+  it('serves pods handed over by the agent, prints stats on SIGUSR1 and exits cleanly on SIGTERM', async (t) => {
+    const topo = new Topology();
+    const socketPath = `/tmp/abt-zt-cli-${topo.id}.sock`;
+    const server = new ZdsServer({ socketPath });
+    server.start();
+    const child = spawn(CLI, ['ztunnel', '--socket', socketPath, '--dns-upstream', '198.18.30.1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
+    t.after(async () => {
+      child.kill('SIGKILL');
+      server.close();
+      await topo.cleanup();
+    });
+    const net = await podWithRemote(topo, 30);
+    for (let i = 0; i < 200 && server.connectedCount === 0; i++) await sleep(25);
+    assert.equal(server.connectedCount, 1, `stand-in did not connect: ${stderr}`);
+    assert.deepEqual(await server.enroll({ uid: 'cli-pod', info: { name: 'p', namespace: 'n', serviceAccount: 's' }, netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+    child.kill('SIGUSR1');
+    for (let i = 0; i < 100 && !stdout.includes('\n'); i++) await sleep(20);
+    const stats = JSON.parse(stdout.split('\n')[0]!) as { pods: { uid: string; stats: { outbound: { connections: number } } }[] };
+    assert.deepEqual(stats.pods.map((p) => [p.uid, p.stats.outbound.connections]), [['cli-pod', 0]]);
+    child.kill('SIGTERM');
+    assert.equal(await exited, 0, stderr);
+    assert.match(stderr, /"msg":"pod proxy started"/);
+  });
+
+  it('exits non-zero with the reason on a ZDS protocol violation', async (t) => {
+    const socketPath = `/tmp/abt-zt-cli-${Date.now()}.sock`;
+    const agent = new FakeAgent(socketPath);
+    t.after(() => agent.close());
+    const child = spawn(CLI, ['ztunnel', '--socket', socketPath, '--log-level', 'error'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
+    const inbox = await agent.accept();
+    FakeAgent.send(inbox, { keep: { uid: 'x' } });
+    FakeAgent.send(inbox, { snapshotSent: {} });
+    assert.equal(await FakeAgent.reply(inbox), '');
+    assert.equal(await FakeAgent.reply(inbox), '');
+    FakeAgent.send(inbox, { snapshotSent: {} });
+    assert.match((await FakeAgent.reply(inbox)) ?? '', /second SnapshotSent/);
+    assert.equal(await exited, 1);
+    assert.match(stderr.trim().split('\n').at(-1)!, /^ambient-bpf: stopped on a ZDS protocol violation: second SnapshotSent$/);
   });
 });

@@ -81,6 +81,26 @@ describe('ztunnel stand-in', kernelTest(), () => {
     assert.deepEqual(standIn.stats(), []);
   });
 
+  it('leaks no file descriptors or listeners over repeated add/del of a real pod', async (t) => {
+    const { topo, server, makeStandIn } = setup(t);
+    const standIn = makeStandIn();
+    const net = await podWithRemote(topo, 26);
+    server.start();
+    standIn.start();
+    await until(() => server.connectedCount === 1, 'stand-in connected');
+    const openFds = () => readdirSync('/proc/self/fd').length;
+    const cycle = async (i: number) => {
+      assert.deepEqual(await server.enroll({ uid: `pod-${i}`, info: info(`p${i}`), netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+      await server.remove(`pod-${i}`);
+    };
+    await cycle(0);
+    await sleep(50);
+    const before = openFds();
+    for (let i = 1; i <= 200; i++) await cycle(i);
+    await until(() => openFds() === before, `fd count back to ${before} (now ${openFds()})`);
+    assert.deepEqual(await listening(topo, net.pod), []);
+  });
+
   it('nacks an Add whose listeners cannot open, with the reason', async (t) => {
     const { topo, server, makeStandIn } = setup(t);
     const standIn = makeStandIn();

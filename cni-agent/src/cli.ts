@@ -1,8 +1,9 @@
 // ambient-bpf command line. Each command family lives in ./commands; this file wires them up and
 // turns failures into one line on stderr and a non-zero exit.
-import yargs from 'yargs';
+import yargs, { type CommandModule } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { datapathCommand } from './commands/datapath.js';
+import { ztunnelCommand } from './commands/ztunnel.js';
 import { CliError } from './commands/cli-error.js';
 
 function fail(message: string, exitCode: number): never {
@@ -15,6 +16,7 @@ async function main(): Promise<void> {
     .scriptName('ambient-bpf')
     .usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.')
     .command(datapathCommand)
+    .command(ztunnelCommand as unknown as CommandModule)
     .demandCommand(1, 'name a command (see --help)')
     .strict()
     .help()

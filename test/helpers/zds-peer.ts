@@ -1,3 +1,4 @@
+import { rmSync } from 'node:fs';
 // A scriptable ZDS peer over a real SEQPACKET socket, for protocol tests: plays ztunnel toward the
 // agent's server, or the agent toward the stand-in.
 import { closeFd, SeqpacketServer, SeqpacketSocket } from '../../bpf/src/node-netns.js';
@@ -99,7 +100,7 @@ export class FakeAgent {
   private readonly server: SeqpacketServer;
   private connection: Promise<Inbox>;
 
-  constructor(path: string) {
+  constructor(private readonly path: string) {
     this.server = new SeqpacketServer(path, 0o600, 1024);
     this.connection = this.nextConnection();
   }
@@ -131,5 +132,6 @@ export class FakeAgent {
 
   close(): void {
     this.server.close();
+    rmSync(this.path, { force: true });
   }
 }
