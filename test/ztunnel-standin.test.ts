@@ -196,9 +196,11 @@ describe('ztunnel stand-in', kernelTest(), () => {
     const remote = await RecordingServer.start('remote', { netns: remoteNs, family: 6, address: '::', port: 8080 });
     const dns = await udpInNetns(remoteNs, net.remoteV4, 53);
     dns.on('message', (msg, rinfo) => dns.send(Buffer.concat([msg, Buffer.from('answer')]), rinfo.port, rinfo.address));
+    const dnsTcp = await RecordingServer.start('dns-over-tcp', { netns: remoteNs, family: 4, address: net.remoteV4, port: 53 });
     t.after(async () => {
       await app.close();
       await remote.close();
+      await dnsTcp.close();
       dns.close();
     });
 
@@ -241,11 +243,15 @@ describe('ztunnel stand-in', kernelTest(), () => {
     resolver.close();
     assert.equal(answer.toString('hex'), query.toString('hex') + Buffer.from('answer').toString('hex'));
 
+    // DNS over TCP to 15053 reaches the upstream's TCP listener.
+    assert.equal(await whoAnswers({ netns: net.podPath, host: '127.0.0.1', port: 15053 }), 'dns-over-tcp');
+    assert.equal(dnsTcp.accepted[0]?.remoteAddress, net.podV4);
+
     const [pod] = standInDns.stats();
     assert.equal(pod?.stats.outbound.connections, 2);
     assert.equal(pod?.stats.inbound.connections, 2);
     assert.equal(pod?.stats.hbone.connections, 1);
-    assert.equal(pod?.stats.dns.connections, 1);
+    assert.equal(pod?.stats.dns.connections, 2);
     assert.ok(pod.stats.outbound.bytesUp >= 6 && pod.stats.outbound.bytesDown >= 14, JSON.stringify(pod.stats.outbound));
     assert.deepEqual(
       pod.recent.filter((c) => c.direction === 'outbound').map((c) => c.destination),
