@@ -10,6 +10,7 @@ import { spawn } from 'node:child_process';
 import { openSync } from 'node:fs';
 import { ZdsServer } from '../ztunnel-bridge/src/zds-server.js';
 import { FakeAgent } from './helpers/zds-peer.js';
+import { sleep } from './helpers/wait.js';
 
 after(assertNothingLeft);
 
@@ -76,8 +77,6 @@ describe('ambient-bpf datapath CLI', kernelTest(), () => {
 });
 
 describe('ambient-bpf ztunnel CLI', kernelTest(), () => {
-  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
   it('serves pods handed over by the agent, prints stats on SIGUSR1 and exits cleanly on SIGTERM', async (t) => {
     const topo = new Topology();
     const socketPath = `/tmp/abt-zt-cli-${topo.id}.sock`;

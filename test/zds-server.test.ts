@@ -7,11 +7,11 @@ import { after, describe, it } from 'node:test';
 import { ZdsServer, type ZtunnelResult } from '../ztunnel-bridge/src/zds-server.js';
 import { TEST_PREFIX, uniqueSuffix } from './helpers/kernel.js';
 import { FakeZtunnel } from './helpers/zds-peer.js';
+import { sleep, until } from './helpers/wait.js';
 
 const info = (name: string) => ({ name, namespace: 'default', serviceAccount: 'sa' });
 const netnsFd = () => openSync('/proc/self/ns/net', 'r');
 const openFds = () => readdirSync('/proc/self/fd').length;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function fixture(t: { after: (fn: () => void) => void }, options: ConstructorParameters<typeof ZdsServer>[0] = {}) {
   const dir = `/tmp/${TEST_PREFIX}-zds-${uniqueSuffix()}`;
@@ -32,11 +32,6 @@ function fixture(t: { after: (fn: () => void) => void }, options: ConstructorPar
   return { server, statuses, connect, dir };
 }
 
-async function until(cond: () => boolean, what: string, ms = 3000): Promise<void> {
-  for (const start = Date.now(); !cond(); await sleep(5)) {
-    if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}`);
-  }
-}
 
 describe('ZDS server', () => {
   after(() => assert.deepEqual(readdirSync('/tmp').filter((n) => n.startsWith(`${TEST_PREFIX}-zds-`)), []));

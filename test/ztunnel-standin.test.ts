@@ -13,15 +13,10 @@ import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
 import { RecordingServer, udpInNetns, whoAnswers } from './helpers/traffic.js';
 import { FakeAgent } from './helpers/zds-peer.js';
+import { sleep, until } from './helpers/wait.js';
 
 const info = (name: string) => ({ name, namespace: 'demo', serviceAccount: 'default' });
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function until(cond: () => boolean | Promise<boolean>, what: string, ms = 5000): Promise<void> {
-  for (const start = Date.now(); !(await cond()); await sleep(20)) {
-    if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}`);
-  }
-}
 
 after(async () => {
   await assertNothingLeft();

@@ -171,15 +171,7 @@ export class PodProxy {
     const source = unmap(client.remoteAddress);
     this.see('inbound', `${source}:${client.remotePort}`, hostPort(app));
     try {
-      const upstream = await connectFromNetns({
-        netns: this.netns,
-        ...app,
-        localAddress: source,
-        transparent: true,
-        freebind: true,
-        mark: ZTUNNEL_MARK,
-      });
-      this.splice('inbound', client, upstream);
+      this.splice('inbound', client, await this.connectAs(source, app));
     } catch {
       this.stats.inbound.failures++;
       client.destroy();
@@ -210,20 +202,19 @@ export class PodProxy {
     const source = unmap(client.remoteAddress);
     this.see('hbone', `${source}:${client.remotePort}`, hostPort(target));
     try {
-      const upstream = await connectFromNetns({
-        netns: this.netns,
-        ...target,
-        localAddress: source,
-        transparent: true,
-        freebind: true,
-        mark: ZTUNNEL_MARK,
-      });
+      const upstream = await this.connectAs(source, target);
       client.write('HTTP/1.1 200 OK\r\n\r\n');
       this.splice('hbone', client, upstream, rest);
     } catch {
       this.stats.hbone.failures++;
       this.reject(client, '502 Bad Gateway');
     }
+  }
+
+  /** Connects to the app from inside the pod as ztunnel does: with the real client's address as
+   * (non-local) source, so the app sees who is calling. */
+  private connectAs(source: string, target: Endpoint): Promise<net.Socket> {
+    return connectFromNetns({ netns: this.netns, ...target, localAddress: source, transparent: true, freebind: true, mark: ZTUNNEL_MARK });
   }
 
   private reject(client: net.Socket, status: string): void {
