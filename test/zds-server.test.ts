@@ -2,7 +2,8 @@
 // contents, Ack after every message, newest-connection Add and all-connection Del, and every way a
 // peer can misbehave; nothing leaks.
 import assert from 'node:assert/strict';
-import { mkdirSync, openSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeFd } from '../bpf/src/node-netns.js';
 import { after, describe, it } from 'node:test';
 import { ZdsServer, type ZtunnelResult } from '../ztunnel-bridge/src/zds-server.js';
 import { TEST_PREFIX, uniqueSuffix } from './helpers/kernel.js';
@@ -55,6 +56,23 @@ describe('ZDS server', () => {
       ['a', { status: 'acked' }],
     ]);
     assert.equal(server.connectedCount, 1);
+  });
+
+  it('passes the netns with the Add, and the received fd is close-on-exec and names that netns', async (t) => {
+    const { server, connect } = fixture(t);
+    const zt = connect().hello();
+    assert.ok(await zt.request());
+    zt.ack();
+    const raw = zt.inbox.next();
+    void server.enroll({ uid: 'x', info: info('x'), netnsFd: netnsFd() });
+    const got = await raw;
+    assert.equal(got?.fds.length, 1);
+    const fd = got.fds[0]!;
+    const flags = Number.parseInt(/flags:\s+(\d+)/.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8);
+    assert.ok(flags & 0o2000000, `O_CLOEXEC not set: flags ${flags.toString(8)}`);
+    assert.equal(statSync(`/proc/self/fd/${fd}`).ino, statSync('/proc/self/ns/net').ino);
+    closeFd(fd);
+    zt.ack();
   });
 
   it('always sends SnapshotSent, also for an empty snapshot', async (t) => {
