@@ -11,6 +11,7 @@
 #include <node_api.h>
 
 #include "datapath.h"
+#include "netns_addresses.h"
 #include "netns_socket.h"
 #include "seqpacket.h"
 
@@ -93,6 +94,10 @@ struct job {
 			struct netns_socket_request req;
 			int fd;
 		} socket;
+		struct {
+			char path[NETNS_PATH_LEN];
+			struct netns_addresses res;
+		} addresses;
 	} u;
 };
 
@@ -595,6 +600,44 @@ bad:
 	return NULL;
 }
 
+/* ---- addresses of a netns ---- */
+
+static void addresses_run(struct job *job)
+{
+	netns_addresses(job->u.addresses.path, &job->u.addresses.res, &job->err);
+}
+
+static napi_value addresses_result(napi_env env, struct job *job)
+{
+	napi_value obj, arr;
+
+	napi_create_object(env, &obj);
+	set_double(env, obj, "inode", (double)job->u.addresses.res.ino);
+	set_double(env, obj, "device", (double)job->u.addresses.res.dev);
+	napi_create_array_with_length(env, job->u.addresses.res.count, &arr);
+	for (unsigned i = 0; i < job->u.addresses.res.count; i++)
+		napi_set_element(env, arr, i, ip_value(env, &job->u.addresses.res.addrs[i]));
+	set_named(env, obj, "addresses", arr);
+	return obj;
+}
+
+/* netnsAddresses(path) -> { inode, device, addresses } */
+static napi_value js_netns_addresses(napi_env env, napi_callback_info info)
+{
+	size_t argc = 1;
+	napi_value argv[1];
+	struct job *job = job_new(addresses_run, addresses_result);
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job)
+		return NULL;
+	if (argc < 1 || !get_string(env, argv[0], job->u.addresses.path, sizeof(job->u.addresses.path), "netns path")) {
+		free(job);
+		return NULL;
+	}
+	return job_start(env, job, "ambient-bpf:netns-addresses");
+}
+
 /* ---- module ---- */
 
 static napi_value init(napi_env env, napi_value exports)
@@ -609,6 +652,7 @@ static napi_value init(napi_env env, napi_value exports)
 		{ "list", NULL, js_list, NULL, NULL, NULL, napi_default, NULL },
 		{ "gc", NULL, js_gc, NULL, NULL, NULL, napi_default, NULL },
 		{ "socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL },
+		{ "netnsAddresses", NULL, js_netns_addresses, NULL, NULL, NULL, napi_default, NULL },
 	};
 
 	CHECK(napi_define_properties(env, exports, sizeof(fns) / sizeof(fns[0]), fns));

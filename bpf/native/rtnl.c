@@ -138,48 +138,64 @@ static struct rtattr *find_attr(struct rtattr *rta, int len, uint16_t type)
 
 /* ---- addresses ---- */
 
-struct find_addr_ctx {
-	uint8_t addr[16];
-	int ifindex;
+struct list_addr_ctx {
+	rtnl_addr_fn fn;
+	void *arg;
 };
 
-static int find_addr_cb(struct nlmsghdr *h, void *p)
+static int list_addr_cb(struct nlmsghdr *h, void *p)
 {
-	struct find_addr_ctx *ctx = p;
+	struct list_addr_ctx *ctx = p;
 	struct ifaddrmsg *ifa = NLMSG_DATA(h);
 	int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*ifa)));
+	uint8_t addr[16] = { 0 };
 	struct rtattr *a;
-	bool v4 = ifa->ifa_family == AF_INET;
 
-	if (h->nlmsg_type != RTM_NEWADDR)
+	if (h->nlmsg_type != RTM_NEWADDR || (ifa->ifa_family != AF_INET && ifa->ifa_family != AF_INET6))
 		return 0;
 	a = find_attr(IFA_RTA(ifa), len, IFA_LOCAL);
 	if (!a)
 		a = find_attr(IFA_RTA(ifa), len, IFA_ADDRESS);
 	if (!a)
 		return 0;
-	if (v4 ? memcmp(RTA_DATA(a), ctx->addr + 12, 4) == 0 : memcmp(RTA_DATA(a), ctx->addr, 16) == 0)
-		ctx->ifindex = (int)ifa->ifa_index;
+	if (ifa->ifa_family == AF_INET) {
+		addr[10] = addr[11] = 0xff;
+		memcpy(addr + 12, RTA_DATA(a), 4);
+	} else {
+		memcpy(addr, RTA_DATA(a), 16);
+	}
+	ctx->fn(addr, (int)ifa->ifa_index, ctx->arg);
 	return 0;
 }
 
-static bool is_v4_mapped(const uint8_t a[16])
+int rtnl_list_addresses(struct rtnl *nl, rtnl_addr_fn fn, void *arg)
 {
-	static const uint8_t prefix[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+	struct msg m;
+	struct ifaddrmsg *ifa = msg_init(&m, RTM_GETADDR, NLM_F_DUMP, sizeof(*ifa));
+	struct list_addr_ctx ctx = { fn, arg };
 
-	return memcmp(a, prefix, 12) == 0;
+	ifa->ifa_family = AF_UNSPEC;
+	return transact(nl, &m, list_addr_cb, &ctx);
+}
+
+struct find_addr_ctx {
+	const uint8_t *addr;
+	int ifindex;
+};
+
+static void find_addr_fn(const uint8_t addr[16], int ifindex, void *p)
+{
+	struct find_addr_ctx *ctx = p;
+
+	if (memcmp(addr, ctx->addr, 16) == 0)
+		ctx->ifindex = ifindex;
 }
 
 int rtnl_find_address(struct rtnl *nl, const uint8_t addr[16], int *ifindex)
 {
-	struct msg m;
-	struct ifaddrmsg *ifa = msg_init(&m, RTM_GETADDR, NLM_F_DUMP, sizeof(*ifa));
-	struct find_addr_ctx ctx = { .ifindex = 0 };
-	int err;
+	struct find_addr_ctx ctx = { addr, 0 };
+	int err = rtnl_list_addresses(nl, find_addr_fn, &ctx);
 
-	ifa->ifa_family = is_v4_mapped(addr) ? AF_INET : AF_INET6;
-	memcpy(ctx.addr, addr, 16);
-	err = transact(nl, &m, find_addr_cb, &ctx);
 	if (err)
 		return err;
 	if (!ctx.ifindex)

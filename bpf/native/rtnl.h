@@ -15,6 +15,10 @@ struct rtnl {
 int rtnl_open(struct rtnl *nl);
 void rtnl_close(struct rtnl *nl);
 
+/* Calls fn for every IPv4/IPv6 address (16 bytes; IPv4 as ::ffff:a.b.c.d) and its interface. */
+typedef void (*rtnl_addr_fn)(const uint8_t addr[16], int ifindex, void *arg);
+int rtnl_list_addresses(struct rtnl *nl, rtnl_addr_fn fn, void *arg);
+
 /* The interface carrying `addr` (16 bytes; IPv4 as ::ffff:a.b.c.d), or -ENOENT. */
 int rtnl_find_address(struct rtnl *nl, const uint8_t addr[16], int *ifindex);
 

@@ -75,6 +75,7 @@ export interface NativeAddon {
   gc(handle: NativeHandle): Promise<string[]>;
   socket(options: NativeSocketOptions): Promise<number>;
   seqpacket: NativeSeqpacket;
+  netnsAddresses(path: string): Promise<{ inode: number; device: number; addresses: string[] }>;
   constants: {
     ZTUNNEL_OUTBOUND_PORT: number;
     ZTUNNEL_INBOUND_PORT: number;
