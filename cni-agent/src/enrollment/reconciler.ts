@@ -1,0 +1,263 @@
+// Enrollment: one record per pod, desired state (policy) against actual state (datapath attached,
+// ztunnel's answer, annotation), reconciled one pod at a time and retried with backoff until they
+// agree. Inputs: the pod source (state and changes), ztunnel's answers, and the datapath's own
+// records (so a restarted agent adopts what it attached before instead of attaching twice).
+import { openSync } from 'node:fs';
+import type { AttachMode, Datapath } from '../../../bpf/src/index.js';
+import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
+import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
+import { podIPs, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/local-source.js';
+import { selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
+import type { NetnsLocator } from './netns-locator.js';
+
+/** The `ambient.istio.io/redirection` annotation value; undefined removes it. */
+export type RedirectionAnnotation = 'enabled' | 'pending' | undefined;
+
+/** Writes the redirection annotation (the Kubernetes source does; the local source does not). */
+export interface Annotator {
+  setRedirection(pod: Pod, value: RedirectionAnnotation): Promise<void>;
+}
+
+export type EnrollmentState = 'enabled' | 'pending' | 'failed' | 'not ambient';
+
+export interface PodStatus {
+  uid: string;
+  name: string;
+  namespace: string;
+  state: EnrollmentState;
+  /** Why the pod is or is not ambient, or what went wrong. */
+  reason: string;
+  attached: boolean;
+  ztunnel: ZtunnelResult['status'] | 'not sent';
+  netnsPath: string | undefined;
+  since: Date;
+}
+
+interface Entry {
+  uid: string;
+  pod: Pod | undefined;
+  netnsPath: string | undefined;
+  attached: boolean;
+  ztunnel: ZtunnelResult | undefined;
+  annotation: RedirectionAnnotation;
+  error: string | undefined;
+  since: Date;
+  /** Reconcile runs for this pod one at a time; `again` asks for one more pass. */
+  running: Promise<void> | undefined;
+  again: boolean;
+  retry: NodeJS.Timeout | undefined;
+  backoffMs: number;
+}
+
+export interface ReconcilerOptions {
+  datapath: Datapath;
+  zds: ZdsServer;
+  netns: NetnsLocator;
+  log: Logger;
+  annotator?: Annotator;
+  policy?: SelectionPolicy;
+  attachMode?: AttachMode;
+  initialBackoffMs?: number;
+  maxBackoffMs?: number;
+}
+
+export class Reconciler {
+  private readonly entries = new Map<string, Entry>();
+  private namespaces = new Map<string, Namespace>();
+  private stopped = false;
+
+  constructor(private readonly opts: ReconcilerOptions) {}
+
+  /** Adopts the datapath's existing attachments, takes the source's first state, and reconciles
+   * every pod. Resolves when that first pass is done. */
+  async start(state: ClusterState): Promise<void> {
+    for (const attached of await this.opts.datapath.list()) {
+      const e = this.entry(attached.uid);
+      e.attached = true;
+      e.netnsPath = attached.netnsPresent ? attached.netnsPath : undefined;
+    }
+    this.namespaces = new Map(state.namespaces);
+    for (const pod of state.pods.values()) this.entry(pod.metadata.uid).pod = pod;
+    await Promise.all([...this.entries.keys()].map((uid) => this.reconcile(uid)));
+  }
+
+  /** Stops retrying; attachments stay in place (a restarted agent adopts them). */
+  stop(): void {
+    this.stopped = true;
+    for (const e of this.entries.values()) clearTimeout(e.retry);
+  }
+
+  applyChanges(changes: SourceChange[], state: ClusterState): void {
+    this.namespaces = new Map(state.namespaces);
+    const touched = new Set<string>();
+    for (const c of changes) {
+      if (c.kind === 'pod') {
+        this.entry(c.pod.metadata.uid).pod = c.type === 'deleted' ? undefined : c.pod;
+        touched.add(c.pod.metadata.uid);
+      } else {
+        // A namespace label changes the fate of every pod in it.
+        for (const e of this.entries.values()) if (e.pod?.metadata.namespace === c.namespace.metadata.name) touched.add(e.uid);
+      }
+    }
+    for (const uid of touched) void this.reconcile(uid);
+  }
+
+  /** ztunnel's answer about a pod, also those to snapshots after ztunnel (re)connects. It only
+   * updates the record and the annotation: a full pass would hand the pod over again. */
+  ztunnelStatus(uid: string, result: ZtunnelResult): void {
+    const e = this.entries.get(uid);
+    if (!e || !e.attached) return;
+    e.ztunnel = result;
+    if (e.running) return; // the pass in progress annotates with its own answer
+    this.annotate(e, result.status === 'acked' ? 'enabled' : 'pending').catch((err: Error) => {
+      this.opts.log.warn({ uid, error: err.message }, 'cannot annotate pod');
+      void this.reconcile(uid);
+    });
+  }
+
+  status(): PodStatus[] {
+    return [...this.entries.values()]
+      .filter((e) => e.pod || e.attached)
+      .map((e) => {
+        const selection = e.pod ? selectPod(e.pod, this.namespaces.get(e.pod.metadata.namespace), this.policy) : undefined;
+        const state: EnrollmentState = e.error ? 'failed' : !e.attached ? 'not ambient' : e.ztunnel?.status === 'acked' ? 'enabled' : 'pending';
+        const reason = e.error ?? (e.attached && e.ztunnel && e.ztunnel.status !== 'acked' ? describe(e.ztunnel) : selection?.reason ?? 'pod is gone');
+        return {
+          uid: e.uid,
+          name: e.pod?.metadata.name ?? '',
+          namespace: e.pod?.metadata.namespace ?? '',
+          state,
+          reason,
+          attached: e.attached,
+          ztunnel: e.ztunnel?.status ?? 'not sent',
+          netnsPath: e.netnsPath,
+          since: e.since,
+        };
+      });
+  }
+
+  /** Resolves once the pod's record agrees with its desired state (or the attempt failed). */
+  reconcile(uid: string): Promise<void> {
+    const e = this.entries.get(uid);
+    if (!e || this.stopped) return Promise.resolve();
+    if (e.running) {
+      e.again = true;
+      return e.running;
+    }
+    e.running = (async () => {
+      do {
+        e.again = false;
+        await this.reconcileOnce(e);
+      } while (e.again && !this.stopped);
+      e.running = undefined;
+    })();
+    return e.running;
+  }
+
+  private get policy(): SelectionPolicy {
+    return this.opts.policy ?? DEFAULT_POLICY;
+  }
+
+  private entry(uid: string): Entry {
+    let e = this.entries.get(uid);
+    if (!e) {
+      e = {
+        uid,
+        pod: undefined,
+        netnsPath: undefined,
+        attached: false,
+        ztunnel: undefined,
+        annotation: undefined,
+        error: undefined,
+        since: new Date(),
+        running: undefined,
+        again: false,
+        retry: undefined,
+        backoffMs: this.opts.initialBackoffMs ?? 200,
+      };
+      this.entries.set(uid, e);
+    }
+    return e;
+  }
+
+  private desired(e: Entry): boolean {
+    const pod = e.pod;
+    if (!pod || pod.status?.phase === 'Succeeded' || pod.status?.phase === 'Failed' || podIPs(pod).length === 0) return false;
+    return selectPod(pod, this.namespaces.get(pod.metadata.namespace), this.policy).ambient;
+  }
+
+  private async reconcileOnce(e: Entry): Promise<void> {
+    const log = { uid: e.uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined };
+    clearTimeout(e.retry);
+    try {
+      if (this.desired(e)) await this.enroll(e);
+      else await this.unenroll(e);
+      if (e.error) this.opts.log.info(log, 'pod reconciled after earlier failures');
+      e.error = undefined;
+      e.backoffMs = this.opts.initialBackoffMs ?? 200;
+    } catch (err) {
+      const message = (err as Error).message;
+      if (e.error !== message) this.opts.log.warn({ ...log, error: message, retryMs: e.backoffMs }, 'cannot reconcile pod; will retry');
+      e.error = message;
+      e.since = new Date();
+      if (!this.stopped) {
+        e.retry = setTimeout(() => void this.reconcile(e.uid), e.backoffMs);
+        e.backoffMs = Math.min(e.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
+      }
+    }
+    if (!e.pod && !e.attached && !e.error) this.entries.delete(e.uid);
+  }
+
+  private async enroll(e: Entry): Promise<void> {
+    const pod = e.pod!;
+    const ips = podIPs(pod);
+    const netnsPath = (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
+    if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
+    const moved = netnsPath !== e.netnsPath;
+    // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs in place.
+    await this.opts.datapath.attach({ uid: e.uid, netnsPath, ips }, this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    if (!e.attached || moved) {
+      e.since = new Date();
+      this.opts.log.info({ uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, netns: netnsPath }, 'pod redirected');
+    }
+    e.attached = true;
+    e.netnsPath = netnsPath;
+    if (!e.ztunnel || e.ztunnel.status !== 'acked' || moved) {
+      e.ztunnel = await this.opts.zds.enroll({
+        uid: e.uid,
+        info: { name: pod.metadata.name, namespace: pod.metadata.namespace, serviceAccount: serviceAccountOf(pod) },
+        netnsFd: openSync(netnsPath, 'r'),
+      });
+    }
+    await this.annotate(e, e.ztunnel.status === 'acked' ? 'enabled' : 'pending');
+    // ztunnel retries a nacked pod itself; ask again later too, in case it lost it.
+    if (e.ztunnel.status === 'nacked') throw new Error(`ztunnel refused the pod: ${e.ztunnel.error}`);
+  }
+
+  private async unenroll(e: Entry): Promise<void> {
+    if (e.attached || e.ztunnel) {
+      await this.opts.zds.remove(e.uid);
+      const r = await this.opts.datapath.detach(e.uid);
+      if (r.warning) this.opts.log.warn({ uid: e.uid, warning: r.warning }, 'detached with a warning');
+      this.opts.log.info({ uid: e.uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined }, 'pod no longer redirected');
+      e.attached = false;
+      e.ztunnel = undefined;
+      e.since = new Date();
+    }
+    if (e.pod) await this.annotate(e, undefined);
+  }
+
+  private async annotate(e: Entry, value: RedirectionAnnotation): Promise<void> {
+    if (!this.opts.annotator || !e.pod || e.annotation === value) return;
+    await this.opts.annotator.setRedirection(e.pod, value);
+    e.annotation = value;
+  }
+}
+
+function serviceAccountOf(pod: Pod): string {
+  return (pod.spec as { serviceAccountName?: string } | undefined)?.serviceAccountName ?? 'default';
+}
+
+function describe(r: ZtunnelResult): string {
+  return r.status === 'nacked' ? `ztunnel refused: ${r.error}` : r.status === 'unreachable' ? `ztunnel unreachable: ${r.reason}` : 'acked';
+}

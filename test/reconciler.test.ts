@@ -1,0 +1,124 @@
+// Enrollment driven by the local pod source with real pieces: pods as network namespaces, the
+// datapath, the ZDS server and the ztunnel stand-in. Label flips enrol and unenrol running pods, a
+// restarted agent adopts what is attached, and ztunnel's absence shows as pending.
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, it } from 'node:test';
+import { Datapath } from '../bpf/src/index.js';
+import { NetnsLocator } from '../cni-agent/src/enrollment/netns-locator.js';
+import { Reconciler } from '../cni-agent/src/enrollment/reconciler.js';
+import { LocalPodSource } from '../cni-agent/src/pods/local-source.js';
+import { silentLogger } from '../ztunnel-bridge/src/logger.js';
+import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
+import { ZdsServer } from '../ztunnel-bridge/src/zds-server.js';
+import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { assertNothingLeft } from './helpers/leftovers.js';
+import { Topology } from './helpers/topology.js';
+import { until } from './helpers/wait.js';
+
+after(assertNothingLeft);
+
+interface PodSpec {
+  name: string;
+  namespace: string;
+  ip: string;
+  labels?: Record<string, string>;
+}
+
+function podsYaml(namespaces: Record<string, string | undefined>, pods: PodSpec[]): string {
+  const docs = Object.entries(namespaces).map(([name, mode]) =>
+    JSON.stringify({ apiVersion: 'v1', kind: 'Namespace', metadata: { name, labels: mode ? { 'istio.io/dataplane-mode': mode } : {} } }),
+  );
+  for (const p of pods) {
+    docs.push(JSON.stringify({
+      apiVersion: 'v1',
+      kind: 'Pod',
+      metadata: { name: p.name, namespace: p.namespace, uid: `uid-${p.name}`, labels: p.labels ?? {} },
+      spec: { serviceAccountName: p.name },
+      status: { phase: 'Running', podIP: p.ip, podIPs: [{ ip: p.ip }] },
+    }));
+  }
+  return docs.join('\n---\n');
+}
+
+describe('enrollment with the local pod source', kernelTest(), () => {
+  it('enrols and unenrols running pods as labels change, adopts after a restart, and reports ztunnel’s absence', async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-rec-'));
+    const file = join(dir, 'pods.yaml');
+    const socketPath = join(dir, 'ztunnel.sock');
+    const pods: PodSpec[] = [
+      { name: 'cart', namespace: 'shop', ip: '198.18.50.2' },
+      { name: 'web', namespace: 'shop', ip: '198.18.50.3' },
+      { name: 'legacy', namespace: 'shop', ip: '198.18.50.4', labels: { 'istio.io/dataplane-mode': 'none' } },
+      { name: 'api', namespace: 'plain', ip: '198.18.50.5' },
+    ];
+    const node = await topo.netns('node');
+    for (const [i, p] of pods.entries()) {
+      const ns = await topo.netns(p.name);
+      await topo.veth(ns, 'eth0', node, `v${i}`);
+      await topo.addAddress(ns, 'eth0', `${p.ip}/24`);
+    }
+    writeFileSync(file, podsYaml({ shop: 'ambient', plain: undefined }, pods));
+
+    const dp = await Datapath.open({ bpffsRoot: root });
+    const standIn = new ZtunnelStandIn({ socketPath });
+    let zds = new ZdsServer({ socketPath, onStatus: (uid, r) => reconciler.ztunnelStatus(uid, r) });
+    let reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50 });
+    const source = new LocalPodSource({ file, nodeName: 'node-a', onChange: (c, s) => reconciler.applyChanges(c, s), onError: (e) => assert.fail(e), debounceMs: 20 });
+    t.after(async () => {
+      source.stop();
+      reconciler.stop();
+      standIn.stop();
+      zds.close();
+      for (const p of await dp.list()) await dp.detach(p.uid);
+      dp.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+      rmSync(dir, { recursive: true, force: true });
+    });
+    const attached = async () => (await dp.list()).map((p) => p.uid).sort();
+    const proxied = () => standIn.stats().map((p) => p.uid).sort();
+    const states = () => Object.fromEntries(reconciler.status().map((s) => [s.name, s.state]));
+
+    // ztunnel is not there yet: redirected, but pending.
+    zds.start();
+    await reconciler.start(await source.start());
+    assert.deepEqual(await attached(), ['uid-cart', 'uid-web']);
+    assert.deepEqual(states(), { cart: 'pending', web: 'pending', legacy: 'not ambient', api: 'not ambient' });
+    assert.match(reconciler.status().find((s) => s.name === 'legacy')!.reason, /=none/);
+
+    // ztunnel arrives: the snapshot hands both pods over.
+    standIn.start();
+    await until(() => states().cart === 'enabled' && states().web === 'enabled', 'enabled after ztunnel connected');
+    assert.deepEqual(proxied(), ['uid-cart', 'uid-web']);
+
+    // Label flips: the namespace opts out, a pod in a plain namespace opts in.
+    writeFileSync(file, podsYaml({ shop: undefined, plain: undefined }, pods.map((p) => (p.name === 'api' ? { ...p, labels: { 'istio.io/dataplane-mode': 'ambient' } } : p))));
+    await until(async () => (await attached()).join() === 'uid-api', 'namespace opt-out and pod opt-in');
+    await until(() => proxied().join() === 'uid-api', 'stand-in follows');
+    assert.equal(states().api, 'enabled');
+
+    // The agent restarts: a new reconciler and ZDS server adopt the attachment without redoing it.
+    reconciler.stop();
+    zds.close();
+    const before = await dp.list();
+    zds = new ZdsServer({ socketPath, onStatus: (uid, r) => reconciler.ztunnelStatus(uid, r) });
+    reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50 });
+    zds.start();
+    await reconciler.start(source.current);
+    await until(() => states().api === 'enabled', 're-acked after restart');
+    const afterRestart = await dp.list();
+    assert.deepEqual(afterRestart.map((p) => [p.uid, p.attachedAt.getTime()]), before.map((p) => [p.uid, p.attachedAt.getTime()]));
+    assert.deepEqual(proxied(), ['uid-api']);
+
+    // The pod is deleted from the source: unenrolled.
+    writeFileSync(file, podsYaml({ shop: undefined, plain: undefined }, pods.filter((p) => p.name !== 'api')));
+    await until(async () => (await attached()).length === 0, 'deleted pod detached');
+    await until(() => proxied().length === 0, 'stand-in drops it');
+    assert.equal(states().api, undefined);
+  });
+});
