@@ -2,6 +2,7 @@
 // turns failures into one line on stderr and a non-zero exit.
 import yargs, { type CommandModule } from 'yargs';
 import { hideBin } from 'yargs/helpers';
+import { agentCommand } from './commands/agent.js';
 import { datapathCommand } from './commands/datapath.js';
 import { ztunnelCommand } from './commands/ztunnel.js';
 import { CliError } from './commands/cli-error.js';
@@ -15,6 +16,7 @@ async function main(): Promise<void> {
   await yargs(hideBin(process.argv))
     .scriptName('ambient-bpf')
     .usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.')
+    .command(agentCommand as unknown as CommandModule)
     .command(datapathCommand)
     .command(ztunnelCommand as unknown as CommandModule)
     .demandCommand(1, 'name a command (see --help)')

@@ -65,6 +65,8 @@ export class Reconciler {
   private readonly entries = new Map<string, Entry>();
   private namespaces = new Map<string, Namespace>();
   private stopped = false;
+  /** Failed reconcile passes since start (a metric). */
+  reconcileErrors = 0;
 
   constructor(private readonly opts: ReconcilerOptions) {}
 
@@ -197,6 +199,7 @@ export class Reconciler {
       e.backoffMs = this.opts.initialBackoffMs ?? 200;
     } catch (err) {
       const message = (err as Error).message;
+      this.reconcileErrors++;
       if (e.error !== message) this.opts.log.warn({ ...log, error: message, retryMs: e.backoffMs }, 'cannot reconcile pod; will retry');
       e.error = message;
       e.since = new Date();

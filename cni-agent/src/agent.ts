@@ -1,0 +1,109 @@
+// The node agent: wires the pod source, the reconciler, the datapath and the ZDS server together,
+// and exposes health and metrics. Stopping it leaves every pod redirected (as upstream's agent
+// does during an upgrade): the next agent adopts the attachments.
+import type http from 'node:http';
+import { Datapath, type AttachMode } from '../../bpf/src/index.js';
+import type { Logger } from '../../ztunnel-bridge/src/logger.js';
+import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
+import { NetnsLocator } from './enrollment/netns-locator.js';
+import { Reconciler, type PodStatus } from './enrollment/reconciler.js';
+import { LocalPodSource } from './pods/local-source.js';
+import { serveOps } from './ops/http.js';
+
+export interface AgentOptions {
+  nodeName: string;
+  localPods: string;
+  ztunnelSocket: string;
+  bpffs: string;
+  hostRoot: string;
+  attachMode: AttachMode;
+  healthAddr?: string | undefined;
+  metricsAddr?: string | undefined;
+  log: Logger;
+}
+
+const GC_INTERVAL_MS = 60_000;
+
+export class Agent {
+  private datapath: Datapath | undefined;
+  private zds: ZdsServer | undefined;
+  private source: LocalPodSource | undefined;
+  private reconciler: Reconciler | undefined;
+  private readonly servers: http.Server[] = [];
+  private gcTimer: NodeJS.Timeout | undefined;
+  private synced = false;
+
+  constructor(private readonly opts: AgentOptions) {}
+
+  async start(): Promise<void> {
+    const { log } = this.opts;
+    this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
+    await this.collectGarbage();
+    this.zds = new ZdsServer({ socketPath: this.opts.ztunnelSocket, log, onStatus: (uid, r) => this.reconciler?.ztunnelStatus(uid, r) });
+    this.zds.start();
+    this.reconciler = new Reconciler({ datapath: this.datapath, zds: this.zds, netns: new NetnsLocator(this.opts.hostRoot), log, attachMode: this.opts.attachMode });
+    this.source = new LocalPodSource({
+      file: this.opts.localPods,
+      nodeName: this.opts.nodeName,
+      onChange: (changes, state) => {
+        log.info({ changes: changes.length }, 'local pods file changed');
+        this.reconciler?.applyChanges(changes, state);
+      },
+      onError: (err) => log.error({ file: this.opts.localPods, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
+    });
+    const state = await this.source.start();
+    await this.reconciler.start(state);
+    this.synced = true;
+    this.gcTimer = setInterval(() => void this.collectGarbage(), GC_INTERVAL_MS);
+    if (this.opts.healthAddr) this.servers.push(await serveOps(this.opts.healthAddr, { health: { notReady: () => this.notReady() } }));
+    if (this.opts.metricsAddr) this.servers.push(await serveOps(this.opts.metricsAddr, { metrics: { metrics: () => this.metrics() } }));
+    log.info({ node: this.opts.nodeName, pods: state.pods.size, bpffs: this.opts.bpffs }, 'agent ready');
+  }
+
+  status(): PodStatus[] {
+    return this.reconciler?.status() ?? [];
+  }
+
+  /** Stops the agent; pods stay redirected. */
+  stop(): void {
+    clearInterval(this.gcTimer);
+    this.source?.stop();
+    this.reconciler?.stop();
+    this.zds?.close();
+    this.datapath?.close();
+    for (const s of this.servers) s.close();
+  }
+
+  notReady(): string[] {
+    const reasons: string[] = [];
+    if (!this.synced) reasons.push('pod source not synced');
+    if (!this.zds) reasons.push('ZDS server not started');
+    return reasons;
+  }
+
+  metrics(): string {
+    const byState = new Map<string, number>([['enabled', 0], ['pending', 0], ['failed', 0]]);
+    for (const s of this.status()) if (byState.has(s.state)) byState.set(s.state, byState.get(s.state)! + 1);
+    const lines = [
+      '# HELP ambient_bpf_pods Pods by enrollment state.',
+      '# TYPE ambient_bpf_pods gauge',
+      ...[...byState].map(([state, n]) => `ambient_bpf_pods{state="${state}"} ${n}`),
+      '# HELP ambient_bpf_ztunnel_connections ztunnel connections past their hello.',
+      '# TYPE ambient_bpf_ztunnel_connections gauge',
+      `ambient_bpf_ztunnel_connections ${this.zds?.connectedCount ?? 0}`,
+      '# HELP ambient_bpf_reconcile_errors_total Failed reconcile passes.',
+      '# TYPE ambient_bpf_reconcile_errors_total counter',
+      `ambient_bpf_reconcile_errors_total ${this.reconciler?.reconcileErrors ?? 0}`,
+    ];
+    return lines.join('\n') + '\n';
+  }
+
+  private async collectGarbage(): Promise<void> {
+    try {
+      const collected = (await this.datapath?.collectGarbage()) ?? [];
+      if (collected.length) this.opts.log.info({ uids: collected }, 'collected pins of pods whose netns is gone');
+    } catch (err) {
+      this.opts.log.warn({ error: (err as Error).message }, 'garbage collection failed');
+    }
+  }
+}

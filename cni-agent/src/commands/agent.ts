@@ -1,0 +1,70 @@
+// `ambient-bpf agent`: the node agent.
+import { hostname } from 'node:os';
+import type { CommandModule } from 'yargs';
+import { pino } from 'pino';
+import { DEFAULT_BPFFS_ROOT, type AttachMode } from '../../../bpf/src/index.js';
+import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
+import { Agent } from '../agent.js';
+import { CliError } from './cli-error.js';
+
+interface AgentArgs {
+  'node-name': string;
+  'local-pods': string | undefined;
+  kubeconfig: string | undefined;
+  'ztunnel-socket': string;
+  bpffs: string;
+  'host-root': string;
+  'attach-mode': AttachMode;
+  'health-addr': string | undefined;
+  'metrics-addr': string | undefined;
+  'log-level': string;
+}
+
+const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
+const DEFAULT_ATTACH_MODE: AttachMode = 'auto';
+
+export const agentCommand: CommandModule<object, AgentArgs> = {
+  command: 'agent',
+  describe: 'run the node agent: enrol ambient pods of this node (datapath + ztunnel hand-off)',
+  builder: (y) =>
+    y
+      .option('node-name', { type: 'string', default: process.env.NODE_NAME ?? hostname(), describe: 'this node (pods of other nodes are ignored) [default: $NODE_NAME or the hostname]' })
+      .option('local-pods', { type: 'string', describe: 'pod source: a YAML file of v1 Namespace and Pod objects, watched for changes' })
+      .option('kubeconfig', { type: 'string', describe: 'pod source: the Kubernetes API (not built yet)' })
+      .option('ztunnel-socket', { type: 'string', default: DEFAULT_ZTUNNEL_SOCKET, describe: 'the ZDS socket ztunnel connects to' })
+      .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
+      .option('host-root', { type: 'string', default: '/', describe: "the host's / (for /proc and /var/run/netns when running in a container)" })
+      .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto' })
+      .option('health-addr', { type: 'string', describe: 'HOST:PORT for /healthz and /readyz' })
+      .option('metrics-addr', { type: 'string', describe: 'HOST:PORT for Prometheus /metrics' })
+      .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
+      .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected; a restarted agent adopts them.'),
+  handler: async (args) => {
+    if (args.kubeconfig !== undefined) throw new CliError('the Kubernetes pod source is not built yet; use --local-pods FILE', 2);
+    if (args['local-pods'] === undefined) throw new CliError('name a pod source: --local-pods FILE', 2);
+    const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination(2));
+    const agent = new Agent({
+      nodeName: args['node-name'],
+      localPods: args['local-pods'],
+      ztunnelSocket: args['ztunnel-socket'],
+      bpffs: args.bpffs,
+      hostRoot: args['host-root'],
+      attachMode: args['attach-mode'],
+      healthAddr: args['health-addr'],
+      metricsAddr: args['metrics-addr'],
+      log,
+    });
+    const stopped = new Promise<void>((resolve) => {
+      for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => resolve());
+    });
+    try {
+      await agent.start();
+    } catch (err) {
+      agent.stop();
+      throw err;
+    }
+    await stopped;
+    log.info({}, 'stopping; pods stay redirected');
+    agent.stop();
+  },
+};

@@ -1,0 +1,90 @@
+// The agent and the ztunnel stand-in as real processes (the embedded-default shape): a local pods
+// file, pods as network namespaces, traffic through the stand-in, health and metrics, and a
+// restart that adopts the pod instead of attaching it again.
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, it } from 'node:test';
+import { Datapath } from '../bpf/src/index.js';
+import { CLI } from './helpers/cli.js';
+import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { assertNothingLeft } from './helpers/leftovers.js';
+import { podWithRemote, Topology } from './helpers/topology.js';
+import { RecordingServer, whoAnswers } from './helpers/traffic.js';
+import { sleep, until } from './helpers/wait.js';
+
+after(assertNothingLeft);
+
+function run(args: string[]): { child: ChildProcess; stdout: () => string; stderr: () => string; exited: Promise<number | null> } {
+  const child = spawn(CLI, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  return { child, stdout: () => out, stderr: () => err, exited: new Promise((r) => child.on('exit', r)) };
+}
+
+async function get(url: string): Promise<{ status: number; body: string }> {
+  const res = await fetch(url);
+  return { status: res.status, body: await res.text() };
+}
+
+describe('ambient-bpf agent', kernelTest(), () => {
+  it('enrols the pods of a local pods file, serves health and metrics, and is adopted across restarts', async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-agent-'));
+    const net = await podWithRemote(topo, 60);
+    const pods = join(dir, 'pods.yaml');
+    writeFileSync(pods, [
+      'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
+      `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, namespace: shop, uid: agent-cart-${topo.id} }\nstatus: { phase: Running, podIP: ${net.podV4} }`,
+    ].join('\n---\n'));
+    const port = 40000 + Math.floor(Math.random() * 9000);
+    const socket = join(dir, 'ztunnel.sock');
+    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--bpffs', root, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`];
+    const remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 4, address: net.remoteV4, port: 8080 });
+    const procs: ReturnType<typeof run>[] = [];
+    t.after(async () => {
+      for (const p of procs) p.child.kill('SIGKILL');
+      await remote.close();
+      const dp = await Datapath.open({ bpffsRoot: root });
+      for (const p of await dp.list()) await dp.detach(p.uid);
+      dp.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+      rmSync(dir, { recursive: true, force: true });
+    });
+
+    const agent = run(agentArgs);
+    procs.push(agent);
+    const ztunnel = run(['ztunnel', '--socket', socket, '--dns-upstream', net.remoteV4]);
+    procs.push(ztunnel);
+    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, `readyz (${agent.stderr()})`, 10_000);
+    await until(async () => /ambient_bpf_pods\{state="enabled"\} 1/.test((await get(`http://127.0.0.1:${port + 1}/metrics`)).body), 'pod enabled', 10_000);
+    assert.equal((await get(`http://127.0.0.1:${port}/healthz`)).status, 200);
+    assert.match((await get(`http://127.0.0.1:${port + 1}/metrics`)).body, /ambient_bpf_ztunnel_connections 1/);
+
+    // The pod's outbound traffic goes through the stand-in, which reaches the real destination.
+    assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 8080 }), 'remote');
+    ztunnel.child.kill('SIGUSR1');
+    await until(() => ztunnel.stdout().includes('\n'), 'stand-in stats');
+    const stats = JSON.parse(ztunnel.stdout().split('\n')[0]!) as { pods: { name: string; stats: { outbound: { connections: number } } }[] };
+    assert.deepEqual(stats.pods.map((p) => [p.name, p.stats.outbound.connections]), [['cart', 1]]);
+
+    // Stopping the agent leaves the pod redirected; a new agent adopts it.
+    const dp = await Datapath.open({ bpffsRoot: root });
+    t.after(() => dp.close());
+    const before = await dp.list();
+    agent.child.kill('SIGTERM');
+    assert.equal(await agent.exited, 0, agent.stderr());
+    assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 8080 }), 'remote');
+    const again = run(agentArgs);
+    procs.push(again);
+    await until(async () => /ambient_bpf_pods\{state="enabled"\} 1/.test((await get(`http://127.0.0.1:${port + 1}/metrics`).catch(() => ({ body: '' }))).body), 'adopted', 10_000);
+    assert.deepEqual((await dp.list()).map((p) => [p.uid, p.attachedAt.getTime()]), before.map((p) => [p.uid, p.attachedAt.getTime()]));
+    assert.match(again.stderr(), /"msg":"agent ready"/);
+  });
+});
