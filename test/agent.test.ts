@@ -13,7 +13,7 @@ import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
 import { RecordingServer, whoAnswers } from './helpers/traffic.js';
-import { sleep, until } from './helpers/wait.js';
+import { until } from './helpers/wait.js';
 
 after(assertNothingLeft);
 
@@ -44,7 +44,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     ].join('\n---\n'));
     const port = 40000 + Math.floor(Math.random() * 9000);
     const socket = join(dir, 'ztunnel.sock');
-    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--bpffs', root, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`];
+    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--bpffs', root, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`];
     const remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 4, address: net.remoteV4, port: 8080 });
     const procs: ReturnType<typeof run>[] = [];
     t.after(async () => {

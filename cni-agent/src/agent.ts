@@ -1,19 +1,24 @@
 // The node agent: wires the pod source, the reconciler, the datapath and the ZDS server together,
 // and exposes health and metrics. Stopping it leaves every pod redirected (as upstream's agent
 // does during an upgrade): the next agent adopts the attachments.
-import type http from 'node:http';
 import { Datapath, type AttachMode } from '../../bpf/src/index.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
 import { NetnsLocator } from './enrollment/netns-locator.js';
 import { Reconciler, type PodStatus } from './enrollment/reconciler.js';
-import { LocalPodSource } from './pods/local-source.js';
+import { LocalPodSource, type ClusterState } from './pods/local-source.js';
+import { DEFAULT_POLICY } from './pods/selection.js';
+import { CniHandler } from './cni/handler.js';
+import { policyFilePath, writeCniPolicy } from './cni/policy-file.js';
+import { serveRelay } from './cni/relay.js';
 import { serveOps } from './ops/http.js';
 
 export interface AgentOptions {
   nodeName: string;
   localPods: string;
   ztunnelSocket: string;
+  /** Where the CNI plugin reaches the agent (the conflist entry's agent_socket). */
+  pluginSocket: string;
   bpffs: string;
   hostRoot: string;
   attachMode: AttachMode;
@@ -29,7 +34,7 @@ export class Agent {
   private zds: ZdsServer | undefined;
   private source: LocalPodSource | undefined;
   private reconciler: Reconciler | undefined;
-  private readonly servers: http.Server[] = [];
+  private readonly servers: { close(): void }[] = [];
   private gcTimer: NodeJS.Timeout | undefined;
   private synced = false;
 
@@ -47,12 +52,17 @@ export class Agent {
       nodeName: this.opts.nodeName,
       onChange: (changes, state) => {
         log.info({ changes: changes.length }, 'local pods file changed');
+        this.writePolicy(state);
         this.reconciler?.applyChanges(changes, state);
       },
       onError: (err) => log.error({ file: this.opts.localPods, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
     });
     const state = await this.source.start();
+    this.writePolicy(state);
     await this.reconciler.start(state);
+    const source = this.source;
+    const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log });
+    this.servers.push(await serveRelay(this.opts.pluginSocket, (req) => cni.handle(req)));
     this.synced = true;
     this.gcTimer = setInterval(() => void this.collectGarbage(), GC_INTERVAL_MS);
     if (this.opts.healthAddr) this.servers.push(await serveOps(this.opts.healthAddr, { health: { notReady: () => this.notReady() } }));
@@ -96,6 +106,15 @@ export class Agent {
       `ambient_bpf_reconcile_errors_total ${this.reconciler?.reconcileErrors ?? 0}`,
     ];
     return lines.join('\n') + '\n';
+  }
+
+  /** What the CNI plugin decides from while the agent is unreachable. */
+  private writePolicy(state: ClusterState): void {
+    try {
+      writeCniPolicy(policyFilePath(this.opts.pluginSocket), state, DEFAULT_POLICY);
+    } catch (err) {
+      this.opts.log.error({ error: (err as Error).message }, 'cannot write the CNI policy file');
+    }
   }
 
   private async collectGarbage(): Promise<void> {

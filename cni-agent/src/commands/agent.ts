@@ -12,6 +12,7 @@ interface AgentArgs {
   'local-pods': string | undefined;
   kubeconfig: string | undefined;
   'ztunnel-socket': string;
+  'plugin-socket': string;
   bpffs: string;
   'host-root': string;
   'attach-mode': AttachMode;
@@ -20,6 +21,7 @@ interface AgentArgs {
   'log-level': string;
 }
 
+export const DEFAULT_PLUGIN_SOCKET = '/var/run/ambient-bpf/cni.sock';
 const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
 const DEFAULT_ATTACH_MODE: AttachMode = 'auto';
 
@@ -32,6 +34,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('local-pods', { type: 'string', describe: 'pod source: a YAML file of v1 Namespace and Pod objects, watched for changes' })
       .option('kubeconfig', { type: 'string', describe: 'pod source: the Kubernetes API (not built yet)' })
       .option('ztunnel-socket', { type: 'string', default: DEFAULT_ZTUNNEL_SOCKET, describe: 'the ZDS socket ztunnel connects to' })
+      .option('plugin-socket', { type: 'string', default: DEFAULT_PLUGIN_SOCKET, describe: 'where the CNI plugin reaches the agent (agent_socket in the conflist); the fail-open policy file goes next to it' })
       .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
       .option('host-root', { type: 'string', default: '/', describe: "the host's / (for /proc and /var/run/netns when running in a container)" })
       .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto' })
@@ -47,6 +50,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       nodeName: args['node-name'],
       localPods: args['local-pods'],
       ztunnelSocket: args['ztunnel-socket'],
+      pluginSocket: args['plugin-socket'],
       bpffs: args.bpffs,
       hostRoot: args['host-root'],
       attachMode: args['attach-mode'],

@@ -47,6 +47,10 @@ interface Entry {
   again: boolean;
   retry: NodeJS.Timeout | undefined;
   backoffMs: number;
+  /** IPs from the CNI ADD, before the pod source reports them. */
+  cniIps: string[] | undefined;
+  /** CNI DEL tore the sandbox down: wait for a new one (CNI ADD, or new IPs from the source). */
+  sandboxGone: boolean;
 }
 
 export interface ReconcilerOptions {
@@ -94,7 +98,9 @@ export class Reconciler {
     const touched = new Set<string>();
     for (const c of changes) {
       if (c.kind === 'pod') {
-        this.entry(c.pod.metadata.uid).pod = c.type === 'deleted' ? undefined : c.pod;
+        const e = this.entry(c.pod.metadata.uid);
+        if (e.sandboxGone && e.pod && podIPs(c.pod).join() !== podIPs(e.pod).join()) e.sandboxGone = false;
+        e.pod = c.type === 'deleted' ? undefined : c.pod;
         touched.add(c.pod.metadata.uid);
       } else {
         // A namespace label changes the fate of every pod in it.
@@ -102,6 +108,42 @@ export class Reconciler {
       }
     }
     for (const uid of touched) void this.reconcile(uid);
+  }
+
+  /** CNI ADD: the runtime made the pod's sandbox. Resolves once the pod is redirected and ztunnel
+   * acked it, or with the reason it is not (the runtime then fails the ADD and retries). */
+  async cniAdd(pod: Pod, netnsPath: string, ips: string[]): Promise<{ ok: true } | { ok: false; reason: string }> {
+    const e = this.entry(pod.metadata.uid);
+    e.pod ??= pod;
+    e.netnsPath = netnsPath;
+    e.cniIps = ips;
+    e.sandboxGone = false;
+    await this.reconcile(e.uid);
+    if (e.error) return { ok: false, reason: e.error };
+    if (!e.attached) return { ok: false, reason: 'the pod was not redirected' };
+    if (e.ztunnel?.status !== 'acked') return { ok: false, reason: e.ztunnel ? describe(e.ztunnel) : 'ztunnel not asked' };
+    return { ok: true };
+  }
+
+  /** CNI DEL: the sandbox is going away; unenrol until a new one appears. */
+  async cniDel(uid: string): Promise<void> {
+    const e = this.entries.get(uid);
+    if (!e) return;
+    e.sandboxGone = true;
+    e.cniIps = undefined;
+    await this.reconcile(uid);
+  }
+
+  /** The uid of a pod known by namespace and name (runtimes that pass no K8S_POD_UID). */
+  uidOf(namespace: string, name: string): string | undefined {
+    for (const e of this.entries.values()) if (e.pod?.metadata.namespace === namespace && e.pod.metadata.name === name) return e.uid;
+    return undefined;
+  }
+
+  /** Is the pod redirected and acked by ztunnel? (CNI CHECK) */
+  isEnabled(uid: string): boolean {
+    const e = this.entries.get(uid);
+    return !!e && e.attached && e.ztunnel?.status === 'acked' && !e.error;
   }
 
   /** ztunnel's answer about a pod, also those to snapshots after ztunnel (re)connects. It only
@@ -176,15 +218,22 @@ export class Reconciler {
         again: false,
         retry: undefined,
         backoffMs: this.opts.initialBackoffMs ?? 200,
+        cniIps: undefined,
+        sandboxGone: false,
       };
       this.entries.set(uid, e);
     }
     return e;
   }
 
+  private ipsOf(e: Entry): string[] {
+    const fromSource = e.pod ? podIPs(e.pod) : [];
+    return fromSource.length ? fromSource : (e.cniIps ?? []);
+  }
+
   private desired(e: Entry): boolean {
     const pod = e.pod;
-    if (!pod || pod.status?.phase === 'Succeeded' || pod.status?.phase === 'Failed' || podIPs(pod).length === 0) return false;
+    if (!pod || e.sandboxGone || pod.status?.phase === 'Succeeded' || pod.status?.phase === 'Failed' || this.ipsOf(e).length === 0) return false;
     return selectPod(pod, this.namespaces.get(pod.metadata.namespace), this.policy).ambient;
   }
 
@@ -213,7 +262,7 @@ export class Reconciler {
 
   private async enroll(e: Entry): Promise<void> {
     const pod = e.pod!;
-    const ips = podIPs(pod);
+    const ips = this.ipsOf(e);
     const netnsPath = (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;

@@ -1,0 +1,321 @@
+/* ambient-bpf-cni: the chained CNI plugin, a small static relay. Runtimes exec it on the host,
+ * where no Node.js can be assumed; all CNI logic lives in the agent. It answers VERSION itself and
+ * relays every other command (environment and stdin) to the agent's Unix socket, named by the
+ * conflist entry's "agent_socket", then prints the agent's answer and exits with its code.
+ *
+ * When the agent cannot be reached it decides alone, from the policy file the agent keeps next to
+ * its socket ("cni-policy"): an ambient pod's ADD or CHECK fails (fail closed: the runtime retries),
+ * anything else passes prevResult through, so non-ambient pods never wait for the agent.
+ *
+ * Relay protocol, agent side in cni-agent/src/cni/relay.ts:
+ *   request:  "AMBIENT-BPF-CNI 1\n", then "KEY=VALUE\n" for each CNI_* variable, "\n", then stdin
+ *             until end of stream (the plugin shuts its write side down)
+ *   response: "<exit code>\n", then what to print on stdout */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define MAX_STDIN (1 << 20)
+#define DEFAULT_AGENT_SOCKET "/var/run/ambient-bpf/cni.sock"
+#define SUPPORTED "[\"0.3.0\",\"0.3.1\",\"0.4.0\",\"1.0.0\",\"1.1.0\"]"
+#define REPLY_TIMEOUT_S 60
+
+/* CNI error codes (spec 1.1). */
+#define CNI_ERR_IO 5
+#define CNI_ERR_DECODE 6
+#define CNI_ERR_TRY_LATER 11
+
+static const char *const relayed_env[] = { "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH" };
+
+struct buf {
+	char *data;
+	size_t len;
+};
+
+static char cni_version[32] = "1.1.0";
+
+static int cni_error(int code, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	for (char *p = msg; *p; p++) /* keep the JSON valid without an escaper */
+		if (*p == '"' || *p == '\\' || (unsigned char)*p < 0x20)
+			*p = '\'';
+	printf("{\"cniVersion\":\"%s\",\"code\":%d,\"msg\":\"%s\"}\n", cni_version, code, msg);
+	return 1;
+}
+
+static bool read_all(int fd, struct buf *b, size_t max)
+{
+	size_t cap = 4096;
+
+	b->data = malloc(cap + 1);
+	b->len = 0;
+	for (;;) {
+		ssize_t n;
+
+		if (b->len == cap) {
+			if (cap >= max)
+				return false;
+			cap *= 2;
+			b->data = realloc(b->data, cap + 1);
+		}
+		n = read(fd, b->data + b->len, cap - b->len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return false;
+		if (n == 0)
+			break;
+		b->len += (size_t)n;
+	}
+	b->data[b->len] = '\0';
+	return true;
+}
+
+/* ---- just enough JSON: the raw text of a top-level member ---- */
+
+static const char *skip_ws(const char *p)
+{
+	while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+		p++;
+	return p;
+}
+
+static const char *skip_string(const char *p)
+{
+	for (p++; *p && *p != '"'; p++)
+		if (*p == '\\' && p[1])
+			p++;
+	return *p ? p + 1 : NULL;
+}
+
+static const char *skip_value(const char *p)
+{
+	int depth = 0;
+
+	p = skip_ws(p);
+	do {
+		if (!*p)
+			return NULL;
+		if (*p == '"') {
+			if (!(p = skip_string(p)))
+				return NULL;
+			continue;
+		}
+		if (*p == '{' || *p == '[')
+			depth++;
+		else if (*p == '}' || *p == ']')
+			depth--;
+		else if (depth == 0 && (*p == ',' || *p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+			break;
+		p++;
+	} while (depth > 0 || (*p && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\n' && *p != '\r' &&
+			       *p != '\t'));
+	return p;
+}
+
+/* Finds top-level member `key`; sets [*start, *end) to its value's text. */
+static bool json_member(const char *json, const char *key, const char **start, const char **end)
+{
+	const char *p = skip_ws(json);
+	size_t klen = strlen(key);
+
+	if (*p++ != '{')
+		return false;
+	for (;;) {
+		const char *k, *kend, *v;
+
+		p = skip_ws(p);
+		if (*p != '"')
+			return false;
+		k = p + 1;
+		if (!(p = skip_string(p)))
+			return false;
+		kend = p - 1;
+		p = skip_ws(p);
+		if (*p++ != ':')
+			return false;
+		v = skip_ws(p);
+		if (!(p = skip_value(v)))
+			return false;
+		if ((size_t)(kend - k) == klen && strncmp(k, key, klen) == 0) {
+			*start = v;
+			*end = p;
+			return true;
+		}
+		p = skip_ws(p);
+		if (*p == ',') {
+			p++;
+			continue;
+		}
+		return false;
+	}
+}
+
+/* A top-level string member without escapes (paths, versions), or NULL. */
+static char *json_string(const char *json, const char *key)
+{
+	const char *s, *e;
+	char *out;
+
+	if (!json_member(json, key, &s, &e) || *s != '"' || e - s < 2)
+		return NULL;
+	out = strndup(s + 1, (size_t)(e - s - 2));
+	return strchr(out, '\\') ? (free(out), NULL) : out;
+}
+
+/* ---- the agent's policy, for when it is down ---- */
+
+static void cni_arg(const char *args, const char *key, char *out, size_t len)
+{
+	size_t klen = strlen(key);
+
+	out[0] = '\0';
+	for (const char *p = args; p && *p;) {
+		const char *end = strchr(p, ';');
+		size_t n = end ? (size_t)(end - p) : strlen(p);
+
+		if (n > klen && strncmp(p, key, klen) == 0 && p[klen] == '=') {
+			snprintf(out, len, "%.*s", (int)(n - klen - 1), p + klen + 1);
+			return;
+		}
+		p = end ? end + 1 : NULL;
+	}
+}
+
+/* Is the pod ambient according to the policy file? Unknown means no (it starts, and the agent
+ * enrols it while running once back, as upstream does when it cannot decide). */
+static bool policy_says_ambient(const char *socket_path)
+{
+	char path[PATH_MAX], ns[256], name[256], line[1024];
+	const char *args = getenv("CNI_ARGS");
+	const char *slash = strrchr(socket_path, '/');
+	int ns_rule = 0, pod_rule = 0; /* 1 ambient, -1 not */
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%.*s/cni-policy", slash ? (int)(slash - socket_path) : 1, slash ? socket_path : ".");
+	cni_arg(args, "K8S_POD_NAMESPACE", ns, sizeof(ns));
+	cni_arg(args, "K8S_POD_NAME", name, sizeof(name));
+	if (!ns[0])
+		snprintf(ns, sizeof(ns), "default");
+	f = fopen(path, "re");
+	if (!f)
+		return false;
+	while (fgets(line, sizeof(line), f)) {
+		char kind[16], a[256], b[256], c[32];
+		int n = sscanf(line, "%15s %255s %255s %31s", kind, a, b, c);
+
+		if (n == 3 && strcmp(kind, "namespace") == 0 && strcmp(a, ns) == 0)
+			ns_rule = strcmp(b, "ambient") == 0 ? 1 : strcmp(b, "excluded") == 0 ? -2 : -1;
+		else if (n == 4 && strcmp(kind, "pod") == 0 && strcmp(a, ns) == 0 && strcmp(b, name) == 0)
+			pod_rule = strcmp(c, "ambient") == 0 ? 1 : -1;
+	}
+	fclose(f);
+	if (ns_rule == -2)
+		return false;
+	return pod_rule ? pod_rule > 0 : ns_rule > 0;
+}
+
+static int agent_down(const char *command, const char *socket_path, const char *config, int err)
+{
+	const char *s, *e;
+	bool ambient;
+
+	if (!strcmp(command, "DEL") || !strcmp(command, "GC") || !strcmp(command, "STATUS"))
+		return 0; /* never block teardown or the node's network readiness */
+	ambient = policy_says_ambient(socket_path);
+	if (ambient)
+		return cni_error(CNI_ERR_TRY_LATER, "ambient pod, and the ambient-bpf agent is not reachable at %s (%s); retry later",
+				 socket_path, strerror(err));
+	if (!strcmp(command, "ADD")) {
+		if (json_member(config, "prevResult", &s, &e))
+			printf("%.*s\n", (int)(e - s), s);
+		else
+			printf("{\"cniVersion\":\"%s\"}\n", cni_version);
+	}
+	return 0;
+}
+
+static bool write_all(int fd, const char *p, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(fd, p, len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return false;
+		p += n;
+		len -= (size_t)n;
+	}
+	return true;
+}
+
+int main(void)
+{
+	const char *command = getenv("CNI_COMMAND");
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct timeval tv = { .tv_sec = REPLY_TIMEOUT_S };
+	struct buf in, reply;
+	char *socket_path, *version, header[8192];
+	size_t hlen;
+	int fd, code;
+	char *nl;
+
+	if (!command || !*command)
+		return cni_error(4, "CNI_COMMAND is not set");
+	if (!read_all(0, &in, MAX_STDIN))
+		return cni_error(CNI_ERR_IO, "cannot read the network configuration from stdin");
+	if ((version = json_string(in.data, "cniVersion")) && strlen(version) < sizeof(cni_version))
+		snprintf(cni_version, sizeof(cni_version), "%s", version);
+	if (!strcmp(command, "VERSION")) {
+		printf("{\"cniVersion\":\"%s\",\"supportedVersions\":" SUPPORTED "}\n", cni_version);
+		return 0;
+	}
+	if (skip_ws(in.data)[0] != '{')
+		return cni_error(CNI_ERR_DECODE, "the network configuration on stdin is not a JSON object");
+	socket_path = json_string(in.data, "agent_socket");
+	if (!socket_path)
+		socket_path = strdup(DEFAULT_AGENT_SOCKET);
+	if (strlen(socket_path) >= sizeof(sa.sun_path))
+		return cni_error(7, "agent_socket is too long: %s", socket_path);
+	strcpy(sa.sun_path, socket_path);
+
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+		return agent_down(command, socket_path, in.data, errno);
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	hlen = (size_t)snprintf(header, sizeof(header), "AMBIENT-BPF-CNI 1\n");
+	for (size_t i = 0; i < sizeof(relayed_env) / sizeof(relayed_env[0]); i++) {
+		const char *v = getenv(relayed_env[i]);
+
+		if (v && !strchr(v, '\n') && hlen < sizeof(header))
+			hlen += (size_t)snprintf(header + hlen, sizeof(header) - hlen, "%s=%s\n", relayed_env[i], v);
+	}
+	if (hlen + 1 >= sizeof(header))
+		return cni_error(4, "the CNI environment is too large");
+	header[hlen++] = '\n';
+	if (!write_all(fd, header, hlen) || !write_all(fd, in.data, in.len) || shutdown(fd, SHUT_WR) < 0 ||
+	    !read_all(fd, &reply, MAX_STDIN))
+		return agent_down(command, socket_path, in.data, errno ? errno : EPIPE);
+	nl = memchr(reply.data, '\n', reply.len);
+	if (!nl)
+		return agent_down(command, socket_path, in.data, EPROTO);
+	code = atoi(reply.data);
+	fwrite(nl + 1, 1, reply.len - (size_t)(nl + 1 - reply.data), stdout);
+	return code;
+}

@@ -1,0 +1,149 @@
+// CNI commands as the chained plugin relays them (spec 1.1; versions 0.3.0 to 1.1.0). ADD of an
+// ambient pod answers only once the pod is redirected and ztunnel acked it (fail closed: an error
+// makes the runtime retry); every other pod gets prevResult back unchanged.
+import { selectPod, type SelectionPolicy } from '../pods/selection.js';
+import type { ClusterState, Pod } from '../pods/local-source.js';
+import type { Reconciler } from '../enrollment/reconciler.js';
+import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
+
+export const SUPPORTED_CNI_VERSIONS = ['0.3.0', '0.3.1', '0.4.0', '1.0.0', '1.1.0'];
+const COMMANDS = ['ADD', 'DEL', 'CHECK', 'VERSION', 'STATUS', 'GC'];
+
+/** CNI error codes used here (spec 1.1, "Error"). */
+export const CniCode = {
+  IncompatibleVersion: 1,
+  InvalidEnvironment: 4,
+  DecodingFailure: 6,
+  InvalidConfig: 7,
+  TryAgainLater: 11,
+} as const;
+
+export interface CniRequest {
+  env: Record<string, string>;
+  stdin: string;
+}
+
+export interface CniResponse {
+  exitCode: number;
+  stdout: string;
+}
+
+class CniFailure extends Error {
+  constructor(
+    readonly code: number,
+    message: string,
+    readonly details?: string,
+  ) {
+    super(message);
+  }
+}
+
+export interface CniHandlerDeps {
+  reconciler: Reconciler;
+  state: () => ClusterState;
+  policy: SelectionPolicy;
+  log: Logger;
+}
+
+/** K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;... */
+export function parseCniArgs(args: string | undefined): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const part of (args ?? '').split(';')) {
+    const eq = part.indexOf('=');
+    if (eq > 0) out[part.slice(0, eq)] = part.slice(eq + 1);
+  }
+  return out;
+}
+
+export class CniHandler {
+  constructor(private readonly deps: CniHandlerDeps) {}
+
+  async handle(req: CniRequest): Promise<CniResponse> {
+    let version = '1.1.0';
+    try {
+      const command = req.env.CNI_COMMAND;
+      if (!command) throw new CniFailure(CniCode.InvalidEnvironment, 'CNI_COMMAND is not set');
+      if (!COMMANDS.includes(command)) throw new CniFailure(CniCode.InvalidEnvironment, `unknown CNI_COMMAND ${command}`);
+      const config = this.parseConfig(req.stdin);
+      version = config.cniVersion;
+      if (command === 'VERSION') return ok({ cniVersion: version, supportedVersions: SUPPORTED_CNI_VERSIONS });
+      // STATUS: the node's network must not look unready because of us (that would block every pod).
+      // GC: attachments are per pod and are collected when their netns goes.
+      if (command === 'STATUS' || command === 'GC') return ok(undefined);
+      for (const v of ['CNI_CONTAINERID', 'CNI_IFNAME', ...(command === 'DEL' ? [] : ['CNI_NETNS'])]) {
+        if (!req.env[v]) throw new CniFailure(CniCode.InvalidEnvironment, `${v} is not set`);
+      }
+      const args = parseCniArgs(req.env.CNI_ARGS);
+      const namespace = args.K8S_POD_NAMESPACE || 'default';
+      const name = args.K8S_POD_NAME ?? '';
+      if (command === 'ADD') return await this.add(config, req.env, namespace, name, args.K8S_POD_UID);
+      const uid = args.K8S_POD_UID || this.deps.reconciler.uidOf(namespace, name);
+      if (command === 'DEL') {
+        if (uid) await this.deps.reconciler.cniDel(uid);
+        return ok(undefined);
+      }
+      // CHECK: an ambient pod must be redirected and acked.
+      const pod = this.findPod(namespace, name, uid);
+      if (pod && this.isAmbient(pod) && !(uid && this.deps.reconciler.isEnabled(uid))) {
+        throw new CniFailure(CniCode.TryAgainLater, `ambient pod ${namespace}/${name} is not redirected and acked by ztunnel`);
+      }
+      return ok(undefined);
+    } catch (err) {
+      const f = err instanceof CniFailure ? err : new CniFailure(999, `internal error: ${(err as Error).message}`);
+      return { exitCode: 1, stdout: JSON.stringify({ cniVersion: version, code: f.code, msg: f.message, ...(f.details ? { details: f.details } : {}) }) + '\n' };
+    }
+  }
+
+  private parseConfig(stdin: string): { cniVersion: string; name?: unknown; prevResult?: unknown } {
+    let config: unknown;
+    try {
+      config = JSON.parse(stdin);
+    } catch (err) {
+      throw new CniFailure(CniCode.DecodingFailure, `cannot decode the network configuration: ${(err as Error).message}`);
+    }
+    if (typeof config !== 'object' || config === null || Array.isArray(config)) {
+      throw new CniFailure(CniCode.DecodingFailure, 'the network configuration is not a JSON object');
+    }
+    const { cniVersion } = config as { cniVersion?: unknown };
+    if (typeof cniVersion !== 'string') throw new CniFailure(CniCode.InvalidConfig, 'the network configuration has no cniVersion');
+    if (!SUPPORTED_CNI_VERSIONS.includes(cniVersion)) {
+      throw new CniFailure(CniCode.IncompatibleVersion, `CNI version ${cniVersion} is not supported (supported: ${SUPPORTED_CNI_VERSIONS.join(', ')})`);
+    }
+    return config as { cniVersion: string };
+  }
+
+  private findPod(namespace: string, name: string, uid: string | undefined): Pod | undefined {
+    const pods = this.deps.state().pods;
+    if (uid && pods.has(uid)) return pods.get(uid);
+    return [...pods.values()].find((p) => p.metadata.namespace === namespace && p.metadata.name === name);
+  }
+
+  private isAmbient(pod: Pod): boolean {
+    return selectPod(pod, this.deps.state().namespaces.get(pod.metadata.namespace), this.deps.policy).ambient;
+  }
+
+  private async add(config: { prevResult?: unknown }, env: Record<string, string>, namespace: string, name: string, uid: string | undefined): Promise<CniResponse> {
+    const prev = config.prevResult as { ips?: { address?: unknown }[] } | undefined;
+    if (typeof prev !== 'object' || prev === null) {
+      throw new CniFailure(CniCode.InvalidConfig, 'no prevResult: ambient-bpf-cni must be chained after the plugin that sets up the pod interface');
+    }
+    const passThrough = ok(prev);
+    // A pod the source does not know yet is judged by its namespace (its own labels are unknown).
+    const known = name ? this.findPod(namespace, name, uid) : undefined;
+    const pod: Pod = known ?? { metadata: { name, namespace, uid: uid || `cni-${env.CNI_CONTAINERID}`, labels: {} } };
+    if (!name || !this.isAmbient(pod)) return passThrough;
+    const ips = (prev.ips ?? []).map((i) => (typeof i.address === 'string' ? i.address.split('/')[0]! : '')).filter(Boolean);
+    if (ips.length === 0) throw new CniFailure(CniCode.InvalidConfig, 'prevResult has no IP addresses for the pod');
+    const r = await this.deps.reconciler.cniAdd(pod, env.CNI_NETNS!, ips);
+    if (!r.ok) {
+      this.deps.log.warn({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, reason: r.reason }, 'CNI ADD failed for an ambient pod; the runtime will retry');
+      throw new CniFailure(CniCode.TryAgainLater, `ambient pod ${namespace}/${name} is not ready: ${r.reason}`);
+    }
+    this.deps.log.info({ uid: pod.metadata.uid, pod: `${namespace}/${name}` }, 'CNI ADD: pod redirected and acked by ztunnel');
+    return passThrough;
+  }
+}
+
+function ok(result: unknown): CniResponse {
+  return { exitCode: 0, stdout: result === undefined ? '' : JSON.stringify(result) + '\n' };
+}

@@ -1,0 +1,161 @@
+// CNI chaining executed as runtimes do it: Debian's bridge + host-local create the pod's interface
+// in real namespaces, then ambient-bpf-cni (the static binary) relays to the agent. Ambient pods
+// are redirected and acked before ADD returns, or ADD fails (fail closed); other pods pass
+// through, also while the agent is down; bad input gets CNI errors.
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, it } from 'node:test';
+import { Datapath } from '../bpf/src/index.js';
+import { Agent } from '../cni-agent/src/agent.js';
+import { silentLogger } from '../ztunnel-bridge/src/logger.js';
+import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
+import { chainAdd, chainDel, execPlugin, type Conflist } from './helpers/cni-runtime.js';
+import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { assertNothingLeft } from './helpers/leftovers.js';
+import { Topology } from './helpers/topology.js';
+import { RecordingServer, whoAnswers } from './helpers/traffic.js';
+import { until } from './helpers/wait.js';
+
+after(assertNothingLeft);
+
+const POD_FILE = `
+apiVersion: v1
+kind: Namespace
+metadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: plain }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: cart, namespace: shop, uid: uid-cart }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: podman-pod, namespace: default, uid: uid-podman, labels: { istio.io/dataplane-mode: ambient } }
+`;
+
+describe('CNI chaining', kernelTest(), () => {
+  it('chains after bridge + host-local: fail closed for ambient pods, pass-through for the others, agent up and down', { timeout: 120_000 }, async (t) => {
+    const topo = new Topology();
+    const dir = mkdtempSync(join(tmpdir(), 'abt-cni-'));
+    const root = testBpffsRoot(topo.id);
+    const pluginSocket = join(dir, 'run', 'cni.sock');
+    const ztunnelSocket = join(dir, 'ztunnel.sock');
+    writeFileSync(join(dir, 'pods.yaml'), POD_FILE);
+    const node = await topo.netns('node');
+    const list = (cniVersion: string): Conflist => ({
+      cniVersion,
+      name: `abt-${topo.id}`,
+      plugins: [
+        { type: 'bridge', bridge: 'cni0', isGateway: true, ipMasq: false, ipam: { type: 'host-local', ranges: [[{ subnet: '198.18.70.0/24' }]], routes: [{ dst: '0.0.0.0/0' }], dataDir: join(dir, 'ipam') } },
+        { type: 'ambient-bpf-cni', agent_socket: pluginSocket },
+      ],
+    });
+    const podNs = async (name: string) => Topology.netnsPath(await topo.netns(name));
+    const agentOpts = { nodeName: 'node-a', localPods: join(dir, 'pods.yaml'), ztunnelSocket, pluginSocket, bpffs: root, hostRoot: '/', attachMode: 'auto' as const, log: silentLogger };
+    let agent = new Agent(agentOpts);
+    const standIn = new ZtunnelStandIn({ socketPath: ztunnelSocket });
+    const nodeServer = await RecordingServer.start('node-server', { netns: Topology.netnsPath(node), family: 4, address: '0.0.0.0', port: 8080 });
+    t.after(async () => {
+      standIn.stop();
+      agent.stop();
+      await nodeServer.close();
+      const dp = await Datapath.open({ bpffsRoot: root });
+      for (const p of await dp.list()) await dp.detach(p.uid);
+      dp.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+      rmSync(dir, { recursive: true, force: true });
+    });
+    await agent.start();
+    standIn.start();
+    const dp = await Datapath.open({ bpffsRoot: root });
+    t.after(() => dp.close());
+    const attached = async () => (await dp.list()).map((p) => p.uid).sort();
+
+    // VERSION: answered by the binary itself.
+    const version = await execPlugin(node, 'ambient-bpf-cni', { CNI_COMMAND: 'VERSION' }, '{"cniVersion":"1.0.0"}');
+    assert.deepEqual(JSON.parse(version.stdout), { cniVersion: '1.0.0', supportedVersions: ['0.3.0', '0.3.1', '0.4.0', '1.0.0', '1.1.0'] });
+
+    // An ambient pod: redirected and acked before ADD returns; prevResult passes through unchanged.
+    await until(() => standIn.connected, 'stand-in connected');
+    const cart = { containerId: 'c-cart', netns: await podNs('cart'), args: 'IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;K8S_POD_UID=uid-cart;K8S_POD_INFRA_CONTAINER_ID=c-cart' };
+    const added = await chainAdd(node, list('1.0.0'), cart);
+    assert.equal(added.last.code, 0, added.last.stdout + added.last.stderr);
+    assert.deepEqual(JSON.parse(added.last.stdout), added.results[0]);
+    assert.deepEqual(await attached(), ['uid-cart']);
+    assert.deepEqual(standIn.stats().map((p) => p.name), ['cart']);
+    assert.equal(await whoAnswers({ netns: cart.netns, host: '198.18.70.1', port: 8080 }), 'node-server');
+    assert.equal(standIn.stats()[0]!.stats.outbound.connections, 1, 'the connection did not go through ztunnel');
+    const check = await execPlugin(node, 'ambient-bpf-cni', { CNI_COMMAND: 'CHECK', CNI_CONTAINERID: 'c-cart', CNI_NETNS: cart.netns, CNI_IFNAME: 'eth0', CNI_ARGS: cart.args }, JSON.stringify({ ...list('1.0.0').plugins[1], cniVersion: '1.0.0', name: 'n', prevResult: added.results[0] }));
+    assert.equal(check.code, 0, check.stdout);
+
+    // Non-ambient pods pass through for every CNI version the reference plugins speak.
+    for (const v of ['0.3.1', '0.4.0', '1.0.0']) {
+      const inv = { containerId: `c-plain-${v}`, netns: await podNs(`plain${v.replace(/\./g, '')}`), args: `IgnoreUnknown=1;K8S_POD_NAMESPACE=plain;K8S_POD_NAME=api-${v}` };
+      const r = await chainAdd(node, list(v), inv);
+      assert.equal(r.last.code, 0, `${v}: ${r.last.stdout}`);
+      assert.deepEqual(JSON.parse(r.last.stdout), r.results[0]);
+    }
+    assert.deepEqual(await attached(), ['uid-cart']);
+
+    // podman passes only K8S_POD_NAME: the namespace is "default".
+    const podman = { containerId: 'c-podman', netns: await podNs('podman'), args: 'IgnoreUnknown=1;K8S_POD_NAME=podman-pod' };
+    assert.equal((await chainAdd(node, list('1.0.0'), podman)).last.code, 0);
+    assert.deepEqual(await attached(), ['uid-cart', 'uid-podman']);
+
+    // DEL unenrols.
+    assert.ok((await chainDel(node, list('1.0.0'), cart)).every((r) => r.code === 0));
+    await until(async () => (await attached()).join() === 'uid-podman', 'cart detached');
+    assert.deepEqual(standIn.stats().map((p) => p.name), ['podman-pod']);
+
+    // ztunnel down: an ambient pod's ADD fails (the runtime retries); a plain pod still starts.
+    standIn.stop();
+    await until(() => agent.metrics().includes('ambient_bpf_ztunnel_connections 0'), 'ztunnel gone');
+    const cart2 = { ...cart, containerId: 'c-cart2', netns: await podNs('cart2') };
+    const refused = await chainAdd(node, list('1.0.0'), cart2);
+    assertCniError(refused.last, 11, /ambient pod shop\/cart is not ready: ztunnel unreachable/);
+
+    // The agent down: ambient pods fail closed from the policy file; others pass; DEL succeeds.
+    agent.stop();
+    assert.match(readFileSync(join(dir, 'run', 'cni-policy'), 'utf8'), /^namespace shop ambient$/m);
+    const cart3 = { ...cart, containerId: 'c-cart3', netns: await podNs('cart3') };
+    const down = await chainAdd(node, list('1.0.0'), cart3);
+    assertCniError(down.last, 11, /agent is not reachable/);
+    const plainDown = await chainAdd(node, list('1.0.0'), { containerId: 'c-plain-down', netns: await podNs('plaindown'), args: 'IgnoreUnknown=1;K8S_POD_NAMESPACE=plain;K8S_POD_NAME=late' });
+    assert.equal(plainDown.last.code, 0, plainDown.last.stdout);
+    assert.deepEqual(JSON.parse(plainDown.last.stdout), plainDown.results[0]);
+    assert.ok((await chainDel(node, list('1.0.0'), cart3)).every((r) => r.code === 0));
+
+    // Bad input, with the agent back.
+    agent = new Agent(agentOpts);
+    await agent.start();
+    const plugin = (env: Record<string, string>, stdin: string) => execPlugin(node, 'ambient-bpf-cni', env, stdin);
+    const base = { CNI_COMMAND: 'ADD', CNI_CONTAINERID: 'x', CNI_NETNS: cart.netns, CNI_IFNAME: 'eth0', CNI_ARGS: '' };
+    const conf = (extra: object) => JSON.stringify({ cniVersion: '1.0.0', name: 'n', type: 'ambient-bpf-cni', agent_socket: pluginSocket, ...extra });
+    const bad: [Record<string, string>, string, number, RegExp][] = [
+      [base, 'not json', 6, /not a JSON object/],
+      [{ ...base, CNI_COMMAND: '' }, conf({}), 4, /CNI_COMMAND is not set/],
+      [{ ...base, CNI_COMMAND: 'FROB' }, conf({}), 4, /unknown CNI_COMMAND FROB/],
+      [base, conf({ cniVersion: '9.9.9' }), 1, /9\.9\.9 is not supported/],
+      [base, conf({}), 7, /no prevResult/],
+      [{ ...base, CNI_NETNS: '' }, conf({ prevResult: { ips: [] } }), 4, /CNI_NETNS is not set/],
+      [base, JSON.stringify({ name: 'n', agent_socket: pluginSocket }), 7, /no cniVersion/],
+    ];
+    for (const [env, stdin, code, msg] of bad) {
+      assertCniError(await plugin(env, stdin), code, msg);
+    }
+  });
+});
+
+/** The plugin failed with a CNI error of this code whose message matches. */
+function assertCniError(run: { code: number; stdout: string }, code: number, msg: RegExp): void {
+  assert.equal(run.code, 1, `exit code ${run.code}: ${run.stdout}`);
+  const e = JSON.parse(run.stdout) as { code: number; msg: string };
+  assert.equal(e.code, code, e.msg);
+  assert.match(e.msg, msg);
+}
