@@ -3,12 +3,12 @@
 // restart that adopts the pod instead of attaching it again.
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
-import { CLI } from './helpers/cli.js';
+import { CLI, runCli } from './helpers/cli.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
@@ -86,5 +86,48 @@ describe('ambient-bpf agent', kernelTest(), () => {
     await until(async () => /ambient_bpf_pods\{state="enabled"\} 1/.test((await get(`http://127.0.0.1:${port + 1}/metrics`).catch(() => ({ body: '' }))).body), 'adopted', 10_000);
     assert.deepEqual((await dp.list()).map((p) => [p.uid, p.attachedAt.getTime()]), before.map((p) => [p.uid, p.attachedAt.getTime()]));
     assert.match(again.stderr(), /"msg":"agent ready"/);
+  });
+
+  it('installs the CNI plugin once ready; uninstall removes it and the redirection of running pods', async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-agent-'));
+    const net = await podWithRemote(topo, 61);
+    const binDir = join(dir, 'bin');
+    const confDir = join(dir, 'net.d');
+    mkdirSync(binDir);
+    mkdirSync(confDir);
+    writeFileSync(join(confDir, '10-bridge.conflist'), JSON.stringify({ cniVersion: '1.0.0', name: 'k8s', plugins: [{ type: 'bridge' }] }));
+    const pods = join(dir, 'pods.yaml');
+    writeFileSync(pods, `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, uid: agent-cart2-${topo.id}, labels: { istio.io/dataplane-mode: ambient } }\nstatus: { podIP: ${net.podV4} }\n`);
+    const port = 40000 + Math.floor(Math.random() * 9000);
+    const agent = run(['agent', '--local-pods', pods, '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--bpffs', root,
+      '--install-cni', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--health-addr', `127.0.0.1:${port}`]);
+    t.after(async () => {
+      agent.child.kill('SIGKILL');
+      const dp = await Datapath.open({ bpffsRoot: root });
+      for (const p of await dp.list()) await dp.detach(p.uid);
+      dp.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+      rmSync(dir, { recursive: true, force: true });
+    });
+    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, `readyz (${agent.stderr()})`, 10_000);
+    const installed = JSON.parse(readFileSync(join(confDir, '10-bridge.conflist'), 'utf8')) as { plugins: { type: string; agent_socket?: string }[] };
+    assert.deepEqual(installed.plugins.map((p) => p.type), ['bridge', 'ambient-bpf-cni']);
+    assert.equal(installed.plugins[1]!.agent_socket, join(dir, 'cni.sock'));
+    assert.equal(existsSync(join(binDir, 'ambient-bpf-cni')), true);
+
+    agent.child.kill('SIGTERM');
+    assert.equal(await agent.exited, 0);
+    const dp = await Datapath.open({ bpffsRoot: root });
+    t.after(() => dp.close());
+    assert.equal((await dp.list()).length, 1, 'the stopped agent left the pod redirected');
+    const removed = await runCli(['uninstall', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--bpffs', root]);
+    assert.equal(removed.code, 0, removed.stderr);
+    assert.match(removed.stdout, /removed the ambient-bpf-cni entry from .*10-bridge\.conflist\nremoved the redirection of pod agent-cart2-/);
+    assert.deepEqual((JSON.parse(readFileSync(join(confDir, '10-bridge.conflist'), 'utf8')) as { plugins: { type: string }[] }).plugins.map((p) => p.type), ['bridge']);
+    assert.equal(existsSync(join(binDir, 'ambient-bpf-cni')), false);
+    assert.deepEqual(await dp.list(), []);
   });
 });

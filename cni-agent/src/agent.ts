@@ -11,6 +11,7 @@ import { DEFAULT_POLICY } from './pods/selection.js';
 import { CniHandler } from './cni/handler.js';
 import { policyFilePath, writeCniPolicy } from './cni/policy-file.js';
 import { serveRelay } from './cni/relay.js';
+import { CniInstaller } from './installer/installer.js';
 import { serveOps } from './ops/http.js';
 
 export interface AgentOptions {
@@ -22,6 +23,8 @@ export interface AgentOptions {
   bpffs: string;
   hostRoot: string;
   attachMode: AttachMode;
+  /** Install the CNI plugin (binary + conflist entry) once the agent is up, and keep it there. */
+  installCni?: { binDir: string; confDir: string; binarySource: string } | undefined;
   healthAddr?: string | undefined;
   metricsAddr?: string | undefined;
   log: Logger;
@@ -36,6 +39,7 @@ export class Agent {
   private reconciler: Reconciler | undefined;
   private readonly servers: { close(): void }[] = [];
   private gcTimer: NodeJS.Timeout | undefined;
+  private installer: CniInstaller | undefined;
   private synced = false;
 
   constructor(private readonly opts: AgentOptions) {}
@@ -64,6 +68,11 @@ export class Agent {
     const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log });
     this.servers.push(await serveRelay(this.opts.pluginSocket, (req) => cni.handle(req)));
     this.synced = true;
+    if (this.opts.installCni) {
+      // Last, as upstream: new pods only wait for an agent that can serve them.
+      this.installer = new CniInstaller({ ...this.opts.installCni, agentSocket: this.opts.pluginSocket, log });
+      this.installer.start();
+    }
     this.gcTimer = setInterval(() => void this.collectGarbage(), GC_INTERVAL_MS);
     if (this.opts.healthAddr) this.servers.push(await serveOps(this.opts.healthAddr, { health: { notReady: () => this.notReady() } }));
     if (this.opts.metricsAddr) this.servers.push(await serveOps(this.opts.metricsAddr, { metrics: { metrics: () => this.metrics() } }));
@@ -77,6 +86,7 @@ export class Agent {
   /** Stops the agent; pods stay redirected. */
   stop(): void {
     clearInterval(this.gcTimer);
+    this.installer?.stop();
     this.source?.stop();
     this.reconciler?.stop();
     this.zds?.close();
@@ -88,6 +98,7 @@ export class Agent {
     const reasons: string[] = [];
     if (!this.synced) reasons.push('pod source not synced');
     if (!this.zds) reasons.push('ZDS server not started');
+    if (this.opts.installCni && !this.installer?.entryInPlace) reasons.push('the CNI entry is not in the primary conflist');
     return reasons;
   }
 

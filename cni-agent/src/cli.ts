@@ -4,6 +4,7 @@ import yargs, { type CommandModule } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { agentCommand } from './commands/agent.js';
 import { datapathCommand } from './commands/datapath.js';
+import { uninstallCommand } from './commands/uninstall.js';
 import { ztunnelCommand } from './commands/ztunnel.js';
 import { CliError } from './commands/cli-error.js';
 
@@ -19,6 +20,7 @@ async function main(): Promise<void> {
     .command(agentCommand as unknown as CommandModule)
     .command(datapathCommand)
     .command(ztunnelCommand as unknown as CommandModule)
+    .command(uninstallCommand as unknown as CommandModule)
     .demandCommand(1, 'name a command (see --help)')
     .strict()
     .help()

@@ -1,5 +1,6 @@
 // `ambient-bpf agent`: the node agent.
 import { hostname } from 'node:os';
+import { fileURLToPath } from 'node:url';
 import type { CommandModule } from 'yargs';
 import { pino } from 'pino';
 import { DEFAULT_BPFFS_ROOT, type AttachMode } from '../../../bpf/src/index.js';
@@ -16,12 +17,19 @@ interface AgentArgs {
   bpffs: string;
   'host-root': string;
   'attach-mode': AttachMode;
+  'install-cni': boolean;
+  'cni-bin-dir': string;
+  'cni-conf-dir': string;
   'health-addr': string | undefined;
   'metrics-addr': string | undefined;
   'log-level': string;
 }
 
 export const DEFAULT_PLUGIN_SOCKET = '/var/run/ambient-bpf/cni.sock';
+export const DEFAULT_CNI_BIN_DIR = '/opt/cni/bin';
+export const DEFAULT_CNI_CONF_DIR = '/etc/cni/net.d';
+/** The plugin binary `npm run build` makes. */
+export const PLUGIN_BINARY_PATH = fileURLToPath(new URL('../../../../cni-agent/bin/ambient-bpf-cni', import.meta.url));
 const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
 const DEFAULT_ATTACH_MODE: AttachMode = 'auto';
 
@@ -38,6 +46,9 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
       .option('host-root', { type: 'string', default: '/', describe: "the host's / (for /proc and /var/run/netns when running in a container)" })
       .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto' })
+      .option('install-cni', { type: 'boolean', default: false, describe: 'install the CNI plugin into the node’s CNI config once ready, and keep it there' })
+      .option('cni-bin-dir', { type: 'string', default: DEFAULT_CNI_BIN_DIR, describe: 'where runtimes look for CNI plugin binaries' })
+      .option('cni-conf-dir', { type: 'string', default: DEFAULT_CNI_CONF_DIR, describe: 'the node’s CNI configuration directory' })
       .option('health-addr', { type: 'string', describe: 'HOST:PORT for /healthz and /readyz' })
       .option('metrics-addr', { type: 'string', describe: 'HOST:PORT for Prometheus /metrics' })
       .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
@@ -54,6 +65,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       bpffs: args.bpffs,
       hostRoot: args['host-root'],
       attachMode: args['attach-mode'],
+      installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], binarySource: PLUGIN_BINARY_PATH } : undefined,
       healthAddr: args['health-addr'],
       metricsAddr: args['metrics-addr'],
       log,

@@ -1,0 +1,135 @@
+// Installs the CNI plugin on the node: copies the binary into the CNI bin dir and puts our entry
+// last in the primary conflist (atomically, keeping the file's mode); watches the conf dir and puts
+// the entry back whenever another component rewrites the file, reporting repeated conflicts
+// (upstream's known pain: a primary CNI that overwrites the conflist makes pods bypass the mesh).
+import { chmodSync, copyFileSync, existsSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { basename, join } from 'node:path';
+import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
+import { hasEntryLast, primaryConfigFile, PLUGIN_TYPE, withEntry, withoutEntry, type PluginEntry } from './conflist.js';
+
+export const PLUGIN_BINARY = PLUGIN_TYPE;
+/** More re-inserts than this within CONFLICT_WINDOW_MS is reported as a conflict. */
+const CONFLICT_THRESHOLD = 5;
+const CONFLICT_WINDOW_MS = 60_000;
+
+export interface InstallerOptions {
+  binDir: string;
+  confDir: string;
+  /** The built plugin binary to copy. */
+  binarySource: string;
+  agentSocket: string;
+  log: Logger;
+  debounceMs?: number;
+  onConflict?: (reinserts: number) => void;
+}
+
+/** Writes `text` to `path` through a temporary file and a rename, with `mode`. */
+function writeAtomic(path: string, text: string, mode: number): void {
+  const tmp = join(path, '..', `.${basename(path)}.ambient-bpf-tmp`);
+  writeFileSync(tmp, text, { mode });
+  chmodSync(tmp, mode);
+  renameSync(tmp, path);
+}
+
+export class CniInstaller {
+  private watcher: FSWatcher | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private reinserts: number[] = [];
+  private readonly entry: PluginEntry;
+
+  constructor(private readonly opts: InstallerOptions) {
+    this.entry = { type: PLUGIN_TYPE, agent_socket: opts.agentSocket };
+  }
+
+  /** Copies the binary, inserts the entry, and starts watching. Throws when there is no CNI
+   * configuration to chain into. */
+  start(): void {
+    this.installBinary();
+    this.ensureEntry('install');
+    this.watcher = watch(this.opts.confDir, () => {
+      clearTimeout(this.timer);
+      this.timer = setTimeout(() => {
+        try {
+          this.ensureEntry('repair');
+        } catch (err) {
+          this.opts.log.error({ error: (err as Error).message }, 'cannot repair the CNI configuration');
+        }
+      }, this.opts.debounceMs ?? 100);
+    });
+  }
+
+  /** Stops watching; the plugin stays installed (pods keep waiting for an agent, not bypassing). */
+  stop(): void {
+    clearTimeout(this.timer);
+    this.watcher?.close();
+    this.watcher = undefined;
+  }
+
+  /** Is our entry last in the primary conflist? (readiness) */
+  get entryInPlace(): boolean {
+    const file = this.primary();
+    return !!file && hasEntryLast(readFileSync(join(this.opts.confDir, file), 'utf8'), file);
+  }
+
+  /** Removes our entry from every config file and the binary. */
+  uninstall(): string[] {
+    this.stop();
+    const touched: string[] = [];
+    for (const file of readdirSync(this.opts.confDir).filter((f) => /\.(conflist|conf|json)$/.test(f))) {
+      const path = join(this.opts.confDir, file);
+      let text: string | undefined;
+      try {
+        text = withoutEntry(readFileSync(path, 'utf8'), file);
+      } catch {
+        continue; // not ours to judge
+      }
+      if (text === undefined) continue;
+      writeAtomic(path, text, statSync(path).mode & 0o7777);
+      touched.push(path);
+    }
+    const binary = join(this.opts.binDir, PLUGIN_BINARY);
+    if (existsSync(binary)) unlinkSync(binary);
+    return touched;
+  }
+
+  private primary(): string | undefined {
+    return primaryConfigFile(readdirSync(this.opts.confDir));
+  }
+
+  private installBinary(): void {
+    const target = join(this.opts.binDir, PLUGIN_BINARY);
+    const tmp = join(this.opts.binDir, `.${PLUGIN_BINARY}.ambient-bpf-tmp`);
+    copyFileSync(this.opts.binarySource, tmp);
+    chmodSync(tmp, 0o755);
+    renameSync(tmp, target);
+    this.opts.log.info({ path: target }, 'CNI plugin binary installed');
+  }
+
+  private ensureEntry(why: 'install' | 'repair'): void {
+    const file = this.primary();
+    if (!file) throw new Error(`no CNI configuration in ${this.opts.confDir} to chain into (is the primary CNI installed?)`);
+    const path = join(this.opts.confDir, file);
+    const { text, changed, wrapped } = withEntry(readFileSync(path, 'utf8'), file, this.entry);
+    if (!changed) return;
+    const mode = statSync(path).mode & 0o7777;
+    if (wrapped) {
+      // A lone .conf becomes a .conflist of the same name; the .conf goes, or it would still win.
+      const target = path.replace(/\.(conf|json)$/, '.conflist');
+      writeAtomic(target, text, mode);
+      unlinkSync(path);
+    } else {
+      writeAtomic(path, text, mode);
+    }
+    this.opts.log.info({ file, wrapped }, why === 'install' ? 'CNI entry installed' : 'CNI entry was missing; put back');
+    if (why === 'repair') this.noteReinsert();
+  }
+
+  private noteReinsert(): void {
+    const now = Date.now();
+    this.reinserts = [...this.reinserts.filter((t) => now - t < CONFLICT_WINDOW_MS), now];
+    if (this.reinserts.length > CONFLICT_THRESHOLD) {
+      this.opts.log.warn({ reinserts: this.reinserts.length, windowMs: CONFLICT_WINDOW_MS }, 'another component keeps rewriting the CNI configuration without our entry');
+      this.opts.onConflict?.(this.reinserts.length);
+    }
+  }
+}

@@ -1,0 +1,107 @@
+// The CNI installer on real directories: entry last in the primary conflist, a lone .conf wrapped,
+// file modes kept, rewrites by "another component" repaired and reported when they repeat, and a
+// clean uninstall.
+import assert from 'node:assert/strict';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { hasEntryLast, primaryConfigFile, withEntry, withoutEntry, ConflistError } from '../cni-agent/src/installer/conflist.js';
+import { CniInstaller } from '../cni-agent/src/installer/installer.js';
+import { silentLogger } from '../ztunnel-bridge/src/logger.js';
+import { until } from './helpers/wait.js';
+
+const entry = { type: 'ambient-bpf-cni' as const, agent_socket: '/run/a.sock' };
+const bridge = { type: 'bridge', bridge: 'cni0', ipam: { type: 'host-local' } };
+const conflist = (plugins: object[]) => JSON.stringify({ cniVersion: '1.0.0', name: 'k8s', plugins });
+
+describe('conflist', () => {
+  it('picks the file a runtime loads first', () => {
+    assert.equal(primaryConfigFile(['99-z.conflist', '10-calico.conflist', '05-a.conf', 'README', '.hidden.conf']), '05-a.conf');
+    assert.equal(primaryConfigFile(['notes.txt']), undefined);
+  });
+
+  it('puts our entry last, once, and says when nothing changed', () => {
+    const once = withEntry(conflist([bridge]), 'x.conflist', entry);
+    assert.deepEqual((JSON.parse(once.text) as { plugins: object[] }).plugins, [bridge, entry]);
+    assert.equal(once.changed, true);
+    assert.equal(withEntry(once.text, 'x.conflist', entry).changed, false);
+    const moved = withEntry(conflist([entry, bridge, { type: 'portmap' }]), 'x.conflist', { ...entry, agent_socket: '/run/b.sock' });
+    assert.deepEqual((JSON.parse(moved.text) as { plugins: { type: string }[] }).plugins.map((p) => p.type), ['bridge', 'portmap', 'ambient-bpf-cni']);
+    assert.equal(hasEntryLast(moved.text, 'x.conflist'), true);
+  });
+
+  it('wraps a lone .conf the way upstream does', () => {
+    const r = withEntry(JSON.stringify({ cniVersion: '0.4.0', name: 'net', ...bridge }), 'x.conf', entry);
+    assert.equal(r.wrapped, true);
+    assert.deepEqual(JSON.parse(r.text), { cniVersion: '0.4.0', name: 'net', plugins: [bridge, entry] });
+  });
+
+  it('removes only our entry, and rejects what it cannot chain into', () => {
+    assert.deepEqual(JSON.parse(withoutEntry(conflist([bridge, entry]), 'x')!), JSON.parse(conflist([bridge])));
+    assert.equal(withoutEntry(conflist([bridge]), 'x'), undefined);
+    assert.throws(() => withEntry('{', 'bad.conflist', entry), (e: Error) => e instanceof ConflistError && /not valid JSON/.test(e.message));
+    assert.throws(() => withEntry(conflist([]), 'empty.conflist', entry), /no plugin that sets up the pod interface/);
+    assert.throws(() => withEntry('{"name":"x"}', 'odd.conf', entry), /neither "plugins" nor "type"/);
+  });
+});
+
+describe('CNI installer', () => {
+  function dirs(t: { after: (fn: () => void) => void }) {
+    const base = mkdtempSync(join(tmpdir(), 'abt-install-'));
+    const binDir = join(base, 'bin');
+    const confDir = join(base, 'net.d');
+    mkdirSync(binDir);
+    mkdirSync(confDir);
+    const binarySource = join(base, 'plugin-build');
+    writeFileSync(binarySource, '#!/bin/sh\necho plugin\n');
+    t.after(() => rmSync(base, { recursive: true, force: true }));
+    return { binDir, confDir, binarySource };
+  }
+
+  it('installs binary and entry, keeps the file mode, repairs rewrites, reports repeated conflicts, uninstalls', async (t) => {
+    const { binDir, confDir, binarySource } = dirs(t);
+    const primary = join(confDir, '10-bridge.conflist');
+    writeFileSync(primary, conflist([bridge]));
+    chmodSync(primary, 0o640);
+    writeFileSync(join(confDir, '99-other.conflist'), conflist([{ type: 'macvlan' }]));
+    const conflicts: number[] = [];
+    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', log: silentLogger, debounceMs: 10, onConflict: (n) => conflicts.push(n) });
+    t.after(() => installer.stop());
+    installer.start();
+
+    assert.equal(readFileSync(join(binDir, 'ambient-bpf-cni'), 'utf8'), readFileSync(binarySource, 'utf8'));
+    assert.equal(statSync(join(binDir, 'ambient-bpf-cni')).mode & 0o777, 0o755);
+    assert.deepEqual((JSON.parse(readFileSync(primary, 'utf8')) as { plugins: object[] }).plugins, [bridge, entry]);
+    assert.equal(statSync(primary).mode & 0o777, 0o640);
+    assert.equal(readFileSync(join(confDir, '99-other.conflist'), 'utf8'), conflist([{ type: 'macvlan' }]), 'a file runtimes do not load was changed');
+    assert.equal(installer.entryInPlace, true);
+
+    // Another component (the primary CNI) rewrites its file without our entry, again and again.
+    for (let i = 0; i < 6; i++) {
+      writeFileSync(primary, conflist([bridge]));
+      await until(() => installer.entryInPlace, `repair ${i + 1}`);
+    }
+    assert.deepEqual(conflicts.slice(0, 1), [6]);
+
+    assert.deepEqual(installer.uninstall(), [primary]);
+    assert.deepEqual(JSON.parse(readFileSync(primary, 'utf8')), JSON.parse(conflist([bridge])));
+    assert.equal(existsSync(join(binDir, 'ambient-bpf-cni')), false);
+  });
+
+  it('wraps a lone .conf into a .conflist of the same name', (t) => {
+    const { binDir, confDir, binarySource } = dirs(t);
+    writeFileSync(join(confDir, '05-net.conf'), JSON.stringify({ cniVersion: '1.0.0', name: 'net', ...bridge }));
+    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', log: silentLogger });
+    t.after(() => installer.stop());
+    installer.start();
+    assert.equal(existsSync(join(confDir, '05-net.conf')), false);
+    assert.deepEqual((JSON.parse(readFileSync(join(confDir, '05-net.conflist'), 'utf8')) as { plugins: object[] }).plugins, [bridge, entry]);
+  });
+
+  it('refuses to start without a CNI configuration to chain into', (t) => {
+    const { binDir, confDir, binarySource } = dirs(t);
+    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', log: silentLogger });
+    assert.throws(() => installer.start(), /no CNI configuration in .* to chain into/);
+  });
+});
