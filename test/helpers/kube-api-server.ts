@@ -1,0 +1,186 @@
+// An in-repo Kubernetes API test server (no kube-apiserver can run here): the real REST and watch
+// protocol for v1 Pods and Namespaces, as @kubernetes/client-node uses it. Lists carry a
+// resourceVersion; watches stream newline-delimited events from a resourceVersion, send bookmarks,
+// and answer 410 Gone (an ERROR event) for a resourceVersion older than the last compaction; the
+// spec.nodeName field selector filters pods; pods/status takes JSON merge patches. Test hooks
+// change objects, break watch streams and compact history.
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { KubeConfig } from '@kubernetes/client-node';
+
+type Kind = 'pods' | 'namespaces';
+type Obj = { metadata: { name: string; namespace?: string; resourceVersion?: string; uid?: string; [k: string]: unknown }; spec?: { nodeName?: string }; [k: string]: unknown };
+interface Event {
+  kind: Kind;
+  type: 'ADDED' | 'MODIFIED' | 'DELETED';
+  object: Obj;
+  rv: number;
+}
+interface Watcher {
+  kind: Kind;
+  nodeName: string | undefined;
+  res: http.ServerResponse;
+}
+
+export interface RecordedPatch {
+  namespace: string;
+  name: string;
+  contentType: string;
+  body: unknown;
+}
+
+export class KubeApiTestServer {
+  private rv = 1;
+  private compactedThrough = 0;
+  private readonly objects: Record<Kind, Map<string, Obj>> = { pods: new Map(), namespaces: new Map() };
+  private readonly history: Event[] = [];
+  private readonly watchers = new Set<Watcher>();
+  readonly patches: RecordedPatch[] = [];
+  /** Watch requests served (a restarted watch shows up here). */
+  readonly watchRequests: { kind: Kind; resourceVersion: string | null }[] = [];
+  private server: http.Server | undefined;
+  url = '';
+
+  async start(): Promise<void> {
+    this.server = http.createServer((req, res) => this.handle(req, res));
+    await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
+    this.url = `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+  }
+
+  async close(): Promise<void> {
+    this.breakWatches();
+    this.server?.closeAllConnections();
+    await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
+  }
+
+  kubeConfig(): KubeConfig {
+    const kc = new KubeConfig();
+    kc.loadFromOptions({
+      clusters: [{ name: 'test', server: this.url, skipTLSVerify: true }],
+      users: [{ name: 'test' }],
+      contexts: [{ name: 'test', cluster: 'test', user: 'test' }],
+      currentContext: 'test',
+    });
+    return kc;
+  }
+
+  /** The same, as a kubeconfig file's text. */
+  kubeconfigYaml(): string {
+    return `apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: ${this.url}\nusers:\n- name: test\n  user: {}\ncontexts:\n- name: test\n  context: { cluster: test, user: test }\ncurrent-context: test\n`;
+  }
+
+  upsert(kind: Kind, obj: Obj): void {
+    const key = keyOf(obj);
+    const type = this.objects[kind].has(key) ? 'MODIFIED' : 'ADDED';
+    this.commit(kind, type, structuredClone(obj));
+  }
+
+  remove(kind: Kind, name: string, namespace?: string): void {
+    const obj = this.objects[kind].get(namespace ? `${namespace}/${name}` : name);
+    if (obj) this.commit(kind, 'DELETED', obj);
+  }
+
+  get(kind: Kind, name: string, namespace?: string): Obj | undefined {
+    return this.objects[kind].get(namespace ? `${namespace}/${name}` : name);
+  }
+
+  /** Ends every watch stream (as an apiserver restart or a load balancer would). */
+  breakWatches(): void {
+    for (const w of this.watchers) w.res.destroy();
+    this.watchers.clear();
+  }
+
+  /** Forgets history: a watch from an older resourceVersion gets 410 Gone. */
+  compact(): void {
+    this.compactedThrough = this.rv;
+    this.history.length = 0;
+  }
+
+  bookmark(): void {
+    for (const w of this.watchers) {
+      w.res.write(JSON.stringify({ type: 'BOOKMARK', object: { kind: w.kind === 'pods' ? 'Pod' : 'Namespace', apiVersion: 'v1', metadata: { resourceVersion: String(this.rv) } } }) + '\n');
+    }
+  }
+
+  private commit(kind: Kind, type: Event['type'], obj: Obj): void {
+    this.rv++;
+    obj.metadata.resourceVersion = String(this.rv);
+    if (type === 'DELETED') this.objects[kind].delete(keyOf(obj));
+    else this.objects[kind].set(keyOf(obj), obj);
+    const event = { kind, type, object: obj, rv: this.rv };
+    this.history.push(event);
+    for (const w of this.watchers) if (w.kind === kind) this.send(w, event);
+  }
+
+  private send(w: Watcher, e: Event): void {
+    if (w.nodeName !== undefined && e.object.spec?.nodeName !== w.nodeName) return;
+    w.res.write(JSON.stringify({ type: e.type, object: e.object }) + '\n');
+  }
+
+  private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const url = new URL(req.url ?? '/', this.url);
+    const status = /^\/api\/v1\/namespaces\/([^/]+)\/pods\/([^/]+)\/status$/.exec(url.pathname);
+    if (req.method === 'PATCH' && status) return this.patchStatus(req, res, decodeURIComponent(status[1]!), decodeURIComponent(status[2]!));
+    const kind: Kind | undefined = url.pathname === '/api/v1/pods' ? 'pods' : url.pathname === '/api/v1/namespaces' ? 'namespaces' : undefined;
+    if (req.method !== 'GET' || !kind) return reply(res, 404, statusObj(404, 'NotFound', `no route for ${req.method} ${url.pathname}`));
+    const selector = url.searchParams.get('fieldSelector');
+    const nodeMatch = selector ? /^spec\.nodeName=(.*)$/.exec(selector) : null;
+    if (selector && (!nodeMatch || kind !== 'pods')) return reply(res, 400, statusObj(400, 'BadRequest', `unsupported field selector ${selector}`));
+    const nodeName = nodeMatch?.[1];
+    if (url.searchParams.get('watch') !== 'true') {
+      const items = [...this.objects[kind].values()].filter((o) => nodeName === undefined || o.spec?.nodeName === nodeName);
+      return reply(res, 200, { kind: kind === 'pods' ? 'PodList' : 'NamespaceList', apiVersion: 'v1', metadata: { resourceVersion: String(this.rv) }, items });
+    }
+    const from = url.searchParams.get('resourceVersion');
+    this.watchRequests.push({ kind, resourceVersion: from });
+    res.writeHead(200, { 'content-type': 'application/json', 'transfer-encoding': 'chunked' });
+    res.flushHeaders(); // a watch with nothing to say yet is still an answered request
+    if (from && Number(from) < this.compactedThrough) {
+      res.end(JSON.stringify({ type: 'ERROR', object: statusObj(410, 'Expired', `too old resource version: ${from} (${this.compactedThrough})`) }) + '\n');
+      return;
+    }
+    const w: Watcher = { kind, nodeName, res };
+    for (const e of this.history) if (e.kind === kind && e.rv > Number(from ?? 0)) this.send(w, e);
+    this.watchers.add(w);
+    res.on('close', () => this.watchers.delete(w));
+  }
+
+  private patchStatus(req: http.IncomingMessage, res: http.ServerResponse, namespace: string, name: string): void {
+    let raw = '';
+    req.on('data', (d: Buffer) => (raw += d.toString()));
+    req.on('end', () => {
+      const contentType = req.headers['content-type'] ?? '';
+      const pod = this.objects.pods.get(`${namespace}/${name}`);
+      if (!contentType.startsWith('application/merge-patch+json')) return reply(res, 415, statusObj(415, 'UnsupportedMediaType', `unsupported patch type ${contentType}`));
+      if (!pod) return reply(res, 404, statusObj(404, 'NotFound', `pods "${name}" not found`));
+      const body = JSON.parse(raw) as unknown;
+      this.patches.push({ namespace, name, contentType, body });
+      const patched = mergePatch(structuredClone(pod), body) as Obj;
+      this.commit('pods', 'MODIFIED', patched);
+      reply(res, 200, patched);
+    });
+  }
+}
+
+function keyOf(obj: Obj): string {
+  return obj.metadata.namespace ? `${obj.metadata.namespace}/${obj.metadata.name}` : obj.metadata.name;
+}
+
+function reply(res: http.ServerResponse, code: number, body: unknown): void {
+  res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+}
+
+function statusObj(code: number, reason: string, message: string): object {
+  return { kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', message, reason, code };
+}
+
+/** RFC 7386 JSON merge patch. */
+export function mergePatch(target: unknown, patch: unknown): unknown {
+  if (typeof patch !== 'object' || patch === null || Array.isArray(patch)) return patch;
+  const out: Record<string, unknown> = typeof target === 'object' && target !== null && !Array.isArray(target) ? { ...(target as Record<string, unknown>) } : {};
+  for (const [k, v] of Object.entries(patch)) {
+    if (v === null) delete out[k];
+    else out[k] = mergePatch(out[k], v);
+  }
+  return out;
+}
