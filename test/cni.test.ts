@@ -56,7 +56,7 @@ describe('CNI chaining', kernelTest(), () => {
       ],
     });
     const podNs = async (name: string) => Topology.netnsPath(await topo.netns(name));
-    const agentOpts = { nodeName: 'node-a', localPods: join(dir, 'pods.yaml'), ztunnelSocket, pluginSocket, bpffs: root, hostRoot: '/', attachMode: 'auto' as const, log: silentLogger };
+    const agentOpts = { nodeName: 'node-a', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket, pluginSocket, bpffs: root, hostRoot: '/', attachMode: 'auto' as const, log: silentLogger };
     let agent = new Agent(agentOpts);
     const standIn = new ZtunnelStandIn({ socketPath: ztunnelSocket });
     const nodeServer = await RecordingServer.start('node-server', { netns: Topology.netnsPath(node), family: 4, address: '0.0.0.0', port: 8080 });

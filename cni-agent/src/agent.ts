@@ -5,8 +5,10 @@ import { Datapath, type AttachMode } from '../../bpf/src/index.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
 import { NetnsLocator } from './enrollment/netns-locator.js';
-import { Reconciler, type PodStatus } from './enrollment/reconciler.js';
-import { LocalPodSource, type ClusterState } from './pods/local-source.js';
+import { Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
+import type { KubeConfig } from '@kubernetes/client-node';
+import { LocalPodSource, type ClusterState, type SourceChange } from './pods/local-source.js';
+import { KubePodSource } from './pods/kube-source.js';
 import { DEFAULT_POLICY } from './pods/selection.js';
 import { CniHandler } from './cni/handler.js';
 import { policyFilePath, writeCniPolicy } from './cni/policy-file.js';
@@ -14,9 +16,19 @@ import { serveRelay } from './cni/relay.js';
 import { CniInstaller } from './installer/installer.js';
 import { serveOps } from './ops/http.js';
 
+/** Where pods come from: a local file, or the Kubernetes API (a kubeconfig file, a KubeConfig, or
+ * the in-cluster service account when undefined). */
+export type PodSourceOption = { localPods: string } | { kubeconfig: string | KubeConfig | undefined };
+
+interface PodSource {
+  start(): Promise<ClusterState>;
+  stop(): void;
+  readonly current: ClusterState;
+}
+
 export interface AgentOptions {
   nodeName: string;
-  localPods: string;
+  source: PodSourceOption;
   ztunnelSocket: string;
   /** Where the CNI plugin reaches the agent (the conflist entry's agent_socket). */
   pluginSocket: string;
@@ -35,7 +47,7 @@ const GC_INTERVAL_MS = 60_000;
 export class Agent {
   private datapath: Datapath | undefined;
   private zds: ZdsServer | undefined;
-  private source: LocalPodSource | undefined;
+  private source: PodSource | undefined;
   private reconciler: Reconciler | undefined;
   private readonly servers: { close(): void }[] = [];
   private gcTimer: NodeJS.Timeout | undefined;
@@ -50,17 +62,26 @@ export class Agent {
     await this.collectGarbage();
     this.zds = new ZdsServer({ socketPath: this.opts.ztunnelSocket, log, onStatus: (uid, r) => this.reconciler?.ztunnelStatus(uid, r) });
     this.zds.start();
-    this.reconciler = new Reconciler({ datapath: this.datapath, zds: this.zds, netns: new NetnsLocator(this.opts.hostRoot), log, attachMode: this.opts.attachMode });
-    this.source = new LocalPodSource({
-      file: this.opts.localPods,
-      nodeName: this.opts.nodeName,
-      onChange: (changes, state) => {
-        log.info({ changes: changes.length }, 'local pods file changed');
-        this.writePolicy(state);
-        this.reconciler?.applyChanges(changes, state);
-      },
-      onError: (err) => log.error({ file: this.opts.localPods, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
-    });
+    const onChange = (changes: SourceChange[], state: ClusterState): void => {
+      log.debug({ changes: changes.length }, 'pod source changed');
+      this.writePolicy(state);
+      this.reconciler?.applyChanges(changes, state);
+    };
+    let annotator: Annotator | undefined;
+    if ('localPods' in this.opts.source) {
+      const file = this.opts.source.localPods;
+      this.source = new LocalPodSource({
+        file,
+        nodeName: this.opts.nodeName,
+        onChange,
+        onError: (err) => log.error({ file, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
+      });
+    } else {
+      const kube = new KubePodSource({ kubeconfig: this.opts.source.kubeconfig, nodeName: this.opts.nodeName, onChange, log });
+      this.source = kube;
+      annotator = kube;
+    }
+    this.reconciler = new Reconciler({ datapath: this.datapath, zds: this.zds, netns: new NetnsLocator(this.opts.hostRoot), log, attachMode: this.opts.attachMode, ...(annotator ? { annotator } : {}) });
     const state = await this.source.start();
     this.writePolicy(state);
     await this.reconciler.start(state);

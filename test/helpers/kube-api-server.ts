@@ -9,7 +9,7 @@ import type { AddressInfo } from 'node:net';
 import { KubeConfig } from '@kubernetes/client-node';
 
 type Kind = 'pods' | 'namespaces';
-type Obj = { metadata: { name: string; namespace?: string; resourceVersion?: string; uid?: string; [k: string]: unknown }; spec?: { nodeName?: string }; [k: string]: unknown };
+type Obj = { metadata: { name: string; namespace?: string; resourceVersion?: string; uid?: string; [k: string]: unknown }; spec?: { nodeName?: string; [k: string]: unknown }; [k: string]: unknown };
 interface Event {
   kind: Kind;
   type: 'ADDED' | 'MODIFIED' | 'DELETED';

@@ -40,7 +40,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
     y
       .option('node-name', { type: 'string', default: process.env.NODE_NAME ?? hostname(), describe: 'this node (pods of other nodes are ignored) [default: $NODE_NAME or the hostname]' })
       .option('local-pods', { type: 'string', describe: 'pod source: a YAML file of v1 Namespace and Pod objects, watched for changes' })
-      .option('kubeconfig', { type: 'string', describe: 'pod source: the Kubernetes API (not built yet)' })
+      .option('kubeconfig', { type: 'string', describe: 'pod source: the Kubernetes API through this kubeconfig [default, without --local-pods: in-cluster]' })
       .option('ztunnel-socket', { type: 'string', default: DEFAULT_ZTUNNEL_SOCKET, describe: 'the ZDS socket ztunnel connects to' })
       .option('plugin-socket', { type: 'string', default: DEFAULT_PLUGIN_SOCKET, describe: 'where the CNI plugin reaches the agent (agent_socket in the conflist); the fail-open policy file goes next to it' })
       .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
@@ -54,12 +54,14 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
       .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected; a restarted agent adopts them.'),
   handler: async (args) => {
-    if (args.kubeconfig !== undefined) throw new CliError('the Kubernetes pod source is not built yet; use --local-pods FILE', 2);
-    if (args['local-pods'] === undefined) throw new CliError('name a pod source: --local-pods FILE', 2);
+    if (args.kubeconfig !== undefined && args['local-pods'] !== undefined) throw new CliError('name one pod source: --local-pods or --kubeconfig', 2);
+    if (args.kubeconfig === undefined && args['local-pods'] === undefined && !process.env.KUBERNETES_SERVICE_HOST) {
+      throw new CliError('name a pod source: --local-pods FILE or --kubeconfig FILE (in a cluster, the service account is used)', 2);
+    }
     const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination(2));
     const agent = new Agent({
       nodeName: args['node-name'],
-      localPods: args['local-pods'],
+      source: args['local-pods'] !== undefined ? { localPods: args['local-pods'] } : { kubeconfig: args.kubeconfig },
       ztunnelSocket: args['ztunnel-socket'],
       pluginSocket: args['plugin-socket'],
       bpffs: args.bpffs,

@@ -1,0 +1,65 @@
+// The agent with the Kubernetes pod source (through the in-repo API test server): a running pod is
+// enrolled and annotated through pods/status; a namespace label flip unenrols it and removes the
+// annotation; a broken watch does not stop the agent.
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, it } from 'node:test';
+import { Datapath } from '../bpf/src/index.js';
+import { Agent } from '../cni-agent/src/agent.js';
+import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/kube-source.js';
+import { silentLogger } from '../ztunnel-bridge/src/logger.js';
+import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
+import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { KubeApiTestServer } from './helpers/kube-api-server.js';
+import { assertNothingLeft } from './helpers/leftovers.js';
+import { podWithRemote, Topology } from './helpers/topology.js';
+import { until } from './helpers/wait.js';
+
+after(assertNothingLeft);
+
+describe('agent with the Kubernetes pod source', kernelTest(), () => {
+  it('enrols, annotates through pods/status, and unenrols on a label flip, across watch breaks', { timeout: 60_000 }, async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-agentk-'));
+    const net = await podWithRemote(topo, 90);
+    const api = new KubeApiTestServer();
+    await api.start();
+    const nsObj = (mode?: string) => ({ apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'shop', labels: mode ? { 'istio.io/dataplane-mode': mode } : {} } });
+    api.upsert('namespaces', nsObj('ambient'));
+    api.upsert('pods', { apiVersion: 'v1', kind: 'Pod', metadata: { name: 'cart', namespace: 'shop', uid: `uid-cart-${topo.id}` }, spec: { nodeName: 'node-a', serviceAccountName: 'cart' }, status: { phase: 'Running', podIP: net.podV4, podIPs: [{ ip: net.podV4 }] } });
+    const agent = new Agent({ nodeName: 'node-a', source: { kubeconfig: api.kubeConfig() }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'auto', log: silentLogger });
+    const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
+    t.after(async () => {
+      standIn.stop();
+      agent.stop();
+      await api.close();
+      const dp = await Datapath.open({ bpffsRoot: root });
+      for (const p of await dp.list()) await dp.detach(p.uid);
+      dp.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+      rmSync(dir, { recursive: true, force: true });
+    });
+    const annotation = () => (api.get('pods', 'cart', 'shop')?.metadata as { annotations?: Record<string, string> }).annotations?.[REDIRECTION_ANNOTATION];
+
+    await agent.start();
+    assert.equal(annotation(), 'pending', 'redirected while ztunnel is away: pending');
+    standIn.start();
+    await until(() => annotation() === 'enabled', 'enabled once ztunnel acked');
+    assert.deepEqual(standIn.stats().map((p) => [p.name, p.namespace]), [['cart', 'shop']]);
+    assert.ok(api.patches.every((p) => p.contentType.startsWith('application/merge-patch+json')));
+
+    // The watch breaks; the next change still arrives.
+    api.breakWatches();
+    api.upsert('namespaces', nsObj());
+    await until(() => annotation() === undefined, 'annotation removed after the label flip');
+    const dp = await Datapath.open({ bpffsRoot: root });
+    t.after(() => dp.close());
+    await until(async () => (await dp.list()).length === 0, 'detached');
+    await until(() => standIn.stats().length === 0, 'ztunnel told');
+    assert.deepEqual(agent.status().map((s) => [s.name, s.state]), [['cart', 'not ambient']]);
+  });
+});
