@@ -44,7 +44,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     ].join('\n---\n'));
     const port = 40000 + Math.floor(Math.random() * 9000);
     const socket = join(dir, 'ztunnel.sock');
-    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--bpffs', root, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`];
+    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`];
     const remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 4, address: net.remoteV4, port: 8080 });
     const procs: ReturnType<typeof run>[] = [];
     t.after(async () => {
@@ -66,6 +66,17 @@ describe('ambient-bpf agent', kernelTest(), () => {
     await until(async () => /ambient_bpf_pods\{state="enabled"\} 1/.test((await get(`http://127.0.0.1:${port + 1}/metrics`)).body), 'pod enabled', 10_000);
     assert.equal((await get(`http://127.0.0.1:${port}/healthz`)).status, 200);
     assert.match((await get(`http://127.0.0.1:${port + 1}/metrics`)).body, /ambient_bpf_ztunnel_connections 1/);
+
+    // ambient-bpf status: JSON and the table.
+    const status = await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')]);
+    assert.equal(status.code, 0, status.stderr);
+    const report = JSON.parse(status.stdout) as { pods: { name: string; namespace: string; state: string; hooks: string; ztunnel: string }[]; ztunnelConnections: number };
+    assert.deepEqual(report.pods.map((p) => [p.namespace, p.name, p.state, p.hooks, p.ztunnel]), [['shop', 'cart', 'enabled', 'tcx', 'acked']]);
+    assert.equal(report.ztunnelConnections, 1);
+    assert.match((await runCli(['status', '--status-socket', join(dir, 'status.sock')])).stdout, /^NAMESPACE +POD +STATE +HOOKS +ZTUNNEL +AGE +REASON\nshop +cart +enabled +tcx +acked +\d+s +namespace label\n/);
+    const down = await runCli(['status', '--status-socket', join(dir, 'nothing.sock')]);
+    assert.notEqual(down.code, 0);
+    assert.match(down.stderr, /^ambient-bpf: cannot reach the agent at .*nothing\.sock/);
 
     // The pod's outbound traffic goes through the stand-in, which reaches the real destination.
     assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 8080 }), 'remote');

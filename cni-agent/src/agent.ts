@@ -15,6 +15,7 @@ import { policyFilePath, writeCniPolicy } from './cni/policy-file.js';
 import { serveRelay } from './cni/relay.js';
 import { CniInstaller } from './installer/installer.js';
 import { serveOps } from './ops/http.js';
+import { serveStatus, type StatusReport } from './ops/status-api.js';
 
 /** Where pods come from: a local file, or the Kubernetes API (a kubeconfig file, a KubeConfig, or
  * the in-cluster service account when undefined). */
@@ -37,6 +38,8 @@ export interface AgentOptions {
   attachMode: AttachMode;
   /** Install the CNI plugin (binary + conflist entry) once the agent is up, and keep it there. */
   installCni?: { binDir: string; confDir: string; binarySource: string } | undefined;
+  /** The status API's Unix socket (`ambient-bpf status`). */
+  statusSocket?: string | undefined;
   healthAddr?: string | undefined;
   metricsAddr?: string | undefined;
   log: Logger;
@@ -95,6 +98,7 @@ export class Agent {
       this.installer.start();
     }
     this.gcTimer = setInterval(() => void this.collectGarbage(), GC_INTERVAL_MS);
+    if (this.opts.statusSocket) this.servers.push(await serveStatus(this.opts.statusSocket, () => this.report()));
     if (this.opts.healthAddr) this.servers.push(await serveOps(this.opts.healthAddr, { health: { notReady: () => this.notReady() } }));
     if (this.opts.metricsAddr) this.servers.push(await serveOps(this.opts.metricsAddr, { metrics: { metrics: () => this.metrics() } }));
     log.info({ node: this.opts.nodeName, pods: state.pods.size, bpffs: this.opts.bpffs }, 'agent ready');
@@ -102,6 +106,25 @@ export class Agent {
 
   status(): PodStatus[] {
     return this.reconciler?.status() ?? [];
+  }
+
+  /** The status API's answer: every pod with how its datapath is attached. */
+  async report(): Promise<StatusReport> {
+    const hooks = new Map((await this.datapath?.list())?.map((p) => [p.uid, p.mode]) ?? []);
+    return {
+      ztunnelConnections: this.zds?.connectedCount ?? 0,
+      pods: this.status().map((s) => ({
+        uid: s.uid,
+        name: s.name,
+        namespace: s.namespace,
+        state: s.state,
+        reason: s.reason,
+        hooks: s.attached ? (hooks.get(s.uid) ?? '') : '',
+        ztunnel: s.ztunnel,
+        netnsPath: s.netnsPath ?? '',
+        sinceUnixMs: s.since.getTime(),
+      })),
+    };
   }
 
   /** Stops the agent; pods stay redirected. */

@@ -4,6 +4,7 @@ import yargs, { type CommandModule } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { agentCommand } from './commands/agent.js';
 import { datapathCommand } from './commands/datapath.js';
+import { statusCommand } from './commands/status.js';
 import { uninstallCommand } from './commands/uninstall.js';
 import { ztunnelCommand } from './commands/ztunnel.js';
 import { CliError } from './commands/cli-error.js';
@@ -19,6 +20,7 @@ async function main(): Promise<void> {
     .usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.')
     .command(agentCommand as unknown as CommandModule)
     .command(datapathCommand)
+    .command(statusCommand as unknown as CommandModule)
     .command(ztunnelCommand as unknown as CommandModule)
     .command(uninstallCommand as unknown as CommandModule)
     .demandCommand(1, 'name a command (see --help)')

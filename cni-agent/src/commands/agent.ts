@@ -6,6 +6,7 @@ import { pino } from 'pino';
 import { DEFAULT_BPFFS_ROOT, type AttachMode } from '../../../bpf/src/index.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
 import { Agent } from '../agent.js';
+import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
 import { CliError } from './cli-error.js';
 
 interface AgentArgs {
@@ -20,6 +21,7 @@ interface AgentArgs {
   'install-cni': boolean;
   'cni-bin-dir': string;
   'cni-conf-dir': string;
+  'status-socket': string;
   'health-addr': string | undefined;
   'metrics-addr': string | undefined;
   'log-level': string;
@@ -49,6 +51,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('install-cni', { type: 'boolean', default: false, describe: 'install the CNI plugin into the node’s CNI config once ready, and keep it there' })
       .option('cni-bin-dir', { type: 'string', default: DEFAULT_CNI_BIN_DIR, describe: 'where runtimes look for CNI plugin binaries' })
       .option('cni-conf-dir', { type: 'string', default: DEFAULT_CNI_CONF_DIR, describe: 'the node’s CNI configuration directory' })
+      .option('status-socket', { type: 'string', default: DEFAULT_STATUS_SOCKET, describe: 'Unix socket of the status API (ambient-bpf status)' })
       .option('health-addr', { type: 'string', describe: 'HOST:PORT for /healthz and /readyz' })
       .option('metrics-addr', { type: 'string', describe: 'HOST:PORT for Prometheus /metrics' })
       .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
@@ -68,6 +71,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       hostRoot: args['host-root'],
       attachMode: args['attach-mode'],
       installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], binarySource: PLUGIN_BINARY_PATH } : undefined,
+      statusSocket: args['status-socket'],
       healthAddr: args['health-addr'],
       metricsAddr: args['metrics-addr'],
       log,

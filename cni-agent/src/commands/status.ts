@@ -1,0 +1,42 @@
+// `ambient-bpf status`: what the agent knows about each pod of the node.
+import type { CommandModule } from 'yargs';
+import { DEFAULT_STATUS_SOCKET, fetchStatus, type StatusPod } from '../ops/status-api.js';
+import { CliError } from './cli-error.js';
+
+interface StatusArgs {
+  json: boolean;
+  'status-socket': string;
+}
+
+function age(sinceMs: number, now = Date.now()): string {
+  const s = Math.max(0, Math.round((now - sinceMs) / 1000));
+  return s < 120 ? `${s}s` : s < 7200 ? `${Math.round(s / 60)}m` : s < 172800 ? `${Math.round(s / 3600)}h` : `${Math.round(s / 86400)}d`;
+}
+
+export function formatStatusTable(pods: StatusPod[], now = Date.now()): string {
+  const rows = [['NAMESPACE', 'POD', 'STATE', 'HOOKS', 'ZTUNNEL', 'AGE', 'REASON']];
+  const sorted = [...pods].sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
+  for (const p of sorted) rows.push([p.namespace, p.name, p.state, p.hooks || '-', p.ztunnel, age(p.sinceUnixMs, now), p.reason]);
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n') + '\n';
+}
+
+export const statusCommand: CommandModule<object, StatusArgs> = {
+  command: 'status',
+  describe: 'show each pod of this node: ambient or not, redirected, acked by ztunnel',
+  builder: (y) =>
+    y
+      .option('json', { type: 'boolean', default: false, describe: 'print JSON' })
+      .option('status-socket', { type: 'string', default: DEFAULT_STATUS_SOCKET, describe: "the agent's status socket" }),
+  handler: async (args) => {
+    let report;
+    try {
+      report = await fetchStatus(args['status-socket']);
+    } catch (err) {
+      throw new CliError((err as Error).message);
+    }
+    if (args.json) return void process.stdout.write(JSON.stringify(report, null, 2) + '\n');
+    process.stdout.write(formatStatusTable(report.pods));
+    process.stdout.write(`ztunnel connections: ${report.ztunnelConnections}\n`);
+  },
+};

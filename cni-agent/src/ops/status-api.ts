@@ -1,0 +1,79 @@
+// The agent's status API: gRPC (proto/status.proto) on a local Unix socket, mode 0600.
+import { chmodSync, existsSync, mkdirSync, unlinkSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+export const DEFAULT_STATUS_SOCKET = '/var/run/ambient-bpf/status.sock';
+const PROTO = fileURLToPath(new URL('../../../../cni-agent/proto/status.proto', import.meta.url));
+
+export interface StatusPod {
+  uid: string;
+  name: string;
+  namespace: string;
+  state: string;
+  reason: string;
+  hooks: string;
+  ztunnel: string;
+  netnsPath: string;
+  sinceUnixMs: number;
+}
+
+export interface StatusReport {
+  pods: StatusPod[];
+  ztunnelConnections: number;
+}
+
+type StatusClient = grpc.Client & {
+  ListPods(req: object, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res?: { pods?: Partial<StatusPod>[]; ztunnelConnections?: number }) => void): void;
+};
+
+function service(): { Status: grpc.ServiceClientConstructor } {
+  const def = protoLoader.loadSync(PROTO, { keepCase: false, longs: Number, defaults: true });
+  const pkg = grpc.loadPackageDefinition(def) as unknown as { ambient_bpf: { status: { v1: { Status: grpc.ServiceClientConstructor } } } };
+  return pkg.ambient_bpf.status.v1;
+}
+
+/** Serves the status API at `path`; `report` is asked on every call. */
+export async function serveStatus(path: string, report: () => Promise<StatusReport>): Promise<{ close(): void }> {
+  if (!existsSync(dirname(path))) mkdirSync(dirname(path), { recursive: true, mode: 0o750 });
+  if (existsSync(path)) unlinkSync(path);
+  const server = new grpc.Server();
+  server.addService(service().Status.service, {
+    ListPods: (_call: unknown, callback: grpc.sendUnaryData<StatusReport>) => {
+      report().then(
+        (r) => callback(null, r),
+        (err: Error) => callback({ code: grpc.status.INTERNAL, details: err.message }, null),
+      );
+    },
+  });
+  await new Promise<void>((resolve, reject) => server.bindAsync(`unix://${path}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())));
+  chmodSync(path, 0o600);
+  return { close: () => server.forceShutdown() };
+}
+
+/** Asks the agent at `path`. */
+export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusReport> {
+  const client = new (service().Status)(`unix://${path}`, grpc.credentials.createInsecure()) as unknown as StatusClient;
+  return new Promise((resolve, reject) => {
+    client.ListPods({}, { deadline: Date.now() + timeoutMs }, (err, res) => {
+      client.close();
+      if (err) return reject(new Error(`cannot reach the agent at ${path}: ${err.details || err.message}`));
+      resolve({
+        ztunnelConnections: res?.ztunnelConnections ?? 0,
+        pods: (res?.pods ?? []).map((p) => ({
+          uid: p.uid ?? '',
+          name: p.name ?? '',
+          namespace: p.namespace ?? '',
+          state: p.state ?? '',
+          reason: p.reason ?? '',
+          hooks: p.hooks ?? '',
+          ztunnel: p.ztunnel ?? '',
+          netnsPath: p.netnsPath ?? '',
+          sinceUnixMs: Number(p.sinceUnixMs ?? 0),
+        })),
+      });
+    });
+  });
+}
