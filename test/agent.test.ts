@@ -65,7 +65,10 @@ describe('ambient-bpf agent', kernelTest(), () => {
     await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, `readyz (${agent.stderr()})`, 10_000);
     await until(async () => /ambient_bpf_pods\{state="enabled"\} 1/.test((await get(`http://127.0.0.1:${port + 1}/metrics`)).body), 'pod enabled', 10_000);
     assert.equal((await get(`http://127.0.0.1:${port}/healthz`)).status, 200);
-    assert.match((await get(`http://127.0.0.1:${port + 1}/metrics`)).body, /ambient_bpf_ztunnel_connections 1/);
+    const metrics = (await get(`http://127.0.0.1:${port + 1}/metrics`)).body;
+    assert.match(metrics, /ambient_bpf_ztunnel_connections 1/);
+    assert.match(metrics, /# TYPE ambient_bpf_enroll_duration_seconds histogram\n(.*\n)*ambient_bpf_enroll_duration_seconds_count 1\n/);
+    assert.match(metrics, /# TYPE ambient_bpf_reconcile_errors_total counter/);
 
     // ambient-bpf status: JSON and the table.
     const status = await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')]);

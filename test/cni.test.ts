@@ -131,6 +131,9 @@ describe('CNI chaining', kernelTest(), () => {
     assert.deepEqual(JSON.parse(plainDown.last.stdout), plainDown.results[0]);
     assert.ok((await chainDel(node, list('1.0.0'), cart3)).every((r) => r.code === 0));
 
+    // The agent counted the CNI requests it answered, by result.
+    assert.match(agent.metrics(), /ambient_bpf_cni_requests_total\{command="ADD",result="11"\} 1/);
+
     // Bad input, with the agent back.
     agent = new Agent(agentOpts);
     await agent.start();
@@ -149,6 +152,7 @@ describe('CNI chaining', kernelTest(), () => {
     for (const [env, stdin, code, msg] of bad) {
       assertCniError(await plugin(env, stdin), code, msg);
     }
+    assert.match(agent.metrics(), /ambient_bpf_cni_requests_total\{command="ADD",result="1"\} 1/);
   });
 });
 

@@ -15,6 +15,7 @@ import { policyFilePath, writeCniPolicy } from './cni/policy-file.js';
 import { serveRelay } from './cni/relay.js';
 import { CniInstaller } from './installer/installer.js';
 import { serveOps } from './ops/http.js';
+import { Counter, Histogram, samples } from './ops/metrics.js';
 import { serveStatus, type StatusReport } from './ops/status-api.js';
 
 /** Where pods come from: a local file, or the Kubernetes API (a kubeconfig file, a KubeConfig, or
@@ -56,6 +57,8 @@ export class Agent {
   private gcTimer: NodeJS.Timeout | undefined;
   private installer: CniInstaller | undefined;
   private synced = false;
+  private readonly enrollSeconds = new Histogram('ambient_bpf_enroll_duration_seconds', 'From the start of enrolling a pod to ztunnel’s ack.', [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
+  private readonly cniRequests = new Counter('ambient_bpf_cni_requests_total', 'CNI requests relayed by the plugin, by command and result (ok or the CNI error code).');
 
   constructor(private readonly opts: AgentOptions) {}
 
@@ -85,11 +88,12 @@ export class Agent {
       annotator = kube;
     }
     this.reconciler = new Reconciler({ datapath: this.datapath, zds: this.zds, netns: new NetnsLocator(this.opts.hostRoot), log, attachMode: this.opts.attachMode, ...(annotator ? { annotator } : {}) });
+    this.reconciler.onEnrolled = (seconds) => this.enrollSeconds.observe(seconds);
     const state = await this.source.start();
     this.writePolicy(state);
     await this.reconciler.start(state);
     const source = this.source;
-    const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log });
+    const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log, onResult: (command, result) => this.cniRequests.inc({ command, result }) });
     this.servers.push(await serveRelay(this.opts.pluginSocket, (req) => cni.handle(req)));
     this.synced = true;
     if (this.opts.installCni) {
@@ -149,18 +153,13 @@ export class Agent {
   metrics(): string {
     const byState = new Map<string, number>([['enabled', 0], ['pending', 0], ['failed', 0]]);
     for (const s of this.status()) if (byState.has(s.state)) byState.set(s.state, byState.get(s.state)! + 1);
-    const lines = [
-      '# HELP ambient_bpf_pods Pods by enrollment state.',
-      '# TYPE ambient_bpf_pods gauge',
-      ...[...byState].map(([state, n]) => `ambient_bpf_pods{state="${state}"} ${n}`),
-      '# HELP ambient_bpf_ztunnel_connections ztunnel connections past their hello.',
-      '# TYPE ambient_bpf_ztunnel_connections gauge',
-      `ambient_bpf_ztunnel_connections ${this.zds?.connectedCount ?? 0}`,
-      '# HELP ambient_bpf_reconcile_errors_total Failed reconcile passes.',
-      '# TYPE ambient_bpf_reconcile_errors_total counter',
-      `ambient_bpf_reconcile_errors_total ${this.reconciler?.reconcileErrors ?? 0}`,
-    ];
-    return lines.join('\n') + '\n';
+    return [
+      samples('ambient_bpf_pods', 'Pods by enrollment state.', 'gauge', [...byState].map(([state, n]) => [{ state }, n])),
+      samples('ambient_bpf_ztunnel_connections', 'ztunnel connections past their hello.', 'gauge', [[{}, this.zds?.connectedCount ?? 0]]),
+      samples('ambient_bpf_reconcile_errors_total', 'Failed reconcile passes.', 'counter', [[{}, this.reconciler?.reconcileErrors ?? 0]]),
+      this.enrollSeconds.render(),
+      this.cniRequests.render(),
+    ].join('\n') + '\n';
   }
 
   /** What the CNI plugin decides from while the agent is unreachable. */

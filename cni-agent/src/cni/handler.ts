@@ -43,6 +43,7 @@ export interface CniHandlerDeps {
   state: () => ClusterState;
   policy: SelectionPolicy;
   log: Logger;
+  onResult?: (command: string, result: string) => void;
 }
 
 /** K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;... */
@@ -58,7 +59,15 @@ export function parseCniArgs(args: string | undefined): Record<string, string> {
 export class CniHandler {
   constructor(private readonly deps: CniHandlerDeps) {}
 
+  /** Handles one request and reports it (command, and "ok" or the CNI error code) to `onResult`. */
   async handle(req: CniRequest): Promise<CniResponse> {
+    const res = await this.dispatch(req);
+    const code = res.exitCode === 0 ? 'ok' : String((JSON.parse(res.stdout) as { code?: number }).code ?? 'error');
+    this.deps.onResult?.(req.env.CNI_COMMAND || 'none', code);
+    return res;
+  }
+
+  private async dispatch(req: CniRequest): Promise<CniResponse> {
     let version = '1.1.0';
     try {
       const command = req.env.CNI_COMMAND;

@@ -71,6 +71,8 @@ export class Reconciler {
   private stopped = false;
   /** Failed reconcile passes since start (a metric). */
   reconcileErrors = 0;
+  /** Called with the seconds from the start of a pass to ztunnel's ack of a newly enrolled pod. */
+  onEnrolled: (seconds: number) => void = () => undefined;
 
   constructor(private readonly opts: ReconcilerOptions) {}
 
@@ -263,6 +265,7 @@ export class Reconciler {
   private async enroll(e: Entry): Promise<void> {
     const pod = e.pod!;
     const ips = this.ipsOf(e);
+    const started = performance.now();
     const netnsPath = (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
@@ -280,6 +283,7 @@ export class Reconciler {
         info: { name: pod.metadata.name, namespace: pod.metadata.namespace, serviceAccount: serviceAccountOf(pod) },
         netnsFd: openSync(netnsPath, 'r'),
       });
+      if (e.ztunnel.status === 'acked') this.onEnrolled((performance.now() - started) / 1000);
     }
     await this.annotate(e, e.ztunnel.status === 'acked' ? 'enabled' : 'pending');
     // ztunnel retries a nacked pod itself; ask again later too, in case it lost it.
