@@ -103,8 +103,14 @@ export class Agent {
     }
     this.gcTimer = setInterval(() => void this.collectGarbage(), GC_INTERVAL_MS);
     if (this.opts.statusSocket) this.servers.push(await serveStatus(this.opts.statusSocket, () => this.report()));
-    if (this.opts.healthAddr) this.servers.push(await serveOps(this.opts.healthAddr, { health: { notReady: () => this.notReady() } }));
-    if (this.opts.metricsAddr) this.servers.push(await serveOps(this.opts.metricsAddr, { metrics: { metrics: () => this.metrics() } }));
+    const health = { notReady: () => this.notReady() };
+    const metrics = { metrics: () => this.metrics() };
+    if (this.opts.healthAddr && this.opts.healthAddr === this.opts.metricsAddr) {
+      this.servers.push(await serveOps(this.opts.healthAddr, { health, metrics }));
+    } else {
+      if (this.opts.healthAddr) this.servers.push(await serveOps(this.opts.healthAddr, { health }));
+      if (this.opts.metricsAddr) this.servers.push(await serveOps(this.opts.metricsAddr, { metrics }));
+    }
     log.info({ node: this.opts.nodeName, pods: state.pods.size, bpffs: this.opts.bpffs }, 'agent ready');
   }
 
