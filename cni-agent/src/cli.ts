@@ -4,6 +4,7 @@ import yargs, { type CommandModule } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { agentCommand } from './commands/agent.js';
 import { datapathCommand } from './commands/datapath.js';
+import { demoCommand } from './commands/demo.js';
 import { statusCommand } from './commands/status.js';
 import { uninstallCommand } from './commands/uninstall.js';
 import { ztunnelCommand } from './commands/ztunnel.js';
@@ -20,6 +21,7 @@ async function main(): Promise<void> {
     .usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.')
     .command(agentCommand as unknown as CommandModule)
     .command(datapathCommand)
+    .command(demoCommand as unknown as CommandModule)
     .command(statusCommand as unknown as CommandModule)
     .command(ztunnelCommand as unknown as CommandModule)
     .command(uninstallCommand as unknown as CommandModule)
