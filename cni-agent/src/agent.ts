@@ -1,6 +1,7 @@
 // The node agent: wires the pod source, the reconciler, the datapath and the ZDS server together,
 // and exposes health and metrics. Stopping it leaves every pod redirected (as upstream's agent
 // does during an upgrade): the next agent adopts the attachments.
+import { join } from 'node:path';
 import { Datapath, type AttachMode } from '../../bpf/src/index.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
@@ -93,7 +94,7 @@ export class Agent {
     this.writePolicy(state);
     await this.reconciler.start(state);
     const source = this.source;
-    const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log, onResult: (command, result) => this.cniRequests.inc({ command, result }) });
+    const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log, onResult: (command, result) => this.cniRequests.inc({ command, result }), hostPath: (p) => (this.opts.hostRoot === '/' ? p : join(this.opts.hostRoot, p)) });
     this.servers.push(await serveRelay(this.opts.pluginSocket, (req) => cni.handle(req)));
     this.synced = true;
     if (this.opts.installCni) {

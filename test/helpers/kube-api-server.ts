@@ -36,6 +36,8 @@ export class KubeApiTestServer {
   private readonly history: Event[] = [];
   private readonly watchers = new Set<Watcher>();
   readonly patches: RecordedPatch[] = [];
+  /** Every request, as RBAC sees it: method, path, and whether it was a watch. */
+  readonly requests: { method: string; path: string; watch: boolean }[] = [];
   /** Watch requests served (a restarted watch shows up here). */
   readonly watchRequests: { kind: Kind; resourceVersion: string | null }[] = [];
   private server: http.Server | undefined;
@@ -119,6 +121,7 @@ export class KubeApiTestServer {
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const url = new URL(req.url ?? '/', this.url);
+    this.requests.push({ method: req.method ?? '', path: url.pathname, watch: url.searchParams.get('watch') === 'true' });
     const status = /^\/api\/v1\/namespaces\/([^/]+)\/pods\/([^/]+)\/status$/.exec(url.pathname);
     if (req.method === 'PATCH' && status) return this.patchStatus(req, res, decodeURIComponent(status[1]!), decodeURIComponent(status[2]!));
     const kind: Kind | undefined = url.pathname === '/api/v1/pods' ? 'pods' : url.pathname === '/api/v1/namespaces' ? 'namespaces' : undefined;

@@ -44,6 +44,8 @@ export interface CniHandlerDeps {
   policy: SelectionPolicy;
   log: Logger;
   onResult?: (command: string, result: string) => void;
+  /** Where a host path (CNI_NETNS) is from the agent's view (under --host-root in a container). */
+  hostPath?: (path: string) => string;
 }
 
 /** K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;... */
@@ -143,7 +145,8 @@ export class CniHandler {
     if (!name || !this.isAmbient(pod)) return passThrough;
     const ips = (prev.ips ?? []).map((i) => (typeof i.address === 'string' ? i.address.split('/')[0]! : '')).filter(Boolean);
     if (ips.length === 0) throw new CniFailure(CniCode.InvalidConfig, 'prevResult has no IP addresses for the pod');
-    const r = await this.deps.reconciler.cniAdd(pod, env.CNI_NETNS!, ips);
+    const netns = this.deps.hostPath ? this.deps.hostPath(env.CNI_NETNS!) : env.CNI_NETNS!;
+    const r = await this.deps.reconciler.cniAdd(pod, netns, ips);
     if (!r.ok) {
       this.deps.log.warn({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, reason: r.reason }, 'CNI ADD failed for an ambient pod; the runtime will retry');
       throw new CniFailure(CniCode.TryAgainLater, `ambient pod ${namespace}/${name} is not ready: ${r.reason}`);

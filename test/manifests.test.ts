@@ -1,0 +1,89 @@
+// The Kubernetes manifests: every object valid against the Kubernetes OpenAPI schemas
+// (kubernetes-models), the DaemonSet's flags accepted by the agent, least privilege, and RBAC that
+// grants exactly the calls the agent's Kubernetes source makes.
+import assert from 'node:assert/strict';
+import { readdirSync, readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { describe, it } from 'node:test';
+import { parseAllDocuments } from 'yaml';
+import { KubePodSource } from '../cni-agent/src/pods/kube-source.js';
+import { silentLogger } from '../ztunnel-bridge/src/logger.js';
+import { runCli } from './helpers/cli.js';
+import { KubeApiTestServer } from './helpers/kube-api-server.js';
+
+const DIR = fileURLToPath(new URL('../../manifests/', import.meta.url));
+type K8sObject = { apiVersion: string; kind: string; metadata: { name: string }; [k: string]: unknown };
+
+function load(file: string): K8sObject[] {
+  return parseAllDocuments(readFileSync(DIR + file, 'utf8')).map((d) => d.toJS() as K8sObject);
+}
+const files = readdirSync(DIR).filter((f) => f.endsWith('.yaml') && f !== 'kustomization.yaml');
+const objects = files.flatMap(load);
+const byKind = (kind: string) => objects.filter((o) => o.kind === kind);
+
+describe('manifests', () => {
+  it('are valid against the Kubernetes OpenAPI schemas', async () => {
+    assert.ok(objects.length >= 5);
+    for (const o of objects) {
+      const [group, version] = o.apiVersion.includes('/') ? o.apiVersion.split('/') : ['', o.apiVersion];
+      const mod = (await import(`kubernetes-models/${group ? `${group}/` : ''}${version}/${o.kind}`)) as Record<string, new (o: object) => { validate(): void }>;
+      assert.doesNotThrow(() => new mod[o.kind]!(o).validate(), `${o.kind}/${o.metadata.name}`);
+    }
+  });
+
+  it('are all in the kustomization', () => {
+    const k = load('kustomization.yaml')[0] as unknown as { resources: string[] };
+    assert.deepEqual([...k.resources].sort(), [...files].sort());
+  });
+
+  it('run the agent with flags it accepts, least privilege, probes, every node', async () => {
+    const [ds] = byKind('DaemonSet') as unknown as { spec: { template: { spec: Record<string, unknown> } } }[];
+    const pod = ds!.spec.template.spec as {
+      serviceAccountName: string;
+      tolerations: { operator: string }[];
+      priorityClassName: string;
+      containers: { args: string[]; securityContext: { privileged: boolean; capabilities: { add: string[]; drop: string[] }; allowPrivilegeEscalation: boolean }; livenessProbe: { httpGet: { path: string } }; readinessProbe: { httpGet: { path: string } }; volumeMounts: { mountPath: string }[] }[];
+      volumes: { hostPath?: { path: string } }[];
+    };
+    const [c] = pod.containers;
+    const help = (await runCli(['agent', '--help'])).stdout;
+    for (const arg of c!.args.slice(1)) assert.match(help, new RegExp(`--${arg.replace(/^--/, '').split('=')[0]}\\b`), `${arg} is not an agent flag`);
+    assert.equal(c!.args[0], 'agent');
+    assert.equal(c!.securityContext.privileged, false);
+    assert.equal(c!.securityContext.allowPrivilegeEscalation, false);
+    assert.deepEqual(c!.securityContext.capabilities.drop, ['ALL']);
+    assert.deepEqual([...c!.securityContext.capabilities.add].sort(), ['BPF', 'NET_ADMIN', 'SYS_ADMIN', 'SYS_PTRACE']);
+    assert.equal(c!.livenessProbe.httpGet.path, '/healthz');
+    assert.equal(c!.readinessProbe.httpGet.path, '/readyz');
+    assert.deepEqual(pod.tolerations, [{ operator: 'Exists' }]);
+    assert.equal(pod.priorityClassName, 'system-node-critical');
+    assert.equal(pod.serviceAccountName, byKind('ServiceAccount')[0]!.metadata.name);
+    const hostPaths = pod.volumes.flatMap((v) => (v.hostPath ? [v.hostPath.path] : [])).sort();
+    assert.deepEqual(hostPaths, ['/etc/cni/net.d', '/opt/cni/bin', '/proc', '/sys/fs/bpf', '/sys/fs/cgroup', '/var/run/ambient-bpf', '/var/run/netns', '/var/run/ztunnel']);
+  });
+
+  it('grant exactly the API calls the agent makes', async (t) => {
+    const api = new KubeApiTestServer();
+    await api.start();
+    t.after(() => api.close());
+    api.upsert('namespaces', { metadata: { name: 'shop' } });
+    api.upsert('pods', { metadata: { name: 'p', namespace: 'shop', uid: 'u' }, spec: { nodeName: 'n' } });
+    const source = new KubePodSource({ kubeconfig: api.kubeConfig(), nodeName: 'n', onChange: () => undefined, log: silentLogger });
+    t.after(() => source.stop());
+    const state = await source.start();
+    await source.setRedirection(state.pods.get('u')!, 'enabled');
+    await source.setRedirection(state.pods.get('u')!, undefined);
+    const used = new Set(api.requests.map((r) => {
+      const status = /^\/api\/v1\/namespaces\/[^/]+\/pods\/[^/]+\/status$/.test(r.path);
+      const resource = status ? 'pods/status' : r.path.split('/').at(-1)!;
+      const verb = r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : 'list';
+      return `${resource} ${verb}`;
+    }));
+    const [role] = byKind('ClusterRole') as unknown as { metadata: { name: string }; rules: { apiGroups: string[]; resources: string[]; verbs: string[] }[] }[];
+    const granted = new Set(role!.rules.flatMap((r) => r.resources.flatMap((res) => r.verbs.map((v) => `${res} ${v}`))));
+    assert.deepEqual([...granted].sort(), [...used].sort());
+    const [binding] = byKind('ClusterRoleBinding') as unknown as { subjects: { name: string }[]; roleRef: { name: string } }[];
+    assert.equal(binding!.roleRef.name, role!.metadata.name);
+    assert.equal(binding!.subjects[0]!.name, 'ambient-bpf');
+  });
+});
