@@ -51,6 +51,8 @@ interface Entry {
   cniIps: string[] | undefined;
   /** CNI DEL tore the sandbox down: wait for a new one (CNI ADD, or new IPs from the source). */
   sandboxGone: boolean;
+  /** When the pending enrollment started (performance.now()), until ztunnel acks it. */
+  enrollStarted: number | undefined;
 }
 
 export interface ReconcilerOptions {
@@ -71,7 +73,7 @@ export class Reconciler {
   private stopped = false;
   /** Failed reconcile passes since start (a metric). */
   reconcileErrors = 0;
-  /** Called with the seconds from the start of a pass to ztunnel's ack of a newly enrolled pod. */
+  /** Called with the seconds from the start of enrolling a pod to ztunnel's ack. */
   onEnrolled: (seconds: number) => void = () => undefined;
 
   constructor(private readonly opts: ReconcilerOptions) {}
@@ -154,6 +156,7 @@ export class Reconciler {
     const e = this.entries.get(uid);
     if (!e || !e.attached) return;
     e.ztunnel = result;
+    if (result.status === 'acked') this.enrolled(e);
     if (e.running) return; // the pass in progress annotates with its own answer
     this.annotate(e, result.status === 'acked' ? 'enabled' : 'pending').catch((err: Error) => {
       this.opts.log.warn({ uid, error: err.message }, 'cannot annotate pod');
@@ -222,6 +225,7 @@ export class Reconciler {
         backoffMs: this.opts.initialBackoffMs ?? 200,
         cniIps: undefined,
         sandboxGone: false,
+        enrollStarted: undefined,
       };
       this.entries.set(uid, e);
     }
@@ -265,7 +269,7 @@ export class Reconciler {
   private async enroll(e: Entry): Promise<void> {
     const pod = e.pod!;
     const ips = this.ipsOf(e);
-    const started = performance.now();
+    if (!e.attached || e.ztunnel?.status !== 'acked') e.enrollStarted ??= performance.now();
     const netnsPath = (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
@@ -283,11 +287,19 @@ export class Reconciler {
         info: { name: pod.metadata.name, namespace: pod.metadata.namespace, serviceAccount: serviceAccountOf(pod) },
         netnsFd: openSync(netnsPath, 'r'),
       });
-      if (e.ztunnel.status === 'acked') this.onEnrolled((performance.now() - started) / 1000);
+      if (e.ztunnel.status === 'acked') this.enrolled(e);
     }
     await this.annotate(e, e.ztunnel.status === 'acked' ? 'enabled' : 'pending');
     // ztunnel retries a nacked pod itself; ask again later too, in case it lost it.
     if (e.ztunnel.status === 'nacked') throw new Error(`ztunnel refused the pod: ${e.ztunnel.error}`);
+  }
+
+  /** ztunnel acked: report how long it took since the enrollment started (also when the ack came
+   * with a later snapshot because ztunnel was away). */
+  private enrolled(e: Entry): void {
+    if (e.enrollStarted === undefined) return;
+    this.onEnrolled((performance.now() - e.enrollStarted) / 1000);
+    e.enrollStarted = undefined;
   }
 
   private async unenroll(e: Entry): Promise<void> {
@@ -298,6 +310,7 @@ export class Reconciler {
       this.opts.log.info({ uid: e.uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined }, 'pod no longer redirected');
       e.attached = false;
       e.ztunnel = undefined;
+      e.enrollStarted = undefined;
       e.since = new Date();
     }
     if (e.pod) await this.annotate(e, undefined);
