@@ -38,6 +38,7 @@ const percentile = (xs: number[], p: number) => {
 async function inNetns(ns: string, args: string[], input?: string): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = execFile(TCPBENCH, ['spawn', Topology.netnsPath(ns), ...args], (err, stdout) => (err ? reject(new Error(`${args.join(" ")}: ${err.message}`)) : resolve(stdout)));
+    child.stdin?.on('error', () => undefined); // the command may exit without reading it
     child.stdin?.end(input ?? '');
   });
 }

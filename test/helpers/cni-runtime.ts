@@ -28,6 +28,8 @@ export function execPlugin(nodeNs: string, type: string, env: Record<string, str
     const child = execFile('nsenter', [`--net=${Topology.netnsPath(nodeNs)}`, binary ?? type], { env: { PATH: process.env.PATH ?? '', CNI_PATH, ...env } }, (err, stdout, stderr) => {
       resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
     });
+    // A plugin may exit before reading its stdin (an error it can tell from the environment alone).
+    child.stdin!.on('error', () => undefined);
     child.stdin!.end(stdin);
   });
 }
