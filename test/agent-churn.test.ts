@@ -11,7 +11,7 @@ import { Datapath } from '../bpf/src/index.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
 import { CLI } from './helpers/cli.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
-import { assertNothingLeft } from './helpers/leftovers.js';
+import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { Topology } from './helpers/topology.js';
 import { sleep, until } from './helpers/wait.js';
 
@@ -37,11 +37,8 @@ describe('agent restarts during pod churn', kernelTest(), () => {
     t.after(async () => {
       agent?.kill('SIGKILL');
       standIn.stop();
-      const dp = await Datapath.open({ bpffsRoot: root });
-      for (const p of await dp.list()) await dp.detach(p.uid);
-      dp.close();
+      await removeDatapath(root);
       await topo.cleanup();
-      rmSync(root, { recursive: true, force: true });
       rmSync(dir, { recursive: true, force: true });
     });
 

@@ -13,7 +13,7 @@ import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { KubeApiTestServer } from './helpers/kube-api-server.js';
-import { assertNothingLeft } from './helpers/leftovers.js';
+import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
 import { until } from './helpers/wait.js';
 
@@ -36,11 +36,8 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
       standIn.stop();
       agent.stop();
       await api.close();
-      const dp = await Datapath.open({ bpffsRoot: root });
-      for (const p of await dp.list()) await dp.detach(p.uid);
-      dp.close();
+      await removeDatapath(root);
       await topo.cleanup();
-      rmSync(root, { recursive: true, force: true });
       rmSync(dir, { recursive: true, force: true });
     });
     const annotation = () => (api.get('pods', 'cart', 'shop')?.metadata as { annotations?: Record<string, string> }).annotations?.[REDIRECTION_ANNOTATION];

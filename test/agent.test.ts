@@ -10,7 +10,7 @@ import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { CLI, runCli } from './helpers/cli.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
-import { assertNothingLeft } from './helpers/leftovers.js';
+import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
 import { RecordingServer, whoAnswers } from './helpers/traffic.js';
 import { until } from './helpers/wait.js';
@@ -50,11 +50,8 @@ describe('ambient-bpf agent', kernelTest(), () => {
     t.after(async () => {
       for (const p of procs) p.child.kill('SIGKILL');
       await remote.close();
-      const dp = await Datapath.open({ bpffsRoot: root });
-      for (const p of await dp.list()) await dp.detach(p.uid);
-      dp.close();
+      await removeDatapath(root);
       await topo.cleanup();
-      rmSync(root, { recursive: true, force: true });
       rmSync(dir, { recursive: true, force: true });
     });
 
@@ -119,11 +116,8 @@ describe('ambient-bpf agent', kernelTest(), () => {
       '--install-cni', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--health-addr', `127.0.0.1:${port}`]);
     t.after(async () => {
       agent.child.kill('SIGKILL');
-      const dp = await Datapath.open({ bpffsRoot: root });
-      for (const p of await dp.list()) await dp.detach(p.uid);
-      dp.close();
+      await removeDatapath(root);
       await topo.cleanup();
-      rmSync(root, { recursive: true, force: true });
       rmSync(dir, { recursive: true, force: true });
     });
     await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, `readyz (${agent.stderr()})`, 10_000);

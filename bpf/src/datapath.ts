@@ -8,6 +8,8 @@ export const DEFAULT_BPFFS_ROOT = '/sys/fs/bpf/ambient-bpf';
 /** How programs are attached: tcx links (Linux 6.6+), or the clsact/cls_bpf fallback. */
 export type AttachMode = 'auto' | 'tcx' | 'tc';
 const MODE_CODES: Record<AttachMode, number> = { auto: 0, tcx: 1, tc: 2 };
+export const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
+export const DEFAULT_ATTACH_MODE: AttachMode = 'auto';
 
 export type DatapathErrorCode =
   | 'EINVALID' // bad argument

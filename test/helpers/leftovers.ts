@@ -1,6 +1,7 @@
 // Suite-level check that a test file left nothing of its own behind.
 import assert from 'node:assert/strict';
-import { readdirSync } from 'node:fs';
+import { readdirSync, rmSync } from 'node:fs';
+import { Datapath } from '../../bpf/src/index.js';
 import { TEST_PREFIX } from './kernel.js';
 import { leftoverNamespaces, sh } from './topology.js';
 
@@ -16,4 +17,12 @@ export async function podLinkIds(): Promise<number[]> {
   const ours = new Set(progs.filter((p) => p.name === 'pod_ingress' || p.name === 'pod_egress').map((p) => p.id));
   const links = JSON.parse(await sh('bpftool', ['-j', 'link', 'show'])) as { id: number; prog_id: number }[];
   return links.filter((l) => ours.has(l.prog_id)).map((l) => l.id);
+}
+
+/** Detaches every pod attached under a test's bpffs root and removes the root. */
+export async function removeDatapath(root: string): Promise<void> {
+  const dp = await Datapath.open({ bpffsRoot: root });
+  for (const p of await dp.list()) await dp.detach(p.uid);
+  dp.close();
+  rmSync(root, { recursive: true, force: true });
 }

@@ -3,7 +3,7 @@ import { hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import type { CommandModule } from 'yargs';
 import { pino } from 'pino';
-import { DEFAULT_BPFFS_ROOT, type AttachMode } from '../../../bpf/src/index.js';
+import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, type AttachMode } from '../../../bpf/src/index.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
 import { Agent } from '../agent.js';
 import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
@@ -32,8 +32,6 @@ export const DEFAULT_CNI_BIN_DIR = '/opt/cni/bin';
 export const DEFAULT_CNI_CONF_DIR = '/etc/cni/net.d';
 /** The plugin binary `npm run build` makes. */
 export const PLUGIN_BINARY_PATH = fileURLToPath(new URL('../../../../cni-agent/bin/ambient-bpf-cni', import.meta.url));
-const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
-const DEFAULT_ATTACH_MODE: AttachMode = 'auto';
 
 export const agentCommand: CommandModule<object, AgentArgs> = {
   command: 'agent',

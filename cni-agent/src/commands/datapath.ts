@@ -1,6 +1,6 @@
 // `ambient-bpf datapath ...`: direct access to the pod datapath, for operators and for checks.
 import type { ArgumentsCamelCase, Argv, CommandModule } from 'yargs';
-import { Datapath, DEFAULT_BPFFS_ROOT, type AttachMode, type AttachedPod } from '../../../bpf/src/index.js';
+import { ATTACH_MODES, Datapath, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, type AttachMode, type AttachedPod } from '../../../bpf/src/index.js';
 import { CliError } from './cli-error.js';
 
 interface CommonArgs {
@@ -24,8 +24,6 @@ function bpffsOption<T>(y: Argv<T>): Argv<T & CommonArgs> {
   });
 }
 
-const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
-const DEFAULT_ATTACH_MODE: AttachMode = 'auto';
 
 type AttachArgs = CommonArgs & { netns: string; uid: string; 'pod-ip': string[]; 'attach-mode': AttachMode };
 

@@ -1,7 +1,7 @@
 // `ambient-bpf demo`: the product on one machine, in one command.
 import type { CommandModule } from 'yargs';
 import { statfsSync } from 'node:fs';
-import type { AttachMode } from '../../../bpf/src/index.js';
+import { ATTACH_MODES, DEFAULT_ATTACH_MODE, type AttachMode } from '../../../bpf/src/index.js';
 import { Demo } from '../demo/demo.js';
 import { CliError } from './cli-error.js';
 
@@ -10,8 +10,6 @@ interface DemoArgs {
   'attach-mode': AttachMode;
 }
 
-const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
-const DEFAULT_ATTACH_MODE: AttachMode = 'auto';
 
 export const demoCommand: CommandModule<object, DemoArgs> = {
   command: 'demo',
