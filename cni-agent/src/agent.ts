@@ -42,12 +42,15 @@ export interface AgentOptions {
   installCni?: { binDir: string; confDir: string; binarySource: string } | undefined;
   /** The status API's Unix socket (`ambient-bpf status`). */
   statusSocket?: string | undefined;
+  /** How often every redirected pod is verified and repaired (ms); 0 turns it off. */
+  verifyIntervalMs?: number | undefined;
   healthAddr?: string | undefined;
   metricsAddr?: string | undefined;
   log: Logger;
 }
 
 const GC_INTERVAL_MS = 60_000;
+export const DEFAULT_VERIFY_INTERVAL_MS = 30_000;
 
 export class Agent {
   private datapath: Datapath | undefined;
@@ -56,6 +59,7 @@ export class Agent {
   private reconciler: Reconciler | undefined;
   private readonly servers: { close(): void }[] = [];
   private gcTimer: NodeJS.Timeout | undefined;
+  private verifyTimer: NodeJS.Timeout | undefined;
   private installer: CniInstaller | undefined;
   private synced = false;
   private readonly enrollSeconds = new Histogram('ambient_bpf_enroll_duration_seconds', 'From the start of enrolling a pod to ztunnel’s ack.', [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
@@ -103,6 +107,8 @@ export class Agent {
       this.installer.start();
     }
     this.gcTimer = setInterval(() => void this.collectGarbage(), GC_INTERVAL_MS);
+    const verifyMs = this.opts.verifyIntervalMs ?? DEFAULT_VERIFY_INTERVAL_MS;
+    if (verifyMs > 0) this.scheduleVerify(verifyMs);
     if (this.opts.statusSocket) this.servers.push(await serveStatus(this.opts.statusSocket, () => this.report()));
     const health = { notReady: () => this.notReady() };
     const metrics = { metrics: () => this.metrics() };
@@ -141,6 +147,7 @@ export class Agent {
   /** Stops the agent; pods stay redirected. */
   stop(): void {
     clearInterval(this.gcTimer);
+    clearTimeout(this.verifyTimer);
     this.installer?.stop();
     this.source?.stop();
     this.reconciler?.stop();
@@ -164,9 +171,20 @@ export class Agent {
       samples('ambient_bpf_pods', 'Pods by enrollment state.', 'gauge', [...byState].map(([state, n]) => [{ state }, n])),
       samples('ambient_bpf_ztunnel_connections', 'ztunnel connections past their hello.', 'gauge', [[{}, this.zds?.connectedCount ?? 0]]),
       samples('ambient_bpf_reconcile_errors_total', 'Failed reconcile passes.', 'counter', [[{}, this.reconciler?.reconcileErrors ?? 0]]),
+      samples('ambient_bpf_drift_repairs_total', 'Redirections found changed behind the agent’s back and repaired.', 'counter', [[{}, this.reconciler?.driftRepairs ?? 0]]),
       this.enrollSeconds.render(),
       this.cniRequests.render(),
     ].join('\n') + '\n';
+  }
+
+  /** One verify pass after another, never two at once. */
+  private scheduleVerify(ms: number): void {
+    this.verifyTimer = setTimeout(() => {
+      this.reconciler
+        ?.verifyAll()
+        .catch((err: Error) => this.opts.log.warn({ error: err.message }, 'drift check failed'))
+        .finally(() => this.scheduleVerify(ms));
+    }, ms);
   }
 
   /** What the CNI plugin decides from while the agent is unreachable. */

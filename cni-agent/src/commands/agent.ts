@@ -5,7 +5,7 @@ import type { CommandModule } from 'yargs';
 import { pino } from 'pino';
 import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, type AttachMode } from '../../../bpf/src/index.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
-import { Agent } from '../agent.js';
+import { Agent, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
 import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
 import { CliError } from './cli-error.js';
 
@@ -22,6 +22,7 @@ interface AgentArgs {
   'cni-bin-dir': string;
   'cni-conf-dir': string;
   'status-socket': string;
+  'verify-interval': number;
   'health-addr': string | undefined;
   'metrics-addr': string | undefined;
   'log-level': string;
@@ -50,11 +51,13 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('cni-bin-dir', { type: 'string', default: DEFAULT_CNI_BIN_DIR, describe: 'where runtimes look for CNI plugin binaries' })
       .option('cni-conf-dir', { type: 'string', default: DEFAULT_CNI_CONF_DIR, describe: 'the node’s CNI configuration directory' })
       .option('status-socket', { type: 'string', default: DEFAULT_STATUS_SOCKET, describe: 'Unix socket of the status API (ambient-bpf status)' })
+      .option('verify-interval', { type: 'number', default: DEFAULT_VERIFY_INTERVAL_MS / 1000, describe: 'seconds between drift checks of every redirected pod (0: off)' })
       .option('health-addr', { type: 'string', describe: 'HOST:PORT for /healthz and /readyz' })
       .option('metrics-addr', { type: 'string', describe: 'HOST:PORT for Prometheus /metrics' })
       .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
       .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected; a restarted agent adopts them.'),
   handler: async (args) => {
+    if (!Number.isFinite(args['verify-interval']) || args['verify-interval'] < 0) throw new CliError('--verify-interval must be 0 (off) or more seconds', 2);
     if (args.kubeconfig !== undefined && args['local-pods'] !== undefined) throw new CliError('name one pod source: --local-pods or --kubeconfig', 2);
     if (args.kubeconfig === undefined && args['local-pods'] === undefined && !process.env.KUBERNETES_SERVICE_HOST) {
       throw new CliError('name a pod source: --local-pods FILE or --kubeconfig FILE (in a cluster, the service account is used)', 2);
@@ -70,6 +73,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       attachMode: args['attach-mode'],
       installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], binarySource: PLUGIN_BINARY_PATH } : undefined,
       statusSocket: args['status-socket'],
+      verifyIntervalMs: Math.round(args['verify-interval'] * 1000),
       healthAddr: args['health-addr'],
       metricsAddr: args['metrics-addr'],
       log,

@@ -73,6 +73,8 @@ export class Reconciler {
   private stopped = false;
   /** Failed reconcile passes since start (a metric). */
   reconcileErrors = 0;
+  /** Attachments found broken behind the agent's back and repaired (a metric). */
+  driftRepairs = 0;
   /** Called with the seconds from the start of enrolling a pod to ztunnel's ack. */
   onEnrolled: (seconds: number) => void = () => undefined;
 
@@ -148,6 +150,19 @@ export class Reconciler {
   isEnabled(uid: string): boolean {
     const e = this.entries.get(uid);
     return !!e && e.attached && e.ztunnel?.status === 'acked' && !e.error;
+  }
+
+  /** Drift repair: verifies every redirected pod in its netns (hooks attached and ours, rules,
+   * routes, sysctls, IPs) and repairs what was changed behind the agent's back. */
+  async verifyAll(): Promise<void> {
+    for (const e of [...this.entries.values()]) {
+      if (!e.attached || e.running || this.stopped) continue;
+      const r = await this.opts.datapath.verify(e.uid);
+      if (!r.found || r.ok) continue;
+      this.driftRepairs++;
+      this.opts.log.warn({ uid: e.uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined, problems: r.problems }, 'redirection changed behind our back; repairing');
+      await this.reconcile(e.uid);
+    }
   }
 
   /** ztunnel's answer about a pod, also those to snapshots after ztunnel (re)connects. It only
