@@ -62,7 +62,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
     if (args.kubeconfig === undefined && args['local-pods'] === undefined && !process.env.KUBERNETES_SERVICE_HOST) {
       throw new CliError('name a pod source: --local-pods FILE or --kubeconfig FILE (in a cluster, the service account is used)', 2);
     }
-    const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination(2));
+    const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination({ dest: 2, sync: true }));
     const agent = new Agent({
       nodeName: args['node-name'],
       source: args['local-pods'] !== undefined ? { localPods: args['local-pods'] } : { kubeconfig: args.kubeconfig },

@@ -49,26 +49,28 @@ export const ztunnelCommand: CommandModule<object, ZtunnelArgs> = {
       .epilog('Per-pod connection and byte counters are printed as JSON on stdout on SIGUSR1 and at exit.'),
   handler: async (args) => {
     const dnsUpstream = args['dns-upstream'] !== undefined ? parseEndpoint(args['dns-upstream'], 53) : resolvConfNameserver();
-    const log = pino({ level: args['log-level'], base: { component: 'ztunnel-standin' } }, pino.destination(2));
+    const log = pino({ level: args['log-level'], base: { component: 'ztunnel-standin' } }, pino.destination({ dest: 2, sync: true }));
     const printStats = () => process.stdout.write(JSON.stringify({ pods: standIn.stats() }) + '\n');
     let fatal: string | undefined;
-    const done = new Promise<void>((resolve) => {
-      const stop = () => {
-        standIn.stop();
-        resolve();
-      };
-      process.once('SIGINT', stop);
-      process.once('SIGTERM', stop);
-    });
+    let finish!: () => void;
+    const done = new Promise<void>((resolve) => (finish = resolve));
     const standIn = new ZtunnelStandIn({
       socketPath: args.socket,
       log,
       ...(dnsUpstream ? { dnsUpstream } : {}),
+      // Ends the wait directly: a signal to ourselves could arrive after the (now idle) event
+      // loop already let the process exit with 0.
       onFatal: (reason) => {
         fatal = reason;
-        process.kill(process.pid, 'SIGTERM');
+        finish();
       },
     });
+    const stop = () => {
+      standIn.stop();
+      finish();
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
     process.on('SIGUSR1', printStats);
     log.info({ socket: args.socket, dnsUpstream }, 'ztunnel stand-in starting');
     standIn.start();
