@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { KubePodSource, REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/kube-source.js';
-import type { SourceChange } from '../cni-agent/src/pods/local-source.js';
+import type { SourceChange } from '../cni-agent/src/pods/pod.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { KubeApiTestServer, mergePatch } from './helpers/kube-api-server.js';
 import { until } from './helpers/wait.js';

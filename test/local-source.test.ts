@@ -5,7 +5,8 @@ import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { LocalPodSource, LocalPodsError, parseLocalPods, podIPs, type SourceChange } from '../cni-agent/src/pods/local-source.js';
+import { LocalPodSource, LocalPodsError, parseLocalPods } from '../cni-agent/src/pods/local-source.js';
+import { podIPs, type SourceChange } from '../cni-agent/src/pods/pod.js';
 import { until } from './helpers/wait.js';
 
 const file = `

@@ -2,7 +2,7 @@
 // ambient pod answers only once the pod is redirected and ztunnel acked it (fail closed: an error
 // makes the runtime retry); every other pod gets prevResult back unchanged.
 import { selectPod, type SelectionPolicy } from '../pods/selection.js';
-import type { ClusterState, Pod } from '../pods/local-source.js';
+import type { ClusterState, Pod } from '../pods/pod.js';
 import type { Reconciler } from '../enrollment/reconciler.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 

@@ -3,7 +3,7 @@
 // next to the plugin socket on every change of the pod source.
 import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import type { ClusterState } from '../pods/local-source.js';
+import type { ClusterState } from '../pods/pod.js';
 import { DATAPLANE_MODE_LABEL, selectPod, type SelectionPolicy } from '../pods/selection.js';
 
 export function policyFilePath(pluginSocket: string): string {

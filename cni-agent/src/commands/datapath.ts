@@ -1,6 +1,7 @@
 // `ambient-bpf datapath ...`: direct access to the pod datapath, for operators and for checks.
 import type { ArgumentsCamelCase, Argv, CommandModule } from 'yargs';
 import { ATTACH_MODES, Datapath, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, type AttachMode, type AttachedPod } from '../../../bpf/src/index.js';
+import { renderTable } from '../table.js';
 import { CliError } from './cli-error.js';
 
 interface CommonArgs {
@@ -72,8 +73,7 @@ function formatTable(pods: AttachedPod[]): string {
       p.attachedAt.toISOString(),
     ]);
   }
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n') + '\n';
+  return renderTable(rows);
 }
 
 const list: CommandModule<CommonArgs, CommonArgs & { json: boolean }> = {

@@ -1,6 +1,7 @@
 // `ambient-bpf status`: what the agent knows about each pod of the node.
 import type { CommandModule } from 'yargs';
 import { DEFAULT_STATUS_SOCKET, fetchStatus, type StatusPod } from '../ops/status-api.js';
+import { renderTable } from '../table.js';
 import { CliError } from './cli-error.js';
 
 interface StatusArgs {
@@ -17,8 +18,7 @@ export function formatStatusTable(pods: StatusPod[], now = Date.now()): string {
   const rows = [['NAMESPACE', 'POD', 'STATE', 'HOOKS', 'ZTUNNEL', 'AGE', 'REASON']];
   const sorted = [...pods].sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
   for (const p of sorted) rows.push([p.namespace, p.name, p.state, p.hooks || '-', p.ztunnel, age(p.sinceUnixMs, now), p.reason]);
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n') + '\n';
+  return renderTable(rows);
 }
 
 export const statusCommand: CommandModule<object, StatusArgs> = {

@@ -13,6 +13,7 @@ import { Datapath, type AttachMode } from '../../../bpf/src/index.js';
 import { connectFromNetns, listenInNetns } from '../../../bpf/src/node-netns.js';
 import { ZtunnelStandIn } from '../../../ztunnel-bridge/src/standin/ztunnel.js';
 import { fetchStatus, type StatusPod } from '../ops/status-api.js';
+import { renderTable } from '../table.js';
 
 const run = promisify(execFile);
 const CLI_JS = fileURLToPath(new URL('../cli.js', import.meta.url));
@@ -275,23 +276,18 @@ export class Demo {
   }
 }
 
-function table(rows: string[][]): string {
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n') + '\n';
-}
-
 function renderPods(pods: StatusPod[]): string {
   const rows = [['POD', 'AMBIENT?', 'STATE', 'HOOKS', 'ZTUNNEL', 'WHY']];
   for (const p of PODS) {
     const s = pods.find((x) => x.name === p.name);
     rows.push([`${p.namespace}/${p.name}`, p.ambient ? 'yes' : 'no', s?.state ?? '?', s?.hooks || '-', s?.ztunnel ?? '?', p.why]);
   }
-  return 'Pods\n' + table(rows);
+  return 'Pods\n' + renderTable(rows);
 }
 
 function renderFlows(flows: FlowResult[]): string {
   const yesNo = (b: boolean | undefined) => (b === undefined ? '-' : b ? 'yes' : 'no');
   const rows = [['FROM', 'TO', 'ANSWERED BY', 'OUT VIA ZTUNNEL', 'IN VIA ZTUNNEL', 'ZTUNNEL SAW DESTINATION', 'AS EXPECTED']];
   for (const f of flows) rows.push([f.from, f.to, f.answeredBy || '-', yesNo(f.outboundViaZtunnel), yesNo(f.inboundViaZtunnel), f.ztunnelSaw, f.problems.length ? 'NO' : 'yes']);
-  return 'Traffic\n' + table(rows);
+  return 'Traffic\n' + renderTable(rows);
 }

@@ -6,7 +6,7 @@ import { openSync } from 'node:fs';
 import type { AttachMode, Datapath } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
-import { podIPs, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/local-source.js';
+import { podIPs, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
 import { selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
 import type { NetnsLocator } from './netns-locator.js';
 
@@ -149,7 +149,7 @@ export class Reconciler {
   /** Is the pod redirected and acked by ztunnel? (CNI CHECK) */
   isEnabled(uid: string): boolean {
     const e = this.entries.get(uid);
-    return !!e && e.attached && e.ztunnel?.status === 'acked' && !e.error;
+    return !!e && stateOf(e) === 'enabled';
   }
 
   /** Drift repair: verifies every redirected pod in its netns (hooks attached and ours, rules,
@@ -184,7 +184,7 @@ export class Reconciler {
       .filter((e) => e.pod || e.attached)
       .map((e) => {
         const selection = e.pod ? selectPod(e.pod, this.namespaces.get(e.pod.metadata.namespace), this.policy) : undefined;
-        const state: EnrollmentState = e.error ? 'failed' : !e.attached ? 'not ambient' : e.ztunnel?.status === 'acked' ? 'enabled' : 'pending';
+        const state = stateOf(e);
         const reason = e.error ?? (e.attached && e.ztunnel && e.ztunnel.status !== 'acked' ? describe(e.ztunnel) : selection?.reason ?? 'pod is gone');
         return {
           uid: e.uid,
@@ -336,6 +336,10 @@ export class Reconciler {
     await this.opts.annotator.setRedirection(e.pod, value);
     e.annotation = value;
   }
+}
+
+function stateOf(e: Entry): EnrollmentState {
+  return e.error ? 'failed' : !e.attached ? 'not ambient' : e.ztunnel?.status === 'acked' ? 'enabled' : 'pending';
 }
 
 function serviceAccountOf(pod: Pod): string {

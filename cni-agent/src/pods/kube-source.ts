@@ -4,7 +4,7 @@
 import { CoreV1Api, KubeConfig, ListWatch, PatchStrategy, setHeaderOptions, Watch, type V1Namespace, type V1Pod } from '@kubernetes/client-node';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { Annotator, RedirectionAnnotation } from '../enrollment/reconciler.js';
-import type { ClusterState, Namespace, Pod, SourceChange } from './local-source.js';
+import type { ClusterState, Namespace, Pod, SourceChange } from './pod.js';
 
 export const REDIRECTION_ANNOTATION = 'ambient.istio.io/redirection';
 

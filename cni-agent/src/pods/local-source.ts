@@ -7,36 +7,10 @@ import { watch, type FSWatcher } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { parseAllDocuments } from 'yaml';
-import type { NamespaceLike, PodLike } from './selection.js';
-
-export interface Pod extends PodLike {
-  metadata: NonNullable<PodLike['metadata']> & { name: string; namespace: string; uid: string };
-  spec?: PodLike['spec'] & { nodeName?: string };
-  status?: { podIP?: string; podIPs?: { ip: string }[]; phase?: string };
-}
-
-export interface Namespace extends NamespaceLike {
-  metadata: NonNullable<NamespaceLike['metadata']> & { name: string };
-}
-
-export interface ClusterState {
-  pods: Map<string, Pod>; // by uid
-  namespaces: Map<string, Namespace>; // by name
-}
-
-export type SourceChange =
-  | { kind: 'pod'; type: 'added' | 'updated' | 'deleted'; pod: Pod }
-  | { kind: 'namespace'; type: 'added' | 'updated' | 'deleted'; namespace: Namespace };
+import type { ClusterState, Namespace, Pod, SourceChange } from './pod.js';
 
 export class LocalPodsError extends Error {
   override readonly name = 'LocalPodsError';
-}
-
-/** The pod's IPs from status.podIPs (or status.podIP). */
-export function podIPs(pod: Pod): string[] {
-  const ips = pod.status?.podIPs?.map((p) => p.ip) ?? [];
-  if (ips.length === 0 && pod.status?.podIP) ips.push(pod.status.podIP);
-  return ips;
 }
 
 /** Parses the file's text into this node's pods and all namespaces; throws LocalPodsError. */
