@@ -5,6 +5,7 @@
       "sources": [
         "native/addon.c",
         "native/datapath.c",
+        "native/pod_policy.c",
         "native/netns_addresses.c",
         "native/netns_socket.c",
         "native/netns_thread.c",

@@ -112,7 +112,7 @@ describe('CNI chaining', kernelTest(), () => {
 
     // ztunnel down: an ambient pod's ADD fails (the runtime retries); a plain pod still starts.
     standIn.stop();
-    await until(() => agent.metrics().includes('ambient_bpf_ztunnel_connections 0'), 'ztunnel gone');
+    await until(async () => (await agent.metrics()).includes('ambient_bpf_ztunnel_connections 0'), 'ztunnel gone');
     const cart2 = { ...cart, containerId: 'c-cart2', netns: await podNs('cart2') };
     const refused = await chainAdd(node, list('1.0.0'), cart2);
     assertCniError(refused.last, 11, /ambient pod shop\/cart is not ready: ztunnel unreachable/);
@@ -129,7 +129,7 @@ describe('CNI chaining', kernelTest(), () => {
     assert.ok((await chainDel(node, list('1.0.0'), cart3)).every((r) => r.code === 0));
 
     // The agent counted the CNI requests it answered, by result.
-    assert.match(agent.metrics(), /ambient_bpf_cni_requests_total\{command="ADD",result="11"\} 1/);
+    assert.match(await agent.metrics(), /ambient_bpf_cni_requests_total\{command="ADD",result="11"\} 1/);
 
     // Bad input, with the agent back.
     agent = new Agent(agentOpts);
@@ -149,7 +149,7 @@ describe('CNI chaining', kernelTest(), () => {
     for (const [env, stdin, code, msg] of bad) {
       assertCniError(await plugin(env, stdin), code, msg);
     }
-    assert.match(agent.metrics(), /ambient_bpf_cni_requests_total\{command="ADD",result="1"\} 1/);
+    assert.match(await agent.metrics(), /ambient_bpf_cni_requests_total\{command="ADD",result="1"\} 1/);
   });
 });
 

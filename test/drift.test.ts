@@ -48,7 +48,7 @@ describe('drift repair', kernelTest(), () => {
     await topo.ip(net.pod, 'rule', 'del', 'fwmark', '0x111/0xfff', 'table', '100', 'pref', '32764');
     assert.equal((await dp.verify(uid)).ok, false, 'the breakage did not show');
     await until(async () => (await dp.verify(uid)).ok, 'repaired', 10_000);
-    assert.match(agent.metrics(), /ambient_bpf_drift_repairs_total [1-9]/);
+    assert.match(await agent.metrics(), /ambient_bpf_drift_repairs_total [1-9]/);
     const before = outbound();
     assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 8080 }), 'remote');
     assert.equal(outbound(), before + 1, 'traffic is not captured again');

@@ -90,6 +90,7 @@ struct job {
 			char (*uids)[POD_UID_LEN];
 			size_t count;
 		} gc;
+		struct dp_settings_request configure;
 		struct {
 			struct netns_socket_request req;
 			int fd;
@@ -324,11 +325,12 @@ static napi_value attach_result(napi_env env, struct job *job)
 	return obj;
 }
 
-/* attach(handle, uid, netnsPath, ips: string[], mode: 0 auto | 1 tcx | 2 tc) */
+/* attach(handle, uid, netnsPath, ips: string[], mode: 0 auto | 1 tcx | 2 tc, flags: POD_F_*,
+ *        reroute: string[]) */
 static napi_value js_attach(napi_env env, napi_callback_info info)
 {
-	size_t argc = 5;
-	napi_value argv[5];
+	size_t argc = 7;
+	napi_value argv[7];
 	struct job *job = job_new(attach_run, attach_result);
 	struct dp_attach_request *req;
 	uint32_t n = 0, mode = 0;
@@ -364,6 +366,23 @@ static napi_value js_attach(napi_env env, napi_callback_info info)
 	req->ip_count = n;
 	napi_get_value_uint32(env, argv[4], &mode);
 	req->mode = (enum dp_mode_request)mode;
+	if (argc >= 6)
+		napi_get_value_uint32(env, argv[5], &req->flags);
+	if (argc >= 7) {
+		if (napi_get_array_length(env, argv[6], &n) != napi_ok || n > MAX_REROUTE_IFACES) {
+			napi_throw_range_error(env, DPE_INVALID, "at most 4 reroute interfaces");
+			goto bad;
+		}
+		for (uint32_t i = 0; i < n; i++) {
+			napi_value v;
+
+			napi_get_element(env, argv[6], i, &v);
+			if (!get_string(env, v, req->reroute[i], sizeof(req->reroute[i]),
+					"interface name (at most 15 characters)"))
+				goto bad;
+		}
+		req->reroute_count = n;
+	}
 	if (!take_handle(env, argv[0], job))
 		goto bad;
 	return job_start(env, job, "ambient-bpf:attach");
@@ -443,6 +462,23 @@ static napi_value js_verify(napi_env env, napi_callback_info info)
 
 /* ---- list / gc ---- */
 
+/* Names of enum pod_counter, in order. */
+static const char *const counter_names[CNT_COUNT] = {
+	"outboundRedirected", "outboundNoZtunnel", "inboundRedirected", "inboundNoZtunnel",
+	"bypassZtunnel",      "bypassHbone",       "bypassProbe",       "bypassInboundAnnotation",
+	"forgedMark",         "strictDropped",     "rerouted",
+};
+
+static napi_value counters_value(napi_env env, const struct pod_counters *c)
+{
+	napi_value obj;
+
+	napi_create_object(env, &obj);
+	for (int i = 0; i < CNT_COUNT; i++)
+		set_double(env, obj, counter_names[i], (double)c->value[i]);
+	return obj;
+}
+
 static void list_run(struct job *job)
 {
 	dp_list(job->h->dp, &job->u.list.pods, &job->u.list.count, &job->err);
@@ -471,6 +507,7 @@ static napi_value list_result(napi_env env, struct job *job)
 		for (unsigned j = 0; j < p->meta.ip_count && j < MAX_POD_IPS; j++)
 			napi_set_element(env, ips, j, ip_value(env, &p->meta.ips[j]));
 		set_named(env, obj, "ips", ips);
+		set_named(env, obj, "counters", counters_value(env, &p->counters));
 		napi_set_element(env, arr, (uint32_t)i, obj);
 	}
 	free(job->u.list.pods);
@@ -600,6 +637,120 @@ bad:
 	return NULL;
 }
 
+/* ---- node-wide settings and counters ---- */
+
+static void configure_run(struct job *job)
+{
+	dp_configure(job->h->dp, &job->u.configure, &job->err);
+}
+
+static napi_value undefined_result(napi_env env, struct job *job)
+{
+	napi_value v;
+
+	(void)job;
+	napi_get_undefined(env, &v);
+	return v;
+}
+
+/* configure(handle, flags: SETTING_*, allow: [protocol, port][]) */
+static napi_value js_configure(napi_env env, napi_callback_info info)
+{
+	size_t argc = 3;
+	napi_value argv[3];
+	struct job *job = job_new(configure_run, undefined_result);
+	struct dp_settings_request *req;
+	uint32_t n = 0;
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job)
+		return NULL;
+	req = &job->u.configure;
+	if (argc < 3 || napi_get_value_uint32(env, argv[1], &req->flags) != napi_ok ||
+	    napi_get_array_length(env, argv[2], &n) != napi_ok || n > MAX_STRICT_ALLOW) {
+		napi_throw_range_error(env, DPE_INVALID, "configure(handle, flags, allow: at most 64 entries)");
+		goto bad;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		napi_value entry, v;
+		uint32_t proto = 0, port = 0;
+
+		napi_get_element(env, argv[2], i, &entry);
+		napi_get_element(env, entry, 0, &v);
+		napi_get_value_uint32(env, v, &proto);
+		napi_get_element(env, entry, 1, &v);
+		napi_get_value_uint32(env, v, &port);
+		if (proto > 255 || port > 65535) {
+			napi_throw_range_error(env, DPE_INVALID, "strict allow entries are [protocol 0-255, port 0-65535]");
+			goto bad;
+		}
+		req->allow[i].protocol = (__u8)proto;
+		req->allow[i].port = htons((uint16_t)port);
+	}
+	req->allow_count = n;
+	if (!take_handle(env, argv[0], job))
+		goto bad;
+	return job_start(env, job, "ambient-bpf:configure");
+bad:
+	free(job);
+	return NULL;
+}
+
+static struct datapath *live_dp(napi_env env, napi_value v)
+{
+	struct handle *h = NULL;
+
+	if (napi_get_value_external(env, v, (void **)&h) != napi_ok || !h || !h->dp || h->closing) {
+		napi_throw_error(env, DPE_INVALID, "the datapath is closed");
+		return NULL;
+	}
+	return h->dp;
+}
+
+static napi_value throw_dp_error(napi_env env, const struct dp_error *e)
+{
+	napi_throw(env, make_error(env, e));
+	return NULL;
+}
+
+/* trustZtunnelCgroup(handle, cgroupId: number): one map update, synchronous. */
+static napi_value js_trust_ztunnel_cgroup(napi_env env, napi_callback_info info)
+{
+	size_t argc = 2;
+	napi_value argv[2];
+	struct dp_error e = { 0 };
+	struct datapath *dp;
+	int64_t id = 0;
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 2 || !(dp = live_dp(env, argv[0])))
+		return NULL;
+	if (napi_get_value_int64(env, argv[1], &id) != napi_ok || id <= 0) {
+		napi_throw_range_error(env, DPE_INVALID, "a cgroup id is a positive integer");
+		return NULL;
+	}
+	if (dp_trust_ztunnel_cgroup(dp, (unsigned long long)id, &e))
+		return throw_dp_error(env, &e);
+	return NULL;
+}
+
+/* nodeCounters(handle): counters of traffic not attributed to a pod, synchronous. */
+static napi_value js_node_counters(napi_env env, napi_callback_info info)
+{
+	size_t argc = 1;
+	napi_value argv[1];
+	struct dp_error e = { 0 };
+	struct pod_counters c;
+	struct datapath *dp;
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 1 || !(dp = live_dp(env, argv[0])))
+		return NULL;
+	if (dp_node_counters(dp, &c, &e))
+		return throw_dp_error(env, &e);
+	return counters_value(env, &c);
+}
+
 /* ---- addresses of a netns ---- */
 
 static void addresses_run(struct job *job)
@@ -651,6 +802,9 @@ static napi_value init(napi_env env, napi_value exports)
 		{ "verify", NULL, js_verify, NULL, NULL, NULL, napi_default, NULL },
 		{ "list", NULL, js_list, NULL, NULL, NULL, napi_default, NULL },
 		{ "gc", NULL, js_gc, NULL, NULL, NULL, napi_default, NULL },
+		{ "configure", NULL, js_configure, NULL, NULL, NULL, napi_default, NULL },
+		{ "trustZtunnelCgroup", NULL, js_trust_ztunnel_cgroup, NULL, NULL, NULL, napi_default, NULL },
+		{ "nodeCounters", NULL, js_node_counters, NULL, NULL, NULL, napi_default, NULL },
 		{ "socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL },
 		{ "netnsAddresses", NULL, js_netns_addresses, NULL, NULL, NULL, napi_default, NULL },
 	};
@@ -669,6 +823,10 @@ static napi_value init(napi_env env, napi_value exports)
 	set_u32(env, constants, "MAX_POD_IPS", MAX_POD_IPS);
 	set_u32(env, constants, "TC_FILTER_HANDLE", TC_FILTER_HANDLE);
 	set_u32(env, constants, "TC_FILTER_PRIORITY", TC_FILTER_PRIORITY);
+	set_u32(env, constants, "POD_F_BYPASS_INBOUND", POD_F_BYPASS_INBOUND);
+	set_u32(env, constants, "POD_F_STRICT", POD_F_STRICT);
+	set_u32(env, constants, "SETTING_MARK_ONLY_EXEMPTION", SETTING_MARK_ONLY_EXEMPTION);
+	set_u32(env, constants, "MAX_REROUTE_IFACES", MAX_REROUTE_IFACES);
 	CHECK(napi_set_named_property(env, exports, "constants", constants));
 	seqpacket_register(env, exports);
 	return exports;

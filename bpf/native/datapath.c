@@ -23,6 +23,7 @@
 #include <bpf/libbpf.h>
 
 #include "netns_thread.h"
+#include "pod_policy.h"
 #include "rtnl.h"
 
 #define BPF_FS_MAGIC 0xcafe4a11
@@ -37,9 +38,19 @@ struct datapath {
 	int root_fd; /* flock'ed around every operation: other processes share the pins */
 	struct bpf_object *obj;
 	int prog_fd[2];
+	int reroute_prog_fd;
 	int meta_fd;
+	int settings_fd;
+	int ztunnel_cgroups_fd;
+	int strict_allow_fd;
+	struct policy_maps policy;
 	pthread_mutex_t lock;
 };
+
+static int map_fd(struct bpf_object *obj, const char *name)
+{
+	return bpf_map__fd(bpf_object__find_map_by_name(obj, name));
+}
 
 /* ---- errors and libbpf's log ---- */
 
@@ -168,15 +179,53 @@ static int mkdir_p(const char *path)
 	return mkdir(buf, 0700) && errno != EEXIST ? -errno : 0;
 }
 
+static void reroute_pin_path(const struct datapath *dp, const char *uid, const char *ifname, char out[PATH_MAX])
+{
+	snprintf(out, PATH_MAX, "%s/pods/%s/reroute-%s", dp->root, uid, ifname);
+}
+
+/* Calls fn on every pin in a pod's directory. */
+static void for_each_pin(struct datapath *dp, const char *uid, void (*fn)(const char *pin))
+{
+	char dirpath[PATH_MAX], pin[PATH_MAX];
+	struct dirent *de;
+	DIR *dir;
+
+	pod_dir(dp, uid, dirpath);
+	if (!(dir = opendir(dirpath)))
+		return;
+	while ((de = readdir(dir))) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(pin, sizeof(pin), "%s/%s", dirpath, de->d_name);
+		fn(pin);
+	}
+	closedir(dir);
+}
+
+static void unpin(const char *pin)
+{
+	unlink(pin);
+}
+
+/* Detaches the link a pin holds (even if another process still holds the link) and unpins it. */
+static void detach_pinned_link(const char *pin)
+{
+	int fd = bpf_obj_get(pin);
+
+	if (fd >= 0) {
+		bpf_link_detach(fd);
+		close(fd);
+	}
+	unlink(pin);
+}
+
 /* Unpins a pod's link pins and removes its directory (ignores what is already gone). */
 static void remove_pod_dir(struct datapath *dp, const char *uid)
 {
 	char path[PATH_MAX];
 
-	for (int d = 0; d < 2; d++) {
-		pin_path(dp, uid, d, path);
-		unlink(path);
-	}
+	for_each_pin(dp, uid, unpin);
 	pod_dir(dp, uid, path);
 	rmdir(path);
 }
@@ -330,7 +379,14 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	}
 	for (int d = 0; d < 2; d++)
 		dp->prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, prog_names[d]));
-	dp->meta_fd = bpf_map__fd(bpf_object__find_map_by_name(dp->obj, "pod_meta"));
+	dp->reroute_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_reroute_ingress"));
+	dp->meta_fd = map_fd(dp->obj, "pod_meta");
+	dp->settings_fd = map_fd(dp->obj, "settings");
+	dp->ztunnel_cgroups_fd = map_fd(dp->obj, "ztunnel_cgroups");
+	dp->strict_allow_fd = map_fd(dp->obj, "strict_allow");
+	dp->policy.policy_fd = map_fd(dp->obj, "pod_policy");
+	dp->policy.counters_fd = map_fd(dp->obj, "pod_counters");
+	dp->policy.slot_owner_fd = map_fd(dp->obj, "slot_owner");
 	*out = dp;
 	return 0;
 
@@ -387,19 +443,22 @@ static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
 /* Removes the pod's tcx links through their pins (works from any netns). */
 static void detach_tcx_links(struct datapath *dp, const char *uid)
 {
-	char pin[PATH_MAX];
+	for_each_pin(dp, uid, detach_pinned_link);
+}
 
-	for (int d = 0; d < 2; d++) {
-		int fd;
+/* Removes the clsact qdisc of a device if nobody has filters on it any more; true if it did. */
+static bool destroy_clsact_if_unused(int ifindex)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
+	struct rtnl nl;
+	int in = 1, eg = 1;
 
-		pin_path(dp, uid, d, pin);
-		fd = bpf_obj_get(pin);
-		if (fd >= 0) {
-			bpf_link_detach(fd); /* detaches even if another process still holds the link */
-			close(fd);
-		}
-		unlink(pin);
-	}
+	if (rtnl_open(&nl))
+		return false;
+	rtnl_count_filters(&nl, ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS), &in);
+	rtnl_count_filters(&nl, ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS), &eg);
+	rtnl_close(&nl);
+	return in == 0 && eg == 0 && bpf_tc_hook_destroy(&hook) == 0;
 }
 
 /* Removes our cls_bpf filters (from inside the netns), and the clsact qdisc if attach created it
@@ -408,28 +467,38 @@ static void detach_tc_filters(struct pod_meta *m)
 {
 	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex);
 	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
-	struct rtnl nl;
-	int in = 1, eg = 1;
 
 	for (int d = 0; d < 2; d++) {
 		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
 		bpf_tc_detach(&hook, &opts);
 	}
-	if (!(m->owns & OWNS_CLSACT) || rtnl_open(&nl))
-		return;
-	rtnl_count_filters(&nl, (int)m->ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS), &in);
-	rtnl_count_filters(&nl, (int)m->ifindex, TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS), &eg);
-	rtnl_close(&nl);
-	if (in == 0 && eg == 0) {
-		hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS;
-		if (bpf_tc_hook_destroy(&hook) == 0)
-			m->owns &= ~OWNS_CLSACT;
+	if ((m->owns & OWNS_CLSACT) && destroy_clsact_if_unused((int)m->ifindex))
+		m->owns &= ~OWNS_CLSACT;
+}
+
+/* Removes the reroute hook of one extra interface (tc filters only from inside the netns). */
+static void detach_reroute(struct datapath *dp, const char *uid, const struct pod_meta *m, struct reroute_iface *r,
+			   bool in_netns)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)r->ifindex, .attach_point = BPF_TC_INGRESS);
+	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+	char pin[PATH_MAX];
+
+	reroute_pin_path(dp, uid, r->name, pin);
+	detach_pinned_link(pin);
+	if (in_netns && r->ifindex && m->mode == ATTACH_MODE_TC) {
+		bpf_tc_detach(&hook, &opts);
+		if (r->owns_clsact && destroy_clsact_if_unused((int)r->ifindex))
+			r->owns_clsact = 0;
 	}
+	r->ifindex = 0;
 }
 
 /* Removes the pod's programs: tcx links from anywhere, tc filters only from inside the netns. */
 static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
 {
+	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
+		detach_reroute(dp, uid, m, &m->reroute[i], in_netns);
 	detach_tcx_links(dp, uid);
 	if (in_netns && (m->mode == ATTACH_MODE_TC || (m->owns & OWNS_CLSACT)))
 		detach_tc_filters(m);
@@ -549,32 +618,26 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 	return 0;
 }
 
-static int attach_tcx(struct datapath *dp, const char *uid, struct pod_meta *m, enum hook_dir d)
+/* Attaches prog to a device with a pinned tcx link, or swaps the program of the pinned link in place
+ * when it is on that device already (same code or newer: no gap). */
+static int attach_tcx_pinned(const char *pin, int prog_fd, unsigned ifindex, unsigned type)
 {
 	struct tcx_link_info info;
-	char pin[PATH_MAX];
 	int fd, err = 0;
 
-	pin_path(dp, uid, d, pin);
 	if (pinned_link_info(pin, &info) == 0) {
-		if (info.type == AMB_BPF_LINK_TYPE_TCX && info.ifindex == m->ifindex && info.attach_type == tcx_types[d]) {
-			/* Already attached: swap in this process's program (same code or newer). */
+		if (info.type == AMB_BPF_LINK_TYPE_TCX && info.ifindex == ifindex && info.attach_type == type) {
 			fd = bpf_obj_get(pin);
 			if (fd < 0)
 				return -errno;
-			if (bpf_link_update(fd, dp->prog_fd[d], NULL))
+			if (bpf_link_update(fd, prog_fd, NULL))
 				err = -errno;
 			close(fd);
 			return err;
 		}
-		fd = bpf_obj_get(pin);
-		if (fd >= 0) {
-			bpf_link_detach(fd);
-			close(fd);
-		}
-		unlink(pin);
+		detach_pinned_link(pin);
 	}
-	fd = bpf_link_create(dp->prog_fd[d], (int)m->ifindex, tcx_types[d], NULL);
+	fd = bpf_link_create(prog_fd, (int)ifindex, type, NULL);
 	if (fd < 0)
 		return -errno;
 	if (bpf_obj_pin(fd, pin))
@@ -583,6 +646,14 @@ static int attach_tcx(struct datapath *dp, const char *uid, struct pod_meta *m, 
 		bpf_link_detach(fd);
 	close(fd);
 	return err;
+}
+
+static int attach_tcx(struct datapath *dp, const char *uid, struct pod_meta *m, enum hook_dir d)
+{
+	char pin[PATH_MAX];
+
+	pin_path(dp, uid, d, pin);
+	return attach_tcx_pinned(pin, dp->prog_fd[d], m->ifindex, tcx_types[d]);
 }
 
 static int attach_tc(struct datapath *dp, struct pod_meta *m)
@@ -635,6 +706,73 @@ static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta
 	return 0;
 }
 
+static int attach_reroute_tc(struct datapath *dp, struct reroute_iface *r)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)r->ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
+	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY,
+		    .prog_fd = dp->reroute_prog_fd, .flags = BPF_TC_F_REPLACE);
+	int err = bpf_tc_hook_create(&hook);
+
+	if (err == 0)
+		r->owns_clsact = 1;
+	else if (err != -EEXIST)
+		return err;
+	hook.attach_point = BPF_TC_INGRESS;
+	return bpf_tc_attach(&hook, &opts);
+}
+
+/* Hooks the pod's extra interfaces (istio.io/reroute-virtual-interfaces) in the pod's mode. One that
+ * does not exist yet is recorded with ifindex 0; verify reports it once it appears, and the next
+ * attach hooks it. */
+static int attach_reroutes(struct netns_job *job, unsigned old_mode)
+{
+	const struct dp_attach_request *req = job->req;
+	struct pod_meta *m = job->meta;
+	struct reroute_iface next[MAX_REROUTE_IFACES];
+	unsigned mode = m->mode;
+	char pin[PATH_MAX];
+	int err;
+
+	memset(next, 0, sizeof(next));
+	/* Unhook what is no longer listed, was replaced, or is hooked in the other mode. */
+	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++) {
+		struct reroute_iface *r = &m->reroute[i];
+		int keep = -1;
+
+		for (unsigned j = 0; j < req->reroute_count; j++)
+			if (!strcmp(r->name, req->reroute[j]))
+				keep = (int)j;
+		if (!(keep >= 0 && r->ifindex && r->ifindex == if_nametoindex(r->name) && old_mode == mode)) {
+			m->mode = old_mode ? old_mode : mode;
+			detach_reroute(job->dp, job->uid, m, r, true);
+			m->mode = mode;
+		}
+		if (keep >= 0)
+			next[keep] = *r;
+	}
+	memcpy(m->reroute, next, sizeof(next));
+	m->reroute_count = req->reroute_count;
+	for (unsigned j = 0; j < req->reroute_count; j++) {
+		struct reroute_iface *r = &m->reroute[j];
+
+		snprintf(r->name, sizeof(r->name), "%s", req->reroute[j]);
+		r->ifindex = if_nametoindex(r->name);
+		if (r->ifindex == 0)
+			continue;
+		if (r->ifindex == m->ifindex)
+			return fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface", r->name);
+		if (mode == ATTACH_MODE_TCX) {
+			reroute_pin_path(job->dp, job->uid, r->name, pin);
+			err = attach_tcx_pinned(pin, job->dp->reroute_prog_fd, r->ifindex, AMB_BPF_TCX_INGRESS);
+		} else {
+			err = attach_reroute_tc(job->dp, r);
+		}
+		if (err)
+			return fail(job->e, DPE_SYSTEM, err, "cannot hook reroute interface %s", r->name);
+	}
+	return 0;
+}
+
 static int attach_job(void *p)
 {
 	struct netns_job *job = p;
@@ -675,6 +813,8 @@ static int attach_job(void *p)
 		detach_tc_filters(m);
 	else if (old_mode == ATTACH_MODE_TCX && m->mode == ATTACH_MODE_TC)
 		detach_tcx_links(job->dp, job->uid);
+	if (attach_reroutes(job, old_mode))
+		goto out;
 	m->state = ATTACH_STATE_ATTACHED;
 	if ((err = meta_put(job->dp, job->uid, m)))
 		fail(job->e, DPE_SYSTEM, err, "cannot record pod %s", job->uid);
@@ -730,7 +870,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	struct pod_meta m, old;
 	struct netns_job job = { .dp = dp, .uid = req->uid, .meta = &m, .req = req, .e = e };
 	struct timespec now;
-	int fd, rc;
+	int fd, rc, err;
 
 	if (!uid_valid(req->uid))
 		return fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", req->uid);
@@ -738,6 +878,18 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		return fail(e, DPE_INVALID, 0, "a pod needs 1 to %d IPs, got %u", MAX_POD_IPS, req->ip_count);
 	if (req->netns_path[0] != '/')
 		return fail(e, DPE_INVALID, 0, "netns path must be absolute: %s", req->netns_path);
+	if (req->flags & ~(POD_F_BYPASS_INBOUND | POD_F_STRICT))
+		return fail(e, DPE_INVALID, 0, "unknown pod flags 0x%x", req->flags);
+	if (req->reroute_count > MAX_REROUTE_IFACES)
+		return fail(e, DPE_INVALID, 0, "at most %d reroute interfaces, got %u", MAX_REROUTE_IFACES,
+			    req->reroute_count);
+	for (unsigned i = 0; i < req->reroute_count; i++) {
+		const char *n = req->reroute[i];
+
+		if (!n[0] || strnlen(n, 16) >= 16 || strchr(n, '/') || !strcmp(n, ".") || !strcmp(n, "..") ||
+		    strpbrk(n, " \t\n:"))
+			return fail(e, DPE_INVALID, 0, "not an interface name: \"%.16s\"", n);
+	}
 
 	memset(&m, 0, sizeof(m));
 	fd = open_pod_netns(req->netns_path, &m, e);
@@ -752,6 +904,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		} else {
 			/* A new sandbox for the same pod, or a crashed attach: clear the old record first. */
 			undo_recorded(dp, req->uid, &old, NULL, 0);
+			policy_remove(&dp->policy, &old);
 			meta_del(dp, req->uid);
 			remove_pod_dir(dp, req->uid);
 		}
@@ -759,16 +912,22 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	snprintf(m.netns_path, sizeof(m.netns_path), "%s", req->netns_path);
 	memcpy(m.ips, req->ips, sizeof(m.ips));
 	m.ip_count = req->ip_count;
+	m.flags = req->flags;
 	clock_gettime(CLOCK_REALTIME, &now);
 	if (!res->updated)
 		m.attached_at_ns = (__u64)now.tv_sec * 1000000000ull + (__u64)now.tv_nsec;
 
-	rc = run_in_netns(fd, attach_job, &job);
-	if (rc < 0 && !e->code)
+	/* The programs read the pod's options from its addresses: in place before they run. */
+	if ((err = policy_claim_slot(&dp->policy, req->uid, &m)) ||
+	    (err = policy_write(&dp->policy, &m, res->updated ? &old : NULL)))
+		fail(e, err == -ENOSPC ? DPE_INVALID : DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
+	else if ((rc = run_in_netns(fd, attach_job, &job)) < 0 && !e->code)
 		fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
 	if (e->code) {
 		meta_del(dp, req->uid);
 		remove_pod_dir(dp, req->uid);
+		policy_remove(&dp->policy, &m);
+		policy_release_slot(&dp->policy, req->uid, &m);
 	} else {
 		res->mode = m.mode;
 		res->ifindex = (int)m.ifindex;
@@ -789,6 +948,8 @@ int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res
 	res->found = meta_get(dp, uid, &m) == 0;
 	if (res->found) {
 		undo_recorded(dp, uid, &m, res->warning, sizeof(res->warning));
+		policy_remove(&dp->policy, &m);
+		policy_release_slot(&dp->policy, uid, &m);
 		meta_del(dp, uid);
 	}
 	remove_pod_dir(dp, uid); /* also pins left by a crash before the record was written */
@@ -847,6 +1008,8 @@ static int list_one(struct datapath *dp, const char *uid, struct pod_meta *m, vo
 		pin_path(dp, uid, d, pin);
 		pod->links_pinned = pod->links_pinned && stat(pin, &st) == 0;
 	}
+	if (m->slot)
+		counters_read(&dp->policy, m->slot, &pod->counters);
 	return 0;
 }
 
@@ -880,12 +1043,52 @@ static void problem(struct dp_verify_result *r, const char *fmt, ...)
 	va_end(ap);
 }
 
-static void verify_program_name(struct dp_verify_result *r, __u32 prog_id, enum hook_dir d)
+static void verify_program_name(struct dp_verify_result *r, __u32 prog_id, const char *hook, const char *want)
 {
 	char name[BPF_OBJ_NAME_LEN] = "";
 
-	if (prog_name_by_id(prog_id, name) || strcmp(name, prog_names[d]))
-		problem(r, "%s hook runs program %u (%s), not %s", hook_names[d], prog_id, name, prog_names[d]);
+	if (prog_name_by_id(prog_id, name) || strncmp(name, want, BPF_OBJ_NAME_LEN - 1))
+		problem(r, "%s hook runs program %u (%s), not %s", hook, prog_id, name, want);
+}
+
+static void verify_reroutes(struct netns_job *job)
+{
+	struct pod_meta *m = job->meta;
+	struct dp_verify_result *res = job->verify;
+
+	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++) {
+		struct reroute_iface *r = &m->reroute[i];
+		unsigned now = if_nametoindex(r->name);
+		char hook[40];
+
+		snprintf(hook, sizeof(hook), "reroute %s", r->name);
+		if (now != r->ifindex) {
+			problem(res, r->ifindex ? "reroute interface %s is gone or was replaced"
+						: "reroute interface %s appeared and is not hooked yet",
+				r->name);
+			continue;
+		}
+		if (!r->ifindex)
+			continue;
+		if (m->mode == ATTACH_MODE_TCX) {
+			struct tcx_link_info info;
+			char pin[PATH_MAX];
+
+			reroute_pin_path(job->dp, job->uid, r->name, pin);
+			if (pinned_link_info(pin, &info) || info.ifindex != r->ifindex)
+				problem(res, "the %s link is missing or detached", hook);
+			else
+				verify_program_name(res, info.prog_id, hook, "pod_reroute_ingress");
+		} else {
+			LIBBPF_OPTS(bpf_tc_hook, tch, .ifindex = (int)r->ifindex, .attach_point = BPF_TC_INGRESS);
+			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+
+			if (bpf_tc_query(&tch, &opts))
+				problem(res, "the %s tc filter is missing", hook);
+			else
+				verify_program_name(res, opts.prog_id, hook, "pod_reroute_ingress");
+		}
+	}
 }
 
 static int verify_job(void *p)
@@ -941,7 +1144,7 @@ static int verify_job(void *p)
 			else if (info.ifindex != m->ifindex)
 				problem(r, "the %s link is detached", hook_names[d]);
 			else
-				verify_program_name(r, info.prog_id, d);
+				verify_program_name(r, info.prog_id, hook_names[d], prog_names[d]);
 		}
 	} else {
 		LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex);
@@ -953,9 +1156,10 @@ static int verify_job(void *p)
 			if (bpf_tc_query(&hook, &opts))
 				problem(r, "the %s tc filter is missing", hook_names[d]);
 			else
-				verify_program_name(r, opts.prog_id, d);
+				verify_program_name(r, opts.prog_id, hook_names[d], prog_names[d]);
 		}
 	}
+	verify_reroutes(job);
 	return 0;
 }
 
@@ -1032,9 +1236,35 @@ static int gc_one(struct datapath *dp, const char *uid, struct pod_meta *m, void
 	if (!pod_gone(dp, uid, m))
 		return 0;
 	detach_programs(dp, uid, m, false);
+	policy_remove(&dp->policy, m);
+	policy_release_slot(&dp->policy, uid, m);
 	meta_del(dp, uid);
 	remove_pod_dir(dp, uid);
 	return gc_add(p, uid);
+}
+
+/* Slots and addresses whose pod has no record: left by a crash between the policy and the record. */
+static void gc_policy(struct datapath *dp)
+{
+	struct pod_meta_key owner, empty;
+	struct pod_policy pol;
+	struct pod_ip ip, next;
+	struct pod_meta m;
+	void *prev = NULL;
+
+	memset(&empty, 0, sizeof(empty));
+	for (__u32 slot = 1; slot < MAX_PODS; slot++) {
+		if (bpf_map_lookup_elem(dp->policy.slot_owner_fd, &slot, &owner) == 0 && owner.uid[0] &&
+		    meta_get(dp, owner.uid, &m) != 0)
+			bpf_map_update_elem(dp->policy.slot_owner_fd, &slot, &empty, BPF_ANY);
+	}
+	while (bpf_map_get_next_key(dp->policy.policy_fd, prev, &next) == 0) {
+		ip = next;
+		prev = &ip;
+		if (bpf_map_lookup_elem(dp->policy.policy_fd, &ip, &pol) == 0 &&
+		    (bpf_map_lookup_elem(dp->policy.slot_owner_fd, &pol.slot, &owner) || !owner.uid[0]))
+			bpf_map_delete_elem(dp->policy.policy_fd, &ip);
+	}
 }
 
 int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct dp_error *e)
@@ -1063,6 +1293,8 @@ int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct
 	}
 	if (dir)
 		closedir(dir);
+	if (!err)
+		gc_policy(dp);
 	dp_unlock(dp);
 	if (err) {
 		free(ctx.uids);
@@ -1071,4 +1303,54 @@ int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct
 	*uids = ctx.uids;
 	*count = ctx.count;
 	return 0;
+}
+
+/* ---- node-wide settings ---- */
+
+int dp_configure(struct datapath *dp, const struct dp_settings_request *req, struct dp_error *e)
+{
+	struct dp_settings st = { .flags = req->flags };
+	struct strict_allow_key key, next;
+	__u32 zero = 0;
+	__u8 yes = 1;
+	int err = 0;
+
+	if (req->flags & ~SETTING_MARK_ONLY_EXEMPTION)
+		return fail(e, DPE_INVALID, 0, "unknown settings flags 0x%x", req->flags);
+	if (req->allow_count > MAX_STRICT_ALLOW)
+		return fail(e, DPE_INVALID, 0, "at most %d strict-mode allow entries, got %u", MAX_STRICT_ALLOW,
+			    req->allow_count);
+	dp_lock(dp);
+	/* The allow list first: a moment with the old list and new flags is the safer order. */
+	while (!err && bpf_map_get_next_key(dp->strict_allow_fd, NULL, &next) == 0) {
+		key = next;
+		if (bpf_map_delete_elem(dp->strict_allow_fd, &key))
+			err = -errno;
+	}
+	for (unsigned i = 0; !err && i < req->allow_count; i++)
+		if (bpf_map_update_elem(dp->strict_allow_fd, &req->allow[i], &yes, BPF_ANY))
+			err = -errno;
+	if (!err && bpf_map_update_elem(dp->settings_fd, &zero, &st, BPF_ANY))
+		err = -errno;
+	dp_unlock(dp);
+	return err ? fail(e, DPE_SYSTEM, err, "cannot write the datapath settings") : 0;
+}
+
+int dp_trust_ztunnel_cgroup(struct datapath *dp, unsigned long long cgroup_id, struct dp_error *e)
+{
+	__u64 id = cgroup_id;
+	__u8 yes = 1;
+
+	if (id == 0)
+		return fail(e, DPE_INVALID, 0, "cgroup id 0 is not a cgroup");
+	if (bpf_map_update_elem(dp->ztunnel_cgroups_fd, &id, &yes, BPF_ANY))
+		return fail(e, DPE_SYSTEM, errno, "cannot record ztunnel's cgroup");
+	return 0;
+}
+
+int dp_node_counters(struct datapath *dp, struct pod_counters *out, struct dp_error *e)
+{
+	int err = counters_read(&dp->policy, 0, out);
+
+	return err ? fail(e, DPE_SYSTEM, err, "cannot read the node counters") : 0;
 }

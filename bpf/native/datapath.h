@@ -38,6 +38,9 @@ struct dp_attach_request {
 	struct pod_ip ips[MAX_POD_IPS];
 	unsigned ip_count;
 	enum dp_mode_request mode;
+	unsigned flags; /* POD_F_* */
+	char reroute[MAX_REROUTE_IFACES][16]; /* interface names whose inbound TCP goes to 15001 */
+	unsigned reroute_count;
 };
 
 struct dp_attach_result {
@@ -61,6 +64,7 @@ struct dp_pod {
 	struct pod_meta meta;
 	bool netns_present; /* the netns path still names the attached namespace */
 	bool links_pinned; /* tcx: both link pins present */
+	struct pod_counters counters;
 };
 
 /* Fills *pods (malloc'd, caller frees). */
@@ -77,5 +81,19 @@ int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res
 
 /* Removes pins and records of pods whose netns is gone; fills *uids (malloc'd, caller frees). */
 int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct dp_error *e);
+
+/* Node-wide settings the programs read: SETTING_* flags, and what strict mode lets out. */
+struct dp_settings_request {
+	unsigned flags;
+	struct strict_allow_key allow[MAX_STRICT_ALLOW];
+	unsigned allow_count;
+};
+int dp_configure(struct datapath *dp, const struct dp_settings_request *req, struct dp_error *e);
+
+/* Sockets of this cgroup v2 (by id) are ztunnel's: their 0x539-marked traffic skips redirection. */
+int dp_trust_ztunnel_cgroup(struct datapath *dp, unsigned long long cgroup_id, struct dp_error *e);
+
+/* Counters of traffic not attributed to any pod (slot 0). */
+int dp_node_counters(struct datapath *dp, struct pod_counters *out, struct dp_error *e);
 
 #endif

@@ -276,6 +276,24 @@ static napi_value sp_dup(napi_env env, napi_callback_info info)
 	return int_value(env, fd);
 }
 
+/* peerCredentials(fd) -> { pid, uid, gid } of the process that connected (SO_PEERCRED). */
+static napi_value sp_peer_credentials(napi_env env, napi_callback_info info)
+{
+	size_t argc = 1;
+	napi_value argv[1], out;
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+
+	napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+	if (getsockopt(arg_fd(env, argv[0]), SOL_SOCKET, SO_PEERCRED, &cred, &len))
+		return throw_errno(env, errno, "SO_PEERCRED");
+	napi_create_object(env, &out);
+	napi_set_named_property(env, out, "pid", int_value(env, cred.pid));
+	napi_set_named_property(env, out, "uid", int_value(env, (int)cred.uid));
+	napi_set_named_property(env, out, "gid", int_value(env, (int)cred.gid));
+	return out;
+}
+
 static napi_value sp_close(napi_env env, napi_callback_info info)
 {
 	size_t argc = 1;
@@ -434,6 +452,7 @@ void seqpacket_register(napi_env env, napi_value exports)
 		{ "recv", NULL, sp_recv, NULL, NULL, NULL, napi_default, NULL },
 		{ "close", NULL, sp_close, NULL, NULL, NULL, napi_default, NULL },
 		{ "dup", NULL, sp_dup, NULL, NULL, NULL, napi_default, NULL },
+		{ "peerCredentials", NULL, sp_peer_credentials, NULL, NULL, NULL, napi_default, NULL },
 	};
 	const napi_property_descriptor methods[] = {
 		{ "start", NULL, watcher_start, NULL, NULL, NULL, napi_default, NULL },

@@ -30,6 +30,57 @@
 
 #define MAX_POD_IPS 8
 #define MAX_PODS 8192
+#define MAX_REROUTE_IFACES 4
+#define MAX_ZTUNNEL_CGROUPS 64
+#define MAX_STRICT_ALLOW 64
+
+/* cgroup v2's root always has id 1. Sockets there belong to the node itself (never to a pod), and
+ * the kernel's own reply sockets (resets, time-wait acks) are charged to it. */
+#define CGROUP_V2_ROOT_ID 1
+
+/* pod_policy map: one entry per pod address, read by the programs on every new connection. */
+#define POD_F_BYPASS_INBOUND (1u << 0) /* ambient.istio.io/bypass-inbound-capture=true */
+#define POD_F_STRICT (1u << 1) /* drop what would escape ztunnel (UDP but DNS, other protocols) */
+
+struct pod_policy {
+	__u32 slot; /* index into pod_counters; 0 is the node-wide "no pod" slot */
+	__u32 flags;
+};
+
+/* Per-pod counters (a per-CPU array indexed by slot), one connection (SYN) each unless noted. */
+enum pod_counter {
+	CNT_OUTBOUND_REDIRECTED, /* to ztunnel's 15001 */
+	CNT_OUTBOUND_NO_ZTUNNEL, /* would have gone to 15001, no listener: reset, as upstream */
+	CNT_INBOUND_REDIRECTED, /* to ztunnel's 15006 */
+	CNT_INBOUND_NO_ZTUNNEL, /* dropped: no 15006 listener (fail closed) */
+	CNT_BYPASS_ZTUNNEL, /* ztunnel's own connections leaving the pod */
+	CNT_BYPASS_HBONE, /* inbound to 15008, ztunnel's HBONE listener */
+	CNT_BYPASS_PROBE, /* from or to the kubelet probe address */
+	CNT_BYPASS_INBOUND_ANNOTATION, /* inbound, pod annotated bypass-inbound-capture */
+	CNT_FORGED_MARK, /* ztunnel's mark on a socket that is not ztunnel's: redirected anyway */
+	CNT_STRICT_DROPPED, /* packets dropped by strict mode */
+	CNT_REROUTED, /* inbound on a reroute-virtual-interfaces device, to 15001 */
+	CNT_COUNT
+};
+
+struct pod_counters {
+	__u64 value[CNT_COUNT];
+};
+
+/* settings map (one entry): node-wide switches. */
+#define SETTING_MARK_ONLY_EXEMPTION (1u << 0) /* upstream's rule: any 0x539-marked packet skips */
+
+struct dp_settings {
+	__u32 flags;
+	__u32 pad;
+};
+
+/* strict_allow map: what strict mode lets out besides TCP (captured) and DNS. port 0: any. */
+struct strict_allow_key {
+	__u8 protocol;
+	__u8 pad;
+	__be16 port;
+};
 #define POD_UID_LEN 64
 #define NETNS_PATH_LEN 256
 
@@ -61,6 +112,13 @@ struct pod_ip {
 	__u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
 };
 
+/* An extra interface whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces). */
+struct reroute_iface {
+	char name[16];
+	__u32 ifindex; /* 0: not present in the netns when last attached */
+	__u32 owns_clsact; /* tc mode: attach created this interface's clsact qdisc */
+};
+
 struct pod_meta {
 	char netns_path[NETNS_PATH_LEN];
 	__u64 netns_ino;
@@ -73,7 +131,11 @@ struct pod_meta {
 	__u32 saved_accept_local;
 	__u32 ip_count;
 	__u32 tc_priority;
+	__u32 slot; /* this pod's counters */
+	__u32 flags; /* POD_F_* */
+	__u32 reroute_count;
 	struct pod_ip ips[MAX_POD_IPS];
+	struct reroute_iface reroute[MAX_REROUTE_IFACES];
 };
 
 /* cls_bpf filter identity used in the tc fallback: ours, fixed, so only ours is replaced or

@@ -6,6 +6,7 @@
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
@@ -95,6 +96,69 @@ static __always_inline __u32 tuple_size(const struct tcp_flow *f)
 static __always_inline __be16 flow_dport(const struct tcp_flow *f)
 {
 	return f->ipv6 ? f->tuple.ipv6.dport : f->tuple.ipv4.dport;
+}
+
+/* What strict mode needs of a packet that is not TCP: protocol, destination port, source. */
+struct l4_info {
+	__u8 protocol;
+	__u8 icmp6_type;
+	bool is_ip;
+	bool later_fragment; /* a non-first fragment: its first fragment was judged already */
+	__be16 dport;
+	__u8 saddr[16]; /* IPv4 as ::ffff:a.b.c.d */
+};
+
+static __always_inline void parse_l4(struct __sk_buff *skb, struct l4_info *l)
+{
+	void *data, *end;
+	struct ethhdr *eth;
+	void *l4;
+
+	__builtin_memset(l, 0, sizeof(*l));
+	if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8) && skb->len > 0)
+		bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128);
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > end)
+		return;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > end || ip->ihl < 5)
+			return;
+		l->is_ip = true;
+		l->protocol = ip->protocol;
+		l->saddr[10] = l->saddr[11] = 0xff;
+		__builtin_memcpy(&l->saddr[12], &ip->saddr, 4);
+		if (ip->frag_off & bpf_htons(0x1fff)) {
+			l->later_fragment = true;
+			return;
+		}
+		l4 = (void *)ip + ip->ihl * 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > end)
+			return;
+		l->is_ip = true;
+		l->protocol = ip6->nexthdr;
+		__builtin_memcpy(l->saddr, &ip6->saddr, 16);
+		l4 = (void *)(ip6 + 1);
+	} else {
+		return;
+	}
+	if (l->protocol == IPPROTO_UDP || l->protocol == IPPROTO_TCP) {
+		__be16 *ports = l4;
+
+		if ((void *)(ports + 2) <= end)
+			l->dport = ports[1];
+	} else if (l->protocol == IPPROTO_ICMPV6) {
+		__u8 *type = l4;
+
+		if ((void *)(type + 1) <= end)
+			l->icmp6_type = *type;
+	}
 }
 
 #endif

@@ -1,7 +1,9 @@
 // The pod datapath: BPF programs loaded once per process and bpffs root, attached to many pods.
 // Knows network namespaces, addresses and pins; nothing about Kubernetes.
 import { isIP } from 'node:net';
-import { addon, BPF_OBJECT_PATH, type NativeHandle, type NativeListedPod } from './native.js';
+import { addon, BPF_OBJECT_PATH, type DatapathCounters, type NativeHandle, type NativeListedPod } from './native.js';
+
+export type { DatapathCounters } from './native.js';
 
 export const DEFAULT_BPFFS_ROOT = '/sys/fs/bpf/ambient-bpf';
 
@@ -51,6 +53,28 @@ export interface PodAttachment {
   netnsPath: string;
   /** The pod's addresses; all must be configured on one interface of the netns. */
   ips: string[];
+  /** No inbound capture (ambient.istio.io/bypass-inbound-capture); the return path is kept. */
+  bypassInbound?: boolean;
+  /** Drop what would leave the pod around ztunnel (UDP but DNS, other protocols). */
+  strict?: boolean;
+  /** Extra interfaces whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces). */
+  rerouteInterfaces?: string[];
+}
+
+/** Which 0x539-marked traffic skips redirection: only ztunnel's own sockets (default), or any
+ * (upstream's rule; an app with NET_ADMIN can then bypass the mesh). */
+export type ZtunnelExemption = 'ztunnel-sockets' | 'mark';
+export const ZTUNNEL_EXEMPTIONS: readonly ZtunnelExemption[] = ['ztunnel-sockets', 'mark'];
+
+/** What strict mode lets out besides TCP (captured) and DNS; port 0 or absent: any port. */
+export interface StrictAllowEntry {
+  protocol: number;
+  port?: number;
+}
+
+export interface DatapathSettings {
+  ztunnelExemption: ZtunnelExemption;
+  strictAllow: StrictAllowEntry[];
 }
 
 export interface AttachOptions {
@@ -106,7 +130,39 @@ export class Datapath {
     }
     const mode = options.mode ?? 'auto';
     if (!(mode in MODE_CODES)) throw new DatapathError('EINVALID', `unknown attach mode: ${String(mode)}`);
-    return call(() => addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode]));
+    const { POD_F_BYPASS_INBOUND, POD_F_STRICT } = addon().constants;
+    const flags = (pod.bypassInbound ? POD_F_BYPASS_INBOUND : 0) | (pod.strict ? POD_F_STRICT : 0);
+    return call(() =>
+      addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode], flags, pod.rerouteInterfaces ?? []),
+    );
+  }
+
+  /** Node-wide settings the programs read (kept in pinned maps: they outlive this process). */
+  async configure(settings: DatapathSettings): Promise<void> {
+    if (!ZTUNNEL_EXEMPTIONS.includes(settings.ztunnelExemption)) {
+      throw new DatapathError('EINVALID', `unknown ztunnel exemption: ${String(settings.ztunnelExemption)}`);
+    }
+    const flags = settings.ztunnelExemption === 'mark' ? addon().constants.SETTING_MARK_ONLY_EXEMPTION : 0;
+    const allow = settings.strictAllow.map((e): [number, number] => [e.protocol, e.port ?? 0]);
+    return call(() => addon().configure(this.live(), flags, allow));
+  }
+
+  /** Marks a cgroup v2 (by id) as ztunnel's: its sockets' 0x539 traffic skips redirection. */
+  trustZtunnelCgroup(cgroupId: number): void {
+    try {
+      addon().trustZtunnelCgroup(this.live(), cgroupId);
+    } catch (err) {
+      throw wrap(err);
+    }
+  }
+
+  /** Counters of traffic the programs could not attribute to a pod. */
+  nodeCounters(): DatapathCounters {
+    try {
+      return addon().nodeCounters(this.live());
+    } catch (err) {
+      throw wrap(err);
+    }
   }
 
   /** Removes a pod's redirection and restores its netns; a pod that is not attached is not an error. */

@@ -1,3 +1,4 @@
 export * from './datapath.js';
 export { listenInNetns, connectFromNetns } from './netns-socket.js';
 export type { NetnsListenOptions, NetnsConnectOptions } from './netns-socket.js';
+export * from './cgroup.js';

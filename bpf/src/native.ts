@@ -23,6 +23,7 @@ export interface NativeListedPod {
   /** tcx: both link pins are present. */
   linksPinned: boolean;
   ips: string[];
+  counters: DatapathCounters;
 }
 
 export interface NativeSocketOptions {
@@ -37,6 +38,28 @@ export interface NativeSocketOptions {
   bindAddress?: string;
   bindPort?: number;
   listen?: number;
+}
+
+export interface PeerCredentials {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+/** Per-pod counters kept by the programs (enum pod_counter); connections (SYNs) unless noted. */
+export interface DatapathCounters {
+  outboundRedirected: number;
+  outboundNoZtunnel: number;
+  inboundRedirected: number;
+  inboundNoZtunnel: number;
+  bypassZtunnel: number;
+  bypassHbone: number;
+  bypassProbe: number;
+  bypassInboundAnnotation: number;
+  forgedMark: number;
+  /** packets */
+  strictDropped: number;
+  rerouted: number;
 }
 
 export interface NativeWatcher {
@@ -56,6 +79,7 @@ export interface NativeSeqpacket {
   recv(fd: number, maxLength: number): { data: Buffer; fds: number[] } | { eof: true } | null;
   close(fd: number): void;
   dup(fd: number): number;
+  peerCredentials(fd: number): PeerCredentials;
   Watcher: new (fd: number, callback: (events: number) => void) => NativeWatcher;
 }
 
@@ -68,11 +92,16 @@ export interface NativeAddon {
     netnsPath: string,
     ips: string[],
     mode: number,
+    flags: number,
+    reroute: string[],
   ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean }>;
   detach(handle: NativeHandle, uid: string): Promise<{ found: boolean; warning?: string }>;
   verify(handle: NativeHandle, uid: string): Promise<{ found: boolean; problems: string[] }>;
   list(handle: NativeHandle): Promise<NativeListedPod[]>;
   gc(handle: NativeHandle): Promise<string[]>;
+  configure(handle: NativeHandle, flags: number, allow: [protocol: number, port: number][]): Promise<void>;
+  trustZtunnelCgroup(handle: NativeHandle, cgroupId: number): void;
+  nodeCounters(handle: NativeHandle): DatapathCounters;
   socket(options: NativeSocketOptions): Promise<number>;
   seqpacket: NativeSeqpacket;
   netnsAddresses(path: string): Promise<{ inode: number; device: number; addresses: string[] }>;
@@ -89,6 +118,10 @@ export interface NativeAddon {
     MAX_POD_IPS: number;
     TC_FILTER_HANDLE: number;
     TC_FILTER_PRIORITY: number;
+    POD_F_BYPASS_INBOUND: number;
+    POD_F_STRICT: number;
+    SETTING_MARK_ONLY_EXEMPTION: number;
+    MAX_REROUTE_IFACES: number;
   };
 }
 

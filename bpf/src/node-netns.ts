@@ -3,6 +3,7 @@
 export { listenInNetns, connectFromNetns, udpSocketInNetns } from './netns-socket.js';
 export type { NetnsListenOptions, NetnsConnectOptions } from './netns-socket.js';
 export { SeqpacketServer, SeqpacketSocket, SeqpacketError, closeFd, dupFd } from './seqpacket.js';
+export type { PeerCredentials } from './seqpacket.js';
 
 /** A path that opens the netns behind an fd this process holds. */
 export function netnsPathOfFd(fd: number): string {

@@ -1,6 +1,8 @@
 // Unix SOCK_SEQPACKET sockets with file-descriptor passing, on Node's event loop (the native side
 // only makes non-blocking calls; readiness comes from libuv).
-import { addon, type NativeWatcher } from './native.js';
+import { addon, type NativeWatcher, type PeerCredentials } from './native.js';
+
+export type { PeerCredentials } from './native.js';
 
 const READABLE = 1;
 const WRITABLE = 2;
@@ -50,6 +52,15 @@ export class SeqpacketSocket {
 
   get isClosed(): boolean {
     return this.closed;
+  }
+
+  /** The process that connected (SO_PEERCRED). */
+  peerCredentials(): PeerCredentials {
+    try {
+      return addon().seqpacket.peerCredentials(this.fd);
+    } catch (err) {
+      throw wrap(err);
+    }
   }
 
   /** Queues one datagram, with `passFd` (one fd, or several) sent along by SCM_RIGHTS; the caller

@@ -2,11 +2,13 @@
 // and exposes health and metrics. Stopping it leaves every pod redirected (as upstream's agent
 // does during an upgrade): the next agent adopts the attachments.
 import { join } from 'node:path';
-import { Datapath, type AttachMode } from '../../bpf/src/index.js';
+import { cgroup2Mount, cgroupIdOfPid, Datapath, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption } from '../../bpf/src/index.js';
+import type { PeerCredentials } from '../../bpf/src/node-netns.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
 import { NetnsLocator } from './enrollment/netns-locator.js';
-import { Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
+import { DEFAULT_CAPTURE, Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
+import type { CaptureDefaults } from './pods/capture-options.js';
 import type { KubeConfig } from '@kubernetes/client-node';
 import { LocalPodSource } from './pods/local-source.js';
 import type { ClusterState, SourceChange } from './pods/pod.js';
@@ -39,6 +41,12 @@ export interface AgentOptions {
   bpffs: string;
   hostRoot: string;
   attachMode: AttachMode;
+  /** Which 0x539-marked traffic skips redirection (default: only ztunnel's own sockets). */
+  ztunnelExemption?: ZtunnelExemption | undefined;
+  /** Node-wide capture defaults (strict mode, DNS capture) that pod annotations refine. */
+  capture?: CaptureDefaults | undefined;
+  /** What strict mode lets out besides TCP and DNS. */
+  strictAllow?: StrictAllowEntry[] | undefined;
   /** Install the CNI plugin (binary + conflist entry) once the agent is up, and keep it there. */
   installCni?: { binDir: string; confDir: string; binarySource: string } | undefined;
   /** The status API's Unix socket (`ambient-bpf status`). */
@@ -71,8 +79,14 @@ export class Agent {
   async start(): Promise<void> {
     const { log } = this.opts;
     this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
+    await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [] });
     await this.collectGarbage();
-    this.zds = new ZdsServer({ socketPath: this.opts.ztunnelSocket, log, onStatus: (uid, r) => this.reconciler?.ztunnelStatus(uid, r) });
+    this.zds = new ZdsServer({
+      socketPath: this.opts.ztunnelSocket,
+      log,
+      onStatus: (uid, r) => this.reconciler?.ztunnelStatus(uid, r),
+      onZtunnelHello: (peer) => this.trustZtunnel(peer),
+    });
     this.zds.start();
     const onChange = (changes: SourceChange[], state: ClusterState): void => {
       log.debug({ changes: changes.length }, 'pod source changed');
@@ -93,7 +107,15 @@ export class Agent {
       this.source = kube;
       annotator = kube;
     }
-    this.reconciler = new Reconciler({ datapath: this.datapath, zds: this.zds, netns: new NetnsLocator(this.opts.hostRoot), log, attachMode: this.opts.attachMode, ...(annotator ? { annotator } : {}) });
+    this.reconciler = new Reconciler({
+      datapath: this.datapath,
+      zds: this.zds,
+      netns: new NetnsLocator(this.opts.hostRoot),
+      log,
+      attachMode: this.opts.attachMode,
+      capture: this.opts.capture ?? DEFAULT_CAPTURE,
+      ...(annotator ? { annotator } : {}),
+    });
     this.reconciler.onEnrolled = (seconds) => this.enrollSeconds.observe(seconds);
     const state = await this.source.start();
     this.writePolicy(state);
@@ -126,23 +148,44 @@ export class Agent {
     return this.reconciler?.status() ?? [];
   }
 
-  /** The status API's answer: every pod with how its datapath is attached. */
+  /** The status API's answer: every pod with how its datapath is attached and what it counted. */
   async report(): Promise<StatusReport> {
-    const hooks = new Map((await this.datapath?.list())?.map((p) => [p.uid, p.mode]) ?? []);
+    const attached = new Map((await this.datapath?.list())?.map((p) => [p.uid, p]) ?? []);
     return {
       ztunnelConnections: this.zds?.connectedCount ?? 0,
-      pods: this.status().map((s) => ({
-        uid: s.uid,
-        name: s.name,
-        namespace: s.namespace,
-        state: s.state,
-        reason: s.reason,
-        hooks: s.attached ? (hooks.get(s.uid) ?? '') : '',
-        ztunnel: s.ztunnel,
-        netnsPath: s.netnsPath ?? '',
-        sinceUnixMs: s.since.getTime(),
-      })),
+      pods: this.status().map((s) => {
+        const a = s.attached ? attached.get(s.uid) : undefined;
+        return {
+          uid: s.uid,
+          name: s.name,
+          namespace: s.namespace,
+          state: s.state,
+          reason: s.reason,
+          hooks: a?.mode ?? '',
+          ztunnel: s.ztunnel,
+          netnsPath: s.netnsPath ?? '',
+          sinceUnixMs: s.since.getTime(),
+          ...(a ? { counters: a.counters } : {}),
+        };
+      }),
     };
+  }
+
+  /** ztunnel said hello over ZDS: its cgroup's sockets are the only ones whose 0x539 mark lets
+   * traffic skip redirection. Without it ztunnel's own traffic would be redirected: fail loudly. */
+  private trustZtunnel(peer: PeerCredentials): void {
+    if ((this.opts.ztunnelExemption ?? 'ztunnel-sockets') === 'mark') return;
+    try {
+      const procRoot = join(this.opts.hostRoot, 'proc');
+      const id = cgroupIdOfPid(peer.pid, { procRoot, mount: cgroup2Mount(this.opts.hostRoot) });
+      this.datapath?.trustZtunnelCgroup(id);
+      this.opts.log.info({ pid: peer.pid, cgroupId: id }, "ztunnel's cgroup trusted: its marked sockets skip redirection");
+    } catch (err) {
+      this.opts.log.error(
+        { pid: peer.pid, error: (err as Error).message },
+        "cannot find ztunnel's cgroup; its traffic will be redirected back to it (is the agent in the host PID namespace? --ztunnel-exemption=mark trusts the mark alone)",
+      );
+    }
   }
 
   /** Stops the agent; pods stay redirected. */
@@ -165,10 +208,11 @@ export class Agent {
     return reasons;
   }
 
-  metrics(): string {
+  async metrics(): Promise<string> {
     const byState = new Map<string, number>([['enabled', 0], ['pending', 0], ['failed', 0]]);
     for (const s of this.status()) if (byState.has(s.state)) byState.set(s.state, byState.get(s.state)! + 1);
     return [
+      await this.datapathMetrics(),
       samples('ambient_bpf_pods', 'Pods by enrollment state.', 'gauge', [...byState].map(([state, n]) => [{ state }, n])),
       samples('ambient_bpf_ztunnel_connections', 'ztunnel connections past their hello.', 'gauge', [[{}, this.zds?.connectedCount ?? 0]]),
       samples('ambient_bpf_reconcile_errors_total', 'Failed reconcile passes.', 'counter', [[{}, this.reconciler?.reconcileErrors ?? 0]]),
@@ -176,6 +220,22 @@ export class Agent {
       this.enrollSeconds.render(),
       this.cniRequests.render(),
     ].join('\n') + '\n';
+  }
+
+  /** The programs' own counters, per pod (by namespace/name) and node-wide. */
+  private async datapathMetrics(): Promise<string> {
+    if (!this.datapath) return '';
+    const names = new Map(this.status().map((s) => [s.uid, s]));
+    const rows: [Record<string, string>, number][] = [];
+    const add = (labels: Record<string, string>, c: DatapathCounters): void => {
+      for (const [name, value] of Object.entries(c)) rows.push([{ ...labels, counter: name }, value]);
+    };
+    for (const p of await this.datapath.list()) {
+      const s = names.get(p.uid);
+      add({ namespace: s?.namespace ?? '', pod: s?.name ?? '', uid: p.uid }, p.counters);
+    }
+    add({ namespace: '', pod: '', uid: '' }, this.datapath.nodeCounters());
+    return samples('ambient_bpf_datapath_events_total', 'What the BPF programs did, per pod (empty pod: not attributable to one): connections redirected, bypassed (and why), dropped; strictDropped counts packets.', 'counter', rows);
   }
 
   /** One verify pass after another, never two at once. */

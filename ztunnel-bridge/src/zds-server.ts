@@ -8,7 +8,7 @@
 // protocol error and closes that connection.
 import { chmodSync, existsSync, mkdirSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { closeFd, dupFd, SeqpacketServer, type SeqpacketError, type SeqpacketSocket } from '../../bpf/src/node-netns.js';
+import { closeFd, dupFd, SeqpacketServer, type PeerCredentials, type SeqpacketError, type SeqpacketSocket } from '../../bpf/src/node-netns.js';
 import {
   decodeHello,
   decodeResponse,
@@ -44,6 +44,9 @@ export interface ZdsServerOptions {
   helloTimeoutMs?: number;
   /** Every ztunnel answer about a pod, including those to snapshots sent after a reconnect. */
   onStatus?: (uid: string, result: ZtunnelResult) => void;
+  /** A ztunnel said hello; called before its snapshot is sent, so whatever ztunnel's sockets need
+   * from the node (its cgroup trusted by the datapath) is in place before ztunnel opens them. */
+  onZtunnelHello?: (peer: PeerCredentials) => void;
   log?: Logger;
 }
 
@@ -117,7 +120,9 @@ class ZtunnelConnection {
         if (hello.version !== ZDS_VERSION_V1) throw new ProtocolError(`unsupported ZDS version ${hello.version}`);
         clearTimeout(this.helloTimer);
         this.state = 'snapshot';
-        this.log.info({ connection: this.id }, 'ztunnel connected; sending snapshot');
+        const peer = this.socket.peerCredentials();
+        this.log.info({ connection: this.id, pid: peer.pid }, 'ztunnel connected; sending snapshot');
+        this.server.helloFrom(peer);
         this.server.sendSnapshot(this);
         return;
       }
@@ -192,6 +197,11 @@ export class ZdsServer {
       this.connections.push(connection);
     };
     this.log.info({ socket: this.socketPath }, 'ZDS server listening');
+  }
+
+  /** @internal */
+  helloFrom(peer: PeerCredentials): void {
+    this.options.onZtunnelHello?.(peer);
   }
 
   /** ztunnel connections that completed their hello. */

@@ -3,7 +3,9 @@ import { hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import type { CommandModule } from 'yargs';
 import { pino } from 'pino';
-import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, type AttachMode } from '../../../bpf/src/index.js';
+import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, ZTUNNEL_EXEMPTIONS, type AttachMode, type ZtunnelExemption } from '../../../bpf/src/index.js';
+import { DEFAULT_CAPTURE } from '../enrollment/reconciler.js';
+import { parseStrictAllow } from '../pods/capture-options.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
 import { Agent, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
 import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
@@ -18,6 +20,9 @@ interface AgentArgs {
   bpffs: string;
   'host-root': string;
   'attach-mode': AttachMode;
+  'ztunnel-exemption': ZtunnelExemption;
+  'strict-mode': boolean;
+  'strict-allow': string[];
   'install-cni': boolean;
   'cni-bin-dir': string;
   'cni-conf-dir': string;
@@ -47,6 +52,13 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
       .option('host-root', { type: 'string', default: '/', describe: "the host's / (for /proc and /var/run/netns when running in a container)" })
       .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto' })
+      .option('ztunnel-exemption', {
+        choices: ZTUNNEL_EXEMPTIONS,
+        default: 'ztunnel-sockets' as ZtunnelExemption,
+        describe: "which 0x539-marked traffic skips redirection: only sockets of ztunnel's cgroup, or any (upstream's rule: an app with NET_ADMIN can then bypass the mesh)",
+      })
+      .option('strict-mode', { type: 'boolean', default: DEFAULT_CAPTURE.strict, describe: 'drop what ambient pods send around ztunnel: UDP other than DNS, other IP protocols (IPv6 neighbour discovery always passes)' })
+      .option('strict-allow', { type: 'string', array: true, default: [] as string[], describe: 'what strict mode lets out anyway, e.g. udp/123 icmp icmpv6 sctp/5000 (repeatable)' })
       .option('install-cni', { type: 'boolean', default: false, describe: 'install the CNI plugin into the node’s CNI config once ready, and keep it there' })
       .option('cni-bin-dir', { type: 'string', default: DEFAULT_CNI_BIN_DIR, describe: 'where runtimes look for CNI plugin binaries' })
       .option('cni-conf-dir', { type: 'string', default: DEFAULT_CNI_CONF_DIR, describe: 'the node’s CNI configuration directory' })
@@ -62,6 +74,12 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
     if (args.kubeconfig === undefined && args['local-pods'] === undefined && !process.env.KUBERNETES_SERVICE_HOST) {
       throw new CliError('name a pod source: --local-pods FILE or --kubeconfig FILE (in a cluster, the service account is used)', 2);
     }
+    let strictAllow;
+    try {
+      strictAllow = parseStrictAllow(args['strict-allow']);
+    } catch (err) {
+      throw new CliError(`--strict-allow: ${(err as Error).message}`, 2);
+    }
     const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination({ dest: 2, sync: true }));
     const agent = new Agent({
       nodeName: args['node-name'],
@@ -71,6 +89,9 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       bpffs: args.bpffs,
       hostRoot: args['host-root'],
       attachMode: args['attach-mode'],
+      ztunnelExemption: args['ztunnel-exemption'],
+      capture: { ...DEFAULT_CAPTURE, strict: args['strict-mode'] },
+      strictAllow,
       installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], binarySource: PLUGIN_BINARY_PATH } : undefined,
       statusSocket: args['status-socket'],
       verifyIntervalMs: Math.round(args['verify-interval'] * 1000),

@@ -8,6 +8,7 @@ import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
 import { podIPs, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
 import { selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
+import { captureOptions, type CaptureDefaults } from '../pods/capture-options.js';
 import type { NetnsLocator } from './netns-locator.js';
 
 /** The `ambient.istio.io/redirection` annotation value; undefined removes it. */
@@ -17,6 +18,9 @@ export type RedirectionAnnotation = 'enabled' | 'pending' | undefined;
 export interface Annotator {
   setRedirection(pod: Pod, value: RedirectionAnnotation): Promise<void>;
 }
+
+/** Upstream's defaults: DNS capture on (Istio 1.25+); strict mode is this product's, off. */
+export const DEFAULT_CAPTURE: CaptureDefaults = { strict: false, dnsCapture: true };
 
 export type EnrollmentState = 'enabled' | 'pending' | 'failed' | 'not ambient';
 
@@ -63,6 +67,8 @@ export interface ReconcilerOptions {
   annotator?: Annotator;
   policy?: SelectionPolicy;
   attachMode?: AttachMode;
+  /** Node-wide capture settings that pod annotations refine. */
+  capture?: CaptureDefaults;
   initialBackoffMs?: number;
   maxBackoffMs?: number;
 }
@@ -288,8 +294,13 @@ export class Reconciler {
     const netnsPath = (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
-    // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs in place.
-    await this.opts.datapath.attach({ uid: e.uid, netnsPath, ips }, this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
+    // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
+    // pod's capture options in place.
+    await this.opts.datapath.attach(
+      { uid: e.uid, netnsPath, ips, bypassInbound: capture.bypassInbound, strict: capture.strict, rerouteInterfaces: capture.rerouteInterfaces },
+      this.opts.attachMode ? { mode: this.opts.attachMode } : {},
+    );
     if (!e.attached || moved) {
       e.since = new Date();
       this.opts.log.info({ uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, netns: netnsPath }, 'pod redirected');

@@ -8,7 +8,7 @@ export interface HealthSource {
 
 export interface MetricsSource {
   /** Prometheus text exposition format. */
-  metrics(): string;
+  metrics(): Promise<string>;
 }
 
 /** Serves /healthz (alive), /readyz (ready, or 503 with the reasons) and /metrics on one listener,
@@ -24,7 +24,11 @@ export async function serveOps(address: string, routes: { health?: HealthSource;
       return void res.writeHead(reasons.length ? 503 : 200, { 'content-type': 'text/plain' }).end(reasons.length ? reasons.join('\n') + '\n' : 'ready\n');
     }
     if (routes.metrics && path === '/metrics') {
-      return void res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(routes.metrics.metrics());
+      routes.metrics.metrics().then(
+        (text) => res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(text),
+        (err: Error) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`${err.message}\n`),
+      );
+      return;
     }
     res.writeHead(404).end();
   });

@@ -4,6 +4,7 @@ import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import type { DatapathCounters } from '../../../bpf/src/index.js';
 
 export const DEFAULT_STATUS_SOCKET = '/var/run/ambient-bpf/status.sock';
 const PROTO = fileURLToPath(new URL('../../../../cni-agent/proto/status.proto', import.meta.url));
@@ -18,6 +19,7 @@ export interface StatusPod {
   ztunnel: string;
   netnsPath: string;
   sinceUnixMs: number;
+  counters?: DatapathCounters;
 }
 
 export interface StatusReport {
@@ -72,8 +74,27 @@ export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusRepor
           ztunnel: p.ztunnel ?? '',
           netnsPath: p.netnsPath ?? '',
           sinceUnixMs: Number(p.sinceUnixMs ?? 0),
+          ...(p.counters ? { counters: numbers(p.counters) } : {}),
         })),
       });
     });
   });
+}
+
+/** The counters as numbers (the proto's uint64s arrive as numbers with longs: Number). */
+function numbers(c: Partial<Record<keyof DatapathCounters, number | string>>): DatapathCounters {
+  const n = (v: number | string | undefined): number => Number(v ?? 0);
+  return {
+    outboundRedirected: n(c.outboundRedirected),
+    outboundNoZtunnel: n(c.outboundNoZtunnel),
+    inboundRedirected: n(c.inboundRedirected),
+    inboundNoZtunnel: n(c.inboundNoZtunnel),
+    bypassZtunnel: n(c.bypassZtunnel),
+    bypassHbone: n(c.bypassHbone),
+    bypassProbe: n(c.bypassProbe),
+    bypassInboundAnnotation: n(c.bypassInboundAnnotation),
+    forgedMark: n(c.forgedMark),
+    strictDropped: n(c.strictDropped),
+    rerouted: n(c.rerouted),
+  };
 }

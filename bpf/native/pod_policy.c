@@ -1,0 +1,141 @@
+#define _GNU_SOURCE
+#include "pod_policy.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+static struct pod_meta_key owner_key(const char *uid)
+{
+	struct pod_meta_key k;
+
+	memset(&k, 0, sizeof(k));
+	strncpy(k.uid, uid, sizeof(k.uid) - 1);
+	return k;
+}
+
+/* FNV-1a: where a uid's slot search starts, so most claims take one lookup. */
+static __u32 uid_hash(const char *uid)
+{
+	__u32 h = 2166136261u;
+
+	for (; *uid; uid++)
+		h = (h ^ (unsigned char)*uid) * 16777619u;
+	return h;
+}
+
+static int counters_zero(const struct policy_maps *maps, __u32 slot)
+{
+	int cpus = libbpf_num_possible_cpus();
+	struct pod_counters *zero;
+	int err = 0;
+
+	if (cpus <= 0)
+		return cpus ? cpus : -EINVAL;
+	zero = calloc((size_t)cpus, sizeof(*zero));
+	if (!zero)
+		return -ENOMEM;
+	if (bpf_map_update_elem(maps->counters_fd, &slot, zero, BPF_ANY))
+		err = -errno;
+	free(zero);
+	return err;
+}
+
+int policy_claim_slot(const struct policy_maps *maps, const char *uid, struct pod_meta *m)
+{
+	struct pod_meta_key mine = owner_key(uid), owner;
+	__u32 start = uid_hash(uid);
+
+	if (m->slot) {
+		if (bpf_map_lookup_elem(maps->slot_owner_fd, &m->slot, &owner) == 0 && !strcmp(owner.uid, mine.uid))
+			return 0;
+		m->slot = 0; /* lost (a crash between writes): claim again */
+	}
+	/* Slot 0 is the node-wide slot, never a pod's. */
+	for (__u32 i = 0; i < MAX_PODS - 1; i++) {
+		__u32 slot = 1 + (start + i) % (MAX_PODS - 1);
+		int err;
+
+		if (bpf_map_lookup_elem(maps->slot_owner_fd, &slot, &owner))
+			return -errno;
+		if (owner.uid[0] && strcmp(owner.uid, mine.uid))
+			continue;
+		if ((err = counters_zero(maps, slot)))
+			return err;
+		if (bpf_map_update_elem(maps->slot_owner_fd, &slot, &mine, BPF_ANY))
+			return -errno;
+		m->slot = slot;
+		return 0;
+	}
+	return -ENOSPC;
+}
+
+void policy_release_slot(const struct policy_maps *maps, const char *uid, const struct pod_meta *m)
+{
+	struct pod_meta_key mine = owner_key(uid), owner, empty;
+
+	if (!m->slot || bpf_map_lookup_elem(maps->slot_owner_fd, &m->slot, &owner) || strcmp(owner.uid, mine.uid))
+		return;
+	memset(&empty, 0, sizeof(empty));
+	bpf_map_update_elem(maps->slot_owner_fd, &m->slot, &empty, BPF_ANY);
+}
+
+static bool has_ip(const struct pod_meta *m, const struct pod_ip *ip)
+{
+	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++)
+		if (!memcmp(&m->ips[i], ip, sizeof(*ip)))
+			return true;
+	return false;
+}
+
+static void remove_ip(const struct policy_maps *maps, const struct pod_ip *ip, __u32 slot)
+{
+	struct pod_policy p;
+
+	if (bpf_map_lookup_elem(maps->policy_fd, ip, &p) == 0 && p.slot == slot)
+		bpf_map_delete_elem(maps->policy_fd, ip);
+}
+
+int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old)
+{
+	struct pod_policy p = { .slot = m->slot, .flags = m->flags };
+
+	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++)
+		if (bpf_map_update_elem(maps->policy_fd, &m->ips[i], &p, BPF_ANY))
+			return -errno;
+	for (unsigned i = 0; old && i < old->ip_count && i < MAX_POD_IPS; i++)
+		if (!has_ip(m, &old->ips[i]))
+			remove_ip(maps, &old->ips[i], old->slot);
+	return 0;
+}
+
+void policy_remove(const struct policy_maps *maps, const struct pod_meta *m)
+{
+	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++)
+		remove_ip(maps, &m->ips[i], m->slot);
+}
+
+int counters_read(const struct policy_maps *maps, __u32 slot, struct pod_counters *out)
+{
+	int cpus = libbpf_num_possible_cpus();
+	struct pod_counters *per_cpu;
+	int err = 0;
+
+	memset(out, 0, sizeof(*out));
+	if (cpus <= 0)
+		return cpus ? cpus : -EINVAL;
+	per_cpu = calloc((size_t)cpus, sizeof(*per_cpu));
+	if (!per_cpu)
+		return -ENOMEM;
+	if (bpf_map_lookup_elem(maps->counters_fd, &slot, per_cpu))
+		err = -errno;
+	for (int c = 0; !err && c < cpus; c++)
+		for (int i = 0; i < CNT_COUNT; i++)
+			out->value[i] += per_cpu[c].value[i];
+	free(per_cpu);
+	return err;
+}
