@@ -2,6 +2,7 @@
 import assert from 'node:assert/strict';
 import { readdirSync, rmSync } from 'node:fs';
 import { Datapath } from '../../bpf/src/index.js';
+import { leftoverCgroups } from './app.js';
 import { TEST_PREFIX } from './kernel.js';
 import { leftoverNamespaces, sh } from './topology.js';
 
@@ -9,12 +10,13 @@ export async function assertNothingLeft(): Promise<void> {
   assert.deepEqual(await leftoverNamespaces(), [], 'test network namespaces left behind');
   const pins = readdirSync('/sys/fs/bpf').filter((n) => n.startsWith(`${TEST_PREFIX}-`));
   assert.deepEqual(pins, [], 'test bpffs directories left behind');
+  assert.deepEqual(leftoverCgroups(), [], 'test cgroups left behind');
 }
 
-/** IDs of BPF links whose program is one of ours (pod_ingress / pod_egress), machine-wide. */
+/** IDs of BPF links whose program is one of ours (pod_ingress, pod_egress, pod_reroute_ingress), machine-wide. */
 export async function podLinkIds(): Promise<number[]> {
   const progs = JSON.parse(await sh('bpftool', ['-j', 'prog', 'show'])) as { id: number; name?: string }[];
-  const ours = new Set(progs.filter((p) => p.name === 'pod_ingress' || p.name === 'pod_egress').map((p) => p.id));
+  const ours = new Set(progs.filter((p) => p.name === 'pod_ingress' || p.name === 'pod_egress' || p.name === 'pod_reroute_ing').map((p) => p.id));
   const links = JSON.parse(await sh('bpftool', ['-j', 'link', 'show'])) as { id: number; prog_id: number }[];
   return links.filter((l) => ours.has(l.prog_id)).map((l) => l.id);
 }

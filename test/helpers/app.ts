@@ -1,0 +1,39 @@
+// A pod's app as a real process: its own cgroup v2 (as a container has) in the pod's netns. The
+// datapath tells ztunnel's sockets from the app's by cgroup, so in-process test sockets (which
+// share the test runner's cgroup) cannot play an app that forges ztunnel's mark.
+import { mkdirSync, readdirSync, rmdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { cgroup2Mount, cgroupId } from '../../bpf/src/index.js';
+import { TEST_PREFIX } from './kernel.js';
+import { sh } from './topology.js';
+
+const CLIENT = fileURLToPath(new URL('../../../test/fixtures/app-client.py', import.meta.url));
+
+export class AppCgroup {
+  readonly path: string;
+
+  constructor(id: string) {
+    this.path = join(cgroup2Mount(), `${TEST_PREFIX}-app-${id}`);
+    mkdirSync(this.path);
+  }
+
+  get id(): number {
+    return cgroupId(this.path);
+  }
+
+  /** Runs the app client (test/fixtures/app-client.py) in this cgroup and `netns`; its answer line. */
+  async client(netns: string, ...args: (string | number)[]): Promise<string> {
+    const script = `echo $$ > ${join(this.path, 'cgroup.procs')} && exec nsenter --net=${netns} python3 ${CLIENT} "$@"`;
+    return (await sh('sh', ['-c', script, 'app', ...args.map(String)])).trim();
+  }
+
+  remove(): void {
+    rmdirSync(this.path);
+  }
+}
+
+/** Test cgroups still present (a suite asserts there are none). */
+export function leftoverCgroups(): string[] {
+  return readdirSync(cgroup2Mount()).filter((n) => n.startsWith(`${TEST_PREFIX}-`));
+}
