@@ -197,7 +197,7 @@ for (const mode of ['tcx', 'tc'] as const) {
       assert.deepEqual(v.problems, ['reroute interface vm0 appeared and is not hooked yet']);
       await attach();
       assert.equal((await dp.verify(uid)).ok, true);
-      const before = (await dp.nodeCounters()).rerouted;
+      const before = dp.nodeCounters().rerouted;
       assert.equal(await whoAnswers({ netns: Topology.netnsPath(vm), host: net.remoteV4, port: APP_PORT }), 'ztunnel-15001');
       const got = servers[0]!.accepted.at(-1)!;
       assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [net.remoteV4, APP_PORT, vmV4]);

@@ -326,11 +326,11 @@ static napi_value attach_result(napi_env env, struct job *job)
 }
 
 /* attach(handle, uid, netnsPath, ips: string[], mode: 0 auto | 1 tcx | 2 tc, flags: POD_F_*,
- *        reroute: string[]) */
+ *        reroute: string[], dnsCgroup: string ('' = DNS capture off)) */
 static napi_value js_attach(napi_env env, napi_callback_info info)
 {
-	size_t argc = 7;
-	napi_value argv[7];
+	size_t argc = 8;
+	napi_value argv[8];
 	struct job *job = job_new(attach_run, attach_result);
 	struct dp_attach_request *req;
 	uint32_t n = 0, mode = 0;
@@ -383,6 +383,8 @@ static napi_value js_attach(napi_env env, napi_callback_info info)
 		}
 		req->reroute_count = n;
 	}
+	if (argc >= 8 && !get_string(env, argv[7], req->dns_cgroup, sizeof(req->dns_cgroup), "cgroup path (at most 255 bytes)"))
+		goto bad;
 	if (!take_handle(env, argv[0], job))
 		goto bad;
 	return job_start(env, job, "ambient-bpf:attach");

@@ -33,12 +33,24 @@ static const char *const hook_names[2] = { "ingress", "egress" };
 static const char *const prog_names[2] = { "pod_ingress", "pod_egress" };
 static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS };
 
+/* DNS capture: socket-call hooks on the pod's cgroup (progs/dns_capture.bpf.c). */
+#define DNS_HOOKS 8
+static const char *const dns_prog_names[DNS_HOOKS] = {
+	"dns_connect4", "dns_connect6", "dns_sendmsg4", "dns_sendmsg6",
+	"dns_recvmsg4", "dns_recvmsg6", "dns_getpeername4", "dns_getpeername6",
+};
+static const enum bpf_attach_type dns_attach_types[DNS_HOOKS] = {
+	BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG,
+	BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP6_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
+};
+
 struct datapath {
 	char root[PATH_MAX];
 	int root_fd; /* flock'ed around every operation: other processes share the pins */
 	struct bpf_object *obj;
 	int prog_fd[2];
 	int reroute_prog_fd;
+	int dns_prog_fd[DNS_HOOKS];
 	int meta_fd;
 	int settings_fd;
 	int ztunnel_cgroups_fd;
@@ -177,6 +189,11 @@ static int mkdir_p(const char *path)
 		*p = '/';
 	}
 	return mkdir(buf, 0700) && errno != EEXIST ? -errno : 0;
+}
+
+static void dns_pin_path(const struct datapath *dp, const char *uid, int hook, char out[PATH_MAX])
+{
+	snprintf(out, PATH_MAX, "%s/pods/%s/%s", dp->root, uid, dns_prog_names[hook]);
 }
 
 static void reroute_pin_path(const struct datapath *dp, const char *uid, const char *ifname, char out[PATH_MAX])
@@ -380,6 +397,8 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	for (int d = 0; d < 2; d++)
 		dp->prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, prog_names[d]));
 	dp->reroute_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_reroute_ingress"));
+	for (int i = 0; i < DNS_HOOKS; i++)
+		dp->dns_prog_fd[i] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, dns_prog_names[i]));
 	dp->meta_fd = map_fd(dp->obj, "pod_meta");
 	dp->settings_fd = map_fd(dp->obj, "settings");
 	dp->ztunnel_cgroups_fd = map_fd(dp->obj, "ztunnel_cgroups");
@@ -440,10 +459,21 @@ static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
 	}
 }
 
+static void detach_dns(struct datapath *dp, const char *uid, struct pod_meta *m);
+
+/* Detaches a pinned tcx link (the pod's own hooks and its reroute interfaces' hooks). */
+static void detach_tcx_pin(const char *pin)
+{
+	const char *name = strrchr(pin, '/') + 1;
+
+	if (!strcmp(name, "ingress") || !strcmp(name, "egress") || !strncmp(name, "reroute-", 8))
+		detach_pinned_link(pin);
+}
+
 /* Removes the pod's tcx links through their pins (works from any netns). */
 static void detach_tcx_links(struct datapath *dp, const char *uid)
 {
-	for_each_pin(dp, uid, detach_pinned_link);
+	for_each_pin(dp, uid, detach_tcx_pin);
 }
 
 /* Removes the clsact qdisc of a device if nobody has filters on it any more; true if it did. */
@@ -494,9 +524,10 @@ static void detach_reroute(struct datapath *dp, const char *uid, const struct po
 	r->ifindex = 0;
 }
 
-/* Removes the pod's programs: tcx links from anywhere, tc filters only from inside the netns. */
+/* Removes the pod's programs: links from anywhere, tc filters only from inside the netns. */
 static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
 {
+	detach_dns(dp, uid, m);
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		detach_reroute(dp, uid, m, &m->reroute[i], in_netns);
 	detach_tcx_links(dp, uid);
@@ -773,6 +804,92 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode)
 	return 0;
 }
 
+static int pinned_cgroup_link(const char *pin, __u64 *cgroup_id, __u32 *prog_id)
+{
+	struct bpf_link_info info;
+	__u32 len = sizeof(info);
+	int fd = bpf_obj_get(pin), err = 0;
+
+	if (fd < 0)
+		return -errno;
+	memset(&info, 0, sizeof(info));
+	if (bpf_obj_get_info_by_fd(fd, &info, &len))
+		err = -errno;
+	else if (info.type != BPF_LINK_TYPE_CGROUP)
+		err = -EINVAL;
+	*cgroup_id = err ? 0 : info.cgroup.cgroup_id;
+	*prog_id = err ? 0 : info.prog_id;
+	close(fd);
+	return err;
+}
+
+static void detach_dns(struct datapath *dp, const char *uid, struct pod_meta *m)
+{
+	char pin[PATH_MAX];
+
+	for (int i = 0; i < DNS_HOOKS; i++) {
+		dns_pin_path(dp, uid, i, pin);
+		detach_pinned_link(pin);
+	}
+	m->dns_cgroup_id = 0;
+}
+
+/* DNS capture: links from the pod's cgroup to the socket-call hooks, swapped in place when they are
+ * there already (no moment without capture), moved when the pod's cgroup changed. */
+static int attach_dns(struct netns_job *job)
+{
+	struct pod_meta *m = job->meta;
+	const char *path = job->req->dns_cgroup;
+	char pin[PATH_MAX];
+	struct stat st;
+	int cg, err = 0;
+
+	if (!path[0]) {
+		detach_dns(job->dp, job->uid, m);
+		return 0;
+	}
+	cg = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (cg < 0 || fstat(cg, &st)) {
+		err = errno;
+		if (cg >= 0)
+			close(cg);
+		return fail(job->e, DPE_INVALID, err, "cannot open the pod's cgroup %s", path);
+	}
+	if (m->dns_cgroup_id && m->dns_cgroup_id != st.st_ino)
+		detach_dns(job->dp, job->uid, m);
+	m->dns_cgroup_id = st.st_ino;
+	for (int i = 0; i < DNS_HOOKS && !err; i++) {
+		__u64 linked = 0;
+		__u32 prog = 0;
+		int fd;
+
+		dns_pin_path(job->dp, job->uid, i, pin);
+		if (pinned_cgroup_link(pin, &linked, &prog) == 0 && linked == st.st_ino) {
+			fd = bpf_obj_get(pin);
+			if (fd < 0 || bpf_link_update(fd, job->dp->dns_prog_fd[i], NULL))
+				err = -errno;
+			if (fd >= 0)
+				close(fd);
+			continue;
+		}
+		detach_pinned_link(pin);
+		fd = bpf_link_create(job->dp->dns_prog_fd[i], cg, dns_attach_types[i], NULL);
+		if (fd < 0) {
+			err = -errno;
+			break;
+		}
+		if (bpf_obj_pin(fd, pin)) {
+			err = -errno;
+			bpf_link_detach(fd);
+		}
+		close(fd);
+	}
+	close(cg);
+	if (err)
+		return fail(job->e, DPE_SYSTEM, err, "cannot attach DNS capture to cgroup %s", path);
+	return 0;
+}
+
 static int attach_job(void *p)
 {
 	struct netns_job *job = p;
@@ -813,7 +930,7 @@ static int attach_job(void *p)
 		detach_tc_filters(m);
 	else if (old_mode == ATTACH_MODE_TCX && m->mode == ATTACH_MODE_TC)
 		detach_tcx_links(job->dp, job->uid);
-	if (attach_reroutes(job, old_mode))
+	if (attach_reroutes(job, old_mode) || attach_dns(job))
 		goto out;
 	m->state = ATTACH_STATE_ATTACHED;
 	if ((err = meta_put(job->dp, job->uid, m)))
@@ -1160,6 +1277,17 @@ static int verify_job(void *p)
 		}
 	}
 	verify_reroutes(job);
+	for (int i = 0; m->dns_cgroup_id && i < DNS_HOOKS; i++) {
+		char pin[PATH_MAX];
+		__u64 linked = 0;
+		__u32 prog = 0;
+
+		dns_pin_path(job->dp, job->uid, i, pin);
+		if (pinned_cgroup_link(pin, &linked, &prog) || linked != m->dns_cgroup_id)
+			problem(r, "the DNS capture hook %s is missing or detached (cgroup gone?)", dns_prog_names[i]);
+		else
+			verify_program_name(r, prog, "DNS capture", dns_prog_names[i]);
+	}
 	return 0;
 }
 

@@ -41,6 +41,7 @@ struct dp_attach_request {
 	unsigned flags; /* POD_F_* */
 	char reroute[MAX_REROUTE_IFACES][16]; /* interface names whose inbound TCP goes to 15001 */
 	unsigned reroute_count;
+	char dns_cgroup[NETNS_PATH_LEN]; /* the pod's cgroup v2 directory: DNS capture; empty: off */
 };
 
 struct dp_attach_result {

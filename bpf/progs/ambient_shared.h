@@ -134,6 +134,7 @@ struct pod_meta {
 	__u32 slot; /* this pod's counters */
 	__u32 flags; /* POD_F_* */
 	__u32 reroute_count;
+	__u64 dns_cgroup_id; /* DNS capture hooks on this cgroup v2; 0: DNS capture off */
 	struct pod_ip ips[MAX_POD_IPS];
 	struct reroute_iface reroute[MAX_REROUTE_IFACES];
 };

@@ -59,12 +59,16 @@ export interface PodAttachment {
   strict?: boolean;
   /** Extra interfaces whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces). */
   rerouteInterfaces?: string[];
+  /** The pod's cgroup v2 directory: its apps' DNS (port 53, UDP and TCP) goes to ztunnel's
+   * 127.0.0.1:15053. Absent: no DNS capture. */
+  dnsCgroup?: string;
 }
 
 /** Which 0x539-marked traffic skips redirection: only ztunnel's own sockets (default), or any
  * (upstream's rule; an app with NET_ADMIN can then bypass the mesh). */
 export type ZtunnelExemption = 'ztunnel-sockets' | 'mark';
-export const ZTUNNEL_EXEMPTIONS: readonly ZtunnelExemption[] = ['ztunnel-sockets', 'mark'];
+/** The first is the default. */
+export const ZTUNNEL_EXEMPTIONS: readonly [ZtunnelExemption, ...ZtunnelExemption[]] = ['ztunnel-sockets', 'mark'];
 
 /** What strict mode lets out besides TCP (captured) and DNS; port 0 or absent: any port. */
 export interface StrictAllowEntry {
@@ -133,7 +137,7 @@ export class Datapath {
     const { POD_F_BYPASS_INBOUND, POD_F_STRICT } = addon().constants;
     const flags = (pod.bypassInbound ? POD_F_BYPASS_INBOUND : 0) | (pod.strict ? POD_F_STRICT : 0);
     return call(() =>
-      addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode], flags, pod.rerouteInterfaces ?? []),
+      addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode], flags, pod.rerouteInterfaces ?? [], pod.dnsCgroup ?? ''),
     );
   }
 

@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 
 /** Files the addon and the BPF programs are built to, relative to this module (dist/bpf/src). */
 export const ADDON_PATH = fileURLToPath(new URL('../../../bpf/build/Release/ambient_bpf.node', import.meta.url));
-export const BPF_OBJECT_PATH = fileURLToPath(new URL('../../../bpf/progs/pod_redirect.bpf.o', import.meta.url));
+export const BPF_OBJECT_PATH = fileURLToPath(new URL('../../../bpf/progs/datapath.bpf.o', import.meta.url));
 
 declare const handleBrand: unique symbol;
 export type NativeHandle = { readonly [handleBrand]: true };
@@ -94,6 +94,7 @@ export interface NativeAddon {
     mode: number,
     flags: number,
     reroute: string[],
+    dnsCgroup: string,
   ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean }>;
   detach(handle: NativeHandle, uid: string): Promise<{ found: boolean; warning?: string }>;
   verify(handle: NativeHandle, uid: string): Promise<{ found: boolean; problems: string[] }>;

@@ -197,6 +197,7 @@ export class Agent {
     this.reconciler?.stop();
     this.zds?.close();
     this.datapath?.close();
+    this.datapath = undefined;
     for (const s of this.servers) s.close();
   }
 
@@ -228,7 +229,7 @@ export class Agent {
     const names = new Map(this.status().map((s) => [s.uid, s]));
     const rows: [Record<string, string>, number][] = [];
     const add = (labels: Record<string, string>, c: DatapathCounters): void => {
-      for (const [name, value] of Object.entries(c)) rows.push([{ ...labels, counter: name }, value]);
+      for (const [name, value] of Object.entries(c) as [string, number][]) rows.push([{ ...labels, counter: name }, value]);
     };
     for (const p of await this.datapath.list()) {
       const s = names.get(p.uid);

@@ -18,6 +18,9 @@ export class AppCgroup {
     mkdirSync(this.path);
   }
 
+  /** The client script, for running it outside this cgroup. */
+  readonly clientScript = CLIENT;
+
   get id(): number {
     return cgroupId(this.path);
   }

@@ -54,7 +54,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto' })
       .option('ztunnel-exemption', {
         choices: ZTUNNEL_EXEMPTIONS,
-        default: 'ztunnel-sockets' as ZtunnelExemption,
+        default: ZTUNNEL_EXEMPTIONS[0],
         describe: "which 0x539-marked traffic skips redirection: only sockets of ztunnel's cgroup, or any (upstream's rule: an app with NET_ADMIN can then bypass the mesh)",
       })
       .option('strict-mode', { type: 'boolean', default: DEFAULT_CAPTURE.strict, describe: 'drop what ambient pods send around ztunnel: UDP other than DNS, other IP protocols (IPv6 neighbour discovery always passes)' })

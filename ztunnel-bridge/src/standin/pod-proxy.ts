@@ -49,8 +49,9 @@ export class PodProxy {
   readonly recent: SeenConnection[] = [];
   private readonly servers: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
-  private udp: { local: dgram.Socket; upstream: dgram.Socket } | undefined;
-  private readonly dnsPending = new Map<number, { id: number; address: string; port: number; at: number }>();
+  /** DNS over UDP: listeners on 127.0.0.1 (and [::1] when lo has IPv6), one upstream socket. */
+  private udp: { locals: dgram.Socket[]; upstream: dgram.Socket } | undefined;
+  private readonly dnsPending = new Map<number, { id: number; address: string; port: number; at: number; via: dgram.Socket }>();
   private nextDnsId = 1;
   private closed = false;
 
@@ -88,7 +89,7 @@ export class PodProxy {
   private closeListeners(): void {
     for (const s of this.servers) s.close();
     for (const s of this.sockets) s.destroy();
-    this.udp?.local.close();
+    for (const local of this.udp?.locals ?? []) local.close();
     this.udp?.upstream.close();
     this.udp = undefined;
     this.servers.length = 0;
@@ -105,9 +106,18 @@ export class PodProxy {
       server.on('connection', handler);
       this.servers.push(server);
     }
-    const dnsTcp = await listenInNetns({ netns: this.netns, family: 4, address: '127.0.0.1', port: PORTS.dns, mark: ZTUNNEL_MARK });
-    dnsTcp.on('connection', (s) => void this.dnsTcp(s));
-    this.servers.push(dnsTcp);
+    // Like ztunnel: 127.0.0.1, and [::1] when the pod's lo has IPv6.
+    for (const [family, address] of [[4, '127.0.0.1'], [6, '::1']] as const) {
+      let dnsTcp: net.Server;
+      try {
+        dnsTcp = await listenInNetns({ netns: this.netns, family, address, port: PORTS.dns, mark: ZTUNNEL_MARK, v6only: family === 6 });
+      } catch (err) {
+        if (family === 4) throw err;
+        continue;
+      }
+      dnsTcp.on('connection', (s) => void this.dnsTcp(s));
+      this.servers.push(dnsTcp);
+    }
     await this.listenDnsUdp();
   }
 
@@ -239,16 +249,21 @@ export class PodProxy {
   }
 
   private async listenDnsUdp(): Promise<void> {
-    const local = await bindUdp(await udpSocketInNetns({ netns: this.netns, address: '127.0.0.1', port: PORTS.dns, mark: ZTUNNEL_MARK }));
+    const locals = [await bindUdp(await udpSocketInNetns({ netns: this.netns, address: '127.0.0.1', port: PORTS.dns, mark: ZTUNNEL_MARK }))];
+    try {
+      locals.push(await bindUdp(await udpSocketInNetns({ netns: this.netns, address: '::1', port: PORTS.dns, mark: ZTUNNEL_MARK }), true));
+    } catch {
+      // no IPv6 on the pod's lo
+    }
     const family = this.dnsUpstream && this.dnsUpstream.host.includes(':') ? '::' : '0.0.0.0';
     const upstream = await bindUdp(await udpSocketInNetns({ netns: this.netns, address: family, port: 0, mark: ZTUNNEL_MARK }), family === '::');
-    this.udp = { local, upstream };
-    local.on('message', (msg, rinfo) => this.dnsQuery(msg, rinfo));
+    this.udp = { locals, upstream };
+    for (const local of locals) local.on('message', (msg, rinfo) => this.dnsQuery(local, msg, rinfo));
     upstream.on('message', (msg) => this.dnsAnswer(msg));
   }
 
   /** Forwards a query with an id of our own, so answers map back to the right client. */
-  private dnsQuery(msg: Buffer, from: dgram.RemoteInfo): void {
+  private dnsQuery(via: dgram.Socket, msg: Buffer, from: dgram.RemoteInfo): void {
     if (!this.udp || msg.length < 12) return;
     this.see('dns', `${from.address}:${from.port}`, this.dnsUpstream ? hostPort(this.dnsUpstream) : 'none');
     this.stats.dns.bytesUp += msg.length;
@@ -257,7 +272,7 @@ export class PodProxy {
     for (const [id, p] of this.dnsPending) if (now - p.at > DNS_TIMEOUT_MS) this.dnsPending.delete(id);
     const id = this.nextDnsId;
     this.nextDnsId = (this.nextDnsId % 0xffff) + 1;
-    this.dnsPending.set(id, { id: msg.readUInt16BE(0), address: from.address, port: from.port, at: now });
+    this.dnsPending.set(id, { id: msg.readUInt16BE(0), address: from.address, port: from.port, at: now, via });
     const out = Buffer.from(msg);
     out.writeUInt16BE(id, 0);
     this.udp.upstream.send(out, this.dnsUpstream.port, this.dnsUpstream.host);
@@ -271,7 +286,7 @@ export class PodProxy {
     const out = Buffer.from(msg);
     out.writeUInt16BE(pending.id, 0);
     this.stats.dns.bytesDown += out.length;
-    this.udp.local.send(out, pending.port, pending.address);
+    pending.via.send(out, pending.port, pending.address);
   }
 }
 
