@@ -8,7 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
+import { AppCgroup } from './helpers/app.js';
 import { CLI, runCli } from './helpers/cli.js';
+import { TestDnsServer } from './helpers/dns-server.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
@@ -37,6 +39,16 @@ describe('ambient-bpf agent', kernelTest(), () => {
     const root = testBpffsRoot(topo.id);
     const dir = mkdtempSync(join(tmpdir(), 'abt-agent-'));
     const net = await podWithRemote(topo, 60);
+    // The pod's processes live in a cgroup of their own (as a container's do): DNS capture hooks it.
+    const cgroup = new AppCgroup(topo.id);
+    const pause = cgroup.pause(net.podPath);
+    const dns = await TestDnsServer.start(Topology.netnsPath(net.remote), '198.18.99.8');
+    t.after(async () => {
+      await dns.close();
+      pause.kill('SIGKILL');
+      await new Promise((r) => (pause.exitCode === null ? pause.once('exit', r) : r(null)));
+      cgroup.remove();
+    });
     const pods = join(dir, 'pods.yaml');
     writeFileSync(pods, [
       'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
@@ -70,10 +82,12 @@ describe('ambient-bpf agent', kernelTest(), () => {
     // ambient-bpf status: JSON and the table.
     const status = await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')]);
     assert.equal(status.code, 0, status.stderr);
-    const report = JSON.parse(status.stdout) as { pods: { name: string; namespace: string; state: string; hooks: string; ztunnel: string }[]; ztunnelConnections: number };
-    assert.deepEqual(report.pods.map((p) => [p.namespace, p.name, p.state, p.hooks, p.ztunnel]), [['shop', 'cart', 'enabled', 'tcx', 'acked']]);
+    const report = JSON.parse(status.stdout) as { pods: { name: string; namespace: string; state: string; hooks: string; ztunnel: string; dnsCapture: string }[]; ztunnelConnections: number };
+    assert.deepEqual(report.pods.map((p) => [p.namespace, p.name, p.state, p.hooks, p.ztunnel, p.dnsCapture]), [['shop', 'cart', 'enabled', 'tcx', 'acked', 'on']]);
     assert.equal(report.ztunnelConnections, 1);
-    assert.match((await runCli(['status', '--status-socket', join(dir, 'status.sock')])).stdout, /^NAMESPACE +POD +STATE +HOOKS +ZTUNNEL +AGE +REASON\nshop +cart +enabled +tcx +acked +\d+s +namespace label\n/);
+    assert.match((await runCli(['status', '--status-socket', join(dir, 'status.sock')])).stdout, /^NAMESPACE +POD +STATE +HOOKS +ZTUNNEL +DNS +REDIRECTED OUT\/IN +AGE +REASON\nshop +cart +enabled +tcx +acked +on +0\/0 +\d+s +namespace label\n/);
+    // The stand-in runs in this test's cgroup; the agent learnt it from the ZDS peer's credentials.
+    assert.match(agent.stderr(), /"msg":"ztunnel's cgroup trusted: its marked sockets skip redirection"/);
     const down = await runCli(['status', '--status-socket', join(dir, 'nothing.sock')]);
     assert.notEqual(down.code, 0);
     assert.match(down.stderr, /^ambient-bpf: cannot reach the agent at .*nothing\.sock/);
@@ -84,6 +98,19 @@ describe('ambient-bpf agent', kernelTest(), () => {
     await until(() => ztunnel.stdout().includes('\n'), 'stand-in stats');
     const stats = JSON.parse(ztunnel.stdout().split('\n')[0]!) as { pods: { name: string; stats: { outbound: { connections: number } } }[] };
     assert.deepEqual(stats.pods.map((p) => [p.name, p.stats.outbound.connections]), [['cart', 1]]);
+
+    // The datapath's own counters agree, in status and metrics.
+    const counted = JSON.parse((await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout) as { pods: { counters: { outboundRedirected: number } }[] };
+    assert.equal(counted.pods[0]!.counters.outboundRedirected, 1);
+    assert.match((await get(`http://127.0.0.1:${port + 1}/metrics`)).body, /ambient_bpf_datapath_events_total\{namespace="shop",pod="cart",uid="agent-cart-[0-9a-f]+",counter="outboundRedirected"\} 1\n/);
+
+    // The pod's DNS goes to the stand-in's 15053, which asks the real server.
+    assert.equal(await cgroup.client(net.podPath, 'dns-udp', net.remoteV4, 'connected'), `198.18.99.8 from ${net.remoteV4}:53`);
+    assert.equal(dns.queries, 1);
+    ztunnel.child.kill('SIGUSR1');
+    await until(() => ztunnel.stdout().split('\n').length > 2, 'stand-in stats again');
+    const dnsStats = JSON.parse(ztunnel.stdout().split('\n')[1]!) as { pods: { stats: { dns: { bytesUp: number } } }[] };
+    assert.ok(dnsStats.pods[0]!.stats.dns.bytesUp > 0, 'the query did not go through the stand-in');
 
     // Stopping the agent leaves the pod redirected; a new agent adopts it.
     const dp = await Datapath.open({ bpffsRoot: root });

@@ -6,6 +6,7 @@ import { cgroup2Mount, cgroupIdOfPid, Datapath, type AttachMode, type DatapathCo
 import type { PeerCredentials } from '../../bpf/src/node-netns.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
+import { CgroupLocator } from './enrollment/cgroup-locator.js';
 import { NetnsLocator } from './enrollment/netns-locator.js';
 import { DEFAULT_CAPTURE, Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
 import type { CaptureDefaults } from './pods/capture-options.js';
@@ -111,6 +112,7 @@ export class Agent {
       datapath: this.datapath,
       zds: this.zds,
       netns: new NetnsLocator(this.opts.hostRoot),
+      cgroups: new CgroupLocator(this.opts.hostRoot),
       log,
       attachMode: this.opts.attachMode,
       capture: this.opts.capture ?? DEFAULT_CAPTURE,
@@ -164,6 +166,7 @@ export class Agent {
           hooks: a?.mode ?? '',
           ztunnel: s.ztunnel,
           netnsPath: s.netnsPath ?? '',
+          dnsCapture: s.dns,
           sinceUnixMs: s.since.getTime(),
           ...(a ? { counters: a.counters } : {}),
         };

@@ -1,6 +1,7 @@
 // A pod's app as a real process: its own cgroup v2 (as a container has) in the pod's netns. The
 // datapath tells ztunnel's sockets from the app's by cgroup, so in-process test sockets (which
 // share the test runner's cgroup) cannot play an app that forges ztunnel's mark.
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readdirSync, rmdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -29,6 +30,13 @@ export class AppCgroup {
   async client(netns: string, ...args: (string | number)[]): Promise<string> {
     const script = `echo $$ > ${join(this.path, 'cgroup.procs')} && exec nsenter --net=${netns} python3 ${CLIENT} "$@"`;
     return (await sh('sh', ['-c', script, 'app', ...args.map(String)])).trim();
+  }
+
+  /** A long-lived process in this cgroup and `netns`: the pod's "pause" process, by which the
+   * agent finds the pod's cgroup. Kill it before remove(). */
+  pause(netns: string): ChildProcess {
+    const script = `echo $$ > ${join(this.path, 'cgroup.procs')} && exec nsenter --net=${netns} sleep 600`;
+    return spawn('sh', ['-c', script], { stdio: 'ignore' });
   }
 
   remove(): void {

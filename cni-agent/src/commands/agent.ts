@@ -22,6 +22,7 @@ interface AgentArgs {
   'attach-mode': AttachMode;
   'ztunnel-exemption': ZtunnelExemption;
   'strict-mode': boolean;
+  'dns-capture': boolean;
   'strict-allow': string[];
   'install-cni': boolean;
   'cni-bin-dir': string;
@@ -57,6 +58,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
         default: ZTUNNEL_EXEMPTIONS[0],
         describe: "which 0x539-marked traffic skips redirection: only sockets of ztunnel's cgroup, or any (upstream's rule: an app with NET_ADMIN can then bypass the mesh)",
       })
+      .option('dns-capture', { type: 'boolean', default: DEFAULT_CAPTURE.dnsCapture, describe: 'send ambient pods’ DNS (port 53) to ztunnel’s 15053; per pod: annotation ambient.istio.io/dns-capture=true|false' })
       .option('strict-mode', { type: 'boolean', default: DEFAULT_CAPTURE.strict, describe: 'drop what ambient pods send around ztunnel: UDP other than DNS, other IP protocols (IPv6 neighbour discovery always passes)' })
       .option('strict-allow', { type: 'string', array: true, default: [] as string[], describe: 'what strict mode lets out anyway, e.g. udp/123 icmp icmpv6 sctp/5000 (repeatable)' })
       .option('install-cni', { type: 'boolean', default: false, describe: 'install the CNI plugin into the node’s CNI config once ready, and keep it there' })
@@ -90,7 +92,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       hostRoot: args['host-root'],
       attachMode: args['attach-mode'],
       ztunnelExemption: args['ztunnel-exemption'],
-      capture: { ...DEFAULT_CAPTURE, strict: args['strict-mode'] },
+      capture: { strict: args['strict-mode'], dnsCapture: args['dns-capture'] },
       strictAllow,
       installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], binarySource: PLUGIN_BINARY_PATH } : undefined,
       statusSocket: args['status-socket'],

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { Datapath, type AttachMode } from '../../../bpf/src/index.js';
+import { Datapath, type AttachMode, type DatapathCounters } from '../../../bpf/src/index.js';
 import { connectFromNetns, listenInNetns } from '../../../bpf/src/node-netns.js';
 import { ZtunnelStandIn } from '../../../ztunnel-bridge/src/standin/ztunnel.js';
 import { fetchStatus, type StatusPod } from '../ops/status-api.js';
@@ -58,6 +58,9 @@ interface FlowResult {
   answeredBy: string;
   outboundViaZtunnel: boolean;
   inboundViaZtunnel: boolean | undefined;
+  /** What the BPF programs counted for this connection: redirected out of the source, into the destination. */
+  datapathOut: number | undefined;
+  datapathIn: number | undefined;
   ztunnelSaw: string;
   problems: string[];
 }
@@ -242,11 +245,18 @@ export class Demo {
     return { outbound: pod.stats.outbound.connections, inbound: pod.stats.inbound.connections, lastOutbound: recent('outbound'), lastInbound: recent('inbound') };
   }
 
+  /** The datapath's own counters of a pod (from the agent's status API); undefined if not attached. */
+  private async countersOf(): Promise<Map<string, DatapathCounters>> {
+    const { pods } = await fetchStatus(join(this.dir, 'status.sock'), 2000);
+    return new Map(pods.filter((p) => p.counters).map((p) => [`${p.namespace}/${p.name}`, p.counters!]));
+  }
+
   private async flow(from: string, to: string): Promise<FlowResult> {
     const src = PODS.find((p) => `${p.namespace}/${p.name}` === from)!;
     const dst = PODS.find((p) => `${p.namespace}/${p.name}` === to);
     const host = dst ? dst.ip : EXTERNAL.ip;
     const before = [this.statsOf(from), dst ? this.statsOf(to) : undefined] as const;
+    const countersBefore = await this.countersOf();
     let answeredBy = '';
     const problems: string[] = [];
     try {
@@ -266,13 +276,23 @@ export class Demo {
     const after = [this.statsOf(from), dst ? this.statsOf(to) : undefined] as const;
     const outboundViaZtunnel = after[0].outbound > before[0].outbound;
     const inboundViaZtunnel = dst ? after[1]!.inbound > before[1]!.inbound : undefined;
+    const countersAfter = await this.countersOf();
+    const delta = (pod: string, key: 'outboundRedirected' | 'inboundRedirected'): number | undefined => {
+      const a = countersAfter.get(pod)?.[key];
+      return a === undefined ? undefined : a - (countersBefore.get(pod)?.[key] ?? 0);
+    };
+    const datapathOut = delta(from, 'outboundRedirected');
+    const datapathIn = dst ? delta(to, 'inboundRedirected') : undefined;
+    // The datapath must agree with ztunnel: one connection redirected where ztunnel saw one.
+    if ((datapathOut ?? 0) !== (outboundViaZtunnel ? 1 : 0)) problems.push(`the datapath counted ${datapathOut ?? 0} outbound redirections, ztunnel saw ${outboundViaZtunnel ? 1 : 0}`);
+    if (dst && (datapathIn ?? 0) !== (inboundViaZtunnel ? 1 : 0)) problems.push(`the datapath counted ${datapathIn ?? 0} inbound redirections, ztunnel saw ${inboundViaZtunnel ? 1 : 0}`);
     const expectedAnswer = dst ? to : EXTERNAL.name;
     if (!problems.length && answeredBy !== expectedAnswer) problems.push(`answered by ${answeredBy || 'nobody'}, expected ${expectedAnswer}`);
     if (outboundViaZtunnel !== src.ambient) problems.push(`outbound ${outboundViaZtunnel ? 'went' : 'did not go'} through ztunnel (${src.why})`);
     if (dst && inboundViaZtunnel !== dst.ambient) problems.push(`inbound ${inboundViaZtunnel ? 'went' : 'did not go'} through ztunnel (${dst.why})`);
     const saw = outboundViaZtunnel ? after[0].lastOutbound : inboundViaZtunnel ? after[1]?.lastInbound : undefined;
     if (saw && saw !== `${host}:${APP_PORT}`) problems.push(`ztunnel saw ${saw}, not the original destination ${host}:${APP_PORT}`);
-    return { from, to: dst ? to : `external (${EXTERNAL.ip})`, answeredBy, outboundViaZtunnel, inboundViaZtunnel, ztunnelSaw: saw ?? '-', problems };
+    return { from, to: dst ? to : `external (${EXTERNAL.ip})`, answeredBy, outboundViaZtunnel, inboundViaZtunnel, datapathOut, datapathIn, ztunnelSaw: saw ?? '-', problems };
   }
 }
 
@@ -287,7 +307,12 @@ function renderPods(pods: StatusPod[]): string {
 
 function renderFlows(flows: FlowResult[]): string {
   const yesNo = (b: boolean | undefined) => (b === undefined ? '-' : b ? 'yes' : 'no');
+  // "yes (bpf 1)": ztunnel's stand-in took the leg, and the BPF programs counted 1 redirection for it.
+  const leg = (viaZtunnel: boolean | undefined, counted: number | undefined) =>
+    viaZtunnel === undefined ? '-' : `${yesNo(viaZtunnel)} (bpf ${counted === undefined ? '-' : counted})`;
   const rows = [['FROM', 'TO', 'ANSWERED BY', 'OUT VIA ZTUNNEL', 'IN VIA ZTUNNEL', 'ZTUNNEL SAW DESTINATION', 'AS EXPECTED']];
-  for (const f of flows) rows.push([f.from, f.to, f.answeredBy || '-', yesNo(f.outboundViaZtunnel), yesNo(f.inboundViaZtunnel), f.ztunnelSaw, f.problems.length ? 'NO' : 'yes']);
-  return 'Traffic\n' + renderTable(rows);
+  for (const f of flows) {
+    rows.push([f.from, f.to, f.answeredBy || '-', leg(f.outboundViaZtunnel, f.datapathOut), leg(f.inboundViaZtunnel, f.datapathIn), f.ztunnelSaw, f.problems.length ? 'NO' : 'yes']);
+  }
+  return 'Traffic\n' + renderTable(rows) + '(bpf N: connections the datapath’s own counters saw redirected on that leg; - : the pod is not redirected)\n';
 }

@@ -2,13 +2,14 @@
 // ztunnel's answer, annotation), reconciled one pod at a time and retried with backoff until they
 // agree. Inputs: the pod source (state and changes), ztunnel's answers, and the datapath's own
 // records (so a restarted agent adopts what it attached before instead of attaching twice).
-import { openSync } from 'node:fs';
+import { existsSync, openSync } from 'node:fs';
 import type { AttachMode, Datapath } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
 import { podIPs, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
 import { selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
 import { captureOptions, type CaptureDefaults } from '../pods/capture-options.js';
+import type { CgroupLocator } from './cgroup-locator.js';
 import type { NetnsLocator } from './netns-locator.js';
 
 /** The `ambient.istio.io/redirection` annotation value; undefined removes it. */
@@ -35,6 +36,8 @@ export interface PodStatus {
   ztunnel: ZtunnelResult['status'] | 'not sent';
   netnsPath: string | undefined;
   since: Date;
+  /** DNS capture: on, off, or waiting for the pod's cgroup. */
+  dns: 'on' | 'off' | 'waiting for the pod’s cgroup';
 }
 
 interface Entry {
@@ -57,12 +60,16 @@ interface Entry {
   sandboxGone: boolean;
   /** When the pending enrollment started (performance.now()), until ztunnel acks it. */
   enrollStarted: number | undefined;
+  /** DNS capture: on (hooked to this cgroup), off, or waiting for the pod to have a cgroup. */
+  dns: { state: 'on'; cgroup: string } | { state: 'off' } | { state: 'waiting' };
 }
 
 export interface ReconcilerOptions {
   datapath: Datapath;
   zds: ZdsServer;
   netns: NetnsLocator;
+  /** Finds pods' cgroups for DNS capture (without it, DNS is not captured). */
+  cgroups?: CgroupLocator;
   log: Logger;
   annotator?: Annotator;
   policy?: SelectionPolicy;
@@ -202,6 +209,7 @@ export class Reconciler {
           ztunnel: e.ztunnel?.status ?? 'not sent',
           netnsPath: e.netnsPath,
           since: e.since,
+          dns: e.dns.state === 'waiting' ? 'waiting for the pod’s cgroup' : e.dns.state,
         };
       });
   }
@@ -247,10 +255,23 @@ export class Reconciler {
         cniIps: undefined,
         sandboxGone: false,
         enrollStarted: undefined,
+        dns: { state: 'off' },
       };
       this.entries.set(uid, e);
     }
     return e;
+  }
+
+  /** The pod's cgroup for DNS capture (the last one while it exists), or undefined for now. */
+  private dnsCgroup(e: Entry, netnsPath: string): string | undefined {
+    if (!this.opts.cgroups) return undefined;
+    if (e.dns.state === 'on' && existsSync(e.dns.cgroup)) return e.dns.cgroup;
+    try {
+      return this.opts.cgroups.find(e.uid, netnsPath);
+    } catch (err) {
+      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot look for the pod’s cgroup; DNS is not captured');
+      return undefined;
+    }
   }
 
   private ipsOf(e: Entry): string[] {
@@ -272,7 +293,14 @@ export class Reconciler {
       else await this.unenroll(e);
       if (e.error) this.opts.log.info(log, 'pod reconciled after earlier failures');
       e.error = undefined;
-      e.backoffMs = this.opts.initialBackoffMs ?? 200;
+      if (e.attached && e.dns.state === 'waiting' && !this.stopped) {
+        // Redirected, but DNS capture needs the pod's cgroup, which appears with its processes.
+        if (e.backoffMs === (this.opts.initialBackoffMs ?? 200)) this.opts.log.info(log, 'DNS capture waits for the pod’s cgroup');
+        e.retry = setTimeout(() => void this.reconcile(e.uid), e.backoffMs);
+        e.backoffMs = Math.min(e.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
+      } else {
+        e.backoffMs = this.opts.initialBackoffMs ?? 200;
+      }
     } catch (err) {
       const message = (err as Error).message;
       this.reconcileErrors++;
@@ -295,12 +323,22 @@ export class Reconciler {
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
+    const dnsCgroup = capture.dnsCapture ? this.dnsCgroup(e, netnsPath) : undefined;
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
     await this.opts.datapath.attach(
-      { uid: e.uid, netnsPath, ips, bypassInbound: capture.bypassInbound, strict: capture.strict, rerouteInterfaces: capture.rerouteInterfaces },
+      {
+        uid: e.uid,
+        netnsPath,
+        ips,
+        bypassInbound: capture.bypassInbound,
+        strict: capture.strict,
+        rerouteInterfaces: capture.rerouteInterfaces,
+        ...(dnsCgroup ? { dnsCgroup } : {}),
+      },
       this.opts.attachMode ? { mode: this.opts.attachMode } : {},
     );
+    e.dns = dnsCgroup ? { state: 'on', cgroup: dnsCgroup } : capture.dnsCapture && this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
     if (!e.attached || moved) {
       e.since = new Date();
       this.opts.log.info({ uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, netns: netnsPath }, 'pod redirected');
@@ -337,6 +375,7 @@ export class Reconciler {
       e.attached = false;
       e.ztunnel = undefined;
       e.enrollStarted = undefined;
+      e.dns = { state: 'off' };
       e.since = new Date();
     }
     if (e.pod) await this.annotate(e, undefined);

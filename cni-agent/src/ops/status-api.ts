@@ -19,6 +19,7 @@ export interface StatusPod {
   ztunnel: string;
   netnsPath: string;
   sinceUnixMs: number;
+  dnsCapture: string;
   counters?: DatapathCounters;
 }
 
@@ -74,6 +75,7 @@ export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusRepor
           ztunnel: p.ztunnel ?? '',
           netnsPath: p.netnsPath ?? '',
           sinceUnixMs: Number(p.sinceUnixMs ?? 0),
+          dnsCapture: p.dnsCapture ?? '',
           ...(p.counters ? { counters: numbers(p.counters) } : {}),
         })),
       });

@@ -1,0 +1,77 @@
+// Which cgroup v2 is a pod's, for DNS capture: kubelet's pod cgroup (named after the pod uid, made
+// before the sandbox, so it exists at CNI ADD), else the cgroup the pod's processes share. Never
+// the root cgroup, nor one that also holds processes outside the pod: the hooks would capture them.
+import { readdirSync, readlinkSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid } from '../../../bpf/src/index.js';
+
+export class CgroupLocator {
+  private mount: string | undefined;
+
+  constructor(private readonly hostRoot = '/') {}
+
+  /** The pod's cgroup directory, or undefined while it has none of its own yet. */
+  find(uid: string, netnsPath: string): string | undefined {
+    this.mount ??= cgroup2Mount(this.hostRoot);
+    return kubeletPodCgroup(this.mount, uid) ?? this.fromProcesses(netnsPath);
+  }
+
+  private fromProcesses(netnsPath: string): string | undefined {
+    const mount = this.mount!;
+    const proc = join(this.hostRoot, 'proc');
+    const want = `net:[${statSync(netnsPath).ino}]`;
+    const inPod: string[] = [];
+    const elsewhere = new Set<string>();
+    for (const pid of readdirSync(proc).filter((p) => /^\d+$/.test(p))) {
+      try {
+        const path = cgroupPathOfPid(Number(pid), proc);
+        if (readlinkSync(join(proc, pid, 'ns', 'net')) === want) inPod.push(path);
+        else elsewhere.add(path);
+      } catch {
+        // the process exited, or is a kernel thread
+      }
+    }
+    if (inPod.length === 0) return undefined;
+    const common = commonAncestor(inPod);
+    // The cgroup must be the pod's alone: not the root, and no outside process in it or below it.
+    if (common === '/' || [...elsewhere].some((p) => p === common || p.startsWith(`${common}/`))) return undefined;
+    return cgroupDirectory(common, mount);
+  }
+}
+
+/** kubelet's pod cgroup, for both cgroup drivers: .../pod<uid> (cgroupfs) or
+ * .../kubepods-<qos>-pod<uid with _>.slice (systemd), under a kubepods* tree. */
+function kubeletPodCgroup(mount: string, uid: string): string | undefined {
+  const names = new Set([`pod${uid}`, `pod${uid.replace(/-/g, '_')}.slice`]);
+  const matches = (entry: string): boolean => [...names].some((n) => entry === n || entry.endsWith(`-${n}`));
+  let level = [mount];
+  for (let depth = 0; depth < 4 && level.length > 0; depth++) {
+    const next: string[] = [];
+    for (const dir of level) {
+      for (const entry of subdirectories(dir)) {
+        if (matches(entry)) return join(dir, entry);
+        if (entry.startsWith('kubepods')) next.push(join(dir, entry));
+      }
+    }
+    level = next;
+  }
+  return undefined;
+}
+
+function subdirectories(dir: string): string[] {
+  try {
+    return readdirSync(dir, { withFileTypes: true })
+      .filter((e) => e.isDirectory())
+      .map((e) => e.name);
+  } catch {
+    return [];
+  }
+}
+
+function commonAncestor(paths: string[]): string {
+  const split = paths.map((p) => p.split('/').filter(Boolean));
+  const first = split[0]!;
+  let n = 0;
+  while (n < first.length && split.every((s) => s[n] === first[n])) n++;
+  return `/${first.slice(0, n).join('/')}`;
+}
