@@ -22,8 +22,10 @@ describe('ambient-bpf demo', kernelTest(), () => {
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /shop\/cart +yes +enabled +tcx +acked/);
     assert.match(r.stdout, /shop\/legacy +no +not ambient/);
-    assert.match(r.stdout, /shop\/cart +external \(198\.18\.101\.2\) +external +yes +- +198\.18\.101\.2:8080 +yes/);
-    assert.match(r.stdout, /plain\/api +shop\/cart +shop\/cart +no +yes +198\.18\.100\.10:8080 +yes/);
+    // Each leg: through ztunnel per the stand-in, and the datapath's own count for it.
+    assert.match(r.stdout, /shop\/cart +external \(198\.18\.101\.2\) +external +yes \(bpf 1\) +- +198\.18\.101\.2:8080 +yes/);
+    assert.match(r.stdout, /shop\/web +shop\/cart +shop\/cart +yes \(bpf 1\) +yes \(bpf 1\) +198\.18\.100\.10:8080 +yes/);
+    assert.match(r.stdout, /plain\/api +shop\/cart +shop\/cart +no \(bpf -\) +yes \(bpf 1\) +198\.18\.100\.10:8080 +yes/);
     assert.match(r.stdout, /Everything behaved as expected/);
     assert.doesNotMatch(r.stdout, / NO\n/);
     assert.match(r.stderr, /• creating the node/);
