@@ -26,7 +26,9 @@ describe('drift repair', kernelTest(), () => {
     const net = await podWithRemote(topo, 97);
     const uid = `drift-${topo.id}`;
     writeFileSync(join(dir, 'pods.yaml'), `apiVersion: v1\nkind: Pod\nmetadata: { name: p, uid: ${uid}, labels: { istio.io/dataplane-mode: ambient } }\nstatus: { podIP: ${net.podV4} }\n`);
-    const agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'tcx', verifyIntervalMs: 200, log: silentLogger });
+    const agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'tcx', verifyIntervalMs: 200, log: silentLogger,
+      // No DNS capture: its wait for the pod's cgroup re-attaches periodically, which would repair too.
+      capture: { strict: false, dnsCapture: false } });
     const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
     const remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 4, address: net.remoteV4, port: 8080 });
     t.after(async () => {

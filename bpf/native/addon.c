@@ -322,15 +322,17 @@ static napi_value attach_result(napi_env env, struct job *job)
 	set_str(env, obj, "mode", job->u.attach.res.mode == ATTACH_MODE_TCX ? "tcx" : "tc");
 	set_u32(env, obj, "ifindex", (uint32_t)job->u.attach.res.ifindex);
 	set_bool(env, obj, "updated", job->u.attach.res.updated);
+	set_u32(env, obj, "hostIfindex", (uint32_t)job->u.attach.res.host_ifindex);
 	return obj;
 }
 
 /* attach(handle, uid, netnsPath, ips: string[], mode: 0 auto | 1 tcx | 2 tc, flags: POD_F_*,
- *        reroute: string[], dnsCgroup: string ('' = DNS capture off)) */
+ *        reroute: string[], dnsCgroup: string ('' = DNS capture off),
+ *        hostNetns: string ('' = kubelet probes not handled)) */
 static napi_value js_attach(napi_env env, napi_callback_info info)
 {
-	size_t argc = 8;
-	napi_value argv[8];
+	size_t argc = 9;
+	napi_value argv[9];
 	struct job *job = job_new(attach_run, attach_result);
 	struct dp_attach_request *req;
 	uint32_t n = 0, mode = 0;
@@ -384,6 +386,8 @@ static napi_value js_attach(napi_env env, napi_callback_info info)
 		req->reroute_count = n;
 	}
 	if (argc >= 8 && !get_string(env, argv[7], req->dns_cgroup, sizeof(req->dns_cgroup), "cgroup path (at most 255 bytes)"))
+		goto bad;
+	if (argc >= 9 && !get_string(env, argv[8], req->host_netns, sizeof(req->host_netns), "node netns path (at most 255 bytes)"))
 		goto bad;
 	if (!take_handle(env, argv[0], job))
 		goto bad;

@@ -32,6 +32,9 @@ enum hook_dir { HOOK_INGRESS = 0, HOOK_EGRESS = 1 };
 static const char *const hook_names[2] = { "ingress", "egress" };
 static const char *const prog_names[2] = { "pod_ingress", "pod_egress" };
 static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS };
+/* The node side of the pod's veth: ingress is what the pod sends, egress what goes to it. */
+static const char *const host_hook_names[2] = { "host-ingress", "host-egress" };
+static const char *const host_prog_names[2] = { "pod_to_node", "node_to_pod" };
 
 /* DNS capture: socket-call hooks on the pod's cgroup (progs/dns_capture.bpf.c). */
 #define DNS_HOOKS 8
@@ -50,6 +53,7 @@ struct datapath {
 	struct bpf_object *obj;
 	int prog_fd[2];
 	int reroute_prog_fd;
+	int host_prog_fd[2];
 	int dns_prog_fd[DNS_HOOKS];
 	int meta_fd;
 	int settings_fd;
@@ -383,6 +387,8 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	/* Maps are shared through pins by every process using this root, so a restarted agent and
 	 * the CLI see the same records. */
 	bpf_object__for_each_map(map, dp->obj) {
+		if (bpf_map__is_internal(map)) /* .rodata and friends: per load, never shared */
+			continue;
 		snprintf(path, sizeof(path), "%s/maps/%s", root, bpf_map__name(map));
 		bpf_map__set_pin_path(map, path);
 	}
@@ -397,6 +403,8 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	for (int d = 0; d < 2; d++)
 		dp->prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, prog_names[d]));
 	dp->reroute_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_reroute_ingress"));
+	for (int d = 0; d < 2; d++)
+		dp->host_prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, host_prog_names[d]));
 	for (int i = 0; i < DNS_HOOKS; i++)
 		dp->dns_prog_fd[i] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, dns_prog_names[i]));
 	dp->meta_fd = map_fd(dp->obj, "pod_meta");
@@ -466,7 +474,8 @@ static void detach_tcx_pin(const char *pin)
 {
 	const char *name = strrchr(pin, '/') + 1;
 
-	if (!strcmp(name, "ingress") || !strcmp(name, "egress") || !strncmp(name, "reroute-", 8))
+	if (!strcmp(name, "ingress") || !strcmp(name, "egress") || !strncmp(name, "reroute-", 8) ||
+	    !strncmp(name, "host-", 5))
 		detach_pinned_link(pin);
 }
 
@@ -563,6 +572,7 @@ struct netns_job {
 	const struct dp_attach_request *req;
 	struct dp_error *e;
 	struct dp_verify_result *verify;
+	int host_peer; /* attach: the pod interface's veth peer index (0: none) */
 };
 
 static int undo_job(void *p)
@@ -902,6 +912,10 @@ static int attach_job(void *p)
 		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s", job->req->netns_path);
 	if (find_pod_interface(&nl, m, job->req->netns_path, &ifindex, job->e))
 		goto out;
+	/* The veth peer's index, in the peer's (the node's) netns: where kubelet probes are handled. */
+	job->host_peer = 0;
+	if (job->req->host_netns[0] && rtnl_veth_peer(&nl, ifindex, &job->host_peer))
+		job->host_peer = 0;
 	if (m->state == ATTACH_STATE_ATTACHED) {
 		if (m->ifindex != (unsigned)ifindex)
 			detach_programs(job->dp, job->uid, m, true); /* the pod's interface was replaced */
@@ -961,11 +975,16 @@ static int open_pod_netns(const char *path, struct pod_meta *m, struct dp_error 
 }
 
 /* Undoes a recorded attachment: inside its netns when that is still reachable. */
+static void detach_host(struct datapath *dp, const char *uid, struct pod_meta *m);
+
 static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta *m, char *warning, size_t wlen)
 {
 	struct netns_job job = { .dp = dp, .uid = uid, .meta = m };
 	unsigned long long ino = 0, dev = 0;
-	int fd = open_netns(m->netns_path, &ino, &dev);
+	int fd;
+
+	detach_host(dp, uid, m);
+	fd = open_netns(m->netns_path, &ino, &dev);
 
 	if (fd >= 0 && ino == m->netns_ino && dev == m->netns_dev) {
 		run_in_netns(fd, undo_job, &job);
@@ -979,6 +998,127 @@ static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta 
 	}
 	if (fd >= 0)
 		close(fd);
+}
+
+/* ---- kubelet probes: the node side of the pod's veth ---- */
+
+static void host_pin_path(const struct datapath *dp, const char *uid, int d, char out[PATH_MAX])
+{
+	snprintf(out, PATH_MAX, "%s/pods/%s/%s", dp->root, uid, host_hook_names[d]);
+}
+
+/* Removes our tc filters from the node-side device (in the node's netns). */
+static int host_tc_detach_job(void *p)
+{
+	struct netns_job *job = p;
+	struct pod_meta *m = job->meta;
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->host_ifindex);
+	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+
+	for (int d = 0; d < 2; d++) {
+		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+		bpf_tc_detach(&hook, &opts);
+	}
+	if (m->host_owns_clsact && destroy_clsact_if_unused((int)m->host_ifindex))
+		m->host_owns_clsact = 0;
+	return 0;
+}
+
+/* Removes the node-side hooks: links through their pins, tc filters inside the node's netns. */
+static void detach_host(struct datapath *dp, const char *uid, struct pod_meta *m)
+{
+	struct netns_job job = { .dp = dp, .uid = uid, .meta = m };
+	unsigned long long ino = 0, dev = 0;
+	char pin[PATH_MAX];
+	int fd;
+
+	for (int d = 0; d < 2; d++) {
+		host_pin_path(dp, uid, d, pin);
+		detach_pinned_link(pin);
+	}
+	if (m->host_ifindex && m->host_netns_path[0]) {
+		fd = open_netns(m->host_netns_path, &ino, &dev);
+		if (fd >= 0 && ino == m->host_netns_ino && dev == m->host_netns_dev)
+			run_in_netns(fd, host_tc_detach_job, &job);
+		if (fd >= 0)
+			close(fd);
+	}
+	m->host_ifindex = 0;
+	m->host_netns_path[0] = '\0';
+}
+
+/* In the node's netns: hooks the pod's veth peer, if that is what the index names here. */
+static int host_attach_job(void *p)
+{
+	struct netns_job *job = p;
+	struct pod_meta *m = job->meta;
+	struct rtnl nl;
+	int back = 0, err;
+	char pin[PATH_MAX];
+
+	if ((err = rtnl_open(&nl)))
+		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in the node's netns");
+	err = rtnl_veth_peer(&nl, (int)m->host_ifindex, &back);
+	rtnl_close(&nl);
+	if (err || back != (int)m->ifindex) {
+		m->host_ifindex = 0; /* the peer lives in another netns: kubelet probes are not handled */
+		return 0;
+	}
+	if (m->mode == ATTACH_MODE_TCX) {
+		host_tc_detach_job(job); /* after a switch from tc */
+		for (int d = 0; d < 2 && !err; d++) {
+			host_pin_path(job->dp, job->uid, d, pin);
+			err = attach_tcx_pinned(pin, job->dp->host_prog_fd[d], m->host_ifindex, tcx_types[d]);
+		}
+	} else {
+		LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->host_ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
+
+		err = bpf_tc_hook_create(&hook);
+		if (err == 0)
+			m->host_owns_clsact = 1;
+		else if (err == -EEXIST)
+			err = 0;
+		for (int d = 0; d < 2 && !err; d++) {
+			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY,
+				    .prog_fd = job->dp->host_prog_fd[d], .flags = BPF_TC_F_REPLACE);
+
+			hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+			err = bpf_tc_attach(&hook, &opts);
+		}
+	}
+	if (err)
+		return fail(job->e, DPE_SYSTEM, err, "cannot hook the node side (ifindex %u) of the pod's veth",
+			    m->host_ifindex);
+	return 0;
+}
+
+/* Kubelet probes: hooks the node side of the pod's veth in the node's netns (req->host_netns). */
+static int attach_host(struct datapath *dp, const struct dp_attach_request *req, struct pod_meta *m, int peer,
+		       struct dp_error *e)
+{
+	struct netns_job job = { .dp = dp, .uid = req->uid, .meta = m, .req = req, .e = e };
+	unsigned long long ino = 0, dev = 0;
+	int fd, rc;
+
+	if (!req->host_netns[0] || !peer) {
+		detach_host(dp, req->uid, m);
+		return 0;
+	}
+	if ((fd = open_netns(req->host_netns, &ino, &dev)) < 0)
+		return fail(e, DPE_NETNS, fd, "cannot open the node's netns %s", req->host_netns);
+	if (m->host_ifindex && (m->host_ifindex != (unsigned)peer || m->host_netns_ino != ino || m->host_netns_dev != dev))
+		detach_host(dp, req->uid, m);
+	m->host_ifindex = (unsigned)peer;
+	m->host_netns_ino = ino;
+	m->host_netns_dev = dev;
+	snprintf(m->host_netns_path, sizeof(m->host_netns_path), "%s", req->host_netns);
+	rc = run_in_netns(fd, host_attach_job, &job);
+	close(fd);
+	if (rc < 0 && !e->code)
+		fail(e, DPE_NETNS, rc, "cannot enter the node's netns %s", req->host_netns);
+	if (!m->host_ifindex)
+		m->host_netns_path[0] = '\0';
+	return e->code ? -1 : 0;
 }
 
 int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct dp_attach_result *res,
@@ -1040,6 +1180,12 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		fail(e, err == -ENOSPC ? DPE_INVALID : DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
 	else if ((rc = run_in_netns(fd, attach_job, &job)) < 0 && !e->code)
 		fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
+	if (!e->code) {
+		if (attach_host(dp, req, &m, job.host_peer, e))
+			undo_recorded(dp, req->uid, &m, NULL, 0); /* nothing half-applied */
+		else if ((err = meta_put(dp, req->uid, &m)))
+			fail(e, DPE_SYSTEM, err, "cannot record pod %s", req->uid);
+	}
 	if (e->code) {
 		meta_del(dp, req->uid);
 		remove_pod_dir(dp, req->uid);
@@ -1048,6 +1194,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	} else {
 		res->mode = m.mode;
 		res->ifindex = (int)m.ifindex;
+		res->host_ifindex = (int)m.host_ifindex;
 	}
 	dp_unlock(dp);
 	close(fd);
@@ -1291,6 +1438,54 @@ static int verify_job(void *p)
 	return 0;
 }
 
+static int verify_host_tc_job(void *p)
+{
+	struct netns_job *job = p;
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)job->meta->host_ifindex);
+
+	for (int d = 0; d < 2; d++) {
+		LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+
+		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+		if (bpf_tc_query(&hook, &opts))
+			problem(job->verify, "the node-side %s tc filter (kubelet probes) is missing", hook_names[d]);
+		else
+			verify_program_name(job->verify, opts.prog_id, host_hook_names[d], host_prog_names[d]);
+	}
+	return 0;
+}
+
+/* The node side of the pod's veth (kubelet probes). */
+static void verify_host(struct netns_job *job)
+{
+	struct pod_meta *m = job->meta;
+	unsigned long long ino = 0, dev = 0;
+	char pin[PATH_MAX];
+	int fd;
+
+	if (!m->host_ifindex)
+		return;
+	if (m->mode == ATTACH_MODE_TCX) {
+		for (int d = 0; d < 2; d++) {
+			struct tcx_link_info info;
+
+			host_pin_path(job->dp, job->uid, d, pin);
+			if (pinned_link_info(pin, &info) || info.ifindex != m->host_ifindex)
+				problem(job->verify, "the node-side %s link (kubelet probes) is missing or detached", hook_names[d]);
+			else
+				verify_program_name(job->verify, info.prog_id, host_hook_names[d], host_prog_names[d]);
+		}
+		return;
+	}
+	fd = open_netns(m->host_netns_path, &ino, &dev);
+	if (fd < 0 || ino != m->host_netns_ino || dev != m->host_netns_dev)
+		problem(job->verify, "the node's netns %s is gone or was replaced", m->host_netns_path);
+	else
+		run_in_netns(fd, verify_host_tc_job, job);
+	if (fd >= 0)
+		close(fd);
+}
+
 int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res, struct dp_error *e)
 {
 	struct pod_meta m;
@@ -1314,6 +1509,7 @@ int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res
 		rc = run_in_netns(fd, verify_job, &job);
 		if (rc < 0)
 			problem(res, "cannot inspect netns %s: %s", m.netns_path, strerror(-rc));
+		verify_host(&job);
 	}
 	if (fd >= 0)
 		close(fd);

@@ -42,12 +42,14 @@ struct dp_attach_request {
 	char reroute[MAX_REROUTE_IFACES][16]; /* interface names whose inbound TCP goes to 15001 */
 	unsigned reroute_count;
 	char dns_cgroup[NETNS_PATH_LEN]; /* the pod's cgroup v2 directory: DNS capture; empty: off */
+	char host_netns[NETNS_PATH_LEN]; /* the node's netns, where the pod's veth peer is; empty: no probe SNAT */
 };
 
 struct dp_attach_result {
 	unsigned mode;
 	int ifindex;
 	bool updated; /* the pod was attached already (same netns): updated in place */
+	int host_ifindex; /* kubelet probes handled on this node-side device; 0: not (no veth peer there) */
 };
 
 int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct dp_attach_result *res,

@@ -441,3 +441,42 @@ int rtnl_count_filters(struct rtnl *nl, int ifindex, uint32_t parent, int *count
 	*count = 0;
 	return transact(nl, &m, count_cb, count);
 }
+
+struct link_peer_ctx {
+	int peer;
+	bool veth;
+};
+
+static int link_peer_cb(struct nlmsghdr *h, void *p)
+{
+	struct link_peer_ctx *ctx = p;
+	struct ifinfomsg *ifi = NLMSG_DATA(h);
+	int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*ifi)));
+	struct rtattr *link, *info, *kind;
+
+	if (h->nlmsg_type != RTM_NEWLINK)
+		return 0;
+	link = find_attr(IFLA_RTA(ifi), len, IFLA_LINK);
+	if (link && RTA_PAYLOAD(link) >= sizeof(uint32_t))
+		ctx->peer = (int)*(uint32_t *)RTA_DATA(link);
+	info = find_attr(IFLA_RTA(ifi), len, IFLA_LINKINFO);
+	kind = info ? find_attr(RTA_DATA(info), (int)RTA_PAYLOAD(info), IFLA_INFO_KIND) : NULL;
+	ctx->veth = kind && RTA_PAYLOAD(kind) >= 4 && !strncmp(RTA_DATA(kind), "veth", RTA_PAYLOAD(kind));
+	return 0;
+}
+
+int rtnl_veth_peer(struct rtnl *nl, int ifindex, int *peer_ifindex)
+{
+	struct link_peer_ctx ctx = { 0 };
+	struct msg m;
+	struct ifinfomsg *ifi = msg_init(&m, RTM_GETLINK, 0, sizeof(*ifi));
+	int err;
+
+	ifi->ifi_index = ifindex;
+	if ((err = transact(nl, &m, link_peer_cb, &ctx)))
+		return err;
+	if (!ctx.veth || ctx.peer <= 0)
+		return -ENOTSUP;
+	*peer_ifindex = ctx.peer;
+	return 0;
+}

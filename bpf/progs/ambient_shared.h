@@ -135,6 +135,12 @@ struct pod_meta {
 	__u32 flags; /* POD_F_* */
 	__u32 reroute_count;
 	__u64 dns_cgroup_id; /* DNS capture hooks on this cgroup v2; 0: DNS capture off */
+	/* Kubelet probes: the node side of the pod's veth, hooked in the node's netns (0: none). */
+	__u32 host_ifindex;
+	__u32 host_owns_clsact;
+	__u64 host_netns_ino;
+	__u64 host_netns_dev;
+	char host_netns_path[NETNS_PATH_LEN];
 	struct pod_ip ips[MAX_POD_IPS];
 	struct reroute_iface reroute[MAX_REROUTE_IFACES];
 };

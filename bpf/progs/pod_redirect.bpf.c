@@ -27,6 +27,7 @@
 
 #include "ambient_shared.h"
 #include "parse.h"
+#include "pod_policy_map.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -45,13 +46,7 @@ struct {
 } slot_owner SEC(".maps");
 
 /* Per pod address: its counters slot and its options (annotations, strict mode). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_PODS * 2);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct pod_ip);
-	__type(value, struct pod_policy);
-} pod_policy SEC(".maps");
+POD_POLICY_MAP pod_policy SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -62,6 +62,9 @@ export interface PodAttachment {
   /** The pod's cgroup v2 directory: its apps' DNS (port 53, UDP and TCP) goes to ztunnel's
    * 127.0.0.1:15053. Absent: no DNS capture. */
   dnsCgroup?: string;
+  /** The node's netns, where the pod's veth peer is: traffic the node itself opens to the pod
+   * (kubelet probes) gets the probe source address there, so the pod does not capture it. */
+  hostNetns?: string;
 }
 
 /** Which 0x539-marked traffic skips redirection: only ztunnel's own sockets (default), or any
@@ -90,6 +93,8 @@ export interface AttachResult {
   ifindex: number;
   /** The pod was attached in this netns already and was updated in place. */
   updated: boolean;
+  /** The node-side device where kubelet probes are handled; 0: none (no veth peer in hostNetns). */
+  hostIfindex: number;
 }
 
 export type AttachedPod = Omit<NativeListedPod, 'attachedAtMs'> & { attachedAt: Date };
@@ -137,7 +142,7 @@ export class Datapath {
     const { POD_F_BYPASS_INBOUND, POD_F_STRICT } = addon().constants;
     const flags = (pod.bypassInbound ? POD_F_BYPASS_INBOUND : 0) | (pod.strict ? POD_F_STRICT : 0);
     return call(() =>
-      addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode], flags, pod.rerouteInterfaces ?? [], pod.dnsCgroup ?? ''),
+      addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode], flags, pod.rerouteInterfaces ?? [], pod.dnsCgroup ?? '', pod.hostNetns ?? ''),
     );
   }
 

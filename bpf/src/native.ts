@@ -95,7 +95,8 @@ export interface NativeAddon {
     flags: number,
     reroute: string[],
     dnsCgroup: string,
-  ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean }>;
+    hostNetns: string,
+  ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean; hostIfindex: number }>;
   detach(handle: NativeHandle, uid: string): Promise<{ found: boolean; warning?: string }>;
   verify(handle: NativeHandle, uid: string): Promise<{ found: boolean; problems: string[] }>;
   list(handle: NativeHandle): Promise<NativeListedPod[]>;

@@ -48,6 +48,9 @@ export interface AgentOptions {
   capture?: CaptureDefaults | undefined;
   /** What strict mode lets out besides TCP and DNS. */
   strictAllow?: StrictAllowEntry[] | undefined;
+  /** The node's netns, where pods' veth peers are: kubelet probes are handled there (default: the
+   * agent's own, as in a hostNetwork pod). */
+  nodeNetns?: string | undefined;
   /** Install the CNI plugin (binary + conflist entry) once the agent is up, and keep it there. */
   installCni?: { binDir: string; confDir: string; binarySource: string } | undefined;
   /** The status API's Unix socket (`ambient-bpf status`). */
@@ -60,6 +63,8 @@ export interface AgentOptions {
 }
 
 const GC_INTERVAL_MS = 60_000;
+/** The agent's own netns: the node's, in a hostNetwork pod. */
+export const DEFAULT_NODE_NETNS = '/proc/self/ns/net';
 export const DEFAULT_VERIFY_INTERVAL_MS = 30_000;
 
 export class Agent {
@@ -116,6 +121,7 @@ export class Agent {
       log,
       attachMode: this.opts.attachMode,
       capture: this.opts.capture ?? DEFAULT_CAPTURE,
+      nodeNetns: this.opts.nodeNetns ?? DEFAULT_NODE_NETNS,
       ...(annotator ? { annotator } : {}),
     });
     this.reconciler.onEnrolled = (seconds) => this.enrollSeconds.observe(seconds);

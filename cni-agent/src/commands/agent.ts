@@ -7,7 +7,7 @@ import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, ZTUNNEL_EXEMPTIO
 import { DEFAULT_CAPTURE } from '../enrollment/reconciler.js';
 import { parseStrictAllow } from '../pods/capture-options.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
-import { Agent, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
+import { Agent, DEFAULT_NODE_NETNS, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
 import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
 import { CliError } from './cli-error.js';
 
@@ -23,6 +23,7 @@ interface AgentArgs {
   'ztunnel-exemption': ZtunnelExemption;
   'strict-mode': boolean;
   'dns-capture': boolean;
+  'node-netns': string;
   'strict-allow': string[];
   'install-cni': boolean;
   'cni-bin-dir': string;
@@ -59,6 +60,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
         describe: "which 0x539-marked traffic skips redirection: only sockets of ztunnel's cgroup, or any (upstream's rule: an app with NET_ADMIN can then bypass the mesh)",
       })
       .option('dns-capture', { type: 'boolean', default: DEFAULT_CAPTURE.dnsCapture, describe: 'send ambient pods’ DNS (port 53) to ztunnel’s 15053; per pod: annotation ambient.istio.io/dns-capture=true|false' })
+      .option('node-netns', { type: 'string', default: DEFAULT_NODE_NETNS, describe: 'the netns holding the node side of pods’ veths, where connections the node opens to ambient pods (kubelet probes) get the probe source address' })
       .option('strict-mode', { type: 'boolean', default: DEFAULT_CAPTURE.strict, describe: 'drop what ambient pods send around ztunnel: UDP other than DNS, other IP protocols (IPv6 neighbour discovery always passes)' })
       .option('strict-allow', { type: 'string', array: true, default: [] as string[], describe: 'what strict mode lets out anyway, e.g. udp/123 icmp icmpv6 sctp/5000 (repeatable)' })
       .option('install-cni', { type: 'boolean', default: false, describe: 'install the CNI plugin into the node’s CNI config once ready, and keep it there' })
@@ -94,6 +96,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       ztunnelExemption: args['ztunnel-exemption'],
       capture: { strict: args['strict-mode'], dnsCapture: args['dns-capture'] },
       strictAllow,
+      nodeNetns: args['node-netns'],
       installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], binarySource: PLUGIN_BINARY_PATH } : undefined,
       statusSocket: args['status-socket'],
       verifyIntervalMs: Math.round(args['verify-interval'] * 1000),

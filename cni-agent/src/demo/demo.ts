@@ -56,7 +56,7 @@ interface FlowResult {
   from: string;
   to: string;
   answeredBy: string;
-  outboundViaZtunnel: boolean;
+  outboundViaZtunnel: boolean | undefined;
   inboundViaZtunnel: boolean | undefined;
   /** What the BPF programs counted for this connection: redirected out of the source, into the destination. */
   datapathOut: number | undefined;
@@ -101,6 +101,7 @@ export class Demo {
     progress('sending traffic');
     const flows: FlowResult[] = [];
     for (const [from, to] of FLOWS) flows.push(await this.flow(from, to));
+    flows.push(await this.probeFlow('shop/cart'));
     this.opts.out(renderPods(pods) + '\n' + renderFlows(flows));
     return flows.flatMap((f) => f.problems.map((p) => `${f.from} -> ${f.to}: ${p}`));
   }
@@ -215,7 +216,7 @@ export class Demo {
     writeFileSync(join(this.dir, 'pods.yaml'), docs.map((d) => JSON.stringify(d, null, 2)).join('\n---\n') + '\n');
     this.agent = spawn(process.execPath, [CLI_JS, 'agent', '--node-name', 'demo-node', '--local-pods', join(this.dir, 'pods.yaml'),
       '--ztunnel-socket', join(this.dir, 'ztunnel.sock'), '--plugin-socket', join(this.dir, 'cni.sock'), '--status-socket', join(this.dir, 'status.sock'),
-      '--bpffs', this.bpffs, '--attach-mode', this.opts.attachMode], { stdio: ['ignore', 'ignore', 'pipe'] });
+      '--bpffs', this.bpffs, '--attach-mode', this.opts.attachMode, '--node-netns', this.path('node')], { stdio: ['ignore', 'ignore', 'pipe'] });
     this.agent.stderr!.on('data', (d: Buffer) => (this.agentLog = (this.agentLog + d.toString()).slice(-4000)));
   }
 
@@ -249,6 +250,37 @@ export class Demo {
   private async countersOf(): Promise<Map<string, DatapathCounters>> {
     const { pods } = await fetchStatus(join(this.dir, 'status.sock'), 2000);
     return new Map(pods.filter((p) => p.counters).map((p) => [`${p.namespace}/${p.name}`, p.counters!]));
+  }
+
+  /** A connection the node itself opens to an ambient pod, as kubelet's probes do: it must reach
+   * the app directly (the datapath gives it the probe source address on the node's side). */
+  private async probeFlow(to: string): Promise<FlowResult> {
+    const dst = PODS.find((p) => `${p.namespace}/${p.name}` === to)!;
+    const before = this.statsOf(to).inbound;
+    const countersBefore = await this.countersOf();
+    const problems: string[] = [];
+    let answeredBy = '';
+    try {
+      const socket = await connectFromNetns({ netns: this.path('node'), host: dst.ip, port: APP_PORT, timeoutMs: 3000 });
+      answeredBy = await new Promise<string>((resolve, reject) => {
+        let buf = '';
+        socket.on('data', (d: Buffer) => (buf += d.toString()));
+        socket.on('end', () => resolve(buf.trim()));
+        socket.on('error', reject);
+        setTimeout(() => reject(new Error('no answer')), 3000);
+      });
+      socket.destroy();
+    } catch (err) {
+      problems.push(`connection failed: ${(err as Error).message}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+    const viaZtunnel = this.statsOf(to).inbound > before;
+    const countersAfter = await this.countersOf();
+    const delta = (key: 'inboundRedirected' | 'bypassProbe'): number => (countersAfter.get(to)?.[key] ?? 0) - (countersBefore.get(to)?.[key] ?? 0);
+    if (!problems.length && answeredBy !== to) problems.push(`answered by ${answeredBy || 'nobody'}, expected ${to}`);
+    if (viaZtunnel) problems.push('the node’s own connection went through ztunnel (kubelet probes would)');
+    if (delta('bypassProbe') !== 1) problems.push(`the datapath counted ${delta('bypassProbe')} probe bypasses, expected 1`);
+    return { from: 'node (as kubelet)', to, answeredBy, outboundViaZtunnel: undefined, inboundViaZtunnel: viaZtunnel, datapathOut: undefined, datapathIn: delta('inboundRedirected'), ztunnelSaw: '-', problems };
   }
 
   private async flow(from: string, to: string): Promise<FlowResult> {
@@ -314,5 +346,10 @@ function renderFlows(flows: FlowResult[]): string {
   for (const f of flows) {
     rows.push([f.from, f.to, f.answeredBy || '-', leg(f.outboundViaZtunnel, f.datapathOut), leg(f.inboundViaZtunnel, f.datapathIn), f.ztunnelSaw, f.problems.length ? 'NO' : 'yes']);
   }
-  return 'Traffic\n' + renderTable(rows) + '(bpf N: connections the datapath’s own counters saw redirected on that leg; - : the pod is not redirected)\n';
+  return (
+    'Traffic\n' +
+    renderTable(rows) +
+    '(bpf N: connections the datapath’s own counters saw redirected on that leg; - : the pod is not redirected.\n' +
+    ' The node’s own connection gets the probe source address on the node’s side of the veth, so it bypasses ztunnel like kubelet’s probes.)\n'
+  );
 }

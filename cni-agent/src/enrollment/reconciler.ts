@@ -76,6 +76,8 @@ export interface ReconcilerOptions {
   attachMode?: AttachMode;
   /** Node-wide capture settings that pod annotations refine. */
   capture?: CaptureDefaults;
+  /** The node's netns, where pods' veth peers are (kubelet probes); undefined: not handled. */
+  nodeNetns?: string;
   initialBackoffMs?: number;
   maxBackoffMs?: number;
 }
@@ -335,6 +337,7 @@ export class Reconciler {
         strict: capture.strict,
         rerouteInterfaces: capture.rerouteInterfaces,
         ...(dnsCgroup ? { dnsCgroup } : {}),
+        ...(this.opts.nodeNetns ? { hostNetns: this.opts.nodeNetns } : {}),
       },
       this.opts.attachMode ? { mode: this.opts.attachMode } : {},
     );

@@ -1,0 +1,17 @@
+/* The pod_policy map, shared by the pod-side and node-side programs (the progs/ sources are linked into
+ * one object; the map is defined in pod_redirect.bpf.c and declared extern elsewhere). */
+#ifndef AMBIENT_POD_POLICY_MAP_H
+#define AMBIENT_POD_POLICY_MAP_H
+
+#include "ambient_shared.h"
+
+#define POD_POLICY_MAP                                                                                         \
+	struct {                                                                                               \
+		__uint(type, BPF_MAP_TYPE_HASH);                                                               \
+		__uint(max_entries, MAX_PODS * 2);                                                             \
+		__uint(map_flags, BPF_F_NO_PREALLOC);                                                          \
+		__type(key, struct pod_ip);                                                                    \
+		__type(value, struct pod_policy);                                                              \
+	}
+
+#endif

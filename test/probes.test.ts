@@ -1,0 +1,96 @@
+// Kubelet probes with BPF on the node's side of the pod's veth, no iptables on the node: a
+// connection the node itself opens to an ambient pod reaches the app from the probe address
+// (bypassing capture); forwarded traffic, also when masqueraded to the node's address (NodePort),
+// is still captured. A "node" netns plays the host.
+import assert from 'node:assert/strict';
+import { rmSync } from 'node:fs';
+import { after, before, describe, it } from 'node:test';
+import { Datapath, type DatapathCounters } from '../bpf/src/index.js';
+import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { assertNothingLeft } from './helpers/leftovers.js';
+import { Topology } from './helpers/topology.js';
+import { RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.js';
+
+const PROBE_V4 = '169.254.7.127';
+const PROBE_V6 = 'fd16:9254:7127:1337:ffff:ffff:ffff:ffff';
+const APP_PORT = 8080;
+
+after(assertNothingLeft);
+
+for (const [mode, n] of [['tcx', 30], ['tc', 31]] as const) {
+  describe(`kubelet probes with ${mode}`, kernelTest(), () => {
+    const topo = new Topology();
+    const uid = `pod-${topo.id}`;
+    const root = testBpffsRoot(topo.id);
+    const addr = { podV4: `198.18.${n}.2`, nodeV4: `198.18.${n}.1`, podV6: `2001:db8:${n}::2`, nodeV6: `2001:db8:${n}::1`, outV4: `198.18.${n + 50}.2`, nodeOutV4: `198.18.${n + 50}.1` };
+    let pod: string, node: string, outside: string;
+    let dp: Datapath;
+    let app: RecordingServer, inbound: RecordingServer;
+    const servers: RecordingServer[] = [];
+
+    const path = (ns: string): string => Topology.netnsPath(ns);
+    const counters = async (): Promise<DatapathCounters> => (await dp.list()).find((p) => p.uid === uid)!.counters;
+    const attach = () => dp.attach({ uid, netnsPath: path(pod), ips: [addr.podV4, addr.podV6], hostNetns: path(node) }, { mode });
+
+    before(async () => {
+      pod = await topo.netns('pod');
+      node = await topo.netns('node');
+      outside = await topo.netns('out');
+      await topo.veth(pod, 'eth0', node, 'vp0');
+      await topo.veth(outside, 'eth0', node, 'ext0');
+      await topo.addAddress(pod, 'eth0', `${addr.podV4}/24`);
+      await topo.addAddress(pod, 'eth0', `${addr.podV6}/64`);
+      await topo.addAddress(node, 'vp0', `${addr.nodeV4}/24`);
+      await topo.addAddress(node, 'vp0', `${addr.nodeV6}/64`);
+      await topo.addAddress(node, 'ext0', `${addr.nodeOutV4}/24`);
+      await topo.addAddress(outside, 'eth0', `${addr.outV4}/24`);
+      await topo.ip(pod, 'route', 'add', 'default', 'via', addr.nodeV4);
+      await topo.ip(pod, '-6', 'route', 'add', 'default', 'via', addr.nodeV6);
+      await topo.ip(outside, 'route', 'add', 'default', 'via', addr.nodeOutV4);
+      await topo.exec(node, 'sysctl', '-qw', 'net.ipv4.ip_forward=1');
+      dp = await Datapath.open({ bpffsRoot: root });
+      const r = await attach();
+      assert.equal(r.mode, mode);
+      assert.ok(r.hostIfindex > 0, 'the node side of the veth was not found');
+      app = await RecordingServer.start('app', { netns: path(pod), family: 6, address: '::', port: APP_PORT });
+      inbound = await ztunnelListener(path(pod), 15006);
+      servers.push(app, inbound, await ztunnelListener(path(pod), 15001));
+    });
+
+    after(async () => {
+      for (const s of servers) await s.close();
+      await dp?.detach(uid);
+      dp?.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+    });
+
+    it('gives node-opened connections the probe address, so they reach the app (IPv4 and IPv6)', async () => {
+      const before = await counters();
+      for (const [host, probe] of [[addr.podV4, PROBE_V4], [addr.podV6, PROBE_V6]] as const) {
+        assert.equal(await whoAnswers({ netns: path(node), host, port: APP_PORT }), 'app');
+        assert.equal(app.accepted.at(-1)!.remoteAddress, probe);
+      }
+      assert.equal((await counters()).bypassProbe - before.bypassProbe, 2);
+      assert.equal((await dp.verify(uid)).ok, true);
+    });
+
+    it('still captures forwarded traffic, also when masqueraded to the node’s address', async () => {
+      assert.equal(await whoAnswers({ netns: path(outside), host: addr.podV4, port: APP_PORT }), 'ztunnel-15006');
+      assert.equal(inbound.accepted.at(-1)!.remoteAddress, addr.outV4);
+      // NodePort's shape: the node masquerades forwarded traffic to its own address (in the test's
+      // "node" netns only).
+      await topo.exec(node, 'iptables', '-t', 'nat', '-A', 'POSTROUTING', '-o', 'vp0', '-j', 'MASQUERADE');
+      assert.equal(await whoAnswers({ netns: path(outside), host: addr.podV4, port: APP_PORT }), 'ztunnel-15006');
+      assert.equal(inbound.accepted.at(-1)!.remoteAddress, addr.nodeV4);
+    });
+
+    it('detach removes the node-side hooks', async () => {
+      await dp.detach(uid);
+      assert.equal(await whoAnswers({ netns: path(node), host: addr.podV4, port: APP_PORT }), 'app');
+      assert.equal(app.accepted.at(-1)!.remoteAddress, addr.nodeV4, 'the node-side hook outlived detach');
+      assert.deepEqual((await topo.exec(node, 'tc', 'filter', 'show', 'dev', 'vp0', 'ingress')).trim(), '');
+      await attach();
+    });
+  });
+}
