@@ -46,7 +46,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     t.after(async () => {
       await dns.close();
       pause.kill('SIGKILL');
-      await new Promise((r) => (pause.exitCode === null ? pause.once('exit', r) : r(null)));
+      await new Promise((r) => (pause.exitCode === null && pause.signalCode === null ? pause.once('exit', r) : r(null)));
       cgroup.remove();
     });
     const pods = join(dir, 'pods.yaml');

@@ -99,7 +99,7 @@ describe('capture policy and counters', kernelTest(), () => {
 
   it('lets ztunnel’s sockets skip once its cgroup is trusted, and anything marked in mark-only mode', async () => {
     // The app's cgroup trusted as if it were ztunnel's: its marked traffic goes direct.
-    dp.trustZtunnelCgroup(app.id);
+    dp.trustZtunnelCgroup(app.path);
     assert.equal(await app.client(net.podPath, 'tcp', net.remoteV4, APP_PORT, '0x539'), 'remote');
     const fresh = new AppCgroup(`${topo.id}b`);
     try {

@@ -719,23 +719,19 @@ static napi_value throw_dp_error(napi_env env, const struct dp_error *e)
 	return NULL;
 }
 
-/* trustZtunnelCgroup(handle, cgroupId: number): one map update, synchronous. */
+/* trustZtunnelCgroup(handle, cgroupDir: string): a map update (and a link), synchronous. */
 static napi_value js_trust_ztunnel_cgroup(napi_env env, napi_callback_info info)
 {
 	size_t argc = 2;
 	napi_value argv[2];
 	struct dp_error e = { 0 };
 	struct datapath *dp;
-	int64_t id = 0;
+	char dir[4096];
 
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-	if (argc < 2 || !(dp = live_dp(env, argv[0])))
+	if (argc < 2 || !(dp = live_dp(env, argv[0])) || !get_string(env, argv[1], dir, sizeof(dir), "cgroup directory"))
 		return NULL;
-	if (napi_get_value_int64(env, argv[1], &id) != napi_ok || id <= 0) {
-		napi_throw_range_error(env, DPE_INVALID, "a cgroup id is a positive integer");
-		return NULL;
-	}
-	if (dp_trust_ztunnel_cgroup(dp, (unsigned long long)id, &e))
+	if (dp_trust_ztunnel_cgroup(dp, dir, &e))
 		return throw_dp_error(env, &e);
 	return NULL;
 }
@@ -832,6 +828,7 @@ static napi_value init(napi_env env, napi_value exports)
 	set_u32(env, constants, "POD_F_BYPASS_INBOUND", POD_F_BYPASS_INBOUND);
 	set_u32(env, constants, "POD_F_STRICT", POD_F_STRICT);
 	set_u32(env, constants, "SETTING_MARK_ONLY_EXEMPTION", SETTING_MARK_ONLY_EXEMPTION);
+	set_u32(env, constants, "SETTING_SK_LOOKUP_STEERING", SETTING_SK_LOOKUP_STEERING);
 	set_u32(env, constants, "MAX_REROUTE_IFACES", MAX_REROUTE_IFACES);
 	CHECK(napi_set_named_property(env, exports, "constants", constants));
 	seqpacket_register(env, exports);

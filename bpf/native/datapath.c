@@ -53,6 +53,8 @@ struct datapath {
 	struct bpf_object *obj;
 	int prog_fd[2];
 	int reroute_prog_fd;
+	int sk_lookup_prog_fd;
+	int sockops_prog_fd;
 	int host_prog_fd[2];
 	int dns_prog_fd[DNS_HOOKS];
 	int meta_fd;
@@ -403,6 +405,8 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	for (int d = 0; d < 2; d++)
 		dp->prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, prog_names[d]));
 	dp->reroute_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_reroute_ingress"));
+	dp->sk_lookup_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_sk_lookup"));
+	dp->sockops_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "ztunnel_sockops"));
 	for (int d = 0; d < 2; d++)
 		dp->host_prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, host_prog_names[d]));
 	for (int i = 0; i < DNS_HOOKS; i++)
@@ -475,7 +479,7 @@ static void detach_tcx_pin(const char *pin)
 	const char *name = strrchr(pin, '/') + 1;
 
 	if (!strcmp(name, "ingress") || !strcmp(name, "egress") || !strncmp(name, "reroute-", 8) ||
-	    !strncmp(name, "host-", 5))
+	    !strncmp(name, "host-", 5) || !strcmp(name, "sk_lookup"))
 		detach_pinned_link(pin);
 }
 
@@ -900,6 +904,71 @@ static int attach_dns(struct netns_job *job)
 	return 0;
 }
 
+/* This thread's netns's cookie (Linux 5.14+), the key sk_lookup steering finds a pod's ztunnel
+ * listeners by; 0 if the kernel has none. */
+static __u64 netns_cookie(void)
+{
+	__u64 cookie = 0;
+	socklen_t len = sizeof(cookie);
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+	if (fd >= 0) {
+		if (getsockopt(fd, SOL_SOCKET, 71 /* SO_NETNS_COOKIE */, &cookie, &len))
+			cookie = 0;
+		close(fd);
+	}
+	return cookie;
+}
+
+static bool sk_lookup_steering(struct datapath *dp)
+{
+	struct dp_settings st = { 0 };
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(dp->settings_fd, &zero, &st) == 0 && (st.flags & SETTING_SK_LOOKUP_STEERING);
+}
+
+/* sk_lookup steering: the pod netns's sk_lookup link (pin "sk_lookup"), when the node steers so. */
+static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_meta *m, int netns_fd, struct dp_error *e)
+{
+	char pin[PATH_MAX];
+	struct bpf_link_info info;
+	__u32 len = sizeof(info);
+	int fd, err = 0;
+
+	snprintf(pin, sizeof(pin), "%s/pods/%s/sk_lookup", dp->root, uid);
+	if (!sk_lookup_steering(dp)) {
+		detach_pinned_link(pin);
+		m->steering_sk_lookup = 0;
+		return 0;
+	}
+	if (!m->netns_cookie)
+		return fail(e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
+	fd = bpf_obj_get(pin);
+	memset(&info, 0, sizeof(info));
+	if (fd >= 0 && bpf_obj_get_info_by_fd(fd, &info, &len) == 0 && info.type == BPF_LINK_TYPE_NETNS &&
+	    info.netns.netns_ino == m->netns_ino) {
+		err = bpf_link_update(fd, dp->sk_lookup_prog_fd, NULL) ? -errno : 0;
+		close(fd);
+	} else {
+		if (fd >= 0)
+			close(fd);
+		detach_pinned_link(pin);
+		fd = bpf_link_create(dp->sk_lookup_prog_fd, netns_fd, BPF_SK_LOOKUP, NULL);
+		if (fd < 0)
+			return fail(e, DPE_KERNEL, errno, "cannot attach the sk_lookup program (Linux 5.9+)");
+		if (bpf_obj_pin(fd, pin)) {
+			err = -errno;
+			bpf_link_detach(fd);
+		}
+		close(fd);
+	}
+	if (err)
+		return fail(e, DPE_SYSTEM, err, "cannot pin the sk_lookup link");
+	m->steering_sk_lookup = 1;
+	return 0;
+}
+
 static int attach_job(void *p)
 {
 	struct netns_job *job = p;
@@ -923,6 +992,7 @@ static int attach_job(void *p)
 			old_mode = m->mode;
 	}
 	m->ifindex = (unsigned)ifindex;
+	m->netns_cookie = netns_cookie();
 	if (m->state != ATTACH_STATE_ATTACHED) {
 		/* Before touching the netns: a crash from here on leaves a record detach can act on. */
 		m->owns = OWNS_RULE_V4 | OWNS_RULE_V6 | OWNS_ROUTE_V4 | OWNS_ROUTE_V6;
@@ -1181,7 +1251,15 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	else if ((rc = run_in_netns(fd, attach_job, &job)) < 0 && !e->code)
 		fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
 	if (!e->code) {
-		if (attach_host(dp, req, &m, job.host_peer, e))
+		struct pod_policy now;
+
+		/* The cookie is known once inside the netns; sk_lookup steering needs it in the policy. */
+		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) || now.netns_cookie != m.netns_cookie)
+			err = policy_write(&dp->policy, &m, NULL);
+		if (err) {
+			fail(e, DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
+			undo_recorded(dp, req->uid, &m, NULL, 0);
+		} else if (attach_sk_lookup(dp, req->uid, &m, fd, e) || attach_host(dp, req, &m, job.host_peer, e))
 			undo_recorded(dp, req->uid, &m, NULL, 0); /* nothing half-applied */
 		else if ((err = meta_put(dp, req->uid, &m)))
 			fail(e, DPE_SYSTEM, err, "cannot record pod %s", req->uid);
@@ -1424,6 +1502,22 @@ static int verify_job(void *p)
 		}
 	}
 	verify_reroutes(job);
+	if (m->steering_sk_lookup) {
+		struct bpf_link_info info;
+		__u32 len = sizeof(info);
+		char pin[PATH_MAX];
+		int fd;
+
+		snprintf(pin, sizeof(pin), "%s/pods/%s/sk_lookup", job->dp->root, job->uid);
+		fd = bpf_obj_get(pin);
+		memset(&info, 0, sizeof(info));
+		if (fd < 0 || bpf_obj_get_info_by_fd(fd, &info, &len) || info.netns.netns_ino != m->netns_ino)
+			problem(r, "the sk_lookup link is missing or detached");
+		else
+			verify_program_name(r, info.prog_id, "sk_lookup", "pod_sk_lookup");
+		if (fd >= 0)
+			close(fd);
+	}
 	for (int i = 0; m->dns_cgroup_id && i < DNS_HOOKS; i++) {
 		char pin[PATH_MAX];
 		__u64 linked = 0;
@@ -1639,7 +1733,7 @@ int dp_configure(struct datapath *dp, const struct dp_settings_request *req, str
 	__u8 yes = 1;
 	int err = 0;
 
-	if (req->flags & ~SETTING_MARK_ONLY_EXEMPTION)
+	if (req->flags & ~(SETTING_MARK_ONLY_EXEMPTION | SETTING_SK_LOOKUP_STEERING))
 		return fail(e, DPE_INVALID, 0, "unknown settings flags 0x%x", req->flags);
 	if (req->allow_count > MAX_STRICT_ALLOW)
 		return fail(e, DPE_INVALID, 0, "at most %d strict-mode allow entries, got %u", MAX_STRICT_ALLOW,
@@ -1660,16 +1754,42 @@ int dp_configure(struct datapath *dp, const struct dp_settings_request *req, str
 	return err ? fail(e, DPE_SYSTEM, err, "cannot write the datapath settings") : 0;
 }
 
-int dp_trust_ztunnel_cgroup(struct datapath *dp, unsigned long long cgroup_id, struct dp_error *e)
+int dp_trust_ztunnel_cgroup(struct datapath *dp, const char *cgroup_dir, struct dp_error *e)
 {
-	__u64 id = cgroup_id;
+	char dir[PATH_MAX], pin[PATH_MAX];
+	struct stat st;
+	__u64 id;
 	__u8 yes = 1;
+	int cg, fd, err = 0;
 
-	if (id == 0)
-		return fail(e, DPE_INVALID, 0, "cgroup id 0 is not a cgroup");
+	cg = open(cgroup_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (cg < 0 || fstat(cg, &st)) {
+		err = errno;
+		if (cg >= 0)
+			close(cg);
+		return fail(e, DPE_INVALID, err, "cannot open cgroup %s", cgroup_dir);
+	}
+	id = st.st_ino;
+	dp_lock(dp);
 	if (bpf_map_update_elem(dp->ztunnel_cgroups_fd, &id, &yes, BPF_ANY))
-		return fail(e, DPE_SYSTEM, errno, "cannot record ztunnel's cgroup");
-	return 0;
+		err = fail(e, DPE_SYSTEM, errno, "cannot record ztunnel's cgroup");
+	/* sk_lookup steering finds ztunnel's listeners through a sockops hook on its cgroup. */
+	snprintf(dir, sizeof(dir), "%s/ztunnel", dp->root);
+	snprintf(pin, sizeof(pin), "%s/sockops-%llu", dir, (unsigned long long)id);
+	if (!err && sk_lookup_steering(dp) && access(pin, F_OK) != 0) {
+		mkdir_p(dir);
+		fd = bpf_link_create(dp->sockops_prog_fd, cg, BPF_CGROUP_SOCK_OPS, NULL);
+		if (fd < 0) {
+			err = fail(e, DPE_SYSTEM, errno, "cannot attach the sockops program to ztunnel's cgroup");
+		} else {
+			if (bpf_obj_pin(fd, pin))
+				err = fail(e, DPE_SYSTEM, errno, "cannot pin %s", pin);
+			close(fd);
+		}
+	}
+	dp_unlock(dp);
+	close(cg);
+	return err ? -1 : 0;
 }
 
 int dp_node_counters(struct datapath *dp, struct pod_counters *out, struct dp_error *e)

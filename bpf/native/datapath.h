@@ -94,7 +94,8 @@ struct dp_settings_request {
 int dp_configure(struct datapath *dp, const struct dp_settings_request *req, struct dp_error *e);
 
 /* Sockets of this cgroup v2 (by id) are ztunnel's: their 0x539-marked traffic skips redirection. */
-int dp_trust_ztunnel_cgroup(struct datapath *dp, unsigned long long cgroup_id, struct dp_error *e);
+/* With sk_lookup steering, also hooks the cgroup (sockops) to learn ztunnel's listeners. */
+int dp_trust_ztunnel_cgroup(struct datapath *dp, const char *cgroup_dir, struct dp_error *e);
 
 /* Counters of traffic not attributed to any pod (slot 0). */
 int dp_node_counters(struct datapath *dp, struct pod_counters *out, struct dp_error *e);

@@ -102,7 +102,7 @@ static void remove_ip(const struct policy_maps *maps, const struct pod_ip *ip, _
 
 int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old)
 {
-	struct pod_policy p = { .slot = m->slot, .flags = m->flags };
+	struct pod_policy p = { .slot = m->slot, .flags = m->flags, .netns_cookie = m->netns_cookie };
 
 	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++)
 		if (bpf_map_update_elem(maps->policy_fd, &m->ips[i], &p, BPF_ANY))

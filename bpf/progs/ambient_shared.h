@@ -38,6 +38,10 @@
  * the kernel's own reply sockets (resets, time-wait acks) are charged to it. */
 #define CGROUP_V2_ROOT_ID 1
 
+struct pod_ip {
+	__u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
+};
+
 /* pod_policy map: one entry per pod address, read by the programs on every new connection. */
 #define POD_F_BYPASS_INBOUND (1u << 0) /* ambient.istio.io/bypass-inbound-capture=true */
 #define POD_F_STRICT (1u << 1) /* drop what would escape ztunnel (UDP but DNS, other protocols) */
@@ -45,6 +49,7 @@
 struct pod_policy {
 	__u32 slot; /* index into pod_counters; 0 is the node-wide "no pod" slot */
 	__u32 flags;
+	__u64 netns_cookie; /* the pod netns's cookie (SO_NETNS_COOKIE): sk_lookup steering's key */
 };
 
 /* Per-pod counters (a per-CPU array indexed by slot), one connection (SYN) each unless noted. */
@@ -69,6 +74,26 @@ struct pod_counters {
 
 /* settings map (one entry): node-wide switches. */
 #define SETTING_MARK_ONLY_EXEMPTION (1u << 0) /* upstream's rule: any 0x539-marked packet skips */
+/* Steer SYNs to ztunnel's listeners with an sk_lookup program instead of bpf_sk_assign in tc:
+ * before Linux 6.6, bpf_sk_assign refuses ztunnel's SO_REUSEPORT listeners. */
+#define SETTING_SK_LOOKUP_STEERING (1u << 1)
+
+/* steer map: the tc programs' decision for a SYN, read by the pod netns's sk_lookup program. The
+ * tuple as the pod receives it; IPv4 as ::ffff:a.b.c.d. */
+struct steer_key {
+	struct pod_ip remote;
+	struct pod_ip local;
+	__be16 remote_port;
+	__be16 local_port;
+	__u32 pad;
+};
+
+/* ztunnel_listeners sockhash key: which pod netns, which port (host order). */
+struct listener_key {
+	__u64 netns_cookie;
+	__u32 port;
+	__u32 pad;
+};
 
 struct dp_settings {
 	__u32 flags;
@@ -108,9 +133,6 @@ struct pod_meta_key {
 	char uid[POD_UID_LEN];
 };
 
-struct pod_ip {
-	__u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
-};
 
 /* An extra interface whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces). */
 struct reroute_iface {
@@ -135,6 +157,9 @@ struct pod_meta {
 	__u32 flags; /* POD_F_* */
 	__u32 reroute_count;
 	__u64 dns_cgroup_id; /* DNS capture hooks on this cgroup v2; 0: DNS capture off */
+	__u64 netns_cookie;
+	__u32 steering_sk_lookup; /* an sk_lookup link on the pod netns steers SYNs (pin "sk_lookup") */
+	__u32 pad2;
 	/* Kubelet probes: the node side of the pod's veth, hooked in the node's netns (0: none). */
 	__u32 host_ifindex;
 	__u32 host_owns_clsact;

@@ -1,5 +1,5 @@
-/* The pod_policy map, shared by the pod-side and node-side programs (the progs/ sources are linked into
- * one object; the map is defined in pod_redirect.bpf.c and declared extern elsewhere). */
+/* Maps shared by the pod-side and node-side programs (the progs/ sources are linked into
+ * one object; each is defined in pod_redirect.bpf.c and declared extern elsewhere). */
 #ifndef AMBIENT_POD_POLICY_MAP_H
 #define AMBIENT_POD_POLICY_MAP_H
 
@@ -12,6 +12,15 @@
 		__uint(map_flags, BPF_F_NO_PREALLOC);                                                          \
 		__type(key, struct pod_ip);                                                                    \
 		__type(value, struct pod_policy);                                                              \
+	}
+
+/* Decisions of the tc programs for SYNs, taken over by the sk_lookup program (sk_lookup steering). */
+#define STEER_MAP                                                                                              \
+	struct {                                                                                               \
+		__uint(type, BPF_MAP_TYPE_LRU_HASH);                                                           \
+		__uint(max_entries, 65536);                                                                    \
+		__type(key, struct steer_key);                                                                 \
+		__type(value, struct listener_key);                                                            \
 	}
 
 #endif

@@ -48,6 +48,8 @@ struct {
 /* Per pod address: its counters slot and its options (annotations, strict mode). */
 POD_POLICY_MAP pod_policy SEC(".maps");
 
+STEER_MAP steer SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MAX_PODS);
@@ -175,9 +177,42 @@ enum assign_result {
 	NO_LISTENER,
 };
 
-/* Hands a SYN to ztunnel's wildcard-bound listener on `port`. */
+static __always_inline bool steering_with_sk_lookup(void)
+{
+	__u32 zero = 0;
+	struct dp_settings *s = bpf_map_lookup_elem(&settings, &zero);
+
+	return s && (s->flags & SETTING_SK_LOOKUP_STEERING);
+}
+
+/* sk_lookup steering: leaves the decision for the pod netns's sk_lookup program (listener_steering
+ * .bpf.c), which assigns the SYN to ztunnel's listener when the stack looks up its socket. */
+static __always_inline enum assign_result steer_later(const struct tcp_flow *f, const struct pod_policy *p, __u16 port)
+{
+	struct listener_key target = {};
+	struct steer_key k = {};
+
+	if (!p || !p->netns_cookie)
+		return NO_LISTENER;
+	if (f->ipv6) {
+		__builtin_memcpy(k.remote.addr, f->tuple.ipv6.saddr, 16);
+		__builtin_memcpy(k.local.addr, f->tuple.ipv6.daddr, 16);
+		k.remote_port = f->tuple.ipv6.sport;
+		k.local_port = f->tuple.ipv6.dport;
+	} else {
+		v4_key(&k.remote, f->tuple.ipv4.saddr);
+		v4_key(&k.local, f->tuple.ipv4.daddr);
+		k.remote_port = f->tuple.ipv4.sport;
+		k.local_port = f->tuple.ipv4.dport;
+	}
+	target.netns_cookie = p->netns_cookie;
+	target.port = port;
+	return bpf_map_update_elem(&steer, &k, &target, BPF_ANY) ? NO_LISTENER : ASSIGNED;
+}
+
+/* Hands a SYN to ztunnel's wildcard-bound listener on `port` (of the pod `p`). */
 static __always_inline enum assign_result assign_to_listener(struct __sk_buff *skb, struct tcp_flow *f,
-							     __u16 port)
+							     __u16 port, const struct pod_policy *p)
 {
 	struct bpf_sock_tuple listener = {};
 	struct bpf_sock *sk;
@@ -185,6 +220,8 @@ static __always_inline enum assign_result assign_to_listener(struct __sk_buff *s
 
 	if (flow_terminates_locally(skb, f))
 		return KNOWN_CONNECTION;
+	if (steering_with_sk_lookup())
+		return steer_later(f, p, port);
 	/* Only the port: addresses zero find wildcard listeners, which is how ztunnel binds. */
 	if (f->ipv6)
 		listener.ipv6.dport = bpf_htons(port);
@@ -290,11 +327,11 @@ int pod_ingress(struct __sk_buff *skb)
 		/* Without a listener the stack answers the SYN with a reset, as upstream's REDIRECT to a
 		 * closed port does. */
 		if (parse_tcp(skb, &f) && f.bare_syn) {
-			enum assign_result r = assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT);
+			p = policy_of(&f, true);
+			enum assign_result r = assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT, p);
 
 			if (r != KNOWN_CONNECTION)
-				count(policy_of(&f, true),
-				      r == ASSIGNED ? CNT_OUTBOUND_REDIRECTED : CNT_OUTBOUND_NO_ZTUNNEL);
+				count(p, r == ASSIGNED ? CNT_OUTBOUND_REDIRECTED : CNT_OUTBOUND_NO_ZTUNNEL);
 		}
 		return TC_ACT_OK;
 	}
@@ -314,7 +351,7 @@ int pod_ingress(struct __sk_buff *skb)
 		count(p, CNT_BYPASS_INBOUND_ANNOTATION);
 		return TC_ACT_UNSPEC;
 	}
-	switch (assign_to_listener(skb, &f, ZTUNNEL_INBOUND_PORT)) {
+	switch (assign_to_listener(skb, &f, ZTUNNEL_INBOUND_PORT, p)) {
 	case ASSIGNED:
 		count(p, CNT_INBOUND_REDIRECTED);
 		return TC_ACT_OK;
@@ -341,7 +378,8 @@ int pod_reroute_ingress(struct __sk_buff *skb)
 	if (!f.bare_syn && !flow_terminates_locally(skb, &f))
 		return TC_ACT_UNSPEC; /* a flow from before the pod was enrolled */
 	skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
-	if (f.bare_syn && assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT) == ASSIGNED)
+	/* (With sk_lookup steering there is no pod to steer for: reroute needs Linux 6.6+.) */
+	if (f.bare_syn && assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT, NULL) == ASSIGNED)
 		count(NULL, CNT_REROUTED); /* node-wide: the source is not a pod address */
 	return TC_ACT_OK;
 }

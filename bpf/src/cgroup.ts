@@ -1,5 +1,4 @@
-// cgroup v2 on this node: where it is mounted, which cgroup a process is in, and the cgroup id the
-// kernel reports to BPF programs (the cgroup directory's inode number).
+// cgroup v2 on this node: where it is mounted, and which cgroup (directory) a process is in.
 import { readFileSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -86,15 +85,3 @@ function isDirectory(path: string): boolean {
     return false;
   }
 }
-
-/** The id BPF programs see for a cgroup (bpf_skb_cgroup_id, bpf_get_current_cgroup_id). */
-export function cgroupId(directory: string): number {
-  return Number(statSync(directory, { bigint: true }).ino);
-}
-
-/** The cgroup id of a process's cgroup v2. */
-export function cgroupIdOfPid(pid: number, options: { procRoot?: string; mount?: string } = {}): number {
-  const mount = options.mount ?? cgroup2Mount();
-  return cgroupId(cgroupDirectory(cgroupPathOfPid(pid, options.procRoot), mount));
-}
-

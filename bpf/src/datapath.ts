@@ -1,6 +1,7 @@
 // The pod datapath: BPF programs loaded once per process and bpffs root, attached to many pods.
 // Knows network namespaces, addresses and pins; nothing about Kubernetes.
 import { isIP } from 'node:net';
+import { release as osRelease } from 'node:os';
 import { addon, BPF_OBJECT_PATH, type DatapathCounters, type NativeHandle, type NativeListedPod } from './native.js';
 
 export type { DatapathCounters } from './native.js';
@@ -79,9 +80,22 @@ export interface StrictAllowEntry {
   port?: number;
 }
 
+/** How a SYN reaches ztunnel's listener: bpf_sk_assign in tc (Linux 6.6+: it accepts SO_REUSEPORT
+ * listeners), or an sk_lookup program per pod netns (older kernels; also needs ztunnel's cgroup). */
+export type Steering = 'sk-assign' | 'sk-lookup';
+export const STEERINGS: readonly Steering[] = ['sk-assign', 'sk-lookup'];
+
+/** sk-assign where the kernel's bpf_sk_assign takes SO_REUSEPORT listeners (6.6+), else sk-lookup. */
+export function steeringForKernel(release = osRelease()): Steering {
+  const [major = 0, minor = 0] = release.split(/[.-]/).map(Number);
+  return major > 6 || (major === 6 && minor >= 6) ? 'sk-assign' : 'sk-lookup';
+}
+
 export interface DatapathSettings {
   ztunnelExemption: ZtunnelExemption;
   strictAllow: StrictAllowEntry[];
+  /** Default: sk-assign. */
+  steering?: Steering;
 }
 
 export interface AttachOptions {
@@ -151,15 +165,19 @@ export class Datapath {
     if (!ZTUNNEL_EXEMPTIONS.includes(settings.ztunnelExemption)) {
       throw new DatapathError('EINVALID', `unknown ztunnel exemption: ${String(settings.ztunnelExemption)}`);
     }
-    const flags = settings.ztunnelExemption === 'mark' ? addon().constants.SETTING_MARK_ONLY_EXEMPTION : 0;
+    const steering = settings.steering ?? 'sk-assign';
+    if (!STEERINGS.includes(steering)) throw new DatapathError('EINVALID', `unknown steering: ${String(steering)}`);
+    const { SETTING_MARK_ONLY_EXEMPTION, SETTING_SK_LOOKUP_STEERING } = addon().constants;
+    const flags = (settings.ztunnelExemption === 'mark' ? SETTING_MARK_ONLY_EXEMPTION : 0) | (steering === 'sk-lookup' ? SETTING_SK_LOOKUP_STEERING : 0);
     const allow = settings.strictAllow.map((e): [number, number] => [e.protocol, e.port ?? 0]);
     return call(() => addon().configure(this.live(), flags, allow));
   }
 
-  /** Marks a cgroup v2 (by id) as ztunnel's: its sockets' 0x539 traffic skips redirection. */
-  trustZtunnelCgroup(cgroupId: number): void {
+  /** Marks a cgroup v2 directory as ztunnel's: its sockets' 0x539 traffic skips redirection, and
+   * with sk_lookup steering its listeners are learnt there. Configure steering first. */
+  trustZtunnelCgroup(cgroupDir: string): void {
     try {
-      addon().trustZtunnelCgroup(this.live(), cgroupId);
+      addon().trustZtunnelCgroup(this.live(), cgroupDir);
     } catch (err) {
       throw wrap(err);
     }

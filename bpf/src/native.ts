@@ -102,7 +102,7 @@ export interface NativeAddon {
   list(handle: NativeHandle): Promise<NativeListedPod[]>;
   gc(handle: NativeHandle): Promise<string[]>;
   configure(handle: NativeHandle, flags: number, allow: [protocol: number, port: number][]): Promise<void>;
-  trustZtunnelCgroup(handle: NativeHandle, cgroupId: number): void;
+  trustZtunnelCgroup(handle: NativeHandle, cgroupDir: string): void;
   nodeCounters(handle: NativeHandle): DatapathCounters;
   socket(options: NativeSocketOptions): Promise<number>;
   seqpacket: NativeSeqpacket;
@@ -123,6 +123,7 @@ export interface NativeAddon {
     POD_F_BYPASS_INBOUND: number;
     POD_F_STRICT: number;
     SETTING_MARK_ONLY_EXEMPTION: number;
+    SETTING_SK_LOOKUP_STEERING: number;
     MAX_REROUTE_IFACES: number;
   };
 }

@@ -2,7 +2,7 @@
 // and exposes health and metrics. Stopping it leaves every pod redirected (as upstream's agent
 // does during an upgrade): the next agent adopts the attachments.
 import { join } from 'node:path';
-import { cgroup2Mount, cgroupIdOfPid, Datapath, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption } from '../../bpf/src/index.js';
+import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, Datapath, steeringForKernel, type Steering, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption } from '../../bpf/src/index.js';
 import type { PeerCredentials } from '../../bpf/src/node-netns.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
@@ -42,6 +42,8 @@ export interface AgentOptions {
   bpffs: string;
   hostRoot: string;
   attachMode: AttachMode;
+  /** How SYNs reach ztunnel's listeners (default: by kernel, steeringForKernel()). */
+  steering?: Steering | undefined;
   /** Which 0x539-marked traffic skips redirection (default: only ztunnel's own sockets). */
   ztunnelExemption?: ZtunnelExemption | undefined;
   /** Node-wide capture defaults (strict mode, DNS capture) that pod annotations refine. */
@@ -85,7 +87,9 @@ export class Agent {
   async start(): Promise<void> {
     const { log } = this.opts;
     this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
-    await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [] });
+    const steering = this.opts.steering ?? steeringForKernel();
+    await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering });
+    log.info({ steering }, steering === 'sk-lookup' ? 'SYNs reach ztunnel through sk_lookup programs (kernel before 6.6, or asked)' : 'SYNs reach ztunnel through bpf_sk_assign');
     await this.collectGarbage();
     this.zds = new ZdsServer({
       socketPath: this.opts.ztunnelSocket,
@@ -183,12 +187,13 @@ export class Agent {
   /** ztunnel said hello over ZDS: its cgroup's sockets are the only ones whose 0x539 mark lets
    * traffic skip redirection. Without it ztunnel's own traffic would be redirected: fail loudly. */
   private trustZtunnel(peer: PeerCredentials): void {
-    if ((this.opts.ztunnelExemption ?? 'ztunnel-sockets') === 'mark') return;
+    const steering = this.opts.steering ?? steeringForKernel();
+    if ((this.opts.ztunnelExemption ?? 'ztunnel-sockets') === 'mark' && steering === 'sk-assign') return;
     try {
       const procRoot = join(this.opts.hostRoot, 'proc');
-      const id = cgroupIdOfPid(peer.pid, { procRoot, mount: cgroup2Mount(this.opts.hostRoot) });
-      this.datapath?.trustZtunnelCgroup(id);
-      this.opts.log.info({ pid: peer.pid, cgroupId: id }, "ztunnel's cgroup trusted: its marked sockets skip redirection");
+      const cgroup = cgroupDirectory(cgroupPathOfPid(peer.pid, procRoot), cgroup2Mount(this.opts.hostRoot));
+      this.datapath?.trustZtunnelCgroup(cgroup);
+      this.opts.log.info({ pid: peer.pid, cgroup }, "ztunnel's cgroup trusted: its marked sockets skip redirection");
     } catch (err) {
       this.opts.log.error(
         { pid: peer.pid, error: (err as Error).message },

@@ -1,11 +1,11 @@
 // A pod's app as a real process: its own cgroup v2 (as a container has) in the pod's netns. The
 // datapath tells ztunnel's sockets from the app's by cgroup, so in-process test sockets (which
 // share the test runner's cgroup) cannot play an app that forges ztunnel's mark.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { mkdirSync, readdirSync, rmdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cgroup2Mount, cgroupId } from '../../bpf/src/index.js';
+import { cgroup2Mount } from '../../bpf/src/index.js';
 import { TEST_PREFIX } from './kernel.js';
 import { sh } from './topology.js';
 
@@ -22,10 +22,6 @@ export class AppCgroup {
   /** The client script, for running it outside this cgroup. */
   readonly clientScript = CLIENT;
 
-  get id(): number {
-    return cgroupId(this.path);
-  }
-
   /** Runs the app client (test/fixtures/app-client.py) in this cgroup and `netns`; its answer line. */
   async client(netns: string, ...args: (string | number)[]): Promise<string> {
     const script = `echo $$ > ${join(this.path, 'cgroup.procs')} && exec nsenter --net=${netns} python3 ${CLIENT} "$@"`;
@@ -35,8 +31,12 @@ export class AppCgroup {
   /** A long-lived process in this cgroup and `netns`: the pod's "pause" process, by which the
    * agent finds the pod's cgroup. Kill it before remove(). */
   pause(netns: string): ChildProcess {
-    const script = `echo $$ > ${join(this.path, 'cgroup.procs')} && exec nsenter --net=${netns} sleep 600`;
-    return spawn('sh', ['-c', script], { stdio: 'ignore' });
+    return this.spawn('nsenter', [`--net=${netns}`, 'sleep', '600'], { stdio: 'ignore' });
+  }
+
+  /** Any command, started in this cgroup (so every socket it makes belongs to the cgroup). */
+  spawn(cmd: string, args: string[], options: SpawnOptions = {}): ChildProcess {
+    return spawn('sh', ['-c', `echo $$ > ${join(this.path, 'cgroup.procs')} && exec "$@"`, 'sh', cmd, ...args], options);
   }
 
   remove(): void {

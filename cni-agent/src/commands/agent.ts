@@ -3,7 +3,7 @@ import { hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import type { CommandModule } from 'yargs';
 import { pino } from 'pino';
-import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, ZTUNNEL_EXEMPTIONS, type AttachMode, type ZtunnelExemption } from '../../../bpf/src/index.js';
+import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, STEERINGS, ZTUNNEL_EXEMPTIONS, type AttachMode, type Steering, type ZtunnelExemption } from '../../../bpf/src/index.js';
 import { DEFAULT_CAPTURE } from '../enrollment/reconciler.js';
 import { parseStrictAllow } from '../pods/capture-options.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
@@ -21,6 +21,7 @@ interface AgentArgs {
   'host-root': string;
   'attach-mode': AttachMode;
   'ztunnel-exemption': ZtunnelExemption;
+  steering: Steering | 'auto';
   'strict-mode': boolean;
   'dns-capture': boolean;
   'node-netns': string;
@@ -54,6 +55,11 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
       .option('host-root', { type: 'string', default: '/', describe: "the host's / (for /proc and /var/run/netns when running in a container)" })
       .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto' })
+      .option('steering', {
+        choices: ['auto', ...STEERINGS] as const,
+        default: 'auto' as const,
+        describe: 'how SYNs reach ztunnel’s listeners: bpf_sk_assign in tc (Linux 6.6+), or an sk_lookup program per pod (older kernels); auto picks by kernel',
+      })
       .option('ztunnel-exemption', {
         choices: ZTUNNEL_EXEMPTIONS,
         default: ZTUNNEL_EXEMPTIONS[0],
@@ -94,6 +100,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       hostRoot: args['host-root'],
       attachMode: args['attach-mode'],
       ztunnelExemption: args['ztunnel-exemption'],
+      ...(args.steering !== 'auto' ? { steering: args.steering } : {}),
       capture: { strict: args['strict-mode'], dnsCapture: args['dns-capture'] },
       strictAllow,
       nodeNetns: args['node-netns'],
