@@ -25,6 +25,7 @@ interface PodSpec {
   namespace: string;
   ip: string;
   labels?: Record<string, string>;
+  annotations?: Record<string, string>;
 }
 
 function podsYaml(namespaces: Record<string, string | undefined>, pods: PodSpec[]): string {
@@ -35,7 +36,7 @@ function podsYaml(namespaces: Record<string, string | undefined>, pods: PodSpec[
     docs.push(JSON.stringify({
       apiVersion: 'v1',
       kind: 'Pod',
-      metadata: { name: p.name, namespace: p.namespace, uid: `uid-${p.name}`, labels: p.labels ?? {} },
+      metadata: { name: p.name, namespace: p.namespace, uid: `uid-${p.name}`, labels: p.labels ?? {}, annotations: p.annotations ?? {} },
       spec: { serviceAccountName: p.name },
       status: { phase: 'Running', podIP: p.ip, podIPs: [{ ip: p.ip }] },
     }));
@@ -120,5 +121,50 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     await until(async () => (await attached()).length === 0, 'deleted pod detached');
     await until(() => proxied().length === 0, 'stand-in drops it');
     assert.equal(states().api, undefined);
+  });
+
+  it('applies capture annotations in place, and fails a pod whose annotation is malformed, naming it', async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-rec-'));
+    const file = join(dir, 'pods.yaml');
+    const pod: PodSpec = { name: 'vm', namespace: 'shop', ip: '198.18.51.2' };
+    const node = await topo.netns('node');
+    const ns = await topo.netns(pod.name);
+    await topo.veth(ns, 'eth0', node, 'v0');
+    await topo.addAddress(ns, 'eth0', `${pod.ip}/24`);
+    const write = (annotations: Record<string, string>) => writeFileSync(file, podsYaml({ shop: 'ambient' }, [{ ...pod, annotations }]));
+    write({ 'ambient.istio.io/bypass-inbound-capture': 'true', 'istio.io/reroute-virtual-interfaces': 'tap0, tap1' });
+
+    const dp = await Datapath.open({ bpffsRoot: root });
+    const zds = new ZdsServer({ socketPath: join(dir, 'ztunnel.sock') });
+    const reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50 });
+    const source = new LocalPodSource({ file, nodeName: 'node-a', onChange: (c, s) => reconciler.applyChanges(c, s), onError: (e) => assert.fail(e), debounceMs: 20 });
+    t.after(async () => {
+      source.stop();
+      reconciler.stop();
+      zds.close();
+      for (const p of await dp.list()) await dp.detach(p.uid);
+      dp.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+      rmSync(dir, { recursive: true, force: true });
+    });
+    const attached = async () => (await dp.list())[0];
+
+    zds.start();
+    await reconciler.start(await source.start());
+    const first = await attached();
+    assert.deepEqual([first?.bypassInbound, first?.rerouteInterfaces], [true, ['tap0', 'tap1']]);
+
+    write({});
+    await until(async () => (await attached())?.bypassInbound === false, 'annotation removed, applied');
+    const second = await attached();
+    assert.deepEqual(second?.rerouteInterfaces, []);
+    assert.equal(second?.attachedAt.getTime(), first?.attachedAt.getTime(), 'updated in place, not re-attached');
+
+    write({ 'ambient.istio.io/dns-capture': 'yes' });
+    await until(() => reconciler.status()[0]?.state === 'failed', 'malformed annotation fails the pod');
+    assert.match(reconciler.status()[0]!.reason, /annotation ambient\.istio\.io\/dns-capture must be "true" or "false", got "yes"/);
   });
 });

@@ -514,6 +514,19 @@ static napi_value list_result(napi_env env, struct job *job)
 			napi_set_element(env, ips, j, ip_value(env, &p->meta.ips[j]));
 		set_named(env, obj, "ips", ips);
 		set_named(env, obj, "counters", counters_value(env, &p->counters));
+		set_bool(env, obj, "bypassInbound", p->meta.flags & POD_F_BYPASS_INBOUND);
+		set_bool(env, obj, "strict", p->meta.flags & POD_F_STRICT);
+		set_double(env, obj, "dnsCgroupId", (double)p->meta.dns_cgroup_id);
+		set_u32(env, obj, "hostIfindex", p->meta.host_ifindex);
+		set_str(env, obj, "steering", p->meta.steering_sk_lookup ? "sk-lookup" : "sk-assign");
+		napi_create_array_with_length(env, p->meta.reroute_count, &ips);
+		for (unsigned j = 0; j < p->meta.reroute_count && j < MAX_REROUTE_IFACES; j++) {
+			napi_value name;
+
+			napi_create_string_utf8(env, p->meta.reroute[j].name, NAPI_AUTO_LENGTH, &name);
+			napi_set_element(env, ips, j, name);
+		}
+		set_named(env, obj, "rerouteInterfaces", ips);
 		napi_set_element(env, arr, (uint32_t)i, obj);
 	}
 	free(job->u.list.pods);

@@ -24,6 +24,14 @@ export interface NativeListedPod {
   linksPinned: boolean;
   ips: string[];
   counters: DatapathCounters;
+  bypassInbound: boolean;
+  strict: boolean;
+  rerouteInterfaces: string[];
+  /** The cgroup DNS capture is hooked to; 0: no DNS capture. */
+  dnsCgroupId: number;
+  /** The node-side device where kubelet probes are handled; 0: none. */
+  hostIfindex: number;
+  steering: 'sk-assign' | 'sk-lookup';
 }
 
 export interface NativeSocketOptions {

@@ -26,7 +26,17 @@ function bpffsOption<T>(y: Argv<T>): Argv<T & CommonArgs> {
 }
 
 
-type AttachArgs = CommonArgs & { netns: string; uid: string; 'pod-ip': string[]; 'attach-mode': AttachMode };
+type AttachArgs = CommonArgs & {
+  netns: string;
+  uid: string;
+  'pod-ip': string[];
+  'attach-mode': AttachMode;
+  'bypass-inbound': boolean;
+  strict: boolean;
+  reroute: string[];
+  'dns-cgroup': string | undefined;
+  'node-netns': string | undefined;
+};
 
 const attach: CommandModule<CommonArgs, AttachArgs> = {
   command: 'attach',
@@ -40,10 +50,27 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
         choices: ATTACH_MODES,
         default: DEFAULT_ATTACH_MODE,
         describe: 'tcx links (Linux 6.6+), the clsact/cls_bpf fallback, or auto',
-      }),
+      })
+      .option('bypass-inbound', { type: 'boolean', default: false, describe: 'no inbound capture (ambient.istio.io/bypass-inbound-capture)' })
+      .option('strict', { type: 'boolean', default: false, describe: 'drop what the pod sends around ztunnel (UDP but DNS, other protocols)' })
+      .option('reroute', { type: 'string', array: true, default: [] as string[], describe: 'an interface whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces; repeat)' })
+      .option('dns-cgroup', { type: 'string', describe: "the pod's cgroup v2 directory: capture its DNS" })
+      .option('node-netns', { type: 'string', describe: "the netns of the pod's veth peer: handle kubelet probes there" }),
   handler: async (args: ArgumentsCamelCase<AttachArgs>) => {
     const r = await withDatapath(args, (dp) =>
-      dp.attach({ uid: args.uid, netnsPath: args.netns, ips: args.podIp }, { mode: args.attachMode }),
+      dp.attach(
+        {
+          uid: args.uid,
+          netnsPath: args.netns,
+          ips: args.podIp,
+          bypassInbound: args.bypassInbound,
+          strict: args.strict,
+          rerouteInterfaces: args.reroute,
+          ...(args.dnsCgroup !== undefined ? { dnsCgroup: args.dnsCgroup } : {}),
+          ...(args.nodeNetns !== undefined ? { hostNetns: args.nodeNetns } : {}),
+        },
+        { mode: args.attachMode },
+      ),
     );
     process.stdout.write(`${r.updated ? 'updated' : 'attached'} ${args.uid}: ${r.mode} on ifindex ${r.ifindex}\n`);
   },
