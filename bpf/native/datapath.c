@@ -1661,6 +1661,29 @@ static int gc_one(struct datapath *dp, const char *uid, struct pod_meta *m, void
 	return gc_add(p, uid);
 }
 
+/* Hooks on ztunnel cgroups that are gone (sk_lookup steering): the link reports no cgroup. */
+static void gc_ztunnel_hooks(struct datapath *dp)
+{
+	char dirpath[PATH_MAX], pin[PATH_MAX];
+	struct dirent *de;
+	DIR *dir;
+
+	snprintf(dirpath, sizeof(dirpath), "%s/ztunnel", dp->root);
+	if (!(dir = opendir(dirpath)))
+		return;
+	while ((de = readdir(dir))) {
+		__u64 cgroup = 0;
+		__u32 prog = 0;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(pin, sizeof(pin), "%s/%s", dirpath, de->d_name);
+		if (pinned_cgroup_link(pin, &cgroup, &prog) || cgroup == 0)
+			detach_pinned_link(pin);
+	}
+	closedir(dir);
+}
+
 /* Slots and addresses whose pod has no record: left by a crash between the policy and the record. */
 static void gc_policy(struct datapath *dp)
 {
@@ -1711,8 +1734,10 @@ int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct
 	}
 	if (dir)
 		closedir(dir);
-	if (!err)
+	if (!err) {
 		gc_policy(dp);
+		gc_ztunnel_hooks(dp);
+	}
 	dp_unlock(dp);
 	if (err) {
 		free(ctx.uids);

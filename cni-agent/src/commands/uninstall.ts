@@ -1,5 +1,6 @@
 // `ambient-bpf uninstall`: removes the CNI entry and binary and, unlike upstream, the redirection of
 // running pods, so nothing of ambient-bpf stays on the node.
+import { rmSync } from 'node:fs';
 import type { CommandModule } from 'yargs';
 import { Datapath, DEFAULT_BPFFS_ROOT } from '../../../bpf/src/index.js';
 import { silentLogger } from '../../../ztunnel-bridge/src/logger.js';
@@ -36,5 +37,8 @@ export const uninstallCommand: CommandModule<object, UninstallArgs> = {
     } finally {
       dp.close();
     }
+    // No pod left: the maps and the hook on ztunnel's cgroup go too (unpinning detaches).
+    rmSync(args.bpffs, { recursive: true, force: true });
+    process.stdout.write(`removed ${args.bpffs}\n`);
   },
 };
