@@ -44,7 +44,11 @@ export async function serveRelay(path: string, handle: (req: CniRequest) => Prom
       } catch (err) {
         return void socket.end(`1\n${JSON.stringify({ cniVersion: '1.1.0', code: 4, msg: `bad request from the plugin: ${(err as Error).message}` })}\n`);
       }
-      void handle(req).then((res) => socket.end(`${res.exitCode}\n${res.stdout}`));
+      handle(req).then(
+        (res) => socket.end(`${res.exitCode}\n${res.stdout}`),
+        // A bug must not take the agent down; the runtime retries the ADD.
+        (err: Error) => socket.end(`1\n${JSON.stringify({ cniVersion: '1.1.0', code: 11, msg: `the agent failed on this request: ${err.message}` })}\n`),
+      );
     });
   });
   await new Promise<void>((resolve, reject) => {

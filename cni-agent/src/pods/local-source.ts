@@ -19,7 +19,12 @@ export function parseLocalPods(text: string, nodeName: string): ClusterState {
   const objects: unknown[] = [];
   for (const doc of parseAllDocuments(text)) {
     if (doc.errors.length > 0) throw new LocalPodsError(`YAML: ${doc.errors[0]!.message}`);
-    const value: unknown = doc.toJS();
+    let value: unknown;
+    try {
+      value = doc.toJS(); // resolves aliases: an unknown one, or too many (an alias bomb), throws
+    } catch (err) {
+      throw new LocalPodsError(`YAML: ${(err as Error).message}`);
+    }
     if (value === null || value === undefined) continue;
     const obj = value as { kind?: unknown; items?: unknown };
     if (obj.kind === 'List') {
