@@ -3,7 +3,7 @@
 // are redirected and acked before ADD returns, or ADD fails (fail closed); other pods pass
 // through, also while the agent is down; bad input gets CNI errors.
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -12,7 +12,7 @@ import { Agent } from '../cni-agent/src/agent.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
 import { chainAdd, chainDel, execPlugin, type Conflist } from './helpers/cni-runtime.js';
-import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { kernelTest, TEST_PREFIX, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { Topology } from './helpers/topology.js';
 import { RecordingServer, whoAnswers } from './helpers/traffic.js';
@@ -146,6 +146,19 @@ describe('CNI chaining', kernelTest(), () => {
       [{ ...base, CNI_NETNS: '' }, conf({ prevResult: { ips: [] } }), 4, /CNI_NETNS is not set/],
       [base, JSON.stringify({ name: 'n', agent_socket: pluginSocket }), 7, /no cniVersion/],
     ];
+    // CNI_NETNS tricks for an ambient pod: only a pod netns where runtimes put them is acted on.
+    const ambient = { ...base, CNI_ARGS: 'K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;K8S_POD_UID=uid-cart' };
+    const withIps = conf({ prevResult: { cniVersion: '1.0.0', ips: [{ address: '198.18.70.9/24' }] } });
+    const link = `/var/run/netns/${TEST_PREFIX}-link-${topo.id}`;
+    symlinkSync(cart.netns, link);
+    t.after(() => rmSync(link, { force: true }));
+    bad.push(
+      [{ ...ambient, CNI_NETNS: '/etc/passwd' }, withIps, 4, /CNI_NETNS: \/etc\/passwd is not in \/var\/run\/netns or \/run\/netns/],
+      [{ ...ambient, CNI_NETNS: '/var/run/netns/../../etc/passwd' }, withIps, 4, /is not a plain absolute path/],
+      [{ ...ambient, CNI_NETNS: link }, withIps, 4, /is a symbolic link/],
+      [{ ...ambient, CNI_NETNS: '/var/run/netns/none-such' }, withIps, 4, /none-such: ENOENT/],
+      [{ ...ambient, CNI_NETNS: `/proc/${process.pid}/ns/net` }, withIps, 4, /is the node's own network namespace, not a pod's/],
+    );
     for (const [env, stdin, code, msg] of bad) {
       assertCniError(await plugin(env, stdin), code, msg);
     }

@@ -155,6 +155,11 @@ describe('datapath lifecycle', kernelTest(), () => {
       [{ uid: '../escape', netnsPath: net.podPath, ips: [net.podV4] }, 'EINVALID', /pod uid/],
       [{ uid: 'a', netnsPath: net.podPath, ips: [] }, 'EINVALID', /1 to 8 IPs/],
       [{ uid: 'a', netnsPath: net.podPath, ips: ['not-an-ip'] }, 'EINVALID', /not an IP address/],
+      // The node's own namespace is never a pod's (this test runs in it, as the agent does).
+      [{ uid: 'a', netnsPath: '/proc/self/ns/net', ips: [net.podV4] }, 'ENETNS', /own network namespace \(the node's\)/],
+      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['bad/name'] }, 'EINVALID', /not an interface name/],
+      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['eth0'] }, 'EINVALID', /is the pod's own interface/],
+      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], dnsCgroup: '/sys/fs/cgroup/none-such' }, 'EINVALID', /cannot open the pod's cgroup/],
     ];
     for (const [pod, code, message] of cases) {
       await assert.rejects(dp.attach(pod), (err: DatapathError) => {

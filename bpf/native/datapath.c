@@ -1191,6 +1191,14 @@ static int attach_host(struct datapath *dp, const struct dp_attach_request *req,
 	return e->code ? -1 : 0;
 }
 
+/* The namespace the agent runs in is the node's: redirecting it would capture the node's traffic. */
+static bool is_own_netns(const struct pod_meta *m)
+{
+	struct stat st;
+
+	return stat("/proc/self/ns/net", &st) == 0 && st.st_ino == m->netns_ino && st.st_dev == m->netns_dev;
+}
+
 int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct dp_attach_result *res,
 	      struct dp_error *e)
 {
@@ -1222,6 +1230,11 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	fd = open_pod_netns(req->netns_path, &m, e);
 	if (fd < 0)
 		return -1;
+	if (is_own_netns(&m)) {
+		close(fd);
+		return fail(e, DPE_NETNS, 0, "%s is this process's own network namespace (the node's), not a pod's: refused",
+			    req->netns_path);
+	}
 	dp_lock(dp);
 	res->updated = false;
 	if (meta_get(dp, req->uid, &old) == 0) {

@@ -5,6 +5,7 @@ import { selectPod, type SelectionPolicy } from '../pods/selection.js';
 import type { ClusterState, Pod } from '../pods/pod.js';
 import type { Reconciler } from '../enrollment/reconciler.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
+import { checkNetnsPath } from './netns-path.js';
 
 export const SUPPORTED_CNI_VERSIONS = ['0.3.0', '0.3.1', '0.4.0', '1.0.0', '1.1.0'];
 const COMMANDS = ['ADD', 'DEL', 'CHECK', 'VERSION', 'STATUS', 'GC'];
@@ -145,7 +146,12 @@ export class CniHandler {
     if (!name || !this.isAmbient(pod)) return passThrough;
     const ips = (prev.ips ?? []).map((i) => (typeof i.address === 'string' ? i.address.split('/')[0]! : '')).filter(Boolean);
     if (ips.length === 0) throw new CniFailure(CniCode.InvalidConfig, 'prevResult has no IP addresses for the pod');
-    const netns = this.deps.hostPath ? this.deps.hostPath(env.CNI_NETNS!) : env.CNI_NETNS!;
+    let netns: string;
+    try {
+      netns = checkNetnsPath(env.CNI_NETNS!, this.deps.hostPath);
+    } catch (err) {
+      throw new CniFailure(CniCode.InvalidEnvironment, `CNI_NETNS: ${(err as Error).message}`);
+    }
     const r = await this.deps.reconciler.cniAdd(pod, netns, ips);
     if (!r.ok) {
       this.deps.log.warn({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, reason: r.reason }, 'CNI ADD failed for an ambient pod; the runtime will retry');
