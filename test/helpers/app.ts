@@ -2,7 +2,8 @@
 // datapath tells ztunnel's sockets from the app's by cgroup, so in-process test sockets (which
 // share the test runner's cgroup) cannot play an app that forges ztunnel's mark.
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
-import { mkdirSync, readdirSync, rmdirSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, rmdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cgroup2Mount } from '../../bpf/src/index.js';
@@ -13,8 +14,10 @@ const CLIENT = fileURLToPath(new URL('../../../test/fixtures/app-client.py', imp
 
 export class AppCgroup {
   readonly path: string;
+  private readonly publicScript: string;
 
   constructor(id: string) {
+    this.publicScript = join(tmpdir(), `${TEST_PREFIX}-app-client-${id}.py`);
     this.path = join(cgroup2Mount(), `${TEST_PREFIX}-app-${id}`);
     mkdirSync(this.path);
   }
@@ -25,6 +28,18 @@ export class AppCgroup {
   /** Runs the app client (test/fixtures/app-client.py) in this cgroup and `netns`; its answer line. */
   async client(netns: string, ...args: (string | number)[]): Promise<string> {
     const script = `echo $$ > ${join(this.path, 'cgroup.procs')} && exec nsenter --net=${netns} python3 ${CLIENT} "$@"`;
+    return (await sh('sh', ['-c', script, 'app', ...args.map(String)])).trim();
+  }
+
+  /** The same, as an unprivileged app: uid/gid 65534, no capabilities at all (Debian's python3 on
+   * a copy of the script anyone can read). */
+  async unprivilegedClient(netns: string, ...args: (string | number)[]): Promise<string> {
+    if (!existsSync(this.publicScript)) {
+      copyFileSync(CLIENT, this.publicScript);
+      chmodSync(this.publicScript, 0o644);
+    }
+    const drop = 'setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all';
+    const script = `echo $$ > ${join(this.path, 'cgroup.procs')} && exec nsenter --net=${netns} ${drop} /usr/bin/python3 ${this.publicScript} "$@"`;
     return (await sh('sh', ['-c', script, 'app', ...args.map(String)])).trim();
   }
 
@@ -40,6 +55,7 @@ export class AppCgroup {
   }
 
   remove(): void {
+    rmSync(this.publicScript, { force: true });
     rmdirSync(this.path);
   }
 }

@@ -7,7 +7,7 @@
 //   15053 DNS (127.0.0.1, UDP and TCP): forwarded to a configured upstream
 import dgram from 'node:dgram';
 import type net from 'node:net';
-import { connectFromNetns, listenInNetns, netnsPathOfFd, udpSocketInNetns, closeFd } from '../../../bpf/src/node-netns.js';
+import { connectFromNetns, listenInNetns, netnsAddresses, netnsPathOfFd, udpSocketInNetns, closeFd } from '../../../bpf/src/node-netns.js';
 
 export const ZTUNNEL_MARK = 0x539;
 export const PORTS = { outbound: 15001, inbound: 15006, hbone: 15008, dns: 15053 } as const;
@@ -53,6 +53,8 @@ export class PodProxy {
   private udp: { locals: dgram.Socket[]; upstream: dgram.Socket } | undefined;
   private readonly dnsPending = new Map<number, { id: number; address: string; port: number; at: number; via: dgram.Socket }>();
   private nextDnsId = 1;
+  /** The pod's own addresses, to refuse connections that would loop back into these listeners. */
+  private readonly ownAddresses = new Set<string>();
   private closed = false;
 
   private constructor(
@@ -71,6 +73,7 @@ export class PodProxy {
   static async open(uid: string, netnsFd: number, dnsUpstream?: Endpoint): Promise<PodProxy> {
     const proxy = new PodProxy(uid, netnsFd, dnsUpstream);
     try {
+      for (const a of await netnsAddresses(proxy.netns)) proxy.ownAddresses.add(a);
       await proxy.listenAll();
     } catch (err) {
       proxy.closeListeners();
@@ -165,6 +168,7 @@ export class PodProxy {
     client.pause();
     const destination = { host: unmap(client.localAddress), port: client.localPort ?? 0 };
     this.see('outbound', `${unmap(client.remoteAddress)}:${client.remotePort}`, hostPort(destination));
+    if (this.isSelf(destination)) return this.refuseLoop('outbound', client);
     try {
       const upstream = await connectFromNetns({ netns: this.netns, ...destination, mark: ZTUNNEL_MARK });
       this.splice('outbound', client, upstream);
@@ -180,12 +184,25 @@ export class PodProxy {
     const app = { host: unmap(client.localAddress), port: client.localPort ?? 0 };
     const source = unmap(client.remoteAddress);
     this.see('inbound', `${source}:${client.remotePort}`, hostPort(app));
+    if (this.isSelf(app)) return this.refuseLoop('inbound', client);
     try {
       this.splice('inbound', client, await this.connectAs(source, app));
     } catch {
       this.stats.inbound.failures++;
       client.destroy();
     }
+  }
+
+  /** A destination that is one of these listeners: forwarding there would loop forever (a
+   * connection made straight to 15001 on the pod's own address, say). ztunnel refuses those too. */
+  private isSelf(to: Endpoint): boolean {
+    const ports: number[] = Object.values(PORTS);
+    return ports.includes(to.port) && (this.ownAddresses.has(to.host) || to.host === '::1' || to.host.startsWith('127.'));
+  }
+
+  private refuseLoop(direction: Direction, client: net.Socket): void {
+    this.stats[direction].failures++;
+    client.destroy();
   }
 
   /** HBONE without TLS: `CONNECT host:port HTTP/1.1`, then a tunnel to the app. */
@@ -211,6 +228,10 @@ export class PodProxy {
   private async tunnel(client: net.Socket, target: Endpoint, rest: Buffer): Promise<void> {
     const source = unmap(client.remoteAddress);
     this.see('hbone', `${source}:${client.remotePort}`, hostPort(target));
+    if (this.isSelf(target)) {
+      this.stats.hbone.failures++;
+      return this.reject(client, '400 Bad Request');
+    }
     try {
       const upstream = await this.connectAs(source, target);
       client.write('HTTP/1.1 200 OK\r\n\r\n');
