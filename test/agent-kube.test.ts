@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { Agent } from '../cni-agent/src/agent.js';
-import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/kube-source.js';
+import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/pod.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
@@ -58,5 +58,25 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     await until(async () => (await dp.list()).length === 0, 'detached');
     await until(() => standIn.stats().length === 0, 'ztunnel told');
     assert.deepEqual(agent.status().map((s) => [s.name, s.state]), [['cart', 'not ambient']]);
+  });
+
+  it('removes a stale redirection annotation left by an agent killed before it could (not ambient any more)', async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-agentk-'));
+    const api = new KubeApiTestServer();
+    await api.start();
+    api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'plain' } });
+    api.upsert('pods', { apiVersion: 'v1', kind: 'Pod', metadata: { name: 'old', namespace: 'plain', uid: `uid-old-${topo.id}`, annotations: { [REDIRECTION_ANNOTATION]: 'enabled' } }, spec: { nodeName: 'node-a' }, status: { phase: 'Running', podIP: '198.18.91.2' } });
+    const agent = new Agent({ nodeName: 'node-a', source: { kubeconfig: api.kubeConfig() }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'auto', log: silentLogger });
+    t.after(async () => {
+      agent.stop();
+      await api.close();
+      await removeDatapath(root);
+      rmSync(dir, { recursive: true, force: true });
+    });
+    await agent.start();
+    await until(() => (api.get('pods', 'old', 'plain')?.metadata as { annotations?: Record<string, string> }).annotations?.[REDIRECTION_ANNOTATION] === undefined, 'stale annotation removed');
+    assert.equal(api.patches.length, 1, 'patched more than once');
   });
 });

@@ -2,7 +2,8 @@
 // node filtering, live changes, watch restarts, 410 Gone, bookmarks, and the status patch.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { KubePodSource, REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/kube-source.js';
+import { KubePodSource } from '../cni-agent/src/pods/kube-source.js';
+import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/pod.js';
 import type { SourceChange } from '../cni-agent/src/pods/pod.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { KubeApiTestServer, mergePatch } from './helpers/kube-api-server.js';
@@ -47,6 +48,19 @@ describe('Kubernetes pod source', () => {
     // Order holds within a kind; pods and namespaces are separate watch streams.
     assert.deepEqual(names(changes).filter((n) => n.includes(' pod ')), ['updated pod here', 'deleted pod here']);
     assert.deepEqual(names(changes).filter((n) => n.includes(' ns ')), ['updated ns shop']);
+  });
+
+  it('is not synced until both lists succeed: an unreachable API is never an empty cluster', async (t) => {
+    const { api, source } = await setup(t);
+    api.failNext(6);
+    let done = false;
+    const started = source.start().then((s) => ((done = true), s));
+    await until(() => api.requests.length >= 4, 'the lists are retried');
+    assert.equal(done, false, 'start() resolved while the lists were failing');
+    assert.equal(source.isSynced, false);
+    const state = await started;
+    assert.deepEqual([...state.pods.values()].map((p) => p.metadata.name), ['here']);
+    assert.deepEqual([...state.namespaces.keys()], ['shop']);
   });
 
   it('resumes a broken watch from its resourceVersion, and lists again after 410 Gone', async (t) => {

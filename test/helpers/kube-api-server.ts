@@ -41,6 +41,7 @@ export class KubeApiTestServer {
   /** Watch requests served (a restarted watch shows up here). */
   readonly watchRequests: { kind: Kind; resourceVersion: string | null }[] = [];
   private server: http.Server | undefined;
+  private failing = 0;
   url = '';
 
   async start(): Promise<void> {
@@ -68,7 +69,7 @@ export class KubeApiTestServer {
 
   /** The same, as a kubeconfig file's text. */
   kubeconfigYaml(): string {
-    return `apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: ${this.url}\nusers:\n- name: test\n  user: {}\ncontexts:\n- name: test\n  context: { cluster: test, user: test }\ncurrent-context: test\n`;
+    return `apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: ${this.url}\n    insecure-skip-tls-verify: true\nusers:\n- name: test\n  user: {}\ncontexts:\n- name: test\n  context: { cluster: test, user: test }\ncurrent-context: test\n`;
   }
 
   upsert(kind: Kind, obj: Obj): void {
@@ -119,9 +120,18 @@ export class KubeApiTestServer {
     w.res.write(JSON.stringify({ type: e.type, object: e.object }) + '\n');
   }
 
+  /** The next `n` requests fail with 503, as an API server that is down or overloaded answers. */
+  failNext(n: number): void {
+    this.failing = n;
+  }
+
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const url = new URL(req.url ?? '/', this.url);
     this.requests.push({ method: req.method ?? '', path: url.pathname, watch: url.searchParams.get('watch') === 'true' });
+    if (this.failing > 0) {
+      this.failing--;
+      return reply(res, 503, statusObj(503, 'ServiceUnavailable', 'the test server is failing requests'));
+    }
     const status = /^\/api\/v1\/namespaces\/([^/]+)\/pods\/([^/]+)\/status$/.exec(url.pathname);
     if (req.method === 'PATCH' && status) return this.patchStatus(req, res, decodeURIComponent(status[1]!), decodeURIComponent(status[2]!));
     const kind: Kind | undefined = url.pathname === '/api/v1/pods' ? 'pods' : url.pathname === '/api/v1/namespaces' ? 'namespaces' : undefined;

@@ -6,7 +6,7 @@ import { existsSync, openSync } from 'node:fs';
 import type { AttachMode, Datapath } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
-import { podIPs, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
+import { podIPs, REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
 import { selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
 import { captureOptions, type CaptureDefaults } from '../pods/capture-options.js';
 import type { CgroupLocator } from './cgroup-locator.js';
@@ -46,7 +46,9 @@ interface Entry {
   netnsPath: string | undefined;
   attached: boolean;
   ztunnel: ZtunnelResult | undefined;
-  annotation: RedirectionAnnotation;
+  /** The annotation value last written, and the pod object it was written over (a newer object
+   * from the source replaces it; until then the patch may simply not have come back yet). */
+  annotation: { value: RedirectionAnnotation; over: Pod } | undefined;
   error: string | undefined;
   since: Date;
   /** Reconcile runs for this pod one at a time; `again` asks for one more pass. */
@@ -384,10 +386,16 @@ export class Reconciler {
     if (e.pod) await this.annotate(e, undefined);
   }
 
+  /** Makes the pod's annotation `value`. Judged by the pod as the source shows it, not by what this
+   * process remembers: an agent killed between detaching and unannotating, then restarted, must
+   * still remove the annotation. */
   private async annotate(e: Entry, value: RedirectionAnnotation): Promise<void> {
-    if (!this.opts.annotator || !e.pod || e.annotation === value) return;
-    await this.opts.annotator.setRedirection(e.pod, value);
-    e.annotation = value;
+    const pod = e.pod;
+    if (!this.opts.annotator || !pod) return;
+    if ((pod.metadata.annotations?.[REDIRECTION_ANNOTATION] ?? undefined) === value) return;
+    if (e.annotation && e.annotation.value === value && e.annotation.over === pod) return; // written; not back yet
+    await this.opts.annotator.setRedirection(pod, value);
+    e.annotation = { value, over: pod };
   }
 }
 

@@ -4,9 +4,8 @@
 import { CoreV1Api, KubeConfig, ListWatch, PatchStrategy, setHeaderOptions, Watch, type V1Namespace, type V1Pod } from '@kubernetes/client-node';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { Annotator, RedirectionAnnotation } from '../enrollment/reconciler.js';
-import type { ClusterState, Namespace, Pod, SourceChange } from './pod.js';
+import { REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from './pod.js';
 
-export const REDIRECTION_ANNOTATION = 'ambient.istio.io/redirection';
 
 export interface KubePodSourceOptions {
   /** A kubeconfig file; absent: the in-cluster service account. Or a ready KubeConfig (tests). */
@@ -27,6 +26,12 @@ export function loadKubeConfig(kubeconfig: string | KubeConfig | undefined): Kub
 }
 
 /** A pod as the rest of the agent sees it; undefined for objects without identity. */
+function deferred(): { promise: Promise<void>; resolve: () => void } {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
 function toPod(p: V1Pod): Pod | undefined {
   const m = p.metadata;
   if (!m?.name || !m.namespace || !m.uid) return undefined;
@@ -45,6 +50,8 @@ export class KubePodSource implements Annotator {
   private stopped = false;
   private synced = false;
   private readonly retries = new Map<string, { timer?: NodeJS.Timeout; backoffMs: number }>();
+  /** Resolved by each kind's first successful list: until both, the state is not the cluster's. */
+  private readonly listed = { pods: deferred(), namespaces: deferred() };
 
   constructor(private readonly opts: KubePodSourceOptions) {
     const kc = loadKubeConfig(opts.kubeconfig);
@@ -70,11 +77,28 @@ export class KubePodSource implements Annotator {
     return this.synced;
   }
 
-  /** Lists both kinds and starts watching; resolves with the first state. */
+  /** Lists both kinds and starts watching; resolves with the first state once both lists
+   * succeeded (retrying with backoff meanwhile). An agent that took an unreachable API for an
+   * empty cluster would unenrol every pod it adopted. */
   async start(): Promise<ClusterState> {
-    await Promise.all([this.namespaces.start(), this.pods.start()]);
+    this.run('namespaces', this.namespaces);
+    this.run('pods', this.pods);
+    await Promise.all([this.listed.namespaces.promise, this.listed.pods.promise]);
     this.synced = true;
     return this.state;
+  }
+
+  /** Starts an informer. A failed list is not an exception (the informer reports it as an error
+   * event, which restarts it): only a resourceVersion tells that it listed. */
+  private run(kind: 'pods' | 'namespaces', informer: ListWatch<V1Pod> | ListWatch<V1Namespace>): void {
+    informer.start().then(
+      () => {
+        if (!informer.latestResourceVersion()) return;
+        this.retries.delete(kind);
+        this.listed[kind].resolve();
+      },
+      (e: unknown) => this.restart(kind, informer, e),
+    );
   }
 
   stop(): void {
@@ -94,18 +118,13 @@ export class KubePodSource implements Annotator {
 
   /** A watch that failed other than with 410 (which the informer handles by listing again)
    * stops the informer: start it again, with backoff, for as long as the agent runs. */
-  private restart(kind: string, informer: ListWatch<V1Pod> | ListWatch<V1Namespace>, err: unknown): void {
+  private restart(kind: 'pods' | 'namespaces', informer: ListWatch<V1Pod> | ListWatch<V1Namespace>, err: unknown): void {
     if (this.stopped) return;
     const r = this.retries.get(kind) ?? { backoffMs: this.opts.initialBackoffMs ?? 200 };
     this.retries.set(kind, r);
     this.opts.log.warn({ kind, error: (err as Error | undefined)?.message ?? String(err), retryMs: r.backoffMs }, 'Kubernetes watch failed; restarting');
     clearTimeout(r.timer);
-    r.timer = setTimeout(() => {
-      informer.start().then(
-        () => (r.backoffMs = this.opts.initialBackoffMs ?? 200),
-        (e: unknown) => this.restart(kind, informer, e),
-      );
-    }, r.backoffMs);
+    r.timer = setTimeout(() => this.run(kind, informer), r.backoffMs);
     r.backoffMs = Math.min(r.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
   }
 

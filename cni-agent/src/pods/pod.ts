@@ -11,6 +11,9 @@ export interface Namespace extends NamespaceLike {
   metadata: NonNullable<NamespaceLike['metadata']> & { name: string };
 }
 
+/** Written by the agent on pods/status: `enabled` or `pending` (upstream's name and values). */
+export const REDIRECTION_ANNOTATION = 'ambient.istio.io/redirection';
+
 export interface ClusterState {
   pods: Map<string, Pod>; // by uid
   namespaces: Map<string, Namespace>; // by name
