@@ -2,7 +2,7 @@
 // (kubernetes-models), the DaemonSet's flags accepted by the agent, least privilege, and RBAC that
 // grants exactly the calls the agent's Kubernetes source makes.
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { parseAllDocuments } from 'yaml';
@@ -29,6 +29,13 @@ describe('manifests', () => {
       const mod = (await import(`kubernetes-models/${group ? `${group}/` : ''}${version}/${o.kind}`)) as Record<string, new (o: object) => { validate(): void }>;
       assert.doesNotThrow(() => new mod[o.kind]!(o).validate(), `${o.kind}/${o.metadata.name}`);
     }
+  });
+
+  it('the Dockerfile copies files the build makes (or the repository has)', () => {
+    const dockerfile = readFileSync(`${DIR}/Dockerfile`, 'utf8');
+    const copied = [...dockerfile.matchAll(/^COPY --from=build \/src\/(\S+) /gm)].map((m) => m[1]!);
+    assert.ok(copied.length > 5);
+    for (const path of copied) assert.ok(existsSync(fileURLToPath(new URL(`../../${path}`, import.meta.url))), `the image would miss ${path}`);
   });
 
   it('are all in the kustomization', () => {
