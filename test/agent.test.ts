@@ -80,6 +80,9 @@ describe('ambient-bpf agent', kernelTest(), () => {
     assert.match(metrics, /# TYPE ambient_bpf_reconcile_errors_total counter/);
 
     // ambient-bpf status: JSON and the table.
+    // Enrolled on the tc fast path, moved to tcx once the node is idle (a second).
+    const hooks = async () => (JSON.parse((await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout) as { pods: { hooks: string }[] }).pods[0]?.hooks;
+    await until(async () => (await hooks()) === 'tcx', 'moved to tcx', 10_000);
     const status = await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')]);
     assert.equal(status.code, 0, status.stderr);
     const report = JSON.parse(status.stdout) as { pods: { name: string; namespace: string; state: string; hooks: string; ztunnel: string; dnsCapture: string }[]; ztunnelConnections: number };

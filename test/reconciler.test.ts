@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { NetnsLocator } from '../cni-agent/src/enrollment/netns-locator.js';
-import { Reconciler } from '../cni-agent/src/enrollment/reconciler.js';
+import { Reconciler, UPGRADE_IDLE_MS } from '../cni-agent/src/enrollment/reconciler.js';
 import { LocalPodSource } from '../cni-agent/src/pods/local-source.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
@@ -166,5 +166,39 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     write({ 'ambient.istio.io/dns-capture': 'yes' });
     await until(() => reconciler.status()[0]?.state === 'failed', 'malformed annotation fails the pod');
     assert.match(reconciler.status()[0]!.reason, /annotation ambient\.istio\.io\/dns-capture must be "true" or "false", got "yes"/);
+  });
+
+  it('with attach mode auto, enrols on the tc fast path and moves to tcx once idle, still redirected', async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-rec-'));
+    const file = join(dir, 'pods.yaml');
+    const pod: PodSpec = { name: 'fast', namespace: 'shop', ip: '198.18.52.2' };
+    const node = await topo.netns('node');
+    const ns = await topo.netns(pod.name);
+    await topo.veth(ns, 'eth0', node, 'v0');
+    await topo.addAddress(ns, 'eth0', `${pod.ip}/24`);
+    writeFileSync(file, podsYaml({ shop: 'ambient' }, [pod]));
+    const dp = await Datapath.open({ bpffsRoot: root });
+    const zds = new ZdsServer({ socketPath: join(dir, 'ztunnel.sock') });
+    const reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, attachMode: 'auto', capture: { strict: false, dnsCapture: false } });
+    const source = new LocalPodSource({ file, nodeName: 'node-a', onChange: (c, s) => reconciler.applyChanges(c, s), onError: (e) => assert.fail(e), debounceMs: 20 });
+    t.after(async () => {
+      source.stop();
+      reconciler.stop();
+      zds.close();
+      for (const p of await dp.list()) await dp.detach(p.uid);
+      dp.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+      rmSync(dir, { recursive: true, force: true });
+    });
+    zds.start();
+    const t0 = performance.now();
+    await reconciler.start(await source.start());
+    assert.deepEqual((await dp.list()).map((p) => p.mode), ['tc'], 'not attached on the tc fast path');
+    await until(async () => (await dp.list())[0]?.mode === 'tcx', 'moved to tcx', 10_000);
+    assert.ok(performance.now() - t0 >= UPGRADE_IDLE_MS, 'moved before the node was idle');
+    assert.equal((await dp.verify('uid-fast')).ok, true);
   });
 });

@@ -85,10 +85,20 @@ export interface StrictAllowEntry {
 export type Steering = 'sk-assign' | 'sk-lookup';
 export const STEERINGS: readonly Steering[] = ['sk-assign', 'sk-lookup'];
 
+/** Linux 6.6 brought both tcx and bpf_sk_assign for SO_REUSEPORT listeners. */
+function atLeast66(release: string): boolean {
+  const [major = 0, minor = 0] = release.split(/[.-]/).map(Number);
+  return major > 6 || (major === 6 && minor >= 6);
+}
+
 /** sk-assign where the kernel's bpf_sk_assign takes SO_REUSEPORT listeners (6.6+), else sk-lookup. */
 export function steeringForKernel(release = osRelease()): Steering {
-  const [major = 0, minor = 0] = release.split(/[.-]/).map(Number);
-  return major > 6 || (major === 6 && minor >= 6) ? 'sk-assign' : 'sk-lookup';
+  return atLeast66(release) ? 'sk-assign' : 'sk-lookup';
+}
+
+/** Does this kernel have tcx links (6.6+)? */
+export function kernelHasTcx(release = osRelease()): boolean {
+  return atLeast66(release);
 }
 
 export interface DatapathSettings {

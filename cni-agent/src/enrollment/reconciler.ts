@@ -3,7 +3,7 @@
 // agree. Inputs: the pod source (state and changes), ztunnel's answers, and the datapath's own
 // records (so a restarted agent adopts what it attached before instead of attaching twice).
 import { existsSync, openSync } from 'node:fs';
-import type { AttachMode, Datapath } from '../../../bpf/src/index.js';
+import { kernelHasTcx, type AttachMode, type AttachOptions, type PodAttachment } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
 import { podIPs, REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
@@ -66,8 +66,18 @@ interface Entry {
   dns: { state: 'on'; cgroup: string } | { state: 'off' } | { state: 'waiting' };
 }
 
+/** How a pod's traffic is redirected in its netns: the BPF datapath, or (for the benchmark's
+ * baseline) upstream's iptables rules. What must happen to a pod is decided here; how is theirs. */
+export interface PodRedirector {
+  /** Idempotent: updates an attached pod in place. */
+  attach(pod: PodAttachment, options?: AttachOptions): Promise<unknown>;
+  detach(uid: string): Promise<{ warning?: string }>;
+  list(): Promise<{ uid: string; netnsPath: string; netnsPresent: boolean; mode?: string }[]>;
+  verify(uid: string): Promise<{ found: boolean; ok: boolean; problems: string[] }>;
+}
+
 export interface ReconcilerOptions {
-  datapath: Datapath;
+  datapath: PodRedirector;
   zds: ZdsServer;
   netns: NetnsLocator;
   /** Finds pods' cgroups for DNS capture (without it, DNS is not captured). */
@@ -84,8 +94,15 @@ export interface ReconcilerOptions {
   maxBackoffMs?: number;
 }
 
+/** How long no pod must have been enrolled before pods move from tc to tcx. */
+export const UPGRADE_IDLE_MS = 1000;
+
 export class Reconciler {
   private readonly entries = new Map<string, Entry>();
+  private readonly upgrades = new Set<string>();
+  private upgradeTimer: NodeJS.Timeout | undefined;
+  private lastEnrollAt = 0;
+  private tcxUnavailable = false;
   private namespaces = new Map<string, Namespace>();
   private stopped = false;
   /** Failed reconcile passes since start (a metric). */
@@ -104,6 +121,7 @@ export class Reconciler {
       const e = this.entry(attached.uid);
       e.attached = true;
       e.netnsPath = attached.netnsPresent ? attached.netnsPath : undefined;
+      if (this.opts.attachMode === 'auto' && attached.mode === 'tc' && kernelHasTcx()) this.queueUpgrade(attached.uid);
     }
     this.namespaces = new Map(state.namespaces);
     for (const pod of state.pods.values()) this.entry(pod.metadata.uid).pod = pod;
@@ -113,7 +131,68 @@ export class Reconciler {
   /** Stops retrying; attachments stay in place (a restarted agent adopts them). */
   stop(): void {
     this.stopped = true;
+    clearTimeout(this.upgradeTimer);
     for (const e of this.entries.values()) clearTimeout(e.retry);
+  }
+
+  /** What the datapath is asked to attach for a pod (its capture options included). */
+  private attachment(e: Entry, pod: Pod, netnsPath: string, ips: string[], dnsCgroup: string | undefined): PodAttachment {
+    const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
+    return {
+      uid: e.uid,
+      netnsPath,
+      ips,
+      bypassInbound: capture.bypassInbound,
+      strict: capture.strict,
+      rerouteInterfaces: capture.rerouteInterfaces,
+      ...(dnsCgroup ? { dnsCgroup } : {}),
+      ...(this.opts.nodeNetns ? { hostNetns: this.opts.nodeNetns } : {}),
+    };
+  }
+
+  /** Pods attached with tc on the enrolment fast path, moved to tcx one at a time once no pod has
+   * been enrolled for UPGRADE_IDLE_MS, so the slow link creation never delays a pod start. */
+  private queueUpgrade(uid: string): void {
+    this.upgrades.add(uid);
+    this.lastEnrollAt = performance.now();
+    clearTimeout(this.upgradeTimer);
+    this.upgradeTimer = setTimeout(() => void this.upgradeOne(), UPGRADE_IDLE_MS);
+  }
+
+  private async upgradeOne(): Promise<void> {
+    const idleFor = performance.now() - this.lastEnrollAt;
+    if (this.stopped || this.upgrades.size === 0) return;
+    if (idleFor < UPGRADE_IDLE_MS) {
+      this.upgradeTimer = setTimeout(() => void this.upgradeOne(), UPGRADE_IDLE_MS - idleFor);
+      return;
+    }
+    const uid = this.upgrades.values().next().value as string;
+    this.upgrades.delete(uid);
+    const e = this.entries.get(uid);
+    if (e && e.attached && e.pod && e.netnsPath && !e.running && !this.tcxUnavailable) {
+      const dnsCgroup = e.dns.state === 'on' ? e.dns.cgroup : undefined;
+      e.running = this.opts.datapath
+        .attach(this.attachment(e, e.pod, e.netnsPath, this.ipsOf(e), dnsCgroup), { mode: 'tcx' })
+        .then(
+          () => this.opts.log.debug({ uid }, 'moved to tcx'),
+          (err: Error & { code?: string }) => {
+            if (err.code === 'EKERNEL') this.tcxUnavailable = true;
+            // A failed update leaves nothing half-applied, i.e. the pod detached: attach it again.
+            this.opts.log.warn({ uid, error: err.message }, 'cannot move the pod to tcx; attaching it again');
+            e.again = true;
+          },
+        )
+        .finally(() => {
+          e.running = undefined;
+          if (e.again) void this.reconcile(uid);
+        });
+      await e.running;
+    } else if (e?.running) {
+      this.upgrades.add(uid); // in a reconcile pass: later
+      this.upgradeTimer = setTimeout(() => void this.upgradeOne(), UPGRADE_IDLE_MS);
+      return;
+    }
+    this.upgradeTimer = setTimeout(() => void this.upgradeOne(), 0);
   }
 
   applyChanges(changes: SourceChange[], state: ClusterState): void {
@@ -328,21 +407,13 @@ export class Reconciler {
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
     const dnsCgroup = capture.dnsCapture ? this.dnsCgroup(e, netnsPath) : undefined;
+    // With `auto`, a new pod gets the tc hooks (well under a millisecond) and moves to tcx once the
+    // node is idle (a tcx link waits for RCU grace periods under rtnl_lock: tens of ms per pod).
+    const fastPath = this.opts.attachMode === 'auto' && (!e.attached || moved) && !this.tcxUnavailable && kernelHasTcx();
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
-    await this.opts.datapath.attach(
-      {
-        uid: e.uid,
-        netnsPath,
-        ips,
-        bypassInbound: capture.bypassInbound,
-        strict: capture.strict,
-        rerouteInterfaces: capture.rerouteInterfaces,
-        ...(dnsCgroup ? { dnsCgroup } : {}),
-        ...(this.opts.nodeNetns ? { hostNetns: this.opts.nodeNetns } : {}),
-      },
-      this.opts.attachMode ? { mode: this.opts.attachMode } : {},
-    );
+    await this.opts.datapath.attach(this.attachment(e, pod, netnsPath, ips, dnsCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    if (fastPath) this.queueUpgrade(e.uid);
     e.dns = dnsCgroup ? { state: 'on', cgroup: dnsCgroup } : capture.dnsCapture && this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
     if (!e.attached || moved) {
       e.since = new Date();

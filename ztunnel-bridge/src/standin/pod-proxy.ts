@@ -98,30 +98,31 @@ export class PodProxy {
     this.servers.length = 0;
   }
 
+  /** Opens every listener at once (each is made on a thread inside the netns): a pod's Add is
+   * acked sooner, and ZDS hands pods over one at a time. */
   private async listenAll(): Promise<void> {
-    const handlers: [number, (s: net.Socket) => void][] = [
-      [PORTS.outbound, (s) => void this.outbound(s)],
-      [PORTS.inbound, (s) => void this.inbound(s)],
-      [PORTS.hbone, (s) => this.hbone(s)],
-    ];
-    for (const [port, handler] of handlers) {
-      const server = await this.listenWildcard(port);
-      server.on('connection', handler);
-      this.servers.push(server);
-    }
-    // Like ztunnel: 127.0.0.1, and [::1] when the pod's lo has IPv6.
-    for (const [family, address] of [[4, '127.0.0.1'], [6, '::1']] as const) {
-      let dnsTcp: net.Server;
-      try {
-        dnsTcp = await listenInNetns({ netns: this.netns, family, address, port: PORTS.dns, mark: ZTUNNEL_MARK, v6only: family === 6 });
-      } catch (err) {
-        if (family === 4) throw err;
-        continue;
-      }
-      dnsTcp.on('connection', (s) => void this.dnsTcp(s));
-      this.servers.push(dnsTcp);
-    }
-    await this.listenDnsUdp();
+    const tcp = (open: Promise<net.Server>, handler: (s: net.Socket) => void, optional = false): Promise<void> =>
+      open.then(
+        (server) => {
+          server.on('connection', handler);
+          this.servers.push(server);
+        },
+        (err: unknown) => {
+          if (!optional) throw err;
+        },
+      );
+    const dns = (family: 4 | 6, address: string) => listenInNetns({ netns: this.netns, family, address, port: PORTS.dns, mark: ZTUNNEL_MARK, v6only: family === 6 });
+    const results = await Promise.allSettled([
+      tcp(this.listenWildcard(PORTS.outbound), (s) => void this.outbound(s)),
+      tcp(this.listenWildcard(PORTS.inbound), (s) => void this.inbound(s)),
+      tcp(this.listenWildcard(PORTS.hbone), (s) => this.hbone(s)),
+      // Like ztunnel: 127.0.0.1, and [::1] when the pod's lo has IPv6.
+      tcp(dns(4, '127.0.0.1'), (s) => void this.dnsTcp(s)),
+      tcp(dns(6, '::1'), (s) => void this.dnsTcp(s), true),
+      this.listenDnsUdp(),
+    ]);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 
   /** [::] dual-stack like ztunnel, or 0.0.0.0 when the pod has no IPv6. */
@@ -270,14 +271,15 @@ export class PodProxy {
   }
 
   private async listenDnsUdp(): Promise<void> {
-    const locals = [await bindUdp(await udpSocketInNetns({ netns: this.netns, address: '127.0.0.1', port: PORTS.dns, mark: ZTUNNEL_MARK }))];
-    try {
-      locals.push(await bindUdp(await udpSocketInNetns({ netns: this.netns, address: '::1', port: PORTS.dns, mark: ZTUNNEL_MARK }), true));
-    } catch {
-      // no IPv6 on the pod's lo
-    }
     const family = this.dnsUpstream && this.dnsUpstream.host.includes(':') ? '::' : '0.0.0.0';
-    const upstream = await bindUdp(await udpSocketInNetns({ netns: this.netns, address: family, port: 0, mark: ZTUNNEL_MARK }), family === '::');
+    const open = (address: string, port: number) => udpSocketInNetns({ netns: this.netns, address, port, mark: ZTUNNEL_MARK }).then((fd) => bindUdp(fd, address.includes(':')));
+    const [v4, v6, up] = await Promise.allSettled([open('127.0.0.1', PORTS.dns), open('::1', PORTS.dns), open(family, 0)]);
+    if (v4.status === 'rejected' || up.status === 'rejected') {
+      for (const r of [v4, v6, up]) if (r.status === 'fulfilled') r.value.close();
+      throw v4.status === 'rejected' ? v4.reason : (up as PromiseRejectedResult).reason;
+    }
+    const locals = v6.status === 'fulfilled' ? [v4.value, v6.value] : [v4.value]; // no IPv6 on the pod's lo
+    const upstream = up.value;
     this.udp = { locals, upstream };
     for (const local of locals) local.on('message', (msg, rinfo) => this.dnsQuery(local, msg, rinfo));
     upstream.on('message', (msg) => this.dnsAnswer(msg));

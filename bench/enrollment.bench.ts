@@ -1,0 +1,192 @@
+// Enrollment through the whole product, against an upstream-equivalent path in the same run: the
+// kubelet-side CNI ADD exec of ambient-bpf-cni until it exits with the pod redirected and acked by
+// the ztunnel stand-in (a separate process, as ztunnel is), with the agent's real flow (relay,
+// CNI handler, reconciler, ZDS); only the redirection backend differs: the BPF datapath (tc or
+// tcx), or upstream's iptables-restore + ip. Sequential ADDs (p50/p99), a burst of ADDs at once,
+// and the plugin's own exec cost against Debian's bridge plugin.
+import { execFile, spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { cpus, release, tmpdir, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { fileURLToPath } from 'node:url';
+import { Datapath } from '../bpf/src/index.js';
+import { CniHandler } from '../cni-agent/src/cni/handler.js';
+import { serveRelay } from '../cni-agent/src/cni/relay.js';
+import { NetnsLocator } from '../cni-agent/src/enrollment/netns-locator.js';
+import { Reconciler, type PodRedirector } from '../cni-agent/src/enrollment/reconciler.js';
+import type { ClusterState } from '../cni-agent/src/pods/pod.js';
+import { DEFAULT_POLICY } from '../cni-agent/src/pods/selection.js';
+import { silentLogger } from '../ztunnel-bridge/src/logger.js';
+import { ZdsServer } from '../ztunnel-bridge/src/zds-server.js';
+import { CLI } from '../test/helpers/cli.js';
+import { testBpffsRoot } from '../test/helpers/kernel.js';
+import { sh, Topology } from '../test/helpers/topology.js';
+import { until } from '../test/helpers/wait.js';
+import { IptablesRedirector } from './iptables-redirector.js';
+
+const run = promisify(execFile);
+const SEQUENTIAL = Number(process.env.BENCH_ENROLL_PODS ?? 100);
+const BURST = Number(process.env.BENCH_BURST_PODS ?? 100);
+const EXECS = Number(process.env.BENCH_EXECS ?? 200);
+const PLUGIN = fileURLToPath(new URL('../../cni-agent/bin/ambient-bpf-cni', import.meta.url));
+const CNI_PATH = `/usr/lib/cni:${fileURLToPath(new URL('../../cni-agent/bin', import.meta.url))}`;
+
+/** bpf-auto is the product's default: tc on the enrolment path, tcx once the node is idle. */
+type Backend = 'bpf-auto' | 'bpf-tc' | 'bpf-tcx' | 'iptables';
+const BACKENDS: Backend[] = ['iptables', 'bpf-auto', 'bpf-tc', 'bpf-tcx'];
+
+const percentile = (xs: number[], p: number): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)] ?? NaN;
+};
+
+interface Pod {
+  name: string;
+  netns: string;
+  ip: string;
+  ip6: string;
+}
+
+/** Pod sandboxes as the primary CNI leaves them: a netns, eth0 on a veth, IPv4 and IPv6. */
+async function sandboxes(topo: Topology, count: number, subnet: number, tag: string): Promise<Pod[]> {
+  const node = await topo.netns(`n${tag}`);
+  const pods: Pod[] = [];
+  for (let i = 0; i < count; i++) {
+    const name = `${tag}${i}`;
+    const ns = await topo.netns(name);
+    await topo.veth(ns, 'eth0', node, `v${i}`);
+    const ip = `198.18.${subnet + Math.floor(i / 250)}.${2 + (i % 250)}`;
+    const ip6 = `2001:db8:${subnet}::${i + 2}`;
+    await topo.addAddress(ns, 'eth0', `${ip}/16`);
+    await topo.addAddress(ns, 'eth0', `${ip6}/64`);
+    pods.push({ name, netns: Topology.netnsPath(ns), ip, ip6 });
+  }
+  return pods;
+}
+
+/** One CNI ADD exec of our plugin, from spawn to exit, in milliseconds. */
+function cniAdd(pluginSocket: string, pod: Pod, namespace = 'bench'): Promise<number> {
+  const stdin = JSON.stringify({
+    cniVersion: '1.0.0',
+    name: 'bench',
+    type: 'ambient-bpf-cni',
+    agent_socket: pluginSocket,
+    prevResult: { cniVersion: '1.0.0', interfaces: [{ name: 'eth0' }], ips: [{ address: `${pod.ip}/16` }, { address: `${pod.ip6}/64` }] },
+  });
+  const env = { CNI_COMMAND: 'ADD', CNI_CONTAINERID: `c-${pod.name}`, CNI_NETNS: pod.netns, CNI_IFNAME: 'eth0', CNI_PATH, CNI_ARGS: `K8S_POD_NAMESPACE=${namespace};K8S_POD_NAME=${pod.name};K8S_POD_UID=uid-${pod.name}` };
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const child = execFile(PLUGIN, [], { env }, (err, stdout) => (err ? reject(new Error(`ADD ${pod.name}: ${stdout || err.message}`)) : resolve(performance.now() - t0)));
+    child.stdin!.on('error', () => undefined); // a plugin that fails early may not read it
+    child.stdin!.end(stdin);
+  });
+}
+
+function exec(binary: string, env: Record<string, string>, stdin: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const child = execFile(binary, [], { env }, (err) => (err ? reject(new Error(`${binary}: ${err.message}`)) : resolve(performance.now() - t0)));
+    child.stdin!.on('error', () => undefined); // a plugin that fails early may not read it
+    child.stdin!.end(stdin);
+  });
+}
+
+interface Result {
+  sequential: number[];
+  burstMs: number;
+}
+
+async function enroll(backend: Backend, subnet: number): Promise<Result> {
+  const topo = new Topology();
+  const dir = mkdtempSync(join(tmpdir(), 'abt-bench-enroll-'));
+  const root = testBpffsRoot(topo.id);
+  const datapath = backend === 'iptables' ? undefined : await Datapath.open({ bpffsRoot: root });
+  const redirector: PodRedirector = datapath ?? new IptablesRedirector();
+  const zds = new ZdsServer({ socketPath: join(dir, 'z.sock') });
+  const standIn = spawn(CLI, ['ztunnel', '--socket', join(dir, 'z.sock'), '--log-level', 'error'], { stdio: 'ignore' });
+  try {
+    const seq = await sandboxes(topo, SEQUENTIAL, subnet, 's');
+    const burst = await sandboxes(topo, BURST, subnet + 4, 'b');
+    zds.start();
+    await until(() => zds.connectedCount === 1, 'stand-in connected', 10_000);
+    const state: ClusterState = { pods: new Map(), namespaces: new Map([['bench', { metadata: { name: 'bench', labels: { 'istio.io/dataplane-mode': 'ambient' } } }]]) };
+    const reconciler = new Reconciler({ datapath: redirector, zds, netns: new NetnsLocator(), log: silentLogger, ...(backend === 'iptables' ? {} : { attachMode: backend === 'bpf-tc' ? 'tc' : backend === 'bpf-tcx' ? 'tcx' : 'auto' }), capture: { strict: false, dnsCapture: false } });
+    await reconciler.start(state);
+    const cni = new CniHandler({ reconciler, state: () => state, policy: DEFAULT_POLICY, log: silentLogger });
+    const relay = await serveRelay(join(dir, 'cni.sock'), (req) => cni.handle(req));
+    try {
+      const sequential: number[] = [];
+      for (const pod of seq) sequential.push(await cniAdd(join(dir, 'cni.sock'), pod));
+      const t0 = performance.now();
+      await Promise.all(burst.map((pod) => cniAdd(join(dir, 'cni.sock'), pod)));
+      const burstMs = performance.now() - t0;
+      return { sequential, burstMs };
+    } finally {
+      relay.close();
+      reconciler.stop();
+    }
+  } finally {
+    standIn.kill('SIGTERM');
+    zds.close();
+    if (datapath) {
+      for (const p of await datapath.list()) await datapath.detach(p.uid);
+      datapath.close();
+    }
+    await topo.cleanup();
+    rmSync(root, { recursive: true, force: true });
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** The plugin's own cost: VERSION (answered by the binary) and ADD of a non-ambient pod (relayed to
+ * the agent and passed through), against Debian's bridge plugin's VERSION. */
+async function pluginCost(): Promise<{ ours: number[]; relay: number[]; bridge: number[] }> {
+  const dir = mkdtempSync(join(tmpdir(), 'abt-bench-plugin-'));
+  const state: ClusterState = { pods: new Map(), namespaces: new Map() };
+  const stubReconciler = {} as Reconciler; // a non-ambient ADD never reaches the reconciler
+  const cni = new CniHandler({ reconciler: stubReconciler, state: () => state, policy: DEFAULT_POLICY, log: silentLogger });
+  const relay = await serveRelay(join(dir, 'cni.sock'), (req) => cni.handle(req));
+  const version = { CNI_COMMAND: 'VERSION', CNI_PATH };
+  const conf = (type: string) => JSON.stringify({ cniVersion: '1.0.0', name: 'bench', type, agent_socket: join(dir, 'cni.sock') });
+  const out = { ours: [] as number[], relay: [] as number[], bridge: [] as number[] };
+  try {
+    for (let i = 0; i < EXECS; i++) {
+      out.ours.push(await exec(PLUGIN, version, conf('ambient-bpf-cni')));
+      out.bridge.push(await exec('/usr/lib/cni/bridge', version, conf('bridge')));
+      out.relay.push(await cniAdd(join(dir, 'cni.sock'), { name: `plain${i}`, netns: '/var/run/netns/none', ip: '198.18.1.1', ip6: '2001:db8::1' }, 'plain'));
+    }
+  } finally {
+    relay.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return out;
+}
+
+async function main(): Promise<void> {
+  await run('make', ['-s', '-C', fileURLToPath(new URL('../../bench', import.meta.url))]);
+  const results = {} as Record<Backend, Result>;
+  for (const [i, backend] of BACKENDS.entries()) results[backend] = await enroll(backend, 120 + i * 10);
+  const plugin = await pluginCost();
+  const p = (b: Backend, q: number) => percentile(results[b].sequential, q);
+  const x = (a: number, b: number) => `${(a / b).toFixed(2)}x`;
+  const lines = [
+    `machine: ${cpus().length} x ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Linux ${release()}, ${(await sh('iptables', ['--version'])).trim()}`,
+    `enrollment: CNI ADD exec -> exit, pod redirected and acked by the stand-in (its own process); ${SEQUENTIAL} sequential pods, then ${BURST} at once; v4+v6 pods`,
+    '',
+    '| backend | p50 ms | p99 ms | burst of ' + BURST + ', ms |',
+    '|---|---|---|---|',
+    ...BACKENDS.map((b) => `| ${b} | ${p(b, 50).toFixed(2)} | ${p(b, 99).toFixed(2)} | ${results[b].burstMs.toFixed(0)} |`),
+    '',
+    `p50 speed-up vs iptables: auto ${x(p('iptables', 50), p('bpf-auto', 50))}, tc ${x(p('iptables', 50), p('bpf-tc', 50))}, tcx ${x(p('iptables', 50), p('bpf-tcx', 50))} (target >= 3x); p99: auto ${p('bpf-auto', 99).toFixed(2)} ms, tc ${p('bpf-tc', 99).toFixed(2)} ms, tcx ${p('bpf-tcx', 99).toFixed(2)} ms (target < 15 ms)`,
+    `burst speed-up vs iptables: auto ${x(results.iptables.burstMs, results['bpf-auto'].burstMs)}, tc ${x(results.iptables.burstMs, results['bpf-tc'].burstMs)}, tcx ${x(results.iptables.burstMs, results['bpf-tcx'].burstMs)} (target >= 5x)`,
+    '',
+    `plugin exec over ${EXECS} runs, ms p50 / p99:`,
+    `| ambient-bpf-cni VERSION | ${percentile(plugin.ours, 50).toFixed(2)} / ${percentile(plugin.ours, 99).toFixed(2)} |`,
+    `| ambient-bpf-cni ADD, non-ambient pod (relayed to the agent, passed through) | ${percentile(plugin.relay, 50).toFixed(2)} / ${percentile(plugin.relay, 99).toFixed(2)} |`,
+    `| bridge VERSION (Debian containernetworking-plugins) | ${percentile(plugin.bridge, 50).toFixed(2)} / ${percentile(plugin.bridge, 99).toFixed(2)} |`,
+  ];
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+await main();
