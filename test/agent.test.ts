@@ -127,6 +127,10 @@ describe('ambient-bpf agent', kernelTest(), () => {
     await until(async () => /ambient_bpf_pods\{state="enabled"\} 1/.test((await get(`http://127.0.0.1:${port + 1}/metrics`).catch(() => ({ body: '' }))).body), 'adopted', 10_000);
     assert.deepEqual((await dp.list()).map((p) => [p.uid, p.attachedAt.getTime()]), before.map((p) => [p.uid, p.attachedAt.getTime()]));
     assert.match(again.stderr(), /"msg":"agent ready"/);
+    // ztunnel's first snapshot from the new agent already holds the pod: it was not drained.
+    await until(() => /"msg":"snapshot acknowledged"/.test(again.stderr()), 'snapshot after the restart');
+    assert.match(again.stderr(), /"pods":1,"msg":"snapshot acknowledged"/);
+    assert.doesNotMatch(ztunnel.stderr(), /draining/, 'ztunnel drained the pod across the restart');
   });
 
   it('installs the CNI plugin once ready; uninstall removes it and the redirection of running pods', async (t) => {

@@ -17,6 +17,7 @@ import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { Topology } from './helpers/topology.js';
 import { until } from './helpers/wait.js';
+import { FakeZtunnel } from './helpers/zds-peer.js';
 
 after(assertNothingLeft);
 
@@ -109,12 +110,24 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     const before = await dp.list();
     zds = new ZdsServer({ socketPath, onStatus: (uid, r) => reconciler.ztunnelStatus(uid, r) });
     reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50 });
+    // As the agent does: adopt, then serve ztunnel, then reconcile. A ztunnel connecting right
+    // then gets the adopted pod in its first snapshot (one missing from it would be drained).
+    standIn.stop();
+    await reconciler.adopt(source.current);
     zds.start();
-    await reconciler.start(source.current);
+    const early = new FakeZtunnel(socketPath).hello();
+    const first = await early.request(2000);
+    assert.deepEqual([first?.request, first?.fdCount], [{ add: { uid: 'uid-api', workloadInfo: { name: 'api', namespace: 'plain', serviceAccount: 'api' } } }, 1]);
+    early.ack();
+    assert.deepEqual((await early.request(2000))?.request, { snapshotSent: {} });
+    early.ack();
+    early.close();
+    standIn.start();
+    await reconciler.reconcileAll();
     await until(() => states().api === 'enabled', 're-acked after restart');
     const afterRestart = await dp.list();
     assert.deepEqual(afterRestart.map((p) => [p.uid, p.attachedAt.getTime()]), before.map((p) => [p.uid, p.attachedAt.getTime()]));
-    assert.deepEqual(proxied(), ['uid-api']);
+    await until(() => proxied().join() === 'uid-api', 'the reconnected stand-in serves the pod');
 
     // The pod is deleted from the source: unenrolled.
     writeFileSync(file, podsYaml({ shop: undefined, plain: undefined }, pods.filter((p) => p.name !== 'api')));

@@ -13,7 +13,6 @@ import type { CaptureDefaults } from './pods/capture-options.js';
 import type { KubeConfig } from '@kubernetes/client-node';
 import { LocalPodSource } from './pods/local-source.js';
 import type { ClusterState, SourceChange } from './pods/pod.js';
-import { KubePodSource } from './pods/kube-source.js';
 import { DEFAULT_POLICY } from './pods/selection.js';
 import { CniHandler } from './cni/handler.js';
 import { policyFilePath, writeCniPolicy } from './cni/policy-file.js';
@@ -97,7 +96,6 @@ export class Agent {
       onStatus: (uid, r) => this.reconciler?.ztunnelStatus(uid, r),
       onZtunnelHello: (peer) => this.trustZtunnel(peer),
     });
-    this.zds.start();
     const onChange = (changes: SourceChange[], state: ClusterState): void => {
       log.debug({ changes: changes.length }, 'pod source changed');
       this.writePolicy(state);
@@ -113,6 +111,9 @@ export class Agent {
         onError: (err) => log.error({ file, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
       });
     } else {
+      // Loaded only here: @kubernetes/client-node alone costs some 75 MiB of resident memory,
+      // which the local pod source (the embedded default) does not need.
+      const { KubePodSource } = await import('./pods/kube-source.js');
       const kube = new KubePodSource({ kubeconfig: this.opts.source.kubeconfig, nodeName: this.opts.nodeName, onChange, log });
       this.source = kube;
       annotator = kube;
@@ -131,7 +132,11 @@ export class Agent {
     this.reconciler.onEnrolled = (seconds) => this.enrollSeconds.observe(seconds);
     const state = await this.source.start();
     this.writePolicy(state);
-    await this.reconciler.start(state);
+    // As upstream: ztunnel is served only once the pods already redirected are known, so its first
+    // snapshot is complete (it drains every pod a snapshot leaves out).
+    await this.reconciler.adopt(state);
+    this.zds.start();
+    await this.reconciler.reconcileAll();
     const source = this.source;
     const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log, onResult: (command, result) => this.cniRequests.inc({ command, result }), hostPath: (p) => (this.opts.hostRoot === '/' ? p : join(this.opts.hostRoot, p)) });
     this.servers.push(await serveRelay(this.opts.pluginSocket, (req) => cni.handle(req)));

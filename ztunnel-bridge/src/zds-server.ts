@@ -214,6 +214,14 @@ export class ZdsServer {
     return this.results.get(uid);
   }
 
+  /** Knows a pod without telling anyone: it goes out with the next snapshot (a restarted agent
+   * adopting pods before ztunnel connects). Takes ownership of the netns fd. */
+  remember(pod: PodEnrollment): void {
+    const previous = this.pods.get(pod.uid);
+    if (previous?.netnsFd !== undefined && previous.netnsFd !== pod.netnsFd) closeFd(previous.netnsFd);
+    this.pods.set(pod.uid, pod);
+  }
+
   /** Hands a pod to ztunnel (the newest connection); resolves with ztunnel's answer. The pod is
    * remembered either way and is part of every later snapshot. */
   async enroll(pod: PodEnrollment): Promise<ZtunnelResult> {

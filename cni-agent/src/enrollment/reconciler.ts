@@ -114,9 +114,17 @@ export class Reconciler {
 
   constructor(private readonly opts: ReconcilerOptions) {}
 
-  /** Adopts the datapath's existing attachments, takes the source's first state, and reconciles
-   * every pod. Resolves when that first pass is done. */
+  /** Adopts, then reconciles every pod (see adopt and reconcileAll). */
   async start(state: ClusterState): Promise<void> {
+    await this.adopt(state);
+    await this.reconcileAll();
+  }
+
+  /** Adopts the datapath's existing attachments and takes the source's first state. Pods that are
+   * attached and still ambient are made known to the ZDS server without sending anything, so the
+   * first snapshot a (re)connecting ztunnel gets is complete: ztunnel drains every pod missing
+   * from a snapshot. Start the ZDS server after this. */
+  async adopt(state: ClusterState): Promise<void> {
     for (const attached of await this.opts.datapath.list()) {
       const e = this.entry(attached.uid);
       e.attached = true;
@@ -125,6 +133,18 @@ export class Reconciler {
     }
     this.namespaces = new Map(state.namespaces);
     for (const pod of state.pods.values()) this.entry(pod.metadata.uid).pod = pod;
+    for (const e of this.entries.values()) {
+      if (!e.attached || !e.netnsPath || !e.pod || !this.desired(e)) continue;
+      try {
+        this.opts.zds.remember({ uid: e.uid, info: workloadInfo(e.pod), netnsFd: openSync(e.netnsPath, 'r') });
+      } catch (err) {
+        this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot reopen an adopted pod’s netns');
+      }
+    }
+  }
+
+  /** Reconciles every pod known; resolves when that pass is done. */
+  async reconcileAll(): Promise<void> {
     await Promise.all([...this.entries.keys()].map((uid) => this.reconcile(uid)));
   }
 
@@ -422,11 +442,7 @@ export class Reconciler {
     e.attached = true;
     e.netnsPath = netnsPath;
     if (!e.ztunnel || e.ztunnel.status !== 'acked' || moved) {
-      e.ztunnel = await this.opts.zds.enroll({
-        uid: e.uid,
-        info: { name: pod.metadata.name, namespace: pod.metadata.namespace, serviceAccount: serviceAccountOf(pod) },
-        netnsFd: openSync(netnsPath, 'r'),
-      });
+      e.ztunnel = await this.opts.zds.enroll({ uid: e.uid, info: workloadInfo(pod), netnsFd: openSync(netnsPath, 'r') });
       if (e.ztunnel.status === 'acked') this.enrolled(e);
     }
     await this.annotate(e, e.ztunnel.status === 'acked' ? 'enabled' : 'pending');
@@ -474,8 +490,9 @@ function stateOf(e: Entry): EnrollmentState {
   return e.error ? 'failed' : !e.attached ? 'not ambient' : e.ztunnel?.status === 'acked' ? 'enabled' : 'pending';
 }
 
-function serviceAccountOf(pod: Pod): string {
-  return (pod.spec as { serviceAccountName?: string } | undefined)?.serviceAccountName ?? 'default';
+function workloadInfo(pod: Pod): { name: string; namespace: string; serviceAccount: string } {
+  const serviceAccount = (pod.spec as { serviceAccountName?: string } | undefined)?.serviceAccountName ?? 'default';
+  return { name: pod.metadata.name, namespace: pod.metadata.namespace, serviceAccount };
 }
 
 function describe(r: ZtunnelResult): string {
