@@ -33,6 +33,9 @@
 #define MAX_REROUTE_IFACES 4
 #define MAX_ZTUNNEL_CGROUPS 64
 #define MAX_STRICT_ALLOW 64
+/* LRU maps are preallocated: sized for what is in flight on a node, not for every pod. */
+#define MAX_STEERED_SYNS 16384 /* SYNs between the tc decision and the socket lookup */
+#define MAX_PROBE_FLOWS 16384 /* node-opened connections to ambient pods at once */
 
 /* cgroup v2's root always has id 1. Sockets there belong to the node itself (never to a pod), and
  * the kernel's own reply sockets (resets, time-wait acks) are charged to it. */

@@ -33,7 +33,7 @@ struct probe_flow {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_PROBE_FLOWS);
 	__type(key, struct probe_flow);
 	__type(value, struct pod_ip); /* the node address the probe address replaced */
 } probe_nat SEC(".maps");

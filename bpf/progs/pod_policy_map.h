@@ -18,7 +18,7 @@
 #define STEER_MAP                                                                                              \
 	struct {                                                                                               \
 		__uint(type, BPF_MAP_TYPE_LRU_HASH);                                                           \
-		__uint(max_entries, 65536);                                                                    \
+		__uint(max_entries, MAX_STEERED_SYNS);                                                         \
 		__type(key, struct steer_key);                                                                 \
 		__type(value, struct listener_key);                                                            \
 	}
