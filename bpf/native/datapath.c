@@ -504,18 +504,49 @@ static bool destroy_clsact_if_unused(int ifindex)
 	return in == 0 && eg == 0 && bpf_tc_hook_destroy(&hook) == 0;
 }
 
-/* Removes our cls_bpf filters (from inside the netns), and the clsact qdisc if attach created it
- * and nobody else has filters on it. */
-static void detach_tc_filters(struct pod_meta *m)
+/* Puts our cls_bpf filters (fixed handle and priority: only ours are ever replaced) on a device's
+ * clsact hooks, prog_fd[HOOK_INGRESS] and prog_fd[HOOK_EGRESS] (-1: leave that hook alone), making
+ * the qdisc if it is missing (*created then). Runs in the device's netns. */
+static int tc_attach_filters(int ifindex, const int prog_fd[2], bool *created)
 {
-	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex);
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
+	int err = bpf_tc_hook_create(&hook);
+
+	if (err == 0)
+		*created = true;
+	else if (err != -EEXIST)
+		return err;
+	for (int d = 0; d < 2; d++) {
+		LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY,
+			    .prog_fd = prog_fd[d], .flags = BPF_TC_F_REPLACE);
+
+		if (prog_fd[d] < 0)
+			continue;
+		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+		if ((err = bpf_tc_attach(&hook, &opts)))
+			return err;
+	}
+	return 0;
+}
+
+/* Removes our filters from a device's hooks, and its clsact qdisc if we made it and nobody else
+ * has filters on it; true if the qdisc went. Runs in the device's netns. */
+static bool tc_detach_filters(int ifindex, bool owns_clsact)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = ifindex);
 	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
 
 	for (int d = 0; d < 2; d++) {
 		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
 		bpf_tc_detach(&hook, &opts);
 	}
-	if ((m->owns & OWNS_CLSACT) && destroy_clsact_if_unused((int)m->ifindex))
+	return owns_clsact && destroy_clsact_if_unused(ifindex);
+}
+
+/* The pod interface's filters (from inside the netns). */
+static void detach_tc_filters(struct pod_meta *m)
+{
+	if (tc_detach_filters((int)m->ifindex, m->owns & OWNS_CLSACT))
 		m->owns &= ~OWNS_CLSACT;
 }
 
@@ -523,17 +554,12 @@ static void detach_tc_filters(struct pod_meta *m)
 static void detach_reroute(struct datapath *dp, const char *uid, const struct pod_meta *m, struct reroute_iface *r,
 			   bool in_netns)
 {
-	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)r->ifindex, .attach_point = BPF_TC_INGRESS);
-	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
 	char pin[PATH_MAX];
 
 	reroute_pin_path(dp, uid, r->name, pin);
 	detach_pinned_link(pin);
-	if (in_netns && r->ifindex && m->mode == ATTACH_MODE_TC) {
-		bpf_tc_detach(&hook, &opts);
-		if (r->owns_clsact && destroy_clsact_if_unused((int)r->ifindex))
-			r->owns_clsact = 0;
-	}
+	if (in_netns && r->ifindex && m->mode == ATTACH_MODE_TC && tc_detach_filters((int)r->ifindex, r->owns_clsact))
+		r->owns_clsact = 0;
 	r->ifindex = 0;
 }
 
@@ -703,22 +729,12 @@ static int attach_tcx(struct datapath *dp, const char *uid, struct pod_meta *m, 
 
 static int attach_tc(struct datapath *dp, struct pod_meta *m)
 {
-	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
-	int err = bpf_tc_hook_create(&hook);
+	bool created = false;
+	int err = tc_attach_filters((int)m->ifindex, dp->prog_fd, &created);
 
-	if (err == 0)
+	if (created)
 		m->owns |= OWNS_CLSACT;
-	else if (err != -EEXIST)
-		return err;
-	for (int d = 0; d < 2; d++) {
-		LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY,
-			    .prog_fd = dp->prog_fd[d], .flags = BPF_TC_F_REPLACE);
-
-		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
-		if ((err = bpf_tc_attach(&hook, &opts)))
-			return err;
-	}
-	return 0;
+	return err;
 }
 
 static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, enum dp_mode_request want,
@@ -753,17 +769,13 @@ static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta
 
 static int attach_reroute_tc(struct datapath *dp, struct reroute_iface *r)
 {
-	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)r->ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
-	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY,
-		    .prog_fd = dp->reroute_prog_fd, .flags = BPF_TC_F_REPLACE);
-	int err = bpf_tc_hook_create(&hook);
+	const int progs[2] = { [HOOK_INGRESS] = dp->reroute_prog_fd, [HOOK_EGRESS] = -1 };
+	bool created = false;
+	int err = tc_attach_filters((int)r->ifindex, progs, &created);
 
-	if (err == 0)
+	if (created)
 		r->owns_clsact = 1;
-	else if (err != -EEXIST)
-		return err;
-	hook.attach_point = BPF_TC_INGRESS;
-	return bpf_tc_attach(&hook, &opts);
+	return err;
 }
 
 /* Hooks the pod's extra interfaces (istio.io/reroute-virtual-interfaces) in the pod's mode. One that
@@ -1082,14 +1094,8 @@ static int host_tc_detach_job(void *p)
 {
 	struct netns_job *job = p;
 	struct pod_meta *m = job->meta;
-	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->host_ifindex);
-	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
 
-	for (int d = 0; d < 2; d++) {
-		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
-		bpf_tc_detach(&hook, &opts);
-	}
-	if (m->host_owns_clsact && destroy_clsact_if_unused((int)m->host_ifindex))
+	if (tc_detach_filters((int)m->host_ifindex, m->host_owns_clsact))
 		m->host_owns_clsact = 0;
 	return 0;
 }
@@ -1141,20 +1147,11 @@ static int host_attach_job(void *p)
 			err = attach_tcx_pinned(pin, job->dp->host_prog_fd[d], m->host_ifindex, tcx_types[d]);
 		}
 	} else {
-		LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->host_ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
+		bool created = false;
 
-		err = bpf_tc_hook_create(&hook);
-		if (err == 0)
+		err = tc_attach_filters((int)m->host_ifindex, job->dp->host_prog_fd, &created);
+		if (created)
 			m->host_owns_clsact = 1;
-		else if (err == -EEXIST)
-			err = 0;
-		for (int d = 0; d < 2 && !err; d++) {
-			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY,
-				    .prog_fd = job->dp->host_prog_fd[d], .flags = BPF_TC_F_REPLACE);
-
-			hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
-			err = bpf_tc_attach(&hook, &opts);
-		}
 	}
 	if (err)
 		return fail(job->e, DPE_SYSTEM, err, "cannot hook the node side (ifindex %u) of the pod's veth",

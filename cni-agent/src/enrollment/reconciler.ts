@@ -8,7 +8,7 @@ import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
 import { podIPs, REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
 import { selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
-import { captureOptions, type CaptureDefaults } from '../pods/capture-options.js';
+import { captureOptions, type CaptureDefaults, type CaptureOptions } from '../pods/capture-options.js';
 import type { CgroupLocator } from './cgroup-locator.js';
 import type { NetnsLocator } from './netns-locator.js';
 
@@ -156,8 +156,7 @@ export class Reconciler {
   }
 
   /** What the datapath is asked to attach for a pod (its capture options included). */
-  private attachment(e: Entry, pod: Pod, netnsPath: string, ips: string[], dnsCgroup: string | undefined): PodAttachment {
-    const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
+  private attachment(e: Entry, capture: CaptureOptions, netnsPath: string, ips: string[], dnsCgroup: string | undefined): PodAttachment {
     return {
       uid: e.uid,
       netnsPath,
@@ -192,7 +191,7 @@ export class Reconciler {
     if (e && e.attached && e.pod && e.netnsPath && !e.running && !this.tcxUnavailable) {
       const dnsCgroup = e.dns.state === 'on' ? e.dns.cgroup : undefined;
       e.running = this.opts.datapath
-        .attach(this.attachment(e, e.pod, e.netnsPath, this.ipsOf(e), dnsCgroup), { mode: 'tcx' })
+        .attach(this.attachment(e, captureOptions(e.pod, this.opts.capture ?? DEFAULT_CAPTURE), e.netnsPath, this.ipsOf(e), dnsCgroup), { mode: 'tcx' })
         .then(
           () => this.opts.log.debug({ uid }, 'moved to tcx'),
           (err: Error & { code?: string }) => {
@@ -432,7 +431,7 @@ export class Reconciler {
     const fastPath = this.opts.attachMode === 'auto' && (!e.attached || moved) && !this.tcxUnavailable && kernelHasTcx();
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
-    await this.opts.datapath.attach(this.attachment(e, pod, netnsPath, ips, dnsCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, dnsCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
     if (fastPath) this.queueUpgrade(e.uid);
     e.dns = dnsCgroup ? { state: 'on', cgroup: dnsCgroup } : capture.dnsCapture && this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
     if (!e.attached || moved) {
