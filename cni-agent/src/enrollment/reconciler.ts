@@ -60,6 +60,8 @@ interface Entry {
   cniIps: string[] | undefined;
   /** CNI DEL tore the sandbox down: wait for a new one (CNI ADD, or new IPs from the source). */
   sandboxGone: boolean;
+  /** netnsPath came from a CNI ADD and was not used yet. */
+  netnsFromCni: boolean;
   /** When the pending enrollment started (performance.now()), until ztunnel acks it. */
   enrollStarted: number | undefined;
   /** DNS capture: on (hooked to this cgroup), off, or waiting for the pod to have a cgroup. */
@@ -237,6 +239,7 @@ export class Reconciler {
     const e = this.entry(pod.metadata.uid);
     e.pod ??= pod;
     e.netnsPath = netnsPath;
+    e.netnsFromCni = true;
     e.cniIps = ips;
     e.sandboxGone = false;
     await this.reconcile(e.uid);
@@ -356,6 +359,7 @@ export class Reconciler {
         backoffMs: this.opts.initialBackoffMs ?? 200,
         cniIps: undefined,
         sandboxGone: false,
+        netnsFromCni: false,
         enrollStarted: undefined,
         dns: { state: 'off' },
       };
@@ -421,7 +425,11 @@ export class Reconciler {
     const pod = e.pod!;
     const ips = this.ipsOf(e);
     if (!e.attached || e.ztunnel?.status !== 'acked') e.enrollStarted ??= performance.now();
-    const netnsPath = (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
+    // The runtime named the netns (CNI ADD): the attach checks the IPs are there. Otherwise the
+    // netns last used must still hold them, or one that does is looked for.
+    const trusted = e.netnsFromCni && e.netnsPath;
+    e.netnsFromCni = false;
+    const netnsPath = trusted || (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
