@@ -61,14 +61,15 @@ function findBelow(dir: string, rest: string[], depth: number): string | undefin
   const direct = join(dir, ...rest);
   if (isDirectory(direct)) return direct;
   if (depth === 0) return undefined;
-  for (const entry of safeReaddir(dir)) {
+  for (const entry of subdirectories(dir)) {
     const found = findBelow(join(dir, entry), rest, depth - 1);
     if (found) return found;
   }
   return undefined;
 }
 
-function safeReaddir(dir: string): string[] {
+/** The names of a directory's subdirectories ([] if it cannot be read). */
+export function subdirectories(dir: string): string[] {
   try {
     return readdirSync(dir, { withFileTypes: true })
       .filter((e) => e.isDirectory())

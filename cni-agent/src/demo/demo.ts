@@ -259,20 +259,7 @@ export class Demo {
     const before = this.statsOf(to).inbound;
     const countersBefore = await this.countersOf();
     const problems: string[] = [];
-    let answeredBy = '';
-    try {
-      const socket = await connectFromNetns({ netns: this.path('node'), host: dst.ip, port: APP_PORT, timeoutMs: 3000 });
-      answeredBy = await new Promise<string>((resolve, reject) => {
-        let buf = '';
-        socket.on('data', (d: Buffer) => (buf += d.toString()));
-        socket.on('end', () => resolve(buf.trim()));
-        socket.on('error', reject);
-        setTimeout(() => reject(new Error('no answer')), 3000);
-      });
-      socket.destroy();
-    } catch (err) {
-      problems.push(`connection failed: ${(err as Error).message}`);
-    }
+    const answeredBy = await whoAnswers(this.path('node'), dst.ip, problems);
     await new Promise((r) => setTimeout(r, 50));
     const viaZtunnel = this.statsOf(to).inbound > before;
     const countersAfter = await this.countersOf();
@@ -289,21 +276,8 @@ export class Demo {
     const host = dst ? dst.ip : EXTERNAL.ip;
     const before = [this.statsOf(from), dst ? this.statsOf(to) : undefined] as const;
     const countersBefore = await this.countersOf();
-    let answeredBy = '';
     const problems: string[] = [];
-    try {
-      const socket = await connectFromNetns({ netns: this.path(src.name), host, port: APP_PORT, timeoutMs: 3000 });
-      answeredBy = await new Promise<string>((resolve, reject) => {
-        let buf = '';
-        socket.on('data', (d: Buffer) => (buf += d.toString()));
-        socket.on('end', () => resolve(buf.trim()));
-        socket.on('error', reject);
-        setTimeout(() => reject(new Error('no answer')), 3000);
-      });
-      socket.destroy();
-    } catch (err) {
-      problems.push(`connection failed: ${(err as Error).message}`);
-    }
+    const answeredBy = await whoAnswers(this.path(src.name), host, problems);
     await new Promise((r) => setTimeout(r, 50)); // let the stand-in count the inbound leg
     const after = [this.statsOf(from), dst ? this.statsOf(to) : undefined] as const;
     const outboundViaZtunnel = after[0].outbound > before[0].outbound;
@@ -325,6 +299,26 @@ export class Demo {
     const saw = outboundViaZtunnel ? after[0].lastOutbound : inboundViaZtunnel ? after[1]?.lastInbound : undefined;
     if (saw && saw !== `${host}:${APP_PORT}`) problems.push(`ztunnel saw ${saw}, not the original destination ${host}:${APP_PORT}`);
     return { from, to: dst ? to : `external (${EXTERNAL.ip})`, answeredBy, outboundViaZtunnel, inboundViaZtunnel, datapathOut, datapathIn, ztunnelSaw: saw ?? '-', problems };
+  }
+}
+
+/** Connects from `netns` to host:APP_PORT and returns the name the server answered with ('' and a
+ * problem noted if it did not answer). */
+async function whoAnswers(netns: string, host: string, problems: string[]): Promise<string> {
+  try {
+    const socket = await connectFromNetns({ netns, host, port: APP_PORT, timeoutMs: 3000 });
+    const answer = await new Promise<string>((resolve, reject) => {
+      let buf = '';
+      socket.on('data', (d: Buffer) => (buf += d.toString()));
+      socket.on('end', () => resolve(buf.trim()));
+      socket.on('error', reject);
+      setTimeout(() => reject(new Error('no answer')), 3000);
+    });
+    socket.destroy();
+    return answer;
+  } catch (err) {
+    problems.push(`connection failed: ${(err as Error).message}`);
+    return '';
   }
 }
 

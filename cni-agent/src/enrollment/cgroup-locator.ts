@@ -3,7 +3,7 @@
 // the root cgroup, nor one that also holds processes outside the pod: the hooks would capture them.
 import { readdirSync, readlinkSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid } from '../../../bpf/src/index.js';
+import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, subdirectories } from '../../../bpf/src/index.js';
 
 export class CgroupLocator {
   private mount: string | undefined;
@@ -56,16 +56,6 @@ function kubeletPodCgroup(mount: string, uid: string): string | undefined {
     level = next;
   }
   return undefined;
-}
-
-function subdirectories(dir: string): string[] {
-  try {
-    return readdirSync(dir, { withFileTypes: true })
-      .filter((e) => e.isDirectory())
-      .map((e) => e.name);
-  } catch {
-    return [];
-  }
 }
 
 function commonAncestor(paths: string[]): string {
