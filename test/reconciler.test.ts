@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { NetnsLocator } from '../cni-agent/src/enrollment/netns-locator.js';
-import { Reconciler, UPGRADE_IDLE_MS } from '../cni-agent/src/enrollment/reconciler.js';
+import { Reconciler, UPGRADE_IDLE_MS, type ReconcilerOptions } from '../cni-agent/src/enrollment/reconciler.js';
 import { LocalPodSource } from '../cni-agent/src/pods/local-source.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
@@ -136,22 +136,22 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     assert.equal(states().api, undefined);
   });
 
-  it('applies capture annotations in place, and fails a pod whose annotation is malformed, naming it', async (t) => {
+  /** One pod (netns, veth, address) in an ambient namespace of a local pods file, with a reconciler
+   * that is started; everything is removed after the test. */
+  async function onePod(t: { after: (fn: () => Promise<void>) => void }, pod: PodSpec, options: Partial<ReconcilerOptions> = {}) {
     const topo = new Topology();
     const root = testBpffsRoot(topo.id);
     const dir = mkdtempSync(join(tmpdir(), 'abt-rec-'));
     const file = join(dir, 'pods.yaml');
-    const pod: PodSpec = { name: 'vm', namespace: 'shop', ip: '198.18.51.2' };
     const node = await topo.netns('node');
     const ns = await topo.netns(pod.name);
     await topo.veth(ns, 'eth0', node, 'v0');
     await topo.addAddress(ns, 'eth0', `${pod.ip}/24`);
     const write = (annotations: Record<string, string>) => writeFileSync(file, podsYaml({ shop: 'ambient' }, [{ ...pod, annotations }]));
-    write({ 'ambient.istio.io/bypass-inbound-capture': 'true', 'istio.io/reroute-virtual-interfaces': 'tap0, tap1' });
-
+    write(pod.annotations ?? {});
     const dp = await Datapath.open({ bpffsRoot: root });
     const zds = new ZdsServer({ socketPath: join(dir, 'ztunnel.sock') });
-    const reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50 });
+    const reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50, ...options });
     const source = new LocalPodSource({ file, nodeName: 'node-a', onChange: (c, s) => reconciler.applyChanges(c, s), onError: (e) => assert.fail(e), debounceMs: 20 });
     t.after(async () => {
       source.stop();
@@ -163,10 +163,17 @@ describe('enrollment with the local pod source', kernelTest(), () => {
       rmSync(root, { recursive: true, force: true });
       rmSync(dir, { recursive: true, force: true });
     });
+    zds.start();
+    const start = async () => reconciler.start(await source.start());
+    return { dp, reconciler, write, start };
+  }
+
+  it('applies capture annotations in place, and fails a pod whose annotation is malformed, naming it', async (t) => {
+    const annotations = { 'ambient.istio.io/bypass-inbound-capture': 'true', 'istio.io/reroute-virtual-interfaces': 'tap0, tap1' };
+    const { dp, reconciler, write, start } = await onePod(t, { name: 'vm', namespace: 'shop', ip: '198.18.51.2', annotations });
     const attached = async () => (await dp.list())[0];
 
-    zds.start();
-    await reconciler.start(await source.start());
+    await start();
     const first = await attached();
     assert.deepEqual([first?.bypassInbound, first?.rerouteInterfaces], [true, ['tap0', 'tap1']]);
 
@@ -182,33 +189,9 @@ describe('enrollment with the local pod source', kernelTest(), () => {
   });
 
   it('with attach mode auto, enrols on the tc fast path and moves to tcx once idle, still redirected', async (t) => {
-    const topo = new Topology();
-    const root = testBpffsRoot(topo.id);
-    const dir = mkdtempSync(join(tmpdir(), 'abt-rec-'));
-    const file = join(dir, 'pods.yaml');
-    const pod: PodSpec = { name: 'fast', namespace: 'shop', ip: '198.18.52.2' };
-    const node = await topo.netns('node');
-    const ns = await topo.netns(pod.name);
-    await topo.veth(ns, 'eth0', node, 'v0');
-    await topo.addAddress(ns, 'eth0', `${pod.ip}/24`);
-    writeFileSync(file, podsYaml({ shop: 'ambient' }, [pod]));
-    const dp = await Datapath.open({ bpffsRoot: root });
-    const zds = new ZdsServer({ socketPath: join(dir, 'ztunnel.sock') });
-    const reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, attachMode: 'auto', capture: { strict: false, dnsCapture: false } });
-    const source = new LocalPodSource({ file, nodeName: 'node-a', onChange: (c, s) => reconciler.applyChanges(c, s), onError: (e) => assert.fail(e), debounceMs: 20 });
-    t.after(async () => {
-      source.stop();
-      reconciler.stop();
-      zds.close();
-      for (const p of await dp.list()) await dp.detach(p.uid);
-      dp.close();
-      await topo.cleanup();
-      rmSync(root, { recursive: true, force: true });
-      rmSync(dir, { recursive: true, force: true });
-    });
-    zds.start();
+    const { dp, start } = await onePod(t, { name: 'fast', namespace: 'shop', ip: '198.18.52.2' }, { attachMode: 'auto', capture: { strict: false, dnsCapture: false } });
     const t0 = performance.now();
-    await reconciler.start(await source.start());
+    await start();
     assert.deepEqual((await dp.list()).map((p) => p.mode), ['tc'], 'not attached on the tc fast path');
     await until(async () => (await dp.list())[0]?.mode === 'tcx', 'moved to tcx', 10_000);
     assert.ok(performance.now() - t0 >= UPGRADE_IDLE_MS, 'moved before the node was idle');

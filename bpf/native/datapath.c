@@ -272,19 +272,25 @@ struct tcx_link_info {
 	__u8 rest[64];
 };
 
-static int pinned_link_info(const char *pin, struct tcx_link_info *info)
+/* Reads the info of the link a pin holds into `info` (`size` bytes: struct bpf_link_info, or the
+ * tcx layout below for tcx links). */
+static int pinned_link(const char *pin, void *info, __u32 size)
 {
-	__u32 len = sizeof(*info);
 	int fd = bpf_obj_get(pin);
 	int err = 0;
 
 	if (fd < 0)
 		return -errno;
-	memset(info, 0, sizeof(*info));
-	if (bpf_obj_get_info_by_fd(fd, info, &len))
+	memset(info, 0, size);
+	if (bpf_obj_get_info_by_fd(fd, info, &size))
 		err = -errno;
 	close(fd);
 	return err;
+}
+
+static int pinned_link_info(const char *pin, struct tcx_link_info *info)
+{
+	return pinned_link(pin, info, sizeof(*info));
 }
 
 static int prog_name_by_id(__u32 id, char name[BPF_OBJ_NAME_LEN])
@@ -833,20 +839,28 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode)
 static int pinned_cgroup_link(const char *pin, __u64 *cgroup_id, __u32 *prog_id)
 {
 	struct bpf_link_info info;
-	__u32 len = sizeof(info);
-	int fd = bpf_obj_get(pin), err = 0;
+	int err = pinned_link(pin, &info, sizeof(info));
 
-	if (fd < 0)
-		return -errno;
-	memset(&info, 0, sizeof(info));
-	if (bpf_obj_get_info_by_fd(fd, &info, &len))
-		err = -errno;
-	else if (info.type != BPF_LINK_TYPE_CGROUP)
+	if (!err && info.type != BPF_LINK_TYPE_CGROUP)
 		err = -EINVAL;
 	*cgroup_id = err ? 0 : info.cgroup.cgroup_id;
 	*prog_id = err ? 0 : info.prog_id;
-	close(fd);
 	return err;
+}
+
+static void sk_lookup_pin_path(const struct datapath *dp, const char *uid, char out[PATH_MAX])
+{
+	snprintf(out, PATH_MAX, "%s/pods/%s/sk_lookup", dp->root, uid);
+}
+
+/* The pod netns's sk_lookup link, if the pin holds one on that netns: its program id, else 0. */
+static __u32 pinned_sk_lookup_prog(const char *pin, __u64 netns_ino)
+{
+	struct bpf_link_info info;
+
+	if (pinned_link(pin, &info, sizeof(info)) || info.type != BPF_LINK_TYPE_NETNS || info.netns.netns_ino != netns_ino)
+		return 0;
+	return info.prog_id;
 }
 
 static void detach_dns(struct datapath *dp, const char *uid, struct pod_meta *m)
@@ -944,11 +958,9 @@ static bool sk_lookup_steering(struct datapath *dp)
 static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_meta *m, int netns_fd, struct dp_error *e)
 {
 	char pin[PATH_MAX];
-	struct bpf_link_info info;
-	__u32 len = sizeof(info);
 	int fd, err = 0;
 
-	snprintf(pin, sizeof(pin), "%s/pods/%s/sk_lookup", dp->root, uid);
+	sk_lookup_pin_path(dp, uid, pin);
 	if (!sk_lookup_steering(dp)) {
 		detach_pinned_link(pin);
 		m->steering_sk_lookup = 0;
@@ -956,15 +968,12 @@ static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_met
 	}
 	if (!m->netns_cookie)
 		return fail(e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
-	fd = bpf_obj_get(pin);
-	memset(&info, 0, sizeof(info));
-	if (fd >= 0 && bpf_obj_get_info_by_fd(fd, &info, &len) == 0 && info.type == BPF_LINK_TYPE_NETNS &&
-	    info.netns.netns_ino == m->netns_ino) {
-		err = bpf_link_update(fd, dp->sk_lookup_prog_fd, NULL) ? -errno : 0;
-		close(fd);
-	} else {
+	if (pinned_sk_lookup_prog(pin, m->netns_ino)) {
+		fd = bpf_obj_get(pin);
+		err = fd < 0 || bpf_link_update(fd, dp->sk_lookup_prog_fd, NULL) ? -errno : 0;
 		if (fd >= 0)
 			close(fd);
+	} else {
 		detach_pinned_link(pin);
 		fd = bpf_link_create(dp->sk_lookup_prog_fd, netns_fd, BPF_SK_LOOKUP, NULL);
 		if (fd < 0)
@@ -1513,20 +1522,14 @@ static int verify_job(void *p)
 	}
 	verify_reroutes(job);
 	if (m->steering_sk_lookup) {
-		struct bpf_link_info info;
-		__u32 len = sizeof(info);
 		char pin[PATH_MAX];
-		int fd;
+		__u32 prog;
 
-		snprintf(pin, sizeof(pin), "%s/pods/%s/sk_lookup", job->dp->root, job->uid);
-		fd = bpf_obj_get(pin);
-		memset(&info, 0, sizeof(info));
-		if (fd < 0 || bpf_obj_get_info_by_fd(fd, &info, &len) || info.netns.netns_ino != m->netns_ino)
+		sk_lookup_pin_path(job->dp, job->uid, pin);
+		if (!(prog = pinned_sk_lookup_prog(pin, m->netns_ino)))
 			problem(r, "the sk_lookup link is missing or detached");
 		else
-			verify_program_name(r, info.prog_id, "sk_lookup", "pod_sk_lookup");
-		if (fd >= 0)
-			close(fd);
+			verify_program_name(r, prog, "sk_lookup", "pod_sk_lookup");
 	}
 	for (int i = 0; m->dns_cgroup_id && i < DNS_HOOKS; i++) {
 		char pin[PATH_MAX];

@@ -39,6 +39,14 @@ function wrap(err: unknown): DatapathError {
   return new DatapathError((e.code ?? 'ESYSTEM') as DatapathErrorCode, e.message ?? String(err));
 }
 
+function callSync<T>(op: () => T): T {
+  try {
+    return op();
+  } catch (err) {
+    throw wrap(err);
+  }
+}
+
 async function call<T>(op: () => Promise<T>): Promise<T> {
   try {
     return await op();
@@ -186,20 +194,12 @@ export class Datapath {
   /** Marks a cgroup v2 directory as ztunnel's: its sockets' 0x539 traffic skips redirection, and
    * with sk_lookup steering its listeners are learnt there. Configure steering first. */
   trustZtunnelCgroup(cgroupDir: string): void {
-    try {
-      addon().trustZtunnelCgroup(this.live(), cgroupDir);
-    } catch (err) {
-      throw wrap(err);
-    }
+    callSync(() => addon().trustZtunnelCgroup(this.live(), cgroupDir));
   }
 
   /** Counters of traffic the programs could not attribute to a pod. */
   nodeCounters(): DatapathCounters {
-    try {
-      return addon().nodeCounters(this.live());
-    } catch (err) {
-      throw wrap(err);
-    }
+    return callSync(() => addon().nodeCounters(this.live()));
   }
 
   /** Removes a pod's redirection and restores its netns; a pod that is not attached is not an error. */

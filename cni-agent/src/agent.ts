@@ -81,12 +81,16 @@ export class Agent {
   private readonly enrollSeconds = new Histogram('ambient_bpf_enroll_duration_seconds', 'From the start of enrolling a pod to ztunnel’s ack.', [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
   private readonly cniRequests = new Counter('ambient_bpf_cni_requests_total', 'CNI requests relayed by the plugin, by command and result (ok or the CNI error code).');
 
-  constructor(private readonly opts: AgentOptions) {}
+  private readonly steering: Steering;
+
+  constructor(private readonly opts: AgentOptions) {
+    this.steering = opts.steering ?? steeringForKernel();
+  }
 
   async start(): Promise<void> {
     const { log } = this.opts;
     this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
-    const steering = this.opts.steering ?? steeringForKernel();
+    const steering = this.steering;
     await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering });
     log.info({ steering }, steering === 'sk-lookup' ? 'SYNs reach ztunnel through sk_lookup programs (kernel before 6.6, or asked)' : 'SYNs reach ztunnel through bpf_sk_assign');
     await this.collectGarbage();
@@ -192,8 +196,7 @@ export class Agent {
   /** ztunnel said hello over ZDS: its cgroup's sockets are the only ones whose 0x539 mark lets
    * traffic skip redirection. Without it ztunnel's own traffic would be redirected: fail loudly. */
   private trustZtunnel(peer: PeerCredentials): void {
-    const steering = this.opts.steering ?? steeringForKernel();
-    if ((this.opts.ztunnelExemption ?? 'ztunnel-sockets') === 'mark' && steering === 'sk-assign') return;
+    if ((this.opts.ztunnelExemption ?? 'ztunnel-sockets') === 'mark' && this.steering === 'sk-assign') return;
     try {
       const procRoot = join(this.opts.hostRoot, 'proc');
       const cgroup = cgroupDirectory(cgroupPathOfPid(peer.pid, procRoot), cgroup2Mount(this.opts.hostRoot));
@@ -229,10 +232,11 @@ export class Agent {
   }
 
   async metrics(): Promise<string> {
+    const status = this.status();
     const byState = new Map<string, number>([['enabled', 0], ['pending', 0], ['failed', 0]]);
-    for (const s of this.status()) if (byState.has(s.state)) byState.set(s.state, byState.get(s.state)! + 1);
+    for (const s of status) if (byState.has(s.state)) byState.set(s.state, byState.get(s.state)! + 1);
     return [
-      await this.datapathMetrics(),
+      await this.datapathMetrics(status),
       samples('ambient_bpf_pods', 'Pods by enrollment state.', 'gauge', [...byState].map(([state, n]) => [{ state }, n])),
       samples('ambient_bpf_ztunnel_connections', 'ztunnel connections past their hello.', 'gauge', [[{}, this.zds?.connectedCount ?? 0]]),
       samples('ambient_bpf_reconcile_errors_total', 'Failed reconcile passes.', 'counter', [[{}, this.reconciler?.reconcileErrors ?? 0]]),
@@ -243,9 +247,9 @@ export class Agent {
   }
 
   /** The programs' own counters, per pod (by namespace/name) and node-wide. */
-  private async datapathMetrics(): Promise<string> {
+  private async datapathMetrics(status: PodStatus[]): Promise<string> {
     if (!this.datapath) return '';
-    const names = new Map(this.status().map((s) => [s.uid, s]));
+    const names = new Map(status.map((s) => [s.uid, s]));
     const rows: [Record<string, string>, number][] = [];
     const add = (labels: Record<string, string>, c: DatapathCounters): void => {
       for (const [name, value] of Object.entries(c) as [string, number][]) rows.push([{ ...labels, counter: name }, value]);

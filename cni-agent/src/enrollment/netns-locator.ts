@@ -1,6 +1,6 @@
 // Where a pod's netns is: one scan of all namespaces serves every pod reconciled around the same
 // time (concurrent callers share it; a miss on an older scan triggers a fresh one).
-import { addon } from '../../../bpf/src/native.js';
+import { netnsAddresses } from '../../../bpf/src/node-netns.js';
 import { findPodNetns, scanNetns, type NetnsCandidate } from '../pods/netns-discovery.js';
 
 export class NetnsLocator {
@@ -26,7 +26,7 @@ export class NetnsLocator {
   /** Does the netns at `path` (still) hold all these IPs? */
   async holds(path: string, ips: string[]): Promise<boolean> {
     try {
-      const { addresses } = await addon().netnsAddresses(path);
+      const addresses = await netnsAddresses(path);
       return ips.every((ip) => addresses.includes(ip));
     } catch {
       return false;

@@ -3,7 +3,7 @@
 // and `ip netns` put them) and by processes (/proc/PID/ns/net), matched by the pod's IPs.
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { addon } from '../../../bpf/src/native.js';
+import { netnsAddresses } from '../../../bpf/src/node-netns.js';
 
 export interface NetnsCandidate {
   /** A path that opens this netns: a named mount when there is one, else the oldest process's. */
@@ -45,7 +45,7 @@ export async function scanNetns(hostRoot = '/'): Promise<NetnsCandidate[]> {
     const batch = await Promise.all(
       unique.slice(i, i + SCAN_CONCURRENCY).map(async (c) => {
         try {
-          return { ...c, addresses: (await addon().netnsAddresses(c.path)).addresses };
+          return { ...c, addresses: await netnsAddresses(c.path) };
         } catch {
           return undefined; // not a netns (a bind mount gone stale) or gone meanwhile
         }
