@@ -5,19 +5,17 @@
 //   (c) this project's BPF datapath;
 // and per-pod attach latency: this datapath against iptables-restore (alone, and with the rest of
 // upstream's per-pod set-up). Prints ratios against the baseline measured in the same run.
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { cpus, release, totalmem } from 'node:os';
+import { execFile } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
 import { rmSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { Datapath } from '../bpf/src/index.js';
 import { testBpffsRoot } from '../test/helpers/kernel.js';
-import { podWithRemote, sh, Topology } from '../test/helpers/topology.js';
+import { podWithRemote, Topology } from '../test/helpers/topology.js';
+import { buildNativeHelpers, machineLine, median, percentile, startListener, TCPBENCH } from './harness.js';
 import { upstreamInpodRules, upstreamRouteCommands } from './upstream-rules.js';
 
 const run = promisify(execFile);
-const TCPBENCH = fileURLToPath(new URL('../../bench/bin/tcpbench', import.meta.url));
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 3);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const PODS = Number(process.env.BENCH_PODS ?? 50);
@@ -25,15 +23,6 @@ const PODS = Number(process.env.BENCH_PODS ?? 50);
 type Path = 'none' | 'iptables' | 'bpf' | 'bpf-tc';
 
 const PATHS: Path[] = ['none', 'iptables', 'bpf', 'bpf-tc'];
-
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
-const percentile = (xs: number[], p: number) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)]!;
-};
 
 async function inNetns(ns: string, args: string[], input?: string): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -48,20 +37,11 @@ async function tcpbench(ns: string, ...args: string[]): Promise<number> {
   return Number(stdout.trim());
 }
 
-async function startListener(ns: string): Promise<ChildProcess> {
-  const child = spawn('nsenter', [`--net=${Topology.netnsPath(ns)}`, TCPBENCH, 'server', '15001'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  await new Promise<void>((resolve, reject) => {
-    child.stdout.once('data', () => resolve());
-    child.once('exit', (code) => reject(new Error(`listener exited (${code})`)));
-  });
-  return child;
-}
-
 /** One measurement of one path, in a pod/remote pair of its own: state a path leaves behind (such
  * as the conntrack hooks iptables' nat table keeps after a flush) cannot tax the next path. */
 async function measurePath(topo: Topology, dp: Datapath, path: Path, tag: string): Promise<{ cps: number; gbps: number }> {
   const net = await podWithRemote(topo, 9, tag);
-  const listener = await startListener(net.pod);
+  const listener = await startListener(net.podPath);
   const uid = `bench-${tag}-${topo.id}`;
   try {
     // The remote has no listener on 8080: a connection only succeeds when it is redirected.
@@ -139,7 +119,7 @@ async function attachLatency(topo: Topology, dp: Datapath): Promise<Latencies> {
 }
 
 async function main(): Promise<void> {
-  await run('make', ['-s', '-C', fileURLToPath(new URL('../../bench', import.meta.url))]);
+  await buildNativeHelpers();
   const topo = new Topology();
   const root = testBpffsRoot(topo.id);
   const dp = await Datapath.open({ bpffsRoot: root });
@@ -149,7 +129,7 @@ async function main(): Promise<void> {
     const m = (p: Path, k: 'cps' | 'gbps') => median(traffic[p][k]);
     const ratio = (a: number, b: number) => (a / b).toFixed(2);
     const lines = [
-      `machine: ${cpus().length} x ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Linux ${release()}, ${(await sh('iptables', ['--version'])).trim()}`,
+      await machineLine(),
       `traffic: ${ROUNDS} rounds x ${SECONDS}s per path, medians; client and listener in the pod netns, a fresh pod/remote pair per measurement`,
       '',
       '| path | new connections/s | bulk Gbit/s |',

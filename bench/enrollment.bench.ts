@@ -6,9 +6,8 @@
 // and the plugin's own exec cost against Debian's bridge plugin.
 import { execFile, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { cpus, release, tmpdir, totalmem } from 'node:os';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { Datapath } from '../bpf/src/index.js';
 import { CniHandler } from '../cni-agent/src/cni/handler.js';
@@ -21,11 +20,11 @@ import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../ztunnel-bridge/src/zds-server.js';
 import { CLI } from '../test/helpers/cli.js';
 import { testBpffsRoot } from '../test/helpers/kernel.js';
-import { sh, Topology } from '../test/helpers/topology.js';
+import { Topology } from '../test/helpers/topology.js';
 import { until } from '../test/helpers/wait.js';
+import { buildNativeHelpers, machineLine, percentile } from './harness.js';
 import { IptablesRedirector } from './iptables-redirector.js';
 
-const run = promisify(execFile);
 const SEQUENTIAL = Number(process.env.BENCH_ENROLL_PODS ?? 100);
 const BURST = Number(process.env.BENCH_BURST_PODS ?? 100);
 const EXECS = Number(process.env.BENCH_EXECS ?? 200);
@@ -35,11 +34,6 @@ const CNI_PATH = `/usr/lib/cni:${fileURLToPath(new URL('../../cni-agent/bin', im
 /** bpf-auto is the product's default: tc on the enrolment path, tcx once the node is idle. */
 type Backend = 'bpf-auto' | 'bpf-tc' | 'bpf-tcx' | 'iptables';
 const BACKENDS: Backend[] = ['iptables', 'bpf-auto', 'bpf-tc', 'bpf-tcx'];
-
-const percentile = (xs: number[], p: number): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)] ?? NaN;
-};
 
 interface Pod {
   name: string;
@@ -164,14 +158,14 @@ async function pluginCost(): Promise<{ ours: number[]; relay: number[]; bridge: 
 }
 
 async function main(): Promise<void> {
-  await run('make', ['-s', '-C', fileURLToPath(new URL('../../bench', import.meta.url))]);
+  await buildNativeHelpers();
   const results = {} as Record<Backend, Result>;
   for (const [i, backend] of BACKENDS.entries()) results[backend] = await enroll(backend, 120 + i * 10);
   const plugin = await pluginCost();
   const p = (b: Backend, q: number) => percentile(results[b].sequential, q);
   const x = (a: number, b: number) => `${(a / b).toFixed(2)}x`;
   const lines = [
-    `machine: ${cpus().length} x ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Linux ${release()}, ${(await sh('iptables', ['--version'])).trim()}`,
+    await machineLine(),
     `enrollment: CNI ADD exec -> exit, pod redirected and acked by the stand-in (its own process); ${SEQUENTIAL} sequential pods, then ${BURST} at once; v4+v6 pods`,
     '',
     '| backend | p50 ms | p99 ms | burst of ' + BURST + ', ms |',

@@ -22,10 +22,13 @@ function spawnIn(netns: string, args: string[], input = ''): Promise<void> {
 export class IptablesRedirector implements PodRedirector {
   private readonly pods = new Map<string, string>();
 
+  /** `dns`: upstream's DNS capture rules too (its default since 1.25). */
+  constructor(private readonly options: { dns?: boolean } = {}) {}
+
   async attach(pod: PodAttachment): Promise<void> {
     if (this.pods.get(pod.uid) === pod.netnsPath) return; // upstream checks its rules are in place
     for (const family of new Set(pod.ips.map((ip) => isIP(ip) as 4 | 6))) {
-      await spawnIn(pod.netnsPath, [family === 4 ? 'iptables-restore' : 'ip6tables-restore', '--noflush'], upstreamInpodRules(family));
+      await spawnIn(pod.netnsPath, [family === 4 ? 'iptables-restore' : 'ip6tables-restore', '--noflush'], upstreamInpodRules(family, this.options));
       for (const cmd of upstreamRouteCommands(family)) await spawnIn(pod.netnsPath, cmd);
     }
     this.pods.set(pod.uid, pod.netnsPath);

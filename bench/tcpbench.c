@@ -1,6 +1,8 @@
 /* Benchmark helper, one binary, four roles:
- *   tcpbench server PORT                 ztunnel-shaped listener: [::]:PORT, IP_TRANSPARENT,
- *                                        SO_REUSEPORT, SO_MARK 0x539; drains every connection
+ *   tcpbench server PORT [NETNS]         ztunnel-shaped listener: [::]:PORT, IP_TRANSPARENT,
+ *                                        SO_REUSEPORT, SO_MARK 0x539; drains every connection;
+ *                                        with NETNS, the socket is made there and the process
+ *                                        stays in its own netns, as ztunnel's are
  *   tcpbench connrate HOST PORT SECONDS  new connections per second (connect, then RST close)
  *   tcpbench bulk HOST PORT SECONDS      one connection, write as fast as possible: Gbit/s
  *   tcpbench spawn NETNS CMD ARGS...     fork, setns the child into NETNS, exec CMD (stdin passed
@@ -38,10 +40,29 @@ static void die(const char *what)
 	exit(1);
 }
 
-static _Noreturn void serve(int port)
+/* A socket made in `netns` (then back to our own netns), or in ours when it is NULL. */
+static int socket_in(const char *netns, int family, int type)
+{
+	int own, target, s;
+
+	if (!netns)
+		return socket(family, type, 0);
+	own = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+	target = open(netns, O_RDONLY | O_CLOEXEC);
+	if (own < 0 || target < 0 || setns(target, CLONE_NEWNET))
+		die("setns");
+	s = socket(family, type, 0);
+	if (setns(own, CLONE_NEWNET))
+		die("setns back");
+	close(own);
+	close(target);
+	return s;
+}
+
+static _Noreturn void serve(int port, const char *netns)
 {
 	int one = 1, mark = 0x539, v6only = 0;
-	int ls = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0);
+	int ls = socket_in(netns, AF_INET6, SOCK_STREAM | SOCK_NONBLOCK);
 	struct sockaddr_in6 a = { .sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port) };
 	struct epoll_event ev = { .events = EPOLLIN }, evs[64];
 	static char buf[1 << 18];
@@ -183,13 +204,13 @@ static int spawn(const char *netns, char **argv)
 int main(int argc, char **argv)
 {
 	if (argc >= 3 && !strcmp(argv[1], "server"))
-		serve(atoi(argv[2]));
+		serve(atoi(argv[2]), argc >= 4 ? argv[3] : NULL);
 	if (argc >= 5 && !strcmp(argv[1], "connrate"))
 		return connrate(argv[2], atoi(argv[3]), atof(argv[4]));
 	if (argc >= 5 && !strcmp(argv[1], "bulk"))
 		return bulk(argv[2], atoi(argv[3]), atof(argv[4]));
 	if (argc >= 4 && !strcmp(argv[1], "spawn"))
 		return spawn(argv[2], argv + 3);
-	fprintf(stderr, "usage: tcpbench server PORT | connrate HOST PORT S | bulk HOST PORT S | spawn NETNS CMD...\n");
+	fprintf(stderr, "usage: tcpbench server PORT [NETNS] | connrate HOST PORT S | bulk HOST PORT S | spawn NETNS CMD...\n");
 	return 2;
 }

@@ -1,11 +1,15 @@
-// Upstream Istio ambient's in-pod iptables rules (TCP capture, DNS capture off), as its agent
-// applies them with `iptables-restore --noflush` inside the pod netns: the benchmark's baseline.
-// Written from shared/reference/upstream-ambient.md.
+// Upstream Istio ambient's in-pod iptables rules (TCP capture; DNS capture when asked, upstream's
+// default since 1.25), as its agent applies them with `iptables-restore --noflush` inside the pod
+// netns: the benchmarks' baseline. Written from shared/reference/upstream-ambient.md.
 
-export function upstreamInpodRules(family: 4 | 6): string {
+export function upstreamInpodRules(family: 4 | 6, options: { dns?: boolean } = {}): string {
   const probe = family === 4 ? '169.254.7.127/32' : 'fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128';
   const loopback = family === 4 ? '127.0.0.1/32' : '::1/128';
   const tproxyIp = family === 4 ? '127.0.0.1' : '::1';
+  // UDP and TCP to port 53 not from ztunnel -> its DNS proxy on 15053.
+  const dnsCapture = `-A ISTIO_OUTPUT -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053
+-A ISTIO_OUTPUT ! -d ${loopback} -p tcp -m mark ! --mark 0x539/0xfff -m tcp --dport 53 -j REDIRECT --to-ports 15053
+`;
   return `*mangle
 :ISTIO_PRERT - [0:0]
 :ISTIO_OUTPUT - [0:0]
@@ -23,7 +27,7 @@ COMMIT
 -A OUTPUT -j ISTIO_OUTPUT
 -A ISTIO_OUTPUT -d ${probe} -p tcp -m tcp -j ACCEPT
 -A ISTIO_OUTPUT ! -d ${loopback} -o lo -j ACCEPT
--A ISTIO_OUTPUT ! -d ${loopback} -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+${options.dns ? dnsCapture : ''}-A ISTIO_OUTPUT ! -d ${loopback} -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
 COMMIT
 `;
 }
