@@ -10,7 +10,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Datapath } from '../bpf/src/index.js';
-import { CniHandler } from '../cni-agent/src/cni/handler.js';
+import { reserveFileDescriptors } from '../bpf/src/node-netns.js';
+import { AGENT_FD_TABLE } from '../cni-agent/src/agent.js';
+import { CniHandler, type CniRequest } from '../cni-agent/src/cni/handler.js';
 import { serveRelay } from '../cni-agent/src/cni/relay.js';
 import { NetnsLocator } from '../cni-agent/src/enrollment/netns-locator.js';
 import { Reconciler, type PodRedirector } from '../cni-agent/src/enrollment/reconciler.js';
@@ -59,6 +61,57 @@ async function sandboxes(topo: Topology, count: number, subnet: number, tag: str
   return pods;
 }
 
+/** Where each ADD's time goes: instants (performance.now()) by pod uid, marked by the benchmark
+ * around the agent flow's steps, and the GC pauses of the process that runs the flow. */
+type Mark = 'spawn' | 'request' | 'attach' | 'attached' | 'zds' | 'acked' | 'reply' | 'exit';
+const marks = new Map<string, Partial<Record<Mark, number>>>();
+const mark = (uid: string, m: Mark): void => {
+  const e = marks.get(uid) ?? {};
+  e[m] ??= performance.now(); // the first attach or Add of a pod is the one on its ADD path
+  marks.set(uid, e);
+};
+const gcPauses: { start: number; ms: number }[] = [];
+new PerformanceObserver((list) => list.getEntries().forEach((e) => gcPauses.push({ start: e.startTime, ms: e.duration }))).observe({ entryTypes: ['gc'] });
+
+const PHASES: [string, Mark, Mark][] = [
+  ['plugin start + relay', 'spawn', 'request'],
+  ['agent before attach', 'request', 'attach'],
+  ['datapath attach', 'attach', 'attached'],
+  ['agent before ZDS', 'attached', 'zds'],
+  ['ZDS Add -> Ack', 'zds', 'acked'],
+  ['agent after Ack', 'acked', 'reply'],
+  ['reply -> plugin exit', 'reply', 'exit'],
+];
+
+function phases(uid: string): Record<string, number> & { gc: number } {
+  const m = marks.get(uid) ?? {};
+  const out: Record<string, number> = {};
+  for (const [name, a, b] of PHASES) out[name] = (m[b] ?? NaN) - (m[a] ?? NaN);
+  const gc = gcPauses.filter((g) => g.start >= (m.spawn ?? 0) && g.start <= (m.exit ?? 0)).reduce((t, g) => t + g.ms, 0);
+  return Object.assign(out, { gc });
+}
+
+/** Wraps the flow's steps with marks. */
+function timed(redirector: PodRedirector, zds: ZdsServer): PodRedirector {
+  const enroll = zds.enroll.bind(zds);
+  zds.enroll = async (pod) => {
+    mark(pod.uid, 'zds');
+    const r = await enroll(pod);
+    mark(pod.uid, 'acked');
+    return r;
+  };
+  return {
+    attach: async (pod, options) => {
+      mark(pod.uid, 'attach');
+      await redirector.attach(pod, options);
+      mark(pod.uid, 'attached');
+    },
+    detach: (uid) => redirector.detach(uid),
+    list: () => redirector.list(),
+    verify: (uid) => redirector.verify(uid),
+  };
+}
+
 /** One CNI ADD exec of our plugin, from spawn to exit, in milliseconds. */
 function cniAdd(pluginSocket: string, pod: Pod, namespace = 'bench'): Promise<number> {
   const stdin = JSON.stringify({
@@ -71,7 +124,11 @@ function cniAdd(pluginSocket: string, pod: Pod, namespace = 'bench'): Promise<nu
   const env = { CNI_COMMAND: 'ADD', CNI_CONTAINERID: `c-${pod.name}`, CNI_NETNS: pod.netns, CNI_IFNAME: 'eth0', CNI_PATH, CNI_ARGS: `K8S_POD_NAMESPACE=${namespace};K8S_POD_NAME=${pod.name};K8S_POD_UID=uid-${pod.name}` };
   return new Promise((resolve, reject) => {
     const t0 = performance.now();
-    const child = execFile(PLUGIN, [], { env }, (err, stdout) => (err ? reject(new Error(`ADD ${pod.name}: ${stdout || err.message}`)) : resolve(performance.now() - t0)));
+    mark(`uid-${pod.name}`, 'spawn');
+    const child = execFile(PLUGIN, [], { env }, (err, stdout) => {
+      mark(`uid-${pod.name}`, 'exit');
+      return err ? reject(new Error(`ADD ${pod.name}: ${stdout || err.message}`)) : resolve(performance.now() - t0);
+    });
     child.stdin!.on('error', () => undefined); // a plugin that fails early may not read it
     child.stdin!.end(stdin);
   });
@@ -88,8 +145,12 @@ function exec(binary: string, env: Record<string, string>, stdin: string): Promi
 
 interface Result {
   sequential: number[];
+  /** Per sequential ADD, in order. */
+  phases: ReturnType<typeof phases>[];
   burstMs: number;
 }
+
+const uidOfRequest = (req: CniRequest): string => /K8S_POD_UID=([^;]*)/.exec(req.env.CNI_ARGS ?? '')?.[1] ?? '';
 
 async function enroll(backend: Backend, subnet: number): Promise<Result> {
   const topo = new Topology();
@@ -97,6 +158,7 @@ async function enroll(backend: Backend, subnet: number): Promise<Result> {
   const root = testBpffsRoot(topo.id);
   const datapath = backend === 'iptables' ? undefined : await Datapath.open({ bpffsRoot: root });
   const redirector: PodRedirector = datapath ?? new IptablesRedirector();
+  marks.clear();
   const zds = new ZdsServer({ socketPath: join(dir, 'z.sock') });
   const standIn = spawn(CLI, ['ztunnel', '--socket', join(dir, 'z.sock'), '--log-level', 'error'], { stdio: 'ignore' });
   try {
@@ -105,17 +167,22 @@ async function enroll(backend: Backend, subnet: number): Promise<Result> {
     zds.start();
     await until(() => zds.connectedCount === 1, 'stand-in connected', 10_000);
     const state: ClusterState = { pods: new Map(), namespaces: new Map([['bench', { metadata: { name: 'bench', labels: { 'istio.io/dataplane-mode': 'ambient' } } }]]) };
-    const reconciler = new Reconciler({ datapath: redirector, zds, netns: new NetnsLocator(), log: silentLogger, ...(backend === 'iptables' ? {} : { attachMode: backend === 'bpf-tc' ? 'tc' : backend === 'bpf-tcx' ? 'tcx' : 'auto' }), capture: { strict: false, dnsCapture: false } });
+    const reconciler = new Reconciler({ datapath: timed(redirector, zds), zds, netns: new NetnsLocator(), log: silentLogger, ...(backend === 'iptables' ? {} : { attachMode: backend === 'bpf-tc' ? 'tc' : backend === 'bpf-tcx' ? 'tcx' : 'auto' }), capture: { strict: false, dnsCapture: false } });
     await reconciler.start(state);
     const cni = new CniHandler({ reconciler, state: () => state, policy: DEFAULT_POLICY, log: silentLogger });
-    const relay = await serveRelay(join(dir, 'cni.sock'), (req) => cni.handle(req));
+    const relay = await serveRelay(join(dir, 'cni.sock'), async (req) => {
+      mark(uidOfRequest(req), 'request');
+      const res = await cni.handle(req);
+      mark(uidOfRequest(req), 'reply');
+      return res;
+    });
     try {
       const sequential: number[] = [];
       for (const pod of seq) sequential.push(await cniAdd(join(dir, 'cni.sock'), pod));
       const t0 = performance.now();
       await Promise.all(burst.map((pod) => cniAdd(join(dir, 'cni.sock'), pod)));
       const burstMs = performance.now() - t0;
-      return { sequential, burstMs };
+      return { sequential, phases: seq.map((p) => phases(`uid-${p.name}`)), burstMs };
     } finally {
       relay.close();
       reconciler.stop();
@@ -159,6 +226,7 @@ async function pluginCost(): Promise<{ ours: number[]; relay: number[]; bridge: 
 
 async function main(): Promise<void> {
   await buildNativeHelpers();
+  reserveFileDescriptors(AGENT_FD_TABLE); // this process runs the agent flow: sized as the agent sizes its table
   const results = {} as Record<Backend, Result>;
   for (const [i, backend] of BACKENDS.entries()) results[backend] = await enroll(backend, 120 + i * 10);
   const plugin = await pluginCost();
@@ -174,6 +242,17 @@ async function main(): Promise<void> {
     '',
     `p50 speed-up vs iptables: auto ${x(p('iptables', 50), p('bpf-auto', 50))}, tc ${x(p('iptables', 50), p('bpf-tc', 50))}, tcx ${x(p('iptables', 50), p('bpf-tcx', 50))} (target >= 3x); p99: auto ${p('bpf-auto', 99).toFixed(2)} ms, tc ${p('bpf-tc', 99).toFixed(2)} ms, tcx ${p('bpf-tcx', 99).toFixed(2)} ms (target < 15 ms)`,
     `burst speed-up vs iptables: auto ${x(results.iptables.burstMs, results['bpf-auto'].burstMs)}, tc ${x(results.iptables.burstMs, results['bpf-tc'].burstMs)}, tcx ${x(results.iptables.burstMs, results['bpf-tcx'].burstMs)} (target >= 5x)`,
+    '',
+    `where the sequential ADDs' time goes, ms: p50 of each step, then the two slowest ADDs of each backend (GC: pauses of the process running the agent flow and spawning the plugins, within that ADD)`,
+    `| backend | ADD | ${PHASES.map(([n]) => n).join(' | ')} | GC |`,
+    `|---|---|${PHASES.map(() => '---|').join('')}---|`,
+    ...BACKENDS.flatMap((b) => {
+      const r = results[b];
+      const row = (label: string, ph: ReturnType<typeof phases>, total: number) => `| ${b} | ${label} ${total.toFixed(2)} | ${PHASES.map(([n]) => ph[n]!.toFixed(2)).join(' | ')} | ${ph.gc.toFixed(2)} |`;
+      const p50 = Object.fromEntries([...PHASES.map(([n]) => [n, percentile(r.phases.map((x) => x[n]!), 50)]), ['gc', percentile(r.phases.map((x) => x.gc), 50)]]) as ReturnType<typeof phases>;
+      const slowest = r.sequential.map((ms, i) => ({ ms, i })).sort((a, c) => c.ms - a.ms).slice(0, 2);
+      return [row('p50', p50, p(b, 50)), ...slowest.map(({ ms, i }) => row(`#${i + 1}`, r.phases[i]!, ms))];
+    }),
     '',
     `plugin exec over ${EXECS} runs, ms p50 / p99:`,
     `| ambient-bpf-cni VERSION | ${percentile(plugin.ours, 50).toFixed(2)} / ${percentile(plugin.ours, 99).toFixed(2)} |`,

@@ -2,12 +2,14 @@
 // upstream ztunnel, reconnect and drain; and end to end with the datapath: real traffic through
 // the stand-in with the original destination and the original source right.
 import assert from 'node:assert/strict';
-import { openSync, readdirSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { mkdirSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { listenInNetns, connectFromNetns } from '../bpf/src/node-netns.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
 import { ZdsServer, type ZtunnelResult } from '../ztunnel-bridge/src/zds-server.js';
+import { CLI } from './helpers/cli.js';
 import { kernelTest, TEST_PREFIX, testBpffsRoot, uniqueSuffix } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
@@ -254,4 +256,24 @@ describe('ztunnel stand-in', kernelTest(), () => {
       [`${net.remoteV4}:8080`, `[${net.remoteV6}]:8080`],
     );
   });
+
+  // The kernel grows a process's fd table by doubling, each growth waiting for an RCU grace period
+  // (~10 ms) inside whichever socket() crosses 256, 512...: found as the enrollment benchmark's
+  // p99 (the 26th and 55th pods' Adds). The stand-in sizes its table before any pod arrives.
+  it('starts with an fd table sized for hundreds of pods, and within a low RLIMIT_NOFILE', async (t) => {
+    const { dir, socketPath } = setup(t);
+    mkdirSync(dir, { recursive: true });
+    const fdSize = (pid: number) => Number(/FDSize:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+    for (const [prefix, expected] of [[[], 8192], [['prlimit', '--nofile=1000:1000'], 1024]] as const) {
+      // No agent at socketPath: the stand-in keeps retrying, alive.
+      const [cmd, ...args] = [...prefix, CLI, 'ztunnel', '--socket', socketPath, '--log-level', 'error'];
+      const child = spawn(cmd!, args, { stdio: 'ignore' });
+      t.after(() => void child.kill('SIGKILL'));
+      await until(() => child.exitCode !== null || fdSize(child.pid!) >= expected, `FDSize ${expected}`, 10_000);
+      assert.equal(child.exitCode, null, 'the stand-in is running');
+      assert.equal(fdSize(child.pid!), expected);
+      child.kill('SIGKILL');
+    }
+  });
 });
+

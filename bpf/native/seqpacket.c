@@ -5,7 +5,9 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <limits.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -276,6 +278,39 @@ static napi_value sp_dup(napi_env env, napi_callback_info info)
 	return int_value(env, fd);
 }
 
+/* reserveFds(count) -> the number of fds the table now holds (count, or less under RLIMIT_NOFILE).
+ * The kernel grows a process's fd table by doubling, and in a multithreaded process each growth
+ * waits for an RCU grace period (expand_fdtable: ~10 ms on these VMs) inside whichever open() or
+ * socket() crosses 256, 512, 1024...: a pod enrolment that happens to. Growing the table once at
+ * start-up moves that wait there (the table never shrinks). */
+static napi_value sp_reserve_fds(napi_env env, napi_callback_info info)
+{
+	size_t argc = 1;
+	napi_value argv[1];
+	struct rlimit rl;
+	int64_t want = 0;
+	int fd, high;
+
+	napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+	if (argc < 1 || napi_get_value_int64(env, argv[0], &want) != napi_ok || want < 1 || want > INT_MAX)
+		return throw_errno(env, EINVAL, "reserveFds");
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && (rlim_t)want > rl.rlim_cur)
+		want = (int64_t)rl.rlim_cur;
+	fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return throw_errno(env, errno, "reserveFds: /dev/null");
+	high = fcntl(fd, F_DUPFD_CLOEXEC, (int)want - 1); /* the lowest free fd >= want - 1 */
+	if (high < 0) {
+		int err = errno;
+
+		close(fd);
+		return throw_errno(env, err, "reserveFds");
+	}
+	close(high);
+	close(fd);
+	return int_value(env, (int)want);
+}
+
 /* peerCredentials(fd) -> { pid, uid, gid } of the process that connected (SO_PEERCRED). */
 static napi_value sp_peer_credentials(napi_env env, napi_callback_info info)
 {
@@ -452,6 +487,7 @@ void seqpacket_register(napi_env env, napi_value exports)
 		{ "recv", NULL, sp_recv, NULL, NULL, NULL, napi_default, NULL },
 		{ "close", NULL, sp_close, NULL, NULL, NULL, napi_default, NULL },
 		{ "dup", NULL, sp_dup, NULL, NULL, NULL, napi_default, NULL },
+		{ "reserveFds", NULL, sp_reserve_fds, NULL, NULL, NULL, napi_default, NULL },
 		{ "peerCredentials", NULL, sp_peer_credentials, NULL, NULL, NULL, napi_default, NULL },
 	};
 	const napi_property_descriptor methods[] = {

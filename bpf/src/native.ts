@@ -87,6 +87,7 @@ export interface NativeSeqpacket {
   recv(fd: number, maxLength: number): { data: Buffer; fds: number[] } | { eof: true } | null;
   close(fd: number): void;
   dup(fd: number): number;
+  reserveFds(count: number): number;
   peerCredentials(fd: number): PeerCredentials;
   Watcher: new (fd: number, callback: (events: number) => void) => NativeWatcher;
 }

@@ -169,6 +169,17 @@ export function closeFd(fd: number): void {
   addon().seqpacket.close(fd);
 }
 
+/** Grows this process's fd table to `count` descriptors now (fewer under RLIMIT_NOFILE; returns
+ * how many): each later growth would wait for an RCU grace period inside whichever socket() or
+ * open() crossed 256, 512, 1024... (about 10 ms here), in the middle of some pod's enrolment. */
+export function reserveFileDescriptors(count: number): number {
+  try {
+    return addon().seqpacket.reserveFds(count);
+  } catch (err) {
+    throw wrap(err);
+  }
+}
+
 /** A close-on-exec duplicate of `fd`. */
 export function dupFd(fd: number): number {
   try {

@@ -3,7 +3,7 @@
 // does during an upgrade): the next agent adopts the attachments.
 import { join } from 'node:path';
 import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, Datapath, steeringForKernel, type Steering, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption } from '../../bpf/src/index.js';
-import type { PeerCredentials } from '../../bpf/src/node-netns.js';
+import { reserveFileDescriptors, type PeerCredentials } from '../../bpf/src/node-netns.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
 import { CgroupLocator } from './enrollment/cgroup-locator.js';
@@ -68,6 +68,8 @@ const GC_INTERVAL_MS = 60_000;
 export const DEFAULT_NODE_NETNS = '/proc/self/ns/net';
 export const DEFAULT_VERIFY_INTERVAL_MS = 30_000;
 
+export const AGENT_FD_TABLE = 4096;
+
 export class Agent {
   private datapath: Datapath | undefined;
   private zds: ZdsServer | undefined;
@@ -89,6 +91,8 @@ export class Agent {
 
   async start(): Promise<void> {
     const { log } = this.opts;
+    // A burst of CNI ADDs holds a relay connection and a netns fd per pod at once.
+    reserveFileDescriptors(AGENT_FD_TABLE);
     this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
     const steering = this.steering;
     await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering });

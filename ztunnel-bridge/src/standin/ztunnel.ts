@@ -4,7 +4,7 @@
 // without exactly one fd or without workload info, an fd on any other message, Keep after
 // SnapshotSent and a second SnapshotSent are fatal (nack, then stop, as ztunnel exits).
 import { fstatSync } from 'node:fs';
-import { closeFd, SeqpacketSocket } from '../../../bpf/src/node-netns.js';
+import { closeFd, reserveFileDescriptors, SeqpacketSocket } from '../../../bpf/src/node-netns.js';
 import { decodeRequest, encodeHello, encodeResponse, ProtocolError, ZDS_MAX_MESSAGE, ZDS_VERSION_V1, type WorkloadInfo } from '../protocol.js';
 import { silentLogger, type Logger } from '../logger.js';
 import { PodProxy, type Direction, type DirectionStats, type Endpoint, type SeenConnection } from './pod-proxy.js';
@@ -33,6 +33,10 @@ interface Pod {
   proxy: PodProxy;
 }
 
+/** A pod holds about ten fds here (its netns, listeners, DNS sockets): room for ~800 pods before
+ * the fd table has to grow again, each growth a stall of ~10 ms for the Add that crosses it. */
+const FD_TABLE = 8192;
+
 export class ZtunnelStandIn {
   private readonly pods = new Map<string, Pod>();
   private socket: SeqpacketSocket | undefined;
@@ -50,6 +54,7 @@ export class ZtunnelStandIn {
   }
 
   start(): void {
+    reserveFileDescriptors(FD_TABLE);
     this.stopped = false;
     this.connect();
   }
