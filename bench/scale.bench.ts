@@ -2,11 +2,15 @@
 // their own processes and the local pod source: how fast the agent enrols them all, its resident
 // memory, the datapath's kernel memory (maps and programs), how long a restarted agent takes to
 // rebuild its state and give ztunnel its snapshot, and the CPU the agent uses while nothing happens.
+// SCALE_SOURCE=kube: the pods come from the Kubernetes API instead (an API server double in this
+// process; the agent lists, watches and patches pods/status through @kubernetes/client-node).
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, release, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
+import { parse } from 'yaml';
 import { fetchStatus } from '../cni-agent/src/ops/status-api.js';
+import { KubeApiTestServer } from '../test/helpers/kube-api-server.js';
 import { CLI } from '../test/helpers/cli.js';
 import { testBpffsRoot } from '../test/helpers/kernel.js';
 import { removeDatapath } from '../test/helpers/leftovers.js';
@@ -15,6 +19,7 @@ import { sleep } from '../test/helpers/wait.js';
 
 const PODS = Number(process.env.SCALE_PODS ?? 1000);
 const IDLE_SECONDS = Number(process.env.SCALE_IDLE_SECONDS ?? 40);
+const SOURCE = process.env.SCALE_SOURCE === 'kube' ? 'kube' : 'local';
 const TICK = 100; // USER_HZ: /proc/PID/stat times are in clock ticks
 
 function start(args: string[]): { child: ChildProcess; log: () => string } {
@@ -60,7 +65,9 @@ async function main(): Promise<void> {
   const file = join(dir, 'pods.yaml');
   const statusSocket = join(dir, 's.sock');
   const procs: ChildProcess[] = [];
-  const agentArgs = ['agent', '--local-pods', file, '--node-name', 'node-a', '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', statusSocket, '--bpffs', root, '--dns-capture=false', '--log-level', 'info'];
+  const api = SOURCE === 'kube' ? new KubeApiTestServer() : undefined;
+  const source = api ? ['--kubeconfig', join(dir, 'kubeconfig')] : ['--local-pods', file];
+  const agentArgs = ['agent', ...source, '--node-name', 'node-a', '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', statusSocket, '--bpffs', root, '--dns-capture=false', '--log-level', 'info'];
   try {
     process.stderr.write(`making ${PODS} pod sandboxes...\n`);
     const nodes = [await topo.netns('node0'), await topo.netns('node1'), await topo.netns('node2'), await topo.netns('node3')];
@@ -73,6 +80,14 @@ async function main(): Promise<void> {
       docs.push(`apiVersion: v1\nkind: Pod\nmetadata: { name: p${i}, namespace: scale, uid: uid-${i} }\nstatus: { phase: Running, podIP: ${ip} }`);
     }
     writeFileSync(file, docs.join('\n---\n'));
+    if (api) {
+      await api.start();
+      writeFileSync(join(dir, 'kubeconfig'), api.kubeconfigYaml());
+      for (const doc of docs.map((d) => parse(d) as { kind: string; metadata: { name: string } })) {
+        if (doc.kind === 'Pod') api.upsert('pods', { ...doc, spec: { nodeName: 'node-a' } });
+        else api.upsert('namespaces', doc);
+      }
+    }
     const ztunnel = start(['ztunnel', '--socket', join(dir, 'z.sock'), '--log-level', 'warn']);
     procs.push(ztunnel.child);
 
@@ -113,7 +128,7 @@ async function main(): Promise<void> {
 
     const lines = [
       `machine: ${cpus().length} x ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Linux ${release()}`,
-      `${PODS} ambient pods, local pod source, agent and stand-in as processes, attach mode auto`,
+      `${PODS} ambient pods, ${api ? 'Kubernetes API source (pods/status annotated)' : 'local pod source'}, agent and stand-in as processes, attach mode auto`,
       '',
       '| measure | result | target |',
       '|---|---|---|',
@@ -129,6 +144,7 @@ async function main(): Promise<void> {
   } finally {
     for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
     await sleep(200);
+    await api?.close();
     await removeDatapath(root);
     await topo.cleanup();
     rmSync(dir, { recursive: true, force: true });

@@ -267,7 +267,7 @@ describe('ztunnel stand-in', kernelTest(), () => {
     for (const [prefix, expected] of [[[], 8192], [['prlimit', '--nofile=1000:1000'], 1024]] as const) {
       // No agent at socketPath: the stand-in keeps retrying, alive.
       const [cmd, ...args] = [...prefix, CLI, 'ztunnel', '--socket', socketPath, '--log-level', 'error'];
-      const child = spawn(cmd!, args, { stdio: 'ignore' });
+      const child = spawn(cmd, args, { stdio: 'ignore' });
       t.after(() => void child.kill('SIGKILL'));
       await until(() => child.exitCode !== null || fdSize(child.pid!) >= expected, `FDSize ${expected}`, 10_000);
       assert.equal(child.exitCode, null, 'the stand-in is running');
