@@ -2,12 +2,14 @@
 // their own processes and the local pod source: how fast the agent enrols them all, its resident
 // memory, the datapath's kernel memory (maps and programs), how long a restarted agent takes to
 // rebuild its state and give ztunnel its snapshot, and the CPU the agent uses while nothing happens.
+// SCALE_CPU_PROF=DIR writes the agents' CPU profiles there.
 // SCALE_SOURCE=kube: the pods come from the Kubernetes API instead (an API server double in this
-// process; the agent lists, watches and patches pods/status through @kubernetes/client-node).
+// process; the agent lists, watches and patches pods/status).
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, release, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parse } from 'yaml';
 import { fetchStatus } from '../cni-agent/src/ops/status-api.js';
 import { KubeApiTestServer } from '../test/helpers/kube-api-server.js';
@@ -22,8 +24,14 @@ const IDLE_SECONDS = Number(process.env.SCALE_IDLE_SECONDS ?? 40);
 const SOURCE = process.env.SCALE_SOURCE === 'kube' ? 'kube' : 'local';
 const TICK = 100; // USER_HZ: /proc/PID/stat times are in clock ticks
 
+/** SCALE_CPU_PROF=DIR: V8 CPU profiles of the agents (written when each exits) into DIR. */
+const CPU_PROF = process.env.SCALE_CPU_PROF;
+
+const CLI_JS = fileURLToPath(new URL('../cni-agent/src/cli.js', import.meta.url));
+
 function start(args: string[]): { child: ChildProcess; log: () => string } {
-  const child = spawn(CLI, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const stdio: ['ignore', 'ignore', 'pipe'] = ['ignore', 'ignore', 'pipe'];
+  const child = CPU_PROF && args[0] === 'agent' ? spawn(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF}`, CLI_JS, ...args], { stdio }) : spawn(CLI, args, { stdio });
   let log = '';
   child.stderr.on('data', (d: Buffer) => (log += d.toString()));
   return { child, log: () => log };
@@ -91,9 +99,10 @@ async function main(): Promise<void> {
     const ztunnel = start(['ztunnel', '--socket', join(dir, 'z.sock'), '--log-level', 'warn']);
     procs.push(ztunnel.child);
 
+    let lastEnabled = 0;
     const enabled = async (): Promise<number> => {
       try {
-        return (await fetchStatus(statusSocket, 2000)).pods.filter((p) => p.state === 'enabled').length;
+        return (lastEnabled = (await fetchStatus(statusSocket, 2000)).pods.filter((p) => p.state === 'enabled').length);
       } catch {
         return 0;
       }
@@ -101,7 +110,10 @@ async function main(): Promise<void> {
     const t0 = performance.now();
     let agent = start(agentArgs);
     procs.push(agent.child);
-    await waitFor(`${PODS} pods enabled`, async () => (await enabled()) === PODS, 600_000);
+    await waitFor(`${PODS} pods enabled`, async () => agent.child.exitCode !== null || (await enabled()) === PODS, 600_000).catch((err: Error) => {
+      throw new Error(`${err.message} (${lastEnabled} enabled); the agent's log ends with:\n${agent.log().slice(-3000)}`);
+    });
+    if (agent.child.exitCode !== null) throw new Error(`the agent exited (${agent.child.exitCode}):\n${agent.log().slice(-3000)}`);
     const enrolSeconds = (performance.now() - t0) / 1000;
     await sleep(3000); // let the tc -> tcx moves start; measure memory after the burst
     await waitFor('all pods on tcx', async () => (await fetchStatus(statusSocket)).pods.every((p) => p.hooks === 'tcx'), 600_000);
@@ -142,7 +154,9 @@ async function main(): Promise<void> {
     ];
     process.stdout.write(lines.join('\n') + '\n');
   } finally {
-    for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
+    const alive = procs.filter((p) => p.exitCode === null && p.signalCode === null);
+    alive.forEach((p) => p.kill('SIGTERM')); // a clean exit writes the CPU profiles
+    await waitFor('processes exited', () => alive.every((p) => p.exitCode !== null || p.signalCode !== null), 10_000).catch(() => alive.forEach((p) => p.kill('SIGKILL')));
     await sleep(200);
     await api?.close();
     await removeDatapath(root);

@@ -1,4 +1,4 @@
-// The Kubernetes pod source through @kubernetes/client-node against the in-repo API test server:
+// The Kubernetes pod source (its own small client) against the in-repo API test server:
 // node filtering, live changes, watch restarts, 410 Gone, bookmarks, and the status patch.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
@@ -26,7 +26,7 @@ describe('Kubernetes pod source', () => {
     api.upsert('pods', pod('here', 'node-a'));
     api.upsert('pods', pod('there', 'node-b'));
     const changes: SourceChange[] = [];
-    const source = new KubePodSource({ kubeconfig: api.kubeConfig(), nodeName: 'node-a', onChange: (c) => changes.push(...c), log: silentLogger, initialBackoffMs: 20 });
+    const source = new KubePodSource({ kubeconfig: api.connection(), nodeName: 'node-a', onChange: (c) => changes.push(...c), log: silentLogger, initialBackoffMs: 20 });
     t.after(async () => {
       source.stop();
       await api.close();

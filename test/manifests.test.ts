@@ -75,7 +75,7 @@ describe('manifests', () => {
     t.after(() => api.close());
     api.upsert('namespaces', { metadata: { name: 'shop' } });
     api.upsert('pods', { metadata: { name: 'p', namespace: 'shop', uid: 'u' }, spec: { nodeName: 'n' } });
-    const source = new KubePodSource({ kubeconfig: api.kubeConfig(), nodeName: 'n', onChange: () => undefined, log: silentLogger });
+    const source = new KubePodSource({ kubeconfig: api.connection(), nodeName: 'n', onChange: () => undefined, log: silentLogger });
     t.after(() => source.stop());
     const state = await source.start();
     await source.setRedirection(state.pods.get('u')!, 'enabled');

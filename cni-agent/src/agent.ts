@@ -10,7 +10,7 @@ import { CgroupLocator } from './enrollment/cgroup-locator.js';
 import { NetnsLocator } from './enrollment/netns-locator.js';
 import { DEFAULT_CAPTURE, Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
 import type { CaptureDefaults } from './pods/capture-options.js';
-import type { KubeConfig } from '@kubernetes/client-node';
+import type { KubeConnection } from './pods/kube-client.js';
 import { LocalPodSource } from './pods/local-source.js';
 import type { ClusterState, SourceChange } from './pods/pod.js';
 import { DEFAULT_POLICY } from './pods/selection.js';
@@ -22,9 +22,9 @@ import { serveOps } from './ops/http.js';
 import { Counter, Histogram, samples } from './ops/metrics.js';
 import { serveStatus, type StatusReport } from './ops/status-api.js';
 
-/** Where pods come from: a local file, or the Kubernetes API (a kubeconfig file, a KubeConfig, or
+/** Where pods come from: a local file, or the Kubernetes API (a kubeconfig file, a connection, or
  * the in-cluster service account when undefined). */
-export type PodSourceOption = { localPods: string } | { kubeconfig: string | KubeConfig | undefined };
+export type PodSourceOption = { localPods: string } | { kubeconfig: string | KubeConnection | undefined };
 
 interface PodSource {
   start(): Promise<ClusterState>;
@@ -119,8 +119,6 @@ export class Agent {
         onError: (err) => log.error({ file, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
       });
     } else {
-      // Loaded only here: @kubernetes/client-node alone costs some 75 MiB of resident memory,
-      // which the local pod source (the embedded default) does not need.
       const { KubePodSource } = await import('./pods/kube-source.js');
       const kube = new KubePodSource({ kubeconfig: this.opts.source.kubeconfig, nodeName: this.opts.nodeName, onChange, log });
       this.source = kube;

@@ -1,12 +1,12 @@
 // An in-repo Kubernetes API test server (no kube-apiserver can run here): the real REST and watch
-// protocol for v1 Pods and Namespaces, as @kubernetes/client-node uses it. Lists carry a
+// protocol for v1 Pods and Namespaces, as Kubernetes clients use it. Lists carry a
 // resourceVersion; watches stream newline-delimited events from a resourceVersion, send bookmarks,
 // and answer 410 Gone (an ERROR event) for a resourceVersion older than the last compaction; the
 // spec.nodeName field selector filters pods; pods/status takes JSON merge patches. Test hooks
 // change objects, break watch streams and compact history.
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { KubeConfig } from '@kubernetes/client-node';
+import type { KubeConnection } from '../../cni-agent/src/pods/kube-client.js';
 
 type Kind = 'pods' | 'namespaces';
 type Obj = { metadata: { name: string; namespace?: string; resourceVersion?: string; uid?: string; [k: string]: unknown }; spec?: { nodeName?: string; [k: string]: unknown }; [k: string]: unknown };
@@ -56,15 +56,9 @@ export class KubeApiTestServer {
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
 
-  kubeConfig(): KubeConfig {
-    const kc = new KubeConfig();
-    kc.loadFromOptions({
-      clusters: [{ name: 'test', server: this.url, skipTLSVerify: true }],
-      users: [{ name: 'test' }],
-      contexts: [{ name: 'test', cluster: 'test', user: 'test' }],
-      currentContext: 'test',
-    });
-    return kc;
+  /** A connection to this server, for the agent's Kubernetes client. */
+  connection(): KubeConnection {
+    return { server: new URL(this.url), settings: () => Promise.resolve({ headers: {} }) };
   }
 
   /** The same, as a kubeconfig file's text. */

@@ -1,15 +1,16 @@
-// The Kubernetes pod source: informers (list + watch) through @kubernetes/client-node for the pods
-// of this node (field selector spec.nodeName) in all namespaces, and for namespaces. It also writes
+// The Kubernetes pod source: list + watch (kube-client.ts) of the pods of this node (field selector
+// spec.nodeName) in all namespaces, and of namespaces, kept as the agent's state; it also writes
 // the ambient.istio.io/redirection annotation with a merge patch on pods/status, as upstream does.
-import { CoreV1Api, KubeConfig, ListWatch, PatchStrategy, setHeaderOptions, Watch, type V1Namespace, type V1Pod } from '@kubernetes/client-node';
+// A watch resumes from its last resourceVersion (bookmarks keep it fresh); 410 Gone lists again
+// and reports what changed meanwhile; any other failure retries with backoff, forever.
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { Annotator, RedirectionAnnotation } from '../enrollment/reconciler.js';
+import { KubeApiError, KubeClient, loadKubeConnection, type KubeConnection, type WatchEvent, type Watching } from './kube-client.js';
 import { REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from './pod.js';
 
-
 export interface KubePodSourceOptions {
-  /** A kubeconfig file; absent: the in-cluster service account. Or a ready KubeConfig (tests). */
-  kubeconfig?: string | KubeConfig | undefined;
+  /** A kubeconfig file, or a ready connection (tests); absent: the in-cluster service account. */
+  kubeconfig?: string | KubeConnection | undefined;
   nodeName: string;
   onChange: (changes: SourceChange[], state: ClusterState) => void;
   log: Logger;
@@ -17,56 +18,68 @@ export interface KubePodSourceOptions {
   maxBackoffMs?: number;
 }
 
-export function loadKubeConfig(kubeconfig: string | KubeConfig | undefined): KubeConfig {
-  if (kubeconfig instanceof KubeConfig) return kubeconfig;
-  const kc = new KubeConfig();
-  if (kubeconfig) kc.loadFromFile(kubeconfig);
-  else kc.loadFromCluster();
-  return kc;
+type Kind = 'pods' | 'namespaces';
+type ApiObject = { metadata?: { name?: string; namespace?: string; uid?: string; resourceVersion?: string; labels?: Record<string, string>; annotations?: Record<string, string> }; spec?: Record<string, unknown>; status?: Record<string, unknown> };
+
+interface Informer {
+  kind: Kind;
+  path: string;
+  query: Record<string, string>;
+  /** Where the next watch starts; undefined: list first. */
+  resourceVersion: string | undefined;
+  watching: Watching | undefined;
+  backoffMs: number;
+  retry: { timer: NodeJS.Timeout; wake: () => void } | undefined;
+  listed: { promise: Promise<void>; resolve: () => void };
 }
 
-/** A pod as the rest of the agent sees it; undefined for objects without identity. */
 function deferred(): { promise: Promise<void>; resolve: () => void } {
   let resolve!: () => void;
   const promise = new Promise<void>((r) => (resolve = r));
   return { promise, resolve };
 }
 
-function toPod(p: V1Pod): Pod | undefined {
-  const m = p.metadata;
+/** Only what the agent reads (selection, capture options, IPs, ztunnel's workload info): a pod
+ * object from the API is mostly container specs the agent never looks at. */
+function toPod(o: ApiObject): Pod | undefined {
+  const m = o.metadata;
   if (!m?.name || !m.namespace || !m.uid) return undefined;
-  return p as unknown as Pod;
+  const spec = o.spec ?? {};
+  const status = o.status ?? {};
+  return {
+    metadata: { name: m.name, namespace: m.namespace, uid: m.uid, resourceVersion: m.resourceVersion, labels: m.labels, annotations: m.annotations },
+    spec: { nodeName: spec.nodeName, hostNetwork: spec.hostNetwork, serviceAccountName: spec.serviceAccountName },
+    status: { phase: status.phase, podIP: status.podIP, podIPs: status.podIPs },
+  } as Pod;
 }
 
-function toNamespace(n: V1Namespace): Namespace | undefined {
-  return n.metadata?.name ? (n as unknown as Namespace) : undefined;
+function toNamespace(o: ApiObject): Namespace | undefined {
+  const m = o.metadata;
+  return m?.name ? ({ metadata: { name: m.name, labels: m.labels, resourceVersion: m.resourceVersion } } as Namespace) : undefined;
 }
 
 export class KubePodSource implements Annotator {
-  private readonly core: CoreV1Api;
-  private readonly pods: ListWatch<V1Pod>;
-  private readonly namespaces: ListWatch<V1Namespace>;
+  private client: KubeClient | undefined;
+  private readonly informers: Record<Kind, Informer>;
   private readonly state: ClusterState = { pods: new Map(), namespaces: new Map() };
   private stopped = false;
   private synced = false;
-  private readonly retries = new Map<string, { timer?: NodeJS.Timeout; backoffMs: number }>();
-  /** Resolved by each kind's first successful list: until both, the state is not the cluster's. */
-  private readonly listed = { pods: deferred(), namespaces: deferred() };
 
   constructor(private readonly opts: KubePodSourceOptions) {
-    const kc = loadKubeConfig(opts.kubeconfig);
-    this.core = kc.makeApiClient(CoreV1Api);
-    const fieldSelector = `spec.nodeName=${opts.nodeName}`;
-    this.pods = new ListWatch<V1Pod>('/api/v1/pods', new Watch(kc), () => this.core.listPodForAllNamespaces({ fieldSelector }), false, undefined, fieldSelector);
-    this.namespaces = new ListWatch<V1Namespace>('/api/v1/namespaces', new Watch(kc), () => this.core.listNamespace(), false);
-    for (const verb of ['add', 'update'] as const) {
-      this.pods.on(verb, (p) => this.pod(verb === 'add' ? 'added' : 'updated', p));
-      this.namespaces.on(verb, (n) => this.namespace(verb === 'add' ? 'added' : 'updated', n));
-    }
-    this.pods.on('delete', (p) => this.pod('deleted', p));
-    this.namespaces.on('delete', (n) => this.namespace('deleted', n));
-    this.pods.on('error', (err) => this.restart('pods', this.pods, err));
-    this.namespaces.on('error', (err) => this.restart('namespaces', this.namespaces, err));
+    const informer = (kind: Kind, path: string, query: Record<string, string>): Informer => ({
+      kind,
+      path,
+      query,
+      resourceVersion: undefined,
+      watching: undefined,
+      backoffMs: opts.initialBackoffMs ?? 200,
+      retry: undefined,
+      listed: deferred(),
+    });
+    this.informers = {
+      pods: informer('pods', '/api/v1/pods', { fieldSelector: `spec.nodeName=${opts.nodeName}` }),
+      namespaces: informer('namespaces', '/api/v1/namespaces', {}),
+    };
   }
 
   get current(): ClusterState {
@@ -79,68 +92,109 @@ export class KubePodSource implements Annotator {
 
   /** Lists both kinds and starts watching; resolves with the first state once both lists
    * succeeded (retrying with backoff meanwhile). An agent that took an unreachable API for an
-   * empty cluster would unenrol every pod it adopted. */
+   * empty cluster would unenrol every pod it adopted. Rejects only for unusable configuration. */
   async start(): Promise<ClusterState> {
-    this.run('namespaces', this.namespaces);
-    this.run('pods', this.pods);
-    await Promise.all([this.listed.namespaces.promise, this.listed.pods.promise]);
+    const k = this.opts.kubeconfig;
+    this.client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
+    void this.run(this.informers.namespaces);
+    void this.run(this.informers.pods);
+    await Promise.all([this.informers.namespaces.listed.promise, this.informers.pods.listed.promise]);
     this.synced = true;
     return this.state;
   }
 
-  /** Starts an informer. A failed list is not an exception (the informer reports it as an error
-   * event, which restarts it): only a resourceVersion tells that it listed. */
-  private run(kind: 'pods' | 'namespaces', informer: ListWatch<V1Pod> | ListWatch<V1Namespace>): void {
-    informer.start().then(
-      () => {
-        if (!informer.latestResourceVersion()) return;
-        this.retries.delete(kind);
-        this.listed[kind].resolve();
-      },
-      (e: unknown) => this.restart(kind, informer, e),
-    );
-  }
-
   stop(): void {
     this.stopped = true;
-    for (const r of this.retries.values()) clearTimeout(r.timer);
-    void this.pods.stop();
-    void this.namespaces.stop();
+    for (const i of Object.values(this.informers)) {
+      i.watching?.stop();
+      if (i.retry) {
+        clearTimeout(i.retry.timer);
+        i.retry.wake();
+      }
+    }
+    this.client?.close();
   }
 
   /** Merge patch on pods/status: set, or remove (null), the redirection annotation. */
   async setRedirection(pod: Pod, value: RedirectionAnnotation): Promise<void> {
-    await this.core.patchNamespacedPodStatus(
-      { name: pod.metadata.name, namespace: pod.metadata.namespace, body: { metadata: { annotations: { [REDIRECTION_ANNOTATION]: value ?? null } } } },
-      setHeaderOptions('Content-Type', PatchStrategy.MergePatch),
-    );
+    if (!this.client) throw new Error('the Kubernetes pod source is not started');
+    const path = `/api/v1/namespaces/${encodeURIComponent(pod.metadata.namespace)}/pods/${encodeURIComponent(pod.metadata.name)}/status`;
+    await this.client.mergePatch(path, { metadata: { annotations: { [REDIRECTION_ANNOTATION]: value ?? null } } });
   }
 
-  /** A watch that failed other than with 410 (which the informer handles by listing again)
-   * stops the informer: start it again, with backoff, for as long as the agent runs. */
-  private restart(kind: 'pods' | 'namespaces', informer: ListWatch<V1Pod> | ListWatch<V1Namespace>, err: unknown): void {
-    if (this.stopped) return;
-    const r = this.retries.get(kind) ?? { backoffMs: this.opts.initialBackoffMs ?? 200 };
-    this.retries.set(kind, r);
-    this.opts.log.warn({ kind, error: (err as Error | undefined)?.message ?? String(err), retryMs: r.backoffMs }, 'Kubernetes watch failed; restarting');
-    clearTimeout(r.timer);
-    r.timer = setTimeout(() => this.run(kind, informer), r.backoffMs);
-    r.backoffMs = Math.min(r.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
+  private async run(i: Informer): Promise<void> {
+    while (!this.stopped) {
+      try {
+        if (i.resourceVersion === undefined) await this.list(i);
+        const began = Date.now();
+        let events = 0;
+        i.watching = await this.client!.watch<ApiObject>(i.path, { ...i.query, resourceVersion: i.resourceVersion! }, (e) => {
+          events++;
+          this.event(i, e);
+        });
+        await i.watching.done;
+        // The server ends a watch after its timeout; one that ends at once is a failing server.
+        if (!this.stopped && events === 0 && Date.now() - began < 1000) throw new KubeApiError(0, `watch ${i.path} ended at once`);
+        i.backoffMs = this.opts.initialBackoffMs ?? 200;
+      } catch (err) {
+        if (this.stopped) return;
+        if (err instanceof KubeApiError && err.code === 410) {
+          this.opts.log.info({ kind: i.kind, error: err.message }, 'Kubernetes watch history expired; listing again');
+          i.resourceVersion = undefined;
+          continue;
+        }
+        this.opts.log.warn({ kind: i.kind, error: (err as Error).message, retryMs: i.backoffMs }, 'Kubernetes watch failed; restarting');
+        await new Promise<void>((wake) => (i.retry = { timer: setTimeout(wake, i.backoffMs), wake }));
+        i.retry = undefined;
+        i.backoffMs = Math.min(i.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
+      }
+    }
   }
 
-  private pod(type: 'added' | 'updated' | 'deleted', p: V1Pod): void {
-    const pod = toPod(p);
-    if (!pod) return;
-    if (type === 'deleted') this.state.pods.delete(pod.metadata.uid);
-    else this.state.pods.set(pod.metadata.uid, pod);
-    if (this.synced) this.opts.onChange([{ kind: 'pod', type, pod }], this.state);
+  /** A full list: the state becomes what it says, and what differs from before is reported (after
+   * 410 Gone, the changes the lost history held). */
+  private async list(i: Informer): Promise<void> {
+    const { items, resourceVersion } = await this.client!.list<ApiObject>(i.path, i.query);
+    const cache: Map<string, Pod | Namespace> = i.kind === 'pods' ? this.state.pods : this.state.namespaces;
+    const seen = new Set<string>();
+    for (const item of items) {
+      const key = this.keyOf(i.kind, item);
+      if (!key) continue;
+      seen.add(key);
+      if (cache.get(key)?.metadata.resourceVersion !== item.metadata?.resourceVersion) this.apply(i.kind, item, false);
+    }
+    for (const [key, old] of [...cache]) if (!seen.has(key)) this.apply(i.kind, old as ApiObject, true);
+    i.resourceVersion = resourceVersion;
+    i.listed.resolve();
   }
 
-  private namespace(type: 'added' | 'updated' | 'deleted', n: V1Namespace): void {
-    const namespace = toNamespace(n);
+  private event(i: Informer, e: WatchEvent<ApiObject>): void {
+    if (e.object.metadata?.resourceVersion) i.resourceVersion = e.object.metadata.resourceVersion;
+    if (e.type !== 'BOOKMARK') this.apply(i.kind, e.object, e.type === 'DELETED');
+  }
+
+  private keyOf(kind: Kind, o: ApiObject): string | undefined {
+    return kind === 'pods' ? o.metadata?.uid : o.metadata?.name;
+  }
+
+  /** Puts one object into the state (or takes it out) and reports the change once synced. */
+  private apply(kind: Kind, o: ApiObject, deleted: boolean): void {
+    const report = (c: SourceChange): void => {
+      if (this.synced) this.opts.onChange([c], this.state);
+    };
+    if (kind === 'pods') {
+      const pod = toPod(o);
+      if (!pod) return;
+      const type = deleted ? 'deleted' : this.state.pods.has(pod.metadata.uid) ? 'updated' : 'added';
+      if (deleted) this.state.pods.delete(pod.metadata.uid);
+      else this.state.pods.set(pod.metadata.uid, pod);
+      return report({ kind: 'pod', type, pod });
+    }
+    const namespace = toNamespace(o);
     if (!namespace) return;
-    if (type === 'deleted') this.state.namespaces.delete(namespace.metadata.name);
+    const type = deleted ? 'deleted' : this.state.namespaces.has(namespace.metadata.name) ? 'updated' : 'added';
+    if (deleted) this.state.namespaces.delete(namespace.metadata.name);
     else this.state.namespaces.set(namespace.metadata.name, namespace);
-    if (this.synced) this.opts.onChange([{ kind: 'namespace', type, namespace }], this.state);
+    report({ kind: 'namespace', type, namespace });
   }
 }

@@ -2,13 +2,13 @@
 import type { NamespaceLike, PodLike } from './selection.js';
 
 export interface Pod extends PodLike {
-  metadata: NonNullable<PodLike['metadata']> & { name: string; namespace: string; uid: string };
+  metadata: NonNullable<PodLike['metadata']> & { name: string; namespace: string; uid: string; resourceVersion?: string | undefined };
   spec?: PodLike['spec'] & { nodeName?: string };
   status?: { podIP?: string; podIPs?: { ip: string }[]; phase?: string };
 }
 
 export interface Namespace extends NamespaceLike {
-  metadata: NonNullable<NamespaceLike['metadata']> & { name: string };
+  metadata: NonNullable<NamespaceLike['metadata']> & { name: string; resourceVersion?: string | undefined };
 }
 
 /** Written by the agent on pods/status: `enabled` or `pending` (upstream's name and values). */

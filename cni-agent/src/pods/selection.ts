@@ -4,7 +4,7 @@
 export const DATAPLANE_MODE_LABEL = 'istio.io/dataplane-mode';
 export const SIDECAR_STATUS_ANNOTATION = 'sidecar.istio.io/status';
 
-/** The parts of a v1 Pod / Namespace the rules read (client-node objects and YAML both fit). */
+/** The parts of a v1 Pod / Namespace the rules read (API objects and YAML both fit). */
 export interface PodLike {
   metadata?: { name?: string; namespace?: string; labels?: Record<string, string>; annotations?: Record<string, string> };
   spec?: { hostNetwork?: boolean };
