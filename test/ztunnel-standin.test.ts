@@ -114,6 +114,30 @@ describe('ztunnel stand-in', kernelTest(), () => {
     assert.deepEqual(await listening(topo, net.pod), ['tcp 15053'], 'a failed Add left listeners behind');
   });
 
+  it('falls back to 0.0.0.0 where [::] cannot listen, and skips [::1] when the pod’s lo has no IPv6', async (t) => {
+    const { topo, server, makeStandIn } = setup(t);
+    const standIn = makeStandIn();
+    const net = await podWithRemote(topo, 27);
+    await topo.exec(net.pod, 'sysctl', '-qw', 'net.ipv6.conf.lo.disable_ipv6=1');
+    // A v6-only socket holds [::]:15001: the dual-stack bind fails there, 0.0.0.0:15001 is free.
+    const blocker = await listenInNetns({ netns: net.podPath, family: 6, address: '::', port: 15001, v6only: true });
+    t.after(() => void blocker.close());
+    server.start();
+    standIn.start();
+    await until(() => server.connectedCount === 1, 'stand-in connected');
+    assert.deepEqual(await server.enroll({ uid: 'pod-c', info: info('c'), netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+    const sockets = (await topo.exec(net.pod, 'ss', '-Hltun'))
+      .trim()
+      .split('\n')
+      .map((l) => l.trim().split(/\s+/))
+      .map((c) => `${c[0]} ${c[4]}`)
+      .filter((l) => /:150(01|06|08|53)$/.test(l))
+      .sort();
+    assert.deepEqual(sockets, ['tcp *:15006', 'tcp *:15008', 'tcp 0.0.0.0:15001', 'tcp 127.0.0.1:15053', 'tcp [::]:15001', 'udp 127.0.0.1:15053']);
+    await server.remove('pod-c');
+    assert.deepEqual(await listening(topo, net.pod), ['tcp 15001'], 'only the blocker is left');
+  });
+
   it('reconnects when the agent restarts, and drains pods missing from the new snapshot', async (t) => {
     const { topo, socketPath, server, makeStandIn, statuses } = setup(t);
     const standIn = makeStandIn();

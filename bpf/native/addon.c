@@ -96,6 +96,12 @@ struct job {
 			int fd;
 		} socket;
 		struct {
+			char netns[NETNS_PATH_LEN];
+			struct netns_socket_request reqs[NETNS_SOCKETS_MAX];
+			struct netns_socket_result res[NETNS_SOCKETS_MAX];
+			size_t n;
+		} sockets;
+		struct {
 			char path[NETNS_PATH_LEN];
 			struct netns_addresses res;
 		} addresses;
@@ -611,49 +617,121 @@ static bool opt_string(napi_env env, napi_value obj, const char *name, char *buf
 	return get_string(env, v, buf, len, name);
 }
 
-/* socket({netns?, family: 4|6, type: 'tcp'|'udp', mark?, transparent?, freebind?, reuseport?,
- *         v6only?, bindAddress?, bindPort?, listen?}) -> fd */
-static napi_value js_socket(napi_env env, napi_callback_info info)
+/* One socket request from {netns?, family: 4|6, type: 'tcp'|'udp', mark?, transparent?, freebind?,
+ * reuseport?, v6only?, bindAddress?, bindPort?, listen?}. */
+static void parse_socket_request(napi_env env, napi_value o, struct netns_socket_request *r)
 {
-	size_t argc = 1;
-	napi_value argv[1];
-	struct job *job = job_new(socket_run, socket_result);
-	struct netns_socket_request *r;
 	char type[8] = "tcp", addr[INET6_ADDRSTRLEN + 1] = "";
 	uint32_t family = 4, port = 0;
 
-	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-	if (!job)
-		return NULL;
-	r = &job->u.socket.req;
-	if (argc < 1)
-		goto bad;
-	opt_string(env, argv[0], "netns", r->netns_path, sizeof(r->netns_path));
-	opt_u32(env, argv[0], "family", &family);
-	opt_string(env, argv[0], "type", type, sizeof(type));
+	opt_string(env, o, "netns", r->netns_path, sizeof(r->netns_path));
+	opt_u32(env, o, "family", &family);
+	opt_string(env, o, "type", type, sizeof(type));
 	r->family = family == 6 ? 6 : 4;
 	r->udp = strcmp(type, "udp") == 0;
-	r->has_mark = opt_u32(env, argv[0], "mark", &r->mark);
-	r->transparent = opt_bool(env, argv[0], "transparent");
-	r->freebind = opt_bool(env, argv[0], "freebind");
-	r->reuseport = opt_bool(env, argv[0], "reuseport");
-	r->v6only = opt_bool(env, argv[0], "v6only");
-	if (opt_string(env, argv[0], "bindAddress", addr, sizeof(addr))) {
+	r->has_mark = opt_u32(env, o, "mark", &r->mark);
+	r->transparent = opt_bool(env, o, "transparent");
+	r->freebind = opt_bool(env, o, "freebind");
+	r->reuseport = opt_bool(env, o, "reuseport");
+	r->v6only = opt_bool(env, o, "v6only");
+	if (opt_string(env, o, "bindAddress", addr, sizeof(addr))) {
 		snprintf(r->bind_address, sizeof(r->bind_address), "%s", addr);
 		r->bind = true;
 	}
-	if (opt_u32(env, argv[0], "bindPort", &port)) {
+	if (opt_u32(env, o, "bindPort", &port)) {
 		r->bind_port = (uint16_t)port;
 		r->bind = true;
 	}
 	r->listen_backlog = -1;
-	if (opt_u32(env, argv[0], "listen", &port))
+	if (opt_u32(env, o, "listen", &port))
 		r->listen_backlog = (int)port;
-	return job_start(env, job, "ambient-bpf:socket");
-bad:
-	free(job);
-	napi_throw_type_error(env, DPE_INVALID, "socket() takes an options object");
-	return NULL;
+}
+
+/* Starts the job, unless parsing its arguments threw (a bad type): then frees it. */
+static napi_value start_unless_thrown(napi_env env, struct job *job, const char *name)
+{
+	bool thrown = false;
+
+	napi_is_exception_pending(env, &thrown);
+	if (thrown) {
+		free(job);
+		return NULL;
+	}
+	return job_start(env, job, name);
+}
+
+/* socket(request) -> fd */
+static napi_value js_socket(napi_env env, napi_callback_info info)
+{
+	size_t argc = 1;
+	napi_value argv[1];
+	napi_valuetype t = napi_undefined;
+	struct job *job;
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_object) {
+		napi_throw_type_error(env, DPE_INVALID, "socket() takes an options object");
+		return NULL;
+	}
+	job = job_new(socket_run, socket_result);
+	if (!job)
+		return NULL;
+	parse_socket_request(env, argv[0], &job->u.socket.req);
+	return start_unless_thrown(env, job, "ambient-bpf:socket");
+}
+
+static void sockets_run(struct job *job)
+{
+	netns_sockets(job->u.sockets.netns, job->u.sockets.reqs, job->u.sockets.res, job->u.sockets.n, &job->err);
+}
+
+static napi_value sockets_result(napi_env env, struct job *job)
+{
+	napi_value out, item, v;
+
+	napi_create_array_with_length(env, job->u.sockets.n, &out);
+	for (size_t i = 0; i < job->u.sockets.n; i++) {
+		const struct netns_socket_result *r = &job->u.sockets.res[i];
+
+		napi_create_object(env, &item);
+		if (r->fd >= 0) {
+			napi_create_int32(env, r->fd, &v);
+			napi_set_named_property(env, item, "fd", v);
+		} else {
+			napi_create_string_utf8(env, r->error, NAPI_AUTO_LENGTH, &v);
+			napi_set_named_property(env, item, "error", v);
+		}
+		napi_set_element(env, out, (uint32_t)i, item);
+	}
+	return out;
+}
+
+/* sockets(netns, requests[]) -> [{fd} | {error}]: all made on one thread inside netns ('' = ours). */
+static napi_value js_sockets(napi_env env, napi_callback_info info)
+{
+	size_t argc = 2;
+	napi_value argv[2], o;
+	uint32_t n = 0;
+	struct job *job;
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (argc < 2 || napi_get_array_length(env, argv[1], &n) != napi_ok || n == 0 || n > NETNS_SOCKETS_MAX) {
+		napi_throw_range_error(env, DPE_INVALID, "sockets(netns, requests: 1 to 12 options objects)");
+		return NULL;
+	}
+	job = job_new(sockets_run, sockets_result);
+	if (!job)
+		return NULL;
+	if (!get_string(env, argv[0], job->u.sockets.netns, sizeof(job->u.sockets.netns), "netns")) {
+		free(job);
+		return NULL;
+	}
+	job->u.sockets.n = n;
+	for (uint32_t i = 0; i < n; i++) {
+		napi_get_element(env, argv[1], i, &o);
+		parse_socket_request(env, o, &job->u.sockets.reqs[i]);
+	}
+	return start_unless_thrown(env, job, "ambient-bpf:sockets");
 }
 
 /* ---- node-wide settings and counters ---- */
@@ -821,6 +899,7 @@ static napi_value init(napi_env env, napi_value exports)
 		{ "trustZtunnelCgroup", NULL, js_trust_ztunnel_cgroup, NULL, NULL, NULL, napi_default, NULL },
 		{ "nodeCounters", NULL, js_node_counters, NULL, NULL, NULL, napi_default, NULL },
 		{ "socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL },
+		{ "sockets", NULL, js_sockets, NULL, NULL, NULL, napi_default, NULL },
 		{ "netnsAddresses", NULL, js_netns_addresses, NULL, NULL, NULL, napi_default, NULL },
 	};
 

@@ -89,28 +89,65 @@ static int make_socket(void *p)
 	return 0;
 }
 
-int netns_socket(const struct netns_socket_request *req, struct dp_error *e)
+/* Runs fn(arg) on a thread inside the netns at `path`; -1 with e filled when it cannot enter. */
+static int in_netns(const char *path, netns_fn fn, void *arg, struct dp_error *e)
 {
-	struct socket_job job = { .req = req, .e = e, .fd = -1 };
 	unsigned long long ino, dev;
-	int ns, rc;
+	int ns = open_netns(path, &ino, &dev), rc;
 
-	if (!req->netns_path[0]) {
-		make_socket(&job);
-		return job.fd;
-	}
-	ns = open_netns(req->netns_path, &ino, &dev);
 	if (ns < 0) {
 		e->code = DPE_NETNS;
-		snprintf(e->message, sizeof(e->message), "cannot open netns %s: %s", req->netns_path,
+		snprintf(e->message, sizeof(e->message), "cannot open netns %s: %s", path,
 			 ns == -EINVAL ? "not a network namespace" : strerror(-ns));
 		return -1;
 	}
-	rc = run_in_netns(ns, make_socket, &job);
+	rc = run_in_netns(ns, fn, arg);
 	close(ns);
 	if (rc < 0 && !e->code) {
 		e->code = DPE_NETNS;
-		snprintf(e->message, sizeof(e->message), "cannot enter netns %s: %s", req->netns_path, strerror(-rc));
+		snprintf(e->message, sizeof(e->message), "cannot enter netns %s: %s", path, strerror(-rc));
 	}
+	return rc < 0 ? -1 : 0;
+}
+
+int netns_socket(const struct netns_socket_request *req, struct dp_error *e)
+{
+	struct socket_job job = { .req = req, .e = e, .fd = -1 };
+
+	if (!req->netns_path[0])
+		make_socket(&job);
+	else
+		in_netns(req->netns_path, make_socket, &job, e);
 	return job.fd;
+}
+
+struct socket_batch {
+	const struct netns_socket_request *reqs;
+	struct netns_socket_result *res;
+	size_t n;
+};
+
+static int make_sockets(void *p)
+{
+	struct socket_batch *b = p;
+
+	for (size_t i = 0; i < b->n; i++) {
+		struct dp_error e = { 0 };
+		struct socket_job job = { .req = &b->reqs[i], .e = &e, .fd = -1 };
+
+		make_socket(&job);
+		b->res[i].fd = job.fd;
+		snprintf(b->res[i].error, sizeof(b->res[i].error), "%s", job.fd < 0 ? e.message : "");
+	}
+	return 0;
+}
+
+int netns_sockets(const char *netns_path, const struct netns_socket_request *reqs, struct netns_socket_result *res,
+		  size_t n, struct dp_error *e)
+{
+	struct socket_batch batch = { .reqs = reqs, .res = res, .n = n };
+
+	if (!netns_path[0])
+		return make_sockets(&batch);
+	return in_netns(netns_path, make_sockets, &batch, e);
 }

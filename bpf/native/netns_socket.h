@@ -24,4 +24,18 @@ struct netns_socket_request {
 /* Returns the fd (close-on-exec, non-blocking) or -1 with e filled. */
 int netns_socket(const struct netns_socket_request *req, struct dp_error *e);
 
+#define NETNS_SOCKETS_MAX 12
+
+struct netns_socket_result {
+	int fd; /* -1: see error */
+	char error[160];
+};
+
+/* Every request's socket, made on one thread inside `netns_path` (the requests' own netns_path is
+ * not read; empty: the caller's netns): a proxy's listeners for a pod cost one netns entry, not
+ * one each. Each request succeeds or fails on its own. Returns 0, or -1 with e filled when the
+ * netns cannot be entered (then no socket was made). */
+int netns_sockets(const char *netns_path, const struct netns_socket_request *reqs, struct netns_socket_result *res,
+		  size_t n, struct dp_error *e);
+
 #endif

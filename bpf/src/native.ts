@@ -114,6 +114,7 @@ export interface NativeAddon {
   trustZtunnelCgroup(handle: NativeHandle, cgroupDir: string): void;
   nodeCounters(handle: NativeHandle): DatapathCounters;
   socket(options: NativeSocketOptions): Promise<number>;
+  sockets(netns: string, requests: NativeSocketOptions[]): Promise<({ fd: number } | { error: string })[]>;
   seqpacket: NativeSeqpacket;
   netnsAddresses(path: string): Promise<{ inode: number; device: number; addresses: string[] }>;
   constants: {

@@ -1,8 +1,8 @@
 // The "node-netns" surface of the native addon: sockets inside network namespaces and Unix
 // SEQPACKET sockets with fd passing. ztunnel-bridge uses this, never the datapath.
 import { addon } from './native.js';
-export { listenInNetns, connectFromNetns, udpSocketInNetns } from './netns-socket.js';
-export type { NetnsListenOptions, NetnsConnectOptions } from './netns-socket.js';
+export { listenInNetns, connectFromNetns, udpSocketInNetns, socketsInNetns, serverOnFd } from './netns-socket.js';
+export type { NetnsListenOptions, NetnsConnectOptions, NetnsSocketSpec } from './netns-socket.js';
 export { SeqpacketServer, SeqpacketSocket, SeqpacketError, closeFd, dupFd, reserveFileDescriptors } from './seqpacket.js';
 export type { PeerCredentials } from './seqpacket.js';
 

@@ -7,7 +7,7 @@
 //   15053 DNS (127.0.0.1, UDP and TCP): forwarded to a configured upstream
 import dgram from 'node:dgram';
 import type net from 'node:net';
-import { connectFromNetns, listenInNetns, netnsAddresses, netnsPathOfFd, udpSocketInNetns, closeFd } from '../../../bpf/src/node-netns.js';
+import { closeFd, connectFromNetns, netnsAddresses, netnsPathOfFd, serverOnFd, socketsInNetns, type NetnsSocketSpec } from '../../../bpf/src/node-netns.js';
 
 export const ZTUNNEL_MARK = 0x539;
 export const PORTS = { outbound: 15001, inbound: 15006, hbone: 15008, dns: 15053 } as const;
@@ -73,8 +73,11 @@ export class PodProxy {
   static async open(uid: string, netnsFd: number, dnsUpstream?: Endpoint): Promise<PodProxy> {
     const proxy = new PodProxy(uid, netnsFd, dnsUpstream);
     try {
-      for (const a of await netnsAddresses(proxy.netns)) proxy.ownAddresses.add(a);
-      await proxy.listenAll();
+      // Both settle before a failure closes anything: a listener opened late would leak.
+      const [addresses, listening] = await Promise.allSettled([netnsAddresses(proxy.netns), proxy.listenAll()]);
+      if (addresses.status === 'rejected') throw addresses.reason;
+      if (listening.status === 'rejected') throw listening.reason;
+      for (const a of addresses.value) proxy.ownAddresses.add(a);
     } catch (err) {
       proxy.closeListeners();
       throw err;
@@ -98,40 +101,65 @@ export class PodProxy {
     this.servers.length = 0;
   }
 
-  /** Opens every listener at once (each is made on a thread inside the netns): a pod's Add is
-   * acked sooner, and ZDS hands pods over one at a time. */
+  /** Makes every socket in one trip into the pod netns (a pod's Add is acked sooner, and ZDS hands
+   * pods over one at a time), then wraps them: the three wildcard listeners ([::] dual-stack like
+   * ztunnel, 0.0.0.0 where that fails, as without IPv6: a second trip), DNS on 127.0.0.1 and, when the pod's
+   * lo has IPv6, [::1], over TCP and UDP, and the DNS upstream socket. */
   private async listenAll(): Promise<void> {
-    const tcp = (open: Promise<net.Server>, handler: (s: net.Socket) => void, optional = false): Promise<void> =>
-      open.then(
-        (server) => {
-          server.on('connection', handler);
-          this.servers.push(server);
-        },
-        (err: unknown) => {
-          if (!optional) throw err;
-        },
-      );
-    const dns = (family: 4 | 6, address: string) => listenInNetns({ netns: this.netns, family, address, port: PORTS.dns, mark: ZTUNNEL_MARK, v6only: family === 6 });
-    const results = await Promise.allSettled([
-      tcp(this.listenWildcard(PORTS.outbound), (s) => void this.outbound(s)),
-      tcp(this.listenWildcard(PORTS.inbound), (s) => void this.inbound(s)),
-      tcp(this.listenWildcard(PORTS.hbone), (s) => this.hbone(s)),
-      // Like ztunnel: 127.0.0.1, and [::1] when the pod's lo has IPv6.
-      tcp(dns(4, '127.0.0.1'), (s) => void this.dnsTcp(s)),
-      tcp(dns(6, '::1'), (s) => void this.dnsTcp(s), true),
-      this.listenDnsUdp(),
-    ]);
-    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
-  }
-
-  /** [::] dual-stack like ztunnel, or 0.0.0.0 when the pod has no IPv6. */
-  private async listenWildcard(port: number): Promise<net.Server> {
-    const common = { netns: this.netns, port, transparent: true, reuseport: true, mark: ZTUNNEL_MARK };
+    const wildcard = (family: 4 | 6, port: number): NetnsSocketSpec => ({ listen: { family, address: family === 6 ? '::' : '0.0.0.0', port, transparent: true, reuseport: true, mark: ZTUNNEL_MARK } });
+    const wildcardPorts = [PORTS.outbound, PORTS.inbound, PORTS.hbone];
+    const upstreamAddress = this.dnsUpstream?.host.includes(':') ? '::' : '0.0.0.0';
+    const specs: NetnsSocketSpec[] = [
+      ...wildcardPorts.map((port) => wildcard(6, port)),
+      { listen: { family: 4, address: '127.0.0.1', port: PORTS.dns, mark: ZTUNNEL_MARK } },
+      { listen: { family: 6, address: '::1', port: PORTS.dns, mark: ZTUNNEL_MARK, v6only: true } },
+      { udp: { address: '127.0.0.1', port: PORTS.dns, mark: ZTUNNEL_MARK } },
+      { udp: { address: '::1', port: PORTS.dns, mark: ZTUNNEL_MARK } },
+      { udp: { address: upstreamAddress, port: 0, mark: ZTUNNEL_MARK } },
+    ];
+    const made = await socketsInNetns(this.netns, specs);
+    const retry = wildcardPorts.flatMap((_port, i) => ('error' in made[i]! ? [i] : []));
+    if (retry.length > 0) {
+      const v4 = await socketsInNetns(this.netns, retry.map((i) => wildcard(4, wildcardPorts[i]!)));
+      retry.forEach((i, k) => (made[i] = v4[k]!));
+    }
+    const optional = new Set([4, 6]); // [::1]: only when the pod's lo has IPv6
+    const failed = made.findIndex((r, i) => 'error' in r && !optional.has(i));
+    if (failed >= 0) {
+      for (const r of made) if ('fd' in r) closeFd(r.fd);
+      throw new Error(`cannot open ${describeSpec(specs[failed]!)} in the pod: ${(made[failed] as { error: string }).error}`);
+    }
+    const fds = made.map((r) => ('fd' in r ? r.fd : undefined));
+    const take = (i: number): number | undefined => {
+      const f = fds[i];
+      fds[i] = undefined; // owned by a Node socket from here on
+      return f;
+    };
+    const bound: dgram.Socket[] = [];
+    const udp = async (f: number, ipv6: boolean) => {
+      const socket = await bindUdp(f, ipv6);
+      bound.push(socket);
+      return socket;
+    };
     try {
-      return await listenInNetns({ ...common, family: 6, address: '::' });
-    } catch {
-      return listenInNetns({ ...common, family: 4, address: '0.0.0.0' });
+      const handlers: ((s: net.Socket) => void)[] = [(s) => void this.outbound(s), (s) => void this.inbound(s), (s) => this.hbone(s), (s) => void this.dnsTcp(s), (s) => void this.dnsTcp(s)];
+      for (const [i, handler] of handlers.entries()) {
+        const f = take(i);
+        if (f === undefined) continue;
+        const server = await serverOnFd(f);
+        server.on('connection', handler);
+        this.servers.push(server);
+      }
+      const v6Local = take(6);
+      const locals = [await udp(take(5)!, false), ...(v6Local === undefined ? [] : [await udp(v6Local, true)])];
+      const upstream = await udp(take(7)!, upstreamAddress === '::');
+      this.udp = { locals, upstream };
+      for (const local of locals) local.on('message', (msg, rinfo) => this.dnsQuery(local, msg, rinfo));
+      upstream.on('message', (msg) => this.dnsAnswer(msg));
+    } catch (err) {
+      for (const f of fds) if (f !== undefined) closeFd(f); // never owned by a Node socket
+      for (const socket of bound) socket.close();
+      throw err;
     }
   }
 
@@ -270,21 +298,6 @@ export class PodProxy {
     }
   }
 
-  private async listenDnsUdp(): Promise<void> {
-    const family = this.dnsUpstream && this.dnsUpstream.host.includes(':') ? '::' : '0.0.0.0';
-    const open = (address: string, port: number) => udpSocketInNetns({ netns: this.netns, address, port, mark: ZTUNNEL_MARK }).then((fd) => bindUdp(fd, address.includes(':')));
-    const [v4, v6, up] = await Promise.allSettled([open('127.0.0.1', PORTS.dns), open('::1', PORTS.dns), open(family, 0)]);
-    if (v4.status === 'rejected' || up.status === 'rejected') {
-      for (const r of [v4, v6, up]) if (r.status === 'fulfilled') r.value.close();
-      throw v4.status === 'rejected' ? v4.reason : (up as PromiseRejectedResult).reason;
-    }
-    const locals = v6.status === 'fulfilled' ? [v4.value, v6.value] : [v4.value]; // no IPv6 on the pod's lo
-    const upstream = up.value;
-    this.udp = { locals, upstream };
-    for (const local of locals) local.on('message', (msg, rinfo) => this.dnsQuery(local, msg, rinfo));
-    upstream.on('message', (msg) => this.dnsAnswer(msg));
-  }
-
   /** Forwards a query with an id of our own, so answers map back to the right client. */
   private dnsQuery(via: dgram.Socket, msg: Buffer, from: dgram.RemoteInfo): void {
     if (!this.udp || msg.length < 12) return;
@@ -315,6 +328,10 @@ export class PodProxy {
 
 function emptyStats(): DirectionStats {
   return { connections: 0, bytesUp: 0, bytesDown: 0, failures: 0 };
+}
+
+function describeSpec(s: NetnsSocketSpec): string {
+  return 'listen' in s ? `a TCP listener on ${s.listen.address ?? '*'}:${s.listen.port}` : `a UDP socket on ${s.udp.address}:${s.udp.port}`;
 }
 
 function bindUdp(fd: number, ipv6 = false): Promise<dgram.Socket> {
