@@ -11,6 +11,7 @@ import { NetnsLocator } from './enrollment/netns-locator.js';
 import { DEFAULT_CAPTURE, Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
 import type { CaptureDefaults } from './pods/capture-options.js';
 import type { KubeConnection } from './pods/kube-client.js';
+import { KubePodSource } from './pods/kube-source.js';
 import { LocalPodSource } from './pods/local-source.js';
 import type { ClusterState, SourceChange } from './pods/pod.js';
 import { DEFAULT_POLICY } from './pods/selection.js';
@@ -119,7 +120,6 @@ export class Agent {
         onError: (err) => log.error({ file, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
       });
     } else {
-      const { KubePodSource } = await import('./pods/kube-source.js');
       const kube = new KubePodSource({ kubeconfig: this.opts.source.kubeconfig, nodeName: this.opts.nodeName, onChange, log });
       this.source = kube;
       annotator = kube;

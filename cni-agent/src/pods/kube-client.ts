@@ -151,8 +151,7 @@ export class KubeClient {
   private readonly agent: http.Agent;
 
   constructor(private readonly connection: KubeConnection) {
-    const https_ = connection.server.protocol === 'https:';
-    this.agent = https_ ? new https.Agent({ keepAlive: true }) : new http.Agent({ keepAlive: true });
+    this.agent = connection.server.protocol === 'https:' ? new https.Agent({ keepAlive: true }) : new http.Agent({ keepAlive: true });
   }
 
   async list<T>(path: string, query: Record<string, string> = {}): Promise<{ items: T[]; resourceVersion: string }> {
