@@ -1,4 +1,4 @@
-// Preconditions of kernel tests, per shared/conventions.md: root, bpffs, netns. Without them a
+// Preconditions of kernel tests (see test/README.md): root, bpffs, netns. Without them a
 // test skips on a developer machine and fails in CI (CI=true), so a green run means the datapath ran.
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -34,8 +34,10 @@ export function uniqueSuffix(): string {
   return randomBytes(3).toString('hex');
 }
 
-/** Every name a test makes starts with this, so a suite can check nothing of its own is left. */
-export const TEST_PREFIX = 'abt';
+/** Every name a test makes starts with this, so a suite can check nothing of its own is left.
+ * TEST_NAME_PREFIX (2-4 lowercase letters) keeps two suites running side by side on one machine
+ * from seeing each other's namespaces as leftovers. */
+export const TEST_PREFIX = /^[a-z]{2,4}$/.test(process.env.TEST_NAME_PREFIX ?? '') ? process.env.TEST_NAME_PREFIX! : 'abt';
 
 /** Directory for one test's pins; removed by the test, checked by assertNothingLeft. */
 export function testBpffsRoot(id: string): string {
