@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 # Build: clang (BPF target), libbpf/libelf/zlib (native addon), make/gcc/python3 (node-gyp).
 # Run and test: iproute2 (ip, tc), util-linux (nsenter), bpftool, procps (sysctl);
 # iptables for the benchmark's upstream baseline; containernetworking-plugins (bridge, host-local)
-# for the CNI chaining tests.
-packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins)
+# for the CNI chaining tests; python3-scapy for the crafted packets of the attack tests (run with
+# Debian's /usr/bin/python3, which is where it installs).
+packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
