@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
+import { testRunnerCgroup } from './helpers/app.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
@@ -36,6 +37,7 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
       await topo.ip(net.pod, 'route', 'add', PROBE_V4, 'dev', 'eth0');
       await topo.ip(net.pod, '-6', 'route', 'add', PROBE_V6, 'dev', 'eth0');
       dp = await Datapath.open({ bpffsRoot: root });
+      dp.trustZtunnelCgroup(testRunnerCgroup()); // the test's own marked sockets play ztunnel's
       const r = await attach();
       assert.equal(r.mode, mode);
       outbound = await ztunnelListener(net.podPath, 15001);
@@ -144,13 +146,35 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
       assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: APP_PORT }), 'ztunnel-15001');
     });
 
-    it('fails closed inbound when ztunnel is not listening on 15006', async () => {
+    it('fails closed inbound when ztunnel is not listening on 15006: the client is refused at once', async () => {
       await inbound.close();
       const appBefore = app.accepted.length;
-      const err = await connectFails({ netns: Topology.netnsPath(net.remote), host: net.podV4, port: APP_PORT, timeoutMs: 700 });
-      assert.match(err.message, /timed out/);
+      for (const host of [net.podV4, net.podV6]) {
+        const err = await connectFails({ netns: Topology.netnsPath(net.remote), host, port: APP_PORT, timeoutMs: 1000 });
+        assert.match(err.message, /ECONNREFUSED/, host);
+      }
       assert.equal(app.accepted.length, appBefore, 'inbound reached the app without ztunnel');
       inbound = await ztunnelListener(net.podPath, 15006);
+    });
+
+    it('refuses outbound at once when ztunnel is not listening on 15001, never handing it to the app', async () => {
+      await outbound.close();
+      const appBefore = app.accepted.length;
+      const remoteBefore = remote.accepted.length;
+      try {
+        // The app listens on the remote's port: a looped SYN must not reach it either.
+        for (const host of [net.remoteV4, net.remoteV6]) {
+          const started = Date.now();
+          const err = await connectFails({ netns: net.podPath, host, port: APP_PORT, timeoutMs: 1000 });
+          assert.match(err.message, /ECONNREFUSED/, host);
+          assert.ok(Date.now() - started < 1000, `${host}: refused after ${Date.now() - started} ms`);
+        }
+        assert.equal(app.accepted.length, appBefore, 'a looped SYN reached the app');
+        assert.equal(remote.accepted.length, remoteBefore, 'a refused connection reached the remote');
+        assert.ok((await dp.list())[0]!.counters.outboundNoZtunnel >= 2);
+      } finally {
+        outbound = await ztunnelListener(net.podPath, 15001);
+      }
     });
 
     it('detach restores direct connectivity and leaves the netns as it was', async () => {

@@ -478,7 +478,8 @@ static napi_value js_verify(napi_env env, napi_callback_info info)
 static const char *const counter_names[CNT_COUNT] = {
 	"outboundRedirected", "outboundNoZtunnel", "inboundRedirected", "inboundNoZtunnel",
 	"bypassZtunnel",      "bypassHbone",       "bypassProbe",       "bypassInboundAnnotation",
-	"forgedMark",         "strictDropped",     "rerouted",
+	"forgedMark",         "strictDropped",     "rerouted",          "unclassifiedDropped",
+	"spoofedDropped",     "lookupRefused",
 };
 
 static napi_value counters_value(napi_env env, const struct pod_counters *c)

@@ -1273,7 +1273,8 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		struct pod_policy now;
 
 		/* The cookie is known once inside the netns; sk_lookup steering needs it in the policy. */
-		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) || now.netns_cookie != m.netns_cookie)
+		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) || now.netns_cookie != m.netns_cookie ||
+		    now.flags != policy_flags(&m))
 			err = policy_write(&dp->policy, &m, NULL);
 		if (err) {
 			fail(e, DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);

@@ -100,9 +100,16 @@ static void remove_ip(const struct policy_maps *maps, const struct pod_ip *ip, _
 		bpf_map_delete_elem(maps->policy_fd, ip);
 }
 
+/* The flags the programs read: the pod's options, and whether its DNS is captured at the socket
+ * (then strict mode lets no DNS of the app's leave as is). */
+__u32 policy_flags(const struct pod_meta *m)
+{
+	return m->flags | (m->dns_cgroup_id ? POD_F_DNS_CAPTURED : 0);
+}
+
 int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old)
 {
-	struct pod_policy p = { .slot = m->slot, .flags = m->flags, .netns_cookie = m->netns_cookie };
+	struct pod_policy p = { .slot = m->slot, .flags = policy_flags(m), .netns_cookie = m->netns_cookie };
 
 	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++)
 		if (bpf_map_update_elem(maps->policy_fd, &m->ips[i], &p, BPF_ANY))

@@ -18,6 +18,7 @@ void policy_release_slot(const struct policy_maps *maps, const char *uid, const 
 
 /* Points every address of the pod at its slot and flags; `old` (may be NULL) is the previous record,
  * whose addresses that the pod no longer has are removed. */
+__u32 policy_flags(const struct pod_meta *m);
 int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old);
 /* Removes the pod's addresses, except those another pod has claimed since. */
 void policy_remove(const struct policy_maps *maps, const struct pod_meta *m);

@@ -36,10 +36,11 @@
 /* LRU maps are preallocated: sized for what is in flight on a node, not for every pod. */
 #define MAX_STEERED_SYNS 16384 /* SYNs between the tc decision and the socket lookup */
 #define MAX_PROBE_FLOWS 16384 /* node-opened connections to ambient pods at once */
+#define MAX_STRICT_FRAGMENTS 4096 /* fragmented datagrams strict mode let out, awaiting their later fragments */
 
-/* cgroup v2's root always has id 1. Sockets there belong to the node itself (never to a pod), and
- * the kernel's own reply sockets (resets, time-wait acks) are charged to it. */
-#define CGROUP_V2_ROOT_ID 1
+/* Every netns's loopback device has this index. */
+#define LOOPBACK_IFINDEX 1
+
 
 struct pod_ip {
 	__u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
@@ -48,6 +49,7 @@ struct pod_ip {
 /* pod_policy map: one entry per pod address, read by the programs on every new connection. */
 #define POD_F_BYPASS_INBOUND (1u << 0) /* ambient.istio.io/bypass-inbound-capture=true */
 #define POD_F_STRICT (1u << 1) /* drop what would escape ztunnel (UDP but DNS, other protocols) */
+#define POD_F_DNS_CAPTURED (1u << 2) /* DNS capture hooks hold the pod's cgroup: its DNS never leaves as is */
 
 struct pod_policy {
 	__u32 slot; /* index into pod_counters; 0 is the node-wide "no pod" slot */
@@ -58,9 +60,9 @@ struct pod_policy {
 /* Per-pod counters (a per-CPU array indexed by slot), one connection (SYN) each unless noted. */
 enum pod_counter {
 	CNT_OUTBOUND_REDIRECTED, /* to ztunnel's 15001 */
-	CNT_OUTBOUND_NO_ZTUNNEL, /* would have gone to 15001, no listener: reset, as upstream */
+	CNT_OUTBOUND_NO_ZTUNNEL, /* would have gone to 15001, no listener: refused (reset), as upstream */
 	CNT_INBOUND_REDIRECTED, /* to ztunnel's 15006 */
-	CNT_INBOUND_NO_ZTUNNEL, /* dropped: no 15006 listener (fail closed) */
+	CNT_INBOUND_NO_ZTUNNEL, /* no 15006 listener: refused with a reset (fail closed) */
 	CNT_BYPASS_ZTUNNEL, /* ztunnel's own connections leaving the pod */
 	CNT_BYPASS_HBONE, /* inbound to 15008, ztunnel's HBONE listener */
 	CNT_BYPASS_PROBE, /* from or to the kubelet probe address */
@@ -68,6 +70,9 @@ enum pod_counter {
 	CNT_FORGED_MARK, /* ztunnel's mark on a socket that is not ztunnel's: redirected anyway */
 	CNT_STRICT_DROPPED, /* packets dropped by strict mode */
 	CNT_REROUTED, /* inbound on a reroute-virtual-interfaces device, to 15001 */
+	CNT_UNCLASSIFIED_DROPPED, /* packets that may carry TCP but cannot be classified: fragments, odd headers */
+	CNT_SPOOFED_DROPPED, /* packets from outside carrying one of the pod's own addresses as source */
+	CNT_LOOKUP_REFUSED, /* connections the socket lookup refused: not steered to ztunnel by tc */
 	CNT_COUNT
 };
 

@@ -1,14 +1,18 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* sk_lookup steering, for kernels whose bpf_sk_assign in tc refuses SO_REUSEPORT listeners (before
- * Linux 6.6), which is how ztunnel binds 15001/15006. The tc programs still decide which SYNs go to
- * ztunnel (pod_redirect.bpf.c) but only record the decision in the steer map; the socket lookup the
- * stack then makes runs this netns's sk_lookup program, which assigns the SYN to ztunnel's listener
- * (reuseport selection follows, as for any lookup).
- *   ztunnel_sockops (on ztunnel's cgroup): each listener ztunnel opens on 15001/15006 goes into a
- *     sockhash keyed by its netns cookie and port; closed sockets leave it by themselves.
- *   pod_sk_lookup (on each pod netns): a SYN with a recorded decision gets that listener; when
- *     ztunnel does not listen the lookup fails and the stack resets the connection (fail closed:
- *     the app never sees it). */
+/* The pod netns's sk_lookup program: it runs for every listener lookup in the pod netns, that is
+ * for every packet the stack has no connection for, after IPv4/IPv6 reassembly and extension
+ * headers, and also for a SYN that meets a TIME_WAIT socket. Two jobs:
+ *   Backstop (every kernel, every steering mode): a lookup for traffic that came from outside the
+ *     pod (not over lo) to a port of the app is refused unless tc handed it to ztunnel or it is
+ *     exempt like in tc (HBONE, ztunnel's own ports, the probe address, bypass-inbound-capture).
+ *     tc-assigned SYNs never get here (the stack takes the assigned socket); whatever does get here
+ *     unassigned would otherwise reach the app's listener without ztunnel. Refused lookups make
+ *     the stack answer with a reset.
+ *   Steering, for kernels whose bpf_sk_assign in tc refuses SO_REUSEPORT listeners (before Linux
+ *     6.6), which is how ztunnel binds 15001/15006: tc records its decision for each SYN in the
+ *     steer map, and this program assigns the SYN to ztunnel's listener, learnt by ztunnel_sockops
+ *     (on ztunnel's cgroup) in a sockhash keyed by netns cookie and port.
+ * The lookups tc itself makes (bpf_skc_lookup_tcp, zero addresses for ztunnel's listeners) pass. */
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -42,6 +46,10 @@ int ztunnel_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+extern POD_POLICY_MAP pod_policy SEC(".maps");
+
+extern POD_COUNTERS_MAP pod_counters SEC(".maps");
+
 static __always_inline void v4_mapped(struct pod_ip *a, __u32 addr)
 {
 	__builtin_memset(a, 0, sizeof(*a));
@@ -49,15 +57,52 @@ static __always_inline void v4_mapped(struct pod_ip *a, __u32 addr)
 	__builtin_memcpy(&a->addr[12], &addr, 4);
 }
 
+static __always_inline bool unspecified_or_loopback(const struct pod_ip *a)
+{
+	const __u32 *w = (const __u32 *)a->addr;
+
+	if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff))
+		return w[3] == 0 || (bpf_ntohl(w[3]) >> 24) == 127;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && (w[3] == 0 || w[3] == bpf_htonl(1));
+}
+
+static __always_inline bool probe_address(const struct pod_ip *a)
+{
+	const __u32 *w = (const __u32 *)a->addr;
+
+	if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff))
+		return w[3] == bpf_htonl(PROBE_ADDR_V4);
+	return w[0] == bpf_htonl(PROBE_ADDR_V6_W0) && w[1] == bpf_htonl(PROBE_ADDR_V6_W1) &&
+	       w[2] == bpf_htonl(PROBE_ADDR_V6_W2) && w[3] == bpf_htonl(PROBE_ADDR_V6_W3);
+}
+
+static __always_inline bool ztunnel_port(__u32 port)
+{
+	return port == ZTUNNEL_OUTBOUND_PORT || port == ZTUNNEL_INBOUND_PORT || port == ZTUNNEL_HBONE_PORT;
+}
+
+static __always_inline int refuse(const struct pod_policy *p)
+{
+	__u32 slot = p ? p->slot : 0;
+	struct pod_counters *v = bpf_map_lookup_elem(&pod_counters, &slot);
+
+	if (v)
+		v->value[CNT_LOOKUP_REFUSED]++;
+	return SK_DROP;
+}
+
 SEC("sk_lookup")
 int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 {
 	struct steer_key k = {};
 	struct listener_key *target;
+	struct pod_policy *p;
 	struct bpf_sock *sk;
 	long err;
 
-	if (ctx->protocol != IPPROTO_TCP)
+	/* The pod to itself and ztunnel's connections to the app come over lo; ztunnel's own
+	 * listeners are found by the ordinary lookup. */
+	if (ctx->protocol != IPPROTO_TCP || ctx->ingress_ifindex == LOOPBACK_IFINDEX || ztunnel_port(ctx->local_port))
 		return SK_PASS;
 	if (ctx->family == 2 /* AF_INET */) {
 		v4_mapped(&k.remote, ctx->remote_ip4);
@@ -66,17 +111,26 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 		__builtin_memcpy(k.remote.addr, (void *)ctx->remote_ip6, 16);
 		__builtin_memcpy(k.local.addr, (void *)ctx->local_ip6, 16);
 	}
+	if (unspecified_or_loopback(&k.local))
+		return SK_PASS;
 	k.remote_port = ctx->remote_port;
 	k.local_port = bpf_htons((__u16)ctx->local_port);
 	target = bpf_map_lookup_elem(&steer, &k);
-	if (!target)
+	if (target) {
+		sk = bpf_map_lookup_elem(&ztunnel_listeners, target);
+		if (!sk)
+			return SK_DROP; /* ztunnel is not listening in this pod: no socket at all, not the app's */
+		err = bpf_sk_assign(ctx, sk, 0);
+		bpf_sk_release(sk);
+		return err ? SK_DROP : SK_PASS;
+	}
+	/* Exempt like in tc: inbound from the probe address, or to a pod that bypasses inbound capture. */
+	p = bpf_map_lookup_elem(&pod_policy, &k.local);
+	if (p && (probe_address(&k.remote) || (p->flags & POD_F_BYPASS_INBOUND)))
 		return SK_PASS;
-	sk = bpf_map_lookup_elem(&ztunnel_listeners, target);
-	if (!sk)
-		return SK_DROP; /* ztunnel is not listening in this pod: no socket at all, not the app's */
-	err = bpf_sk_assign(ctx, sk, 0);
-	bpf_sk_release(sk);
-	return err ? SK_DROP : SK_PASS;
+	if (!p)
+		p = bpf_map_lookup_elem(&pod_policy, &k.remote); /* a looped outbound connection */
+	return refuse(p);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

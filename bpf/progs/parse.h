@@ -1,8 +1,13 @@
-/* Packet parsing: Ethernet + IPv4/IPv6 + TCP into a socket-lookup tuple. */
+/* Packet parsing for every program: IPv4 (with options) and IPv6 (with its extension headers walked,
+ * as the stack walks them) down to the transport header. One rule for all callers: a packet that
+ * may carry TCP but whose TCP header cannot be read here as the stack will read it (a fragment, a
+ * routing header still to be followed, a chain too long to walk, a truncated header) is
+ * PKT_UNCLASSIFIED, and the callers drop it rather than pass it. */
 #ifndef AMBIENT_PARSE_H
 #define AMBIENT_PARSE_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -13,78 +18,231 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-struct tcp_flow {
-	struct bpf_sock_tuple tuple; /* as an incoming packet: saddr = peer, daddr = local */
+#include "ambient_shared.h"
+
+/* Where the IP header starts: after the Ethernet header, or at once on L3 devices (tun, wireguard). */
+#define L2_ETHERNET ETH_HLEN
+#define L2_NONE 0
+
+/* Extension headers walked before giving up (the stack has no limit; a longer chain is dropped). */
+#define MAX_IPV6_EXT_HEADERS 8
+
+#define IP4_MF 0x2000
+#define IP4_OFFSET 0x1fff
+#define IP6_FRAG_OFFSET 0xfff8
+#define IP6_FRAG_MF 0x0001
+
+enum pkt_class {
+	PKT_TCP, /* a whole TCP header, not a fragment: the tuple is valid */
+	PKT_OTHER, /* not IP, or IP that carries no TCP (UDP, ICMP, ...) */
+	PKT_UNCLASSIFIED, /* may carry TCP, cannot be classified: callers drop it */
+};
+
+/* What the IP layer says about a packet. Addresses IPv4-mapped (::ffff:a.b.c.d) for both families. */
+struct ip_info {
+	struct pod_ip saddr, daddr;
+	__u32 l3_off; /* the IP header, from skb->data */
+	__u32 l4_off; /* the upper-layer header, after options and extension headers */
+	__be32 frag_id; /* IPv4 id (zero-extended) or IPv6 fragment identification */
+	__u8 proto; /* the upper-layer protocol; for a later fragment, the fragment header's next header */
+	__u8 hop_limit; /* TTL or hop limit */
+	bool is_ip;
 	bool ipv6;
-	bool bare_syn; /* SYN without ACK: the first packet of a new connection */
+	bool plain; /* no IPv4 options, no IPv6 extension headers */
+	bool first_fragment; /* offset 0, more fragments follow */
+	bool later_fragment; /* offset > 0: no transport header */
+	bool unwalkable; /* IPv6 chain that cannot be followed (routing with segments left, too long, cut) */
 };
 
-enum parse_result {
-	PARSE_TCP = 0,
-	PARSE_OTHER = 1, /* not TCP over IP, or a non-first fragment */
-	PARSE_SHORT = 2, /* headers not in the linear area */
-};
-
-static __always_inline enum parse_result parse_headers(struct __sk_buff *skb, struct tcp_flow *f)
+static __always_inline bool ip_fragment(const struct ip_info *ip)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct tcphdr *tcp;
-
-	if ((void *)(eth + 1) > end)
-		return PARSE_SHORT;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
-
-		if ((void *)(ip + 1) > end)
-			return PARSE_SHORT;
-		if (ip->protocol != IPPROTO_TCP || ip->ihl < 5 || (ip->frag_off & bpf_htons(0x1fff)))
-			return PARSE_OTHER;
-		tcp = (void *)ip + ip->ihl * 4;
-		if ((void *)(tcp + 1) > end)
-			return PARSE_SHORT;
-		f->tuple.ipv4.saddr = ip->saddr;
-		f->tuple.ipv4.daddr = ip->daddr;
-		f->tuple.ipv4.sport = tcp->source;
-		f->tuple.ipv4.dport = tcp->dest;
-		f->ipv6 = false;
-		f->bare_syn = tcp->syn && !tcp->ack;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-
-		if ((void *)(ip6 + 1) > end)
-			return PARSE_SHORT;
-		/* Extension headers are rare on pod traffic; such packets are left to the stack. */
-		if (ip6->nexthdr != IPPROTO_TCP)
-			return PARSE_OTHER;
-		tcp = (void *)(ip6 + 1);
-		if ((void *)(tcp + 1) > end)
-			return PARSE_SHORT;
-		__builtin_memcpy(f->tuple.ipv6.saddr, &ip6->saddr, 16);
-		__builtin_memcpy(f->tuple.ipv6.daddr, &ip6->daddr, 16);
-		f->tuple.ipv6.sport = tcp->source;
-		f->tuple.ipv6.dport = tcp->dest;
-		f->ipv6 = true;
-		f->bare_syn = tcp->syn && !tcp->ack;
-	} else {
-		return PARSE_OTHER;
-	}
-	/* (bare_syn is read in each branch: the verifier loses the bounds of a merged pointer) */
-	return PARSE_TCP;
+	return ip->first_fragment || ip->later_fragment;
 }
 
-/* Parses a TCP packet; pulls the headers into the linear area first when they are not there. */
-static __always_inline bool parse_tcp(struct __sk_buff *skb, struct tcp_flow *f)
+static __always_inline void v4_mapped(struct pod_ip *a, __be32 addr)
 {
-	enum parse_result r = parse_headers(skb, f);
+	__builtin_memset(a, 0, sizeof(*a));
+	a->addr[10] = a->addr[11] = 0xff;
+	__builtin_memcpy(&a->addr[12], &addr, 4);
+}
 
-	if (r == PARSE_SHORT) {
-		if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct tcphdr) + 40))
-			return false;
-		r = parse_headers(skb, f);
+static __always_inline __be32 v4_of(const struct pod_ip *a)
+{
+	__be32 v;
+
+	__builtin_memcpy(&v, &a->addr[12], 4);
+	return v;
+}
+
+static __always_inline bool same_address(const struct pod_ip *a, const struct pod_ip *b)
+{
+	const __u32 *x = (const __u32 *)a->addr, *y = (const __u32 *)b->addr;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline bool ipv6_ext_header(__u8 next)
+{
+	return next == IPPROTO_HOPOPTS || next == IPPROTO_DSTOPTS || next == IPPROTO_ROUTING ||
+	       next == IPPROTO_FRAGMENT || next == IPPROTO_AH;
+}
+
+struct ipv6_frag {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 id;
+};
+
+/* Follows the extension headers after the fixed IPv6 header, bounded like Cilium's ipv6_hdrlen. */
+static __always_inline void walk_ipv6(struct __sk_buff *skb, struct ip_info *ip, __u8 next)
+{
+	__u32 off = ip->l3_off + sizeof(struct ipv6hdr);
+
+#pragma unroll
+	for (int i = 0; i < MAX_IPV6_EXT_HEADERS; i++) {
+		if (!ipv6_ext_header(next)) {
+			ip->proto = next;
+			ip->l4_off = off;
+			return;
+		}
+		ip->plain = false;
+		if (next == IPPROTO_FRAGMENT) {
+			struct ipv6_frag fh;
+			__u16 fo;
+
+			if (bpf_skb_load_bytes(skb, off, &fh, sizeof(fh)))
+				break;
+			fo = bpf_ntohs(fh.frag_off);
+			ip->frag_id = fh.id;
+			off += sizeof(fh);
+			next = fh.nexthdr;
+			if (fo & IP6_FRAG_OFFSET) {
+				ip->later_fragment = true;
+				ip->proto = next;
+				ip->l4_off = off;
+				return;
+			}
+			if (fo & IP6_FRAG_MF)
+				ip->first_fragment = true;
+			/* else an atomic fragment: the stack reads past it without reassembly */
+			continue;
+		}
+		__u8 h[4]; /* next header, length, and for a routing header its type and segments left */
+
+		if (bpf_skb_load_bytes(skb, off, h, sizeof(h)))
+			break;
+		/* Segments left: the stack would forward it on (or drop it); its destination is not final. */
+		if (next == IPPROTO_ROUTING && h[3] != 0)
+			break;
+		off += next == IPPROTO_AH ? ((__u32)h[1] + 2) * 4 : ((__u32)h[1] + 1) * 8;
+		next = h[0];
 	}
-	return r == PARSE_TCP;
+	ip->unwalkable = true;
+	ip->proto = next;
+}
+
+/* Reads the IP header at `l3_off` (L2_ETHERNET or L2_NONE). Non-IP packets have is_ip false. */
+static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct ip_info *ip)
+{
+	__builtin_memset(ip, 0, sizeof(*ip));
+	ip->l3_off = l3_off;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr h;
+		__u16 fo;
+
+		if (bpf_skb_load_bytes(skb, l3_off, &h, sizeof(h)))
+			return;
+		ip->is_ip = true;
+		ip->proto = h.protocol;
+		ip->hop_limit = h.ttl;
+		v4_mapped(&ip->saddr, h.saddr);
+		v4_mapped(&ip->daddr, h.daddr);
+		if (h.ihl < 5) {
+			ip->unwalkable = true; /* malformed: the stack drops it, and so do we if it says TCP */
+			return;
+		}
+		ip->plain = h.ihl == 5;
+		ip->l4_off = l3_off + (__u32)h.ihl * 4;
+		ip->frag_id = (__be32)h.id;
+		fo = bpf_ntohs(h.frag_off);
+		if (fo & IP4_OFFSET)
+			ip->later_fragment = true;
+		else if (fo & IP4_MF)
+			ip->first_fragment = true;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr h;
+
+		if (bpf_skb_load_bytes(skb, l3_off, &h, sizeof(h)))
+			return;
+		ip->is_ip = true;
+		ip->ipv6 = true;
+		ip->plain = true;
+		ip->hop_limit = h.hop_limit;
+		__builtin_memcpy(ip->saddr.addr, &h.saddr, 16);
+		__builtin_memcpy(ip->daddr.addr, &h.daddr, 16);
+		walk_ipv6(skb, ip, h.nexthdr);
+	}
+}
+
+/* May the stack deliver TCP out of this packet without us having read its TCP header? */
+static __always_inline bool may_carry_tcp(const struct ip_info *ip)
+{
+	if (!ip->is_ip)
+		return false;
+	if (ip->proto == IPPROTO_TCP)
+		return true;
+	/* An IPv6 chain we could not finish, or a later fragment whose first header is another
+	 * extension header, may end in TCP. */
+	return ip->ipv6 && (ip->unwalkable || (ip->later_fragment && ipv6_ext_header(ip->proto)));
+}
+
+struct tcp_flow {
+	struct bpf_sock_tuple tuple; /* as an incoming packet: saddr = peer, daddr = local */
+	struct ip_info ip;
+	__be32 seq;
+	bool ipv6;
+	bool bare_syn; /* SYN without ACK: the first packet of a new connection */
+	bool rst;
+	bool fin;
+	bool ack;
+};
+
+/* Classifies a packet whose IP header is at `l3_off`; for PKT_TCP fills the flow. */
+static __always_inline enum pkt_class parse_tcp_at(struct __sk_buff *skb, __u32 l3_off, struct tcp_flow *f)
+{
+	struct tcphdr th;
+
+	parse_ip(skb, l3_off, &f->ip);
+	if (!may_carry_tcp(&f->ip))
+		return PKT_OTHER;
+	if (f->ip.unwalkable || ip_fragment(&f->ip) || f->ip.proto != IPPROTO_TCP)
+		return PKT_UNCLASSIFIED;
+	if (bpf_skb_load_bytes(skb, f->ip.l4_off, &th, sizeof(th)) || th.doff < 5)
+		return PKT_UNCLASSIFIED;
+	f->ipv6 = f->ip.ipv6;
+	if (f->ipv6) {
+		__builtin_memcpy(f->tuple.ipv6.saddr, f->ip.saddr.addr, 16);
+		__builtin_memcpy(f->tuple.ipv6.daddr, f->ip.daddr.addr, 16);
+		f->tuple.ipv6.sport = th.source;
+		f->tuple.ipv6.dport = th.dest;
+	} else {
+		f->tuple.ipv4.saddr = v4_of(&f->ip.saddr);
+		f->tuple.ipv4.daddr = v4_of(&f->ip.daddr);
+		f->tuple.ipv4.sport = th.source;
+		f->tuple.ipv4.dport = th.dest;
+	}
+	f->seq = th.seq;
+	f->bare_syn = th.syn && !th.ack;
+	f->rst = th.rst;
+	f->fin = th.fin;
+	f->ack = th.ack;
+	return PKT_TCP;
+}
+
+static __always_inline enum pkt_class parse_tcp(struct __sk_buff *skb, struct tcp_flow *f)
+{
+	return parse_tcp_at(skb, L2_ETHERNET, f);
 }
 
 /* A constant per branch: the verifier needs the lookup size bounded. */
@@ -93,72 +251,35 @@ static __always_inline __u32 tuple_size(const struct tcp_flow *f)
 	return f->ipv6 ? sizeof(f->tuple.ipv6) : sizeof(f->tuple.ipv4);
 }
 
+static __always_inline __be16 flow_sport(const struct tcp_flow *f)
+{
+	return f->ipv6 ? f->tuple.ipv6.sport : f->tuple.ipv4.sport;
+}
+
 static __always_inline __be16 flow_dport(const struct tcp_flow *f)
 {
 	return f->ipv6 ? f->tuple.ipv6.dport : f->tuple.ipv4.dport;
 }
 
-/* What strict mode needs of a packet that is not TCP: protocol, destination port, source. */
-struct l4_info {
-	__u8 protocol;
-	__u8 icmp6_type;
-	bool is_ip;
-	bool later_fragment; /* a non-first fragment: its first fragment was judged already */
-	__be16 dport;
-	__u8 saddr[16]; /* IPv4 as ::ffff:a.b.c.d */
-};
-
-static __always_inline void parse_l4(struct __sk_buff *skb, struct l4_info *l)
+/* The upper-layer ports of a UDP/TCP first fragment or whole packet (0 when there are none). */
+static __always_inline __be16 l4_dport(struct __sk_buff *skb, const struct ip_info *ip)
 {
-	void *data, *end;
-	struct ethhdr *eth;
-	void *l4;
+	__be16 ports[2] = {};
 
-	__builtin_memset(l, 0, sizeof(*l));
-	if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8) && skb->len > 0)
-		bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128);
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > end)
-		return;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
+	if (ip->later_fragment || ip->unwalkable || (ip->proto != IPPROTO_UDP && ip->proto != IPPROTO_TCP))
+		return 0;
+	if (bpf_skb_load_bytes(skb, ip->l4_off, ports, sizeof(ports)))
+		return 0;
+	return ports[1];
+}
 
-		if ((void *)(ip + 1) > end || ip->ihl < 5)
-			return;
-		l->is_ip = true;
-		l->protocol = ip->protocol;
-		l->saddr[10] = l->saddr[11] = 0xff;
-		__builtin_memcpy(&l->saddr[12], &ip->saddr, 4);
-		if (ip->frag_off & bpf_htons(0x1fff)) {
-			l->later_fragment = true;
-			return;
-		}
-		l4 = (void *)ip + ip->ihl * 4;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
+static __always_inline __u8 icmp6_type(struct __sk_buff *skb, const struct ip_info *ip)
+{
+	__u8 type = 0;
 
-		if ((void *)(ip6 + 1) > end)
-			return;
-		l->is_ip = true;
-		l->protocol = ip6->nexthdr;
-		__builtin_memcpy(l->saddr, &ip6->saddr, 16);
-		l4 = (void *)(ip6 + 1);
-	} else {
-		return;
-	}
-	if (l->protocol == IPPROTO_UDP || l->protocol == IPPROTO_TCP) {
-		__be16 *ports = l4;
-
-		if ((void *)(ports + 2) <= end)
-			l->dport = ports[1];
-	} else if (l->protocol == IPPROTO_ICMPV6) {
-		__u8 *type = l4;
-
-		if ((void *)(type + 1) <= end)
-			l->icmp6_type = *type;
-	}
+	if (ip->proto == IPPROTO_ICMPV6 && !ip->later_fragment && !ip->unwalkable)
+		bpf_skb_load_bytes(skb, ip->l4_off, &type, 1);
+	return type;
 }
 
 #endif

@@ -14,6 +14,15 @@
 		__type(value, struct pod_policy);                                                              \
 	}
 
+/* Per-pod counters, by the slot in pod_policy. */
+#define POD_COUNTERS_MAP                                                                                       \
+	struct {                                                                                               \
+		__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);                                                       \
+		__uint(max_entries, MAX_PODS);                                                                 \
+		__type(key, __u32);                                                                            \
+		__type(value, struct pod_counters);                                                            \
+	}
+
 /* Decisions of the tc programs for SYNs, taken over by the sk_lookup program (sk_lookup steering). */
 #define STEER_MAP                                                                                              \
 	struct {                                                                                               \

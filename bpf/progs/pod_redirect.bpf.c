@@ -13,6 +13,13 @@
  * Return path of ztunnel's spoofed connections to the app: the app's replies are addressed to the
  * real client, but the flow terminates at ztunnel's local socket, so they are looped like above.
  *
+ * The capture guarantee: a packet that may carry TCP but cannot be classified here (a fragment, an
+ * IPv6 routing header with segments left, a chain of extension headers too long to walk) is dropped
+ * and counted, never passed; a SYN that meets a TIME_WAIT socket is a new connection and goes to
+ * ztunnel; without a ztunnel listener a new connection is refused at once with a reset, in both
+ * directions. Behind these programs the pod netns's sk_lookup program (listener_steering.bpf.c)
+ * refuses any listener lookup for traffic from outside that tc did not hand to ztunnel.
+ *
  * ztunnel's own traffic (SO_MARK 0x539 on a socket of ztunnel's cgroup) is never touched; the mark
  * alone is not enough unless the node runs in mark-only mode. Each new connection is counted per
  * pod (pod_counters), found by the pod-side address of the packet (pod_policy), which also carries
@@ -27,6 +34,7 @@
 
 #include "ambient_shared.h"
 #include "parse.h"
+#include "refuse.h"
 #include "pod_policy_map.h"
 
 struct {
@@ -50,12 +58,7 @@ POD_POLICY_MAP pod_policy SEC(".maps");
 
 STEER_MAP steer SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, MAX_PODS);
-	__type(key, __u32);
-	__type(value, struct pod_counters);
-} pod_counters SEC(".maps");
+POD_COUNTERS_MAP pod_counters SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -80,30 +83,46 @@ struct {
 	__type(value, __u8);
 } strict_allow SEC(".maps");
 
+/* Fragments of datagrams strict mode let out: the first fragment's verdict, for the later ones
+ * (which carry no ports). Keyed by source, destination, protocol and fragment id. */
+struct frag_key {
+	struct pod_ip saddr, daddr;
+	__be32 id;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_STRICT_FRAGMENTS);
+	__type(key, struct frag_key);
+	__type(value, __u8);
+} strict_fragments SEC(".maps");
+
 static __always_inline bool is_marked(const struct __sk_buff *skb, __u32 mark)
 {
 	return (skb->mark & MARK_MASK) == mark;
 }
 
-/* ---- per-pod policy and counters ---- */
-
-static __always_inline void v4_key(struct pod_ip *k, __be32 addr)
+static __always_inline __u32 setting_flags(void)
 {
-	__builtin_memset(k, 0, sizeof(*k));
-	k->addr[10] = k->addr[11] = 0xff;
-	__builtin_memcpy(&k->addr[12], &addr, 4);
+	__u32 zero = 0;
+	struct dp_settings *s = bpf_map_lookup_elem(&settings, &zero);
+
+	return s ? s->flags : 0;
 }
 
-/* The policy of the pod that owns `local`, the pod-side address of a flow (NULL: not a pod's). */
+/* ---- per-pod policy and counters ---- */
+
+static __always_inline struct pod_policy *policy_of_address(const struct pod_ip *a)
+{
+	return bpf_map_lookup_elem(&pod_policy, a);
+}
+
+/* The policy of the pod that owns the pod-side address of a flow (NULL: not a pod's). */
 static __always_inline struct pod_policy *policy_of(const struct tcp_flow *f, bool local_is_source)
 {
-	struct pod_ip k;
-
-	if (f->ipv6)
-		__builtin_memcpy(k.addr, local_is_source ? f->tuple.ipv6.saddr : f->tuple.ipv6.daddr, 16);
-	else
-		v4_key(&k, local_is_source ? f->tuple.ipv4.saddr : f->tuple.ipv4.daddr);
-	return bpf_map_lookup_elem(&pod_policy, &k);
+	return policy_of_address(local_is_source ? &f->ip.saddr : &f->ip.daddr);
 }
 
 static __always_inline void count(const struct pod_policy *p, enum pod_counter c)
@@ -117,19 +136,19 @@ static __always_inline void count(const struct pod_policy *p, enum pod_counter c
 
 /* ---- ztunnel's own traffic ---- */
 
-/* Is this ztunnel-marked packet really ztunnel's? By default only sockets of ztunnel's cgroup (and
- * the node's root cgroup, which holds the kernel's reply sockets and never a pod) count: an app
- * with NET_ADMIN that sets SO_MARK 0x539 is still redirected. */
+/* Is this ztunnel-marked packet really ztunnel's? By default only sockets of ztunnel's cgroups count
+ * (and packets with no full socket: time-wait acks, the kernel's replies): an app with NET_ADMIN that
+ * sets SO_MARK 0x539 is still redirected. The root cgroup is trusted only when ztunnel runs in it,
+ * which on a node whose pods do not use cgroup v2 makes this upstream's mark-only rule (the agent
+ * says so). The kernel's reply sockets need no trust: they never open connections. */
 static __always_inline bool ztunnel_owns(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct dp_settings *s = bpf_map_lookup_elem(&settings, &zero);
 	__u64 cgroup;
 
-	if (s && (s->flags & SETTING_MARK_ONLY_EXEMPTION))
+	if (setting_flags() & SETTING_MARK_ONLY_EXEMPTION)
 		return true;
 	cgroup = bpf_skb_cgroup_id(skb);
-	if (cgroup == 0 || cgroup == CGROUP_V2_ROOT_ID)
+	if (cgroup == 0)
 		return true;
 	return bpf_map_lookup_elem(&ztunnel_cgroups, &cgroup) != NULL;
 }
@@ -156,37 +175,39 @@ static __always_inline bool is_probe_or_loopback(const struct tcp_flow *f, bool 
 	return is_probe_or_loopback_v4(source ? f->tuple.ipv4.saddr : f->tuple.ipv4.daddr);
 }
 
-/* Is there a local, non-listening socket for this packet (seen as incoming)? Then the flow ends on
- * this host even though its destination is not a local address: ztunnel's accepted outbound socket,
- * or ztunnel's spoofed-source connection to the app. */
-static __always_inline bool flow_terminates_locally(struct __sk_buff *skb, struct tcp_flow *f)
+/* The state of the local socket this packet (seen as incoming) belongs to; -1: none. A listener is
+ * returned for a packet that only a listener would take. */
+static __always_inline int local_socket_state(struct __sk_buff *skb, struct tcp_flow *f)
 {
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &f->tuple, tuple_size(f), BPF_F_CURRENT_NETNS, 0);
-	bool local;
+	int state;
 
 	if (!sk)
-		return false;
-	local = sk->state != BPF_TCP_LISTEN;
+		return -1;
+	state = (int)sk->state;
 	bpf_sk_release(sk);
-	return local;
+	return state;
+}
+
+/* Is there a local connection for this packet (seen as incoming)? Then the flow ends on this host
+ * even though its destination is not a local address: ztunnel's accepted outbound socket, or
+ * ztunnel's spoofed-source connection to the app. */
+static __always_inline bool flow_terminates_locally(struct __sk_buff *skb, struct tcp_flow *f)
+{
+	int state = local_socket_state(skb, f);
+
+	return state >= 0 && state != BPF_TCP_LISTEN;
 }
 
 enum assign_result {
-	ASSIGNED,
+	ASSIGNED, /* to ztunnel's listener (or, with sk_lookup steering, left to the sk_lookup program) */
 	KNOWN_CONNECTION, /* e.g. a retransmitted SYN: the stack's own lookup finds its socket */
 	NO_LISTENER,
 };
 
-static __always_inline bool steering_with_sk_lookup(void)
-{
-	__u32 zero = 0;
-	struct dp_settings *s = bpf_map_lookup_elem(&settings, &zero);
-
-	return s && (s->flags & SETTING_SK_LOOKUP_STEERING);
-}
-
-/* sk_lookup steering: leaves the decision for the pod netns's sk_lookup program (listener_steering
- * .bpf.c), which assigns the SYN to ztunnel's listener when the stack looks up its socket. */
+/* sk_lookup steering: records the decision for the pod netns's sk_lookup program
+ * (listener_steering.bpf.c), which assigns the SYN to ztunnel's listener when the stack looks up
+ * its socket. */
 static __always_inline enum assign_result steer_later(const struct tcp_flow *f, const struct pod_policy *p, __u16 port)
 {
 	struct listener_key target = {};
@@ -194,34 +215,29 @@ static __always_inline enum assign_result steer_later(const struct tcp_flow *f, 
 
 	if (!p || !p->netns_cookie)
 		return NO_LISTENER;
-	if (f->ipv6) {
-		__builtin_memcpy(k.remote.addr, f->tuple.ipv6.saddr, 16);
-		__builtin_memcpy(k.local.addr, f->tuple.ipv6.daddr, 16);
-		k.remote_port = f->tuple.ipv6.sport;
-		k.local_port = f->tuple.ipv6.dport;
-	} else {
-		v4_key(&k.remote, f->tuple.ipv4.saddr);
-		v4_key(&k.local, f->tuple.ipv4.daddr);
-		k.remote_port = f->tuple.ipv4.sport;
-		k.local_port = f->tuple.ipv4.dport;
-	}
+	k.remote = f->ip.saddr;
+	k.local = f->ip.daddr;
+	k.remote_port = flow_sport(f);
+	k.local_port = flow_dport(f);
 	target.netns_cookie = p->netns_cookie;
 	target.port = port;
 	return bpf_map_update_elem(&steer, &k, &target, BPF_ANY) ? NO_LISTENER : ASSIGNED;
 }
 
-/* Hands a SYN to ztunnel's wildcard-bound listener on `port` (of the pod `p`). */
+/* Hands a new connection (a bare SYN) to ztunnel's wildcard-bound listener on `port` (of pod `p`).
+ * A SYN that meets a TIME_WAIT socket starts a new connection: it goes to ztunnel too (the stack
+ * would otherwise hand it to whichever listener owns the port, the app's). */
 static __always_inline enum assign_result assign_to_listener(struct __sk_buff *skb, struct tcp_flow *f,
 							     __u16 port, const struct pod_policy *p)
 {
 	struct bpf_sock_tuple listener = {};
 	struct bpf_sock *sk;
+	int state;
 	long err;
 
-	if (flow_terminates_locally(skb, f))
+	state = local_socket_state(skb, f);
+	if (state >= 0 && state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT)
 		return KNOWN_CONNECTION;
-	if (steering_with_sk_lookup())
-		return steer_later(f, p, port);
 	/* Only the port: addresses zero find wildcard listeners, which is how ztunnel binds. */
 	if (f->ipv6)
 		listener.ipv6.dport = bpf_htons(port);
@@ -234,6 +250,10 @@ static __always_inline enum assign_result assign_to_listener(struct __sk_buff *s
 		bpf_sk_release(sk);
 		return NO_LISTENER;
 	}
+	if (setting_flags() & SETTING_SK_LOOKUP_STEERING) {
+		bpf_sk_release(sk); /* before 6.6 tc cannot assign ztunnel's SO_REUSEPORT listeners */
+		return steer_later(f, p, port);
+	}
 	err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	return err ? NO_LISTENER : ASSIGNED;
@@ -245,32 +265,70 @@ static __always_inline int loop_to_ingress(struct __sk_buff *skb)
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
+/* A packet that may carry TCP and cannot be classified: dropped, never passed. */
+static __always_inline int drop_unclassified(const struct pod_policy *p)
+{
+	count(p, CNT_UNCLASSIFIED_DROPPED);
+	return TC_ACT_SHOT;
+}
+
 /* ---- strict mode ---- */
 
-/* A packet leaving the pod that ztunnel cannot carry (not TCP): with strict mode on for its pod,
- * dropped unless it is DNS, IPv6 neighbour discovery, or on the allow list. */
-static __always_inline int strict_egress(struct __sk_buff *skb)
+static __always_inline bool link_local_or_multicast_v6(const struct pod_ip *a)
+{
+	return a->addr[0] == 0xff || (a->addr[0] == 0xfe && (a->addr[1] & 0xc0) == 0x80);
+}
+
+/* Is this non-TCP packet one strict mode lets out? Later fragments follow their first fragment. */
+static __always_inline bool strict_allows(struct __sk_buff *skb, const struct ip_info *ip, const struct pod_policy *p)
 {
 	struct strict_allow_key k = {};
-	struct pod_policy *p;
-	struct l4_info l;
+	struct frag_key fk = {};
+	__u8 yes = 1;
+	bool allowed = false;
 
-	parse_l4(skb, &l);
-	if (!l.is_ip || l.later_fragment || l.protocol == IPPROTO_TCP)
+	fk.saddr = ip->saddr;
+	fk.daddr = ip->daddr;
+	fk.id = ip->frag_id;
+	fk.proto = ip->proto;
+	if (ip->later_fragment)
+		return bpf_map_lookup_elem(&strict_fragments, &fk) != NULL;
+	if (ip->unwalkable)
+		return false;
+	k.protocol = ip->proto;
+	k.port = l4_dport(skb, ip);
+	if (ip->proto == IPPROTO_ICMPV6) {
+		__u8 type = icmp6_type(skb, ip);
+
+		/* Neighbour discovery (without it the pod has no IPv6 at all): link-scoped by RFC 4861
+		 * (hop limit 255), to a link-local or multicast address, so it cannot carry data away. */
+		allowed = type >= 133 && type <= 137 && ip->hop_limit == 255 && link_local_or_multicast_v6(&ip->daddr);
+	} else if (ip->proto == IPPROTO_UDP && k.port == bpf_htons(53)) {
+		/* DNS, unless the pod's DNS is captured at the socket: then the app's own never leaves as
+		 * is, and a UDP/53 packet is a hand-made one (ztunnel's own passed before this). */
+		allowed = !(p->flags & POD_F_DNS_CAPTURED);
+	}
+	if (!allowed)
+		allowed = bpf_map_lookup_elem(&strict_allow, &k) != NULL;
+	if (!allowed) {
+		k.port = 0;
+		allowed = bpf_map_lookup_elem(&strict_allow, &k) != NULL;
+	}
+	if (allowed && ip->first_fragment)
+		bpf_map_update_elem(&strict_fragments, &fk, &yes, BPF_ANY);
+	return allowed;
+}
+
+/* A packet leaving the pod that ztunnel cannot carry (not TCP): with strict mode on for its pod,
+ * dropped unless it is allowed (DNS, IPv6 neighbour discovery, the allow list). */
+static __always_inline int strict_egress(struct __sk_buff *skb, const struct ip_info *ip)
+{
+	struct pod_policy *p;
+
+	if (!ip->is_ip)
 		return TC_ACT_UNSPEC;
-	p = bpf_map_lookup_elem(&pod_policy, l.saddr);
-	if (!p || !(p->flags & POD_F_STRICT))
-		return TC_ACT_UNSPEC;
-	if (l.protocol == IPPROTO_ICMPV6 && l.icmp6_type >= 133 && l.icmp6_type <= 137)
-		return TC_ACT_UNSPEC; /* without neighbour discovery the pod has no IPv6 at all */
-	if (l.protocol == IPPROTO_UDP && l.dport == bpf_htons(53))
-		return TC_ACT_UNSPEC;
-	k.protocol = l.protocol;
-	k.port = l.dport;
-	if (bpf_map_lookup_elem(&strict_allow, &k))
-		return TC_ACT_UNSPEC;
-	k.port = 0;
-	if (bpf_map_lookup_elem(&strict_allow, &k))
+	p = policy_of_address(&ip->saddr);
+	if (!p || !(p->flags & POD_F_STRICT) || strict_allows(skb, ip, p))
 		return TC_ACT_UNSPEC;
 	count(p, CNT_STRICT_DROPPED);
 	return TC_ACT_SHOT;
@@ -285,8 +343,14 @@ int pod_egress(struct __sk_buff *skb)
 	bool forged = false;
 	struct tcp_flow f;
 
-	if (!parse_tcp(skb, &f))
-		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC : strict_egress(skb);
+	switch (parse_tcp(skb, &f)) {
+	case PKT_TCP:
+		break;
+	case PKT_OTHER:
+		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC : strict_egress(skb, &f.ip);
+	default:
+		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC : drop_unclassified(policy_of_address(&f.ip.saddr));
+	}
 	if (is_probe_or_loopback(&f, false)) {
 		if (f.bare_syn)
 			count(policy_of(&f, true), CNT_BYPASS_PROBE);
@@ -314,31 +378,67 @@ int pod_egress(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
-SEC("tc")
-int pod_ingress(struct __sk_buff *skb)
+/* A looped outbound packet (REDIRECT_MARK, from pod_egress): a new connection goes to ztunnel's
+ * 15001, or is refused at once when ztunnel does not listen. */
+static __always_inline int looped_ingress(struct __sk_buff *skb)
 {
 	struct pod_policy *p;
 	struct tcp_flow f;
 
-	if (is_marked(skb, REDIRECT_MARK)) {
-		/* Looped back by pod_egress: the destination MAC is the gateway's, so the stack would
-		 * drop it as another host's packet. */
-		bpf_skb_change_type(skb, PACKET_HOST);
-		/* Without a listener the stack answers the SYN with a reset, as upstream's REDIRECT to a
-		 * closed port does. */
-		if (parse_tcp(skb, &f) && f.bare_syn) {
-			p = policy_of(&f, true);
-			enum assign_result r = assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT, p);
-
-			if (r != KNOWN_CONNECTION)
-				count(p, r == ASSIGNED ? CNT_OUTBOUND_REDIRECTED : CNT_OUTBOUND_NO_ZTUNNEL);
-		}
+	/* The destination MAC is the gateway's, so the stack would drop it as another host's packet. */
+	bpf_skb_change_type(skb, PACKET_HOST);
+	if (parse_tcp(skb, &f) != PKT_TCP)
+		return drop_unclassified(policy_of_address(&f.ip.saddr)); /* pod_egress loops TCP only */
+	if (!f.bare_syn)
+		return TC_ACT_OK;
+	p = policy_of(&f, true);
+	switch (assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT, p)) {
+	case ASSIGNED:
+		count(p, CNT_OUTBOUND_REDIRECTED);
+		return TC_ACT_OK;
+	case KNOWN_CONNECTION:
+		return TC_ACT_OK;
+	default:
+		/* Delivered to the app's socket as the remote's reset (its destination is the pod). */
+		count(p, CNT_OUTBOUND_NO_ZTUNNEL);
+		if (syn_to_reset(skb, &f, false))
+			return TC_ACT_SHOT;
+		skb->mark &= ~MARK_MASK;
 		return TC_ACT_OK;
 	}
-	if (is_marked(skb, ZTUNNEL_MARK) || !parse_tcp(skb, &f) || !f.bare_syn)
+}
+
+SEC("tc")
+int pod_ingress(struct __sk_buff *skb)
+{
+	struct pod_policy *p, *from;
+	struct tcp_flow f;
+
+	if (is_marked(skb, REDIRECT_MARK))
+		return looped_ingress(skb);
+	switch (parse_tcp(skb, &f)) {
+	case PKT_TCP:
+		break;
+	case PKT_OTHER:
+		return TC_ACT_UNSPEC;
+	default:
+		return drop_unclassified(policy_of_address(&f.ip.daddr));
+	}
+	/* The pod's own address as the source of a packet from outside: the pod accepts local sources
+	 * on this interface only for what pod_egress looped (accept_local), never for anyone else. */
+	from = policy_of_address(&f.ip.saddr);
+	p = from ? policy_of(&f, false) : NULL;
+	if (from && p && from->slot == p->slot) {
+		count(p, CNT_SPOOFED_DROPPED);
+		return TC_ACT_SHOT;
+	}
+	if (!from)
+		p = NULL; /* looked up below, for new connections only */
+	if (is_marked(skb, ZTUNNEL_MARK) || !f.bare_syn)
 		return TC_ACT_UNSPEC;
 	/* Like upstream's PREROUTING rule, any destination: only the pod's addresses arrive here. */
-	p = policy_of(&f, false);
+	if (!p)
+		p = policy_of(&f, false);
 	if (flow_dport(&f) == bpf_htons(ZTUNNEL_HBONE_PORT)) {
 		count(p, CNT_BYPASS_HBONE);
 		return TC_ACT_UNSPEC;
@@ -359,29 +459,60 @@ int pod_ingress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	default:
 		/* Fail closed: without ztunnel, inbound traffic must not reach the app unproxied. The
-		 * client's SYN retries land once ztunnel listens. */
+		 * client is refused at once, as by a closed port, and retries once ztunnel listens. */
 		count(p, CNT_INBOUND_NO_ZTUNNEL);
-		return TC_ACT_SHOT;
+		if (syn_to_reset(skb, &f, true))
+			return TC_ACT_SHOT;
+		return bpf_redirect(skb->ifindex, 0);
 	}
 }
 
 /* On an interface named by istio.io/reroute-virtual-interfaces (a VM's tap, a tunnel): TCP coming in
  * is outbound traffic of the workload behind it, so it goes to 15001 like the pod's own. The
- * REDIRECT_MARK routes it locally (the fwmark rule) instead of forwarding it. */
-SEC("tc")
-int pod_reroute_ingress(struct __sk_buff *skb)
+ * REDIRECT_MARK routes it locally (the fwmark rule) instead of forwarding it. `l3_off` is where the
+ * IP header starts: tap devices carry Ethernet, tun and wireguard devices do not. */
+static __always_inline int reroute_ingress(struct __sk_buff *skb, __u32 l3_off)
 {
 	struct tcp_flow f;
 
-	if (!parse_tcp(skb, &f) || is_probe_or_loopback(&f, false))
+	switch (parse_tcp_at(skb, l3_off, &f)) {
+	case PKT_TCP:
+		break;
+	case PKT_OTHER:
+		return TC_ACT_UNSPEC;
+	default:
+		return drop_unclassified(NULL);
+	}
+	if (is_probe_or_loopback(&f, false))
 		return TC_ACT_UNSPEC;
 	if (!f.bare_syn && !flow_terminates_locally(skb, &f))
 		return TC_ACT_UNSPEC; /* a flow from before the pod was enrolled */
 	skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
 	/* (With sk_lookup steering there is no pod to steer for: reroute needs Linux 6.6+.) */
-	if (f.bare_syn && assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT, NULL) == ASSIGNED)
-		count(NULL, CNT_REROUTED); /* node-wide: the source is not a pod address */
+	if (f.bare_syn) {
+		switch (assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT, NULL)) {
+		case ASSIGNED:
+			count(NULL, CNT_REROUTED); /* node-wide: the source is not a pod address */
+			break;
+		case NO_LISTENER:
+			return TC_ACT_SHOT; /* never forwarded past ztunnel */
+		default:
+			break;
+		}
+	}
 	return TC_ACT_OK;
+}
+
+SEC("tc")
+int pod_reroute_ingress(struct __sk_buff *skb)
+{
+	return reroute_ingress(skb, L2_ETHERNET);
+}
+
+SEC("tc")
+int pod_reroute_ingress_l3(struct __sk_buff *skb)
+{
+	return reroute_ingress(skb, L2_NONE);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -68,6 +68,12 @@ export interface DatapathCounters {
   /** packets */
   strictDropped: number;
   rerouted: number;
+  /** packets that may carry TCP but cannot be classified (fragments, odd headers): dropped */
+  unclassifiedDropped: number;
+  /** packets from outside with one of the pod's own addresses as source: dropped */
+  spoofedDropped: number;
+  /** connections the pod netns's socket lookup refused: not handed to ztunnel by tc */
+  lookupRefused: number;
 }
 
 export interface NativeWatcher {

@@ -201,9 +201,17 @@ export class Agent {
     if ((this.opts.ztunnelExemption ?? 'ztunnel-sockets') === 'mark' && this.steering === 'sk-assign') return;
     try {
       const procRoot = join(this.opts.hostRoot, 'proc');
-      const cgroup = cgroupDirectory(cgroupPathOfPid(peer.pid, procRoot), cgroup2Mount(this.opts.hostRoot));
+      const mount = cgroup2Mount(this.opts.hostRoot);
+      const cgroup = cgroupDirectory(cgroupPathOfPid(peer.pid, procRoot), mount);
       this.datapath?.trustZtunnelCgroup(cgroup);
-      this.opts.log.info({ pid: peer.pid, cgroup }, "ztunnel's cgroup trusted: its marked sockets skip redirection");
+      if (cgroup === mount) {
+        this.opts.log.warn(
+          { pid: peer.pid, cgroup },
+          "ztunnel runs in the root cgroup v2 (pods on this node do not use cgroup v2): any socket there carrying ztunnel's mark skips redirection, as with upstream's mark-only rule",
+        );
+      } else {
+        this.opts.log.info({ pid: peer.pid, cgroup }, "ztunnel's cgroup trusted: its marked sockets skip redirection");
+      }
     } catch (err) {
       this.opts.log.error(
         { pid: peer.pid, error: (err as Error).message },
@@ -261,7 +269,7 @@ export class Agent {
       add({ namespace: s?.namespace ?? '', pod: s?.name ?? '', uid: p.uid }, p.counters);
     }
     add({ namespace: '', pod: '', uid: '' }, this.datapath.nodeCounters());
-    return samples('ambient_bpf_datapath_events_total', 'What the BPF programs did, per pod (empty pod: not attributable to one): connections redirected, bypassed (and why), dropped; strictDropped counts packets.', 'counter', rows);
+    return samples('ambient_bpf_datapath_events_total', 'What the BPF programs did, per pod (empty pod: not attributable to one): connections redirected, bypassed (and why), dropped; strictDropped, unclassifiedDropped and spoofedDropped count packets.', 'counter', rows);
   }
 
   /** One verify pass after another, never two at once. */

@@ -6,7 +6,7 @@ import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, rmdirSync,
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cgroup2Mount } from '../../bpf/src/index.js';
+import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid } from '../../bpf/src/index.js';
 import { TEST_PREFIX } from './kernel.js';
 import { sh } from './topology.js';
 
@@ -58,6 +58,13 @@ export class AppCgroup {
     rmSync(this.publicScript, { force: true });
     rmdirSync(this.path);
   }
+}
+
+/** The cgroup v2 directory of the test runner itself: what a test trusts as ztunnel's
+ * (dp.trustZtunnelCgroup) when its own in-process sockets play ztunnel's marked ones. */
+export function testRunnerCgroup(): string {
+  const mount = cgroup2Mount();
+  return cgroupDirectory(cgroupPathOfPid(process.pid), mount);
 }
 
 /** Test cgroups still present (a suite asserts there are none). */

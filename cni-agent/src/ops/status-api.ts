@@ -98,5 +98,8 @@ function numbers(c: Partial<Record<keyof DatapathCounters, number | string>>): D
     forgedMark: n(c.forgedMark),
     strictDropped: n(c.strictDropped),
     rerouted: n(c.rerouted),
+    unclassifiedDropped: n(c.unclassifiedDropped),
+    spoofedDropped: n(c.spoofedDropped),
+    lookupRefused: n(c.lookupRefused),
   };
 }
