@@ -6,7 +6,7 @@ import { openSync, rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { PodProxy } from '../ztunnel-bridge/src/standin/pod-proxy.js';
-import { AppCgroup } from './helpers/app.js';
+import { AppCgroup, testRunnerCgroup } from './helpers/app.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
@@ -44,6 +44,7 @@ describe('bypass attempts from an ambient pod', kernelTest(), () => {
   before(async () => {
     net = await podWithRemote(topo, 45);
     dp = await Datapath.open({ bpffsRoot: root });
+    dp.trustZtunnelCgroup(testRunnerCgroup()); // the stand-in runs in the test runner
     await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [] });
     await attach();
     app = new AppCgroup(topo.id);

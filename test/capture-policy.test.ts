@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { after, afterEach, before, describe, it } from 'node:test';
 import { Datapath, type DatapathCounters } from '../bpf/src/index.js';
-import { AppCgroup } from './helpers/app.js';
+import { AppCgroup, testRunnerCgroup } from './helpers/app.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
@@ -41,6 +41,7 @@ describe('capture policy and counters', kernelTest(), () => {
     await topo.addAddress(net.remote, 'eth0', `${PROBE_V4}/32`);
     await topo.ip(net.pod, 'route', 'add', PROBE_V4, 'dev', 'eth0');
     dp = await Datapath.open({ bpffsRoot: root });
+    dp.trustZtunnelCgroup(testRunnerCgroup()); // the stand-in runs in the test runner
     await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [] });
     await attach();
     app = new AppCgroup(topo.id);
@@ -169,6 +170,7 @@ for (const mode of ['tcx', 'tc'] as const) {
       net = await podWithRemote(topo, subnet);
       vm = await topo.netns('vm');
       dp = await Datapath.open({ bpffsRoot: root });
+      dp.trustZtunnelCgroup(testRunnerCgroup()); // the stand-in runs in the test runner
       await attach(); // before the VM's interface exists, as when a VM starts after the pod
       servers = [
         await ztunnelListener(net.podPath, 15001),

@@ -6,7 +6,7 @@ import { openSync, rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { PodProxy } from '../ztunnel-bridge/src/standin/pod-proxy.js';
-import { AppCgroup } from './helpers/app.js';
+import { AppCgroup, testRunnerCgroup } from './helpers/app.js';
 import { TestDnsServer } from './helpers/dns-server.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
@@ -32,6 +32,7 @@ describe('DNS capture', kernelTest(), () => {
   before(async () => {
     net = await podWithRemote(topo, 8);
     dp = await Datapath.open({ bpffsRoot: root });
+    dp.trustZtunnelCgroup(testRunnerCgroup()); // the stand-in runs in the test runner
     app = new AppCgroup(topo.id);
     await attach(true);
     proxy = await PodProxy.open(uid, openSync(net.podPath, 'r'), { host: net.remoteV4, port: 53 }); // owns the fd

@@ -11,6 +11,7 @@ import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
 import { ZdsServer, type ZtunnelResult } from '../ztunnel-bridge/src/zds-server.js';
 import { CLI } from './helpers/cli.js';
 import { kernelTest, TEST_PREFIX, testBpffsRoot, uniqueSuffix } from './helpers/kernel.js';
+import { testRunnerCgroup } from './helpers/app.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
 import { RecordingServer, udpInNetns, whoAnswers } from './helpers/traffic.js';
@@ -208,6 +209,7 @@ describe('ztunnel stand-in', kernelTest(), () => {
     const net: PodNet = await podWithRemote(topo, 25);
     const root = testBpffsRoot(topo.id);
     const dp = await Datapath.open({ bpffsRoot: root });
+    dp.trustZtunnelCgroup(testRunnerCgroup()); // the stand-in runs in the test runner
     t.after(async () => {
       await dp.detach('pod-e2e');
       dp.close();

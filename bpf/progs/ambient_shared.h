@@ -38,9 +38,6 @@
 #define MAX_PROBE_FLOWS 16384 /* node-opened connections to ambient pods at once */
 #define MAX_STRICT_FRAGMENTS 4096 /* fragmented datagrams strict mode let out, awaiting their later fragments */
 
-/* Every netns's loopback device has this index. */
-#define LOOPBACK_IFINDEX 1
-
 
 struct pod_ip {
 	__u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
@@ -72,7 +69,7 @@ enum pod_counter {
 	CNT_REROUTED, /* inbound on a reroute-virtual-interfaces device, to 15001 */
 	CNT_UNCLASSIFIED_DROPPED, /* packets that may carry TCP but cannot be classified: fragments, odd headers */
 	CNT_SPOOFED_DROPPED, /* packets from outside carrying one of the pod's own addresses as source */
-	CNT_LOOKUP_REFUSED, /* connections the socket lookup refused: not steered to ztunnel by tc */
+	CNT_LOOKUP_REFUSED, /* looped outbound connections the socket lookup refused: tc did not steer them */
 	CNT_COUNT
 };
 

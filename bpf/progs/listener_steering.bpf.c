@@ -2,12 +2,13 @@
 /* The pod netns's sk_lookup program: it runs for every listener lookup in the pod netns, that is
  * for every packet the stack has no connection for, after IPv4/IPv6 reassembly and extension
  * headers, and also for a SYN that meets a TIME_WAIT socket. Two jobs:
- *   Backstop (every kernel, every steering mode): a lookup for traffic that came from outside the
- *     pod (not over lo) to a port of the app is refused unless tc handed it to ztunnel or it is
- *     exempt like in tc (HBONE, ztunnel's own ports, the probe address, bypass-inbound-capture).
- *     tc-assigned SYNs never get here (the stack takes the assigned socket); whatever does get here
- *     unassigned would otherwise reach the app's listener without ztunnel. Refused lookups make
- *     the stack answer with a reset.
+ *   Backstop (every kernel, every steering mode): a lookup for a connection from one of the pod's
+ *     own addresses to an address that is not the pod's can only be an outbound SYN that pod_egress
+ *     looped back (the fwmark rule made its destination local) and that tc did not hand to ztunnel:
+ *     it is refused, never given to a listener of the app's that happens to own the remote's port.
+ *     (Inbound lookups cannot be told from the pod's own connections over lo here: for a local
+ *     destination the kernel reports the address's device, not lo, as the ingress interface. tc
+ *     guards inbound alone: every TCP packet classified or dropped, TIME_WAIT SYNs to ztunnel.)
  *   Steering, for kernels whose bpf_sk_assign in tc refuses SO_REUSEPORT listeners (before Linux
  *     6.6), which is how ztunnel binds 15001/15006: tc records its decision for each SYN in the
  *     steer map, and this program assigns the SYN to ztunnel's listener, learnt by ztunnel_sockops
@@ -57,6 +58,7 @@ static __always_inline void v4_mapped(struct pod_ip *a, __u32 addr)
 	__builtin_memcpy(&a->addr[12], &addr, 4);
 }
 
+/* Lookups tc makes for ztunnel's wildcard listeners carry no address; loopback is the pod's own. */
 static __always_inline bool unspecified_or_loopback(const struct pod_ip *a)
 {
 	const __u32 *w = (const __u32 *)a->addr;
@@ -100,9 +102,8 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 	struct bpf_sock *sk;
 	long err;
 
-	/* The pod to itself and ztunnel's connections to the app come over lo; ztunnel's own
-	 * listeners are found by the ordinary lookup. */
-	if (ctx->protocol != IPPROTO_TCP || ctx->ingress_ifindex == LOOPBACK_IFINDEX || ztunnel_port(ctx->local_port))
+	/* ztunnel's own listeners are found by the ordinary lookup. */
+	if (ctx->protocol != IPPROTO_TCP || ztunnel_port(ctx->local_port))
 		return SK_PASS;
 	if (ctx->family == 2 /* AF_INET */) {
 		v4_mapped(&k.remote, ctx->remote_ip4);
@@ -124,13 +125,11 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 		bpf_sk_release(sk);
 		return err ? SK_DROP : SK_PASS;
 	}
-	/* Exempt like in tc: inbound from the probe address, or to a pod that bypasses inbound capture. */
-	p = bpf_map_lookup_elem(&pod_policy, &k.local);
-	if (p && (probe_address(&k.remote) || (p->flags & POD_F_BYPASS_INBOUND)))
+	/* The backstop: from a pod address to a destination that is no pod address (nor the probe's). */
+	if (bpf_map_lookup_elem(&pod_policy, &k.local) || probe_address(&k.local))
 		return SK_PASS;
-	if (!p)
-		p = bpf_map_lookup_elem(&pod_policy, &k.remote); /* a looped outbound connection */
-	return refuse(p);
+	p = bpf_map_lookup_elem(&pod_policy, &k.remote);
+	return p ? refuse(p) : SK_PASS;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

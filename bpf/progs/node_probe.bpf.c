@@ -11,16 +11,12 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
-#include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #include "ambient_shared.h"
+#include "parse.h"
 #include "pod_policy_map.h"
 
 extern POD_POLICY_MAP pod_policy SEC(".maps");
@@ -31,75 +27,37 @@ struct probe_flow {
 	__be16 node_port;
 };
 
+#define CLOSING_NODE_FIN 1
+#define CLOSING_POD_FIN 2
+
+struct probe_translation {
+	struct pod_ip node; /* the node address the probe address replaced */
+	__u32 closing; /* CLOSING_*: which sides sent their FIN */
+	__u32 pad;
+};
+
+/* Entries leave when their connection ends (a reset, or the last ACK after both FINs), so that a
+ * churn of short probes never evicts a live long connection from the LRU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MAX_PROBE_FLOWS);
 	__type(key, struct probe_flow);
-	__type(value, struct pod_ip); /* the node address the probe address replaced */
+	__type(value, struct probe_translation);
 } probe_nat SEC(".maps");
 
-struct l3 {
-	bool ipv6;
-	__u32 saddr_off, daddr_off, ip_csum_off, tcp_off;
-	struct pod_ip saddr, daddr;
-	__be16 sport, dport;
-	bool syn;
+/* Where a flow's addresses and checksums are in the packet. */
+struct rewrite_at {
+	__u32 saddr, daddr, ip_csum, tcp_csum;
 };
 
-static __always_inline bool parse(struct __sk_buff *skb, struct l3 *p)
+static __always_inline void offsets(const struct tcp_flow *f, struct rewrite_at *at)
 {
-	void *data, *end;
-	struct ethhdr *eth;
-	struct tcphdr *tcp;
+	__u32 l3 = f->ip.l3_off;
 
-	bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct tcphdr));
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > end)
-		return false;
-	__builtin_memset(p, 0, sizeof(*p));
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
-
-		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x1fff)))
-			return false;
-		tcp = (void *)(ip + 1);
-		p->saddr.addr[10] = p->saddr.addr[11] = p->daddr.addr[10] = p->daddr.addr[11] = 0xff;
-		__builtin_memcpy(&p->saddr.addr[12], &ip->saddr, 4);
-		__builtin_memcpy(&p->daddr.addr[12], &ip->daddr, 4);
-		p->saddr_off = ETH_HLEN + offsetof(struct iphdr, saddr);
-		p->daddr_off = ETH_HLEN + offsetof(struct iphdr, daddr);
-		p->ip_csum_off = ETH_HLEN + offsetof(struct iphdr, check);
-		p->tcp_off = ETH_HLEN + sizeof(struct iphdr);
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-
-		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
-			return false;
-		tcp = (void *)(ip6 + 1);
-		__builtin_memcpy(p->saddr.addr, &ip6->saddr, 16);
-		__builtin_memcpy(p->daddr.addr, &ip6->daddr, 16);
-		p->ipv6 = true;
-		p->saddr_off = ETH_HLEN + offsetof(struct ipv6hdr, saddr);
-		p->daddr_off = ETH_HLEN + offsetof(struct ipv6hdr, daddr);
-		p->tcp_off = ETH_HLEN + sizeof(struct ipv6hdr);
-	} else {
-		return false;
-	}
-	if ((void *)(tcp + 1) > end)
-		return false;
-	p->sport = tcp->source;
-	p->dport = tcp->dest;
-	p->syn = tcp->syn && !tcp->ack;
-	return true;
-}
-
-static __always_inline bool same_address(const struct pod_ip *a, const struct pod_ip *b)
-{
-	const __u32 *x = (const __u32 *)a->addr, *y = (const __u32 *)b->addr;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+	at->saddr = l3 + (f->ipv6 ? offsetof(struct ipv6hdr, saddr) : offsetof(struct iphdr, saddr));
+	at->daddr = l3 + (f->ipv6 ? offsetof(struct ipv6hdr, daddr) : offsetof(struct iphdr, daddr));
+	at->ip_csum = l3 + offsetof(struct iphdr, check);
+	at->tcp_csum = f->ip.l4_off + offsetof(struct tcphdr, check);
 }
 
 static __always_inline void probe_address(struct pod_ip *a, bool ipv6)
@@ -122,12 +80,16 @@ static __always_inline void probe_address(struct pod_ip *a, bool ipv6)
 
 /* Rewrites the address at `off` from `from` to `to`, with the IPv4 header and TCP checksums
  * (the TCP one through the pseudo header, which also works for CHECKSUM_PARTIAL packets). */
-static __always_inline int rewrite(struct __sk_buff *skb, const struct l3 *p, __u32 off, const struct pod_ip *from,
+static __always_inline int rewrite(struct __sk_buff *skb, const struct tcp_flow *f, bool source, const struct pod_ip *from,
 				   const struct pod_ip *to)
 {
-	__u32 tcp_csum = p->tcp_off + offsetof(struct tcphdr, check);
+	struct rewrite_at at;
+	__u32 off, tcp_csum;
 
-	if (p->ipv6) {
+	offsets(f, &at);
+	off = source ? at.saddr : at.daddr;
+	tcp_csum = at.tcp_csum;
+	if (f->ipv6) {
 		__s64 diff = bpf_csum_diff((__be32 *)from->addr, 16, (__be32 *)to->addr, 16, 0);
 
 		if (diff < 0 || bpf_l4_csum_replace(skb, tcp_csum, 0, (__u32)diff, BPF_F_PSEUDO_HDR))
@@ -139,58 +101,77 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct l3 *p, __
 	__builtin_memcpy(&old, &from->addr[12], 4);
 	__builtin_memcpy(&new, &to->addr[12], 4);
 	if (bpf_l4_csum_replace(skb, tcp_csum, old, new, BPF_F_PSEUDO_HDR | sizeof(new)) ||
-	    bpf_l3_csum_replace(skb, p->ip_csum_off, old, new, sizeof(new)))
+	    bpf_l3_csum_replace(skb, at.ip_csum, old, new, sizeof(new)))
 		return -1;
 	return bpf_skb_store_bytes(skb, off, &new, 4, 0) ? -1 : 0;
+}
+
+/* Ends a translation with its connection: after a reset, or on the last ACK once both sides sent FIN. */
+static __always_inline void track_close(const struct tcp_flow *f, struct probe_flow *key, struct probe_translation *t,
+					__u32 fin_bit)
+{
+	if (f->rst || (t->closing == (CLOSING_NODE_FIN | CLOSING_POD_FIN) && f->ack && !f->fin))
+		bpf_map_delete_elem(&probe_nat, key);
+	else if (f->fin)
+		t->closing |= fin_bit; /* a lost race leaves the entry to the LRU, as before */
 }
 
 SEC("tc")
 int node_to_pod(struct __sk_buff *skb)
 {
+	struct probe_translation fresh = {}, *t;
 	struct probe_flow key = {};
-	struct pod_ip probe, *known;
-	struct l3 p;
+	struct pod_ip probe;
+	struct tcp_flow f;
 
 	/* Only what a process on this node opened: forwarded packets carry no socket. */
-	if (!skb->sk || !parse(skb, &p) || !bpf_map_lookup_elem(&pod_policy, &p.daddr))
+	if (!skb->sk || parse_tcp(skb, &f) != PKT_TCP || !bpf_map_lookup_elem(&pod_policy, &f.ip.daddr))
 		return TC_ACT_UNSPEC;
-	key.pod = p.daddr;
-	key.pod_port = p.dport;
-	key.node_port = p.sport;
-	known = bpf_map_lookup_elem(&probe_nat, &key);
-	if (known) {
-		if (!same_address(known, &p.saddr))
+	key.pod = f.ip.daddr;
+	key.pod_port = flow_dport(&f);
+	key.node_port = flow_sport(&f);
+	t = bpf_map_lookup_elem(&probe_nat, &key);
+	if (t) {
+		if (!same_address(&t->node, &f.ip.saddr))
 			return TC_ACT_UNSPEC; /* another node address took this port pair: left as is */
 	} else {
-		if (!p.syn)
+		if (!f.bare_syn)
 			return TC_ACT_UNSPEC; /* a connection from before the pod was enrolled */
-		if (bpf_map_update_elem(&probe_nat, &key, &p.saddr, BPF_ANY))
+		fresh.node = f.ip.saddr;
+		if (bpf_map_update_elem(&probe_nat, &key, &fresh, BPF_ANY))
+			return TC_ACT_UNSPEC;
+		t = bpf_map_lookup_elem(&probe_nat, &key);
+		if (!t)
 			return TC_ACT_UNSPEC;
 	}
-	probe_address(&probe, p.ipv6);
-	rewrite(skb, &p, p.saddr_off, &p.saddr, &probe);
+	probe_address(&probe, f.ipv6);
+	rewrite(skb, &f, true, &f.ip.saddr, &probe);
+	track_close(&f, &key, t, CLOSING_NODE_FIN);
 	return TC_ACT_UNSPEC;
 }
 
 SEC("tc")
 int pod_to_node(struct __sk_buff *skb)
 {
+	struct probe_translation *t;
 	struct probe_flow key = {};
-	struct pod_ip probe, *node;
-	struct l3 p;
+	struct pod_ip probe, node;
+	struct tcp_flow f;
 
-	if (!parse(skb, &p))
+	if (parse_tcp(skb, &f) != PKT_TCP)
 		return TC_ACT_UNSPEC;
-	probe_address(&probe, p.ipv6);
-	if (!same_address(&p.daddr, &probe))
+	probe_address(&probe, f.ipv6);
+	if (!same_address(&f.ip.daddr, &probe))
 		return TC_ACT_UNSPEC;
-	key.pod = p.saddr;
-	key.pod_port = p.sport;
-	key.node_port = p.dport;
-	node = bpf_map_lookup_elem(&probe_nat, &key);
-	if (!node)
+	key.pod = f.ip.saddr;
+	key.pod_port = flow_sport(&f);
+	key.node_port = flow_dport(&f);
+	t = bpf_map_lookup_elem(&probe_nat, &key);
+	if (!t)
 		return TC_ACT_UNSPEC;
-	rewrite(skb, &p, p.daddr_off, &probe, node);
+	node = t->node;
+	rewrite(skb, &f, false, &probe, &node);
+	track_close(&f, &key, t, CLOSING_POD_FIN);
 	return TC_ACT_UNSPEC;
 }
 

@@ -18,7 +18,7 @@
  * and counted, never passed; a SYN that meets a TIME_WAIT socket is a new connection and goes to
  * ztunnel; without a ztunnel listener a new connection is refused at once with a reset, in both
  * directions. Behind these programs the pod netns's sk_lookup program (listener_steering.bpf.c)
- * refuses any listener lookup for traffic from outside that tc did not hand to ztunnel.
+ * refuses any looped outbound connection that tc did not hand to ztunnel.
  *
  * ztunnel's own traffic (SO_MARK 0x539 on a socket of ztunnel's cgroup) is never touched; the mark
  * alone is not enough unless the node runs in mark-only mode. Each new connection is counted per
