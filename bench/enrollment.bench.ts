@@ -4,7 +4,7 @@
 // CNI handler, reconciler, ZDS); only the redirection backend differs: the BPF datapath (tc or
 // tcx), or upstream's iptables-restore + ip. Sequential ADDs (p50/p99), a burst of ADDs at once,
 // and the plugin's own exec cost against Debian's bridge plugin.
-import { execFile, spawn } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -180,12 +180,15 @@ async function enroll(backend: Backend, subnet: number): Promise<Result> {
   const redirector: PodRedirector = datapath ?? new IptablesRedirector();
   marks.clear();
   const zds = new ZdsServer({ socketPath: join(dir, 'z.sock') });
-  const standIn = spawn(CLI, ['ztunnel', '--socket', join(dir, 'z.sock'), '--log-level', 'error'], { stdio: 'ignore' });
+  let standIn: ChildProcess | undefined;
   try {
     const seq = await sandboxes(topo, SEQUENTIAL, subnet, 's');
     const burst = await sandboxes(topo, BURST, subnet + 4, 'b');
+    // The stand-in starts once the server listens: however long the sandboxes took on this
+    // machine, its first connection attempt succeeds (no reconnect backoff to outwait).
     zds.start();
-    await until(() => zds.connectedCount === 1, 'stand-in connected', 10_000);
+    standIn = spawn(CLI, ['ztunnel', '--socket', join(dir, 'z.sock'), '--log-level', 'error'], { stdio: 'ignore' });
+    await until(() => zds.connectedCount === 1, 'stand-in connected', 60_000);
     const state: ClusterState = { pods: new Map(), namespaces: new Map([['bench', { metadata: { name: 'bench', labels: { 'istio.io/dataplane-mode': 'ambient' } } }]]) };
     const reconciler = new Reconciler({ datapath: timed(redirector, zds), zds, netns: new NetnsLocator(), log: silentLogger, ...(backend === 'iptables' ? {} : { attachMode: backend === 'bpf-tc' ? 'tc' : backend === 'bpf-tcx' ? 'tcx' : 'auto' }), capture: { strict: false, dnsCapture: false } });
     await reconciler.start(state);
@@ -208,7 +211,7 @@ async function enroll(backend: Backend, subnet: number): Promise<Result> {
       reconciler.stop();
     }
   } finally {
-    standIn.kill('SIGTERM');
+    standIn?.kill('SIGTERM');
     zds.close();
     if (datapath) {
       for (const p of await datapath.list()) await datapath.detach(p.uid);
