@@ -279,6 +279,15 @@ static __always_inline bool link_local_or_multicast_v6(const struct pod_ip *a)
 	return a->addr[0] == 0xff || (a->addr[0] == 0xfe && (a->addr[1] & 0xc0) == 0x80);
 }
 
+/* Is the destination in the source's /64? On-link neighbours are (the FIB cannot say: bpf_fib_lookup
+ * refuses to answer in a netns that does not forward). Further than that a router would carry it. */
+static __always_inline bool same_prefix64(const struct ip_info *ip)
+{
+	const __u32 *s = (const __u32 *)ip->saddr.addr, *d = (const __u32 *)ip->daddr.addr;
+
+	return s[0] == d[0] && s[1] == d[1];
+}
+
 /* Is this non-TCP packet one strict mode lets out? Later fragments follow their first fragment. */
 static __always_inline bool strict_allows(struct __sk_buff *skb, const struct ip_info *ip, const struct pod_policy *p)
 {
@@ -301,8 +310,10 @@ static __always_inline bool strict_allows(struct __sk_buff *skb, const struct ip
 		__u8 type = icmp6_type(skb, ip);
 
 		/* Neighbour discovery (without it the pod has no IPv6 at all): link-scoped by RFC 4861
-		 * (hop limit 255), to a link-local or multicast address, so it cannot carry data away. */
-		allowed = type >= 133 && type <= 137 && ip->hop_limit == 255 && link_local_or_multicast_v6(&ip->daddr);
+		 * (hop limit 255), and only to a link-local or multicast address or a neighbour in the
+		 * pod's own /64, so that no router carries it (or data in its options) off the pod network. */
+		allowed = type >= 133 && type <= 137 && ip->hop_limit == 255 &&
+			  (link_local_or_multicast_v6(&ip->daddr) || same_prefix64(ip));
 	} else if (ip->proto == IPPROTO_UDP && k.port == bpf_htons(53)) {
 		/* DNS, unless the pod's DNS is captured at the socket: then the app's own never leaves as
 		 * is, and a UDP/53 packet is a hand-made one (ztunnel's own passed before this). */
