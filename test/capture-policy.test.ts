@@ -4,12 +4,13 @@
 // strict mode drops what would escape ztunnel and nothing else; reroute-virtual-interfaces.
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { after, afterEach, before, describe, it } from 'node:test';
-import { Datapath, type DatapathCounters } from '../bpf/src/index.js';
-import { AppCgroup, testRunnerCgroup } from './helpers/app.js';
+import { cgroup2Mount, Datapath, type DatapathCounters } from '../bpf/src/index.js';
+import { AppCgroup, CLIENT, testRunnerCgroup } from './helpers/app.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
-import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
+import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
 import { RecordingServer, udpInNetns, whoAnswers, ztunnelListener } from './helpers/traffic.js';
 
 const APP_PORT = 8080;
@@ -214,3 +215,44 @@ for (const mode of ['tcx', 'tc'] as const) {
     });
   });
 }
+
+describe('the ztunnel exemption and the root cgroup', kernelTest(), () => {
+  const topo = new Topology();
+  const uid = `pod-${topo.id}`;
+  const root = testBpffsRoot(topo.id);
+  let net: PodNet;
+  let dp: Datapath;
+  let servers: RecordingServer[] = [];
+
+  /** The app client with ztunnel's mark, run by a process in the root cgroup v2 (where every socket
+   * sits on a node whose pods do not use cgroup v2). */
+  const markedFromRootCgroup = async (): Promise<string> => {
+    const script = `echo $$ > ${join(cgroup2Mount(), 'cgroup.procs')} && exec nsenter --net=${net.podPath} python3 ${CLIENT} tcp ${net.remoteV4} ${APP_PORT} 0x539`;
+    return (await sh('sh', ['-c', script])).trim();
+  };
+
+  before(async () => {
+    net = await podWithRemote(topo, 9);
+    dp = await Datapath.open({ bpffsRoot: root });
+    await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [] });
+    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
+    servers = [
+      await ztunnelListener(net.podPath, 15001),
+      await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT }),
+    ];
+  });
+
+  after(async () => {
+    for (const s of servers) await s.close();
+    await dp?.detach(uid);
+    dp?.close();
+    await topo.cleanup();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('does not trust the root cgroup with the mark unless ztunnel runs there', async () => {
+    assert.equal(await markedFromRootCgroup(), 'ztunnel-15001', 'a marked socket of the root cgroup skipped capture');
+    dp.trustZtunnelCgroup(cgroup2Mount()); // ztunnel itself in the root cgroup: then, and only then
+    assert.equal(await markedFromRootCgroup(), 'remote');
+  });
+});

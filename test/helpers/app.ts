@@ -10,7 +10,8 @@ import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid } from '../../bpf/src/in
 import { TEST_PREFIX } from './kernel.js';
 import { sh } from './topology.js';
 
-const CLIENT = fileURLToPath(new URL('../../../test/fixtures/app-client.py', import.meta.url));
+/** test/fixtures/app-client.py, the app's side of the datapath tests. */
+export const CLIENT = fileURLToPath(new URL('../../../test/fixtures/app-client.py', import.meta.url));
 
 export class AppCgroup {
   readonly path: string;
