@@ -8,8 +8,9 @@ import { after, before, describe, it } from 'node:test';
 import { Datapath, type DatapathCounters } from '../bpf/src/index.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
-import { Topology } from './helpers/topology.js';
+import { sh, Topology } from './helpers/topology.js';
 import { RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.js';
+import { until } from './helpers/wait.js';
 
 const PROBE_V4 = '169.254.7.127';
 const PROBE_V6 = 'fd16:9254:7127:1337:ffff:ffff:ffff:ffff';
@@ -83,6 +84,15 @@ for (const [mode, n] of [['tcx', 30], ['tc', 31]] as const) {
       await topo.exec(node, 'iptables', '-t', 'nat', '-A', 'POSTROUTING', '-o', 'vp0', '-j', 'MASQUERADE');
       assert.equal(await whoAnswers({ netns: path(outside), host: addr.podV4, port: APP_PORT }), 'ztunnel-15006');
       assert.equal(inbound.accepted.at(-1)!.remoteAddress, addr.nodeV4);
+    });
+
+    it('forgets each translation when its connection ends, so probe churn cannot evict a live one', async () => {
+      const entries = async (): Promise<number> =>
+        (JSON.parse(await sh('bpftool', ['-j', 'map', 'dump', 'pinned', `${root}/maps/probe_nat`])) as unknown[]).length;
+      for (let i = 0; i < 20; i++) {
+        assert.equal(await whoAnswers({ netns: path(node), host: i % 2 ? addr.podV6 : addr.podV4, port: APP_PORT }), 'app');
+      }
+      await until(async () => (await entries()) === 0, 'probe translations of closed connections removed', 3000);
     });
 
     it('detach removes the node-side hooks', async () => {
