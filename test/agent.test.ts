@@ -103,9 +103,14 @@ describe('ambient-bpf agent', kernelTest(), () => {
     assert.deepEqual(stats.pods.map((p) => [p.name, p.stats.outbound.connections]), [['cart', 1]]);
 
     // The datapath's own counters agree, in status and metrics.
-    const counted = JSON.parse((await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout) as { pods: { counters: { outboundRedirected: number } }[] };
+    const counted = JSON.parse((await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout) as { pods: { counters: { outboundRedirected: number; unclassifiedDropped: number } }[] };
     assert.equal(counted.pods[0]!.counters.outboundRedirected, 1);
-    assert.match((await get(`http://127.0.0.1:${port + 1}/metrics`)).body, /ambient_bpf_datapath_events_total\{namespace="shop",pod="cart",uid="agent-cart-[0-9a-f]+",counter="outboundRedirected"\} 1\n/);
+    assert.equal(counted.pods[0]!.counters.unclassifiedDropped, 0);
+    const podMetrics = (await get(`http://127.0.0.1:${port + 1}/metrics`)).body;
+    assert.match(podMetrics, /ambient_bpf_datapath_events_total\{namespace="shop",pod="cart",uid="agent-cart-[0-9a-f]+",counter="outboundRedirected"\} 1\n/);
+    for (const counter of ['unclassifiedDropped', 'spoofedDropped', 'lookupRefused']) {
+      assert.match(podMetrics, new RegExp(`ambient_bpf_datapath_events_total\\{namespace="shop",pod="cart",uid="agent-cart-[0-9a-f]+",counter="${counter}"\\} 0\n`));
+    }
 
     // The pod's DNS goes to the stand-in's 15053, which asks the real server.
     assert.equal(await cgroup.client(net.podPath, 'dns-udp', net.remoteV4, 'connected'), `198.18.99.8 from ${net.remoteV4}:53`);
