@@ -479,7 +479,9 @@ export class Reconciler {
     // netns last used must still hold them, or one that does is looked for.
     const trusted = e.netnsFromCni && e.netnsPath;
     e.netnsFromCni = false;
-    const netnsPath = trusted || (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
+    // find() goes by the pod's identity (its kubelet cgroup), not by who holds its IPs, and throws
+    // with the reason when it cannot tell for sure (an error for this pod, retried with backoff).
+    const netnsPath = trusted || (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(e.uid, ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
