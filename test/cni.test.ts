@@ -3,7 +3,7 @@
 // are redirected and acked before ADD returns, or ADD fails (fail closed); other pods pass
 // through, also while the agent is down; bad input gets CNI errors.
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -163,6 +163,83 @@ describe('CNI chaining', kernelTest(), () => {
       assertCniError(await plugin(env, stdin), code, msg);
     }
     assert.match(await agent.metrics(), /ambient_bpf_cni_requests_total\{command="ADD",result="1"\} 1/);
+  });
+
+  it('a DEL for another sandbox of the pod changes nothing, also after an agent restart; the enrolled sandbox’s DEL unenrols', { timeout: 120_000 }, async (t) => {
+    const topo = new Topology();
+    const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-cni-`));
+    const root = testBpffsRoot(topo.id);
+    const pluginSocket = join(dir, 'run', 'cni.sock');
+    const ztunnelSocket = join(dir, 'ztunnel.sock');
+    writeFileSync(join(dir, 'pods.yaml'), POD_FILE);
+    const node = await topo.netns('node');
+    const list: Conflist = {
+      cniVersion: '1.0.0',
+      name: `${TEST_PREFIX}-${topo.id}`,
+      plugins: [
+        { type: 'bridge', bridge: 'cni0', isGateway: true, ipMasq: false, ipam: { type: 'host-local', ranges: [[{ subnet: '198.18.71.0/24' }]], routes: [{ dst: '0.0.0.0/0' }], dataDir: join(dir, 'ipam') } },
+        { type: 'ambient-bpf-cni', agent_socket: pluginSocket },
+      ],
+    };
+    const agentOpts = { nodeName: 'node-a', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket, pluginSocket, bpffs: root, hostRoot: '/', attachMode: 'auto' as const, log: silentLogger };
+    let agent = new Agent(agentOpts);
+    const standIn = new ZtunnelStandIn({ socketPath: ztunnelSocket });
+    const nodeServer = await RecordingServer.start('node-server', { netns: Topology.netnsPath(node), family: 4, address: '0.0.0.0', port: 8080 });
+    t.after(async () => {
+      standIn.stop();
+      agent.stop();
+      await nodeServer.close();
+      await removeDatapath(root);
+      await topo.cleanup();
+      rmSync(dir, { recursive: true, force: true });
+    });
+    await agent.start();
+    standIn.start();
+    const dp = await Datapath.open({ bpffsRoot: root });
+    t.after(() => dp.close());
+    const attached = async () => (await dp.list()).map((p) => p.uid).sort();
+    const outbound = () => standIn.stats().find((p) => p.name === 'cart')?.stats.outbound.connections ?? 0;
+    const captured = async (netns: string) => {
+      const before = outbound();
+      assert.equal(await whoAnswers({ netns, host: '198.18.71.1', port: 8080 }), 'node-server');
+      return outbound() === before + 1;
+    };
+    await until(() => standIn.connected, 'stand-in connected');
+
+    const args = 'IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;K8S_POD_UID=uid-cart';
+    const sandboxA = { containerId: 'sandbox-a', netns: Topology.netnsPath(await topo.netns('cart-a')), args: `${args};K8S_POD_INFRA_CONTAINER_ID=sandbox-a` };
+    // An earlier sandbox of the same pod whose DEL the runtime retries; its netns may still exist.
+    const sandboxB = { containerId: 'sandbox-b', netns: Topology.netnsPath(await topo.netns('cart-b')), args: `${args};K8S_POD_INFRA_CONTAINER_ID=sandbox-b` };
+    const added = await chainAdd(node, list, sandboxA);
+    assert.equal(added.last.code, 0, added.last.stdout + added.last.stderr);
+    assert.deepEqual(await attached(), ['uid-cart']);
+    assert.ok(await captured(sandboxA.netns), 'not captured after ADD');
+    // The pod source reports the pod's IP, as the API server does once the sandbox is up (a
+    // restarted agent knows the pod's IPs only from there).
+    const ip = (added.results[0] as { ips: { address: string }[] }).ips[0]!.address.split('/')[0]!;
+    writeFileSync(join(dir, 'pods.yaml'), POD_FILE.replace('uid: uid-cart }', `uid: uid-cart }\nstatus: { podIP: ${ip} }`));
+    await until(() => agent.status().some((p) => p.uid === 'uid-cart' && p.state === 'enabled'), 'cart enabled with its IP from the source');
+
+    // A stale DEL (another container ID, another or no netns): nothing changes.
+    assert.ok((await chainDel(node, list, sandboxB)).every((r) => r.code === 0));
+    assert.ok((await chainDel(node, list, { ...sandboxB, netns: '' })).every((r) => r.code === 0));
+    assert.deepEqual(await attached(), ['uid-cart']);
+    assert.ok(agent.status().some((p) => p.uid === 'uid-cart' && p.state === 'enabled'), 'the pod is no longer enabled');
+    assert.ok(await captured(sandboxA.netns), 'not captured after a stale DEL');
+
+    // The agent restarts: the enrolled sandbox is remembered, a stale DEL still changes nothing.
+    agent.stop();
+    agent = new Agent(agentOpts);
+    await agent.start();
+    await until(() => agent.status().some((p) => p.uid === 'uid-cart' && p.state === 'enabled'), 'cart enabled after the restart');
+    assert.ok((await chainDel(node, list, { ...sandboxB, netns: '' })).every((r) => r.code === 0));
+    assert.deepEqual(await attached(), ['uid-cart']);
+    assert.ok(await captured(sandboxA.netns), 'not captured after a stale DEL following a restart');
+
+    // The enrolled sandbox's own DEL unenrols.
+    assert.ok((await chainDel(node, list, sandboxA)).every((r) => r.code === 0));
+    await until(async () => (await attached()).length === 0, 'cart detached');
+    assert.deepEqual(readdirSync(join(dir, 'run', 'sandboxes')), [], 'the sandbox record was not removed');
   });
 });
 

@@ -8,6 +8,7 @@ import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
 import { CgroupLocator } from './enrollment/cgroup-locator.js';
 import { NetnsLocator } from './enrollment/netns-locator.js';
+import { SandboxRecords } from './enrollment/sandbox-records.js';
 import { DEFAULT_CAPTURE, Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
 import type { CaptureDefaults } from './pods/capture-options.js';
 import type { KubeConnection } from './pods/kube-client.js';
@@ -129,6 +130,7 @@ export class Agent {
       zds: this.zds,
       netns: new NetnsLocator(this.opts.hostRoot),
       cgroups: new CgroupLocator(this.opts.hostRoot),
+      sandboxes: new SandboxRecords(this.opts.pluginSocket),
       log,
       attachMode: this.opts.attachMode,
       capture: this.opts.capture ?? DEFAULT_CAPTURE,

@@ -91,7 +91,10 @@ export class CniHandler {
       if (command === 'ADD') return await this.add(config, req.env, namespace, name, args.K8S_POD_UID);
       const uid = args.K8S_POD_UID || this.deps.reconciler.uidOf(namespace, name);
       if (command === 'DEL') {
-        if (uid) await this.deps.reconciler.cniDel(uid);
+        // CNI_NETNS may be empty on DEL (the sandbox's netns is gone); it only helps to tell which
+        // sandbox a DEL is for when the pod's container ID was not recorded.
+        const netns = req.env.CNI_NETNS ? (this.deps.hostPath ?? ((p: string) => p))(req.env.CNI_NETNS) : undefined;
+        if (uid) await this.deps.reconciler.cniDel(uid, req.env.CNI_CONTAINERID, netns);
         return ok(undefined);
       }
       // CHECK: an ambient pod must be redirected and acked.
@@ -152,7 +155,7 @@ export class CniHandler {
     } catch (err) {
       throw new CniFailure(CniCode.InvalidEnvironment, `CNI_NETNS: ${(err as Error).message}`);
     }
-    const r = await this.deps.reconciler.cniAdd(pod, netns, ips);
+    const r = await this.deps.reconciler.cniAdd(pod, netns, ips, env.CNI_CONTAINERID);
     if (!r.ok) {
       this.deps.log.warn({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, reason: r.reason }, 'CNI ADD failed for an ambient pod; the runtime will retry');
       throw new CniFailure(CniCode.TryAgainLater, `ambient pod ${namespace}/${name} is not ready: ${r.reason}`);

@@ -4,16 +4,21 @@
 import { readdirSync, readlinkSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, subdirectories } from '../../../bpf/src/index.js';
+import { canonicalPodUid, isKubepodsAncestorName, podUidOfCgroupName } from '../pods/pod-cgroup.js';
 
 export class CgroupLocator {
   private mount: string | undefined;
 
-  constructor(private readonly hostRoot = '/') {}
+  constructor(
+    private readonly hostRoot = '/',
+    /** Where kubelet's cgroups are looked for (default: the cgroup v2 mount; tests use a subtree). */
+    private readonly kubeletRoot?: string,
+  ) {}
 
   /** The pod's cgroup directory, or undefined while it has none of its own yet. */
   find(uid: string, netnsPath: string): string | undefined {
     this.mount ??= cgroup2Mount(this.hostRoot);
-    return kubeletPodCgroup(this.mount, uid) ?? this.fromProcesses(netnsPath);
+    return kubeletPodCgroup(this.kubeletRoot ?? this.mount, uid) ?? this.fromProcesses(netnsPath);
   }
 
   private fromProcesses(netnsPath: string): string | undefined {
@@ -39,18 +44,21 @@ export class CgroupLocator {
   }
 }
 
-/** kubelet's pod cgroup, for both cgroup drivers: .../pod<uid> (cgroupfs) or
- * .../kubepods-<qos>-pod<uid with _>.slice (systemd), under a kubepods* tree. */
-function kubeletPodCgroup(mount: string, uid: string): string | undefined {
-  const names = new Set([`pod${uid}`, `pod${uid.replace(/-/g, '_')}.slice`]);
-  const matches = (entry: string): boolean => [...names].some((n) => entry === n || entry.endsWith(`-${n}`));
-  let level = [mount];
-  for (let depth = 0; depth < 4 && level.length > 0; depth++) {
-    const next: string[] = [];
-    for (const dir of level) {
+/** kubelet's pod cgroup, for both cgroup drivers and every QoS class (names parsed as in
+ * pods/pod-cgroup.ts): kubepods/pod<uid>, kubepods/{burstable,besteffort}/pod<uid> (cgroupfs),
+ * kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid with _>.slice (systemd), also below
+ * kubelet.slice (kubelet's --cgroup-root). */
+export function kubeletPodCgroup(root: string, uid: string): string | undefined {
+  const want = canonicalPodUid(uid);
+  let level = [{ dir: root, underKubepods: false }];
+  for (let depth = 0; depth < 5 && level.length > 0; depth++) {
+    const next: typeof level = [];
+    for (const { dir, underKubepods } of level) {
       for (const entry of subdirectories(dir)) {
-        if (matches(entry)) return join(dir, entry);
-        if (entry.startsWith('kubepods')) next.push(join(dir, entry));
+        if (podUidOfCgroupName(entry) === want) return join(dir, entry);
+        // Descend into kubepods* and the QoS levels below it, and into kubelet.slice's children.
+        const kubepods = entry.includes('kubepods');
+        if (kubepods || entry === 'kubelet.slice' || (underKubepods && isKubepodsAncestorName(entry))) next.push({ dir: join(dir, entry), underKubepods: underKubepods || kubepods });
       }
     }
     level = next;

@@ -2,7 +2,7 @@
 // ztunnel's answer, annotation), reconciled one pod at a time and retried with backoff until they
 // agree. Inputs: the pod source (state and changes), ztunnel's answers, and the datapath's own
 // records (so a restarted agent adopts what it attached before instead of attaching twice).
-import { existsSync, openSync } from 'node:fs';
+import { existsSync, openSync, statSync } from 'node:fs';
 import { kernelHasTcx, type AttachMode, type AttachOptions, type PodAttachment } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
@@ -11,6 +11,7 @@ import { selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selecti
 import { captureOptions, type CaptureDefaults, type CaptureOptions } from '../pods/capture-options.js';
 import type { CgroupLocator } from './cgroup-locator.js';
 import type { NetnsLocator } from './netns-locator.js';
+import type { SandboxStore } from './sandbox-records.js';
 
 /** The `ambient.istio.io/redirection` annotation value; undefined removes it. */
 export type RedirectionAnnotation = 'enabled' | 'pending' | undefined;
@@ -62,6 +63,8 @@ interface Entry {
   sandboxGone: boolean;
   /** netnsPath came from a CNI ADD and was not used yet. */
   netnsFromCni: boolean;
+  /** CNI_CONTAINERID of the sandbox the last CNI ADD enrolled (also persisted, see SandboxStore). */
+  sandboxId: string | undefined;
   /** When the pending enrollment started (performance.now()), until ztunnel acks it. */
   enrollStarted: number | undefined;
   /** DNS capture: on (hooked to this cgroup), off, or waiting for the pod to have a cgroup. */
@@ -84,6 +87,8 @@ export interface ReconcilerOptions {
   netns: NetnsLocator;
   /** Finds pods' cgroups for DNS capture (without it, DNS is not captured). */
   cgroups?: CgroupLocator;
+  /** Persists which sandbox of each pod CNI ADD enrolled, across agent restarts. */
+  sandboxes?: SandboxStore;
   log: Logger;
   annotator?: Annotator;
   policy?: SelectionPolicy;
@@ -235,8 +240,16 @@ export class Reconciler {
 
   /** CNI ADD: the runtime made the pod's sandbox. Resolves once the pod is redirected and ztunnel
    * acked it, or with the reason it is not (the runtime then fails the ADD and retries). */
-  async cniAdd(pod: Pod, netnsPath: string, ips: string[]): Promise<{ ok: true } | { ok: false; reason: string }> {
+  async cniAdd(pod: Pod, netnsPath: string, ips: string[], containerId?: string): Promise<{ ok: true } | { ok: false; reason: string }> {
     const e = this.entry(pod.metadata.uid);
+    if (containerId && e.sandboxId !== containerId) {
+      e.sandboxId = containerId;
+      try {
+        this.opts.sandboxes?.set(e.uid, containerId);
+      } catch (err) {
+        this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot record the pod’s sandbox; a stale DEL after an agent restart is judged by its netns');
+      }
+    }
     e.pod ??= pod;
     e.netnsPath = netnsPath;
     e.netnsFromCni = true;
@@ -249,13 +262,46 @@ export class Reconciler {
     return { ok: true };
   }
 
-  /** CNI DEL: the sandbox is going away; unenrol until a new one appears. */
-  async cniDel(uid: string): Promise<void> {
+  /** CNI DEL: the sandbox is going away; unenrol until a new one appears. A DEL for another sandbox
+   * than the enrolled one (runtimes retry DEL for earlier sandboxes of the same pod, with the same
+   * K8S_POD_UID) changes nothing. Returns whether the DEL was acted on. */
+  async cniDel(uid: string, containerId?: string, netnsPath?: string): Promise<boolean> {
     const e = this.entries.get(uid);
-    if (!e) return;
+    if (!e) return false;
+    const stale = this.staleDel(e, containerId, netnsPath);
+    if (stale) {
+      this.opts.log.info({ uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined, containerId, enrolled: e.sandboxId ?? e.netnsPath }, `CNI DEL for another sandbox of the pod ignored: ${stale}`);
+      return false;
+    }
     e.sandboxGone = true;
     e.cniIps = undefined;
     await this.reconcile(uid);
+    if (!e.attached) this.forgetSandbox(e);
+    return true;
+  }
+
+  /** Why a DEL is for another sandbox than the enrolled one, or undefined if it may be for it. The
+   * container ID recorded at ADD decides (read back after an agent restart). Without a record (the
+   * pod was enrolled while running, not through ADD), a DEL naming a netns that is not the enrolled
+   * one, while the enrolled one still exists, is stale too; anything else is honoured. */
+  private staleDel(e: Entry, containerId: string | undefined, netnsPath: string | undefined): string | undefined {
+    if (!e.attached && !e.ztunnel) return undefined;
+    e.sandboxId ??= this.opts.sandboxes?.get(e.uid);
+    if (e.sandboxId && containerId) return containerId === e.sandboxId ? undefined : `the enrolled sandbox is ${e.sandboxId}`;
+    if (!netnsPath || !e.netnsPath) return undefined;
+    const enrolled = inodeOf(e.netnsPath);
+    if (enrolled === undefined) return undefined;
+    return inodeOf(netnsPath) === enrolled ? undefined : `its netns ${netnsPath} is not the enrolled ${e.netnsPath}`;
+  }
+
+  private forgetSandbox(e: Entry): void {
+    if (e.sandboxId === undefined && !this.opts.sandboxes) return;
+    e.sandboxId = undefined;
+    try {
+      this.opts.sandboxes?.delete(e.uid);
+    } catch (err) {
+      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot remove the pod’s sandbox record');
+    }
   }
 
   /** The uid of a pod known by namespace and name (runtimes that pass no K8S_POD_UID). */
@@ -360,6 +406,7 @@ export class Reconciler {
         cniIps: undefined,
         sandboxGone: false,
         netnsFromCni: false,
+        sandboxId: undefined,
         enrollStarted: undefined,
         dns: { state: 'off' },
       };
@@ -418,7 +465,10 @@ export class Reconciler {
         e.backoffMs = Math.min(e.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
       }
     }
-    if (!e.pod && !e.attached && !e.error) this.entries.delete(e.uid);
+    if (!e.pod && !e.attached && !e.error) {
+      this.forgetSandbox(e);
+      this.entries.delete(e.uid);
+    }
   }
 
   private async enroll(e: Entry): Promise<void> {
@@ -429,7 +479,9 @@ export class Reconciler {
     // netns last used must still hold them, or one that does is looked for.
     const trusted = e.netnsFromCni && e.netnsPath;
     e.netnsFromCni = false;
-    const netnsPath = trusted || (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(ips);
+    // find() goes by the pod's identity (its kubelet cgroup), not by who holds its IPs, and throws
+    // with the reason when it cannot tell for sure (an error for this pod, retried with backoff).
+    const netnsPath = trusted || (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(e.uid, ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
@@ -490,6 +542,14 @@ export class Reconciler {
     if (e.annotation && e.annotation.value === value && e.annotation.over === pod) return; // written; not back yet
     await this.opts.annotator.setRedirection(pod, value);
     e.annotation = { value, over: pod };
+  }
+}
+
+function inodeOf(path: string): number | undefined {
+  try {
+    return statSync(path).ino;
+  } catch {
+    return undefined;
   }
 }
 
