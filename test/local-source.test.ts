@@ -42,6 +42,11 @@ status: { podIP: 198.18.1.3 }
 `;
 
 describe('local pod source', () => {
+  it('pod IPs are compared in the kernel’s text: a hand-written IPv6 address is made canonical', () => {
+    const pod = { metadata: { name: 'p', namespace: 'n', uid: 'u' }, status: { podIPs: [{ ip: '198.18.1.2' }, { ip: '2001:DB8:1:0:0::2' }, { ip: '::ffff:198.18.1.2' }] } };
+    assert.deepEqual(podIPs(pod), ['198.18.1.2', '2001:db8:1::2', '::ffff:198.18.1.2']);
+  });
+
   it('reads kubectl-shaped YAML: namespaces, this node’s pods, IPs, stable uids', () => {
     const state = parseLocalPods(file, 'node-a');
     assert.deepEqual([...state.namespaces.keys()], ['shop']);
