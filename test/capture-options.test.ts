@@ -20,6 +20,10 @@ describe('capture options', () => {
     assert.throws(() => captureOptions(pod({ 'ambient.istio.io/bypass-inbound-capture': 'yes' }), defaults), /bypass-inbound-capture must be "true" or "false", got "yes"/);
     assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'a/b' }), defaults), /reroute-virtual-interfaces: not an interface name: "a\/b"/);
     assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'averyveryverylongname' }), defaults), /not an interface name/);
+    // 15 bytes fit (IFNAMSIZ), 16 do not; the datapath counts bytes, so does the agent.
+    assert.deepEqual(captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'abcdefghijklmno' }), defaults).rerouteInterfaces, ['abcdefghijklmno']);
+    assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'abcdefghijklmnop' }), defaults), /not an interface name/);
+    assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'tap\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9' }), defaults), /not an interface name/);
     assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'a,b,c,d,e' }), defaults), /at most 4 interfaces, got 5/);
   });
 

@@ -160,6 +160,9 @@ describe('datapath lifecycle', kernelTest(), () => {
       [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['bad/name'] }, 'EINVALID', /not an interface name/],
       [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['eth0'] }, 'EINVALID', /is the pod's own interface/],
       [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], dnsCgroup: '/sys/fs/cgroup/none-such' }, 'EINVALID', /cannot open the pod's cgroup/],
+      // One past the longest: a uid of 64 characters, an interface name of 16 bytes.
+      [{ uid: 'u'.repeat(64), netnsPath: net.podPath, ips: [net.podV4] }, 'EINVALID', /pod uid \(at most 63 characters\)/],
+      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['abcdefghijklmnop'] }, 'EINVALID', /interface name \(at most 15 characters\)/],
     ];
     for (const [pod, code, message] of cases) {
       await assert.rejects(dp.attach(pod), (err: DatapathError) => {
@@ -170,6 +173,11 @@ describe('datapath lifecycle', kernelTest(), () => {
     }
     assert.deepEqual(await dp.list(), []);
     assert.doesNotMatch(await topo.ip(net.pod, 'rule'), /0x111/);
+    // The longest of each fits: a 63-character uid, a 15-character interface name.
+    const longest = 'u'.repeat(63);
+    await dp.attach({ uid: longest, netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['abcdefghijklmno'] });
+    assert.deepEqual((await dp.list()).map((p) => [p.uid, p.rerouteInterfaces]), [[longest, ['abcdefghijklmno']]]);
+    assert.equal((await dp.detach(longest)).found, true);
     await assert.rejects(Datapath.open({ bpffsRoot: '/tmp/not-bpffs' }), (err: DatapathError) => err.code === 'EBPFFS');
   });
 

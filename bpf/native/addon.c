@@ -181,15 +181,17 @@ static bool get_string(napi_env env, napi_value v, char *buf, size_t len, const 
 {
 	size_t n = 0;
 
-	if (napi_get_value_string_utf8(env, v, buf, len, &n) != napi_ok) {
+	/* The length first (bytes, without the NUL): a copy that fills the buffer cannot tell a string
+	 * of exactly len - 1 bytes, which fits, from a longer one cut short. */
+	if (napi_get_value_string_utf8(env, v, NULL, 0, &n) != napi_ok) {
 		napi_throw_type_error(env, DPE_INVALID, what);
 		return false;
 	}
-	if (n >= len - 1) {
+	if (n >= len) {
 		napi_throw_range_error(env, DPE_INVALID, what);
 		return false;
 	}
-	return true;
+	return napi_get_value_string_utf8(env, v, buf, len, &n) == napi_ok;
 }
 
 /* Takes the handle argument and a reference to it for the job's lifetime. */

@@ -478,6 +478,7 @@ static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
 }
 
 static void detach_dns(struct datapath *dp, const char *uid, struct pod_meta *m);
+static void detach_main_tcx(struct datapath *dp, const char *uid);
 
 /* Detaches a pinned tcx link (the pod's own hooks and its reroute interfaces' hooks). */
 static void detach_tcx_pin(const char *pin)
@@ -609,7 +610,26 @@ struct netns_job {
 	struct dp_error *e;
 	struct dp_verify_result *verify;
 	int host_peer; /* attach: the pod interface's veth peer index (0: none) */
+	const struct pod_meta *old; /* attach: the attachment being updated in place; NULL: a first attach */
+	bool restored; /* attach: a failed update was already restored inside the netns */
 };
+
+/* TEST ONLY: AMBIENT_BPF_FAULT_STEP=<step> makes that step of an update of an attached pod fail
+ * once its work is done ("routing", "programs", "mode-switch", "reroutes", "policy", "sk_lookup",
+ * "host", "dns", "record"), so tests can show that a failed update restores the previous
+ * attachment. Never set in production; a first attach and the restore itself ignore it. */
+static bool fault(const struct netns_job *job, const char *step)
+{
+	const char *f;
+
+	if (!job->old)
+		return false;
+	f = getenv("AMBIENT_BPF_FAULT_STEP");
+	if (!f || strcmp(f, step))
+		return false;
+	fail(job->e, DPE_SYSTEM, EIO, "injected failure at step %s (AMBIENT_BPF_FAULT_STEP)", step);
+	return true;
+}
 
 static int undo_job(void *p)
 {
@@ -765,7 +785,7 @@ static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta
 				    err == -EINVAL ? "cannot attach with tcx (the kernel needs tcx, Linux 6.6+; "
 						     "the tc fallback works on older kernels)"
 						   : "cannot attach tcx links");
-		detach_programs(dp, uid, m, false);
+		detach_main_tcx(dp, uid);
 	}
 	m->mode = ATTACH_MODE_TC;
 	if ((err = attach_tc(dp, m)))
@@ -784,55 +804,89 @@ static int attach_reroute_tc(struct datapath *dp, struct reroute_iface *r)
 	return err;
 }
 
-/* Hooks the pod's extra interfaces (istio.io/reroute-virtual-interfaces) in the pod's mode. One that
- * does not exist yet is recorded with ifindex 0; verify reports it once it appears, and the next
- * attach hooks it. */
-static int attach_reroutes(struct netns_job *job, unsigned old_mode)
+/* Removes one mode's reroute hook from an extra interface (tc filters only from inside the netns). */
+static void detach_reroute_hook(struct netns_job *job, struct reroute_iface *r, unsigned mode)
 {
-	const struct dp_attach_request *req = job->req;
+	char pin[PATH_MAX];
+
+	if (mode == ATTACH_MODE_TCX) {
+		reroute_pin_path(job->dp, job->uid, r->name, pin);
+		detach_pinned_link(pin);
+	} else if (mode == ATTACH_MODE_TC && r->ifindex && tc_detach_filters((int)r->ifindex, r->owns_clsact)) {
+		r->owns_clsact = 0;
+	}
+}
+
+/* Hooks the pod's extra interfaces (istio.io/reroute-virtual-interfaces: names[]) in the pod's mode
+ * (m->mode; old_mode: the mode they are hooked in now). New hooks first, stale ones removed after:
+ * an interface listed before and after is never without its hook. On failure the hooks this call
+ * made are removed again and m->reroute is left as it was. One that does not exist yet is recorded
+ * with ifindex 0; verify reports it once it appears, and the next attach hooks it. */
+static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char (*names)[16], unsigned count)
+{
 	struct pod_meta *m = job->meta;
-	struct reroute_iface next[MAX_REROUTE_IFACES];
+	struct reroute_iface next[MAX_REROUTE_IFACES], *prev = m->reroute;
+	unsigned prev_count = m->reroute_count < MAX_REROUTE_IFACES ? m->reroute_count : MAX_REROUTE_IFACES;
 	unsigned mode = m->mode;
 	char pin[PATH_MAX];
-	int err;
+	int err = 0;
 
+	if (count > MAX_REROUTE_IFACES)
+		count = MAX_REROUTE_IFACES;
+	for (unsigned j = 0; j < count; j++)
+		if (if_nametoindex(names[j]) == m->ifindex)
+			return fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface", names[j]);
 	memset(next, 0, sizeof(next));
-	/* Unhook what is no longer listed, was replaced, or is hooked in the other mode. */
-	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++) {
-		struct reroute_iface *r = &m->reroute[i];
-		int keep = -1;
+	for (unsigned j = 0; j < count && !err; j++) {
+		struct reroute_iface *r = &next[j];
 
-		for (unsigned j = 0; j < req->reroute_count; j++)
-			if (!strcmp(r->name, req->reroute[j]))
-				keep = (int)j;
-		if (!(keep >= 0 && r->ifindex && r->ifindex == if_nametoindex(r->name) && old_mode == mode)) {
-			m->mode = old_mode ? old_mode : mode;
-			detach_reroute(job->dp, job->uid, m, r, true);
-			m->mode = mode;
-		}
-		if (keep >= 0)
-			next[keep] = *r;
-	}
-	memcpy(m->reroute, next, sizeof(next));
-	m->reroute_count = req->reroute_count;
-	for (unsigned j = 0; j < req->reroute_count; j++) {
-		struct reroute_iface *r = &m->reroute[j];
-
-		snprintf(r->name, sizeof(r->name), "%s", req->reroute[j]);
+		snprintf(r->name, sizeof(r->name), "%s", names[j]);
 		r->ifindex = if_nametoindex(r->name);
+		for (unsigned i = 0; i < prev_count; i++)
+			if (!strcmp(prev[i].name, r->name) && prev[i].ifindex == r->ifindex)
+				r->owns_clsact = prev[i].owns_clsact;
 		if (r->ifindex == 0)
 			continue;
-		if (r->ifindex == m->ifindex)
-			return fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface", r->name);
 		if (mode == ATTACH_MODE_TCX) {
 			reroute_pin_path(job->dp, job->uid, r->name, pin);
 			err = attach_tcx_pinned(pin, job->dp->reroute_prog_fd, r->ifindex, AMB_BPF_TCX_INGRESS);
 		} else {
 			err = attach_reroute_tc(job->dp, r);
 		}
-		if (err)
-			return fail(job->e, DPE_SYSTEM, err, "cannot hook reroute interface %s", r->name);
+		if (err) {
+			fail(job->e, DPE_SYSTEM, err, "cannot hook reroute interface %s", r->name);
+			count = j + 1;
+		}
 	}
+	for (unsigned j = 0; err && j < count; j++) {
+		bool had = false;
+
+		for (unsigned i = 0; i < prev_count; i++)
+			had |= !strcmp(prev[i].name, next[j].name) && prev[i].ifindex == next[j].ifindex &&
+			       old_mode == mode;
+		if (!had && next[j].ifindex)
+			detach_reroute_hook(job, &next[j], mode);
+	}
+	if (err)
+		return -1;
+	/* Then unhook what is no longer listed, was replaced, or is hooked in the other mode. */
+	for (unsigned i = 0; i < prev_count; i++) {
+		bool same_pin = false, kept = false;
+
+		if (!prev[i].ifindex)
+			continue;
+		for (unsigned j = 0; j < count; j++) {
+			if (strcmp(prev[i].name, next[j].name) || !next[j].ifindex)
+				continue;
+			same_pin = mode == ATTACH_MODE_TCX; /* the tcx pin was reused (attach_tcx_pinned) */
+			kept = prev[i].ifindex == next[j].ifindex && old_mode == mode;
+		}
+		if (kept || (old_mode == ATTACH_MODE_TCX && same_pin))
+			continue;
+		detach_reroute_hook(job, &prev[i], old_mode);
+	}
+	memcpy(m->reroute, next, sizeof(next));
+	m->reroute_count = count;
 	return 0;
 }
 
@@ -863,10 +917,27 @@ static __u32 pinned_sk_lookup_prog(const char *pin, __u64 netns_ino)
 	return info.prog_id;
 }
 
+static void dns_next_pin_path(const struct datapath *dp, const char *uid, int hook, char out[PATH_MAX])
+{
+	snprintf(out, PATH_MAX, "%s/pods/%s/%s_next", dp->root, uid, dns_prog_names[hook]);
+}
+
+/* Drops DNS links prepared for an update that did not happen. */
+static void dns_abort(struct datapath *dp, const char *uid)
+{
+	char pin[PATH_MAX];
+
+	for (int i = 0; i < DNS_HOOKS; i++) {
+		dns_next_pin_path(dp, uid, i, pin);
+		detach_pinned_link(pin);
+	}
+}
+
 static void detach_dns(struct datapath *dp, const char *uid, struct pod_meta *m)
 {
 	char pin[PATH_MAX];
 
+	dns_abort(dp, uid);
 	for (int i = 0; i < DNS_HOOKS; i++) {
 		dns_pin_path(dp, uid, i, pin);
 		detach_pinned_link(pin);
@@ -874,18 +945,18 @@ static void detach_dns(struct datapath *dp, const char *uid, struct pod_meta *m)
 	m->dns_cgroup_id = 0;
 }
 
-/* DNS capture: links from the pod's cgroup to the socket-call hooks, swapped in place when they are
- * there already (no moment without capture), moved when the pod's cgroup changed. */
-static int attach_dns(struct netns_job *job)
+/* DNS capture, first half: links from the pod's cgroup to the socket-call hooks, swapped in place
+ * when they are there already; links on a new cgroup are made and pinned beside the old ones
+ * ("<hook>_next": bpffs refuses dots in names), which keep capturing until dns_commit renames the new pins over them. */
+static int dns_prepare(struct netns_job *job)
 {
-	struct pod_meta *m = job->meta;
 	const char *path = job->req->dns_cgroup;
-	char pin[PATH_MAX];
+	char pin[PATH_MAX], next[PATH_MAX];
 	struct stat st;
 	int cg, err = 0;
 
 	if (!path[0]) {
-		detach_dns(job->dp, job->uid, m);
+		job->meta->dns_cgroup_id = 0; /* turned off: dns_commit detaches */
 		return 0;
 	}
 	cg = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -895,15 +966,14 @@ static int attach_dns(struct netns_job *job)
 			close(cg);
 		return fail(job->e, DPE_INVALID, err, "cannot open the pod's cgroup %s", path);
 	}
-	if (m->dns_cgroup_id && m->dns_cgroup_id != st.st_ino)
-		detach_dns(job->dp, job->uid, m);
-	m->dns_cgroup_id = st.st_ino;
 	for (int i = 0; i < DNS_HOOKS && !err; i++) {
 		__u64 linked = 0;
 		__u32 prog = 0;
 		int fd;
 
 		dns_pin_path(job->dp, job->uid, i, pin);
+		dns_next_pin_path(job->dp, job->uid, i, next);
+		detach_pinned_link(next); /* left by a crash */
 		if (pinned_cgroup_link(pin, &linked, &prog) == 0 && linked == st.st_ino) {
 			fd = bpf_obj_get(pin);
 			if (fd < 0 || bpf_link_update(fd, job->dp->dns_prog_fd[i], NULL))
@@ -912,21 +982,42 @@ static int attach_dns(struct netns_job *job)
 				close(fd);
 			continue;
 		}
-		detach_pinned_link(pin);
 		fd = bpf_link_create(job->dp->dns_prog_fd[i], cg, dns_attach_types[i], NULL);
 		if (fd < 0) {
 			err = -errno;
 			break;
 		}
-		if (bpf_obj_pin(fd, pin)) {
+		if (bpf_obj_pin(fd, next)) {
 			err = -errno;
 			bpf_link_detach(fd);
 		}
 		close(fd);
 	}
 	close(cg);
-	if (err)
+	if (err) {
+		dns_abort(job->dp, job->uid);
 		return fail(job->e, DPE_SYSTEM, err, "cannot attach DNS capture to cgroup %s", path);
+	}
+	job->meta->dns_cgroup_id = st.st_ino;
+	return 0;
+}
+
+/* DNS capture, second half: the prepared links replace the old ones (rename over their pins: the
+ * old link goes with its last pin, the new one already runs). */
+static int dns_commit(struct netns_job *job)
+{
+	char pin[PATH_MAX], next[PATH_MAX];
+
+	if (!job->req->dns_cgroup[0]) {
+		detach_dns(job->dp, job->uid, job->meta);
+		return 0;
+	}
+	for (int i = 0; i < DNS_HOOKS; i++) {
+		dns_pin_path(job->dp, job->uid, i, pin);
+		dns_next_pin_path(job->dp, job->uid, i, next);
+		if (access(next, F_OK) == 0 && rename(next, pin))
+			return fail(job->e, DPE_SYSTEM, errno, "cannot replace the DNS capture link %s", pin);
+	}
 	return 0;
 }
 
@@ -954,20 +1045,23 @@ static bool sk_lookup_steering(struct datapath *dp)
 	return bpf_map_lookup_elem(dp->settings_fd, &zero, &st) == 0 && (st.flags & SETTING_SK_LOOKUP_STEERING);
 }
 
-/* sk_lookup steering: the pod netns's sk_lookup link (pin "sk_lookup"), when the node steers so. */
+/* The pod netns's sk_lookup link (pin "sk_lookup"), on every pod whatever the node's steering: it
+ * steers SYNs with sk_lookup steering and is the backstop in both modes, and a node that switches
+ * steering finds every pod ready (verify reports a pod without it). Only a kernel without netns
+ * cookies (before 5.14) goes without, and it cannot steer so. */
 static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_meta *m, int netns_fd, struct dp_error *e)
 {
 	char pin[PATH_MAX];
 	int fd, err = 0;
 
 	sk_lookup_pin_path(dp, uid, pin);
-	if (!sk_lookup_steering(dp)) {
+	if (!m->netns_cookie) {
+		if (sk_lookup_steering(dp))
+			return fail(e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
 		detach_pinned_link(pin);
 		m->steering_sk_lookup = 0;
 		return 0;
 	}
-	if (!m->netns_cookie)
-		return fail(e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
 	if (pinned_sk_lookup_prog(pin, m->netns_ino)) {
 		fd = bpf_obj_get(pin);
 		err = fd < 0 || bpf_link_update(fd, dp->sk_lookup_prog_fd, NULL) ? -errno : 0;
@@ -990,6 +1084,70 @@ static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_met
 	return 0;
 }
 
+/* Detaches the pod interface's own tcx links (not the reroute, host, DNS or sk_lookup ones). */
+static void detach_main_tcx(struct datapath *dp, const char *uid)
+{
+	char pin[PATH_MAX];
+
+	for (int d = 0; d < 2; d++) {
+		pin_path(dp, uid, d, pin);
+		detach_pinned_link(pin);
+	}
+}
+
+/* A failed update, inside the pod netns: back to the previous attachment (job->old), its hooks
+ * first and what the update added removed after, so the pod is never without a hook. Best effort;
+ * job->e keeps the update's error. */
+static void restore_in_netns(struct netns_job *job)
+{
+	struct pod_meta *m = job->meta, cur = *m;
+	const struct pod_meta *old = job->old;
+	const unsigned routing = OWNS_RULE_V4 | OWNS_RULE_V6 | OWNS_ROUTE_V4 | OWNS_ROUTE_V6 | OWNS_ACCEPT_LOCAL;
+	unsigned added = cur.owns & ~old->owns & routing;
+	char names[MAX_REROUTE_IFACES][16];
+	struct dp_error scratch = { 0 }, *err = job->e;
+	struct rtnl nl;
+
+	job->e = &scratch;
+	m->mode = old->mode;
+	if (old->mode == ATTACH_MODE_TCX) {
+		attach_tcx(job->dp, job->uid, m, HOOK_INGRESS);
+		attach_tcx(job->dp, job->uid, m, HOOK_EGRESS);
+		if (cur.mode == ATTACH_MODE_TC)
+			detach_tc_filters(m);
+	} else {
+		attach_tc(job->dp, m);
+		if (cur.mode == ATTACH_MODE_TCX)
+			detach_main_tcx(job->dp, job->uid);
+	}
+	for (unsigned i = 0; i < old->reroute_count && i < MAX_REROUTE_IFACES; i++)
+		snprintf(names[i], sizeof(names[i]), "%s", old->reroute[i].name);
+	attach_reroutes(job, cur.mode, (const char (*)[16])names,
+			old->reroute_count < MAX_REROUTE_IFACES ? old->reroute_count : MAX_REROUTE_IFACES);
+	if (added && rtnl_open(&nl) == 0) {
+		if (added & OWNS_RULE_V4)
+			rtnl_rule_del(&nl, &redirect_rule_v4);
+		if (added & OWNS_RULE_V6)
+			rtnl_rule_del(&nl, &redirect_rule_v6);
+		if (added & OWNS_ROUTE_V4)
+			rtnl_local_default_route_del(&nl, AF_INET, REDIRECT_ROUTE_TABLE);
+		if (added & OWNS_ROUTE_V6)
+			rtnl_local_default_route_del(&nl, AF_INET6, REDIRECT_ROUTE_TABLE);
+		if (added & OWNS_ACCEPT_LOCAL)
+			rtnl_set_accept_local(&nl, (int)m->ifindex, m->saved_accept_local);
+		rtnl_close(&nl);
+	}
+	m->owns &= ~added;
+	job->e = err;
+	job->restored = true;
+}
+
+static int restore_job(void *p)
+{
+	restore_in_netns(p);
+	return 0;
+}
+
 static int attach_job(void *p)
 {
 	struct netns_job *job = p;
@@ -1002,6 +1160,17 @@ static int attach_job(void *p)
 		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s", job->req->netns_path);
 	if (find_pod_interface(&nl, m, job->req->netns_path, &ifindex, job->e))
 		goto out;
+	/* What only the netns can tell, refused before anything in it changes. */
+	for (unsigned j = 0; j < job->req->reroute_count; j++)
+		if (if_nametoindex(job->req->reroute[j]) == (unsigned)ifindex) {
+			fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface",
+			     job->req->reroute[j]);
+			goto out;
+		}
+	if (!netns_cookie() && sk_lookup_steering(job->dp)) {
+		fail(job->e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
+		goto out;
+	}
 	/* The veth peer's index, in the peer's (the node's) netns: where kubelet probes are handled. */
 	job->host_peer = 0;
 	if (job->req->host_netns[0] && rtnl_veth_peer(&nl, ifindex, &job->host_peer))
@@ -1024,25 +1193,28 @@ static int attach_job(void *p)
 		}
 		m->owns = 0;
 	}
-	if (configure_routing(&nl, m, job->e) ||
+	if (configure_routing(&nl, m, job->e) || fault(job, "routing") ||
 	    attach_programs(job->dp, job->uid, m,
 			    job->req->mode == DP_MODE_AUTO && m->mode ? (enum dp_mode_request)m->mode : job->req->mode,
-			    job->e))
+			    job->e) ||
+	    fault(job, "programs"))
 		goto out;
 	/* A mode switch removes the old hooks only now that the new ones run: no window in which the
 	 * pod's traffic is not redirected (both running at once is harmless: same decisions). */
 	if (old_mode == ATTACH_MODE_TC && m->mode == ATTACH_MODE_TCX)
 		detach_tc_filters(m);
 	else if (old_mode == ATTACH_MODE_TCX && m->mode == ATTACH_MODE_TC)
-		detach_tcx_links(job->dp, job->uid);
-	if (attach_reroutes(job, old_mode) || attach_dns(job))
+		detach_main_tcx(job->dp, job->uid);
+	if (fault(job, "mode-switch") ||
+	    attach_reroutes(job, old_mode, (const char (*)[16])job->req->reroute, job->req->reroute_count) ||
+	    fault(job, "reroutes"))
 		goto out;
 	m->state = ATTACH_STATE_ATTACHED;
-	if ((err = meta_put(job->dp, job->uid, m)))
-		fail(job->e, DPE_SYSTEM, err, "cannot record pod %s", job->uid);
 out:
 	rtnl_close(&nl);
-	if (job->e->code) /* roll back in this same netns: never leave a pod half redirected */
+	if (job->e->code && job->old)
+		restore_in_netns(job); /* an update: back to the previous attachment, never detached */
+	else if (job->e->code) /* a first attach: roll back in this same netns, never half redirected */
 		undo_in_netns(job->dp, job->uid, m);
 	return job->e->code ? -1 : 0;
 }
@@ -1211,6 +1383,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	struct pod_meta m, old;
 	struct netns_job job = { .dp = dp, .uid = req->uid, .meta = &m, .req = req, .e = e };
 	struct timespec now;
+	bool undo = false;
 	int fd, rc, err;
 
 	if (!uid_valid(req->uid))
@@ -1247,6 +1420,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		if (old.state == ATTACH_STATE_ATTACHED && old.netns_ino == m.netns_ino && old.netns_dev == m.netns_dev) {
 			m = old; /* same pod, same netns: update in place */
 			res->updated = true;
+			job.old = &old;
 		} else {
 			/* A new sandbox for the same pod, or a crashed attach: clear the old record first. */
 			undo_recorded(dp, req->uid, &old, NULL, 0);
@@ -1269,6 +1443,8 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		fail(e, err == -ENOSPC ? DPE_INVALID : DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
 	else if ((rc = run_in_netns(fd, attach_job, &job)) < 0 && !e->code)
 		fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
+	else if (!e->code)
+		undo = true; /* the netns job has run: a later failure must be undone */
 	if (!e->code) {
 		struct pod_policy now;
 
@@ -1276,15 +1452,52 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) || now.netns_cookie != m.netns_cookie ||
 		    now.flags != policy_flags(&m))
 			err = policy_write(&dp->policy, &m, NULL);
-		if (err) {
+		if (err)
 			fail(e, DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
-			undo_recorded(dp, req->uid, &m, NULL, 0);
-		} else if (attach_sk_lookup(dp, req->uid, &m, fd, e) || attach_host(dp, req, &m, job.host_peer, e))
-			undo_recorded(dp, req->uid, &m, NULL, 0); /* nothing half-applied */
-		else if ((err = meta_put(dp, req->uid, &m)))
-			fail(e, DPE_SYSTEM, err, "cannot record pod %s", req->uid);
+		/* Nothing half-applied: a failure from here on is undone or restored below. */
+		if (!e->code && !fault(&job, "policy") && !attach_sk_lookup(dp, req->uid, &m, fd, e) &&
+		    !fault(&job, "sk_lookup") && !attach_host(dp, req, &m, job.host_peer, e) && !fault(&job, "host") &&
+		    !dns_prepare(&job) && !fault(&job, "dns") && !fault(&job, "record")) {
+			if ((err = meta_put(dp, req->uid, &m)))
+				fail(e, DPE_SYSTEM, err, "cannot record pod %s", req->uid);
+			else
+				dns_commit(&job);
+		}
 	}
-	if (e->code) {
+	if (e->code && res->updated) {
+		/* A failed update of an attached pod: the previous attachment again, never a detach. */
+		dns_abort(dp, req->uid);
+		if (!old.steering_sk_lookup && m.steering_sk_lookup) {
+			char pin[PATH_MAX];
+
+			sk_lookup_pin_path(dp, req->uid, pin);
+			detach_pinned_link(pin);
+		}
+		if (m.host_ifindex != old.host_ifindex || strcmp(m.host_netns_path, old.host_netns_path)) {
+			struct dp_attach_request prev = *req;
+			struct dp_error scratch = { 0 };
+
+			snprintf(prev.host_netns, sizeof(prev.host_netns), "%s", old.host_netns_path);
+			attach_host(dp, &prev, &m, (int)old.host_ifindex, &scratch);
+		}
+		if (!job.restored)
+			run_in_netns(fd, restore_job, &job);
+		policy_write(&dp->policy, &old, &m);
+		old.mode = m.mode;
+		old.owns = m.owns;
+		old.ifindex = m.ifindex;
+		old.reroute_count = m.reroute_count;
+		memcpy(old.reroute, m.reroute, sizeof(old.reroute));
+		old.host_ifindex = m.host_ifindex;
+		old.host_owns_clsact = m.host_owns_clsact;
+		old.host_netns_ino = m.host_netns_ino;
+		old.host_netns_dev = m.host_netns_dev;
+		memcpy(old.host_netns_path, m.host_netns_path, sizeof(old.host_netns_path));
+		meta_put(dp, req->uid, &old);
+	} else if (e->code) {
+		if (undo)
+			undo_recorded(dp, req->uid, &m, NULL, 0);
+		dns_abort(dp, req->uid);
 		meta_del(dp, req->uid);
 		remove_pod_dir(dp, req->uid);
 		policy_remove(&dp->policy, &m);
@@ -1522,7 +1735,7 @@ static int verify_job(void *p)
 		}
 	}
 	verify_reroutes(job);
-	if (m->steering_sk_lookup) {
+	if (m->steering_sk_lookup || m->netns_cookie) { /* on every pod (attach_sk_lookup) */
 		char pin[PATH_MAX];
 		__u32 prog;
 

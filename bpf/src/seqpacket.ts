@@ -64,16 +64,18 @@ export class SeqpacketSocket {
   }
 
   /** Queues one datagram, with `passFd` (one fd, or several) sent along by SCM_RIGHTS; the caller
-   * keeps its own fds. */
+   * keeps its own fds, and may close them once this returns: a datagram that has to wait for room
+   * keeps duplicates of them (closed once sent or dropped), never the caller's fd numbers, which
+   * could name another file by then. */
   send(data: Buffer, passFd: number | number[] = -1): void {
     if (this.closed) throw new SeqpacketError('ECLOSED', 'socket is closed');
     if (this.pending.length > 0) {
-      this.pending.push({ data, fd: passFd });
+      this.pending.push({ data, fd: duplicates(passFd) });
       return;
     }
     try {
       if (!addon().seqpacket.send(this.fd, data, passFd)) {
-        this.pending.push({ data, fd: passFd });
+        this.pending.push({ data, fd: duplicates(passFd) });
         this.watcher.start(READABLE | WRITABLE);
       }
     } catch (err) {
@@ -87,7 +89,7 @@ export class SeqpacketSocket {
     this.closed = true;
     this.watcher.close();
     addon().seqpacket.close(this.fd);
-    this.pending.length = 0;
+    for (const p of this.pending.splice(0)) closeAll(p.fd);
     this.onClose(err);
   }
 
@@ -120,7 +122,7 @@ export class SeqpacketSocket {
       } catch (err) {
         return this.close(wrap(err));
       }
-      this.pending.shift();
+      closeAll(this.pending.shift()!.fd);
     }
     if (!this.closed) this.watcher.start(READABLE);
   }
@@ -163,6 +165,15 @@ export class SeqpacketServer {
       this.onConnection(new SeqpacketSocket(fd, this.maxMessage));
     }
   }
+}
+
+/** Duplicates of the fds a queued datagram passes (-1: none). */
+function duplicates(fd: number | number[]): number | number[] {
+  return Array.isArray(fd) ? fd.map(dupFd) : fd >= 0 ? dupFd(fd) : -1;
+}
+
+function closeAll(fd: number | number[]): void {
+  for (const f of Array.isArray(fd) ? fd : [fd]) if (f >= 0) closeFd(f);
 }
 
 export function closeFd(fd: number): void {

@@ -16,12 +16,15 @@ export class RecordingServer {
   readonly accepted: Accepted[] = [];
   /** Bytes each connection sent before closing, in accept order. */
   readonly received: string[] = [];
+  private readonly open = new Set<net.Socket>();
 
   private constructor(
     readonly name: string,
     private readonly server: net.Server,
   ) {
     server.on('connection', (s) => {
+      this.open.add(s);
+      s.on('close', () => this.open.delete(s));
       this.accepted.push({
         localAddress: unmap(s.localAddress ?? ''),
         localPort: s.localPort ?? 0,
@@ -42,6 +45,13 @@ export class RecordingServer {
 
   async close(): Promise<void> {
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  /** Closes, also cutting connections whose clients went silent (close() waits for those). */
+  async destroy(): Promise<void> {
+    const closed = this.close();
+    for (const s of this.open) s.destroy();
+    await closed;
   }
 }
 

@@ -203,8 +203,9 @@ export class Reconciler {
           () => this.opts.log.debug({ uid }, 'moved to tcx'),
           (err: Error & { code?: string }) => {
             if (err.code === 'EKERNEL') this.tcxUnavailable = true;
-            // A failed update leaves nothing half-applied, i.e. the pod detached: attach it again.
-            this.opts.log.warn({ uid, error: err.message }, 'cannot move the pod to tcx; attaching it again');
+            // A failed update leaves the previous attachment in place (the pod stays redirected
+            // with its tc hooks); reconcile once more so a passing failure is retried.
+            this.opts.log.warn({ uid, error: err.message }, 'cannot move the pod to tcx; it stays on tc');
             e.again = true;
           },
         )

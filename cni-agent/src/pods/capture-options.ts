@@ -30,7 +30,8 @@ export function captureOptions(pod: Pod, defaults: CaptureDefaults): CaptureOpti
     .map((s) => s.trim())
     .filter((s) => s !== '');
   for (const name of reroute) {
-    if (!IFNAME.test(name) || name === '.' || name === '..') throw new Error(`annotation ${REROUTE_INTERFACES_ANNOTATION}: not an interface name: "${name}"`);
+    // Linux counts bytes (IFNAMSIZ 16 with the NUL), as the datapath does: 15 at most.
+    if (!IFNAME.test(name) || Buffer.byteLength(name) > 15 || name === '.' || name === '..') throw new Error(`annotation ${REROUTE_INTERFACES_ANNOTATION}: not an interface name: "${name}"`);
   }
   if (reroute.length > 4) throw new Error(`annotation ${REROUTE_INTERFACES_ANNOTATION}: at most 4 interfaces, got ${reroute.length}`);
   return {
