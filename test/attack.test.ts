@@ -297,8 +297,9 @@ for (const { mode, steering, subnet } of MODES) {
       net = t.net;
       dp = await Datapath.open({ bpffsRoot: root });
       await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering });
-      assert.equal((await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode })).mode, mode);
       appCgroup = new AppCgroup(topo.id);
+      // The pod's cgroup carries the socket-option guard (DNS capture is not what this suite tests).
+      assert.equal((await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], podCgroup: appCgroup.path, dnsCapture: false }, { mode })).mode, mode);
       ztCgroup = new AppCgroup(`${topo.id}zt`);
       dp.trustZtunnelCgroup(ztCgroup.path); // before ztunnel listens: sk-lookup learns its listeners there
       ztunnel = await ZtunnelListeners.start(ztCgroup, net.podPath);
@@ -345,11 +346,10 @@ for (const { mode, steering, subnet } of MODES) {
     }
 
     for (const v6 of [false, true]) {
-      // With bpf_sk_assign the SYN skips the TIME_WAIT socket, and the kernel will not queue a
-      // request beside it (a duplicate in the established hash): the SYN is lost, never the app's,
-      // until TIME_WAIT ends. With sk_lookup steering the stack's own TIME_WAIT path finds ztunnel.
-      const todo = steering === 'sk-assign' ? 'sk-assign: the SYN is lost while the TIME_WAIT socket lives (fails closed, the client retries)' : undefined;
-      it(`inbound IPv${v6 ? 6 : 4}: a SYN on a tuple in TIME_WAIT in the pod goes to 15006, never the app`, { todo }, async () => {
+      // In both steering modes tc leaves this SYN to the stack's TIME_WAIT path, whose listener
+      // lookup the pod's sk_lookup program answers with ztunnel's 15006 (an assignment made in tc
+      // would be lost: the kernel will not queue a request beside the TIME_WAIT socket).
+      it(`inbound IPv${v6 ? 6 : 4}: a SYN on a tuple in TIME_WAIT in the pod goes to 15006, never the app`, async () => {
         await inboundControl(v6);
         const first = await inbound('close-first', v6);
         assert.equal(first.banner, 'ztunnel-15006');
@@ -429,10 +429,15 @@ for (const { mode, steering, subnet } of MODES) {
       assert.equal(remote.accepted.length, remoteBefore, 'a connection with sticky options reached the remote host');
     });
 
-    it('outbound SYN on a packet socket with PACKET_QDISC_BYPASS never reaches the remote', { todo: 'leaves the pod: the frame skips tc/tcx egress (see the report in README’s security model)' }, async () => {
+    it('outbound SYN on a packet socket with PACKET_QDISC_BYPASS never reaches the remote: the option is refused', async () => {
+      // The oracle's control: from a cgroup without the guard (ztunnel's), the same frame skips the
+      // pod's egress hooks and the remote host answers it on eth0.
+      const open = await outbound(ztunnelCrafter, 'packet-qdisc-bypass', false);
+      assert.deepEqual([open.result, open.iface], ['synack', 'eth0'], `control: ${JSON.stringify(open)}`);
       await outboundControl(false);
       const r = await outbound(inPod, 'packet-qdisc-bypass', false);
       assert.notEqual(r.iface, 'eth0', `the remote host answered: ${JSON.stringify(r)}`);
+      assert.equal(r.result, 'refused', `setsockopt(PACKET_QDISC_BYPASS) was not refused: ${JSON.stringify(r)}`);
     });
   });
 }

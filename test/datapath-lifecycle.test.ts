@@ -159,7 +159,7 @@ describe('datapath lifecycle', kernelTest(), () => {
       [{ uid: 'a', netnsPath: '/proc/self/ns/net', ips: [net.podV4] }, 'ENETNS', /own network namespace \(the node's\)/],
       [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['bad/name'] }, 'EINVALID', /not an interface name/],
       [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['eth0'] }, 'EINVALID', /is the pod's own interface/],
-      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], dnsCgroup: '/sys/fs/cgroup/none-such' }, 'EINVALID', /cannot open the pod's cgroup/],
+      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], podCgroup: '/sys/fs/cgroup/none-such' }, 'EINVALID', /cannot open the pod's cgroup/],
       // One past the longest: a uid of 64 characters, an interface name of 16 bytes.
       [{ uid: 'u'.repeat(64), netnsPath: net.podPath, ips: [net.podV4] }, 'EINVALID', /pod uid \(at most 63 characters\)/],
       [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['abcdefghijklmnop'] }, 'EINVALID', /interface name \(at most 15 characters\)/],

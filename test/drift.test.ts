@@ -10,6 +10,7 @@ import { Datapath } from '../bpf/src/index.js';
 import { Agent } from '../cni-agent/src/agent.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
+import { AppCgroup } from './helpers/app.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, sh, Topology } from './helpers/topology.js';
@@ -26,9 +27,11 @@ describe('drift repair', kernelTest(), () => {
     const net = await podWithRemote(topo, 97);
     const uid = `drift-${topo.id}`;
     writeFileSync(join(dir, 'pods.yaml'), `apiVersion: v1\nkind: Pod\nmetadata: { name: p, uid: ${uid}, labels: { istio.io/dataplane-mode: ambient } }\nstatus: { podIP: ${net.podV4} }\n`);
-    const agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'tcx', verifyIntervalMs: 200, log: silentLogger,
-      // No DNS capture: its wait for the pod's cgroup re-attaches periodically, which would repair too.
-      capture: { strict: false, dnsCapture: false } });
+    // The pod has a cgroup of its own from the start (its "pause" process): an agent still waiting
+    // for one re-attaches periodically, which would repair too.
+    const cgroup = new AppCgroup(topo.id);
+    const pause = cgroup.pause(net.podPath);
+    const agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'tcx', verifyIntervalMs: 200, log: silentLogger });
     const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
     const remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 4, address: net.remoteV4, port: 8080 });
     t.after(async () => {
@@ -36,12 +39,15 @@ describe('drift repair', kernelTest(), () => {
       agent.stop();
       await remote.close();
       await removeDatapath(root);
+      pause.kill();
+      await new Promise((r) => (pause.exitCode !== null || pause.signalCode !== null ? r(undefined) : pause.once('exit', r)));
+      cgroup.remove();
       await topo.cleanup();
       rmSync(dir, { recursive: true, force: true });
     });
     standIn.start();
     await agent.start();
-    await until(() => agent.status()[0]?.state === 'enabled', 'enabled');
+    await until(() => agent.status()[0]?.state === 'enabled' && agent.status()[0]?.dns === 'on', 'enabled, with its cgroup hooked');
     const dp = await Datapath.open({ bpffsRoot: root });
     t.after(() => dp.close());
     const outbound = () => standIn.stats()[0]?.stats.outbound.connections ?? 0;

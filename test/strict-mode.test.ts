@@ -25,7 +25,7 @@ describe('strict mode', kernelTest(), () => {
   let app: AppCgroup;
 
   const remoteNs = (): string => Topology.netnsPath(net.remote);
-  const attach = (extra: { strict?: boolean; dnsCgroup?: string }) =>
+  const attach = (extra: { strict?: boolean; podCgroup?: string }) =>
     dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...extra }, { mode: 'tcx' });
   const strictDropped = async (): Promise<number> => (await dp.list()).find((p) => p.uid === uid)!.counters.strictDropped;
 
@@ -118,7 +118,7 @@ describe('strict mode', kernelTest(), () => {
     try {
       await attach({ strict: true });
       assert.equal(await query(), 'answer', 'DNS is allowed while the pod’s DNS is not captured');
-      await attach({ strict: true, dnsCgroup: app.path });
+      await attach({ strict: true, podCgroup: app.path });
       assert.equal(await query(), 'timed out', 'a hand-made UDP/53 packet left a pod whose DNS is captured');
     } finally {
       dns.close();

@@ -65,7 +65,7 @@ for (const [mode, other, subnet] of [['tc', 'tcx', 40], ['tcx', 'tc', 41]] as co
     const first = (): PodAttachment => ({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
     // Everything an update can change at once: the mode, a reroute interface, DNS capture, the
     // node-side hooks (the pod's veth peer lives in the remote netns here).
-    const update = (): PodAttachment => ({ ...first(), rerouteInterfaces: ['vm0'], dnsCgroup: cg.path, hostNetns: Topology.netnsPath(net.remote) });
+    const update = (): PodAttachment => ({ ...first(), rerouteInterfaces: ['vm0'], podCgroup: cg.path, hostNetns: Topology.netnsPath(net.remote) });
 
     /** The pod is attached as before the update, verify is clean, and nothing the update added remains. */
     async function assertAsBefore(): Promise<void> {
@@ -73,7 +73,7 @@ for (const [mode, other, subnet] of [['tc', 'tcx', 40], ['tcx', 'tc', 41]] as co
       assert.equal(pods.length, 1);
       assert.equal(pods[0]?.mode, mode);
       assert.deepEqual(pods[0]?.rerouteInterfaces, []);
-      assert.equal(pods[0]?.dnsCgroupId, 0);
+      assert.equal(pods[0]?.podCgroupId, 0);
       assert.equal(pods[0]?.hostIfindex, 0);
       assert.deepEqual((await dp.verify(uid)).problems, []);
       assert.deepEqual(readdirSync(`${root}/pods/${uid}`).sort(), pinsBefore);
@@ -152,7 +152,7 @@ for (const [mode, other, subnet] of [['tc', 'tcx', 40], ['tcx', 'tc', 41]] as co
       const traffic = continuousTraffic(net, peer);
       assert.equal((await dp.attach(update(), { mode: other })).mode, other);
       const pod = (await dp.list())[0];
-      assert.deepEqual([pod?.rerouteInterfaces, pod?.dnsCgroupId !== 0, pod?.hostIfindex !== 0], [['vm0'], true, true]);
+      assert.deepEqual([pod?.rerouteInterfaces, pod?.podCgroupId !== 0, pod?.hostIfindex !== 0], [['vm0'], true, true]);
       assert.deepEqual((await dp.verify(uid)).problems, []);
       assert.equal((await dp.attach(first(), { mode })).mode, mode);
       assertCaptured(await traffic.stop());

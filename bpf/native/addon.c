@@ -335,7 +335,7 @@ static napi_value attach_result(napi_env env, struct job *job)
 }
 
 /* attach(handle, uid, netnsPath, ips: string[], mode: 0 auto | 1 tcx | 2 tc, flags: POD_F_*,
- *        reroute: string[], dnsCgroup: string ('' = DNS capture off),
+ *        reroute: string[], podCgroup: string ('' = no hooks on the pod's cgroup),
  *        hostNetns: string ('' = kubelet probes not handled)) */
 static napi_value js_attach(napi_env env, napi_callback_info info)
 {
@@ -393,7 +393,7 @@ static napi_value js_attach(napi_env env, napi_callback_info info)
 		}
 		req->reroute_count = n;
 	}
-	if (argc >= 8 && !get_string(env, argv[7], req->dns_cgroup, sizeof(req->dns_cgroup), "cgroup path (at most 255 bytes)"))
+	if (argc >= 8 && !get_string(env, argv[7], req->pod_cgroup, sizeof(req->pod_cgroup), "cgroup path (at most 255 bytes)"))
 		goto bad;
 	if (argc >= 9 && !get_string(env, argv[8], req->host_netns, sizeof(req->host_netns), "node netns path (at most 255 bytes)"))
 		goto bad;
@@ -525,7 +525,8 @@ static napi_value list_result(napi_env env, struct job *job)
 		set_named(env, obj, "counters", counters_value(env, &p->counters));
 		set_bool(env, obj, "bypassInbound", p->meta.flags & POD_F_BYPASS_INBOUND);
 		set_bool(env, obj, "strict", p->meta.flags & POD_F_STRICT);
-		set_double(env, obj, "dnsCgroupId", (double)p->meta.dns_cgroup_id);
+		set_bool(env, obj, "dnsCapture", p->meta.pod_cgroup_id && (p->meta.flags & POD_F_DNS_CAPTURE));
+		set_double(env, obj, "podCgroupId", (double)p->meta.pod_cgroup_id);
 		set_u32(env, obj, "hostIfindex", p->meta.host_ifindex);
 		set_str(env, obj, "steering", p->meta.steering_sk_lookup ? "sk-lookup" : "sk-assign");
 		napi_create_array_with_length(env, p->meta.reroute_count, &ips);
@@ -922,6 +923,7 @@ static napi_value init(napi_env env, napi_value exports)
 	set_u32(env, constants, "TC_FILTER_PRIORITY", TC_FILTER_PRIORITY);
 	set_u32(env, constants, "POD_F_BYPASS_INBOUND", POD_F_BYPASS_INBOUND);
 	set_u32(env, constants, "POD_F_STRICT", POD_F_STRICT);
+	set_u32(env, constants, "POD_F_DNS_CAPTURE", POD_F_DNS_CAPTURE);
 	set_u32(env, constants, "SETTING_MARK_ONLY_EXEMPTION", SETTING_MARK_ONLY_EXEMPTION);
 	set_u32(env, constants, "SETTING_SK_LOOKUP_STEERING", SETTING_SK_LOOKUP_STEERING);
 	set_u32(env, constants, "MAX_REROUTE_IFACES", MAX_REROUTE_IFACES);

@@ -36,16 +36,25 @@ static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS }
 static const char *const host_hook_names[2] = { "host-ingress", "host-egress" };
 static const char *const host_prog_names[2] = { "pod_to_node", "node_to_pod" };
 
-/* DNS capture: socket-call hooks on the pod's cgroup (progs/dns_capture.bpf.c). */
-#define DNS_HOOKS 8
-static const char *const dns_prog_names[DNS_HOOKS] = {
-	"dns_connect4", "dns_connect6", "dns_sendmsg4", "dns_sendmsg6",
+/* Hooks on the pod's cgroup v2: the socket-option guard (progs/socket_guard.bpf.c), always, then
+ * DNS capture's socket-call hooks (progs/dns_capture.bpf.c) when the pod's DNS is captured. */
+#define CGROUP_HOOKS 9
+#define GUARD_HOOK 0
+static const char *const cgroup_prog_names[CGROUP_HOOKS] = {
+	"pod_setsockopt", "dns_connect4", "dns_connect6", "dns_sendmsg4", "dns_sendmsg6",
 	"dns_recvmsg4", "dns_recvmsg6", "dns_getpeername4", "dns_getpeername6",
 };
-static const enum bpf_attach_type dns_attach_types[DNS_HOOKS] = {
-	BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG,
-	BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP6_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
+static const enum bpf_attach_type cgroup_attach_types[CGROUP_HOOKS] = {
+	BPF_CGROUP_SETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP4_SENDMSG,
+	BPF_CGROUP_UDP6_SENDMSG, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP6_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME,
+	BPF_CGROUP_INET6_GETPEERNAME,
 };
+
+/* Is cgroup hook i wanted for a pod with these POD_F_* flags? */
+static bool cgroup_hook_wanted(int i, unsigned flags)
+{
+	return i == GUARD_HOOK || (flags & POD_F_DNS_CAPTURE);
+}
 
 struct datapath {
 	char root[PATH_MAX];
@@ -56,7 +65,7 @@ struct datapath {
 	int sk_lookup_prog_fd;
 	int sockops_prog_fd;
 	int host_prog_fd[2];
-	int dns_prog_fd[DNS_HOOKS];
+	int cgroup_prog_fd[CGROUP_HOOKS];
 	int meta_fd;
 	int settings_fd;
 	int ztunnel_cgroups_fd;
@@ -197,9 +206,9 @@ static int mkdir_p(const char *path)
 	return mkdir(buf, 0700) && errno != EEXIST ? -errno : 0;
 }
 
-static void dns_pin_path(const struct datapath *dp, const char *uid, int hook, char out[PATH_MAX])
+static void cgroup_pin_path(const struct datapath *dp, const char *uid, int hook, char out[PATH_MAX])
 {
-	snprintf(out, PATH_MAX, "%s/pods/%s/%s", dp->root, uid, dns_prog_names[hook]);
+	snprintf(out, PATH_MAX, "%s/pods/%s/%s", dp->root, uid, cgroup_prog_names[hook]);
 }
 
 static void reroute_pin_path(const struct datapath *dp, const char *uid, const char *ifname, char out[PATH_MAX])
@@ -415,8 +424,8 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	dp->sockops_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "ztunnel_sockops"));
 	for (int d = 0; d < 2; d++)
 		dp->host_prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, host_prog_names[d]));
-	for (int i = 0; i < DNS_HOOKS; i++)
-		dp->dns_prog_fd[i] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, dns_prog_names[i]));
+	for (int i = 0; i < CGROUP_HOOKS; i++)
+		dp->cgroup_prog_fd[i] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, cgroup_prog_names[i]));
 	dp->meta_fd = map_fd(dp->obj, "pod_meta");
 	dp->settings_fd = map_fd(dp->obj, "settings");
 	dp->ztunnel_cgroups_fd = map_fd(dp->obj, "ztunnel_cgroups");
@@ -477,7 +486,7 @@ static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
 	}
 }
 
-static void detach_dns(struct datapath *dp, const char *uid, struct pod_meta *m);
+static void detach_cgroup_hooks(struct datapath *dp, const char *uid, struct pod_meta *m);
 static void detach_main_tcx(struct datapath *dp, const char *uid);
 
 /* Detaches a pinned tcx link (the pod's own hooks and its reroute interfaces' hooks). */
@@ -573,7 +582,7 @@ static void detach_reroute(struct datapath *dp, const char *uid, const struct po
 /* Removes the pod's programs: links from anywhere, tc filters only from inside the netns. */
 static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
 {
-	detach_dns(dp, uid, m);
+	detach_cgroup_hooks(dp, uid, m);
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		detach_reroute(dp, uid, m, &m->reroute[i], in_netns);
 	detach_tcx_links(dp, uid);
@@ -917,46 +926,46 @@ static __u32 pinned_sk_lookup_prog(const char *pin, __u64 netns_ino)
 	return info.prog_id;
 }
 
-static void dns_next_pin_path(const struct datapath *dp, const char *uid, int hook, char out[PATH_MAX])
+static void cgroup_next_pin_path(const struct datapath *dp, const char *uid, int hook, char out[PATH_MAX])
 {
-	snprintf(out, PATH_MAX, "%s/pods/%s/%s_next", dp->root, uid, dns_prog_names[hook]);
+	snprintf(out, PATH_MAX, "%s/pods/%s/%s_next", dp->root, uid, cgroup_prog_names[hook]);
 }
 
-/* Drops DNS links prepared for an update that did not happen. */
-static void dns_abort(struct datapath *dp, const char *uid)
+/* Drops cgroup links prepared for an update that did not happen. */
+static void cgroup_hooks_abort(struct datapath *dp, const char *uid)
 {
 	char pin[PATH_MAX];
 
-	for (int i = 0; i < DNS_HOOKS; i++) {
-		dns_next_pin_path(dp, uid, i, pin);
+	for (int i = 0; i < CGROUP_HOOKS; i++) {
+		cgroup_next_pin_path(dp, uid, i, pin);
 		detach_pinned_link(pin);
 	}
 }
 
-static void detach_dns(struct datapath *dp, const char *uid, struct pod_meta *m)
+static void detach_cgroup_hooks(struct datapath *dp, const char *uid, struct pod_meta *m)
 {
 	char pin[PATH_MAX];
 
-	dns_abort(dp, uid);
-	for (int i = 0; i < DNS_HOOKS; i++) {
-		dns_pin_path(dp, uid, i, pin);
+	cgroup_hooks_abort(dp, uid);
+	for (int i = 0; i < CGROUP_HOOKS; i++) {
+		cgroup_pin_path(dp, uid, i, pin);
 		detach_pinned_link(pin);
 	}
-	m->dns_cgroup_id = 0;
+	m->pod_cgroup_id = 0;
 }
 
-/* DNS capture, first half: links from the pod's cgroup to the socket-call hooks, swapped in place
+/* The pod's cgroup hooks, first half: links from the pod's cgroup to the hooks wanted, swapped in place
  * when they are there already; links on a new cgroup are made and pinned beside the old ones
- * ("<hook>_next": bpffs refuses dots in names), which keep capturing until dns_commit renames the new pins over them. */
-static int dns_prepare(struct netns_job *job)
+ * ("<hook>_next": bpffs refuses dots in names), which keep capturing until cgroup_hooks_commit renames the new pins over them. */
+static int cgroup_hooks_prepare(struct netns_job *job)
 {
-	const char *path = job->req->dns_cgroup;
+	const char *path = job->req->pod_cgroup;
 	char pin[PATH_MAX], next[PATH_MAX];
 	struct stat st;
 	int cg, err = 0;
 
 	if (!path[0]) {
-		job->meta->dns_cgroup_id = 0; /* turned off: dns_commit detaches */
+		job->meta->pod_cgroup_id = 0; /* turned off: cgroup_hooks_commit detaches */
 		return 0;
 	}
 	cg = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -966,23 +975,25 @@ static int dns_prepare(struct netns_job *job)
 			close(cg);
 		return fail(job->e, DPE_INVALID, err, "cannot open the pod's cgroup %s", path);
 	}
-	for (int i = 0; i < DNS_HOOKS && !err; i++) {
+	for (int i = 0; i < CGROUP_HOOKS && !err; i++) {
 		__u64 linked = 0;
 		__u32 prog = 0;
 		int fd;
 
-		dns_pin_path(job->dp, job->uid, i, pin);
-		dns_next_pin_path(job->dp, job->uid, i, next);
+		cgroup_pin_path(job->dp, job->uid, i, pin);
+		cgroup_next_pin_path(job->dp, job->uid, i, next);
 		detach_pinned_link(next); /* left by a crash */
+		if (!cgroup_hook_wanted(i, job->req->flags))
+			continue; /* (detached by cgroup_hooks_commit, once the update is recorded) */
 		if (pinned_cgroup_link(pin, &linked, &prog) == 0 && linked == st.st_ino) {
 			fd = bpf_obj_get(pin);
-			if (fd < 0 || bpf_link_update(fd, job->dp->dns_prog_fd[i], NULL))
+			if (fd < 0 || bpf_link_update(fd, job->dp->cgroup_prog_fd[i], NULL))
 				err = -errno;
 			if (fd >= 0)
 				close(fd);
 			continue;
 		}
-		fd = bpf_link_create(job->dp->dns_prog_fd[i], cg, dns_attach_types[i], NULL);
+		fd = bpf_link_create(job->dp->cgroup_prog_fd[i], cg, cgroup_attach_types[i], NULL);
 		if (fd < 0) {
 			err = -errno;
 			break;
@@ -995,28 +1006,31 @@ static int dns_prepare(struct netns_job *job)
 	}
 	close(cg);
 	if (err) {
-		dns_abort(job->dp, job->uid);
-		return fail(job->e, DPE_SYSTEM, err, "cannot attach DNS capture to cgroup %s", path);
+		cgroup_hooks_abort(job->dp, job->uid);
+		return fail(job->e, DPE_SYSTEM, err, "cannot attach the hooks on the pod's cgroup %s", path);
 	}
-	job->meta->dns_cgroup_id = st.st_ino;
+	job->meta->pod_cgroup_id = st.st_ino;
 	return 0;
 }
 
-/* DNS capture, second half: the prepared links replace the old ones (rename over their pins: the
- * old link goes with its last pin, the new one already runs). */
-static int dns_commit(struct netns_job *job)
+/* Second half: the prepared links replace the old ones (rename over their pins: the old link goes
+ * with its last pin, the new one already runs); hooks no longer wanted (DNS capture turned off)
+ * go. */
+static int cgroup_hooks_commit(struct netns_job *job)
 {
 	char pin[PATH_MAX], next[PATH_MAX];
 
-	if (!job->req->dns_cgroup[0]) {
-		detach_dns(job->dp, job->uid, job->meta);
+	if (!job->req->pod_cgroup[0]) {
+		detach_cgroup_hooks(job->dp, job->uid, job->meta);
 		return 0;
 	}
-	for (int i = 0; i < DNS_HOOKS; i++) {
-		dns_pin_path(job->dp, job->uid, i, pin);
-		dns_next_pin_path(job->dp, job->uid, i, next);
-		if (access(next, F_OK) == 0 && rename(next, pin))
-			return fail(job->e, DPE_SYSTEM, errno, "cannot replace the DNS capture link %s", pin);
+	for (int i = 0; i < CGROUP_HOOKS; i++) {
+		cgroup_pin_path(job->dp, job->uid, i, pin);
+		cgroup_next_pin_path(job->dp, job->uid, i, next);
+		if (!cgroup_hook_wanted(i, job->req->flags))
+			detach_pinned_link(pin);
+		else if (access(next, F_OK) == 0 && rename(next, pin))
+			return fail(job->e, DPE_SYSTEM, errno, "cannot replace the cgroup link %s", pin);
 	}
 	return 0;
 }
@@ -1084,7 +1098,7 @@ static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_met
 	return 0;
 }
 
-/* Detaches the pod interface's own tcx links (not the reroute, host, DNS or sk_lookup ones). */
+/* Detaches the pod interface's own tcx links (not the reroute, host, cgroup or sk_lookup ones). */
 static void detach_main_tcx(struct datapath *dp, const char *uid)
 {
 	char pin[PATH_MAX];
@@ -1392,7 +1406,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		return fail(e, DPE_INVALID, 0, "a pod needs 1 to %d IPs, got %u", MAX_POD_IPS, req->ip_count);
 	if (req->netns_path[0] != '/')
 		return fail(e, DPE_INVALID, 0, "netns path must be absolute: %s", req->netns_path);
-	if (req->flags & ~(POD_F_BYPASS_INBOUND | POD_F_STRICT))
+	if (req->flags & ~(POD_F_BYPASS_INBOUND | POD_F_STRICT | POD_F_DNS_CAPTURE))
 		return fail(e, DPE_INVALID, 0, "unknown pod flags 0x%x", req->flags);
 	if (req->reroute_count > MAX_REROUTE_IFACES)
 		return fail(e, DPE_INVALID, 0, "at most %d reroute interfaces, got %u", MAX_REROUTE_IFACES,
@@ -1445,28 +1459,29 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
 	else if (!e->code)
 		undo = true; /* the netns job has run: a later failure must be undone */
-	if (!e->code) {
+	/* Nothing half-applied: a failure from here on is undone or restored below. */
+	if (!e->code && !attach_sk_lookup(dp, req->uid, &m, fd, e) && !fault(&job, "sk_lookup") &&
+	    !attach_host(dp, req, &m, job.host_peer, e) && !fault(&job, "host") && !cgroup_hooks_prepare(&job) &&
+	    !fault(&job, "dns")) {
 		struct pod_policy now;
 
-		/* The cookie is known once inside the netns; sk_lookup steering needs it in the policy. */
+		/* The cookie is known once inside the netns (sk_lookup steering needs it in the policy),
+		 * and whether DNS is captured once the cgroup hooks are prepared (they run already). */
 		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) || now.netns_cookie != m.netns_cookie ||
 		    now.flags != policy_flags(&m))
 			err = policy_write(&dp->policy, &m, NULL);
 		if (err)
 			fail(e, DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
-		/* Nothing half-applied: a failure from here on is undone or restored below. */
-		if (!e->code && !fault(&job, "policy") && !attach_sk_lookup(dp, req->uid, &m, fd, e) &&
-		    !fault(&job, "sk_lookup") && !attach_host(dp, req, &m, job.host_peer, e) && !fault(&job, "host") &&
-		    !dns_prepare(&job) && !fault(&job, "dns") && !fault(&job, "record")) {
+		if (!e->code && !fault(&job, "policy") && !fault(&job, "record")) {
 			if ((err = meta_put(dp, req->uid, &m)))
 				fail(e, DPE_SYSTEM, err, "cannot record pod %s", req->uid);
 			else
-				dns_commit(&job);
+				cgroup_hooks_commit(&job);
 		}
 	}
 	if (e->code && res->updated) {
 		/* A failed update of an attached pod: the previous attachment again, never a detach. */
-		dns_abort(dp, req->uid);
+		cgroup_hooks_abort(dp, req->uid);
 		if (!old.steering_sk_lookup && m.steering_sk_lookup) {
 			char pin[PATH_MAX];
 
@@ -1497,7 +1512,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	} else if (e->code) {
 		if (undo)
 			undo_recorded(dp, req->uid, &m, NULL, 0);
-		dns_abort(dp, req->uid);
+		cgroup_hooks_abort(dp, req->uid);
 		meta_del(dp, req->uid);
 		remove_pod_dir(dp, req->uid);
 		policy_remove(&dp->policy, &m);
@@ -1745,16 +1760,19 @@ static int verify_job(void *p)
 		else
 			verify_program_name(r, prog, "sk_lookup", "pod_sk_lookup");
 	}
-	for (int i = 0; m->dns_cgroup_id && i < DNS_HOOKS; i++) {
+	for (int i = 0; m->pod_cgroup_id && i < CGROUP_HOOKS; i++) {
+		const char *what = i == GUARD_HOOK ? "socket-option guard" : "DNS capture";
 		char pin[PATH_MAX];
 		__u64 linked = 0;
 		__u32 prog = 0;
 
-		dns_pin_path(job->dp, job->uid, i, pin);
-		if (pinned_cgroup_link(pin, &linked, &prog) || linked != m->dns_cgroup_id)
-			problem(r, "the DNS capture hook %s is missing or detached (cgroup gone?)", dns_prog_names[i]);
+		if (!cgroup_hook_wanted(i, m->flags))
+			continue;
+		cgroup_pin_path(job->dp, job->uid, i, pin);
+		if (pinned_cgroup_link(pin, &linked, &prog) || linked != m->pod_cgroup_id)
+			problem(r, "the %s hook %s is missing or detached (cgroup gone?)", what, cgroup_prog_names[i]);
 		else
-			verify_program_name(r, prog, "DNS capture", dns_prog_names[i]);
+			verify_program_name(r, prog, what, cgroup_prog_names[i]);
 	}
 	return 0;
 }
@@ -2025,10 +2043,12 @@ int dp_trust_ztunnel_cgroup(struct datapath *dp, const char *cgroup_dir, struct 
 	dp_lock(dp);
 	if (bpf_map_update_elem(dp->ztunnel_cgroups_fd, &id, &yes, BPF_ANY))
 		err = fail(e, DPE_SYSTEM, errno, "cannot record ztunnel's cgroup");
-	/* sk_lookup steering finds ztunnel's listeners through a sockops hook on its cgroup. */
+	/* ztunnel's listeners are learnt by a sockops hook on its cgroup, whatever the steering: the
+	 * pod's sk_lookup program hands them SYNs (all of them with sk_lookup steering; those meeting
+	 * a TIME_WAIT socket with either). */
 	snprintf(dir, sizeof(dir), "%s/ztunnel", dp->root);
 	snprintf(pin, sizeof(pin), "%s/sockops-%llu", dir, (unsigned long long)id);
-	if (!err && sk_lookup_steering(dp) && access(pin, F_OK) != 0) {
+	if (!err && access(pin, F_OK) != 0) {
 		mkdir_p(dir);
 		fd = bpf_link_create(dp->sockops_prog_fd, cg, BPF_CGROUP_SOCK_OPS, NULL);
 		if (fd < 0) {

@@ -41,7 +41,7 @@ struct dp_attach_request {
 	unsigned flags; /* POD_F_* */
 	char reroute[MAX_REROUTE_IFACES][16]; /* interface names whose inbound TCP goes to 15001 */
 	unsigned reroute_count;
-	char dns_cgroup[NETNS_PATH_LEN]; /* the pod's cgroup v2 directory: DNS capture; empty: off */
+	char pod_cgroup[NETNS_PATH_LEN]; /* the pod's cgroup v2 directory: socket-option guard, and DNS capture with POD_F_DNS_CAPTURE; empty: no hooks there */
 	char host_netns[NETNS_PATH_LEN]; /* the node's netns, where the pod's veth peer is; empty: no probe SNAT */
 };
 

@@ -104,7 +104,7 @@ static void remove_ip(const struct policy_maps *maps, const struct pod_ip *ip, _
  * (then strict mode lets no DNS of the app's leave as is). */
 __u32 policy_flags(const struct pod_meta *m)
 {
-	return m->flags | (m->dns_cgroup_id ? POD_F_DNS_CAPTURED : 0);
+	return m->flags | (m->pod_cgroup_id && (m->flags & POD_F_DNS_CAPTURE) ? POD_F_DNS_CAPTURED : 0);
 }
 
 int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old)

@@ -47,6 +47,7 @@ struct pod_ip {
 #define POD_F_BYPASS_INBOUND (1u << 0) /* ambient.istio.io/bypass-inbound-capture=true */
 #define POD_F_STRICT (1u << 1) /* drop what would escape ztunnel (UDP but DNS, other protocols) */
 #define POD_F_DNS_CAPTURED (1u << 2) /* DNS capture hooks hold the pod's cgroup: its DNS never leaves as is */
+#define POD_F_DNS_CAPTURE (1u << 3) /* asked: capture DNS at the pod's cgroup (POD_F_DNS_CAPTURED once hooked) */
 
 struct pod_policy {
 	__u32 slot; /* index into pod_counters; 0 is the node-wide "no pod" slot */
@@ -69,7 +70,7 @@ enum pod_counter {
 	CNT_REROUTED, /* inbound on a reroute-virtual-interfaces device, to 15001 */
 	CNT_UNCLASSIFIED_DROPPED, /* packets that may carry TCP but cannot be classified: fragments, odd headers */
 	CNT_SPOOFED_DROPPED, /* packets from outside carrying one of the pod's own addresses as source */
-	CNT_LOOKUP_REFUSED, /* looped outbound connections the socket lookup refused: tc did not steer them */
+	CNT_LOOKUP_REFUSED, /* looped outbound packets the socket lookup refused (a SYN tc did not steer, a late segment) */
 	CNT_COUNT
 };
 
@@ -161,7 +162,7 @@ struct pod_meta {
 	__u32 slot; /* this pod's counters */
 	__u32 flags; /* POD_F_* */
 	__u32 reroute_count;
-	__u64 dns_cgroup_id; /* DNS capture hooks on this cgroup v2; 0: DNS capture off */
+	__u64 pod_cgroup_id; /* the pod's cgroup v2, hooked (socket-option guard, DNS capture); 0: none */
 	__u64 netns_cookie;
 	__u32 steering_sk_lookup; /* an sk_lookup link on the pod netns steers SYNs (pin "sk_lookup") */
 	__u32 pad2;

@@ -226,7 +226,10 @@ static __always_inline enum assign_result steer_later(const struct tcp_flow *f, 
 
 /* Hands a new connection (a bare SYN) to ztunnel's wildcard-bound listener on `port` (of pod `p`).
  * A SYN that meets a TIME_WAIT socket starts a new connection: it goes to ztunnel too (the stack
- * would otherwise hand it to whichever listener owns the port, the app's). */
+ * would otherwise hand it to whichever listener owns the port, the app's). It is always left to
+ * the sk_lookup program: the stack's TIME_WAIT path ends that socket and then looks up a listener,
+ * while a SYN assigned here would be dropped, as its request could not be hashed beside the
+ * TIME_WAIT socket of the same tuple. */
 static __always_inline enum assign_result assign_to_listener(struct __sk_buff *skb, struct tcp_flow *f,
 							     __u16 port, const struct pod_policy *p)
 {
@@ -250,7 +253,7 @@ static __always_inline enum assign_result assign_to_listener(struct __sk_buff *s
 		bpf_sk_release(sk);
 		return NO_LISTENER;
 	}
-	if (setting_flags() & SETTING_SK_LOOKUP_STEERING) {
+	if ((setting_flags() & SETTING_SK_LOOKUP_STEERING) || state == BPF_TCP_TIME_WAIT) {
 		bpf_sk_release(sk); /* before 6.6 tc cannot assign ztunnel's SO_REUSEPORT listeners */
 		return steer_later(f, p, port);
 	}

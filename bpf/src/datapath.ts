@@ -68,9 +68,13 @@ export interface PodAttachment {
   strict?: boolean;
   /** Extra interfaces whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces). */
   rerouteInterfaces?: string[];
-  /** The pod's cgroup v2 directory: its apps' DNS (port 53, UDP and TCP) goes to ztunnel's
-   * 127.0.0.1:15053. Absent: no DNS capture. */
-  dnsCgroup?: string;
+  /** The pod's cgroup v2 directory. Hooks there refuse the socket options that would send the
+   * apps' packets past the pod's interface hooks (PACKET_QDISC_BYPASS), and, unless dnsCapture is
+   * false, send their DNS (port 53, UDP and TCP) to ztunnel's 127.0.0.1:15053. Absent: no hooks
+   * there (no DNS capture). */
+  podCgroup?: string;
+  /** Capture DNS at podCgroup (default true). */
+  dnsCapture?: boolean;
   /** The node's netns, where the pod's veth peer is: traffic the node itself opens to the pod
    * (kubelet probes) gets the probe source address there, so the pod does not capture it. */
   hostNetns?: string;
@@ -171,10 +175,10 @@ export class Datapath {
     }
     const mode = options.mode ?? 'auto';
     if (!(mode in MODE_CODES)) throw new DatapathError('EINVALID', `unknown attach mode: ${String(mode)}`);
-    const { POD_F_BYPASS_INBOUND, POD_F_STRICT } = addon().constants;
-    const flags = (pod.bypassInbound ? POD_F_BYPASS_INBOUND : 0) | (pod.strict ? POD_F_STRICT : 0);
+    const { POD_F_BYPASS_INBOUND, POD_F_STRICT, POD_F_DNS_CAPTURE } = addon().constants;
+    const flags = (pod.bypassInbound ? POD_F_BYPASS_INBOUND : 0) | (pod.strict ? POD_F_STRICT : 0) | (pod.dnsCapture === false ? 0 : POD_F_DNS_CAPTURE);
     return call(() =>
-      addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode], flags, pod.rerouteInterfaces ?? [], pod.dnsCgroup ?? '', pod.hostNetns ?? ''),
+      addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode], flags, pod.rerouteInterfaces ?? [], pod.podCgroup ?? '', pod.hostNetns ?? ''),
     );
   }
 

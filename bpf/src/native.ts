@@ -27,8 +27,10 @@ export interface NativeListedPod {
   bypassInbound: boolean;
   strict: boolean;
   rerouteInterfaces: string[];
-  /** The cgroup DNS capture is hooked to; 0: no DNS capture. */
-  dnsCgroupId: number;
+  /** The pod's cgroup the socket-option guard (and DNS capture) is hooked to; 0: none. */
+  podCgroupId: number;
+  /** DNS is captured at that cgroup. */
+  dnsCapture: boolean;
   /** The node-side device where kubelet probes are handled; 0: none. */
   hostIfindex: number;
   steering: 'sk-assign' | 'sk-lookup';
@@ -72,7 +74,8 @@ export interface DatapathCounters {
   unclassifiedDropped: number;
   /** packets from outside with one of the pod's own addresses as source: dropped */
   spoofedDropped: number;
-  /** connections the pod netns's socket lookup refused: not handed to ztunnel by tc */
+  /** looped outbound packets the pod netns's socket lookup refused: a SYN tc did not hand to
+   * ztunnel, or a late segment of a connection whose ztunnel socket is gone */
   lookupRefused: number;
 }
 
@@ -109,7 +112,7 @@ export interface NativeAddon {
     mode: number,
     flags: number,
     reroute: string[],
-    dnsCgroup: string,
+    podCgroup: string,
     hostNetns: string,
   ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean; hostIfindex: number }>;
   detach(handle: NativeHandle, uid: string): Promise<{ found: boolean; warning?: string }>;
@@ -138,6 +141,7 @@ export interface NativeAddon {
     TC_FILTER_PRIORITY: number;
     POD_F_BYPASS_INBOUND: number;
     POD_F_STRICT: number;
+    POD_F_DNS_CAPTURE: number;
     SETTING_MARK_ONLY_EXEMPTION: number;
     SETTING_SK_LOOKUP_STEERING: number;
     MAX_REROUTE_IFACES: number;

@@ -34,7 +34,8 @@ type AttachArgs = CommonArgs & {
   'bypass-inbound': boolean;
   strict: boolean;
   reroute: string[];
-  'dns-cgroup': string | undefined;
+  'pod-cgroup': string | undefined;
+  'dns-capture': boolean;
   'node-netns': string | undefined;
 };
 
@@ -54,7 +55,8 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
       .option('bypass-inbound', { type: 'boolean', default: false, describe: 'no inbound capture (ambient.istio.io/bypass-inbound-capture)' })
       .option('strict', { type: 'boolean', default: false, describe: 'drop what the pod sends around ztunnel (UDP but DNS, other protocols)' })
       .option('reroute', { type: 'string', array: true, default: [] as string[], describe: 'an interface whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces; repeat)' })
-      .option('dns-cgroup', { type: 'string', describe: "the pod's cgroup v2 directory: capture its DNS" })
+      .option('pod-cgroup', { type: 'string', describe: "the pod's cgroup v2 directory: refuse PACKET_QDISC_BYPASS there and capture its DNS" })
+      .option('dns-capture', { type: 'boolean', default: true, describe: "capture DNS at --pod-cgroup (--no-dns-capture: the guard only)" })
       .option('node-netns', { type: 'string', describe: "the netns of the pod's veth peer: handle kubelet probes there" }),
   handler: async (args: ArgumentsCamelCase<AttachArgs>) => {
     const r = await withDatapath(args, (dp) =>
@@ -66,7 +68,8 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
           bypassInbound: args.bypassInbound,
           strict: args.strict,
           rerouteInterfaces: args.reroute,
-          ...(args.dnsCgroup !== undefined ? { dnsCgroup: args.dnsCgroup } : {}),
+          dnsCapture: args.dnsCapture,
+          ...(args.podCgroup !== undefined ? { podCgroup: args.podCgroup } : {}),
           ...(args.nodeNetns !== undefined ? { hostNetns: args.nodeNetns } : {}),
         },
         { mode: args.attachMode },

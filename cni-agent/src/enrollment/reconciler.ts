@@ -67,8 +67,11 @@ interface Entry {
   sandboxId: string | undefined;
   /** When the pending enrollment started (performance.now()), until ztunnel acks it. */
   enrollStarted: number | undefined;
-  /** DNS capture: on (hooked to this cgroup), off, or waiting for the pod to have a cgroup. */
-  dns: { state: 'on'; cgroup: string } | { state: 'off' } | { state: 'waiting' };
+  /** The hooks on the pod's cgroup (the socket-option guard, DNS capture): on this cgroup, none
+   * (no cgroup locator), or waiting for the pod to have a cgroup. */
+  cgroup: { state: 'on'; path: string } | { state: 'off' } | { state: 'waiting' };
+  /** DNS capture was asked for at the last attach. */
+  dnsCapture: boolean;
 }
 
 /** How a pod's traffic is redirected in its netns: the BPF datapath, or (for the benchmark's
@@ -163,7 +166,7 @@ export class Reconciler {
   }
 
   /** What the datapath is asked to attach for a pod (its capture options included). */
-  private attachment(e: Entry, capture: CaptureOptions, netnsPath: string, ips: string[], dnsCgroup: string | undefined): PodAttachment {
+  private attachment(e: Entry, capture: CaptureOptions, netnsPath: string, ips: string[], podCgroup: string | undefined): PodAttachment {
     return {
       uid: e.uid,
       netnsPath,
@@ -171,7 +174,8 @@ export class Reconciler {
       bypassInbound: capture.bypassInbound,
       strict: capture.strict,
       rerouteInterfaces: capture.rerouteInterfaces,
-      ...(dnsCgroup ? { dnsCgroup } : {}),
+      dnsCapture: capture.dnsCapture,
+      ...(podCgroup ? { podCgroup } : {}),
       ...(this.opts.nodeNetns ? { hostNetns: this.opts.nodeNetns } : {}),
     };
   }
@@ -196,9 +200,9 @@ export class Reconciler {
     this.upgrades.delete(uid);
     const e = this.entries.get(uid);
     if (e && e.attached && e.pod && e.netnsPath && !e.running && !this.tcxUnavailable) {
-      const dnsCgroup = e.dns.state === 'on' ? e.dns.cgroup : undefined;
+      const podCgroup = e.cgroup.state === 'on' ? e.cgroup.path : undefined;
       e.running = this.opts.datapath
-        .attach(this.attachment(e, captureOptions(e.pod, this.opts.capture ?? DEFAULT_CAPTURE), e.netnsPath, this.ipsOf(e), dnsCgroup), { mode: 'tcx' })
+        .attach(this.attachment(e, captureOptions(e.pod, this.opts.capture ?? DEFAULT_CAPTURE), e.netnsPath, this.ipsOf(e), podCgroup), { mode: 'tcx' })
         .then(
           () => this.opts.log.debug({ uid }, 'moved to tcx'),
           (err: Error & { code?: string }) => {
@@ -361,7 +365,7 @@ export class Reconciler {
           ztunnel: e.ztunnel?.status ?? 'not sent',
           netnsPath: e.netnsPath,
           since: e.since,
-          dns: e.dns.state === 'waiting' ? 'waiting for the pod’s cgroup' : e.dns.state,
+          dns: !e.dnsCapture || e.cgroup.state === 'off' ? 'off' : e.cgroup.state === 'waiting' ? 'waiting for the pod’s cgroup' : 'on',
         };
       });
   }
@@ -409,21 +413,22 @@ export class Reconciler {
         netnsFromCni: false,
         sandboxId: undefined,
         enrollStarted: undefined,
-        dns: { state: 'off' },
+        cgroup: { state: 'off' },
+        dnsCapture: false,
       };
       this.entries.set(uid, e);
     }
     return e;
   }
 
-  /** The pod's cgroup for DNS capture (the last one while it exists), or undefined for now. */
-  private dnsCgroup(e: Entry, netnsPath: string): string | undefined {
+  /** The pod's cgroup for its cgroup hooks (the last one while it exists), or undefined for now. */
+  private podCgroup(e: Entry, netnsPath: string): string | undefined {
     if (!this.opts.cgroups) return undefined;
-    if (e.dns.state === 'on' && existsSync(e.dns.cgroup)) return e.dns.cgroup;
+    if (e.cgroup.state === 'on' && existsSync(e.cgroup.path)) return e.cgroup.path;
     try {
       return this.opts.cgroups.find(e.uid, netnsPath);
     } catch (err) {
-      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot look for the pod’s cgroup; DNS is not captured');
+      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot look for the pod’s cgroup; its cgroup hooks (socket-option guard, DNS capture) wait');
       return undefined;
     }
   }
@@ -447,9 +452,10 @@ export class Reconciler {
       else await this.unenroll(e);
       if (e.error) this.opts.log.info(log, 'pod reconciled after earlier failures');
       e.error = undefined;
-      if (e.attached && e.dns.state === 'waiting' && !this.stopped) {
-        // Redirected, but DNS capture needs the pod's cgroup, which appears with its processes.
-        if (e.backoffMs === (this.opts.initialBackoffMs ?? 200)) this.opts.log.info(log, 'DNS capture waits for the pod’s cgroup');
+      if (e.attached && e.cgroup.state === 'waiting' && !this.stopped) {
+        // Redirected, but the cgroup hooks (the socket-option guard, DNS capture) need the pod's
+        // cgroup, which appears with its processes.
+        if (e.backoffMs === (this.opts.initialBackoffMs ?? 200)) this.opts.log.info(log, 'the pod’s cgroup hooks (socket-option guard, DNS capture) wait for its cgroup');
         e.retry = setTimeout(() => void this.reconcile(e.uid), e.backoffMs);
         e.backoffMs = Math.min(e.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
       } else {
@@ -486,15 +492,16 @@ export class Reconciler {
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
-    const dnsCgroup = capture.dnsCapture ? this.dnsCgroup(e, netnsPath) : undefined;
+    const podCgroup = this.podCgroup(e, netnsPath);
     // With `auto`, a new pod gets the tc hooks (well under a millisecond) and moves to tcx once the
     // node is idle (a tcx link waits for RCU grace periods under rtnl_lock: tens of ms per pod).
     const fastPath = this.opts.attachMode === 'auto' && (!e.attached || moved) && !this.tcxUnavailable && kernelHasTcx();
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
-    await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, dnsCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
     if (fastPath) this.queueUpgrade(e.uid);
-    e.dns = dnsCgroup ? { state: 'on', cgroup: dnsCgroup } : capture.dnsCapture && this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
+    e.cgroup = podCgroup ? { state: 'on', path: podCgroup } : this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
+    e.dnsCapture = capture.dnsCapture;
     if (!e.attached || moved) {
       e.since = new Date();
       this.opts.log.info({ uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, netns: netnsPath }, 'pod redirected');
@@ -527,7 +534,7 @@ export class Reconciler {
       e.attached = false;
       e.ztunnel = undefined;
       e.enrollStarted = undefined;
-      e.dns = { state: 'off' };
+      e.cgroup = { state: 'off' };
       e.since = new Date();
     }
     if (e.pod) await this.annotate(e, undefined);
