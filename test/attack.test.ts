@@ -76,6 +76,10 @@ const INBOUND: Case[] = [
   c('frag6-overlap', true, 'dropped', false),
   c('frag6-ext', true, 'dropped'),
   c('hao', true, 'not-delivered', false),
+  c('vlan0', false, 'ztunnel'),
+  // Two tags: tc sees 802.1Q after the first is stripped; the second would be stripped after tc.
+  c('qinq0', false, 'dropped'),
+  c('qinq0', true, 'dropped'),
 ];
 
 const OUTBOUND: Case[] = [
@@ -95,6 +99,10 @@ const OUTBOUND: Case[] = [
   c('frag6-full-header', true, 'dropped'),
   c('frag6-ext', true, 'dropped'),
   c('packet-control', true, 'ztunnel'),
+  c('packet-ethproto', false, 'dropped'),
+  c('packet-ethproto', true, 'dropped'),
+  c('packet-vlan0', false, 'dropped'),
+  c('packet-vlan0', true, 'dropped'),
 ];
 
 const label = (k: Case): string => `${k.name} (IPv${k.v6 ? 6 : 4})`;
@@ -267,6 +275,8 @@ for (const { mode, steering, subnet } of MODES) {
       assert.ok(p, 'pod not attached');
       return p.counters;
     };
+    /** Frames whose link layer hides their addresses are counted node-wide (no pod to charge). */
+    const nodeUnclassified = (): number => dp.nodeCounters().unclassifiedDropped;
     const inbound = (name: string, v6: boolean, extra: Record<string, unknown> = {}) =>
       peer.send({ op: 'inbound', case: name, src: v6 ? t.attackerV6 : t.attackerV4, dst: v6 ? net.podV6 : net.podV4, dport: APP_PORT, dmac: t.podMac, ...extra });
     const outbound = (from: Crafter, name: string, v6: boolean, mark?: number) =>
@@ -326,6 +336,7 @@ for (const { mode, steering, subnet } of MODES) {
       it(`inbound ${label(k)}: ${k.expect === 'ztunnel' ? 'to 15006' : 'never to the app'}`, async () => {
         await inboundControl(k.v6);
         const before = await counters();
+        const nodeBefore = nodeUnclassified();
         const appBefore = app.accepted.length;
         const ztBefore = ztunnel.accepted.length;
         const r = await inbound(k.name, k.v6);
@@ -340,7 +351,7 @@ for (const { mode, steering, subnet } of MODES) {
         } else {
           assert.equal(r.result, 'none', JSON.stringify(r));
           assert.equal(ztunnel.accepted.length, ztBefore);
-          if (k.expect === 'dropped') assert.ok(after.unclassifiedDropped > before.unclassifiedDropped, 'unclassifiedDropped did not rise');
+          if (k.expect === 'dropped') assert.ok(after.unclassifiedDropped + nodeUnclassified() > before.unclassifiedDropped + nodeBefore, 'unclassifiedDropped did not rise');
         }
       });
     }
@@ -376,6 +387,7 @@ for (const { mode, steering, subnet } of MODES) {
       it(`outbound raw ${label(k)} from the app: ${k.expect === 'ztunnel' ? 'to 15001' : 'dropped'}, never to the remote`, async () => {
         await outboundControl(k.v6);
         const before = await counters();
+        const nodeBefore = nodeUnclassified();
         const r = await outbound(inPod, k.name, k.v6);
         assert.notEqual(r.iface, 'eth0', `the remote host answered: ${JSON.stringify(r)}`);
         const after = await counters();
@@ -384,7 +396,7 @@ for (const { mode, steering, subnet } of MODES) {
           assert.equal(after.outboundRedirected - before.outboundRedirected, 1);
         } else {
           assert.equal(r.result, 'none', JSON.stringify(r));
-          assert.ok(after.unclassifiedDropped > before.unclassifiedDropped, 'unclassifiedDropped did not rise');
+          assert.ok(after.unclassifiedDropped + nodeUnclassified() > before.unclassifiedDropped + nodeBefore, 'unclassifiedDropped did not rise');
         }
         assert.equal(remote.accepted.length, 0);
       });

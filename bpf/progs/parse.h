@@ -1,7 +1,8 @@
 /* Packet parsing for every program: IPv4 (with options) and IPv6 (with its extension headers walked,
  * as the stack walks them) down to the transport header. One rule for all callers: a packet that
  * may carry TCP but whose TCP header cannot be read here as the stack will read it (a fragment, a
- * routing header still to be followed, a chain too long to walk, a truncated header) is
+ * routing header still to be followed, a chain too long to walk, a truncated header, an Ethernet
+ * frame whose type field says something else than skb->protocol or hides IP behind VLAN tags) is
  * PKT_UNCLASSIFIED, and the callers drop it rather than pass it. */
 #ifndef AMBIENT_PARSE_H
 #define AMBIENT_PARSE_H
@@ -52,6 +53,7 @@ struct ip_info {
 	bool first_fragment; /* offset 0, more fragments follow */
 	bool later_fragment; /* offset > 0: no transport header */
 	bool unwalkable; /* IPv6 chain that cannot be followed (routing with segments left, too long, cut) */
+	bool hidden; /* the link layer hides what the frame carries (see link_hides) */
 };
 
 static __always_inline bool ip_fragment(const struct ip_info *ip)
@@ -142,11 +144,31 @@ static __always_inline void walk_ipv6(struct __sk_buff *skb, struct ip_info *ip,
 	ip->proto = next;
 }
 
-/* Reads the IP header at `l3_off` (L2_ETHERNET or L2_NONE). Non-IP packets have is_ip false. */
+/* Does an Ethernet frame hide what it carries from a parser that goes by skb->protocol? The stack
+ * that receives the frame (the veth peer, the pod) goes by the frame's own type field instead: a
+ * packet socket can send an IP frame labelled as another protocol (skb->protocol is the socket's),
+ * and VLAN tags the receiver strips (a priority tag with VID 0, a second tag after the first was
+ * stripped) put IP behind a type that is not IP. */
+static __always_inline bool link_hides(struct __sk_buff *skb)
+{
+	__be16 type;
+
+	if (bpf_skb_load_bytes(skb, 12, &type, sizeof(type)))
+		return true;
+	return type != skb->protocol || type == bpf_htons(ETH_P_8021Q) || type == bpf_htons(ETH_P_8021AD) ||
+	       type == bpf_htons(0x9100 /* pre-standard QinQ */);
+}
+
+/* Reads the IP header at `l3_off` (L2_ETHERNET or L2_NONE). Non-IP packets have is_ip false; an
+ * Ethernet frame whose type field does not say what skb->protocol says is `hidden`. */
 static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct ip_info *ip)
 {
 	__builtin_memset(ip, 0, sizeof(*ip));
 	ip->l3_off = l3_off;
+	if (l3_off == L2_ETHERNET && link_hides(skb)) {
+		ip->hidden = true;
+		return;
+	}
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr h;
 		__u16 fo;
@@ -188,6 +210,8 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 /* May the stack deliver TCP out of this packet without us having read its TCP header? */
 static __always_inline bool may_carry_tcp(const struct ip_info *ip)
 {
+	if (ip->hidden)
+		return true;
 	if (!ip->is_ip)
 		return false;
 	if (ip->proto == IPPROTO_TCP)
@@ -216,7 +240,7 @@ static __always_inline enum pkt_class parse_tcp_at(struct __sk_buff *skb, __u32 
 	parse_ip(skb, l3_off, &f->ip);
 	if (!may_carry_tcp(&f->ip))
 		return PKT_OTHER;
-	if (f->ip.unwalkable || ip_fragment(&f->ip) || f->ip.proto != IPPROTO_TCP)
+	if (f->ip.hidden || f->ip.unwalkable || ip_fragment(&f->ip) || f->ip.proto != IPPROTO_TCP)
 		return PKT_UNCLASSIFIED;
 	if (bpf_skb_load_bytes(skb, f->ip.l4_off, &th, sizeof(th)) || th.doff < 5)
 		return PKT_UNCLASSIFIED;
