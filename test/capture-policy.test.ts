@@ -1,10 +1,14 @@
 // Per-pod capture options and the programs' own counters, with real packets: counters match the
 // traffic sent; only ztunnel's own sockets may skip redirection with the 0x539 mark (an app that
 // forges it is still redirected, unless the node runs in mark-only mode); bypass-inbound-capture;
-// strict mode drops what would escape ztunnel and nothing else; reroute-virtual-interfaces.
+// strict mode drops what would escape ztunnel and nothing else; reroute-virtual-interfaces (a veth
+// and a tun device, which has no Ethernet header).
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import { after, afterEach, before, describe, it } from 'node:test';
 import { cgroup2Mount, Datapath, type DatapathCounters } from '../bpf/src/index.js';
 import { AppCgroup, CLIENT, testRunnerCgroup } from './helpers/app.js';
@@ -14,6 +18,8 @@ import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js'
 import { RecordingServer, udpInNetns, whoAnswers, ztunnelListener } from './helpers/traffic.js';
 
 const APP_PORT = 8080;
+const TUN_SYN = fileURLToPath(new URL('../../test/fixtures/tun-syn.py', import.meta.url));
+const execFileP = promisify(execFile);
 const PROBE_V4 = '169.254.7.127';
 
 after(assertNothingLeft);
@@ -212,6 +218,92 @@ for (const mode of ['tcx', 'tc'] as const) {
       await dp.detach(uid);
       assert.equal(await whoAnswers({ netns: Topology.netnsPath(vm), host: net.remoteV4, port: APP_PORT }), 'remote');
       await attach();
+    });
+  });
+}
+
+/** What tun-syn.py saw on the tun device: who answered a crafted SYN from behind it. */
+interface TunAnswer {
+  result: 'synack' | 'rst' | 'none' | 'other';
+  banner?: string | null;
+  sport: number;
+}
+
+for (const mode of ['tcx', 'tc'] as const) {
+  // A device with no link-layer header (tun in tun mode, like wireguard): its packets start at the
+  // IP header, so it gets pod_reroute_ingress_l3; the Ethernet one would read the IP header 14
+  // bytes too far and let the SYN through to the remote host. vm0 (a veth) keeps the Ethernet one.
+  describe(`reroute-virtual-interfaces on a tun device with ${mode}`, kernelTest(), () => {
+    const topo = new Topology();
+    const uid = `pod-${topo.id}`;
+    const root = testBpffsRoot(topo.id);
+    const subnet = mode === 'tcx' ? 10 : 11;
+    const tunGw = `198.18.${subnet + 100}.1`;
+    const behindTun = `198.18.${subnet + 100}.2`; // the workload behind the tun device
+    let net: PodNet;
+    let dp: Datapath;
+    let servers: RecordingServer[] = [];
+
+    const attach = () =>
+      dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], rerouteInterfaces: ['tun0', 'vm0'] }, { mode });
+    const synFromBehindTun = async (): Promise<TunAnswer> => {
+      const { stdout } = await execFileP('nsenter', [`--net=${net.podPath}`, '/usr/bin/python3', TUN_SYN, 'tun0', behindTun, net.remoteV4, String(APP_PORT)], {
+        timeout: 20_000,
+      });
+      return JSON.parse(stdout.trim()) as TunAnswer;
+    };
+
+    before(async () => {
+      net = await podWithRemote(topo, subnet);
+      const vm = await topo.netns('vm');
+      await topo.veth(net.pod, 'vm0', vm, 'eth0');
+      dp = await Datapath.open({ bpffsRoot: root });
+      dp.trustZtunnelCgroup(testRunnerCgroup()); // the stand-in runs in the test runner
+      await attach(); // before the tun device exists
+      servers = [
+        await ztunnelListener(net.podPath, 15001),
+        await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT }),
+      ];
+      // The pod routes for what is behind the tun device, and the remote host knows the way back:
+      // a SYN the hook lets through reaches the remote host and is answered by it.
+      await topo.exec(net.pod, 'sysctl', '-qw', 'net.ipv4.ip_forward=1');
+      await topo.ip(net.remote, 'route', 'add', `198.18.${subnet + 100}.0/24`, 'via', net.podV4);
+    });
+
+    after(async () => {
+      for (const s of servers) await s.close();
+      await dp?.detach(uid);
+      dp?.close();
+      await topo.cleanup(); // the tun device goes with the pod netns
+      rmSync(root, { recursive: true, force: true });
+    });
+
+    it('hooks the tun device with the L3 program once it appears; its SYN reaches 15001 with the original destination', async () => {
+      await topo.ip(net.pod, 'tuntap', 'add', 'dev', 'tun0', 'mode', 'tun');
+      await topo.addAddress(net.pod, 'tun0', `${tunGw}/24`);
+      await topo.ip(net.pod, 'link', 'set', 'tun0', 'up');
+      assert.deepEqual((await dp.verify(uid)).problems, ['reroute interface tun0 appeared and is not hooked yet']);
+      await attach(); // an update: the tun device is hooked now
+      assert.deepEqual((await dp.verify(uid)).problems, []); // tun0 runs the L3 program, vm0 the Ethernet one
+      const before = dp.nodeCounters().rerouted;
+      const got = await synFromBehindTun();
+      assert.deepEqual([got.result, got.banner], ['synack', 'ztunnel-15001']);
+      const acc = servers[0]!.accepted.at(-1)!;
+      assert.deepEqual([acc.localAddress, acc.localPort, acc.remoteAddress, acc.remotePort], [net.remoteV4, APP_PORT, behindTun, got.sport]);
+      assert.equal(servers[1]!.accepted.length, 0, 'the SYN from behind the tun device reached the remote host around ztunnel');
+      assert.equal(dp.nodeCounters().rerouted - before, 1);
+    });
+
+    it('without the hook the same SYN reaches the remote host; a first attach with the tun device present hooks it again', async () => {
+      await dp.detach(uid);
+      const got = await synFromBehindTun(); // the control: the harness delivers past the pod
+      assert.deepEqual([got.result, got.banner], ['synack', 'remote']);
+      assert.equal(servers[1]!.accepted.at(-1)!.remoteAddress, behindTun);
+      await attach();
+      assert.deepEqual((await dp.verify(uid)).problems, []);
+      const again = await synFromBehindTun();
+      assert.deepEqual([again.result, again.banner], ['synack', 'ztunnel-15001']);
+      assert.equal(servers[0]!.accepted.at(-1)!.remotePort, again.sport);
     });
   });
 }

@@ -17,9 +17,11 @@
 #include <sys/statfs.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/if_arp.h>
 #include <linux/pkt_sched.h>
 
 #include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
 
 #include "netns_thread.h"
@@ -61,7 +63,7 @@ struct datapath {
 	int root_fd; /* flock'ed around every operation: other processes share the pins */
 	struct bpf_object *obj;
 	int prog_fd[2];
-	int reroute_prog_fd;
+	int reroute_prog_fd[2]; /* by enum reroute_l2: Ethernet or none */
 	int sk_lookup_prog_fd;
 	int sockops_prog_fd;
 	int host_prog_fd[2];
@@ -211,6 +213,30 @@ static void cgroup_pin_path(const struct datapath *dp, const char *uid, int hook
 	snprintf(out, PATH_MAX, "%s/pods/%s/%s", dp->root, uid, cgroup_prog_names[hook]);
 }
 
+/* What a reroute interface carries before the IP header: tap and veth devices Ethernet, L3 devices
+ * (tun in tun mode and wireguard: ARPHRD_NONE; ipip, sit, ip6tnl, gre: ARPHRD_TUNNEL, _SIT, _TUNNEL6,
+ * _IPGRE, _IP6GRE; ppp, raw IP) nothing: tc sees their packets from the IP header on. */
+enum reroute_l2 { REROUTE_ETHERNET, REROUTE_L3 };
+
+static const char *const reroute_prog_names[2] = {
+	[REROUTE_ETHERNET] = "pod_reroute_ingress",
+	[REROUTE_L3] = "pod_reroute_ingress_l3",
+};
+
+/* The link-layer kind of a device in the calling thread's netns, from its type (ifi_type through
+ * rtnetlink: /sys/class/net shows the netns that mounted sysfs, not this one). */
+static int reroute_l2_of(struct rtnl *nl, unsigned ifindex, enum reroute_l2 *l2)
+{
+	unsigned short type;
+	int err = rtnl_link_type(nl, (int)ifindex, &type);
+
+	if (err)
+		return err;
+	/* Loopback carries a zeroed Ethernet header too. */
+	*l2 = type == ARPHRD_ETHER || type == ARPHRD_LOOPBACK ? REROUTE_ETHERNET : REROUTE_L3;
+	return 0;
+}
+
 static void reroute_pin_path(const struct datapath *dp, const char *uid, const char *ifname, char out[PATH_MAX])
 {
 	snprintf(out, PATH_MAX, "%s/pods/%s/reroute-%s", dp->root, uid, ifname);
@@ -302,7 +328,12 @@ static int pinned_link_info(const char *pin, struct tcx_link_info *info)
 	return pinned_link(pin, info, sizeof(*info));
 }
 
-static int prog_name_by_id(__u32 id, char name[BPF_OBJ_NAME_LEN])
+#define PROG_NAME_LEN 64
+
+/* A program's name: the kernel's (cut at BPF_OBJ_NAME_LEN - 1 characters), or with `full` its
+ * function's name in its BTF when it has one (pod_reroute_ingress and pod_reroute_ingress_l3 are
+ * the same cut short). */
+static int prog_name_by_id(__u32 id, bool full, char name[PROG_NAME_LEN])
 {
 	struct bpf_prog_info info;
 	__u32 len = sizeof(info);
@@ -312,10 +343,31 @@ static int prog_name_by_id(__u32 id, char name[BPF_OBJ_NAME_LEN])
 	if (fd < 0)
 		return -errno;
 	memset(&info, 0, sizeof(info));
-	if (bpf_obj_get_info_by_fd(fd, &info, &len))
+	if (bpf_obj_get_info_by_fd(fd, &info, &len)) {
 		err = -errno;
-	else
-		memcpy(name, info.name, BPF_OBJ_NAME_LEN);
+		goto out;
+	}
+	snprintf(name, PROG_NAME_LEN, "%.*s", BPF_OBJ_NAME_LEN, info.name);
+	if (full && info.btf_id && info.nr_func_info) {
+		struct bpf_func_info fi = { 0 };
+		struct bpf_prog_info finfo;
+
+		memset(&finfo, 0, sizeof(finfo));
+		len = sizeof(finfo);
+		finfo.nr_func_info = 1;
+		finfo.func_info_rec_size = sizeof(fi);
+		finfo.func_info = (__u64)(unsigned long)&fi;
+		if (bpf_obj_get_info_by_fd(fd, &finfo, &len) == 0) {
+			struct btf *btf = btf__load_from_kernel_by_id(info.btf_id);
+			const struct btf_type *t = btf ? btf__type_by_id(btf, fi.type_id) : NULL;
+			const char *n = t ? btf__name_by_offset(btf, t->name_off) : NULL;
+
+			if (n && *n)
+				snprintf(name, PROG_NAME_LEN, "%s", n);
+			btf__free(btf);
+		}
+	}
+out:
 	close(fd);
 	return err;
 }
@@ -419,7 +471,9 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	}
 	for (int d = 0; d < 2; d++)
 		dp->prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, prog_names[d]));
-	dp->reroute_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_reroute_ingress"));
+	for (int k = 0; k < 2; k++)
+		dp->reroute_prog_fd[k] =
+			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, reroute_prog_names[k]));
 	dp->sk_lookup_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_sk_lookup"));
 	dp->sockops_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "ztunnel_sockops"));
 	for (int d = 0; d < 2; d++)
@@ -802,9 +856,9 @@ static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta
 	return 0;
 }
 
-static int attach_reroute_tc(struct datapath *dp, struct reroute_iface *r)
+static int attach_reroute_tc(int prog_fd, struct reroute_iface *r)
 {
-	const int progs[2] = { [HOOK_INGRESS] = dp->reroute_prog_fd, [HOOK_EGRESS] = -1 };
+	const int progs[2] = { [HOOK_INGRESS] = prog_fd, [HOOK_EGRESS] = -1 };
 	bool created = false;
 	int err = tc_attach_filters((int)r->ifindex, progs, &created);
 
@@ -838,6 +892,7 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 	unsigned prev_count = m->reroute_count < MAX_REROUTE_IFACES ? m->reroute_count : MAX_REROUTE_IFACES;
 	unsigned mode = m->mode;
 	char pin[PATH_MAX];
+	struct rtnl nl;
 	int err = 0;
 
 	if (count > MAX_REROUTE_IFACES)
@@ -845,9 +900,12 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 	for (unsigned j = 0; j < count; j++)
 		if (if_nametoindex(names[j]) == m->ifindex)
 			return fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface", names[j]);
+	if ((err = rtnl_open(&nl)))
+		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in the pod netns");
 	memset(next, 0, sizeof(next));
 	for (unsigned j = 0; j < count && !err; j++) {
 		struct reroute_iface *r = &next[j];
+		enum reroute_l2 l2;
 
 		snprintf(r->name, sizeof(r->name), "%s", names[j]);
 		r->ifindex = if_nametoindex(r->name);
@@ -856,17 +914,24 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 				r->owns_clsact = prev[i].owns_clsact;
 		if (r->ifindex == 0)
 			continue;
-		if (mode == ATTACH_MODE_TCX) {
+		err = reroute_l2_of(&nl, r->ifindex, &l2);
+		if (err == -ENODEV) { /* gone since if_nametoindex: as if it did not exist yet */
+			r->ifindex = 0;
+			err = 0;
+			continue;
+		}
+		if (!err && mode == ATTACH_MODE_TCX) {
 			reroute_pin_path(job->dp, job->uid, r->name, pin);
-			err = attach_tcx_pinned(pin, job->dp->reroute_prog_fd, r->ifindex, AMB_BPF_TCX_INGRESS);
-		} else {
-			err = attach_reroute_tc(job->dp, r);
+			err = attach_tcx_pinned(pin, job->dp->reroute_prog_fd[l2], r->ifindex, AMB_BPF_TCX_INGRESS);
+		} else if (!err) {
+			err = attach_reroute_tc(job->dp->reroute_prog_fd[l2], r);
 		}
 		if (err) {
 			fail(job->e, DPE_SYSTEM, err, "cannot hook reroute interface %s", r->name);
 			count = j + 1;
 		}
 	}
+	rtnl_close(&nl);
 	for (unsigned j = 0; err && j < count; j++) {
 		bool had = false;
 
@@ -1635,13 +1700,16 @@ static void problem(struct dp_verify_result *r, const char *fmt, ...)
 
 static void verify_program_name(struct dp_verify_result *r, __u32 prog_id, const char *hook, const char *want)
 {
-	char name[BPF_OBJ_NAME_LEN] = "";
+	char name[PROG_NAME_LEN] = "";
+	/* Only a name the kernel cuts short needs the BTF one (a BTF load per check). */
+	bool full = strlen(want) >= BPF_OBJ_NAME_LEN - 1;
 
-	if (prog_name_by_id(prog_id, name) || strncmp(name, want, BPF_OBJ_NAME_LEN - 1))
+	if (prog_name_by_id(prog_id, full, name) ||
+	    (full && strlen(name) >= BPF_OBJ_NAME_LEN ? strcmp(name, want) : strncmp(name, want, BPF_OBJ_NAME_LEN - 1)))
 		problem(r, "%s hook runs program %u (%s), not %s", hook, prog_id, name, want);
 }
 
-static void verify_reroutes(struct netns_job *job)
+static void verify_reroutes(struct netns_job *job, struct rtnl *nl)
 {
 	struct pod_meta *m = job->meta;
 	struct dp_verify_result *res = job->verify;
@@ -1649,6 +1717,8 @@ static void verify_reroutes(struct netns_job *job)
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++) {
 		struct reroute_iface *r = &m->reroute[i];
 		unsigned now = if_nametoindex(r->name);
+		enum reroute_l2 l2;
+		const char *want;
 		char hook[40];
 
 		snprintf(hook, sizeof(hook), "reroute %s", r->name);
@@ -1660,6 +1730,11 @@ static void verify_reroutes(struct netns_job *job)
 		}
 		if (!r->ifindex)
 			continue;
+		if (reroute_l2_of(nl, r->ifindex, &l2)) {
+			problem(res, "reroute interface %s is gone or was replaced", r->name);
+			continue;
+		}
+		want = reroute_prog_names[l2];
 		if (m->mode == ATTACH_MODE_TCX) {
 			struct tcx_link_info info;
 			char pin[PATH_MAX];
@@ -1668,7 +1743,7 @@ static void verify_reroutes(struct netns_job *job)
 			if (pinned_link_info(pin, &info) || info.ifindex != r->ifindex)
 				problem(res, "the %s link is missing or detached", hook);
 			else
-				verify_program_name(res, info.prog_id, hook, "pod_reroute_ingress");
+				verify_program_name(res, info.prog_id, hook, want);
 		} else {
 			LIBBPF_OPTS(bpf_tc_hook, tch, .ifindex = (int)r->ifindex, .attach_point = BPF_TC_INGRESS);
 			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
@@ -1676,7 +1751,7 @@ static void verify_reroutes(struct netns_job *job)
 			if (bpf_tc_query(&tch, &opts))
 				problem(res, "the %s tc filter is missing", hook);
 			else
-				verify_program_name(res, opts.prog_id, hook, "pod_reroute_ingress");
+				verify_program_name(res, opts.prog_id, hook, want);
 		}
 	}
 }
@@ -1721,7 +1796,6 @@ static int verify_job(void *p)
 		if (rtnl_get_accept_local(&nl, (int)m->ifindex, &al) == 0 && al != 1)
 			problem(r, "accept_local is %u on interface %u", al, m->ifindex);
 	}
-	rtnl_close(&nl);
 
 	if (m->mode == ATTACH_MODE_TCX) {
 		for (int d = 0; d < 2; d++) {
@@ -1749,7 +1823,8 @@ static int verify_job(void *p)
 				verify_program_name(r, opts.prog_id, hook_names[d], prog_names[d]);
 		}
 	}
-	verify_reroutes(job);
+	verify_reroutes(job, &nl);
+	rtnl_close(&nl);
 	if (m->steering_sk_lookup || m->netns_cookie) { /* on every pod (attach_sk_lookup) */
 		char pin[PATH_MAX];
 		__u32 prog;

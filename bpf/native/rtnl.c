@@ -423,6 +423,30 @@ int rtnl_link_exists(struct rtnl *nl, int ifindex, bool *exists)
 	return err == -ENODEV ? 0 : err;
 }
 
+static int link_type_cb(struct nlmsghdr *h, void *p)
+{
+	int *type = p;
+
+	if (h->nlmsg_type == RTM_NEWLINK && h->nlmsg_len >= NLMSG_LENGTH(sizeof(struct ifinfomsg)))
+		*type = ((struct ifinfomsg *)NLMSG_DATA(h))->ifi_type;
+	return 0;
+}
+
+int rtnl_link_type(struct rtnl *nl, int ifindex, unsigned short *type)
+{
+	struct msg m;
+	struct ifinfomsg *ifi = msg_init(&m, RTM_GETLINK, 0, sizeof(*ifi));
+	int t = -1, err;
+
+	ifi->ifi_index = ifindex;
+	if ((err = transact(nl, &m, link_type_cb, &t)))
+		return err;
+	if (t < 0)
+		return -ENODEV;
+	*type = (unsigned short)t;
+	return 0;
+}
+
 static int count_cb(struct nlmsghdr *h, void *p)
 {
 	if (h->nlmsg_type == RTM_NEWTFILTER)

@@ -46,6 +46,9 @@ int rtnl_count_filters(struct rtnl *nl, int ifindex, uint32_t parent, int *count
 /* Does a device with this index exist (in this netns)? */
 int rtnl_link_exists(struct rtnl *nl, int ifindex, bool *exists);
 
+/* A device's type (ARPHRD_*: ifi_type of its RTM_NEWLINK), or -ENODEV. */
+int rtnl_link_type(struct rtnl *nl, int ifindex, unsigned short *type);
+
 /* The peer's ifindex of a veth device (in the peer's netns), or -ENOTSUP if it is no veth. */
 int rtnl_veth_peer(struct rtnl *nl, int ifindex, int *peer_ifindex);
 

@@ -13,7 +13,8 @@ export async function assertNothingLeft(): Promise<void> {
   assert.deepEqual(leftoverCgroups(), [], 'test cgroups left behind');
 }
 
-/** IDs of BPF links whose program is one of ours (pod_ingress, pod_egress, pod_reroute_ingress), machine-wide. */
+/** IDs of BPF links whose program is one of ours (pod_ingress, pod_egress, pod_reroute_ingress and its _l3 twin: the
+ * kernel cuts both names to pod_reroute_ing), machine-wide. */
 export async function podLinkIds(): Promise<number[]> {
   const progs = JSON.parse(await sh('bpftool', ['-j', 'prog', 'show'])) as { id: number; name?: string }[];
   const ours = new Set(progs.filter((p) => p.name === 'pod_ingress' || p.name === 'pod_egress' || p.name === 'pod_reroute_ing').map((p) => p.id));
