@@ -3,7 +3,7 @@
 // are redirected and acked before ADD returns, or ADD fails (fail closed); other pods pass
 // through, also while the agent is down; bad input gets CNI errors.
 import assert from 'node:assert/strict';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -235,11 +235,25 @@ describe('CNI chaining', kernelTest(), () => {
     assert.ok((await chainDel(node, list, { ...sandboxB, netns: '' })).every((r) => r.code === 0));
     assert.deepEqual(await attached(), ['uid-cart']);
     assert.ok(await captured(sandboxA.netns), 'not captured after a stale DEL following a restart');
+    const records = join(dir, 'run', 'sandboxes');
+    assert.deepEqual(readdirSync(records), ['uid-cart']);
+
+    // Without a record (a pod enrolled while running, e.g. by a label flip): a DEL that names no
+    // netns, or another one, while the enrolled netns exists is stale too.
+    agent.stop();
+    rmSync(records, { recursive: true, force: true });
+    agent = new Agent(agentOpts);
+    await agent.start();
+    await until(() => agent.status().some((p) => p.uid === 'uid-cart' && p.state === 'enabled'), 'cart enabled without a record');
+    assert.ok((await chainDel(node, list, { ...sandboxB, netns: '' })).every((r) => r.code === 0));
+    assert.ok((await chainDel(node, list, sandboxB)).every((r) => r.code === 0));
+    assert.deepEqual(await attached(), ['uid-cart']);
+    assert.ok(await captured(sandboxA.netns), 'not captured after a stale DEL without a record');
 
     // The enrolled sandbox's own DEL unenrols.
     assert.ok((await chainDel(node, list, sandboxA)).every((r) => r.code === 0));
     await until(async () => (await attached()).length === 0, 'cart detached');
-    assert.deepEqual(readdirSync(join(dir, 'run', 'sandboxes')), [], 'the sandbox record was not removed');
+    assert.deepEqual(existsSync(records) ? readdirSync(records) : [], [], 'the sandbox record was not removed');
   });
 });
 

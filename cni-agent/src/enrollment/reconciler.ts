@@ -287,15 +287,17 @@ export class Reconciler {
 
   /** Why a DEL is for another sandbox than the enrolled one, or undefined if it may be for it. The
    * container ID recorded at ADD decides (read back after an agent restart). Without a record (the
-   * pod was enrolled while running, not through ADD), a DEL naming a netns that is not the enrolled
-   * one, while the enrolled one still exists, is stale too; anything else is honoured. */
+   * pod was enrolled while running, not through ADD), a DEL that names another netns, or none (a
+   * retried DEL for a sandbox whose netns is gone), while the enrolled netns still exists, is
+   * stale too: the pod stays captured until its own sandbox's DEL or its deletion. */
   private staleDel(e: Entry, containerId: string | undefined, netnsPath: string | undefined): string | undefined {
     if (!e.attached && !e.ztunnel) return undefined;
     e.sandboxId ??= this.opts.sandboxes?.get(e.uid);
     if (e.sandboxId && containerId) return containerId === e.sandboxId ? undefined : `the enrolled sandbox is ${e.sandboxId}`;
-    if (!netnsPath || !e.netnsPath) return undefined;
+    if (!e.netnsPath) return undefined;
     const enrolled = inodeOf(e.netnsPath);
     if (enrolled === undefined) return undefined;
+    if (!netnsPath) return `it names no netns while the enrolled ${e.netnsPath} still exists`;
     return inodeOf(netnsPath) === enrolled ? undefined : `its netns ${netnsPath} is not the enrolled ${e.netnsPath}`;
   }
 
