@@ -127,6 +127,17 @@ describe('netns discovery', kernelTest(), () => {
     // The pod's netns must hold all of its IPs.
     assert.match(refused(scan, uid, [...ips, `${net}.99`]), new RegExp(`^the pod’s network namespace /var/run/netns/${real} does not hold its IPs`));
 
+    // A process of the pod that made its own user and network namespaces (an unprivileged app may)
+    // and put the pod's IPs there does not make the pod's netns ambiguous: no runtime made that one.
+    const own = await cgroups.ownNetns(`kubepods/besteffort/pod${uid}/app`, [`${net}.2/24`, `${net6}::2/64`]);
+    scan = await scanNetns('/');
+    const made = scan.candidates.find((c) => c.inode === statSync(`/proc/${own.pid}/ns/net`).ino);
+    assert.deepEqual([made?.nodeOwned, made?.podUids, ips.every((ip) => made?.addresses.includes(ip))], [false, [uid], true], 'control: the app’s own netns holds the pod IPs, in the pod cgroup');
+    assert.equal(found(scan, uid, ips), Topology.netnsPath(real));
+    const gone = new Promise((r) => own.once('exit', r));
+    own.kill('SIGKILL');
+    await gone;
+
     // Processes of the pod in two namespaces: refused, with the reason.
     const other = await topo.netns('zother');
     await cgroups.sleeper(`kubepods/besteffort/pod${uid}/app`, Topology.netnsPath(other));

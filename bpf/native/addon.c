@@ -862,6 +862,7 @@ static napi_value addresses_result(napi_env env, struct job *job)
 	napi_create_object(env, &obj);
 	set_double(env, obj, "inode", (double)job->u.addresses.res.ino);
 	set_double(env, obj, "device", (double)job->u.addresses.res.dev);
+	set_double(env, obj, "ownerUserns", (double)job->u.addresses.res.owner_userns);
 	napi_create_array_with_length(env, job->u.addresses.res.count, &arr);
 	for (unsigned i = 0; i < job->u.addresses.res.count; i++)
 		napi_set_element(env, arr, i, ip_value(env, &job->u.addresses.res.addrs[i]));
@@ -869,7 +870,7 @@ static napi_value addresses_result(napi_env env, struct job *job)
 	return obj;
 }
 
-/* netnsAddresses(path) -> { inode, device, addresses } */
+/* netnsAddresses(path) -> { inode, device, ownerUserns, addresses } */
 static napi_value js_netns_addresses(napi_env env, napi_callback_info info)
 {
 	size_t argc = 1;

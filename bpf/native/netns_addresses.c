@@ -4,7 +4,10 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
+#include <linux/nsfs.h>
 
 #include "netns_thread.h"
 #include "rtnl.h"
@@ -50,6 +53,17 @@ int netns_addresses(const char *path, struct netns_addresses *out, struct dp_err
 		e->code = DPE_NETNS;
 		snprintf(e->message, sizeof(e->message), "%s: %s", path, fd == -EINVAL ? "not a network namespace" : strerror(-fd));
 		return -1;
+	}
+	/* Who owns it: a netns a process made in a user namespace of its own (unprivileged) is owned
+	 * by that namespace, not by the node's. */
+	out->owner_userns = 0;
+	int owner = ioctl(fd, NS_GET_USERNS);
+	if (owner >= 0) {
+		struct stat st;
+
+		if (fstat(owner, &st) == 0)
+			out->owner_userns = st.st_ino;
+		close(owner);
 	}
 	err = run_in_netns(fd, list_job, out);
 	close(fd);

@@ -125,7 +125,7 @@ export interface NativeAddon {
   socket(options: NativeSocketOptions): Promise<number>;
   sockets(netns: string, requests: NativeSocketOptions[]): Promise<({ fd: number } | { error: string })[]>;
   seqpacket: NativeSeqpacket;
-  netnsAddresses(path: string): Promise<{ inode: number; device: number; addresses: string[] }>;
+  netnsAddresses(path: string): Promise<{ inode: number; device: number; ownerUserns: number; addresses: string[] }>;
   constants: {
     ZTUNNEL_OUTBOUND_PORT: number;
     ZTUNNEL_INBOUND_PORT: number;

@@ -11,6 +11,12 @@ export async function netnsAddresses(path: string): Promise<string[]> {
   return (await addon().netnsAddresses(path)).addresses;
 }
 
+/** The addresses of a netns and the inode of the user namespace that owns it (0: unknown). */
+export async function netnsAddressesAndOwner(path: string): Promise<{ addresses: string[]; ownerUserns: number }> {
+  const r = await addon().netnsAddresses(path);
+  return { addresses: r.addresses, ownerUserns: r.ownerUserns };
+}
+
 /** A path that opens the netns behind an fd this process holds. */
 export function netnsPathOfFd(fd: number): string {
   return `/proc/self/fd/${fd}`;

@@ -2,7 +2,7 @@
 // under <cgroup2 mount>/<TEST_PREFIX>-kubelet-<id>, with real processes in it, each in a netns of the
 // test's. cleanup() kills the processes it started and removes every directory it made.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, readdirSync, rmdirSync, statSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, rmdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cgroup2Mount } from '../../bpf/src/index.js';
 import { TEST_PREFIX } from './kernel.js';
@@ -38,6 +38,26 @@ export class KubeletCgroups {
         return false;
       }
     }, `process in ${relative}`);
+    return child;
+  }
+
+  /** A process in the cgroup `relative` that makes its own user and network namespaces (as an
+   * unprivileged app may) and puts `addresses` on a veth there (a user namespace may not load the
+   * dummy module); resolves once it runs in a netns owned by its own user namespace. */
+  async ownNetns(relative: string, addresses: string[]): Promise<ChildProcess> {
+    const dir = this.mkdir(relative);
+    const setup = ['ip link add v0 type veth peer name v1', 'ip link set v0 up', ...addresses.map((a) => `ip addr add ${a} dev v0${a.includes(':') ? ' nodad' : ''}`)].join(' && ');
+    const child = spawn('sh', ['-c', `echo $$ > ${join(dir, 'cgroup.procs')} && exec unshare --user --map-root-user --net sh -c '${setup} && exec sleep 600'`], { stdio: 'ignore' });
+    this.children.push(child);
+    const hostUserns = statSync('/proc/self/ns/user').ino;
+    await until(() => {
+      try {
+        // the final sleep: in a user namespace of its own, its addresses set
+        return statSync(`/proc/${child.pid}/ns/user`).ino !== hostUserns && readFileSync(`/proc/${child.pid}/comm`, 'utf8').trim() === 'sleep';
+      } catch {
+        return false;
+      }
+    }, `process with its own netns in ${relative}`);
     return child;
   }
 

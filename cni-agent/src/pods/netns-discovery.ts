@@ -4,7 +4,7 @@
 // pod cgroups its processes are in. Which one is a pod's is decided in pod-identity.ts.
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { netnsAddresses } from '../../../bpf/src/node-netns.js';
+import { netnsAddressesAndOwner } from '../../../bpf/src/node-netns.js';
 import { podUidOfProcCgroup } from './pod-cgroup.js';
 
 export interface NetnsCandidate {
@@ -15,6 +15,9 @@ export interface NetnsCandidate {
   /** The uids of the kubelet pod cgroups the netns's processes are in (none for a netns only a
    * mount holds, or whose processes are in no pod cgroup). */
   podUids: string[];
+  /** Owned by the node's user namespace (the agent's). A netns a process made in a user namespace
+   * of its own (an unprivileged `unshare -Un`) is not: no runtime made it for a sandbox. */
+  nodeOwned: boolean;
 }
 
 export interface NetnsScan {
@@ -69,12 +72,16 @@ export async function scanNetns(hostRoot = '/'): Promise<NetnsScan> {
     if (hostIds.has(key)) hostPodUids.add(uid);
     else byId.get(key)?.podUids.add(uid);
   }
+  const nodeUserns = (await inodeOf('/proc/self/ns/user'))?.ino;
   const candidates: NetnsCandidate[] = [];
   for (let i = 0; i < unique.length; i += SCAN_CONCURRENCY) {
     const batch = await Promise.all(
       unique.slice(i, i + SCAN_CONCURRENCY).map(async (c) => {
         try {
-          return { path: c.path, inode: c.inode, podUids: [...c.podUids].sort(), addresses: await netnsAddresses(c.path) };
+          const { addresses, ownerUserns } = await netnsAddressesAndOwner(c.path);
+          // (an owner the kernel cannot tell, 0, counts as the node's, as before this check)
+          const nodeOwned = ownerUserns === 0 || nodeUserns === undefined || ownerUserns === nodeUserns;
+          return { path: c.path, inode: c.inode, podUids: [...c.podUids].sort(), addresses, nodeOwned };
         } catch {
           return undefined; // not a netns (a bind mount gone stale) or gone meanwhile
         }

@@ -11,6 +11,10 @@
 //   netns, no kubelet; or a pod whose sandbox has no process yet): by IPs, strictly. Exactly one
 //   netns must hold all of them, no other netns may hold any of them (refused as ambiguous), and it
 //   must not be another pod's (its processes in another pod's kubelet cgroup).
+// Netns that a process made in a user namespace of its own (no runtime made them for a sandbox) are
+// left out while a netns the node owns is among the candidates: an app that may unshare its own
+// user and network namespaces (unprivileged user namespaces, seccomp Unconfined) cannot make its
+// pod's enrolment ambiguous and so keep itself out of capture.
 // A refusal is an error for that pod (its reason shows in the pod's status) and is retried.
 import type { NetnsCandidate, NetnsScan } from './netns-discovery.js';
 import { canonicalPodUid } from './pod-cgroup.js';
@@ -21,7 +25,7 @@ export function resolvePodNetns(scan: NetnsScan, uid: string, ips: string[]): Po
   if (ips.length === 0) return { missing: 'the pod has no IPs yet' };
   const want = canonicalPodUid(uid);
   const holdsAll = (c: NetnsCandidate): boolean => ips.every((ip) => c.addresses.includes(ip));
-  const ofPod = scan.candidates.filter((c) => c.podUids.includes(want));
+  const ofPod = preferNodeOwned(scan.candidates.filter((c) => c.podUids.includes(want)));
   if (ofPod.length > 1) {
     return { refused: `the pod’s processes are in ${ofPod.length} network namespaces (${ofPod.map((c) => c.path).join(', ')}); refusing to pick one` };
   }
@@ -34,8 +38,8 @@ export function resolvePodNetns(scan: NetnsScan, uid: string, ips: string[]): Po
   }
   if (scan.hostPodUids.has(want)) return { refused: 'the pod’s processes are in the node’s network namespace' };
   // No process in this pod's cgroup: by IPs, strictly.
-  const all = scan.candidates.filter(holdsAll);
-  const any = scan.candidates.filter((c) => ips.some((ip) => c.addresses.includes(ip)));
+  const any = preferNodeOwned(scan.candidates.filter((c) => ips.some((ip) => c.addresses.includes(ip))));
+  const all = any.filter(holdsAll);
   if (any.length > 1) {
     return { refused: `ambiguous: ${any.length} network namespaces hold the pod’s IPs (${any.map((c) => c.path).join(', ')})` };
   }
@@ -47,4 +51,8 @@ export function resolvePodNetns(scan: NetnsScan, uid: string, ips: string[]): Po
   const c = all[0]!;
   if (c.podUids.length > 0) return { refused: `the network namespace holding the pod IPs (${c.path}) belongs to pod ${c.podUids.join(', ')}` };
   return { found: c };
+}
+
+function preferNodeOwned(candidates: NetnsCandidate[]): NetnsCandidate[] {
+  return candidates.some((c) => c.nodeOwned) ? candidates.filter((c) => c.nodeOwned) : candidates;
 }
