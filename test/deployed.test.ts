@@ -70,7 +70,7 @@ async function images(): Promise<string> {
     throw new Error(`scripts/build-image.sh failed: ${(e.stderr ?? e.message).split('\n').slice(-12).join('\n')}`);
   }
   // Only the newest build is kept.
-  for (const old of readdirSync(CACHE)) rmSync(join(CACHE, old), { recursive: true, force: true });
+  for (const old of readdirSync(CACHE)) if (join(CACHE, old) !== tmp) rmSync(join(CACHE, old), { recursive: true, force: true });
   renameSync(tmp, dir);
   return dir;
 }
@@ -211,6 +211,14 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
   after(
     async () => {
       const errors: unknown[] = [];
+      // Pods first, the agent last (as a drained node): each CNI DEL reaches a running agent.
+      for (const rp of [...(kubelet?.pods ?? [])].reverse()) {
+        try {
+          await kubelet.deletePod(rp);
+        } catch (err) {
+          errors.push(err);
+        }
+      }
       try {
         await node?.stop();
       } catch (err) {
@@ -298,6 +306,44 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     );
     assert.equal(annotation(app.cart!), 'enabled');
     await fetchPeer(app.web!, app.cart!);
+  });
+
+  it('needs each capability the DaemonSet grants, and names the one that is missing', { timeout: 180_000 }, async () => {
+    const c = agent.pod.spec.containers[0]!;
+    const granted = [...(c.securityContext!.capabilities!.add ?? [])];
+    const acked = async () => {
+      try {
+        const s = await agentStatus();
+        return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
+      } catch {
+        return false;
+      }
+    };
+    try {
+      for (const cap of granted) {
+        await kubelet.killContainer(agent, 'agent');
+        c.securityContext!.capabilities!.add = granted.filter((x) => x !== cap);
+        await kubelet.startContainer(agent, 'agent');
+        if (cap === 'BPF') {
+          // Covered by SYS_ADMIN (the kernel's bpf_capable()); the verifier refuses these programs
+          // to CAP_BPF without CAP_SYS_ADMIN or CAP_PERFMON, so SYS_ADMIN is the one that counts.
+          await until(acked, 'the agent working without BPF (SYS_ADMIN covers it)', 30_000);
+          continue;
+        }
+        await until(async () => (await kubelet.containerState(agent, 'agent')).state === 'CONTAINER_EXITED', `the agent stopping without ${cap}`, 30_000);
+        const st = await kubelet.containerState(agent, 'agent');
+        const log = kubelet.containerLog(agent, 'agent');
+        assert.notEqual(st.exit_code, 0);
+        assert.match(log, new RegExp(`missing capabilit(y|ies) CAP_${cap} \\(`), `the reason names CAP_${cap}: ${log.slice(-500)}`);
+        // Still captured meanwhile: the pins hold.
+        await fetchPeer(app.web!, app.cart!);
+      }
+    } finally {
+      await kubelet.killContainer(agent, 'agent');
+      c.securityContext!.capabilities!.add = granted;
+      await kubelet.startContainer(agent, 'agent');
+    }
+    await until(acked, 'the agent with every capability again', 60_000);
   });
 
   it('unenrols a deleted pod: StopPodSandbox runs CNI DEL through the chained plugin', async () => {
