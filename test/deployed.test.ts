@@ -256,6 +256,9 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     assert.match(caps.stdout, /Seccomp:\s*2/, 'RuntimeDefault seccomp filter');
     const ro = await kubelet.exec(agent, 'agent', ['node', '-e', 'require("fs").writeFileSync("/opt/x", "")']);
     assert.notEqual(ro.exit_code, 0, 'the root file system is read-only');
+    // kubelet's probes, as the DaemonSet declares them, from the node.
+    await until(async () => (await kubelet.probe(agent, 'agent', 'readinessProbe').catch(() => 0)) === 200, 'the readiness probe passing', 30_000);
+    assert.equal(await kubelet.probe(agent, 'agent', 'livenessProbe'), 200);
   });
 
   it('redirects ambient pods and ztunnel acks them; leaves opted-out and plain pods alone', async () => {
@@ -282,6 +285,17 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     assert.equal(await fetchPeer(app.old!, app.legacy!), app.old!.ips[0]);
     const after = await standInStats();
     assert.deepEqual(after.map((p) => `${p.namespace}/${p.name}`).sort(), ['shop/cart', 'shop/web']);
+  });
+
+  it('enrols a pod that was already running when its namespace is labelled (its netns found from the container)', { timeout: 90_000 }, async () => {
+    const label = (mode?: string) => api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'plain', labels: mode ? { 'istio.io/dataplane-mode': mode } : {} } });
+    label('ambient');
+    await until(() => annotation(app.old!) === 'enabled', 'the running pod enrolled and acked', 30_000);
+    assert.equal(await fetchPeer(app.legacy!, app.old!), app.legacy!.ips[0]);
+    assert.ok((await standInStats()).find((p) => p.name === 'old')?.recent.some((c) => c.direction === 'inbound' && c.destination === `${app.old!.ips[0]}:8080`), 'its inbound through ztunnel');
+    label();
+    await until(() => annotation(app.old!) === undefined, 'unenrolled after the label went', 30_000);
+    await until(async () => !(await standInStats()).some((p) => p.name === 'old'), 'ztunnel told', 30_000);
   });
 
   it('keeps pods captured while the agent is killed, and converges after kubelet restarts it', async () => {

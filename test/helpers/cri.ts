@@ -19,6 +19,7 @@ import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { parseAllDocuments } from 'yaml';
+import { connectFromNetns } from '../../bpf/src/node-netns.js';
 import { TEST_PREFIX, uniqueSuffix } from './kernel.js';
 import type { KubeApiTestServer } from './kube-api-server.js';
 import { sleep } from './wait.js';
@@ -280,7 +281,8 @@ export interface K8sContainer {
     capabilities?: { add?: string[]; drop?: string[] };
   };
   resources?: { requests?: { cpu?: string; memory?: string }; limits?: { cpu?: string; memory?: string } };
-  readinessProbe?: { httpGet?: { path: string; port: number } };
+  readinessProbe?: { httpGet?: { path: string; port: number | string } };
+  livenessProbe?: { httpGet?: { path: string; port: number | string } };
 }
 export interface K8sPodSpec {
   serviceAccountName?: string;
@@ -509,6 +511,26 @@ export class Kubelet {
     await this.o.node.cri.call('StartContainer', { container_id });
     rp.containers.set(name, { id: container_id, attempt });
     return container_id;
+  }
+
+  /** An httpGet probe as kubelet makes it: from the node, to the pod's IP (the node's loopback for
+   * a host network pod); the HTTP status. */
+  async probe(rp: RunningPod, name: string, which: 'readinessProbe' | 'livenessProbe'): Promise<number> {
+    const c = rp.pod.spec.containers.find((x) => x.name === name)!;
+    const get = c[which]?.httpGet;
+    if (!get) throw new Error(`${name} has no httpGet ${which}`);
+    const port = typeof get.port === 'number' ? get.port : Number((c as { ports?: { name: string; containerPort: number }[] }).ports?.find((p) => p.name === get.port)?.containerPort);
+    const host = rp.pod.spec.hostNetwork ? '127.0.0.1' : rp.ips[0]!;
+    const sock = await connectFromNetns({ netns: this.o.node.netnsPath, host, port });
+    const answer = await new Promise<string>((resolve, reject) => {
+      let text = '';
+      sock.on('data', (d: Buffer) => (text += d.toString()));
+      sock.on('end', () => resolve(text));
+      sock.on('error', reject);
+      sock.setTimeout(3000, () => sock.destroy(new Error('probe timed out')));
+      sock.write(`GET ${get.path} HTTP/1.1\r\nHost: ${host}:${port}\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n`);
+    });
+    return Number(/^HTTP\/1\.[01] (\d{3})/.exec(answer)?.[1] ?? 0);
   }
 
   /** Kills a container (no grace period) and removes it. */
