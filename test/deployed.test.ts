@@ -280,6 +280,18 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     assert.ok(cart?.recent.some((c) => c.direction === 'inbound' && c.destination === `${app.cart!.ips[0]}:8080`), `cart's inbound through ztunnel: ${JSON.stringify(cart)}`);
     // ztunnel connects to the app from the client's own address (as upstream's in-node path does).
     assert.equal(peerSeen, app.web!.ips[0]);
+    // The same over IPv6 (the pods' second address).
+    const web6 = app.web!.ips.find((ip) => ip.includes(':'));
+    const cart6 = app.cart!.ips.find((ip) => ip.includes(':'));
+    assert.ok(web6 && cart6, `IPv6 addresses: ${app.web!.ips.join(' ')} ${app.cart!.ips.join(' ')}`);
+    const r6 = await kubelet.exec(app.web!, 'app', ['wget', '-q', '-O', '-', `http://[${cart6}]:8080/cgi-bin/peer`]);
+    assert.equal(r6.exit_code, 0, `web -> cart over IPv6: ${r6.stderr}`);
+    assert.equal(r6.stdout.trim().split(' ')[0]!.replace(/^\[|\]$/g, ''), web6);
+    const stats6 = await standInStats();
+    assert.ok(
+      stats6.find((p) => p.name === 'web')?.recent.some((c) => c.direction === 'outbound' && c.destination === `[${cart6}]:8080`),
+      `web's IPv6 outbound through ztunnel to cart's address: ${JSON.stringify(stats6.find((p) => p.name === 'web')?.recent)}`,
+    );
     // Opted out and plain: direct, the server sees the client's own address, ztunnel sees nothing.
     assert.equal(await fetchPeer(app.legacy!, app.old!), app.legacy!.ips[0]);
     assert.equal(await fetchPeer(app.old!, app.legacy!), app.old!.ips[0]);
