@@ -51,8 +51,9 @@ node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(
   || { echo "build-image: node $(node --version) is older than 20.19" >&2; exit 1; }
 node_version=$(node --version)
 
-# buildah with its own storage, so nothing here touches /var/lib/containers.
-storage=$work/storage
+# buildah with its own storage (one per run, so two builds cannot trip over each other), so nothing
+# here touches /var/lib/containers.
+storage=$(mktemp -d "$work/storage.XXXXXX")
 bh() { buildah --root "$storage/root" --runroot "$storage/run" --storage-driver overlay "$@"; }
 cleanup_storage() {
   bh rm --all >/dev/null 2>&1 || true
@@ -60,7 +61,6 @@ cleanup_storage() {
   rm -rf "$storage"
 }
 trap 'rc=$?; cleanup_storage; [ $rc -eq 0 ] || echo "build-image: FAILED at step: $step_name (exit $rc)" >&2' EXIT
-cleanup_storage
 
 # A root file system tarball, made once per package list and Node.js version (kept in $work).
 rootfs() { # NAME VARIANT PACKAGES HOOK...
