@@ -280,6 +280,12 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     assert.ok(cart?.recent.some((c) => c.direction === 'inbound' && c.destination === `${app.cart!.ips[0]}:8080`), `cart's inbound through ztunnel: ${JSON.stringify(cart)}`);
     // ztunnel connects to the app from the client's own address (as upstream's in-node path does).
     assert.equal(peerSeen, app.web!.ips[0]);
+    // The agent's metrics (the DaemonSet's metrics port, from the node) count it for the pod.
+    const metricsPort = kubelet.containerPort(agent.pod.spec.containers[0]!, 'metrics');
+    const metrics = await kubelet.httpGetFromNode('127.0.0.1', metricsPort, '/metrics');
+    assert.equal(metrics.status, 200);
+    const redirected = /^ambient_bpf_datapath_events_total\{[^}]*namespace="shop",pod="web"[^}]*counter="outboundRedirected"[^}]*\} (\d+)/m.exec(metrics.body);
+    assert.ok(redirected && Number(redirected[1]) >= 1, `web's outbound redirections in /metrics: ${metrics.body.split('\n').filter((l) => l.includes('pod="web"')).join('\n')}`);
     // The same over IPv6 (the pods' second address).
     const web6 = app.web!.ips.find((ip) => ip.includes(':'));
     const cart6 = app.cart!.ips.find((ip) => ip.includes(':'));

@@ -158,6 +158,8 @@ export class ContainerdNode {
     }
   }
 
+  /** containerd's config: everything under the test's directory. ABT_RUNC_BINARY names a runc
+   * wrapper to use instead (debugging: `runc --debug`, a copy of each bundle's config.json). */
   private config(): string {
     const d = this.dir;
     return `version = 2
@@ -281,6 +283,7 @@ export interface K8sContainer {
     capabilities?: { add?: string[]; drop?: string[] };
   };
   resources?: { requests?: { cpu?: string; memory?: string }; limits?: { cpu?: string; memory?: string } };
+  ports?: { name: string; containerPort: number }[];
   readinessProbe?: { httpGet?: { path: string; port: number | string } };
   livenessProbe?: { httpGet?: { path: string; port: number | string } };
 }
@@ -519,18 +522,30 @@ export class Kubelet {
     const c = rp.pod.spec.containers.find((x) => x.name === name)!;
     const get = c[which]?.httpGet;
     if (!get) throw new Error(`${name} has no httpGet ${which}`);
-    const port = typeof get.port === 'number' ? get.port : Number((c as { ports?: { name: string; containerPort: number }[] }).ports?.find((p) => p.name === get.port)?.containerPort);
-    const host = rp.pod.spec.hostNetwork ? '127.0.0.1' : rp.ips[0]!;
+    const port = typeof get.port === 'number' ? get.port : this.containerPort(c, get.port);
+    return (await this.httpGetFromNode(rp.pod.spec.hostNetwork ? '127.0.0.1' : rp.ips[0]!, port, get.path)).status;
+  }
+
+  /** A named port of a container (`ports:` in its spec). */
+  containerPort(c: K8sContainer, name: string): number {
+    const port = c.ports?.find((p) => p.name === name)?.containerPort;
+    if (port === undefined) throw new Error(`${c.name} has no port named ${name}`);
+    return port;
+  }
+
+  /** An HTTP/1.1 GET from the node's network namespace: status and body. */
+  async httpGetFromNode(host: string, port: number, path: string): Promise<{ status: number; body: string }> {
     const sock = await connectFromNetns({ netns: this.o.node.netnsPath, host, port });
     const answer = await new Promise<string>((resolve, reject) => {
       let text = '';
       sock.on('data', (d: Buffer) => (text += d.toString()));
       sock.on('end', () => resolve(text));
       sock.on('error', reject);
-      sock.setTimeout(3000, () => sock.destroy(new Error('probe timed out')));
-      sock.write(`GET ${get.path} HTTP/1.1\r\nHost: ${host}:${port}\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n`);
+      sock.setTimeout(3000, () => sock.destroy(new Error(`GET ${path} timed out`)));
+      sock.write(`GET ${path} HTTP/1.1\r\nHost: ${host.includes(':') ? `[${host}]` : host}:${port}\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n`);
     });
-    return Number(/^HTTP\/1\.[01] (\d{3})/.exec(answer)?.[1] ?? 0);
+    const split = answer.indexOf('\r\n\r\n');
+    return { status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(answer)?.[1] ?? 0), body: split < 0 ? '' : answer.slice(split + 4) };
   }
 
   /** Kills a container (no grace period) and removes it. */
