@@ -340,6 +340,26 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     await fetchPeer(app.web!, app.cart!);
   });
 
+  it('survives a rolling update: SIGTERM within the grace period, pods stay captured, the new agent adopts them', { timeout: 120_000 }, async () => {
+    const started = Date.now();
+    assert.equal(await kubelet.stopContainer(agent, 'agent'), 0, `the agent's exit on SIGTERM: ${kubelet.containerLog(agent, 'agent').slice(-500)}`);
+    assert.ok(Date.now() - started < (agent.pod.spec.terminationGracePeriodSeconds ?? 30) * 1000, 'stopped within the grace period');
+    assert.equal(await fetchPeer(app.web!, app.cart!), app.web!.ips[0]);
+    await kubelet.startContainer(agent, 'agent');
+    await until(
+      async () => {
+        try {
+          const s = await agentStatus();
+          return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
+        } catch {
+          return false;
+        }
+      },
+      'the new agent adopting the pods',
+      60_000,
+    );
+  });
+
   it('needs each capability the DaemonSet grants, and names the one that is missing', { timeout: 180_000 }, async () => {
     const c = agent.pod.spec.containers[0]!;
     const granted = [...(c.securityContext!.capabilities!.add ?? [])];

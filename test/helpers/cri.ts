@@ -289,6 +289,7 @@ export interface K8sContainer {
 }
 export interface K8sPodSpec {
   serviceAccountName?: string;
+  terminationGracePeriodSeconds?: number;
   automountServiceAccountToken?: boolean;
   hostNetwork?: boolean;
   hostPID?: boolean;
@@ -546,6 +547,16 @@ export class Kubelet {
     });
     const split = answer.indexOf('\r\n\r\n');
     return { status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(answer)?.[1] ?? 0), body: split < 0 ? '' : answer.slice(split + 4) };
+  }
+
+  /** Stops a container as kubelet does on a rolling update (SIGTERM, then SIGKILL after the pod's
+   * grace period) and removes it; its exit code. */
+  async stopContainer(rp: RunningPod, name: string): Promise<number> {
+    const id = rp.containers.get(name)!.id;
+    await this.o.node.cri.call('StopContainer', { container_id: id, timeout: rp.pod.spec.terminationGracePeriodSeconds ?? 30 });
+    const { status } = await this.o.node.cri.call<{ status: { exit_code: number } }>('ContainerStatus', { container_id: id });
+    await this.o.node.cri.call('RemoveContainer', { container_id: id });
+    return status.exit_code;
   }
 
   /** Kills a container (no grace period) and removes it. */
