@@ -9,7 +9,11 @@ cd "$(dirname "$0")/.."
 # iptables for the benchmark's upstream baseline; containernetworking-plugins (bridge, host-local)
 # for the CNI chaining tests; python3-scapy for the crafted packets of the attack tests (run with
 # Debian's /usr/bin/python3, which is where it installs).
-packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy)
+# The test of the product as deployed (test/deployed.test.ts): containerd (with its CRI plugin) and
+# runc run the image; mmdebstrap and buildah build it (scripts/build-image.sh); busybox-static makes
+# the test's pause and app images; openssl the API test server's certificate.
+packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy
+  containerd runc mmdebstrap buildah busybox-static openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -18,6 +22,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian's containerd enables and starts a system service where systemd runs. The tests never use
+  # it (they start their own containerd with its own socket, root, state, network and mount
+  # namespaces), and a node runtime nobody asked for should not keep running: when this script is
+  # what installed containerd, that service is stopped and disabled. Where there is no systemd (as
+  # in CI's sandbox) nothing was started.
+  if [[ " ${missing[*]} " == *" containerd "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now containerd.service >/dev/null 2>&1 || true
+  fi
 fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then

@@ -125,3 +125,22 @@ describe('ambient-bpf ztunnel CLI', kernelTest(), () => {
     assert.match(stderr.trim().split('\n').at(-1)!, /^ambient-bpf: stopped on a ZDS protocol violation: second SnapshotSent$/);
   });
 });
+
+describe('ambient-bpf agent capability check', () => {
+  it('names each missing capability and what it is for, from CapEff', async () => {
+    const { missingCapabilities } = await import('../cni-agent/src/commands/agent.js');
+    const status = (eff: bigint) => `Name:\tnode\nCapInh:\t0000000000000000\nCapEff:\t${eff.toString(16).padStart(16, '0')}\n`;
+    const daemonSet = (1n << 12n) | (1n << 21n) | (1n << 19n) | (1n << 39n);
+    assert.deepEqual(missingCapabilities(status(daemonSet)), []);
+    assert.deepEqual(missingCapabilities(status((1n << 41n) - 1n)), [], 'root with every capability');
+    assert.deepEqual(
+      missingCapabilities(status(daemonSet & ~(1n << 12n))).map((c) => c.name),
+      ['CAP_NET_ADMIN'],
+    );
+    assert.deepEqual(
+      missingCapabilities(status(1n << 39n)).map((c) => c.name),
+      ['CAP_NET_ADMIN', 'CAP_SYS_ADMIN', 'CAP_SYS_PTRACE'],
+      'CAP_BPF alone',
+    );
+  });
+});

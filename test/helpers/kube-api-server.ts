@@ -5,6 +5,7 @@
 // spec.nodeName field selector filters pods; pods/status takes JSON merge patches. Test hooks
 // change objects, break watch streams and compact history.
 import http from 'node:http';
+import https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type { KubeConnection } from '../../cni-agent/src/pods/kube-client.js';
 
@@ -40,14 +41,21 @@ export class KubeApiTestServer {
   readonly requests: { method: string; path: string; watch: boolean }[] = [];
   /** Watch requests served (a restarted watch shows up here). */
   readonly watchRequests: { kind: Kind; resourceVersion: string | null }[] = [];
-  private server: http.Server | undefined;
+  private server: http.Server | https.Server | undefined;
   private failing = 0;
   url = '';
+  /** When set, every request must carry it as a bearer token (a service account's), or gets 401. */
+  token: string | undefined;
 
-  async start(): Promise<void> {
-    this.server = http.createServer((req, res) => this.handle(req, res));
-    await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
-    this.url = `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+  /** Listens on 127.0.0.1 (or on `fd`, a listening socket made elsewhere, e.g. in another network
+   * namespace); with `tls`, HTTPS as a real API server speaks it (clients then trust its cert). */
+  async start(options: { tls?: { key: string | Buffer; cert: string | Buffer }; fd?: number } = {}): Promise<void> {
+    const handler = (req: http.IncomingMessage, res: http.ServerResponse) => this.handle(req, res);
+    const server = options.tls ? https.createServer({ key: options.tls.key, cert: options.tls.cert }, handler) : http.createServer(handler);
+    this.server = server;
+    await new Promise<void>((resolve) => (options.fd !== undefined ? server.listen({ fd: options.fd }, resolve) : server.listen(0, '127.0.0.1', resolve)));
+    const address = server.address() as AddressInfo;
+    this.url = `${options.tls ? 'https' : 'http'}://${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${address.port}`;
   }
 
   async close(): Promise<void> {
@@ -122,6 +130,9 @@ export class KubeApiTestServer {
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const url = new URL(req.url ?? '/', this.url);
     this.requests.push({ method: req.method ?? '', path: url.pathname, watch: url.searchParams.get('watch') === 'true' });
+    if (this.token !== undefined && req.headers.authorization !== `Bearer ${this.token}`) {
+      return reply(res, 401, statusObj(401, 'Unauthorized', 'Unauthorized'));
+    }
     if (this.failing > 0) {
       this.failing--;
       return reply(res, 503, statusObj(503, 'ServiceUnavailable', 'the test server is failing requests'));

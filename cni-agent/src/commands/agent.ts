@@ -1,4 +1,5 @@
 // `ambient-bpf agent`: the node agent.
+import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import type { CommandModule } from 'yargs';
@@ -41,6 +42,23 @@ export const DEFAULT_CNI_BIN_DIR = '/opt/cni/bin';
 export const DEFAULT_CNI_CONF_DIR = '/etc/cni/net.d';
 /** The plugin binary `npm run build` makes. */
 export const PLUGIN_BINARY_PATH = fileURLToPath(new URL('../../../../cni-agent/bin/ambient-bpf-cni', import.meta.url));
+
+/** The capabilities the agent uses (the DaemonSet grants them), and what for. CAP_BPF is not
+ * listed: with CAP_SYS_ADMIN (needed for setns) the kernel allows every bpf() use anyway, and
+ * without CAP_SYS_ADMIN (or CAP_PERFMON) the verifier refuses the programs even with CAP_BPF. */
+export const REQUIRED_CAPABILITIES = [
+  { name: 'CAP_NET_ADMIN', bit: 12, why: "attaching to pods' interfaces, and the fwmark rule, local route and accept_local in pod network namespaces" },
+  { name: 'CAP_SYS_ADMIN', bit: 21, why: 'setns() into pod network namespaces, and loading the BPF programs' },
+  { name: 'CAP_SYS_PTRACE', bit: 19, why: "opening other processes' /proc/PID/ns/net (the network namespaces of running pods)" },
+] as const;
+
+/** Required capabilities missing from the effective set in `status` (/proc/self/status text). */
+export function missingCapabilities(status: string): (typeof REQUIRED_CAPABILITIES)[number][] {
+  const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(status);
+  if (!m) return [];
+  const eff = BigInt(`0x${m[1]}`);
+  return REQUIRED_CAPABILITIES.filter((c) => (eff & (1n << BigInt(c.bit))) === 0n);
+}
 
 export const agentCommand: CommandModule<object, AgentArgs> = {
   command: 'agent',
@@ -89,6 +107,12 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       strictAllow = parseStrictAllow(args['strict-allow']);
     } catch (err) {
       throw new CliError(`--strict-allow: ${(err as Error).message}`, 2);
+    }
+    // Said up front, by name: without them the agent would start and then fail pod after pod with
+    // EPERM from the kernel (or the verifier's EACCES), which names no capability.
+    const missing = missingCapabilities(readFileSync('/proc/self/status', 'utf8'));
+    if (missing.length) {
+      throw new CliError(`missing capabilit${missing.length > 1 ? 'ies' : 'y'} ${missing.map((c) => `${c.name} (${c.why})`).join(', ')}: grant ${missing.map((c) => c.name.slice(4)).join(', ')} in the container's securityContext.capabilities.add`, 1);
     }
     const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination({ dest: 2, sync: true }));
     const agent = new Agent({

@@ -1,0 +1,412 @@
+// The product as deployed: the image built from manifests/Dockerfile, run by containerd (CRI,
+// runc) exactly as manifests/daemonset.yaml specifies (a kubelet stand-in turns the DaemonSet's
+// pod spec into CRI calls), next to the ztunnel stand-in in its own pod and app pods whose network
+// containerd sets up through the node's CNI configuration, into which the agent's installer
+// chained the plugin. The Kubernetes API is the in-repo test server over HTTPS, reached the
+// in-cluster way (service env and a mounted service account token and CA).
+import assert from 'node:assert/strict';
+import { execFile, execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { parse as parseYaml } from 'yaml';
+import { Datapath } from '../bpf/src/index.js';
+import { socketsInNetns } from '../bpf/src/node-netns.js';
+import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/pod.js';
+import { ContainerdNode, daemonSetPod, Kubelet, leftoverCgroupsAnyHierarchy, loadManifest, type K8sPod, type RunningPod } from './helpers/cri.js';
+import { kernelTest, TEST_PREFIX } from './helpers/kernel.js';
+import { KubeApiTestServer } from './helpers/kube-api-server.js';
+import { assertNothingLeft } from './helpers/leftovers.js';
+import { sleep, until } from './helpers/wait.js';
+
+const run = promisify(execFile);
+const REPO = fileURLToPath(new URL('../../', import.meta.url));
+const CACHE = process.env.AMBIENT_BPF_IMAGE_CACHE ?? '/var/tmp/ambient-bpf-image-cache';
+const NODE_NAME = `${TEST_PREFIX}-node`;
+const CLI_IN_IMAGE = '/opt/ambient-bpf/cni-agent/bin/ambient-bpf';
+
+/** What this test needs besides the kernel: Debian's containerd, runc and the image tools. */
+function missingRuntime(): string | undefined {
+  for (const tool of ['containerd', 'ctr', 'runc', 'mmdebstrap', 'buildah', 'openssl', 'nsenter', 'unshare']) {
+    try {
+      execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
+    } catch {
+      return `${tool} is not installed (scripts/setup.sh installs it)`;
+    }
+  }
+  if (!existsSync('/bin/busybox') || !existsSync('/usr/lib/cni/bridge')) return 'busybox-static and containernetworking-plugins are needed (scripts/setup.sh)';
+  return undefined;
+}
+function runtimeTest(): { skip?: string } {
+  const k = kernelTest();
+  if (k.skip) return k;
+  const missing = missingRuntime();
+  if (!missing) return {};
+  if (process.env.CI === 'true') throw new Error(`CI=true and ${missing}: the deployed test must run in CI`);
+  return { skip: missing };
+}
+
+/** The images (agent, pause, app), built by scripts/build-image.sh once per content of what goes
+ * into them (everything the build context has, as git lists it, and this machine's node). */
+async function images(): Promise<string> {
+  const files = execFileSync('git', ['ls-files', '-co', '--exclude-standard'], { cwd: REPO, encoding: 'utf8' })
+    .split('\n')
+    .filter((f) => f && !/^(test|bench)\//.test(f) && existsSync(join(REPO, f)))
+    .sort();
+  const h = createHash('sha256').update(process.version);
+  for (const f of files) h.update(f).update('\0').update(readFileSync(join(REPO, f))).update('\0');
+  const dir = join(CACHE, h.digest('hex').slice(0, 16));
+  if (existsSync(join(dir, 'app.tar'))) return dir;
+  mkdirSync(CACHE, { recursive: true });
+  const tmp = `${dir}.tmp-${process.pid}`;
+  try {
+    await run('bash', [join(REPO, 'scripts/build-image.sh'), tmp, '--test-images'], { maxBuffer: 1 << 26 });
+  } catch (err) {
+    rmSync(tmp, { recursive: true, force: true });
+    const e = err as { stderr?: string; message: string };
+    throw new Error(`scripts/build-image.sh failed: ${(e.stderr ?? e.message).split('\n').slice(-12).join('\n')}`);
+  }
+  // Only the newest build is kept.
+  for (const old of readdirSync(CACHE)) if (join(CACHE, old) !== tmp) rmSync(join(CACHE, old), { recursive: true, force: true });
+  renameSync(tmp, dir);
+  return dir;
+}
+
+interface StandInPod {
+  name: string;
+  namespace: string;
+  recent: { direction: string; source: string; destination: string }[];
+  stats: Record<string, { connections: number }>;
+}
+interface StatusPod {
+  name: string;
+  namespace: string;
+  state: string;
+  ztunnel: string;
+  hooks: string;
+  reason: string;
+}
+
+after(async () => {
+  await assertNothingLeft();
+  assert.deepEqual(leftoverCgroupsAnyHierarchy(), [], 'test cgroups left behind');
+});
+
+describe('the product as deployed: the image under containerd, as the DaemonSet runs it', runtimeTest(), () => {
+  let node: ContainerdNode;
+  let api: KubeApiTestServer;
+  let kubelet: Kubelet;
+  let agent: RunningPod;
+  let ztunnel: RunningPod;
+  const app: Record<string, RunningPod> = {};
+
+  const annotation = (rp: RunningPod) => (api.get('pods', rp.pod.metadata.name, rp.pod.metadata.namespace)?.metadata as { annotations?: Record<string, string> } | undefined)?.annotations?.[REDIRECTION_ANNOTATION];
+
+  /** `ambient-bpf status --json` inside the agent's container. */
+  async function agentStatus(): Promise<StatusPod[]> {
+    const r = await kubelet.exec(agent, 'agent', [CLI_IN_IMAGE, 'status', '--json', '--status-socket=/var/run/ambient-bpf/status.sock']);
+    assert.equal(r.exit_code, 0, `ambient-bpf status in the agent container: ${r.stderr}`);
+    return (JSON.parse(r.stdout) as { pods: StatusPod[] }).pods;
+  }
+
+  /** What the ztunnel stand-in saw (it prints its counters on SIGUSR1). */
+  async function standInStats(): Promise<StandInPod[]> {
+    const before = kubelet.containerLog(ztunnel, 'istio-proxy').split('\n').length;
+    const r = await kubelet.exec(ztunnel, 'istio-proxy', ['node', '-e', 'process.kill(1, "SIGUSR1")']);
+    assert.equal(r.exit_code, 0, r.stderr);
+    let line: string | undefined;
+    await until(
+      () => {
+        line = kubelet
+          .containerLog(ztunnel, 'istio-proxy')
+          .split('\n')
+          .slice(before - 1)
+          .find((l) => l.startsWith('{"pods":'));
+        return line !== undefined;
+      },
+      'the stand-in printing its counters',
+    );
+    return (JSON.parse(line!) as { pods: StandInPod[] }).pods;
+  }
+
+  /** An HTTP request from one app pod to another's server; the peer address the server saw. */
+  async function fetchPeer(from: RunningPod, to: RunningPod): Promise<string> {
+    // (Debian's static busybox wget crashes with -T; ExecSync's timeout bounds the request.)
+    const r = await kubelet.exec(from, 'app', ['wget', '-q', '-O', '-', `http://${to.ips[0]}:8080/cgi-bin/peer`]);
+    assert.equal(r.exit_code, 0, `${from.pod.metadata.name} -> ${to.pod.metadata.name}: ${r.stderr}`);
+    // busybox httpd listens on IPv6 and shows IPv4 peers mapped: [::ffff:198.18.10.5].
+    return r.stdout.trim().split(' ')[0]!.replace(/^\[(?:::ffff:)?|\]$/g, '');
+  }
+
+  const appPod = (name: string, namespace: string, labels: Record<string, string> = {}): K8sPod => ({
+    metadata: { name, namespace, labels: { app: name, ...labels } },
+    spec: { containers: [{ name: 'app', image: 'localhost/abt-app:1' }], automountServiceAccountToken: false },
+  });
+
+  before(
+    async () => {
+      const imageDir = await images();
+      node = new ContainerdNode();
+      await node.start();
+      await node.importImage(join(imageDir, 'pause.tar'), 'localhost/abt-pause:1');
+      await node.importImage(join(imageDir, 'app.tar'), 'localhost/abt-app:1');
+      // The DaemonSet names the image as the kustomization leaves it; kubelet resolves short names.
+      await node.importImage(join(imageDir, 'ambient-bpf.tar'), 'localhost/ambient-bpf:latest', 'docker.io/library/ambient-bpf:latest');
+
+      // The API server, over HTTPS, on the node's loopback (where a host-network pod reaches it).
+      await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1', '-subj', '/CN=kube-apiserver', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', join(node.dir, 'api.key'), '-out', join(node.dir, 'api.crt')]);
+      const [sock] = await socketsInNetns(node.netnsPath, [{ listen: { address: '127.0.0.1', port: 0 } }]);
+      if (!sock || !('fd' in sock)) throw new Error(`cannot listen in the node's network: ${JSON.stringify(sock)}`);
+      api = new KubeApiTestServer();
+      api.token = `token-${node.id}`;
+      await api.start({ tls: { key: readFileSync(join(node.dir, 'api.key')), cert: readFileSync(join(node.dir, 'api.crt')) }, fd: sock.fd });
+      const port = Number(new URL(api.url).port);
+      kubelet = new Kubelet({ node, nodeName: NODE_NAME, api, serviceHost: '127.0.0.1', servicePort: port, token: api.token, caCert: readFileSync(join(node.dir, 'api.crt'), 'utf8') });
+
+      api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'istio-system' } });
+      api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'shop', labels: { 'istio.io/dataplane-mode': 'ambient' } } });
+      api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'plain' } });
+
+      // The node's primary CNI: bridge + host-local, IPv4 and IPv6.
+      writeFileSync(
+        join(node.hostPath('/etc/cni/net.d'), '10-pods.conflist'),
+        JSON.stringify({
+          cniVersion: '1.0.0',
+          name: `${TEST_PREFIX}-pods`,
+          plugins: [
+            {
+              type: 'bridge',
+              bridge: 'cni0',
+              isGateway: true,
+              ipMasq: false,
+              hairpinMode: true,
+              ipam: { type: 'host-local', dataDir: '/run/cni-ipam', ranges: [[{ subnet: '198.18.10.0/24' }], [{ subnet: '2001:db8:10::/64' }]], routes: [{ dst: '0.0.0.0/0' }, { dst: '::/0' }] },
+            },
+          ],
+        }),
+      );
+
+      // The agent, from the DaemonSet (namespace from the kustomization).
+      const namespace = (loadManifest('kustomization.yaml')[0] as { namespace: string }).namespace;
+      agent = await kubelet.runPod(daemonSetPod('daemonset.yaml', namespace));
+      const conflist = node.hostPath('/etc/cni/net.d/10-pods.conflist');
+      try {
+        await until(() => (JSON.parse(readFileSync(conflist, 'utf8')) as { plugins: { type: string }[] }).plugins.at(-1)?.type === 'ambient-bpf-cni', 'the agent chaining its plugin into the CNI configuration', 60_000);
+      } catch (err) {
+        const st = await kubelet.containerState(agent, 'agent');
+        throw new Error(`${(err as Error).message}; agent container ${st.state} (exit ${st.exit_code}): ${kubelet.containerLog(agent, 'agent').slice(-3000)}`);
+      }
+      ztunnel = await kubelet.runPod(parseYaml(readFileSync(join(REPO, 'test/fixtures/ztunnel-standin-pod.yaml'), 'utf8')) as K8sPod);
+      app.cart = await kubelet.runPod(appPod('cart', 'shop'));
+      app.web = await kubelet.runPod(appPod('web', 'shop'));
+      app.legacy = await kubelet.runPod(appPod('legacy', 'shop', { 'istio.io/dataplane-mode': 'none' }));
+      app.old = await kubelet.runPod(appPod('old', 'plain'));
+    },
+    { timeout: 30 * 60_000 },
+  );
+
+  after(
+    async () => {
+      const errors: unknown[] = [];
+      // Pods first, the agent last (as a drained node): each CNI DEL reaches a running agent.
+      for (const rp of [...(kubelet?.pods ?? [])].reverse()) {
+        try {
+          await kubelet.deletePod(rp);
+        } catch (err) {
+          errors.push(err);
+        }
+      }
+      try {
+        await node?.stop();
+      } catch (err) {
+        errors.push(err);
+      }
+      await api?.close();
+      // The agent's maps stay pinned (as on a node, where a restarted agent adopts them); the
+      // pods are gone, so nothing is attached any more.
+      if (node && existsSync(node.bpffs)) {
+        const root = join(node.bpffs, 'ambient-bpf');
+        if (existsSync(root)) {
+          const dp = await Datapath.open({ bpffsRoot: root });
+          const left = await dp.list();
+          dp.close();
+          if (left.length) errors.push(new Error(`pods still attached after the node stopped: ${left.map((p) => p.uid).join(', ')}`));
+        }
+        rmSync(node.bpffs, { recursive: true, force: true });
+      }
+      if (errors.length) throw errors[0];
+    },
+    { timeout: 120_000 },
+  );
+
+  it('runs the agent under the DaemonSet’s privileges and reaches the API the in-cluster way', async () => {
+    const st = await kubelet.containerState(agent, 'agent');
+    assert.equal(st.state, 'CONTAINER_RUNNING', kubelet.containerLog(agent, 'agent'));
+    assert.ok(api.requests.some((r) => r.path === '/api/v1/pods' && r.watch), 'the agent watches pods through the API');
+    // The container's own view: the capabilities the DaemonSet grants and nothing else.
+    const caps = await kubelet.exec(agent, 'agent', ['node', '-e', 'process.stdout.write(require("fs").readFileSync("/proc/self/status","utf8"))']);
+    const eff = BigInt(`0x${/CapEff:\s*([0-9a-f]+)/.exec(caps.stdout)![1]}`);
+    const bits = { NET_ADMIN: 12n, SYS_ADMIN: 21n, SYS_PTRACE: 19n, BPF: 39n };
+    const want = Object.values(bits).reduce((a, b) => a | (1n << b), 0n);
+    assert.equal(eff, want, `effective capabilities ${eff.toString(16)}`);
+    assert.match(caps.stdout, /NoNewPrivs:\s*1/);
+    assert.match(caps.stdout, /Seccomp:\s*2/, 'RuntimeDefault seccomp filter');
+    const ro = await kubelet.exec(agent, 'agent', ['node', '-e', 'require("fs").writeFileSync("/opt/x", "")']);
+    assert.notEqual(ro.exit_code, 0, 'the root file system is read-only');
+    // kubelet's probes, as the DaemonSet declares them, from the node.
+    await until(async () => (await kubelet.probe(agent, 'agent', 'readinessProbe').catch(() => 0)) === 200, 'the readiness probe passing', 30_000);
+    assert.equal(await kubelet.probe(agent, 'agent', 'livenessProbe'), 200);
+  });
+
+  it('redirects ambient pods and ztunnel acks them; leaves opted-out and plain pods alone', async () => {
+    await until(() => annotation(app.cart!) === 'enabled' && annotation(app.web!) === 'enabled', 'ambient pods annotated enabled', 30_000);
+    assert.equal(annotation(app.legacy!), undefined);
+    assert.equal(annotation(app.old!), undefined);
+    const status = await agentStatus();
+    const byName = new Map(status.map((p) => [`${p.namespace}/${p.name}`, p]));
+    for (const n of ['shop/cart', 'shop/web']) assert.equal(byName.get(n)?.ztunnel, 'acked', `${n}: ${JSON.stringify(byName.get(n))}`);
+    for (const n of ['shop/legacy', 'plain/old']) assert.notEqual(byName.get(n)?.ztunnel, 'acked', `${n}: ${JSON.stringify(byName.get(n))}`);
+  });
+
+  it('sends ambient pod-to-pod traffic through ztunnel with the original destination; the others go direct', async () => {
+    const peerSeen = await fetchPeer(app.web!, app.cart!);
+    const stats = await standInStats();
+    const web = stats.find((p) => p.name === 'web');
+    const cart = stats.find((p) => p.name === 'cart');
+    assert.ok(web?.recent.some((c) => c.direction === 'outbound' && c.destination === `${app.cart!.ips[0]}:8080`), `web's outbound through ztunnel to cart's address: ${JSON.stringify(web)}`);
+    assert.ok(cart?.recent.some((c) => c.direction === 'inbound' && c.destination === `${app.cart!.ips[0]}:8080`), `cart's inbound through ztunnel: ${JSON.stringify(cart)}`);
+    // ztunnel connects to the app from the client's own address (as upstream's in-node path does).
+    assert.equal(peerSeen, app.web!.ips[0]);
+    // The agent's metrics (the DaemonSet's metrics port, from the node) count it for the pod.
+    const metricsPort = kubelet.containerPort(agent.pod.spec.containers[0]!, 'metrics');
+    const metrics = await kubelet.httpGetFromNode('127.0.0.1', metricsPort, '/metrics');
+    assert.equal(metrics.status, 200);
+    const redirected = /^ambient_bpf_datapath_events_total\{[^}]*namespace="shop",pod="web"[^}]*counter="outboundRedirected"[^}]*\} (\d+)/m.exec(metrics.body);
+    assert.ok(redirected && Number(redirected[1]) >= 1, `web's outbound redirections in /metrics: ${metrics.body.split('\n').filter((l) => l.includes('pod="web"')).join('\n')}`);
+    // The same over IPv6 (the pods' second address).
+    const web6 = app.web!.ips.find((ip) => ip.includes(':'));
+    const cart6 = app.cart!.ips.find((ip) => ip.includes(':'));
+    assert.ok(web6 && cart6, `IPv6 addresses: ${app.web!.ips.join(' ')} ${app.cart!.ips.join(' ')}`);
+    const r6 = await kubelet.exec(app.web!, 'app', ['wget', '-q', '-O', '-', `http://[${cart6}]:8080/cgi-bin/peer`]);
+    assert.equal(r6.exit_code, 0, `web -> cart over IPv6: ${r6.stderr}`);
+    assert.equal(r6.stdout.trim().split(' ')[0]!.replace(/^\[|\]$/g, ''), web6);
+    const stats6 = await standInStats();
+    assert.ok(
+      stats6.find((p) => p.name === 'web')?.recent.some((c) => c.direction === 'outbound' && c.destination === `[${cart6}]:8080`),
+      `web's IPv6 outbound through ztunnel to cart's address: ${JSON.stringify(stats6.find((p) => p.name === 'web')?.recent)}`,
+    );
+    // Opted out and plain: direct, the server sees the client's own address, ztunnel sees nothing.
+    assert.equal(await fetchPeer(app.legacy!, app.old!), app.legacy!.ips[0]);
+    assert.equal(await fetchPeer(app.old!, app.legacy!), app.old!.ips[0]);
+    const after = await standInStats();
+    assert.deepEqual(after.map((p) => `${p.namespace}/${p.name}`).sort(), ['shop/cart', 'shop/web']);
+  });
+
+  it('enrols a pod that was already running when its namespace is labelled (its netns found from the container)', { timeout: 90_000 }, async () => {
+    const label = (mode?: string) => api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'plain', labels: mode ? { 'istio.io/dataplane-mode': mode } : {} } });
+    label('ambient');
+    await until(() => annotation(app.old!) === 'enabled', 'the running pod enrolled and acked', 30_000);
+    assert.equal(await fetchPeer(app.legacy!, app.old!), app.legacy!.ips[0]);
+    assert.ok((await standInStats()).find((p) => p.name === 'old')?.recent.some((c) => c.direction === 'inbound' && c.destination === `${app.old!.ips[0]}:8080`), 'its inbound through ztunnel');
+    label();
+    await until(() => annotation(app.old!) === undefined, 'unenrolled after the label went', 30_000);
+    await until(async () => !(await standInStats()).some((p) => p.name === 'old'), 'ztunnel told', 30_000);
+  });
+
+  it('keeps pods captured while the agent is killed, and converges after kubelet restarts it', async () => {
+    await kubelet.killContainer(agent, 'agent');
+    const during = await standInStats();
+    const before = during.find((p) => p.name === 'web')?.stats.outbound?.connections ?? 0;
+    await fetchPeer(app.web!, app.cart!);
+    const stats = await standInStats();
+    assert.equal(stats.find((p) => p.name === 'web')?.stats.outbound?.connections, before + 1, 'captured while the agent is down');
+    await kubelet.startContainer(agent, 'agent');
+    await until(
+      async () => {
+        try {
+          const s = await agentStatus();
+          return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
+        } catch {
+          return false;
+        }
+      },
+      'the restarted agent adopting the pods and ztunnel acking them',
+      60_000,
+    );
+    assert.equal(annotation(app.cart!), 'enabled');
+    await fetchPeer(app.web!, app.cart!);
+  });
+
+  it('survives a rolling update: SIGTERM within the grace period, pods stay captured, the new agent adopts them', { timeout: 120_000 }, async () => {
+    const started = Date.now();
+    assert.equal(await kubelet.stopContainer(agent, 'agent'), 0, `the agent's exit on SIGTERM: ${kubelet.containerLog(agent, 'agent').slice(-500)}`);
+    assert.ok(Date.now() - started < (agent.pod.spec.terminationGracePeriodSeconds ?? 30) * 1000, 'stopped within the grace period');
+    assert.equal(await fetchPeer(app.web!, app.cart!), app.web!.ips[0]);
+    await kubelet.startContainer(agent, 'agent');
+    await until(
+      async () => {
+        try {
+          const s = await agentStatus();
+          return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
+        } catch {
+          return false;
+        }
+      },
+      'the new agent adopting the pods',
+      60_000,
+    );
+  });
+
+  it('needs each capability the DaemonSet grants, and names the one that is missing', { timeout: 180_000 }, async () => {
+    const c = agent.pod.spec.containers[0]!;
+    const granted = [...(c.securityContext!.capabilities!.add ?? [])];
+    const acked = async () => {
+      try {
+        const s = await agentStatus();
+        return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
+      } catch {
+        return false;
+      }
+    };
+    try {
+      for (const cap of granted) {
+        await kubelet.killContainer(agent, 'agent');
+        c.securityContext!.capabilities!.add = granted.filter((x) => x !== cap);
+        await kubelet.startContainer(agent, 'agent');
+        if (cap === 'BPF') {
+          // Covered by SYS_ADMIN (the kernel's bpf_capable()); the verifier refuses these programs
+          // to CAP_BPF without CAP_SYS_ADMIN or CAP_PERFMON, so SYS_ADMIN is the one that counts.
+          await until(acked, 'the agent working without BPF (SYS_ADMIN covers it)', 30_000);
+          continue;
+        }
+        await until(async () => (await kubelet.containerState(agent, 'agent')).state === 'CONTAINER_EXITED', `the agent stopping without ${cap}`, 30_000);
+        const st = await kubelet.containerState(agent, 'agent');
+        const log = kubelet.containerLog(agent, 'agent');
+        assert.notEqual(st.exit_code, 0);
+        assert.match(log, new RegExp(`missing capabilit(y|ies) CAP_${cap} \\(`), `the reason names CAP_${cap}: ${log.slice(-500)}`);
+        // Still captured meanwhile: the pins hold.
+        await fetchPeer(app.web!, app.cart!);
+      }
+    } finally {
+      await kubelet.killContainer(agent, 'agent');
+      c.securityContext!.capabilities!.add = granted;
+      await kubelet.startContainer(agent, 'agent');
+    }
+    await until(acked, 'the agent with every capability again', 60_000);
+  });
+
+  it('unenrols a deleted pod: StopPodSandbox runs CNI DEL through the chained plugin', async () => {
+    const uid = app.cart!.uid;
+    const pins = join(node.bpffs, 'ambient-bpf', 'pods', uid);
+    assert.ok(existsSync(pins), `pins of cart at ${pins}`);
+    await kubelet.deletePod(app.cart!);
+    delete app.cart;
+    await until(() => !existsSync(pins), 'the pod’s pins removed', 30_000);
+    await until(async () => !(await agentStatus()).some((p) => p.name === 'cart'), 'the agent forgetting the pod', 30_000);
+    await until(async () => !(await standInStats()).some((p) => p.name === 'cart'), 'ztunnel told', 30_000);
+    await sleep(0);
+  });
+});
