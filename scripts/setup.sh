@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 # Run and test: iproute2 (ip, tc), util-linux (nsenter), bpftool, procps (sysctl);
 # iptables for the benchmark's upstream baseline; containernetworking-plugins (bridge, host-local)
 # for the CNI chaining tests; python3-scapy for the crafted packets of the attack tests (run with
-# Debian's /usr/bin/python3, which is where it installs).
-packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy)
+# Debian's /usr/bin/python3, which is where it installs); netcat-openbsd, curl, socat and iperf3,
+# the real programs of the TCP-semantics tests.
+packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy netcat-openbsd curl socat iperf3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
