@@ -8,12 +8,13 @@ cd "$(dirname "$0")/.."
 # Run and test: iproute2 (ip, tc), util-linux (nsenter), bpftool, procps (sysctl);
 # iptables for the benchmark's upstream baseline; containernetworking-plugins (bridge, host-local)
 # for the CNI chaining tests; python3-scapy for the crafted packets of the attack tests (run with
-# Debian's /usr/bin/python3, which is where it installs).
+# Debian's /usr/bin/python3, which is where it installs); netcat-openbsd, curl, socat and iperf3,
+# the real programs of the TCP-semantics tests.
 # The test of the product as deployed (test/deployed.test.ts): containerd (with its CRI plugin) and
 # runc run the image; mmdebstrap and buildah build it (scripts/build-image.sh); busybox-static makes
 # the test's pause and app images; openssl the API test server's certificate.
 packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy
-  containerd runc mmdebstrap buildah busybox-static openssl)
+  netcat-openbsd curl socat iperf3 containerd runc mmdebstrap buildah busybox-static openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

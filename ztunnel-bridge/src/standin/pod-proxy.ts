@@ -5,9 +5,11 @@
 //   15006 inbound: to the app at the local address, with the real client as (spoofed) source
 //   15008 HBONE: HTTP/1.1 CONNECT without TLS, tunnelled to the authority
 //   15053 DNS (127.0.0.1, UDP and TCP): forwarded to a configured upstream
+// Each TCP connection is relayed with TCP's semantics (relay.ts): half-close, resets, backpressure.
 import dgram from 'node:dgram';
-import type net from 'node:net';
-import { closeFd, connectFromNetns, netnsAddresses, netnsPathOfFd, serverOnFd, socketsInNetns, type NetnsSocketSpec } from '../../../bpf/src/node-netns.js';
+import net from 'node:net';
+import { closeFd, connectFromNetns, netnsAddresses, netnsPathOfFd, socketsInNetns, type NetnsSocketSpec } from '../../../bpf/src/node-netns.js';
+import { relay, reset } from './relay.js';
 
 export const ZTUNNEL_MARK = 0x539;
 export const PORTS = { outbound: 15001, inbound: 15006, hbone: 15008, dns: 15053 } as const;
@@ -94,7 +96,8 @@ export class PodProxy {
 
   private closeListeners(): void {
     for (const s of this.servers) s.close();
-    for (const s of this.sockets) s.destroy();
+    // Reset, not FIN: a connection cut short must not look like one that ended.
+    for (const s of this.sockets) reset(s);
     for (const local of this.udp?.locals ?? []) local.close();
     this.udp?.upstream.close();
     this.udp = undefined;
@@ -146,7 +149,7 @@ export class PodProxy {
       for (const [i, handler] of handlers.entries()) {
         const f = take(i);
         if (f === undefined) continue;
-        const server = await serverOnFd(f);
+        const server = await halfOpenServerOnFd(f);
         server.on('connection', handler);
         this.servers.push(server);
       }
@@ -175,21 +178,16 @@ export class PodProxy {
     if (this.recent.length > RECENT) this.recent.shift();
   }
 
-  /** Splices two sockets, counting bytes; `head` is data already read from the client. */
+  /** Relays two sockets (relay.ts), counting bytes; `head` is data already read from the client. */
   private splice(direction: Direction, client: net.Socket, upstream: net.Socket, head?: Buffer): void {
     const stats = this.stats[direction];
     this.track(upstream);
-    if (head?.length) {
-      stats.bytesUp += head.length;
-      upstream.write(head);
+    if (this.closed) {
+      // The pod went away while connecting: its sockets were reset already.
+      reset(upstream);
+      return;
     }
-    client.on('data', (d: Buffer) => (stats.bytesUp += d.length));
-    upstream.on('data', (d: Buffer) => (stats.bytesDown += d.length));
-    client.pipe(upstream);
-    upstream.pipe(client);
-    client.on('close', () => upstream.destroy());
-    upstream.on('close', () => client.destroy());
-    client.resume();
+    relay(client, upstream, { up: (n) => (stats.bytesUp += n), down: (n) => (stats.bytesDown += n) }, head);
   }
 
   private async outbound(client: net.Socket): Promise<void> {
@@ -203,7 +201,7 @@ export class PodProxy {
       this.splice('outbound', client, upstream);
     } catch {
       this.stats.outbound.failures++;
-      client.destroy();
+      reset(client);
     }
   }
 
@@ -218,7 +216,7 @@ export class PodProxy {
       this.splice('inbound', client, await this.connectAs(source, app));
     } catch {
       this.stats.inbound.failures++;
-      client.destroy();
+      reset(client);
     }
   }
 
@@ -231,13 +229,14 @@ export class PodProxy {
 
   private refuseLoop(direction: Direction, client: net.Socket): void {
     this.stats[direction].failures++;
-    client.destroy();
+    reset(client);
   }
 
   /** HBONE without TLS: `CONNECT host:port HTTP/1.1`, then a tunnel to the app. */
   private hbone(client: net.Socket): void {
     this.track(client);
     let head = Buffer.alloc(0);
+    const onEnd = (): void => void client.end(); // a FIN before a whole request: nothing to tunnel
     const onData = (d: Buffer): void => {
       head = Buffer.concat([head, d]);
       const end = head.indexOf('\r\n\r\n');
@@ -246,12 +245,14 @@ export class PodProxy {
         return;
       }
       client.off('data', onData);
+      client.off('end', onEnd);
       client.pause();
       const target = parseConnect(head.subarray(0, end).toString('latin1'));
       if (!target) return this.reject(client, '400 Bad Request');
       void this.tunnel(client, target, head.subarray(end + 4));
     };
     client.on('data', onData);
+    client.on('end', onEnd);
   }
 
   private async tunnel(client: net.Socket, target: Endpoint, rest: Buffer): Promise<void> {
@@ -287,14 +288,14 @@ export class PodProxy {
     this.see('dns', `${unmap(client.remoteAddress)}:${client.remotePort}`, this.dnsUpstream ? hostPort(this.dnsUpstream) : 'none');
     if (!this.dnsUpstream) {
       this.stats.dns.failures++;
-      return void client.destroy();
+      return void reset(client);
     }
     try {
       const upstream = await connectFromNetns({ netns: this.netns, ...this.dnsUpstream, mark: ZTUNNEL_MARK });
       this.splice('dns', client, upstream);
     } catch {
       this.stats.dns.failures++;
-      client.destroy();
+      reset(client);
     }
   }
 
@@ -324,6 +325,20 @@ export class PodProxy {
     this.stats.dns.bytesDown += out.length;
     pending.via.send(out, pending.port, pending.address);
   }
+}
+
+/** A server on a listening socket made inside the pod: accepted sockets stay half open (a client's
+ * FIN must not end the stand-in's side toward it: the reply is still to come). */
+async function halfOpenServerOnFd(fd: number): Promise<net.Server> {
+  const server = net.createServer({ allowHalfOpen: true });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen({ fd }, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  return server;
 }
 
 function emptyStats(): DirectionStats {
