@@ -1,6 +1,7 @@
 // Upstream Istio ambient's in-pod iptables rules (TCP capture; DNS capture when asked, upstream's
 // default since 1.25), as its agent applies them with `iptables-restore --noflush` inside the pod
-// netns: the benchmarks' baseline. Written from shared/reference/upstream-ambient.md.
+// netns: the benchmarks' baseline. Written after upstream's rule builder (istio/istio,
+// cni/pkg/iptables/iptables.go).
 
 export function upstreamInpodRules(family: 4 | 6, options: { dns?: boolean } = {}): string {
   const probe = family === 4 ? '169.254.7.127/32' : 'fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128';

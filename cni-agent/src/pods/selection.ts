@@ -1,4 +1,4 @@
-// Which pods are ambient: upstream Istio's rules (shared/reference/upstream-ambient.md), with the
+// Which pods are ambient: upstream Istio's rules (README, "The node agent": selection), with the
 // reason for every decision so logs and status can say why a pod is or is not captured.
 
 export const DATAPLANE_MODE_LABEL = 'istio.io/dataplane-mode';
