@@ -36,9 +36,15 @@ export function cgroupPathOfPid(pid: number, procRoot = '/proc'): string {
   } catch (err) {
     throw new CgroupError('ENOPROC', `cannot read the cgroup of process ${pid}: ${(err as Error).message}`);
   }
+  const path = cgroupV2PathOfProcText(text);
+  if (path === undefined) throw new CgroupError('ENOCGROUP2', `process ${pid} is in no cgroup v2`);
+  return path;
+}
+
+/** The cgroup v2 path in a /proc/PID/cgroup text (its "0::" line), or undefined if it has none. */
+export function cgroupV2PathOfProcText(text: string): string | undefined {
   const line = text.split('\n').find((l) => l.startsWith('0::'));
-  if (!line) throw new CgroupError('ENOCGROUP2', `process ${pid} is in no cgroup v2`);
-  return line.slice(3).replace(/ \(deleted\)$/, '');
+  return line?.slice(3).replace(/ \(deleted\)$/, '');
 }
 
 /**

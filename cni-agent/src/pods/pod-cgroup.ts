@@ -19,6 +19,8 @@
 // show); unlike upstream, a path naming two pod cgroups is nobody's (a pod that may create cgroups
 // below its own cannot pass for another pod by naming one after it).
 
+import { cgroupV2PathOfProcText } from '../../../bpf/src/cgroup.js';
+
 const UUID = '([0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12})';
 /** cgroupfs: pod<uid>. */
 const CGROUPFS_POD = new RegExp(`^pod${UUID}$`);
@@ -68,6 +70,6 @@ export function parsePodCgroupPath(path: string): PodCgroupPath | undefined {
 
 /** The pod uid of a process from its /proc/PID/cgroup text (the cgroup v2 line), or undefined. */
 export function podUidOfProcCgroup(text: string): string | undefined {
-  const line = text.split('\n').find((l) => l.startsWith('0::'));
-  return line === undefined ? undefined : parsePodCgroupPath(line.slice(3))?.uid;
+  const path = cgroupV2PathOfProcText(text);
+  return path === undefined ? undefined : parsePodCgroupPath(path)?.uid;
 }
