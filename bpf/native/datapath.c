@@ -621,25 +621,29 @@ static void detach_tc_filters(struct pod_meta *m)
 }
 
 /* Removes the reroute hook of one extra interface (tc filters only from inside the netns). */
-static void detach_reroute(struct datapath *dp, const char *uid, const struct pod_meta *m, struct reroute_iface *r,
-			   bool in_netns)
+/* Removes an extra interface's reroute hook of one mode: its tcx link through the pin, or its tc
+ * filters (only from inside the netns). */
+static void detach_reroute(struct datapath *dp, const char *uid, struct reroute_iface *r, unsigned mode, bool in_netns)
 {
 	char pin[PATH_MAX];
 
-	reroute_pin_path(dp, uid, r->name, pin);
-	detach_pinned_link(pin);
-	if (in_netns && r->ifindex && m->mode == ATTACH_MODE_TC && tc_detach_filters((int)r->ifindex, r->owns_clsact))
+	if (mode == ATTACH_MODE_TCX) {
+		reroute_pin_path(dp, uid, r->name, pin);
+		detach_pinned_link(pin);
+	} else if (mode == ATTACH_MODE_TC && in_netns && r->ifindex && tc_detach_filters((int)r->ifindex, r->owns_clsact)) {
 		r->owns_clsact = 0;
-	r->ifindex = 0;
+	}
 }
 
 /* Removes the pod's programs: links from anywhere, tc filters only from inside the netns. */
 static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
 {
 	detach_cgroup_hooks(dp, uid, m);
-	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
-		detach_reroute(dp, uid, m, &m->reroute[i], in_netns);
-	detach_tcx_links(dp, uid);
+	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++) {
+		detach_reroute(dp, uid, &m->reroute[i], m->mode, in_netns);
+		m->reroute[i].ifindex = 0;
+	}
+	detach_tcx_links(dp, uid); /* (also any reroute pin left from another mode) */
 	if (in_netns && (m->mode == ATTACH_MODE_TC || (m->owns & OWNS_CLSACT)))
 		detach_tc_filters(m);
 }
@@ -867,19 +871,6 @@ static int attach_reroute_tc(int prog_fd, struct reroute_iface *r)
 	return err;
 }
 
-/* Removes one mode's reroute hook from an extra interface (tc filters only from inside the netns). */
-static void detach_reroute_hook(struct netns_job *job, struct reroute_iface *r, unsigned mode)
-{
-	char pin[PATH_MAX];
-
-	if (mode == ATTACH_MODE_TCX) {
-		reroute_pin_path(job->dp, job->uid, r->name, pin);
-		detach_pinned_link(pin);
-	} else if (mode == ATTACH_MODE_TC && r->ifindex && tc_detach_filters((int)r->ifindex, r->owns_clsact)) {
-		r->owns_clsact = 0;
-	}
-}
-
 /* Hooks the pod's extra interfaces (istio.io/reroute-virtual-interfaces: names[]) in the pod's mode
  * (m->mode; old_mode: the mode they are hooked in now). New hooks first, stale ones removed after:
  * an interface listed before and after is never without its hook. On failure the hooks this call
@@ -939,7 +930,7 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 			had |= !strcmp(prev[i].name, next[j].name) && prev[i].ifindex == next[j].ifindex &&
 			       old_mode == mode;
 		if (!had && next[j].ifindex)
-			detach_reroute_hook(job, &next[j], mode);
+			detach_reroute(job->dp, job->uid, &next[j], mode, true);
 	}
 	if (err)
 		return -1;
@@ -957,7 +948,7 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 		}
 		if (kept || (old_mode == ATTACH_MODE_TCX && same_pin))
 			continue;
-		detach_reroute_hook(job, &prev[i], old_mode);
+		detach_reroute(job->dp, job->uid, &prev[i], old_mode, true);
 	}
 	memcpy(m->reroute, next, sizeof(next));
 	m->reroute_count = count;

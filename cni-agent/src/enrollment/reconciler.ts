@@ -88,7 +88,8 @@ export interface ReconcilerOptions {
   datapath: PodRedirector;
   zds: ZdsServer;
   netns: NetnsLocator;
-  /** Finds pods' cgroups for DNS capture (without it, DNS is not captured). */
+  /** Finds pods' cgroups for their cgroup hooks: DNS capture, the socket-option guard (without it,
+   * neither). */
   cgroups?: CgroupLocator;
   /** Persists which sandbox of each pod CNI ADD enrolled, across agent restarts. */
   sandboxes?: SandboxStore;
