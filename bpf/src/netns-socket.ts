@@ -22,9 +22,9 @@ export async function listenInNetns(options: NetnsListenOptions): Promise<net.Se
 
 const listenOptions = (options: NetnsListenOptions): NativeSocketOptions => socketOptions(options, { bind: true, listen: options.backlog ?? 511 });
 
-/** A net.Server on a listening socket made by socketsInNetns. */
-export async function serverOnFd(fd: number): Promise<net.Server> {
-  const server = net.createServer();
+/** A net.Server (with these options) on a listening socket made by socketsInNetns. */
+export async function serverOnFd(fd: number, options: net.ServerOpts = {}): Promise<net.Server> {
+  const server = net.createServer(options);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen({ fd }, () => {

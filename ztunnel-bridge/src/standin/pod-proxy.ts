@@ -8,7 +8,7 @@
 // Each TCP connection is relayed with TCP's semantics (relay.ts): half-close, resets, backpressure.
 import dgram from 'node:dgram';
 import net from 'node:net';
-import { closeFd, connectFromNetns, netnsAddresses, netnsPathOfFd, socketsInNetns, type NetnsSocketSpec } from '../../../bpf/src/node-netns.js';
+import { closeFd, connectFromNetns, netnsAddresses, netnsPathOfFd, serverOnFd, socketsInNetns, type NetnsSocketSpec } from '../../../bpf/src/node-netns.js';
 import { relay, reset } from './relay.js';
 
 export const ZTUNNEL_MARK = 0x539;
@@ -149,7 +149,9 @@ export class PodProxy {
       for (const [i, handler] of handlers.entries()) {
         const f = take(i);
         if (f === undefined) continue;
-        const server = await halfOpenServerOnFd(f);
+        // Accepted sockets stay half open: a client's FIN must not end the stand-in's side toward
+        // it, the reply is still to come.
+        const server = await serverOnFd(f, { allowHalfOpen: true });
         server.on('connection', handler);
         this.servers.push(server);
       }
@@ -325,20 +327,6 @@ export class PodProxy {
     this.stats.dns.bytesDown += out.length;
     pending.via.send(out, pending.port, pending.address);
   }
-}
-
-/** A server on a listening socket made inside the pod: accepted sockets stay half open (a client's
- * FIN must not end the stand-in's side toward it: the reply is still to come). */
-async function halfOpenServerOnFd(fd: number): Promise<net.Server> {
-  const server = net.createServer({ allowHalfOpen: true });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen({ fd }, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
-  return server;
 }
 
 function emptyStats(): DirectionStats {
