@@ -71,7 +71,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     procs.push(agent);
     const ztunnel = run(['ztunnel', '--socket', socket, '--dns-upstream', net.remoteV4]);
     procs.push(ztunnel);
-    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, `readyz (${agent.stderr()})`, 10_000);
+    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, () => `readyz (${agent.stderr()})`, 10_000);
     await until(async () => /ambient_bpf_pods\{state="enabled"\} 1/.test((await get(`http://127.0.0.1:${port + 1}/metrics`)).body), 'pod enabled', 10_000);
     assert.equal((await get(`http://127.0.0.1:${port}/healthz`)).status, 200);
     const metrics = (await get(`http://127.0.0.1:${port + 1}/metrics`)).body;
@@ -161,16 +161,18 @@ describe('ambient-bpf agent', kernelTest(), () => {
       await topo.cleanup();
       rmSync(dir, { recursive: true, force: true });
     });
-    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, `readyz (${agent.stderr()})`, 10_000);
+    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, () => `readyz (${agent.stderr()})`, 10_000);
     const installed = JSON.parse(readFileSync(join(confDir, '10-bridge.conflist'), 'utf8')) as { plugins: { type: string; agent_socket?: string }[] };
     assert.deepEqual(installed.plugins.map((p) => p.type), ['bridge', 'ambient-bpf-cni']);
     assert.equal(installed.plugins[1]!.agent_socket, join(dir, 'cni.sock'));
     assert.equal(existsSync(join(binDir, 'ambient-bpf-cni')), true);
 
-    agent.child.kill('SIGTERM');
-    assert.equal(await agent.exited, 0);
+    // Ready does not wait for the first enrolment: the pod is redirected once it is listed.
     const dp = await Datapath.open({ bpffsRoot: root });
     t.after(() => dp.close());
+    await until(async () => (await dp.list()).length === 1, () => `pod redirected (${agent.stderr()})`, 10_000);
+    agent.child.kill('SIGTERM');
+    assert.equal(await agent.exited, 0);
     assert.equal((await dp.list()).length, 1, 'the stopped agent left the pod redirected');
     const removed = await runCli(['uninstall', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--bpffs', root]);
     assert.equal(removed.code, 0, removed.stderr);
