@@ -38,24 +38,38 @@ static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS }
 static const char *const host_hook_names[2] = { "host-ingress", "host-egress" };
 static const char *const host_prog_names[2] = { "pod_to_node", "node_to_pod" };
 
-/* Hooks on the pod's cgroup v2: the socket-option guard (progs/socket_guard.bpf.c), always, then
- * DNS capture's socket-call hooks (progs/dns_capture.bpf.c) when the pod's DNS is captured. */
-#define CGROUP_HOOKS 9
-#define GUARD_HOOK 0
+/* Hooks on the pod's cgroup v2: always the socket-option guard (progs/socket_guard.bpf.c) and
+ * the outbound connect hooks that route the apps' TCP over lo to ztunnel
+ * (progs/outbound_route.bpf.c); then DNS capture's socket-call hooks (progs/dns_capture.bpf.c)
+ * when the pod's DNS is captured. */
+#define CGROUP_HOOKS 11
 static const char *const cgroup_prog_names[CGROUP_HOOKS] = {
-	"pod_setsockopt", "dns_connect4", "dns_connect6", "dns_sendmsg4", "dns_sendmsg6",
-	"dns_recvmsg4", "dns_recvmsg6", "dns_getpeername4", "dns_getpeername6",
+	"pod_setsockopt", "pod_connect4", "pod_connect6", "dns_connect4", "dns_connect6", "dns_sendmsg4",
+	"dns_sendmsg6", "dns_recvmsg4", "dns_recvmsg6", "dns_getpeername4", "dns_getpeername6",
 };
 static const enum bpf_attach_type cgroup_attach_types[CGROUP_HOOKS] = {
-	BPF_CGROUP_SETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP4_SENDMSG,
-	BPF_CGROUP_UDP6_SENDMSG, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP6_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME,
-	BPF_CGROUP_INET6_GETPEERNAME,
+	BPF_CGROUP_SETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET4_CONNECT,
+	BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG, BPF_CGROUP_UDP4_RECVMSG,
+	BPF_CGROUP_UDP6_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
 };
 
-/* Is cgroup hook i wanted for a pod with these POD_F_* flags? */
-static bool cgroup_hook_wanted(int i, unsigned flags)
+#define GUARD_HOOK 0
+#define ROUTE_HOOKS 3 /* the connect hooks: 1 and 2 */
+
+/* Is cgroup hook i wanted for pod m? The route hooks only with the pod netns's sk_lookup program,
+ * which alone may take the SYNs they route over lo (it is there when the netns has a cookie). */
+static bool cgroup_hook_wanted(int i, const struct pod_meta *m)
 {
-	return i == GUARD_HOOK || (flags & POD_F_DNS_CAPTURE);
+	if (i == GUARD_HOOK)
+		return true;
+	if (i < ROUTE_HOOKS)
+		return m->netns_cookie != 0;
+	return m->flags & POD_F_DNS_CAPTURE;
+}
+
+static const char *cgroup_hook_purpose(int i)
+{
+	return i == GUARD_HOOK ? "socket-option guard" : i < ROUTE_HOOKS ? "outbound route" : "DNS capture";
 }
 
 struct datapath {
@@ -540,6 +554,22 @@ static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
 	}
 }
 
+/* The pod's first address of a family (its primary one, as the pod's status lists them), as
+ * netlink carries it: 4 bytes for IPv4, the rest zero. */
+static void first_address(const struct pod_meta *m, int family, uint8_t out[16])
+{
+	memset(out, 0, 16);
+	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++) {
+		if (ip_is_v4(&m->ips[i]) != (family == AF_INET))
+			continue;
+		if (family == AF_INET)
+			memcpy(out, &m->ips[i].addr[12], 4);
+		else
+			memcpy(out, m->ips[i].addr, 16);
+		return;
+	}
+}
+
 static void detach_cgroup_hooks(struct datapath *dp, const char *uid, struct pod_meta *m);
 static void detach_main_tcx(struct datapath *dp, const char *uid);
 
@@ -737,7 +767,8 @@ static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const c
  * what this created, so detach removes exactly that. */
 static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_error *e)
 {
-	bool v4, v6;
+	uint8_t have[16], want[16];
+	bool v4, v6, exists;
 	int err;
 	const struct {
 		const struct fwmark_rule *rule;
@@ -757,12 +788,16 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 			m->owns |= fam[i].rule_bit;
 		else if (err != -EEXIST)
 			return fail(e, DPE_SYSTEM, err, "cannot add the %s fwmark rule", fam[i].name);
-		err = rtnl_local_default_route_add(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE);
-		if (err == 0)
-			m->owns |= fam[i].route_bit;
-		else if (err != -EEXIST)
-			return fail(e, DPE_SYSTEM, err, "cannot add the %s local route to table %d", fam[i].name,
+		if ((err = rtnl_local_default_route_get(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &exists, have)))
+			return fail(e, DPE_SYSTEM, err, "cannot read table %d", REDIRECT_ROUTE_TABLE);
+		first_address(m, fam[i].rule->family, want);
+		if (exists && !memcmp(have, want, sizeof(want)))
+			continue;
+		if ((err = rtnl_local_default_route_set(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, want)))
+			return fail(e, DPE_SYSTEM, err, "cannot set the %s local route in table %d", fam[i].name,
 				    REDIRECT_ROUTE_TABLE);
+		if (!exists)
+			m->owns |= fam[i].route_bit;
 	}
 	if (v4) {
 		uint32_t cur = 0;
@@ -1039,7 +1074,7 @@ static int cgroup_hooks_prepare(struct netns_job *job)
 		cgroup_pin_path(job->dp, job->uid, i, pin);
 		cgroup_next_pin_path(job->dp, job->uid, i, next);
 		detach_pinned_link(next); /* left by a crash */
-		if (!cgroup_hook_wanted(i, job->req->flags))
+		if (!cgroup_hook_wanted(i, job->meta))
 			continue; /* (detached by cgroup_hooks_commit, once the update is recorded) */
 		if (pinned_cgroup_link(pin, &linked, &prog) == 0 && linked == st.st_ino) {
 			fd = bpf_obj_get(pin);
@@ -1083,7 +1118,7 @@ static int cgroup_hooks_commit(struct netns_job *job)
 	for (int i = 0; i < CGROUP_HOOKS; i++) {
 		cgroup_pin_path(job->dp, job->uid, i, pin);
 		cgroup_next_pin_path(job->dp, job->uid, i, next);
-		if (!cgroup_hook_wanted(i, job->req->flags))
+		if (!cgroup_hook_wanted(i, job->meta))
 			detach_pinned_link(pin);
 		else if (access(next, F_OK) == 0 && rename(next, pin))
 			return fail(job->e, DPE_SYSTEM, errno, "cannot replace the cgroup link %s", pin);
@@ -1754,6 +1789,7 @@ static int verify_job(void *p)
 	struct dp_verify_result *r = job->verify;
 	struct rtnl nl;
 	bool v4, v6, exists;
+	uint8_t have[16], want[16];
 	char ip[INET6_ADDRSTRLEN];
 	int err;
 
@@ -1777,9 +1813,15 @@ static int verify_job(void *p)
 		if (rtnl_rule_exists(&nl, rule, &exists) == 0 && !exists)
 			problem(r, "the %s fwmark rule (mark 0x%x/0x%x, table %d) is missing", fam ? "IPv6" : "IPv4",
 				REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE);
-		if (rtnl_local_default_route_exists(&nl, rule->family, REDIRECT_ROUTE_TABLE, &exists) == 0 && !exists)
-			problem(r, "the %s local route in table %d is missing", fam ? "IPv6" : "IPv4",
-				REDIRECT_ROUTE_TABLE);
+		if (rtnl_local_default_route_get(&nl, rule->family, REDIRECT_ROUTE_TABLE, &exists, have) == 0) {
+			first_address(m, rule->family, want);
+			if (!exists)
+				problem(r, "the %s local route in table %d is missing", fam ? "IPv6" : "IPv4",
+					REDIRECT_ROUTE_TABLE);
+			else if (memcmp(have, want, sizeof(want)))
+				problem(r, "the %s local route in table %d has not the pod's address as source",
+					fam ? "IPv6" : "IPv4", REDIRECT_ROUTE_TABLE);
+		}
 	}
 	if (v4) {
 		uint32_t al = 0;
@@ -1827,12 +1869,12 @@ static int verify_job(void *p)
 			verify_program_name(r, prog, "sk_lookup", "pod_sk_lookup");
 	}
 	for (int i = 0; m->pod_cgroup_id && i < CGROUP_HOOKS; i++) {
-		const char *what = i == GUARD_HOOK ? "socket-option guard" : "DNS capture";
+		const char *what = cgroup_hook_purpose(i);
 		char pin[PATH_MAX];
 		__u64 linked = 0;
 		__u32 prog = 0;
 
-		if (!cgroup_hook_wanted(i, m->flags))
+		if (!cgroup_hook_wanted(i, m))
 			continue;
 		cgroup_pin_path(job->dp, job->uid, i, pin);
 		if (pinned_cgroup_link(pin, &linked, &prog) || linked != m->pod_cgroup_id)

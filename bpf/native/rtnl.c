@@ -293,11 +293,17 @@ static void route_msg(struct msg *m, uint16_t type, uint16_t flags, int family, 
 	attr_put_u32(m, RTA_OIF, if_nametoindex("lo"));
 }
 
-int rtnl_local_default_route_add(struct rtnl *nl, int family, uint32_t table)
+static size_t family_addr_len(int family)
+{
+	return family == AF_INET ? 4 : 16;
+}
+
+int rtnl_local_default_route_set(struct rtnl *nl, int family, uint32_t table, const uint8_t *prefsrc)
 {
 	struct msg m;
 
-	route_msg(&m, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, family, table);
+	route_msg(&m, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, family, table);
+	attr_put(&m, RTA_PREFSRC, prefsrc, family_addr_len(family));
 	return transact(nl, &m, NULL, NULL);
 }
 
@@ -311,7 +317,9 @@ int rtnl_local_default_route_del(struct rtnl *nl, int family, uint32_t table)
 
 struct route_match_ctx {
 	uint32_t table;
+	size_t addr_len;
 	bool found;
+	uint8_t prefsrc[16];
 };
 
 static int route_match_cb(struct nlmsghdr *h, void *p)
@@ -319,20 +327,25 @@ static int route_match_cb(struct nlmsghdr *h, void *p)
 	struct route_match_ctx *ctx = p;
 	struct rtmsg *rtm = NLMSG_DATA(h);
 	int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*rtm)));
+	struct rtattr *src;
 
 	if (h->nlmsg_type != RTM_NEWROUTE)
 		return 0;
 	if (rtm->rtm_type == RTN_LOCAL && rtm->rtm_dst_len == 0 &&
-	    attr_u32(RTM_RTA(rtm), len, RTA_TABLE, rtm->rtm_table) == ctx->table)
+	    attr_u32(RTM_RTA(rtm), len, RTA_TABLE, rtm->rtm_table) == ctx->table) {
 		ctx->found = true;
+		src = find_attr(RTM_RTA(rtm), len, RTA_PREFSRC);
+		if (src && RTA_PAYLOAD(src) == ctx->addr_len)
+			memcpy(ctx->prefsrc, RTA_DATA(src), ctx->addr_len);
+	}
 	return 0;
 }
 
-int rtnl_local_default_route_exists(struct rtnl *nl, int family, uint32_t table, bool *exists)
+int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bool *exists, uint8_t prefsrc[16])
 {
 	struct msg m;
 	struct rtmsg *rtm = msg_init(&m, RTM_GETROUTE, NLM_F_DUMP, sizeof(*rtm));
-	struct route_match_ctx ctx = { .table = table };
+	struct route_match_ctx ctx = { .table = table, .addr_len = family_addr_len(family) };
 	int err;
 
 	rtm->rtm_family = (uint8_t)family;
@@ -340,6 +353,7 @@ int rtnl_local_default_route_exists(struct rtnl *nl, int family, uint32_t table,
 	attr_put_u32(&m, RTA_TABLE, table);
 	err = transact(nl, &m, route_match_cb, &ctx);
 	*exists = ctx.found;
+	memcpy(prefsrc, ctx.prefsrc, 16);
 	return err;
 }
 

@@ -31,10 +31,13 @@ int rtnl_rule_add(struct rtnl *nl, const struct fwmark_rule *r); /* -EEXIST if a
 int rtnl_rule_del(struct rtnl *nl, const struct fwmark_rule *r);
 int rtnl_rule_exists(struct rtnl *nl, const struct fwmark_rule *r, bool *exists);
 
-/* "local 0.0.0.0/0 dev lo table TABLE" (or ::/0). */
-int rtnl_local_default_route_add(struct rtnl *nl, int family, uint32_t table);
+/* "local 0.0.0.0/0 dev lo table TABLE src PREFSRC" (or ::/0), made or replaced. The source is
+ * what a socket routed there (outbound_route.bpf.c) connects from: without it, the kernel would
+ * pick the destination itself. */
+int rtnl_local_default_route_set(struct rtnl *nl, int family, uint32_t table, const uint8_t *prefsrc);
 int rtnl_local_default_route_del(struct rtnl *nl, int family, uint32_t table);
-int rtnl_local_default_route_exists(struct rtnl *nl, int family, uint32_t table, bool *exists);
+/* Is it there, and its source (zeros if none; 4 bytes for IPv4). */
+int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bool *exists, uint8_t prefsrc[16]);
 
 /* net.ipv4.conf.<dev>.accept_local, through IFLA_AF_SPEC/IFLA_INET_CONF. */
 int rtnl_get_accept_local(struct rtnl *nl, int ifindex, uint32_t *value);

@@ -18,6 +18,9 @@
  * the socket on this host that owns their (non-local) destination. Upstream uses the same. */
 #define REDIRECT_MARK 0x111
 #define MARK_MASK 0xfff
+
+/* Every netns's lo (the kernel gives it the first ifindex). */
+#define LOOPBACK_IFINDEX 1
 #define REDIRECT_ROUTE_TABLE 100
 #define REDIRECT_RULE_PRIORITY 32764
 

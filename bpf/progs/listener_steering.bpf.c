@@ -25,12 +25,7 @@
 
 extern STEER_MAP steer SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_SOCKHASH);
-	__uint(max_entries, MAX_PODS * 2);
-	__type(key, struct listener_key);
-	__type(value, __u64);
-} ztunnel_listeners SEC(".maps");
+ZTUNNEL_LISTENERS_MAP ztunnel_listeners SEC(".maps");
 
 SEC("sockops")
 int ztunnel_sockops(struct bpf_sock_ops *skops)
@@ -83,13 +78,51 @@ static __always_inline bool ztunnel_port(__u32 port)
 	return port == ZTUNNEL_OUTBOUND_PORT || port == ZTUNNEL_INBOUND_PORT || port == ZTUNNEL_HBONE_PORT;
 }
 
-static __always_inline int refuse(const struct pod_policy *p)
+static __always_inline void count(const struct pod_policy *p, enum pod_counter c)
 {
-	__u32 slot = p ? p->slot : 0;
+	__u32 slot = p->slot;
 	struct pod_counters *v = bpf_map_lookup_elem(&pod_counters, &slot);
 
 	if (v)
-		v->value[CNT_LOOKUP_REFUSED]++;
+		v->value[c]++;
+}
+
+/* Is `a` one of the addresses of pod `p` (whose netns this lookup runs in)? */
+static __always_inline bool same_pod(const struct pod_policy *p, const struct pod_ip *a)
+{
+	struct pod_policy *owner = bpf_map_lookup_elem(&pod_policy, a);
+
+	return owner && owner->slot == p->slot;
+}
+
+/* An outbound connection routed over lo (outbound_route.bpf.c) to ztunnel's 15001 listener, never
+ * to a listener of the app's that owns the remote's port. Without ztunnel's listener the SYN is
+ * dropped (the stack sends no reset from an address that is not its own) and TCP retries it; a
+ * retry reaches ztunnel once it listens again. The connect hook routes over lo only while ztunnel
+ * listens, so this is the window of a ztunnel going away between a connect and its SYN; a connect
+ * made while ztunnel is away takes pod_egress's path, which refuses it at once. */
+static __always_inline int to_outbound_listener(struct bpf_sk_lookup *ctx, const struct pod_policy *p)
+{
+	struct listener_key k = {};
+	struct bpf_sock *sk;
+	long err;
+
+	k.netns_cookie = p->netns_cookie;
+	k.port = ZTUNNEL_OUTBOUND_PORT;
+	sk = bpf_map_lookup_elem(&ztunnel_listeners, &k);
+	if (!sk) {
+		count(p, CNT_OUTBOUND_NO_ZTUNNEL);
+		return SK_DROP;
+	}
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	count(p, err ? CNT_OUTBOUND_NO_ZTUNNEL : CNT_OUTBOUND_REDIRECTED);
+	return err ? SK_DROP : SK_PASS;
+}
+
+static __always_inline int refuse(const struct pod_policy *p)
+{
+	count(p, CNT_LOOKUP_REFUSED);
 	return SK_DROP;
 }
 
@@ -124,6 +157,11 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 		err = bpf_sk_assign(ctx, sk, 0);
 		bpf_sk_release(sk);
 		return err ? SK_DROP : SK_PASS;
+	}
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX && !probe_address(&k.local)) {
+		p = bpf_map_lookup_elem(&pod_policy, &k.remote);
+		if (p && !same_pod(p, &k.local))
+			return to_outbound_listener(ctx, p);
 	}
 	/* The backstop: from a pod address to a destination that is no pod address (nor the probe's). */
 	if (bpf_map_lookup_elem(&pod_policy, &k.local) || probe_address(&k.local))

@@ -32,4 +32,13 @@
 		__type(value, struct listener_key);                                                            \
 	}
 
+/* ztunnel's 15001/15006 listeners, by pod netns cookie and port (learnt by ztunnel_sockops). */
+#define ZTUNNEL_LISTENERS_MAP                                                                                  \
+	struct {                                                                                               \
+		__uint(type, BPF_MAP_TYPE_SOCKHASH);                                                           \
+		__uint(max_entries, MAX_PODS * 2);                                                             \
+		__type(key, struct listener_key);                                                              \
+		__type(value, __u64);                                                                          \
+	}
+
 #endif
