@@ -6,7 +6,7 @@ import { mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { after, describe, it } from 'node:test';
 import { Datapath, DatapathError } from '../bpf/src/index.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
-import { assertNothingLeft, podLinkIds } from './helpers/leftovers.js';
+import { assertNothingLeft, linksOfPrograms, podProgramIds } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
 import { whoAnswers, ztunnelListener } from './helpers/traffic.js';
 import { runCli } from './helpers/cli.js';
@@ -31,7 +31,6 @@ describe('datapath lifecycle', kernelTest(), () => {
   for (const mode of ['tcx', 'tc'] as const) {
     it(`attaches and detaches 50 pods (${mode}) leaving no pins, links, rules or filters`, async (t) => {
       const { topo, dp, root } = await fixture(t);
-      const linksBefore = await podLinkIds();
       const node = await topo.netns('node');
       const pods: { ns: string; ip: string; uid: string }[] = [];
       for (let i = 0; i < 50; i++) {
@@ -44,11 +43,12 @@ describe('datapath lifecycle', kernelTest(), () => {
       for (const p of pods) await dp.attach({ uid: p.uid, netnsPath: Topology.netnsPath(p.ns), ips: [p.ip] }, { mode });
       assert.equal((await dp.list()).length, 50);
       for (const p of pods.slice(0, 5)) assert.equal((await dp.verify(p.uid)).ok, true);
-      if (mode === 'tcx') assert.equal((await podLinkIds()).length, linksBefore.length + 100);
+      const ours = mode === 'tcx' ? await podProgramIds(root, pods[0]!.uid) : new Set<number>();
+      if (mode === 'tcx') assert.equal((await linksOfPrograms(ours)).length, 100);
       for (const p of pods) assert.equal((await dp.detach(p.uid)).found, true);
       assert.deepEqual(await dp.list(), []);
       assert.deepEqual(readdirSync(`${root}/pods`), []);
-      assert.deepEqual(await podLinkIds(), linksBefore);
+      assert.deepEqual(await linksOfPrograms(ours), []);
       for (const p of pods) {
         assert.doesNotMatch(await topo.ip(p.ns, 'rule'), /0x111/);
         assert.equal(await topo.exec(p.ns, 'tc', 'filter', 'show', 'dev', 'eth0', 'ingress'), '');
@@ -185,16 +185,22 @@ describe('datapath lifecycle', kernelTest(), () => {
     const { topo, dp, root } = await fixture(t);
     const net = await podWithRemote(topo, 6);
     const uid = `pod-${topo.id}`;
-    const linksBefore = await podLinkIds();
+    // A pod attached first names the programs whose links are counted.
+    const first = await podWithRemote(topo, 98, 'first');
+    await dp.attach({ uid: `first-${topo.id}`, netnsPath: first.podPath, ips: [first.podV4] }, { mode: 'tcx' });
+    const ours = await podProgramIds(root, `first-${topo.id}`);
+    const linksBefore = await linksOfPrograms(ours);
+    assert.equal(linksBefore.length, 2);
     // Something already occupies the egress pin path: the links attach, then pinning fails.
     mkdirSync(`${root}/pods/${uid}/egress`, { recursive: true });
     await assert.rejects(dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode: 'tcx' }), /cannot attach tcx links/);
-    assert.deepEqual(await podLinkIds(), linksBefore);
+    assert.deepEqual(await linksOfPrograms(ours), linksBefore);
     assert.doesNotMatch(await topo.ip(net.pod, 'rule'), /0x111/);
     assert.doesNotMatch(await topo.ip(net.pod, '-6', 'rule'), /0x111/);
     assert.equal(await topo.ip(net.pod, 'route', 'show', 'table', '100').catch(() => ''), '');
     assert.equal((await topo.exec(net.pod, 'sysctl', '-n', 'net.ipv4.conf.eth0.accept_local')).trim(), '0');
-    assert.deepEqual(await dp.list(), []);
+    assert.deepEqual((await dp.list()).map((p) => p.uid), [`first-${topo.id}`]);
+    await dp.detach(`first-${topo.id}`);
     rmSync(`${root}/pods/${uid}`, { recursive: true });
   });
 });

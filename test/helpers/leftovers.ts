@@ -13,13 +13,21 @@ export async function assertNothingLeft(): Promise<void> {
   assert.deepEqual(leftoverCgroups(), [], 'test cgroups left behind');
 }
 
-/** IDs of BPF links whose program is one of ours (pod_ingress, pod_egress, pod_reroute_ingress and its _l3 twin: the
- * kernel cuts both names to pod_reroute_ing), machine-wide. */
-export async function podLinkIds(): Promise<number[]> {
-  const progs = JSON.parse(await sh('bpftool', ['-j', 'prog', 'show'])) as { id: number; name?: string }[];
-  const ours = new Set(progs.filter((p) => p.name === 'pod_ingress' || p.name === 'pod_egress' || p.name === 'pod_reroute_ing').map((p) => p.id));
+/** The programs of a pod's pinned tcx links under a datapath root: the programs that root's
+ * datapath loaded (each open of a root loads its own). */
+export async function podProgramIds(root: string, uid: string): Promise<Set<number>> {
+  const ids = new Set<number>();
+  for (const hook of ['ingress', 'egress']) {
+    ids.add((JSON.parse(await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`])) as { prog_id: number }).prog_id);
+  }
+  return ids;
+}
+
+/** IDs of the BPF links running one of these programs: a test's own links, whatever other suites
+ * on the machine attach meanwhile. */
+export async function linksOfPrograms(progIds: Set<number>): Promise<number[]> {
   const links = JSON.parse(await sh('bpftool', ['-j', 'link', 'show'])) as { id: number; prog_id: number }[];
-  return links.filter((l) => ours.has(l.prog_id)).map((l) => l.id);
+  return links.filter((l) => progIds.has(l.prog_id)).map((l) => l.id);
 }
 
 /** Detaches every pod attached under a test's bpffs root and removes the root. */
