@@ -5,75 +5,17 @@
 // chained the plugin. The Kubernetes API is the in-repo test server over HTTPS, reached the
 // in-cluster way (service env and a mounted service account token and CA).
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { fileURLToPath } from 'node:url';
-import { promisify } from 'node:util';
-import { parse as parseYaml } from 'yaml';
-import { Datapath } from '../bpf/src/index.js';
-import { socketsInNetns } from '../bpf/src/node-netns.js';
 import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/pod.js';
-import { ContainerdNode, daemonSetPod, Kubelet, leftoverCgroupsAnyHierarchy, loadManifest, type K8sPod, type RunningPod } from './helpers/cri.js';
-import { kernelTest, TEST_PREFIX } from './helpers/kernel.js';
-import { KubeApiTestServer } from './helpers/kube-api-server.js';
+import { leftoverCgroupsAnyHierarchy, type ContainerdNode, type Kubelet, type RunningPod } from './helpers/cri.js';
+import { appPod, DeployedNode, runtimeTest } from './helpers/deployed-node.js';
+import type { KubeApiTestServer } from './helpers/kube-api-server.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { sleep, until } from './helpers/wait.js';
 
-const run = promisify(execFile);
-const REPO = fileURLToPath(new URL('../../', import.meta.url));
-const CACHE = process.env.AMBIENT_BPF_IMAGE_CACHE ?? '/var/tmp/ambient-bpf-image-cache';
-const NODE_NAME = `${TEST_PREFIX}-node`;
 const CLI_IN_IMAGE = '/opt/ambient-bpf/cni-agent/bin/ambient-bpf';
-
-/** What this test needs besides the kernel: Debian's containerd, runc and the image tools. */
-function missingRuntime(): string | undefined {
-  for (const tool of ['containerd', 'ctr', 'runc', 'mmdebstrap', 'buildah', 'openssl', 'nsenter', 'unshare']) {
-    try {
-      execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
-    } catch {
-      return `${tool} is not installed (scripts/setup.sh installs it)`;
-    }
-  }
-  if (!existsSync('/bin/busybox') || !existsSync('/usr/lib/cni/bridge')) return 'busybox-static and containernetworking-plugins are needed (scripts/setup.sh)';
-  return undefined;
-}
-function runtimeTest(): { skip?: string } {
-  const k = kernelTest();
-  if (k.skip) return k;
-  const missing = missingRuntime();
-  if (!missing) return {};
-  if (process.env.CI === 'true') throw new Error(`CI=true and ${missing}: the deployed test must run in CI`);
-  return { skip: missing };
-}
-
-/** The images (agent, pause, app), built by scripts/build-image.sh once per content of what goes
- * into them (everything the build context has, as git lists it, and this machine's node). */
-async function images(): Promise<string> {
-  const files = execFileSync('git', ['ls-files', '-co', '--exclude-standard'], { cwd: REPO, encoding: 'utf8' })
-    .split('\n')
-    .filter((f) => f && !/^(test|bench)\//.test(f) && existsSync(join(REPO, f)))
-    .sort();
-  const h = createHash('sha256').update(process.version);
-  for (const f of files) h.update(f).update('\0').update(readFileSync(join(REPO, f))).update('\0');
-  const dir = join(CACHE, h.digest('hex').slice(0, 16));
-  if (existsSync(join(dir, 'app.tar'))) return dir;
-  mkdirSync(CACHE, { recursive: true });
-  const tmp = `${dir}.tmp-${process.pid}`;
-  try {
-    await run('bash', [join(REPO, 'scripts/build-image.sh'), tmp, '--test-images'], { maxBuffer: 1 << 26 });
-  } catch (err) {
-    rmSync(tmp, { recursive: true, force: true });
-    const e = err as { stderr?: string; message: string };
-    throw new Error(`scripts/build-image.sh failed: ${(e.stderr ?? e.message).split('\n').slice(-12).join('\n')}`);
-  }
-  // Only the newest build is kept.
-  for (const old of readdirSync(CACHE)) if (join(CACHE, old) !== tmp) rmSync(join(CACHE, old), { recursive: true, force: true });
-  renameSync(tmp, dir);
-  return dir;
-}
 
 interface StandInPod {
   name: string;
@@ -141,65 +83,12 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     return r.stdout.trim().split(' ')[0]!.replace(/^\[(?:::ffff:)?|\]$/g, '');
   }
 
-  const appPod = (name: string, namespace: string, labels: Record<string, string> = {}): K8sPod => ({
-    metadata: { name, namespace, labels: { app: name, ...labels } },
-    spec: { containers: [{ name: 'app', image: 'localhost/abt-app:1' }], automountServiceAccountToken: false },
-  });
+  const deployed = new DeployedNode();
 
   before(
     async () => {
-      const imageDir = await images();
-      node = new ContainerdNode();
-      await node.start();
-      await node.importImage(join(imageDir, 'pause.tar'), 'localhost/abt-pause:1');
-      await node.importImage(join(imageDir, 'app.tar'), 'localhost/abt-app:1');
-      // The DaemonSet names the image as the kustomization leaves it; kubelet resolves short names.
-      await node.importImage(join(imageDir, 'ambient-bpf.tar'), 'localhost/ambient-bpf:latest', 'docker.io/library/ambient-bpf:latest');
-
-      // The API server, over HTTPS, on the node's loopback (where a host-network pod reaches it).
-      await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1', '-subj', '/CN=kube-apiserver', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', join(node.dir, 'api.key'), '-out', join(node.dir, 'api.crt')]);
-      const [sock] = await socketsInNetns(node.netnsPath, [{ listen: { address: '127.0.0.1', port: 0 } }]);
-      if (!sock || !('fd' in sock)) throw new Error(`cannot listen in the node's network: ${JSON.stringify(sock)}`);
-      api = new KubeApiTestServer();
-      api.token = `token-${node.id}`;
-      await api.start({ tls: { key: readFileSync(join(node.dir, 'api.key')), cert: readFileSync(join(node.dir, 'api.crt')) }, fd: sock.fd });
-      const port = Number(new URL(api.url).port);
-      kubelet = new Kubelet({ node, nodeName: NODE_NAME, api, serviceHost: '127.0.0.1', servicePort: port, token: api.token, caCert: readFileSync(join(node.dir, 'api.crt'), 'utf8') });
-
-      api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'istio-system' } });
-      api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'shop', labels: { 'istio.io/dataplane-mode': 'ambient' } } });
-      api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'plain' } });
-
-      // The node's primary CNI: bridge + host-local, IPv4 and IPv6.
-      writeFileSync(
-        join(node.hostPath('/etc/cni/net.d'), '10-pods.conflist'),
-        JSON.stringify({
-          cniVersion: '1.0.0',
-          name: `${TEST_PREFIX}-pods`,
-          plugins: [
-            {
-              type: 'bridge',
-              bridge: 'cni0',
-              isGateway: true,
-              ipMasq: false,
-              hairpinMode: true,
-              ipam: { type: 'host-local', dataDir: '/run/cni-ipam', ranges: [[{ subnet: '198.18.10.0/24' }], [{ subnet: '2001:db8:10::/64' }]], routes: [{ dst: '0.0.0.0/0' }, { dst: '::/0' }] },
-            },
-          ],
-        }),
-      );
-
-      // The agent, from the DaemonSet (namespace from the kustomization).
-      const namespace = (loadManifest('kustomization.yaml')[0] as { namespace: string }).namespace;
-      agent = await kubelet.runPod(daemonSetPod('daemonset.yaml', namespace));
-      const conflist = node.hostPath('/etc/cni/net.d/10-pods.conflist');
-      try {
-        await until(() => (JSON.parse(readFileSync(conflist, 'utf8')) as { plugins: { type: string }[] }).plugins.at(-1)?.type === 'ambient-bpf-cni', 'the agent chaining its plugin into the CNI configuration', 60_000);
-      } catch (err) {
-        const st = await kubelet.containerState(agent, 'agent');
-        throw new Error(`${(err as Error).message}; agent container ${st.state} (exit ${st.exit_code}): ${kubelet.containerLog(agent, 'agent').slice(-3000)}`);
-      }
-      ztunnel = await kubelet.runPod(parseYaml(readFileSync(join(REPO, 'test/fixtures/ztunnel-standin-pod.yaml'), 'utf8')) as K8sPod);
+      await deployed.start();
+      [node, api, kubelet, agent, ztunnel] = [deployed.node!, deployed.api!, deployed.kubelet!, deployed.agent!, deployed.ztunnel!];
       app.cart = await kubelet.runPod(appPod('cart', 'shop'));
       app.web = await kubelet.runPod(appPod('web', 'shop'));
       app.legacy = await kubelet.runPod(appPod('legacy', 'shop', { 'istio.io/dataplane-mode': 'none' }));
@@ -208,39 +97,7 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     { timeout: 30 * 60_000 },
   );
 
-  after(
-    async () => {
-      const errors: unknown[] = [];
-      // Pods first, the agent last (as a drained node): each CNI DEL reaches a running agent.
-      for (const rp of [...(kubelet?.pods ?? [])].reverse()) {
-        try {
-          await kubelet.deletePod(rp);
-        } catch (err) {
-          errors.push(err);
-        }
-      }
-      try {
-        await node?.stop();
-      } catch (err) {
-        errors.push(err);
-      }
-      await api?.close();
-      // The agent's maps stay pinned (as on a node, where a restarted agent adopts them); the
-      // pods are gone, so nothing is attached any more.
-      if (node && existsSync(node.bpffs)) {
-        const root = join(node.bpffs, 'ambient-bpf');
-        if (existsSync(root)) {
-          const dp = await Datapath.open({ bpffsRoot: root });
-          const left = await dp.list();
-          dp.close();
-          if (left.length) errors.push(new Error(`pods still attached after the node stopped: ${left.map((p) => p.uid).join(', ')}`));
-        }
-        rmSync(node.bpffs, { recursive: true, force: true });
-      }
-      if (errors.length) throw errors[0];
-    },
-    { timeout: 120_000 },
-  );
+  after(() => deployed.stop(), { timeout: 120_000 });
 
   it('runs the agent under the DaemonSet’s privileges and reaches the API the in-cluster way', async () => {
     const st = await kubelet.containerState(agent, 'agent');

@@ -397,14 +397,13 @@ export class Kubelet {
     return env;
   }
 
-  /** Runs a pod: its API object (as scheduled to this node), the sandbox (CNI ADD), its
-   * containers, and its status (IPs, Running). */
-  async runPod(pod: K8sPod): Promise<RunningPod> {
+  /** What kubelet does for a pod before RunPodSandbox: its API object (Pending, as scheduled to
+   * this node), its directory (logs) and the sandbox config it sends. */
+  prepareSandbox(pod: K8sPod): { uid: string; sandboxConfig: Obj } {
     const uid = pod.metadata.uid ?? randomUUID();
     pod.metadata.uid = uid;
     const spec = pod.spec;
-    const apiPod = () => ({ apiVersion: 'v1', kind: 'Pod', metadata: { ...pod.metadata }, spec: { ...spec, nodeName: this.o.nodeName } });
-    this.o.api.upsert('pods', { ...apiPod(), status: { phase: 'Pending' } });
+    this.o.api.upsert('pods', { ...this.apiPod(pod), status: { phase: 'Pending' } });
     const podDir = join(this.o.node.dir, 'pods', uid);
     mkdirSync(join(podDir, 'logs'), { recursive: true });
     const nsMode = { network: spec.hostNetwork ? 'NODE' : 'POD', pid: spec.hostPID ? 'NODE' : 'CONTAINER', ipc: 'POD' };
@@ -423,6 +422,18 @@ export class Kubelet {
         },
       },
     };
+    return { uid, sandboxConfig };
+  }
+
+  private apiPod(pod: K8sPod) {
+    return { apiVersion: 'v1', kind: 'Pod', metadata: { ...pod.metadata }, spec: { ...pod.spec, nodeName: this.o.nodeName } };
+  }
+
+  /** Runs a pod: its API object (as scheduled to this node), the sandbox (CNI ADD), its
+   * containers, and its status (IPs, Running). */
+  async runPod(pod: K8sPod): Promise<RunningPod> {
+    const spec = pod.spec;
+    const { uid, sandboxConfig } = this.prepareSandbox(pod);
     // kubelet retries a sandbox whose network set-up failed (with backoff); so does this.
     let pod_sandbox_id = '';
     for (let attempt = 0; ; attempt++) {
@@ -440,7 +451,7 @@ export class Kubelet {
     const running: RunningPod = { pod, uid, sandboxId: pod_sandbox_id, sandboxConfig, ips, containers: new Map() };
     this.pods.push(running);
     for (const c of spec.containers) await this.startContainer(running, c.name);
-    this.o.api.upsert('pods', { ...apiPod(), status: { phase: 'Running', ...(ips.length ? { podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } : {}) } });
+    this.o.api.upsert('pods', { ...this.apiPod(pod), status: { phase: 'Running', ...(ips.length ? { podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } : {}) } });
     return running;
   }
 
@@ -588,10 +599,16 @@ export class Kubelet {
 
   /** Deletes a pod as kubelet does: StopPodSandbox (CNI DEL), RemovePodSandbox, the API object. */
   async deletePod(rp: RunningPod): Promise<void> {
-    await this.o.node.cri.call('StopPodSandbox', { pod_sandbox_id: rp.sandboxId });
-    await this.o.node.cri.call('RemovePodSandbox', { pod_sandbox_id: rp.sandboxId });
-    this.o.api.remove('pods', rp.pod.metadata.name, rp.pod.metadata.namespace);
+    await this.removeSandbox(rp.pod, rp.sandboxId);
     this.pods.splice(this.pods.indexOf(rp), 1);
+  }
+
+  /** StopPodSandbox (CNI DEL), RemovePodSandbox, and the pod's API object (for a sandbox started
+   * without runPod: prepareSandbox, then RunPodSandbox). */
+  async removeSandbox(pod: K8sPod, sandboxId: string): Promise<void> {
+    await this.o.node.cri.call('StopPodSandbox', { pod_sandbox_id: sandboxId });
+    await this.o.node.cri.call('RemovePodSandbox', { pod_sandbox_id: sandboxId });
+    this.o.api.remove('pods', pod.metadata.name, pod.metadata.namespace);
   }
 }
 
