@@ -13,7 +13,7 @@ import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js'
 import { RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.js';
 
 const APP_PORT = 8080;
-const VETH_MSS = 1500; // the pod's interface: a segment over lo is larger than anything through it
+const POD_MTU = 1500; // the pod's eth0 (topology default): the lo route keeps it, as REDIRECT keeps the socket's route
 
 after(assertNothingLeft);
 
@@ -73,8 +73,11 @@ describe('outbound TCP over the pod’s loopback', kernelTest(), () => {
       for (const [dst, src] of [[net.remoteV4, net.podV4], [net.remoteV6, net.podV6]] as const) {
         const r = parse(await route(dst));
         assert.equal(r.who, 'ztunnel-15001', `to ${dst}`);
-        assert.equal(r.mark, 0x111, 'the connect hook did not route the socket to lo');
-        assert.ok(r.mss > VETH_MSS, `MSS ${r.mss}: the socket took the interface's route, not lo's`);
+        assert.equal(r.mark, 0x111, 'the connect hook did not mark the socket');
+        assert.ok(r.mss <= POD_MTU - 40, `MSS ${r.mss}: segments must be cut to the pod interface's MTU`);
+        // What a socket with that mark is routed by: lo, from the pod's address, the interface's MTU.
+        const routeOut = await sh('ip', ['-n', net.pod, 'route', 'get', dst, 'mark', '0x111']);
+        assert.match(routeOut, new RegExp(`^local ${dst} (from \\S+ )?dev lo table 100 src ${src} .*mtu ${POD_MTU}\\b`, 's'));
         assert.deepEqual(
           { ...ztunnel.accepted.at(-1)!, remotePort: 0 },
           { localAddress: dst, localPort: APP_PORT, remoteAddress: src, remotePort: 0 },
@@ -146,16 +149,17 @@ describe('outbound TCP over the pod’s loopback', kernelTest(), () => {
     try {
       const r = parse(await route(net.remoteV4, '0x100'));
       assert.deepEqual([r.who, r.mark], ['ztunnel-15001', 0x100]);
-      assert.ok(r.mss <= VETH_MSS, 'the socket kept the interface’s route');
     } finally {
       await ztunnel.destroy();
     }
   });
 
-  it('verify notices the local route without the pod’s source, and an update repairs it', async () => {
+  it('verify notices the local route without the pod’s source or MTU, and an update repairs it', async () => {
     assert.deepEqual((await dp.verify(uid)).problems, []);
     await sh('ip', ['-n', net.pod, 'route', 'replace', 'local', 'default', 'dev', 'lo', 'table', '100']);
     assert.match((await dp.verify(uid)).problems.join('\n'), /IPv4 local route in table 100 has not the pod's address as source/);
+    await sh('ip', ['-n', net.pod, '-6', 'route', 'replace', 'local', 'default', 'dev', 'lo', 'table', '100', 'src', net.podV6, 'mtu', '9000']);
+    assert.match((await dp.verify(uid)).problems.join('\n'), /IPv6 local route in table 100 has MTU 9000, not the pod interface's 1500/);
     await attach();
     assert.deepEqual((await dp.verify(uid)).problems, []);
     const ztunnel = await ztunnelListener(net.podPath, 15001);

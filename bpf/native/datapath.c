@@ -554,20 +554,21 @@ static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
 	}
 }
 
-/* The pod's first address of a family (its primary one, as the pod's status lists them), as
- * netlink carries it: 4 bytes for IPv4, the rest zero. */
-static void first_address(const struct pod_meta *m, int family, uint8_t out[16])
+/* The redirect table's local route for pod m: its first address of the family as source (its
+ * primary one, as the pod's status lists them) and its interface's MTU. */
+static int wanted_local_route(struct rtnl *nl, const struct pod_meta *m, int family, struct local_route *want)
 {
-	memset(out, 0, 16);
+	memset(want, 0, sizeof(*want));
 	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++) {
 		if (ip_is_v4(&m->ips[i]) != (family == AF_INET))
 			continue;
 		if (family == AF_INET)
-			memcpy(out, &m->ips[i].addr[12], 4);
+			memcpy(want->prefsrc, &m->ips[i].addr[12], 4);
 		else
-			memcpy(out, m->ips[i].addr, 16);
-		return;
+			memcpy(want->prefsrc, m->ips[i].addr, 16);
+		break;
 	}
+	return rtnl_link_mtu(nl, (int)m->ifindex, &want->mtu);
 }
 
 static void detach_cgroup_hooks(struct datapath *dp, const char *uid, struct pod_meta *m);
@@ -767,7 +768,7 @@ static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const c
  * what this created, so detach removes exactly that. */
 static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_error *e)
 {
-	uint8_t have[16], want[16];
+	struct local_route have, want;
 	bool v4, v6, exists;
 	int err;
 	const struct {
@@ -788,12 +789,13 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 			m->owns |= fam[i].rule_bit;
 		else if (err != -EEXIST)
 			return fail(e, DPE_SYSTEM, err, "cannot add the %s fwmark rule", fam[i].name);
-		if ((err = rtnl_local_default_route_get(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &exists, have)))
+		if ((err = rtnl_local_default_route_get(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &exists, &have)))
 			return fail(e, DPE_SYSTEM, err, "cannot read table %d", REDIRECT_ROUTE_TABLE);
-		first_address(m, fam[i].rule->family, want);
-		if (exists && !memcmp(have, want, sizeof(want)))
+		if ((err = wanted_local_route(nl, m, fam[i].rule->family, &want)))
+			return fail(e, DPE_SYSTEM, err, "cannot read the MTU of interface %u", m->ifindex);
+		if (exists && !memcmp(&have, &want, sizeof(want)))
 			continue;
-		if ((err = rtnl_local_default_route_set(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, want)))
+		if ((err = rtnl_local_default_route_set(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &want)))
 			return fail(e, DPE_SYSTEM, err, "cannot set the %s local route in table %d", fam[i].name,
 				    REDIRECT_ROUTE_TABLE);
 		if (!exists)
@@ -1789,7 +1791,7 @@ static int verify_job(void *p)
 	struct dp_verify_result *r = job->verify;
 	struct rtnl nl;
 	bool v4, v6, exists;
-	uint8_t have[16], want[16];
+	struct local_route have, want;
 	char ip[INET6_ADDRSTRLEN];
 	int err;
 
@@ -1813,14 +1815,17 @@ static int verify_job(void *p)
 		if (rtnl_rule_exists(&nl, rule, &exists) == 0 && !exists)
 			problem(r, "the %s fwmark rule (mark 0x%x/0x%x, table %d) is missing", fam ? "IPv6" : "IPv4",
 				REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE);
-		if (rtnl_local_default_route_get(&nl, rule->family, REDIRECT_ROUTE_TABLE, &exists, have) == 0) {
-			first_address(m, rule->family, want);
+		if (rtnl_local_default_route_get(&nl, rule->family, REDIRECT_ROUTE_TABLE, &exists, &have) == 0 &&
+		    wanted_local_route(&nl, m, rule->family, &want) == 0) {
 			if (!exists)
 				problem(r, "the %s local route in table %d is missing", fam ? "IPv6" : "IPv4",
 					REDIRECT_ROUTE_TABLE);
-			else if (memcmp(have, want, sizeof(want)))
+			else if (memcmp(have.prefsrc, want.prefsrc, sizeof(want.prefsrc)))
 				problem(r, "the %s local route in table %d has not the pod's address as source",
 					fam ? "IPv6" : "IPv4", REDIRECT_ROUTE_TABLE);
+			else if (have.mtu != want.mtu)
+				problem(r, "the %s local route in table %d has MTU %u, not the pod interface's %u",
+					fam ? "IPv6" : "IPv4", REDIRECT_ROUTE_TABLE, have.mtu, want.mtu);
 		}
 	}
 	if (v4) {

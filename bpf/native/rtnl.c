@@ -298,12 +298,16 @@ static size_t family_addr_len(int family)
 	return family == AF_INET ? 4 : 16;
 }
 
-int rtnl_local_default_route_set(struct rtnl *nl, int family, uint32_t table, const uint8_t *prefsrc)
+int rtnl_local_default_route_set(struct rtnl *nl, int family, uint32_t table, const struct local_route *want)
 {
 	struct msg m;
+	struct rtattr *metrics;
 
 	route_msg(&m, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, family, table);
-	attr_put(&m, RTA_PREFSRC, prefsrc, family_addr_len(family));
+	attr_put(&m, RTA_PREFSRC, want->prefsrc, family_addr_len(family));
+	metrics = nest_start(&m, RTA_METRICS);
+	attr_put_u32(&m, RTAX_MTU, want->mtu);
+	nest_end(&m, metrics);
 	return transact(nl, &m, NULL, NULL);
 }
 
@@ -319,7 +323,7 @@ struct route_match_ctx {
 	uint32_t table;
 	size_t addr_len;
 	bool found;
-	uint8_t prefsrc[16];
+	struct local_route have;
 };
 
 static int route_match_cb(struct nlmsghdr *h, void *p)
@@ -327,7 +331,7 @@ static int route_match_cb(struct nlmsghdr *h, void *p)
 	struct route_match_ctx *ctx = p;
 	struct rtmsg *rtm = NLMSG_DATA(h);
 	int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*rtm)));
-	struct rtattr *src;
+	struct rtattr *src, *metrics;
 
 	if (h->nlmsg_type != RTM_NEWROUTE)
 		return 0;
@@ -336,12 +340,15 @@ static int route_match_cb(struct nlmsghdr *h, void *p)
 		ctx->found = true;
 		src = find_attr(RTM_RTA(rtm), len, RTA_PREFSRC);
 		if (src && RTA_PAYLOAD(src) == ctx->addr_len)
-			memcpy(ctx->prefsrc, RTA_DATA(src), ctx->addr_len);
+			memcpy(ctx->have.prefsrc, RTA_DATA(src), ctx->addr_len);
+		metrics = find_attr(RTM_RTA(rtm), len, RTA_METRICS);
+		if (metrics)
+			ctx->have.mtu = attr_u32(RTA_DATA(metrics), (int)RTA_PAYLOAD(metrics), RTAX_MTU, 0);
 	}
 	return 0;
 }
 
-int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bool *exists, uint8_t prefsrc[16])
+int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bool *exists, struct local_route *have)
 {
 	struct msg m;
 	struct rtmsg *rtm = msg_init(&m, RTM_GETROUTE, NLM_F_DUMP, sizeof(*rtm));
@@ -353,7 +360,7 @@ int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bo
 	attr_put_u32(&m, RTA_TABLE, table);
 	err = transact(nl, &m, route_match_cb, &ctx);
 	*exists = ctx.found;
-	memcpy(prefsrc, ctx.prefsrc, 16);
+	*have = ctx.have;
 	return err;
 }
 
@@ -437,28 +444,58 @@ int rtnl_link_exists(struct rtnl *nl, int ifindex, bool *exists)
 	return err == -ENODEV ? 0 : err;
 }
 
-static int link_type_cb(struct nlmsghdr *h, void *p)
-{
-	int *type = p;
+struct link_info {
+	int type;
+	uint32_t mtu;
+};
 
-	if (h->nlmsg_type == RTM_NEWLINK && h->nlmsg_len >= NLMSG_LENGTH(sizeof(struct ifinfomsg)))
-		*type = ((struct ifinfomsg *)NLMSG_DATA(h))->ifi_type;
+static int link_info_cb(struct nlmsghdr *h, void *p)
+{
+	struct link_info *info = p;
+	struct ifinfomsg *ifi = NLMSG_DATA(h);
+	struct rtattr *mtu;
+
+	if (h->nlmsg_type != RTM_NEWLINK || h->nlmsg_len < NLMSG_LENGTH(sizeof(*ifi)))
+		return 0;
+	info->type = ifi->ifi_type;
+	mtu = find_attr(IFLA_RTA(ifi), (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*ifi))), IFLA_MTU);
+	if (mtu)
+		info->mtu = *(uint32_t *)RTA_DATA(mtu);
 	return 0;
+}
+
+static int link_info(struct rtnl *nl, int ifindex, struct link_info *info)
+{
+	struct msg m;
+	struct ifinfomsg *ifi = msg_init(&m, RTM_GETLINK, 0, sizeof(*ifi));
+	int err;
+
+	info->type = -1;
+	info->mtu = 0;
+	ifi->ifi_index = ifindex;
+	if ((err = transact(nl, &m, link_info_cb, info)))
+		return err;
+	return info->type < 0 ? -ENODEV : 0;
 }
 
 int rtnl_link_type(struct rtnl *nl, int ifindex, unsigned short *type)
 {
-	struct msg m;
-	struct ifinfomsg *ifi = msg_init(&m, RTM_GETLINK, 0, sizeof(*ifi));
-	int t = -1, err;
+	struct link_info info;
+	int err = link_info(nl, ifindex, &info);
 
-	ifi->ifi_index = ifindex;
-	if ((err = transact(nl, &m, link_type_cb, &t)))
-		return err;
-	if (t < 0)
-		return -ENODEV;
-	*type = (unsigned short)t;
-	return 0;
+	if (!err)
+		*type = (unsigned short)info.type;
+	return err;
+}
+
+int rtnl_link_mtu(struct rtnl *nl, int ifindex, uint32_t *mtu)
+{
+	struct link_info info;
+	int err = link_info(nl, ifindex, &info);
+
+	if (!err)
+		*mtu = info.mtu;
+	return err;
 }
 
 static int count_cb(struct nlmsghdr *h, void *p)
