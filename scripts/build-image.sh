@@ -116,6 +116,7 @@ step 'buildah build -f manifests/Dockerfile (npm ci, npm run build, the runtime 
 # without buildah setting up any network of its own.
 bh build --quiet --isolation chroot --layers=false --pull-never \
   --build-arg "BUILD_IMAGE=$build_image" --build-arg "BASE_IMAGE=$run_image" \
+  --build-arg "COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   -f manifests/Dockerfile -t localhost/ambient-bpf:latest . >&2
 
 step "writing $out/ambient-bpf.tar"

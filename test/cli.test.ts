@@ -1,6 +1,6 @@
 // The CLI contract used by checks outside the project: command names, exit codes, one-line errors.
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { after, describe, it } from 'node:test';
 import { kernelTest, testBpffsRoot, uniqueSuffix } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
@@ -66,6 +66,8 @@ describe('ambient-bpf datapath CLI', kernelTest(), () => {
       [['datapath', 'attach', '--uid', 'x', '--pod-ip', '198.18.0.9'], /Missing required argument/],
       [['datapath', 'list', '--bpffs', '/tmp'], /not on a bpffs/],
       [['datapath', 'frobnicate'], /Unknown argument|name a datapath command/],
+      [[], /^ambient-bpf: name a command \(see --help\)\n$/],
+      [['status', '--status-socket', `${root}-none.sock`], /no agent here: nothing at .*-none\.sock; is the agent running on this node\?/],
     ];
     for (const [args, message] of cases) {
       const r = await runCli(args);
@@ -73,6 +75,15 @@ describe('ambient-bpf datapath CLI', kernelTest(), () => {
       oneLine(r.stderr);
       assert.match(r.stderr, message);
     }
+  });
+});
+
+describe('ambient-bpf --version', () => {
+  it('names the version and the commit built', async () => {
+    const r = await runCli(['--version']);
+    assert.equal(r.code, 0, r.stderr);
+    const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    assert.match(r.stdout, new RegExp(`^ambient-bpf ${version.replace(/\./g, '\\.')} \\(commit ([0-9a-f]{40}|unknown)\\)\n$`));
   });
 });
 

@@ -56,13 +56,23 @@ export async function serveStatus(path: string, report: () => Promise<StatusRepo
   return { close: () => server.forceShutdown() };
 }
 
+const CHECK_AGENT = 'is the agent running on this node? (kubectl -n istio-system get pods -o wide -l app.kubernetes.io/name=ambient-bpf, or --status-socket for another path)';
+
+/** One line for a failed call: whether an agent is there at all, and what to check. */
+function unreachable(path: string, timeoutMs: number, err: grpc.ServiceError): Error {
+  if (!existsSync(path)) return new Error(`no agent here: nothing at ${path}; ${CHECK_AGENT}`);
+  if (err.code === grpc.status.DEADLINE_EXCEEDED) return new Error(`the agent at ${path} did not answer within ${timeoutMs / 1000} s`);
+  if (/ECONNREFUSED/.test(err.details)) return new Error(`no agent listens at ${path} (the socket is left from one that stopped); ${CHECK_AGENT}`);
+  return new Error(`cannot reach the agent at ${path}: ${err.details.split('. ')[0] || err.message}`);
+}
+
 /** Asks the agent at `path`. */
 export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusReport> {
   const client = new (service().Status)(`unix://${path}`, grpc.credentials.createInsecure()) as unknown as StatusClient;
   return new Promise((resolve, reject) => {
     client.ListPods({}, { deadline: Date.now() + timeoutMs }, (err, res) => {
       client.close();
-      if (err) return reject(new Error(`cannot reach the agent at ${path}: ${err.details || err.message}`));
+      if (err) return reject(unreachable(path, timeoutMs, err));
       resolve({
         ztunnelConnections: res?.ztunnelConnections ?? 0,
         pods: (res?.pods ?? []).map((p) => ({
