@@ -11,7 +11,7 @@ import { uninstallCommand } from './commands/uninstall.js';
 import { ztunnelCommand } from './commands/ztunnel.js';
 import { CliError } from './commands/cli-error.js';
 
-/** "0.1.0 (commit 1a2b3c4...)", from what the build recorded (scripts/build-info.mjs). */
+/** "0.1.0 (commit 1a2b3c4...)", from what the build recorded (scripts/build-info.js). */
 function versionLine(): string {
   try {
     const info = JSON.parse(readFileSync(new URL('../../build-info.json', import.meta.url), 'utf8')) as { version: string; commit: string };
