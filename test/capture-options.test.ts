@@ -9,22 +9,35 @@ const defaults = { strict: false, dnsCapture: true };
 
 describe('capture options', () => {
   it('reads upstream’s annotations, falling back to the node’s defaults', () => {
-    assert.deepEqual(captureOptions(pod({}), defaults), { bypassInbound: false, strict: false, dnsCapture: true, rerouteInterfaces: [] });
+    assert.deepEqual(captureOptions(pod({}), defaults), { bypassInbound: false, strict: false, dnsCapture: true, rerouteInterfaces: [], warnings: [] });
     assert.deepEqual(
       captureOptions(pod({ 'ambient.istio.io/bypass-inbound-capture': 'true', 'ambient.istio.io/dns-capture': 'false', 'istio.io/reroute-virtual-interfaces': ' tap0,tap1 ,tap0,' }), { strict: true, dnsCapture: true }),
-      { bypassInbound: true, strict: true, dnsCapture: false, rerouteInterfaces: ['tap0', 'tap1'] },
+      { bypassInbound: true, strict: true, dnsCapture: false, rerouteInterfaces: ['tap0', 'tap1'], warnings: [] },
     );
   });
 
-  it('rejects malformed values, naming the annotation', () => {
-    assert.throws(() => captureOptions(pod({ 'ambient.istio.io/bypass-inbound-capture': 'yes' }), defaults), /bypass-inbound-capture must be "true" or "false", got "yes"/);
-    assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'a/b' }), defaults), /reroute-virtual-interfaces: not an interface name: "a\/b"/);
-    assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'averyveryverylongname' }), defaults), /not an interface name/);
+  it('reads booleans as Go’s ParseBool does, as upstream', () => {
+    for (const v of ['1', 't', 'T', 'TRUE', 'true', 'True']) assert.equal(captureOptions(pod({ 'ambient.istio.io/bypass-inbound-capture': v }), defaults).bypassInbound, true, v);
+    for (const v of ['0', 'f', 'F', 'FALSE', 'false', 'False']) assert.equal(captureOptions(pod({ 'ambient.istio.io/dns-capture': v }), defaults).dnsCapture, false, v);
+  });
+
+  it('ignores malformed values with a warning naming the annotation, never an error', () => {
+    const warns = (annotations: Record<string, string>) => captureOptions(pod(annotations), defaults);
+    let r = warns({ 'ambient.istio.io/bypass-inbound-capture': 'yes', 'ambient.istio.io/dns-capture': 'tRUE' });
+    assert.deepEqual([r.bypassInbound, r.dnsCapture], [false, true], 'the defaults apply');
+    assert.match(r.warnings[0]!, /bypass-inbound-capture: "yes" is not a boolean .*ignored: false applies/);
+    assert.match(r.warnings[1]!, /dns-capture: "tRUE" is not a boolean .*ignored: true applies/);
+    r = warns({ 'istio.io/reroute-virtual-interfaces': 'a/b,tap0,averyveryverylongname' });
+    assert.deepEqual(r.rerouteInterfaces, ['tap0']);
+    assert.equal(r.warnings.length, 2);
+    assert.match(r.warnings[0]!, /reroute-virtual-interfaces: "a\/b" is not an interface name, ignored/);
     // 15 bytes fit (IFNAMSIZ), 16 do not; the datapath counts bytes, so does the agent.
-    assert.deepEqual(captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'abcdefghijklmno' }), defaults).rerouteInterfaces, ['abcdefghijklmno']);
-    assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'abcdefghijklmnop' }), defaults), /not an interface name/);
-    assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'tap\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9' }), defaults), /not an interface name/);
-    assert.throws(() => captureOptions(pod({ 'istio.io/reroute-virtual-interfaces': 'a,b,c,d,e' }), defaults), /at most 4 interfaces, got 5/);
+    assert.deepEqual(warns({ 'istio.io/reroute-virtual-interfaces': 'abcdefghijklmno' }).rerouteInterfaces, ['abcdefghijklmno']);
+    assert.deepEqual(warns({ 'istio.io/reroute-virtual-interfaces': 'abcdefghijklmnop' }).rerouteInterfaces, []);
+    assert.deepEqual(warns({ 'istio.io/reroute-virtual-interfaces': 'tap\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9' }).rerouteInterfaces, []);
+    r = warns({ 'istio.io/reroute-virtual-interfaces': 'a,b,c,d,e' });
+    assert.deepEqual(r.rerouteInterfaces, []);
+    assert.match(r.warnings[0]!, /at most 4 interfaces, got 5; the annotation is ignored/);
   });
 
   it('parses strict mode’s allow list', () => {

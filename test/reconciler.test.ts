@@ -168,7 +168,7 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     return { dp, reconciler, write, start };
   }
 
-  it('applies capture annotations in place, and fails a pod whose annotation is malformed, naming it', async (t) => {
+  it('applies capture annotations in place, and ignores a malformed one with a warning in the pod’s status, never failing the pod', async (t) => {
     const annotations = { 'ambient.istio.io/bypass-inbound-capture': 'true', 'istio.io/reroute-virtual-interfaces': 'tap0, tap1' };
     const { dp, reconciler, write, start } = await onePod(t, { name: 'vm', namespace: 'shop', ip: '198.18.51.2', annotations });
     const attached = async () => (await dp.list())[0];
@@ -183,9 +183,15 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     assert.deepEqual(second?.rerouteInterfaces, []);
     assert.equal(second?.attachedAt.getTime(), first?.attachedAt.getTime(), 'updated in place, not re-attached');
 
-    write({ 'ambient.istio.io/dns-capture': 'yes' });
-    await until(() => reconciler.status()[0]?.state === 'failed', 'malformed annotation fails the pod');
-    assert.match(reconciler.status()[0]!.reason, /annotation ambient\.istio\.io\/dns-capture must be "true" or "false", got "yes"/);
+    write({ 'ambient.istio.io/bypass-inbound-capture': 'yes', 'istio.io/reroute-virtual-interfaces': 'tap0,a/b' });
+    await until(() => /reroute-virtual-interfaces/.test(reconciler.status()[0]?.reason ?? ''), 'the warning in the status');
+    const status = reconciler.status()[0]!;
+    assert.notEqual(status.state, 'failed', 'a malformed annotation must not fail the pod');
+    assert.equal((await dp.list()).length, 1, 'the pod must stay redirected');
+    assert.match(status.reason, /bypass-inbound-capture: "yes" is not a boolean .*ignored: false applies/);
+    assert.match(status.reason, /reroute-virtual-interfaces: "a\/b" is not an interface name, ignored/);
+    const third = await attached();
+    assert.deepEqual([third?.bypassInbound, third?.rerouteInterfaces], [false, ['tap0']], 'the valid part applies');
   });
 
   it('with attach mode auto, enrols on the tc fast path and moves to tcx once idle, still redirected', async (t) => {

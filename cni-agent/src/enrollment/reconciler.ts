@@ -72,6 +72,8 @@ interface Entry {
   cgroup: { state: 'on'; path: string } | { state: 'off' } | { state: 'waiting' };
   /** DNS capture was asked for at the last attach. */
   dnsCapture: boolean;
+  /** What the last attach ignored in the pod's annotations (malformed values). */
+  annotationWarnings: string[];
 }
 
 /** How a pod's traffic is redirected in its netns: the BPF datapath, or (for the benchmark's
@@ -357,7 +359,10 @@ export class Reconciler {
       .map((e) => {
         const selection = e.pod ? selectPod(e.pod, this.namespaces.get(e.pod.metadata.namespace), this.policy) : undefined;
         const state = stateOf(e);
-        const reason = e.error ?? (e.attached && e.ztunnel && e.ztunnel.status !== 'acked' ? describe(e.ztunnel) : selection?.reason ?? 'pod is gone');
+        const reason = [
+          e.error ?? (e.attached && e.ztunnel && e.ztunnel.status !== 'acked' ? describe(e.ztunnel) : selection?.reason ?? 'pod is gone'),
+          ...(e.attached ? e.annotationWarnings : []),
+        ].join('; ');
         return {
           uid: e.uid,
           name: e.pod?.metadata.name ?? '',
@@ -418,6 +423,7 @@ export class Reconciler {
         enrollStarted: undefined,
         cgroup: { state: 'off' },
         dnsCapture: false,
+        annotationWarnings: [],
       };
       this.entries.set(uid, e);
     }
@@ -495,6 +501,10 @@ export class Reconciler {
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
+    if (capture.warnings.join('\n') !== e.annotationWarnings.join('\n') && capture.warnings.length > 0) {
+      this.opts.log.warn({ uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, warnings: capture.warnings }, 'pod annotations ignored');
+    }
+    e.annotationWarnings = capture.warnings;
     const podCgroup = this.podCgroup(e, netnsPath);
     // With `auto`, a new pod gets the tc hooks (well under a millisecond) and moves to tcx once the
     // node is idle (a tcx link waits for RCU grace periods under rtnl_lock: tens of ms per pod).

@@ -19,35 +19,54 @@ export interface CaptureOptions {
   rerouteInterfaces: string[];
 }
 
-const IFNAME = /^[^\s/:]{1,15}$/;
+/** The options, and what was ignored in the pod's annotations (each a one-line warning). */
+export interface ParsedCaptureOptions extends CaptureOptions {
+  warnings: string[];
+}
 
-/** The pod's capture options; a malformed annotation is an error naming it (the pod's reconcile
- * fails with that reason, as a pod with an impossible spec should). */
-export function captureOptions(pod: Pod, defaults: CaptureDefaults): CaptureOptions {
+const IFNAME = /^[^\s/:]{1,15}$/;
+const MAX_REROUTE_INTERFACES = 4;
+
+/** The pod's capture options. As upstream does, a malformed annotation is ignored with a warning
+ * (its default applies), never an error: a pod must not be stuck in ContainerCreating for a typo. */
+export function captureOptions(pod: Pod, defaults: CaptureDefaults): ParsedCaptureOptions {
   const a = pod.metadata.annotations ?? {};
-  const reroute = (a[REROUTE_INTERFACES_ANNOTATION] ?? '')
+  const warnings: string[] = [];
+  let reroute = (a[REROUTE_INTERFACES_ANNOTATION] ?? '')
     .split(',')
     .map((s) => s.trim())
     .filter((s) => s !== '');
-  for (const name of reroute) {
+  reroute = reroute.filter((name) => {
     // Linux counts bytes (IFNAMSIZ 16 with the NUL), as the datapath does: 15 at most.
-    if (!IFNAME.test(name) || Buffer.byteLength(name) > 15 || name === '.' || name === '..') throw new Error(`annotation ${REROUTE_INTERFACES_ANNOTATION}: not an interface name: "${name}"`);
+    const ok = IFNAME.test(name) && Buffer.byteLength(name) <= 15 && name !== '.' && name !== '..';
+    if (!ok) warnings.push(`annotation ${REROUTE_INTERFACES_ANNOTATION}: "${name}" is not an interface name, ignored`);
+    return ok;
+  });
+  reroute = [...new Set(reroute)];
+  if (reroute.length > MAX_REROUTE_INTERFACES) {
+    warnings.push(`annotation ${REROUTE_INTERFACES_ANNOTATION}: at most ${MAX_REROUTE_INTERFACES} interfaces, got ${reroute.length}; the annotation is ignored`);
+    reroute = [];
   }
-  if (reroute.length > 4) throw new Error(`annotation ${REROUTE_INTERFACES_ANNOTATION}: at most 4 interfaces, got ${reroute.length}`);
   return {
-    bypassInbound: flag(a, BYPASS_INBOUND_ANNOTATION, false),
+    bypassInbound: flag(a, BYPASS_INBOUND_ANNOTATION, false, warnings),
     strict: defaults.strict,
-    dnsCapture: flag(a, DNS_CAPTURE_ANNOTATION, defaults.dnsCapture),
-    rerouteInterfaces: [...new Set(reroute)],
+    dnsCapture: flag(a, DNS_CAPTURE_ANNOTATION, defaults.dnsCapture, warnings),
+    rerouteInterfaces: reroute,
+    warnings,
   };
 }
 
-function flag(annotations: Record<string, string>, name: string, fallback: boolean): boolean {
+/** Go's strconv.ParseBool, which upstream parses these annotations with. */
+const TRUE = new Set(['1', 't', 'T', 'TRUE', 'true', 'True']);
+const FALSE = new Set(['0', 'f', 'F', 'FALSE', 'false', 'False']);
+
+function flag(annotations: Record<string, string>, name: string, fallback: boolean, warnings: string[]): boolean {
   const v = annotations[name];
   if (v === undefined) return fallback;
-  if (v === 'true') return true;
-  if (v === 'false') return false;
-  throw new Error(`annotation ${name} must be "true" or "false", got "${v}"`);
+  if (TRUE.has(v)) return true;
+  if (FALSE.has(v)) return false;
+  warnings.push(`annotation ${name}: "${v}" is not a boolean (true, false, 1, 0, ...), ignored: ${String(fallback)} applies`);
+  return fallback;
 }
 
 const PROTOCOLS: Record<string, number> = { icmp: 1, tcp: 6, udp: 17, icmpv6: 58, sctp: 132 };
