@@ -78,6 +78,10 @@ describe('ambient-bpf agent', kernelTest(), () => {
     assert.match(metrics, /ambient_bpf_ztunnel_connections 1/);
     assert.match(metrics, /# TYPE ambient_bpf_enroll_duration_seconds histogram\n(.*\n)*ambient_bpf_enroll_duration_seconds_count 1\n/);
     assert.match(metrics, /# TYPE ambient_bpf_reconcile_errors_total counter/);
+    // Upstream istio-cni's names, for its dashboards and alerts.
+    assert.match(metrics, /# TYPE ztunnel_connected gauge\nztunnel_connected 1\n/);
+    assert.match(metrics, /# TYPE nodeagent_reconcile_events_total counter\nnodeagent_reconcile_events_total\{type="add"\} [1-9]\d*\n/);
+    assert.doesNotMatch(metrics, /istio_cni_install_ready/, 'no installer in this agent');
 
     // ambient-bpf status: JSON and the table.
     // Enrolled on the tc fast path, moved to tcx once the node is idle (a second).
@@ -93,7 +97,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     assert.match(agent.stderr(), /"msg":"(ztunnel's cgroup trusted: its marked sockets skip redirection|ztunnel runs in the root cgroup v2[^"]*)"/);
     const down = await runCli(['status', '--status-socket', join(dir, 'nothing.sock')]);
     assert.notEqual(down.code, 0);
-    assert.match(down.stderr, /^ambient-bpf: cannot reach the agent at .*nothing\.sock/);
+    assert.match(down.stderr, /^ambient-bpf: no agent here: nothing at .*nothing\.sock; is the agent running on this node\?/);
 
     // The pod's outbound traffic goes through the stand-in, which reaches the real destination.
     assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 8080 }), 'remote');
@@ -154,7 +158,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     writeFileSync(pods, `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, uid: agent-cart2-${topo.id}, labels: { istio.io/dataplane-mode: ambient } }\nstatus: { podIP: ${net.podV4} }\n`);
     const port = 40000 + Math.floor(Math.random() * 9000);
     const agent = run(['agent', '--local-pods', pods, '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--bpffs', root,
-      '--install-cni', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--health-addr', `127.0.0.1:${port}`]);
+      '--install-cni', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`]);
     t.after(async () => {
       agent.child.kill('SIGKILL');
       await removeDatapath(root);
@@ -166,6 +170,9 @@ describe('ambient-bpf agent', kernelTest(), () => {
     assert.deepEqual(installed.plugins.map((p) => p.type), ['bridge', 'ambient-bpf-cni']);
     assert.equal(installed.plugins[1]!.agent_socket, join(dir, 'cni.sock'));
     assert.equal(existsSync(join(binDir, 'ambient-bpf-cni')), true);
+    const metrics = (await get(`http://127.0.0.1:${port + 1}/metrics`)).body;
+    assert.match(metrics, /\nistio_cni_install_ready 1\n/);
+    assert.match(metrics, /\nistio_cni_installs_total\{result="SUCCESS"\} 1\n/);
 
     // Ready does not wait for the first enrolment: the pod is redirected once it is listed.
     const dp = await Datapath.open({ bpffsRoot: root });

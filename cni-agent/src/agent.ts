@@ -255,7 +255,24 @@ export class Agent {
       samples('ambient_bpf_drift_repairs_total', 'Redirections found changed behind the agent’s back and repaired.', 'counter', [[{}, this.reconciler?.driftRepairs ?? 0]]),
       this.enrollSeconds.render(),
       this.cniRequests.render(),
+      this.upstreamMetrics(),
     ].join('\n') + '\n';
+  }
+
+  /** Upstream istio-cni's node agent metrics, same names and meanings, so its dashboards and
+   * alerts carry over. */
+  private upstreamMetrics(): string {
+    const installer = this.installer;
+    return [
+      samples('ztunnel_connected', 'number of connections to ztunnel', 'gauge', [[{}, this.zds?.connectedCount ?? 0]]),
+      samples('nodeagent_reconcile_events_total', 'The total number of node agent reconcile events.', 'counter', Object.entries(this.reconciler?.podEvents ?? {}).map(([type, n]) => [{ type }, n])),
+      ...(this.opts.installCni
+        ? [
+            samples('istio_cni_install_ready', 'Whether the CNI plugin installation is ready or not', 'gauge', [[{}, installer?.entryInPlace ? 1 : 0]]),
+            samples('istio_cni_installs_total', 'Total number of CNI plugins installed by the Istio CNI installer', 'counter', [...(installer?.installs ?? [])].map(([result, n]) => [{ result }, n])),
+          ]
+        : []),
+    ].join('\n');
   }
 
   /** The programs' own counters, per pod (by namespace/name) and node-wide. */

@@ -24,6 +24,9 @@ export interface Annotator {
 /** Upstream's defaults: DNS capture on (Istio 1.25+); strict mode is this product's, off. */
 export const DEFAULT_CAPTURE: CaptureDefaults = { strict: false, dnsCapture: true };
 
+/** Pod events from the source by upstream's event type names (nodeagent_reconcile_events_total). */
+const EVENT_TYPE = { added: 'add', updated: 'update', deleted: 'delete' } as const;
+
 export type EnrollmentState = 'enabled' | 'pending' | 'failed' | 'not ambient';
 
 export interface PodStatus {
@@ -122,6 +125,8 @@ export class Reconciler {
   reconcileErrors = 0;
   /** Attachments found broken behind the agent's back and repaired (a metric). */
   driftRepairs = 0;
+  /** Pod events from the source, by type (a metric). */
+  readonly podEvents = { add: 0, update: 0, delete: 0 };
   /** Called with the seconds from the start of enrolling a pod to ztunnel's ack. */
   onEnrolled: (seconds: number) => void = () => undefined;
 
@@ -138,6 +143,7 @@ export class Reconciler {
    * first snapshot a (re)connecting ztunnel gets is complete: ztunnel drains every pod missing
    * from a snapshot. Start the ZDS server after this. */
   async adopt(state: ClusterState): Promise<void> {
+    this.podEvents.add += state.pods.size; // the source's first list (upstream's informer adds)
     for (const attached of await this.opts.datapath.list()) {
       const e = this.entry(attached.uid);
       e.attached = true;
@@ -234,6 +240,7 @@ export class Reconciler {
     const touched = new Set<string>();
     for (const c of changes) {
       if (c.kind === 'pod') {
+        this.podEvents[EVENT_TYPE[c.type]]++;
         const e = this.entry(c.pod.metadata.uid);
         if (e.sandboxGone && e.pod && podIPs(c.pod).join() !== podIPs(e.pod).join()) e.sandboxGone = false;
         e.pod = c.type === 'deleted' ? undefined : c.pod;

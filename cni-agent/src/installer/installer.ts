@@ -36,6 +36,8 @@ export class CniInstaller {
   private timer: NodeJS.Timeout | undefined;
   private reinserts: number[] = [];
   private readonly entry: PluginEntry;
+  /** Installs by result, with upstream's result names (istio_cni_installs_total). */
+  readonly installs = new Map<'SUCCESS' | 'COPY_BINARIES_FAILURE' | 'CREATE_CNI_CONFIG_FAILURE', number>();
 
   constructor(private readonly opts: InstallerOptions) {
     this.entry = { type: PLUGIN_TYPE, agent_socket: opts.agentSocket };
@@ -44,13 +46,14 @@ export class CniInstaller {
   /** Copies the binary, inserts the entry, and starts watching. Throws when there is no CNI
    * configuration to chain into. */
   start(): void {
-    this.installBinary();
-    this.ensureEntry('install');
+    this.counted('COPY_BINARIES_FAILURE', () => this.installBinary());
+    this.counted('CREATE_CNI_CONFIG_FAILURE', () => this.ensureEntry('install'));
+    this.count('SUCCESS');
     this.watcher = watch(this.opts.confDir, () => {
       clearTimeout(this.timer);
       this.timer = setTimeout(() => {
         try {
-          this.ensureEntry('repair');
+          if (this.counted('CREATE_CNI_CONFIG_FAILURE', () => this.ensureEntry('repair'))) this.count('SUCCESS');
         } catch (err) {
           this.opts.log.error({ error: (err as Error).message }, 'cannot repair the CNI configuration');
         }
@@ -63,6 +66,20 @@ export class CniInstaller {
     clearTimeout(this.timer);
     this.watcher?.close();
     this.watcher = undefined;
+  }
+
+  private count(result: 'SUCCESS' | 'COPY_BINARIES_FAILURE' | 'CREATE_CNI_CONFIG_FAILURE'): void {
+    this.installs.set(result, (this.installs.get(result) ?? 0) + 1);
+  }
+
+  /** Runs one install step, counting its failure under `failure`. */
+  private counted<T>(failure: 'COPY_BINARIES_FAILURE' | 'CREATE_CNI_CONFIG_FAILURE', step: () => T): T {
+    try {
+      return step();
+    } catch (err) {
+      this.count(failure);
+      throw err;
+    }
   }
 
   /** Is our entry last in the primary conflist? (readiness) */
@@ -105,12 +122,13 @@ export class CniInstaller {
     this.opts.log.info({ path: target }, 'CNI plugin binary installed');
   }
 
-  private ensureEntry(why: 'install' | 'repair'): void {
+  /** Puts our entry last in the primary conflist; false when it was there already. */
+  private ensureEntry(why: 'install' | 'repair'): boolean {
     const file = this.primary();
     if (!file) throw new Error(`no CNI configuration in ${this.opts.confDir} to chain into (is the primary CNI installed?)`);
     const path = join(this.opts.confDir, file);
     const { text, changed, wrapped } = withEntry(readFileSync(path, 'utf8'), file, this.entry);
-    if (!changed) return;
+    if (!changed) return false;
     const mode = statSync(path).mode & 0o7777;
     if (wrapped) {
       // A lone .conf becomes a .conflist of the same name; the .conf goes, or it would still win.
@@ -122,6 +140,7 @@ export class CniInstaller {
     }
     this.opts.log.info({ file, wrapped }, why === 'install' ? 'CNI entry installed' : 'CNI entry was missing; put back');
     if (why === 'repair') this.noteReinsert();
+    return true;
   }
 
   private noteReinsert(): void {
