@@ -49,7 +49,8 @@ describe('manifests', () => {
       serviceAccountName: string;
       tolerations: { operator: string }[];
       priorityClassName: string;
-      containers: { args: string[]; securityContext: { privileged: boolean; capabilities: { add: string[]; drop: string[] }; allowPrivilegeEscalation: boolean }; livenessProbe: { httpGet: { path: string } }; readinessProbe: { httpGet: { path: string } }; volumeMounts: { mountPath: string }[] }[];
+      nodeSelector: Record<string, string>;
+      containers: { name: string; args: string[]; securityContext: { privileged: boolean; capabilities: { add: string[]; drop: string[] }; allowPrivilegeEscalation: boolean; appArmorProfile: { type: string }; seLinuxOptions: { type: string } }; livenessProbe: { httpGet: { path: string } }; readinessProbe: { httpGet: { path: string } }; volumeMounts: { mountPath: string }[] }[];
       volumes: { hostPath?: { path: string } }[];
     };
     const [c] = pod.containers;
@@ -64,6 +65,15 @@ describe('manifests', () => {
     assert.equal(c!.readinessProbe.httpGet.path, '/readyz');
     assert.deepEqual(pod.tolerations, [{ operator: 'Exists' }]);
     assert.equal(pod.priorityClassName, 'system-node-critical');
+    // What real nodes need: Linux only; AppArmor unconfined (field and, for clusters before 1.30,
+    // annotation) and SELinux spc_t, or the runtime's profiles deny bpffs writes and bpf().
+    assert.deepEqual(pod.nodeSelector, { 'kubernetes.io/os': 'linux' });
+    assert.equal(c!.securityContext.appArmorProfile.type, 'Unconfined');
+    assert.equal((ds as unknown as { spec: { template: { metadata: { annotations: Record<string, string> } } } }).spec.template.metadata.annotations[`container.apparmor.security.beta.kubernetes.io/${c!.name}`], 'unconfined');
+    assert.equal(c!.securityContext.seLinuxOptions.type, 'spc_t');
+    // GKE admits system-node-critical pods outside kube-system only under a quota naming the class.
+    const [quota] = byKind('ResourceQuota') as unknown as { spec: { scopeSelector: { matchExpressions: { scopeName: string; values: string[] }[] } } }[];
+    assert.deepEqual(quota?.spec.scopeSelector.matchExpressions.map((e) => [e.scopeName, e.values]), [['PriorityClass', [pod.priorityClassName]]]);
     assert.equal(pod.serviceAccountName, byKind('ServiceAccount')[0]!.metadata.name);
     const hostPaths = pod.volumes.flatMap((v) => (v.hostPath ? [v.hostPath.path] : [])).sort();
     assert.deepEqual(hostPaths, ['/etc/cni/net.d', '/opt/cni/bin', '/proc', '/sys/fs/bpf', '/sys/fs/cgroup', '/var/run/ambient-bpf', '/var/run/netns', '/var/run/ztunnel']);

@@ -280,6 +280,8 @@ export interface K8sContainer {
     readOnlyRootFilesystem?: boolean;
     runAsUser?: number;
     seccompProfile?: { type: string; localhostProfile?: string };
+    appArmorProfile?: { type: string; localhostProfile?: string };
+    seLinuxOptions?: { user?: string; role?: string; type?: string; level?: string };
     capabilities?: { add?: string[]; drop?: string[] };
   };
   resources?: { requests?: { cpu?: string; memory?: string }; limits?: { cpu?: string; memory?: string } };
@@ -287,6 +289,12 @@ export interface K8sContainer {
   readinessProbe?: { httpGet?: { path: string; port: number | string } };
   livenessProbe?: { httpGet?: { path: string; port: number | string } };
 }
+/** A Kubernetes seccomp or AppArmor profile as CRI's SecurityProfile. */
+function securityProfile(p: { type: string; localhostProfile?: string } | undefined): { profile_type: string; localhost_ref: string } {
+  const type = p?.type === 'RuntimeDefault' ? 'RuntimeDefault' : p?.type === 'Localhost' ? 'Localhost' : 'Unconfined';
+  return { profile_type: type, localhost_ref: p?.localhostProfile ?? '' };
+}
+
 export interface K8sPodSpec {
   serviceAccountName?: string;
   terminationGracePeriodSeconds?: number;
@@ -518,7 +526,11 @@ export class Kubelet {
           no_new_privs: sc.allowPrivilegeEscalation === false,
           masked_paths: sc.privileged ? [] : DEFAULT_MASKED_PATHS,
           readonly_paths: sc.privileged ? [] : DEFAULT_READONLY_PATHS,
-          seccomp: { profile_type: sc.seccompProfile?.type === 'RuntimeDefault' ? 'RuntimeDefault' : sc.seccompProfile?.type === 'Localhost' ? 'Localhost' : 'Unconfined', localhost_ref: sc.seccompProfile?.localhostProfile ?? '' },
+          seccomp: securityProfile(sc.seccompProfile),
+          // As kubelet passes them (the runtime ignores what its host does not enforce: this
+          // test's containerd runs with AppArmor off, and the host has no SELinux).
+          ...(sc.appArmorProfile ? { apparmor: securityProfile(sc.appArmorProfile), apparmor_profile: sc.appArmorProfile.type === 'Unconfined' ? 'unconfined' : sc.appArmorProfile.type === 'Localhost' ? `localhost/${sc.appArmorProfile.localhostProfile ?? ''}` : 'runtime/default' } : {}),
+          ...(sc.seLinuxOptions ? { selinux_options: { user: sc.seLinuxOptions.user ?? '', role: sc.seLinuxOptions.role ?? '', type: sc.seLinuxOptions.type ?? '', level: sc.seLinuxOptions.level ?? '' } } : {}),
         },
       },
     };
