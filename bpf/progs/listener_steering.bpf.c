@@ -78,9 +78,10 @@ static __always_inline bool ztunnel_port(__u32 port)
 	return port == ZTUNNEL_OUTBOUND_PORT || port == ZTUNNEL_INBOUND_PORT || port == ZTUNNEL_HBONE_PORT;
 }
 
+/* Counted for pod p, or node-wide (slot 0) when the lookup names no pod. */
 static __always_inline void count(const struct pod_policy *p, enum pod_counter c)
 {
-	__u32 slot = p->slot;
+	__u32 slot = p ? p->slot : 0;
 	struct pod_counters *v = bpf_map_lookup_elem(&pod_counters, &slot);
 
 	if (v)
@@ -135,8 +136,7 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 	struct bpf_sock *sk;
 	long err;
 
-	/* ztunnel's own listeners are found by the ordinary lookup. */
-	if (ctx->protocol != IPPROTO_TCP || ztunnel_port(ctx->local_port))
+	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
 	if (ctx->family == 2 /* AF_INET */) {
 		v4_mapped(&k.remote, ctx->remote_ip4);
@@ -158,11 +158,21 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 		bpf_sk_release(sk);
 		return err ? SK_DROP : SK_PASS;
 	}
+	/* Routed over lo by the fwmark rule (outbound_route.bpf.c): an address this netns does not
+	 * have, whatever its port (a remote's 15006 or 15008 is still outbound, as pod_egress treats
+	 * it, never ztunnel's inbound listeners). The connect hook marks only sockets whose source is
+	 * this pod's; any other source here is an app that marked its socket itself (NET_ADMIN). */
 	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX && !probe_address(&k.local)) {
 		p = bpf_map_lookup_elem(&pod_policy, &k.remote);
 		if (p && !same_pod(p, &k.local))
 			return to_outbound_listener(ctx, p);
+		if (!p && !bpf_map_lookup_elem(&pod_policy, &k.local))
+			return refuse(NULL); /* never a listener of the app's */
 	}
+	/* ztunnel's own listeners (HBONE on 15008, connections within the pod) are found by the
+	 * ordinary lookup. */
+	if (ztunnel_port(ctx->local_port))
+		return SK_PASS;
 	/* The backstop: from a pod address to a destination that is no pod address (nor the probe's). */
 	if (bpf_map_lookup_elem(&pod_policy, &k.local) || probe_address(&k.local))
 		return SK_PASS;

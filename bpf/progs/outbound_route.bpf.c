@@ -11,8 +11,9 @@
  * iptables path. Over lo the route's MTU is 64 KiB, as with REDIRECT.
  * The socket is left to pod_egress (the slower path, same guarantee) when ztunnel's 15001 listener
  * in this netns is not known yet (a ztunnel that listened before the agent hooked its cgroup), when
- * the app marked the socket itself (CAP_NET_ADMIN), and for loopback, probe and the pod's own
- * destinations, which pod_egress lets go too. */
+ * the app marked the socket itself (CAP_NET_ADMIN) or bound it to a source that is not this pod's
+ * (IP_FREEBIND, IP_TRANSPARENT), and for loopback, probe and the pod's own destinations, which
+ * pod_egress lets go too. */
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -45,11 +46,18 @@ static __always_inline bool ztunnel_listens(struct bpf_sock_addr *ctx)
 	return true;
 }
 
+/* This pod's own address (the pod whose netns the socket is in)? */
+static __always_inline bool own_address(const struct pod_ip *a, __u64 netns_cookie)
+{
+	struct pod_policy *own = bpf_map_lookup_elem(&pod_policy, a);
+
+	return own && own->netns_cookie == netns_cookie;
+}
+
 /* A destination pod_egress lets go: loopback, unspecified, the probe address, this pod's own. */
 static __always_inline bool left_alone(const struct pod_ip *dst, __u64 netns_cookie)
 {
 	const __u32 *w = (const __u32 *)dst->addr;
-	struct pod_policy *own;
 
 	if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff)) {
 		__u32 a = bpf_ntohl(w[3]);
@@ -62,17 +70,48 @@ static __always_inline bool left_alone(const struct pod_ip *dst, __u64 netns_coo
 		   w[2] == bpf_htonl(PROBE_ADDR_V6_W2) && w[3] == bpf_htonl(PROBE_ADDR_V6_W3)) {
 		return true;
 	}
-	own = bpf_map_lookup_elem(&pod_policy, dst);
-	return own && own->netns_cookie == netns_cookie;
+	return own_address(dst, netns_cookie);
+}
+
+/* Is the socket bound to a source that is not this pod's (IP_FREEBIND, IP_TRANSPARENT)? The
+ * socket lookup would take such a SYN for another pod's, or for no pod's: left to pod_egress,
+ * which hands it to this netns's ztunnel whatever its source. */
+static __always_inline bool foreign_source(struct bpf_sock_addr *ctx, __u64 netns_cookie)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct pod_ip src = {};
+	__u32 w[4];
+
+	if (!sk)
+		return true;
+	if (ctx->family == 2 /* AF_INET */) {
+		__u32 a = sk->src_ip4;
+
+		if (a == 0)
+			return false; /* unbound: the route's source, the pod's */
+		src.addr[10] = src.addr[11] = 0xff;
+		__builtin_memcpy(&src.addr[12], &a, 4);
+	} else {
+		w[0] = sk->src_ip6[0];
+		w[1] = sk->src_ip6[1];
+		w[2] = sk->src_ip6[2];
+		w[3] = sk->src_ip6[3];
+		if ((w[0] | w[1] | w[2] | w[3]) == 0)
+			return false;
+		__builtin_memcpy(src.addr, w, sizeof(w));
+	}
+	return !own_address(&src, netns_cookie);
 }
 
 static __always_inline int route_to_ztunnel(struct bpf_sock_addr *ctx, const struct pod_ip *dst)
 {
 	int mark = REDIRECT_MARK;
+	__u64 netns_cookie;
 
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !ctx->sk || ctx->sk->mark)
 		return 1;
-	if (left_alone(dst, bpf_get_netns_cookie(ctx)) || !ztunnel_listens(ctx))
+	netns_cookie = bpf_get_netns_cookie(ctx);
+	if (left_alone(dst, netns_cookie) || foreign_source(ctx, netns_cookie) || !ztunnel_listens(ctx))
 		return 1;
 	/* On failure the socket keeps the interface's route: pod_egress loops it. */
 	bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
