@@ -292,4 +292,27 @@ describe('attacks on the outbound loopback route', kernelTest(), () => {
       ztunnel = await ztunnelListener(net.podPath, 15001);
     }
   });
+
+  it('nobody: an IPV6_FREEBIND source that is no pod’s: no segment leaves the pod, and the app’s own listener never takes the connection', { timeout: 30000 }, async () => {
+    // The app binds the address it wants packets sent to (here the remote host's) and connects to
+    // any address D:P. Marked, the SYN goes over lo; its source is no pod's, so the socket lookup
+    // passes it; the app's own listener on P answers (or the stack resets) from D:P, and that reply
+    // is routed out of eth0, where pod_egress lets a non-SYN segment with no local socket go.
+    const sport = 42424;
+    const sniffer = spawn('nsenter', [`--net=${Topology.netnsPath(net.remote)}`, '/usr/bin/python3', script, 'sniff6', '3', `${sport},${sport + 1}`]);
+    let out = '';
+    sniffer.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    const done = new Promise<void>((r) => sniffer.on('exit', () => r()));
+    for (let i = 0; !out.includes('ready'); i++) {
+      assert.ok(i < 100, 'the sniffer never started');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    const withListener = await conn('nobody', '2001:db8:99::9', APP_PORT, `src=${net.remoteV6}`, `sport=${sport}`, 'freebind=1', 'timeout=1');
+    const noListener = await conn('nobody', '2001:db8:99::9', 9, `src=${net.remoteV6}`, `sport=${sport + 1}`, 'freebind=1', 'timeout=1');
+    await done;
+    const seen = out.split('\n')[1] ?? '';
+    console.log(`freebind reflection: app saw "${withListener}" / "${noListener}"; the remote host received: ${seen}`);
+    assert.equal(seen, 'none', `segments from 2001:db8:99::9 left the pod without ztunnel: ${seen}`);
+    assert.doesNotMatch(withListener, /^app /, 'the app’s own listener took its marked outbound connection (the socket lookup passed it: its source is no pod’s)');
+  });
 });
