@@ -47,12 +47,12 @@ describe('CNI ADD of an ambient pod', kernelTest(), () => {
     zds.start();
     standIn.start();
     await until(() => zds.connectedCount === 1, 'the stand-in connected');
-    const pod: Pod = { metadata: { name: 'cart', namespace: 'shop', uid: `uid-cart-${topo.id}`, labels: { 'istio.io/dataplane-mode': 'ambient' } }, spec: {}, status: {} } as Pod;
+    const pod: Pod = { metadata: { name: 'cart', namespace: 'shop', uid: `uid-cart-${topo.id}`, labels: { 'istio.io/dataplane-mode': 'ambient' } }, spec: {}, status: {} };
     reconciler.applyChanges([], { pods: new Map(), namespaces: new Map() });
 
     const add = reconciler.cniAdd(pod, net.podPath, [net.podV4]);
     // The pod's watch event arrives during the ADD: it asks for another pass.
-    reconciler.applyChanges([{ kind: 'pod', type: 'added', pod: { ...pod, status: { phase: 'Pending' } } as Pod }], { pods: new Map([[pod.metadata.uid, pod]]), namespaces: new Map() });
+    reconciler.applyChanges([{ kind: 'pod', type: 'added', pod: { ...pod, status: { phase: 'Pending' } } }], { pods: new Map([[pod.metadata.uid, pod]]), namespaces: new Map() });
     const answer = await Promise.race([add, new Promise<'held'>((r) => setTimeout(() => r('held'), 10_000))]);
     assert.deepEqual(answer, { ok: true }, 'the ADD answered while the annotation is still held');
     assert.deepEqual(patches, ['enabled'], 'the annotation was asked for');
