@@ -80,6 +80,24 @@ async function enrollHistogram(d: DeployedNode): Promise<{ sum: number; count: n
 }
 const meanEnrollMs = (a: { sum: number; count: number }, b: { sum: number; count: number }) => `${(((b.sum - a.sum) / (b.count - a.count)) * 1000).toFixed(1)} ms over ${b.count - a.count} pods`;
 
+/** Where the agent's time in each sequential ambient ADD went: the median ms of each phase its
+ * 'CNI ADD: pod redirected' log line reports (handler.ts), over the pods named `names`. */
+function addPhases(d: DeployedNode, names: Set<string>): string {
+  const byPhase = new Map<string, number[]>();
+  for (const line of d.kubelet!.containerLog(d.agent!, 'agent').split('\n')) {
+    if (!line.includes('CNI ADD: pod redirected')) continue;
+    const entry = JSON.parse(line) as { pod: string; ms: Record<string, number> };
+    if (!names.has(entry.pod)) continue;
+    let total = 0;
+    for (const [phase, ms] of Object.entries(entry.ms)) {
+      byPhase.set(phase, [...(byPhase.get(phase) ?? []), ms]);
+      total += ms;
+    }
+    byPhase.set('total', [...(byPhase.get('total') ?? []), total]);
+  }
+  return [...byPhase].map(([phase, xs]) => `${phase} ${percentile(xs, 50).toFixed(2)}`).join(', ');
+}
+
 interface Results {
   sequential: Record<Kind, number[]>;
   parallel: Record<Kind, number[]>;
@@ -87,10 +105,12 @@ interface Results {
   bursts: Record<Kind, number[]>;
   enrollSequential: string;
   enrollParallel: string;
+  addPhases: string;
 }
 
 async function measure(d: DeployedNode): Promise<Results> {
-  const r: Results = { sequential: { ambient: [], plain: [] }, parallel: { ambient: [], plain: [] }, bursts: { ambient: [], plain: [] }, enrollSequential: '', enrollParallel: '' };
+  const r: Results = { sequential: { ambient: [], plain: [] }, parallel: { ambient: [], plain: [] }, bursts: { ambient: [], plain: [] }, enrollSequential: '', enrollParallel: '', addPhases: '' };
+  const sequentialAmbient = new Set<string>();
   // Warm-up (untimed): the first ambient ADD waits for the agent to be serving and ztunnel
   // connected; first runs of runc, the CNI plugins and the agent's code paths.
   const warmUntil = Date.now() + 10 * 60_000;
@@ -106,10 +126,12 @@ async function measure(d: DeployedNode): Promise<Results> {
       checkInterrupted();
       const s = await startSandbox(d, kind);
       r.sequential[kind].push(s.ms);
+      if (kind === 'ambient') sequentialAmbient.add(`${s.pod.metadata.namespace}/${s.pod.metadata.name}`);
       await removeSandbox(d, s.id);
     }
   }
   const h1 = await enrollHistogram(d);
+  r.addPhases = addPhases(d, sequentialAmbient);
   for (let round = 0; round < ROUNDS; round++) {
     for (const kind of round % 2 === 0 ? (['ambient', 'plain'] as const) : (['plain', 'ambient'] as const)) {
       checkInterrupted();
@@ -150,6 +172,7 @@ function report(r: Results): string[] {
     `ambient - plain, ${PARALLEL} at once: ${diff(r.parallel, 50, TARGET_P50)}, ${diff(r.parallel, 99, TARGET_P99)}`,
     `burst of ${PARALLEL}, first call to last answer, median of ${ROUNDS}: plain ${burst('plain')}, ambient ${burst('ambient')}`,
     `the agent's enrolment inside an ambient ADD (ambient_bpf_enroll_duration_seconds: start of enrolling to ztunnel's ack), mean: sequential ${r.enrollSequential}; at once ${r.enrollParallel}`,
+    `the agent's handling of a sequential ambient ADD by phase (its log), median ms: ${r.addPhases}`,
   ];
 }
 

@@ -8,8 +8,9 @@ import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { cgroup2Mount } from '../bpf/src/index.js';
 import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/pod.js';
-import { leftoverCgroupsAnyHierarchy, type ContainerdNode, type Kubelet, type RunningPod } from './helpers/cri.js';
+import { leftoverCgroupsAnyHierarchy, podCgroupPath, qosClass, type CgroupDriver, type ContainerdNode, type K8sContainer, type Kubelet, type QosClass, type RunningPod } from './helpers/cri.js';
 import { appPod, DeployedNode, runtimeTest } from './helpers/deployed-node.js';
 import type { KubeApiTestServer } from './helpers/kube-api-server.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
@@ -30,7 +31,16 @@ interface StatusPod {
   ztunnel: string;
   hooks: string;
   reason: string;
+  dnsCapture: string;
+  counters?: Record<string, number>;
 }
+
+/** Requests and limits that make a pod of each QoS class. */
+const RESOURCES: Record<QosClass, K8sContainer['resources']> = {
+  Guaranteed: { requests: { cpu: '100m', memory: '32Mi' }, limits: { cpu: '100m', memory: '32Mi' } },
+  Burstable: { requests: { cpu: '50m' } },
+  BestEffort: undefined,
+};
 
 after(async () => {
   await assertNothingLeft();
@@ -253,6 +263,83 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
       await kubelet.startContainer(agent, 'agent');
     }
     await until(acked, 'the agent with every capability again', 60_000);
+  });
+
+  it('captures the DNS and outbound TCP of app containers in every kubelet cgroup layout, from their first packet', { timeout: 240_000 }, async () => {
+    // Any address: DNS capture sends the query to ztunnel's 15053 in the pod whatever the server.
+    const server = app.web!.ips[0]!;
+    for (const driver of ['cgroupfs', 'systemd'] as CgroupDriver[]) {
+      for (const qos of ['Guaranteed', 'Burstable', 'BestEffort'] as QosClass[]) {
+        const layout = `${driver}/${qos}`;
+        const pod = appPod(`l-${driver.slice(0, 3)}-${qos.toLowerCase()}`, 'shop');
+        // The container's first act, right after the CNI ADD returned: a DNS query.
+        Object.assign(pod.spec.containers[0]!, { resources: RESOURCES[qos], command: ['/bin/sh', '-c', `busybox nslookup first.abp.test ${server} >/dev/null 2>&1 & exec /bin/httpd -f -p 8080 -h /www`] });
+        assert.equal(qosClass(pod.spec), qos);
+        kubelet.cgroupDriver = driver;
+        const rp = await kubelet.runPod(pod);
+        try {
+          assert.ok(existsSync(join(cgroup2Mount(), podCgroupPath(node.cgroupParent, rp.uid, qos, driver))), `${layout}: the pod cgroup where kubelet makes it`);
+          await until(() => annotation(rp) === 'enabled', `${layout}: enabled`, 30_000);
+          const dnsSeen = async () => (await standInStats()).find((p) => p.name === pod.metadata.name)?.stats.dns?.connections ?? 0;
+          await until(async () => (await dnsSeen()) >= 1, `${layout}: the container's first DNS query reaching ztunnel's 15053`, 15_000);
+          assert.equal((await agentStatus()).find((p) => p.name === pod.metadata.name)?.dnsCapture, 'on', layout);
+          // Outbound TCP: the connect hook on the pod's cgroup routes the app's socket over lo to
+          // ztunnel (the interface path would loop it through eth0 and leave lo idle).
+          const loPackets = async () => Number((await kubelet.exec(rp, 'app', ['cat', '/sys/class/net/lo/statistics/tx_packets'])).stdout.trim());
+          const lo0 = await loPackets();
+          assert.equal(await fetchPeer(rp, app.web!), rp.ips[0], `${layout}: ztunnel connects from the client's address`);
+          const lo1 = await loPackets();
+          assert.ok(lo1 - lo0 >= 4, `${layout}: the connection went over lo (${lo1 - lo0} packets)`);
+          const seen = (await standInStats()).find((p) => p.name === pod.metadata.name);
+          assert.ok(seen?.recent.some((c) => c.direction === 'outbound' && c.destination === `${app.web!.ips[0]}:8080`), `${layout}: outbound through ztunnel: ${JSON.stringify(seen)}`);
+          const counters = (await agentStatus()).find((p) => p.name === pod.metadata.name)?.counters;
+          assert.ok((counters?.outboundRedirected ?? 0) >= 1, `${layout}: outboundRedirected ${JSON.stringify(counters)}`);
+        } finally {
+          kubelet.cgroupDriver = 'cgroupfs';
+          await kubelet.deletePod(rp);
+        }
+      }
+    }
+  });
+
+  it('needs each host path the DaemonSet mounts, and names the one that is missing', { timeout: 240_000 }, async () => {
+    const spec = agent.pod.spec;
+    const c = spec.containers[0]!;
+    const [volumes, mounts] = [spec.volumes!, c.volumeMounts!];
+    const hostPaths = volumes.filter((v) => v.hostPath);
+    assert.ok(hostPaths.length >= 8, `the DaemonSet's host paths: ${hostPaths.map((v) => v.hostPath!.path).join(' ')}`);
+    try {
+      for (const dropped of hostPaths) {
+        await kubelet.killContainer(agent, 'agent');
+        spec.volumes = volumes.filter((v) => v !== dropped);
+        c.volumeMounts = mounts.filter((m) => m.name !== dropped.name);
+        await kubelet.startContainer(agent, 'agent');
+        const path = dropped.hostPath!.path;
+        await until(async () => (await kubelet.containerState(agent, 'agent')).state === 'CONTAINER_EXITED', `the agent stopping without the host's ${path}`, 30_000);
+        const st = await kubelet.containerState(agent, 'agent');
+        const log = kubelet.containerLog(agent, 'agent');
+        assert.notEqual(st.exit_code, 0);
+        assert.ok(log.includes(`(hostPath ${path})`), `the reason names the host's ${path}: ${log.slice(-800)}`);
+        // Still captured meanwhile: the pins hold.
+        await fetchPeer(app.web!, app.cart!);
+      }
+    } finally {
+      await kubelet.killContainer(agent, 'agent');
+      [spec.volumes, c.volumeMounts] = [volumes, mounts];
+      await kubelet.startContainer(agent, 'agent');
+    }
+    await until(
+      async () => {
+        try {
+          const s = await agentStatus();
+          return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
+        } catch {
+          return false;
+        }
+      },
+      'the agent with every host path again',
+      60_000,
+    );
   });
 
   it('unenrols a deleted pod: StopPodSandbox runs CNI DEL through the chained plugin', async () => {

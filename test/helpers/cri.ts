@@ -19,6 +19,7 @@ import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { parseAllDocuments } from 'yaml';
+import { cgroup2Mount } from '../../bpf/src/index.js';
 import { connectFromNetns } from '../../bpf/src/node-netns.js';
 import { TEST_PREFIX, uniqueSuffix } from './kernel.js';
 import type { KubeApiTestServer } from './kube-api-server.js';
@@ -356,6 +357,27 @@ export interface RunningPod {
   containers: Map<string, { id: string; attempt: number }>;
 }
 
+/** kubelet's --cgroup-driver. The node's containerd always uses cgroupfs (systemd is not PID 1
+ * here): with `systemd` the pod cgroups are named and nested as the systemd driver makes them. */
+export type CgroupDriver = 'cgroupfs' | 'systemd';
+export type QosClass = 'Guaranteed' | 'Burstable' | 'BestEffort';
+
+/** The pod's QoS class, as kubelet derives it from the containers' requests and limits. */
+export function qosClass(spec: K8sPodSpec): QosClass {
+  const res = spec.containers.map((c) => ({ r: c.resources?.requests ?? {}, l: c.resources?.limits ?? {} }));
+  if (!res.some(({ r, l }) => r.cpu || r.memory || l.cpu || l.memory)) return 'BestEffort';
+  const guaranteed = res.every(({ r, l }) => l.cpu && l.memory && (!r.cpu || r.cpu === l.cpu) && (!r.memory || r.memory === l.memory));
+  return guaranteed ? 'Guaranteed' : 'Burstable';
+}
+
+/** kubelet's pod cgroup below `root` (its --cgroup-root) for the QoS class and driver. */
+export function podCgroupPath(root: string, uid: string, qos: QosClass, driver: CgroupDriver): string {
+  const q = qos.toLowerCase();
+  if (driver === 'cgroupfs') return qos === 'Guaranteed' ? `${root}/pod${uid}` : `${root}/${q}/pod${uid}`;
+  const u = uid.replace(/-/g, '_');
+  return qos === 'Guaranteed' ? `${root}/kubepods.slice/kubepods-pod${u}.slice` : `${root}/kubepods.slice/kubepods-${q}.slice/kubepods-${q}-pod${u}.slice`;
+}
+
 export interface KubeletOptions {
   node: ContainerdNode;
   nodeName: string;
@@ -373,6 +395,10 @@ export class Kubelet {
   readonly pods: RunningPod[] = [];
   /** RunPodSandbox errors that a retry got past (as kubelet's events would show them). */
   readonly sandboxFailures: string[] = [];
+  /** The driver for the pods started from now on. */
+  cgroupDriver: CgroupDriver = 'cgroupfs';
+  /** Pod cgroups made for sandboxes, by pod uid (removed with the sandbox). */
+  private readonly podCgroups = new Map<string, string>();
 
   constructor(private readonly o: KubeletOptions) {}
 
@@ -415,6 +441,11 @@ export class Kubelet {
     const podDir = join(this.o.node.dir, 'pods', uid);
     mkdirSync(join(podDir, 'logs'), { recursive: true });
     const nsMode = { network: spec.hostNetwork ? 'NODE' : 'POD', pid: spec.hostPID ? 'NODE' : 'CONTAINER', ipc: 'POD' };
+    // kubelet makes the pod cgroup before the sandbox (so it exists at CNI ADD); runc makes the
+    // containers' cgroups below it.
+    const podCgroup = podCgroupPath(this.o.node.cgroupParent, uid, qosClass(spec), this.cgroupDriver);
+    mkdirSync(join(cgroup2Mount(), podCgroup), { recursive: true });
+    this.podCgroups.set(uid, podCgroup);
     const sandboxConfig = {
       metadata: { name: pod.metadata.name, namespace: pod.metadata.namespace, uid, attempt: 0 },
       hostname: spec.hostNetwork ? '' : pod.metadata.name,
@@ -422,7 +453,9 @@ export class Kubelet {
       labels: { ...(pod.metadata.labels ?? {}), 'io.kubernetes.pod.name': pod.metadata.name, 'io.kubernetes.pod.namespace': pod.metadata.namespace, 'io.kubernetes.pod.uid': uid },
       annotations: pod.metadata.annotations ?? {},
       linux: {
-        cgroup_parent: `${this.o.node.cgroupParent}/besteffort/pod${uid}`,
+        // containerd takes a parent ending in .slice for its systemd driver's unit name, which
+        // runc's cgroupfs driver here cannot use: containers go one directory below the slice.
+        cgroup_parent: this.cgroupDriver === 'systemd' ? `${podCgroup}/containers` : podCgroup,
         security_context: {
           namespace_options: nsMode,
           privileged: spec.containers.some((c) => c.securityContext?.privileged === true),
@@ -621,6 +654,15 @@ export class Kubelet {
     await this.o.node.cri.call('StopPodSandbox', { pod_sandbox_id: sandboxId });
     await this.o.node.cri.call('RemovePodSandbox', { pod_sandbox_id: sandboxId });
     this.o.api.remove('pods', pod.metadata.name, pod.metadata.namespace);
+    const podCgroup = pod.metadata.uid && this.podCgroups.get(pod.metadata.uid);
+    if (podCgroup) {
+      this.podCgroups.delete(pod.metadata.uid!);
+      try {
+        for (const h of cgroupHierarchies()) removeCgroupTree(join(h, podCgroup));
+      } catch {
+        // still busy: ContainerdNode.stop() removes the whole tree
+      }
+    }
   }
 }
 

@@ -151,6 +151,13 @@ export class DeployedNode {
       throw new Error(`${(err as Error).message}; agent container ${st.state} (exit ${st.exit_code}): ${kubelet.containerLog(agent, 'agent').slice(-3000)}`);
     }
     this.ztunnel = await kubelet.runPod(parseYaml(readFileSync(join(REPO, 'test/fixtures/ztunnel-standin-pod.yaml'), 'utf8')) as K8sPod);
+    // Ambient pods start only once ztunnel is connected (their ADD fails closed until then).
+    const metricsPort = kubelet.containerPort(agent.pod.spec.containers[0]!, 'metrics');
+    const connected = async () => {
+      const { body } = await kubelet.httpGetFromNode('127.0.0.1', metricsPort, '/metrics').catch(() => ({ body: '' }));
+      return Number(/^ambient_bpf_ztunnel_connections (\d+)/m.exec(body)?.[1] ?? 0) >= 1;
+    };
+    await until(connected, () => `the ztunnel stand-in connecting to the agent; its log: ${kubelet.containerLog(this.ztunnel!, 'istio-proxy').slice(-2000)}`, this.o.agentStartTimeoutMs ?? 60_000);
   }
 
   /** Deletes every pod (the agent last, as on a drained node: each CNI DEL reaches a running

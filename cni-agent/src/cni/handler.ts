@@ -3,7 +3,7 @@
 // makes the runtime retry); every other pod gets prevResult back unchanged.
 import { selectPod, type SelectionPolicy } from '../pods/selection.js';
 import type { ClusterState, Pod } from '../pods/pod.js';
-import type { Reconciler } from '../enrollment/reconciler.js';
+import { PhaseClock, type Reconciler } from '../enrollment/reconciler.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import { checkNetnsPath } from './netns-path.js';
 
@@ -142,6 +142,7 @@ export class CniHandler {
     if (typeof prev !== 'object' || prev === null) {
       throw new CniFailure(CniCode.InvalidConfig, 'no prevResult: ambient-bpf-cni must be chained after the plugin that sets up the pod interface');
     }
+    const phases = new PhaseClock();
     const passThrough = ok(prev);
     // A pod the source does not know yet is judged by its namespace (its own labels are unknown).
     const known = name ? this.findPod(namespace, name, uid) : undefined;
@@ -155,12 +156,16 @@ export class CniHandler {
     } catch (err) {
       throw new CniFailure(CniCode.InvalidEnvironment, `CNI_NETNS: ${(err as Error).message}`);
     }
-    const r = await this.deps.reconciler.cniAdd(pod, netns, ips, env.CNI_CONTAINERID);
+    phases.mark('lookup');
+    const r = await this.deps.reconciler.cniAdd(pod, netns, ips, env.CNI_CONTAINERID, phases);
+    phases.mark('answer');
     if (!r.ok) {
-      this.deps.log.warn({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, reason: r.reason }, 'CNI ADD failed for an ambient pod; the runtime will retry');
+      this.deps.log.warn({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, reason: r.reason, ms: phases.ms }, 'CNI ADD failed for an ambient pod; the runtime will retry');
       throw new CniFailure(CniCode.TryAgainLater, `ambient pod ${namespace}/${name} is not ready: ${r.reason}`);
     }
-    this.deps.log.info({ uid: pod.metadata.uid, pod: `${namespace}/${name}` }, 'CNI ADD: pod redirected and acked by ztunnel');
+    // ms: where the ADD's time went (pod lookup, waiting for the pod's reconcile pass, netns, cgroup,
+    // datapath attach, ztunnel's Add to its ack, the answer).
+    this.deps.log.info({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, known: known !== undefined, ms: phases.ms }, 'CNI ADD: pod redirected and acked by ztunnel');
     return passThrough;
   }
 }

@@ -9,6 +9,7 @@ import { DEFAULT_CAPTURE } from '../enrollment/reconciler.js';
 import { parseStrictAllow } from '../pods/capture-options.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
 import { Agent, DEFAULT_NODE_NETNS, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
+import { hostPathProblems } from '../ops/host-paths.js';
 import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
 import { CliError } from './cli-error.js';
 
@@ -114,6 +115,8 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
     if (missing.length) {
       throw new CliError(`missing capabilit${missing.length > 1 ? 'ies' : 'y'} ${missing.map((c) => `${c.name} (${c.why})`).join(', ')}: grant ${missing.map((c) => c.name.slice(4)).join(', ')} in the container's securityContext.capabilities.add`, 1);
     }
+    const problems = hostPathProblems({ hostRoot: args['host-root'], bpffs: args.bpffs, ztunnelSocket: args['ztunnel-socket'], pluginSocket: args['plugin-socket'], cni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'] } : undefined });
+    if (problems.length) throw new CliError(`the node's paths are not all there:\n  ${problems.join('\n  ')}`, 1);
     const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination({ dest: 2, sync: true }));
     const agent = new Agent({
       nodeName: args['node-name'],

@@ -77,6 +77,27 @@ interface Entry {
   dnsCapture: boolean;
   /** What the last attach ignored in the pod's annotations (malformed values). */
   annotationWarnings: string[];
+  /** Reconcile passes started so far (a CNI ADD waits for one that starts after it). */
+  passes: number;
+  /** CNI ADDs waiting for the pod to be redirected and acked, with the first pass that counts. */
+  addWaiters: { fromPass: number; resolve: (v: AddVerdict) => void }[];
+  /** Where the time of the CNI ADD in progress goes (ms by phase), while one is. */
+  addPhases: PhaseClock | undefined;
+}
+
+/** A CNI ADD's answer: redirected and acked, or why not. */
+export type AddVerdict = { ok: true } | { ok: false; reason: string };
+
+/** Milliseconds spent per named phase, each from the previous mark. */
+export class PhaseClock {
+  private at = performance.now();
+  readonly ms: Record<string, number> = {};
+
+  mark(phase: string): void {
+    const now = performance.now();
+    this.ms[phase] = Math.round(((this.ms[phase] ?? 0) + now - this.at) * 100) / 100;
+    this.at = now;
+  }
 }
 
 /** How a pod's traffic is redirected in its netns: the BPF datapath, or (for the benchmark's
@@ -243,7 +264,10 @@ export class Reconciler {
         this.podEvents[EVENT_TYPE[c.type]]++;
         const e = this.entry(c.pod.metadata.uid);
         if (e.sandboxGone && e.pod && podIPs(c.pod).join() !== podIPs(e.pod).join()) e.sandboxGone = false;
+        const before = e.pod;
         e.pod = c.type === 'deleted' ? undefined : c.pod;
+        // Our own annotation coming back changes nothing to reconcile (a pass would attach again).
+        if (c.type === 'updated' && before && e.annotation && onlyAnnotationBecame(before, c.pod, e.annotation.value)) continue;
         touched.add(c.pod.metadata.uid);
       } else {
         // A namespace label changes the fate of every pod in it.
@@ -254,8 +278,11 @@ export class Reconciler {
   }
 
   /** CNI ADD: the runtime made the pod's sandbox. Resolves once the pod is redirected and ztunnel
-   * acked it, or with the reason it is not (the runtime then fails the ADD and retries). */
-  async cniAdd(pod: Pod, netnsPath: string, ips: string[], containerId?: string): Promise<{ ok: true } | { ok: false; reason: string }> {
+   * acked it, or with the reason it is not (the runtime then fails the ADD and retries). It does
+   * not wait for what follows in the same pass (the annotation) nor for passes that other changes
+   * ask for meanwhile (the pod's own watch events): they do not make the pod more redirected.
+   * `phases` collects where the time went. */
+  async cniAdd(pod: Pod, netnsPath: string, ips: string[], containerId?: string, phases?: PhaseClock): Promise<AddVerdict> {
     const e = this.entry(pod.metadata.uid);
     if (containerId && e.sandboxId !== containerId) {
       e.sandboxId = containerId;
@@ -270,11 +297,22 @@ export class Reconciler {
     e.netnsFromCni = true;
     e.cniIps = ips;
     e.sandboxGone = false;
-    await this.reconcile(e.uid);
-    if (e.error) return { ok: false, reason: e.error };
-    if (!e.attached) return { ok: false, reason: 'the pod was not redirected' };
-    if (e.ztunnel?.status !== 'acked') return { ok: false, reason: e.ztunnel ? describe(e.ztunnel) : 'ztunnel not asked' };
-    return { ok: true };
+    e.addPhases = phases;
+    const verdict = new Promise<AddVerdict>((resolve) => e.addWaiters.push({ fromPass: e.passes + 1, resolve }));
+    const pass = this.reconcile(e.uid).then(() => addVerdict(e));
+    try {
+      return await Promise.race([verdict, pass]);
+    } finally {
+      if (e.addPhases === phases) e.addPhases = undefined;
+    }
+  }
+
+  /** Answers the CNI ADDs waiting since this pass or earlier. */
+  private answerAdds(e: Entry, verdict: AddVerdict): void {
+    const due = e.addWaiters.filter((w) => w.fromPass <= e.passes);
+    if (due.length === 0) return;
+    e.addWaiters = e.addWaiters.filter((w) => w.fromPass > e.passes);
+    for (const w of due) w.resolve(verdict);
   }
 
   /** CNI DEL: the sandbox is going away; unenrol until a new one appears. A DEL for another sandbox
@@ -431,6 +469,9 @@ export class Reconciler {
         cgroup: { state: 'off' },
         dnsCapture: false,
         annotationWarnings: [],
+        passes: 0,
+        addWaiters: [],
+        addPhases: undefined,
       };
       this.entries.set(uid, e);
     }
@@ -463,6 +504,8 @@ export class Reconciler {
   private async reconcileOnce(e: Entry): Promise<void> {
     const log = { uid: e.uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined };
     clearTimeout(e.retry);
+    e.passes++;
+    e.addPhases?.mark('queued');
     try {
       if (this.desired(e)) await this.enroll(e);
       else await this.unenroll(e);
@@ -488,6 +531,8 @@ export class Reconciler {
         e.backoffMs = Math.min(e.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
       }
     }
+    // A failed pass answers only if no other pass follows (it may still succeed).
+    if (!e.again) this.answerAdds(e, addVerdict(e));
     if (!e.pod && !e.attached && !e.error) {
       this.forgetSandbox(e);
       this.entries.delete(e.uid);
@@ -506,6 +551,7 @@ export class Reconciler {
     // with the reason when it cannot tell for sure (an error for this pod, retried with backoff).
     const netnsPath = trusted || (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(e.uid, ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
+    e.addPhases?.mark('netns');
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
     if (capture.warnings.join('\n') !== e.annotationWarnings.join('\n') && capture.warnings.length > 0) {
@@ -513,12 +559,14 @@ export class Reconciler {
     }
     e.annotationWarnings = capture.warnings;
     const podCgroup = this.podCgroup(e, netnsPath);
+    e.addPhases?.mark('cgroup');
     // With `auto`, a new pod gets the tc hooks (well under a millisecond) and moves to tcx once the
     // node is idle (a tcx link waits for RCU grace periods under rtnl_lock: tens of ms per pod).
     const fastPath = this.opts.attachMode === 'auto' && (!e.attached || moved) && !this.tcxUnavailable && kernelHasTcx();
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
     await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    e.addPhases?.mark('attach');
     if (fastPath) this.queueUpgrade(e.uid);
     e.cgroup = podCgroup ? { state: 'on', path: podCgroup } : this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
     e.dnsCapture = capture.dnsCapture;
@@ -531,7 +579,10 @@ export class Reconciler {
     if (!e.ztunnel || e.ztunnel.status !== 'acked' || moved) {
       e.ztunnel = await this.opts.zds.enroll({ uid: e.uid, info: workloadInfo(pod), netnsFd: openSync(netnsPath, 'r') });
       if (e.ztunnel.status === 'acked') this.enrolled(e);
+      e.addPhases?.mark('ztunnel');
     }
+    // Redirected and acked: a CNI ADD waiting for this pass answers now, before the annotation.
+    if (e.ztunnel.status === 'acked') this.answerAdds(e, { ok: true });
     await this.annotate(e, e.ztunnel.status === 'acked' ? 'enabled' : 'pending');
     // ztunnel retries a nacked pod itself; ask again later too, in case it lost it.
     if (e.ztunnel.status === 'nacked') throw new Error(`ztunnel refused the pod: ${e.ztunnel.error}`);
@@ -579,6 +630,24 @@ function inodeOf(path: string): number | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** Is `after` the pod `before` with only the redirection annotation changed, to `value`? */
+function onlyAnnotationBecame(before: Pod, after: Pod, value: RedirectionAnnotation): boolean {
+  if (after.metadata.annotations?.[REDIRECTION_ANNOTATION] !== value) return false;
+  const rest = (p: Pod) => {
+    const annotations = { ...p.metadata.annotations };
+    delete annotations[REDIRECTION_ANNOTATION];
+    return JSON.stringify({ ...p, metadata: { ...p.metadata, resourceVersion: undefined, annotations } });
+  };
+  return rest(before) === rest(after);
+}
+
+function addVerdict(e: Entry): AddVerdict {
+  if (e.error) return { ok: false, reason: e.error };
+  if (!e.attached) return { ok: false, reason: 'the pod was not redirected' };
+  if (e.ztunnel?.status !== 'acked') return { ok: false, reason: e.ztunnel ? describe(e.ztunnel) : 'ztunnel not asked' };
+  return { ok: true };
 }
 
 function stateOf(e: Entry): EnrollmentState {
