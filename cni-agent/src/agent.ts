@@ -273,7 +273,7 @@ export class Agent {
         policyFile: this.opts.cniPolicyFile,
         bpffs: this.opts.bpffs,
         keepPodRedirection,
-        kube: { client, nodeName: this.opts.nodeName },
+        kube: { connect: () => Promise.resolve(client), nodeName: this.opts.nodeName },
         report: (line) => log.info({}, line),
         warn: (line) => log.warn({}, line),
         log,

@@ -36,15 +36,15 @@ export const uninstallCommand: CommandModule<object, UninstallArgs> = {
       .option('node-name', { type: 'string', default: process.env.NODE_NAME ?? hostname(), describe: 'this node (whose pods lose the annotation) [default: $NODE_NAME or the hostname]' }),
   handler: async (args) => {
     let client: KubeClient | undefined;
-    const needsApi = !args['keep-pod-redirection'] && (args.kubeconfig !== undefined || !!process.env.KUBERNETES_SERVICE_HOST);
-    if (needsApi) client = new KubeClient(await loadKubeConnection(args.kubeconfig));
+    const hasApi = args.kubeconfig !== undefined || !!process.env.KUBERNETES_SERVICE_HOST;
+    const connect = async () => (client = new KubeClient(await loadKubeConnection(args.kubeconfig)));
     try {
       const failed = await removeFromNode({
         cni: { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'] },
         policyFile: args['cni-policy-file'],
         bpffs: args.bpffs,
         keepPodRedirection: args['keep-pod-redirection'],
-        kube: client ? { client, nodeName: args['node-name'] } : undefined,
+        kube: hasApi ? { connect, nodeName: args['node-name'] } : undefined,
         report: (line) => process.stdout.write(`${line}\n`),
         warn: (line) => process.stderr.write(`ambient-bpf: warning: ${line}\n`),
         log: silentLogger,

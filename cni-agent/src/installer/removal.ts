@@ -19,8 +19,9 @@ export interface RemovalOptions {
   bpffs: string;
   /** Leave running pods redirected (and their annotations, which then still tell the truth). */
   keepPodRedirection: boolean;
-  /** The API, to remove the redirection annotations of this node's pods; undefined: none known. */
-  kube: { client: KubeClient; nodeName: string } | undefined;
+  /** The API, to remove the redirection annotations of this node's pods; undefined: none known.
+   * Connected only then, so that a configuration that fails stops nothing else. */
+  kube: { connect: () => Promise<KubeClient>; nodeName: string } | undefined;
   /** One line per thing done, and warnings. */
   report: (line: string) => void;
   warn: (line: string) => void;
@@ -56,7 +57,7 @@ export async function removeFromNode(opts: RemovalOptions): Promise<string[]> {
     return failed;
   }
   try {
-    const n = await removeRedirectionAnnotations(opts.kube.client, opts.kube.nodeName);
+    const n = await removeRedirectionAnnotations(await opts.kube.connect(), opts.kube.nodeName);
     opts.report(`removed the ${REDIRECTION_ANNOTATION} annotation from ${n} pod${n === 1 ? '' : 's'} of node ${opts.kube.nodeName}`);
   } catch (err) {
     failed.push(`could not remove the ${REDIRECTION_ANNOTATION} annotations of node ${opts.kube.nodeName}'s pods: ${(err as Error).message}`);
