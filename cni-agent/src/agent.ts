@@ -45,10 +45,10 @@ export interface AgentOptions {
   /** What the plugin decides from while the agent is unreachable (the entry's policy_file): on a
    * real node a path that survives a reboot. */
   cniPolicyFile: string;
-  /** The agent's own DaemonSet (Kubernetes source): stopping while it is gone or being deleted
-   * takes ambient-bpf off the node (removeFromNode); otherwise (an upgrade, a restart) everything
-   * stays. */
-  daemonSet?: { namespace: string; name: string } | undefined;
+  /** The agent's own DaemonSet (Kubernetes source): shutdown() while it is gone or being deleted
+   * takes ambient-bpf off the node (removeFromNode; running pods stay redirected and annotated with
+   * keepPodRedirection); otherwise (an upgrade, a restart) everything stays. */
+  daemonSet?: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
   bpffs: string;
   hostRoot: string;
   attachMode: AttachMode;
@@ -245,9 +245,9 @@ export class Agent {
   }
 
   /** Stops the agent because SIGTERM came: if its DaemonSet is gone or being deleted, takes
-   * ambient-bpf off the node (the pods' redirection too unless `keepPodRedirection`); otherwise
-   * leaves everything for the next agent. Returns what was decided and what could not be done. */
-  async shutdown(keepPodRedirection: boolean): Promise<{ removed: boolean; failed: string[] }> {
+   * ambient-bpf off the node; otherwise leaves everything for the next agent. Returns what was
+   * decided and what could not be done. */
+  async shutdown(): Promise<{ removed: boolean; failed: string[] }> {
     const { log } = this.opts;
     const ds = this.opts.daemonSet;
     const source = this.opts.source;
@@ -256,24 +256,27 @@ export class Agent {
       return { removed: false, failed: [] };
     }
     const k = source.kubeconfig;
-    const client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
+    let client: KubeClient | undefined;
     try {
       let removed: boolean;
       try {
+        client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
         removed = await daemonSetRemoved(client, ds.namespace, ds.name);
       } catch (err) {
         log.warn({ daemonSet: `${ds.namespace}/${ds.name}`, error: (err as Error).message }, 'cannot tell whether the DaemonSet is being deleted; leaving everything in place');
         removed = false;
       }
       this.stop();
-      if (!removed) return { removed, failed: [] };
+      if (!removed || !client) return { removed: false, failed: [] };
+      const api = client;
+      const { keepPodRedirection } = ds;
       log.info({ daemonSet: `${ds.namespace}/${ds.name}`, keepPodRedirection }, 'the DaemonSet is being deleted: removing ambient-bpf from the node');
       const failed = await removeFromNode({
         cni: this.opts.installCni,
         policyFile: this.opts.cniPolicyFile,
         bpffs: this.opts.bpffs,
         keepPodRedirection,
-        kube: { connect: () => Promise.resolve(client), nodeName: this.opts.nodeName },
+        kube: { connect: () => Promise.resolve(api), nodeName: this.opts.nodeName },
         report: (line) => log.info({}, line),
         warn: (line) => log.warn({}, line),
         log,
@@ -281,7 +284,7 @@ export class Agent {
       for (const f of failed) log.error({}, f);
       return { removed, failed };
     } finally {
-      client.close();
+      client?.close();
     }
   }
 

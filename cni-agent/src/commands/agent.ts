@@ -109,12 +109,12 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
     if (args.kubeconfig === undefined && args['local-pods'] === undefined && !process.env.KUBERNETES_SERVICE_HOST) {
       throw new CliError('name a pod source: --local-pods FILE or --kubeconfig FILE (in a cluster, the service account is used)', 2);
     }
-    let daemonSet: { namespace: string; name: string } | undefined;
+    let daemonSet: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
     if (args.daemonset !== undefined) {
       const m = /^([a-z0-9][a-z0-9.-]*)\/([a-z0-9][a-z0-9.-]*)$/.exec(args.daemonset);
       if (!m) throw new CliError(`--daemonset must be NAMESPACE/NAME, not ${JSON.stringify(args.daemonset)}`, 2);
       if (args['local-pods'] !== undefined) throw new CliError('--daemonset needs the Kubernetes pod source (not --local-pods)', 2);
-      daemonSet = { namespace: m[1]!, name: m[2]! };
+      daemonSet = { namespace: m[1]!, name: m[2]!, keepPodRedirection: args['keep-pod-redirection'] };
     }
     let strictAllow;
     try {
@@ -161,7 +161,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       throw err;
     }
     await stopped;
-    const { removed } = await agent.shutdown(args['keep-pod-redirection']);
+    const { removed } = await agent.shutdown();
     if (!removed) log.info({}, 'stopped; pods stay redirected');
   },
 };
