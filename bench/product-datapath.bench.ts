@@ -73,7 +73,7 @@ class Agent {
     this.writePods();
     this.child = spawn(CLI, [
       'agent', '--local-pods', this.file('pods.yaml'), '--node-name', 'bench-node', '--ztunnel-socket', this.file('z.sock'),
-      '--plugin-socket', this.file('cni.sock'), '--status-socket', this.file('status.sock'), '--bpffs', this.bpffs,
+      '--plugin-socket', this.file('cni.sock'), '--cni-policy-file', this.file('cni-policy'), '--status-socket', this.file('status.sock'), '--bpffs', this.bpffs,
       '--node-netns', nodeNetns, '--log-level', 'warn', ...extraArgs,
     ], { stdio: ['ignore', 'ignore', 'pipe'] });
     this.child.stderr!.on('data', (d: Buffer) => (this.stderr += d.toString()));

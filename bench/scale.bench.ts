@@ -75,7 +75,7 @@ async function main(): Promise<void> {
   const procs: ChildProcess[] = [];
   const api = SOURCE === 'kube' ? new KubeApiTestServer() : undefined;
   const source = api ? ['--kubeconfig', join(dir, 'kubeconfig')] : ['--local-pods', file];
-  const agentArgs = ['agent', ...source, '--node-name', 'node-a', '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', statusSocket, '--bpffs', root, '--dns-capture=false', '--log-level', 'info'];
+  const agentArgs = ['agent', ...source, '--node-name', 'node-a', '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', statusSocket, '--bpffs', root, '--dns-capture=false', '--log-level', 'info'];
   try {
     process.stderr.write(`making ${PODS} pod sandboxes...\n`);
     const nodes = [await topo.netns('node0'), await topo.netns('node1'), await topo.netns('node2'), await topo.netns('node3')];

@@ -66,7 +66,7 @@ describe('agent restarts during pod churn', kernelTest(), () => {
       ].join('\n---\n'));
     const expected = () => [...pods.values()].filter((p) => p.ns === 'mesh' || flipAmbient).map((p) => `uid-${p.name}`).sort();
     const startAgent = () => {
-      agent = spawn(CLI, ['agent', '--local-pods', file, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 's.sock'), '--bpffs', root, '--log-level', 'warn'], { stdio: 'ignore' });
+      agent = spawn(CLI, ['agent', '--local-pods', file, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', join(dir, 's.sock'), '--bpffs', root, '--log-level', 'warn'], { stdio: 'ignore' });
     };
 
     for (let i = 0; i < 8; i++) await addPod();

@@ -30,7 +30,7 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     const nsObj = (mode?: string) => ({ apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'shop', labels: mode ? { 'istio.io/dataplane-mode': mode } : {} } });
     api.upsert('namespaces', nsObj('ambient'));
     api.upsert('pods', { apiVersion: 'v1', kind: 'Pod', metadata: { name: 'cart', namespace: 'shop', uid: `uid-cart-${topo.id}` }, spec: { nodeName: 'node-a', serviceAccountName: 'cart' }, status: { phase: 'Running', podIP: net.podV4, podIPs: [{ ip: net.podV4 }] } });
-    const agent = new Agent({ nodeName: 'node-a', source: { kubeconfig: api.connection() }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'auto', log: silentLogger });
+    const agent = new Agent({ nodeName: 'node-a', source: { kubeconfig: api.connection() }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), cniPolicyFile: join(dir, 'cni-policy'), bpffs: root, hostRoot: '/', attachMode: 'auto', log: silentLogger });
     const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
     t.after(async () => {
       standIn.stop();
@@ -68,7 +68,7 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     await api.start();
     api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'plain' } });
     api.upsert('pods', { apiVersion: 'v1', kind: 'Pod', metadata: { name: 'old', namespace: 'plain', uid: `uid-old-${topo.id}`, annotations: { [REDIRECTION_ANNOTATION]: 'enabled' } }, spec: { nodeName: 'node-a' }, status: { phase: 'Running', podIP: '198.18.91.2' } });
-    const agent = new Agent({ nodeName: 'node-a', source: { kubeconfig: api.connection() }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'auto', log: silentLogger });
+    const agent = new Agent({ nodeName: 'node-a', source: { kubeconfig: api.connection() }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), cniPolicyFile: join(dir, 'cni-policy'), bpffs: root, hostRoot: '/', attachMode: 'auto', log: silentLogger });
     t.after(async () => {
       agent.stop();
       await api.close();

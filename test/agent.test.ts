@@ -56,7 +56,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     ].join('\n---\n'));
     const port = 40000 + Math.floor(Math.random() * 9000);
     const socket = join(dir, 'ztunnel.sock');
-    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`];
+    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`];
     const remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 4, address: net.remoteV4, port: 8080 });
     const procs: ReturnType<typeof run>[] = [];
     t.after(async () => {
@@ -157,7 +157,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     const pods = join(dir, 'pods.yaml');
     writeFileSync(pods, `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, uid: agent-cart2-${topo.id}, labels: { istio.io/dataplane-mode: ambient } }\nstatus: { podIP: ${net.podV4} }\n`);
     const port = 40000 + Math.floor(Math.random() * 9000);
-    const agent = run(['agent', '--local-pods', pods, '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--bpffs', root,
+    const agent = run(['agent', '--local-pods', pods, '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--bpffs', root,
       '--install-cni', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--health-addr', `127.0.0.1:${port}`, '--metrics-addr', `127.0.0.1:${port + 1}`]);
     t.after(async () => {
       agent.child.kill('SIGKILL');
@@ -181,9 +181,10 @@ describe('ambient-bpf agent', kernelTest(), () => {
     agent.child.kill('SIGTERM');
     assert.equal(await agent.exited, 0);
     assert.equal((await dp.list()).length, 1, 'the stopped agent left the pod redirected');
-    const removed = await runCli(['uninstall', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--bpffs', root]);
+    const removed = await runCli(['uninstall', '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--cni-policy-file', join(dir, 'cni-policy'), '--bpffs', root]);
     assert.equal(removed.code, 0, removed.stderr);
-    assert.match(removed.stdout, /removed the ambient-bpf-cni entry from .*10-bridge\.conflist\nremoved the redirection of pod agent-cart2-/);
+    assert.match(removed.stdout, /removed the ambient-bpf-cni entry from .*10-bridge\.conflist\nremoved .*cni-policy\nremoved the redirection of pod agent-cart2-/);
+    assert.equal(existsSync(join(dir, 'cni-policy')), false);
     assert.deepEqual((JSON.parse(readFileSync(join(confDir, '10-bridge.conflist'), 'utf8')) as { plugins: { type: string }[] }).plugins.map((p) => p.type), ['bridge']);
     assert.equal(existsSync(join(binDir, 'ambient-bpf-cni')), false);
     assert.deepEqual(await dp.list(), []);

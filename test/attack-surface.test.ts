@@ -6,7 +6,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Agent } from '../cni-agent/src/agent.js';
-import { policyFilePath } from '../cni-agent/src/cni/policy-file.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { kernelTest, testBpffsRoot, uniqueSuffix } from './helpers/kernel.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
@@ -30,7 +29,7 @@ describe('local attack surface', kernelTest(), () => {
     const dirs = { run: join(base, 'run'), ztunnel: join(base, 'ztunnel') };
     writeFileSync(join(base, 'pods.yaml'), '');
     const sockets = { plugin: join(dirs.run, 'cni.sock'), status: join(dirs.run, 'status.sock'), ztunnel: join(dirs.ztunnel, 'ztunnel.sock') };
-    const agent = new Agent({ nodeName: 'n', source: { localPods: join(base, 'pods.yaml') }, ztunnelSocket: sockets.ztunnel, pluginSocket: sockets.plugin, statusSocket: sockets.status, bpffs: root, hostRoot: '/', attachMode: 'auto', verifyIntervalMs: 0, log: silentLogger });
+    const agent = new Agent({ nodeName: 'n', source: { localPods: join(base, 'pods.yaml') }, ztunnelSocket: sockets.ztunnel, pluginSocket: sockets.plugin, cniPolicyFile: join(base, 'cni-policy'), statusSocket: sockets.status, bpffs: root, hostRoot: '/', attachMode: 'auto', verifyIntervalMs: 0, log: silentLogger });
     t.after(async () => {
       agent.stop();
       await removeDatapath(root);
@@ -46,6 +45,6 @@ describe('local attack surface', kernelTest(), () => {
     assert.equal(await connectAsNobody(sockets.status, 'stream'), 'PermissionError');
     assert.equal(await connectAsNobody(sockets.ztunnel, 'seqpacket'), 'PermissionError');
     // The policy file the plugin reads while the agent is down: readable, holds only names.
-    assert.equal(statSync(policyFilePath(sockets.plugin)).mode & 0o777, 0o644);
+    assert.equal(statSync(join(base, 'cni-policy')).mode & 0o777, 0o644);
   });
 });

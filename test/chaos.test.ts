@@ -71,7 +71,7 @@ describe('chaos', kernelTest(), () => {
     });
 
     const startAgent = (): Proc =>
-      (agent = start(['agent', '--kubeconfig', join(dir, 'kubeconfig'), '--node-name', NODE, '--ztunnel-socket', zsock, '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 's.sock'), '--bpffs', root, '--attach-mode', 'tc', '--dns-capture=false', '--verify-interval', '2', '--log-level', process.env.CHAOS_LOG ?? 'error']));
+      (agent = start(['agent', '--kubeconfig', join(dir, 'kubeconfig'), '--node-name', NODE, '--ztunnel-socket', zsock, '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', join(dir, 's.sock'), '--bpffs', root, '--attach-mode', 'tc', '--dns-capture=false', '--verify-interval', '2', '--log-level', process.env.CHAOS_LOG ?? 'error']));
     const startZtunnel = (): Proc => (ztunnel = start(['ztunnel', '--socket', zsock, '--log-level', process.env.CHAOS_LOG ?? 'error']));
 
     let flipAmbient = false;

@@ -44,6 +44,7 @@ describe('CNI chaining', kernelTest(), () => {
     const dir = mkdtempSync(join(tmpdir(), 'abt-cni-'));
     const root = testBpffsRoot(topo.id);
     const pluginSocket = join(dir, 'run', 'cni.sock');
+    const cniPolicyFile = join(dir, 'lib', 'cni-policy');
     const ztunnelSocket = join(dir, 'ztunnel.sock');
     writeFileSync(join(dir, 'pods.yaml'), POD_FILE);
     const node = await topo.netns('node');
@@ -52,11 +53,11 @@ describe('CNI chaining', kernelTest(), () => {
       name: `abt-${topo.id}`,
       plugins: [
         { type: 'bridge', bridge: 'cni0', isGateway: true, ipMasq: false, ipam: { type: 'host-local', ranges: [[{ subnet: '198.18.70.0/24' }]], routes: [{ dst: '0.0.0.0/0' }], dataDir: join(dir, 'ipam') } },
-        { type: 'ambient-bpf-cni', agent_socket: pluginSocket },
+        { type: 'ambient-bpf-cni', agent_socket: pluginSocket, policy_file: cniPolicyFile },
       ],
     });
     const podNs = async (name: string) => Topology.netnsPath(await topo.netns(name));
-    const agentOpts = { nodeName: 'node-a', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket, pluginSocket, bpffs: root, hostRoot: '/', attachMode: 'auto' as const, log: silentLogger };
+    const agentOpts = { nodeName: 'node-a', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket, pluginSocket, cniPolicyFile, bpffs: root, hostRoot: '/', attachMode: 'auto' as const, log: silentLogger };
     let agent = new Agent(agentOpts);
     const standIn = new ZtunnelStandIn({ socketPath: ztunnelSocket });
     const nodeServer = await RecordingServer.start('node-server', { netns: Topology.netnsPath(node), family: 4, address: '0.0.0.0', port: 8080 });
@@ -119,7 +120,7 @@ describe('CNI chaining', kernelTest(), () => {
 
     // The agent down: ambient pods fail closed from the policy file; others pass; DEL succeeds.
     agent.stop();
-    assert.match(readFileSync(join(dir, 'run', 'cni-policy'), 'utf8'), /^namespace shop ambient$/m);
+    assert.match(readFileSync(cniPolicyFile, 'utf8'), /^namespace shop ambient$/m);
     const cart3 = { ...cart, containerId: 'c-cart3', netns: await podNs('cart3') };
     const down = await chainAdd(node, list('1.0.0'), cart3);
     assertCniError(down.last, 11, /agent is not reachable/);
@@ -170,6 +171,7 @@ describe('CNI chaining', kernelTest(), () => {
     const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-cni-`));
     const root = testBpffsRoot(topo.id);
     const pluginSocket = join(dir, 'run', 'cni.sock');
+    const cniPolicyFile = join(dir, 'lib', 'cni-policy');
     const ztunnelSocket = join(dir, 'ztunnel.sock');
     writeFileSync(join(dir, 'pods.yaml'), POD_FILE);
     const node = await topo.netns('node');
@@ -178,10 +180,10 @@ describe('CNI chaining', kernelTest(), () => {
       name: `${TEST_PREFIX}-${topo.id}`,
       plugins: [
         { type: 'bridge', bridge: 'cni0', isGateway: true, ipMasq: false, ipam: { type: 'host-local', ranges: [[{ subnet: '198.18.71.0/24' }]], routes: [{ dst: '0.0.0.0/0' }], dataDir: join(dir, 'ipam') } },
-        { type: 'ambient-bpf-cni', agent_socket: pluginSocket },
+        { type: 'ambient-bpf-cni', agent_socket: pluginSocket, policy_file: cniPolicyFile },
       ],
     };
-    const agentOpts = { nodeName: 'node-a', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket, pluginSocket, bpffs: root, hostRoot: '/', attachMode: 'auto' as const, log: silentLogger };
+    const agentOpts = { nodeName: 'node-a', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket, pluginSocket, cniPolicyFile, bpffs: root, hostRoot: '/', attachMode: 'auto' as const, log: silentLogger };
     let agent = new Agent(agentOpts);
     const standIn = new ZtunnelStandIn({ socketPath: ztunnelSocket });
     const nodeServer = await RecordingServer.start('node-server', { netns: Topology.netnsPath(node), family: 4, address: '0.0.0.0', port: 8080 });

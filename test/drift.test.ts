@@ -31,7 +31,7 @@ describe('drift repair', kernelTest(), () => {
     // for one re-attaches periodically, which would repair too.
     const cgroup = new AppCgroup(topo.id);
     const pause = cgroup.pause(net.podPath);
-    const agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), bpffs: root, hostRoot: '/', attachMode: 'tcx', verifyIntervalMs: 200, log: silentLogger });
+    const agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), cniPolicyFile: join(dir, 'cni-policy'), bpffs: root, hostRoot: '/', attachMode: 'tcx', verifyIntervalMs: 200, log: silentLogger });
     const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
     const remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 4, address: net.remoteV4, port: 8080 });
     t.after(async () => {

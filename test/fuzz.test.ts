@@ -71,7 +71,7 @@ describe('fuzzing the agent’s inputs', kernelTest(), () => {
 
   before(async () => {
     writeFileSync(join(dir, 'pods.yaml'), 'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }\n');
-    agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket, statusSocket, bpffs: root, hostRoot: '/', attachMode: 'auto', verifyIntervalMs: 0, log: silentLogger });
+    agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket, cniPolicyFile: join(dir, 'cni-policy'), statusSocket, bpffs: root, hostRoot: '/', attachMode: 'auto', verifyIntervalMs: 0, log: silentLogger });
     await agent.start();
   });
 
@@ -94,6 +94,7 @@ describe('fuzzing the agent’s inputs', kernelTest(), () => {
         name: fc.oneof(text, fc.constant(undefined)),
         type: fc.constant('ambient-bpf-cni'),
         agent_socket: fc.oneof(fc.constant(pluginSocket), fc.constant(pluginSocket), text),
+        policy_file: fc.oneof(fc.constant(join(dir, 'cni-policy')), fc.constant(undefined), text),
         prevResult: fc.oneof(fc.constant(undefined), fc.anything(), fc.record({ cniVersion: fc.constant('1.0.0'), ips: fc.array(fc.record({ address: text }), { maxLength: 3 }) })),
       }).map((c) => JSON.stringify(c)),
     );
@@ -257,7 +258,7 @@ describe('fuzzing files', () => {
       fc.record({ cniVersion: fc.constantFrom('1.0.0', '0.3.1'), name: fc.string({ maxLength: 10 }), plugins: fc.array(plugin, { maxLength: 4 }) }).map((v) => JSON.stringify(v)),
       fc.record({ cniVersion: fc.constant('0.3.1'), name: fc.constant('single'), type: fc.constantFrom('bridge', 'ptp') }).map((v) => JSON.stringify(v)),
     );
-    const entry = { type: 'ambient-bpf-cni', agent_socket: '/var/run/ambient-bpf/cni.sock' } as const;
+    const entry = { type: 'ambient-bpf-cni', agent_socket: '/var/run/ambient-bpf/cni.sock', policy_file: '/var/lib/ambient-bpf/cni-policy' } as const;
     fc.assert(
       fc.property(conf, fc.constantFrom('10-net.conflist', '10-net.conf'), (text, file) => {
         let added;

@@ -11,7 +11,7 @@ import { CniInstaller } from '../cni-agent/src/installer/installer.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { until } from './helpers/wait.js';
 
-const entry = { type: 'ambient-bpf-cni' as const, agent_socket: '/run/a.sock' };
+const entry = { type: 'ambient-bpf-cni' as const, agent_socket: '/run/a.sock', policy_file: '/var/lib/a/cni-policy' };
 const bridge = { type: 'bridge', bridge: 'cni0', ipam: { type: 'host-local' } };
 const conflist = (plugins: object[]) => JSON.stringify({ cniVersion: '1.0.0', name: 'k8s', plugins });
 
@@ -66,7 +66,7 @@ describe('CNI installer', () => {
     chmodSync(primary, 0o640);
     writeFileSync(join(confDir, '99-other.conflist'), conflist([{ type: 'macvlan' }]));
     const conflicts: number[] = [];
-    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', log: silentLogger, debounceMs: 10, onConflict: (n) => conflicts.push(n) });
+    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log: silentLogger, debounceMs: 10, onConflict: (n) => conflicts.push(n) });
     t.after(() => installer.stop());
     installer.start();
 
@@ -92,7 +92,7 @@ describe('CNI installer', () => {
   it('wraps a lone .conf into a .conflist of the same name', (t) => {
     const { binDir, confDir, binarySource } = dirs(t);
     writeFileSync(join(confDir, '05-net.conf'), JSON.stringify({ cniVersion: '1.0.0', name: 'net', ...bridge }));
-    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', log: silentLogger });
+    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log: silentLogger });
     t.after(() => installer.stop());
     installer.start();
     assert.equal(existsSync(join(confDir, '05-net.conf')), false);
@@ -101,7 +101,7 @@ describe('CNI installer', () => {
 
   it('refuses to start without a CNI configuration to chain into', (t) => {
     const { binDir, confDir, binarySource } = dirs(t);
-    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', log: silentLogger });
+    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log: silentLogger });
     assert.throws(() => installer.start(), /no CNI configuration in .* to chain into/);
   });
 });

@@ -6,6 +6,8 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { parseAllDocuments } from 'yaml';
+import { daemonSetRemoved, removeRedirectionAnnotations } from '../cni-agent/src/installer/removal.js';
+import { KubeClient } from '../cni-agent/src/pods/kube-client.js';
 import { KubePodSource } from '../cni-agent/src/pods/kube-source.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { runCli } from './helpers/cli.js';
@@ -76,7 +78,7 @@ describe('manifests', () => {
     assert.deepEqual(quota?.spec.scopeSelector.matchExpressions.map((e) => [e.scopeName, e.values]), [['PriorityClass', [pod.priorityClassName]]]);
     assert.equal(pod.serviceAccountName, byKind('ServiceAccount')[0]!.metadata.name);
     const hostPaths = pod.volumes.flatMap((v) => (v.hostPath ? [v.hostPath.path] : [])).sort();
-    assert.deepEqual(hostPaths, ['/etc/cni/net.d', '/opt/cni/bin', '/proc', '/sys/fs/bpf', '/sys/fs/cgroup', '/var/run/ambient-bpf', '/var/run/netns', '/var/run/ztunnel']);
+    assert.deepEqual(hostPaths, ['/etc/cni/net.d', '/opt/cni/bin', '/proc', '/sys/fs/bpf', '/sys/fs/cgroup', '/var/lib/ambient-bpf', '/var/run/ambient-bpf', '/var/run/netns', '/var/run/ztunnel']);
   });
 
   it('grant exactly the API calls the agent makes', async (t) => {
@@ -90,14 +92,22 @@ describe('manifests', () => {
     const state = await source.start();
     await source.setRedirection(state.pods.get('u')!, 'enabled');
     await source.setRedirection(state.pods.get('u')!, undefined);
+    // On SIGTERM: is the DaemonSet being deleted? Then the annotations go (ambient-bpf uninstall too).
+    const [ds] = byKind('DaemonSet');
+    const client = new KubeClient(api.connection());
+    t.after(() => client.close());
+    assert.equal(await daemonSetRemoved(client, 'istio-system', ds!.metadata.name), true);
+    await removeRedirectionAnnotations(client, 'n');
     const used = new Set(api.requests.map((r) => {
       const status = /^\/api\/v1\/namespaces\/[^/]+\/pods\/[^/]+\/status$/.test(r.path);
+      const daemonSet = /^\/apis\/apps\/v1\/namespaces\/[^/]+\/daemonsets\/([^/]+)$/.exec(r.path);
+      if (daemonSet) return `daemonsets/${daemonSet[1]} get`;
       const resource = status ? 'pods/status' : r.path.split('/').at(-1)!;
       const verb = r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : 'list';
       return `${resource} ${verb}`;
     }));
-    const [role] = byKind('ClusterRole') as unknown as { metadata: { name: string }; rules: { apiGroups: string[]; resources: string[]; verbs: string[] }[] }[];
-    const granted = new Set(role!.rules.flatMap((r) => r.resources.flatMap((res) => r.verbs.map((v) => `${res} ${v}`))));
+    const [role] = byKind('ClusterRole') as unknown as { metadata: { name: string }; rules: { apiGroups: string[]; resources: string[]; resourceNames?: string[]; verbs: string[] }[] }[];
+    const granted = new Set(role!.rules.flatMap((r) => r.resources.flatMap((res) => (r.resourceNames ?? ['']).flatMap((n) => r.verbs.map((v) => `${res}${n ? `/${n}` : ''} ${v}`)))));
     assert.deepEqual([...granted].sort(), [...used].sort());
     const [binding] = byKind('ClusterRoleBinding') as unknown as { subjects: { name: string }[]; roleRef: { name: string } }[];
     assert.equal(binding!.roleRef.name, role!.metadata.name);

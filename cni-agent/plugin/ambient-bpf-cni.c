@@ -3,9 +3,10 @@
  * relays every other command (environment and stdin) to the agent's Unix socket, named by the
  * conflist entry's "agent_socket", then prints the agent's answer and exits with its code.
  *
- * When the agent cannot be reached it decides alone, from the policy file the agent keeps next to
- * its socket ("cni-policy"): an ambient pod's ADD or CHECK fails (fail closed: the runtime retries),
- * anything else passes prevResult through, so non-ambient pods never wait for the agent.
+ * When the agent cannot be reached it decides alone, from the policy the agent persists where a
+ * reboot does not erase it (the entry's "policy_file", default /var/lib/ambient-bpf/cni-policy).
+ * An ADD or CHECK fails (CNI error 11: the runtime retries) for a pod that is or may be ambient,
+ * and passes prevResult through for a pod the policy says is not (see decide() for the rule).
  *
  * Relay protocol, agent side in cni-agent/src/cni/relay.ts:
  *   request:  "AMBIENT-BPF-CNI 1\n", then "KEY=VALUE\n" for each CNI_* variable, "\n", then stdin
@@ -26,6 +27,10 @@
 
 #define MAX_STDIN (1 << 20)
 #define DEFAULT_AGENT_SOCKET "/var/run/ambient-bpf/cni.sock"
+#define DEFAULT_POLICY_FILE "/var/lib/ambient-bpf/cni-policy"
+/* First and last lines of a complete policy file (cni-agent/src/cni/policy-file.ts writes it). */
+#define POLICY_MAGIC "ambient-bpf-cni-policy 1"
+#define POLICY_END "end"
 #define SUPPORTED "[\"0.3.0\",\"0.3.1\",\"0.4.0\",\"1.0.0\",\"1.1.0\"]"
 #define REPLY_TIMEOUT_S 60
 
@@ -197,50 +202,95 @@ static void cni_arg(const char *args, const char *key, char *out, size_t len)
 	}
 }
 
-/* Is the pod ambient according to the policy file? Unknown means no (it starts, and the agent
- * enrols it while running once back, as upstream does when it cannot decide). */
-static bool policy_says_ambient(const char *socket_path)
+/* What the policy says about a pod: whether it may start without the agent, and why. */
+struct decision {
+	bool start;
+	char ns[256], name[256], why[192];
+};
+
+/* The rule while the agent is unreachable, in this order (README, "The CNI plugin"):
+ *   1. no complete policy file (the agent never ran here, or the data is lost): fail;
+ *   2. the namespace is excluded (kube-system): start;
+ *   3. the pod is listed (the agent saw it: its sandbox is being recreated after a reboot, or it
+ *      restarts): its own decision;
+ *   4. otherwise (a pod the agent never saw; its labels are unknown here): start only in a
+ *      namespace listed "none" (not labelled ambient, and no pod of it seen with the ambient pod
+ *      label); fail in one labelled ambient, one where pods opt in by label, or one not listed. */
+static struct decision decide(const char *policy_file)
 {
-	char path[PATH_MAX], ns[256], name[256], line[1024];
+	struct decision d = { .start = false };
+	char *ns = d.ns, *name = d.name, line[1024], ns_mode[256] = "", pod_mode[32] = "";
 	const char *args = getenv("CNI_ARGS");
-	const char *slash = strrchr(socket_path, '/');
-	int ns_rule = 0, pod_rule = 0; /* 1 ambient, -1 not */
+	bool magic = false, complete = false;
 	FILE *f;
 
-	snprintf(path, sizeof(path), "%.*s/cni-policy", slash ? (int)(slash - socket_path) : 1, slash ? socket_path : ".");
-	cni_arg(args, "K8S_POD_NAMESPACE", ns, sizeof(ns));
-	cni_arg(args, "K8S_POD_NAME", name, sizeof(name));
+	cni_arg(args, "K8S_POD_NAMESPACE", ns, sizeof(d.ns));
+	cni_arg(args, "K8S_POD_NAME", name, sizeof(d.name));
 	if (!ns[0])
-		snprintf(ns, sizeof(ns), "default");
-	f = fopen(path, "re");
-	if (!f)
-		return false;
+		snprintf(ns, sizeof(d.ns), "default");
+	f = fopen(policy_file, "re");
+	if (!f) {
+		snprintf(d.why, sizeof(d.why), "it may be ambient: no policy at %s (%s)", policy_file, strerror(errno));
+		return d;
+	}
 	while (fgets(line, sizeof(line), f)) {
 		char kind[16], a[256], b[256], c[32];
-		int n = sscanf(line, "%15s %255s %255s %31s", kind, a, b, c);
+		int n;
 
+		line[strcspn(line, "\n")] = '\0';
+		if (line[0] == '#' || !line[0])
+			continue;
+		if (!magic) {
+			if (strcmp(line, POLICY_MAGIC) != 0)
+				break;
+			magic = true;
+			continue;
+		}
+		if (strcmp(line, POLICY_END) == 0) {
+			complete = true;
+			break;
+		}
+		n = sscanf(line, "%15s %255s %255s %31s", kind, a, b, c);
 		if (n == 3 && strcmp(kind, "namespace") == 0 && strcmp(a, ns) == 0)
-			ns_rule = strcmp(b, "ambient") == 0 ? 1 : strcmp(b, "excluded") == 0 ? -2 : -1;
+			snprintf(ns_mode, sizeof(ns_mode), "%s", b);
 		else if (n == 4 && strcmp(kind, "pod") == 0 && strcmp(a, ns) == 0 && strcmp(b, name) == 0)
-			pod_rule = strcmp(c, "ambient") == 0 ? 1 : -1;
+			snprintf(pod_mode, sizeof(pod_mode), "%s", c);
 	}
 	fclose(f);
-	if (ns_rule == -2)
-		return false;
-	return pod_rule ? pod_rule > 0 : ns_rule > 0;
+	if (!complete) {
+		snprintf(d.why, sizeof(d.why), "it may be ambient: the policy at %s is incomplete", policy_file);
+		return d;
+	}
+	if (strcmp(ns_mode, "excluded") == 0) {
+		d.start = true;
+	} else if (pod_mode[0]) {
+		d.start = strcmp(pod_mode, "ambient") != 0;
+		snprintf(d.why, sizeof(d.why), "the policy says it is ambient");
+	} else if (strcmp(ns_mode, "none") == 0) {
+		d.start = true;
+	} else {
+		snprintf(d.why, sizeof(d.why), "%s", !ns_mode[0] ? "it may be ambient: its namespace is not in the policy" :
+						   strcmp(ns_mode, "ambient") == 0 ? "its namespace is ambient" :
+										     "it may be ambient: pods of its namespace opt in by label");
+	}
+	return d;
 }
 
 static int agent_down(const char *command, const char *socket_path, const char *config, int err)
 {
 	const char *s, *e;
-	bool ambient;
+	char *policy_file;
+	struct decision d;
 
 	if (!strcmp(command, "DEL") || !strcmp(command, "GC") || !strcmp(command, "STATUS"))
 		return 0; /* never block teardown or the node's network readiness */
-	ambient = policy_says_ambient(socket_path);
-	if (ambient)
-		return cni_error(CNI_ERR_TRY_LATER, "ambient pod, and the ambient-bpf agent is not reachable at %s (%s); retry later",
-				 socket_path, strerror(err));
+	policy_file = json_string(config, "policy_file");
+	d = decide(policy_file ? policy_file : DEFAULT_POLICY_FILE);
+	if (!d.start)
+		return cni_error(CNI_ERR_TRY_LATER,
+				 "pod %s/%s: %s, and the ambient-bpf agent is not reachable at %s (%s): check the ambient-bpf "
+				 "DaemonSet pod on this node and its logs; the runtime retries",
+				 d.ns, d.name, d.why, socket_path, strerror(err));
 	if (!strcmp(command, "ADD")) {
 		if (json_member(config, "prevResult", &s, &e))
 			printf("%.*s\n", (int)(e - s), s);

@@ -1,6 +1,7 @@
 // The node agent: wires the pod source, the reconciler, the datapath and the ZDS server together,
 // and exposes health and metrics. Stopping it leaves every pod redirected (as upstream's agent
-// does during an upgrade): the next agent adopts the attachments.
+// does during an upgrade): the next agent adopts the attachments; unless its DaemonSet is being
+// deleted (shutdown()), then it takes ambient-bpf off the node.
 import { join } from 'node:path';
 import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, Datapath, steeringForKernel, type Steering, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption } from '../../bpf/src/index.js';
 import { reserveFileDescriptors, type PeerCredentials } from '../../bpf/src/node-netns.js';
@@ -11,15 +12,16 @@ import { NetnsLocator } from './enrollment/netns-locator.js';
 import { SandboxRecords } from './enrollment/sandbox-records.js';
 import { DEFAULT_CAPTURE, Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
 import type { CaptureDefaults } from './pods/capture-options.js';
-import type { KubeConnection } from './pods/kube-client.js';
+import { KubeClient, loadKubeConnection, type KubeConnection } from './pods/kube-client.js';
 import { KubePodSource } from './pods/kube-source.js';
 import { LocalPodSource } from './pods/local-source.js';
 import type { ClusterState, SourceChange } from './pods/pod.js';
 import { DEFAULT_POLICY } from './pods/selection.js';
 import { CniHandler } from './cni/handler.js';
-import { policyFilePath, writeCniPolicy } from './cni/policy-file.js';
+import { writeCniPolicy } from './cni/policy-file.js';
 import { serveRelay } from './cni/relay.js';
 import { CniInstaller } from './installer/installer.js';
+import { daemonSetRemoved, removeFromNode } from './installer/removal.js';
 import { serveOps } from './ops/http.js';
 import { Counter, Histogram, samples } from './ops/metrics.js';
 import { serveStatus, type StatusReport } from './ops/status-api.js';
@@ -40,6 +42,13 @@ export interface AgentOptions {
   ztunnelSocket: string;
   /** Where the CNI plugin reaches the agent (the conflist entry's agent_socket). */
   pluginSocket: string;
+  /** What the plugin decides from while the agent is unreachable (the entry's policy_file): on a
+   * real node a path that survives a reboot. */
+  cniPolicyFile: string;
+  /** The agent's own DaemonSet (Kubernetes source): shutdown() while it is gone or being deleted
+   * takes ambient-bpf off the node (removeFromNode; running pods stay redirected and annotated with
+   * keepPodRedirection); otherwise (an upgrade, a restart) everything stays. */
+  daemonSet?: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
   bpffs: string;
   hostRoot: string;
   attachMode: AttachMode;
@@ -151,7 +160,7 @@ export class Agent {
     this.synced = true;
     if (this.opts.installCni) {
       // Last, as upstream: new pods only wait for an agent that can serve them.
-      this.installer = new CniInstaller({ ...this.opts.installCni, agentSocket: this.opts.pluginSocket, log });
+      this.installer = new CniInstaller({ ...this.opts.installCni, agentSocket: this.opts.pluginSocket, policyFile: this.opts.cniPolicyFile, log });
       this.installer.start();
     }
     this.gcTimer = setInterval(() => void this.collectGarbage(), GC_INTERVAL_MS);
@@ -235,6 +244,50 @@ export class Agent {
     for (const s of this.servers) s.close();
   }
 
+  /** Stops the agent because SIGTERM came: if its DaemonSet is gone or being deleted, takes
+   * ambient-bpf off the node; otherwise leaves everything for the next agent. Returns what was
+   * decided and what could not be done. */
+  async shutdown(): Promise<{ removed: boolean; failed: string[] }> {
+    const { log } = this.opts;
+    const ds = this.opts.daemonSet;
+    const source = this.opts.source;
+    if (!ds || !('kubeconfig' in source)) {
+      this.stop();
+      return { removed: false, failed: [] };
+    }
+    const k = source.kubeconfig;
+    let client: KubeClient | undefined;
+    try {
+      let removed: boolean;
+      try {
+        client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
+        removed = await daemonSetRemoved(client, ds.namespace, ds.name);
+      } catch (err) {
+        log.warn({ daemonSet: `${ds.namespace}/${ds.name}`, error: (err as Error).message }, 'cannot tell whether the DaemonSet is being deleted; leaving everything in place');
+        removed = false;
+      }
+      this.stop();
+      if (!removed || !client) return { removed: false, failed: [] };
+      const api = client;
+      const { keepPodRedirection } = ds;
+      log.info({ daemonSet: `${ds.namespace}/${ds.name}`, keepPodRedirection }, 'the DaemonSet is being deleted: removing ambient-bpf from the node');
+      const failed = await removeFromNode({
+        cni: this.opts.installCni,
+        policyFile: this.opts.cniPolicyFile,
+        bpffs: this.opts.bpffs,
+        keepPodRedirection,
+        kube: { connect: () => Promise.resolve(api), nodeName: this.opts.nodeName },
+        report: (line) => log.info({}, line),
+        warn: (line) => log.warn({}, line),
+        log,
+      });
+      for (const f of failed) log.error({}, f);
+      return { removed, failed };
+    } finally {
+      client?.close();
+    }
+  }
+
   notReady(): string[] {
     const reasons: string[] = [];
     if (!this.synced) reasons.push('pod source not synced');
@@ -304,7 +357,7 @@ export class Agent {
   /** What the CNI plugin decides from while the agent is unreachable. */
   private writePolicy(state: ClusterState): void {
     try {
-      writeCniPolicy(policyFilePath(this.opts.pluginSocket), state, DEFAULT_POLICY);
+      writeCniPolicy(this.opts.cniPolicyFile, state, DEFAULT_POLICY);
     } catch (err) {
       this.opts.log.error({ error: (err as Error).message }, 'cannot write the CNI policy file');
     }

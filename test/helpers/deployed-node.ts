@@ -142,6 +142,10 @@ export class DeployedNode {
 
     // The agent, from the DaemonSet (namespace from the kustomization).
     const namespace = (loadManifest('kustomization.yaml')[0] as { namespace: string }).namespace;
+    // The DaemonSet itself, which the agent reads on SIGTERM: present, a restart or a rolling
+    // update leaves everything in place (absent, the agent would take itself off the node).
+    const ds = loadManifest('daemonset.yaml').find((o) => o.kind === 'DaemonSet') as { metadata: { name: string } };
+    api.daemonSets.set(`${namespace}/${ds.metadata.name}`, { ...ds, metadata: { ...ds.metadata, namespace } });
     const agent = (this.agent = await kubelet.runPod(daemonSetPod('daemonset.yaml', namespace)));
     const conflist = node.hostPath('/etc/cni/net.d/10-pods.conflist');
     try {

@@ -2,7 +2,8 @@
 // protocol for v1 Pods and Namespaces, as Kubernetes clients use it. Lists carry a
 // resourceVersion; watches stream newline-delimited events from a resourceVersion, send bookmarks,
 // and answer 410 Gone (an ERROR event) for a resourceVersion older than the last compaction; the
-// spec.nodeName field selector filters pods; pods/status takes JSON merge patches. Test hooks
+// spec.nodeName field selector filters pods; pods/status takes JSON merge patches; apps/v1
+// DaemonSets can be read one at a time (daemonSets). Test hooks
 // change objects, break watch streams and compact history.
 import http from 'node:http';
 import https from 'node:https';
@@ -36,6 +37,8 @@ export class KubeApiTestServer {
   private readonly objects: Record<Kind, Map<string, Obj>> = { pods: new Map(), namespaces: new Map() };
   private readonly history: Event[] = [];
   private readonly watchers = new Set<Watcher>();
+  /** apps/v1 DaemonSets by namespace/name: only GET is served (the agent asks for its own). */
+  readonly daemonSets = new Map<string, Obj>();
   readonly patches: RecordedPatch[] = [];
   /** Every request, as RBAC sees it: method, path, and whether it was a watch. */
   readonly requests: { method: string; path: string; watch: boolean }[] = [];
@@ -136,6 +139,11 @@ export class KubeApiTestServer {
     if (this.failing > 0) {
       this.failing--;
       return reply(res, 503, statusObj(503, 'ServiceUnavailable', 'the test server is failing requests'));
+    }
+    const daemonSet = /^\/apis\/apps\/v1\/namespaces\/([^/]+)\/daemonsets\/([^/]+)$/.exec(url.pathname);
+    if (req.method === 'GET' && daemonSet) {
+      const ds = this.daemonSets.get(`${decodeURIComponent(daemonSet[1]!)}/${decodeURIComponent(daemonSet[2]!)}`);
+      return ds ? reply(res, 200, ds) : reply(res, 404, statusObj(404, 'NotFound', `daemonsets.apps "${decodeURIComponent(daemonSet[2]!)}" not found`));
     }
     const status = /^\/api\/v1\/namespaces\/([^/]+)\/pods\/([^/]+)\/status$/.exec(url.pathname);
     if (req.method === 'PATCH' && status) return this.patchStatus(req, res, decodeURIComponent(status[1]!), decodeURIComponent(status[2]!));

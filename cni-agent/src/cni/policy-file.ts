@@ -1,38 +1,62 @@
-// The file the CNI plugin reads when it cannot reach the agent: which namespaces and pods are
-// ambient, so that it fails closed for those and lets every other pod start. Written atomically
-// next to the plugin socket on every change of the pod source.
-import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+// The file the CNI plugin decides from when it cannot reach the agent: which namespaces and pods
+// are ambient. It lives where a reboot does not erase it (default under /var/lib/ambient-bpf),
+// because after a reboot pods are created again before the agent is back. Written atomically and
+// synced on every change of the pod source; the plugin treats a file without its first and last
+// lines as lost and fails closed (cni-agent/plugin/ambient-bpf-cni.c, decide()).
+import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
 import type { ClusterState } from '../pods/pod.js';
 import { DATAPLANE_MODE_LABEL, selectPod, type SelectionPolicy } from '../pods/selection.js';
 
-export function policyFilePath(pluginSocket: string): string {
-  return join(dirname(pluginSocket), 'cni-policy');
+export const DEFAULT_POLICY_FILE = '/var/lib/ambient-bpf/cni-policy';
+const MAGIC = 'ambient-bpf-cni-policy 1';
+const END = 'end';
+
+/** How the plugin treats a namespace's pods it has no line for. */
+type NamespaceMode = 'excluded' | 'ambient' | 'pod-label' | 'none';
+
+function namespaceMode(name: string, state: ClusterState, policy: SelectionPolicy, podLabelled: Set<string>): NamespaceMode {
+  if (policy.excludedNamespaces.includes(name)) return 'excluded';
+  if (state.namespaces.get(name)?.metadata.labels?.[DATAPLANE_MODE_LABEL] === 'ambient') return 'ambient';
+  // A pod's own label makes it ambient, and the plugin cannot see labels: where some pod opts in
+  // by label, a pod the agent never saw may be ambient.
+  return podLabelled.has(name) ? 'pod-label' : 'none';
 }
 
-/** The policy as text; see the plugin (cni-agent/plugin/ambient-bpf-cni.c) for how it is read. */
+/** The policy as text; see the plugin for how it is read. */
 export function renderCniPolicy(state: ClusterState, policy: SelectionPolicy): string {
-  const lines = ['# ambient-bpf: read by ambient-bpf-cni when the agent is unreachable. Generated; do not edit.'];
+  const lines = ['# ambient-bpf: read by ambient-bpf-cni when the agent is unreachable. Generated; do not edit.', MAGIC];
+  const podLabelled = new Set([...state.pods.values()].filter((p) => p.metadata.labels?.[DATAPLANE_MODE_LABEL] === 'ambient').map((p) => p.metadata.namespace));
   const namespaces = new Set([...state.namespaces.keys(), ...policy.excludedNamespaces]);
-  for (const name of [...namespaces].sort()) {
-    const mode = policy.excludedNamespaces.includes(name)
-      ? 'excluded'
-      : state.namespaces.get(name)?.metadata.labels?.[DATAPLANE_MODE_LABEL] === 'ambient'
-        ? 'ambient'
-        : 'none';
-    lines.push(`namespace ${name} ${mode}`);
-  }
+  for (const name of [...namespaces].sort()) lines.push(`namespace ${name} ${namespaceMode(name, state, policy, podLabelled)}`);
   for (const pod of state.pods.values()) {
     const { namespace, name } = pod.metadata;
     if (!/^[^\s]+$/.test(name) || !/^[^\s]+$/.test(namespace)) continue;
     lines.push(`pod ${namespace} ${name} ${selectPod(pod, state.namespaces.get(namespace), policy).ambient ? 'ambient' : 'none'}`);
   }
+  lines.push(END);
   return lines.join('\n') + '\n';
 }
 
 export function writeCniPolicy(path: string, state: ClusterState, policy: SelectionPolicy): void {
-  mkdirSync(dirname(path), { recursive: true, mode: 0o750 });
+  mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
   const tmp = `${path}.tmp-${process.pid}`;
   writeFileSync(tmp, renderCniPolicy(state, policy), { mode: 0o644 });
+  syncPath(tmp);
   renameSync(tmp, path);
+  syncPath(dirname(path)); // the rename itself survives a crash or power loss
+}
+
+/** Removes the policy: the plugin then fails closed, so only once it is out of the conflist. */
+export function removeCniPolicy(path: string): void {
+  rmSync(path, { force: true });
+}
+
+function syncPath(path: string): void {
+  const fd = openSync(path, 'r');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
 }

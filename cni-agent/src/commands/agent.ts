@@ -11,6 +11,7 @@ import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.j
 import { Agent, DEFAULT_NODE_NETNS, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
 import { hostPathProblems } from '../ops/host-paths.js';
 import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
+import { DEFAULT_POLICY_FILE } from '../cni/policy-file.js';
 import { CliError } from './cli-error.js';
 
 interface AgentArgs {
@@ -19,6 +20,9 @@ interface AgentArgs {
   kubeconfig: string | undefined;
   'ztunnel-socket': string;
   'plugin-socket': string;
+  'cni-policy-file': string;
+  daemonset: string | undefined;
+  'keep-pod-redirection': boolean;
   bpffs: string;
   'host-root': string;
   'attach-mode': AttachMode;
@@ -70,7 +74,10 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('local-pods', { type: 'string', describe: 'pod source: a YAML file of v1 Namespace and Pod objects, watched for changes' })
       .option('kubeconfig', { type: 'string', describe: 'pod source: the Kubernetes API through this kubeconfig [default, without --local-pods: in-cluster]' })
       .option('ztunnel-socket', { type: 'string', default: DEFAULT_ZTUNNEL_SOCKET, describe: 'the ZDS socket ztunnel connects to' })
-      .option('plugin-socket', { type: 'string', default: DEFAULT_PLUGIN_SOCKET, describe: 'where the CNI plugin reaches the agent (agent_socket in the conflist); the fail-open policy file goes next to it' })
+      .option('plugin-socket', { type: 'string', default: DEFAULT_PLUGIN_SOCKET, describe: 'where the CNI plugin reaches the agent (agent_socket in the conflist)' })
+      .option('cni-policy-file', { type: 'string', default: DEFAULT_POLICY_FILE, describe: 'what the CNI plugin decides from while the agent is unreachable (policy_file in the conflist); must survive a reboot' })
+      .option('daemonset', { type: 'string', describe: 'NAMESPACE/NAME of the agent’s DaemonSet: on SIGTERM, if it is gone or being deleted, ambient-bpf is removed from the node (else everything stays)' })
+      .option('keep-pod-redirection', { type: 'boolean', default: false, describe: 'when the DaemonSet is deleted, leave running pods redirected (and annotated)' })
       .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
       .option('host-root', { type: 'string', default: '/', describe: "the host's / (for /proc and /var/run/netns when running in a container)" })
       .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto' })
@@ -96,12 +103,19 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('health-addr', { type: 'string', describe: 'HOST:PORT for /healthz and /readyz' })
       .option('metrics-addr', { type: 'string', describe: 'HOST:PORT for Prometheus /metrics' })
       .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
-      .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected; a restarted agent adopts them.'),
+      .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected, a restarted agent adopts them; unless --daemonset names a DaemonSet that is gone or being deleted: then the CNI entry, the plugin, its policy file, and (without --keep-pod-redirection) the pods’ redirection and annotations are removed.'),
   handler: async (args) => {
     if (!Number.isFinite(args['verify-interval']) || args['verify-interval'] < 0) throw new CliError('--verify-interval must be 0 (off) or more seconds', 2);
     if (args.kubeconfig !== undefined && args['local-pods'] !== undefined) throw new CliError('name one pod source: --local-pods or --kubeconfig', 2);
     if (args.kubeconfig === undefined && args['local-pods'] === undefined && !process.env.KUBERNETES_SERVICE_HOST) {
       throw new CliError('name a pod source: --local-pods FILE or --kubeconfig FILE (in a cluster, the service account is used)', 2);
+    }
+    let daemonSet: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
+    if (args.daemonset !== undefined) {
+      const m = /^([a-z0-9][a-z0-9.-]*)\/([a-z0-9][a-z0-9.-]*)$/.exec(args.daemonset);
+      if (!m) throw new CliError(`--daemonset must be NAMESPACE/NAME, not ${JSON.stringify(args.daemonset)}`, 2);
+      if (args['local-pods'] !== undefined) throw new CliError('--daemonset needs the Kubernetes pod source (not --local-pods)', 2);
+      daemonSet = { namespace: m[1]!, name: m[2]!, keepPodRedirection: args['keep-pod-redirection'] };
     }
     let strictAllow;
     try {
@@ -123,6 +137,8 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       source: args['local-pods'] !== undefined ? { localPods: args['local-pods'] } : { kubeconfig: args.kubeconfig },
       ztunnelSocket: args['ztunnel-socket'],
       pluginSocket: args['plugin-socket'],
+      cniPolicyFile: args['cni-policy-file'],
+      daemonSet,
       bpffs: args.bpffs,
       hostRoot: args['host-root'],
       attachMode: args['attach-mode'],
@@ -148,7 +164,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       throw err;
     }
     await stopped;
-    log.info({}, 'stopping; pods stay redirected');
-    agent.stop();
+    const { removed } = await agent.shutdown();
+    if (!removed) log.info({}, 'stopped; pods stay redirected');
   },
 };

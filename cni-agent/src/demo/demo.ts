@@ -215,7 +215,7 @@ export class Demo {
     ];
     writeFileSync(join(this.dir, 'pods.yaml'), docs.map((d) => JSON.stringify(d, null, 2)).join('\n---\n') + '\n');
     this.agent = spawn(process.execPath, [CLI_JS, 'agent', '--node-name', 'demo-node', '--local-pods', join(this.dir, 'pods.yaml'),
-      '--ztunnel-socket', join(this.dir, 'ztunnel.sock'), '--plugin-socket', join(this.dir, 'cni.sock'), '--status-socket', join(this.dir, 'status.sock'),
+      '--ztunnel-socket', join(this.dir, 'ztunnel.sock'), '--plugin-socket', join(this.dir, 'cni.sock'), '--cni-policy-file', join(this.dir, 'cni-policy'), '--status-socket', join(this.dir, 'status.sock'),
       '--bpffs', this.bpffs, '--attach-mode', this.opts.attachMode, '--node-netns', this.path('node')], { stdio: ['ignore', 'ignore', 'pipe'] });
     this.agent.stderr!.on('data', (d: Buffer) => (this.agentLog = (this.agentLog + d.toString()).slice(-4000)));
   }

@@ -6,6 +6,7 @@ export const PLUGIN_TYPE = 'ambient-bpf-cni';
 export interface PluginEntry {
   type: typeof PLUGIN_TYPE;
   agent_socket: string;
+  policy_file: string;
   [key: string]: unknown;
 }
 

@@ -18,6 +18,8 @@ export interface InstallerOptions {
   /** The built plugin binary to copy. */
   binarySource: string;
   agentSocket: string;
+  /** The plugin's decision data when the agent is unreachable (the entry's policy_file). */
+  policyFile: string;
   log: Logger;
   debounceMs?: number;
   onConflict?: (reinserts: number) => void;
@@ -40,7 +42,7 @@ export class CniInstaller {
   readonly installs = new Map<'SUCCESS' | 'COPY_BINARIES_FAILURE' | 'CREATE_CNI_CONFIG_FAILURE', number>();
 
   constructor(private readonly opts: InstallerOptions) {
-    this.entry = { type: PLUGIN_TYPE, agent_socket: opts.agentSocket };
+    this.entry = { type: PLUGIN_TYPE, agent_socket: opts.agentSocket, policy_file: opts.policyFile };
   }
 
   /** Copies the binary, inserts the entry, and starts watching. Throws when there is no CNI

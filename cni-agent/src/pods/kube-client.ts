@@ -1,4 +1,4 @@
-// The three Kubernetes API calls the agent makes (list, watch, merge patch) over node's http/https,
+// The Kubernetes API calls the agent makes (list, watch, get, merge patch) over node's http/https,
 // in place of @kubernetes/client-node's generated API, whose code alone costs ~70 MiB of resident
 // memory (the agent's budget is 150 MiB with 1,000 pods). Credentials: the pod's service account
 // (in cluster), or a kubeconfig's current context with a token, token file, client certificate or
@@ -158,6 +158,11 @@ export class KubeClient {
     const body = (await this.call('GET', path, query)) as { items?: T[]; metadata?: { resourceVersion?: string } };
     if (!body.metadata?.resourceVersion) throw new KubeApiError(0, `list ${path}: no resourceVersion in the answer`);
     return { items: body.items ?? [], resourceVersion: body.metadata.resourceVersion };
+  }
+
+  /** One object; a missing one is a KubeApiError with code 404. */
+  async get<T>(path: string): Promise<T> {
+    return (await this.call('GET', path, {})) as T;
   }
 
   async mergePatch(path: string, patch: unknown): Promise<void> {
