@@ -24,6 +24,8 @@ import { sleep, until } from './helpers/wait.js';
 after(assertNothingLeft);
 
 const TRAFFIC = fileURLToPath(new URL('../../test/fixtures/upgrade-traffic.py', import.meta.url));
+// Pods the previous release enrols; one more is enrolled by this release (ztunnel's listeners in it
+// are learnt, so its apps' sockets take the lo route), and rolled back with the others.
 const PODS = 3;
 const LONG_LIVED = 4; // per pod
 const NEW_EVERY_MS = 25; // per pod
@@ -42,6 +44,11 @@ class EchoServer {
       let buf = '';
       s.on('data', (d: Buffer) => {
         buf += d.toString();
+        if (buf === 'ping') {
+          // app-client.py's probe of its socket's route
+          buf = '';
+          s.write('pong\n');
+        }
         for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
           const line = buf.slice(0, nl);
           buf = buf.slice(nl + 1);
@@ -124,20 +131,26 @@ describe('upgrade from the previous release', kernelTest(), () => {
         await new Promise((r) => (p.pause.exitCode === null && p.pause.signalCode === null ? p.pause.once('exit', r) : r(null)));
         p.cgroup.remove();
       }
-      if (existsSync(root)) await removeDatapath(root);
-      await topo.cleanup();
-      rmSync(dir, { recursive: true, force: true });
+      try {
+        if (existsSync(root)) await removeDatapath(root);
+      } finally {
+        await topo.cleanup();
+        rmSync(dir, { recursive: true, force: true });
+      }
     });
 
-    for (let i = 0; i < PODS; i++) {
+    for (let i = 0; i <= PODS; i++) {
       const net = await podWithRemote(topo, 171 + i, String(i));
       const cgroup = new AppCgroup(`${topo.id}-${i}`);
       pods.push({ uid: `upgrade-${i}-${topo.id}`, net, cgroup, pause: cgroup.pause(net.podPath), server: await EchoServer.start(Topology.netnsPath(net.remote), net.remoteV4) });
     }
-    writeFileSync(join(dir, 'pods.yaml'), [
-      'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
-      ...pods.map((p, i) => `apiVersion: v1\nkind: Pod\nmetadata: { name: app-${i}, namespace: shop, uid: ${p.uid} }\nstatus: { phase: Running, podIP: ${p.net.podV4} }`),
-    ].join('\n---\n'));
+    let listed = PODS;
+    const writePods = (): void =>
+      writeFileSync(join(dir, 'pods.yaml'), [
+        'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
+        ...pods.slice(0, listed).map((p, i) => `apiVersion: v1\nkind: Pod\nmetadata: { name: app-${i}, namespace: shop, uid: ${p.uid} }\nstatus: { phase: Running, podIP: ${p.net.podV4} }`),
+      ].join('\n---\n'));
+    writePods();
 
     const startAgent = (cli: string): Agent => {
       const child = spawn(cli, agentArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -157,7 +170,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
     const connectHooked = (uid: string): boolean => existsSync(join(root, 'pods', uid, 'pod_connect4'));
     const enabled = async (): Promise<boolean> => {
       const body = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text()).catch(() => '');
-      return new RegExp(`ambient_bpf_pods\\{state="enabled"\\} ${PODS}\\n`).test(body);
+      return new RegExp(`ambient_bpf_pods\\{state="enabled"\\} ${listed}\\n`).test(body);
     };
     /** Waits until every pod's tcx links run programs other than `before`'s (this release's when
      * `current`), then until the agent reports every pod enabled (ztunnel reconnected with its
@@ -167,7 +180,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
       const ids = new Map<string, Set<number>>();
       const release = current ? 'current' : 'previous';
       await until(async () => {
-        for (const p of pods) {
+        for (const p of pods.slice(0, listed)) {
           const now = await programs(p.uid);
           if (!now || [...now].some((id) => before.get(p.uid)?.has(id)) || connectHooked(p.uid) !== current) return false;
           ids.set(p.uid, now);
@@ -183,7 +196,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
     let agent = startAgent(previous.cli);
     let { ids } = await switched(agent, new Map(), false);
 
-    for (const p of pods) traffic.push(startTraffic(p.cgroup, p.net));
+    for (const p of pods.slice(0, PODS)) traffic.push(startTraffic(p.cgroup, p.net));
     await Promise.all(traffic.map((tr) => tr.ready));
     await sleep(1000);
 
@@ -192,6 +205,16 @@ describe('upgrade from the previous release', kernelTest(), () => {
     agent = startAgent(CLI);
     const upgrade = await switched(agent, ids, true);
     t.diagnostic(`upgrade: every pod on this release's programs ${upgrade.swappedMs} ms after the agent started, enabled after ${upgrade.enabledMs} ms`);
+
+    // A pod enrolled by this release: ztunnel opens its listeners after this release hooked ztunnel's
+    // cgroup, so they are known and its apps' sockets are routed over lo (mark 0x111).
+    listed = PODS + 1;
+    writePods();
+    const late = pods[PODS]!;
+    const enrolled = await switched(agent, new Map(), true);
+    assert.match(await late.cgroup.client(late.net.podPath, 'route', late.net.remoteV4, 8080), /^pong mark=0x111 /);
+    traffic.push(startTraffic(late.cgroup, late.net));
+    await traffic.at(-1)!.ready;
     await sleep(1000);
 
     // Rollback: this release hands the pins back, then the previous release adopts them.
@@ -199,12 +222,19 @@ describe('upgrade from the previous release', kernelTest(), () => {
     const down = await runCli(['datapath', 'downgrade', '--layout', '1', '--bpffs', root]);
     assert.equal(down.code, 0, down.stderr);
     agent = startAgent(previous.cli);
-    const rollback = await switched(agent, upgrade.ids, false);
+    const rollback = await switched(agent, enrolled.ids, false);
     t.diagnostic(`rollback: every pod on the previous release's programs ${rollback.swappedMs} ms after its agent started, enabled after ${rollback.enabledMs} ms`);
     await sleep(1000);
 
-    // Forward again.
+    // Forward again, the first new agent killed half-way: as soon as it re-attached a pod (the
+    // attaches are serialized on the root's lock, so usually before the others).
     await stopAgent(agent);
+    const killed = startAgent(CLI);
+    await until(() => pods.slice(0, listed).some((p) => connectHooked(p.uid)), () => `a pod re-attached (${killed.stderr()})`, 30_000);
+    const exited = new Promise((r) => killed.child.once('exit', r));
+    killed.child.kill('SIGKILL');
+    await exited;
+    t.diagnostic(`killed with ${pods.filter((p) => connectHooked(p.uid)).length} of ${listed} pods re-attached`);
     agent = startAgent(CLI);
     const again = await switched(agent, rollback.ids, true);
     t.diagnostic(`upgrade again: swapped after ${again.swappedMs} ms, enabled after ${again.enabledMs} ms`);
@@ -218,7 +248,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
       const p = pods[i]!;
       assert.deepEqual(s.new_failed, [], `pod ${i}: new connections failed`);
       assert.deepEqual(s.long_errors, [], `pod ${i}: long-lived connections broke`);
-      // Each exchanged data all along: at 20 rounds a second, well over the seconds the test ran.
+      // Each exchanged data all along: at 20 rounds a second, for well over the 3 s this asks.
       for (const rounds of s.long_rounds) assert.ok(rounds > 60, `pod ${i}: a long-lived connection exchanged only ${rounds} rounds`);
       assert.ok(s.new_ok > 100, `pod ${i}: only ${s.new_ok} new connections`);
       // The receiving sockets: every connection came from ztunnel's socket, never the app's own.
@@ -229,7 +259,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
       const outbound = stats.find((st) => st.uid === p.uid)?.stats.outbound.connections ?? 0;
       assert.ok(outbound >= p.server.hellos.length, `pod ${i}: ztunnel counted ${outbound} outbound connections, the server saw ${p.server.hellos.length}`);
     }
-    assert.ok(ids.size === PODS);
+    assert.equal(ids.size, PODS + 1);
     await stopAgent(agent);
   });
 
@@ -240,8 +270,11 @@ describe('upgrade from the previous release', kernelTest(), () => {
     const net = await podWithRemote(topo, 174);
     const uid = `layout-${topo.id}`;
     t.after(async () => {
-      if (existsSync(root)) await removeDatapath(root);
-      await topo.cleanup();
+      try {
+        if (existsSync(root)) await removeDatapath(root);
+      } finally {
+        await topo.cleanup();
+      }
     });
     const old = await sh(previous.cli, ['datapath', 'attach', '--netns', net.podPath, '--uid', uid, '--pod-ip', net.podV4, '--bpffs', root]);
     assert.match(old, /attached/);
