@@ -5,6 +5,8 @@
       "sources": [
         "native/addon.c",
         "native/datapath.c",
+        "native/dp_error.c",
+        "native/layout.c",
         "native/pod_policy.c",
         "native/netns_addresses.c",
         "native/netns_socket.c",

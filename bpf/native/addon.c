@@ -11,6 +11,7 @@
 #include <node_api.h>
 
 #include "datapath.h"
+#include "layout.h"
 #include "netns_addresses.h"
 #include "netns_socket.h"
 #include "seqpacket.h"
@@ -105,6 +106,10 @@ struct job {
 			char path[NETNS_PATH_LEN];
 			struct netns_addresses res;
 		} addresses;
+		struct {
+			char root[4096];
+			unsigned to, from;
+		} downgrade;
 	} u;
 };
 
@@ -313,6 +318,37 @@ static napi_value js_close(napi_env env, napi_callback_info info)
 	h->closing = true;
 	handle_release(h);
 	return NULL;
+}
+
+/* ---- downgrade: the node state handed to an older release ---- */
+
+static void downgrade_run(struct job *job)
+{
+	dp_layout_downgrade(job->u.downgrade.root, job->u.downgrade.to, &job->u.downgrade.from, &job->err);
+}
+
+static napi_value downgrade_result(napi_env env, struct job *job)
+{
+	napi_value v;
+
+	napi_create_uint32(env, job->u.downgrade.from, &v);
+	return v;
+}
+
+/* downgrade(root, layout): resolves with the layout the pins had. */
+static napi_value js_downgrade(napi_env env, napi_callback_info info)
+{
+	size_t argc = 2;
+	napi_value argv[2];
+	struct job *job = job_new(downgrade_run, downgrade_result);
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job || argc < 2 || !get_string(env, argv[0], job->u.downgrade.root, sizeof(job->u.downgrade.root), "bpffs root") ||
+	    napi_get_value_uint32(env, argv[1], &job->u.downgrade.to) != napi_ok) {
+		free(job);
+		return NULL;
+	}
+	return job_start(env, job, "ambient-bpf:downgrade");
 }
 
 /* ---- attach ---- */
@@ -894,6 +930,7 @@ static napi_value init(napi_env env, napi_value exports)
 	napi_value constants;
 	const napi_property_descriptor fns[] = {
 		{ "open", NULL, js_open, NULL, NULL, NULL, napi_default, NULL },
+		{ "downgrade", NULL, js_downgrade, NULL, NULL, NULL, napi_default, NULL },
 		{ "close", NULL, js_close, NULL, NULL, NULL, napi_default, NULL },
 		{ "attach", NULL, js_attach, NULL, NULL, NULL, napi_default, NULL },
 		{ "detach", NULL, js_detach, NULL, NULL, NULL, napi_default, NULL },
@@ -910,6 +947,7 @@ static napi_value init(napi_env env, napi_value exports)
 
 	CHECK(napi_define_properties(env, exports, sizeof(fns) / sizeof(fns[0]), fns));
 	CHECK(napi_create_object(env, &constants));
+	set_u32(env, constants, "DATAPATH_LAYOUT", DATAPATH_LAYOUT);
 	set_u32(env, constants, "ZTUNNEL_OUTBOUND_PORT", ZTUNNEL_OUTBOUND_PORT);
 	set_u32(env, constants, "ZTUNNEL_INBOUND_PORT", ZTUNNEL_INBOUND_PORT);
 	set_u32(env, constants, "ZTUNNEL_HBONE_PORT", ZTUNNEL_HBONE_PORT);

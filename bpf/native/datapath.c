@@ -24,6 +24,7 @@
 #include <bpf/btf.h>
 #include <bpf/libbpf.h>
 
+#include "layout.h"
 #include "netns_thread.h"
 #include "pod_policy.h"
 #include "rtnl.h"
@@ -119,20 +120,6 @@ static int libbpf_log_cb(enum libbpf_print_level level, const char *fmt, va_list
 	return 0;
 }
 
-static int fail(struct dp_error *e, const char *code, int err, const char *fmt, ...)
-{
-	va_list ap;
-	size_t n;
-
-	e->code = code;
-	va_start(ap, fmt);
-	vsnprintf(e->message, sizeof(e->message), fmt, ap);
-	va_end(ap);
-	n = strlen(e->message);
-	if (err && n < sizeof(e->message))
-		snprintf(e->message + n, sizeof(e->message) - n, ": %s", strerror(err < 0 ? -err : err));
-	return -1;
-}
 
 static bool ip_is_v4(const struct pod_ip *ip)
 {
@@ -397,11 +384,11 @@ static int check_bpffs(const char *root, struct dp_error *e)
 	snprintf(path, sizeof(path), "%s", root);
 	while (statfs(path, &sfs) != 0) {
 		if (errno != ENOENT || !(slash = strrchr(path, '/')) || slash == path)
-			return fail(e, DPE_BPFFS, errno, "cannot inspect %s", path);
+			return dp_fail(e, DPE_BPFFS, errno, "cannot inspect %s", path);
 		*slash = '\0';
 	}
 	if ((unsigned long)sfs.f_type != BPF_FS_MAGIC)
-		return fail(e, DPE_BPFFS, 0,
+		return dp_fail(e, DPE_BPFFS, 0,
 			    "%s is not on a bpffs (%s is not bpffs; mount one with: mount -t bpf bpf /sys/fs/bpf)",
 			    root, path);
 	return 0;
@@ -423,10 +410,10 @@ static int check_kernel(struct dp_error *e)
 		int ok = libbpf_probe_bpf_helper(BPF_PROG_TYPE_SCHED_CLS, helpers[i].id, NULL);
 
 		if (ok == 0)
-			return fail(e, DPE_KERNEL, 0, "the kernel lacks the BPF helper %s for tc programs (Linux %s+)",
+			return dp_fail(e, DPE_KERNEL, 0, "the kernel lacks the BPF helper %s for tc programs (Linux %s+)",
 				    helpers[i].name, helpers[i].since);
 		if (ok < 0)
-			return fail(e, DPE_KERNEL, ok, "cannot probe the kernel for BPF support (is this root?)");
+			return dp_fail(e, DPE_KERNEL, ok, "cannot probe the kernel for BPF support (is this root?)");
 	}
 	return 0;
 }
@@ -436,27 +423,28 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	char path[PATH_MAX];
 	struct datapath *dp;
 	struct bpf_map *map;
+	unsigned layout = 0;
 	int err;
 
 	if (root[0] != '/' || strlen(root) > PATH_MAX - 128)
-		return fail(e, DPE_INVALID, 0, "bpffs root must be an absolute path: %s", root);
+		return dp_fail(e, DPE_INVALID, 0, "bpffs root must be an absolute path: %s", root);
 	if (check_bpffs(root, e) || check_kernel(e))
 		return -1;
 	snprintf(path, sizeof(path), "%s/maps", root);
 	if ((err = mkdir_p(path)))
-		return fail(e, DPE_BPFFS, err, "cannot create %s", path);
+		return dp_fail(e, DPE_BPFFS, err, "cannot create %s", path);
 	snprintf(path, sizeof(path), "%s/pods", root);
 	if ((err = mkdir_p(path)))
-		return fail(e, DPE_BPFFS, err, "cannot create %s", path);
+		return dp_fail(e, DPE_BPFFS, err, "cannot create %s", path);
 
 	dp = calloc(1, sizeof(*dp));
 	if (!dp)
-		return fail(e, DPE_SYSTEM, ENOMEM, "datapath");
+		return dp_fail(e, DPE_SYSTEM, ENOMEM, "datapath");
 	snprintf(dp->root, sizeof(dp->root), "%s", root);
 	pthread_mutex_init(&dp->lock, NULL);
 	dp->root_fd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dp->root_fd < 0) {
-		fail(e, DPE_BPFFS, errno, "cannot open %s", root);
+		dp_fail(e, DPE_BPFFS, errno, "cannot open %s", root);
 		goto out_free;
 	}
 
@@ -464,25 +452,37 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	libbpf_log[0] = '\0';
 	dp->obj = bpf_object__open_file(object_path, NULL);
 	if (!dp->obj) {
-		fail(e, DPE_LOAD, errno, "cannot open BPF object %s (was `npm run build` run?)", object_path);
+		dp_fail(e, DPE_LOAD, errno, "cannot open BPF object %s (was `npm run build` run?)", object_path);
 		goto out_close;
 	}
 	/* Maps are shared through pins by every process using this root, so a restarted agent and
-	 * the CLI see the same records. */
+	 * the CLI see the same records; those whose layout changed since an older release are pinned
+	 * beside that release's (layout.c). */
 	bpf_object__for_each_map(map, dp->obj) {
+		char name[64];
+
 		if (bpf_map__is_internal(map)) /* .rodata and friends: per load, never shared */
 			continue;
-		snprintf(path, sizeof(path), "%s/maps/%s", root, bpf_map__name(map));
+		layout_pin_name(bpf_map__name(map), DATAPATH_LAYOUT, name);
+		snprintf(path, sizeof(path), "%s/maps/%s", root, name);
 		bpf_map__set_pin_path(map, path);
 	}
 	flock(dp->root_fd, LOCK_EX);
-	err = bpf_object__load(dp->obj);
-	flock(dp->root_fd, LOCK_UN);
-	if (err) {
-		fail(e, DPE_LOAD, err, "cannot load BPF object %s (%s)%s", object_path, libbpf_log,
-		     strstr(libbpf_log, "reuse") ? "; the pinned maps are from an incompatible version" : "");
+	if (layout_read(root, &layout, e) || (layout > DATAPATH_LAYOUT && layout_refuse_newer(root, layout, e))) {
+		flock(dp->root_fd, LOCK_UN);
 		goto out_obj;
 	}
+	err = bpf_object__load(dp->obj);
+	if (err)
+		dp_fail(e, DPE_LOAD, err, "cannot load BPF object %s (%s)%s", object_path, libbpf_log,
+			strstr(libbpf_log, "reuse") ? "; a pinned map does not match its layout (a build of another version "
+						      "with the same layout number?)"
+						    : "");
+	else if (layout != DATAPATH_LAYOUT && layout_adopt(root, layout, dp->obj, e))
+		err = -1;
+	flock(dp->root_fd, LOCK_UN);
+	if (err)
+		goto out_obj;
 	for (int d = 0; d < 2; d++)
 		dp->prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, prog_names[d]));
 	for (int k = 0; k < 2; k++)
@@ -725,7 +725,7 @@ static bool fault(const struct netns_job *job, const char *step)
 	f = getenv("AMBIENT_BPF_FAULT_STEP");
 	if (!f || strcmp(f, step))
 		return false;
-	fail(job->e, DPE_SYSTEM, EIO, "injected failure at step %s (AMBIENT_BPF_FAULT_STEP)", step);
+	dp_fail(job->e, DPE_SYSTEM, EIO, "injected failure at step %s (AMBIENT_BPF_FAULT_STEP)", step);
 	return true;
 }
 
@@ -748,15 +748,15 @@ static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const c
 		int idx = 0, err = rtnl_find_address(nl, m->ips[i].addr, &idx);
 
 		if (err == -ENOENT)
-			return fail(e, DPE_POD_IP, 0, "pod IP %s is not configured in netns %s", ip_str(&m->ips[i], a),
+			return dp_fail(e, DPE_POD_IP, 0, "pod IP %s is not configured in netns %s", ip_str(&m->ips[i], a),
 				    netns);
 		if (err)
-			return fail(e, DPE_SYSTEM, err, "cannot list addresses in netns %s", netns);
+			return dp_fail(e, DPE_SYSTEM, err, "cannot list addresses in netns %s", netns);
 		if (idx == (int)if_nametoindex("lo"))
-			return fail(e, DPE_POD_IP, 0, "pod IP %s is on the loopback device in netns %s",
+			return dp_fail(e, DPE_POD_IP, 0, "pod IP %s is on the loopback device in netns %s",
 				    ip_str(&m->ips[i], a), netns);
 		if (first && idx != first)
-			return fail(e, DPE_POD_IP, 0, "pod IPs %s and %s are on different interfaces in netns %s",
+			return dp_fail(e, DPE_POD_IP, 0, "pod IPs %s and %s are on different interfaces in netns %s",
 				    ip_str(&m->ips[0], a), ip_str(&m->ips[i], b), netns);
 		first = idx;
 	}
@@ -788,15 +788,15 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 		if (err == 0)
 			m->owns |= fam[i].rule_bit;
 		else if (err != -EEXIST)
-			return fail(e, DPE_SYSTEM, err, "cannot add the %s fwmark rule", fam[i].name);
+			return dp_fail(e, DPE_SYSTEM, err, "cannot add the %s fwmark rule", fam[i].name);
 		if ((err = rtnl_local_default_route_get(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &exists, &have)))
-			return fail(e, DPE_SYSTEM, err, "cannot read table %d", REDIRECT_ROUTE_TABLE);
+			return dp_fail(e, DPE_SYSTEM, err, "cannot read table %d", REDIRECT_ROUTE_TABLE);
 		if ((err = wanted_local_route(nl, m, fam[i].rule->family, &want)))
-			return fail(e, DPE_SYSTEM, err, "cannot read the MTU of interface %u", m->ifindex);
+			return dp_fail(e, DPE_SYSTEM, err, "cannot read the MTU of interface %u", m->ifindex);
 		if (exists && !memcmp(&have, &want, sizeof(want)))
 			continue;
 		if ((err = rtnl_local_default_route_set(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &want)))
-			return fail(e, DPE_SYSTEM, err, "cannot set the %s local route in table %d", fam[i].name,
+			return dp_fail(e, DPE_SYSTEM, err, "cannot set the %s local route in table %d", fam[i].name,
 				    REDIRECT_ROUTE_TABLE);
 		if (!exists)
 			m->owns |= fam[i].route_bit;
@@ -807,12 +807,12 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 		/* Looped-back packets carry the pod's own address as source: without accept_local the
 		 * stack drops them as martians. (IPv6 has no such check.) */
 		if ((err = rtnl_get_accept_local(nl, (int)m->ifindex, &cur)))
-			return fail(e, DPE_SYSTEM, err, "cannot read accept_local");
+			return dp_fail(e, DPE_SYSTEM, err, "cannot read accept_local");
 		if (cur != 1) {
 			if (!(m->owns & OWNS_ACCEPT_LOCAL))
 				m->saved_accept_local = cur;
 			if ((err = rtnl_set_accept_local(nl, (int)m->ifindex, 1)))
-				return fail(e, DPE_SYSTEM, err, "cannot set accept_local");
+				return dp_fail(e, DPE_SYSTEM, err, "cannot set accept_local");
 			m->owns |= OWNS_ACCEPT_LOCAL;
 		}
 	}
@@ -875,7 +875,7 @@ static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta
 
 	pod_dir(dp, uid, dir);
 	if (mkdir(dir, 0700) && errno != EEXIST)
-		return fail(e, DPE_BPFFS, errno, "cannot create %s", dir);
+		return dp_fail(e, DPE_BPFFS, errno, "cannot create %s", dir);
 	if (want != DP_MODE_TC) {
 		err = attach_tcx(dp, uid, m, HOOK_INGRESS);
 		if (!err)
@@ -885,7 +885,7 @@ static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta
 			return 0;
 		}
 		if (want == DP_MODE_TCX || err != -EINVAL)
-			return fail(e, err == -EINVAL ? DPE_KERNEL : DPE_SYSTEM, err,
+			return dp_fail(e, err == -EINVAL ? DPE_KERNEL : DPE_SYSTEM, err,
 				    err == -EINVAL ? "cannot attach with tcx (the kernel needs tcx, Linux 6.6+; "
 						     "the tc fallback works on older kernels)"
 						   : "cannot attach tcx links");
@@ -893,7 +893,7 @@ static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta
 	}
 	m->mode = ATTACH_MODE_TC;
 	if ((err = attach_tc(dp, m)))
-		return fail(e, DPE_SYSTEM, err, "cannot attach cls_bpf filters to the clsact qdisc");
+		return dp_fail(e, DPE_SYSTEM, err, "cannot attach cls_bpf filters to the clsact qdisc");
 	return 0;
 }
 
@@ -927,9 +927,9 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 		count = MAX_REROUTE_IFACES;
 	for (unsigned j = 0; j < count; j++)
 		if (if_nametoindex(names[j]) == m->ifindex)
-			return fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface", names[j]);
+			return dp_fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface", names[j]);
 	if ((err = rtnl_open(&nl)))
-		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in the pod netns");
+		return dp_fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in the pod netns");
 	memset(next, 0, sizeof(next));
 	for (unsigned j = 0; j < count && !err; j++) {
 		struct reroute_iface *r = &next[j];
@@ -955,7 +955,7 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 			err = attach_reroute_tc(job->dp->reroute_prog_fd[l2], r);
 		}
 		if (err) {
-			fail(job->e, DPE_SYSTEM, err, "cannot hook reroute interface %s", r->name);
+			dp_fail(job->e, DPE_SYSTEM, err, "cannot hook reroute interface %s", r->name);
 			count = j + 1;
 		}
 	}
@@ -1066,7 +1066,7 @@ static int cgroup_hooks_prepare(struct netns_job *job)
 		err = errno;
 		if (cg >= 0)
 			close(cg);
-		return fail(job->e, DPE_INVALID, err, "cannot open the pod's cgroup %s", path);
+		return dp_fail(job->e, DPE_INVALID, err, "cannot open the pod's cgroup %s", path);
 	}
 	for (int i = 0; i < CGROUP_HOOKS && !err; i++) {
 		__u64 linked = 0;
@@ -1100,7 +1100,7 @@ static int cgroup_hooks_prepare(struct netns_job *job)
 	close(cg);
 	if (err) {
 		cgroup_hooks_abort(job->dp, job->uid);
-		return fail(job->e, DPE_SYSTEM, err, "cannot attach the hooks on the pod's cgroup %s", path);
+		return dp_fail(job->e, DPE_SYSTEM, err, "cannot attach the hooks on the pod's cgroup %s", path);
 	}
 	job->meta->pod_cgroup_id = st.st_ino;
 	return 0;
@@ -1123,7 +1123,7 @@ static int cgroup_hooks_commit(struct netns_job *job)
 		if (!cgroup_hook_wanted(i, job->meta))
 			detach_pinned_link(pin);
 		else if (access(next, F_OK) == 0 && rename(next, pin))
-			return fail(job->e, DPE_SYSTEM, errno, "cannot replace the cgroup link %s", pin);
+			return dp_fail(job->e, DPE_SYSTEM, errno, "cannot replace the cgroup link %s", pin);
 	}
 	return 0;
 }
@@ -1164,7 +1164,7 @@ static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_met
 	sk_lookup_pin_path(dp, uid, pin);
 	if (!m->netns_cookie) {
 		if (sk_lookup_steering(dp))
-			return fail(e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
+			return dp_fail(e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
 		detach_pinned_link(pin);
 		m->steering_sk_lookup = 0;
 		return 0;
@@ -1178,7 +1178,7 @@ static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_met
 		detach_pinned_link(pin);
 		fd = bpf_link_create(dp->sk_lookup_prog_fd, netns_fd, BPF_SK_LOOKUP, NULL);
 		if (fd < 0)
-			return fail(e, DPE_KERNEL, errno, "cannot attach the sk_lookup program (Linux 5.9+)");
+			return dp_fail(e, DPE_KERNEL, errno, "cannot attach the sk_lookup program (Linux 5.9+)");
 		if (bpf_obj_pin(fd, pin)) {
 			err = -errno;
 			bpf_link_detach(fd);
@@ -1186,7 +1186,7 @@ static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_met
 		close(fd);
 	}
 	if (err)
-		return fail(e, DPE_SYSTEM, err, "cannot pin the sk_lookup link");
+		return dp_fail(e, DPE_SYSTEM, err, "cannot pin the sk_lookup link");
 	m->steering_sk_lookup = 1;
 	return 0;
 }
@@ -1264,18 +1264,18 @@ static int attach_job(void *p)
 	int ifindex = 0, err;
 
 	if ((err = rtnl_open(&nl)))
-		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s", job->req->netns_path);
+		return dp_fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s", job->req->netns_path);
 	if (find_pod_interface(&nl, m, job->req->netns_path, &ifindex, job->e))
 		goto out;
 	/* What only the netns can tell, refused before anything in it changes. */
 	for (unsigned j = 0; j < job->req->reroute_count; j++)
 		if (if_nametoindex(job->req->reroute[j]) == (unsigned)ifindex) {
-			fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface",
+			dp_fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface",
 			     job->req->reroute[j]);
 			goto out;
 		}
 	if (!netns_cookie() && sk_lookup_steering(job->dp)) {
-		fail(job->e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
+		dp_fail(job->e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
 		goto out;
 	}
 	/* The veth peer's index, in the peer's (the node's) netns: where kubelet probes are handled. */
@@ -1295,7 +1295,7 @@ static int attach_job(void *p)
 		m->owns = OWNS_RULE_V4 | OWNS_RULE_V6 | OWNS_ROUTE_V4 | OWNS_ROUTE_V6;
 		m->state = ATTACH_STATE_ATTACHING;
 		if ((err = meta_put(job->dp, job->uid, m))) {
-			fail(job->e, DPE_SYSTEM, err, "cannot record pod %s", job->uid);
+			dp_fail(job->e, DPE_SYSTEM, err, "cannot record pod %s", job->uid);
 			goto out;
 		}
 		m->owns = 0;
@@ -1332,11 +1332,11 @@ static int open_pod_netns(const char *path, struct pod_meta *m, struct dp_error 
 	int fd = open_netns(path, &ino, &dev);
 
 	if (fd == -ENOENT)
-		return fail(e, DPE_NETNS, 0, "netns %s does not exist", path);
+		return dp_fail(e, DPE_NETNS, 0, "netns %s does not exist", path);
 	if (fd == -EINVAL)
-		return fail(e, DPE_NETNS, 0, "%s is not a network namespace", path);
+		return dp_fail(e, DPE_NETNS, 0, "%s is not a network namespace", path);
 	if (fd < 0)
-		return fail(e, DPE_NETNS, fd, "cannot open netns %s", path);
+		return dp_fail(e, DPE_NETNS, fd, "cannot open netns %s", path);
 	if (m) {
 		m->netns_ino = ino;
 		m->netns_dev = dev;
@@ -1421,7 +1421,7 @@ static int host_attach_job(void *p)
 	char pin[PATH_MAX];
 
 	if ((err = rtnl_open(&nl)))
-		return fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in the node's netns");
+		return dp_fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in the node's netns");
 	err = rtnl_veth_peer(&nl, (int)m->host_ifindex, &back);
 	rtnl_close(&nl);
 	if (err || back != (int)m->ifindex) {
@@ -1442,7 +1442,7 @@ static int host_attach_job(void *p)
 			m->host_owns_clsact = 1;
 	}
 	if (err)
-		return fail(job->e, DPE_SYSTEM, err, "cannot hook the node side (ifindex %u) of the pod's veth",
+		return dp_fail(job->e, DPE_SYSTEM, err, "cannot hook the node side (ifindex %u) of the pod's veth",
 			    m->host_ifindex);
 	return 0;
 }
@@ -1460,7 +1460,7 @@ static int attach_host(struct datapath *dp, const struct dp_attach_request *req,
 		return 0;
 	}
 	if ((fd = open_netns(req->host_netns, &ino, &dev)) < 0)
-		return fail(e, DPE_NETNS, fd, "cannot open the node's netns %s", req->host_netns);
+		return dp_fail(e, DPE_NETNS, fd, "cannot open the node's netns %s", req->host_netns);
 	if (m->host_ifindex && (m->host_ifindex != (unsigned)peer || m->host_netns_ino != ino || m->host_netns_dev != dev))
 		detach_host(dp, req->uid, m);
 	m->host_ifindex = (unsigned)peer;
@@ -1470,7 +1470,7 @@ static int attach_host(struct datapath *dp, const struct dp_attach_request *req,
 	rc = run_in_netns(fd, host_attach_job, &job);
 	close(fd);
 	if (rc < 0 && !e->code)
-		fail(e, DPE_NETNS, rc, "cannot enter the node's netns %s", req->host_netns);
+		dp_fail(e, DPE_NETNS, rc, "cannot enter the node's netns %s", req->host_netns);
 	if (!m->host_ifindex)
 		m->host_netns_path[0] = '\0';
 	return e->code ? -1 : 0;
@@ -1494,22 +1494,22 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	int fd, rc, err;
 
 	if (!uid_valid(req->uid))
-		return fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", req->uid);
+		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", req->uid);
 	if (req->ip_count == 0 || req->ip_count > MAX_POD_IPS)
-		return fail(e, DPE_INVALID, 0, "a pod needs 1 to %d IPs, got %u", MAX_POD_IPS, req->ip_count);
+		return dp_fail(e, DPE_INVALID, 0, "a pod needs 1 to %d IPs, got %u", MAX_POD_IPS, req->ip_count);
 	if (req->netns_path[0] != '/')
-		return fail(e, DPE_INVALID, 0, "netns path must be absolute: %s", req->netns_path);
+		return dp_fail(e, DPE_INVALID, 0, "netns path must be absolute: %s", req->netns_path);
 	if (req->flags & ~(POD_F_BYPASS_INBOUND | POD_F_STRICT | POD_F_DNS_CAPTURE))
-		return fail(e, DPE_INVALID, 0, "unknown pod flags 0x%x", req->flags);
+		return dp_fail(e, DPE_INVALID, 0, "unknown pod flags 0x%x", req->flags);
 	if (req->reroute_count > MAX_REROUTE_IFACES)
-		return fail(e, DPE_INVALID, 0, "at most %d reroute interfaces, got %u", MAX_REROUTE_IFACES,
+		return dp_fail(e, DPE_INVALID, 0, "at most %d reroute interfaces, got %u", MAX_REROUTE_IFACES,
 			    req->reroute_count);
 	for (unsigned i = 0; i < req->reroute_count; i++) {
 		const char *n = req->reroute[i];
 
 		if (!n[0] || strnlen(n, 16) >= 16 || strchr(n, '/') || !strcmp(n, ".") || !strcmp(n, "..") ||
 		    strpbrk(n, " \t\n:"))
-			return fail(e, DPE_INVALID, 0, "not an interface name: \"%.16s\"", n);
+			return dp_fail(e, DPE_INVALID, 0, "not an interface name: \"%.16s\"", n);
 	}
 
 	memset(&m, 0, sizeof(m));
@@ -1518,7 +1518,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		return -1;
 	if (is_own_netns(&m)) {
 		close(fd);
-		return fail(e, DPE_NETNS, 0, "%s is this process's own network namespace (the node's), not a pod's: refused",
+		return dp_fail(e, DPE_NETNS, 0, "%s is this process's own network namespace (the node's), not a pod's: refused",
 			    req->netns_path);
 	}
 	dp_lock(dp);
@@ -1547,9 +1547,9 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	/* The programs read the pod's options from its addresses: in place before they run. */
 	if ((err = policy_claim_slot(&dp->policy, req->uid, &m)) ||
 	    (err = policy_write(&dp->policy, &m, res->updated ? &old : NULL)))
-		fail(e, err == -ENOSPC ? DPE_INVALID : DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
+		dp_fail(e, err == -ENOSPC ? DPE_INVALID : DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
 	else if ((rc = run_in_netns(fd, attach_job, &job)) < 0 && !e->code)
-		fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
+		dp_fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
 	else if (!e->code)
 		undo = true; /* the netns job has run: a later failure must be undone */
 	/* Nothing half-applied: a failure from here on is undone or restored below. */
@@ -1564,10 +1564,10 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		    now.flags != policy_flags(&m))
 			err = policy_write(&dp->policy, &m, NULL);
 		if (err)
-			fail(e, DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
+			dp_fail(e, DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
 		if (!e->code && !fault(&job, "policy") && !fault(&job, "record")) {
 			if ((err = meta_put(dp, req->uid, &m)))
-				fail(e, DPE_SYSTEM, err, "cannot record pod %s", req->uid);
+				dp_fail(e, DPE_SYSTEM, err, "cannot record pod %s", req->uid);
 			else
 				cgroup_hooks_commit(&job);
 		}
@@ -1625,7 +1625,7 @@ int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res
 	struct pod_meta m;
 
 	if (!uid_valid(uid))
-		return fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", uid);
+		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", uid);
 	res->warning[0] = '\0';
 	dp_lock(dp);
 	res->found = meta_get(dp, uid, &m) == 0;
@@ -1706,7 +1706,7 @@ int dp_list(struct datapath *dp, struct dp_pod **pods, size_t *count, struct dp_
 	dp_unlock(dp);
 	if (err) {
 		free(ctx.pods);
-		return fail(e, DPE_SYSTEM, err, "cannot list pods");
+		return dp_fail(e, DPE_SYSTEM, err, "cannot list pods");
 	}
 	*pods = ctx.pods;
 	*count = ctx.count;
@@ -1946,7 +1946,7 @@ int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res
 	int fd, rc;
 
 	if (!uid_valid(uid))
-		return fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", uid);
+		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", uid);
 	memset(res, 0, sizeof(*res));
 	dp_lock(dp);
 	res->found = meta_get(dp, uid, &m) == 0;
@@ -2099,7 +2099,7 @@ int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct
 	dp_unlock(dp);
 	if (err) {
 		free(ctx.uids);
-		return fail(e, DPE_SYSTEM, err, "cannot collect pins");
+		return dp_fail(e, DPE_SYSTEM, err, "cannot collect pins");
 	}
 	*uids = ctx.uids;
 	*count = ctx.count;
@@ -2117,9 +2117,9 @@ int dp_configure(struct datapath *dp, const struct dp_settings_request *req, str
 	int err = 0;
 
 	if (req->flags & ~(SETTING_MARK_ONLY_EXEMPTION | SETTING_SK_LOOKUP_STEERING))
-		return fail(e, DPE_INVALID, 0, "unknown settings flags 0x%x", req->flags);
+		return dp_fail(e, DPE_INVALID, 0, "unknown settings flags 0x%x", req->flags);
 	if (req->allow_count > MAX_STRICT_ALLOW)
-		return fail(e, DPE_INVALID, 0, "at most %d strict-mode allow entries, got %u", MAX_STRICT_ALLOW,
+		return dp_fail(e, DPE_INVALID, 0, "at most %d strict-mode allow entries, got %u", MAX_STRICT_ALLOW,
 			    req->allow_count);
 	dp_lock(dp);
 	/* The allow list first: a moment with the old list and new flags is the safer order. */
@@ -2134,7 +2134,7 @@ int dp_configure(struct datapath *dp, const struct dp_settings_request *req, str
 	if (!err && bpf_map_update_elem(dp->settings_fd, &zero, &st, BPF_ANY))
 		err = -errno;
 	dp_unlock(dp);
-	return err ? fail(e, DPE_SYSTEM, err, "cannot write the datapath settings") : 0;
+	return err ? dp_fail(e, DPE_SYSTEM, err, "cannot write the datapath settings") : 0;
 }
 
 int dp_trust_ztunnel_cgroup(struct datapath *dp, const char *cgroup_dir, struct dp_error *e)
@@ -2150,12 +2150,12 @@ int dp_trust_ztunnel_cgroup(struct datapath *dp, const char *cgroup_dir, struct 
 		err = errno;
 		if (cg >= 0)
 			close(cg);
-		return fail(e, DPE_INVALID, err, "cannot open cgroup %s", cgroup_dir);
+		return dp_fail(e, DPE_INVALID, err, "cannot open cgroup %s", cgroup_dir);
 	}
 	id = st.st_ino;
 	dp_lock(dp);
 	if (bpf_map_update_elem(dp->ztunnel_cgroups_fd, &id, &yes, BPF_ANY))
-		err = fail(e, DPE_SYSTEM, errno, "cannot record ztunnel's cgroup");
+		err = dp_fail(e, DPE_SYSTEM, errno, "cannot record ztunnel's cgroup");
 	/* ztunnel's listeners are learnt by a sockops hook on its cgroup, whatever the steering: the
 	 * pod's sk_lookup program hands them SYNs (all of them with sk_lookup steering; those meeting
 	 * a TIME_WAIT socket with either). */
@@ -2165,10 +2165,10 @@ int dp_trust_ztunnel_cgroup(struct datapath *dp, const char *cgroup_dir, struct 
 		mkdir_p(dir);
 		fd = bpf_link_create(dp->sockops_prog_fd, cg, BPF_CGROUP_SOCK_OPS, NULL);
 		if (fd < 0) {
-			err = fail(e, DPE_SYSTEM, errno, "cannot attach the sockops program to ztunnel's cgroup");
+			err = dp_fail(e, DPE_SYSTEM, errno, "cannot attach the sockops program to ztunnel's cgroup");
 		} else {
 			if (bpf_obj_pin(fd, pin))
-				err = fail(e, DPE_SYSTEM, errno, "cannot pin %s", pin);
+				err = dp_fail(e, DPE_SYSTEM, errno, "cannot pin %s", pin);
 			close(fd);
 		}
 	}
@@ -2181,5 +2181,5 @@ int dp_node_counters(struct datapath *dp, struct pod_counters *out, struct dp_er
 {
 	int err = counters_read(&dp->policy, 0, out);
 
-	return err ? fail(e, DPE_SYSTEM, err, "cannot read the node counters") : 0;
+	return err ? dp_fail(e, DPE_SYSTEM, err, "cannot read the node counters") : 0;
 }

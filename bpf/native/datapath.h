@@ -7,19 +7,8 @@
 #include <stddef.h>
 
 #include "../progs/ambient_shared.h"
+#include "dp_error.h"
 
-struct dp_error {
-	const char *code; /* stable, for callers: see the DP_E* below */
-	char message[768];
-};
-
-#define DPE_INVALID "EINVALID" /* bad argument */
-#define DPE_NETNS "ENETNS" /* netns path missing or not a network namespace */
-#define DPE_POD_IP "EPODIP" /* a pod IP is not configured in the netns */
-#define DPE_BPFFS "EBPFFS" /* no bpffs where pins should go */
-#define DPE_KERNEL "EKERNEL" /* the kernel lacks a feature */
-#define DPE_LOAD "ELOAD" /* the BPF object did not load */
-#define DPE_SYSTEM "ESYSTEM" /* anything else, with errno text */
 
 struct datapath;
 

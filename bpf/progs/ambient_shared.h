@@ -5,6 +5,11 @@
 
 #include <linux/types.h>
 
+/* The layout of the node state under a bpffs root: the pinned maps and their value layouts, what
+ * pod_meta records and which hooks a pod has. Bump it (and teach native/layout.c the change) when a
+ * release changes any of them. Layout 1 is v0.1.0's, which pinned no stamp. */
+#define DATAPATH_LAYOUT 2
+
 /* ztunnel's in-pod listeners. */
 #define ZTUNNEL_OUTBOUND_PORT 15001
 #define ZTUNNEL_INBOUND_PORT 15006

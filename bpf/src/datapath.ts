@@ -21,6 +21,7 @@ export type DatapathErrorCode =
   | 'EBPFFS' // no bpffs where pins go
   | 'EKERNEL' // the kernel lacks a needed feature
   | 'ELOAD' // the BPF object did not load
+  | 'ELAYOUT' // the pins are of a layout this release cannot adopt (a newer release's)
   | 'ESYSTEM';
 
 export class DatapathError extends Error {
@@ -166,6 +167,18 @@ export class Datapath {
     const root = options.bpffsRoot ?? DEFAULT_BPFFS_ROOT;
     const handle = await call(() => addon().open(root, options.objectPath ?? BPF_OBJECT_PATH));
     return new Datapath(handle, root);
+  }
+
+  /** The layout of the node state this release pins (pins of older layouts are adopted at open). */
+  static get layout(): number {
+    return addon().constants.DATAPATH_LAYOUT;
+  }
+
+  /** Hands the node state under a bpffs root to the older release of `layout`: hooks it does not know
+   * are detached from every pod (they stay redirected), maps go back to its pins. Stop the agent
+   * first. Returns the layout the pins had. */
+  static async downgrade(layout: number, options: Pick<DatapathOptions, 'bpffsRoot'> = {}): Promise<number> {
+    return call(() => addon().downgrade(options.bpffsRoot ?? DEFAULT_BPFFS_ROOT, layout));
   }
 
   /** Attaches (or updates in place) the redirection of one pod. On failure nothing is left behind. */

@@ -103,6 +103,8 @@ export interface NativeSeqpacket {
 
 export interface NativeAddon {
   open(bpffsRoot: string, objectPath: string): Promise<NativeHandle>;
+  /** Resolves with the layout the pins had. */
+  downgrade(bpffsRoot: string, layout: number): Promise<number>;
   close(handle: NativeHandle): void;
   attach(
     handle: NativeHandle,
@@ -127,6 +129,7 @@ export interface NativeAddon {
   seqpacket: NativeSeqpacket;
   netnsAddresses(path: string): Promise<{ inode: number; device: number; ownerUserns: number; addresses: string[] }>;
   constants: {
+    DATAPATH_LAYOUT: number;
     ZTUNNEL_OUTBOUND_PORT: number;
     ZTUNNEL_INBOUND_PORT: number;
     ZTUNNEL_HBONE_PORT: number;

@@ -138,9 +138,19 @@ const gc: CommandModule<CommonArgs, CommonArgs> = {
   },
 };
 
+const downgrade: CommandModule<CommonArgs, CommonArgs & { layout: number }> = {
+  command: 'downgrade',
+  describe: `hand the node's pins to an older release (layout 1: v0.1.0; this release pins layout ${Datapath.layout}); stop the agent first`,
+  builder: (y) => bpffsOption(y).option('layout', { type: 'number', demandOption: true, describe: 'the datapath layout of the release to hand over to' }),
+  handler: async (args) => {
+    const from = await Datapath.downgrade(args.layout, { bpffsRoot: args.bpffs });
+    process.stdout.write(from > args.layout ? `pins under ${args.bpffs}: layout ${from} -> ${args.layout}\n` : `pins under ${args.bpffs} are layout ${from}: nothing to do\n`);
+  },
+};
+
 export const datapathCommand: CommandModule = {
   command: 'datapath <command>',
-  describe: 'attach, detach, list, verify and collect pod datapaths directly',
+  describe: 'attach, detach, list, verify and collect pod datapaths directly; hand the node to an older release',
   builder: (y) =>
     y
       .command(attach as unknown as CommandModule)
@@ -148,6 +158,7 @@ export const datapathCommand: CommandModule = {
       .command(list as unknown as CommandModule)
       .command(verify as unknown as CommandModule)
       .command(gc as unknown as CommandModule)
+      .command(downgrade as unknown as CommandModule)
       .demandCommand(1, 'name a datapath command'),
   handler: () => {},
 };

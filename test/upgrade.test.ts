@@ -1,0 +1,325 @@
+// An upgrade from the previous release (test/upgrade/previous-release) to this build, a rollback and
+// an upgrade again, on a node whose pods carry traffic throughout: new connections at a steady rate
+// and long-lived connections exchanging data, from the pods' own apps (their cgroups: the connect
+// hooks route them over lo). Each release runs as a real agent process on the same bpffs root with
+// the same ztunnel (the stand-in, which outlives the agents as ztunnel does).
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import type net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { after, describe, it } from 'node:test';
+import { connectFromNetns, Datapath, DatapathError, listenInNetns } from '../bpf/src/index.js';
+import { AppCgroup } from './helpers/app.js';
+import { CLI, runCli } from './helpers/cli.js';
+import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { assertNothingLeft, podProgramIds, removeDatapath } from './helpers/leftovers.js';
+import { previousRelease } from './helpers/previous-release.js';
+import { StandInProcess } from './helpers/standin-process.js';
+import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
+import { sleep, until } from './helpers/wait.js';
+
+after(assertNothingLeft);
+
+const TRAFFIC = fileURLToPath(new URL('../../test/fixtures/upgrade-traffic.py', import.meta.url));
+// Pods the previous release enrols; one more is enrolled by this release (ztunnel's listeners in it
+// are learnt, so its apps' sockets take the lo route), and rolled back with the others.
+const PODS = 3;
+const LONG_LIVED = 4; // per pod
+const NEW_EVERY_MS = 25; // per pod
+
+/** Echoes lines; records, per connection, the port its first line claims (the app's local port)
+ * and the port the connection really came from (ztunnel's own, when it went through ztunnel). */
+class EchoServer {
+  readonly hellos: { claimed: number; seen: number }[] = [];
+  private readonly open = new Set<net.Socket>();
+
+  private constructor(private readonly server: net.Server) {
+    server.on('connection', (s) => {
+      this.open.add(s);
+      s.on('close', () => this.open.delete(s));
+      s.on('error', () => undefined);
+      let buf = '';
+      s.on('data', (d: Buffer) => {
+        buf += d.toString();
+        if (buf === 'ping') {
+          // app-client.py's probe of its socket's route
+          buf = '';
+          s.write('pong\n');
+        }
+        for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+          const line = buf.slice(0, nl);
+          buf = buf.slice(nl + 1);
+          const hello = /^hello (\d+)$/.exec(line);
+          if (hello) this.hellos.push({ claimed: Number(hello[1]), seen: s.remotePort ?? 0 });
+          s.write(`${line}\n`);
+        }
+      });
+    });
+  }
+
+  static async start(netns: string, address: string): Promise<EchoServer> {
+    return new EchoServer(await listenInNetns({ netns, family: 4, address, port: 8080 }));
+  }
+
+  async destroy(): Promise<void> {
+    const closed = new Promise<void>((r) => this.server.close(() => r()));
+    for (const s of this.open) s.destroy();
+    await closed;
+  }
+}
+
+interface Summary {
+  new_ok: number;
+  new_failed: string[];
+  long_rounds: number[];
+  long_errors: string[];
+}
+
+/** The app of one pod: upgrade-traffic.py in the pod's cgroup and netns. */
+function startTraffic(cgroup: AppCgroup, net: PodNet): { child: ChildProcess; ready: Promise<void>; summary: Promise<Summary> } {
+  const child = cgroup.spawn('nsenter', [`--net=${net.podPath}`, 'python3', TRAFFIC, net.remoteV4, '8080', String(LONG_LIVED), String(NEW_EVERY_MS)], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const ready = new Promise<void>((resolve, reject) => {
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      if (out.startsWith('ready\n')) resolve();
+    });
+    child.on('exit', () => reject(new Error(`traffic ended before it was ready: ${err}`)));
+  });
+  const summary = new Promise<Summary>((resolve, reject) =>
+    child.on('exit', () => {
+      try {
+        resolve(JSON.parse(out.split('\n').filter(Boolean).at(-1)!) as Summary);
+      } catch {
+        reject(new Error(`no summary from the traffic (${out}; ${err})`));
+      }
+    }),
+  );
+  return { child, ready, summary };
+}
+
+interface Agent {
+  child: ChildProcess;
+  stderr: () => string;
+}
+
+describe('upgrade from the previous release', kernelTest(), () => {
+  it('adopts its pods under traffic, rolls back to it and forward again: nothing bypasses ztunnel, nothing breaks', { timeout: 900_000 }, async (t) => {
+    const previous = previousRelease();
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-upgrade-'));
+    const socket = join(dir, 'ztunnel.sock');
+    const port = 40000 + Math.floor(Math.random() * 9000);
+    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', join(dir, 'pods.yaml'), '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--metrics-addr', `127.0.0.1:${port}`];
+    const pods: { uid: string; net: PodNet; cgroup: AppCgroup; pause: ChildProcess; server: EchoServer }[] = [];
+    const agents: Agent[] = [];
+    const traffic: ReturnType<typeof startTraffic>[] = [];
+    const ztunnel = StandInProcess.start(socket);
+    t.after(async () => {
+      for (const a of agents) a.child.kill('SIGKILL');
+      for (const tr of traffic) tr.child.kill('SIGKILL');
+      await ztunnel.stop();
+      for (const p of pods) {
+        await p.server.destroy();
+        p.pause.kill('SIGKILL');
+        await new Promise((r) => (p.pause.exitCode === null && p.pause.signalCode === null ? p.pause.once('exit', r) : r(null)));
+        p.cgroup.remove();
+      }
+      try {
+        if (existsSync(root)) await removeDatapath(root);
+      } finally {
+        await topo.cleanup();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    for (let i = 0; i <= PODS; i++) {
+      const net = await podWithRemote(topo, 171 + i, String(i));
+      const cgroup = new AppCgroup(`${topo.id}-${i}`);
+      pods.push({ uid: `upgrade-${i}-${topo.id}`, net, cgroup, pause: cgroup.pause(net.podPath), server: await EchoServer.start(Topology.netnsPath(net.remote), net.remoteV4) });
+    }
+    let listed = PODS;
+    const writePods = (): void =>
+      writeFileSync(join(dir, 'pods.yaml'), [
+        'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
+        ...pods.slice(0, listed).map((p, i) => `apiVersion: v1\nkind: Pod\nmetadata: { name: app-${i}, namespace: shop, uid: ${p.uid} }\nstatus: { phase: Running, podIP: ${p.net.podV4} }`),
+      ].join('\n---\n'));
+    writePods();
+
+    const startAgent = (cli: string): Agent => {
+      const child = spawn(cli, agentArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      const agent = { child, stderr: () => err.slice(-2000) };
+      agents.push(agent);
+      return agent;
+    };
+    const stopAgent = async (a: Agent): Promise<void> => {
+      const exited = new Promise((r) => a.child.once('exit', r));
+      a.child.kill('SIGTERM');
+      await exited;
+    };
+    const programs = async (uid: string): Promise<Set<number> | undefined> => podProgramIds(root, uid).catch(() => undefined);
+    // This build routes the apps' sockets over lo with connect hooks; the previous release has none.
+    const connectHooked = (uid: string): boolean => existsSync(join(root, 'pods', uid, 'pod_connect4'));
+    const enabled = async (): Promise<boolean> => {
+      const body = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text()).catch(() => '');
+      return new RegExp(`ambient_bpf_pods\\{state="enabled"\\} ${listed}\\n`).test(body);
+    };
+    /** Waits until every pod's tcx links run programs other than `before`'s (this release's when
+     * `current`), then until the agent reports every pod enabled (ztunnel reconnected with its
+     * backoff and acked); returns the programs and how long each took from the agent's start. */
+    const switched = async (agent: Agent, before: Map<string, Set<number>>, current: boolean): Promise<{ ids: Map<string, Set<number>>; swappedMs: number; enabledMs: number }> => {
+      const started = Date.now();
+      const ids = new Map<string, Set<number>>();
+      const release = current ? 'current' : 'previous';
+      await until(async () => {
+        for (const p of pods.slice(0, listed)) {
+          const now = await programs(p.uid);
+          if (!now || [...now].some((id) => before.get(p.uid)?.has(id)) || connectHooked(p.uid) !== current) return false;
+          ids.set(p.uid, now);
+        }
+        return true;
+      }, () => `every pod on the ${release} release's programs (${agent.stderr()})`, 30_000);
+      const swappedMs = Date.now() - started;
+      await until(enabled, () => `every pod enabled by the ${release} release (${agent.stderr()})`, 30_000);
+      return { ids, swappedMs, enabledMs: Date.now() - started };
+    };
+
+    // The previous release enrols the pods (tc hooks first, tcx once idle).
+    let agent = startAgent(previous.cli);
+    let { ids } = await switched(agent, new Map(), false);
+
+    for (const p of pods.slice(0, PODS)) traffic.push(startTraffic(p.cgroup, p.net));
+    await Promise.all(traffic.map((tr) => tr.ready));
+    await sleep(1000);
+
+    // Upgrade: the new agent adopts the previous release's pins and swaps every pod's programs.
+    await stopAgent(agent);
+    agent = startAgent(CLI);
+    const upgrade = await switched(agent, ids, true);
+    t.diagnostic(`upgrade: every pod on this release's programs ${upgrade.swappedMs} ms after the agent started, enabled after ${upgrade.enabledMs} ms`);
+
+    // A pod enrolled by this release: ztunnel opens its listeners after this release hooked ztunnel's
+    // cgroup, so they are known and its apps' sockets are routed over lo (mark 0x111).
+    listed = PODS + 1;
+    writePods();
+    const late = pods[PODS]!;
+    const enrolled = await switched(agent, new Map(), true);
+    assert.match(await late.cgroup.client(late.net.podPath, 'route', late.net.remoteV4, 8080), /^pong mark=0x111 /);
+    traffic.push(startTraffic(late.cgroup, late.net));
+    await traffic.at(-1)!.ready;
+    await sleep(1000);
+
+    // Rollback: this release hands the pins back, then the previous release adopts them.
+    await stopAgent(agent);
+    const down = await runCli(['datapath', 'downgrade', '--layout', '1', '--bpffs', root]);
+    assert.equal(down.code, 0, down.stderr);
+    agent = startAgent(previous.cli);
+    const rollback = await switched(agent, enrolled.ids, false);
+    t.diagnostic(`rollback: every pod on the previous release's programs ${rollback.swappedMs} ms after its agent started, enabled after ${rollback.enabledMs} ms`);
+    await sleep(1000);
+
+    // Forward again, the first new agent killed half-way: as soon as it re-attached a pod (the
+    // attaches are serialized on the root's lock, so usually before the others).
+    await stopAgent(agent);
+    const killed = startAgent(CLI);
+    await until(() => pods.slice(0, listed).some((p) => connectHooked(p.uid)), () => `a pod re-attached (${killed.stderr()})`, 30_000);
+    const exited = new Promise((r) => killed.child.once('exit', r));
+    killed.child.kill('SIGKILL');
+    await exited;
+    t.diagnostic(`killed with ${pods.filter((p) => connectHooked(p.uid)).length} of ${listed} pods re-attached`);
+    agent = startAgent(CLI);
+    const again = await switched(agent, rollback.ids, true);
+    t.diagnostic(`upgrade again: swapped after ${again.swappedMs} ms, enabled after ${again.enabledMs} ms`);
+    ids = again.ids;
+    await sleep(1000);
+
+    for (const tr of traffic) tr.child.kill('SIGTERM');
+    const summaries = await Promise.all(traffic.map((tr) => tr.summary));
+    const stats = await ztunnel.stats();
+    for (const [i, s] of summaries.entries()) {
+      const p = pods[i]!;
+      assert.deepEqual(s.new_failed, [], `pod ${i}: new connections failed`);
+      assert.deepEqual(s.long_errors, [], `pod ${i}: long-lived connections broke`);
+      // Each exchanged data all along: at 20 rounds a second, for well over the 3 s this asks.
+      for (const rounds of s.long_rounds) assert.ok(rounds > 60, `pod ${i}: a long-lived connection exchanged only ${rounds} rounds`);
+      assert.ok(s.new_ok > 100, `pod ${i}: only ${s.new_ok} new connections`);
+      // The receiving sockets: every connection came from ztunnel's socket, never the app's own.
+      assert.equal(p.server.hellos.length, s.new_ok + LONG_LIVED, `pod ${i}: connections the server saw`);
+      const bypassed = p.server.hellos.filter((h) => h.claimed === h.seen);
+      assert.deepEqual(bypassed, [], `pod ${i}: connections that bypassed ztunnel`);
+      // ztunnel's counters: it carried at least as many as the server saw.
+      const outbound = stats.find((st) => st.uid === p.uid)?.stats.outbound.connections ?? 0;
+      assert.ok(outbound >= p.server.hellos.length, `pod ${i}: ztunnel counted ${outbound} outbound connections, the server saw ${p.server.hellos.length}`);
+    }
+    assert.equal(ids.size, PODS + 1);
+    await stopAgent(agent);
+  });
+
+  it('carries the previous release\'s counters over, and refuses pins of a newer layout without touching them', async (t) => {
+    const previous = previousRelease();
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const net = await podWithRemote(topo, 174);
+    const uid = `layout-${topo.id}`;
+    t.after(async () => {
+      try {
+        if (existsSync(root)) await removeDatapath(root);
+      } finally {
+        await topo.cleanup();
+      }
+    });
+    const old = await sh(previous.cli, ['datapath', 'attach', '--netns', net.podPath, '--uid', uid, '--pod-ip', net.podV4, '--bpffs', root]);
+    assert.match(old, /attached/);
+    // No ztunnel: the previous release's programs refuse the connection and count it in their map.
+    await assert.rejects(connectFromNetns({ netns: net.podPath, host: net.remoteV4, port: 8080, timeoutMs: 2000 }));
+    const oldCount = async (): Promise<number> =>
+      (JSON.parse(await sh(previous.cli, ['datapath', 'list', '--json', '--bpffs', root])) as { counters: { outboundNoZtunnel: number } }[])[0]!.counters.outboundNoZtunnel;
+    const counted = await oldCount();
+    assert.ok(counted > 0);
+
+    assert.equal(Datapath.layout, 2);
+    let dp = await Datapath.open({ bpffsRoot: root });
+    const [pod] = await dp.list();
+    assert.equal(pod?.uid, uid);
+    assert.equal(pod.counters.outboundNoZtunnel, counted, 'the previous release\'s count, carried into this layout\'s map');
+    dp.close();
+    const stamp = async (): Promise<number> => (JSON.parse(await sh('bpftool', ['-j', 'map', 'lookup', 'pinned', `${root}/maps/layout`, 'key', '0', '0', '0', '0'])) as { value: string[] }).value.map((b) => parseInt(b, 16)).reduce((a, b, i) => a + b * 256 ** i, 0);
+    assert.equal(await stamp(), 2);
+
+    // A newer release's pins: refused, named, left alone.
+    await sh('bpftool', ['map', 'update', 'pinned', `${root}/maps/layout`, 'key', '0', '0', '0', '0', 'value', '7', '0', '0', '0']);
+    const before = readdirSync(join(root, 'maps')).sort();
+    const refused = await Datapath.open({ bpffsRoot: root }).then(
+      (d) => (d.close(), undefined),
+      (e: unknown) => e,
+    );
+    assert.ok(refused instanceof DatapathError && refused.code === 'ELAYOUT', `open: ${String(refused)}`);
+    assert.match(refused.message, /layout 7, written by a newer ambient-bpf; this release knows layouts 1 to 2/);
+    assert.match(refused.message, /datapath downgrade --layout 2/);
+    const cli = await runCli(['datapath', 'downgrade', '--layout', '1', '--bpffs', root]);
+    assert.notEqual(cli.code, 0);
+    assert.match(cli.stderr, /layout 7/);
+    assert.deepEqual(readdirSync(join(root, 'maps')).sort(), before);
+    assert.equal(await stamp(), 7);
+    assert.ok(existsSync(join(root, 'pods', uid, 'ingress')), "the pod's links are still pinned");
+
+    // Back to this layout, then handed to the previous release, which adopts the pod.
+    await sh('bpftool', ['map', 'update', 'pinned', `${root}/maps/layout`, 'key', '0', '0', '0', '0', 'value', '2', '0', '0', '0']);
+    const down = await runCli(['datapath', 'downgrade', '--layout', '1', '--bpffs', root]);
+    assert.equal(down.code, 0, down.stderr);
+    assert.ok(!existsSync(join(root, 'maps', 'layout')) && !existsSync(join(root, 'maps', 'pod_counters_v2')), 'layout 2\'s own pins removed');
+    assert.match(await sh(previous.cli, ['datapath', 'verify', '--uid', uid, '--bpffs', root]), /ok/);
+    assert.equal(await oldCount(), counted, 'the count went back into the previous release\'s map');
+    dp = await Datapath.open({ bpffsRoot: root });
+    assert.equal((await dp.list())[0]?.counters.outboundNoZtunnel, counted, 'and came again');
+    dp.close();
+  });
+});
