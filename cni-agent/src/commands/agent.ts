@@ -129,7 +129,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
     if (missing.length) {
       throw new CliError(`missing capabilit${missing.length > 1 ? 'ies' : 'y'} ${missing.map((c) => `${c.name} (${c.why})`).join(', ')}: grant ${missing.map((c) => c.name.slice(4)).join(', ')} in the container's securityContext.capabilities.add`, 1);
     }
-    const problems = hostPathProblems({ hostRoot: args['host-root'], bpffs: args.bpffs, ztunnelSocket: args['ztunnel-socket'], pluginSocket: args['plugin-socket'], cni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'] } : undefined });
+    const problems = hostPathProblems({ hostRoot: args['host-root'], bpffs: args.bpffs, ztunnelSocket: args['ztunnel-socket'], pluginSocket: args['plugin-socket'], policyFile: args['cni-policy-file'], cni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'] } : undefined });
     if (problems.length) throw new CliError(`the node's paths are not all there:\n  ${problems.join('\n  ')}`, 1);
     const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination({ dest: 2, sync: true }));
     const agent = new Agent({

@@ -14,6 +14,8 @@ export interface HostPathOptions {
   bpffs: string;
   ztunnelSocket: string;
   pluginSocket: string;
+  /** The CNI plugin's policy file (its directory must survive a reboot: a hostPath). */
+  policyFile: string;
   /** With --install-cni: the node's CNI binary and configuration directories. */
   cni?: { binDir: string; confDir: string } | undefined;
   /** The agent's own mountinfo (tests). */
@@ -33,7 +35,8 @@ export function hostPathProblems(o: HostPathOptions): string[] {
   if (statfsSync(bpffsDir).type !== BPF_FS_MAGIC) problems.push(fromHost(bpffsDir, '/sys/fs/bpf', `not a bpffs: the pinned maps and links (redirection that outlives the agent) go under ${o.bpffs}`));
   for (const [dir, what] of [
     [dirname(o.ztunnelSocket), 'the ZDS socket ztunnel connects to'],
-    [dirname(o.pluginSocket), "the CNI plugin's socket and policy file, the enrolled sandboxes' IDs"],
+    [dirname(o.pluginSocket), "the CNI plugin's socket, the enrolled sandboxes' IDs"],
+    [dirname(o.policyFile), 'what the CNI plugin decides from while the agent is unreachable, kept across reboots'],
   ] as const) {
     try {
       if (!existsSync(dir)) mkdirSync(dir, { recursive: !existsSync(dirname(dir)), mode: 0o750 });
