@@ -58,6 +58,16 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
   const annotation = (rp: RunningPod) => (api.get('pods', rp.pod.metadata.name, rp.pod.metadata.namespace)?.metadata as { annotations?: Record<string, string> } | undefined)?.annotations?.[REDIRECTION_ANNOTATION];
 
   /** `ambient-bpf status --json` inside the agent's container. */
+  /** Does the agent answer, with both ambient shop pods acked by ztunnel? */
+  async function shopPodsAcked(): Promise<boolean> {
+    try {
+      const s = await agentStatus();
+      return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
+    } catch {
+      return false;
+    }
+  }
+
   async function agentStatus(): Promise<StatusPod[]> {
     const r = await kubelet.exec(agent, 'agent', [CLI_IN_IMAGE, 'status', '--json', '--status-socket=/var/run/ambient-bpf/status.sock']);
     assert.equal(r.exit_code, 0, `ambient-bpf status in the agent container: ${r.stderr}`);
@@ -191,18 +201,7 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     const stats = await standInStats();
     assert.equal(stats.find((p) => p.name === 'web')?.stats.outbound?.connections, before + 1, 'captured while the agent is down');
     await kubelet.startContainer(agent, 'agent');
-    await until(
-      async () => {
-        try {
-          const s = await agentStatus();
-          return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
-        } catch {
-          return false;
-        }
-      },
-      'the restarted agent adopting the pods and ztunnel acking them',
-      60_000,
-    );
+    await until(shopPodsAcked, 'the restarted agent adopting the pods and ztunnel acking them', 60_000);
     assert.equal(annotation(app.cart!), 'enabled');
     await fetchPeer(app.web!, app.cart!);
   });
@@ -213,31 +212,12 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     assert.ok(Date.now() - started < (agent.pod.spec.terminationGracePeriodSeconds ?? 30) * 1000, 'stopped within the grace period');
     assert.equal(await fetchPeer(app.web!, app.cart!), app.web!.ips[0]);
     await kubelet.startContainer(agent, 'agent');
-    await until(
-      async () => {
-        try {
-          const s = await agentStatus();
-          return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
-        } catch {
-          return false;
-        }
-      },
-      'the new agent adopting the pods',
-      60_000,
-    );
+    await until(shopPodsAcked, 'the new agent adopting the pods', 60_000);
   });
 
   it('needs each capability the DaemonSet grants, and names the one that is missing', { timeout: 180_000 }, async () => {
     const c = agent.pod.spec.containers[0]!;
     const granted = [...(c.securityContext!.capabilities!.add ?? [])];
-    const acked = async () => {
-      try {
-        const s = await agentStatus();
-        return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
-      } catch {
-        return false;
-      }
-    };
     try {
       for (const cap of granted) {
         await kubelet.killContainer(agent, 'agent');
@@ -246,7 +226,7 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
         if (cap === 'BPF') {
           // Covered by SYS_ADMIN (the kernel's bpf_capable()); the verifier refuses these programs
           // to CAP_BPF without CAP_SYS_ADMIN or CAP_PERFMON, so SYS_ADMIN is the one that counts.
-          await until(acked, 'the agent working without BPF (SYS_ADMIN covers it)', 30_000);
+          await until(shopPodsAcked, 'the agent working without BPF (SYS_ADMIN covers it)', 30_000);
           continue;
         }
         await until(async () => (await kubelet.containerState(agent, 'agent')).state === 'CONTAINER_EXITED', `the agent stopping without ${cap}`, 30_000);
@@ -262,7 +242,7 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
       c.securityContext!.capabilities!.add = granted;
       await kubelet.startContainer(agent, 'agent');
     }
-    await until(acked, 'the agent with every capability again', 60_000);
+    await until(shopPodsAcked, 'the agent with every capability again', 60_000);
   });
 
   it('captures the DNS and outbound TCP of app containers in every kubelet cgroup layout, from their first packet', { timeout: 240_000 }, async () => {
@@ -328,18 +308,7 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
       [spec.volumes, c.volumeMounts] = [volumes, mounts];
       await kubelet.startContainer(agent, 'agent');
     }
-    await until(
-      async () => {
-        try {
-          const s = await agentStatus();
-          return ['shop/cart', 'shop/web'].every((n) => s.find((p) => `${p.namespace}/${p.name}` === n)?.ztunnel === 'acked');
-        } catch {
-          return false;
-        }
-      },
-      'the agent with every host path again',
-      60_000,
-    );
+    await until(shopPodsAcked, 'the agent with every host path again', 60_000);
   });
 
   it('unenrols a deleted pod: StopPodSandbox runs CNI DEL through the chained plugin', async () => {
