@@ -3,7 +3,7 @@
 // (bypassing capture); forwarded traffic, also when masqueraded to the node's address (NodePort),
 // is still captured. A "node" netns plays the host.
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
+import { readdirSync, rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { Datapath, type DatapathCounters } from '../bpf/src/index.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
@@ -87,8 +87,11 @@ for (const [mode, n] of [['tcx', 30], ['tc', 31]] as const) {
     });
 
     it('forgets each translation when its connection ends, so probe churn cannot evict a live one', async () => {
+      // The map's current pin: probe_nat, or probe_nat_vN once its layout changed (bpf/native/layout.h).
+      const version = (name: string) => Number(/_v(\d+)$/.exec(name)?.[1] ?? 1);
+      const pin = readdirSync(`${root}/maps`).filter((n) => /^probe_nat(_v\d+)?$/.test(n)).sort((a, b) => version(b) - version(a))[0];
       const entries = async (): Promise<number> =>
-        (JSON.parse(await sh('bpftool', ['-j', 'map', 'dump', 'pinned', `${root}/maps/probe_nat`])) as unknown[]).length;
+        (JSON.parse(await sh('bpftool', ['-j', 'map', 'dump', 'pinned', `${root}/maps/${pin}`])) as unknown[]).length;
       for (let i = 0; i < 20; i++) {
         assert.equal(await whoAnswers({ netns: path(node), host: i % 2 ? addr.podV6 : addr.podV4, port: APP_PORT }), 'app');
       }
