@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Removes what an interrupted earlier test run left on this machine (a killed runner cannot run its
+# cleanup hooks), so that each test file's "nothing left behind" check measures this run only.
+# Touches nothing but the test prefix's own names: network namespaces, cgroups, bpffs directories
+# and /tmp directories called "<prefix>-*" (TEST_NAME_PREFIX, default abt), and the processes
+# running inside those namespaces and cgroups, which only the tests start.
+set -uo pipefail
+prefix="${TEST_NAME_PREFIX:-abt}"
+[[ "$prefix" =~ ^[a-z]{2,4}$ ]] || prefix=abt
+cg=/sys/fs/cgroup
+swept=()
+
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${prefix}-"); do
+  pids=$(ip netns pids "$ns" 2>/dev/null)
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+  ip netns delete "$ns" 2>/dev/null && swept+=("netns $ns")
+done
+
+for dir in "$cg/${prefix}-"*; do
+  [ -d "$dir" ] || continue
+  echo 1 > "$dir/cgroup.kill" 2>/dev/null
+  # Children before parents (rmdir needs an empty cgroup); processes take a moment to leave.
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    find "$dir" -depth -type d -exec rmdir {} \; 2>/dev/null
+    [ -d "$dir" ] || break
+    sleep 0.2
+  done
+  [ -d "$dir" ] && echo "sweep: could not remove cgroup $dir" >&2 || swept+=("cgroup $dir")
+done
+
+for dir in /sys/fs/bpf/"${prefix}"-* /tmp/"${prefix}"-*; do
+  [ -e "$dir" ] || continue
+  rm -rf "$dir" 2>/dev/null && swept+=("$dir") || echo "sweep: could not remove $dir" >&2
+done
+
+if [ ${#swept[@]} -gt 0 ]; then
+  echo "sweep: removed ${#swept[@]} leftovers of an earlier test run:"
+  printf '  %s\n' "${swept[@]}" | head -20
+fi
+exit 0
