@@ -31,12 +31,15 @@ describe('bypass attempts from an ambient pod', kernelTest(), () => {
 
   /** SYNs for APP_PORT that reached the remote host while `send` ran. */
   async function synsSeenDuring(send: () => Promise<unknown>): Promise<number> {
-    const sniffer = app.spawn('nsenter', [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff-syn', String(APP_PORT), '1.5'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const sniffer = app.spawn('nsenter', [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff-syn', String(APP_PORT)], { stdio: ['pipe', 'pipe', 'inherit'] });
     let out = '';
     sniffer.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     const exited = new Promise((r) => sniffer.once('exit', r));
     while (!out.includes('ready')) await new Promise((r) => setTimeout(r, 20));
     await send();
+    // The SYN is on the wire when the sender returns; the veth pair delivers it within this.
+    await new Promise((r) => setTimeout(r, 500));
+    sniffer.stdin!.end();
     await exited;
     return Number(out.trim().split('\n').at(-1));
   }
