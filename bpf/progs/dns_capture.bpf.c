@@ -14,7 +14,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "ambient_shared.h"
+#include "addr.h"
 
 #define DNS_PORT 53
 #define LOOPBACK_V4 0x7f000001 /* 127.0.0.1 */
@@ -59,16 +59,11 @@ static __always_inline void redirect4(struct bpf_sock_addr *ctx)
 	ctx->user_port = bpf_htons(ZTUNNEL_DNS_PORT);
 }
 
-static __always_inline bool is_v4_mapped(const __u32 *a)
-{
-	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
-}
-
 static __always_inline void redirect6(struct bpf_sock_addr *ctx)
 {
 	struct dns_destination *d;
 	__u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
-	bool mapped = is_v4_mapped(a);
+	bool mapped = words_v4_mapped(a);
 
 	if (!is_dns(ctx))
 		return;
@@ -110,7 +105,7 @@ static __always_inline void restore6(struct bpf_sock_addr *ctx)
 	__u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
 	bool loopback = a[0] == 0 && a[1] == 0 &&
 			((a[2] == 0 && a[3] == bpf_htonl(1)) ||
-			 (a[2] == bpf_htonl(0xffff) && a[3] == bpf_htonl(LOOPBACK_V4)));
+			 (words_v4_mapped(a) && a[3] == bpf_htonl(LOOPBACK_V4)));
 
 	if (ctx->user_port != bpf_htons(ZTUNNEL_DNS_PORT) || !loopback || !(d = storage(ctx, false)) || d->v4)
 		return;

@@ -20,7 +20,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "ambient_shared.h"
+#include "addr.h"
 #include "pod_policy_map.h"
 
 extern STEER_MAP steer SEC(".maps");
@@ -45,33 +45,6 @@ int ztunnel_sockops(struct bpf_sock_ops *skops)
 extern POD_POLICY_MAP pod_policy SEC(".maps");
 
 extern POD_COUNTERS_MAP pod_counters SEC(".maps");
-
-static __always_inline void v4_mapped(struct pod_ip *a, __u32 addr)
-{
-	__builtin_memset(a, 0, sizeof(*a));
-	a->addr[10] = a->addr[11] = 0xff;
-	__builtin_memcpy(&a->addr[12], &addr, 4);
-}
-
-/* Lookups tc makes for ztunnel's wildcard listeners carry no address; loopback is the pod's own. */
-static __always_inline bool unspecified_or_loopback(const struct pod_ip *a)
-{
-	const __u32 *w = (const __u32 *)a->addr;
-
-	if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff))
-		return w[3] == 0 || (bpf_ntohl(w[3]) >> 24) == 127;
-	return w[0] == 0 && w[1] == 0 && w[2] == 0 && (w[3] == 0 || w[3] == bpf_htonl(1));
-}
-
-static __always_inline bool probe_address(const struct pod_ip *a)
-{
-	const __u32 *w = (const __u32 *)a->addr;
-
-	if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff))
-		return w[3] == bpf_htonl(PROBE_ADDR_V4);
-	return w[0] == bpf_htonl(PROBE_ADDR_V6_W0) && w[1] == bpf_htonl(PROBE_ADDR_V6_W1) &&
-	       w[2] == bpf_htonl(PROBE_ADDR_V6_W2) && w[3] == bpf_htonl(PROBE_ADDR_V6_W3);
-}
 
 static __always_inline bool ztunnel_port(__u32 port)
 {
@@ -162,7 +135,7 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 	 * have, whatever its port (a remote's 15006 or 15008 is still outbound, as pod_egress treats
 	 * it, never ztunnel's inbound listeners). The connect hook marks only sockets whose source is
 	 * this pod's; any other source here is an app that marked its socket itself (NET_ADMIN). */
-	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX && !probe_address(&k.local)) {
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX && !is_probe_address(&k.local)) {
 		p = bpf_map_lookup_elem(&pod_policy, &k.remote);
 		if (p && !same_pod(p, &k.local))
 			return to_outbound_listener(ctx, p);
@@ -174,7 +147,7 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (ztunnel_port(ctx->local_port))
 		return SK_PASS;
 	/* The backstop: from a pod address to a destination that is no pod address (nor the probe's). */
-	if (bpf_map_lookup_elem(&pod_policy, &k.local) || probe_address(&k.local))
+	if (bpf_map_lookup_elem(&pod_policy, &k.local) || is_probe_address(&k.local))
 		return SK_PASS;
 	p = bpf_map_lookup_elem(&pod_policy, &k.remote);
 	return p ? refuse(p) : SK_PASS;

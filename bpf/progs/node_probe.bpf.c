@@ -60,24 +60,6 @@ static __always_inline void offsets(const struct tcp_flow *f, struct rewrite_at 
 	at->tcp_csum = f->ip.l4_off + offsetof(struct tcphdr, check);
 }
 
-static __always_inline void probe_address(struct pod_ip *a, bool ipv6)
-{
-	__builtin_memset(a, 0, sizeof(*a));
-	if (ipv6) {
-		__be32 *w = (__be32 *)a->addr;
-
-		w[0] = bpf_htonl(PROBE_ADDR_V6_W0);
-		w[1] = bpf_htonl(PROBE_ADDR_V6_W1);
-		w[2] = bpf_htonl(PROBE_ADDR_V6_W2);
-		w[3] = bpf_htonl(PROBE_ADDR_V6_W3);
-	} else {
-		__be32 v4 = bpf_htonl(PROBE_ADDR_V4);
-
-		a->addr[10] = a->addr[11] = 0xff;
-		__builtin_memcpy(&a->addr[12], &v4, 4);
-	}
-}
-
 /* Rewrites the address at `off` from `from` to `to`, with the IPv4 header and TCP checksums
  * (the TCP one through the pseudo header, which also works for CHECKSUM_PARTIAL packets). */
 static __always_inline int rewrite(struct __sk_buff *skb, const struct tcp_flow *f, bool source, const struct pod_ip *from,
@@ -96,10 +78,8 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct tcp_flow 
 			return -1;
 		return bpf_skb_store_bytes(skb, off, to->addr, 16, 0) ? -1 : 0;
 	}
-	__be32 old, new;
+	__be32 old = v4_of(from), new = v4_of(to);
 
-	__builtin_memcpy(&old, &from->addr[12], 4);
-	__builtin_memcpy(&new, &to->addr[12], 4);
 	if (bpf_l4_csum_replace(skb, tcp_csum, old, new, BPF_F_PSEUDO_HDR | sizeof(new)) ||
 	    bpf_l3_csum_replace(skb, at.ip_csum, old, new, sizeof(new)))
 		return -1;
@@ -144,7 +124,7 @@ int node_to_pod(struct __sk_buff *skb)
 		if (!t)
 			return TC_ACT_UNSPEC;
 	}
-	probe_address(&probe, f.ipv6);
+	set_probe_address(&probe, f.ipv6);
 	rewrite(skb, &f, true, &f.ip.saddr, &probe);
 	track_close(&f, &key, t, CLOSING_NODE_FIN);
 	return TC_ACT_UNSPEC;
@@ -160,7 +140,7 @@ int pod_to_node(struct __sk_buff *skb)
 
 	if (parse_tcp(skb, &f) != PKT_TCP)
 		return TC_ACT_UNSPEC;
-	probe_address(&probe, f.ipv6);
+	set_probe_address(&probe, f.ipv6);
 	if (!same_address(&f.ip.daddr, &probe))
 		return TC_ACT_UNSPEC;
 	key.pod = f.ip.saddr;

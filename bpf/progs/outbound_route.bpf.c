@@ -20,7 +20,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "ambient_shared.h"
+#include "addr.h"
 #include "pod_policy_map.h"
 
 #define SOL_SOCKET 1
@@ -57,20 +57,7 @@ static __always_inline bool own_address(const struct pod_ip *a, __u64 netns_cook
 /* A destination pod_egress lets go: loopback, unspecified, the probe address, this pod's own. */
 static __always_inline bool left_alone(const struct pod_ip *dst, __u64 netns_cookie)
 {
-	const __u32 *w = (const __u32 *)dst->addr;
-
-	if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff)) {
-		__u32 a = bpf_ntohl(w[3]);
-
-		if (a == 0 || (a >> 24) == 127 || a == PROBE_ADDR_V4)
-			return true;
-	} else if (w[0] == 0 && w[1] == 0 && w[2] == 0 && (w[3] == 0 || w[3] == bpf_htonl(1))) {
-		return true;
-	} else if (w[0] == bpf_htonl(PROBE_ADDR_V6_W0) && w[1] == bpf_htonl(PROBE_ADDR_V6_W1) &&
-		   w[2] == bpf_htonl(PROBE_ADDR_V6_W2) && w[3] == bpf_htonl(PROBE_ADDR_V6_W3)) {
-		return true;
-	}
-	return own_address(dst, netns_cookie);
+	return unspecified_or_loopback(dst) || is_probe_address(dst) || own_address(dst, netns_cookie);
 }
 
 /* Is the socket bound to a source that is not this pod's (IP_FREEBIND, IP_TRANSPARENT)? The
@@ -89,8 +76,7 @@ static __always_inline bool foreign_source(struct bpf_sock_addr *ctx, __u64 netn
 
 		if (a == 0)
 			return false; /* unbound: the route's source, the pod's */
-		src.addr[10] = src.addr[11] = 0xff;
-		__builtin_memcpy(&src.addr[12], &a, 4);
+		v4_mapped(&src, a);
 	} else {
 		w[0] = sk->src_ip6[0];
 		w[1] = sk->src_ip6[1];
@@ -121,11 +107,9 @@ static __always_inline int route_to_ztunnel(struct bpf_sock_addr *ctx, const str
 SEC("cgroup/connect4")
 int pod_connect4(struct bpf_sock_addr *ctx)
 {
-	struct pod_ip dst = {};
-	__u32 a = ctx->user_ip4;
+	struct pod_ip dst;
 
-	dst.addr[10] = dst.addr[11] = 0xff;
-	__builtin_memcpy(&dst.addr[12], &a, 4);
+	v4_mapped(&dst, ctx->user_ip4);
 	return route_to_ztunnel(ctx, &dst);
 }
 

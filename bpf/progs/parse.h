@@ -19,7 +19,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "ambient_shared.h"
+#include "addr.h"
 
 /* Where the IP header starts: after the Ethernet header, or at once on L3 devices (tun, wireguard). */
 #define L2_ETHERNET ETH_HLEN
@@ -59,28 +59,6 @@ struct ip_info {
 static __always_inline bool ip_fragment(const struct ip_info *ip)
 {
 	return ip->first_fragment || ip->later_fragment;
-}
-
-static __always_inline void v4_mapped(struct pod_ip *a, __be32 addr)
-{
-	__builtin_memset(a, 0, sizeof(*a));
-	a->addr[10] = a->addr[11] = 0xff;
-	__builtin_memcpy(&a->addr[12], &addr, 4);
-}
-
-static __always_inline __be32 v4_of(const struct pod_ip *a)
-{
-	__be32 v;
-
-	__builtin_memcpy(&v, &a->addr[12], 4);
-	return v;
-}
-
-static __always_inline bool same_address(const struct pod_ip *a, const struct pod_ip *b)
-{
-	const __u32 *x = (const __u32 *)a->addr, *y = (const __u32 *)b->addr;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
 static __always_inline bool ipv6_ext_header(__u8 next)
