@@ -5,7 +5,7 @@
 // chained the plugin. The Kubernetes API is the in-repo test server over HTTPS, reached the
 // in-cluster way (service env and a mounted service account token and CA).
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { cgroup2Mount } from '../bpf/src/index.js';
@@ -321,5 +321,31 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     await until(async () => !(await agentStatus()).some((p) => p.name === 'cart'), 'the agent forgetting the pod', 30_000);
     await until(async () => !(await standInStats()).some((p) => p.name === 'cart'), 'ztunnel told', 30_000);
     await sleep(0);
+  });
+
+  // Last: it takes ambient-bpf off the node.
+  it('takes ambient-bpf off the node on SIGTERM once its DaemonSet is deleted, under the container’s own privileges', { timeout: 120_000 }, async () => {
+    const conflist = node.hostPath('/etc/cni/net.d/10-pods.conflist');
+    const chained = () => (JSON.parse(readFileSync(conflist, 'utf8')) as { plugins: { type: string }[] }).plugins.map((p) => p.type);
+    const plugin = node.hostPath('/opt/cni/bin/ambient-bpf-cni');
+    // /var/lib is an overlay on the node: what the agent wrote there is in its upper directory.
+    const policy = join(node.dir, 'varlib-up/ambient-bpf/cni-policy');
+    const webPins = join(node.bpffs, 'ambient-bpf', 'pods', app.web!.uid);
+    assert.ok(chained().includes('ambient-bpf-cni') && existsSync(plugin) && existsSync(policy) && existsSync(webPins), 'installed before');
+    assert.equal(annotation(app.web!), 'enabled');
+
+    assert.equal(api.daemonSets.size, 1);
+    api.daemonSets.clear(); // kubectl delete daemonset: the API no longer has it when the pod stops
+    assert.equal(await kubelet.stopContainer(agent, 'agent'), 0, `the agent's exit on SIGTERM: ${kubelet.containerLog(agent, 'agent').slice(-1000)}`);
+    const log = kubelet.containerLog(agent, 'agent');
+
+    assert.deepEqual(chained(), ['bridge'], `the conflist as the node had it before the agent: ${log.slice(-1500)}`);
+    assert.ok(!existsSync(plugin), 'the plugin binary removed');
+    assert.ok(!existsSync(policy), 'the plugin’s policy removed');
+    assert.ok(!existsSync(webPins), 'the pods’ redirection removed');
+    assert.equal(annotation(app.web!), undefined, 'the redirection annotation removed');
+    // The node still starts pods, ambient-labelled ones included, as plain pods.
+    app.late = await kubelet.runPod(appPod('late', 'shop'));
+    assert.equal(await fetchPeer(app.late, app.web!), app.late.ips[0]);
   });
 });
