@@ -322,33 +322,23 @@ static void *probe_in_netns(void *arg)
 		return NULL;
 	}
 
-	/* tcx: libbpf has no probe for it; a link on lo of this netns. */
-	prog = load_trivial(BPF_PROG_TYPE_SCHED_CLS, 0, 0);
+	/* tcx: libbpf has no probe for it; a link on lo of this netns, of the program the SO_REUSEPORT
+	 * attempt needs anyway (a tcx link's attach and detach each wait for RCU: one link, not two). */
+	prog = load_steer_prog();
 	if (prog < 0) {
-		note(p, KF_TCX, false, "a tc program: %s", strerror(-prog));
+		note(p, KF_TCX, false, "the tc program (bpf_skc_lookup_tcp, bpf_sk_assign): %s", strerror(-prog));
+		note(p, KF_SK_ASSIGN_REUSEPORT, false, "the tc program (bpf_skc_lookup_tcp, bpf_sk_assign): %s",
+		     strerror(-prog));
 	} else {
 		link = bpf_link_create(prog, 1 /* lo */, AMB_BPF_TCX_INGRESS, NULL);
 		note(p, KF_TCX, link >= 0, "bpf_link_create(BPF_TCX_INGRESS) on lo of a throwaway netns: %s",
 		     link >= 0 ? "ok" : strerror(errno));
-		if (link >= 0)
-			close(link);
-		close(prog);
-	}
 
-	/* bpf_sk_assign with an SO_REUSEPORT listener: not a question of the helper's presence, which
-	 * libbpf can answer, but of what it accepts; a SYN on lo steered by a tcx link, else by a
-	 * cls_bpf filter. */
-	prog = load_steer_prog();
-	link = -1;
-	if (prog < 0) {
-		note(p, KF_SK_ASSIGN_REUSEPORT, false, "the tc program (bpf_skc_lookup_tcp, bpf_sk_assign): %s", strerror(-prog));
-	} else {
-		bool tcx = p->present[KF_TCX];
-
-		if (tcx) {
-			link = bpf_link_create(prog, 1, AMB_BPF_TCX_INGRESS, NULL);
-			err = link < 0 ? -errno : 0;
-		} else {
+		/* bpf_sk_assign with an SO_REUSEPORT listener: not a question of the helper's presence,
+		 * which libbpf answers, but of what it accepts: a SYN on lo steered to one, by the tcx
+		 * link, else by a cls_bpf filter. */
+		err = 0;
+		if (link < 0) {
 			err = bpf_tc_hook_create(&hook);
 			if (!err) {
 				tc_opts.prog_fd = prog;
@@ -358,14 +348,14 @@ static void *probe_in_netns(void *arg)
 		steered = err ? err : steer_to_reuseport_listener();
 		if (steered < 0)
 			note(p, KF_SK_ASSIGN_REUSEPORT, false, "a SYN steered on lo of a throwaway netns (%s): %s",
-			     tcx ? "tcx" : "cls_bpf", strerror(-steered));
+			     link >= 0 ? "tcx" : "cls_bpf", strerror(-steered));
 		else
 			note(p, KF_SK_ASSIGN_REUSEPORT, steered, "a SYN steered by tc's bpf_sk_assign to an SO_REUSEPORT "
 								 "listener on lo of a throwaway netns: %s",
 			     steered ? "accepted" : "refused");
 		if (link >= 0)
 			close(link);
-		if (!tcx)
+		else
 			bpf_tc_hook_destroy(&hook); /* the clsact qdisc, with the filter */
 		close(prog);
 	}
@@ -375,10 +365,13 @@ static void *probe_in_netns(void *arg)
 		sk_prog = load_trivial(BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP, 1 /* SK_PASS */);
 		netns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
 		link = sk_prog >= 0 && netns >= 0 ? bpf_link_create(sk_prog, netns, BPF_SK_LOOKUP, NULL) : -1;
-		if (link < 0)
+		if (link < 0) {
 			note(p, KF_SK_LOOKUP, false, "an sk_lookup link on a throwaway netns: %s", strerror(errno));
-		else
+		} else {
+			note(p, KF_SK_LOOKUP, true, "libbpf_probe_bpf_prog_type(sk_lookup), _helper(bpf_sk_assign), and "
+						    "an sk_lookup link on a throwaway netns");
 			close(link);
+		}
 		if (netns >= 0)
 			close(netns);
 		if (sk_prog >= 0)
