@@ -97,6 +97,18 @@ describe('kernel feature probe', kernelTest(), () => {
     const newPins = readdirSync('/sys/fs/bpf').filter((n) => !pins.includes(n) && !n.startsWith(`${TEST_PREFIX}-`) && !/^[a-z]{2,4}-/.test(n));
     assert.deepEqual(newPins, [], 'the probe pinned something');
   });
+  it('ambient-bpf datapath kernel: the probe and the modes auto picks, without an agent', async () => {
+    const json = await runCli(['datapath', 'kernel', '--json']);
+    assert.equal(json.code, 0, json.stderr);
+    const k = JSON.parse(json.stdout) as { hooks: string; attachMode: string; steering: string; features: { name: string; present: boolean; forced: boolean }[] };
+    assert.deepEqual([k.hooks, k.attachMode, k.steering], ['tcx', 'auto', 'sk-assign']);
+    assert.equal(k.features.length, KERNEL_FEATURES.length);
+    for (const f of k.features) assert.deepEqual([f.name, f.present, f.forced], [f.name, true, false]);
+    const text = await runCli(['datapath', 'kernel']);
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout, /^kernel features \(probed now, in [\d.]+ ms\):$/m);
+    assert.match(text.stdout, /^ {2}tcx +yes +bpf_link_create\(BPF_TCX_INGRESS\)/m);
+  });
 });
 
 describe('modes from the features', () => {

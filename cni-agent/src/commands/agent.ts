@@ -53,7 +53,7 @@ export const PLUGIN_BINARY_PATH = fileURLToPath(new URL('../../../../cni-agent/b
  * without CAP_SYS_ADMIN (or CAP_PERFMON) the verifier refuses the programs even with CAP_BPF. */
 export const REQUIRED_CAPABILITIES = [
   { name: 'CAP_NET_ADMIN', bit: 12, why: "attaching to pods' interfaces, and the fwmark rule, local route and accept_local in pod network namespaces" },
-  { name: 'CAP_SYS_ADMIN', bit: 21, why: 'setns() into pod network namespaces, and loading the BPF programs' },
+  { name: 'CAP_SYS_ADMIN', bit: 21, why: 'setns() into pod network namespaces, loading the BPF programs, and the kernel probe’s throwaway netns (unshare) at start' },
   { name: 'CAP_SYS_PTRACE', bit: 19, why: "opening other processes' /proc/PID/ns/net (the network namespaces of running pods)" },
 ] as const;
 
