@@ -402,8 +402,10 @@ void kernel_probe_run(struct kernel_probe *p)
 		pthread_join(thread, NULL);
 	}
 	if (np.result < 0) {
-		note(p, KF_TCX, false, "cannot make a throwaway netns to try it in: %s", strerror(-np.result));
-		note(p, KF_SK_ASSIGN_REUSEPORT, false, "cannot make a throwaway netns to try it in: %s", strerror(-np.result));
+		/* Not tried, so not known: taken as absent (the older kernels' modes), and said so. */
+		note(p, KF_TCX, false, "not tried: no throwaway netns with lo up to try it in (%s)", strerror(-np.result));
+		note(p, KF_SK_ASSIGN_REUSEPORT, false, "not tried: no throwaway netns with lo up to try it in (%s)",
+		     strerror(-np.result));
 	}
 	p->elapsed_ms = now_ms() - start;
 }
