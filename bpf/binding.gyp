@@ -8,6 +8,7 @@
         "native/dp_error.c",
         "native/layout.c",
         "native/pod_policy.c",
+        "native/probe.c",
         "native/netns_addresses.c",
         "native/netns_socket.c",
         "native/netns_thread.c",

@@ -14,6 +14,7 @@
 #include "layout.h"
 #include "netns_addresses.h"
 #include "netns_socket.h"
+#include "probe.h"
 #include "seqpacket.h"
 
 #define CHECK(call)                                                                                               \
@@ -110,6 +111,7 @@ struct job {
 			char root[4096];
 			unsigned to, from;
 		} downgrade;
+		struct kernel_probe probe;
 	} u;
 };
 
@@ -923,6 +925,46 @@ static napi_value js_netns_addresses(napi_env env, napi_callback_info info)
 	return job_start(env, job, "ambient-bpf:netns-addresses");
 }
 
+/* ---- kernel features ---- */
+
+static void probe_run(struct job *job)
+{
+	kernel_probe_run(&job->u.probe);
+}
+
+static napi_value probe_result(napi_env env, struct job *job)
+{
+	napi_value obj, present, detail;
+
+	napi_create_object(env, &obj);
+	napi_create_object(env, &present);
+	napi_create_object(env, &detail);
+	for (int f = 0; f < KF_COUNT; f++) {
+		napi_value b;
+
+		napi_get_boolean(env, job->u.probe.present[f], &b);
+		napi_set_named_property(env, present, kernel_feature_names[f], b);
+		set_str(env, detail, kernel_feature_names[f], job->u.probe.detail[f]);
+	}
+	set_named(env, obj, "present", present);
+	set_named(env, obj, "detail", detail);
+	set_double(env, obj, "elapsedMs", job->u.probe.elapsed_ms);
+	return obj;
+}
+
+/* probeKernel() -> { present: {feature: bool}, detail: {feature: string}, elapsedMs } */
+static napi_value js_probe_kernel(napi_env env, napi_callback_info info)
+{
+	struct job *job = job_new(probe_run, probe_result);
+
+	(void)info;
+	if (!job) {
+		napi_throw_error(env, DPE_SYSTEM, "out of memory");
+		return NULL;
+	}
+	return job_start(env, job, "ambient-bpf:probe-kernel");
+}
+
 /* ---- module ---- */
 
 static napi_value init(napi_env env, napi_value exports)
@@ -943,6 +985,7 @@ static napi_value init(napi_env env, napi_value exports)
 		{ "socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL },
 		{ "sockets", NULL, js_sockets, NULL, NULL, NULL, napi_default, NULL },
 		{ "netnsAddresses", NULL, js_netns_addresses, NULL, NULL, NULL, napi_default, NULL },
+		{ "probeKernel", NULL, js_probe_kernel, NULL, NULL, NULL, napi_default, NULL },
 	};
 
 	CHECK(napi_define_properties(env, exports, sizeof(fns) / sizeof(fns[0]), fns));

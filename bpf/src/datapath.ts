@@ -1,14 +1,14 @@
 // The pod datapath: BPF programs loaded once per process and bpffs root, attached to many pods.
 // Knows network namespaces, addresses and pins; nothing about Kubernetes.
 import { isIP } from 'node:net';
-import { release as osRelease } from 'node:os';
 import { addon, BPF_OBJECT_PATH, type DatapathCounters, type NativeHandle, type NativeListedPod } from './native.js';
 
 export type { DatapathCounters } from './native.js';
 
 export const DEFAULT_BPFFS_ROOT = '/sys/fs/bpf/ambient-bpf';
 
-/** How programs are attached: tcx links (Linux 6.6+), or the clsact/cls_bpf fallback. */
+/** How programs are attached: tcx links (Linux 6.6+), or the clsact/cls_bpf fallback; auto: tcx
+ * where the kernel has it (the native side falls back to tc when the link is refused). */
 export type AttachMode = 'auto' | 'tcx' | 'tc';
 const MODE_CODES: Record<AttachMode, number> = { auto: 0, tcx: 1, tc: 2 };
 export const ATTACH_MODES: readonly AttachMode[] = ['auto', 'tcx', 'tc'];
@@ -93,26 +93,11 @@ export interface StrictAllowEntry {
   port?: number;
 }
 
-/** How a SYN reaches ztunnel's listener: bpf_sk_assign in tc (Linux 6.6+: it accepts SO_REUSEPORT
- * listeners), or an sk_lookup program per pod netns (older kernels; also needs ztunnel's cgroup). */
+/** How a SYN reaches ztunnel's listener: bpf_sk_assign in tc (where it accepts SO_REUSEPORT
+ * listeners: Linux 6.6+), or an sk_lookup program per pod netns (older kernels; also needs
+ * ztunnel's cgroup). Which one the kernel allows is probed (kernel-features.ts). */
 export type Steering = 'sk-assign' | 'sk-lookup';
 export const STEERINGS: readonly Steering[] = ['sk-assign', 'sk-lookup'];
-
-/** Linux 6.6 brought both tcx and bpf_sk_assign for SO_REUSEPORT listeners. */
-function atLeast66(release: string): boolean {
-  const [major = 0, minor = 0] = release.split(/[.-]/).map(Number);
-  return major > 6 || (major === 6 && minor >= 6);
-}
-
-/** sk-assign where the kernel's bpf_sk_assign takes SO_REUSEPORT listeners (6.6+), else sk-lookup. */
-export function steeringForKernel(release = osRelease()): Steering {
-  return atLeast66(release) ? 'sk-assign' : 'sk-lookup';
-}
-
-/** Does this kernel have tcx links (6.6+)? */
-export function kernelHasTcx(release = osRelease()): boolean {
-  return atLeast66(release);
-}
 
 export interface DatapathSettings {
   ztunnelExemption: ZtunnelExemption;

@@ -2,3 +2,4 @@ export * from './datapath.js';
 export { listenInNetns, connectFromNetns } from './netns-socket.js';
 export type { NetnsListenOptions, NetnsConnectOptions } from './netns-socket.js';
 export * from './cgroup.js';
+export * from './kernel-features.js';

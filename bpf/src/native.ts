@@ -2,6 +2,7 @@
 // "bpf-native-addon" and "node-netns" of the design, in one shared object.
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
+import type { KernelFeature } from './kernel-features.js';
 
 /** Files the addon and the BPF programs are built to, relative to this module (dist/bpf/src). */
 export const ADDON_PATH = fileURLToPath(new URL('../../../bpf/build/Release/ambient_bpf.node', import.meta.url));
@@ -128,6 +129,8 @@ export interface NativeAddon {
   sockets(netns: string, requests: NativeSocketOptions[]): Promise<({ fd: number } | { error: string })[]>;
   seqpacket: NativeSeqpacket;
   netnsAddresses(path: string): Promise<{ inode: number; device: number; ownerUserns: number; addresses: string[] }>;
+  /** The kernel feature probe (probe.c), keyed by KERNEL_FEATURES. */
+  probeKernel(): Promise<{ present: Record<KernelFeature, boolean>; detail: Record<KernelFeature, string>; elapsedMs: number }>;
   constants: {
     DATAPATH_LAYOUT: number;
     ZTUNNEL_OUTBOUND_PORT: number;

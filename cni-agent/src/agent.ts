@@ -3,7 +3,7 @@
 // does during an upgrade): the next agent adopts the attachments; unless its DaemonSet is being
 // deleted (shutdown()), then it takes ambient-bpf off the node.
 import { join } from 'node:path';
-import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, Datapath, steeringForKernel, type Steering, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption } from '../../bpf/src/index.js';
+import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, chooseModes, Datapath, featureLabel, forceFeatures, KERNEL_FEATURES, probeKernel, type DatapathModes, type KernelFeatures, type KernelProbe, type Steering, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption } from '../../bpf/src/index.js';
 import { reserveFileDescriptors, type PeerCredentials } from '../../bpf/src/node-netns.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
@@ -24,7 +24,7 @@ import { CniInstaller } from './installer/installer.js';
 import { daemonSetRemoved, removeFromNode } from './installer/removal.js';
 import { serveOps } from './ops/http.js';
 import { Counter, Histogram, samples } from './ops/metrics.js';
-import { serveStatus, type StatusReport } from './ops/status-api.js';
+import { kernelStatus, serveStatus, type StatusReport } from './ops/status-api.js';
 
 /** Where pods come from: a local file, or the Kubernetes API (a kubeconfig file, a connection, or
  * the in-cluster service account when undefined). */
@@ -51,9 +51,12 @@ export interface AgentOptions {
   daemonSet?: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
   bpffs: string;
   hostRoot: string;
+  /** auto: tcx where the kernel has tcx links (probed), else tc. */
   attachMode: AttachMode;
-  /** How SYNs reach ztunnel's listeners (default: by kernel, steeringForKernel()). */
+  /** How SYNs reach ztunnel's listeners (default: what the probed kernel allows, chooseModes()). */
   steering?: Steering | undefined;
+  /** Kernel features taken as given instead of probed (tests: what a kernel without them gets). */
+  kernelFeatures?: Partial<KernelFeatures> | undefined;
   /** Which 0x539-marked traffic skips redirection (default: only ztunnel's own sockets). */
   ztunnelExemption?: ZtunnelExemption | undefined;
   /** Node-wide capture defaults (strict mode, DNS capture) that pod annotations refine. */
@@ -94,20 +97,30 @@ export class Agent {
   private readonly enrollSeconds = new Histogram('ambient_bpf_enroll_duration_seconds', 'From the start of enrolling a pod to ztunnel’s ack.', [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
   private readonly cniRequests = new Counter('ambient_bpf_cni_requests_total', 'CNI requests relayed by the plugin, by command and result (ok or the CNI error code).');
 
-  private readonly steering: Steering;
+  private kernel: KernelProbe | undefined;
+  private modes: DatapathModes | undefined;
 
-  constructor(private readonly opts: AgentOptions) {
-    this.steering = opts.steering ?? steeringForKernel();
+  constructor(private readonly opts: AgentOptions) {}
+
+  /** The kernel's features (probed at start) and the modes chosen from them. */
+  get datapathModes(): { kernel: KernelProbe; modes: DatapathModes } | undefined {
+    return this.kernel && this.modes ? { kernel: this.kernel, modes: this.modes } : undefined;
   }
 
   async start(): Promise<void> {
     const { log } = this.opts;
     // A burst of CNI ADDs holds a relay connection and a netns fd per pod at once.
     reserveFileDescriptors(AGENT_FD_TABLE);
+    // What the kernel can do decides the modes, not its version string (backports).
+    const kernel = forceFeatures(await probeKernel(), this.opts.kernelFeatures ?? {});
+    const modes = chooseModes(kernel.features, { attachMode: this.opts.attachMode, steering: this.opts.steering });
+    this.kernel = kernel;
+    this.modes = modes;
+    log.info({ features: kernel.features, forced: kernel.forced, probeMs: Math.round(kernel.elapsedMs * 10) / 10 }, 'kernel features probed');
+    log.info({ hooks: modes.hooks, attachMode: modes.attachMode, why: modes.why.hooks }, `pods get ${modes.hooks} hooks`);
+    log.info({ steering: modes.steering, why: modes.why.steering }, modes.steering === 'sk-lookup' ? 'SYNs reach ztunnel through sk_lookup programs' : 'SYNs reach ztunnel through bpf_sk_assign');
     this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
-    const steering = this.steering;
-    await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering });
-    log.info({ steering }, steering === 'sk-lookup' ? 'SYNs reach ztunnel through sk_lookup programs (kernel before 6.6, or asked)' : 'SYNs reach ztunnel through bpf_sk_assign');
+    await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering: modes.steering });
     await this.collectGarbage();
     this.zds = new ZdsServer({
       socketPath: this.opts.ztunnelSocket,
@@ -141,7 +154,7 @@ export class Agent {
       cgroups: new CgroupLocator(this.opts.hostRoot),
       sandboxes: new SandboxRecords(this.opts.pluginSocket),
       log,
-      attachMode: this.opts.attachMode,
+      attachMode: modes.attachMode,
       capture: this.opts.capture ?? DEFAULT_CAPTURE,
       nodeNetns: this.opts.nodeNetns ?? DEFAULT_NODE_NETNS,
       ...(annotator ? { annotator } : {}),
@@ -187,6 +200,7 @@ export class Agent {
     const attached = new Map((await this.datapath?.list())?.map((p) => [p.uid, p]) ?? []);
     return {
       ztunnelConnections: this.zds?.connectedCount ?? 0,
+      ...(this.kernel && this.modes ? { kernel: kernelStatus(this.kernel, this.modes) } : {}),
       pods: this.status().map((s) => {
         const a = s.attached ? attached.get(s.uid) : undefined;
         return {
@@ -209,7 +223,7 @@ export class Agent {
   /** ztunnel said hello over ZDS: its cgroup's sockets are the only ones whose 0x539 mark lets
    * traffic skip redirection. Without it ztunnel's own traffic would be redirected: fail loudly. */
   private trustZtunnel(peer: PeerCredentials): void {
-    if ((this.opts.ztunnelExemption ?? 'ztunnel-sockets') === 'mark' && this.steering === 'sk-assign') return;
+    if ((this.opts.ztunnelExemption ?? 'ztunnel-sockets') === 'mark' && this.modes?.steering !== 'sk-lookup') return;
     try {
       const procRoot = join(this.opts.hostRoot, 'proc');
       const mount = cgroup2Mount(this.opts.hostRoot);
@@ -302,6 +316,7 @@ export class Agent {
     for (const s of status) if (byState.has(s.state)) byState.set(s.state, byState.get(s.state)! + 1);
     return [
       await this.datapathMetrics(status),
+      this.kernelMetrics(),
       samples('ambient_bpf_pods', 'Pods by enrollment state.', 'gauge', [...byState].map(([state, n]) => [{ state }, n])),
       samples('ambient_bpf_ztunnel_connections', 'ztunnel connections past their hello.', 'gauge', [[{}, this.zds?.connectedCount ?? 0]]),
       samples('ambient_bpf_reconcile_errors_total', 'Failed reconcile passes.', 'counter', [[{}, this.reconciler?.reconcileErrors ?? 0]]),
@@ -325,6 +340,16 @@ export class Agent {
             samples('istio_cni_installs_total', 'Total number of CNI plugins installed by the Istio CNI installer', 'counter', [...(installer?.installs ?? [])].map(([result, n]) => [{ result }, n])),
           ]
         : []),
+    ].join('\n');
+  }
+
+  /** The probed kernel features and the modes chosen from them. */
+  private kernelMetrics(): string {
+    if (!this.kernel || !this.modes) return '';
+    const { features, forced } = this.kernel;
+    return [
+      samples('ambient_bpf_kernel_feature', 'Kernel features the datapath uses, as probed at start (1 present, 0 not); forced="true": set by the agent\'s options, not probed.', 'gauge', KERNEL_FEATURES.map((f) => [{ feature: featureLabel(f), forced: String(forced.includes(f)) }, features[f] ? 1 : 0])),
+      samples('ambient_bpf_datapath_mode', 'The modes chosen from the kernel features (and the options): hooks tcx or tc, steering sk-assign or sk-lookup; always 1.', 'gauge', [[{ hooks: this.modes.hooks, attach_mode: this.modes.attachMode, steering: this.modes.steering }, 1]]),
     ].join('\n');
   }
 

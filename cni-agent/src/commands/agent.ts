@@ -53,7 +53,7 @@ export const PLUGIN_BINARY_PATH = fileURLToPath(new URL('../../../../cni-agent/b
  * without CAP_SYS_ADMIN (or CAP_PERFMON) the verifier refuses the programs even with CAP_BPF. */
 export const REQUIRED_CAPABILITIES = [
   { name: 'CAP_NET_ADMIN', bit: 12, why: "attaching to pods' interfaces, and the fwmark rule, local route and accept_local in pod network namespaces" },
-  { name: 'CAP_SYS_ADMIN', bit: 21, why: 'setns() into pod network namespaces, and loading the BPF programs' },
+  { name: 'CAP_SYS_ADMIN', bit: 21, why: 'setns() into pod network namespaces, loading the BPF programs, and the kernel probe’s throwaway netns (unshare) at start' },
   { name: 'CAP_SYS_PTRACE', bit: 19, why: "opening other processes' /proc/PID/ns/net (the network namespaces of running pods)" },
 ] as const;
 
@@ -80,11 +80,11 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('keep-pod-redirection', { type: 'boolean', default: false, describe: 'when the DaemonSet is deleted, leave running pods redirected (and annotated)' })
       .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
       .option('host-root', { type: 'string', default: '/', describe: "the host's / (for /proc and /var/run/netns when running in a container)" })
-      .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto' })
+      .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'tcx links, the clsact/cls_bpf fallback, or auto (tcx where the kernel has tcx links, probed at start)' })
       .option('steering', {
         choices: ['auto', ...STEERINGS] as const,
         default: 'auto' as const,
-        describe: 'how SYNs reach ztunnel’s listeners: bpf_sk_assign in tc (Linux 6.6+), or an sk_lookup program per pod (older kernels); auto picks by kernel',
+        describe: 'how SYNs reach ztunnel’s listeners: bpf_sk_assign in tc (Linux 6.6+), or an sk_lookup program per pod (older kernels); auto: sk-assign where tc’s bpf_sk_assign takes SO_REUSEPORT listeners (probed at start), else sk-lookup',
       })
       .option('ztunnel-exemption', {
         choices: ZTUNNEL_EXEMPTIONS,

@@ -1,6 +1,8 @@
 // `ambient-bpf datapath ...`: direct access to the pod datapath, for operators and for checks.
 import type { ArgumentsCamelCase, Argv, CommandModule } from 'yargs';
-import { ATTACH_MODES, Datapath, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, type AttachMode, type AttachedPod } from '../../../bpf/src/index.js';
+import { ATTACH_MODES, chooseModes, Datapath, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, probeKernel, type AttachMode, type AttachedPod } from '../../../bpf/src/index.js';
+import { kernelStatus } from '../ops/status-api.js';
+import { formatKernel } from './status.js';
 import { renderTable } from '../table.js';
 import { CliError } from './cli-error.js';
 
@@ -50,7 +52,7 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
       .option('attach-mode', {
         choices: ATTACH_MODES,
         default: DEFAULT_ATTACH_MODE,
-        describe: 'tcx links (Linux 6.6+), the clsact/cls_bpf fallback, or auto',
+        describe: 'tcx links (Linux 6.6+), the clsact/cls_bpf fallback, or auto (tcx where the kernel has it, probed)',
       })
       .option('bypass-inbound', { type: 'boolean', default: false, describe: 'no inbound capture (ambient.istio.io/bypass-inbound-capture)' })
       .option('strict', { type: 'boolean', default: false, describe: 'drop what the pod sends around ztunnel (UDP but DNS, other protocols)' })
@@ -59,6 +61,8 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
       .option('dns-capture', { type: 'boolean', default: true, describe: "capture DNS at --pod-cgroup (--no-dns-capture: the guard only)" })
       .option('node-netns', { type: 'string', describe: "the netns of the pod's veth peer: handle kubelet probes there" }),
   handler: async (args: ArgumentsCamelCase<AttachArgs>) => {
+    // auto: the hooks the probed kernel allows (a one-off attach has no later move to tcx).
+    const mode = args.attachMode === 'auto' ? chooseModes((await probeKernel()).features, { attachMode: 'auto' }).hooks : args.attachMode;
     const r = await withDatapath(args, (dp) =>
       dp.attach(
         {
@@ -72,7 +76,7 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
           ...(args.podCgroup !== undefined ? { podCgroup: args.podCgroup } : {}),
           ...(args.nodeNetns !== undefined ? { hostNetns: args.nodeNetns } : {}),
         },
-        { mode: args.attachMode },
+        { mode },
       ),
     );
     process.stdout.write(`${r.updated ? 'updated' : 'attached'} ${args.uid}: ${r.mode} on ifindex ${r.ifindex}\n`);
@@ -148,9 +152,20 @@ const downgrade: CommandModule<CommonArgs, CommonArgs & { layout: number }> = {
   },
 };
 
+const kernel: CommandModule<object, { json: boolean }> = {
+  command: 'kernel',
+  describe: 'probe the kernel features the datapath uses and show the modes the agent would choose (auto)',
+  builder: (y) => y.option('json', { type: 'boolean', default: false, describe: 'print JSON' }),
+  handler: async (args) => {
+    const probe = await probeKernel();
+    const status = kernelStatus(probe, chooseModes(probe.features, { attachMode: 'auto' }));
+    process.stdout.write(args.json ? JSON.stringify(status, null, 2) + '\n' : formatKernel(status, 'now'));
+  },
+};
+
 export const datapathCommand: CommandModule = {
   command: 'datapath <command>',
-  describe: 'attach, detach, list, verify and collect pod datapaths directly; hand the node to an older release',
+  describe: 'attach, detach, list, verify and collect pod datapaths directly; hand the node to an older release; probe the kernel',
   builder: (y) =>
     y
       .command(attach as unknown as CommandModule)
@@ -159,6 +174,7 @@ export const datapathCommand: CommandModule = {
       .command(verify as unknown as CommandModule)
       .command(gc as unknown as CommandModule)
       .command(downgrade as unknown as CommandModule)
+      .command(kernel as unknown as CommandModule)
       .demandCommand(1, 'name a datapath command'),
   handler: () => {},
 };

@@ -1,6 +1,6 @@
 // `ambient-bpf status`: what the agent knows about each pod of the node.
 import type { CommandModule } from 'yargs';
-import { DEFAULT_STATUS_SOCKET, fetchStatus, type StatusPod } from '../ops/status-api.js';
+import { DEFAULT_STATUS_SOCKET, fetchStatus, type StatusKernel, type StatusPod } from '../ops/status-api.js';
 import { renderTable } from '../table.js';
 import { CliError } from './cli-error.js';
 
@@ -25,6 +25,17 @@ export function formatStatusTable(pods: StatusPod[], now = Date.now()): string {
   return renderTable(rows);
 }
 
+/** The modes the agent chose and why, then each kernel feature as probed. */
+export function formatKernel(k: StatusKernel, when = "at the agent's start"): string {
+  const lines = [
+    `hooks: ${k.hooks} (attach mode ${k.attachMode}): ${k.hooksReason}`,
+    `steering: ${k.steering}: ${k.steeringReason}`,
+    `kernel features (probed ${when}, in ${k.probeMs.toFixed(1)} ms):`,
+  ];
+  const rows = k.features.map((f) => [`  ${f.name}`, f.present ? 'yes' : 'no', (f.forced ? '(forced) ' : '') + f.detail]);
+  return lines.join('\n') + '\n' + renderTable(rows);
+}
+
 export const statusCommand: CommandModule<object, StatusArgs> = {
   command: 'status',
   describe: 'show each pod of this node: ambient or not, redirected, acked by ztunnel',
@@ -42,5 +53,6 @@ export const statusCommand: CommandModule<object, StatusArgs> = {
     if (args.json) return void process.stdout.write(JSON.stringify(report, null, 2) + '\n');
     process.stdout.write(formatStatusTable(report.pods));
     process.stdout.write(`ztunnel connections: ${report.ztunnelConnections}\n`);
+    if (report.kernel) process.stdout.write(formatKernel(report.kernel));
   },
 };

@@ -3,7 +3,7 @@
 // agree. Inputs: the pod source (state and changes), ztunnel's answers, and the datapath's own
 // records (so a restarted agent adopts what it attached before instead of attaching twice).
 import { existsSync, openSync, statSync } from 'node:fs';
-import { kernelHasTcx, type AttachMode, type AttachOptions, type PodAttachment } from '../../../bpf/src/index.js';
+import { type AttachMode, type AttachOptions, type PodAttachment } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
 import { podIPs, REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
@@ -122,6 +122,8 @@ export interface ReconcilerOptions {
   log: Logger;
   annotator?: Annotator;
   policy?: SelectionPolicy;
+  /** `auto` (tc at enrolment, tcx once idle) only where the kernel has tcx links: the agent gives
+   * tc where the probe found none (chooseModes). */
   attachMode?: AttachMode;
   /** Node-wide capture settings that pod annotations refine. */
   capture?: CaptureDefaults;
@@ -169,7 +171,7 @@ export class Reconciler {
       const e = this.entry(attached.uid);
       e.attached = true;
       e.netnsPath = attached.netnsPresent ? attached.netnsPath : undefined;
-      if (this.opts.attachMode === 'auto' && attached.mode === 'tc' && kernelHasTcx()) this.queueUpgrade(attached.uid);
+      if (this.opts.attachMode === 'auto' && attached.mode === 'tc') this.queueUpgrade(attached.uid);
     }
     this.namespaces = new Map(state.namespaces);
     for (const pod of state.pods.values()) this.entry(pod.metadata.uid).pod = pod;
@@ -562,7 +564,7 @@ export class Reconciler {
     e.addPhases?.mark('cgroup');
     // With `auto`, a new pod gets the tc hooks (well under a millisecond) and moves to tcx once the
     // node is idle (a tcx link waits for RCU grace periods under rtnl_lock: tens of ms per pod).
-    const fastPath = this.opts.attachMode === 'auto' && (!e.attached || moved) && !this.tcxUnavailable && kernelHasTcx();
+    const fastPath = this.opts.attachMode === 'auto' && (!e.attached || moved) && !this.tcxUnavailable;
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
     await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});

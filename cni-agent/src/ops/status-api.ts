@@ -4,7 +4,7 @@ import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import type { DatapathCounters } from '../../../bpf/src/index.js';
+import { featureLabel, KERNEL_FEATURES, type DatapathCounters, type DatapathModes, type KernelProbe } from '../../../bpf/src/index.js';
 
 export const DEFAULT_STATUS_SOCKET = '/var/run/ambient-bpf/status.sock';
 const PROTO = fileURLToPath(new URL('../../../../cni-agent/proto/status.proto', import.meta.url));
@@ -23,13 +23,39 @@ export interface StatusPod {
   counters?: DatapathCounters;
 }
 
+/** The kernel's features as probed at the agent's start, and the modes chosen from them. */
+export interface StatusKernel {
+  features: { name: string; present: boolean; detail: string; forced: boolean }[];
+  probeMs: number;
+  hooks: string;
+  attachMode: string;
+  steering: string;
+  hooksReason: string;
+  steeringReason: string;
+}
+
+/** The status API's kernel section: each feature probed, the modes and why. */
+export function kernelStatus(kernel: KernelProbe, modes: DatapathModes): StatusKernel {
+  return {
+    features: KERNEL_FEATURES.map((f) => ({ name: featureLabel(f), present: kernel.features[f], detail: kernel.detail[f], forced: kernel.forced.includes(f) })),
+    probeMs: kernel.elapsedMs,
+    hooks: modes.hooks,
+    attachMode: modes.attachMode,
+    steering: modes.steering,
+    hooksReason: modes.why.hooks,
+    steeringReason: modes.why.steering,
+  };
+}
+
 export interface StatusReport {
   pods: StatusPod[];
   ztunnelConnections: number;
+  /** Absent from an agent that does not report it (or has not started). */
+  kernel?: StatusKernel;
 }
 
 type StatusClient = grpc.Client & {
-  ListPods(req: object, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res?: { pods?: Partial<StatusPod>[]; ztunnelConnections?: number }) => void): void;
+  ListPods(req: object, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res?: { pods?: Partial<StatusPod>[]; ztunnelConnections?: number; kernel?: Partial<StatusKernel> | null }) => void): void;
 };
 
 function service(): { Status: grpc.ServiceClientConstructor } {
@@ -73,8 +99,22 @@ export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusRepor
     client.ListPods({}, { deadline: Date.now() + timeoutMs }, (err, res) => {
       client.close();
       if (err) return reject(unreachable(path, timeoutMs, err));
+      const k = res?.kernel;
       resolve({
         ztunnelConnections: res?.ztunnelConnections ?? 0,
+        ...(k
+          ? {
+              kernel: {
+                features: (k.features ?? []).map((f) => ({ name: f.name ?? '', present: f.present ?? false, detail: f.detail ?? '', forced: f.forced ?? false })),
+                probeMs: Number(k.probeMs ?? 0),
+                hooks: k.hooks ?? '',
+                attachMode: k.attachMode ?? '',
+                steering: k.steering ?? '',
+                hooksReason: k.hooksReason ?? '',
+                steeringReason: k.steeringReason ?? '',
+              },
+            }
+          : {}),
         pods: (res?.pods ?? []).map((p) => ({
           uid: p.uid ?? '',
           name: p.name ?? '',
