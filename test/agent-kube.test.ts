@@ -1,6 +1,8 @@
 // The agent with the Kubernetes pod source (through the in-repo API test server): a running pod is
 // enrolled and annotated through pods/status; a namespace label flip unenrols it and removes the
-// annotation; a broken watch does not stop the agent.
+// annotation; a broken watch does not stop the agent. A CNI ADD that comes before the pod's watch
+// event (driven through the real plugin binary) is decided from the pod and namespace the agent
+// asks the API for, and fails closed when the API does not answer for a pod that may be ambient.
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -11,6 +13,7 @@ import { Agent } from '../cni-agent/src/agent.js';
 import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/pod.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
+import { chainAdd, type Conflist } from './helpers/cni-runtime.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { KubeApiTestServer } from './helpers/kube-api-server.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
@@ -78,5 +81,113 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     await agent.start();
     await until(() => (api.get('pods', 'old', 'plain')?.metadata as { annotations?: Record<string, string> }).annotations?.[REDIRECTION_ANNOTATION] === undefined, 'stale annotation removed');
     assert.equal(api.patches.length, 1, 'patched more than once');
+  });
+
+  it('decides a CNI ADD that comes before the watch event from the API, and fails closed when the API does not answer', { timeout: 120_000 }, async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), 'abt-agentk-'));
+    const api = new KubeApiTestServer();
+    await api.start();
+    const nsObj = (name: string, mode?: string) => ({ apiVersion: 'v1', kind: 'Namespace', metadata: { name, labels: mode ? { 'istio.io/dataplane-mode': mode } : {} } });
+    const podObj = (name: string, namespace: string, labels: Record<string, string> = {}) => ({ apiVersion: 'v1', kind: 'Pod', metadata: { name, namespace, uid: `uid-${name}-${topo.id}`, labels }, spec: { nodeName: 'node-a' }, status: { phase: 'Pending' } });
+    api.upsert('namespaces', nsObj('mesh', 'ambient'));
+    api.upsert('namespaces', nsObj('plain'));
+    api.upsert('namespaces', nsObj('other'));
+    const pluginSocket = join(dir, 'cni.sock');
+    const cniPolicyFile = join(dir, 'cni-policy');
+    const agent = new Agent({ nodeName: 'node-a', source: { kubeconfig: api.connection() }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket, cniPolicyFile, bpffs: root, hostRoot: '/', attachMode: 'auto', podLookupTimeoutMs: 1000, log: silentLogger });
+    const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
+    t.after(async () => {
+      standIn.stop();
+      agent.stop();
+      await api.close();
+      await removeDatapath(root);
+      await topo.cleanup();
+      rmSync(dir, { recursive: true, force: true });
+    });
+    const node = await topo.netns('node');
+    const list: Conflist = {
+      cniVersion: '1.0.0',
+      name: `abt-${topo.id}`,
+      plugins: [
+        { type: 'bridge', bridge: 'cni0', isGateway: true, ipMasq: false, ipam: { type: 'host-local', ranges: [[{ subnet: '198.18.72.0/24' }]], routes: [{ dst: '0.0.0.0/0' }], dataDir: join(dir, 'ipam') } },
+        { type: 'ambient-bpf-cni', agent_socket: pluginSocket, policy_file: cniPolicyFile },
+      ],
+    };
+    const add = async (name: string, namespace: string) => {
+      const pod = api.get('pods', name, namespace);
+      const uid = pod ? `;K8S_POD_UID=${pod.metadata.uid}` : '';
+      return chainAdd(node, list, { containerId: `c-${name}`, netns: Topology.netnsPath(await topo.netns(name)), args: `IgnoreUnknown=1;K8S_POD_NAMESPACE=${namespace};K8S_POD_NAME=${name}${uid}` });
+    };
+    await agent.start();
+    standIn.start();
+    await until(() => standIn.connected, 'stand-in connected');
+    const dp = await Datapath.open({ bpffsRoot: root });
+    t.after(() => dp.close());
+    const attached = async () => (await dp.list()).map((p) => p.uid).sort();
+
+    // From here the watch lags: pods and namespaces created now reach the agent only when released.
+    api.holdWatchEvents('pods');
+    api.holdWatchEvents('namespaces');
+    api.upsert('pods', podObj('optout', 'mesh', { 'istio.io/dataplane-mode': 'none' }));
+    api.upsert('pods', podObj('optin', 'plain', { 'istio.io/dataplane-mode': 'ambient' }));
+    api.upsert('namespaces', nsObj('fresh', 'ambient'));
+    api.upsert('pods', podObj('newcomer', 'fresh'));
+    assert.equal(agent.status().length, 0, 'the watch delivered the pods before their ADD');
+
+    // Opted out in an ambient namespace: passes through (judged by its namespace alone, it was enrolled).
+    const optout = await add('optout', 'mesh');
+    assert.equal(optout.last.code, 0, optout.last.stdout);
+    assert.deepEqual(JSON.parse(optout.last.stdout), optout.results[0], 'prevResult not passed through');
+    assert.deepEqual(await attached(), []);
+    // Opted in by its own label in a plain namespace: enrolled (judged by its namespace alone, it passed).
+    const optin = await add('optin', 'plain');
+    assert.equal(optin.last.code, 0, optin.last.stdout);
+    assert.deepEqual(await attached(), [`uid-optin-${topo.id}`]);
+    assert.deepEqual(standIn.stats().map((p) => p.name), ['optin']);
+    // A namespace created (labelled ambient) after the agent's last namespace event: read from the API too.
+    const newcomer = await add('newcomer', 'fresh');
+    assert.equal(newcomer.last.code, 0, newcomer.last.stdout);
+    assert.deepEqual(await attached(), [`uid-newcomer-${topo.id}`, `uid-optin-${topo.id}`].sort());
+    const reads = api.requests.filter((r) => r.method === 'GET' && !r.watch && /^\/api\/v1\/namespaces\/[^/]+(\/pods\/[^/]+)?$/.test(r.path)).map((r) => r.path);
+    assert.ok(reads.includes('/api/v1/namespaces/mesh/pods/optout') && reads.includes('/api/v1/namespaces/plain/pods/optin') && reads.includes('/api/v1/namespaces/fresh'), reads.join(' '));
+
+    // The API hangs: a pod that may be ambient (ambient namespace) fails closed with CNI error 11
+    // once the bounded wait is over; so does one of a namespace where a pod opts in by label (as
+    // optin did in plain); one of a namespace without ambient pods starts (the plugin's rule when
+    // the agent is down, README "Agent unreachable").
+    api.stallGets = true;
+    api.upsert('pods', podObj('late', 'mesh'));
+    const began = Date.now();
+    const late = await add('late', 'mesh');
+    const waited = Date.now() - began;
+    assert.notEqual(late.last.code, 0, 'ADD succeeded without an answer from the API');
+    const error = JSON.parse(late.last.stdout) as { code: number; msg: string };
+    assert.equal(error.code, 11);
+    assert.match(error.msg, /pod mesh\/late is not in the agent's watch cache yet and the Kubernetes API did not answer .*its namespace is labelled ambient/);
+    assert.ok(waited >= 1000 && waited < 15_000, `waited ${waited} ms`);
+    assert.ok(!(await attached()).includes(`uid-late-${topo.id}`));
+    api.upsert('pods', podObj('neighbour', 'plain'));
+    const neighbour = await add('neighbour', 'plain');
+    assert.equal((JSON.parse(neighbour.last.stdout) as { code?: number; msg?: string }).code, 11, neighbour.last.stdout);
+    assert.match(neighbour.last.stdout, /pods of its namespace opt in by label/);
+    api.upsert('pods', podObj('quiet', 'other'));
+    const quiet = await add('quiet', 'other');
+    assert.equal(quiet.last.code, 0, quiet.last.stdout);
+    assert.deepEqual(JSON.parse(quiet.last.stdout), quiet.results[0]);
+
+    // The watch catches up: the pods it brings keep their decisions, and the runtime's retry of
+    // the refused ADD is decided from the cache (the API still hangs).
+    api.releaseWatchEvents('namespaces');
+    api.releaseWatchEvents('pods');
+    await until(() => agent.status().some((s) => s.name === 'late'), 'the watch delivered late');
+    const retried = await chainAdd(node, list, { containerId: 'c-late-2', netns: Topology.netnsPath(await topo.netns('late2')), args: `IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=late;K8S_POD_UID=uid-late-${topo.id}` });
+    assert.equal(retried.last.code, 0, retried.last.stdout);
+    assert.deepEqual(await attached(), [`uid-late-${topo.id}`, `uid-newcomer-${topo.id}`, `uid-optin-${topo.id}`].sort());
+    const states = new Map(agent.status().map((s) => [s.name, s.state]));
+    assert.equal(states.get('optout'), 'not ambient');
+    assert.equal(states.get('quiet'), 'not ambient');
+    for (const name of ['optin', 'newcomer', 'late']) assert.equal(states.get(name), 'enabled', `${name}: ${states.get(name)}`);
   });
 });

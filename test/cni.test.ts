@@ -1,14 +1,18 @@
 // CNI chaining executed as runtimes do it: Debian's bridge + host-local create the pod's interface
 // in real namespaces, then ambient-bpf-cni (the static binary) relays to the agent. Ambient pods
 // are redirected and acked before ADD returns, or ADD fails (fail closed); other pods pass
-// through, also while the agent is down; bad input gets CNI errors.
+// through, also while the agent is down; bad input gets CNI errors. Next to upstream istio-cni in
+// sidecar mode (a recording stand-in for its plugin, in the conflist where upstream's installer
+// puts it): each plugin leaves the other's pods alone and both see the right prevResult.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { Agent } from '../cni-agent/src/agent.js';
+import { PLUGIN_BINARY_PATH } from '../cni-agent/src/commands/agent.js';
+import { CniInstaller } from '../cni-agent/src/installer/installer.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
 import { chainAdd, chainDel, execPlugin, type Conflist } from './helpers/cni-runtime.js';
@@ -256,6 +260,118 @@ describe('CNI chaining', kernelTest(), () => {
     assert.ok((await chainDel(node, list, sandboxA)).every((r) => r.code === 0));
     await until(async () => (await attached()).length === 0, 'cart detached');
     assert.deepEqual(existsSync(records) ? readdirSync(records) : [], [], 'the sandbox record was not removed');
+  });
+
+  it('next to upstream istio-cni in sidecar mode: installed before its entry, each leaves the other’s pods alone, prevResult passes through both, uninstall leaves its entry', { timeout: 120_000 }, async (t) => {
+    const topo = new Topology();
+    const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-cni-`));
+    const root = testBpffsRoot(topo.id);
+    const pluginSocket = join(dir, 'run', 'cni.sock');
+    const cniPolicyFile = join(dir, 'lib', 'cni-policy');
+    const ztunnelSocket = join(dir, 'ztunnel.sock');
+    const binDir = join(dir, 'bin');
+    const confDir = join(dir, 'net.d');
+    const records = join(dir, 'istio-cni.records');
+    mkdirSync(binDir);
+    mkdirSync(confDir);
+    writeFileSync(
+      join(dir, 'pods.yaml'),
+      `${POD_FILE}---
+apiVersion: v1
+kind: Pod
+metadata: { name: reviews, namespace: shop, uid: uid-reviews, annotations: { sidecar.istio.io/status: '{"containers":["istio-proxy"],"initContainers":null}' } }
+`,
+    );
+    // The stand-in for upstream's plugin: records its command, CNI_* environment and stdin, and
+    // answers as upstream's sidecar-mode plugin does for every pod: the prevResult it was given.
+    writeFileSync(
+      join(binDir, 'istio-cni'),
+      `#!${process.execPath}
+const fs = require('fs');
+const conf = JSON.parse(fs.readFileSync(0, 'utf8') || '{}');
+const command = process.env.CNI_COMMAND;
+const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith('CNI_')));
+if (conf.record_file) fs.appendFileSync(conf.record_file, JSON.stringify({ command, env, stdin: conf }) + '\\n');
+if (command === 'VERSION') process.stdout.write(JSON.stringify({ cniVersion: conf.cniVersion, supportedVersions: ['0.3.0', '0.3.1', '0.4.0', '1.0.0'] }));
+else if (command === 'ADD') process.stdout.write(JSON.stringify(conf.prevResult ?? { cniVersion: conf.cniVersion }));
+`,
+    );
+    chmodSync(join(binDir, 'istio-cni'), 0o755);
+    const recorded = (): { command: string; env: Record<string, string>; stdin: { prevResult?: unknown } }[] =>
+      existsSync(records) ? readFileSync(records, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { command: string; env: Record<string, string>; stdin: { prevResult?: unknown } }) : [];
+    // The node's conflist as upstream's installer leaves it (sidecar mode: ambient off): its entry last.
+    const bridge = { type: 'bridge', bridge: 'cni0', isGateway: true, ipMasq: false, ipam: { type: 'host-local', ranges: [[{ subnet: '198.18.73.0/24' }]], routes: [{ dst: '0.0.0.0/0' }], dataDir: join(dir, 'ipam') } };
+    const istioCni = { type: 'istio-cni', plugin_log_level: 'info', cni_agent_run_dir: join(dir, 'istio-cni'), ambient_enabled: false, exclude_namespaces: ['kube-system'], pod_namespace: 'istio-system', record_file: records };
+    const confFile = join(confDir, '10-bridge.conflist');
+    writeFileSync(confFile, JSON.stringify({ cniVersion: '1.0.0', name: `${TEST_PREFIX}-${topo.id}`, plugins: [bridge, istioCni] }, null, 2));
+    const node = await topo.netns('node');
+    const agent = new Agent({ nodeName: 'node-a', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket, pluginSocket, cniPolicyFile, bpffs: root, hostRoot: '/', attachMode: 'auto', installCni: { binDir, confDir, binarySource: PLUGIN_BINARY_PATH }, log: silentLogger });
+    const standIn = new ZtunnelStandIn({ socketPath: ztunnelSocket });
+    t.after(async () => {
+      standIn.stop();
+      agent.stop();
+      await removeDatapath(root);
+      await topo.cleanup();
+      rmSync(dir, { recursive: true, force: true });
+    });
+    await agent.start();
+    standIn.start();
+    await until(() => standIn.connected, 'stand-in connected');
+    const dp = await Datapath.open({ bpffsRoot: root });
+    t.after(() => dp.close());
+    const attached = async () => (await dp.list()).map((p) => p.uid).sort();
+
+    // Our installer put its entry before upstream's, which it left as it was.
+    const list = JSON.parse(readFileSync(confFile, 'utf8')) as Conflist;
+    assert.deepEqual(list.plugins.map((p) => p.type), ['bridge', 'ambient-bpf-cni', 'istio-cni']);
+    assert.deepEqual(list.plugins[0], bridge);
+    assert.deepEqual(list.plugins[2], istioCni);
+    assert.equal(list.plugins[1]!.agent_socket, pluginSocket);
+
+    // An ambient pod: enrolled by us; istio-cni (sidecar mode) gets the bridge's result through us.
+    const cart = { containerId: 'c-cart', netns: Topology.netnsPath(await topo.netns('cart')), args: 'IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;K8S_POD_UID=uid-cart' };
+    const cartAdd = await chainAdd(node, list, cart, [binDir]);
+    assert.equal(cartAdd.last.code, 0, cartAdd.last.stdout + cartAdd.last.stderr);
+    assert.equal(cartAdd.results.length, 3);
+    assert.deepEqual(cartAdd.results[1], cartAdd.results[0], 'our plugin changed the prevResult of an ambient pod');
+    assert.deepEqual(cartAdd.results[2], cartAdd.results[0]);
+    assert.deepEqual(await attached(), ['uid-cart']);
+    assert.deepEqual(standIn.stats().map((p) => p.name), ['cart']);
+    const cartSeen = recorded().at(-1)!;
+    assert.equal(cartSeen.command, 'ADD');
+    assert.match(cartSeen.env.CNI_ARGS!, /K8S_POD_NAME=cart/);
+    assert.equal(cartSeen.env.CNI_NETNS, cart.netns);
+    assert.deepEqual(cartSeen.stdin.prevResult, cartAdd.results[0], 'istio-cni did not get the bridge’s result');
+
+    // A sidecar-injected pod in the same ambient namespace: upstream's to redirect; we leave it
+    // alone and return its prevResult unchanged.
+    const reviews = { containerId: 'c-reviews', netns: Topology.netnsPath(await topo.netns('reviews')), args: 'IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=reviews;K8S_POD_UID=uid-reviews' };
+    const reviewsAdd = await chainAdd(node, list, reviews, [binDir]);
+    assert.equal(reviewsAdd.last.code, 0, reviewsAdd.last.stdout + reviewsAdd.last.stderr);
+    assert.deepEqual(reviewsAdd.results[1], reviewsAdd.results[0], 'our plugin changed the prevResult of a sidecar pod');
+    const reviewsSeen = recorded().at(-1)!;
+    assert.match(reviewsSeen.env.CNI_ARGS!, /K8S_POD_NAME=reviews/);
+    assert.deepEqual(reviewsSeen.stdin.prevResult, reviewsAdd.results[0]);
+    assert.deepEqual(await attached(), ['uid-cart'], 'a sidecar-injected pod was redirected');
+    assert.deepEqual(standIn.stats().map((p) => p.name), ['cart'], 'ztunnel was given a sidecar-injected pod');
+    assert.match(agent.status().find((s) => s.name === 'reviews')?.reason ?? '', /sidecar injected/);
+
+    // DEL runs the chain backwards: istio-cni first, then us (which unenrols the ambient pod).
+    const before = recorded().length;
+    for (const inv of [reviews, cart]) assert.ok((await chainDel(node, list, inv, [binDir])).every((r) => r.code === 0));
+    assert.deepEqual(recorded().slice(before).map((r) => [r.command, /K8S_POD_NAME=(\w+)/.exec(r.env.CNI_ARGS!)?.[1]]), [['DEL', 'reviews'], ['DEL', 'cart']]);
+    await until(async () => (await attached()).length === 0, 'cart detached');
+
+    // Our uninstall takes out our entry and binary only: upstream's entry and plugin stay, and
+    // the chain still works without us.
+    agent.stop();
+    new CniInstaller({ binDir, confDir, binarySource: PLUGIN_BINARY_PATH, agentSocket: pluginSocket, policyFile: cniPolicyFile, log: silentLogger }).uninstall();
+    const left = JSON.parse(readFileSync(confFile, 'utf8')) as Conflist;
+    assert.deepEqual(left.plugins, [bridge, istioCni]);
+    assert.deepEqual(readdirSync(binDir), ['istio-cni']);
+    const later = await chainAdd(node, left, { containerId: 'c-later', netns: Topology.netnsPath(await topo.netns('later')), args: 'IgnoreUnknown=1;K8S_POD_NAMESPACE=plain;K8S_POD_NAME=later' }, [binDir]);
+    assert.equal(later.last.code, 0, later.last.stdout);
+    assert.deepEqual(recorded().at(-1)!.stdin.prevResult, later.results[0]);
   });
 });
 

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import fc from 'fast-check';
 import { Agent } from '../cni-agent/src/agent.js';
-import { ConflistError, hasEntryLast, withEntry, withoutEntry } from '../cni-agent/src/installer/conflist.js';
+import { ConflistError, hasEntryInPlace, withEntry, withoutEntry } from '../cni-agent/src/installer/conflist.js';
 import { LocalPodsError, parseLocalPods } from '../cni-agent/src/pods/local-source.js';
 import { fetchStatus } from '../cni-agent/src/ops/status-api.js';
 import { encodeRequest } from '../ztunnel-bridge/src/protocol.js';
@@ -250,8 +250,8 @@ describe('fuzzing files', () => {
     );
   });
 
-  it('conflists: our entry goes last and comes out again, or the file is refused with a ConflistError', () => {
-    const plugin = fc.record({ type: fc.oneof(fc.constantFrom('bridge', 'portmap', 'ambient-bpf-cni', 'calico'), fc.string({ maxLength: 10 })), ipam: fc.anything() });
+  it('conflists: our entry goes last (before istio-cni entries ending the list) and comes out again, others untouched, or the file is refused with a ConflistError', () => {
+    const plugin = fc.record({ type: fc.oneof(fc.constantFrom('bridge', 'portmap', 'ambient-bpf-cni', 'calico', 'istio-cni'), fc.string({ maxLength: 10 })), ipam: fc.anything() });
     const conf = fc.oneof(
       fc.string({ maxLength: 200 }),
       fc.anything().map((v) => JSON.stringify(v) ?? ''),
@@ -268,10 +268,15 @@ describe('fuzzing files', () => {
           assert.ok(err instanceof ConflistError, `${(err as Error).name}: ${(err as Error).message}`);
           return;
         }
-        assert.ok(hasEntryLast(added.text, file), 'our entry is not last');
+        assert.ok(hasEntryInPlace(added.text, file), 'our entry is not in its place');
+        const plugins = (JSON.parse(added.text) as { plugins: { type: unknown }[] }).plugins;
+        const after = plugins.slice(plugins.findIndex((p) => p.type === 'ambient-bpf-cni') + 1);
+        assert.ok(after.every((p) => p.type === 'istio-cni'), 'a plugin other than istio-cni follows ours');
+        const others = (text: string) => JSON.stringify((JSON.parse(text) as { plugins?: { type: unknown }[] }).plugins?.filter((p) => p.type !== 'ambient-bpf-cni'));
+        if (file.endsWith('.conflist') && Array.isArray((JSON.parse(text) as { plugins?: unknown }).plugins)) assert.equal(others(added.text), others(text), 'other plugins were removed or reordered');
         assert.equal(withEntry(added.text, file, entry).changed, false, 'adding twice changed the file');
         const removed = withoutEntry(added.text, file);
-        assert.ok(removed === undefined || !hasEntryLast(removed, file), 'the entry survived removal');
+        assert.ok(removed === undefined || !hasEntryInPlace(removed, file), 'the entry survived removal');
       }),
       runs(500),
     );

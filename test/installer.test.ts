@@ -1,12 +1,13 @@
 // The CNI installer on real directories: entry last in the primary conflist, a lone .conf wrapped,
 // file modes kept, rewrites by "another component" repaired and reported when they repeat, and a
-// clean uninstall.
+// clean uninstall. Next to upstream istio-cni (sidecar mode): our entry goes before its entry,
+// which upstream's installer keeps last, and neither installer moves, changes or removes the other's.
 import assert from 'node:assert/strict';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { hasEntryLast, primaryConfigFile, withEntry, withoutEntry, ConflistError } from '../cni-agent/src/installer/conflist.js';
+import { hasEntryInPlace, primaryConfigFile, withEntry, withoutEntry, ConflistError } from '../cni-agent/src/installer/conflist.js';
 import { CniInstaller } from '../cni-agent/src/installer/installer.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { until } from './helpers/wait.js';
@@ -14,6 +15,23 @@ import { until } from './helpers/wait.js';
 const entry = { type: 'ambient-bpf-cni' as const, agent_socket: '/run/a.sock', policy_file: '/var/lib/a/cni-policy' };
 const bridge = { type: 'bridge', bridge: 'cni0', ipam: { type: 'host-local' } };
 const conflist = (plugins: object[]) => JSON.stringify({ cniVersion: '1.0.0', name: 'k8s', plugins });
+/** Upstream's entry as its installer writes it (sidecar mode: ambient off). */
+const istioCni = { name: 'istio-cni', type: 'istio-cni', plugin_log_level: 'info', cni_agent_run_dir: '/var/run/istio-cni', ambient_enabled: false, exclude_namespaces: ['kube-system'], pod_namespace: 'istio-system' };
+const plugins = (text: string) => (JSON.parse(text) as { plugins: Record<string, unknown>[] }).plugins;
+
+/** What upstream's installer does to the primary conflist, as istio/istio's
+ * cni/pkg/install/cniconfig.go (insertCNIConfig) does it: its old entry out, its entry appended
+ * last; a lone .conf becomes a list of two. */
+function upstreamInstall(text: string): string {
+  const conf = JSON.parse(text) as Record<string, unknown>;
+  if (typeof conf.type === 'string') {
+    const single = { ...conf };
+    delete single.cniVersion;
+    return JSON.stringify({ name: 'k8s-pod-network', cniVersion: '0.3.1', plugins: [single, istioCni] });
+  }
+  const kept = (conf.plugins as { type?: unknown }[]).filter((p) => p.type !== 'istio-cni');
+  return JSON.stringify({ ...conf, plugins: [...kept, istioCni] });
+}
 
 describe('conflist', () => {
   it('picks the file a runtime loads first', () => {
@@ -28,13 +46,35 @@ describe('conflist', () => {
     assert.equal(withEntry(once.text, 'x.conflist', entry).changed, false);
     const moved = withEntry(conflist([entry, bridge, { type: 'portmap' }]), 'x.conflist', { ...entry, agent_socket: '/run/b.sock' });
     assert.deepEqual((JSON.parse(moved.text) as { plugins: { type: string }[] }).plugins.map((p) => p.type), ['bridge', 'portmap', 'ambient-bpf-cni']);
-    assert.equal(hasEntryLast(moved.text, 'x.conflist'), true);
+    assert.equal(hasEntryInPlace(moved.text, 'x.conflist'), true);
   });
 
   it('wraps a lone .conf the way upstream does', () => {
     const r = withEntry(JSON.stringify({ cniVersion: '0.4.0', name: 'net', ...bridge }), 'x.conf', entry);
     assert.equal(r.wrapped, true);
     assert.deepEqual(JSON.parse(r.text), { cniVersion: '0.4.0', name: 'net', plugins: [bridge, entry] });
+  });
+
+  it('goes before an istio-cni entry that ends the list, and leaves it as it is', () => {
+    const portmap = { type: 'portmap', capabilities: { portMappings: true } };
+    const r = withEntry(conflist([bridge, portmap, istioCni]), 'x.conflist', entry);
+    assert.deepEqual(plugins(r.text), [bridge, portmap, entry, istioCni]);
+    assert.equal(hasEntryInPlace(r.text, 'x.conflist'), true);
+    assert.equal(withEntry(r.text, 'x.conflist', entry).changed, false);
+    // Upstream's installer run again (it re-appends itself) changes nothing, nor do we after it.
+    assert.deepEqual(plugins(upstreamInstall(r.text)), plugins(r.text));
+    // Our entry last and upstream's installed after us: still in place.
+    const later = upstreamInstall(withEntry(conflist([bridge]), 'x.conflist', entry).text);
+    assert.deepEqual(plugins(later), [bridge, entry, istioCni]);
+    assert.equal(hasEntryInPlace(later, 'x.conflist'), true);
+    assert.equal(withEntry(later, 'x.conflist', entry).changed, false);
+    // Our entry after istio-cni (written by hand, or by an older version of ours): put before it.
+    assert.deepEqual(plugins(withEntry(conflist([bridge, istioCni, entry]), 'x.conflist', entry).text), [bridge, entry, istioCni]);
+    assert.equal(hasEntryInPlace(conflist([bridge, istioCni, entry]), 'x.conflist'), false);
+    // istio-cni alone sets up no interface: nothing to chain after.
+    assert.throws(() => withEntry(conflist([istioCni]), 'x.conflist', entry), /no plugin that sets up the pod interface/);
+    // Uninstall takes only ours out.
+    assert.deepEqual(plugins(withoutEntry(r.text, 'x.conflist')!), [bridge, portmap, istioCni]);
   });
 
   it('removes only our entry, and rejects what it cannot chain into', () => {
@@ -87,6 +127,39 @@ describe('CNI installer', () => {
     assert.deepEqual(installer.uninstall(), [primary]);
     assert.deepEqual(JSON.parse(readFileSync(primary, 'utf8')), JSON.parse(conflist([bridge])));
     assert.equal(existsSync(join(binDir, 'ambient-bpf-cni')), false);
+  });
+
+  it('next to upstream istio-cni: installs before its entry, takes no part in its rewrites, uninstalls only ours', async (t) => {
+    const { binDir, confDir, binarySource } = dirs(t);
+    const primary = join(confDir, '10-bridge.conflist');
+    // Upstream's installer was there first.
+    writeFileSync(primary, upstreamInstall(conflist([bridge])));
+    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log: silentLogger, debounceMs: 10 });
+    t.after(() => installer.stop());
+    installer.start();
+    assert.deepEqual(plugins(readFileSync(primary, 'utf8')), [bridge, entry, istioCni]);
+    assert.equal(installer.entryInPlace, true);
+    // Upstream's installer rewrites the file (its own repair loop does on every change): the order
+    // holds, and ours does not answer with a rewrite of its own (no fight over the last place).
+    for (let i = 0; i < 3; i++) writeFileSync(primary, upstreamInstall(readFileSync(primary, 'utf8')));
+    const written = readFileSync(primary, 'utf8');
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(readFileSync(primary, 'utf8'), written, 'our installer rewrote the file after upstream’s');
+    assert.deepEqual(plugins(written), [bridge, entry, istioCni]);
+    assert.equal(installer.installs.get('SUCCESS'), 1, 'our installer counted a repair');
+    assert.equal(installer.entryInPlace, true);
+    // Upstream's uninstall takes its entry out: ours stays, still in place, nothing rewritten.
+    writeFileSync(primary, conflist([bridge, entry]));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(installer.installs.get('SUCCESS'), 1);
+    assert.equal(installer.entryInPlace, true);
+    // And installs again: after ours.
+    writeFileSync(primary, upstreamInstall(readFileSync(primary, 'utf8')));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(plugins(readFileSync(primary, 'utf8')), [bridge, entry, istioCni]);
+    // Our uninstall leaves upstream's entry, unchanged, where it was.
+    assert.deepEqual(installer.uninstall(), [primary]);
+    assert.deepEqual(plugins(readFileSync(primary, 'utf8')), [bridge, istioCni]);
   });
 
   it('wraps a lone .conf into a .conflist of the same name', (t) => {

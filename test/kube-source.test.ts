@@ -1,5 +1,6 @@
 // The Kubernetes pod source (its own small client) against the in-repo API test server:
-// node filtering, live changes, watch restarts, 410 Gone, bookmarks, and the status patch.
+// node filtering, live changes, watch restarts, 410 Gone, bookmarks, the status patch, and the
+// lookup of a pod the watch has not brought yet (CNI ADD first).
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { KubePodSource } from '../cni-agent/src/pods/kube-source.js';
@@ -93,6 +94,43 @@ describe('Kubernetes pod source', () => {
       ['application/merge-patch+json', { metadata: { annotations: { [REDIRECTION_ANNOTATION]: null } } }],
     ]);
     assert.equal((api.get('pods', 'here', 'shop')!.metadata as { annotations?: Record<string, string> }).annotations?.[REDIRECTION_ANNOTATION], undefined);
+  });
+
+  it('looks up a pod the watch has not brought yet: into the cache with its namespace, bounded in time', async (t) => {
+    const { api, source, changes } = await setup(t);
+    await source.start();
+    api.holdWatchEvents('pods');
+    api.holdWatchEvents('namespaces');
+    api.upsert('namespaces', ns('fresh', 'ambient'));
+    api.upsert('pods', { ...pod('early', 'node-a', { 'istio.io/dataplane-mode': 'none' }), metadata: { name: 'early', namespace: 'fresh', uid: 'uid-early', labels: { 'istio.io/dataplane-mode': 'none' } } });
+    const found = await source.lookup('fresh', 'early', 2000);
+    assert.equal(found?.metadata.uid, 'uid-early');
+    assert.deepEqual(found?.metadata.labels, { 'istio.io/dataplane-mode': 'none' });
+    assert.equal(source.current.pods.get('uid-early')?.metadata.name, 'early', 'not in the cache');
+    assert.equal(source.current.namespaces.get('fresh')?.metadata.labels?.['istio.io/dataplane-mode'], 'ambient', 'its namespace is not in the cache');
+    assert.deepEqual(names(changes), ['added ns fresh', 'added pod early']);
+    // A pod of another node, or none: nothing goes into the cache.
+    api.upsert('pods', pod('elsewhere', 'node-b'));
+    assert.equal(await source.lookup('shop', 'elsewhere', 2000), undefined);
+    assert.equal(await source.lookup('shop', 'none-such', 2000), undefined);
+    assert.equal(source.current.pods.has('uid-elsewhere'), false);
+    // The watch catches up: the same pod is an update, not a second pod.
+    api.releaseWatchEvents('namespaces');
+    api.releaseWatchEvents('pods');
+    await until(() => changes.length === 4, 'the held events');
+    assert.deepEqual(names(changes).slice(2), ['updated ns fresh', 'updated pod early']);
+    // A pod the watch deleted is not brought back by a lookup's answer.
+    api.remove('pods', 'early', 'fresh');
+    await until(() => !source.current.pods.has('uid-early'), 'deleted');
+    api.holdWatchEvents('pods');
+    api.upsert('pods', { ...pod('early', 'node-a'), metadata: { name: 'early', namespace: 'fresh', uid: 'uid-early' } });
+    assert.equal(await source.lookup('fresh', 'early', 2000), undefined);
+    assert.equal(source.current.pods.has('uid-early'), false);
+    // An API that does not answer: rejected once the time is up.
+    api.stallGets = true;
+    const began = Date.now();
+    await assert.rejects(source.lookup('fresh', 'late', 300), /did not answer within 300 ms|no answer within 0.3 s/);
+    assert.ok(Date.now() - began < 5000);
   });
 
   it('merge patch follows RFC 7386', () => {

@@ -92,6 +92,8 @@ describe('manifests', () => {
     const state = await source.start();
     await source.setRedirection(state.pods.get('u')!, 'enabled');
     await source.setRedirection(state.pods.get('u')!, undefined);
+    // A CNI ADD before the pod's watch event: the pod and its namespace are read from the API.
+    await source.lookup('shop', 'p', 5000);
     // On SIGTERM: is the DaemonSet being deleted? Then the annotations go (ambient-bpf uninstall too).
     const [ds] = byKind('DaemonSet');
     const client = new KubeClient(api.connection());
@@ -102,6 +104,8 @@ describe('manifests', () => {
       const status = /^\/api\/v1\/namespaces\/[^/]+\/pods\/[^/]+\/status$/.test(r.path);
       const daemonSet = /^\/apis\/apps\/v1\/namespaces\/[^/]+\/daemonsets\/([^/]+)$/.exec(r.path);
       if (daemonSet) return `daemonsets/${daemonSet[1]} get`;
+      const one = /^\/api\/v1\/namespaces\/[^/]+(\/pods\/[^/]+)?$/.exec(r.path);
+      if (one && r.method === 'GET') return `${one[1] ? 'pods' : 'namespaces'} get`;
       const resource = status ? 'pods/status' : r.path.split('/').at(-1)!;
       const verb = r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : 'list';
       return `${resource} ${verb}`;

@@ -70,6 +70,9 @@ export interface AgentOptions {
   installCni?: { binDir: string; confDir: string; binarySource: string } | undefined;
   /** The status API's Unix socket (`ambient-bpf status`). */
   statusSocket?: string | undefined;
+  /** How long a CNI ADD for a pod the watch has not brought yet waits for the API's answer about
+   * it (Kubernetes source; default 2 s): past that the ADD fails closed if the pod may be ambient. */
+  podLookupTimeoutMs?: number | undefined;
   /** How often every redirected pod is verified and repaired (ms); 0 turns it off. */
   verifyIntervalMs?: number | undefined;
   healthAddr?: string | undefined;
@@ -81,6 +84,7 @@ const GC_INTERVAL_MS = 60_000;
 /** The agent's own netns: the node's, in a hostNetwork pod. */
 export const DEFAULT_NODE_NETNS = '/proc/self/ns/net';
 export const DEFAULT_VERIFY_INTERVAL_MS = 30_000;
+export const DEFAULT_POD_LOOKUP_TIMEOUT_MS = 2_000;
 
 export const AGENT_FD_TABLE = 4096;
 
@@ -88,6 +92,7 @@ export class Agent {
   private datapath: Datapath | undefined;
   private zds: ZdsServer | undefined;
   private source: PodSource | undefined;
+  private kube: KubePodSource | undefined;
   private reconciler: Reconciler | undefined;
   private readonly servers: { close(): void }[] = [];
   private gcTimer: NodeJS.Timeout | undefined;
@@ -145,6 +150,7 @@ export class Agent {
     } else {
       const kube = new KubePodSource({ kubeconfig: this.opts.source.kubeconfig, nodeName: this.opts.nodeName, onChange, log });
       this.source = kube;
+      this.kube = kube;
       annotator = kube;
     }
     this.reconciler = new Reconciler({
@@ -168,7 +174,17 @@ export class Agent {
     this.zds.start();
     await this.reconciler.reconcileAll();
     const source = this.source;
-    const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log, onResult: (command, result) => this.cniRequests.inc({ command, result }), hostPath: (p) => (this.opts.hostRoot === '/' ? p : join(this.opts.hostRoot, p)) });
+    const kube = this.kube;
+    const lookupMs = this.opts.podLookupTimeoutMs ?? DEFAULT_POD_LOOKUP_TIMEOUT_MS;
+    const cni = new CniHandler({
+      reconciler: this.reconciler,
+      state: () => source.current,
+      policy: DEFAULT_POLICY,
+      log,
+      onResult: (command, result) => this.cniRequests.inc({ command, result }),
+      hostPath: (p) => (this.opts.hostRoot === '/' ? p : join(this.opts.hostRoot, p)),
+      ...(kube ? { lookup: (namespace: string, name: string) => kube.lookup(namespace, name, lookupMs) } : {}),
+    });
     this.servers.push(await serveRelay(this.opts.pluginSocket, (req) => cni.handle(req)));
     this.synced = true;
     if (this.opts.installCni) {

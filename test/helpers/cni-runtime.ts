@@ -19,13 +19,16 @@ export interface PluginRun {
   stderr: string;
 }
 
-/** Executes one plugin binary in `nodeNs` with the CNI environment and `config` on stdin. */
-export function execPlugin(nodeNs: string, type: string, env: Record<string, string>, stdin: string): Promise<PluginRun> {
-  const binary = CNI_PATH.split(':')
+/** Executes one plugin binary in `nodeNs` with the CNI environment and `config` on stdin.
+ * `pluginDirs` are searched before CNI_PATH (a bin dir an installer wrote, a stand-in plugin). */
+export function execPlugin(nodeNs: string, type: string, env: Record<string, string>, stdin: string, pluginDirs: string[] = []): Promise<PluginRun> {
+  const path = [...pluginDirs, CNI_PATH].join(':');
+  const binary = path
+    .split(':')
     .map((d) => `${d}/${type}`)
     .find((p) => existsSync(p));
   return new Promise((resolve) => {
-    const child = execFile('nsenter', [`--net=${Topology.netnsPath(nodeNs)}`, binary ?? type], { env: { PATH: process.env.PATH ?? '', CNI_PATH, ...env } }, (err, stdout, stderr) => {
+    const child = execFile('nsenter', [`--net=${Topology.netnsPath(nodeNs)}`, binary ?? type], { env: { PATH: process.env.PATH ?? '', CNI_PATH: path, ...env } }, (err, stdout, stderr) => {
       resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
     });
     // A plugin may exit before reading its stdin (an error it can tell from the environment alone).
@@ -42,13 +45,13 @@ export interface Invocation {
 }
 
 /** Runs ADD over the chain; returns the last plugin's run (and each result along the way). */
-export async function chainAdd(nodeNs: string, list: Conflist, inv: Invocation): Promise<{ last: PluginRun; results: unknown[] }> {
+export async function chainAdd(nodeNs: string, list: Conflist, inv: Invocation, pluginDirs: string[] = []): Promise<{ last: PluginRun; results: unknown[] }> {
   let prevResult: unknown;
   const results: unknown[] = [];
   let last: PluginRun = { code: 0, stdout: '', stderr: '' };
   for (const plugin of list.plugins) {
     const config = { cniVersion: list.cniVersion, name: list.name, ...plugin, ...(prevResult ? { prevResult } : {}) };
-    last = await execPlugin(nodeNs, String(plugin.type), env('ADD', inv), JSON.stringify(config));
+    last = await execPlugin(nodeNs, String(plugin.type), env('ADD', inv), JSON.stringify(config), pluginDirs);
     if (last.code !== 0) return { last, results };
     prevResult = JSON.parse(last.stdout) as unknown;
     results.push(prevResult);
@@ -56,11 +59,11 @@ export async function chainAdd(nodeNs: string, list: Conflist, inv: Invocation):
   return { last, results };
 }
 
-export async function chainDel(nodeNs: string, list: Conflist, inv: Invocation): Promise<PluginRun[]> {
+export async function chainDel(nodeNs: string, list: Conflist, inv: Invocation, pluginDirs: string[] = []): Promise<PluginRun[]> {
   const runs: PluginRun[] = [];
   for (const plugin of [...list.plugins].reverse()) {
     const config = { cniVersion: list.cniVersion, name: list.name, ...plugin };
-    runs.push(await execPlugin(nodeNs, String(plugin.type), env('DEL', inv), JSON.stringify(config)));
+    runs.push(await execPlugin(nodeNs, String(plugin.type), env('DEL', inv), JSON.stringify(config), pluginDirs));
   }
   return runs;
 }

@@ -3,8 +3,10 @@
 // resourceVersion; watches stream newline-delimited events from a resourceVersion, send bookmarks,
 // and answer 410 Gone (an ERROR event) for a resourceVersion older than the last compaction; the
 // spec.nodeName field selector filters pods; pods/status takes JSON merge patches; apps/v1
-// DaemonSets can be read one at a time (daemonSets). Test hooks
-// change objects, break watch streams and compact history.
+// DaemonSets can be read one at a time (daemonSets); a single pod or namespace can be read by
+// name (GET .../namespaces/NS/pods/NAME, .../namespaces/NAME). Test hooks change objects, break
+// watch streams, compact history, hold a kind's watch events back (a watch that lags) and leave
+// single-object reads unanswered (an API server that hangs).
 import http from 'node:http';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
@@ -46,6 +48,10 @@ export class KubeApiTestServer {
   readonly watchRequests: { kind: Kind; resourceVersion: string | null }[] = [];
   private server: http.Server | https.Server | undefined;
   private failing = 0;
+  /** Kinds whose watch events are held back (recorded in history, not sent) until released. */
+  private readonly held = new Map<Kind, Event[]>();
+  /** When true, reads of a single pod or namespace get no answer (until the server closes). */
+  stallGets = false;
   url = '';
   /** When set, every request must carry it as a bearer token (a service account's), or gets 401. */
   token: string | undefined;
@@ -117,7 +123,22 @@ export class KubeApiTestServer {
     else this.objects[kind].set(keyOf(obj), obj);
     const event = { kind, type, object: obj, rv: this.rv };
     this.history.push(event);
-    for (const w of this.watchers) if (w.kind === kind) this.send(w, event);
+    const held = this.held.get(kind);
+    if (held) held.push(event);
+    else for (const w of this.watchers) if (w.kind === kind) this.send(w, event);
+  }
+
+  /** From now on, `kind`'s watch events wait (as a lagging watch or informer would) until
+   * releaseWatchEvents; reads and lists see the changes at once. */
+  holdWatchEvents(kind: Kind): void {
+    if (!this.held.has(kind)) this.held.set(kind, []);
+  }
+
+  /** Sends the held events of `kind`, in order, and stops holding. */
+  releaseWatchEvents(kind: Kind): void {
+    const events = this.held.get(kind) ?? [];
+    this.held.delete(kind);
+    for (const e of events) for (const w of this.watchers) if (w.kind === kind) this.send(w, e);
   }
 
   private send(w: Watcher, e: Event): void {
@@ -147,6 +168,13 @@ export class KubeApiTestServer {
     }
     const status = /^\/api\/v1\/namespaces\/([^/]+)\/pods\/([^/]+)\/status$/.exec(url.pathname);
     if (req.method === 'PATCH' && status) return this.patchStatus(req, res, decodeURIComponent(status[1]!), decodeURIComponent(status[2]!));
+    const one = req.method === 'GET' ? /^\/api\/v1\/namespaces\/([^/]+)(?:\/pods\/([^/]+))?$/.exec(url.pathname) : null;
+    if (one) {
+      if (this.stallGets) return; // no answer: the client's timeout has to act
+      const [namespace, name] = [decodeURIComponent(one[1]!), one[2] === undefined ? undefined : decodeURIComponent(one[2])];
+      const obj = name === undefined ? this.objects.namespaces.get(namespace) : this.objects.pods.get(`${namespace}/${name}`);
+      return obj ? reply(res, 200, obj) : reply(res, 404, statusObj(404, 'NotFound', name === undefined ? `namespaces "${namespace}" not found` : `pods "${name}" not found`));
+    }
     const kind: Kind | undefined = url.pathname === '/api/v1/pods' ? 'pods' : url.pathname === '/api/v1/namespaces' ? 'namespaces' : undefined;
     if (req.method !== 'GET' || !kind) return reply(res, 404, statusObj(404, 'NotFound', `no route for ${req.method} ${url.pathname}`));
     const selector = url.searchParams.get('fieldSelector');

@@ -6,6 +6,7 @@ import type { ClusterState, Pod } from '../pods/pod.js';
 import { PhaseClock, type Reconciler } from '../enrollment/reconciler.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import { checkNetnsPath } from './netns-path.js';
+import { namespaceModeOf } from './policy-file.js';
 
 export const SUPPORTED_CNI_VERSIONS = ['0.3.0', '0.3.1', '0.4.0', '1.0.0', '1.1.0'];
 const COMMANDS = ['ADD', 'DEL', 'CHECK', 'VERSION', 'STATUS', 'GC'];
@@ -47,6 +48,10 @@ export interface CniHandlerDeps {
   onResult?: (command: string, result: string) => void;
   /** Where a host path (CNI_NETNS) is from the agent's view (under --host-root in a container). */
   hostPath?: (path: string) => string;
+  /** A pod the source has not brought yet, asked of the API (with its namespace, which then are in
+   * `state()` too); rejects when the API does not answer in time. Absent (the local pod source):
+   * such a pod is judged by its namespace. */
+  lookup?: (namespace: string, name: string) => Promise<Pod | undefined>;
 }
 
 /** K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;... */
@@ -137,6 +142,35 @@ export class CniHandler {
     return selectPod(pod, this.deps.state().namespaces.get(pod.metadata.namespace), this.deps.policy).ambient;
   }
 
+  /** The pod an ADD is for: from the watch cache; else, with the Kubernetes source, from the API
+   * (the watch event may come after the ADD), failing closed when the API does not answer and the
+   * pod may be ambient; else a pod without labels, judged by its namespace. */
+  private async podForAdd(env: Record<string, string>, namespace: string, name: string, uid: string | undefined): Promise<{ pod: Pod; from: PodOrigin }> {
+    const unknown = (): Pod => ({ metadata: { name, namespace, uid: uid || `cni-${env.CNI_CONTAINERID}`, labels: {} } });
+    if (!name) return { pod: unknown(), from: 'namespace' };
+    const cached = this.findPod(namespace, name, uid);
+    if (cached) return { pod: cached, from: 'cache' };
+    if (!this.deps.lookup || this.deps.policy.excludedNamespaces.includes(namespace)) return { pod: unknown(), from: 'namespace' };
+    try {
+      const fetched = await this.deps.lookup(namespace, name);
+      // Another pod of the same name (this sandbox's pod was deleted and made again) is not it.
+      if (fetched && (!uid || fetched.metadata.uid === uid)) return { pod: fetched, from: 'api' };
+      // (its watch event may have come meanwhile; by uid when there is one, not by name)
+      const meanwhile = uid ? this.deps.state().pods.get(uid) : this.findPod(namespace, name, undefined);
+      return meanwhile ? { pod: meanwhile, from: 'cache' } : { pod: unknown(), from: 'namespace' };
+    } catch (err) {
+      const mode = namespaceModeOf(namespace, this.deps.state(), this.deps.policy);
+      const message = (err as Error).message;
+      if (mode !== 'none' && mode !== 'excluded') {
+        const why = mode === 'unknown' ? 'its namespace is not known to the agent' : mode === 'ambient' ? 'its namespace is labelled ambient' : 'pods of its namespace opt in by label';
+        this.deps.log.warn({ pod: `${namespace}/${name}`, error: message }, 'CNI ADD for a pod not in the watch cache, and the Kubernetes API did not answer: failing closed');
+        throw new CniFailure(CniCode.TryAgainLater, `pod ${namespace}/${name} is not in the agent's watch cache yet and the Kubernetes API did not answer (${message}); it may be ambient (${why}), so it does not start before the agent can tell`);
+      }
+      this.deps.log.warn({ pod: `${namespace}/${name}`, error: message }, 'CNI ADD for a pod not in the watch cache, and the Kubernetes API did not answer; no pod of its namespace is ambient: judged by its namespace');
+      return { pod: unknown(), from: 'namespace' };
+    }
+  }
+
   private async add(config: { prevResult?: unknown }, env: Record<string, string>, namespace: string, name: string, uid: string | undefined): Promise<CniResponse> {
     const prev = config.prevResult as { ips?: { address?: unknown }[] } | undefined;
     if (typeof prev !== 'object' || prev === null) {
@@ -144,9 +178,7 @@ export class CniHandler {
     }
     const phases = new PhaseClock();
     const passThrough = ok(prev);
-    // A pod the source does not know yet is judged by its namespace (its own labels are unknown).
-    const known = name ? this.findPod(namespace, name, uid) : undefined;
-    const pod: Pod = known ?? { metadata: { name, namespace, uid: uid || `cni-${env.CNI_CONTAINERID}`, labels: {} } };
+    const { pod, from } = await this.podForAdd(env, namespace, name, uid);
     if (!name || !this.isAmbient(pod)) return passThrough;
     const ips = (prev.ips ?? []).map((i) => (typeof i.address === 'string' ? i.address.split('/')[0]! : '')).filter(Boolean);
     if (ips.length === 0) throw new CniFailure(CniCode.InvalidConfig, 'prevResult has no IP addresses for the pod');
@@ -165,10 +197,14 @@ export class CniHandler {
     }
     // ms: where the ADD's time went (pod lookup, waiting for the pod's reconcile pass, netns, cgroup,
     // datapath attach, ztunnel's Add to its ack, the answer).
-    this.deps.log.info({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, known: known !== undefined, ms: phases.ms }, 'CNI ADD: pod redirected and acked by ztunnel');
+    this.deps.log.info({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, from, ms: phases.ms }, 'CNI ADD: pod redirected and acked by ztunnel');
     return passThrough;
   }
 }
+
+/** Where the pod an ADD is judged by came from: the watch cache, the API (asked at ADD), or
+ * nowhere (only its namespace is known). */
+type PodOrigin = 'cache' | 'api' | 'namespace';
 
 function ok(result: unknown): CniResponse {
   return { exitCode: 0, stdout: result === undefined ? '' : JSON.stringify(result) + '\n' };

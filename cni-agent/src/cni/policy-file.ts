@@ -23,6 +23,15 @@ function namespaceMode(name: string, state: ClusterState, policy: SelectionPolic
   return podLabelled.has(name) ? 'pod-label' : 'none';
 }
 
+/** How a pod of `name` that the agent has not seen is judged without its labels (the plugin's
+ * rule 4, README "Agent unreachable"): only `none` means it cannot be ambient as far as the agent
+ * knows; a namespace the agent does not know is `unknown`. */
+export function namespaceModeOf(name: string, state: ClusterState, policy: SelectionPolicy): NamespaceMode | 'unknown' {
+  if (!policy.excludedNamespaces.includes(name) && !state.namespaces.has(name)) return 'unknown';
+  const podLabelled = new Set([...state.pods.values()].filter((p) => p.metadata.namespace === name && p.metadata.labels?.[DATAPLANE_MODE_LABEL] === 'ambient').map((p) => p.metadata.namespace));
+  return namespaceMode(name, state, policy, podLabelled);
+}
+
 /** The policy as text; see the plugin for how it is read. */
 export function renderCniPolicy(state: ClusterState, policy: SelectionPolicy): string {
   const lines = ['# ambient-bpf: read by ambient-bpf-cni when the agent is unreachable. Generated; do not edit.', MAGIC];

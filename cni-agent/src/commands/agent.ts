@@ -8,7 +8,7 @@ import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, STEERINGS, ZTUNN
 import { DEFAULT_CAPTURE } from '../enrollment/reconciler.js';
 import { parseStrictAllow } from '../pods/capture-options.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
-import { Agent, DEFAULT_NODE_NETNS, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
+import { Agent, DEFAULT_NODE_NETNS, DEFAULT_POD_LOOKUP_TIMEOUT_MS, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
 import { hostPathProblems } from '../ops/host-paths.js';
 import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
 import { DEFAULT_POLICY_FILE } from '../cni/policy-file.js';
@@ -37,6 +37,7 @@ interface AgentArgs {
   'cni-conf-dir': string;
   'status-socket': string;
   'verify-interval': number;
+  'pod-lookup-timeout': number;
   'health-addr': string | undefined;
   'metrics-addr': string | undefined;
   'log-level': string;
@@ -100,12 +101,14 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('cni-conf-dir', { type: 'string', default: DEFAULT_CNI_CONF_DIR, describe: 'the node’s CNI configuration directory' })
       .option('status-socket', { type: 'string', default: DEFAULT_STATUS_SOCKET, describe: 'Unix socket of the status API (ambient-bpf status)' })
       .option('verify-interval', { type: 'number', default: DEFAULT_VERIFY_INTERVAL_MS / 1000, describe: 'seconds between drift checks of every redirected pod (0: off)' })
+      .option('pod-lookup-timeout', { type: 'number', default: DEFAULT_POD_LOOKUP_TIMEOUT_MS / 1000, describe: 'seconds a CNI ADD waits for the API’s answer about a pod the watch has not brought yet (then it fails closed if the pod may be ambient)' })
       .option('health-addr', { type: 'string', describe: 'HOST:PORT for /healthz and /readyz' })
       .option('metrics-addr', { type: 'string', describe: 'HOST:PORT for Prometheus /metrics' })
       .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
       .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected, a restarted agent adopts them; unless --daemonset names a DaemonSet that is gone or being deleted: then the CNI entry, the plugin, its policy file, and (without --keep-pod-redirection) the pods’ redirection and annotations are removed.'),
   handler: async (args) => {
     if (!Number.isFinite(args['verify-interval']) || args['verify-interval'] < 0) throw new CliError('--verify-interval must be 0 (off) or more seconds', 2);
+    if (!Number.isFinite(args['pod-lookup-timeout']) || args['pod-lookup-timeout'] <= 0) throw new CliError('--pod-lookup-timeout must be more than 0 seconds', 2);
     if (args.kubeconfig !== undefined && args['local-pods'] !== undefined) throw new CliError('name one pod source: --local-pods or --kubeconfig', 2);
     if (args.kubeconfig === undefined && args['local-pods'] === undefined && !process.env.KUBERNETES_SERVICE_HOST) {
       throw new CliError('name a pod source: --local-pods FILE or --kubeconfig FILE (in a cluster, the service account is used)', 2);
@@ -150,6 +153,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], binarySource: PLUGIN_BINARY_PATH } : undefined,
       statusSocket: args['status-socket'],
       verifyIntervalMs: Math.round(args['verify-interval'] * 1000),
+      podLookupTimeoutMs: Math.round(args['pod-lookup-timeout'] * 1000),
       healthAddr: args['health-addr'],
       metricsAddr: args['metrics-addr'],
       log,

@@ -1,7 +1,12 @@
 // The node's CNI configuration, as runtimes read it: the first file in lexical order among
-// *.conf, *.conflist and *.json of the conf dir. Our entry goes last in its plugin list (after the
-// plugin that sets up the pod interface, whose result we pass through).
+// *.conf, *.conflist and *.json of the conf dir. Our entry goes after the plugins that set up the
+// pod interface (whose result we pass through), last, except before upstream's istio-cni entries
+// that end the list: upstream's installer keeps its entry last (it takes its old one out and
+// appends it again), so [primary plugins..., ambient-bpf-cni, istio-cni] is the one order that
+// neither installer changes (README, "Next to upstream istio-cni in sidecar mode").
 export const PLUGIN_TYPE = 'ambient-bpf-cni';
+/** Upstream Istio's chained plugin (its sidecar-mode redirection, or its ambient relay). */
+export const UPSTREAM_PLUGIN_TYPE = 'istio-cni';
 
 export interface PluginEntry {
   type: typeof PLUGIN_TYPE;
@@ -46,16 +51,25 @@ function asConflist(text: string, file: string): Conflist {
   return { cniVersion, name, plugins: [plugin] };
 }
 
-/** The file's text with our entry last (replacing any earlier one of ours), and whether that
- * changed anything. `wrapped` when a lone .conf became a conflist. */
+/** The plugins with `entry` in its place: after the last plugin that is neither ours nor
+ * upstream's istio-cni, so that the istio-cni entries ending the list stay last. Every other
+ * plugin keeps its order. */
+function arranged(plugins: Record<string, unknown>[], entry: Record<string, unknown>, file: string): Record<string, unknown>[] {
+  const others = plugins.filter((p) => p.type !== PLUGIN_TYPE);
+  let at = others.length;
+  while (at > 0 && others[at - 1]!.type === UPSTREAM_PLUGIN_TYPE) at--;
+  if (at === 0) throw new ConflistError(`${file} has no plugin that sets up the pod interface to chain after`);
+  return [...others.slice(0, at), entry, ...others.slice(at)];
+}
+
+/** The file's text with our entry in its place (replacing any earlier one of ours), and whether
+ * that changed anything. `wrapped` when a lone .conf became a conflist. */
 export function withEntry(text: string, file: string, entry: PluginEntry): { text: string; changed: boolean; wrapped: boolean } {
   const wrapped = !Array.isArray(parse(text, file).plugins);
   const list = asConflist(text, file);
-  const others = list.plugins.filter((p) => p.type !== PLUGIN_TYPE);
-  if (others.length === 0) throw new ConflistError(`${file} has no plugin that sets up the pod interface to chain after`);
-  const last = list.plugins.at(-1);
-  const changed = wrapped || JSON.stringify(last) !== JSON.stringify(entry) || others.length !== list.plugins.length - 1;
-  return { text: JSON.stringify({ ...list, plugins: [...others, entry] }, null, 2) + '\n', changed, wrapped };
+  const plugins = arranged(list.plugins, entry, file);
+  const changed = wrapped || JSON.stringify(plugins) !== JSON.stringify(list.plugins);
+  return { text: JSON.stringify({ ...list, plugins }, null, 2) + '\n', changed, wrapped };
 }
 
 /** The file's text without our entry, or undefined if it had none. */
@@ -66,10 +80,13 @@ export function withoutEntry(text: string, file: string): string | undefined {
   return JSON.stringify({ ...list, plugins: others }, null, 2) + '\n';
 }
 
-/** Is our entry the last plugin of this file? */
-export function hasEntryLast(text: string, file: string): boolean {
+/** Is our entry, once, in its place in this file (last, or before the istio-cni entries that
+ * end the list)? */
+export function hasEntryInPlace(text: string, file: string): boolean {
   try {
-    return asConflist(text, file).plugins.at(-1)?.type === PLUGIN_TYPE;
+    const { plugins } = asConflist(text, file);
+    const ours = plugins.filter((p) => p.type === PLUGIN_TYPE);
+    return ours.length === 1 && JSON.stringify(arranged(plugins, ours[0]!, file)) === JSON.stringify(plugins);
   } catch {
     return false;
   }

@@ -1,11 +1,11 @@
 // Installs the CNI plugin on the node: copies the binary into the CNI bin dir and puts our entry
-// last in the primary conflist (atomically, keeping the file's mode); watches the conf dir and puts
+// last in the primary conflist (before upstream istio-cni's, when that ends it) (atomically, keeping the file's mode); watches the conf dir and puts
 // the entry back whenever another component rewrites the file, reporting repeated conflicts
 // (upstream's known pain: a primary CNI that overwrites the conflist makes pods bypass the mesh).
 import { chmodSync, copyFileSync, existsSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { basename, join } from 'node:path';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
-import { hasEntryLast, primaryConfigFile, PLUGIN_TYPE, withEntry, withoutEntry, type PluginEntry } from './conflist.js';
+import { hasEntryInPlace, primaryConfigFile, PLUGIN_TYPE, withEntry, withoutEntry, type PluginEntry } from './conflist.js';
 
 export const PLUGIN_BINARY = PLUGIN_TYPE;
 /** More re-inserts than this within CONFLICT_WINDOW_MS is reported as a conflict. */
@@ -84,10 +84,10 @@ export class CniInstaller {
     }
   }
 
-  /** Is our entry last in the primary conflist? (readiness) */
+  /** Is our entry in its place in the primary conflist? (readiness) */
   get entryInPlace(): boolean {
     const file = this.primary();
-    return !!file && hasEntryLast(readFileSync(join(this.opts.confDir, file), 'utf8'), file);
+    return !!file && hasEntryInPlace(readFileSync(join(this.opts.confDir, file), 'utf8'), file);
   }
 
   /** Removes our entry from every config file and the binary. */
@@ -124,7 +124,8 @@ export class CniInstaller {
     this.opts.log.info({ path: target }, 'CNI plugin binary installed');
   }
 
-  /** Puts our entry last in the primary conflist; false when it was there already. */
+  /** Puts our entry in its place in the primary conflist (conflist.ts); false when it was there
+   * already. */
   private ensureEntry(why: 'install' | 'repair'): boolean {
     const file = this.primary();
     if (!file) throw new Error(`no CNI configuration in ${this.opts.confDir} to chain into (is the primary CNI installed?)`);

@@ -160,9 +160,10 @@ export class KubeClient {
     return { items: body.items ?? [], resourceVersion: body.metadata.resourceVersion };
   }
 
-  /** One object; a missing one is a KubeApiError with code 404. */
-  async get<T>(path: string): Promise<T> {
-    return (await this.call('GET', path, {})) as T;
+  /** One object; a missing one is a KubeApiError with code 404. `timeoutMs` bounds the wait for
+   * the answer (default 30 s). */
+  async get<T>(path: string, timeoutMs?: number): Promise<T> {
+    return (await this.call('GET', path, {}, {}, undefined, timeoutMs)) as T;
   }
 
   async mergePatch(path: string, patch: unknown): Promise<void> {
@@ -171,7 +172,7 @@ export class KubeClient {
 
   /** Streams changes after `resourceVersion`, with bookmarks. */
   async watch<T>(path: string, query: Record<string, string>, onEvent: (e: WatchEvent<T>) => void): Promise<Watching> {
-    const req = await this.request('GET', path, { ...query, watch: 'true', allowWatchBookmarks: 'true', timeoutSeconds: String(WATCH_TIMEOUT_S) }, {}, false);
+    const req = await this.request('GET', path, { ...query, watch: 'true', allowWatchBookmarks: 'true', timeoutSeconds: String(WATCH_TIMEOUT_S) }, {}, undefined);
     let stop!: () => void;
     const done = new Promise<void>((resolve, reject) => {
       stop = () => {
@@ -215,8 +216,8 @@ export class KubeClient {
     this.agent.destroy();
   }
 
-  private async call(method: string, path: string, query: Record<string, string>, headers: Record<string, string> = {}, body?: string): Promise<unknown> {
-    const req = await this.request(method, path, query, headers, true);
+  private async call(method: string, path: string, query: Record<string, string>, headers: Record<string, string> = {}, body?: string, timeoutMs = 30_000): Promise<unknown> {
+    const req = await this.request(method, path, query, headers, timeoutMs);
     return new Promise((resolve, reject) => {
       req.on('error', (err) => reject(new KubeApiError(0, `${method} ${path}: ${err.message}`)));
       req.on('response', (res) => {
@@ -233,14 +234,17 @@ export class KubeClient {
     });
   }
 
-  private async request(method: string, path: string, query: Record<string, string>, headers: Record<string, string>, pooled: boolean): Promise<http.ClientRequest> {
+  /** `timeoutMs`: a pooled request (list, get, patch) that fails without an answer in that time;
+   * undefined: a watch, on its own connection, without a timeout. */
+  private async request(method: string, path: string, query: Record<string, string>, headers: Record<string, string>, timeoutMs: number | undefined): Promise<http.ClientRequest> {
+    const pooled = timeoutMs !== undefined;
     const url = new URL(path, this.connection.server);
     for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
     const settings = await this.connection.settings();
-    const options: https.RequestOptions = { ...settings, method, headers: { accept: 'application/json', ...settings.headers, ...headers }, timeout: pooled ? 30_000 : 0 };
+    const options: https.RequestOptions = { ...settings, method, headers: { accept: 'application/json', ...settings.headers, ...headers }, timeout: timeoutMs ?? 0 };
     if (pooled) options.agent = this.agent;
     const req = (url.protocol === 'https:' ? https : http).request(url, options);
-    if (pooled) req.on('timeout', () => req.destroy(new Error('no answer within 30 s')));
+    if (pooled) req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs / 1000} s`)));
     else req.on('socket', (s) => s.setKeepAlive(true, 30_000)); // a dead peer ends the watch
     return req;
   }

@@ -64,6 +64,8 @@ export class KubePodSource implements Annotator {
   private readonly state: ClusterState = { pods: new Map(), namespaces: new Map() };
   private stopped = false;
   private synced = false;
+  /** Uids of pods the watch deleted lately (a lookup's answer must not bring them back). */
+  private readonly recentlyDeleted = new Set<string>();
 
   constructor(private readonly opts: KubePodSourceOptions) {
     const informer = (kind: Kind, path: string, query: Record<string, string>): Informer => ({
@@ -113,6 +115,44 @@ export class KubePodSource implements Annotator {
       }
     }
     this.client?.close();
+  }
+
+  /** A pod the watch has not brought yet (its CNI ADD came first): asks the API for the pod and
+   * its namespace, as upstream's plugin does at ADD, answering within `timeoutMs` or throwing. What
+   * it finds and the cache lacks goes into the cache (and is reported) as the watch's own event
+   * would; the later watch event then updates it. Resolves with the pod (undefined: the API has no
+   * pod of that name, or one of another node). */
+  async lookup(namespace: string, name: string, timeoutMs: number): Promise<Pod | undefined> {
+    const client = this.client;
+    if (!client) throw new Error('the Kubernetes pod source is not started');
+    const get = async (path: string): Promise<ApiObject | undefined> => {
+      try {
+        return await client.get<ApiObject>(path, timeoutMs);
+      } catch (err) {
+        if (err instanceof KubeApiError && err.code === 404) return undefined;
+        throw err;
+      }
+    };
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new KubeApiError(0, `the Kubernetes API did not answer within ${timeoutMs} ms`)), timeoutMs);
+    });
+    let found: [ApiObject | undefined, ApiObject | undefined];
+    try {
+      const ns = encodeURIComponent(namespace);
+      found = await Promise.race([Promise.all([get(`/api/v1/namespaces/${ns}/pods/${encodeURIComponent(name)}`), get(`/api/v1/namespaces/${ns}`)]), deadline]);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (this.stopped) return undefined;
+    const [podObj, nsObj] = found;
+    const namespaceFound = nsObj ? toNamespace(nsObj) : undefined;
+    if (namespaceFound && !this.state.namespaces.has(namespaceFound.metadata.name)) this.apply('namespaces', nsObj!, false);
+    const pod = podObj ? toPod(podObj) : undefined;
+    if (!pod || pod.spec?.nodeName !== this.opts.nodeName) return undefined;
+    // (not one the watch deleted while the answer was on its way: that answer is older)
+    if (!this.state.pods.has(pod.metadata.uid) && !this.recentlyDeleted.has(pod.metadata.uid)) this.apply('pods', podObj!, false);
+    return this.state.pods.get(pod.metadata.uid);
   }
 
   /** Merge patch on pods/status: set, or remove (null), the redirection annotation. */
@@ -186,8 +226,11 @@ export class KubePodSource implements Annotator {
       const pod = toPod(o);
       if (!pod) return;
       const type = deleted ? 'deleted' : this.state.pods.has(pod.metadata.uid) ? 'updated' : 'added';
-      if (deleted) this.state.pods.delete(pod.metadata.uid);
-      else this.state.pods.set(pod.metadata.uid, pod);
+      if (deleted) {
+        this.state.pods.delete(pod.metadata.uid);
+        this.recentlyDeleted.add(pod.metadata.uid);
+        if (this.recentlyDeleted.size > 1000) this.recentlyDeleted.delete(this.recentlyDeleted.values().next().value!);
+      } else this.state.pods.set(pod.metadata.uid, pod);
       return report({ kind: 'pod', type, pod });
     }
     const namespace = toNamespace(o);
