@@ -5,7 +5,7 @@
 // chained the plugin. The Kubernetes API is the in-repo test server over HTTPS, reached the
 // in-cluster way (service env and a mounted service account token and CA).
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { cgroup2Mount } from '../bpf/src/index.js';
@@ -328,10 +328,12 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     const conflist = node.hostPath('/etc/cni/net.d/10-pods.conflist');
     const chained = () => (JSON.parse(readFileSync(conflist, 'utf8')) as { plugins: { type: string }[] }).plugins.map((p) => p.type);
     const plugin = node.hostPath('/opt/cni/bin/ambient-bpf-cni');
-    // /var/lib is an overlay on the node: what the agent wrote there is in its upper directory.
+    // /var/lib is an overlay on the node: what the agent wrote there is in its upper directory, and
+    // a file it removed is gone from there, or a whiteout (a character device) where the host has one.
     const policy = join(node.dir, 'varlib-up/ambient-bpf/cni-policy');
+    const isFile = (p: string) => existsSync(p) && statSync(p).isFile();
     const webPins = join(node.bpffs, 'ambient-bpf', 'pods', app.web!.uid);
-    assert.ok(chained().includes('ambient-bpf-cni') && existsSync(plugin) && existsSync(policy) && existsSync(webPins), 'installed before');
+    assert.ok(chained().includes('ambient-bpf-cni') && existsSync(plugin) && isFile(policy) && existsSync(webPins), 'installed before');
     assert.equal(annotation(app.web!), 'enabled');
 
     assert.equal(api.daemonSets.size, 1);
@@ -341,7 +343,7 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
 
     assert.deepEqual(chained(), ['bridge'], `the conflist as the node had it before the agent: ${log.slice(-1500)}`);
     assert.ok(!existsSync(plugin), 'the plugin binary removed');
-    assert.ok(!existsSync(policy), 'the plugin’s policy removed');
+    assert.ok(!isFile(policy), 'the plugin’s policy removed');
     assert.ok(!existsSync(webPins), 'the pods’ redirection removed');
     assert.equal(annotation(app.web!), undefined, 'the redirection annotation removed');
     // The node still starts pods, ambient-labelled ones included, as plain pods.
