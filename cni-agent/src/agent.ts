@@ -64,7 +64,10 @@ export interface AgentOptions {
    * agent's own, as in a hostNetwork pod). */
   nodeNetns?: string | undefined;
   /** Install the CNI plugin (binary + conflist entry) once the agent is up, and keep it there. */
-  installCni?: { binDir: string; confDir: string; binarySource: string } | undefined;
+  installCni?: { binDir: string; confDir: string; binarySource: string; confFile?: string | undefined } | undefined;
+  /** The node's directories of pod network namespaces: where CNI_NETNS may point, and named
+   * namespaces are scanned (default: /var/run/netns). */
+  netnsDirs?: readonly string[] | undefined;
   /** The status API's Unix socket (`ambient-bpf status`). */
   statusSocket?: string | undefined;
   /** How often every redirected pod is verified and repaired (ms); 0 turns it off. */
@@ -137,7 +140,7 @@ export class Agent {
     this.reconciler = new Reconciler({
       datapath: this.datapath,
       zds: this.zds,
-      netns: new NetnsLocator(this.opts.hostRoot),
+      netns: new NetnsLocator(this.opts.hostRoot, undefined, undefined, this.opts.netnsDirs),
       cgroups: new CgroupLocator(this.opts.hostRoot),
       sandboxes: new SandboxRecords(this.opts.pluginSocket),
       log,
@@ -155,7 +158,7 @@ export class Agent {
     this.zds.start();
     await this.reconciler.reconcileAll();
     const source = this.source;
-    const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log, onResult: (command, result) => this.cniRequests.inc({ command, result }), hostPath: (p) => (this.opts.hostRoot === '/' ? p : join(this.opts.hostRoot, p)) });
+    const cni = new CniHandler({ reconciler: this.reconciler, state: () => source.current, policy: DEFAULT_POLICY, log, onResult: (command, result) => this.cniRequests.inc({ command, result }), hostPath: (p) => (this.opts.hostRoot === '/' ? p : join(this.opts.hostRoot, p)), netnsDirs: this.opts.netnsDirs });
     this.servers.push(await serveRelay(this.opts.pluginSocket, (req) => cni.handle(req)));
     this.synced = true;
     if (this.opts.installCni) {

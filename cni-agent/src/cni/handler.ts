@@ -47,6 +47,8 @@ export interface CniHandlerDeps {
   onResult?: (command: string, result: string) => void;
   /** Where a host path (CNI_NETNS) is from the agent's view (under --host-root in a container). */
   hostPath?: (path: string) => string;
+  /** The node's directories of pod network namespaces CNI_NETNS may name (--netns-dir). */
+  netnsDirs?: readonly string[] | undefined;
 }
 
 /** K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;... */
@@ -152,7 +154,7 @@ export class CniHandler {
     if (ips.length === 0) throw new CniFailure(CniCode.InvalidConfig, 'prevResult has no IP addresses for the pod');
     let netns: string;
     try {
-      netns = checkNetnsPath(env.CNI_NETNS!, this.deps.hostPath);
+      netns = checkNetnsPath(env.CNI_NETNS!, this.deps.hostPath, this.deps.netnsDirs);
     } catch (err) {
       throw new CniFailure(CniCode.InvalidEnvironment, `CNI_NETNS: ${(err as Error).message}`);
     }
