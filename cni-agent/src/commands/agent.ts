@@ -84,6 +84,8 @@ export function checkPlatformPaths(args: Pick<AgentArgs, 'host-root' | 'bpffs' |
     ...args['netns-dir'].map((d): [string, string] => ['netns-dir', d]),
   ];
   for (const [flag, value] of absolute) {
+    // yargs makes a flag given twice an array: which one was meant is not for the agent to guess.
+    if (Array.isArray(value) && flag !== 'netns-dir') throw new CliError(`--${flag} is given ${value.length} times (${value.map((v) => JSON.stringify(v)).join(', ')}): name one`, 2);
     const why = pathProblem(value);
     if (why) throw new CliError(`--${flag} ${JSON.stringify(value)}: ${why}`, 2);
   }
@@ -92,6 +94,7 @@ export function checkPlatformPaths(args: Pick<AgentArgs, 'host-root' | 'bpffs' |
     if (d === '/' || d === '/proc' || d.startsWith('/proc/')) throw new CliError(`--netns-dir ${JSON.stringify(d)}: not a directory of network namespaces (CNI_NETNS under it would be accepted)`, 2);
   }
   const file = args['cni-conf-file'];
+  if (Array.isArray(file)) throw new CliError(`--cni-conf-file is given ${file.length} times (${(file as string[]).map((v) => JSON.stringify(v)).join(', ')}): name one`, 2);
   if (file !== undefined && (file === '' || file.includes('/') || file.startsWith('.') || !/\.(conflist|conf|json)$/.test(file))) {
     throw new CliError(`--cni-conf-file ${JSON.stringify(file)}: must be a file name in --cni-conf-dir ending in .conflist, .conf or .json (runtimes read no other)`, 2);
   }
