@@ -68,6 +68,23 @@ describe('agent platform flags', () => {
     }
   });
 
+  it('uninstall refuses malformed paths too, before it removes anything', async (t) => {
+    const dir = tempDir(t, 'platun');
+    writeFileSync(join(dir, 'cni-policy'), 'namespace shop ambient\n');
+    const good = [`--cni-bin-dir=${dir}`, `--cni-conf-dir=${dir}`, `--cni-policy-file=${join(dir, 'cni-policy')}`, `--bpffs=${join(dir, 'pins')}`];
+    for (const [bad, message] of [
+      ['--bpffs=sys/fs/bpf/ambient-bpf', /^ambient-bpf: --bpffs "sys\/fs\/bpf\/ambient-bpf": is a relative path: name an absolute path\n$/],
+      ['--cni-conf-dir=', /^ambient-bpf: --cni-conf-dir "": is empty/],
+      ['--cni-policy-file=/var/lib//x', /^ambient-bpf: --cni-policy-file "\/var\/lib\/\/x": is not a plain path/],
+    ] as const) {
+      const name = bad.split('=')[0]!;
+      const r = await runCli(['uninstall', ...good.filter((a) => !a.startsWith(`${name}=`)), bad]);
+      assert.equal(r.code, 2, `${bad}: ${r.stderr}`);
+      assert.match(r.stderr, message);
+      assert.equal(readFileSync(join(dir, 'cni-policy'), 'utf8'), 'namespace shop ambient\n', `${bad}: the policy file was removed`);
+    }
+  });
+
   it('--cni-conf-file: chains into the named file, not the first one, also once a lone .conf became its .conflist', async (t) => {
     const dir = tempDir(t, 'platconf');
     const binDir = join(dir, 'bin');

@@ -83,12 +83,7 @@ export function checkPlatformPaths(args: Pick<AgentArgs, 'host-root' | 'bpffs' |
     ['cni-conf-dir', args['cni-conf-dir']],
     ...args['netns-dir'].map((d): [string, string] => ['netns-dir', d]),
   ];
-  for (const [flag, value] of absolute) {
-    // yargs makes a flag given twice an array: which one was meant is not for the agent to guess.
-    if (Array.isArray(value) && flag !== 'netns-dir') throw new CliError(`--${flag} is given ${value.length} times (${value.map((v) => JSON.stringify(v)).join(', ')}): name one`, 2);
-    const why = pathProblem(value);
-    if (why) throw new CliError(`--${flag} ${JSON.stringify(value)}: ${why}`, 2);
-  }
+  checkPathFlags(absolute, ['netns-dir']);
   if (args['netns-dir'].length === 0) throw new CliError('--netns-dir: name at least one directory', 2);
   for (const d of args['netns-dir']) {
     if (d === '/' || d === '/proc' || d.startsWith('/proc/')) throw new CliError(`--netns-dir ${JSON.stringify(d)}: not a directory of network namespaces (CNI_NETNS under it would be accepted)`, 2);
@@ -97,6 +92,23 @@ export function checkPlatformPaths(args: Pick<AgentArgs, 'host-root' | 'bpffs' |
   if (Array.isArray(file)) throw new CliError(`--cni-conf-file is given ${file.length} times (${(file as string[]).map((v) => JSON.stringify(v)).join(', ')}): name one`, 2);
   if (file !== undefined && (file === '' || file.includes('/') || file.startsWith('.') || !/\.(conflist|conf|json)$/.test(file))) {
     throw new CliError(`--cni-conf-file ${JSON.stringify(file)}: must be a file name in --cni-conf-dir ending in .conflist, .conf or .json (runtimes read no other)`, 2);
+  }
+}
+
+/** Each [flag, value] must be a plain absolute path, given once (unless the flag is `repeatable`);
+ * throws a CliError naming the flag and the value. */
+export function checkPathFlags(flags: [string, string | string[]][], repeatable: string[] = []): void {
+  for (const [flag, value] of flags) {
+    // yargs makes a flag given twice an array: which one was meant is not for the agent to guess.
+    if (Array.isArray(value)) {
+      if (repeatable.includes(flag)) {
+        checkPathFlags(value.map((v) => [flag, v]));
+        continue;
+      }
+      throw new CliError(`--${flag} is given ${value.length} times (${value.map((v) => JSON.stringify(v)).join(', ')}): name one`, 2);
+    }
+    const why = pathProblem(value);
+    if (why) throw new CliError(`--${flag} ${JSON.stringify(value)}: ${why}`, 2);
   }
 }
 
