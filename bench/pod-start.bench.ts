@@ -2,7 +2,7 @@
 // to the node's containerd (it makes the netns, runs the CNI chain — bridge + host-local, then the
 // chained ambient-bpf-cni — and starts the pause process with runc), for ambient pods against
 // plain pods in the same run, on the node of test/deployed.test.ts: the product's image run from
-// manifests/daemonset.yaml, the ztunnel stand-in in its pod. An ambient pod's ADD answers once the
+// manifests/base/daemonset.yaml, the ztunnel stand-in in its pod. An ambient pod's ADD answers once the
 // pod is redirected and ztunnel acked it; a plain pod goes through the same chain and the plugin
 // passes it through. Sequential starts (ambient and plain interleaved ABBA, so that noise and the
 // wake of the previous pod's removal hit both alike), then bursts of pods started at once
@@ -221,7 +221,7 @@ async function main(): Promise<void> {
   if (errors.length) throw errors[0];
   const lines = [
     await machineLine(),
-    `pod start: RunPodSandbox through containerd ${containerd}'s CRI (runc; CNI bridge + host-local, v4+v6, then ambient-bpf-cni chained by the agent run from manifests/daemonset.yaml), ambient pods (redirected and acked by the ztunnel stand-in's pod within the call) against plain pods (same chain, passed through), same run; ${SEQUENTIAL} of each sequential, interleaved; then ${ROUNDS} rounds of ${PARALLEL} of one kind at once, kinds alternating; each sandbox removed after it is timed; below 100 samples, p99 is the slowest one`,
+    `pod start: RunPodSandbox through containerd ${containerd}'s CRI (runc; CNI bridge + host-local, v4+v6, then ambient-bpf-cni chained by the agent run from manifests/base/daemonset.yaml), ambient pods (redirected and acked by the ztunnel stand-in's pod within the call) against plain pods (same chain, passed through), same run; ${SEQUENTIAL} of each sequential, interleaved; then ${ROUNDS} rounds of ${PARALLEL} of one kind at once, kinds alternating; each sandbox removed after it is timed; below 100 samples, p99 is the slowest one`,
     '',
     ...report(results!),
   ];

@@ -1,5 +1,5 @@
 // The product as deployed: the image built from manifests/Dockerfile, run by containerd (CRI,
-// runc) exactly as manifests/daemonset.yaml specifies (a kubelet stand-in turns the DaemonSet's
+// runc) exactly as manifests/base/daemonset.yaml specifies (a kubelet stand-in turns the DaemonSet's
 // pod spec into CRI calls), next to the ztunnel stand-in in its own pod and app pods whose network
 // containerd sets up through the node's CNI configuration, into which the agent's installer
 // chained the plugin. The Kubernetes API is the in-repo test server over HTTPS, reached the

@@ -1,7 +1,10 @@
 // The Kubernetes manifests: every object valid against the Kubernetes OpenAPI schemas
 // (kubernetes-models), the DaemonSet's flags accepted by the agent, least privilege, and RBAC that
-// grants exactly the calls the agent's Kubernetes source makes.
+// grants exactly the calls the agent's Kubernetes source makes. The platform overlays
+// (manifests/overlays/*), rendered by `kubectl kustomize`: the same checks, and each platform path
+// the agent is given is the node path its hostPath volume mounts.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
@@ -13,7 +16,8 @@ import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { runCli } from './helpers/cli.js';
 import { KubeApiTestServer } from './helpers/kube-api-server.js';
 
-const DIR = fileURLToPath(new URL('../../manifests/', import.meta.url));
+const ROOT = fileURLToPath(new URL('../../manifests/', import.meta.url));
+const DIR = `${ROOT}base/`;
 type K8sObject = { apiVersion: string; kind: string; metadata: { name: string }; [k: string]: unknown };
 
 function load(file: string): K8sObject[] {
@@ -34,7 +38,7 @@ describe('manifests', () => {
   });
 
   it('the Dockerfile copies files the build makes (or the repository has)', () => {
-    const dockerfile = readFileSync(`${DIR}/Dockerfile`, 'utf8');
+    const dockerfile = readFileSync(`${ROOT}Dockerfile`, 'utf8');
     const copied = [...dockerfile.matchAll(/^COPY --from=build \/src\/(\S+) /gm)].map((m) => m[1]!);
     assert.ok(copied.length > 5);
     for (const path of copied) assert.ok(existsSync(fileURLToPath(new URL(`../../${path}`, import.meta.url))), `the image would miss ${path}`);
@@ -117,4 +121,165 @@ describe('manifests', () => {
     assert.equal(binding!.roleRef.name, role!.metadata.name);
     assert.equal(binding!.subjects[0]!.name, 'ambient-bpf');
   });
+});
+
+// ---- Platform overlays ----
+
+type Container = { name: string; args: string[]; securityContext: unknown; volumeMounts: { name: string; mountPath: string; mountPropagation?: string }[] };
+type DaemonSet = K8sObject & { spec: { template: { spec: { containers: Container[]; volumes: { name: string; hostPath?: { path: string; type?: string } }[] } & Record<string, unknown> } } };
+
+/** The platform paths each overlay must give the agent (node paths; the agent sees them under
+ * --host-root). Every overlay is listed: a new one needs its row. */
+const BASE_PATHS = { binDir: '/opt/cni/bin', confDir: '/etc/cni/net.d', confFile: undefined as string | undefined, netnsDirs: ['/var/run/netns'] };
+const PLATFORMS: Record<string, typeof BASE_PATHS> = {
+  gke: { ...BASE_PATHS, binDir: '/home/kubernetes/bin' },
+  k3s: { ...BASE_PATHS, binDir: '/var/lib/rancher/k3s/data/cni', confDir: '/var/lib/rancher/k3s/agent/etc/cni/net.d' },
+  k3d: { ...BASE_PATHS, binDir: '/bin', confDir: '/var/lib/rancher/k3s/agent/etc/cni/net.d' },
+  microk8s: { ...BASE_PATHS, binDir: '/var/snap/microk8s/current/opt/cni/bin', confDir: '/var/snap/microk8s/current/args/cni-network' },
+  minikube: { ...BASE_PATHS, netnsDirs: ['/var/run/netns', '/var/run/docker/netns'] },
+  openshift: { ...BASE_PATHS, binDir: '/var/lib/cni/bin', confDir: '/etc/kubernetes/cni/net.d', confFile: '00-multus.conf' },
+};
+
+/** Is kubectl there? Outside CI a machine without it skips the rendering tests; in CI it fails. */
+function kubectlMissing(): string | undefined {
+  try {
+    execFileSync('kubectl', ['version', '--client'], { stdio: 'ignore' });
+    return undefined;
+  } catch {
+    const why = 'kubectl is not installed (scripts/setup.sh installs Debian’s kubernetes-client)';
+    if (process.env.CI === 'true') throw new Error(`CI=true and ${why}: the overlays must be rendered in CI`);
+    return why;
+  }
+}
+
+/** `kubectl kustomize DIR`, as objects (stderr: newer kustomize's deprecation warnings). */
+function render(dir: string): K8sObject[] {
+  const out = execFileSync('kubectl', ['kustomize', dir], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 16 << 20 });
+  return parseAllDocuments(out).map((d) => d.toJS() as K8sObject);
+}
+
+/** The agent's flags as yargs would see them (repeated ones collected). */
+function flags(args: string[]): Map<string, string[]> {
+  const m = new Map<string, string[]>();
+  for (const a of args.slice(1)) {
+    const [k, ...v] = a.replace(/^--/, '').split('=');
+    m.set(k!, [...(m.get(k!) ?? []), v.join('=')]);
+  }
+  return m;
+}
+
+/** The node paths the DaemonSet gives the agent, each checked against the hostPath volume mounted
+ * where the agent looks: the flag's value (under --host-root) is a mount's path, whose volume is
+ * the node's path named by the flag. */
+function platformPaths(ds: DaemonSet): typeof BASE_PATHS {
+  const pod = ds.spec.template.spec;
+  const [c] = pod.containers;
+  const f = flags(c!.args);
+  const hostRoot = f.get('host-root')?.[0];
+  assert.equal(hostRoot, '/host');
+  const mountedFrom = (agentPath: string, flag: string): string => {
+    const mount = c!.volumeMounts.find((m) => m.mountPath === agentPath);
+    assert.ok(mount, `--${flag}: nothing is mounted at ${agentPath}`);
+    const volume = pod.volumes.find((v) => v.name === mount.name);
+    assert.ok(volume?.hostPath, `--${flag}: ${agentPath} is not a hostPath volume`);
+    return volume.hostPath.path;
+  };
+  const node = (flag: string): string => {
+    const values = f.get(flag) ?? [];
+    assert.equal(values.length, 1, `--${flag} once`);
+    const v = values[0]!;
+    assert.ok(v.startsWith(`${hostRoot}/`), `--${flag}=${v} is not under --host-root`);
+    const nodePath = v.slice(hostRoot.length);
+    assert.equal(mountedFrom(v, flag), nodePath, `--${flag}=${v}: its hostPath is not the node's ${nodePath}`);
+    return nodePath;
+  };
+  const netnsDirs = f.get('netns-dir') ?? [];
+  assert.ok(netnsDirs.length > 0, '--netns-dir is given');
+  for (const d of netnsDirs) {
+    assert.equal(mountedFrom(`${hostRoot}${d}`, 'netns-dir'), d, `--netns-dir=${d}: its hostPath is not the node's ${d}`);
+    // Namespaces bind-mounted after the agent started must show up in it.
+    assert.equal(c!.volumeMounts.find((m) => m.mountPath === `${hostRoot}${d}`)!.mountPropagation, 'HostToContainer', `--netns-dir=${d}`);
+  }
+  return { binDir: node('cni-bin-dir'), confDir: node('cni-conf-dir'), confFile: f.get('cni-conf-file')?.[0], netnsDirs };
+}
+
+/** The DaemonSet less what a platform may change (args, volumes and their mounts). */
+function platformFree(ds: DaemonSet): unknown {
+  const copy = structuredClone(ds);
+  const pod = copy.spec.template.spec as Record<string, unknown> & { containers: Partial<Container>[] };
+  delete pod.volumes;
+  for (const c of pod.containers) {
+    delete c.args;
+    delete c.volumeMounts;
+  }
+  return copy;
+}
+
+describe('platform overlays', () => {
+  const skip = kubectlMissing();
+  const overlays = existsSync(`${ROOT}overlays`) ? readdirSync(`${ROOT}overlays`).sort() : [];
+
+  it('are the platforms this test knows', () => {
+    assert.deepEqual(overlays, Object.keys(PLATFORMS).sort());
+  });
+
+  it('manifests/ renders the base', { skip }, () => {
+    const rendered = render(ROOT);
+    assert.deepEqual(rendered.map((o) => `${o.kind}/${o.metadata.name}`).sort(), objects.map((o) => `${o.kind}/${o.metadata.name}`).sort());
+    const ds = rendered.find((o) => o.kind === 'DaemonSet') as DaemonSet;
+    assert.deepEqual(platformPaths(ds), BASE_PATHS);
+  });
+
+  for (const name of Object.keys(PLATFORMS)) {
+    it(`${name}: valid objects, the agent's flags on the platform's paths, the base otherwise`, { skip }, async () => {
+      const base = render(`${ROOT}base`);
+      const rendered = render(`${ROOT}overlays/${name}`);
+      for (const o of rendered) {
+        const [group, version] = o.apiVersion.includes('/') ? o.apiVersion.split('/') : ['', o.apiVersion];
+        const mod = (await import(`kubernetes-models/${group ? `${group}/` : ''}${version}/${o.kind}`)) as Record<string, new (o: object) => { validate(): void }>;
+        assert.doesNotThrow(() => new mod[o.kind]!(o).validate(), `${o.kind}/${o.metadata.name}`);
+      }
+      // Everything of the base is there, unchanged but for the DaemonSet.
+      const key = (o: K8sObject) => `${o.kind}/${o.metadata.name}`;
+      for (const b of base) {
+        const o = rendered.find((r) => key(r) === key(b));
+        assert.ok(o, `${key(b)} missing`);
+        if (b.kind !== 'DaemonSet') assert.deepEqual(o, b, key(b));
+      }
+      const ds = rendered.find((o) => o.kind === 'DaemonSet') as DaemonSet;
+      const baseDs = base.find((o) => o.kind === 'DaemonSet') as DaemonSet;
+      assert.deepEqual(platformFree(ds), platformFree(baseDs), 'only args, volumes and mounts differ from the base');
+      assert.deepEqual(platformPaths(ds), PLATFORMS[name]);
+      // Every other flag as in the base, in the base's order.
+      const platformFlag = /^--(cni-bin-dir|cni-conf-dir|cni-conf-file|netns-dir)=/;
+      const [c] = ds.spec.template.spec.containers;
+      assert.deepEqual(c!.args.filter((a) => !platformFlag.test(a)), baseDs.spec.template.spec.containers[0]!.args.filter((a) => !platformFlag.test(a)));
+      // The agent's own start-up checks accept them, and its --help names each.
+      const { checkPlatformPaths } = await import('../cni-agent/src/commands/agent.js');
+      const f = flags(c!.args);
+      const one = (k: string) => f.get(k)?.[0] ?? '';
+      assert.doesNotThrow(() =>
+        checkPlatformPaths({ 'host-root': one('host-root'), bpffs: one('bpffs'), 'plugin-socket': one('plugin-socket'), 'cni-policy-file': one('cni-policy-file'), 'cni-bin-dir': one('cni-bin-dir'), 'cni-conf-dir': one('cni-conf-dir'), 'cni-conf-file': f.get('cni-conf-file')?.[0], 'netns-dir': f.get('netns-dir') ?? [] }),
+      );
+      const help = (await runCli(['agent', '--help'])).stdout;
+      for (const k of f.keys()) assert.match(help, new RegExp(`--${k}\\b`), `--${k} is not an agent flag`);
+      // No hostPath volume without its use: the base's, with the platform's paths.
+      const hostPaths = (d: DaemonSet) => d.spec.template.spec.volumes.flatMap((v) => (v.hostPath ? [v.hostPath.path] : []));
+      const expected = hostPaths(baseDs)
+        .filter((p) => p !== BASE_PATHS.binDir && p !== BASE_PATHS.confDir && !BASE_PATHS.netnsDirs.includes(p))
+        .concat(PLATFORMS[name]!.binDir, PLATFORMS[name]!.confDir, ...PLATFORMS[name]!.netnsDirs);
+      assert.deepEqual(hostPaths(ds).sort(), expected.sort());
+      if (name === 'openshift') {
+        // The SCC its pods are admitted under, granted to the agent's service account only.
+        const role = rendered.find((o) => key(o) === 'ClusterRole/ambient-bpf-scc') as unknown as { rules: unknown[] };
+        assert.deepEqual(role.rules, [{ apiGroups: ['security.openshift.io'], resources: ['securitycontextconstraints'], resourceNames: ['privileged'], verbs: ['use'] }]);
+        const binding = rendered.find((o) => key(o) === 'ClusterRoleBinding/ambient-bpf-scc') as unknown as { subjects: unknown[]; roleRef: { name: string } };
+        assert.deepEqual(binding.subjects, [{ kind: 'ServiceAccount', name: 'ambient-bpf', namespace: 'istio-system' }]);
+        assert.equal(binding.roleRef.name, 'ambient-bpf-scc');
+        assert.equal(rendered.length, base.length + 2);
+      } else {
+        assert.equal(rendered.length, base.length);
+      }
+    });
+  }
 });

@@ -67,7 +67,10 @@ export interface AgentOptions {
    * agent's own, as in a hostNetwork pod). */
   nodeNetns?: string | undefined;
   /** Install the CNI plugin (binary + conflist entry) once the agent is up, and keep it there. */
-  installCni?: { binDir: string; confDir: string; binarySource: string } | undefined;
+  installCni?: { binDir: string; confDir: string; binarySource: string; confFile?: string | undefined } | undefined;
+  /** The node's directories of pod network namespaces: where CNI_NETNS may point, and named
+   * namespaces are scanned (default: /var/run/netns). */
+  netnsDirs?: readonly string[] | undefined;
   /** The status API's Unix socket (`ambient-bpf status`). */
   statusSocket?: string | undefined;
   /** How long a CNI ADD for a pod the watch has not brought yet waits for the API's answer about
@@ -156,7 +159,7 @@ export class Agent {
     this.reconciler = new Reconciler({
       datapath: this.datapath,
       zds: this.zds,
-      netns: new NetnsLocator(this.opts.hostRoot),
+      netns: new NetnsLocator(this.opts.hostRoot, undefined, undefined, this.opts.netnsDirs),
       cgroups: new CgroupLocator(this.opts.hostRoot),
       sandboxes: new SandboxRecords(this.opts.pluginSocket),
       log,
@@ -183,6 +186,7 @@ export class Agent {
       log,
       onResult: (command, result) => this.cniRequests.inc({ command, result }),
       hostPath: (p) => (this.opts.hostRoot === '/' ? p : join(this.opts.hostRoot, p)),
+      netnsDirs: this.opts.netnsDirs,
       ...(kube ? { lookup: (namespace: string, name: string) => kube.lookup(namespace, name, lookupMs) } : {}),
     });
     this.servers.push(await serveRelay(this.opts.pluginSocket, (req) => cni.handle(req)));

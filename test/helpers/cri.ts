@@ -27,7 +27,7 @@ import { sleep } from './wait.js';
 
 const run = promisify(execFile);
 const PROTO = fileURLToPath(new URL('../../../test/cri/runtime-v1-subset.proto', import.meta.url));
-export const MANIFESTS = fileURLToPath(new URL('../../../manifests', import.meta.url));
+export const MANIFESTS = fileURLToPath(new URL('../../../manifests/base', import.meta.url));
 
 type Call = (req: unknown, meta: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: unknown) => void) => void;
 

@@ -1,7 +1,7 @@
 // One node with the product as deployed, shared by test/deployed.test.ts and
 // bench/pod-start.bench.ts: the images built by scripts/build-image.sh, a private containerd
 // (cri.ts), the in-repo API server over HTTPS reached the in-cluster way, the node's primary CNI
-// (bridge + host-local, IPv4 and IPv6), the agent run from manifests/daemonset.yaml (its installer
+// (bridge + host-local, IPv4 and IPv6), the agent run from manifests/base/daemonset.yaml (its installer
 // chains the plugin into that configuration), the ztunnel stand-in in its own pod, and the
 // namespaces: an ambient one, a plain one, and istio-system.
 import { execFile, execFileSync } from 'node:child_process';

@@ -52,6 +52,8 @@ export interface CniHandlerDeps {
    * `state()` too); rejects when the API does not answer in time. Absent (the local pod source):
    * such a pod is judged by its namespace. */
   lookup?: (namespace: string, name: string) => Promise<Pod | undefined>;
+  /** The node's directories of pod network namespaces CNI_NETNS may name (--netns-dir). */
+  netnsDirs?: readonly string[] | undefined;
 }
 
 /** K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;... */
@@ -184,7 +186,7 @@ export class CniHandler {
     if (ips.length === 0) throw new CniFailure(CniCode.InvalidConfig, 'prevResult has no IP addresses for the pod');
     let netns: string;
     try {
-      netns = checkNetnsPath(env.CNI_NETNS!, this.deps.hostPath);
+      netns = checkNetnsPath(env.CNI_NETNS!, this.deps.hostPath, this.deps.netnsDirs);
     } catch (err) {
       throw new CniFailure(CniCode.InvalidEnvironment, `CNI_NETNS: ${(err as Error).message}`);
     }

@@ -1,6 +1,7 @@
 // `ambient-bpf agent`: the node agent.
 import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
+import { posix } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { CommandModule } from 'yargs';
 import { pino } from 'pino';
@@ -12,6 +13,7 @@ import { Agent, DEFAULT_NODE_NETNS, DEFAULT_POD_LOOKUP_TIMEOUT_MS, DEFAULT_VERIF
 import { hostPathProblems } from '../ops/host-paths.js';
 import { DEFAULT_STATUS_SOCKET } from '../ops/status-api.js';
 import { DEFAULT_POLICY_FILE } from '../cni/policy-file.js';
+import { DEFAULT_NETNS_DIRECTORIES } from '../cni/netns-path.js';
 import { CliError } from './cli-error.js';
 
 interface AgentArgs {
@@ -35,6 +37,8 @@ interface AgentArgs {
   'install-cni': boolean;
   'cni-bin-dir': string;
   'cni-conf-dir': string;
+  'cni-conf-file': string | undefined;
+  'netns-dir': string[];
   'status-socket': string;
   'verify-interval': number;
   'pod-lookup-timeout': number;
@@ -64,6 +68,58 @@ export function missingCapabilities(status: string): (typeof REQUIRED_CAPABILITI
   if (!m) return [];
   const eff = BigInt(`0x${m[1]}`);
   return REQUIRED_CAPABILITIES.filter((c) => (eff & (1n << BigInt(c.bit))) === 0n);
+}
+
+/** The flags that place the agent on a platform (README, "Platforms"): each must be a plain
+ * absolute path (a relative one would be resolved against the agent's working directory, which
+ * on a node means nothing), --cni-conf-file a plain file name. Throws a CliError naming the flag
+ * and the value. */
+export function checkPlatformPaths(args: Pick<AgentArgs, 'host-root' | 'bpffs' | 'plugin-socket' | 'cni-policy-file' | 'cni-bin-dir' | 'cni-conf-dir' | 'cni-conf-file' | 'netns-dir'>): void {
+  const absolute: [string, string][] = [
+    ['host-root', args['host-root']],
+    ['bpffs', args.bpffs],
+    ['plugin-socket', args['plugin-socket']],
+    ['cni-policy-file', args['cni-policy-file']],
+    ['cni-bin-dir', args['cni-bin-dir']],
+    ['cni-conf-dir', args['cni-conf-dir']],
+    ...args['netns-dir'].map((d): [string, string] => ['netns-dir', d]),
+  ];
+  checkPathFlags(absolute, ['netns-dir']);
+  if (args['netns-dir'].length === 0) throw new CliError('--netns-dir: name at least one directory', 2);
+  for (const d of args['netns-dir']) {
+    if (d === '/' || d === '/proc' || d.startsWith('/proc/')) throw new CliError(`--netns-dir ${JSON.stringify(d)}: not a directory of network namespaces (CNI_NETNS under it would be accepted)`, 2);
+  }
+  const file = args['cni-conf-file'];
+  if (Array.isArray(file)) throw new CliError(`--cni-conf-file is given ${file.length} times (${(file as string[]).map((v) => JSON.stringify(v)).join(', ')}): name one`, 2);
+  if (file !== undefined && (file === '' || file.includes('/') || file.startsWith('.') || !/\.(conflist|conf|json)$/.test(file))) {
+    throw new CliError(`--cni-conf-file ${JSON.stringify(file)}: must be a file name in --cni-conf-dir ending in .conflist, .conf or .json (runtimes read no other)`, 2);
+  }
+}
+
+/** Each [flag, value] must be a plain absolute path, given once (unless the flag is `repeatable`);
+ * throws a CliError naming the flag and the value. */
+export function checkPathFlags(flags: [string, string | string[]][], repeatable: string[] = []): void {
+  for (const [flag, value] of flags) {
+    // yargs makes a flag given twice an array: which one was meant is not for the agent to guess.
+    if (Array.isArray(value)) {
+      if (repeatable.includes(flag)) {
+        checkPathFlags(value.map((v) => [flag, v]));
+        continue;
+      }
+      throw new CliError(`--${flag} is given ${value.length} times (${value.map((v) => JSON.stringify(v)).join(', ')}): name one`, 2);
+    }
+    const why = pathProblem(value);
+    if (why) throw new CliError(`--${flag} ${JSON.stringify(value)}: ${why}`, 2);
+  }
+}
+
+/** Why `value` is not a plain absolute path, or undefined. */
+function pathProblem(value: string): string | undefined {
+  if (value === '') return 'is empty: name an absolute path';
+  if (!value.startsWith('/')) return 'is a relative path: name an absolute path';
+  if (value.includes('\0')) return 'holds a NUL byte';
+  if (value !== '/' && (posix.normalize(value) !== value || value.endsWith('/'))) return `is not a plain path (say ${JSON.stringify(posix.normalize(value).replace(/(.)\/$/, '$1'))})`;
+  return undefined;
 }
 
 export const agentCommand: CommandModule<object, AgentArgs> = {
@@ -99,6 +155,13 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('install-cni', { type: 'boolean', default: false, describe: 'install the CNI plugin into the node’s CNI config once ready, and keep it there' })
       .option('cni-bin-dir', { type: 'string', default: DEFAULT_CNI_BIN_DIR, describe: 'where runtimes look for CNI plugin binaries' })
       .option('cni-conf-dir', { type: 'string', default: DEFAULT_CNI_CONF_DIR, describe: 'the node’s CNI configuration directory' })
+      .option('cni-conf-file', { type: 'string', describe: 'the file in --cni-conf-dir to chain into [default: the one runtimes load, the first *.conf, *.conflist or *.json in lexical order]' })
+      .option('netns-dir', {
+        type: 'string',
+        array: true,
+        default: DEFAULT_NETNS_DIRECTORIES,
+        describe: 'a node directory where the runtime bind-mounts pod network namespaces: CNI_NETNS must be there (or /proc/PID/ns/net), seen under --host-root; /var/run and /run are one (repeatable)',
+      })
       .option('status-socket', { type: 'string', default: DEFAULT_STATUS_SOCKET, describe: 'Unix socket of the status API (ambient-bpf status)' })
       .option('verify-interval', { type: 'number', default: DEFAULT_VERIFY_INTERVAL_MS / 1000, describe: 'seconds between drift checks of every redirected pod (0: off)' })
       .option('pod-lookup-timeout', { type: 'number', default: DEFAULT_POD_LOOKUP_TIMEOUT_MS / 1000, describe: 'seconds a CNI ADD waits for the API’s answer about a pod the watch has not brought yet (then it fails closed if the pod may be ambient)' })
@@ -107,6 +170,8 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
       .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected, a restarted agent adopts them; unless --daemonset names a DaemonSet that is gone or being deleted: then the CNI entry, the plugin, its policy file, and (without --keep-pod-redirection) the pods’ redirection and annotations are removed.'),
   handler: async (args) => {
+    // Platform paths first: a malformed one stops the agent before it touches anything.
+    checkPlatformPaths(args);
     if (!Number.isFinite(args['verify-interval']) || args['verify-interval'] < 0) throw new CliError('--verify-interval must be 0 (off) or more seconds', 2);
     if (!Number.isFinite(args['pod-lookup-timeout']) || args['pod-lookup-timeout'] <= 0) throw new CliError('--pod-lookup-timeout must be more than 0 seconds', 2);
     if (args.kubeconfig !== undefined && args['local-pods'] !== undefined) throw new CliError('name one pod source: --local-pods or --kubeconfig', 2);
@@ -132,7 +197,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
     if (missing.length) {
       throw new CliError(`missing capabilit${missing.length > 1 ? 'ies' : 'y'} ${missing.map((c) => `${c.name} (${c.why})`).join(', ')}: grant ${missing.map((c) => c.name.slice(4)).join(', ')} in the container's securityContext.capabilities.add`, 1);
     }
-    const problems = hostPathProblems({ hostRoot: args['host-root'], bpffs: args.bpffs, ztunnelSocket: args['ztunnel-socket'], pluginSocket: args['plugin-socket'], policyFile: args['cni-policy-file'], cni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'] } : undefined });
+    const problems = hostPathProblems({ hostRoot: args['host-root'], bpffs: args.bpffs, ztunnelSocket: args['ztunnel-socket'], pluginSocket: args['plugin-socket'], policyFile: args['cni-policy-file'], netnsDirs: args['netns-dir'], cni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'] } : undefined });
     if (problems.length) throw new CliError(`the node's paths are not all there:\n  ${problems.join('\n  ')}`, 1);
     const log = pino({ level: args['log-level'], base: { component: 'agent', node: args['node-name'] } }, pino.destination({ dest: 2, sync: true }));
     const agent = new Agent({
@@ -150,7 +215,8 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       capture: { strict: args['strict-mode'], dnsCapture: args['dns-capture'] },
       strictAllow,
       nodeNetns: args['node-netns'],
-      installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], binarySource: PLUGIN_BINARY_PATH } : undefined,
+      installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], confFile: args['cni-conf-file'], binarySource: PLUGIN_BINARY_PATH } : undefined,
+      netnsDirs: args['netns-dir'],
       statusSocket: args['status-socket'],
       verifyIntervalMs: Math.round(args['verify-interval'] * 1000),
       podLookupTimeoutMs: Math.round(args['pod-lookup-timeout'] * 1000),

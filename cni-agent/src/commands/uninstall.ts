@@ -10,7 +10,7 @@ import { DEFAULT_POLICY_FILE } from '../cni/policy-file.js';
 import { removeFromNode } from '../installer/removal.js';
 import { KubeClient, loadKubeConnection } from '../pods/kube-client.js';
 import { CliError } from './cli-error.js';
-import { DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR } from './agent.js';
+import { checkPathFlags, DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR } from './agent.js';
 
 interface UninstallArgs {
   'cni-bin-dir': string;
@@ -35,6 +35,13 @@ export const uninstallCommand: CommandModule<object, UninstallArgs> = {
       .option('kubeconfig', { type: 'string', describe: 'the Kubernetes API, to remove the pods’ ambient.istio.io/redirection annotations [default: in-cluster when there]' })
       .option('node-name', { type: 'string', default: process.env.NODE_NAME ?? hostname(), describe: 'this node (whose pods lose the annotation) [default: $NODE_NAME or the hostname]' }),
   handler: async (args) => {
+    // A relative or malformed path would remove things relative to the working directory.
+    checkPathFlags([
+      ['cni-bin-dir', args['cni-bin-dir']],
+      ['cni-conf-dir', args['cni-conf-dir']],
+      ['cni-policy-file', args['cni-policy-file']],
+      ['bpffs', args.bpffs],
+    ]);
     let client: KubeClient | undefined;
     const hasApi = args.kubeconfig !== undefined || !!process.env.KUBERNETES_SERVICE_HOST;
     const connect = async () => (client = new KubeClient(await loadKubeConnection(args.kubeconfig)));

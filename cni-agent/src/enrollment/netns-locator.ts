@@ -2,6 +2,7 @@
 // one scan of all namespaces serves every pod reconciled around the same time (concurrent callers
 // share it; an answer from an older scan is looked up again on a fresh one).
 import { netnsAddresses } from '../../../bpf/src/node-netns.js';
+import { DEFAULT_NETNS_DIRECTORIES } from '../cni/netns-path.js';
 import { scanNetns, type NetnsScan } from '../pods/netns-discovery.js';
 import { resolvePodNetns } from '../pods/pod-identity.js';
 
@@ -20,6 +21,8 @@ export class NetnsLocator {
     private readonly freshMs = 100,
     /** A hit on a scan younger than this is trusted once its netns still holds the IPs. */
     private readonly hitMs = 1000,
+    /** The node's directories of named pod network namespaces (--netns-dir). */
+    private readonly netnsDirs: readonly string[] = DEFAULT_NETNS_DIRECTORIES,
   ) {}
 
   /** The path of the pod's netns; undefined when none holds its IPs yet; throws NetnsRefused when
@@ -45,7 +48,7 @@ export class NetnsLocator {
   }
 
   private scan(): Promise<NetnsScan> {
-    this.inflight ??= scanNetns(this.hostRoot)
+    this.inflight ??= scanNetns(this.hostRoot, this.netnsDirs)
       .then((scan) => {
         this.last = { at: Date.now(), scan };
         return scan;

@@ -15,6 +15,9 @@ const CONFLICT_WINDOW_MS = 60_000;
 export interface InstallerOptions {
   binDir: string;
   confDir: string;
+  /** The conflist to chain into (a file name in confDir); default: the one runtimes load, the
+   * first in lexical order. A .conf named here that was wrapped is its .conflist. */
+  confFile?: string | undefined;
   /** The built plugin binary to copy. */
   binarySource: string;
   agentSocket: string;
@@ -112,7 +115,12 @@ export class CniInstaller {
   }
 
   private primary(): string | undefined {
-    return primaryConfigFile(readdirSync(this.opts.confDir));
+    const files = readdirSync(this.opts.confDir);
+    const named = this.opts.confFile;
+    if (named === undefined) return primaryConfigFile(files);
+    if (files.includes(named)) return named;
+    const wrapped = named.replace(/\.(conf|json)$/, '.conflist');
+    return files.includes(wrapped) ? wrapped : undefined;
   }
 
   private installBinary(): void {
@@ -128,7 +136,7 @@ export class CniInstaller {
    * already. */
   private ensureEntry(why: 'install' | 'repair'): boolean {
     const file = this.primary();
-    if (!file) throw new Error(`no CNI configuration in ${this.opts.confDir} to chain into (is the primary CNI installed?)`);
+    if (!file) throw new Error(this.opts.confFile === undefined ? `no CNI configuration in ${this.opts.confDir} to chain into (is the primary CNI installed?)` : `no ${this.opts.confFile} in ${this.opts.confDir} to chain into (--cni-conf-file; is the primary CNI installed?)`);
     const path = join(this.opts.confDir, file);
     const { text, changed, wrapped } = withEntry(readFileSync(path, 'utf8'), file, this.entry);
     if (!changed) return false;

@@ -4,6 +4,7 @@
 import { accessSync, constants, existsSync, mkdirSync, readFileSync, statfsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { cgroup2Mount, cgroupPathOfPid } from '../../../bpf/src/index.js';
+import { DEFAULT_NETNS_DIRECTORIES } from '../cni/netns-path.js';
 
 /** statfs(2)'s f_type of a bpffs. */
 const BPF_FS_MAGIC = 0xcafe4a11;
@@ -18,6 +19,8 @@ export interface HostPathOptions {
   policyFile: string;
   /** With --install-cni: the node's CNI binary and configuration directories. */
   cni?: { binDir: string; confDir: string } | undefined;
+  /** The node's directories of pod network namespaces (--netns-dir), under hostRoot. */
+  netnsDirs?: readonly string[];
   /** The agent's own mountinfo (tests). */
   mountinfo?: string;
 }
@@ -28,8 +31,10 @@ export function hostPathProblems(o: HostPathOptions): string[] {
   const fromHost = (path: string, nodePath: string, what: string) => `${path}: ${what}; it must be the node's ${nodePath} (hostPath ${nodePath})`;
   const proc = join(o.hostRoot, 'proc');
   if (!existsSync(join(proc, '1', 'ns'))) problems.push(fromHost(proc, '/proc', "missing: the node's processes (running pods' network namespaces, ztunnel's cgroup) are read there"));
-  const netns = join(o.hostRoot, 'var/run/netns');
-  if (!existsSync(netns)) problems.push(fromHost(netns, '/var/run/netns', 'missing: the runtime names pod network namespaces there (CNI_NETNS)'));
+  for (const dir of o.netnsDirs ?? DEFAULT_NETNS_DIRECTORIES) {
+    const netns = join(o.hostRoot, dir);
+    if (!existsSync(netns)) problems.push(fromHost(netns, dir, 'missing: the runtime names pod network namespaces there (CNI_NETNS; --netns-dir)'));
+  }
   let bpffsDir = o.bpffs;
   while (!existsSync(bpffsDir) && dirname(bpffsDir) !== bpffsDir) bpffsDir = dirname(bpffsDir);
   if (statfsSync(bpffsDir).type !== BPF_FS_MAGIC) problems.push(fromHost(bpffsDir, '/sys/fs/bpf', `not a bpffs: the pinned maps and links (redirection that outlives the agent) go under ${o.bpffs}`));

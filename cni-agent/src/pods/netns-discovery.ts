@@ -6,6 +6,7 @@ import { readdir, readFile, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { netnsAddressesAndOwner } from '../../../bpf/src/node-netns.js';
 import { podUidOfProcCgroup } from './pod-cgroup.js';
+import { DEFAULT_NETNS_DIRECTORIES } from '../cni/netns-path.js';
 
 export interface NetnsCandidate {
   /** A path that opens this netns: a named mount when there is one, else the oldest process's. */
@@ -41,8 +42,9 @@ async function inodeOf(path: string): Promise<{ ino: number; dev: number } | und
 /** Every netns other than the host's (the agent's own, as it runs with the host network, and
  * that of PID 1 under the host root when readable), with its global addresses and the pod cgroups
  * of its processes. */
-export async function scanNetns(hostRoot = '/'): Promise<NetnsScan> {
-  const named = (await readdir(join(hostRoot, 'var/run/netns')).catch(() => [] as string[])).sort().map((n) => join(hostRoot, 'var/run/netns', n));
+export async function scanNetns(hostRoot = '/', netnsDirs: readonly string[] = DEFAULT_NETNS_DIRECTORIES): Promise<NetnsScan> {
+  const named: string[] = [];
+  for (const dir of netnsDirs) named.push(...(await readdir(join(hostRoot, dir)).catch(() => [] as string[])).sort().map((n) => join(hostRoot, dir, n)));
   const pids = (await readdir(join(hostRoot, 'proc')).catch(() => [] as string[]))
     .filter((p) => /^\d+$/.test(p))
     .map(Number)
