@@ -3,9 +3,10 @@
 // selector overrides, the CNI policy file they produce, and the agent's flags refusing bad input
 // at start-up (the real CLI: exit code and a message naming the flag and the value).
 import assert from 'node:assert/strict';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { renderCniPolicy } from '../cni-agent/src/cni/policy-file.js';
 import { DEFAULT_ENABLEMENT_SELECTORS, EnablementSelectors, labelSelectorMatches, parseEnablementSelectors, type LabelSelector } from '../cni-agent/src/pods/enablement.js';
@@ -95,6 +96,13 @@ describe('enablement selectors', () => {
         assert.equal(d.match(mode(podMode), mode(nsMode)) >= 0, expected, `pod ${podMode}, namespace ${nsMode}`);
       }
     }
+  });
+
+  it('the DaemonSet’s commented example is the default', () => {
+    const daemonSet = readFileSync(fileURLToPath(new URL('../../manifests/daemonset.yaml', import.meta.url)), 'utf8');
+    const example = /^\s*# - '--enablement-selectors=(.*)'$/m.exec(daemonSet);
+    assert.ok(example, 'no commented --enablement-selectors in the DaemonSet');
+    assert.equal(parseEnablementSelectors(example[1]!).isDefault, true);
   });
 
   const bad: [string, RegExp][] = [
