@@ -92,7 +92,12 @@ export function enablementSelectorText(e: EnablementSelector): string {
 }
 
 export class EnablementSelectors {
-  constructor(readonly selectors: readonly EnablementSelector[]) {}
+  /** Whether these are the default selectors (the reasons then say it as before). */
+  readonly isDefault: boolean;
+
+  constructor(readonly selectors: readonly EnablementSelector[]) {
+    this.isDefault = JSON.stringify(selectors) === JSON.stringify(DEFAULT_ENABLEMENT_SELECTORS);
+  }
 
   /** The index of the first entry selecting a pod with these labels in a namespace with those, or
    * -1. (Host network and sidecars are selection.ts's business.) */
@@ -109,11 +114,6 @@ export class EnablementSelectors {
    * pod it never saw: it may only be ambient, or it is ambient unless it opts out.) */
   selectsUnlabelledPods(namespaceLabels: Labels): boolean {
     return this.match({}, namespaceLabels) >= 0;
-  }
-
-  /** Whether these are the default selectors (the reasons then say it as before). */
-  get isDefault(): boolean {
-    return JSON.stringify(this.selectors) === JSON.stringify(DEFAULT_ENABLEMENT_SELECTORS);
   }
 }
 
