@@ -98,11 +98,15 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     const ghost = { apiVersion: 'v1', kind: 'Pod', metadata: { name: 'ghost', namespace: 'shop', uid: `uid-ghost-${topo.id}`, labels: { mesh: 'on' } }, spec: { nodeName: 'node-a' }, status: { phase: 'Running', podIP: '198.18.232.2' } };
     api.upsert('pods', cart);
     api.upsert('pods', ghost);
+    // Selected by its labels and its namespace's, but the namespace is excluded.
+    api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'legacy', labels: { team: 'payments' } } });
+    api.upsert('pods', { apiVersion: 'v1', kind: 'Pod', metadata: { name: 'old', namespace: 'legacy', uid: `uid-old-${topo.id}`, labels: { mesh: 'on' } }, spec: { nodeName: 'node-a' }, status: { phase: 'Running', podIP: '198.18.233.2' } });
+    const warnings: string[] = [];
     assert.equal(selectPod({ metadata: cart.metadata }, { metadata: { name: 'shop', labels: { team: 'payments' } } }).ambient, false, 'the default selectors leave it out');
     const agent = new Agent({
       nodeName: 'node-a',
       source: { kubeconfig: api.connection() },
-      selection: { enablementSelectors: parseEnablementSelectors('[{podSelector: {matchExpressions: [{key: mesh, operator: In, values: ["on"]}]}, namespaceSelector: {matchLabels: {team: payments}}}]') },
+      selection: { excludedNamespaces: ['legacy'], enablementSelectors: parseEnablementSelectors('[{podSelector: {matchExpressions: [{key: mesh, operator: In, values: ["on"]}]}, namespaceSelector: {matchLabels: {team: payments}}}]') },
       ztunnelSocket: join(dir, 'z.sock'),
       pluginSocket: join(dir, 'cni.sock'),
       cniPolicyFile: join(dir, 'cni-policy'),
@@ -110,7 +114,7 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
       hostRoot: '/',
       attachMode: 'auto',
       eventIntervalMs: 200,
-      log: silentLogger,
+      log: { ...silentLogger, warn: (o: object, msg: string) => void warnings.push(`${msg} ${JSON.stringify(o)}`) },
     });
     const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
     t.after(async () => {
@@ -143,6 +147,14 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     assert.match(failures[0]!.message, /no network namespace holds the pod IPs 198\.18\.232\.2/);
     assert.ok(api.eventCalls.some((c) => c.method === 'PATCH' && c.name === [...api.events.keys()].find((k) => (api.events.get(k)!.involvedObject as { name: string }).name === 'ghost')!.split('/')[1]));
     assert.equal(agent.status().find((s) => s.name === 'ghost')!.state, 'failed');
+    // The excluded namespace: a warning, the pod's reason, an Event on the pod; never enrolled.
+    assert.ok(warnings.some((w) => /namespace is labelled for ambient but excluded.*"namespace":"legacy"/.test(w)), warnings.join('\n'));
+    const old = agent.status().find((s) => s.name === 'old')!;
+    assert.equal(old.state, 'not ambient');
+    assert.match(old.reason, /namespace legacy is excluded \(--exclude-namespaces\), although/);
+    await until(() => api.eventsFor('legacy', 'old').length === 1, 'an Event on the excluded pod');
+    assert.equal(api.eventsFor('legacy', 'old')[0]!.reason, 'AmbientNamespaceExcluded');
+    assert.ok(!standIn.stats().some((p) => p.name === 'old'));
     // The pod that is fine has no failure Event.
     assert.deepEqual(api.eventsFor('shop', 'cart').map((e) => e.reason), ['AmbientAnnotationInvalid']);
   });
