@@ -67,6 +67,8 @@ export function selectPod(pod: PodLike, namespace: NamespaceLike | undefined, po
   const matched = selectors.match(labels, namespace?.metadata?.labels);
   const entry = selectors.selectors[matched];
   if (entry) {
+    // The default selectors say it as before: which label decided.
+    if (selectors.isDefault) return { ambient: true, reason: matched === 0 ? 'pod label' : 'namespace label' };
     const podPart = selectorText(entry.podSelector);
     const nsPart = selectorText(entry.namespaceSelector);
     if (isEmptySelector(entry.namespaceSelector)) return { ambient: true, reason: isEmptySelector(entry.podSelector) ? 'every pod is selected' : `pod label ${podPart}` };
