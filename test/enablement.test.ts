@@ -150,6 +150,7 @@ describe('selection with custom selectors', () => {
     assert.equal(s.ambient, false);
     assert.match(s.reason, /namespace legacy is excluded \(--exclude-namespaces\), although its labels or the pod's select it/);
     assert.match(selectPod(pod('legacy'), ns('legacy'), custom).reason, /^namespace legacy is excluded$/);
+    assert.match(selectPod(pod('legacy', {}, { hostNetwork: true }), ns('legacy', { 'istio.io/dataplane-mode': 'ambient' }), custom).reason, /^namespace legacy is excluded$/, 'a host-network pod would not be enrolled anyway');
     assert.equal(selectPod(pod('kube-system'), ns('kube-system', { 'istio.io/dataplane-mode': 'ambient' }), custom).ambient, true, 'kube-system is only excluded by default');
   });
 

@@ -41,10 +41,12 @@ export const DEFAULT_POLICY: SelectionPolicy = {
 export type Selection = { ambient: boolean; reason: string };
 
 /** Would the selectors enrol this pod, were its namespace not excluded? (A labelled namespace, or
- * a labelled pod, in an excluded namespace is worth a warning.) */
+ * a labelled pod, in an excluded namespace is worth a warning; a host-network or sidecar pod,
+ * never enrolled anyway, is not.) */
 export function excludedButSelected(pod: PodLike, namespace: NamespaceLike | undefined, policy: SelectionPolicy): boolean {
   const ns = pod.metadata?.namespace ?? 'default';
-  return policy.excludedNamespaces.includes(ns) && policy.enablementSelectors.match(pod.metadata?.labels, namespace?.metadata?.labels) >= 0;
+  if (!policy.excludedNamespaces.includes(ns) || pod.spec?.hostNetwork || pod.metadata?.annotations?.[SIDECAR_STATUS_ANNOTATION] !== undefined) return false;
+  return policy.enablementSelectors.match(pod.metadata?.labels, namespace?.metadata?.labels) >= 0;
 }
 
 export function selectPod(pod: PodLike, namespace: NamespaceLike | undefined, policy: SelectionPolicy = DEFAULT_POLICY): Selection {
