@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { parseAllDocuments } from 'yaml';
 import { daemonSetRemoved, removeRedirectionAnnotations } from '../cni-agent/src/installer/removal.js';
+import { EventRecorder } from '../cni-agent/src/pods/events.js';
 import { KubeClient } from '../cni-agent/src/pods/kube-client.js';
 import { KubePodSource } from '../cni-agent/src/pods/kube-source.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
@@ -96,6 +97,18 @@ describe('manifests', () => {
     const state = await source.start();
     await source.setRedirection(state.pods.get('u')!, 'enabled');
     await source.setRedirection(state.pods.get('u')!, undefined);
+    // Events on the pod: created, and a repeat patches the count.
+    const eventClient = new KubeClient(api.connection());
+    const events = new EventRecorder({ client: eventClient, nodeName: 'n', log: silentLogger, minIntervalMs: 0 });
+    t.after(() => {
+      events.stop();
+      eventClient.close();
+    });
+    events.podEvent(state.pods.get('u')!, 'Warning', 'AmbientEnrollmentFailed', 'boom');
+    await events.idle();
+    events.podEvent(state.pods.get('u')!, 'Warning', 'AmbientEnrollmentFailed', 'boom');
+    await events.idle();
+    assert.deepEqual(api.eventCalls.map((c) => c.method), ['POST', 'PATCH']);
     // A CNI ADD before the pod's watch event: the pod and its namespace are read from the API.
     await source.lookup('shop', 'p', 5000);
     // On SIGTERM: is the DaemonSet being deleted? Then the annotations go (ambient-bpf uninstall too).
@@ -108,6 +121,7 @@ describe('manifests', () => {
       const status = /^\/api\/v1\/namespaces\/[^/]+\/pods\/[^/]+\/status$/.test(r.path);
       const daemonSet = /^\/apis\/apps\/v1\/namespaces\/[^/]+\/daemonsets\/([^/]+)$/.exec(r.path);
       if (daemonSet) return `daemonsets/${daemonSet[1]} get`;
+      if (/^\/api\/v1\/namespaces\/[^/]+\/events(\/[^/]+)?$/.test(r.path)) return `events ${r.method === 'POST' ? 'create' : r.method === 'PATCH' ? 'patch' : r.method}`;
       const one = /^\/api\/v1\/namespaces\/[^/]+(\/pods\/[^/]+)?$/.exec(r.path);
       if (one && r.method === 'GET') return `${one[1] ? 'pods' : 'namespaces'} get`;
       const resource = status ? 'pods/status' : r.path.split('/').at(-1)!;

@@ -12,11 +12,12 @@ import { NetnsLocator } from './enrollment/netns-locator.js';
 import { SandboxRecords } from './enrollment/sandbox-records.js';
 import { DEFAULT_CAPTURE, Reconciler, type Annotator, type PodStatus } from './enrollment/reconciler.js';
 import type { CaptureDefaults } from './pods/capture-options.js';
+import type { PodEventSink } from './pods/events.js';
 import { KubeClient, loadKubeConnection, type KubeConnection } from './pods/kube-client.js';
 import { KubePodSource } from './pods/kube-source.js';
 import { LocalPodSource } from './pods/local-source.js';
 import type { ClusterState, SourceChange } from './pods/pod.js';
-import { DEFAULT_POLICY } from './pods/selection.js';
+import { DEFAULT_POLICY, type SelectionPolicy } from './pods/selection.js';
 import { CniHandler } from './cni/handler.js';
 import { writeCniPolicy } from './cni/policy-file.js';
 import { serveRelay } from './cni/relay.js';
@@ -49,6 +50,11 @@ export interface AgentOptions {
    * takes ambient-bpf off the node (removeFromNode; running pods stay redirected and annotated with
    * keepPodRedirection); otherwise (an upgrade, a restart) everything stays. */
   daemonSet?: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
+  /** Which pods are ambient: enablement selectors, excluded namespaces, the system namespace
+   * (where ztunnel and the agent run); unset parts are upstream's defaults (DEFAULT_POLICY). */
+  selection?: Partial<Pick<SelectionPolicy, 'enablementSelectors' | 'excludedNamespaces' | 'systemNamespace'>> | undefined;
+  /** Repeats of a pod's Kubernetes Event are patched at most this often (default 60 s). */
+  eventIntervalMs?: number | undefined;
   bpffs: string;
   hostRoot: string;
   /** auto: tcx where the kernel has tcx links (probed), else tc. */
@@ -107,8 +113,14 @@ export class Agent {
 
   private kernel: KernelProbe | undefined;
   private modes: DatapathModes | undefined;
+  private readonly policy: SelectionPolicy;
 
-  constructor(private readonly opts: AgentOptions) {}
+  constructor(private readonly opts: AgentOptions) {
+    const s = opts.selection ?? {};
+    const systemNamespace = s.systemNamespace ?? DEFAULT_POLICY.systemNamespace;
+    // The agent runs where Istio's system components do (as istio-cni does).
+    this.policy = { ...DEFAULT_POLICY, ...s, systemNamespace, agentNamespace: systemNamespace };
+  }
 
   /** The kernel's features (probed at start) and the modes chosen from them. */
   get datapathModes(): { kernel: KernelProbe; modes: DatapathModes } | undefined {
@@ -141,7 +153,7 @@ export class Agent {
       this.writePolicy(state);
       this.reconciler?.applyChanges(changes, state);
     };
-    let annotator: Annotator | undefined;
+    let annotator: (Annotator & PodEventSink) | undefined;
     if ('localPods' in this.opts.source) {
       const file = this.opts.source.localPods;
       this.source = new LocalPodSource({
@@ -151,7 +163,7 @@ export class Agent {
         onError: (err) => log.error({ file, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
       });
     } else {
-      const kube = new KubePodSource({ kubeconfig: this.opts.source.kubeconfig, nodeName: this.opts.nodeName, onChange, log });
+      const kube = new KubePodSource({ kubeconfig: this.opts.source.kubeconfig, nodeName: this.opts.nodeName, onChange, log, ...(this.opts.eventIntervalMs !== undefined ? { eventIntervalMs: this.opts.eventIntervalMs } : {}) });
       this.source = kube;
       this.kube = kube;
       annotator = kube;
@@ -166,7 +178,8 @@ export class Agent {
       attachMode: modes.attachMode,
       capture: this.opts.capture ?? DEFAULT_CAPTURE,
       nodeNetns: this.opts.nodeNetns ?? DEFAULT_NODE_NETNS,
-      ...(annotator ? { annotator } : {}),
+      policy: this.policy,
+      ...(annotator ? { annotator, events: annotator } : {}),
     });
     this.reconciler.onEnrolled = (seconds) => this.enrollSeconds.observe(seconds);
     const state = await this.source.start();
@@ -182,7 +195,7 @@ export class Agent {
     const cni = new CniHandler({
       reconciler: this.reconciler,
       state: () => source.current,
-      policy: DEFAULT_POLICY,
+      policy: this.policy,
       log,
       onResult: (command, result) => this.cniRequests.inc({ command, result }),
       hostPath: (p) => (this.opts.hostRoot === '/' ? p : join(this.opts.hostRoot, p)),
@@ -402,7 +415,7 @@ export class Agent {
   /** What the CNI plugin decides from while the agent is unreachable. */
   private writePolicy(state: ClusterState): void {
     try {
-      writeCniPolicy(this.opts.cniPolicyFile, state, DEFAULT_POLICY);
+      writeCniPolicy(this.opts.cniPolicyFile, state, this.policy);
     } catch (err) {
       this.opts.log.error({ error: (err as Error).message }, 'cannot write the CNI policy file');
     }

@@ -4,9 +4,10 @@
 // and answer 410 Gone (an ERROR event) for a resourceVersion older than the last compaction; the
 // spec.nodeName field selector filters pods; pods/status takes JSON merge patches; apps/v1
 // DaemonSets can be read one at a time (daemonSets); a single pod or namespace can be read by
-// name (GET .../namespaces/NS/pods/NAME, .../namespaces/NAME). Test hooks change objects, break
-// watch streams, compact history, hold a kind's watch events back (a watch that lags) and leave
-// single-object reads unanswered (an API server that hangs).
+// name (GET .../namespaces/NS/pods/NAME, .../namespaces/NAME); core v1 Events can be created
+// (POST) and merge-patched, and are kept by namespace/name (events) with every call (eventCalls).
+// Test hooks change objects, break watch streams, compact history, hold a kind's watch events
+// back (a watch that lags) and leave single-object reads unanswered (an API server that hangs).
 import http from 'node:http';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
@@ -42,6 +43,10 @@ export class KubeApiTestServer {
   /** apps/v1 DaemonSets by namespace/name: only GET is served (the agent asks for its own). */
   readonly daemonSets = new Map<string, Obj>();
   readonly patches: RecordedPatch[] = [];
+  /** core v1 Events, by namespace/name, as created and patched. */
+  readonly events = new Map<string, Record<string, unknown>>();
+  /** Every call on events: POST (create) or PATCH, with its body. */
+  readonly eventCalls: { method: 'POST' | 'PATCH'; namespace: string; name: string; body: Record<string, unknown> }[] = [];
   /** Every request, as RBAC sees it: method, path, and whether it was a watch. */
   readonly requests: { method: string; path: string; watch: boolean }[] = [];
   /** Watch requests served (a restarted watch shows up here). */
@@ -166,6 +171,8 @@ export class KubeApiTestServer {
       const ds = this.daemonSets.get(`${decodeURIComponent(daemonSet[1]!)}/${decodeURIComponent(daemonSet[2]!)}`);
       return ds ? reply(res, 200, ds) : reply(res, 404, statusObj(404, 'NotFound', `daemonsets.apps "${decodeURIComponent(daemonSet[2]!)}" not found`));
     }
+    const events = /^\/api\/v1\/namespaces\/([^/]+)\/events(?:\/([^/]+))?$/.exec(url.pathname);
+    if (events && ((req.method === 'POST' && !events[2]) || (req.method === 'PATCH' && events[2]))) return this.event(req, res, decodeURIComponent(events[1]!), events[2] === undefined ? undefined : decodeURIComponent(events[2]));
     const status = /^\/api\/v1\/namespaces\/([^/]+)\/pods\/([^/]+)\/status$/.exec(url.pathname);
     if (req.method === 'PATCH' && status) return this.patchStatus(req, res, decodeURIComponent(status[1]!), decodeURIComponent(status[2]!));
     const one = req.method === 'GET' ? /^\/api\/v1\/namespaces\/([^/]+)(?:\/pods\/([^/]+))?$/.exec(url.pathname) : null;
@@ -197,6 +204,49 @@ export class KubeApiTestServer {
     for (const e of this.history) if (e.kind === kind && e.rv > Number(from ?? 0)) this.send(w, e);
     this.watchers.add(w);
     res.on('close', () => this.watchers.delete(w));
+  }
+
+  /** POST creates an Event (409 if the name is taken), PATCH merge-patches one (404 if gone). */
+  private event(req: http.IncomingMessage, res: http.ServerResponse, namespace: string, name: string | undefined): void {
+    let raw = '';
+    req.on('data', (d: Buffer) => (raw += d.toString()));
+    req.on('end', () => {
+      let body: Record<string, unknown>;
+      try {
+        body = JSON.parse(raw) as Record<string, unknown>;
+      } catch {
+        return reply(res, 400, statusObj(400, 'BadRequest', 'the body is not JSON'));
+      }
+      if (name === undefined) {
+        const meta = body.metadata as { name?: string; namespace?: string } | undefined;
+        if (body.kind !== 'Event' || body.apiVersion !== 'v1' || !meta?.name) return reply(res, 400, statusObj(400, 'BadRequest', 'not a v1 Event with a name'));
+        if ((meta.namespace ?? namespace) !== namespace) return reply(res, 400, statusObj(400, 'BadRequest', 'the namespace of the Event does not match the path'));
+        const involved = body.involvedObject as { namespace?: string } | undefined;
+        if (involved?.namespace !== namespace) return reply(res, 422, statusObj(422, 'Invalid', 'involvedObject.namespace: does not match the Event namespace'));
+        if (this.events.has(`${namespace}/${meta.name}`)) return reply(res, 409, statusObj(409, 'AlreadyExists', `events "${meta.name}" already exists`));
+        this.eventCalls.push({ method: 'POST', namespace, name: meta.name, body });
+        const created = { ...body, metadata: { ...meta, namespace, resourceVersion: String(++this.rv) } };
+        this.events.set(`${namespace}/${meta.name}`, created);
+        return reply(res, 201, created);
+      }
+      const existing = this.events.get(`${namespace}/${name}`);
+      if (!(req.headers['content-type'] ?? '').startsWith('application/merge-patch+json')) return reply(res, 415, statusObj(415, 'UnsupportedMediaType', 'unsupported patch type'));
+      if (!existing) return reply(res, 404, statusObj(404, 'NotFound', `events "${name}" not found`));
+      this.eventCalls.push({ method: 'PATCH', namespace, name, body });
+      const patched = mergePatch(existing, body) as Record<string, unknown>;
+      this.events.set(`${namespace}/${name}`, patched);
+      reply(res, 200, patched);
+    });
+  }
+
+  /** The Events recorded about one pod (by involvedObject). */
+  eventsFor(namespace: string, name: string): { reason: string; message: string; type: string; count: number }[] {
+    return [...this.events.values()]
+      .filter((e) => {
+        const o = e.involvedObject as { kind?: string; name?: string; namespace?: string };
+        return o.kind === 'Pod' && o.name === name && o.namespace === namespace;
+      })
+      .map((e) => ({ reason: e.reason as string, message: e.message as string, type: e.type as string, count: e.count as number }));
   }
 
   private patchStatus(req: http.IncomingMessage, res: http.ServerResponse, namespace: string, name: string): void {

@@ -6,7 +6,7 @@
 import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { ClusterState } from '../pods/pod.js';
-import { DATAPLANE_MODE_LABEL, selectPod, type SelectionPolicy } from '../pods/selection.js';
+import { selectPod, type SelectionPolicy } from '../pods/selection.js';
 
 export const DEFAULT_POLICY_FILE = '/var/lib/ambient-bpf/cni-policy';
 const MAGIC = 'ambient-bpf-cni-policy 1';
@@ -15,12 +15,14 @@ const END = 'end';
 /** How the plugin treats a namespace's pods it has no line for. */
 type NamespaceMode = 'excluded' | 'ambient' | 'pod-label' | 'none';
 
-function namespaceMode(name: string, state: ClusterState, policy: SelectionPolicy, podLabelled: Set<string>): NamespaceMode {
+function namespaceMode(name: string, state: ClusterState, policy: SelectionPolicy, podSelected: Set<string>): NamespaceMode {
   if (policy.excludedNamespaces.includes(name)) return 'excluded';
-  if (state.namespaces.get(name)?.metadata.labels?.[DATAPLANE_MODE_LABEL] === 'ambient') return 'ambient';
-  // A pod's own label makes it ambient, and the plugin cannot see labels: where some pod opts in
-  // by label, a pod the agent never saw may be ambient.
-  return podLabelled.has(name) ? 'pod-label' : 'none';
+  // A pod with no labels would be selected here (with the default selectors: the namespace is
+  // labelled ambient): a pod the plugin never saw is ambient unless its own labels opt out.
+  if (policy.enablementSelectors.selectsUnlabelledPods(state.namespaces.get(name)?.metadata.labels)) return 'ambient';
+  // A pod's own labels make it ambient, and the plugin cannot see labels: where some pod is
+  // selected by its labels, a pod the agent never saw may be ambient.
+  return podSelected.has(name) ? 'pod-label' : 'none';
 }
 
 /** How a pod of `name` that the agent has not seen is judged without its labels (the plugin's
@@ -28,14 +30,19 @@ function namespaceMode(name: string, state: ClusterState, policy: SelectionPolic
  * knows; a namespace the agent does not know is `unknown`. */
 export function namespaceModeOf(name: string, state: ClusterState, policy: SelectionPolicy): NamespaceMode | 'unknown' {
   if (!policy.excludedNamespaces.includes(name) && !state.namespaces.has(name)) return 'unknown';
-  const podLabelled = new Set([...state.pods.values()].filter((p) => p.metadata.namespace === name && p.metadata.labels?.[DATAPLANE_MODE_LABEL] === 'ambient').map((p) => p.metadata.namespace));
-  return namespaceMode(name, state, policy, podLabelled);
+  return namespaceMode(name, state, policy, namespacesWithSelectedPods(state, policy));
+}
+
+/** Namespaces where some pod the agent knows is selected (by its labels and its namespace's). */
+function namespacesWithSelectedPods(state: ClusterState, policy: SelectionPolicy): Set<string> {
+  const selectors = policy.enablementSelectors;
+  return new Set([...state.pods.values()].filter((p) => selectors.match(p.metadata.labels, state.namespaces.get(p.metadata.namespace)?.metadata.labels) >= 0).map((p) => p.metadata.namespace));
 }
 
 /** The policy as text; see the plugin for how it is read. */
 export function renderCniPolicy(state: ClusterState, policy: SelectionPolicy): string {
   const lines = ['# ambient-bpf: read by ambient-bpf-cni when the agent is unreachable. Generated; do not edit.', MAGIC];
-  const podLabelled = new Set([...state.pods.values()].filter((p) => p.metadata.labels?.[DATAPLANE_MODE_LABEL] === 'ambient').map((p) => p.metadata.namespace));
+  const podLabelled = namespacesWithSelectedPods(state, policy);
   const namespaces = new Set([...state.namespaces.keys(), ...policy.excludedNamespaces]);
   for (const name of [...namespaces].sort()) lines.push(`namespace ${name} ${namespaceMode(name, state, policy, podLabelled)}`);
   for (const pod of state.pods.values()) {

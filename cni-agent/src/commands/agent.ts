@@ -8,6 +8,8 @@ import { pino } from 'pino';
 import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, STEERINGS, ZTUNNEL_EXEMPTIONS, type AttachMode, type Steering, type ZtunnelExemption } from '../../../bpf/src/index.js';
 import { DEFAULT_CAPTURE } from '../enrollment/reconciler.js';
 import { parseStrictAllow } from '../pods/capture-options.js';
+import { parseEnablementSelectors, type EnablementSelectors } from '../pods/enablement.js';
+import { DEFAULT_POLICY } from '../pods/selection.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
 import { Agent, DEFAULT_NODE_NETNS, DEFAULT_POD_LOOKUP_TIMEOUT_MS, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
 import { hostPathProblems } from '../ops/host-paths.js';
@@ -34,6 +36,9 @@ interface AgentArgs {
   'dns-capture': boolean;
   'node-netns': string;
   'strict-allow': string[];
+  'enablement-selectors': string | undefined;
+  'exclude-namespaces': string[];
+  'system-namespace': string;
   'install-cni': boolean;
   'cni-bin-dir': string;
   'cni-conf-dir': string;
@@ -46,6 +51,8 @@ interface AgentArgs {
   'metrics-addr': string | undefined;
   'log-level': string;
 }
+
+const NAMESPACE_NAME = /^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 
 export const DEFAULT_PLUGIN_SOCKET = '/var/run/ambient-bpf/cni.sock';
 export const DEFAULT_CNI_BIN_DIR = '/opt/cni/bin';
@@ -152,6 +159,13 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('node-netns', { type: 'string', default: DEFAULT_NODE_NETNS, describe: 'the netns holding the node side of pods’ veths, where connections the node opens to ambient pods (kubelet probes) get the probe source address' })
       .option('strict-mode', { type: 'boolean', default: DEFAULT_CAPTURE.strict, describe: 'drop what ambient pods send around ztunnel: UDP other than DNS, other IP protocols (IPv6 neighbour discovery always passes)' })
       .option('strict-allow', { type: 'string', array: true, default: [] as string[], describe: 'what strict mode lets out anyway, e.g. udp/123 icmp icmpv6 sctp/5000 (repeatable)' })
+      .option('enablement-selectors', {
+        type: 'string',
+        describe:
+          'which pods are ambient, as upstream’s ambient.enablementSelectors: a JSON or YAML list of {podSelector, namespaceSelector} label selectors (matchLabels, matchExpressions); a pod is ambient if one entry matches both its labels and its namespace’s [default: pod label istio.io/dataplane-mode=ambient, or namespace label istio.io/dataplane-mode=ambient unless the pod’s is none]',
+      })
+      .option('exclude-namespaces', { type: 'string', array: true, default: DEFAULT_POLICY.excludedNamespaces, describe: 'namespaces whose pods are never ambient, whatever their labels (repeatable or comma-separated; "" for none)' })
+      .option('system-namespace', { type: 'string', default: DEFAULT_POLICY.systemNamespace, describe: 'Istio’s system namespace, where ztunnel and this agent run (their pods are never ambient)' })
       .option('install-cni', { type: 'boolean', default: false, describe: 'install the CNI plugin into the node’s CNI config once ready, and keep it there' })
       .option('cni-bin-dir', { type: 'string', default: DEFAULT_CNI_BIN_DIR, describe: 'where runtimes look for CNI plugin binaries' })
       .option('cni-conf-dir', { type: 'string', default: DEFAULT_CNI_CONF_DIR, describe: 'the node’s CNI configuration directory' })
@@ -185,6 +199,19 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       if (args['local-pods'] !== undefined) throw new CliError('--daemonset needs the Kubernetes pod source (not --local-pods)', 2);
       daemonSet = { namespace: m[1]!, name: m[2]!, keepPodRedirection: args['keep-pod-redirection'] };
     }
+    // Checked before anything is touched on the node: a typo must not leave a half-started agent.
+    let enablementSelectors: EnablementSelectors | undefined;
+    if (args['enablement-selectors'] !== undefined) {
+      try {
+        enablementSelectors = parseEnablementSelectors(args['enablement-selectors']);
+      } catch (err) {
+        throw new CliError(`--enablement-selectors ${JSON.stringify(args['enablement-selectors'])}: ${(err as Error).message}`, 2);
+      }
+    }
+    const excludedNamespaces = args['exclude-namespaces'].flatMap((v) => String(v).split(',')).map((v) => v.trim()).filter((v) => v !== '');
+    for (const [flag, name] of [...excludedNamespaces.map((n) => ['--exclude-namespaces', n]), ['--system-namespace', args['system-namespace']]]) {
+      if (!NAMESPACE_NAME.test(name!)) throw new CliError(`${flag} ${JSON.stringify(name)}: not a namespace name (lower-case letters, digits and '-', 63 at most, starting and ending alphanumeric)`, 2);
+    }
     let strictAllow;
     try {
       strictAllow = parseStrictAllow(args['strict-allow']);
@@ -214,6 +241,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       ...(args.steering !== 'auto' ? { steering: args.steering } : {}),
       capture: { strict: args['strict-mode'], dnsCapture: args['dns-capture'] },
       strictAllow,
+      selection: { excludedNamespaces, systemNamespace: args['system-namespace'], ...(enablementSelectors ? { enablementSelectors } : {}) },
       nodeNetns: args['node-netns'],
       installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], confFile: args['cni-conf-file'], binarySource: PLUGIN_BINARY_PATH } : undefined,
       netnsDirs: args['netns-dir'],

@@ -7,7 +7,8 @@ import { type AttachMode, type AttachOptions, type PodAttachment } from '../../.
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
 import { podIPs, REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
-import { selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
+import { excludedButSelected, selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
+import { EVENT_REASONS, type PodEventSink } from '../pods/events.js';
 import { captureOptions, type CaptureDefaults, type CaptureOptions } from '../pods/capture-options.js';
 import type { CgroupLocator } from './cgroup-locator.js';
 import type { NetnsLocator } from './netns-locator.js';
@@ -77,6 +78,8 @@ interface Entry {
   dnsCapture: boolean;
   /** What the last attach ignored in the pod's annotations (malformed values). */
   annotationWarnings: string[];
+  /** The pod was told (an Event) that its namespace is excluded although selected. */
+  excludedWarned: boolean;
   /** Reconcile passes started so far (a CNI ADD waits for one that starts after it). */
   passes: number;
   /** CNI ADDs waiting for the pod to be redirected and acked, with the first pass that counts. */
@@ -121,6 +124,8 @@ export interface ReconcilerOptions {
   sandboxes?: SandboxStore;
   log: Logger;
   annotator?: Annotator;
+  /** Kubernetes Events on pods: enrollment failures, ignored annotations (never awaited). */
+  events?: PodEventSink;
   policy?: SelectionPolicy;
   /** `auto` (tc at enrolment, tcx once idle) only where the kernel has tcx links: the agent gives
    * tc where the probe found none (chooseModes). */
@@ -143,6 +148,8 @@ export class Reconciler {
   private lastEnrollAt = 0;
   private tcxUnavailable = false;
   private namespaces = new Map<string, Namespace>();
+  /** Excluded namespaces the selectors enable (labelled ambient), already warned about. */
+  private readonly excludedLabelled = new Set<string>();
   private stopped = false;
   /** Failed reconcile passes since start (a metric). */
   reconcileErrors = 0;
@@ -173,7 +180,7 @@ export class Reconciler {
       e.netnsPath = attached.netnsPresent ? attached.netnsPath : undefined;
       if (this.opts.attachMode === 'auto' && attached.mode === 'tc') this.queueUpgrade(attached.uid);
     }
-    this.namespaces = new Map(state.namespaces);
+    this.setNamespaces(state);
     for (const pod of state.pods.values()) this.entry(pod.metadata.uid).pod = pod;
     for (const e of this.entries.values()) {
       if (!e.attached || !e.netnsPath || !e.pod || !this.desired(e)) continue;
@@ -258,8 +265,23 @@ export class Reconciler {
     this.upgradeTimer = setTimeout(() => void this.upgradeOne(), 0);
   }
 
-  applyChanges(changes: SourceChange[], state: ClusterState): void {
+  /** Takes the source's namespaces; warns (once) about excluded namespaces the selectors enable. */
+  private setNamespaces(state: ClusterState): void {
     this.namespaces = new Map(state.namespaces);
+    const policy = this.policy;
+    for (const name of [...this.excludedLabelled]) {
+      if (!policy.enablementSelectors.matchesNamespace(this.namespaces.get(name)?.metadata.labels)) this.excludedLabelled.delete(name);
+    }
+    for (const name of policy.excludedNamespaces) {
+      const ns = this.namespaces.get(name);
+      if (!ns || this.excludedLabelled.has(name) || !policy.enablementSelectors.matchesNamespace(ns.metadata.labels)) continue;
+      this.excludedLabelled.add(name);
+      this.opts.log.warn({ namespace: name, labels: ns.metadata.labels ?? {} }, 'namespace is labelled for ambient but excluded (--exclude-namespaces): its pods are not enrolled');
+    }
+  }
+
+  applyChanges(changes: SourceChange[], state: ClusterState): void {
+    this.setNamespaces(state);
     const touched = new Set<string>();
     for (const c of changes) {
       if (c.kind === 'pod') {
@@ -471,6 +493,7 @@ export class Reconciler {
         cgroup: { state: 'off' },
         dnsCapture: false,
         annotationWarnings: [],
+        excludedWarned: false,
         passes: 0,
         addWaiters: [],
         addPhases: undefined,
@@ -508,9 +531,13 @@ export class Reconciler {
     clearTimeout(e.retry);
     e.passes++;
     e.addPhases?.mark('queued');
+    const wanted = this.desired(e);
     try {
-      if (this.desired(e)) await this.enroll(e);
-      else await this.unenroll(e);
+      if (wanted) await this.enroll(e);
+      else {
+        this.warnExcluded(e);
+        await this.unenroll(e);
+      }
       if (e.error) this.opts.log.info(log, 'pod reconciled after earlier failures');
       e.error = undefined;
       if (e.attached && e.cgroup.state === 'waiting' && !this.stopped) {
@@ -526,6 +553,8 @@ export class Reconciler {
       const message = (err as Error).message;
       this.reconcileErrors++;
       if (e.error !== message) this.opts.log.warn({ ...log, error: message, retryMs: e.backoffMs }, 'cannot reconcile pod; will retry');
+      // Every failed pass: the recorder counts repeats into one Event.
+      if (e.pod) this.opts.events?.podEvent(e.pod, 'Warning', wanted ? EVENT_REASONS.enrollmentFailed : EVENT_REASONS.unenrollmentFailed, `${wanted ? 'cannot enrol the pod in ambient' : 'cannot remove the pod’s ambient redirection'} (retrying): ${message}`);
       e.error = message;
       e.since = new Date();
       if (!this.stopped) {
@@ -536,6 +565,7 @@ export class Reconciler {
     // A failed pass answers only if no other pass follows (it may still succeed).
     if (!e.again) this.answerAdds(e, addVerdict(e));
     if (!e.pod && !e.attached && !e.error) {
+      this.opts.events?.forgetPod(e.uid);
       this.forgetSandbox(e);
       this.entries.delete(e.uid);
     }
@@ -558,6 +588,7 @@ export class Reconciler {
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
     if (capture.warnings.join('\n') !== e.annotationWarnings.join('\n') && capture.warnings.length > 0) {
       this.opts.log.warn({ uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, warnings: capture.warnings }, 'pod annotations ignored');
+      for (const w of capture.warnings) this.opts.events?.podEvent(pod, 'Warning', EVENT_REASONS.annotationInvalid, w);
     }
     e.annotationWarnings = capture.warnings;
     const podCgroup = this.podCgroup(e, netnsPath);
@@ -588,6 +619,17 @@ export class Reconciler {
     await this.annotate(e, e.ztunnel.status === 'acked' ? 'enabled' : 'pending');
     // ztunnel retries a nacked pod itself; ask again later too, in case it lost it.
     if (e.ztunnel.status === 'nacked') throw new Error(`ztunnel refused the pod: ${e.ztunnel.error}`);
+  }
+
+  /** A pod the selectors pick in an excluded namespace: one Event saying so (and the status
+   * reason); the namespace itself gets a log warning (setNamespaces). */
+  private warnExcluded(e: Entry): void {
+    const pod = e.pod;
+    const excluded = !!pod && excludedButSelected(pod, this.namespaces.get(pod.metadata.namespace), this.policy);
+    if (excluded && !e.excludedWarned) {
+      this.opts.events?.podEvent(pod, 'Warning', EVENT_REASONS.namespaceExcluded, `not enrolled in ambient: namespace ${pod.metadata.namespace} is excluded (--exclude-namespaces), although the enablement selectors pick the pod`);
+    }
+    e.excludedWarned = excluded;
   }
 
   /** ztunnel acked: report how long it took since the enrollment started (also when the ack came

@@ -166,6 +166,11 @@ export class KubeClient {
     return (await this.call('GET', path, {}, {}, undefined, timeoutMs)) as T;
   }
 
+  /** POST: creates an object; returns what the server made of it. */
+  async create<T>(path: string, body: unknown): Promise<T> {
+    return (await this.call('POST', path, {}, { 'content-type': 'application/json' }, JSON.stringify(body))) as T;
+  }
+
   async mergePatch(path: string, patch: unknown): Promise<void> {
     await this.call('PATCH', path, {}, { 'content-type': 'application/merge-patch+json' }, JSON.stringify(patch));
   }

@@ -5,6 +5,7 @@
 // and reports what changed meanwhile; any other failure retries with backoff, forever.
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { Annotator, RedirectionAnnotation } from '../enrollment/reconciler.js';
+import { EventRecorder, type EventType, type PodEventSink } from './events.js';
 import { KubeApiError, KubeClient, loadKubeConnection, type KubeConnection, type WatchEvent, type Watching } from './kube-client.js';
 import { REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from './pod.js';
 
@@ -16,6 +17,8 @@ export interface KubePodSourceOptions {
   log: Logger;
   initialBackoffMs?: number;
   maxBackoffMs?: number;
+  /** Repeats of a pod's Event are patched at most this often (default 60 s). */
+  eventIntervalMs?: number;
 }
 
 type Kind = 'pods' | 'namespaces';
@@ -58,8 +61,10 @@ function toNamespace(o: ApiObject): Namespace | undefined {
   return m?.name ? ({ metadata: { name: m.name, labels: m.labels, resourceVersion: m.resourceVersion } } as Namespace) : undefined;
 }
 
-export class KubePodSource implements Annotator {
+export class KubePodSource implements Annotator, PodEventSink {
   private client: KubeClient | undefined;
+  /** Events on pods (enrollment failures, ignored annotations), once started. */
+  events: EventRecorder | undefined;
   private readonly informers: Record<Kind, Informer>;
   private readonly state: ClusterState = { pods: new Map(), namespaces: new Map() };
   private stopped = false;
@@ -98,6 +103,7 @@ export class KubePodSource implements Annotator {
   async start(): Promise<ClusterState> {
     const k = this.opts.kubeconfig;
     this.client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
+    this.events = new EventRecorder({ client: this.client, nodeName: this.opts.nodeName, log: this.opts.log, ...(this.opts.eventIntervalMs !== undefined ? { minIntervalMs: this.opts.eventIntervalMs } : {}) });
     void this.run(this.informers.namespaces);
     void this.run(this.informers.pods);
     await Promise.all([this.informers.namespaces.listed.promise, this.informers.pods.listed.promise]);
@@ -107,6 +113,7 @@ export class KubePodSource implements Annotator {
 
   stop(): void {
     this.stopped = true;
+    this.events?.stop();
     for (const i of Object.values(this.informers)) {
       i.watching?.stop();
       if (i.retry) {
@@ -153,6 +160,14 @@ export class KubePodSource implements Annotator {
     // (not one the watch deleted while the answer was on its way: that answer is older)
     if (!this.state.pods.has(pod.metadata.uid) && !this.recentlyDeleted.has(pod.metadata.uid)) this.apply('pods', podObj!, false);
     return this.state.pods.get(pod.metadata.uid);
+  }
+
+  podEvent(pod: Pod, type: EventType, reason: string, message: string): void {
+    this.events?.podEvent(pod, type, reason, message);
+  }
+
+  forgetPod(uid: string): void {
+    this.events?.forgetPod(uid);
   }
 
   /** Merge patch on pods/status: set, or remove (null), the redirection annotation. */
