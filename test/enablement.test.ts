@@ -99,7 +99,7 @@ describe('enablement selectors', () => {
   });
 
   it('the DaemonSet’s commented example is the default', () => {
-    const daemonSet = readFileSync(fileURLToPath(new URL('../../manifests/daemonset.yaml', import.meta.url)), 'utf8');
+    const daemonSet = readFileSync(fileURLToPath(new URL('../../manifests/base/daemonset.yaml', import.meta.url)), 'utf8');
     const example = /^\s*# - '--enablement-selectors=(.*)'$/m.exec(daemonSet);
     assert.ok(example, 'no commented --enablement-selectors in the DaemonSet');
     assert.equal(parseEnablementSelectors(example[1]!).isDefault, true);

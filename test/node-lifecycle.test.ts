@@ -123,8 +123,21 @@ describe('node lifecycle', kernelTest(), () => {
     assertStarts(await add('mixed', 'other'), 'a known plain pod where others opt in by label');
     assertStarts(await add('kube-system', 'coredns'), 'an excluded namespace');
 
-    // Decision data that is not whole (cut short) or lost: nobody can decide, so it fails closed.
+    // With --unseen-pods=hold, a new pod of a plain namespace waits for the agent too (it may opt
+    // in by its own label); known pods and excluded namespaces are decided as before.
     const policy = readFileSync(policyFile, 'utf8');
+    const holding = new Agent({ ...agentOpts, selection: { unseenPods: 'hold' } });
+    await holding.start();
+    holding.stop();
+    rmSync(run, { recursive: true, force: true });
+    await removeDatapath(root);
+    assertCniError(await add('plain', 'web-2'), 11, /plain\/web-2: it may be ambient: the agent holds pods it has not seen \(--unseen-pods=hold\)/, 'a new pod in a plain namespace, held');
+    assertStarts(await add('plain', 'web'), 'a known plain pod, held policy');
+    assertStarts(await add('kube-system', 'coredns'), 'an excluded namespace, held policy');
+    assertCniError(await add('shop', 'cart-2'), 11, /its namespace is ambient/, 'a new pod in an ambient namespace, held policy');
+    writeFileSync(policyFile, policy);
+
+    // Decision data that is not whole (cut short) or lost: nobody can decide, so it fails closed.
     writeFileSync(policyFile, policy.replace(/\nend\n$/, '\n'));
     assertCniError(await add('plain', 'web'), 11, /the policy at .* is incomplete/, 'an incomplete policy');
     rmSync(policyFile);

@@ -215,7 +215,8 @@ struct decision {
  *      restarts): its own decision;
  *   4. otherwise (a pod the agent never saw; its labels are unknown here): start only in a
  *      namespace listed "none" (not labelled ambient, and no pod of it seen with the ambient pod
- *      label); fail in one labelled ambient, one where pods opt in by label, or one not listed. */
+ *      label); fail in one labelled ambient, one where pods opt in by label, one the agent holds
+ *      ("held": --unseen-pods=hold), or one not listed. */
 static struct decision decide(const char *policy_file)
 {
 	struct decision d = { .start = false };
@@ -269,9 +270,12 @@ static struct decision decide(const char *policy_file)
 	} else if (strcmp(ns_mode, "none") == 0) {
 		d.start = true;
 	} else {
-		snprintf(d.why, sizeof(d.why), "%s", !ns_mode[0] ? "it may be ambient: its namespace is not in the policy" :
-						   strcmp(ns_mode, "ambient") == 0 ? "its namespace is ambient" :
-										     "it may be ambient: pods of its namespace opt in by label");
+		/* (a mode this build does not know fails too: the agent that wrote it knows better) */
+		snprintf(d.why, sizeof(d.why), "%s",
+			 !ns_mode[0]			   ? "it may be ambient: its namespace is not in the policy" :
+			 strcmp(ns_mode, "ambient") == 0 ? "its namespace is ambient" :
+			 strcmp(ns_mode, "held") == 0	   ? "it may be ambient: the agent holds pods it has not seen (--unseen-pods=hold)" :
+							     "it may be ambient: pods of its namespace opt in by label");
 	}
 	return d;
 }

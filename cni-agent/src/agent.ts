@@ -52,7 +52,7 @@ export interface AgentOptions {
   daemonSet?: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
   /** Which pods are ambient: enablement selectors, excluded namespaces, the system namespace
    * (where ztunnel and the agent run); unset parts are upstream's defaults (DEFAULT_POLICY). */
-  selection?: Partial<Pick<SelectionPolicy, 'enablementSelectors' | 'excludedNamespaces' | 'systemNamespace'>> | undefined;
+  selection?: Partial<Pick<SelectionPolicy, 'enablementSelectors' | 'excludedNamespaces' | 'systemNamespace' | 'unseenPods'>> | undefined;
   /** Repeats of a pod's Kubernetes Event are patched at most this often (default 60 s). */
   eventIntervalMs?: number | undefined;
   bpffs: string;

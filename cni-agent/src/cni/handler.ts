@@ -164,7 +164,12 @@ export class CniHandler {
       const mode = namespaceModeOf(namespace, this.deps.state(), this.deps.policy);
       const message = (err as Error).message;
       if (mode !== 'none' && mode !== 'excluded') {
-        const why = mode === 'unknown' ? 'its namespace is not known to the agent' : mode === 'ambient' ? 'its namespace is labelled ambient' : 'pods of its namespace opt in by label';
+        const why = {
+          unknown: 'its namespace is not known to the agent',
+          ambient: 'its namespace is labelled ambient',
+          'pod-label': 'pods of its namespace opt in by label',
+          held: 'the agent holds pods it has not seen (--unseen-pods=hold)',
+        }[mode];
         this.deps.log.warn({ pod: `${namespace}/${name}`, error: message }, 'CNI ADD for a pod not in the watch cache, and the Kubernetes API did not answer: failing closed');
         throw new CniFailure(CniCode.TryAgainLater, `pod ${namespace}/${name} is not in the agent's watch cache yet and the Kubernetes API did not answer (${message}); it may be ambient (${why}), so it does not start before the agent can tell`);
       }

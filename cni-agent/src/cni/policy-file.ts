@@ -13,7 +13,7 @@ const MAGIC = 'ambient-bpf-cni-policy 1';
 const END = 'end';
 
 /** How the plugin treats a namespace's pods it has no line for. */
-type NamespaceMode = 'excluded' | 'ambient' | 'pod-label' | 'none';
+type NamespaceMode = 'excluded' | 'ambient' | 'pod-label' | 'held' | 'none';
 
 function namespaceMode(name: string, state: ClusterState, policy: SelectionPolicy, podSelected: Set<string>): NamespaceMode {
   if (policy.excludedNamespaces.includes(name)) return 'excluded';
@@ -22,7 +22,8 @@ function namespaceMode(name: string, state: ClusterState, policy: SelectionPolic
   if (policy.enablementSelectors.selectsUnlabelledPods(state.namespaces.get(name)?.metadata.labels)) return 'ambient';
   // A pod's own labels make it ambient, and the plugin cannot see labels: where some pod is
   // selected by its labels, a pod the agent never saw may be ambient.
-  return podSelected.has(name) ? 'pod-label' : 'none';
+  if (podSelected.has(name)) return 'pod-label';
+  return policy.unseenPods === 'hold' ? 'held' : 'none';
 }
 
 /** How a pod of `name` that the agent has not seen is judged without its labels (the plugin's

@@ -9,7 +9,7 @@ import { ATTACH_MODES, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, STEERINGS, ZTUNN
 import { DEFAULT_CAPTURE } from '../enrollment/reconciler.js';
 import { parseStrictAllow } from '../pods/capture-options.js';
 import { parseEnablementSelectors, type EnablementSelectors } from '../pods/enablement.js';
-import { DEFAULT_POLICY } from '../pods/selection.js';
+import { DEFAULT_POLICY, UNSEEN_POD_POLICIES, type UnseenPods } from '../pods/selection.js';
 import { DEFAULT_ZTUNNEL_SOCKET } from '../../../ztunnel-bridge/src/zds-server.js';
 import { Agent, DEFAULT_NODE_NETNS, DEFAULT_POD_LOOKUP_TIMEOUT_MS, DEFAULT_VERIFY_INTERVAL_MS } from '../agent.js';
 import { hostPathProblems } from '../ops/host-paths.js';
@@ -39,6 +39,7 @@ interface AgentArgs {
   'enablement-selectors': string | undefined;
   'exclude-namespaces': string[];
   'system-namespace': string;
+  'unseen-pods': UnseenPods;
   'install-cni': boolean;
   'cni-bin-dir': string;
   'cni-conf-dir': string;
@@ -165,6 +166,11 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
           'which pods are ambient, as upstream’s ambient.enablementSelectors: a JSON or YAML list of {podSelector, namespaceSelector} label selectors (matchLabels, matchExpressions); a pod is ambient if one entry matches both its labels and its namespace’s [default: pod label istio.io/dataplane-mode=ambient, or namespace label istio.io/dataplane-mode=ambient unless the pod’s is none]',
       })
       .option('exclude-namespaces', { type: 'string', array: true, default: DEFAULT_POLICY.excludedNamespaces, describe: 'namespaces whose pods are never ambient, whatever their labels (repeatable or comma-separated; "" for none)' })
+      .option('unseen-pods', {
+        choices: UNSEEN_POD_POLICIES,
+        default: DEFAULT_POLICY.unseenPods,
+        describe: 'a new pod the agent could not see (it is unreachable, or the API does not answer at CNI ADD) in a namespace where no pod is ambient: by-namespace starts it as a plain pod; hold fails its CNI ADD until the agent can tell (a pod that opts in by its own label then never starts unmeshed; no such pod starts meanwhile)',
+      })
       .option('system-namespace', { type: 'string', default: DEFAULT_POLICY.systemNamespace, describe: 'Istio’s system namespace, where ztunnel and this agent run (their pods are never ambient)' })
       .option('install-cni', { type: 'boolean', default: false, describe: 'install the CNI plugin into the node’s CNI config once ready, and keep it there' })
       .option('cni-bin-dir', { type: 'string', default: DEFAULT_CNI_BIN_DIR, describe: 'where runtimes look for CNI plugin binaries' })
@@ -241,7 +247,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       ...(args.steering !== 'auto' ? { steering: args.steering } : {}),
       capture: { strict: args['strict-mode'], dnsCapture: args['dns-capture'] },
       strictAllow,
-      selection: { excludedNamespaces, systemNamespace: args['system-namespace'], ...(enablementSelectors ? { enablementSelectors } : {}) },
+      selection: { excludedNamespaces, systemNamespace: args['system-namespace'], unseenPods: args['unseen-pods'], ...(enablementSelectors ? { enablementSelectors } : {}) },
       nodeNetns: args['node-netns'],
       installCni: args['install-cni'] ? { binDir: args['cni-bin-dir'], confDir: args['cni-conf-dir'], confFile: args['cni-conf-file'], binarySource: PLUGIN_BINARY_PATH } : undefined,
       netnsDirs: args['netns-dir'],

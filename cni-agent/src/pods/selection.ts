@@ -28,7 +28,14 @@ export interface SelectionPolicy {
   /** The agent's own pods: in this namespace with these labels. */
   agentNamespace: string;
   agentLabels: Record<string, string>;
+  /** A pod the agent could not see (it was unreachable, or the API did not answer at CNI ADD), in
+   * a namespace where no pod is ambient: started as a plain pod ('by-namespace'), or held until
+   * the agent can tell ('hold': a pod that opts in by its own label never starts unmeshed). */
+  unseenPods: UnseenPods;
 }
+
+export const UNSEEN_POD_POLICIES = ['by-namespace', 'hold'] as const;
+export type UnseenPods = (typeof UNSEEN_POD_POLICIES)[number];
 
 export const DEFAULT_POLICY: SelectionPolicy = {
   excludedNamespaces: ['kube-system'],
@@ -36,6 +43,7 @@ export const DEFAULT_POLICY: SelectionPolicy = {
   systemNamespace: 'istio-system',
   agentNamespace: 'istio-system',
   agentLabels: { 'app.kubernetes.io/name': 'ambient-bpf' },
+  unseenPods: 'by-namespace',
 };
 
 export type Selection = { ambient: boolean; reason: string };
