@@ -104,17 +104,21 @@ export class Agent {
     const { log } = this.opts;
     // A burst of CNI ADDs holds a relay connection and a netns fd per pod at once.
     reserveFileDescriptors(AGENT_FD_TABLE);
-    this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
-    const steering = this.steering;
-    await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering });
-    log.info({ steering }, steering === 'sk-lookup' ? 'SYNs reach ztunnel through sk_lookup programs (kernel before 6.6, or asked)' : 'SYNs reach ztunnel through bpf_sk_assign');
-    await this.collectGarbage();
     this.zds = new ZdsServer({
       socketPath: this.opts.ztunnelSocket,
       log,
       onStatus: (uid, r) => this.reconciler?.ztunnelStatus(uid, r),
       onZtunnelHello: (peer) => this.trustZtunnel(peer),
     });
+    // The socket first (served only once the pods are known, below): ztunnel retries with a
+    // doubling backoff while no agent listens, so during an upgrade each ms the socket is missing
+    // can cost two before ztunnel is back.
+    this.zds.listen();
+    this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
+    const steering = this.steering;
+    await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering });
+    log.info({ steering }, steering === 'sk-lookup' ? 'SYNs reach ztunnel through sk_lookup programs (kernel before 6.6, or asked)' : 'SYNs reach ztunnel through bpf_sk_assign');
+    await this.collectGarbage();
     const onChange = (changes: SourceChange[], state: ClusterState): void => {
       log.debug({ changes: changes.length }, 'pod source changed');
       this.writePolicy(state);
