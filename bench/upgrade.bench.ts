@@ -155,11 +155,13 @@ async function main(): Promise<void> {
     /** The programs every pod's links run now, once they all have links (the previous release
      * attaches tc first and moves to tcx once idle). */
     const allPrograms = async (): Promise<Set<number>> => {
+      const links = await linkPrograms();
       const progs = new Set<number>();
       for (const p of pods) {
-        const l = await readLinks(p);
-        if (!l) throw new Error(`pod ${p.uid} has no tcx links`);
-        for (const prog of l.values()) progs.add(prog);
+        let l = p.links.map((id) => links.get(id));
+        if (l.some((x) => x === undefined)) l = [...((await readLinks(p))?.values() ?? [])];
+        if (!l.length) throw new Error(`pod ${p.uid} has no tcx links`);
+        for (const prog of l) progs.add(prog!);
       }
       return progs;
     };
