@@ -222,6 +222,7 @@ async function main(): Promise<void> {
         log[label] = at === undefined ? undefined : at - t0;
       }
       log['process spawned'] = agent.startedAt - t0;
+      process.stderr.write(`${name}: old agent exited ${stoppedMs} ms, ${downgradeMs === undefined ? '' : `downgrade done ${downgradeMs} ms, `}all pods swapped ${Math.max(...times)} ms, ready ${readyMs} ms\n`);
       return { name, stoppedMs, ...(downgradeMs === undefined ? {} : { downgradeMs }), firstSwappedMs: Math.min(...times), allSwappedMs: Math.max(...times), readyMs: readyMs!, log, window: [t0, t0 + readyMs!] };
     };
 
