@@ -95,11 +95,11 @@ export function startTraffic(cgroup: AppCgroup, net: PodNet, o: TrafficOptions):
     child.on('exit', () => reject(new Error(`traffic ended before it was ready: ${err}`)));
   });
   const summary = new Promise<TrafficSummary>((resolve, reject) =>
-    child.on('exit', () => {
+    child.on('exit', (code, signal) => {
       try {
         resolve(JSON.parse(out.split('\n').filter(Boolean).at(-1)!) as TrafficSummary);
       } catch {
-        reject(new Error(`no summary from the traffic (${out}; ${err})`));
+        reject(new Error(`no summary from the traffic (exit ${code ?? signal}; ${out}; ${err})`));
       }
     }),
   );
