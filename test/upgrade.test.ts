@@ -4,14 +4,12 @@
 // hooks route them over lo). Each release runs as a real agent process on the same bpffs root with
 // the same ztunnel (the stand-in, which outlives the agents as ztunnel does).
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import type net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
-import { connectFromNetns, Datapath, DatapathError, listenInNetns } from '../bpf/src/index.js';
+import { connectFromNetns, Datapath, DatapathError } from '../bpf/src/index.js';
 import { AppCgroup } from './helpers/app.js';
 import { CLI, runCli } from './helpers/cli.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
@@ -19,94 +17,17 @@ import { assertNothingLeft, podProgramIds, removeDatapath } from './helpers/left
 import { previousRelease } from './helpers/previous-release.js';
 import { StandInProcess } from './helpers/standin-process.js';
 import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
+import { AgentProcess, EchoServer, enabledPods, startTraffic as startPodTraffic, type Traffic } from './helpers/upgrade-node.js';
 import { sleep, until } from './helpers/wait.js';
 
 after(assertNothingLeft);
 
-const TRAFFIC = fileURLToPath(new URL('../../test/fixtures/upgrade-traffic.py', import.meta.url));
 // Pods the previous release enrols; one more is enrolled by this release (ztunnel's listeners in it
 // are learnt, so its apps' sockets take the lo route), and rolled back with the others.
 const PODS = 3;
 const LONG_LIVED = 4; // per pod
 const NEW_EVERY_MS = 25; // per pod
-
-/** Echoes lines; records, per connection, the port its first line claims (the app's local port)
- * and the port the connection really came from (ztunnel's own, when it went through ztunnel). */
-class EchoServer {
-  readonly hellos: { claimed: number; seen: number }[] = [];
-  private readonly open = new Set<net.Socket>();
-
-  private constructor(private readonly server: net.Server) {
-    server.on('connection', (s) => {
-      this.open.add(s);
-      s.on('close', () => this.open.delete(s));
-      s.on('error', () => undefined);
-      let buf = '';
-      s.on('data', (d: Buffer) => {
-        buf += d.toString();
-        if (buf === 'ping') {
-          // app-client.py's probe of its socket's route
-          buf = '';
-          s.write('pong\n');
-        }
-        for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-          const line = buf.slice(0, nl);
-          buf = buf.slice(nl + 1);
-          const hello = /^hello (\d+)$/.exec(line);
-          if (hello) this.hellos.push({ claimed: Number(hello[1]), seen: s.remotePort ?? 0 });
-          s.write(`${line}\n`);
-        }
-      });
-    });
-  }
-
-  static async start(netns: string, address: string): Promise<EchoServer> {
-    return new EchoServer(await listenInNetns({ netns, family: 4, address, port: 8080 }));
-  }
-
-  async destroy(): Promise<void> {
-    const closed = new Promise<void>((r) => this.server.close(() => r()));
-    for (const s of this.open) s.destroy();
-    await closed;
-  }
-}
-
-interface Summary {
-  new_ok: number;
-  new_failed: string[];
-  long_rounds: number[];
-  long_errors: string[];
-}
-
-/** The app of one pod: upgrade-traffic.py in the pod's cgroup and netns. */
-function startTraffic(cgroup: AppCgroup, net: PodNet): { child: ChildProcess; ready: Promise<void>; summary: Promise<Summary> } {
-  const child = cgroup.spawn('nsenter', [`--net=${net.podPath}`, 'python3', TRAFFIC, net.remoteV4, '8080', String(LONG_LIVED), String(NEW_EVERY_MS)], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const ready = new Promise<void>((resolve, reject) => {
-    child.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      if (out.startsWith('ready\n')) resolve();
-    });
-    child.on('exit', () => reject(new Error(`traffic ended before it was ready: ${err}`)));
-  });
-  const summary = new Promise<Summary>((resolve, reject) =>
-    child.on('exit', () => {
-      try {
-        resolve(JSON.parse(out.split('\n').filter(Boolean).at(-1)!) as Summary);
-      } catch {
-        reject(new Error(`no summary from the traffic (${out}; ${err})`));
-      }
-    }),
-  );
-  return { child, ready, summary };
-}
-
-interface Agent {
-  child: ChildProcess;
-  stderr: () => string;
-}
+const startTraffic = (cgroup: AppCgroup, net: PodNet): Traffic => startPodTraffic(cgroup, net, { longLived: LONG_LIVED, newEveryMs: NEW_EVERY_MS });
 
 describe('upgrade from the previous release', kernelTest(), () => {
   it('adopts its pods under traffic, rolls back to it and forward again: nothing bypasses ztunnel, nothing breaks', { timeout: 900_000 }, async (t) => {
@@ -116,10 +37,10 @@ describe('upgrade from the previous release', kernelTest(), () => {
     const dir = mkdtempSync(join(tmpdir(), 'abt-upgrade-'));
     const socket = join(dir, 'ztunnel.sock');
     const port = 40000 + Math.floor(Math.random() * 9000);
-    const agentArgs = ['agent', '--node-name', 'node-a', '--local-pods', join(dir, 'pods.yaml'), '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--metrics-addr', `127.0.0.1:${port}`];
+    const agentArgs = ['--node-name', 'node-a', '--local-pods', join(dir, 'pods.yaml'), '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--metrics-addr', `127.0.0.1:${port}`];
     const pods: { uid: string; net: PodNet; cgroup: AppCgroup; pause: ChildProcess; server: EchoServer }[] = [];
-    const agents: Agent[] = [];
-    const traffic: ReturnType<typeof startTraffic>[] = [];
+    const agents: AgentProcess[] = [];
+    const traffic: Traffic[] = [];
     const ztunnel = StandInProcess.start(socket);
     t.after(async () => {
       for (const a of agents) a.child.kill('SIGKILL');
@@ -152,30 +73,21 @@ describe('upgrade from the previous release', kernelTest(), () => {
       ].join('\n---\n'));
     writePods();
 
-    const startAgent = (cli: string): Agent => {
-      const child = spawn(cli, agentArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
-      let err = '';
-      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-      const agent = { child, stderr: () => err.slice(-2000) };
+    const startAgent = (cli: string): AgentProcess => {
+      // (v0.1.0 had no plugin policy file; this build's goes in the test's directory, not the host's)
+      const agent = AgentProcess.start(cli, cli === previous.cli ? agentArgs : [...agentArgs, '--cni-policy-file', join(dir, 'cni-policy')]);
       agents.push(agent);
       return agent;
     };
-    const stopAgent = async (a: Agent): Promise<void> => {
-      const exited = new Promise((r) => a.child.once('exit', r));
-      a.child.kill('SIGTERM');
-      await exited;
-    };
+    const stopAgent = (a: AgentProcess): Promise<void> => a.stop();
     const programs = async (uid: string): Promise<Set<number> | undefined> => podProgramIds(root, uid).catch(() => undefined);
     // This build routes the apps' sockets over lo with connect hooks; the previous release has none.
     const connectHooked = (uid: string): boolean => existsSync(join(root, 'pods', uid, 'pod_connect4'));
-    const enabled = async (): Promise<boolean> => {
-      const body = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text()).catch(() => '');
-      return new RegExp(`ambient_bpf_pods\\{state="enabled"\\} ${listed}\\n`).test(body);
-    };
+    const enabled = async (): Promise<boolean> => (await enabledPods(port)) === listed;
     /** Waits until every pod's tcx links run programs other than `before`'s (this release's when
      * `current`), then until the agent reports every pod enabled (ztunnel reconnected with its
      * backoff and acked); returns the programs and how long each took from the agent's start. */
-    const switched = async (agent: Agent, before: Map<string, Set<number>>, current: boolean): Promise<{ ids: Map<string, Set<number>>; swappedMs: number; enabledMs: number }> => {
+    const switched = async (agent: AgentProcess, before: Map<string, Set<number>>, current: boolean): Promise<{ ids: Map<string, Set<number>>; swappedMs: number; enabledMs: number }> => {
       const started = Date.now();
       const ids = new Map<string, Set<number>>();
       const release = current ? 'current' : 'previous';
@@ -231,9 +143,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
     await stopAgent(agent);
     const killed = startAgent(CLI);
     await until(() => pods.slice(0, listed).some((p) => connectHooked(p.uid)), () => `a pod re-attached (${killed.stderr()})`, 30_000);
-    const exited = new Promise((r) => killed.child.once('exit', r));
-    killed.child.kill('SIGKILL');
-    await exited;
+    await killed.stop('SIGKILL');
     t.diagnostic(`killed with ${pods.filter((p) => connectHooked(p.uid)).length} of ${listed} pods re-attached`);
     agent = startAgent(CLI);
     const again = await switched(agent, rollback.ids, true);
@@ -253,8 +163,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
       assert.ok(s.new_ok > 100, `pod ${i}: only ${s.new_ok} new connections`);
       // The receiving sockets: every connection came from ztunnel's socket, never the app's own.
       assert.equal(p.server.hellos.length, s.new_ok + LONG_LIVED, `pod ${i}: connections the server saw`);
-      const bypassed = p.server.hellos.filter((h) => h.claimed === h.seen);
-      assert.deepEqual(bypassed, [], `pod ${i}: connections that bypassed ztunnel`);
+      assert.deepEqual(p.server.bypassed(), [], `pod ${i}: connections that bypassed ztunnel`);
       // ztunnel's counters: it carried at least as many as the server saw.
       const outbound = stats.find((st) => st.uid === p.uid)?.stats.outbound.connections ?? 0;
       assert.ok(outbound >= p.server.hellos.length, `pod ${i}: ztunnel counted ${outbound} outbound connections, the server saw ${p.server.hellos.length}`);

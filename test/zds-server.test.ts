@@ -37,6 +37,27 @@ function fixture(t: { after: (fn: () => void) => void }, options: ConstructorPar
 describe('ZDS server', () => {
   after(() => assert.deepEqual(readdirSync('/tmp').filter((n) => n.startsWith(`${TEST_PREFIX}-zds-`)), []));
 
+  it('bound by listen() before it knows its pods: ztunnel connects at once, and its hello is served by start()', async (t) => {
+    const dir = `/tmp/${TEST_PREFIX}-zds-${uniqueSuffix()}`;
+    const server = new ZdsServer({ socketPath: `${dir}/ztunnel.sock` });
+    server.listen();
+    const zt = new FakeZtunnel(server.socketPath).hello(); // the connect succeeds: the socket listens
+    t.after(() => {
+      zt.close();
+      server.close();
+      rmSync(dir, { recursive: true, force: true });
+    });
+    await sleep(200);
+    assert.equal(server.connectedCount, 0, 'a hello served before start()');
+    await server.enroll({ uid: 'a', info: info('a'), netnsFd: netnsFd() }); // known before serving
+    server.start();
+    assert.deepEqual(await zt.request(), { request: { add: { uid: 'a', workloadInfo: info('a') } }, fdCount: 1 }, 'the snapshot holds the pod known before start()');
+    zt.ack();
+    assert.deepEqual(await zt.request(), { request: { snapshotSent: {} }, fdCount: 0 });
+    zt.ack();
+    await until(() => server.connectedCount === 1, 'connected');
+  });
+
   it('sends a snapshot of Add+fd and Keep, then SnapshotSent, waiting for each Ack', async (t) => {
     const { server, statuses, connect } = fixture(t);
     assert.deepEqual(await server.enroll({ uid: 'a', info: info('a'), netnsFd: netnsFd() }), { status: 'unreachable', reason: 'ztunnel is not connected' });

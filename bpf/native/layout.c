@@ -232,44 +232,58 @@ static void pod_meta_for_layout1(struct pod_meta *m)
 	m->flags &= POD_F_BYPASS_INBOUND | POD_F_STRICT;
 }
 
-/* Every pod: the hooks layout `to` does not know go, and its record is rewritten for `to`. */
+/* Every pod: the hooks layout `to` does not know go, and its record is rewritten for `to`. The keys
+ * are read first: rewriting a hash map's entry moves it to the head of its bucket, so a walk that
+ * rewrote as it went would revisit the entries of any bucket holding two pods, forever. */
 static int downgrade_pods(const char *root, unsigned to, struct dp_error *e)
 {
-	struct pod_meta_key key, next;
+	struct pod_meta_key *keys = NULL, next;
 	struct pod_meta m;
 	char path[PATH_MAX];
-	bool have_key = false;
-	int meta;
+	size_t n = 0, cap = 0;
+	int meta, rc = 0;
 
 	snprintf(path, sizeof(path), "%s/maps/pod_meta", root);
 	if ((meta = bpf_obj_get(path)) < 0)
 		return errno == ENOENT ? 0 : dp_fail(e, DPE_SYSTEM, errno, "cannot open %s", path);
-	while (bpf_map_get_next_key(meta, have_key ? &key : NULL, &next) == 0) {
-		key = next;
-		have_key = true;
+	while (bpf_map_get_next_key(meta, n ? &keys[n - 1] : NULL, &next) == 0) {
+		if (n == cap) {
+			struct pod_meta_key *grown = realloc(keys, (cap = cap ? cap * 2 : 256) * sizeof(*keys));
+
+			if (!grown) {
+				rc = dp_fail(e, DPE_SYSTEM, ENOMEM, "cannot list the pods");
+				goto out;
+			}
+			keys = grown;
+		}
+		keys[n++] = next;
+	}
+	for (size_t k = 0; k < n; k++) {
+		struct pod_meta_key *key = &keys[k];
+
 		for (size_t i = 0; i < N(pod_pin_changes); i++) {
 			if (pod_pin_changes[i].layout <= to)
 				continue;
-			snprintf(path, sizeof(path), "%s/pods/%.*s/%s", root, POD_UID_LEN, key.uid, pod_pin_changes[i].pin);
+			snprintf(path, sizeof(path), "%s/pods/%.*s/%s", root, POD_UID_LEN, key->uid, pod_pin_changes[i].pin);
 			drop_link(path);
 			/* (and one an update left prepared when it was stopped) */
-			snprintf(path, sizeof(path), "%s/pods/%.*s/%s_next", root, POD_UID_LEN, key.uid,
+			snprintf(path, sizeof(path), "%s/pods/%.*s/%s_next", root, POD_UID_LEN, key->uid,
 				 pod_pin_changes[i].pin);
 			drop_link(path);
 		}
-		if (to < 2 && bpf_map_lookup_elem(meta, &key, &m) == 0) {
+		if (to < 2 && bpf_map_lookup_elem(meta, key, &m) == 0) {
 			pod_meta_for_layout1(&m);
-			if (bpf_map_update_elem(meta, &key, &m, BPF_EXIST) && errno != ENOENT) {
-				int err = errno;
-
-				close(meta);
-				return dp_fail(e, DPE_SYSTEM, err, "cannot rewrite the record of pod %.*s", POD_UID_LEN,
-					       key.uid);
+			if (bpf_map_update_elem(meta, key, &m, BPF_EXIST) && errno != ENOENT) {
+				rc = dp_fail(e, DPE_SYSTEM, errno, "cannot rewrite the record of pod %.*s", POD_UID_LEN,
+					     key->uid);
+				goto out;
 			}
 		}
 	}
+out:
+	free(keys);
 	close(meta);
-	return 0;
+	return rc;
 }
 
 /* The maps: changed ones copied back into their older pins (when those are still there), then

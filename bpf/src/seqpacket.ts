@@ -134,12 +134,16 @@ export class SeqpacketServer {
   private readonly fd: number;
   private readonly watcher: NativeWatcher;
   private closed = false;
+  private accepting = false;
 
-  /** Listens at `path` (a stale socket file there is replaced) with file mode `mode`. */
+  /** Listens at `path` (a stale socket file there is replaced) with file mode `mode`, and accepts;
+   * with `accepting: false`, only listens: peers' connects succeed and wait in the backlog (their
+   * first messages queued) until accept(). */
   constructor(
     readonly path: string,
     mode: number,
     private readonly maxMessage: number,
+    { accepting = true }: { accepting?: boolean } = {},
   ) {
     try {
       this.fd = addon().seqpacket.listen(path, mode);
@@ -147,6 +151,13 @@ export class SeqpacketServer {
       throw wrap(err);
     }
     this.watcher = new (addon().seqpacket.Watcher)(this.fd, () => this.acceptAll());
+    if (accepting) this.accept();
+  }
+
+  /** Starts accepting connections (those waiting in the backlog first). */
+  accept(): void {
+    if (this.accepting || this.closed) return;
+    this.accepting = true;
     this.watcher.start(READABLE);
   }
 

@@ -131,6 +131,16 @@ export class Agent {
     const { log } = this.opts;
     // A burst of CNI ADDs holds a relay connection and a netns fd per pod at once.
     reserveFileDescriptors(AGENT_FD_TABLE);
+    this.zds = new ZdsServer({
+      socketPath: this.opts.ztunnelSocket,
+      log,
+      onStatus: (uid, r) => this.reconciler?.ztunnelStatus(uid, r),
+      onZtunnelHello: (peer) => this.trustZtunnel(peer),
+    });
+    // The socket first (served only once the pods are known, below): ztunnel retries with a
+    // doubling backoff while no agent listens, so during an upgrade each ms the socket is missing
+    // can cost two before ztunnel is back.
+    this.zds.listen();
     // What the kernel can do decides the modes, not its version string (backports).
     const kernel = forceFeatures(await probeKernel(), this.opts.kernelFeatures ?? {});
     const modes = chooseModes(kernel.features, { attachMode: this.opts.attachMode, steering: this.opts.steering });
@@ -142,12 +152,6 @@ export class Agent {
     this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
     await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering: modes.steering });
     await this.collectGarbage();
-    this.zds = new ZdsServer({
-      socketPath: this.opts.ztunnelSocket,
-      log,
-      onStatus: (uid, r) => this.reconciler?.ztunnelStatus(uid, r),
-      onZtunnelHello: (peer) => this.trustZtunnel(peer),
-    });
     const onChange = (changes: SourceChange[], state: ClusterState): void => {
       log.debug({ changes: changes.length }, 'pod source changed');
       this.writePolicy(state);

@@ -3,13 +3,19 @@
 import { readFileSync } from 'node:fs';
 import yargs, { type CommandModule } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { agentCommand } from './commands/agent.js';
-import { datapathCommand } from './commands/datapath.js';
-import { demoCommand } from './commands/demo.js';
-import { statusCommand } from './commands/status.js';
-import { uninstallCommand } from './commands/uninstall.js';
-import { ztunnelCommand } from './commands/ztunnel.js';
 import { CliError } from './commands/cli-error.js';
+
+/** Each command's module, loaded only when it runs (or for --help): the agent's modules alone take
+ * a second to load on a busy node, which `datapath downgrade` in the middle of a rollback, or a
+ * ztunnel stand-in starting, need not wait for. */
+const COMMANDS: Record<string, () => Promise<CommandModule>> = {
+  agent: async () => (await import('./commands/agent.js')).agentCommand as unknown as CommandModule,
+  datapath: async () => (await import('./commands/datapath.js')).datapathCommand,
+  demo: async () => (await import('./commands/demo.js')).demoCommand as unknown as CommandModule,
+  status: async () => (await import('./commands/status.js')).statusCommand as unknown as CommandModule,
+  ztunnel: async () => (await import('./commands/ztunnel.js')).ztunnelCommand as unknown as CommandModule,
+  uninstall: async () => (await import('./commands/uninstall.js')).uninstallCommand as unknown as CommandModule,
+};
 
 /** "0.1.0 (commit 1a2b3c4...)", from what the build recorded (scripts/build-info.js). */
 function versionLine(): string {
@@ -27,15 +33,11 @@ function fail(message: string, exitCode: number): never {
 }
 
 async function main(): Promise<void> {
-  await yargs(hideBin(process.argv))
-    .scriptName('ambient-bpf')
-    .usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.')
-    .command(agentCommand as unknown as CommandModule)
-    .command(datapathCommand)
-    .command(demoCommand as unknown as CommandModule)
-    .command(statusCommand as unknown as CommandModule)
-    .command(ztunnelCommand as unknown as CommandModule)
-    .command(uninstallCommand as unknown as CommandModule)
+  const args = hideBin(process.argv);
+  const named = args[0] !== undefined && Object.hasOwn(COMMANDS, args[0]) ? [args[0]] : Object.keys(COMMANDS);
+  const commands = await Promise.all(named.map((name) => COMMANDS[name]!()));
+  await commands
+    .reduce((y, command) => y.command(command), yargs(args).scriptName('ambient-bpf').usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.'))
     .demandCommand(1, 'name a command')
     .strict()
     .help()

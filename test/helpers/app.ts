@@ -45,9 +45,9 @@ export class AppCgroup {
   }
 
   /** A long-lived process in this cgroup and `netns`: the pod's "pause" process, by which the
-   * agent finds the pod's cgroup. Kill it before remove(). */
-  pause(netns: string): ChildProcess {
-    return this.spawn('nsenter', [`--net=${netns}`, 'sleep', '600'], { stdio: 'ignore' });
+   * agent finds the pod's cgroup; it ends by itself after `seconds`. Kill it before remove(). */
+  pause(netns: string, seconds = 600): ChildProcess {
+    return this.spawn('nsenter', [`--net=${netns}`, 'sleep', String(seconds)], { stdio: 'ignore' });
   }
 
   /** Any command, started in this cgroup (so every socket it makes belongs to the cgroup). */

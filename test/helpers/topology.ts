@@ -18,11 +18,26 @@ export class Topology {
 
   /** Creates a netns; returns its name (the path is netnsPath(name)). */
   async netns(role: string): Promise<string> {
-    const name = `${TEST_PREFIX}-${role}-${this.id}`;
+    const name = this.track(role);
     await sh('ip', ['netns', 'add', name]);
-    this.namespaces.push(name);
     await this.ip(name, 'link', 'set', 'lo', 'up');
     return name;
+  }
+
+  /** The name of a netns for `role`, removed by cleanup() once made (e.g. by batch()). */
+  track(role: string): string {
+    const name = `${TEST_PREFIX}-${role}-${this.id}`;
+    this.namespaces.push(name);
+    return name;
+  }
+
+  /** `ip` commands run by one process (`ip -batch`), in netns `ns` or, without one, at the top
+   * level (netns add, veth pairs created straight into namespaces): a pod's set-up in three
+   * processes instead of a dozen, which counts when a benchmark makes hundreds. */
+  async batch(ns: string | undefined, lines: string[]): Promise<void> {
+    const p = run('ip', [...(ns ? ['-n', ns] : []), '-batch', '-']);
+    p.child.stdin!.end(lines.join('\n') + '\n');
+    await p;
   }
 
   static netnsPath(name: string): string {
@@ -83,9 +98,8 @@ export interface PodNet {
 /** A pod netns (eth0 with v4+v6) wired to a "remote" host netns that is also its gateway. `tag`
  * tells apart several such pairs in one topology. */
 export async function podWithRemote(topo: Topology, subnet = 0, tag = ''): Promise<PodNet> {
-  const pod = await topo.netns(`pod${tag}`);
-  const remote = await topo.netns(`rem${tag}`);
-  await topo.veth(pod, 'eth0', remote, 'eth0');
+  const pod = topo.track(`pod${tag}`);
+  const remote = topo.track(`rem${tag}`);
   const net: PodNet = {
     topo,
     pod,
@@ -96,11 +110,8 @@ export async function podWithRemote(topo: Topology, subnet = 0, tag = ''): Promi
     remoteV4: `198.18.${subnet}.1`,
     remoteV6: `2001:db8:${subnet}::1`,
   };
-  await topo.addAddress(pod, 'eth0', `${net.podV4}/24`);
-  await topo.addAddress(pod, 'eth0', `${net.podV6}/64`);
-  await topo.addAddress(remote, 'eth0', `${net.remoteV4}/24`);
-  await topo.addAddress(remote, 'eth0', `${net.remoteV6}/64`);
-  await topo.ip(pod, 'route', 'add', 'default', 'via', net.remoteV4);
-  await topo.ip(pod, '-6', 'route', 'add', 'default', 'via', net.remoteV6);
+  await topo.batch(undefined, [`netns add ${pod}`, `netns add ${remote}`, `link add eth0 netns ${pod} type veth peer name eth0 netns ${remote}`]);
+  await topo.batch(remote, ['link set lo up', 'link set eth0 up', `addr add ${net.remoteV4}/24 dev eth0`, `addr add ${net.remoteV6}/64 dev eth0 nodad`]);
+  await topo.batch(pod, ['link set lo up', 'link set eth0 up', `addr add ${net.podV4}/24 dev eth0`, `addr add ${net.podV6}/64 dev eth0 nodad`, `route add default via ${net.remoteV4}`, `route add default via ${net.remoteV6}`]);
   return net;
 }

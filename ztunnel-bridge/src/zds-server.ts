@@ -183,19 +183,29 @@ export class ZdsServer {
     this.log = options.log ?? silentLogger;
   }
 
-  /** Listens (replacing a stale socket file). The directory is created if missing, mode 0750;
-   * the socket is 0600: only root (ztunnel) may connect. */
-  start(): void {
+  /** Binds the socket (replacing a stale socket file) without serving yet: ztunnel's connect
+   * succeeds and its hello waits until start(). ztunnel reconnects with a doubling backoff, so the
+   * sooner a restarted agent's socket exists, the sooner ztunnel is back; an agent binds it first
+   * and serves once it knows its pods. The directory is created if missing, mode 0750; the socket
+   * is 0600: only root (ztunnel) may connect. */
+  listen(): void {
+    if (this.server) return;
     const dir = dirname(this.socketPath);
     if (!existsSync(dir)) {
       mkdirSync(dir, { recursive: true, mode: 0o750 });
       chmodSync(dir, 0o750);
     }
-    this.server = new SeqpacketServer(this.socketPath, 0o600, ZDS_MAX_MESSAGE);
+    this.server = new SeqpacketServer(this.socketPath, 0o600, ZDS_MAX_MESSAGE, { accepting: false });
     this.server.onConnection = (socket) => {
       const connection = new ZtunnelConnection(socket, this, this.opts, this.log);
       this.connections.push(connection);
     };
+  }
+
+  /** Serves ztunnel: binds the socket unless listen() did, and accepts its connections. */
+  start(): void {
+    this.listen();
+    this.server!.accept();
     this.log.info({ socket: this.socketPath }, 'ZDS server listening');
   }
 
