@@ -99,6 +99,11 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     api.upsert('namespaces', nsObj('mesh', 'ambient'));
     api.upsert('namespaces', nsObj('plain'));
     api.upsert('namespaces', nsObj('other'));
+    api.upsert('namespaces', nsObj('relabel'));
+    api.upsert('namespaces', nsObj('stateful'));
+    const dbOld = podObj('db-0', 'stateful');
+    dbOld.metadata.uid = `uid-db-0-old-${topo.id}`;
+    api.upsert('pods', dbOld);
     const pluginSocket = join(dir, 'cni.sock');
     const cniPolicyFile = join(dir, 'cni-policy');
     const agent = new Agent({ nodeName: 'node-a', source: { kubeconfig: api.connection() }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket, cniPolicyFile, bpffs: root, hostRoot: '/', attachMode: 'auto', podLookupTimeoutMs: 1000, log: silentLogger });
@@ -139,7 +144,7 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     api.upsert('pods', podObj('optin', 'plain', { 'istio.io/dataplane-mode': 'ambient' }));
     api.upsert('namespaces', nsObj('fresh', 'ambient'));
     api.upsert('pods', podObj('newcomer', 'fresh'));
-    assert.equal(agent.status().length, 0, 'the watch delivered the pods before their ADD');
+    assert.deepEqual(agent.status().map((s) => s.name), ['db-0'], 'the watch delivered the pods before their ADD');
 
     // Opted out in an ambient namespace: passes through (judged by its namespace alone, it was enrolled).
     const optout = await add('optout', 'mesh');
@@ -155,6 +160,20 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     const newcomer = await add('newcomer', 'fresh');
     assert.equal(newcomer.last.code, 0, newcomer.last.stdout);
     assert.deepEqual(await attached(), [`uid-newcomer-${topo.id}`, `uid-optin-${topo.id}`].sort());
+    // A namespace the agent knows, labelled ambient since its last event: the ADD reads it again.
+    api.upsert('namespaces', nsObj('relabel', 'ambient'));
+    api.upsert('pods', podObj('joiner', 'relabel'));
+    const joiner = await add('joiner', 'relabel');
+    assert.equal(joiner.last.code, 0, joiner.last.stdout);
+    assert.ok((await attached()).includes(`uid-joiner-${topo.id}`), 'a pod of a namespace labelled ambient since the last watch event started unredirected');
+    // A StatefulSet's pod made again under its name, now labelled ambient: the cached earlier pod of
+    // that name (another uid, plain) is not it, and its uid is not the new pod's.
+    api.remove('pods', 'db-0', 'stateful');
+    api.upsert('pods', podObj('db-0', 'stateful', { 'istio.io/dataplane-mode': 'ambient' }));
+    const db = await add('db-0', 'stateful');
+    assert.equal(db.last.code, 0, db.last.stdout);
+    assert.ok((await attached()).includes(`uid-db-0-${topo.id}`), 'the new pod of an old name judged as the old pod');
+    assert.ok(!(await attached()).includes(`uid-db-0-old-${topo.id}`), 'the new pod enrolled under the old pod\'s uid');
     const reads = api.requests.filter((r) => r.method === 'GET' && !r.watch && /^\/api\/v1\/namespaces\/[^/]+(\/pods\/[^/]+)?$/.test(r.path)).map((r) => r.path);
     assert.ok(reads.includes('/api/v1/namespaces/mesh/pods/optout') && reads.includes('/api/v1/namespaces/plain/pods/optin') && reads.includes('/api/v1/namespaces/fresh'), reads.join(' '));
 
@@ -189,11 +208,11 @@ describe('agent with the Kubernetes pod source', kernelTest(), () => {
     await until(() => agent.status().some((s) => s.name === 'late'), 'the watch delivered late');
     const retried = await chainAdd(node, list, { containerId: 'c-late-2', netns: Topology.netnsPath(await topo.netns('late2')), args: `IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=late;K8S_POD_UID=uid-late-${topo.id}` });
     assert.equal(retried.last.code, 0, retried.last.stdout);
-    assert.deepEqual(await attached(), [`uid-late-${topo.id}`, `uid-newcomer-${topo.id}`, `uid-optin-${topo.id}`].sort());
+    assert.deepEqual(await attached(), [`uid-db-0-${topo.id}`, `uid-joiner-${topo.id}`, `uid-late-${topo.id}`, `uid-newcomer-${topo.id}`, `uid-optin-${topo.id}`].sort());
     const states = new Map(agent.status().map((s) => [s.name, s.state]));
     assert.equal(states.get('optout'), 'not ambient');
     assert.equal(states.get('quiet'), 'not ambient');
-    for (const name of ['optin', 'newcomer', 'late']) assert.equal(states.get(name), 'enabled', `${name}: ${states.get(name)}`);
+    for (const name of ['optin', 'newcomer', 'late', 'joiner', 'db-0']) assert.equal(states.get(name), 'enabled', `${name}: ${states.get(name)}`);
   });
 
   it('custom enablement selectors enrol a pod the default would not; Events say why a pod failed and which annotation was ignored', { timeout: 60_000 }, async (t) => {

@@ -34,9 +34,9 @@ function runAgent(args: string[]): { kill: (sig: NodeJS.Signals) => void; pid: n
 }
 
 /** One ADD of ambient-bpf-cni alone, as the runtime runs it after the interface plugin. */
-function pluginAdd(node: string, entry: Record<string, unknown>, namespace: string, name: string, netns = '/var/run/netns/none') {
+function pluginAdd(node: string, entry: Record<string, unknown>, namespace: string, name: string, netns = '/var/run/netns/none', uid = `uid-${name}`) {
   const config = { cniVersion: '1.0.0', name: 'k8s', ...entry, prevResult: { cniVersion: '1.0.0', ips: [{ address: '198.18.110.77/24' }] } };
-  const env = { CNI_COMMAND: 'ADD', CNI_CONTAINERID: `c-${namespace}-${name}`, CNI_NETNS: netns, CNI_IFNAME: 'eth0', CNI_ARGS: `IgnoreUnknown=1;K8S_POD_NAMESPACE=${namespace};K8S_POD_NAME=${name};K8S_POD_UID=uid-${name}` };
+  const env = { CNI_COMMAND: 'ADD', CNI_CONTAINERID: `c-${namespace}-${name}`, CNI_NETNS: netns, CNI_IFNAME: 'eth0', CNI_ARGS: `IgnoreUnknown=1;K8S_POD_NAMESPACE=${namespace};K8S_POD_NAME=${name};K8S_POD_UID=${uid}` };
   return execPlugin(node, 'ambient-bpf-cni', env, JSON.stringify(config));
 }
 
@@ -121,6 +121,9 @@ describe('node lifecycle', kernelTest(), () => {
     assertStarts(await add('plain', 'web'), 'a known plain pod');
     assertStarts(await add('plain', 'web-2'), 'a new pod in a plain namespace');
     assertStarts(await add('mixed', 'other'), 'a known plain pod where others opt in by label');
+    // A new pod under a known pod's name (another uid: a StatefulSet's pod made again, maybe now
+    // labelled ambient) is not judged by the earlier pod's line.
+    assertCniError(await pluginAdd(node, entry, 'mixed', 'other', undefined, 'uid-other-2'), 11, /it may be ambient: pods of its namespace opt in by label/, 'a new pod with a known pod’s name');
     assertStarts(await add('kube-system', 'coredns'), 'an excluded namespace');
 
     // With --unseen-pods=hold, a new pod of a plain namespace waits for the agent too (it may opt

@@ -212,7 +212,7 @@ struct decision {
  *   1. no complete policy file (the agent never ran here, or the data is lost): fail;
  *   2. the namespace is excluded (kube-system): start;
  *   3. the pod is listed (the agent saw it: its sandbox is being recreated after a reboot, or it
- *      restarts): its own decision;
+ *      restarts; by namespace, name and, where the runtime passes K8S_POD_UID, uid): its own decision;
  *   4. otherwise (a pod the agent never saw; its labels are unknown here): start only in a
  *      namespace listed "none" (not labelled ambient, and no pod of it seen with the ambient pod
  *      label); fail in one labelled ambient, one where pods opt in by label, one the agent holds
@@ -220,13 +220,14 @@ struct decision {
 static struct decision decide(const char *policy_file)
 {
 	struct decision d = { .start = false };
-	char *ns = d.ns, *name = d.name, line[1024], ns_mode[256] = "", pod_mode[32] = "";
+	char *ns = d.ns, *name = d.name, line[1024], ns_mode[256] = "", pod_mode[32] = "", uid[128];
 	const char *args = getenv("CNI_ARGS");
 	bool magic = false, complete = false;
 	FILE *f;
 
 	cni_arg(args, "K8S_POD_NAMESPACE", ns, sizeof(d.ns));
 	cni_arg(args, "K8S_POD_NAME", name, sizeof(d.name));
+	cni_arg(args, "K8S_POD_UID", uid, sizeof(uid));
 	if (!ns[0])
 		snprintf(ns, sizeof(d.ns), "default");
 	f = fopen(policy_file, "re");
@@ -235,7 +236,7 @@ static struct decision decide(const char *policy_file)
 		return d;
 	}
 	while (fgets(line, sizeof(line), f)) {
-		char kind[16], a[256], b[256], c[32];
+		char kind[16], a[256], b[256], c[32], line_uid[128];
 		int n;
 
 		line[strcspn(line, "\n")] = '\0';
@@ -251,10 +252,13 @@ static struct decision decide(const char *policy_file)
 			complete = true;
 			break;
 		}
-		n = sscanf(line, "%15s %255s %255s %31s", kind, a, b, c);
+		n = sscanf(line, "%15s %255s %255s %31s %127s", kind, a, b, c, line_uid);
 		if (n == 3 && strcmp(kind, "namespace") == 0 && strcmp(a, ns) == 0)
 			snprintf(ns_mode, sizeof(ns_mode), "%s", b);
-		else if (n == 4 && strcmp(kind, "pod") == 0 && strcmp(a, ns) == 0 && strcmp(b, name) == 0)
+		/* A line for another pod of the same name (another uid: an earlier pod of that name) is
+		 * not this pod's: it is judged as a pod the agent never saw. */
+		else if (n >= 4 && strcmp(kind, "pod") == 0 && strcmp(a, ns) == 0 && strcmp(b, name) == 0 &&
+			 (n == 4 || !uid[0] || strcmp(line_uid, uid) == 0))
 			snprintf(pod_mode, sizeof(pod_mode), "%s", c);
 	}
 	fclose(f);

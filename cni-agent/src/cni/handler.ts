@@ -6,6 +6,7 @@ import type { ClusterState, Pod } from '../pods/pod.js';
 import { PhaseClock, type Reconciler } from '../enrollment/reconciler.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import { checkNetnsPath } from './netns-path.js';
+import { DERIVED_UID_PREFIX } from '../pods/local-source.js';
 import { namespaceModeOf } from './policy-file.js';
 
 export const SUPPORTED_CNI_VERSIONS = ['0.3.0', '0.3.1', '0.4.0', '1.0.0', '1.1.0'];
@@ -104,9 +105,9 @@ export class CniHandler {
         if (uid) await this.deps.reconciler.cniDel(uid, req.env.CNI_CONTAINERID, netns);
         return ok(undefined);
       }
-      // CHECK: an ambient pod must be redirected and acked.
-      const pod = this.findPod(namespace, name, uid);
-      if (pod && this.isAmbient(pod) && !(uid && this.deps.reconciler.isEnabled(uid))) {
+      // CHECK: an ambient pod must be redirected and acked (the pod found as for ADD).
+      const { pod } = await this.podForAdd(req.env, namespace, name, args.K8S_POD_UID);
+      if (name && this.isAmbient(pod) && !(uid && this.deps.reconciler.isEnabled(uid))) {
         throw new CniFailure(CniCode.TryAgainLater, `ambient pod ${namespace}/${name} is not redirected and acked by ztunnel`);
       }
       return ok(undefined);
@@ -137,7 +138,12 @@ export class CniHandler {
   private findPod(namespace: string, name: string, uid: string | undefined): Pod | undefined {
     const pods = this.deps.state().pods;
     if (uid && pods.has(uid)) return pods.get(uid);
-    return [...pods.values()].find((p) => p.metadata.namespace === namespace && p.metadata.name === name);
+    const byName = [...pods.values()].find((p) => p.metadata.namespace === namespace && p.metadata.name === name);
+    // With the runtime's uid, a pod of that name with another uid is an earlier pod of the name (a
+    // StatefulSet's pod made again), not this one: never judged, nor enrolled, as it. Only a pod
+    // whose uid the agent made up (a hand-written pods file) is known by its name alone.
+    if (byName && uid && !byName.metadata.uid.startsWith(DERIVED_UID_PREFIX)) return undefined;
+    return byName;
   }
 
   private isAmbient(pod: Pod): boolean {

@@ -49,7 +49,9 @@ export function renderCniPolicy(state: ClusterState, policy: SelectionPolicy): s
   for (const pod of state.pods.values()) {
     const { namespace, name } = pod.metadata;
     if (!/^[^\s]+$/.test(name) || !/^[^\s]+$/.test(namespace)) continue;
-    lines.push(`pod ${namespace} ${name} ${selectPod(pod, state.namespaces.get(namespace), policy).ambient ? 'ambient' : 'none'}`);
+    // The uid last: a plugin of the previous release reads the first four fields only.
+    const uid = /^[^\s]+$/.test(pod.metadata.uid) ? ` ${pod.metadata.uid}` : '';
+    lines.push(`pod ${namespace} ${name} ${selectPod(pod, state.namespaces.get(namespace), policy).ambient ? 'ambient' : 'none'}${uid}`);
   }
   lines.push(END);
   return lines.join('\n') + '\n';

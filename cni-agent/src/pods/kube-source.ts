@@ -71,6 +71,11 @@ export class KubePodSource implements Annotator, PodEventSink {
   private synced = false;
   /** Uids of pods the watch deleted lately (a lookup's answer must not bring them back). */
   private readonly recentlyDeleted = new Set<string>();
+  /** Objects a CNI ADD's lookup read ahead of the watch, by kind/key, with the resourceVersion read:
+   * list items and watch events older than that are skipped until the watch catches up, so that a
+   * lagging watch cannot take back what the ADD was decided on (an unlabelled version of a pod
+   * just enrolled as ambient, say). */
+  private readonly readAhead = new Map<string, bigint>();
 
   constructor(private readonly opts: KubePodSourceOptions) {
     const informer = (kind: Kind, path: string, query: Record<string, string>): Informer => ({
@@ -153,13 +158,41 @@ export class KubePodSource implements Annotator, PodEventSink {
     }
     if (this.stopped) return undefined;
     const [podObj, nsObj] = found;
+    // The namespace as read now, also when the cache has an older version (labelled since).
     const namespaceFound = nsObj ? toNamespace(nsObj) : undefined;
-    if (namespaceFound && !this.state.namespaces.has(namespaceFound.metadata.name)) this.apply('namespaces', nsObj!, false);
+    if (namespaceFound && this.newer('namespaces', namespaceFound.metadata.name, nsObj!)) this.readAheadOf('namespaces', namespaceFound.metadata.name, nsObj!);
     const pod = podObj ? toPod(podObj) : undefined;
     if (!pod || pod.spec?.nodeName !== this.opts.nodeName) return undefined;
     // (not one the watch deleted while the answer was on its way: that answer is older)
-    if (!this.state.pods.has(pod.metadata.uid) && !this.recentlyDeleted.has(pod.metadata.uid)) this.apply('pods', podObj!, false);
+    if (!this.recentlyDeleted.has(pod.metadata.uid) && this.newer('pods', pod.metadata.uid, podObj!)) this.readAheadOf('pods', pod.metadata.uid, podObj!);
     return this.state.pods.get(pod.metadata.uid);
+  }
+
+  /** Is `o` newer than the cached object of that key (or is there none)? resourceVersions are
+   * compared as numbers where both are (etcd's revisions); otherwise any other version counts. */
+  private newer(kind: Kind, key: string, o: ApiObject): boolean {
+    const cached = (kind === 'pods' ? this.state.pods.get(key) : this.state.namespaces.get(key))?.metadata.resourceVersion;
+    if (cached === undefined) return true;
+    const [a, b] = [revision(o.metadata?.resourceVersion), revision(cached)];
+    return a !== undefined && b !== undefined ? a > b : o.metadata?.resourceVersion !== cached;
+  }
+
+  private readAheadOf(kind: Kind, key: string, o: ApiObject): void {
+    const rv = revision(o.metadata?.resourceVersion);
+    if (rv !== undefined) this.readAhead.set(`${kind}/${key}`, rv);
+    this.apply(kind, o, false);
+  }
+
+  /** Should a list item or watch event for this object be skipped, being older than what a lookup
+   * read? (Deletions never are.) Once the watch brings that version or a later one, the mark goes. */
+  private behindReadAhead(kind: Kind, o: ApiObject): boolean {
+    const key = this.keyOf(kind, o);
+    const mark = key === undefined ? undefined : this.readAhead.get(`${kind}/${key}`);
+    if (mark === undefined) return false;
+    const rv = revision(o.metadata?.resourceVersion);
+    if (rv !== undefined && rv < mark) return true;
+    this.readAhead.delete(`${kind}/${key}`);
+    return false;
   }
 
   podEvent(pod: Pod, type: EventType, reason: string, message: string): void {
@@ -216,16 +249,20 @@ export class KubePodSource implements Annotator, PodEventSink {
       const key = this.keyOf(i.kind, item);
       if (!key) continue;
       seen.add(key);
-      if (cache.get(key)?.metadata.resourceVersion !== item.metadata?.resourceVersion) this.apply(i.kind, item, false);
+      if (cache.get(key)?.metadata.resourceVersion !== item.metadata?.resourceVersion && !this.behindReadAhead(i.kind, item)) this.apply(i.kind, item, false);
     }
-    for (const [key, old] of [...cache]) if (!seen.has(key)) this.apply(i.kind, old as ApiObject, true);
+    // (an object a lookup read after this list's snapshot was taken is not gone)
+    const listRv = revision(resourceVersion);
+    const readAfter = (key: string) => listRv !== undefined && (this.readAhead.get(`${i.kind}/${key}`) ?? -1n) > listRv;
+    for (const [key, old] of [...cache]) if (!seen.has(key) && !readAfter(key)) this.apply(i.kind, old as ApiObject, true);
     i.resourceVersion = resourceVersion;
     i.listed.resolve();
   }
 
   private event(i: Informer, e: WatchEvent<ApiObject>): void {
     if (e.object.metadata?.resourceVersion) i.resourceVersion = e.object.metadata.resourceVersion;
-    if (e.type !== 'BOOKMARK') this.apply(i.kind, e.object, e.type === 'DELETED');
+    if (e.type === 'BOOKMARK' || (e.type !== 'DELETED' && this.behindReadAhead(i.kind, e.object))) return;
+    this.apply(i.kind, e.object, e.type === 'DELETED');
   }
 
   private keyOf(kind: Kind, o: ApiObject): string | undefined {
@@ -255,4 +292,9 @@ export class KubePodSource implements Annotator, PodEventSink {
     else this.state.namespaces.set(namespace.metadata.name, namespace);
     report({ kind: 'namespace', type, namespace });
   }
+}
+
+/** A resourceVersion as a number, where it is one (etcd's revisions are; the API calls them opaque). */
+function revision(rv: string | undefined): bigint | undefined {
+  return rv !== undefined && /^[0-9]{1,30}$/.test(rv) ? BigInt(rv) : undefined;
 }

@@ -9,6 +9,10 @@ import { basename, dirname, resolve } from 'node:path';
 import { parseAllDocuments } from 'yaml';
 import type { ClusterState, Namespace, Pod, SourceChange } from './pod.js';
 
+/** The uid of a pod a hand-written file gives none (no runtime knows it: CNI ADDs name such a pod
+ * by its name only). */
+export const DERIVED_UID_PREFIX = 'local-';
+
 export class LocalPodsError extends Error {
   override readonly name = 'LocalPodsError';
 }
@@ -49,7 +53,7 @@ export function parseLocalPods(text: string, nodeName: string): ClusterState {
     pod.metadata.namespace = typeof obj.metadata?.namespace === 'string' && obj.metadata.namespace ? obj.metadata.namespace : 'default';
     // Hand-written files may leave the uid out: derive a stable one from the pod's identity.
     if (typeof obj.metadata?.uid !== 'string' || obj.metadata.uid === '') {
-      pod.metadata.uid = `local-${createHash('sha256').update(`${pod.metadata.namespace}/${name}`).digest('hex').slice(0, 24)}`;
+      pod.metadata.uid = `${DERIVED_UID_PREFIX}${createHash('sha256').update(`${pod.metadata.namespace}/${name}`).digest('hex').slice(0, 24)}`;
     }
     const node = pod.spec?.nodeName;
     if (node !== undefined && node !== '' && node !== nodeName) continue;
