@@ -3,6 +3,8 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { statfsSync } from 'node:fs';
+import { release } from 'node:os';
+import { kernelHasTcx, steeringForKernel, type Steering } from '../../bpf/src/index.js';
 
 const BPF_FS_MAGIC = 0xcafe4a11;
 
@@ -21,12 +23,33 @@ function missingPrerequisite(): string | undefined {
   return undefined;
 }
 
-/** Options for `describe`/`it`: skip with the reason, or throw in CI where skipping is a failure. */
-export function kernelTest(): { skip?: string } {
-  const missing = missingPrerequisite();
+/** What a test needs beyond the tc fallback and sk_lookup steering (kernels before 6.6). */
+export interface KernelNeeds {
+  /** The test's full name, as the old-kernel harness lists it (test/old-kernel/suite.ts). */
+  name: string;
+  tcx?: boolean;
+  steering?: Steering;
+}
+
+/** The steering this kernel runs by default (the agent's choice: steeringForKernel()). */
+export const KERNEL_STEERING: Steering = steeringForKernel();
+
+/** Options for `describe`/`it`: skip with the reason, or throw in CI where skipping is a failure.
+ * With `needs`, a test of tcx or of sk-assign steering on a kernel before 6.6 (the old-kernel
+ * guest) is skipped only if the harness named it as not applicable (OLD_KERNEL_NOT_APPLICABLE);
+ * any other test that cannot run there fails in CI. */
+export function kernelTest(needs?: KernelNeeds): { skip?: string } {
+  const missing = missingPrerequisite() ?? (needs ? unavailable(needs) : undefined);
   if (!missing) return {};
+  if (needs && (JSON.parse(process.env.OLD_KERNEL_NOT_APPLICABLE || '[]') as string[]).includes(needs.name)) return { skip: `not applicable: ${missing}` };
   if (process.env.CI === 'true') throw new Error(`CI=true and ${missing}: kernel tests must run in CI`);
   return { skip: missing };
+}
+
+function unavailable(needs: KernelNeeds): string | undefined {
+  if (needs.tcx && !kernelHasTcx()) return `Linux ${release()} has no tcx (6.6+)`;
+  if (needs.steering === 'sk-assign' && KERNEL_STEERING !== 'sk-assign') return `Linux ${release()}'s bpf_sk_assign refuses SO_REUSEPORT listeners (6.6+)`;
+  return undefined;
 }
 
 /** A short random suffix for names of namespaces, devices, pins and sockets. */
