@@ -6,8 +6,8 @@
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
-import { Datapath } from '../bpf/src/index.js';
-import { AppCgroup, testRunnerCgroup } from './helpers/app.js';
+import { Datapath, kernelHasTcx } from '../bpf/src/index.js';
+import { AppCgroup, testRunnerCgroup, useKernelSteering } from './helpers/app.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
@@ -26,7 +26,7 @@ describe('strict mode', kernelTest(), () => {
 
   const remoteNs = (): string => Topology.netnsPath(net.remote);
   const attach = (extra: { strict?: boolean; podCgroup?: string }) =>
-    dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...extra }, { mode: 'tcx' });
+    dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...extra }, { mode: kernelHasTcx() ? 'tcx' : 'tc' });
   const strictDropped = async (): Promise<number> => (await dp.list()).find((p) => p.uid === uid)!.counters.strictDropped;
 
   /** Frames of `kind` the remote host's eth0 saw while `send` ran (app-client.py sniff). A packet
@@ -47,6 +47,7 @@ describe('strict mode', kernelTest(), () => {
     net = await podWithRemote(topo, 48);
     await topo.ip(net.remote, '-6', 'route', 'add', `${OFF_LINK_V6}/128`, 'dev', 'lo');
     dp = await Datapath.open({ bpffsRoot: root });
+    await useKernelSteering(dp);
     dp.trustZtunnelCgroup(testRunnerCgroup());
     await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [] });
     app = new AppCgroup(topo.id);
