@@ -13,8 +13,11 @@ cd "$(dirname "$0")/.."
 # The test of the product as deployed (test/deployed.test.ts): containerd (with its CRI plugin) and
 # runc run the image; mmdebstrap and buildah build it (scripts/build-image.sh); busybox-static makes
 # the test's pause and app images; openssl the API test server's certificate.
+# The old-kernel check (test/old-kernel.test.ts): qemu-system-x86 boots Debian's Linux 6.1 (fetched
+# by apt-get download, never installed) with a busybox-static initramfs.
 packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy
-  netcat-openbsd curl socat iperf3 containerd runc mmdebstrap buildah busybox-static openssl)
+  netcat-openbsd curl socat iperf3 containerd runc mmdebstrap buildah busybox-static openssl
+  qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

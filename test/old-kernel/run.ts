@@ -6,8 +6,9 @@ import { HarnessError, runOnOldKernel } from './harness.js';
 const argv = process.argv.slice(2);
 const command = argv[0] === '--sh' ? argv[1] : undefined;
 const files = command !== undefined ? [] : argv.length ? argv : GUEST_SUITE;
+const totalTimeoutMs = 1_800_000;
 try {
-  const r = await runOnOldKernel({ files, ...(command !== undefined ? { command } : {}), notApplicable: NOT_APPLICABLE_ON_6_1.map((n) => n.name), onConsole: (l) => process.stdout.write(`guest| ${l}\n`) });
+  const r = await runOnOldKernel({ files, ...(command !== undefined ? { command } : {}), notApplicable: NOT_APPLICABLE_ON_6_1.map((n) => n.name), totalTimeoutMs, onConsole: (l) => process.stdout.write(`guest| ${l}\n`) });
   const byFile = new Map<string, { pass: number; fail: number; skip: number }>();
   for (const t of r.tests) {
     const c = byFile.get(t.file) ?? { pass: 0, fail: 0, skip: 0 };
