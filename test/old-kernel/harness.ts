@@ -307,7 +307,12 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
     if (partial) consoleText += partial;
     const tail = consoleText.split('\n').slice(-40).join('\n');
     if (failed) throw new HarnessError(failed.split(':')[0]!, `the guest failed: ${failed}\n--- console (last lines) ---\n${tail}`, consoleText);
-    if (timedOut) throw new HarnessError(step, `${timedOut} (QEMU killed)\n--- console (last lines) ---\n${tail}`, consoleText);
+    if (timedOut) {
+      // What finished before the guest was stopped (the reporter writes each test as it ends).
+      const done = existsSync(join(results, 'results.jsonl')) ? readFileSync(join(results, 'results.jsonl'), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as GuestTest) : [];
+      const summary = done.filter((t) => t.nesting === 0).map((t) => `${t.result} ${t.file.replace(`${REPO}/`, '')} › ${t.name} (${Math.round(t.ms / 1000)} s)`).join('\n');
+      throw new HarnessError(step, `${timedOut} (QEMU killed)\n--- finished before that ---\n${summary || '(nothing)'}\n--- console (last lines) ---\n${tail}`, consoleText);
+    }
     if (!testsEnded) throw new HarnessError(step, `QEMU exited (${exitCode}) before the tests ended\n--- console (last lines) ---\n${tail}`, consoleText);
     const rcFile = join(results, 'rc');
     const jsonl = join(results, 'results.jsonl');
