@@ -250,11 +250,12 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
     // Boot. No network device, no disk: the host's root (read-only) and the results directory.
     const totalTimeoutMs = opts.totalTimeoutMs ?? 900_000;
     const bootTimeoutMs = opts.bootTimeoutMs ?? 180_000;
+    // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail and panic.
     const args = [
       '-machine', 'pc', '-accel', existsSync('/dev/kvm') ? 'kvm' : 'tcg,thread=multi', '-cpu', 'max', '-smp', '2', '-m', '2048',
       '-nodefaults', '-no-reboot', '-display', 'none', '-serial', 'stdio',
       '-kernel', kernel, '-initrd', initrd,
-      '-append', 'console=ttyS0 panic=-1 oops=panic quiet loglevel=4 rdinit=/init',
+      '-append', 'console=ttyS0 panic=-1 oops=panic no_timer_check quiet loglevel=4 rdinit=/init',
       '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
       '-virtfs', `local,path=${results},mount_tag=results,security_model=none`,
     ];
