@@ -12,6 +12,7 @@ import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
 import { udpInNetns } from './helpers/traffic.js';
+import { scaled } from './helpers/wait.js';
 
 after(assertNothingLeft);
 
@@ -32,7 +33,7 @@ describe('strict mode', kernelTest(), () => {
   /** Frames of `kind` the remote host's eth0 saw while `send` ran (app-client.py sniff). A packet
    * strict mode drops may fail its send (ENOBUFS): what counts is what arrived. */
   async function seenByRemote(kind: string, send: () => Promise<string>): Promise<number> {
-    const sniffer = app.spawn('nsenter', [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff', kind, '1.2'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const sniffer = app.spawn('nsenter', [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff', kind, String(scaled(1200) / 1000)], { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     sniffer.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     const exited = new Promise((r) => sniffer.once('exit', r));

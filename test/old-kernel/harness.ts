@@ -277,6 +277,7 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
       for (const line of lines) {
         consoleText += `${line}\n`;
         opts.onConsole?.(line);
+        if (/Kernel panic - not syncing/.test(line) && !failed) failed = `${step}: kernel panic: ${line.replace(/^\[[^\]]*\] */, '')}`;
         const m = /^OLDK (\S+) ?(.*)$/.exec(line);
         if (!m) continue;
         if (m[1] === 'step') step = m[2]!;
