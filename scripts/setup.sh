@@ -13,10 +13,13 @@ cd "$(dirname "$0")/.."
 # The test of the product as deployed (test/deployed.test.ts): containerd (with its CRI plugin) and
 # runc run the image; mmdebstrap and buildah build it (scripts/build-image.sh); busybox-static makes
 # the test's pause and app images; openssl the API test server's certificate.
+# The old-kernel check (test/old-kernel.test.ts): qemu-system-x86 boots Debian's Linux 6.1 (fetched
+# by apt-get download, never installed) with a busybox-static initramfs.
 # The metrics test (test/prometheus.test.ts): prometheus scrapes the agent (a server the test starts
 # on 127.0.0.1 with its own configuration and storage) and its promtool checks the exposition.
 packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy
-  netcat-openbsd curl socat iperf3 containerd runc mmdebstrap buildah busybox-static openssl prometheus)
+  netcat-openbsd curl socat iperf3 containerd runc mmdebstrap buildah busybox-static openssl prometheus
+  qemu-system-x86)
 # `kubectl kustomize` renders the platform overlays (test/manifests.test.ts): Debian's kubectl is
 # in kubernetes-client. A machine that has a kubectl already (another package's, such as Google
 # Cloud SDK's) keeps it: both ship /usr/bin/kubectl, and dpkg refuses to install the second.

@@ -11,7 +11,7 @@ import { Datapath } from '../bpf/src/index.js';
 import { AppCgroup } from './helpers/app.js';
 import { CLI, runCli } from './helpers/cli.js';
 import { TestDnsServer } from './helpers/dns-server.js';
-import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { KERNEL_HAS_TCX, kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
 import { RecordingServer, whoAnswers } from './helpers/traffic.js';
@@ -71,7 +71,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     procs.push(agent);
     const ztunnel = run(['ztunnel', '--socket', socket, '--dns-upstream', net.remoteV4]);
     procs.push(ztunnel);
-    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, () => `readyz (${agent.stderr()})`, 10_000);
+    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, () => `readyz (exit ${agent.child.exitCode}; stderr: ${agent.stderr()}; stdout: ${agent.stdout()})`, 10_000);
     await until(async () => /ambient_bpf_pods\{state="enabled"\} 1/.test((await get(`http://127.0.0.1:${port + 1}/metrics`)).body), 'pod enabled', 10_000);
     assert.equal((await get(`http://127.0.0.1:${port}/healthz`)).status, 200);
     const metrics = (await get(`http://127.0.0.1:${port + 1}/metrics`)).body;
@@ -84,15 +84,16 @@ describe('ambient-bpf agent', kernelTest(), () => {
     assert.doesNotMatch(metrics, /istio_cni_install_ready/, 'no installer in this agent');
 
     // ambient-bpf status: JSON and the table.
-    // Enrolled on the tc fast path, moved to tcx once the node is idle (a second).
+    // Enrolled on the tc fast path, moved to tcx once the node is idle (a second); before 6.6, tc stays.
+    const settled = KERNEL_HAS_TCX ? 'tcx' : 'tc';
     const hooks = async () => (JSON.parse((await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout) as { pods: { hooks: string }[] }).pods[0]?.hooks;
-    await until(async () => (await hooks()) === 'tcx', 'moved to tcx', 10_000);
+    await until(async () => (await hooks()) === settled, `settled on ${settled}`, 10_000);
     const status = await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')]);
     assert.equal(status.code, 0, status.stderr);
     const report = JSON.parse(status.stdout) as { pods: { name: string; namespace: string; state: string; hooks: string; ztunnel: string; dnsCapture: string }[]; ztunnelConnections: number };
-    assert.deepEqual(report.pods.map((p) => [p.namespace, p.name, p.state, p.hooks, p.ztunnel, p.dnsCapture]), [['shop', 'cart', 'enabled', 'tcx', 'acked', 'on']]);
+    assert.deepEqual(report.pods.map((p) => [p.namespace, p.name, p.state, p.hooks, p.ztunnel, p.dnsCapture]), [['shop', 'cart', 'enabled', settled, 'acked', 'on']]);
     assert.equal(report.ztunnelConnections, 1);
-    assert.match((await runCli(['status', '--status-socket', join(dir, 'status.sock')])).stdout, /^NAMESPACE +POD +STATE +HOOKS +ZTUNNEL +DNS +REDIRECTED OUT\/IN +AGE +REASON\nshop +cart +enabled +tcx +acked +on +0\/0 +\d+s +namespace label\n/);
+    assert.match((await runCli(['status', '--status-socket', join(dir, 'status.sock')])).stdout, new RegExp(`^NAMESPACE +POD +STATE +HOOKS +ZTUNNEL +DNS +REDIRECTED OUT/IN +AGE +REASON\nshop +cart +enabled +${settled} +acked +on +0/0 +\\d+s +namespace label\n`));
     // The stand-in runs in this test's cgroup; the agent learnt it from the ZDS peer's credentials.
     assert.match(agent.stderr(), /"msg":"(ztunnel's cgroup trusted: its marked sockets skip redirection|ztunnel runs in the root cgroup v2[^"]*)"/);
     const down = await runCli(['status', '--status-socket', join(dir, 'nothing.sock')]);
@@ -165,7 +166,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
       await topo.cleanup();
       rmSync(dir, { recursive: true, force: true });
     });
-    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, () => `readyz (${agent.stderr()})`, 10_000);
+    await until(async () => (await get(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200, () => `readyz (exit ${agent.child.exitCode}; stderr: ${agent.stderr()}; stdout: ${agent.stdout()})`, 10_000);
     const installed = JSON.parse(readFileSync(join(confDir, '10-bridge.conflist'), 'utf8')) as { plugins: { type: string; agent_socket?: string }[] };
     assert.deepEqual(installed.plugins.map((p) => p.type), ['bridge', 'ambient-bpf-cni']);
     assert.equal(installed.plugins[1]!.agent_socket, join(dir, 'cni.sock'));

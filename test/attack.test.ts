@@ -23,6 +23,7 @@ import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
 import { RecordingServer } from './helpers/traffic.js';
+import { scaled } from './helpers/wait.js';
 
 const CRAFT = fileURLToPath(new URL('../../test/fixtures/craft.py', import.meta.url));
 const PYTHON = '/usr/bin/python3'; // Debian's, where python3-scapy is installed
@@ -136,13 +137,13 @@ class Crafter {
   }
 
   async ready(): Promise<this> {
-    assert.match(await this.next(20_000), /"ready"/);
+    assert.match(await this.next(scaled(20_000)), /"ready"/);
     return this;
   }
 
   async send(req: Record<string, unknown>): Promise<CraftResult> {
     this.proc.stdin!.write(`${JSON.stringify(req)}\n`);
-    const out = JSON.parse(await this.next(10_000)) as CraftResult;
+    const out = JSON.parse(await this.next(scaled(10_000))) as CraftResult;
     assert.notEqual(out.result, 'error', `craft.py: ${out.error}`);
     return out;
   }
@@ -258,7 +259,7 @@ const MODES: { mode: 'tcx' | 'tc'; steering: Steering; subnet: number }[] = [
 ];
 
 for (const { mode, steering, subnet } of MODES) {
-  describe(`attacks with ${mode} hooks and ${steering} steering`, kernelTest(), () => {
+  describe(`attacks with ${mode} hooks and ${steering} steering`, kernelTest({ name: `attacks with ${mode} hooks and ${steering} steering`, tcx: mode === 'tcx', steering }), () => {
     const topo = new Topology();
     const uid = `pod-${topo.id}`;
     const root = testBpffsRoot(topo.id);

@@ -5,7 +5,8 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { after, describe, it } from 'node:test';
 import { Datapath, DatapathError } from '../bpf/src/index.js';
-import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { useKernelSteering } from './helpers/app.js';
+import { KERNEL_STEERING, kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, linksOfPrograms, podProgramIds } from './helpers/leftovers.js';
 import { podWithRemote, Topology } from './helpers/topology.js';
 import { whoAnswers, ztunnelListener } from './helpers/traffic.js';
@@ -18,6 +19,7 @@ async function fixture(t: { after: (fn: () => Promise<void>) => void }): Promise
   const topo = new Topology();
   const root = testBpffsRoot(topo.id);
   const dp = await Datapath.open({ bpffsRoot: root });
+  await useKernelSteering(dp);
   t.after(async () => {
     for (const p of await dp.list()) await dp.detach(p.uid);
     dp.close();
@@ -29,7 +31,8 @@ async function fixture(t: { after: (fn: () => Promise<void>) => void }): Promise
 
 describe('datapath lifecycle', kernelTest(), () => {
   for (const mode of ['tcx', 'tc'] as const) {
-    it(`attaches and detaches 50 pods (${mode}) leaving no pins, links, rules or filters`, async (t) => {
+    const name = `attaches and detaches 50 pods (${mode}) leaving no pins, links, rules or filters`;
+    it(name, kernelTest({ name, tcx: mode === 'tcx' }), async (t) => {
       const { topo, dp, root } = await fixture(t);
       const node = await topo.netns('node');
       const pods: { ns: string; ip: string; uid: string }[] = [];
@@ -66,6 +69,7 @@ describe('datapath lifecycle', kernelTest(), () => {
     const child = spawn(process.execPath, ['--input-type=module', '-e', `
       const { Datapath } = await import(${JSON.stringify(new URL('../bpf/src/index.js', import.meta.url).href)});
       const dp = await Datapath.open({ bpffsRoot: ${JSON.stringify(root)} });
+      if (${JSON.stringify(KERNEL_STEERING)} !== 'sk-assign') await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering: ${JSON.stringify(KERNEL_STEERING)} });
       await dp.attach({ uid: ${JSON.stringify(uid)}, netnsPath: ${JSON.stringify(net.podPath)}, ips: [${JSON.stringify(net.podV4)}] });
       console.log('attached');
       setInterval(() => {}, 1000);
@@ -88,7 +92,8 @@ describe('datapath lifecycle', kernelTest(), () => {
     await assert.rejects(whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 80, timeoutMs: 1000 }));
   });
 
-  it('switches attach mode in place without a moment in which traffic escapes', { timeout: 60_000 }, async (t) => {
+  const switching = 'switches attach mode in place without a moment in which traffic escapes';
+  it(switching, { timeout: 60_000, ...kernelTest({ name: switching, tcx: true }) }, async (t) => {
     const { topo, dp } = await fixture(t);
     const net = await podWithRemote(topo, 8);
     const uid = `pod-${topo.id}`;
@@ -125,7 +130,8 @@ describe('datapath lifecycle', kernelTest(), () => {
   });
 
   for (const mode of ['tcx', 'tc'] as const) {
-    it(`collects the pins and record of a pod whose netns was deleted (${mode})`, async (t) => {
+    const name = `collects the pins and record of a pod whose netns was deleted (${mode})`;
+    it(name, kernelTest({ name, tcx: mode === 'tcx' }), async (t) => {
       const { topo, dp, root } = await fixture(t);
       const net = await podWithRemote(topo, 4);
       const uid = `pod-${topo.id}`;
@@ -181,7 +187,8 @@ describe('datapath lifecycle', kernelTest(), () => {
     await assert.rejects(Datapath.open({ bpffsRoot: '/tmp/not-bpffs' }), (err: DatapathError) => err.code === 'EBPFFS');
   });
 
-  it('rolls back a failure half-way: no links, rules, routes or sysctl changes remain', async (t) => {
+  const rollback = 'rolls back a failure half-way: no links, rules, routes or sysctl changes remain';
+  it(rollback, kernelTest({ name: rollback, tcx: true }), async (t) => {
     const { topo, dp, root } = await fixture(t);
     const net = await podWithRemote(topo, 6);
     const uid = `pod-${topo.id}`;

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
-import { testRunnerCgroup } from './helpers/app.js';
+import { testRunnerCgroup, useKernelSteering } from './helpers/app.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
@@ -18,7 +18,7 @@ const APP_PORT = 8080;
 after(assertNothingLeft);
 
 for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
-  describe(`datapath with ${mode}`, kernelTest(), () => {
+  describe(`datapath with ${mode}`, kernelTest({ name: `datapath with ${mode}`, tcx: mode === 'tcx' }), () => {
     const topo = new Topology();
     const uid = `pod-${topo.id}`;
     const root = testBpffsRoot(topo.id);
@@ -37,6 +37,7 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
       await topo.ip(net.pod, 'route', 'add', PROBE_V4, 'dev', 'eth0');
       await topo.ip(net.pod, '-6', 'route', 'add', PROBE_V6, 'dev', 'eth0');
       dp = await Datapath.open({ bpffsRoot: root });
+      await useKernelSteering(dp);
       dp.trustZtunnelCgroup(testRunnerCgroup()); // the test's own marked sockets play ztunnel's
       const r = await attach();
       assert.equal(r.mode, mode);

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { readdirSync, rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { Datapath, type DatapathCounters } from '../bpf/src/index.js';
+import { useKernelSteering } from './helpers/app.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { sh, Topology } from './helpers/topology.js';
@@ -19,7 +20,7 @@ const APP_PORT = 8080;
 after(assertNothingLeft);
 
 for (const [mode, n] of [['tcx', 30], ['tc', 31]] as const) {
-  describe(`kubelet probes with ${mode}`, kernelTest(), () => {
+  describe(`kubelet probes with ${mode}`, kernelTest({ name: `kubelet probes with ${mode}`, tcx: mode === 'tcx' }), () => {
     const topo = new Topology();
     const uid = `pod-${topo.id}`;
     const root = testBpffsRoot(topo.id);
@@ -50,6 +51,7 @@ for (const [mode, n] of [['tcx', 30], ['tc', 31]] as const) {
       await topo.ip(outside, 'route', 'add', 'default', 'via', addr.nodeOutV4);
       await topo.exec(node, 'sysctl', '-qw', 'net.ipv4.ip_forward=1');
       dp = await Datapath.open({ bpffsRoot: root });
+      await useKernelSteering(dp);
       const r = await attach();
       assert.equal(r.mode, mode);
       assert.ok(r.hostIfindex > 0, 'the node side of the veth was not found');

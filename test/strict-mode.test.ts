@@ -7,11 +7,12 @@ import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
-import { AppCgroup, testRunnerCgroup } from './helpers/app.js';
-import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { AppCgroup, testRunnerCgroup, useKernelSteering } from './helpers/app.js';
+import { KERNEL_HAS_TCX, kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
 import { udpInNetns } from './helpers/traffic.js';
+import { scaled } from './helpers/wait.js';
 
 after(assertNothingLeft);
 
@@ -26,13 +27,13 @@ describe('strict mode', kernelTest(), () => {
 
   const remoteNs = (): string => Topology.netnsPath(net.remote);
   const attach = (extra: { strict?: boolean; podCgroup?: string }) =>
-    dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...extra }, { mode: 'tcx' });
+    dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...extra }, { mode: KERNEL_HAS_TCX ? 'tcx' : 'tc' });
   const strictDropped = async (): Promise<number> => (await dp.list()).find((p) => p.uid === uid)!.counters.strictDropped;
 
   /** Frames of `kind` the remote host's eth0 saw while `send` ran (app-client.py sniff). A packet
    * strict mode drops may fail its send (ENOBUFS): what counts is what arrived. */
   async function seenByRemote(kind: string, send: () => Promise<string>): Promise<number> {
-    const sniffer = app.spawn('nsenter', [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff', kind, '1.2'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const sniffer = app.spawn('nsenter', [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff', kind, String(scaled(1200) / 1000)], { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     sniffer.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     const exited = new Promise((r) => sniffer.once('exit', r));
@@ -47,6 +48,7 @@ describe('strict mode', kernelTest(), () => {
     net = await podWithRemote(topo, 48);
     await topo.ip(net.remote, '-6', 'route', 'add', `${OFF_LINK_V6}/128`, 'dev', 'lo');
     dp = await Datapath.open({ bpffsRoot: root });
+    await useKernelSteering(dp);
     dp.trustZtunnelCgroup(testRunnerCgroup());
     await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [] });
     app = new AppCgroup(topo.id);

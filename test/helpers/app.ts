@@ -6,8 +6,8 @@ import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, rmdirSync,
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid } from '../../bpf/src/index.js';
-import { TEST_PREFIX } from './kernel.js';
+import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, type Datapath } from '../../bpf/src/index.js';
+import { KERNEL_STEERING, TEST_PREFIX } from './kernel.js';
 import { sh } from './topology.js';
 
 /** test/fixtures/app-client.py, the app's side of the datapath tests. */
@@ -66,6 +66,15 @@ export class AppCgroup {
 export function testRunnerCgroup(): string {
   const mount = cgroup2Mount();
   return cgroupDirectory(cgroupPathOfPid(process.pid), mount);
+}
+
+/** Sets a test's datapath to the steering this kernel runs by default (the agent's choice). On a
+ * kernel before 6.6 that is sk_lookup, which learns ztunnel's listeners from ztunnel's cgroup: the
+ * test runner's, whose in-process listeners play ztunnel's. On 6.6+ nothing changes. */
+export async function useKernelSteering(dp: Datapath): Promise<void> {
+  if (KERNEL_STEERING === 'sk-assign') return;
+  await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering: KERNEL_STEERING });
+  dp.trustZtunnelCgroup(testRunnerCgroup());
 }
 
 /** Test cgroups still present (a suite asserts there are none). */

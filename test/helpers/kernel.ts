@@ -3,6 +3,8 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { statfsSync } from 'node:fs';
+import { release } from 'node:os';
+import { chooseModes, probeKernel, type Steering } from '../../bpf/src/index.js';
 
 const BPF_FS_MAGIC = 0xcafe4a11;
 
@@ -21,12 +23,38 @@ function missingPrerequisite(): string | undefined {
   return undefined;
 }
 
-/** Options for `describe`/`it`: skip with the reason, or throw in CI where skipping is a failure. */
-export function kernelTest(): { skip?: string } {
-  const missing = missingPrerequisite();
+/** What a test needs beyond the tc fallback and sk_lookup steering (kernels before 6.6). */
+export interface KernelNeeds {
+  /** The test's full name, as the old-kernel harness lists it (test/old-kernel/suite.ts). */
+  name: string;
+  tcx?: boolean;
+  steering?: Steering;
+}
+
+/** What this kernel can do, probed as the agent probes it (where kernel tests can run at all). */
+const KERNEL = missingPrerequisite() === undefined ? await probeKernel() : undefined;
+const MODES = KERNEL ? chooseModes(KERNEL.features, { attachMode: 'auto', steering: 'auto' }) : undefined;
+/** The steering the agent picks on this kernel by default. */
+export const KERNEL_STEERING: Steering = MODES?.steering ?? 'sk-assign';
+/** Does this kernel have tcx links (6.6+)? */
+export const KERNEL_HAS_TCX = KERNEL?.features.tcx ?? false;
+
+/** Options for `describe`/`it`: skip with the reason, or throw in CI where skipping is a failure.
+ * With `needs`, a test of tcx or of sk-assign steering on a kernel before 6.6 (the old-kernel
+ * guest) is skipped only if the harness named it as not applicable (OLD_KERNEL_NOT_APPLICABLE);
+ * any other test that cannot run there fails in CI. */
+export function kernelTest(needs?: KernelNeeds): { skip?: string } {
+  const missing = missingPrerequisite() ?? (needs ? unavailable(needs) : undefined);
   if (!missing) return {};
+  if (needs && (JSON.parse(process.env.OLD_KERNEL_NOT_APPLICABLE || '[]') as string[]).includes(needs.name)) return { skip: `not applicable: ${missing}` };
   if (process.env.CI === 'true') throw new Error(`CI=true and ${missing}: kernel tests must run in CI`);
   return { skip: missing };
+}
+
+function unavailable(needs: KernelNeeds): string | undefined {
+  if (needs.tcx && !KERNEL_HAS_TCX) return `Linux ${release()} has no tcx (6.6+)`;
+  if (needs.steering === 'sk-assign' && KERNEL_STEERING !== 'sk-assign') return `Linux ${release()}'s bpf_sk_assign refuses SO_REUSEPORT listeners (6.6+)`;
+  return undefined;
 }
 
 /** A short random suffix for names of namespaces, devices, pins and sockets. */

@@ -3,6 +3,7 @@ import dgram from 'node:dgram';
 import type net from 'node:net';
 import { connectFromNetns, listenInNetns, type NetnsConnectOptions, type NetnsListenOptions } from '../../bpf/src/index.js';
 import { udpSocketInNetns } from '../../bpf/src/node-netns.js';
+import { scaled } from './wait.js';
 
 export interface Accepted {
   localAddress: string;
@@ -66,7 +67,7 @@ export async function whoAnswers(options: NetnsConnectOptions, payload = 'ping')
   try {
     return await new Promise<string>((resolve, reject) => {
       let buf = '';
-      const timer = setTimeout(() => reject(new Error(`no answer from ${options.host}:${options.port}`)), options.timeoutMs ?? 3000);
+      const timer = setTimeout(() => reject(new Error(`no answer from ${options.host}:${options.port}`)), options.timeoutMs ?? scaled(3000));
       socket.on('data', (d: Buffer) => {
         buf += d.toString();
         const nl = buf.indexOf('\n');

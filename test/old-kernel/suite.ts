@@ -1,0 +1,41 @@
+// Which test files run in the old-kernel guest (Debian bookworm's Linux 6.1, under TCG), and which
+// of their tests do not apply there, by name: the guest skips exactly these, saying why
+// (kernelTest() in test/helpers/kernel.ts), and the host fails on any other skip.
+export const GUEST_SUITE = [
+  'dist/test/datapath.test.js',
+  'dist/test/steering-fallback.test.js',
+  'dist/test/agent.test.js',
+  'dist/test/dns-capture.test.js',
+  'dist/test/probes.test.js',
+  'dist/test/strict-mode.test.js',
+];
+
+/** Runs on 6.1 by hand only (`node dist/test/old-kernel/run.js dist/test/attack.test.js`), not in
+ * the CI set: under TCG each crafted-packet process (python3 + scapy) takes tens of seconds to
+ * start and the suite alone exceeds the old-kernel check's ten minutes. */
+export const BY_HAND_ONLY = ['dist/test/attack.test.js', 'dist/test/datapath-lifecycle.test.js'];
+// datapath-lifecycle: its 50-pod test passed on 6.1 (tc) but took 245 s under TCG on a loaded
+// machine (each of its ~250 `ip`/`tc` processes costs about a second there), past the budget.
+
+/** Tests that fail on 6.1 and are not fixed yet: reported by the check as known failures (any
+ * other failure fails it). Each is an open item (README, Compatibility). */
+export const KNOWN_FAILING_ON_6_1: { file: string; name: string; seen: string }[] = [
+  { file: 'dist/test/dns-capture.test.js', name: 'turned off in place: queries go straight to the server', seen: 'the app’s TCP query to the server was refused (ECONNREFUSED) after DNS capture was turned off in place' },
+  { file: 'dist/test/probes.test.js', name: 'forgets each translation when its connection ends, so probe churn cannot evict a live one', seen: 'the probe translations of closed connections were not removed within the wait' },
+];
+
+const TCX = 'tcx links need Linux 6.6';
+const SK_ASSIGN = "bpf_sk_assign takes ztunnel's SO_REUSEPORT listeners only from Linux 6.6 (before, the agent steers with sk_lookup)";
+
+export const NOT_APPLICABLE_ON_6_1: { file: string; name: string; reason: string }[] = [
+  { file: 'dist/test/datapath.test.js', name: 'datapath with tcx', reason: TCX },
+  { file: 'dist/test/datapath-lifecycle.test.js', name: 'attaches and detaches 50 pods (tcx) leaving no pins, links, rules or filters', reason: TCX },
+  { file: 'dist/test/datapath-lifecycle.test.js', name: 'switches attach mode in place without a moment in which traffic escapes', reason: `${TCX} (it switches tcx → tc → tcx)` },
+  { file: 'dist/test/datapath-lifecycle.test.js', name: 'collects the pins and record of a pod whose netns was deleted (tcx)', reason: TCX },
+  { file: 'dist/test/datapath-lifecycle.test.js', name: 'rolls back a failure half-way: no links, rules, routes or sysctl changes remain', reason: `${TCX} (the failure it provokes is pinning a tcx link)` },
+  { file: 'dist/test/probes.test.js', name: 'kubelet probes with tcx', reason: TCX },
+  // attack.test.js, when run by hand:
+  { file: 'dist/test/attack.test.js', name: 'attacks with tcx hooks and sk-assign steering', reason: `${TCX}; ${SK_ASSIGN}` },
+  { file: 'dist/test/attack.test.js', name: 'attacks with tc hooks and sk-assign steering', reason: SK_ASSIGN },
+  { file: 'dist/test/attack.test.js', name: 'attacks with tcx hooks and sk-lookup steering', reason: TCX },
+];
