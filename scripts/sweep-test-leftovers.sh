@@ -7,7 +7,6 @@
 set -uo pipefail
 prefix="${TEST_NAME_PREFIX:-abt}"
 [[ "$prefix" =~ ^[a-z]{2,4}$ ]] || prefix=abt
-cg=/sys/fs/cgroup
 swept=()
 
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${prefix}-"); do
@@ -16,16 +15,20 @@ for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${prefix}-"); 
   ip netns delete "$ns" 2>/dev/null && swept+=("netns $ns")
 done
 
-for dir in "$cg/${prefix}-"*; do
-  [ -d "$dir" ] || continue
-  echo 1 > "$dir/cgroup.kill" 2>/dev/null
-  # Children before parents (rmdir needs an empty cgroup); processes take a moment to leave.
-  for _ in 1 2 3 4 5 6 7 8 9 10; do
-    find "$dir" -depth -type d -exec rmdir {} \; 2>/dev/null
-    [ -d "$dir" ] || break
-    sleep 0.2
+# Every cgroup hierarchy (v2, and v1 controllers where the machine still mounts them).
+for mnt in $(awk '$3 == "cgroup" || $3 == "cgroup2" {print $2}' /proc/mounts); do
+  for dir in "$mnt/${prefix}-"*; do
+    [ -d "$dir" ] || continue
+    { echo 1 > "$dir/cgroup.kill"; } 2>/dev/null # v2: every process below
+    find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -9 2>/dev/null
+    # Children before parents (rmdir needs an empty cgroup); processes take a moment to leave.
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+      find "$dir" -depth -type d -exec rmdir {} \; 2>/dev/null
+      [ -d "$dir" ] || break
+      sleep 0.2
+    done
+    [ -d "$dir" ] && echo "sweep: could not remove cgroup $dir" >&2 || swept+=("cgroup $dir")
   done
-  [ -d "$dir" ] && echo "sweep: could not remove cgroup $dir" >&2 || swept+=("cgroup $dir")
 done
 
 for dir in /sys/fs/bpf/"${prefix}"-* /tmp/"${prefix}"-*; do

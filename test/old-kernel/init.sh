@@ -35,6 +35,14 @@ mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work 
 
 step mounts
 R=/newroot
+. /guest.env
+# A checkout under /tmp or /run (a CI clone in /tmp, say) would be hidden by the guest's own tmpfs
+# mounts there: it is kept aside and mounted back at its path.
+kept=
+case "$OLDK_REPO" in /tmp/* | /run/*)
+  mkdir -p /keep && mount --bind "$R$OLDK_REPO" /keep || fail "mounts: keep $OLDK_REPO"
+  kept=1 ;;
+esac
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
@@ -46,13 +54,15 @@ mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || fail "mounts: cgroup2"
 mount -t tmpfs tmpfs $R/run
 mkdir -p $R/run/netns $R/run/lock
 mount -t tmpfs tmpfs $R/tmp
+if [ -n "$kept" ]; then
+  mkdir -p "$R$OLDK_REPO" && mount --bind /keep "$R$OLDK_REPO" || fail "mounts: $OLDK_REPO back"
+fi
 mkdir -p $R/results
 mount --bind /results $R/results
 # The guest's own lo: nothing else brings it up.
 ip link set lo up || fail "mounts: lo up"
 
 step tests
-. /guest.env
 echo "OLDK tests-start $(cut -d' ' -f1 /proc/uptime)"
 if [ -n "$OLDK_COMMAND" ]; then
   chroot $R /bin/sh -c 'cd "$OLDK_REPO" && eval "$OLDK_COMMAND"' 2>&1
