@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import { Reconciler, UPGRADE_IDLE_MS, type ReconcilerOptions } from '../../cni-agent/src/enrollment/reconciler.js';
+import { Reconciler, UPGRADE_IDLE_MS, type AddVerdict, type ReconcilerOptions } from '../../cni-agent/src/enrollment/reconciler.js';
 import { REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../../cni-agent/src/pods/pod.js';
 import { silentLogger } from '../../ztunnel-bridge/src/logger.js';
 import { sleep, until } from '../helpers/wait.js';
@@ -179,6 +179,59 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     reconciler.applyChanges([added(d)], state(c, d));
     await until(() => states().d === 'enabled', 'd enabled');
     assert.deepEqual(dp.attachCalls('uid-d').map((x) => x.mode), ['auto']);
+  });
+
+  it('a CNI ADD answers only once ztunnel acked; a nack answers the failure and is retried', async (t) => {
+    const { zds, netns, annotator, reconciler, states } = rig(t, ['pay']);
+    await reconciler.start(state());
+    zds.hold = true;
+    const p = pod('pay');
+    const answers: AddVerdict[] = [];
+    void reconciler.cniAdd(p, netns.paths.get('uid-pay')!, [ipOf('pay')]).then((v) => answers.push(v));
+    await until(() => zds.waiting === 1, 'the pod handed to ztunnel');
+    await sleep(20);
+    assert.equal(answers.length, 0, 'the ADD answered before ztunnel did');
+    assert.equal(states().pay, 'pending');
+    zds.answerPending({ status: 'nacked', error: 'no certificate yet' });
+    await until(() => answers.length === 1, 'the ADD answered');
+    const first = answers[0]!;
+    assert.equal(first.ok, false);
+    assert.match(first.ok === false ? first.reason : '', /ztunnel refused the pod: no certificate yet/);
+    // Retried with backoff: handed over again, and acked this time.
+    await until(() => zds.waiting === 1, 'handed to ztunnel again');
+    assert.equal(states().pay, 'failed');
+    const second = reconciler.cniAdd(p, netns.paths.get('uid-pay')!, [ipOf('pay')]);
+    zds.answerPending({ status: 'acked' });
+    await until(() => states().pay === 'enabled', 'enabled once acked');
+    zds.hold = false;
+    assert.deepEqual(await second, { ok: true });
+    assert.deepEqual(annotator.values(), ['pending', 'enabled']);
+  });
+
+  it('a pod whose netns cannot be told fails with the reason and is enrolled once it can', async (t) => {
+    const { dp, netns, reconciler, states } = rig(t, ['twin']);
+    await reconciler.start(state());
+    netns.refused.set('uid-twin', 'two network namespaces claim the pod');
+    const p = pod('twin');
+    reconciler.applyChanges([added(p)], state(p));
+    await until(() => states().twin === 'failed', 'failed');
+    assert.match(reconciler.status()[0]!.reason, /two network namespaces claim the pod/);
+    assert.equal(dp.attachCalls().length, 0, 'attached without knowing the netns');
+    netns.refused.clear();
+    await until(() => states().twin === 'enabled', 'enabled on a retry');
+  });
+
+  it('drift repair re-attaches a pod the datapath finds broken, and leaves sound ones alone', async (t) => {
+    const { dp, zds, reconciler, states } = rig(t, ['ok', 'bad']);
+    const ok = pod('ok');
+    const bad = pod('bad');
+    await reconciler.start(state(ok, bad));
+    assert.deepEqual(states(), { ok: 'enabled', bad: 'enabled' });
+    dp.broken.add('uid-bad');
+    await reconciler.verifyAll();
+    assert.equal(reconciler.driftRepairs, 1);
+    assert.deepEqual(dp.attachCalls().map((c) => c.uid).sort(), ['uid-bad', 'uid-bad', 'uid-ok']);
+    assert.equal(zds.enrolled.length, 2, 'a repair is not a new hand-off to ztunnel');
   });
 
   it('writes the annotation once while it holds, and again when its value changes', async (t) => {
