@@ -5,13 +5,11 @@
 import { existsSync, openSync, statSync } from 'node:fs';
 import { type AttachMode, type AttachOptions, type PodAttachment } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
-import type { ZdsServer, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
+import type { PodEnrollment, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
 import { podIPs, REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
 import { excludedButSelected, selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
 import { EVENT_REASONS, type PodEventSink } from '../pods/events.js';
 import { captureOptions, type CaptureDefaults, type CaptureOptions } from '../pods/capture-options.js';
-import type { CgroupLocator } from './cgroup-locator.js';
-import type { NetnsLocator } from './netns-locator.js';
 import type { SandboxStore } from './sandbox-records.js';
 
 /** The `ambient.istio.io/redirection` annotation value; undefined removes it. */
@@ -113,13 +111,36 @@ export interface PodRedirector {
   verify(uid: string): Promise<{ found: boolean; ok: boolean; problems: string[] }>;
 }
 
+/** What the reconciler asks of the ZDS server (ZdsServer; a fake in the unit tests). */
+export interface ZdsPort {
+  /** Hands the pod to ztunnel; resolves with its answer. Takes ownership of netnsFd. */
+  enroll(pod: PodEnrollment): Promise<ZtunnelResult>;
+  /** Knows the pod (for snapshots) without sending anything. Takes ownership of netnsFd. */
+  remember(pod: PodEnrollment): void;
+  remove(uid: string): Promise<void>;
+}
+
+/** Where a pod's netns is (NetnsLocator; a fake in the unit tests). */
+export interface NetnsFinder {
+  /** The pod's netns path; undefined while none holds its IPs; throws when it cannot tell. */
+  find(uid: string, ips: string[]): Promise<string | undefined>;
+  /** Does the netns at `path` (still) hold all these IPs? */
+  holds(path: string, ips: string[]): Promise<boolean>;
+}
+
+/** Which cgroup is a pod's (CgroupLocator; a fake in the unit tests). */
+export interface CgroupFinder {
+  /** The pod's cgroup directory, or undefined while it has none of its own yet. */
+  find(uid: string, netnsPath: string): string | undefined;
+}
+
 export interface ReconcilerOptions {
   datapath: PodRedirector;
-  zds: ZdsServer;
-  netns: NetnsLocator;
+  zds: ZdsPort;
+  netns: NetnsFinder;
   /** Finds pods' cgroups for their cgroup hooks: DNS capture, the socket-option guard (without it,
    * neither). */
-  cgroups?: CgroupLocator;
+  cgroups?: CgroupFinder;
   /** Persists which sandbox of each pod CNI ADD enrolled, across agent restarts. */
   sandboxes?: SandboxStore;
   log: Logger;
