@@ -163,8 +163,8 @@ export class CniHandler {
       const fetched = await this.deps.lookup(namespace, name);
       // Another pod of the same name (this sandbox's pod was deleted and made again) is not it.
       if (fetched && (!uid || fetched.metadata.uid === uid)) return { pod: fetched, from: 'api' };
-      // (its watch event may have come meanwhile; by uid when there is one, not by name)
-      const meanwhile = uid ? this.deps.state().pods.get(uid) : this.findPod(namespace, name, undefined);
+      // (its watch event may have come meanwhile)
+      const meanwhile = this.findPod(namespace, name, uid);
       return meanwhile ? { pod: meanwhile, from: 'cache' } : { pod: unknown(), from: 'namespace' };
     } catch (err) {
       const mode = namespaceModeOf(namespace, this.deps.state(), this.deps.policy);

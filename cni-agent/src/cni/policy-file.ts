@@ -43,9 +43,9 @@ function namespacesWithSelectedPods(state: ClusterState, policy: SelectionPolicy
 /** The policy as text; see the plugin for how it is read. */
 export function renderCniPolicy(state: ClusterState, policy: SelectionPolicy): string {
   const lines = ['# ambient-bpf: read by ambient-bpf-cni when the agent is unreachable. Generated; do not edit.', MAGIC];
-  const podLabelled = namespacesWithSelectedPods(state, policy);
+  const podSelected = namespacesWithSelectedPods(state, policy);
   const namespaces = new Set([...state.namespaces.keys(), ...policy.excludedNamespaces]);
-  for (const name of [...namespaces].sort()) lines.push(`namespace ${name} ${namespaceMode(name, state, policy, podLabelled)}`);
+  for (const name of [...namespaces].sort()) lines.push(`namespace ${name} ${namespaceMode(name, state, policy, podSelected)}`);
   for (const pod of state.pods.values()) {
     const { namespace, name } = pod.metadata;
     if (!/^[^\s]+$/.test(name) || !/^[^\s]+$/.test(namespace)) continue;

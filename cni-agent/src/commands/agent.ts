@@ -92,7 +92,7 @@ export function checkPlatformPaths(args: Pick<AgentArgs, 'host-root' | 'bpffs' |
     ['cni-conf-dir', args['cni-conf-dir']],
     ...args['netns-dir'].map((d): [string, string] => ['netns-dir', d]),
   ];
-  checkPathFlags(absolute, ['netns-dir']);
+  checkPathFlags(absolute);
   if (args['netns-dir'].length === 0) throw new CliError('--netns-dir: name at least one directory', 2);
   for (const d of args['netns-dir']) {
     if (d === '/' || d === '/proc' || d.startsWith('/proc/')) throw new CliError(`--netns-dir ${JSON.stringify(d)}: not a directory of network namespaces (CNI_NETNS under it would be accepted)`, 2);
@@ -104,16 +104,12 @@ export function checkPlatformPaths(args: Pick<AgentArgs, 'host-root' | 'bpffs' |
   }
 }
 
-/** Each [flag, value] must be a plain absolute path, given once (unless the flag is `repeatable`);
- * throws a CliError naming the flag and the value. */
-export function checkPathFlags(flags: [string, string | string[]][], repeatable: string[] = []): void {
+/** Each [flag, value] must be a plain absolute path, given once (a repeatable flag comes as one
+ * pair per value); throws a CliError naming the flag and the value. */
+export function checkPathFlags(flags: [string, string | string[]][]): void {
   for (const [flag, value] of flags) {
     // yargs makes a flag given twice an array: which one was meant is not for the agent to guess.
     if (Array.isArray(value)) {
-      if (repeatable.includes(flag)) {
-        checkPathFlags(value.map((v) => [flag, v]));
-        continue;
-      }
       throw new CliError(`--${flag} is given ${value.length} times (${value.map((v) => JSON.stringify(v)).join(', ')}): name one`, 2);
     }
     const why = pathProblem(value);

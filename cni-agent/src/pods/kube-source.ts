@@ -280,6 +280,7 @@ export class KubePodSource implements Annotator, PodEventSink {
       const type = deleted ? 'deleted' : this.state.pods.has(pod.metadata.uid) ? 'updated' : 'added';
       if (deleted) {
         this.state.pods.delete(pod.metadata.uid);
+        this.readAhead.delete(`pods/${pod.metadata.uid}`);
         this.recentlyDeleted.add(pod.metadata.uid);
         if (this.recentlyDeleted.size > 1000) this.recentlyDeleted.delete(this.recentlyDeleted.values().next().value!);
       } else this.state.pods.set(pod.metadata.uid, pod);
@@ -288,7 +289,10 @@ export class KubePodSource implements Annotator, PodEventSink {
     const namespace = toNamespace(o);
     if (!namespace) return;
     const type = deleted ? 'deleted' : this.state.namespaces.has(namespace.metadata.name) ? 'updated' : 'added';
-    if (deleted) this.state.namespaces.delete(namespace.metadata.name);
+    if (deleted) {
+      this.state.namespaces.delete(namespace.metadata.name);
+      this.readAhead.delete(`namespaces/${namespace.metadata.name}`);
+    }
     else this.state.namespaces.set(namespace.metadata.name, namespace);
     report({ kind: 'namespace', type, namespace });
   }
