@@ -258,24 +258,37 @@ static int lo_up(void)
 	return err;
 }
 
-static int tcp_socket(bool reuseport, int port)
+/* ztunnel's kind of listener: SO_REUSEPORT, on 127.0.0.1:port. */
+static int reuseport_listener(int port)
 {
 	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	struct timeval tv = { .tv_sec = 0, .tv_usec = 500 * 1000 };
-	int one = 1, fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	int one = 1, err, fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
 	if (fd < 0)
 		return -errno;
-	if (reuseport && (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) ||
-			  bind(fd, (struct sockaddr *)&sa, sizeof(sa)) || listen(fd, 4)))
-		goto fail;
-	if (!reuseport && setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)))
-		goto fail;
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) ||
+	    listen(fd, 4)) {
+		err = -errno;
+		close(fd);
+		return err;
+	}
 	return fd;
-fail:
-	one = -errno;
-	close(fd);
-	return one;
+}
+
+/* A client whose connect gives up after half a second (a SYN nobody takes is not retried for long). */
+static int client_socket(void)
+{
+	struct timeval tv = { .tv_sec = 0, .tv_usec = 500 * 1000 };
+	int err, fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		return -errno;
+	if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv))) {
+		err = -errno;
+		close(fd);
+		return err;
+	}
+	return fd;
 }
 
 /* Is a SYN steered by tc's bpf_sk_assign to an SO_REUSEPORT listener accepted? The program is on
@@ -283,11 +296,11 @@ fail:
 static int steer_to_reuseport_listener(void)
 {
 	struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(STEER_FROM), .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	int listener = tcp_socket(true, STEER_TO), client, ret;
+	int listener = reuseport_listener(STEER_TO), client, ret;
 
 	if (listener < 0)
 		return listener;
-	client = tcp_socket(false, 0);
+	client = client_socket();
 	if (client < 0) {
 		close(listener);
 		return client;
