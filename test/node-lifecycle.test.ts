@@ -290,6 +290,37 @@ describe('node lifecycle', kernelTest(), () => {
     assert.equal(annotation('far'), 'enabled', 'another node’s pod was touched');
   });
 
+  it('an agent that accepts no connection (its listen queue full): the plugin gives up after its connect timeout and decides alone', { timeout: 60_000 }, async (t) => {
+    const topo = new Topology();
+    const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-life-`));
+    const node = await topo.netns('node');
+    const socketPath = join(dir, 'cni.sock');
+    const policyFile = join(dir, 'cni-policy');
+    writeFileSync(policyFile, 'ambient-bpf-cni-policy 1\nnamespace shop ambient\nnamespace plain none\nend\n');
+    // A listener that never accepts, with a queue of one, filled by its own first connection: the
+    // next connect() waits for room, as it does on an agent hung under a burst of pod starts.
+    const hung = spawn('python3', ['-c', `import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(0)
+c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1])
+print('ready', flush=True); time.sleep(120)`, socketPath], { stdio: ['ignore', 'pipe', 'inherit'] });
+    t.after(async () => {
+      hung.kill('SIGKILL');
+      await topo.cleanup();
+      rmSync(dir, { recursive: true, force: true });
+    });
+    await new Promise<void>((resolve, reject) => {
+      hung.stdout.once('data', () => resolve());
+      hung.once('exit', (code) => reject(new Error(`the hung listener exited (${code})`)));
+    });
+    const entry = { type: 'ambient-bpf-cni', agent_socket: socketPath, policy_file: policyFile };
+    const began = Date.now();
+    const [ambient, plain] = await Promise.all([pluginAdd(node, entry, 'shop', 'new'), pluginAdd(node, entry, 'plain', 'new')]);
+    const took = Date.now() - began;
+    assert.ok(took >= 9_000 && took < 30_000, `the plugin gave up after ${took} ms (its connect timeout is 10 s)`);
+    assertCniError(ambient, 11, /shop\/new: its namespace is ambient, and the ambient-bpf agent is not reachable at .*cni\.sock \(Connection timed out\)/, 'a new ambient pod, agent not accepting');
+    assertStarts(plain, 'a plain pod, agent not accepting');
+  });
+
   it('a long agent outage: enrolled pods keep working, new ambient pods fail naming the agent, plain pods start', { timeout: 300_000 }, async (t) => {
     const topo = new Topology();
     const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-life-`));

@@ -33,6 +33,9 @@
 #define POLICY_END "end"
 #define SUPPORTED "[\"0.3.0\",\"0.3.1\",\"0.4.0\",\"1.0.0\",\"1.1.0\"]"
 #define REPLY_TIMEOUT_S 60
+/* An agent that accepts nothing (hung with its listen queue full) must not hold the runtime's call
+ * for ever: connect() on a Unix socket waits for room in that queue, bounded by SO_SNDTIMEO. */
+#define CONNECT_TIMEOUT_S 10
 
 /* CNI error codes (spec 1.1). */
 #define CNI_ERR_IO 5
@@ -327,6 +330,7 @@ int main(void)
 {
 	const char *command = getenv("CNI_COMMAND");
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct timeval connect_tv = { .tv_sec = CONNECT_TIMEOUT_S };
 	struct timeval tv = { .tv_sec = REPLY_TIMEOUT_S };
 	struct buf in, reply;
 	char *socket_path, *version, header[8192];
@@ -354,8 +358,11 @@ int main(void)
 	strcpy(sa.sun_path, socket_path);
 
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd >= 0)
+		setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &connect_tv, sizeof(connect_tv));
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
-		return agent_down(command, socket_path, in.data, errno);
+		return agent_down(command, socket_path, in.data, errno == EAGAIN ? ETIMEDOUT : errno);
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	hlen = (size_t)snprintf(header, sizeof(header), "AMBIENT-BPF-CNI 1\n");
 	for (size_t i = 0; i < sizeof(relayed_env) / sizeof(relayed_env[0]); i++) {
