@@ -162,6 +162,29 @@ describe('CNI installer', () => {
     assert.deepEqual(plugins(readFileSync(primary, 'utf8')), [bridge, istioCni]);
   });
 
+  it('warns once when upstream istio-cni in the conflist runs its ambient mode, and again after it was off', async (t) => {
+    const { binDir, confDir, binarySource } = dirs(t);
+    const primary = join(confDir, '10-bridge.conflist');
+    const ambientOn = { ...istioCni, ambient_enabled: true };
+    writeFileSync(primary, conflist([bridge, ambientOn]));
+    const warnings: string[] = [];
+    const log = { ...silentLogger, warn: (_o: object, msg?: string) => warnings.push(msg ?? '') };
+    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log, debounceMs: 10 });
+    t.after(() => installer.stop());
+    installer.start();
+    const ambientWarnings = () => warnings.filter((w) => /istio-cni .* runs its ambient mode \("ambient_enabled": true\)/.test(w)).length;
+    assert.equal(ambientWarnings(), 1);
+    assert.deepEqual(plugins(readFileSync(primary, 'utf8')), [bridge, entry, ambientOn], 'installed anyway, in its place');
+    // Rewrites while it stays on: no repeat. Off, then on again: warned again.
+    writeFileSync(primary, conflist([bridge, ambientOn]));
+    await until(() => plugins(readFileSync(primary, 'utf8')).length === 3, () => 'our entry put back', 2_000);
+    assert.equal(ambientWarnings(), 1, 'warned again while nothing changed for it');
+    writeFileSync(primary, conflist([bridge, entry, istioCni]));
+    await new Promise((r) => setTimeout(r, 200));
+    writeFileSync(primary, conflist([bridge, entry, ambientOn]));
+    await until(() => ambientWarnings() === 2, () => `warnings: ${JSON.stringify(warnings)}`, 2_000);
+  });
+
   it('wraps a lone .conf into a .conflist of the same name', (t) => {
     const { binDir, confDir, binarySource } = dirs(t);
     writeFileSync(join(confDir, '05-net.conf'), JSON.stringify({ cniVersion: '1.0.0', name: 'net', ...bridge }));

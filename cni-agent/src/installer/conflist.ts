@@ -80,6 +80,16 @@ export function withoutEntry(text: string, file: string): string | undefined {
   return JSON.stringify({ ...list, plugins: others }, null, 2) + '\n';
 }
 
+/** Does upstream's istio-cni in this file run its ambient mode (`"ambient_enabled": true`)? Then
+ * both node agents would enrol the same ambient pods. */
+export function upstreamAmbientEnabled(text: string, file: string): boolean {
+  try {
+    return asConflist(text, file).plugins.some((p) => p.type === UPSTREAM_PLUGIN_TYPE && p.ambient_enabled === true);
+  } catch {
+    return false;
+  }
+}
+
 /** Is our entry, once, in its place in this file (last, or before the istio-cni entries that
  * end the list)? */
 export function hasEntryInPlace(text: string, file: string): boolean {

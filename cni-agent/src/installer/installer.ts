@@ -5,7 +5,7 @@
 import { chmodSync, copyFileSync, existsSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { basename, join } from 'node:path';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
-import { hasEntryInPlace, primaryConfigFile, PLUGIN_TYPE, withEntry, withoutEntry, type PluginEntry } from './conflist.js';
+import { hasEntryInPlace, primaryConfigFile, PLUGIN_TYPE, upstreamAmbientEnabled, withEntry, withoutEntry, type PluginEntry } from './conflist.js';
 
 export const PLUGIN_BINARY = PLUGIN_TYPE;
 /** More re-inserts than this within CONFLICT_WINDOW_MS is reported as a conflict. */
@@ -40,6 +40,8 @@ export class CniInstaller {
   private watcher: FSWatcher | undefined;
   private timer: NodeJS.Timeout | undefined;
   private reinserts: number[] = [];
+  /** Warned that upstream's istio-cni runs its ambient mode here (warned again after it was off). */
+  private upstreamAmbientWarned = false;
   private readonly entry: PluginEntry;
   /** Installs by result, with upstream's result names (istio_cni_installs_total). */
   readonly installs = new Map<'SUCCESS' | 'COPY_BINARIES_FAILURE' | 'CREATE_CNI_CONFIG_FAILURE', number>();
@@ -138,7 +140,9 @@ export class CniInstaller {
     const file = this.primary();
     if (!file) throw new Error(this.opts.confFile === undefined ? `no CNI configuration in ${this.opts.confDir} to chain into (is the primary CNI installed?)` : `no ${this.opts.confFile} in ${this.opts.confDir} to chain into (--cni-conf-file; is the primary CNI installed?)`);
     const path = join(this.opts.confDir, file);
-    const { text, changed, wrapped } = withEntry(readFileSync(path, 'utf8'), file, this.entry);
+    const current = readFileSync(path, 'utf8');
+    this.checkUpstreamAmbient(current, file);
+    const { text, changed, wrapped } = withEntry(current, file, this.entry);
     if (!changed) return false;
     const mode = statSync(path).mode & 0o7777;
     if (wrapped) {
@@ -152,6 +156,17 @@ export class CniInstaller {
     this.opts.log.info({ file, wrapped }, why === 'install' ? 'CNI entry installed' : 'CNI entry was missing; put back');
     if (why === 'repair') this.noteReinsert();
     return true;
+  }
+
+  private checkUpstreamAmbient(text: string, file: string): void {
+    const on = upstreamAmbientEnabled(text, file);
+    if (on && !this.upstreamAmbientWarned) {
+      this.opts.log.warn(
+        { file },
+        'upstream istio-cni in this CNI configuration runs its ambient mode ("ambient_enabled": true): both node agents would enrol ambient pods; turn it off (istio-cni chart ambient.enabled=false) or remove istio-cni',
+      );
+    }
+    this.upstreamAmbientWarned = on;
   }
 
   private noteReinsert(): void {
