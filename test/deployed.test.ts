@@ -212,6 +212,7 @@ describe('the product as deployed: the image under containerd, as the DaemonSet 
     const started = Date.now();
     assert.equal(await kubelet.stopContainer(agent, 'agent'), 0, `the agent's exit on SIGTERM: ${kubelet.containerLog(agent, 'agent').slice(-500)}`);
     assert.ok(Date.now() - started < (agent.pod.spec.terminationGracePeriodSeconds ?? 30) * 1000, 'stopped within the grace period');
+    assert.match(kubelet.containerLog(agent, 'agent'), /the DaemonSet still runs on this node \(an upgrade or a restart\): leaving everything in place/, 'decided from the API, not for want of an answer');
     assert.equal(await fetchPeer(app.web!, app.cart!), app.web!.ips[0]);
     await kubelet.startContainer(agent, 'agent');
     await until(shopPodsAcked, 'the new agent adopting the pods', 60_000);

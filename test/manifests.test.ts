@@ -9,7 +9,8 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { parseAllDocuments } from 'yaml';
-import { daemonSetRemoved, removeRedirectionAnnotations } from '../cni-agent/src/installer/removal.js';
+import { whyLeavingNode } from '../cni-agent/src/installer/daemonset-scope.js';
+import { removeRedirectionAnnotations } from '../cni-agent/src/installer/removal.js';
 import { EventRecorder } from '../cni-agent/src/pods/events.js';
 import { KubeClient } from '../cni-agent/src/pods/kube-client.js';
 import { KubePodSource } from '../cni-agent/src/pods/kube-source.js';
@@ -111,16 +112,20 @@ describe('manifests', () => {
     assert.deepEqual(api.eventCalls.map((c) => c.method), ['POST', 'PATCH']);
     // A CNI ADD before the pod's watch event: the pod and its namespace are read from the API.
     await source.lookup('shop', 'p', 5000);
-    // On SIGTERM: is the DaemonSet being deleted? Then the annotations go (ambient-bpf uninstall too).
+    // On SIGTERM: is the DaemonSet being deleted, or does it no longer select this node (the
+    // node's labels are read)? Then the annotations go (ambient-bpf uninstall too).
     const [ds] = byKind('DaemonSet');
     const client = new KubeClient(api.connection());
     t.after(() => client.close());
-    assert.equal(await daemonSetRemoved(client, 'istio-system', ds!.metadata.name), true);
+    api.daemonSets.set(`istio-system/${ds!.metadata.name}`, ds as unknown as Parameters<typeof api.daemonSets.set>[1]);
+    api.nodes.set('n', { apiVersion: 'v1', kind: 'Node', metadata: { name: 'n', labels: { 'kubernetes.io/os': 'linux' } } });
+    assert.equal(await whyLeavingNode(client, 'istio-system', ds!.metadata.name, 'n'), undefined);
     await removeRedirectionAnnotations(client, 'n');
     const used = new Set(api.requests.map((r) => {
       const status = /^\/api\/v1\/namespaces\/[^/]+\/pods\/[^/]+\/status$/.test(r.path);
       const daemonSet = /^\/apis\/apps\/v1\/namespaces\/[^/]+\/daemonsets\/([^/]+)$/.exec(r.path);
       if (daemonSet) return `daemonsets/${daemonSet[1]} get`;
+      if (/^\/api\/v1\/nodes\/[^/]+$/.test(r.path)) return 'nodes get';
       if (/^\/api\/v1\/namespaces\/[^/]+\/events(\/[^/]+)?$/.test(r.path)) return `events ${r.method === 'POST' ? 'create' : r.method === 'PATCH' ? 'patch' : r.method}`;
       const one = /^\/api\/v1\/namespaces\/[^/]+(\/pods\/[^/]+)?$/.exec(r.path);
       if (one && r.method === 'GET') return `${one[1] ? 'pods' : 'namespaces'} get`;

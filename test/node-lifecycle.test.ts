@@ -240,8 +240,35 @@ describe('node lifecycle', kernelTest(), () => {
     api.failNext(1_000_000);
     await stop(agent);
     api.failNext(0);
-    assert.match(agent.stderr(), /cannot tell whether the DaemonSet is being deleted; leaving everything in place/);
+    assert.match(agent.stderr(), /cannot tell whether the DaemonSet is being deleted or leaves this node; leaving everything in place/);
     await everythingInPlace('after a stop the API could not explain');
+
+    // The DaemonSet still selects this node by its labels: an upgrade, everything stays. Its node
+    // unknown to the API: nothing is removed on a guess.
+    const linuxOnly = { ...daemonSet, spec: { template: { spec: { nodeSelector: { 'kubernetes.io/os': 'linux' } } } } };
+    api.daemonSets.set('istio-system/ambient-bpf', linuxOnly);
+    api.nodes.set('node-a', { apiVersion: 'v1', kind: 'Node', metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'mesh' } } });
+    agent = await start();
+    await stop(agent);
+    assert.match(agent.stderr(), /the DaemonSet still runs on this node \(an upgrade or a restart\)/);
+    await everythingInPlace('after a restart of a DaemonSet that selects the node');
+    api.nodes.delete('node-a');
+    agent = await start();
+    await stop(agent);
+    assert.match(agent.stderr(), /nodes \\?"node-a\\?" not found.*leaving everything in place/);
+    await everythingInPlace('after a stop on a node the API does not know');
+
+    // The DaemonSet no longer selects this node (its nodeSelector changed, as when a node pool
+    // leaves the mesh): the agent leaves the node for good, as for a deletion.
+    api.nodes.set('node-a', { apiVersion: 'v1', kind: 'Node', metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'mesh' } } });
+    agent = await start(['--keep-pod-redirection']);
+    api.daemonSets.set('istio-system/ambient-bpf', { ...daemonSet, spec: { template: { spec: { nodeSelector: { 'kubernetes.io/os': 'linux', pool: 'other' } } } } });
+    await stop(agent);
+    assert.match(agent.stderr(), /the DaemonSet no longer selects node node-a .*: removing ambient-bpf from the node/);
+    assert.deepEqual(entryTypes(), ['bridge']);
+    assert.equal(existsSync(policyFile), false);
+    assert.equal(await attached(), 1, '--keep-pod-redirection');
+    api.daemonSets.set('istio-system/ambient-bpf', daemonSet);
 
     // The DaemonSet is being deleted: entry, binary, policy, redirection and annotation go.
     agent = await start();

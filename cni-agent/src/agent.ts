@@ -22,7 +22,8 @@ import { CniHandler } from './cni/handler.js';
 import { writeCniPolicy } from './cni/policy-file.js';
 import { serveRelay } from './cni/relay.js';
 import { CniInstaller } from './installer/installer.js';
-import { daemonSetRemoved, removeFromNode } from './installer/removal.js';
+import { whyLeavingNode } from './installer/daemonset-scope.js';
+import { removeFromNode } from './installer/removal.js';
 import { serveOps } from './ops/http.js';
 import { Counter, Histogram, samples } from './ops/metrics.js';
 import { kernelStatus, serveStatus, type StatusReport } from './ops/status-api.js';
@@ -46,8 +47,8 @@ export interface AgentOptions {
   /** What the plugin decides from while the agent is unreachable (the entry's policy_file): on a
    * real node a path that survives a reboot. */
   cniPolicyFile: string;
-  /** The agent's own DaemonSet (Kubernetes source): shutdown() while it is gone or being deleted
-   * takes ambient-bpf off the node (removeFromNode; running pods stay redirected and annotated with
+  /** The agent's own DaemonSet (Kubernetes source): shutdown() while it is gone, being deleted or
+   * no longer selecting this node takes ambient-bpf off the node (removeFromNode; running pods stay redirected and annotated with
    * keepPodRedirection); otherwise (an upgrade, a restart) everything stays. */
   daemonSet?: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
   /** Which pods are ambient: enablement selectors, excluded namespaces, the system namespace
@@ -295,9 +296,10 @@ export class Agent {
     for (const s of this.servers) s.close();
   }
 
-  /** Stops the agent because SIGTERM came: if its DaemonSet is gone or being deleted, takes
-   * ambient-bpf off the node; otherwise leaves everything for the next agent. Returns what was
-   * decided and what could not be done. */
+  /** Stops the agent because SIGTERM came: if it is leaving the node for good (its DaemonSet gone,
+   * being deleted, or no longer selecting this node: daemonset-scope.ts), takes ambient-bpf off
+   * the node; otherwise leaves everything for the next agent. Returns what was decided and what
+   * could not be done. */
   async shutdown(): Promise<{ removed: boolean; failed: string[] }> {
     const { log } = this.opts;
     const ds = this.opts.daemonSet;
@@ -309,19 +311,20 @@ export class Agent {
     const k = source.kubeconfig;
     let client: KubeClient | undefined;
     try {
-      let removed: boolean;
+      let leaving: string | undefined;
       try {
         client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
-        removed = await daemonSetRemoved(client, ds.namespace, ds.name);
+        leaving = await whyLeavingNode(client, ds.namespace, ds.name, this.opts.nodeName);
+        if (!leaving) log.info({ daemonSet: `${ds.namespace}/${ds.name}` }, 'the DaemonSet still runs on this node (an upgrade or a restart): leaving everything in place');
       } catch (err) {
-        log.warn({ daemonSet: `${ds.namespace}/${ds.name}`, error: (err as Error).message }, 'cannot tell whether the DaemonSet is being deleted; leaving everything in place');
-        removed = false;
+        log.warn({ daemonSet: `${ds.namespace}/${ds.name}`, error: (err as Error).message }, 'cannot tell whether the DaemonSet is being deleted or leaves this node; leaving everything in place');
+        leaving = undefined;
       }
       this.stop();
-      if (!removed || !client) return { removed: false, failed: [] };
+      if (!leaving || !client) return { removed: false, failed: [] };
       const api = client;
       const { keepPodRedirection } = ds;
-      log.info({ daemonSet: `${ds.namespace}/${ds.name}`, keepPodRedirection }, 'the DaemonSet is being deleted: removing ambient-bpf from the node');
+      log.info({ daemonSet: `${ds.namespace}/${ds.name}`, keepPodRedirection }, `${leaving}: removing ambient-bpf from the node`);
       const failed = await removeFromNode({
         cni: this.opts.installCni,
         policyFile: this.opts.cniPolicyFile,
@@ -333,7 +336,7 @@ export class Agent {
         log,
       });
       for (const f of failed) log.error({}, f);
-      return { removed, failed };
+      return { removed: true, failed };
     } finally {
       client?.close();
     }

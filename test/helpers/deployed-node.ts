@@ -146,6 +146,8 @@ export class DeployedNode {
     // update leaves everything in place (absent, the agent would take itself off the node).
     const ds = loadManifest('daemonset.yaml').find((o) => o.kind === 'DaemonSet') as { metadata: { name: string } };
     api.daemonSets.set(`${namespace}/${ds.metadata.name}`, { ...ds, metadata: { ...ds.metadata, namespace } });
+    // The node, as kubelet registers it: the agent checks on SIGTERM that the DaemonSet still selects it.
+    api.nodes.set(NODE_NAME, { apiVersion: 'v1', kind: 'Node', metadata: { name: NODE_NAME, labels: { 'kubernetes.io/os': 'linux', 'kubernetes.io/hostname': NODE_NAME } } });
     const agent = (this.agent = await kubelet.runPod(daemonSetPod('daemonset.yaml', namespace)));
     const conflist = node.hostPath('/etc/cni/net.d/10-pods.conflist');
     try {

@@ -42,6 +42,8 @@ export class KubeApiTestServer {
   private readonly watchers = new Set<Watcher>();
   /** apps/v1 DaemonSets by namespace/name: only GET is served (the agent asks for its own). */
   readonly daemonSets = new Map<string, Obj>();
+  /** core v1 Nodes by name: only GET is served (the agent reads its own node's labels). */
+  readonly nodes = new Map<string, Obj>();
   readonly patches: RecordedPatch[] = [];
   /** core v1 Events, by namespace/name, as created and patched. */
   readonly events = new Map<string, Record<string, unknown>>();
@@ -170,6 +172,11 @@ export class KubeApiTestServer {
     if (req.method === 'GET' && daemonSet) {
       const ds = this.daemonSets.get(`${decodeURIComponent(daemonSet[1]!)}/${decodeURIComponent(daemonSet[2]!)}`);
       return ds ? reply(res, 200, ds) : reply(res, 404, statusObj(404, 'NotFound', `daemonsets.apps "${decodeURIComponent(daemonSet[2]!)}" not found`));
+    }
+    const node = /^\/api\/v1\/nodes\/([^/]+)$/.exec(url.pathname);
+    if (req.method === 'GET' && node) {
+      const n = this.nodes.get(decodeURIComponent(node[1]!));
+      return n ? reply(res, 200, n) : reply(res, 404, statusObj(404, 'NotFound', `nodes "${decodeURIComponent(node[1]!)}" not found`));
     }
     const events = /^\/api\/v1\/namespaces\/([^/]+)\/events(?:\/([^/]+))?$/.exec(url.pathname);
     if (events && ((req.method === 'POST' && !events[2]) || (req.method === 'PATCH' && events[2]))) return this.event(req, res, decodeURIComponent(events[1]!), events[2] === undefined ? undefined : decodeURIComponent(events[2]));

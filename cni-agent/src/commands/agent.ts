@@ -137,7 +137,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('ztunnel-socket', { type: 'string', default: DEFAULT_ZTUNNEL_SOCKET, describe: 'the ZDS socket ztunnel connects to' })
       .option('plugin-socket', { type: 'string', default: DEFAULT_PLUGIN_SOCKET, describe: 'where the CNI plugin reaches the agent (agent_socket in the conflist)' })
       .option('cni-policy-file', { type: 'string', default: DEFAULT_POLICY_FILE, describe: 'what the CNI plugin decides from while the agent is unreachable (policy_file in the conflist); must survive a reboot' })
-      .option('daemonset', { type: 'string', describe: 'NAMESPACE/NAME of the agent’s DaemonSet: on SIGTERM, if it is gone or being deleted, ambient-bpf is removed from the node (else everything stays)' })
+      .option('daemonset', { type: 'string', describe: 'NAMESPACE/NAME of the agent’s DaemonSet: on SIGTERM, if it is gone, being deleted or no longer selects this node, ambient-bpf is removed from the node (else everything stays)' })
       .option('keep-pod-redirection', { type: 'boolean', default: false, describe: 'when the DaemonSet is deleted, leave running pods redirected (and annotated)' })
       .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory for the datapath maps and per-pod pins' })
       .option('host-root', { type: 'string', default: '/', describe: "the host's / (for /proc and /var/run/netns when running in a container)" })
@@ -184,7 +184,7 @@ export const agentCommand: CommandModule<object, AgentArgs> = {
       .option('health-addr', { type: 'string', describe: 'HOST:PORT for /healthz and /readyz' })
       .option('metrics-addr', { type: 'string', describe: 'HOST:PORT for Prometheus /metrics' })
       .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
-      .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected, a restarted agent adopts them; unless --daemonset names a DaemonSet that is gone or being deleted: then the CNI entry, the plugin, its policy file, and (without --keep-pod-redirection) the pods’ redirection and annotations are removed.'),
+      .epilog('SIGINT/SIGTERM stop the agent and leave every pod redirected, a restarted agent adopts them; unless --daemonset names a DaemonSet that is gone, being deleted or no longer selects this node: then the CNI entry, the plugin, its policy file, and (without --keep-pod-redirection) the pods’ redirection and annotations are removed.'),
   handler: async (args) => {
     // Platform paths first: a malformed one stops the agent before it touches anything.
     checkPlatformPaths(args);

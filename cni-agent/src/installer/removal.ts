@@ -1,5 +1,5 @@
 // Taking ambient-bpf off a node: what `ambient-bpf uninstall` does, and what the agent does when
-// it stops because its DaemonSet is being deleted (as upstream's agent asks before it cleans up).
+// it stops because it leaves the node for good (daemonset-scope.ts).
 // The order is what makes an interrupted removal safe and a repeated one converge: the conflist
 // entry goes first (new pods no longer call the plugin), then the binary, then the plugin's
 // decision data (the plugin fails closed without it, so only once nothing calls it), then the
@@ -81,16 +81,4 @@ export async function removeRedirectionAnnotations(client: KubeClient, nodeName:
     }
   }
   return removed;
-}
-
-/** Is the agent's own DaemonSet gone or being deleted (not an upgrade or a restart)? Throws when
- * the API cannot say; the caller then leaves everything in place. */
-export async function daemonSetRemoved(client: KubeClient, namespace: string, name: string): Promise<boolean> {
-  try {
-    const ds = await client.get<{ metadata?: { deletionTimestamp?: string } }>(`/apis/apps/v1/namespaces/${encodeURIComponent(namespace)}/daemonsets/${encodeURIComponent(name)}`);
-    return !!ds.metadata?.deletionTimestamp;
-  } catch (err) {
-    if (err instanceof KubeApiError && err.code === 404) return true;
-    throw err;
-  }
 }
