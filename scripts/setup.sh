@@ -15,11 +15,13 @@ cd "$(dirname "$0")/.."
 # the test's pause and app images; openssl the API test server's certificate.
 # The old-kernel check (test/old-kernel.test.ts): qemu-system-x86 boots Debian's Linux 6.1 (fetched
 # by apt-get download, never installed) with a busybox-static initramfs.
+# The formatter check (npm run lint): clang-format for the C sources (prettier, for TypeScript, is an
+# npm dev dependency).
 # The metrics test (test/prometheus.test.ts): prometheus scrapes the agent (a server the test starts
 # on 127.0.0.1 with its own configuration and storage) and its promtool checks the exposition.
 packages=(clang libbpf-dev libelf-dev zlib1g-dev make gcc g++ libc6-dev binutils python3 iproute2 util-linux bpftool procps iptables containernetworking-plugins python3-scapy
   netcat-openbsd curl socat iperf3 containerd runc mmdebstrap buildah busybox-static openssl prometheus
-  qemu-system-x86)
+  qemu-system-x86 clang-format)
 # `kubectl kustomize` renders the platform overlays (test/manifests.test.ts): Debian's kubectl is
 # in kubernetes-client. A machine that has a kubectl already (another package's, such as Google
 # Cloud SDK's) keeps it: both ship /usr/bin/kubectl, and dpkg refuses to install the second.
