@@ -8,7 +8,7 @@ import { Datapath } from '../bpf/src/index.js';
 import { PodProxy } from '../ztunnel-bridge/src/standin/pod-proxy.js';
 import { AppCgroup, testRunnerCgroup } from './helpers/app.js';
 import { TestDnsServer } from './helpers/dns-server.js';
-import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { KERNEL_STEERING, kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
 
@@ -32,6 +32,9 @@ describe('DNS capture', kernelTest(), () => {
   before(async () => {
     net = await podWithRemote(topo, 8);
     dp = await Datapath.open({ bpffsRoot: root });
+    // Steering as the agent picks it for this kernel: before 6.6 tc cannot hand a connection to
+    // the stand-in's SO_REUSEPORT listeners (the outbound case below takes that path).
+    await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering: KERNEL_STEERING });
     dp.trustZtunnelCgroup(testRunnerCgroup()); // the stand-in runs in the test runner
     app = new AppCgroup(topo.id);
     await attach(true);

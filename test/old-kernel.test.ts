@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { describe, it } from 'node:test';
 import { TEST_PREFIX } from './helpers/kernel.js';
 import { HarnessError, runOnOldKernel } from './old-kernel/harness.js';
-import { BY_HAND_ONLY, GUEST_SUITE, KNOWN_FAILING_ON_6_1, NOT_APPLICABLE_ON_6_1 } from './old-kernel/suite.js';
+import { BY_HAND_ONLY, GUEST_SUITE, NOT_APPLICABLE_ON_6_1 } from './old-kernel/suite.js';
 
 function qemuMissing(): { skip?: string } {
   if (process.getuid?.() !== 0) return process.env.CI === 'true' ? {} : { skip: 'needs root' };
@@ -41,12 +41,7 @@ describe('the pre-6.6 path on a real Linux 6.1 (QEMU)', qemuMissing(), () => {
     });
     t.diagnostic(`${r.kernelPackage} (${r.release}): boot ${r.bootSeconds.toFixed(1)} s guest / ${r.bootWallSeconds.toFixed(1)} s wall; prepare ${r.prepareSeconds.toFixed(1)} s; total ${r.wallSeconds.toFixed(1)} s`);
     assert.match(r.release, /^6\.1\.\d+-\d+-amd64$/, 'the guest did not run Debian bookworm’s 6.1');
-    // Failures: only the known ones (and the suites and files that contain them) are allowed.
-    const known = r.tests.filter((x) => x.result === 'fail' && KNOWN_FAILING_ON_6_1.some((k) => k.file === x.file && k.name === x.name));
-    const containers = (x: (typeof r.tests)[number]) => known.some((k) => k.file === x.file) && /subtests? failed|^\d+ subtest/.test(x.error ?? '');
-    const failed = r.tests.filter((x) => x.result === 'fail' && !known.includes(x) && !containers(x));
-    for (const k of known) t.diagnostic(`KNOWN FAILURE on 6.1 (open): ${k.file} › ${k.name}: ${k.error}`);
-    for (const k of KNOWN_FAILING_ON_6_1.filter((k) => GUEST_SUITE.includes(k.file) && !known.some((x) => x.name === k.name))) t.diagnostic(`listed as failing on 6.1 but passed: ${k.file} › ${k.name}`);
+    const failed = r.tests.filter((x) => x.result === 'fail');
     assert.deepEqual(failed.map((x) => `${x.file} › ${x.name}: ${x.error}`), [], 'tests failed on 6.1');
     for (const file of GUEST_SUITE) {
       const ran = r.tests.filter((x) => x.file === file);
@@ -59,7 +54,7 @@ describe('the pre-6.6 path on a real Linux 6.1 (QEMU)', qemuMissing(), () => {
     assert.deepEqual(skipped.map((x) => x.name).sort(), notApplicable.map((n) => n.name).sort());
     for (const s of skipped) assert.match(s.skip ?? '', /^not applicable: /, s.name);
     for (const n of notApplicable) t.diagnostic(`not applicable on 6.1: ${n.file} › ${n.name} (${n.reason})`);
-    if (known.length === 0) assert.equal(r.exitCode, 0, 'node --test failed in the guest');
+    assert.equal(r.exitCode, 0, 'node --test failed in the guest');
     t.diagnostic(`left out of this check (by hand only): ${BY_HAND_ONLY.join(', ')}`);
     assertHarnessLeftNothing();
   });

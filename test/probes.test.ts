@@ -27,7 +27,7 @@ for (const [mode, n] of [['tcx', 30], ['tc', 31]] as const) {
     const addr = { podV4: `198.18.${n}.2`, nodeV4: `198.18.${n}.1`, podV6: `2001:db8:${n}::2`, nodeV6: `2001:db8:${n}::1`, outV4: `198.18.${n + 50}.2`, nodeOutV4: `198.18.${n + 50}.1` };
     let pod: string, node: string, outside: string;
     let dp: Datapath;
-    let app: RecordingServer, inbound: RecordingServer;
+    let app: RecordingServer, inbound: RecordingServer, lateCloser: RecordingServer;
     const servers: RecordingServer[] = [];
 
     const path = (ns: string): string => Topology.netnsPath(ns);
@@ -57,7 +57,10 @@ for (const [mode, n] of [['tcx', 30], ['tc', 31]] as const) {
       assert.ok(r.hostIfindex > 0, 'the node side of the veth was not found');
       app = await RecordingServer.start('app', { netns: path(pod), family: 6, address: '::', port: APP_PORT });
       inbound = await ztunnelListener(path(pod), 15006);
-      servers.push(app, inbound, await ztunnelListener(path(pod), 15001));
+      // Closes 200 ms after the node's FIN: the node's socket is in TIME_WAIT by then, and its last
+      // ACK leaves from there (without a socket for IPv6 on Linux 6.1).
+      lateCloser = await RecordingServer.start('late-closer', { netns: path(pod), family: 6, address: '::', port: APP_PORT + 1 }, 200);
+      servers.push(app, inbound, lateCloser, await ztunnelListener(path(pod), 15001));
     });
 
     after(async () => {
@@ -96,6 +99,9 @@ for (const [mode, n] of [['tcx', 30], ['tc', 31]] as const) {
         (JSON.parse(await sh('bpftool', ['-j', 'map', 'dump', 'pinned', `${root}/maps/${pin}`])) as unknown[]).length;
       for (let i = 0; i < 20; i++) {
         assert.equal(await whoAnswers({ netns: path(node), host: i % 2 ? addr.podV6 : addr.podV4, port: APP_PORT }), 'app');
+      }
+      for (let i = 0; i < 6; i++) {
+        assert.equal(await whoAnswers({ netns: path(node), host: i % 2 ? addr.podV6 : addr.podV4, port: APP_PORT + 1 }), 'late-closer');
       }
       await until(async () => (await entries()) === 0, 'probe translations of closed connections removed', 3000);
     });

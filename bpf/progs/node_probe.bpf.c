@@ -96,6 +96,20 @@ static __always_inline void track_close(const struct tcp_flow *f, struct probe_f
 		t->closing |= fin_bit; /* a lost race leaves the entry to the LRU, as before */
 }
 
+/* A segment the node's TIME_WAIT socket sends (its last ACK, or a reset): on Linux 6.1 (not 6.18) an
+ * IPv6 one leaves without a socket (tcp_v6_send_response), so the flow's last ACK would go
+ * untranslated and its translation never end. Only for a translation that exists, and only a bare
+ * ACK or RST: no SYN, no FIN, no data, so nothing forwarded can open or carry a connection
+ * under the probe address. */
+static __always_inline bool timewait_control(struct __sk_buff *skb, const struct tcp_flow *f)
+{
+	struct tcphdr th;
+
+	if (bpf_skb_load_bytes(skb, f->ip.l4_off, &th, sizeof(th)))
+		return false;
+	return !th.syn && !th.fin && (th.ack || th.rst) && skb->len == f->ip.l4_off + th.doff * 4u;
+}
+
 SEC("tc")
 int node_to_pod(struct __sk_buff *skb)
 {
@@ -104,13 +118,15 @@ int node_to_pod(struct __sk_buff *skb)
 	struct pod_ip probe;
 	struct tcp_flow f;
 
-	/* Only what a process on this node opened: forwarded packets carry no socket. */
-	if (!skb->sk || parse_tcp(skb, &f) != PKT_TCP || !bpf_map_lookup_elem(&pod_policy, &f.ip.daddr))
+	if (parse_tcp(skb, &f) != PKT_TCP || !bpf_map_lookup_elem(&pod_policy, &f.ip.daddr))
 		return TC_ACT_UNSPEC;
 	key.pod = f.ip.daddr;
 	key.pod_port = flow_dport(&f);
 	key.node_port = flow_sport(&f);
 	t = bpf_map_lookup_elem(&probe_nat, &key);
+	/* Only what a process on this node opened: forwarded packets carry no socket. */
+	if (!skb->sk && !(t && timewait_control(skb, &f)))
+		return TC_ACT_UNSPEC;
 	if (t) {
 		if (!same_address(&t->node, &f.ip.saddr))
 			return TC_ACT_UNSPEC; /* another node address took this port pair: left as is */

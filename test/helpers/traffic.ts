@@ -22,6 +22,7 @@ export class RecordingServer {
   private constructor(
     readonly name: string,
     private readonly server: net.Server,
+    closeDelayMs: number,
   ) {
     server.on('connection', (s) => {
       this.open.add(s);
@@ -36,12 +37,14 @@ export class RecordingServer {
       s.on('data', (d: Buffer) => (this.received[idx] += d.toString()));
       s.on('error', () => undefined);
       s.write(`${name}\n`);
-      s.on('end', () => s.end());
+      s.on('end', () => (closeDelayMs ? setTimeout(() => s.end(), closeDelayMs) : s.end()));
     });
   }
 
-  static async start(name: string, options: NetnsListenOptions): Promise<RecordingServer> {
-    return new RecordingServer(name, await listenInNetns(options));
+  /** `closeDelayMs`: how long after the client's FIN this side closes (0: at once, so its FIN
+   * usually rides on the ACK of the client's). */
+  static async start(name: string, options: NetnsListenOptions, closeDelayMs = 0): Promise<RecordingServer> {
+    return new RecordingServer(name, await listenInNetns(options), closeDelayMs);
   }
 
   async close(): Promise<void> {

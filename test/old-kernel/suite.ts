@@ -17,13 +17,6 @@ export const BY_HAND_ONLY = ['dist/test/attack.test.js', 'dist/test/datapath-lif
 // datapath-lifecycle: its 50-pod test passed on 6.1 (tc) but took 245 s under TCG on a loaded
 // machine (each of its ~250 `ip`/`tc` processes costs about a second there), past the budget.
 
-/** Tests that fail on 6.1 and are not fixed yet: reported by the check as known failures (any
- * other failure fails it). Each is an open item (README, Compatibility). */
-export const KNOWN_FAILING_ON_6_1: { file: string; name: string; seen: string }[] = [
-  { file: 'dist/test/dns-capture.test.js', name: 'turned off in place: queries go straight to the server', seen: 'the app’s TCP query to the server was refused (ECONNREFUSED) after DNS capture was turned off in place' },
-  { file: 'dist/test/probes.test.js', name: 'forgets each translation when its connection ends, so probe churn cannot evict a live one', seen: 'the probe translations of closed connections were not removed within the wait' },
-];
-
 const TCX = 'tcx links need Linux 6.6';
 const SK_ASSIGN = "bpf_sk_assign takes ztunnel's SO_REUSEPORT listeners only from Linux 6.6 (before, the agent steers with sk_lookup)";
 
