@@ -32,7 +32,7 @@ function assertHarnessLeftNothing(): void {
 }
 
 describe('the pre-6.6 path on a real Linux 6.1 (QEMU)', qemuMissing(), () => {
-  it('runs the datapath, steering, agent, DNS, probe and strict-mode suites in the guest', { timeout: 1_100_000 }, async (t) => {
+  it('runs the datapath, steering, agent, DNS, probe, strict-mode and attack suites in the guest', { timeout: 1_100_000 }, async (t) => {
     const notApplicable = NOT_APPLICABLE_ON_6_1.filter((n) => GUEST_SUITE.includes(n.file));
     const r = await runOnOldKernel({
       files: GUEST_SUITE,

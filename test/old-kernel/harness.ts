@@ -18,11 +18,12 @@ const REPO = fileURLToPath(new URL('../../../', import.meta.url)).replace(/\/$/,
 const INIT = join(REPO, 'test/old-kernel/init.sh');
 
 /** What the guest loads, in dependency order once resolved: virtio + 9p + overlay for its root,
- * veth/tun/dummy and tc's clsact + cls_bpf for the tests, the socket-diag modules for `ss`, and
+ * veth/tun/dummy and tc's clsact + cls_bpf for the tests, packet sockets for the crafted packets
+ * (scapy), the socket-diag modules for `ss`, and
  * nftables' NAT (iptables-nft's MASQUERADE in the probes test's node namespace; libcrc32c, which
  * nf_nat needs, asks for crc32c only as a soft dependency). */
 export const GUEST_MODULES = [
-  'virtio_pci', '9pnet_virtio', '9p', 'overlay', 'veth', 'tun', 'dummy', 'sch_ingress', 'cls_bpf',
+  'virtio_pci', '9pnet_virtio', '9p', 'overlay', 'veth', 'tun', 'dummy', 'sch_ingress', 'cls_bpf', 'af_packet',
   'inet_diag', 'tcp_diag', 'udp_diag', 'raw_diag', 'unix_diag',
   'crc32c_generic', 'nf_tables', 'nft_compat', 'nft_chain_nat', 'nft_masq', 'xt_MASQUERADE', 'xt_nat', 'xt_mark', 'nf_nat',
 ];
