@@ -3,8 +3,8 @@
  * process on the node itself opens to the pod is given the probe source address (169.254.7.127,
  * or fd16:9254:7127:1337:ffff:ffff:ffff:ffff), so that inside the pod it bypasses capture, as
  * upstream's host SNAT rule does; the pod's replies get the node's address back. Forwarded traffic
- * (other nodes, NodePort traffic masqueraded to the node's address) carries no local socket and is
- * left alone: the pod captures it like any other.
+ * (other nodes, NodePort traffic masqueraded to the node's address) carries no local socket and was
+ * received on an interface: it is left alone, and the pod captures it like any other.
  *   node_to_pod (egress, toward the pod): locally opened TCP to an enrolled pod address -> SNAT.
  *   pod_to_node (ingress, from the pod): TCP to the probe address -> the node address it replaced.
  * The translations live in an LRU map keyed by the pod side of the flow. */
@@ -98,14 +98,14 @@ static __always_inline void track_close(const struct tcp_flow *f, struct probe_f
 
 /* A segment the node's TIME_WAIT socket sends (its last ACK, or a reset): on Linux 6.1 (not 6.18) an
  * IPv6 one leaves without a socket (tcp_v6_send_response), so the flow's last ACK would go
- * untranslated and its translation never end. Only for a translation that exists, and only a bare
- * ACK or RST: no SYN, no FIN, no data, so nothing forwarded can open or carry a connection
- * under the probe address. */
+ * untranslated and its translation never end. Only one the node made itself (received on no
+ * interface: forwarded packets, spoofed ones included, were), for a translation that exists, and
+ * only a bare ACK or RST: no SYN, no FIN, no data. */
 static __always_inline bool timewait_control(struct __sk_buff *skb, const struct tcp_flow *f)
 {
 	struct tcphdr th;
 
-	if (bpf_skb_load_bytes(skb, f->ip.l4_off, &th, sizeof(th)))
+	if (skb->ingress_ifindex || bpf_skb_load_bytes(skb, f->ip.l4_off, &th, sizeof(th)))
 		return false;
 	return !th.syn && !th.fin && (th.ack || th.rst) && skb->len == f->ip.l4_off + th.doff * 4u;
 }
