@@ -180,7 +180,7 @@ describe('CNI installer', () => {
     await until(() => plugins(readFileSync(primary, 'utf8')).length === 3, () => 'our entry put back', 2_000);
     assert.equal(ambientWarnings(), 1, 'warned again while nothing changed for it');
     writeFileSync(primary, conflist([bridge, entry, istioCni]));
-    await new Promise((r) => setTimeout(r, 200));
+    await until(() => !installer.upstreamAmbient, () => 'the change to off seen', 2_000);
     writeFileSync(primary, conflist([bridge, entry, ambientOn]));
     await until(() => ambientWarnings() === 2, () => `warnings: ${JSON.stringify(warnings)}`, 2_000);
   });

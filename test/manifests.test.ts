@@ -119,7 +119,7 @@ describe('manifests', () => {
     t.after(() => client.close());
     api.daemonSets.set(`istio-system/${ds!.metadata.name}`, ds as unknown as Parameters<typeof api.daemonSets.set>[1]);
     api.nodes.set('n', { apiVersion: 'v1', kind: 'Node', metadata: { name: 'n', labels: { 'kubernetes.io/os': 'linux' } } });
-    assert.equal(await whyLeavingNode(client, 'istio-system', ds!.metadata.name, 'n'), undefined);
+    assert.equal(await whyLeavingNode(client, 'istio-system', ds!.metadata.name, 'n', 0), undefined);
     await removeRedirectionAnnotations(client, 'n');
     const used = new Set(api.requests.map((r) => {
       const status = /^\/api\/v1\/namespaces\/[^/]+\/pods\/[^/]+\/status$/.test(r.path);

@@ -258,16 +258,31 @@ describe('node lifecycle', kernelTest(), () => {
     assert.match(agent.stderr(), /nodes \\?"node-a\\?" not found.*leaving everything in place/);
     await everythingInPlace('after a stop on a node the API does not know');
 
-    // The DaemonSet no longer selects this node (its nodeSelector changed, as when a node pool
-    // leaves the mesh): the agent leaves the node for good, as for a deletion.
+    // The DaemonSet no longer selects this node for a moment only (a selector edit ahead of the
+    // labels it needs, set right): asked again after a few seconds, it does; everything stays.
     api.nodes.set('node-a', { apiVersion: 'v1', kind: 'Node', metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'mesh' } } });
-    agent = await start(['--keep-pod-redirection']);
-    api.daemonSets.set('istio-system/ambient-bpf', { ...daemonSet, spec: { template: { spec: { nodeSelector: { 'kubernetes.io/os': 'linux', pool: 'other' } } } } });
+    const otherPool = { ...daemonSet, spec: { template: { spec: { nodeSelector: { 'kubernetes.io/os': 'linux', pool: 'other' } } } } };
+    agent = await start();
+    api.daemonSets.set('istio-system/ambient-bpf', otherPool);
+    const stopping = stop(agent);
+    await sleep(500);
+    api.nodes.set('node-a', { apiVersion: 'v1', kind: 'Node', metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'other' } } });
+    await stopping;
+    assert.match(agent.stderr(), /the DaemonSet still runs on this node/);
+    await everythingInPlace('after a deselection that was undone within the confirmation');
+
+    // For good (its nodeSelector changed, as when a node pool leaves the mesh): the plugin, its
+    // entry and the policy go, as for a deletion, but the pods stay redirected (a deselection is
+    // as easily undone), whatever --keep-pod-redirection says.
+    api.nodes.set('node-a', { apiVersion: 'v1', kind: 'Node', metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'mesh' } } });
+    api.daemonSets.set('istio-system/ambient-bpf', linuxOnly);
+    agent = await start();
+    api.daemonSets.set('istio-system/ambient-bpf', otherPool);
     await stop(agent);
-    assert.match(agent.stderr(), /the DaemonSet no longer selects node node-a .*: removing ambient-bpf from the node/);
+    assert.match(agent.stderr(), /the DaemonSet no longer selects node node-a .*: removing ambient-bpf from the node \(the pods stay redirected/);
     assert.deepEqual(entryTypes(), ['bridge']);
     assert.equal(existsSync(policyFile), false);
-    assert.equal(await attached(), 1, '--keep-pod-redirection');
+    assert.equal(await attached(), 1, 'a deselection unredirected the pod');
     api.daemonSets.set('istio-system/ambient-bpf', daemonSet);
 
     // The DaemonSet is being deleted: entry, binary, policy, redirection and annotation go.

@@ -335,7 +335,7 @@ int main(void)
 	struct buf in, reply;
 	char *socket_path, *version, header[8192];
 	size_t hlen;
-	int fd, code;
+	int fd, code, err = 0;
 	char *nl;
 
 	if (!command || !*command)
@@ -360,8 +360,12 @@ int main(void)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd >= 0)
 		setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &connect_tv, sizeof(connect_tv));
-	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
-		return agent_down(command, socket_path, in.data, errno == EAGAIN ? ETIMEDOUT : errno);
+	/* With a timeout set, a stop and continue (SIGSTOP, a cgroup freeze) ends connect() with EINTR
+	 * instead of restarting it: ask again (the wait starts over, bounded by the signals sent). */
+	while (fd >= 0 && (err = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ? errno : 0) == EINTR)
+		;
+	if (fd < 0 || err)
+		return agent_down(command, socket_path, in.data, fd < 0 ? errno : err == EAGAIN ? ETIMEDOUT : err);
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	hlen = (size_t)snprintf(header, sizeof(header), "AMBIENT-BPF-CNI 1\n");

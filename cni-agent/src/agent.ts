@@ -22,7 +22,7 @@ import { CniHandler } from './cni/handler.js';
 import { writeCniPolicy } from './cni/policy-file.js';
 import { serveRelay } from './cni/relay.js';
 import { CniInstaller } from './installer/installer.js';
-import { whyLeavingNode } from './installer/daemonset-scope.js';
+import { whyLeavingNode, type Leaving } from './installer/daemonset-scope.js';
 import { removeFromNode } from './installer/removal.js';
 import { serveOps } from './ops/http.js';
 import { Counter, Histogram, samples } from './ops/metrics.js';
@@ -311,7 +311,7 @@ export class Agent {
     const k = source.kubeconfig;
     let client: KubeClient | undefined;
     try {
-      let leaving: string | undefined;
+      let leaving: Leaving | undefined;
       try {
         client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
         leaving = await whyLeavingNode(client, ds.namespace, ds.name, this.opts.nodeName);
@@ -323,8 +323,14 @@ export class Agent {
       this.stop();
       if (!leaving || !client) return { removed: false, failed: [] };
       const api = client;
-      const { keepPodRedirection } = ds;
-      log.info({ daemonSet: `${ds.namespace}/${ds.name}`, keepPodRedirection }, `${leaving}: removing ambient-bpf from the node`);
+      // A deselection keeps the pods redirected whatever the option: it is undone as easily as it
+      // was done (a label, a selector edit), and unredirecting on it would unmesh every pod of
+      // the node for that while. `ambient-bpf uninstall` finishes the job when it is for good.
+      const keepPodRedirection = ds.keepPodRedirection || leaving.deselected;
+      log.info(
+        { daemonSet: `${ds.namespace}/${ds.name}`, keepPodRedirection },
+        `${leaving.why}: removing ambient-bpf from the node${leaving.deselected ? ' (the pods stay redirected; ambient-bpf uninstall removes their redirection)' : ''}`,
+      );
       const failed = await removeFromNode({
         cni: this.opts.installCni,
         policyFile: this.opts.cniPolicyFile,

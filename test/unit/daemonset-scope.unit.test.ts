@@ -30,6 +30,10 @@ describe('placesOnNode', () => {
     assert.equal(placesOnNode(affinity(expr('cores', 'Gt', ['8'])), node), true);
     assert.equal(placesOnNode(affinity(expr('cores', 'Lt', ['8'])), node), false);
     assert.equal(placesOnNode(affinity(expr('pool', 'Gt', ['8'])), node), false, 'Gt on a label that is no number');
+    assert.equal(placesOnNode(affinity(expr('cores', 'Gt', ['+8'])), node), true, 'a sign, as Go parses it');
+    assert.equal(placesOnNode(affinity(expr('cores', 'Lt', ['9223372036854775808'])), node), false, 'beyond int64: no number to Go');
+    assert.equal(placesOnNode(affinity(expr('constructor', 'DoesNotExist')), node), true, 'an Object member is no label');
+    assert.equal(placesOnNode({ nodeSelector: { toString: 'x' } }, node), false);
     assert.equal(placesOnNode(affinity(expr('pool', 'Matches', ['mesh'])), node), false, 'an operator the API refuses');
   });
 

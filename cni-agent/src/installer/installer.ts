@@ -40,8 +40,8 @@ export class CniInstaller {
   private watcher: FSWatcher | undefined;
   private timer: NodeJS.Timeout | undefined;
   private reinserts: number[] = [];
-  /** Warned that upstream's istio-cni runs its ambient mode here (warned again after it was off). */
-  private upstreamAmbientWarned = false;
+  /** Upstream's istio-cni runs its ambient mode here, as last read (warned when it turns on). */
+  upstreamAmbient = false;
   private readonly entry: PluginEntry;
   /** Installs by result, with upstream's result names (istio_cni_installs_total). */
   readonly installs = new Map<'SUCCESS' | 'COPY_BINARIES_FAILURE' | 'CREATE_CNI_CONFIG_FAILURE', number>();
@@ -160,13 +160,13 @@ export class CniInstaller {
 
   private checkUpstreamAmbient(text: string, file: string): void {
     const on = upstreamAmbientEnabled(text, file);
-    if (on && !this.upstreamAmbientWarned) {
+    if (on && !this.upstreamAmbient) {
       this.opts.log.warn(
         { file },
         'upstream istio-cni in this CNI configuration runs its ambient mode ("ambient_enabled": true): both node agents would enrol ambient pods; turn it off (istio-cni chart ambient.enabled=false) or remove istio-cni',
       );
     }
-    this.upstreamAmbientWarned = on;
+    this.upstreamAmbient = on;
   }
 
   private noteReinsert(): void {
