@@ -5,7 +5,7 @@
 // exchange a line every UPGRADE_ROUND_MS, all through the ztunnel stand-in (its own process, which
 // outlives the agents as ztunnel does). The previous release (test/upgrade/previous-release, built
 // once and cached) enrols the pods; then, timed, each from the SIGTERM of the running agent to the
-// poll that sees every pod's tcx links on the next agent's programs and the next agent reporting
+// poll (every UPGRADE_POLL_MS, 100) that sees every pod's tcx links on the next agent's programs and the next agent reporting
 // every pod enabled (acked by ztunnel again):
 //   upgrade      previous -> this build (this build adopts the previous layout's pins);
 //   restart      this build -> this build (baseline: no version change);
@@ -33,6 +33,9 @@ const NEW_EVERY_MS = Number(process.env.UPGRADE_NEW_EVERY_MS ?? 2000); // per po
 const ROUND_MS = Number(process.env.UPGRADE_ROUND_MS ?? 200);
 const TARGET_MS = 5000;
 const SWITCH_TIMEOUT_MS = 120_000;
+// How often a switch is polled: each poll runs `bpftool link show` over every link on the node
+// (thousands with 200 pods) on the same 2 CPUs as the agent it times.
+const POLL_MS = Number(process.env.UPGRADE_POLL_MS ?? 100);
 
 interface Pod {
   uid: string;
@@ -52,6 +55,8 @@ interface SwitchResult {
   firstSwappedMs: number;
   allSwappedMs: number;
   readyMs: number;
+  /** The bench's own polling: how many polls, and the ms they took in all. */
+  polls: { count: number; ms: number };
   /** The next agent's log, ms from the SIGTERM: its first line, ZDS served, agent ready (every pod
    * reconciled), ztunnel connected, ztunnel's snapshot acked. */
   log: Record<string, number | undefined>;
@@ -199,22 +204,33 @@ async function main(): Promise<void> {
       agents.push(agent);
       const swappedAt = new Map<string, number>();
       let readyMs: number | undefined;
+      const polls = { count: 0, ms: 0 };
+      const poll = async (): Promise<boolean> => {
+        const links = await linkPrograms();
+        for (const p of pods) {
+          if (swappedAt.has(p.uid)) continue;
+          let progs = p.links.map((id) => links.get(id));
+          if (progs.some((x) => x === undefined)) progs = [...((await readLinks(p))?.values() ?? [undefined])]; // links replaced
+          if (progs.every((x) => x !== undefined && !before.has(x)) && connectHooked(p) === current) swappedAt.set(p.uid, Date.now() - t0);
+        }
+        if (swappedAt.size < pods.length) return false;
+        if ((await enabledPods(port)) !== PODS) return false;
+        readyMs = Date.now() - t0;
+        return true;
+      };
       await until(
         async () => {
-          const links = await linkPrograms();
-          for (const p of pods) {
-            if (swappedAt.has(p.uid)) continue;
-            let progs = p.links.map((id) => links.get(id));
-            if (progs.some((x) => x === undefined)) progs = [...((await readLinks(p))?.values() ?? [undefined])]; // links replaced
-            if (progs.every((x) => x !== undefined && !before.has(x)) && connectHooked(p) === current) swappedAt.set(p.uid, Date.now() - t0);
+          const pollStart = Date.now();
+          polls.count++;
+          try {
+            return await poll();
+          } finally {
+            polls.ms += Date.now() - pollStart;
           }
-          if (swappedAt.size < pods.length) return false;
-          if ((await enabledPods(port)) !== PODS) return false;
-          readyMs = Date.now() - t0;
-          return true;
         },
         () => `${name}: ${swappedAt.size} of ${PODS} pods on the next programs (${agent.stderr()})`,
         SWITCH_TIMEOUT_MS,
+        POLL_MS,
       );
       const times = [...swappedAt.values()];
       const log: Record<string, number | undefined> = {};
@@ -223,8 +239,8 @@ async function main(): Promise<void> {
         log[label] = at === undefined ? undefined : at - t0;
       }
       log['process spawned'] = agent.startedAt - t0;
-      process.stderr.write(`${name}: old agent exited ${stoppedMs} ms, ${downgradeMs === undefined ? '' : `downgrade done ${downgradeMs} ms, `}all pods swapped ${Math.max(...times)} ms, ready ${readyMs} ms\n`);
-      return { name, stoppedMs, ...(downgradeMs === undefined ? {} : { downgradeMs }), firstSwappedMs: Math.min(...times), allSwappedMs: Math.max(...times), readyMs: readyMs!, log, window: [t0, t0 + readyMs!] };
+      process.stderr.write(`${name}: old agent exited ${stoppedMs} ms, ${downgradeMs === undefined ? '' : `downgrade done ${downgradeMs} ms, `}all pods swapped ${Math.max(...times)} ms, ready ${readyMs} ms (${polls.count} polls, ${polls.ms} ms polling)\n`);
+      return { name, stoppedMs, ...(downgradeMs === undefined ? {} : { downgradeMs }), firstSwappedMs: Math.min(...times), allSwappedMs: Math.max(...times), readyMs: readyMs!, polls, log, window: [t0, t0 + readyMs!] };
     };
 
     const results: SwitchResult[] = [];
@@ -272,9 +288,9 @@ async function main(): Promise<void> {
       ...results.map((r) => `| ${r.name} | ${f(r.stoppedMs)} | ${f(r.downgradeMs)} | ${f(r.firstSwappedMs)} | ${f(r.allSwappedMs)} | ${f(r.readyMs)} | ${verdict(r.readyMs)} | ${count(served, r)} | ${count(newFailed, r)} | ${count(broken, r)} | ${count(bypassed, r)} |`),
       '',
       "where the time goes: the next agent's log, ms from the SIGTERM",
-      `| switch | process spawned | ${LOG_MARKS.map(([l]) => l).join(' | ')} | all pods swapped | ready |`,
-      `|---|---|${LOG_MARKS.map(() => '---|').join('')}---|---|`,
-      ...results.map((r) => `| ${r.name} | ${f(r.log['process spawned'])} | ${LOG_MARKS.map(([l]) => f(r.log[l])).join(' | ')} | ${f(r.allSwappedMs)} | ${f(r.readyMs)} |`),
+      `| switch | process spawned | ${LOG_MARKS.map(([l]) => l).join(' | ')} | all pods swapped | ready | bench polls (ms spent polling) |`,
+      `|---|---|${LOG_MARKS.map(() => '---|').join('')}---|---|---|`,
+      ...results.map((r) => `| ${r.name} | ${f(r.log['process spawned'])} | ${LOG_MARKS.map(([l]) => f(r.log[l])).join(' | ')} | ${f(r.allSwappedMs)} | ${f(r.readyMs)} | ${r.polls.count} (${r.polls.ms}) |`),
       '',
       ...(lost.length ? [`${lost.length} pods' apps ended without their summary (left out of the counts below): ${lost[0]!.slice(0, 300)}`] : []),
       `whole run: ${newOk} new connections ok, ${newFailed.length} failed (${outside(newFailed)} outside any switch); ${rounds.length} long-lived connections, ${broken.length} broken, fewest rounds ${Math.min(...rounds)}; the servers saw ${seen} connections (expected ${newOk + rounds.length}), ${bypassed.length} from the app's own socket (bypassed ztunnel); ztunnel counted at least the server's connections for ${carried} of ${PODS} pods`,

@@ -92,7 +92,7 @@ describe('DNS capture’s pod cgroup', kernelTest(), () => {
       ['systemd burstable', (uid) => `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod${uid.replace(/-/g, '_')}.slice`],
       ['systemd besteffort', (uid) => `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod${uid.replace(/-/g, '_')}.slice`],
     ];
-    const locator = new CgroupLocator('/', cgroups.root);
+    const locator = new CgroupLocator('/', { kubeletRoot: cgroups.root });
     let n = 0;
     for (const [what, layout] of layouts) {
       const uid = randomUUID();

@@ -127,6 +127,30 @@ describe('ZDS server', () => {
     assert.deepEqual(server.status('d'), { status: 'nacked', error: 'cannot create the proxy' });
   });
 
+  it('answers an Add of a pod the unanswered snapshot hands over in the same netns with the snapshot’s answer, not a second Add; another netns gets its own', async (t) => {
+    const { server, connect } = fixture(t);
+    const otherNetns = `/tmp/${TEST_PREFIX}-zds-netns-${uniqueSuffix()}`;
+    writeFileSync(otherNetns, ''); // another file: another identity than the pod's netns
+    t.after(() => rmSync(otherNetns, { force: true }));
+    for (const uid of ['g1', 'g2']) server.remember({ uid, info: info(uid), netnsFd: netnsFd() });
+    const zt = connect().hello();
+    const add = (uid: string) => ({ request: { add: { uid, workloadInfo: info(uid) } }, fdCount: 1 });
+    assert.deepEqual(await zt.request(), add('g1'));
+    // A restarted agent's pass reaches both pods while the snapshot's first Add is unanswered.
+    const same = server.enroll({ uid: 'g1', info: info('g1'), netnsFd: netnsFd() });
+    const moved = server.enroll({ uid: 'g2', info: info('g2'), netnsFd: openSync(otherNetns, 'r') });
+    zt.ack('not yet');
+    assert.deepEqual(await same, { status: 'nacked', error: 'not yet' }, 'the snapshot’s answer');
+    assert.deepEqual(await zt.request(), add('g2'));
+    zt.ack();
+    assert.deepEqual(await zt.request(), { request: { snapshotSent: {} }, fdCount: 0 });
+    zt.ack();
+    assert.deepEqual(await zt.request(), add('g2'), 'the moved pod’s own Add');
+    zt.ack();
+    assert.deepEqual(await moved, { status: 'acked' });
+    assert.equal(await zt.request(200), undefined, 'no second Add for g1');
+  });
+
   it('closes a connection whose Ack is late and reports the pod unreachable', async (t) => {
     const { server, connect } = fixture(t, { ackTimeoutMs: 200 });
     const zt = connect().hello();

@@ -6,7 +6,7 @@
 // every message (deadline). Afterwards Add goes to the newest connection, Del to all of them (two
 // ztunnels coexist during an upgrade). Anything ztunnel sends that is not an expected reply is a
 // protocol error and closes that connection.
-import { chmodSync, existsSync, mkdirSync, unlinkSync } from 'node:fs';
+import { chmodSync, existsSync, fstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { closeFd, dupFd, SeqpacketServer, type PeerCredentials, type SeqpacketError, type SeqpacketSocket } from '../../bpf/src/node-netns.js';
 import {
@@ -64,6 +64,8 @@ let nextConnectionId = 1;
 class ZtunnelConnection {
   readonly id = nextConnectionId++;
   state: 'hello' | 'snapshot' | 'ready' | 'closed' = 'hello';
+  /** Pods this connection's snapshot hands over with an Add that ztunnel has not answered yet. */
+  readonly snapshotAdds = new Set<string>();
   private readonly queue: QueuedRequest[] = [];
   private inflight: { item: QueuedRequest; timer: NodeJS.Timeout } | undefined;
   private readonly helloTimer: NodeJS.Timeout;
@@ -240,12 +242,15 @@ export class ZdsServer {
       throw new Error('a pod needs a uid, a name and a namespace');
     }
     const previous = this.pods.get(pod.uid);
+    const sameNetns = previous?.netnsFd !== undefined && pod.netnsFd !== undefined && sameFile(previous.netnsFd, pod.netnsFd);
     if (previous?.netnsFd !== undefined && previous.netnsFd !== pod.netnsFd) closeFd(previous.netnsFd);
     this.pods.set(pod.uid, pod);
     const connection = this.connections.at(-1);
     if (!connection) return this.report(pod.uid, { status: 'unreachable', reason: 'ztunnel is not connected' });
-    if (connection.state === 'hello') {
-      // Its snapshot is built from the pods known when the hello arrives, this one included.
+    // Its snapshot is built from the pods known when the hello arrives, this one included; or the
+    // snapshot in progress hands this pod over in this netns already (a restarted agent's first
+    // pass over the pods it adopted): ztunnel's answer to that Add is this one's, not a second Add.
+    if (connection.state === 'hello' || (sameNetns && connection.snapshotAdds.has(pod.uid))) {
       return new Promise((resolve) => {
         const list = this.snapshotWaiters.get(pod.uid) ?? [];
         list.push({ connection, resolve });
@@ -294,7 +299,9 @@ export class ZdsServer {
     for (const pod of pods) {
       const request: WorkloadRequest =
         pod.netnsFd !== undefined ? { add: { uid: pod.uid, workloadInfo: pod.info } } : { keep: { uid: pod.uid } };
+      if ('add' in request) connection.snapshotAdds.add(pod.uid);
       void connection.request(request, pod.netnsFd ?? -1).then((reply) => {
+        connection.snapshotAdds.delete(pod.uid);
         const result = toResult(reply);
         if ('keep' in request && result.status === 'acked') return; // kept, not (re)started: no news
         this.report(pod.uid, result);
@@ -334,6 +341,17 @@ export class ZdsServer {
       this.options.onStatus?.(uid, result);
     }
     return result;
+  }
+}
+
+/** Do two fds name the same file (the same network namespace)? */
+function sameFile(a: number, b: number): boolean {
+  try {
+    const x = fstatSync(a);
+    const y = fstatSync(b);
+    return x.ino === y.ino && x.dev === y.dev;
+  } catch {
+    return false;
   }
 }
 
