@@ -7,6 +7,7 @@
         "native/datapath.c",
         "native/dp_error.c",
         "native/layout.c",
+        "native/pod_ifaces.c",
         "native/pod_policy.c",
         "native/probe.c",
         "native/netns_addresses.c",

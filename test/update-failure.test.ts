@@ -14,7 +14,7 @@ import { RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.
 import { sleep } from './helpers/wait.js';
 
 const APP_PORT = 8080;
-const STEPS = ['routing', 'programs', 'mode-switch', 'reroutes', 'policy', 'sk_lookup', 'host', 'dns', 'record'];
+const STEPS = ['routing', 'programs', 'mode-switch', 'ifaces', 'reroutes', 'policy', 'sk_lookup', 'host', 'dns', 'record'];
 
 after(assertNothingLeft);
 

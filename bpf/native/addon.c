@@ -575,6 +575,21 @@ static napi_value list_result(napi_env env, struct job *job)
 			napi_set_element(env, ips, j, name);
 		}
 		set_named(env, obj, "rerouteInterfaces", ips);
+		napi_create_array_with_length(env, p->ifaces.count, &ips);
+		for (unsigned j = 0; j < p->ifaces.count && j < MAX_POD_IFACES; j++) {
+			napi_value iface;
+
+			napi_create_object(env, &iface);
+			set_str(env, iface, "name", p->ifaces.iface[j].name);
+			set_u32(env, iface, "ifindex", p->ifaces.iface[j].ifindex);
+			napi_set_element(env, ips, j, iface);
+		}
+		set_named(env, obj, "otherInterfaces", ips);
+		set_str(env, obj, "interface", p->ifaces.own);
+		napi_create_array_with_length(env, p->ifaces.addr_count, &ips);
+		for (unsigned j = 0; j < p->ifaces.addr_count && j < MAX_POD_IPS; j++)
+			napi_set_element(env, ips, j, ip_value(env, &p->ifaces.addrs[j]));
+		set_named(env, obj, "otherAddresses", ips);
 		napi_set_element(env, arr, (uint32_t)i, obj);
 	}
 	free(job->u.list.pods);

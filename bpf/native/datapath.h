@@ -54,6 +54,7 @@ int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res
 struct dp_pod {
 	char uid[POD_UID_LEN];
 	struct pod_meta meta;
+	struct pod_ifaces ifaces; /* its other interfaces, captured like its own */
 	bool netns_present; /* the netns path still names the attached namespace */
 	bool links_pinned; /* tcx: both link pins present */
 	struct pod_counters counters;

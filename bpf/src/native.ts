@@ -28,6 +28,14 @@ export interface NativeListedPod {
   bypassInbound: boolean;
   strict: boolean;
   rerouteInterfaces: string[];
+  /** The name of the pod's own interface (ifindex), as last attached ('' from a pod attached by an
+   * older release). */
+  interface: string;
+  /** The pod netns's other interfaces (all but lo and the reroute ones), captured like its own. */
+  otherInterfaces: { name: string; ifindex: number }[];
+  /** Their addresses (and any other on the pod's own interface) that are not among its IPs: the
+   * pod's too, wherever the programs look a pod up. */
+  otherAddresses: string[];
   /** The pod's cgroup the socket-option guard (and DNS capture) is hooked to; 0: none. */
   podCgroupId: number;
   /** DNS is captured at that cgroup. */

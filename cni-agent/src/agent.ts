@@ -250,6 +250,7 @@ export class Agent {
           ztunnel: s.ztunnel,
           netnsPath: s.netnsPath ?? '',
           dnsCapture: s.dns,
+          interfaces: a ? [a.interface || `#${a.ifindex}`, ...a.otherInterfaces.map((i) => i.name)] : [],
           sinceUnixMs: s.since.getTime(),
           ...(a ? { counters: a.counters } : {}),
         };

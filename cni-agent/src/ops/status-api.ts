@@ -20,6 +20,8 @@ export interface StatusPod {
   netnsPath: string;
   sinceUnixMs: number;
   dnsCapture: string;
+  /** The captured interfaces, the pod's own first. */
+  interfaces: string[];
   counters?: DatapathCounters;
 }
 
@@ -126,6 +128,7 @@ export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusRepor
           netnsPath: p.netnsPath ?? '',
           sinceUnixMs: Number(p.sinceUnixMs ?? 0),
           dnsCapture: p.dnsCapture ?? '',
+          interfaces: p.interfaces ?? [],
           ...(p.counters ? { counters: numbers(p.counters) } : {}),
         })),
       });

@@ -1,0 +1,328 @@
+// Every interface of the pod netns is captured, not only the one with the pod IP: a second veth (a
+// Multus network) and a macvlan, with real packets, for tcx and the tc fallback. Each capture is
+// paired with its control: the same connection before the programs (or after detach) reaches the app.
+import assert from 'node:assert/strict';
+import { existsSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { Datapath } from '../bpf/src/index.js';
+import { testRunnerCgroup, useKernelSteering } from './helpers/app.js';
+import { runCli } from './helpers/cli.js';
+import { KERNEL_HAS_TCX, kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { assertNothingLeft, linksOfPrograms, podProgramIds } from './helpers/leftovers.js';
+import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
+import { RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.js';
+
+const APP_PORT = 8080;
+
+after(assertNothingLeft);
+
+/** A network the pod reaches through one of its other interfaces: the far side's netns and addresses. */
+interface OtherNet {
+  ns: string;
+  dev: string; // in the pod
+  podV4: string;
+  podV6: string;
+  farV4: string;
+  farV6: string;
+}
+
+async function addresses(topo: Topology, pod: string, dev: string, far: string, farDev: string, n: number): Promise<OtherNet> {
+  const net = { ns: far, dev, podV4: `198.18.${n}.2`, podV6: `2001:db8:${n}::2`, farV4: `198.18.${n}.1`, farV6: `2001:db8:${n}::1` };
+  await topo.batch(pod, [`link set ${dev} up`, `addr add ${net.podV4}/24 dev ${dev}`, `addr add ${net.podV6}/64 dev ${dev} nodad`]);
+  await topo.batch(far, [`link set ${farDev} up`, `addr add ${net.farV4}/24 dev ${farDev}`, `addr add ${net.farV6}/64 dev ${farDev} nodad`]);
+  return net;
+}
+
+/** A second veth: net1 in the pod, its peer in a netns of its own (another network). */
+async function secondVeth(topo: Topology, pod: string, dev: string, n: number): Promise<OtherNet> {
+  const far = await topo.netns(`o${n}`);
+  await topo.batch(undefined, [`link add ${dev} netns ${pod} type veth peer name eth0 netns ${far}`]);
+  return addresses(topo, pod, dev, far, 'eth0', n);
+}
+
+/** A macvlan moved into the pod; its parent is a veth in a netns whose peer is the far side. */
+async function macvlan(topo: Topology, pod: string, dev: string, n: number): Promise<OtherNet> {
+  const parent = await topo.netns(`p${n}`);
+  const far = await topo.netns(`m${n}`);
+  await topo.batch(undefined, [`link add uplink netns ${parent} type veth peer name eth0 netns ${far}`]);
+  await topo.batch(parent, ['link set uplink up', `link add ${dev} link uplink type macvlan mode bridge`, `link set ${dev} netns ${pod}`]);
+  return addresses(topo, pod, dev, far, 'eth0', n);
+}
+
+/** The tc filters on a device of a netns, as bpftool lists them (it predates tcx: see tcxLinks). */
+async function filtersOn(topo: Topology, ns: string, dev: string): Promise<string[]> {
+  const out = JSON.parse(await topo.exec(ns, 'bpftool', '-j', 'net', 'show', 'dev', dev)) as { tc?: { kind: string; name?: string }[] }[];
+  return (out[0]?.tc ?? []).map((h) => `${h.kind}:${(h.name ?? '').replace(/:\[\d+\]$/, '')}`).sort();
+}
+
+/** The tcx links running the pod's programs (those of its own pinned links), on any device. */
+async function tcxLinks(root: string, uid: string): Promise<number[]> {
+  return linksOfPrograms(await podProgramIds(root, uid));
+}
+
+async function sysctl(topo: Topology, ns: string, key: string): Promise<string> {
+  return (await topo.exec(ns, 'sysctl', '-n', key)).trim();
+}
+
+for (const [mode, subnet] of [['tcx', 180], ['tc', 190]] as const) {
+  describe(`other interfaces of the pod with ${mode}`, kernelTest({ name: `interfaces with ${mode}`, tcx: mode === 'tcx' }), () => {
+    const topo = new Topology();
+    const uid = `pod-${topo.id}`;
+    const root = testBpffsRoot(topo.id);
+    let net: PodNet;
+    let veth: OtherNet, mv: OtherNet;
+    let dp: Datapath;
+    let outbound: RecordingServer, inbound: RecordingServer, hbone: RecordingServer, app: RecordingServer;
+    const farServers: RecordingServer[] = [];
+
+    const attach = () => dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+    const from = (o: OtherNet) => Topology.netnsPath(o.ns);
+
+    before(async () => {
+      net = await podWithRemote(topo, subnet);
+      veth = await secondVeth(topo, net.pod, 'net1', subnet + 1);
+      mv = await macvlan(topo, net.pod, 'mv0', subnet + 2);
+      dp = await Datapath.open({ bpffsRoot: root });
+      await useKernelSteering(dp);
+      dp.trustZtunnelCgroup(testRunnerCgroup());
+      app = await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT });
+      for (const o of [veth, mv]) farServers.push(await RecordingServer.start(`far-${o.dev}`, { netns: from(o), family: 6, address: '::', port: APP_PORT }));
+    });
+
+    after(async () => {
+      for (const s of [outbound, inbound, hbone, app, ...farServers]) await s?.close();
+      await dp?.detach(uid);
+      dp?.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+    });
+
+    it('control: before the programs, inbound TCP on the other interfaces reaches the app', async () => {
+      for (const o of [veth, mv]) for (const host of [o.podV4, o.podV6]) assert.equal(await whoAnswers({ netns: from(o), host, port: APP_PORT }), 'app');
+      assert.equal(await whoAnswers({ netns: net.podPath, host: veth.farV4, port: APP_PORT }), 'far-net1');
+    });
+
+    it('attaches to every interface but lo, and lists them with their addresses', async () => {
+      const r = await attach();
+      assert.equal(r.mode, mode);
+      outbound = await ztunnelListener(net.podPath, 15001);
+      inbound = await ztunnelListener(net.podPath, 15006);
+      hbone = await ztunnelListener(net.podPath, 15008);
+      const [pod] = await dp.list();
+      assert.equal(pod?.interface, 'eth0');
+      assert.deepEqual(pod.otherInterfaces.map((i) => i.name).sort(), ['mv0', 'net1']);
+      assert.deepEqual([...pod.otherAddresses].sort(), [mv.podV4, mv.podV6, veth.podV4, veth.podV6].sort());
+      if (mode === 'tcx') assert.equal((await tcxLinks(root, uid)).length, 6, 'ingress and egress on each of the 3 interfaces');
+      for (const dev of ['eth0', 'net1', 'mv0']) {
+        assert.deepEqual(await filtersOn(topo, net.pod, dev), mode === 'tcx' ? [] : ['clsact/egress:pod_egress', 'clsact/ingress:pod_ingress'], dev);
+        assert.equal(await sysctl(topo, net.pod, `net.ipv4.conf.${dev}.accept_local`), '1', dev);
+      }
+      assert.deepEqual((await dp.verify(uid)).problems, []);
+    });
+
+    it('sends inbound TCP arriving on the other interfaces to 15006, with their address as local address', async () => {
+      const appBefore = app.accepted.length;
+      for (const o of [veth, mv]) {
+        for (const [host, src] of [[o.podV4, o.farV4], [o.podV6, o.farV6]] as const) {
+          assert.equal(await whoAnswers({ netns: from(o), host, port: APP_PORT }), 'ztunnel-15006', `${o.dev} ${host}`);
+          const got = inbound.accepted.at(-1)!;
+          assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [host, APP_PORT, src]);
+        }
+      }
+      assert.equal(app.accepted.length, appBefore, 'the app took a connection on another interface directly');
+    });
+
+    it('sends outbound TCP leaving through the other interfaces to 15001 with the original destination', async () => {
+      for (const o of [veth, mv]) {
+        for (const [host, src] of [[o.farV4, o.podV4], [o.farV6, o.podV6]] as const) {
+          assert.equal(await whoAnswers({ netns: net.podPath, host, port: APP_PORT }), 'ztunnel-15001', `${o.dev} ${host}`);
+          const got = outbound.accepted.at(-1)!;
+          assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [host, APP_PORT, src]);
+        }
+      }
+      assert.deepEqual(farServers.map((s) => s.accepted.length), [1, 0], 'a far side saw a connection that should have gone to ztunnel (net1: the control only)');
+    });
+
+    it('leaves HBONE (15008) on the other interfaces to its own listener', async () => {
+      const before = inbound.accepted.length;
+      for (const o of [veth, mv]) for (const host of [o.podV4, o.podV6]) assert.equal(await whoAnswers({ netns: from(o), host, port: 15008 }), 'ztunnel-15008');
+      assert.equal(inbound.accepted.length, before);
+    });
+
+    it('classifies the other interfaces\' traffic as the pod\'s (its counters)', async () => {
+      const [pod] = await dp.list();
+      assert.equal(pod!.counters.inboundRedirected, 4);
+      assert.equal(pod!.counters.outboundRedirected, 4);
+      assert.equal(pod!.counters.bypassHbone, 4);
+    });
+
+    it('verify reports another interface whose hook was removed behind its back, and an update repairs it', async () => {
+      if (mode === 'tcx') {
+        const [f] = (await dp.list())[0]!.otherInterfaces.filter((i) => i.name === 'net1');
+        await sh('bpftool', ['link', 'detach', 'pinned', join(root, 'pods', uid, `iface-${f!.ifindex}-ingress`)]);
+      } else {
+        await topo.exec(net.pod, 'tc', 'filter', 'del', 'dev', 'net1', 'ingress');
+      }
+      const broken = await dp.verify(uid);
+      assert.ok(broken.problems.some((p) => /ingress hook of interface net1/.test(p)), broken.problems.join('; '));
+      assert.equal(await whoAnswers({ netns: from(veth), host: veth.podV4, port: APP_PORT }), 'app', 'the broken hook really let it through');
+      await attach();
+      assert.deepEqual((await dp.verify(uid)).problems, []);
+      assert.equal(await whoAnswers({ netns: from(veth), host: veth.podV4, port: APP_PORT }), 'ztunnel-15006');
+    });
+
+    it('verify reports an interface that appeared after enrollment; the next attach captures it', async () => {
+      const late = await secondVeth(topo, net.pod, 'net2', subnet + 3);
+      const far = await RecordingServer.start('far-net2', { netns: from(late), family: 6, address: '::', port: APP_PORT });
+      try {
+        const seen = await dp.verify(uid);
+        assert.ok(seen.problems.some((p) => /interface net2 appeared and is not captured yet/.test(p)), seen.problems.join('; '));
+        assert.ok(seen.problems.some((p) => p.includes(`address ${late.podV4} appeared`)), seen.problems.join('; '));
+        assert.equal(await whoAnswers({ netns: from(late), host: late.podV4, port: APP_PORT }), 'app', 'control: not captured before');
+        await attach();
+        assert.deepEqual((await dp.verify(uid)).problems, []);
+        assert.equal(await whoAnswers({ netns: from(late), host: late.podV4, port: APP_PORT }), 'ztunnel-15006');
+        assert.equal(await whoAnswers({ netns: net.podPath, host: late.farV6, port: APP_PORT }), 'ztunnel-15001');
+        await topo.ip(net.pod, 'link', 'del', 'net2');
+        assert.ok((await dp.verify(uid)).problems.some((p) => /captured interface net2 .* is gone/.test(p)));
+        await attach();
+        assert.deepEqual((await dp.verify(uid)).problems, []);
+        assert.equal(far.accepted.length, 0);
+      } finally {
+        await far.close();
+      }
+    });
+
+    it('detach restores every interface: no hook, no qdisc, accept_local back, the app reachable again', async () => {
+      const programs = mode === 'tcx' ? await podProgramIds(root, uid) : new Set<number>();
+      const { found } = await dp.detach(uid);
+      assert.ok(found);
+      assert.deepEqual(await linksOfPrograms(programs), []);
+      for (const dev of ['eth0', 'net1', 'mv0']) {
+        assert.deepEqual(await filtersOn(topo, net.pod, dev), [], dev);
+        assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', dev), /clsact/, dev);
+        assert.equal(await sysctl(topo, net.pod, `net.ipv4.conf.${dev}.accept_local`), '0', dev);
+      }
+      assert.ok(!existsSync(join(root, 'pods', uid)), 'the pod\'s pins are gone');
+      assert.equal(await whoAnswers({ netns: from(mv), host: mv.podV6, port: APP_PORT }), 'app');
+    });
+  });
+
+  describe(`a pod whose IPv4 and IPv6 are on different interfaces, with ${mode}`, kernelTest({ name: `split families with ${mode}`, tcx: mode === 'tcx' }), () => {
+    const topo = new Topology();
+    const uid = `pod-${topo.id}`;
+    const root = testBpffsRoot(topo.id);
+    let pod: string, v4: OtherNet, v6: OtherNet;
+    let dp: Datapath;
+    let servers: RecordingServer[] = [];
+
+    before(async () => {
+      pod = await topo.netns('pod');
+      v4 = await secondVeth(topo, pod, 'eth0', subnet + 5);
+      v6 = await secondVeth(topo, pod, 'net1', subnet + 6);
+      await topo.ip(pod, '-6', 'addr', 'del', `${v4.podV6}/64`, 'dev', 'eth0');
+      await topo.ip(pod, 'addr', 'del', `${v6.podV4}/24`, 'dev', 'net1');
+      dp = await Datapath.open({ bpffsRoot: root });
+      await useKernelSteering(dp);
+      dp.trustZtunnelCgroup(testRunnerCgroup());
+      servers = [
+        await RecordingServer.start('app', { netns: Topology.netnsPath(pod), family: 6, address: '::', port: APP_PORT }),
+        await ztunnelListener(Topology.netnsPath(pod), 15006),
+      ];
+    });
+
+    after(async () => {
+      for (const s of servers) await s.close();
+      await dp?.detach(uid);
+      dp?.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+    });
+
+    it('is enrolled, and both families are captured', async () => {
+      assert.equal(await whoAnswers({ netns: Topology.netnsPath(v6.ns), host: v6.podV6, port: APP_PORT }), 'app', 'control');
+      await dp.attach({ uid, netnsPath: Topology.netnsPath(pod), ips: [v4.podV4, v6.podV6] }, { mode });
+      const [p] = await dp.list();
+      assert.deepEqual([p?.interface, p?.otherInterfaces.map((i) => i.name), p?.otherAddresses], ['eth0', ['net1'], []]);
+      assert.equal(await whoAnswers({ netns: Topology.netnsPath(v4.ns), host: v4.podV4, port: APP_PORT }), 'ztunnel-15006');
+      assert.equal(await whoAnswers({ netns: Topology.netnsPath(v6.ns), host: v6.podV6, port: APP_PORT }), 'ztunnel-15006');
+      assert.deepEqual((await dp.verify(uid)).problems, []);
+    });
+  });
+}
+
+describe('an interface without an Ethernet header', kernelTest({ name: 'interfaces: tun' }), () => {
+  const topo = new Topology();
+  const root = testBpffsRoot(topo.id);
+  let net: PodNet;
+  let dp: Datapath;
+
+  before(async () => {
+    net = await podWithRemote(topo, 199);
+    await topo.ip(net.pod, 'tuntap', 'add', 'dev', 'tun0', 'mode', 'tun');
+    dp = await Datapath.open({ bpffsRoot: root });
+  });
+
+  after(async () => {
+    dp?.close();
+    await topo.cleanup();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('is refused, named (its traffic could not be captured), and nothing is left attached', async () => {
+    await assert.rejects(dp.attach({ uid: `pod-${topo.id}`, netnsPath: net.podPath, ips: [net.podV4] }), /interface tun0 of the pod carries no Ethernet header/);
+    assert.deepEqual(await dp.list(), []);
+    assert.deepEqual(await filtersOn(topo, net.pod, 'eth0'), []);
+  });
+
+  it('is accepted when listed as a reroute interface (it has its own hook)', async () => {
+    const uid = `pod-${topo.id}`;
+    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['tun0'] });
+    assert.deepEqual((await dp.list())[0]?.otherInterfaces, []);
+    await dp.detach(uid);
+  });
+});
+
+describe('a downgrade to layout 2', kernelTest({ name: 'interfaces: downgrade' }), () => {
+  const topo = new Topology();
+  const uid = `pod-${topo.id}`;
+  const root = testBpffsRoot(topo.id);
+  let net: PodNet;
+
+  before(async () => {
+    net = await podWithRemote(topo, 200);
+    await secondVeth(topo, net.pod, 'net1', 201);
+  });
+
+  after(async () => {
+    const dp = await Datapath.open({ bpffsRoot: root }).catch(() => undefined);
+    await dp?.detach(uid);
+    dp?.close();
+    await topo.cleanup();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  for (const mode of ['tc', 'tcx'] as const) {
+    it(`removes the other interfaces' hooks (${mode}), which layout 2 does not know, and keeps the pod's own`, { skip: mode === 'tcx' && !KERNEL_HAS_TCX ? 'the kernel has no tcx' : false }, async () => {
+      const dp = await Datapath.open({ bpffsRoot: root });
+      await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+      dp.close();
+      const hooks = async (dev: string) => (mode === 'tcx' ? (await tcxLinks(root, uid)).length : (await filtersOn(topo, net.pod, dev)).length);
+      assert.equal(await hooks('net1'), mode === 'tcx' ? 4 : 2);
+      const down = await runCli(['datapath', 'downgrade', '--layout', '2', '--bpffs', root]);
+      assert.equal(down.code, 0, down.stderr);
+      assert.equal(await hooks('net1'), mode === 'tcx' ? 2 : 0, 'net1 unhooked');
+      assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', 'net1'), /clsact/);
+      assert.equal(await sysctl(topo, net.pod, 'net.ipv4.conf.net1.accept_local'), '0');
+      assert.equal(await hooks('eth0'), 2, 'the pod\'s own hooks stay');
+      assert.ok(!existsSync(join(root, 'maps', 'pod_ifaces')));
+      // This release adopts layout 2 again and captures net1 on its next attach.
+      const again = await Datapath.open({ bpffsRoot: root });
+      await again.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+      assert.equal(await hooks('net1'), mode === 'tcx' ? 4 : 2);
+      await again.detach(uid);
+      again.close();
+    });
+  }
+});
