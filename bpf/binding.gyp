@@ -13,6 +13,7 @@
         "native/netns_addresses.c",
         "native/netns_socket.c",
         "native/netns_thread.c",
+        "native/netns_watch.c",
         "native/rtnl.c",
         "native/seqpacket.c"
       ],

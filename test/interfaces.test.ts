@@ -2,16 +2,19 @@
 // Multus network) and a macvlan, with real packets, for tcx and the tc fallback. Each capture is
 // paired with its control: the same connection before the programs (or after detach) reaches the app.
 import assert from 'node:assert/strict';
-import { existsSync, rmSync } from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { testRunnerCgroup, useKernelSteering } from './helpers/app.js';
-import { runCli } from './helpers/cli.js';
-import { KERNEL_HAS_TCX, kernelTest, testBpffsRoot } from './helpers/kernel.js';
-import { assertNothingLeft, linksOfPrograms, podProgramIds } from './helpers/leftovers.js';
+import { CLI, runCli } from './helpers/cli.js';
+import { KERNEL_HAS_TCX, kernelTest, TEST_PREFIX, testBpffsRoot } from './helpers/kernel.js';
+import { assertNothingLeft, linksOfPrograms, podProgramIds, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
-import { RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.js';
+import { connectFails, RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.js';
+import { until } from './helpers/wait.js';
 
 const APP_PORT = 8080;
 
@@ -325,4 +328,56 @@ describe('a downgrade to layout 2', kernelTest({ name: 'interfaces: downgrade' }
       again.close();
     });
   }
+});
+
+describe('the agent', kernelTest({ name: 'interfaces: agent' }), () => {
+  it('captures an interface that appears in an enrolled pod at once, without the drift check', async (t) => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-ifaces-`));
+    const net = await podWithRemote(topo, 210);
+    const uid = `ifaces-${topo.id}`;
+    const pods = join(dir, 'pods.yaml');
+    writeFileSync(pods, [
+      'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
+      `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, namespace: shop, uid: ${uid} }\nstatus: { phase: Running, podIP: ${net.podV4} }`,
+    ].join('\n---\n'));
+    const socket = join(dir, 'ztunnel.sock');
+    const procs: ChildProcess[] = [];
+    t.after(async () => {
+      for (const p of procs) p.kill('SIGKILL');
+      await Promise.all(procs.map((p) => new Promise((r) => (p.exitCode === null && p.signalCode === null ? p.once('exit', r) : r(null)))));
+      await removeDatapath(root);
+      await topo.cleanup();
+      rmSync(dir, { recursive: true, force: true });
+    });
+    let stderr = '';
+    const agent = spawn(CLI, ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--verify-interval', '0', '--attach-mode', 'tc'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    agent.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    procs.push(agent, spawn(CLI, ['ztunnel', '--socket', socket], { stdio: 'ignore' }));
+    const status = async () => (JSON.parse((await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout || '{"pods":[]}') as { pods: { state: string; interfaces: string[] }[] }).pods[0];
+    await until(async () => (await status().catch(() => undefined))?.state === 'enabled', () => `pod enabled; agent: ${stderr}`, 15_000);
+    assert.deepEqual((await status())?.interfaces, ['eth0']);
+
+    const appeared = performance.now();
+    const late = await secondVeth(topo, net.pod, 'net1', 211);
+    const captured = async () => {
+      const dp = await Datapath.open({ bpffsRoot: root });
+      try {
+        return (await dp.verify(uid)).problems.length === 0 && (await dp.list())[0]?.otherAddresses.includes(late.podV6) === true;
+      } finally {
+        dp.close();
+      }
+    };
+    await until(captured, () => `net1 captured (the drift check is off: only the watch can have told the agent); agent: ${stderr}`, 2000);
+    const ms = performance.now() - appeared;
+    t.diagnostic(`net1 captured ${ms.toFixed(0)} ms after it was made`);
+    assert.deepEqual((await status())?.interfaces, ['eth0', 'net1']);
+    assert.match(stderr, /the pod’s interfaces or addresses changed; capturing them/);
+    const dp = await Datapath.open({ bpffsRoot: root });
+    const before = (await dp.list())[0]!.counters.inboundRedirected;
+    await connectFails({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: 8080, timeoutMs: 2000 }).catch(() => undefined);
+    assert.equal((await dp.list())[0]!.counters.inboundRedirected, before + 1, 'the SYN on net1 went to ztunnel');
+    dp.close();
+  });
 });

@@ -137,6 +137,9 @@ export interface NativeAddon {
   sockets(netns: string, requests: NativeSocketOptions[]): Promise<({ fd: number } | { error: string })[]>;
   seqpacket: NativeSeqpacket;
   netnsAddresses(path: string): Promise<{ inode: number; device: number; ownerUserns: number; addresses: string[] }>;
+  /** A rtnetlink socket made in that netns, readable on every link or address change there, and the
+   * interfaces it had once subscribed. */
+  netnsWatch(path: string): Promise<{ fd: number; ifindexes: number[] }>;
   /** The kernel feature probe (probe.c), keyed by KERNEL_FEATURES. */
   probeKernel(): Promise<{ present: Record<KernelFeature, boolean>; detail: Record<KernelFeature, string>; elapsedMs: number }>;
   constants: {

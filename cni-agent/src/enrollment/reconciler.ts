@@ -74,6 +74,8 @@ interface Entry {
   cgroup: { state: 'on'; path: string } | { state: 'off' } | { state: 'waiting' };
   /** DNS capture was asked for at the last attach. */
   dnsCapture: boolean;
+  /** The watch on the netns's interfaces (interfaces option), while the pod is redirected. */
+  interfaceWatch: { path: string; close(): void } | undefined;
   /** What the last attach ignored in the pod's annotations (malformed values). */
   annotationWarnings: string[];
   /** The pod was told (an Event) that its namespace is excluded although selected. */
@@ -128,6 +130,11 @@ export interface NetnsFinder {
   holds(path: string, ips: string[]): Promise<boolean>;
 }
 
+/** Tells when interfaces or addresses appear in a netns (watchNetns). */
+export interface InterfaceWatcher {
+  watch(netnsPath: string, onChange: () => void): Promise<{ close(): void }>;
+}
+
 /** Which cgroup is a pod's (CgroupLocator; a fake in the unit tests). */
 export interface CgroupFinder {
   /** The pod's cgroup directory, or undefined while it has none of its own yet. */
@@ -141,6 +148,9 @@ export interface ReconcilerOptions {
   /** Finds pods' cgroups for their cgroup hooks: DNS capture, the socket-option guard (without it,
    * neither). */
   cgroups?: CgroupFinder;
+  /** Watches each redirected pod's netns: an interface or address that appears there gets a pass
+   * (which captures it) at once; without it only the drift check finds them. */
+  interfaces?: InterfaceWatcher;
   /** Persists which sandbox of each pod CNI ADD enrolled, across agent restarts. */
   sandboxes?: SandboxStore;
   log: Logger;
@@ -222,7 +232,10 @@ export class Reconciler {
   stop(): void {
     this.stopped = true;
     clearTimeout(this.upgradeTimer);
-    for (const e of this.entries.values()) clearTimeout(e.retry);
+    for (const e of this.entries.values()) {
+      clearTimeout(e.retry);
+      this.unwatchInterfaces(e);
+    }
   }
 
   /** What the datapath is asked to attach for a pod (its capture options included). */
@@ -518,6 +531,7 @@ export class Reconciler {
         passes: 0,
         addWaiters: [],
         addPhases: undefined,
+        interfaceWatch: undefined,
       };
       this.entries.set(uid, e);
     }
@@ -617,6 +631,7 @@ export class Reconciler {
     // With `auto`, a new pod gets the tc hooks (well under a millisecond) and moves to tcx once the
     // node is idle (a tcx link waits for RCU grace periods under rtnl_lock: tens of ms per pod).
     const fastPath = this.opts.attachMode === 'auto' && (!e.attached || moved) && !this.tcxUnavailable;
+    await this.watchInterfaces(e, netnsPath);
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
     await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
@@ -661,7 +676,32 @@ export class Reconciler {
     e.enrollStarted = undefined;
   }
 
+  /** Watches the pod netns for interfaces and addresses that appear: each gets a pass, which
+   * captures it. Opened before the attach looks at the netns, so that nothing appears unseen in
+   * between. Without a watch (it could not be opened) the drift check finds them. */
+  private async watchInterfaces(e: Entry, netnsPath: string): Promise<void> {
+    const watcher = this.opts.interfaces;
+    if (!watcher || e.interfaceWatch?.path === netnsPath) return;
+    this.unwatchInterfaces(e);
+    try {
+      const w = await watcher.watch(netnsPath, () => {
+        this.opts.log.info({ uid: e.uid, netns: netnsPath }, 'the pod’s interfaces or addresses changed; capturing them');
+        void this.reconcile(e.uid);
+      });
+      if (this.stopped) w.close();
+      else e.interfaceWatch = { path: netnsPath, close: () => w.close() };
+    } catch (err) {
+      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot watch the pod’s interfaces; the drift check captures new ones');
+    }
+  }
+
+  private unwatchInterfaces(e: Entry): void {
+    e.interfaceWatch?.close();
+    e.interfaceWatch = undefined;
+  }
+
   private async unenroll(e: Entry): Promise<void> {
+    this.unwatchInterfaces(e);
     if (e.attached || e.ztunnel) {
       await this.opts.zds.remove(e.uid);
       const r = await this.opts.datapath.detach(e.uid);
