@@ -353,7 +353,7 @@ describe('the agent', kernelTest({ name: 'interfaces: agent' }), () => {
     });
     let stderr = '';
     const agent = spawn(CLI, ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--verify-interval', '0', '--attach-mode', 'tc'], { stdio: ['ignore', 'ignore', 'pipe'] });
-    agent.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    agent.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     procs.push(agent, spawn(CLI, ['ztunnel', '--socket', socket], { stdio: 'ignore' }));
     const status = async () => (JSON.parse((await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout || '{"pods":[]}') as { pods: { state: string; interfaces: string[] }[] }).pods[0];
     await until(async () => (await status().catch(() => undefined))?.state === 'enabled', () => `pod enabled; agent: ${stderr}`, 15_000);
