@@ -68,8 +68,16 @@ async function sysctl(topo: Topology, ns: string, key: string): Promise<string> 
   return (await topo.exec(ns, 'sysctl', '-n', key)).trim();
 }
 
-for (const [mode, subnet] of [['tcx', 180], ['tc', 190]] as const) {
-  describe(`other interfaces of the pod with ${mode}`, kernelTest({ name: `interfaces with ${mode}`, tcx: mode === 'tcx' }), () => {
+// sk-lookup steering (the pre-6.6 path, forced here) needs each address in pod_policy: the programs
+// steer a SYN for the netns cookie found there.
+for (const [mode, subnet, steering] of [['tcx', 180, 'sk-assign'], ['tc', 190, 'sk-assign'], ['tcx', 170, 'sk-lookup']] as const) {
+  /** Steering as the kernel needs it, or sk-lookup forced; the test's own marked sockets play ztunnel's. */
+  const steer = async (dp: Datapath) => {
+    if (steering === 'sk-assign') await useKernelSteering(dp);
+    else await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering });
+    dp.trustZtunnelCgroup(testRunnerCgroup());
+  };
+  describe(`other interfaces of the pod with ${mode}, ${steering}`, kernelTest({ name: `interfaces with ${mode}, ${steering}`, tcx: mode === 'tcx' }), () => {
     const topo = new Topology();
     const uid = `pod-${topo.id}`;
     const root = testBpffsRoot(topo.id);
@@ -87,8 +95,7 @@ for (const [mode, subnet] of [['tcx', 180], ['tc', 190]] as const) {
       veth = await secondVeth(topo, net.pod, 'net1', subnet + 1);
       mv = await macvlan(topo, net.pod, 'mv0', subnet + 2);
       dp = await Datapath.open({ bpffsRoot: root });
-      await useKernelSteering(dp);
-      dp.trustZtunnelCgroup(testRunnerCgroup());
+      await steer(dp);
       app = await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT });
       for (const o of [veth, mv]) farServers.push(await RecordingServer.start(`far-${o.dev}`, { netns: from(o), family: 6, address: '::', port: APP_PORT }));
     });
@@ -212,7 +219,7 @@ for (const [mode, subnet] of [['tcx', 180], ['tc', 190]] as const) {
     });
   });
 
-  describe(`a pod whose IPv4 and IPv6 are on different interfaces, with ${mode}`, kernelTest({ name: `split families with ${mode}`, tcx: mode === 'tcx' }), () => {
+  describe(`a pod whose IPv4 and IPv6 are on different interfaces, with ${mode}, ${steering}`, kernelTest({ name: `split families with ${mode}, ${steering}`, tcx: mode === 'tcx' }), () => {
     const topo = new Topology();
     const uid = `pod-${topo.id}`;
     const root = testBpffsRoot(topo.id);
@@ -227,8 +234,7 @@ for (const [mode, subnet] of [['tcx', 180], ['tc', 190]] as const) {
       await topo.ip(pod, '-6', 'addr', 'del', `${v4.podV6}/64`, 'dev', 'eth0');
       await topo.ip(pod, 'addr', 'del', `${v6.podV4}/24`, 'dev', 'net1');
       dp = await Datapath.open({ bpffsRoot: root });
-      await useKernelSteering(dp);
-      dp.trustZtunnelCgroup(testRunnerCgroup());
+      await steer(dp);
       servers = [
         await RecordingServer.start('app', { netns: Topology.netnsPath(pod), family: 6, address: '::', port: APP_PORT }),
         await ztunnelListener(Topology.netnsPath(pod), 15006),
