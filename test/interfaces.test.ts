@@ -10,6 +10,7 @@ import { after, before, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { testRunnerCgroup, useKernelSteering } from './helpers/app.js';
 import { CLI, runCli } from './helpers/cli.js';
+import { crafter, type Crafter } from './helpers/crafter.js';
 import { KERNEL_HAS_TCX, kernelTest, TEST_PREFIX, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, linksOfPrograms, podProgramIds, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
@@ -387,3 +388,57 @@ describe('the agent', kernelTest({ name: 'interfaces: agent' }), () => {
     dp.close();
   });
 });
+
+for (const [mode, subnet] of [['tcx', 220], ['tc', 225]] as const) {
+  describe(`crafted SYNs on another interface, with ${mode}`, kernelTest({ name: `interfaces: crafted with ${mode}`, tcx: mode === 'tcx' }), () => {
+    const topo = new Topology();
+    const uid = `pod-${topo.id}`;
+    const root = testBpffsRoot(topo.id);
+    let net: PodNet, other: OtherNet;
+    let dp: Datapath | undefined;
+    let peer: Crafter;
+    let podMac: string;
+    const servers: RecordingServer[] = [];
+    const attacker = { v4: `198.18.${subnet + 1}.66`, v6: `2001:db8:${subnet + 1}::66` };
+    // scapy-made, from an address no namespace owns (so no kernel resets the pod's SYN-ACK): a plain
+    // SYN, one carrying data, one with an IP option.
+    const cases = [['control', false], ['control', true], ['syn-data', false], ['ipopt-nop', false]] as const;
+    const send = (name: string, v6: boolean) => peer.send({ op: 'inbound', case: name, src: v6 ? attacker.v6 : attacker.v4, dst: v6 ? other.podV6 : other.podV4, dport: APP_PORT, dmac: podMac });
+
+    before(async () => {
+      net = await podWithRemote(topo, subnet);
+      other = await secondVeth(topo, net.pod, 'net1', subnet + 1);
+      const mac = async (ns: string, dev: string) => (JSON.parse(await topo.ip(ns, '-j', 'link', 'show', dev)) as { address: string }[])[0]!.address;
+      podMac = await mac(net.pod, 'net1');
+      const farMac = await mac(other.ns, 'eth0');
+      await topo.ip(net.pod, 'neigh', 'replace', attacker.v4, 'lladdr', farMac, 'dev', 'net1', 'nud', 'permanent');
+      await topo.ip(net.pod, '-6', 'neigh', 'replace', attacker.v6, 'lladdr', farMac, 'dev', 'net1', 'nud', 'permanent');
+      servers.push(await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }));
+      peer = await crafter(Topology.netnsPath(other.ns));
+    });
+
+    after(async () => {
+      await peer?.stop();
+      for (const s of servers) await s.close();
+      await dp?.detach(uid);
+      dp?.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+    });
+
+    it('control: without the programs each reaches the app', async () => {
+      for (const [name, v6] of cases) assert.equal((await send(name, v6)).banner, 'app', `${name} IPv${v6 ? 6 : 4}`);
+    });
+
+    it('with them, each reaches ztunnel’s 15006, never the app', async () => {
+      dp = await Datapath.open({ bpffsRoot: root });
+      await useKernelSteering(dp);
+      dp.trustZtunnelCgroup(testRunnerCgroup());
+      await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+      servers.push(await ztunnelListener(net.podPath, 15006));
+      const appBefore = servers[0]!.accepted.length;
+      for (const [name, v6] of cases) assert.equal((await send(name, v6)).banner, 'ztunnel-15006', `${name} IPv${v6 ? 6 : 4}`);
+      assert.equal(servers[0]!.accepted.length, appBefore);
+    });
+  });
+}

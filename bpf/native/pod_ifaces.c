@@ -102,7 +102,7 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 		return dp_fail(e, DPE_SYSTEM, errno, "cannot list the interfaces of the pod netns");
 	for (i = all; i->if_index && !err; i++) {
 		unsigned short type = 0;
-		bool skipped = i->if_index == primary;
+		bool skipped = i->if_index == primary || i->if_index == LOOPBACK_IFINDEX;
 
 		for (unsigned s = 0; s < skip_count; s++)
 			skipped |= !strncmp(skip[s], i->if_name, 16);

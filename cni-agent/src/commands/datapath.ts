@@ -95,14 +95,15 @@ const detach: CommandModule<CommonArgs, CommonArgs & { uid: string }> = {
 };
 
 function formatTable(pods: AttachedPod[]): string {
-  const rows = [['UID', 'MODE', 'STATE', 'IFINDEX', 'IPS', 'NETNS', 'ATTACHED']];
+  const rows = [['UID', 'MODE', 'STATE', 'IFINDEX', 'INTERFACES', 'IPS', 'NETNS', 'ATTACHED']];
   for (const p of pods) {
     rows.push([
       p.uid,
       p.mode,
       p.state,
       String(p.ifindex),
-      p.ips.join(','),
+      [p.interface || '-', ...p.otherInterfaces.map((i) => i.name)].join(','),
+      [...p.ips, ...p.otherAddresses].join(','),
       p.netnsPresent ? p.netnsPath : `${p.netnsPath} (gone)`,
       p.attachedAt.toISOString(),
     ]);
