@@ -14,8 +14,8 @@ import { crafter, type Crafter } from './helpers/crafter.js';
 import { KERNEL_HAS_TCX, kernelTest, TEST_PREFIX, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, linksOfPrograms, podProgramIds, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
-import { connectFails, RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.js';
-import { until } from './helpers/wait.js';
+import { connectFails, RecordingServer, udpInNetns, whoAnswers, ztunnelListener } from './helpers/traffic.js';
+import { sleep, until } from './helpers/wait.js';
 
 const APP_PORT = 8080;
 
@@ -159,6 +159,30 @@ for (const [mode, subnet, steering] of [['tcx', 180, 'sk-assign'], ['tc', 190, '
       const before = inbound.accepted.length;
       for (const o of [veth, mv]) for (const host of [o.podV4, o.podV6]) assert.equal(await whoAnswers({ netns: from(o), host, port: 15008 }), 'ztunnel-15008');
       assert.equal(inbound.accepted.length, before);
+    });
+
+    it('applies the pod\'s options to the other interfaces\' addresses: strict mode drops UDP leaving through net1', async () => {
+      const far = await udpInNetns(from(veth), '0.0.0.0', 9999);
+      const local = await udpInNetns(net.podPath, veth.podV4, 0);
+      let got = 0;
+      far.on('message', () => got++);
+      const sent = async () => {
+        const before = got;
+        local.send('x', 9999, veth.farV4);
+        await sleep(300);
+        return got - before;
+      };
+      try {
+        assert.equal(await sent(), 1, 'control: without strict mode it leaves');
+        await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], strict: true }, { mode });
+        const dropped = (await dp.list())[0]!.counters.strictDropped;
+        assert.equal(await sent(), 0, 'with strict mode it is dropped');
+        assert.equal((await dp.list())[0]!.counters.strictDropped, dropped + 1, 'and counted for the pod');
+      } finally {
+        far.close();
+        local.close();
+        await attach();
+      }
     });
 
     it('classifies the other interfaces\' traffic as the pod\'s (its counters)', async () => {
