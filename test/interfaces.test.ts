@@ -130,6 +130,10 @@ for (const [mode, subnet, steering] of [['tcx', 180, 'sk-assign'], ['tc', 190, '
         assert.equal(await sysctl(topo, net.pod, `net.ipv4.conf.${dev}.accept_local`), '1', dev);
       }
       assert.deepEqual((await dp.verify(uid)).problems, []);
+      const cli = await runCli(['datapath', 'verify', '--uid', uid, '--bpffs', root]);
+      assert.equal(cli.code, 0, cli.stderr);
+      assert.match(cli.stdout, /: ok \(captured: eth0, (net1, mv0|mv0, net1)\)\n$/);
+      assert.match((await runCli(['datapath', 'list', '--bpffs', root])).stdout, /\beth0,(net1,mv0|mv0,net1)\b/);
     });
 
     it('sends inbound TCP arriving on the other interfaces to 15006, with their address as local address', async () => {
