@@ -290,6 +290,73 @@ for (const [mode, subnet, steering] of [['tcx', 180, 'sk-assign'], ['tc', 190, '
   });
 }
 
+/** A pod_policy entry (slot, flags) by address, read from the pinned map; undefined if absent. */
+async function policyEntry(root: string, ip: string): Promise<{ slot: number; flags: number } | undefined> {
+  const v4 = ip.split('.').map(Number);
+  const key = [...new Array<number>(10).fill(0), 0xff, 0xff, ...v4].map((b) => b.toString(16).padStart(2, '0'));
+  try {
+    const out = JSON.parse(await sh('bpftool', ['-j', 'map', 'lookup', 'pinned', join(root, 'maps', 'pod_policy'), 'key', 'hex', ...key])) as { value: string[] };
+    const b = Buffer.from(out.value.map((x) => parseInt(x, 16)));
+    return { slot: b.readUInt32LE(0), flags: b.readUInt32LE(4) };
+  } catch (e) {
+    if (/not found|No such file/i.test(String((e as { stderr?: string }).stderr ?? e))) return undefined;
+    throw e;
+  }
+}
+
+describe('another pod\'s address on a second interface', kernelTest({ name: 'interfaces: foreign address' }), () => {
+  const topo = new Topology();
+  const root = testBpffsRoot(topo.id);
+  const uidA = `poda-${topo.id}`;
+  const uidB = `podb-${topo.id}`;
+  let a: PodNet, b: PodNet, side: string;
+  let dp: Datapath;
+  let servers: RecordingServer[] = [];
+
+  before(async () => {
+    b = await podWithRemote(topo, 160, 'b');
+    a = await podWithRemote(topo, 161, 'a');
+    side = await topo.netns('side');
+    await topo.batch(undefined, [`link add net1 netns ${a.pod} type veth peer name eth0 netns ${side}`]);
+    dp = await Datapath.open({ bpffsRoot: root });
+    await useKernelSteering(dp);
+    dp.trustZtunnelCgroup(testRunnerCgroup());
+    servers = [
+      await RecordingServer.start('app', { netns: b.podPath, family: 6, address: '::', port: APP_PORT }),
+      await ztunnelListener(b.podPath, 15006),
+    ];
+  });
+
+  after(async () => {
+    for (const s of servers) await s.close();
+    await dp?.detach(uidA);
+    await dp?.detach(uidB);
+    dp?.close();
+    await topo.cleanup();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('is never taken: the owner keeps its entry and stays captured, verify says so, detach leaves it', async () => {
+    await dp.attach({ uid: uidB, netnsPath: b.podPath, ips: [b.podV4, b.podV6] });
+    const mine = await policyEntry(root, b.podV4);
+    assert.ok(mine && mine.slot > 0, 'B is in pod_policy');
+    assert.equal(await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }), 'ztunnel-15006', 'control: B captured');
+    await topo.batch(a.pod, ['link set net1 up', `addr add ${b.podV4}/32 dev net1`]);
+    await dp.attach({ uid: uidA, netnsPath: a.podPath, ips: [a.podV4, a.podV6], bypassInbound: true });
+    assert.deepEqual(await policyEntry(root, b.podV4), mine, 'B\'s entry (slot, flags) unchanged');
+    assert.equal(await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }), 'ztunnel-15006', 'B still captured');
+    await dp.attach({ uid: uidA, netnsPath: a.podPath, ips: [a.podV4, a.podV6], bypassInbound: true }); // an update too
+    assert.deepEqual(await policyEntry(root, b.podV4), mine);
+    const seen = await dp.verify(uidA);
+    assert.ok(seen.problems.some((p) => p.includes(`address ${b.podV4} on net1 belongs to another pod`)), seen.problems.join('; '));
+    assert.deepEqual((await dp.verify(uidB)).problems, []);
+    await dp.detach(uidA);
+    assert.deepEqual(await policyEntry(root, b.podV4), mine, 'detaching A leaves B\'s entry');
+    assert.equal(await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }), 'ztunnel-15006');
+    assert.equal(servers[0]!.accepted.length, 0, 'B\'s app never took a connection directly');
+  });
+});
+
 describe('an interface without an Ethernet header', kernelTest({ name: 'interfaces: tun' }), () => {
   const topo = new Topology();
   const root = testBpffsRoot(topo.id);

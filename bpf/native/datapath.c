@@ -238,7 +238,9 @@ static int ifaces_policy_write(struct datapath *dp, const struct pod_meta *m, co
 			gone.ips[n++] = gone.ips[i];
 	}
 	gone.ip_count = n;
-	return policy_write(&dp->policy, &now, &gone);
+	/* Found in the netns, not given: one another pod holds is never taken (a pod could otherwise
+	 * put a neighbour's IP on a second interface and overwrite its entry); removal is by slot. */
+	return policy_write_secondary(&dp->policy, &now, &gone);
 }
 
 /* Drops the record of the pod's other interfaces (unhooked already) and their addresses' policy. */
@@ -1911,6 +1913,18 @@ static void verify_ifaces(struct netns_job *job, struct rtnl *nl)
 		problem(job->verify, "%s", e.message);
 	pod_dir(job->dp, job->uid, dir);
 	ifaces_verify(nl, dir, m->mode, job->ifaces, scanned ? &now : NULL, job->verify);
+	/* An address another pod holds is found, never taken: said, not silently skipped. */
+	for (unsigned i = 0; i < job->ifaces->addr_count && i < MAX_POD_IPS; i++) {
+		char ip[INET6_ADDRSTRLEN], name[IF_NAMESIZE] = "?";
+		int idx = 0;
+
+		if (!policy_owned_by_other(&job->dp->policy, &job->ifaces->addrs[i], m->slot))
+			continue;
+		if (rtnl_find_address(nl, job->ifaces->addrs[i].addr, &idx) == 0 && idx)
+			if_indextoname((unsigned)idx, name);
+		problem(job->verify, "address %s on %s belongs to another pod: not taken (its traffic is that pod's)",
+			ip_str(&job->ifaces->addrs[i], ip), name);
+	}
 }
 
 static int verify_job(void *p)
