@@ -389,6 +389,54 @@ describe('an interface without an Ethernet header', kernelTest({ name: 'interfac
   });
 });
 
+describe('an enrolled pod that gets an interface it cannot capture and one it can', kernelTest({ name: 'interfaces: refused and hookable' }), () => {
+  const topo = new Topology();
+  const root = testBpffsRoot(topo.id);
+  const uid = `pod-${topo.id}`;
+  let net: PodNet;
+  let dp: Datapath;
+  let servers: RecordingServer[] = [];
+
+  before(async () => {
+    net = await podWithRemote(topo, 162);
+    dp = await Datapath.open({ bpffsRoot: root });
+    await useKernelSteering(dp);
+    servers = [
+      await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
+      await ztunnelListener(net.podPath, 15006),
+    ];
+  });
+
+  after(async () => {
+    for (const s of servers) await s.close();
+    await dp?.detach(uid);
+    dp?.close();
+    await topo.cleanup();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('hooks the one it can, says the other (attach warning, verify), and more than the address limit is no refusal', async () => {
+    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
+    await topo.ip(net.pod, 'tuntap', 'add', 'dev', 'tun0', 'mode', 'tun');
+    const late = await secondVeth(topo, net.pod, 'net1', 163);
+    // More addresses than a record holds (MAX_POD_IPS): capture does not need them.
+    await topo.batch(net.pod, Array.from({ length: 8 }, (_, i) => `addr add 198.18.163.${10 + i}/32 dev net1`));
+    assert.equal(await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT }), 'app', 'control: not captured yet');
+    const r = await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
+    assert.match(r.warning, /interface tun0 of the pod carries no Ethernet header/);
+    assert.match(r.warning, /more than \d+ addresses/);
+    const [pod] = await dp.list();
+    assert.deepEqual(pod?.otherInterfaces.map((i) => i.name), ['net1']);
+    assert.equal(await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT }), 'ztunnel-15006');
+    assert.equal(await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV6, port: APP_PORT }), 'ztunnel-15006');
+    assert.equal(await whoAnswers({ netns: Topology.netnsPath(late.ns), host: '198.18.163.17', port: APP_PORT }), 'ztunnel-15006', 'an address beyond the record is captured too');
+    const problems = (await dp.verify(uid)).problems;
+    assert.ok(problems.some((p) => /interface tun0 of the pod carries no Ethernet header/.test(p)), problems.join('; '));
+    assert.ok(!problems.some((p) => /net1/.test(p)), problems.join('; '));
+    assert.equal(servers[0]!.accepted.length, 1, 'the app took only the control');
+  });
+});
+
 describe('a downgrade to layout 2', kernelTest({ name: 'interfaces: downgrade' }), () => {
   const topo = new Topology();
   const uid = `pod-${topo.id}`;

@@ -374,6 +374,7 @@ static napi_value attach_result(napi_env env, struct job *job)
 	set_u32(env, obj, "ifindex", (uint32_t)job->u.attach.res.ifindex);
 	set_bool(env, obj, "updated", job->u.attach.res.updated);
 	set_u32(env, obj, "hostIfindex", (uint32_t)job->u.attach.res.host_ifindex);
+	set_str(env, obj, "warning", job->u.attach.res.warning);
 	return obj;
 }
 

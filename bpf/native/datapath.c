@@ -783,6 +783,7 @@ struct netns_job {
 	struct pod_ifaces *ifaces; /* attach: the pod's other interfaces found in its netns; verify: recorded */
 	const struct pod_ifaces *old_ifaces; /* attach: those hooked before (none on a first attach) */
 	bool restored; /* attach: a failed update was already restored inside the netns */
+	struct ifaces_refused refused; /* attach: interfaces (and addresses) left out, said */
 };
 
 /* TEST ONLY: AMBIENT_BPF_FAULT_STEP=<step> makes that step of an update of an attached pod fail
@@ -1303,7 +1304,7 @@ static void restore_in_netns(struct netns_job *job)
 	ifaces_get(job->dp, job->uid, &cur_ifaces);
 	restored_ifaces = *job->old_ifaces;
 	pod_dir(job->dp, job->uid, dir);
-	if (ifaces_hook(dir, job->dp->prog_fd, old->mode, &restored_ifaces, &cur_ifaces, cur.mode, job->e) == 0)
+	if (ifaces_hook(dir, job->dp->prog_fd, old->mode, &restored_ifaces, &cur_ifaces, cur.mode, NULL, job->e) == 0)
 		ifaces_put(job->dp, job->uid, &restored_ifaces);
 	for (unsigned i = 0; i < old->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		snprintf(names[i], sizeof(names[i]), "%s", old->reroute[i].name);
@@ -1363,8 +1364,15 @@ static int attach_job(void *p)
 	if (job->req->host_netns[0] && rtnl_veth_peer(&nl, ifindex, &job->host_peer))
 		job->host_peer = 0;
 	if (ifaces_scan(&nl, (unsigned)ifindex, (const char (*)[16])job->req->reroute, job->req->reroute_count, m,
-			job->ifaces, job->e))
+			job->ifaces, &job->refused, job->e))
 		goto out;
+	/* A first attach refuses what it cannot capture (fail closed: CNI ADD fails, the pod does not
+	 * start half captured). An attached pod never leaves the interfaces it can hook unhooked for
+	 * the sake of one it cannot: those are hooked, the others said (the attach's warning, verify). */
+	if (!job->old && job->refused.count) {
+		dp_fail(job->e, DPE_POD_IP, 0, "%s", job->refused.message[0]);
+		goto out;
+	}
 	if (m->state == ATTACH_STATE_ATTACHED) {
 		if (m->ifindex != (unsigned)ifindex) {
 			detach_programs(job->dp, job->uid, m, true); /* the pod's interface was replaced */
@@ -1406,7 +1414,8 @@ static int attach_job(void *p)
 		dp_fail(job->e, DPE_SYSTEM, err, "cannot record the interfaces of pod %s", job->uid);
 		goto out;
 	}
-	err = ifaces_hook(dir, job->dp->prog_fd, m->mode, job->ifaces, &prev_ifaces, old_mode, job->e);
+	err = ifaces_hook(dir, job->dp->prog_fd, m->mode, job->ifaces, &prev_ifaces, old_mode,
+			  job->old ? &job->refused : NULL, job->e);
 	ifaces_put(job->dp, job->uid, err ? &prev_ifaces : job->ifaces);
 	if (err || fault(job, "ifaces") ||
 	    attach_reroutes(job, old_mode, (const char (*)[16])job->req->reroute, job->req->reroute_count) ||
@@ -1621,6 +1630,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	}
 	dp_lock(dp);
 	res->updated = false;
+	res->warning[0] = '\0';
 	memset(&ifaces, 0, sizeof(ifaces));
 	memset(&old_ifaces, 0, sizeof(old_ifaces));
 	if (meta_get(dp, req->uid, &old) == 0) {
@@ -1721,6 +1731,13 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		policy_remove(&dp->policy, &m);
 		policy_release_slot(&dp->policy, req->uid, &m);
 	} else {
+		res->warning[0] = '\0';
+		for (unsigned i = 0; i < job.refused.count && i < IFACES_MAX_REFUSED; i++) {
+			size_t len = strlen(res->warning);
+
+			snprintf(res->warning + len, sizeof(res->warning) - len, "%s%s", len ? "; " : "",
+				 job.refused.message[i]);
+		}
 		res->mode = m.mode;
 		res->ifindex = (int)m.ifindex;
 		res->host_ifindex = (int)m.host_ifindex;
@@ -1902,15 +1919,21 @@ static void verify_ifaces(struct netns_job *job, struct rtnl *nl)
 	struct pod_meta *m = job->meta;
 	char names[MAX_REROUTE_IFACES][16], dir[PATH_MAX];
 	struct dp_error e = { 0 };
+	struct ifaces_refused ref;
 	struct pod_ifaces now;
 	bool scanned;
 
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		snprintf(names[i], sizeof(names[i]), "%s", m->reroute[i].name);
 	scanned = ifaces_scan(nl, m->ifindex, (const char (*)[16])names,
-			      m->reroute_count < MAX_REROUTE_IFACES ? m->reroute_count : MAX_REROUTE_IFACES, m, &now, &e) == 0;
+			      m->reroute_count < MAX_REROUTE_IFACES ? m->reroute_count : MAX_REROUTE_IFACES, m, &now, &ref,
+			      &e) == 0;
 	if (!scanned)
 		problem(job->verify, "%s", e.message);
+	for (unsigned i = 0; scanned && i < ref.count && i < IFACES_MAX_REFUSED; i++)
+		problem(job->verify, "%s", ref.message[i]);
+	if (scanned && ref.more)
+		problem(job->verify, "and %u more interfaces refused", ref.more);
 	pod_dir(job->dp, job->uid, dir);
 	ifaces_verify(nl, dir, m->mode, job->ifaces, scanned ? &now : NULL, job->verify);
 	/* An address another pod holds is found, never taken: said, not silently skipped. */

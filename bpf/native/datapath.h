@@ -39,6 +39,7 @@ struct dp_attach_result {
 	int ifindex;
 	bool updated; /* the pod was attached already (same netns): updated in place */
 	int host_ifindex; /* kubelet probes handled on this node-side device; 0: not (no veth peer there) */
+	char warning[1024]; /* an attached pod's interfaces (or addresses) left out, each said; "": none */
 };
 
 int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct dp_attach_result *res,

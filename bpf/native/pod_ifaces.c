@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <net/if.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <linux/if_arp.h>
@@ -88,8 +89,23 @@ static const char *addr_str(const uint8_t a[16], char buf[INET6_ADDRSTRLEN])
 	return inet_ntop(AF_INET6, a, buf, INET6_ADDRSTRLEN);
 }
 
+static void refuse(struct ifaces_refused *ref, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void refuse(struct ifaces_refused *ref, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (ref->count >= IFACES_MAX_REFUSED) {
+		ref->more++;
+		return;
+	}
+	va_start(ap, fmt);
+	vsnprintf(ref->message[ref->count++], sizeof(ref->message[0]), fmt, ap);
+	va_end(ap);
+}
+
 int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsigned skip_count,
-		const struct pod_meta *m, struct pod_ifaces *out, struct dp_error *e)
+		const struct pod_meta *m, struct pod_ifaces *out, struct ifaces_refused *ref, struct dp_error *e)
 {
 	struct if_nameindex *all = if_nameindex(), *i;
 	struct scan_ctx ctx = { .m = m, .out = out, .primary = primary };
@@ -97,9 +113,12 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 	int err = 0;
 
 	memset(out, 0, sizeof(*out));
+	memset(ref, 0, sizeof(*ref));
 	if_indextoname(primary, out->own);
 	if (!all)
 		return dp_fail(e, DPE_SYSTEM, errno, "cannot list the interfaces of the pod netns");
+	/* One interface refused is no reason to leave the others unhooked: each is recorded or refused
+	 * on its own. */
 	for (i = all; i->if_index && !err; i++) {
 		unsigned short type = 0;
 		bool skipped = i->if_index == primary || i->if_index == LOOPBACK_IFINDEX;
@@ -118,14 +137,13 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 		else if (type == ARPHRD_LOOPBACK)
 			continue;
 		else if (type != ARPHRD_ETHER)
-			err = dp_fail(e, DPE_POD_IP, 0,
-				      "interface %s of the pod carries no Ethernet header (type %u: a tunnel, tun or "
-				      "wireguard device); its traffic cannot be captured: refused (list it in "
-				      "istio.io/reroute-virtual-interfaces if it carries a workload's outbound traffic)",
-				      i->if_name, type);
+			refuse(ref, "interface %s of the pod carries no Ethernet header (type %u: a tunnel, tun or "
+			       "wireguard device); its traffic cannot be captured: refused (list it in "
+			       "istio.io/reroute-virtual-interfaces if it carries a workload's outbound traffic)",
+			       i->if_name, type);
 		else if (out->count == MAX_POD_IFACES)
-			err = dp_fail(e, DPE_POD_IP, 0, "the pod has more than %d interfaces besides its own: refused",
-				      MAX_POD_IFACES);
+			refuse(ref, "interface %s: the pod has more than %d interfaces besides its own: refused",
+			       i->if_name, MAX_POD_IFACES);
 		else {
 			struct pod_iface *f = &out->iface[out->count++];
 
@@ -138,9 +156,13 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 		return -1;
 	if ((err = rtnl_list_addresses(nl, collect_address, &ctx)))
 		return dp_fail(e, DPE_SYSTEM, err, "cannot list the addresses of the pod netns");
-	if (ctx.overflow)
-		return dp_fail(e, DPE_POD_IP, 0, "the pod's interfaces carry more than %d addresses besides its IPs "
-				"(%s is one too many): refused", MAX_POD_IPS, addr_str(ctx.extra, a));
+	/* Capture does not need them (any destination arriving on a hooked interface is the pod's):
+	 * the first MAX_POD_IPS are kept, the others dropped and said. */
+	if (ctx.overflow) {
+		ref->dropped_addresses = true;
+		refuse(ref, "the pod's interfaces carry more than %d addresses besides its IPs (%s is one too many): "
+		       "those are not recorded", MAX_POD_IPS, addr_str(ctx.extra, a));
+	}
 	return 0;
 }
 
@@ -209,7 +231,7 @@ static void unhook_one(const char *pod_dir, struct pod_iface *f, unsigned mode, 
 }
 
 int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct pod_ifaces *next,
-		const struct pod_ifaces *prev, unsigned prev_mode, struct dp_error *e)
+		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref, struct dp_error *e)
 {
 	unsigned n = next->count < MAX_POD_IFACES ? next->count : MAX_POD_IFACES, done = 0;
 	int err = 0;
@@ -222,9 +244,22 @@ int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct
 		f->saved_accept_local = was ? was->saved_accept_local : 0;
 		f->owns_clsact = was && prev_mode == mode ? was->owns_clsact : 0;
 	}
-	for (; done < n && !err; done++)
-		if ((err = hook_one(pod_dir, prog_fd, mode, &next->iface[done])))
-			dp_fail(e, DPE_SYSTEM, err, "cannot hook interface %s", next->iface[done].name);
+	for (; done < n && (!err || ref); done++) {
+		struct pod_iface *f = &next->iface[done];
+		int one = hook_one(pod_dir, prog_fd, mode, f);
+
+		if (!one)
+			continue;
+		if (!ref) {
+			err = dp_fail(e, DPE_SYSTEM, one, "cannot hook interface %s", f->name);
+			continue;
+		}
+		/* Partial: this one is said and left out, the others hooked all the same. */
+		refuse(ref, "cannot hook interface %s: %s", f->name, strerror(-one));
+		if (!find_iface(prev, f->ifindex) || prev_mode != mode)
+			unhook_one(pod_dir, f, mode, true, !find_iface(prev, f->ifindex));
+		f->ifindex = 0; /* dropped below */
+	}
 	if (err) {
 		for (unsigned j = 0; j < done; j++) {
 			const struct pod_iface *was = find_iface(prev, next->iface[j].ifindex);
@@ -233,6 +268,16 @@ int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct
 				unhook_one(pod_dir, &next->iface[j], mode, true, !was);
 		}
 		return -1;
+	}
+	if (ref) {
+		unsigned k = 0;
+
+		for (unsigned j = 0; j < n; j++)
+			if (next->iface[j].ifindex)
+				next->iface[k++] = next->iface[j];
+		for (unsigned j = k; j < n; j++)
+			memset(&next->iface[j], 0, sizeof(next->iface[j]));
+		next->count = k;
 	}
 	/* Then what is gone from the netns, replaced, or hooked in the other mode. */
 	for (unsigned i = 0; i < prev->count && i < MAX_POD_IFACES; i++) {

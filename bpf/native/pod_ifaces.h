@@ -9,19 +9,33 @@
 #include "datapath.h"
 #include "rtnl.h"
 
+/* What a scan or a partial hook left out, each said in a message (for verify and the attach's
+ * warning). */
+#define IFACES_MAX_REFUSED 4
+struct ifaces_refused {
+	unsigned count; /* messages */
+	unsigned more; /* refusals beyond IFACES_MAX_REFUSED */
+	bool dropped_addresses; /* addresses beyond MAX_POD_IPS left out of the record */
+	char message[IFACES_MAX_REFUSED][200];
+};
+
 /* Every interface of the netns but lo, `primary` and the reroute ones (skip[], skip_count names),
- * and every address on them or on `primary` that is not one of m->ips. Refuses (-1, e filled) what
- * cannot be captured: an interface without an Ethernet header, more than MAX_POD_IFACES interfaces
- * or MAX_POD_IPS such addresses. */
+ * and every address on them or on `primary` that is not one of m->ips. What cannot be captured (an
+ * interface without an Ethernet header, more than MAX_POD_IFACES interfaces) is left out and said
+ * in ref, as are addresses beyond MAX_POD_IPS; every other interface is in out all the same. -1 (e
+ * filled) only when the netns cannot be read. */
 int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsigned skip_count,
-		const struct pod_meta *m, struct pod_ifaces *out, struct dp_error *e);
+		const struct pod_meta *m, struct pod_ifaces *out, struct ifaces_refused *ref, struct dp_error *e);
 
 /* Hooks next's interfaces (pod_ingress and pod_egress: prog_fd[2]) in `mode` and sets their
  * accept_local; prev is what is hooked now, in prev_mode. New hooks first, stale ones removed
- * after, so an interface kept is never without its hook. On failure the hooks this call made are
- * removed again and -1 is returned. Pins go to pod_dir/iface-<ifindex>-<ingress|egress>. */
+ * after, so an interface kept is never without its hook. Without ref, all or nothing: on failure
+ * the hooks this call made are removed again and -1 is returned. With ref, an interface that
+ * cannot be hooked is said in ref and left out of next, the others hooked all the same (an
+ * attached pod never keeps a hookable interface unhooked for another's sake). Pins go to
+ * pod_dir/iface-<ifindex>-<ingress|egress>. */
 int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct pod_ifaces *next,
-		const struct pod_ifaces *prev, unsigned prev_mode, struct dp_error *e);
+		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref, struct dp_error *e);
 
 /* Removes every hook of f: tcx links through their pins from anywhere; tc filters and accept_local
  * only from inside the netns (in_netns). */

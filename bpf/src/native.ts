@@ -125,7 +125,7 @@ export interface NativeAddon {
     reroute: string[],
     podCgroup: string,
     hostNetns: string,
-  ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean; hostIfindex: number }>;
+  ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean; hostIfindex: number; warning: string }>;
   detach(handle: NativeHandle, uid: string): Promise<{ found: boolean; warning?: string }>;
   verify(handle: NativeHandle, uid: string): Promise<{ found: boolean; problems: string[] }>;
   list(handle: NativeHandle): Promise<NativeListedPod[]>;

@@ -41,6 +41,9 @@ export interface PodStatus {
   since: Date;
   /** DNS capture: on, off, or waiting for the pod's cgroup. */
   dns: 'on' | 'off' | 'waiting for the pod’s cgroup';
+  /** Interfaces (or addresses) of the pod's netns the last attach left out of capture (a tun, one
+   * too many), each said; the others are captured. Absent: none. */
+  uncaptured?: string;
 }
 
 interface Entry {
@@ -78,6 +81,8 @@ interface Entry {
   interfaceWatch: { path: string; close(): void } | undefined;
   /** What the last attach ignored in the pod's annotations (malformed values). */
   annotationWarnings: string[];
+  /** What the last attach left out of the pod's interfaces (its warning); '': nothing. */
+  interfaceWarning: string;
   /** The pod was told (an Event) that its namespace is excluded although selected. */
   excludedWarned: boolean;
   /** Reconcile passes started so far (a CNI ADD waits for one that starts after it). */
@@ -477,6 +482,7 @@ export class Reconciler {
           netnsPath: e.netnsPath,
           since: e.since,
           dns: !e.dnsCapture || e.cgroup.state === 'off' ? 'off' : e.cgroup.state === 'waiting' ? 'waiting for the pod’s cgroup' : 'on',
+          ...(e.interfaceWarning ? { uncaptured: e.interfaceWarning } : {}),
         };
       });
   }
@@ -527,6 +533,7 @@ export class Reconciler {
         cgroup: { state: 'off' },
         dnsCapture: false,
         annotationWarnings: [],
+        interfaceWarning: '',
         excludedWarned: false,
         passes: 0,
         addWaiters: [],
@@ -634,7 +641,14 @@ export class Reconciler {
     await this.watchInterfaces(e, netnsPath);
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
-    await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    const attached = await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    const warning = (attached as { warning?: unknown } | undefined)?.warning;
+    const interfaceWarning = typeof warning === 'string' ? warning : '';
+    // Said when it changes, not on every pass: the interfaces it names stay until the pod drops them.
+    if (interfaceWarning && interfaceWarning !== e.interfaceWarning) {
+      this.opts.log.warn({ uid: e.uid, netns: netnsPath, uncaptured: interfaceWarning }, 'some of the pod’s interfaces cannot be captured; the others are');
+    }
+    e.interfaceWarning = interfaceWarning;
     e.addPhases?.mark('attach');
     if (fastPath) this.queueUpgrade(e.uid);
     e.cgroup = podCgroup ? { state: 'on', path: podCgroup } : this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
