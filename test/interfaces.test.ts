@@ -2,12 +2,12 @@
 // Multus network) and a macvlan, with real packets, for tcx and the tc fallback. Each capture is
 // paired with its control: the same connection before the programs (or after detach) reaches the app.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { Datapath } from '../bpf/src/index.js';
+import { Datapath, watchNetns, type NetnsWatch } from '../bpf/src/index.js';
 import { testRunnerCgroup, useKernelSteering } from './helpers/app.js';
 import { CLI, runCli } from './helpers/cli.js';
 import { crafter, type Crafter } from './helpers/crafter.js';
@@ -434,6 +434,34 @@ describe('an enrolled pod that gets an interface it cannot capture and one it ca
     assert.ok(problems.some((p) => /interface tun0 of the pod carries no Ethernet header/.test(p)), problems.join('; '));
     assert.ok(!problems.some((p) => /net1/.test(p)), problems.join('; '));
     assert.equal(servers[0]!.accepted.length, 1, 'the app took only the control');
+  });
+});
+
+describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), () => {
+  const topo = new Topology();
+
+  after(() => topo.cleanup());
+
+  it('survives an overrun of its socket (ENOBUFS, a poll error): reopened, said, and a later interface is still noticed', async () => {
+    const ns = await topo.netns('w');
+    const reasons: (string | undefined)[] = [];
+    process.env.AMBIENT_BPF_TEST_WATCH_RCVBUF = '1'; // the kernel's minimum: a few links overrun it
+    let w: NetnsWatch;
+    try {
+      w = await watchNetns(Topology.netnsPath(ns), (reason) => reasons.push(reason));
+    } finally {
+      delete process.env.AMBIENT_BPF_TEST_WATCH_RCVBUF; // the reopened socket has the normal buffer
+    }
+    try {
+      // The event loop blocked while the kernel announces more than the buffer holds.
+      execFileSync('ip', ['-n', ns, '-batch', '-'], { input: Array.from({ length: 20 }, (_, i) => `link add va${i} type veth peer name vb${i}\n`).join('') });
+      await until(() => reasons.some((r) => r !== undefined && /reopened/.test(r)), () => `the watch reopened (got ${JSON.stringify(reasons)})`);
+      const before = reasons.length;
+      await topo.ip(ns, 'link', 'add', 'late0', 'type', 'veth', 'peer', 'name', 'late1');
+      await until(() => reasons.length > before, 'the interface created after the overrun noticed');
+    } finally {
+      w.close();
+    }
   });
 });
 

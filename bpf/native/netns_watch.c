@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <net/if.h>
+#include <stdlib.h>
 #include <unistd.h>
 #include <sys/socket.h>
 #include <linux/netlink.h>
@@ -19,12 +20,16 @@ static int open_job(void *p)
 	};
 	struct netns_watch *w = p;
 	int *fd = &w->fd, rcvbuf = 1 << 20;
+	/* TEST ONLY: a small buffer, so that a test can overrun it. Never set in production. */
+	const char *test_rcvbuf = getenv("AMBIENT_BPF_TEST_WATCH_RCVBUF");
 	struct if_nameindex *all, *i;
 
 	*fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_ROUTE);
 	if (*fd < 0)
 		return -errno;
 	/* A burst (an interface with its addresses) fits; an overrun reads as ENOBUFS: a change too. */
+	if (test_rcvbuf && atoi(test_rcvbuf) > 0)
+		rcvbuf = atoi(test_rcvbuf);
 	setsockopt(*fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
 	if (bind(*fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		int err = -errno;

@@ -19,12 +19,18 @@ export interface NetnsWatch {
 /** Calls onChange (once per batch of messages) when an interface appears in or leaves the netns,
  * or an address that is not link- or host-scoped is added or removed: what can give the pod
  * something more to capture. Other link changes (state, settings such as our own accept_local)
- * are not reported. */
-export async function watchNetns(netnsPath: string, onChange: () => void): Promise<NetnsWatch> {
-  const { fd, ifindexes } = await addon().netnsWatch(netnsPath);
+ * are not reported.
+ *
+ * Messages lost (ENOBUFS: the socket's buffer overran) or a poll error (libuv then stops polling
+ * and calls back once with the error) do not end the watch silently: the socket is replaced by a
+ * new one (subscribed, then the interfaces listed afresh) and onChange is called with the reason,
+ * so that a pass looks at the netns as it is. If the watch cannot be reopened, onChange gets that
+ * reason too (the drift check is then what notices new interfaces). */
+export async function watchNetns(netnsPath: string, onChange: (reason?: string) => void): Promise<NetnsWatch> {
   const sp = addon().seqpacket;
-  const known = new Set(ifindexes);
   let closed = false;
+  let current: { fd: number; watcher: { close(): void } } | undefined;
+  let known = new Set<number>();
   const relevant = (m: Buffer): boolean => {
     let changed = false;
     for (let off = 0; off + NLMSG_HDRLEN <= m.length; ) {
@@ -42,28 +48,62 @@ export async function watchNetns(netnsPath: string, onChange: () => void): Promi
     }
     return changed;
   };
-  const watcher = new sp.Watcher(fd, () => {
-    let changed = false;
-    for (let i = 0; i < BATCH && !closed; i++) {
-      let got;
-      try {
-        got = sp.recv(fd, 1 << 16);
-      } catch {
-        changed = true; // ENOBUFS: messages were lost; whatever they said, look
-        continue;
-      }
-      if (got === null || 'eof' in got) break;
-      changed = relevant(got.data) || changed;
+  const drop = () => {
+    if (!current) return;
+    current.watcher.close();
+    sp.close(current.fd);
+    current = undefined;
+  };
+  let reopening = false;
+  /** A new socket in place of one that lost messages or errored; then a pass, whatever it says. */
+  const reopen = (why: string) => {
+    if (reopening || closed) return;
+    reopening = true;
+    drop();
+    open().then(
+      () => {
+        reopening = false;
+        if (!closed) onChange(`${why}: the watch was reopened`);
+      },
+      (err: unknown) => {
+        reopening = false;
+        if (!closed) onChange(`${why}; the watch cannot be reopened (${(err as Error).message})`);
+      },
+    );
+  };
+  const open = async () => {
+    const { fd, ifindexes } = await addon().netnsWatch(netnsPath);
+    if (closed) {
+      sp.close(fd);
+      return;
     }
-    if (changed && !closed) onChange();
-  });
-  watcher.start(READABLE);
+    known = new Set(ifindexes);
+    const watcher = new sp.Watcher(fd, (events) => {
+      if (closed || current?.fd !== fd) return;
+      if (events < 0) return reopen(`polling the netns watch failed (${events})`);
+      let changed = false;
+      for (let i = 0; i < BATCH && !closed; i++) {
+        let got;
+        try {
+          got = sp.recv(fd, 1 << 16);
+        } catch (err) {
+          // ENOBUFS: messages were lost, `known` may be stale: start again from a fresh listing.
+          return reopen(`the netns watch lost messages (${(err as Error).message})`);
+        }
+        if (got === null || 'eof' in got) break;
+        changed = relevant(got.data) || changed;
+      }
+      if (changed && !closed) onChange();
+    });
+    current = { fd, watcher };
+    watcher.start(READABLE);
+  };
+  await open();
   return {
     close: () => {
       if (closed) return;
       closed = true;
-      watcher.close();
-      sp.close(fd);
+      drop();
     },
   };
 }

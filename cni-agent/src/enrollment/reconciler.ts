@@ -137,7 +137,9 @@ export interface NetnsFinder {
 
 /** Tells when interfaces or addresses appear in a netns (watchNetns). */
 export interface InterfaceWatcher {
-  watch(netnsPath: string, onChange: () => void): Promise<{ close(): void }>;
+  /** onChange's reason, when given: the watch lost messages or failed (and was reopened, or could
+   * not be): a pass looks all the same. */
+  watch(netnsPath: string, onChange: (reason?: string) => void): Promise<{ close(): void }>;
 }
 
 /** Which cgroup is a pod's (CgroupLocator; a fake in the unit tests). */
@@ -698,8 +700,9 @@ export class Reconciler {
     if (!watcher || e.interfaceWatch?.path === netnsPath) return;
     this.unwatchInterfaces(e);
     try {
-      const w = await watcher.watch(netnsPath, () => {
-        this.opts.log.info({ uid: e.uid, netns: netnsPath }, 'the pod’s interfaces or addresses changed; capturing them');
+      const w = await watcher.watch(netnsPath, (reason) => {
+        if (reason) this.opts.log.warn({ uid: e.uid, netns: netnsPath, reason }, 'the watch on the pod’s interfaces lost track; looking at them again');
+        else this.opts.log.info({ uid: e.uid, netns: netnsPath }, 'the pod’s interfaces or addresses changed; capturing them');
         void this.reconcile(e.uid);
       });
       if (this.stopped) w.close();
