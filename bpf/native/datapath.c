@@ -1410,6 +1410,7 @@ static int attach_job(void *p)
 	/* The pod's other interfaces: recorded before they are hooked (a crash leaves what detach
 	 * needs), and again with what hooking them created. */
 	pod_dir(job->dp, job->uid, dir);
+	ifaces_carry_owned(job->ifaces, m->mode, &prev_ifaces, old_mode);
 	if ((err = ifaces_put(job->dp, job->uid, job->ifaces))) {
 		dp_fail(job->e, DPE_SYSTEM, err, "cannot record the interfaces of pod %s", job->uid);
 		goto out;

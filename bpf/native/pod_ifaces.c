@@ -230,13 +230,9 @@ static void unhook_one(const char *pod_dir, struct pod_iface *f, unsigned mode, 
 	}
 }
 
-int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct pod_ifaces *next,
-		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref, struct dp_error *e)
+void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod_ifaces *prev, unsigned prev_mode)
 {
-	unsigned n = next->count < MAX_POD_IFACES ? next->count : MAX_POD_IFACES, done = 0;
-	int err = 0;
-
-	for (unsigned j = 0; j < n; j++) {
+	for (unsigned j = 0; j < next->count && j < MAX_POD_IFACES; j++) {
 		struct pod_iface *f = &next->iface[j];
 		const struct pod_iface *was = find_iface(prev, f->ifindex);
 
@@ -244,6 +240,15 @@ int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct
 		f->saved_accept_local = was ? was->saved_accept_local : 0;
 		f->owns_clsact = was && prev_mode == mode ? was->owns_clsact : 0;
 	}
+}
+
+int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct pod_ifaces *next,
+		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref, struct dp_error *e)
+{
+	unsigned n = next->count < MAX_POD_IFACES ? next->count : MAX_POD_IFACES, done = 0;
+	int err = 0;
+
+	ifaces_carry_owned(next, mode, prev, prev_mode);
 	for (; done < n && (!err || ref); done++) {
 		struct pod_iface *f = &next->iface[done];
 		int one = hook_one(pod_dir, prog_fd, mode, f);

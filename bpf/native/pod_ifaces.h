@@ -27,6 +27,11 @@ struct ifaces_refused {
 int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsigned skip_count,
 		const struct pod_meta *m, struct pod_ifaces *out, struct ifaces_refused *ref, struct dp_error *e);
 
+/* What prev's interfaces that next keeps own (accept_local set by us, and its old value; the clsact
+ * qdisc, in the same mode) copied to next: before next is recorded, so that a crash before the
+ * hooks are done leaves a record that still restores them. */
+void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod_ifaces *prev, unsigned prev_mode);
+
 /* Hooks next's interfaces (pod_ingress and pod_egress: prog_fd[2]) in `mode` and sets their
  * accept_local; prev is what is hooked now, in prev_mode. New hooks first, stale ones removed
  * after, so an interface kept is never without its hook. Without ref, all or nothing: on failure
