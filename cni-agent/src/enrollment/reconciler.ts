@@ -174,7 +174,16 @@ export interface ReconcilerOptions {
   nodeNetns?: string;
   initialBackoffMs?: number;
   maxBackoffMs?: number;
+  /** A pod's pass after its netns watch reports a change waits this long (ms, default 50), so that
+   * a burst (an interface and its addresses) gets one pass; it doubles, up to
+   * interfaceMaxDelayMs (default 2000), while changes keep coming, and is back to the start after
+   * a quiet interfaceMaxDelayMs. */
+  interfaceDebounceMs?: number;
+  interfaceMaxDelayMs?: number;
 }
+
+/** The netns watch's log lines per pod at most this often (the others counted into the next). */
+export const INTERFACE_LOG_INTERVAL_MS = 10_000;
 
 /** How long no pod must have been enrolled before pods move from tc to tcx. */
 export const UPGRADE_IDLE_MS = 1000;
@@ -700,13 +709,47 @@ export class Reconciler {
     if (!watcher || e.interfaceWatch?.path === netnsPath) return;
     this.unwatchInterfaces(e);
     try {
-      const w = await watcher.watch(netnsPath, (reason) => {
-        if (reason) this.opts.log.warn({ uid: e.uid, netns: netnsPath, reason }, 'the watch on the pod’s interfaces lost track; looking at them again');
-        else this.opts.log.info({ uid: e.uid, netns: netnsPath }, 'the pod’s interfaces or addresses changed; capturing them');
-        void this.reconcile(e.uid);
-      });
-      if (this.stopped) w.close();
-      else e.interfaceWatch = { path: netnsPath, close: () => w.close() };
+      const first = this.opts.interfaceDebounceMs ?? 50;
+      const max = this.opts.interfaceMaxDelayMs ?? 2000;
+      let delay = first;
+      let timer: NodeJS.Timeout | undefined;
+      let lastEvent = -Infinity;
+      let loggedAt = -Infinity;
+      let unlogged = 0;
+      let reasons: string[] = [];
+      // One pass per burst, later under a storm (a pod churning its links must not keep the agent
+      // busy), and a log line per pod at most every INTERFACE_LOG_INTERVAL_MS with what it left out.
+      const changed = (reason?: string) => {
+        const now = performance.now();
+        if (reason && reasons.length < 4) reasons.push(reason);
+        if (now - lastEvent > max) delay = first;
+        else if (!timer) delay = Math.min(delay * 2, max);
+        lastEvent = now;
+        unlogged++;
+        if (timer) return;
+        timer = setTimeout(() => {
+          timer = undefined;
+          if (this.stopped) return;
+          const t = performance.now();
+          if (t - loggedAt >= INTERFACE_LOG_INTERVAL_MS) {
+            const fields = { uid: e.uid, netns: netnsPath, changes: unlogged, ...(reasons.length ? { reasons } : {}) };
+            if (reasons.length) this.opts.log.warn(fields, 'the watch on the pod’s interfaces lost track; looking at them again');
+            else this.opts.log.info(fields, 'the pod’s interfaces or addresses changed; capturing them');
+            loggedAt = t;
+            unlogged = 0;
+            reasons = [];
+          }
+          void this.reconcile(e.uid);
+        }, delay);
+      };
+      const w = await watcher.watch(netnsPath, changed);
+      const close = () => {
+        clearTimeout(timer);
+        timer = undefined;
+        w.close();
+      };
+      if (this.stopped) close();
+      else e.interfaceWatch = { path: netnsPath, close };
     } catch (err) {
       this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot watch the pod’s interfaces; the drift check captures new ones');
     }
