@@ -252,6 +252,7 @@ export class Agent {
           netnsPath: s.netnsPath ?? '',
           dnsCapture: s.dns,
           interfaces: a ? [a.interface || `#${a.ifindex}`, ...a.otherInterfaces.map((i) => i.name)] : [],
+          ...(s.uncaptured ? { uncaptured: s.uncaptured } : {}),
           sinceUnixMs: s.since.getTime(),
           ...(a ? { counters: a.counters } : {}),
         };

@@ -20,7 +20,7 @@ export function formatStatusTable(pods: StatusPod[], now = Date.now()): string {
   const sorted = [...pods].sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
   for (const p of sorted) {
     const redirected = p.counters ? `${p.counters.outboundRedirected}/${p.counters.inboundRedirected}` : '-';
-    rows.push([p.namespace, p.name, p.state, p.hooks || '-', p.interfaces.join(',') || '-', p.ztunnel, p.hooks ? p.dnsCapture : '-', redirected, age(p.sinceUnixMs, now), p.reason]);
+    rows.push([p.namespace, p.name, p.state, p.hooks || '-', p.interfaces.join(',') || '-', p.ztunnel, p.hooks ? p.dnsCapture : '-', redirected, age(p.sinceUnixMs, now), p.uncaptured ? `${p.reason} (uncaptured: ${p.uncaptured})` : p.reason]);
   }
   return renderTable(rows);
 }

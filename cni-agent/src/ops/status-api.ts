@@ -22,6 +22,8 @@ export interface StatusPod {
   dnsCapture: string;
   /** The captured interfaces, the pod's own first. */
   interfaces: string[];
+  /** Interfaces (or addresses) of the pod netns left out of capture, each said; absent: none. */
+  uncaptured?: string;
   counters?: DatapathCounters;
 }
 
@@ -129,6 +131,7 @@ export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusRepor
           sinceUnixMs: Number(p.sinceUnixMs ?? 0),
           dnsCapture: p.dnsCapture ?? '',
           interfaces: p.interfaces ?? [],
+          ...(p.uncaptured ? { uncaptured: p.uncaptured } : {}),
           ...(p.counters ? { counters: numbers(p.counters) } : {}),
         })),
       });
