@@ -7,11 +7,13 @@
         "native/datapath.c",
         "native/dp_error.c",
         "native/layout.c",
+        "native/pod_ifaces.c",
         "native/pod_policy.c",
         "native/probe.c",
         "native/netns_addresses.c",
         "native/netns_socket.c",
         "native/netns_thread.c",
+        "native/netns_watch.c",
         "native/rtnl.c",
         "native/seqpacket.c"
       ],

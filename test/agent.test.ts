@@ -93,7 +93,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     const report = JSON.parse(status.stdout) as { pods: { name: string; namespace: string; state: string; hooks: string; ztunnel: string; dnsCapture: string }[]; ztunnelConnections: number };
     assert.deepEqual(report.pods.map((p) => [p.namespace, p.name, p.state, p.hooks, p.ztunnel, p.dnsCapture]), [['shop', 'cart', 'enabled', settled, 'acked', 'on']]);
     assert.equal(report.ztunnelConnections, 1);
-    assert.match((await runCli(['status', '--status-socket', join(dir, 'status.sock')])).stdout, new RegExp(`^NAMESPACE +POD +STATE +HOOKS +ZTUNNEL +DNS +REDIRECTED OUT/IN +AGE +REASON\nshop +cart +enabled +${settled} +acked +on +0/0 +\\d+s +namespace label\n`));
+    assert.match((await runCli(['status', '--status-socket', join(dir, 'status.sock')])).stdout, new RegExp(`^NAMESPACE +POD +STATE +HOOKS +INTERFACES +ZTUNNEL +DNS +REDIRECTED OUT/IN +AGE +REASON\nshop +cart +enabled +${settled} +eth0 +acked +on +0/0 +\\d+s +namespace label\n`));
     // The stand-in runs in this test's cgroup; the agent learnt it from the ZDS peer's credentials.
     assert.match(agent.stderr(), /"msg":"(ztunnel's cgroup trusted: its marked sockets skip redirection|ztunnel runs in the root cgroup v2[^"]*)"/);
     const down = await runCli(['status', '--status-socket', join(dir, 'nothing.sock')]);

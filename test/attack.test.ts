@@ -13,35 +13,23 @@
 // the listener writes: its name. Outbound, the crafter watches every interface of the pod for the
 // answer to its SYN: a SYN-ACK on lo is ztunnel's in-pod listener (looped), on eth0 the remote's.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { after, before, describe, it } from 'node:test';
 import { Datapath, type DatapathCounters, type Steering } from '../bpf/src/index.js';
 import { AppCgroup } from './helpers/app.js';
+import { CRAFT, crafter, PYTHON, type Crafter } from './helpers/crafter.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
 import { podWithRemote, Topology, type PodNet } from './helpers/topology.js';
 import { RecordingServer } from './helpers/traffic.js';
-import { scaled } from './helpers/wait.js';
 
-const CRAFT = fileURLToPath(new URL('../../test/fixtures/craft.py', import.meta.url));
-const PYTHON = '/usr/bin/python3'; // Debian's, where python3-scapy is installed
 const APP_PORT = 8080;
 const FORGED_MARK = 0x539; // ztunnel's (ambient_shared.h ZTUNNEL_MARK)
 const REDIRECT_MARK = 0x111; // the mark pod_egress puts on looped packets
 
 after(assertNothingLeft);
 
-interface CraftResult {
-  case: string;
-  result: string;
-  banner?: string;
-  iface?: string;
-  sport: number;
-  seq?: number;
-  error?: string;
-}
 
 /** Where a crafted packet must end. `kernel`: without the datapath the stack delivers it to the app
  * (inbound) or the remote host answers it (outbound); false for shapes the stack drops itself. */
@@ -108,55 +96,6 @@ const OUTBOUND: Case[] = [
 
 const label = (k: Case): string => `${k.name} (IPv${k.v6 ? 6 : 4})`;
 
-/** A craft.py process: one JSON request a line in, one JSON answer a line out. */
-class Crafter {
-  private readonly answers: string[] = [];
-  private waiting: ((line: string) => void) | undefined;
-  private readonly exited: Promise<unknown>;
-
-  constructor(private readonly proc: ChildProcess) {
-    this.exited = new Promise((r) => proc.once('exit', r));
-    createInterface({ input: proc.stdout! }).on('line', (line) => {
-      const w = this.waiting;
-      this.waiting = undefined;
-      if (w) w(line);
-      else this.answers.push(line);
-    });
-  }
-
-  private next(timeoutMs: number): Promise<string> {
-    const queued = this.answers.shift();
-    if (queued !== undefined) return Promise.resolve(queued);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('craft.py did not answer')), timeoutMs);
-      this.waiting = (line) => {
-        clearTimeout(timer);
-        resolve(line);
-      };
-    });
-  }
-
-  async ready(): Promise<this> {
-    assert.match(await this.next(scaled(20_000)), /"ready"/);
-    return this;
-  }
-
-  async send(req: Record<string, unknown>): Promise<CraftResult> {
-    this.proc.stdin!.write(`${JSON.stringify(req)}\n`);
-    const out = JSON.parse(await this.next(scaled(10_000))) as CraftResult;
-    assert.notEqual(out.result, 'error', `craft.py: ${out.error}`);
-    return out;
-  }
-
-  async stop(): Promise<void> {
-    if (this.proc.exitCode === null && this.proc.signalCode === null) {
-      this.proc.stdin!.end();
-      this.proc.kill('SIGTERM');
-    }
-    await this.exited;
-  }
-}
-
 /** ztunnel's in-pod listeners (craft.py listen), a process of ztunnel's cgroup. */
 class ZtunnelListeners {
   readonly accepted: { port: number; local: [string, number]; remote: [string, number] }[] = [];
@@ -204,11 +143,6 @@ async function topology(topo: Topology, subnet: number) {
   return { net, attackerV4, attackerV6, podMac, remoteMac };
 }
 
-function crafter(netns: string, cgroup?: AppCgroup): Promise<Crafter> {
-  const args = [`--net=${netns}`, PYTHON, CRAFT, 'serve'];
-  const stdio: ['pipe', 'pipe', 'inherit'] = ['pipe', 'pipe', 'inherit'];
-  return new Crafter(cgroup ? cgroup.spawn('nsenter', args, { stdio }) : spawn('nsenter', args, { stdio })).ready();
-}
 
 describe('the crafted packets are real attacks: without the datapath the kernel delivers them', kernelTest(), () => {
   const topo = new Topology();

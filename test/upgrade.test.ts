@@ -194,14 +194,14 @@ describe('upgrade from the previous release', kernelTest(), () => {
     const counted = await oldCount();
     assert.ok(counted > 0);
 
-    assert.equal(Datapath.layout, 2);
+    assert.equal(Datapath.layout, 3);
     let dp = await Datapath.open({ bpffsRoot: root });
     const [pod] = await dp.list();
     assert.equal(pod?.uid, uid);
     assert.equal(pod.counters.outboundNoZtunnel, counted, 'the previous release\'s count, carried into this layout\'s map');
     dp.close();
     const stamp = async (): Promise<number> => (JSON.parse(await sh('bpftool', ['-j', 'map', 'lookup', 'pinned', `${root}/maps/layout`, 'key', '0', '0', '0', '0'])) as { value: string[] }).value.map((b) => parseInt(b, 16)).reduce((a, b, i) => a + b * 256 ** i, 0);
-    assert.equal(await stamp(), 2);
+    assert.equal(await stamp(), 3);
 
     // A newer release's pins: refused, named, left alone.
     await sh('bpftool', ['map', 'update', 'pinned', `${root}/maps/layout`, 'key', '0', '0', '0', '0', 'value', '7', '0', '0', '0']);
@@ -211,8 +211,8 @@ describe('upgrade from the previous release', kernelTest(), () => {
       (e: unknown) => e,
     );
     assert.ok(refused instanceof DatapathError && refused.code === 'ELAYOUT', `open: ${String(refused)}`);
-    assert.match(refused.message, /layout 7, written by a newer ambient-bpf; this release knows layouts 1 to 2/);
-    assert.match(refused.message, /datapath downgrade --layout 2/);
+    assert.match(refused.message, /layout 7, written by a newer ambient-bpf; this release knows layouts 1 to 3/);
+    assert.match(refused.message, /datapath downgrade --layout 3/);
     const cli = await runCli(['datapath', 'downgrade', '--layout', '1', '--bpffs', root]);
     assert.notEqual(cli.code, 0);
     assert.match(cli.stderr, /layout 7/);
@@ -221,10 +221,10 @@ describe('upgrade from the previous release', kernelTest(), () => {
     assert.ok(existsSync(join(root, 'pods', uid, 'ingress')), "the pod's links are still pinned");
 
     // Back to this layout, then handed to the previous release, which adopts the pod.
-    await sh('bpftool', ['map', 'update', 'pinned', `${root}/maps/layout`, 'key', '0', '0', '0', '0', 'value', '2', '0', '0', '0']);
+    await sh('bpftool', ['map', 'update', 'pinned', `${root}/maps/layout`, 'key', '0', '0', '0', '0', 'value', '3', '0', '0', '0']);
     const down = await runCli(['datapath', 'downgrade', '--layout', '1', '--bpffs', root]);
     assert.equal(down.code, 0, down.stderr);
-    assert.ok(!existsSync(join(root, 'maps', 'layout')) && !existsSync(join(root, 'maps', 'pod_counters_v2')), 'layout 2\'s own pins removed');
+    assert.ok(!existsSync(join(root, 'maps', 'layout')) && !existsSync(join(root, 'maps', 'pod_counters_v2')) && !existsSync(join(root, 'maps', 'pod_ifaces')), 'layout 2 and 3\'s own pins removed');
     assert.match(await sh(previous.cli, ['datapath', 'verify', '--uid', uid, '--bpffs', root]), /ok/);
     assert.equal(await oldCount(), counted, 'the count went back into the previous release\'s map');
     dp = await Datapath.open({ bpffsRoot: root });

@@ -13,6 +13,7 @@
 #include "datapath.h"
 #include "layout.h"
 #include "netns_addresses.h"
+#include "netns_watch.h"
 #include "netns_socket.h"
 #include "probe.h"
 #include "seqpacket.h"
@@ -107,6 +108,10 @@ struct job {
 			char path[NETNS_PATH_LEN];
 			struct netns_addresses res;
 		} addresses;
+		struct {
+			char path[NETNS_PATH_LEN];
+			struct netns_watch res;
+		} watch;
 		struct {
 			char root[4096];
 			unsigned to, from;
@@ -369,6 +374,7 @@ static napi_value attach_result(napi_env env, struct job *job)
 	set_u32(env, obj, "ifindex", (uint32_t)job->u.attach.res.ifindex);
 	set_bool(env, obj, "updated", job->u.attach.res.updated);
 	set_u32(env, obj, "hostIfindex", (uint32_t)job->u.attach.res.host_ifindex);
+	set_str(env, obj, "warning", job->u.attach.res.warning);
 	return obj;
 }
 
@@ -575,6 +581,21 @@ static napi_value list_result(napi_env env, struct job *job)
 			napi_set_element(env, ips, j, name);
 		}
 		set_named(env, obj, "rerouteInterfaces", ips);
+		napi_create_array_with_length(env, p->ifaces.count, &ips);
+		for (unsigned j = 0; j < p->ifaces.count && j < MAX_POD_IFACES; j++) {
+			napi_value iface;
+
+			napi_create_object(env, &iface);
+			set_str(env, iface, "name", p->ifaces.iface[j].name);
+			set_u32(env, iface, "ifindex", p->ifaces.iface[j].ifindex);
+			napi_set_element(env, ips, j, iface);
+		}
+		set_named(env, obj, "otherInterfaces", ips);
+		set_str(env, obj, "interface", p->ifaces.own);
+		napi_create_array_with_length(env, p->ifaces.addr_count, &ips);
+		for (unsigned j = 0; j < p->ifaces.addr_count && j < MAX_POD_IPS; j++)
+			napi_set_element(env, ips, j, ip_value(env, &p->ifaces.addrs[j]));
+		set_named(env, obj, "otherAddresses", ips);
 		napi_set_element(env, arr, (uint32_t)i, obj);
 	}
 	free(job->u.list.pods);
@@ -925,6 +946,49 @@ static napi_value js_netns_addresses(napi_env env, napi_callback_info info)
 	return job_start(env, job, "ambient-bpf:netns-addresses");
 }
 
+/* ---- a netns's interface changes ---- */
+
+static void watch_run(struct job *job)
+{
+	netns_watch(job->u.watch.path, &job->u.watch.res, &job->err);
+}
+
+static napi_value watch_result(napi_env env, struct job *job)
+{
+	napi_value obj, arr, fd;
+
+	napi_create_object(env, &obj);
+	napi_create_int32(env, job->u.watch.res.fd, &fd);
+	set_named(env, obj, "fd", fd);
+	napi_create_array_with_length(env, job->u.watch.res.link_count, &arr);
+	for (unsigned i = 0; i < job->u.watch.res.link_count; i++) {
+		napi_value v;
+
+		napi_create_uint32(env, job->u.watch.res.links[i], &v);
+		napi_set_element(env, arr, i, v);
+	}
+	set_named(env, obj, "ifindexes", arr);
+	return obj;
+}
+
+/* netnsWatch(path) -> { fd, ifindexes }: fd readable on every link or address change in that
+ * netns, ifindexes its interfaces then */
+static napi_value js_netns_watch(napi_env env, napi_callback_info info)
+{
+	size_t argc = 1;
+	napi_value argv[1];
+	struct job *job = job_new(watch_run, watch_result);
+
+	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+	if (!job)
+		return NULL;
+	if (argc < 1 || !get_string(env, argv[0], job->u.watch.path, sizeof(job->u.watch.path), "netns path")) {
+		free(job);
+		return NULL;
+	}
+	return job_start(env, job, "ambient-bpf:netns-watch");
+}
+
 /* ---- kernel features ---- */
 
 static void probe_run(struct job *job)
@@ -985,6 +1049,7 @@ static napi_value init(napi_env env, napi_value exports)
 		{ "socket", NULL, js_socket, NULL, NULL, NULL, napi_default, NULL },
 		{ "sockets", NULL, js_sockets, NULL, NULL, NULL, napi_default, NULL },
 		{ "netnsAddresses", NULL, js_netns_addresses, NULL, NULL, NULL, napi_default, NULL },
+		{ "netnsWatch", NULL, js_netns_watch, NULL, NULL, NULL, napi_default, NULL },
 		{ "probeKernel", NULL, js_probe_kernel, NULL, NULL, NULL, napi_default, NULL },
 	};
 

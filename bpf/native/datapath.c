@@ -24,14 +24,15 @@
 #include <bpf/btf.h>
 #include <bpf/libbpf.h>
 
+#include "hooks.h"
 #include "layout.h"
 #include "netns_thread.h"
+#include "pod_ifaces.h"
 #include "pod_policy.h"
 #include "rtnl.h"
 
 #define BPF_FS_MAGIC 0xcafe4a11
 
-enum hook_dir { HOOK_INGRESS = 0, HOOK_EGRESS = 1 };
 static const char *const hook_names[2] = { "ingress", "egress" };
 static const char *const prog_names[2] = { "pod_ingress", "pod_egress" };
 static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS };
@@ -84,6 +85,7 @@ struct datapath {
 	int host_prog_fd[2];
 	int cgroup_prog_fd[CGROUP_HOOKS];
 	int meta_fd;
+	int ifaces_fd;
 	int settings_fd;
 	int ztunnel_cgroups_fd;
 	int strict_allow_fd;
@@ -193,6 +195,67 @@ static void meta_del(struct datapath *dp, const char *uid)
 	bpf_map_delete_elem(dp->meta_fd, &k);
 }
 
+/* The pod's other interfaces as recorded (none if there is no record). */
+static void ifaces_get(struct datapath *dp, const char *uid, struct pod_ifaces *f)
+{
+	struct pod_meta_key k = meta_key(uid);
+
+	if (bpf_map_lookup_elem(dp->ifaces_fd, &k, f))
+		memset(f, 0, sizeof(*f));
+}
+
+static int ifaces_put(struct datapath *dp, const char *uid, const struct pod_ifaces *f)
+{
+	struct pod_meta_key k = meta_key(uid);
+
+	return bpf_map_update_elem(dp->ifaces_fd, &k, f, BPF_ANY) ? -errno : 0;
+}
+
+/* m with the addresses of its other interfaces (f) as its IPs: what pod_policy holds for them. */
+static struct pod_meta with_iface_addrs(const struct pod_meta *m, const struct pod_ifaces *f)
+{
+	struct pod_meta a = *m;
+
+	a.ip_count = f->addr_count < MAX_POD_IPS ? f->addr_count : MAX_POD_IPS;
+	memcpy(a.ips, f->addrs, sizeof(a.ips));
+	return a;
+}
+
+/* The policy of the addresses of the pod's other interfaces, as of its IPs; those of `old` it no
+ * longer has (and that are not among its IPs now) removed. */
+static int ifaces_policy_write(struct datapath *dp, const struct pod_meta *m, const struct pod_ifaces *f,
+			       const struct pod_ifaces *old)
+{
+	struct pod_meta now = with_iface_addrs(m, f), gone = with_iface_addrs(m, old);
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < gone.ip_count; i++) {
+		bool pod_ip = false;
+
+		for (unsigned j = 0; j < m->ip_count && j < MAX_POD_IPS; j++)
+			pod_ip |= !memcmp(&gone.ips[i], &m->ips[j], sizeof(m->ips[j]));
+		if (!pod_ip)
+			gone.ips[n++] = gone.ips[i];
+	}
+	gone.ip_count = n;
+	/* Found in the netns, not given: one another pod holds is never taken (a pod could otherwise
+	 * put a neighbour's IP on a second interface and overwrite its entry); removal is by slot. */
+	return policy_write_secondary(&dp->policy, &now, &gone);
+}
+
+/* Drops the record of the pod's other interfaces (unhooked already) and their addresses' policy. */
+static void ifaces_forget(struct datapath *dp, const char *uid, const struct pod_meta *m)
+{
+	struct pod_meta_key k = meta_key(uid);
+	struct pod_ifaces f;
+	struct pod_meta a;
+
+	ifaces_get(dp, uid, &f);
+	a = with_iface_addrs(m, &f);
+	policy_remove(&dp->policy, &a);
+	bpf_map_delete_elem(dp->ifaces_fd, &k);
+}
+
 static int mkdir_p(const char *path)
 {
 	char buf[PATH_MAX];
@@ -268,7 +331,7 @@ static void unpin(const char *pin)
 }
 
 /* Detaches the link a pin holds (even if another process still holds the link) and unpins it. */
-static void detach_pinned_link(const char *pin)
+void detach_pinned_link(const char *pin)
 {
 	int fd = bpf_obj_get(pin);
 
@@ -297,17 +360,6 @@ static bool netns_present(const struct pod_meta *m)
 	return stat(m->netns_path, &st) == 0 && st.st_ino == m->netns_ino && st.st_dev == m->netns_dev;
 }
 
-/* tcx link info; the 6.1 uapi headers predate the tcx member of bpf_link_info's union. */
-struct tcx_link_info {
-	__u32 type;
-	__u32 id;
-	__u32 prog_id;
-	__u32 pad;
-	__u32 ifindex;
-	__u32 attach_type;
-	__u8 rest[64];
-};
-
 /* Reads the info of the link a pin holds into `info` (`size` bytes: struct bpf_link_info, or the
  * tcx layout below for tcx links). */
 static int pinned_link(const char *pin, void *info, __u32 size)
@@ -324,7 +376,7 @@ static int pinned_link(const char *pin, void *info, __u32 size)
 	return err;
 }
 
-static int pinned_link_info(const char *pin, struct tcx_link_info *info)
+int pinned_link_info(const char *pin, struct tcx_link_info *info)
 {
 	return pinned_link(pin, info, sizeof(*info));
 }
@@ -495,6 +547,7 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	for (int i = 0; i < CGROUP_HOOKS; i++)
 		dp->cgroup_prog_fd[i] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, cgroup_prog_names[i]));
 	dp->meta_fd = map_fd(dp->obj, "pod_meta");
+	dp->ifaces_fd = map_fd(dp->obj, "pod_ifaces");
 	dp->settings_fd = map_fd(dp->obj, "settings");
 	dp->ztunnel_cgroups_fd = map_fd(dp->obj, "ztunnel_cgroups");
 	dp->strict_allow_fd = map_fd(dp->obj, "strict_allow");
@@ -543,7 +596,8 @@ static const struct fwmark_rule redirect_rule_v4 = { AF_INET, REDIRECT_MARK, MAR
 static const struct fwmark_rule redirect_rule_v6 = { AF_INET6, REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE,
 						     REDIRECT_RULE_PRIORITY };
 
-static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
+/* The families of the pod's IPs and of the addresses of its other interfaces (f, may be NULL). */
+static void pod_families(const struct pod_meta *m, const struct pod_ifaces *f, bool *v4, bool *v6)
 {
 	*v4 = *v6 = false;
 	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++) {
@@ -552,22 +606,33 @@ static void pod_families(const struct pod_meta *m, bool *v4, bool *v6)
 		else
 			*v6 = true;
 	}
+	for (unsigned i = 0; f && i < f->addr_count && i < MAX_POD_IPS; i++) {
+		if (ip_is_v4(&f->addrs[i]))
+			*v4 = true;
+		else
+			*v6 = true;
+	}
 }
 
 /* The redirect table's local route for pod m: its first address of the family as source (its
- * primary one, as the pod's status lists them) and its interface's MTU. */
-static int wanted_local_route(struct rtnl *nl, const struct pod_meta *m, int family, struct local_route *want)
+ * primary one, as the pod's status lists them; else the first of its other interfaces', f) and its
+ * interface's MTU. */
+static int wanted_local_route(struct rtnl *nl, const struct pod_meta *m, const struct pod_ifaces *f, int family,
+			      struct local_route *want)
 {
+	const struct pod_ip *src = NULL;
+
 	memset(want, 0, sizeof(*want));
-	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++) {
-		if (ip_is_v4(&m->ips[i]) != (family == AF_INET))
-			continue;
-		if (family == AF_INET)
-			memcpy(want->prefsrc, &m->ips[i].addr[12], 4);
-		else
-			memcpy(want->prefsrc, m->ips[i].addr, 16);
-		break;
-	}
+	for (unsigned i = 0; !src && i < m->ip_count && i < MAX_POD_IPS; i++)
+		if (ip_is_v4(&m->ips[i]) == (family == AF_INET))
+			src = &m->ips[i];
+	for (unsigned i = 0; !src && f && i < f->addr_count && i < MAX_POD_IPS; i++)
+		if (ip_is_v4(&f->addrs[i]) == (family == AF_INET))
+			src = &f->addrs[i];
+	if (src && family == AF_INET)
+		memcpy(want->prefsrc, &src->addr[12], 4);
+	else if (src)
+		memcpy(want->prefsrc, src->addr, 16);
 	return rtnl_link_mtu(nl, (int)m->ifindex, &want->mtu);
 }
 
@@ -580,7 +645,7 @@ static void detach_tcx_pin(const char *pin)
 	const char *name = strrchr(pin, '/') + 1;
 
 	if (!strcmp(name, "ingress") || !strcmp(name, "egress") || !strncmp(name, "reroute-", 8) ||
-	    !strncmp(name, "host-", 5) || !strcmp(name, "sk_lookup"))
+	    !strncmp(name, "host-", 5) || !strcmp(name, "sk_lookup") || ifaces_pin(name))
 		detach_pinned_link(pin);
 }
 
@@ -608,7 +673,7 @@ static bool destroy_clsact_if_unused(int ifindex)
 /* Puts our cls_bpf filters (fixed handle and priority: only ours are ever replaced) on a device's
  * clsact hooks, prog_fd[HOOK_INGRESS] and prog_fd[HOOK_EGRESS] (-1: leave that hook alone), making
  * the qdisc if it is missing (*created then). Runs in the device's netns. */
-static int tc_attach_filters(int ifindex, const int prog_fd[2], bool *created)
+int tc_attach_filters(int ifindex, const int prog_fd[2], bool *created)
 {
 	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
 	int err = bpf_tc_hook_create(&hook);
@@ -632,7 +697,7 @@ static int tc_attach_filters(int ifindex, const int prog_fd[2], bool *created)
 
 /* Removes our filters from a device's hooks, and its clsact qdisc if we made it and nobody else
  * has filters on it; true if the qdisc went. Runs in the device's netns. */
-static bool tc_detach_filters(int ifindex, bool owns_clsact)
+bool tc_detach_filters(int ifindex, bool owns_clsact)
 {
 	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = ifindex);
 	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
@@ -669,7 +734,13 @@ static void detach_reroute(struct datapath *dp, const char *uid, struct reroute_
 /* Removes the pod's programs: links from anywhere, tc filters only from inside the netns. */
 static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
 {
+	struct pod_ifaces f;
+	char dir[PATH_MAX];
+
 	detach_cgroup_hooks(dp, uid, m);
+	ifaces_get(dp, uid, &f);
+	pod_dir(dp, uid, dir);
+	ifaces_unhook(dir, &f, m->mode, in_netns);
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++) {
 		detach_reroute(dp, uid, &m->reroute[i], m->mode, in_netns);
 		m->reroute[i].ifindex = 0;
@@ -709,11 +780,14 @@ struct netns_job {
 	struct dp_verify_result *verify;
 	int host_peer; /* attach: the pod interface's veth peer index (0: none) */
 	const struct pod_meta *old; /* attach: the attachment being updated in place; NULL: a first attach */
+	struct pod_ifaces *ifaces; /* attach: the pod's other interfaces found in its netns; verify: recorded */
+	const struct pod_ifaces *old_ifaces; /* attach: those hooked before (none on a first attach) */
 	bool restored; /* attach: a failed update was already restored inside the netns */
+	struct ifaces_refused refused; /* attach: interfaces (and addresses) left out, said */
 };
 
 /* TEST ONLY: AMBIENT_BPF_FAULT_STEP=<step> makes that step of an update of an attached pod fail
- * once its work is done ("routing", "programs", "mode-switch", "reroutes", "policy", "sk_lookup",
+ * once its work is done ("routing", "programs", "mode-switch", "ifaces", "reroutes", "policy", "sk_lookup",
  * "host", "dns", "record"), so tests can show that a failed update restores the previous
  * attachment. Never set in production; a first attach and the restore itself ignore it. */
 static bool fault(const struct netns_job *job, const char *step)
@@ -737,11 +811,12 @@ static int undo_job(void *p)
 	return 0;
 }
 
-/* Locates the one non-loopback interface that carries every pod IP. */
+/* Locates the pod's interface, the one with its first IP; every IP must be on one besides lo (the
+ * others are captured as the pod's other interfaces). */
 static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const char *netns, int *ifindex,
 			      struct dp_error *e)
 {
-	char a[INET6_ADDRSTRLEN], b[INET6_ADDRSTRLEN];
+	char a[INET6_ADDRSTRLEN];
 	int first = 0;
 
 	for (unsigned i = 0; i < m->ip_count; i++) {
@@ -755,10 +830,8 @@ static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const c
 		if (idx == (int)if_nametoindex("lo"))
 			return dp_fail(e, DPE_POD_IP, 0, "pod IP %s is on the loopback device in netns %s",
 				    ip_str(&m->ips[i], a), netns);
-		if (first && idx != first)
-			return dp_fail(e, DPE_POD_IP, 0, "pod IPs %s and %s are on different interfaces in netns %s",
-				    ip_str(&m->ips[0], a), ip_str(&m->ips[i], b), netns);
-		first = idx;
+		if (!first)
+			first = idx;
 	}
 	*ifindex = first;
 	return 0;
@@ -766,7 +839,7 @@ static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const c
 
 /* Adds what is missing of the fwmark rules, local routes and accept_local; records in m->owns
  * what this created, so detach removes exactly that. */
-static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_error *e)
+static int configure_routing(struct rtnl *nl, struct pod_meta *m, const struct pod_ifaces *f, struct dp_error *e)
 {
 	struct local_route have, want;
 	bool v4, v6, exists;
@@ -780,7 +853,7 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 		{ &redirect_rule_v6, OWNS_RULE_V6, OWNS_ROUTE_V6, "IPv6" },
 	};
 
-	pod_families(m, &v4, &v6);
+	pod_families(m, f, &v4, &v6);
 	for (int i = 0; i < 2; i++) {
 		if (!(i == 0 ? v4 : v6))
 			continue;
@@ -791,7 +864,7 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 			return dp_fail(e, DPE_SYSTEM, err, "cannot add the %s fwmark rule", fam[i].name);
 		if ((err = rtnl_local_default_route_get(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &exists, &have)))
 			return dp_fail(e, DPE_SYSTEM, err, "cannot read table %d", REDIRECT_ROUTE_TABLE);
-		if ((err = wanted_local_route(nl, m, fam[i].rule->family, &want)))
+		if ((err = wanted_local_route(nl, m, f, fam[i].rule->family, &want)))
 			return dp_fail(e, DPE_SYSTEM, err, "cannot read the MTU of interface %u", m->ifindex);
 		if (exists && !memcmp(&have, &want, sizeof(want)))
 			continue;
@@ -821,7 +894,7 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, struct dp_erro
 
 /* Attaches prog to a device with a pinned tcx link, or swaps the program of the pinned link in place
  * when it is on that device already (same code or newer: no gap). */
-static int attach_tcx_pinned(const char *pin, int prog_fd, unsigned ifindex, unsigned type)
+int attach_tcx_pinned(const char *pin, int prog_fd, unsigned ifindex, unsigned type)
 {
 	struct tcx_link_info info;
 	int fd, err = 0;
@@ -1211,7 +1284,8 @@ static void restore_in_netns(struct netns_job *job)
 	const struct pod_meta *old = job->old;
 	const unsigned routing = OWNS_RULE_V4 | OWNS_RULE_V6 | OWNS_ROUTE_V4 | OWNS_ROUTE_V6 | OWNS_ACCEPT_LOCAL;
 	unsigned added = cur.owns & ~old->owns & routing;
-	char names[MAX_REROUTE_IFACES][16];
+	char names[MAX_REROUTE_IFACES][16], dir[PATH_MAX];
+	struct pod_ifaces cur_ifaces, restored_ifaces;
 	struct dp_error scratch = { 0 }, *err = job->e;
 	struct rtnl nl;
 
@@ -1227,6 +1301,11 @@ static void restore_in_netns(struct netns_job *job)
 		if (cur.mode == ATTACH_MODE_TCX)
 			detach_main_tcx(job->dp, job->uid);
 	}
+	ifaces_get(job->dp, job->uid, &cur_ifaces);
+	restored_ifaces = *job->old_ifaces;
+	pod_dir(job->dp, job->uid, dir);
+	if (ifaces_hook(dir, job->dp->prog_fd, old->mode, &restored_ifaces, &cur_ifaces, cur.mode, NULL, job->e) == 0)
+		ifaces_put(job->dp, job->uid, &restored_ifaces);
 	for (unsigned i = 0; i < old->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		snprintf(names[i], sizeof(names[i]), "%s", old->reroute[i].name);
 	attach_reroutes(job, cur.mode, (const char (*)[16])names,
@@ -1259,6 +1338,8 @@ static int attach_job(void *p)
 {
 	struct netns_job *job = p;
 	struct pod_meta *m = job->meta;
+	struct pod_ifaces prev_ifaces = *job->old_ifaces;
+	char dir[PATH_MAX];
 	struct rtnl nl;
 	unsigned old_mode = 0;
 	int ifindex = 0, err;
@@ -1282,11 +1363,23 @@ static int attach_job(void *p)
 	job->host_peer = 0;
 	if (job->req->host_netns[0] && rtnl_veth_peer(&nl, ifindex, &job->host_peer))
 		job->host_peer = 0;
+	if (ifaces_scan(&nl, (unsigned)ifindex, (const char (*)[16])job->req->reroute, job->req->reroute_count, m,
+			job->ifaces, &job->refused, job->e))
+		goto out;
+	/* A first attach refuses what it cannot capture (fail closed: CNI ADD fails, the pod does not
+	 * start half captured). An attached pod never leaves the interfaces it can hook unhooked for
+	 * the sake of one it cannot: those are hooked, the others said (the attach's warning, verify). */
+	if (!job->old && job->refused.count) {
+		dp_fail(job->e, DPE_POD_IP, 0, "%s", job->refused.message[0]);
+		goto out;
+	}
 	if (m->state == ATTACH_STATE_ATTACHED) {
-		if (m->ifindex != (unsigned)ifindex)
+		if (m->ifindex != (unsigned)ifindex) {
 			detach_programs(job->dp, job->uid, m, true); /* the pod's interface was replaced */
-		else
+			memset(&prev_ifaces, 0, sizeof(prev_ifaces));
+		} else {
 			old_mode = m->mode;
+		}
 	}
 	m->ifindex = (unsigned)ifindex;
 	m->netns_cookie = netns_cookie();
@@ -1300,7 +1393,7 @@ static int attach_job(void *p)
 		}
 		m->owns = 0;
 	}
-	if (configure_routing(&nl, m, job->e) || fault(job, "routing") ||
+	if (configure_routing(&nl, m, job->ifaces, job->e) || fault(job, "routing") ||
 	    attach_programs(job->dp, job->uid, m,
 			    job->req->mode == DP_MODE_AUTO && m->mode ? (enum dp_mode_request)m->mode : job->req->mode,
 			    job->e) ||
@@ -1312,7 +1405,20 @@ static int attach_job(void *p)
 		detach_tc_filters(m);
 	else if (old_mode == ATTACH_MODE_TCX && m->mode == ATTACH_MODE_TC)
 		detach_main_tcx(job->dp, job->uid);
-	if (fault(job, "mode-switch") ||
+	if (fault(job, "mode-switch"))
+		goto out;
+	/* The pod's other interfaces: recorded before they are hooked (a crash leaves what detach
+	 * needs), and again with what hooking them created. */
+	pod_dir(job->dp, job->uid, dir);
+	ifaces_carry_owned(job->ifaces, m->mode, &prev_ifaces, old_mode);
+	if ((err = ifaces_put(job->dp, job->uid, job->ifaces))) {
+		dp_fail(job->e, DPE_SYSTEM, err, "cannot record the interfaces of pod %s", job->uid);
+		goto out;
+	}
+	err = ifaces_hook(dir, job->dp->prog_fd, m->mode, job->ifaces, &prev_ifaces, old_mode,
+			  job->old ? &job->refused : NULL, job->e);
+	ifaces_put(job->dp, job->uid, err ? &prev_ifaces : job->ifaces);
+	if (err || fault(job, "ifaces") ||
 	    attach_reroutes(job, old_mode, (const char (*)[16])job->req->reroute, job->req->reroute_count) ||
 	    fault(job, "reroutes"))
 		goto out;
@@ -1488,7 +1594,9 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	      struct dp_error *e)
 {
 	struct pod_meta m, old;
-	struct netns_job job = { .dp = dp, .uid = req->uid, .meta = &m, .req = req, .e = e };
+	struct pod_ifaces ifaces, old_ifaces, recorded;
+	struct netns_job job = { .dp = dp, .uid = req->uid, .meta = &m, .req = req, .e = e, .ifaces = &ifaces,
+				 .old_ifaces = &old_ifaces };
 	struct timespec now;
 	bool undo = false;
 	int fd, rc, err;
@@ -1523,14 +1631,19 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	}
 	dp_lock(dp);
 	res->updated = false;
+	res->warning[0] = '\0';
+	memset(&ifaces, 0, sizeof(ifaces));
+	memset(&old_ifaces, 0, sizeof(old_ifaces));
 	if (meta_get(dp, req->uid, &old) == 0) {
 		if (old.state == ATTACH_STATE_ATTACHED && old.netns_ino == m.netns_ino && old.netns_dev == m.netns_dev) {
 			m = old; /* same pod, same netns: update in place */
 			res->updated = true;
 			job.old = &old;
+			ifaces_get(dp, req->uid, &old_ifaces);
 		} else {
 			/* A new sandbox for the same pod, or a crashed attach: clear the old record first. */
 			undo_recorded(dp, req->uid, &old, NULL, 0);
+			ifaces_forget(dp, req->uid, &old);
 			policy_remove(&dp->policy, &old);
 			meta_del(dp, req->uid);
 			remove_pod_dir(dp, req->uid);
@@ -1563,6 +1676,8 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) || now.netns_cookie != m.netns_cookie ||
 		    now.flags != policy_flags(&m))
 			err = policy_write(&dp->policy, &m, NULL);
+		if (!err) /* the addresses of its other interfaces: the pod's too */
+			err = ifaces_policy_write(dp, &m, &ifaces, &old_ifaces);
 		if (err)
 			dp_fail(e, DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
 		if (!e->code && !fault(&job, "policy") && !fault(&job, "record")) {
@@ -1591,6 +1706,8 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		if (!job.restored)
 			run_in_netns(fd, restore_job, &job);
 		policy_write(&dp->policy, &old, &m);
+		ifaces_get(dp, req->uid, &recorded);
+		ifaces_policy_write(dp, &old, &recorded, &ifaces);
 		old.mode = m.mode;
 		old.owns = m.owns;
 		old.ifindex = m.ifindex;
@@ -1603,14 +1720,25 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		memcpy(old.host_netns_path, m.host_netns_path, sizeof(old.host_netns_path));
 		meta_put(dp, req->uid, &old);
 	} else if (e->code) {
+		struct pod_meta found = with_iface_addrs(&m, &ifaces);
+
 		if (undo)
 			undo_recorded(dp, req->uid, &m, NULL, 0);
 		cgroup_hooks_abort(dp, req->uid);
+		policy_remove(&dp->policy, &found);
+		ifaces_forget(dp, req->uid, &m);
 		meta_del(dp, req->uid);
 		remove_pod_dir(dp, req->uid);
 		policy_remove(&dp->policy, &m);
 		policy_release_slot(&dp->policy, req->uid, &m);
 	} else {
+		res->warning[0] = '\0';
+		for (unsigned i = 0; i < job.refused.count && i < IFACES_MAX_REFUSED; i++) {
+			size_t len = strlen(res->warning);
+
+			snprintf(res->warning + len, sizeof(res->warning) - len, "%s%s", len ? "; " : "",
+				 job.refused.message[i]);
+		}
 		res->mode = m.mode;
 		res->ifindex = (int)m.ifindex;
 		res->host_ifindex = (int)m.host_ifindex;
@@ -1631,6 +1759,7 @@ int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res
 	res->found = meta_get(dp, uid, &m) == 0;
 	if (res->found) {
 		undo_recorded(dp, uid, &m, res->warning, sizeof(res->warning));
+		ifaces_forget(dp, uid, &m);
 		policy_remove(&dp->policy, &m);
 		policy_release_slot(&dp->policy, uid, &m);
 		meta_del(dp, uid);
@@ -1685,6 +1814,7 @@ static int list_one(struct datapath *dp, const char *uid, struct pod_meta *m, vo
 	memset(pod, 0, sizeof(*pod));
 	snprintf(pod->uid, sizeof(pod->uid), "%s", uid);
 	pod->meta = *m;
+	ifaces_get(dp, uid, &pod->ifaces);
 	pod->netns_present = netns_present(m);
 	pod->links_pinned = true;
 	for (int d = 0; d < 2; d++) {
@@ -1715,7 +1845,7 @@ int dp_list(struct datapath *dp, struct dp_pod **pods, size_t *count, struct dp_
 
 /* ---- verify ---- */
 
-static void problem(struct dp_verify_result *r, const char *fmt, ...)
+void problem(struct dp_verify_result *r, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -1726,7 +1856,7 @@ static void problem(struct dp_verify_result *r, const char *fmt, ...)
 	va_end(ap);
 }
 
-static void verify_program_name(struct dp_verify_result *r, __u32 prog_id, const char *hook, const char *want)
+void verify_program_name(struct dp_verify_result *r, __u32 prog_id, const char *hook, const char *want)
 {
 	char name[PROG_NAME_LEN] = "";
 	/* Only a name the kernel cuts short needs the BTF one (a BTF load per check). */
@@ -1784,6 +1914,43 @@ static void verify_reroutes(struct netns_job *job, struct rtnl *nl)
 	}
 }
 
+/* The pod's other interfaces: hooked as recorded, and none or no address the record lacks. */
+static void verify_ifaces(struct netns_job *job, struct rtnl *nl)
+{
+	struct pod_meta *m = job->meta;
+	char names[MAX_REROUTE_IFACES][16], dir[PATH_MAX];
+	struct dp_error e = { 0 };
+	struct ifaces_refused ref;
+	struct pod_ifaces now;
+	bool scanned;
+
+	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
+		snprintf(names[i], sizeof(names[i]), "%s", m->reroute[i].name);
+	scanned = ifaces_scan(nl, m->ifindex, (const char (*)[16])names,
+			      m->reroute_count < MAX_REROUTE_IFACES ? m->reroute_count : MAX_REROUTE_IFACES, m, &now, &ref,
+			      &e) == 0;
+	if (!scanned)
+		problem(job->verify, "%s", e.message);
+	for (unsigned i = 0; scanned && i < ref.count && i < IFACES_MAX_REFUSED; i++)
+		problem(job->verify, "%s", ref.message[i]);
+	if (scanned && ref.more)
+		problem(job->verify, "and %u more interfaces refused", ref.more);
+	pod_dir(job->dp, job->uid, dir);
+	ifaces_verify(nl, dir, m->mode, job->ifaces, scanned ? &now : NULL, job->verify);
+	/* An address another pod holds is found, never taken: said, not silently skipped. */
+	for (unsigned i = 0; i < job->ifaces->addr_count && i < MAX_POD_IPS; i++) {
+		char ip[INET6_ADDRSTRLEN], name[IF_NAMESIZE] = "?";
+		int idx = 0;
+
+		if (!policy_owned_by_other(&job->dp->policy, &job->ifaces->addrs[i], m->slot))
+			continue;
+		if (rtnl_find_address(nl, job->ifaces->addrs[i].addr, &idx) == 0 && idx)
+			if_indextoname((unsigned)idx, name);
+		problem(job->verify, "address %s on %s belongs to another pod: not taken (its traffic is that pod's)",
+			ip_str(&job->ifaces->addrs[i], ip), name);
+	}
+}
+
 static int verify_job(void *p)
 {
 	struct netns_job *job = p;
@@ -1801,12 +1968,16 @@ static int verify_job(void *p)
 	if (!exists)
 		problem(r, "interface %u is gone from the netns", m->ifindex);
 	for (unsigned i = 0; i < m->ip_count; i++) {
-		int idx = 0;
+		int idx = 0, found = rtnl_find_address(&nl, m->ips[i].addr, &idx);
+		bool captured = false;
 
-		if (rtnl_find_address(&nl, m->ips[i].addr, &idx) || idx != (int)m->ifindex)
-			problem(r, "pod IP %s is no longer on interface %u", ip_str(&m->ips[i], ip), m->ifindex);
+		for (unsigned j = 0; j < job->ifaces->count && j < MAX_POD_IFACES; j++)
+			captured |= idx && job->ifaces->iface[j].ifindex == (unsigned)idx;
+		if (found || (idx != (int)m->ifindex && !captured))
+			problem(r, "pod IP %s is no longer on interface %u or another captured one", ip_str(&m->ips[i], ip),
+				m->ifindex);
 	}
-	pod_families(m, &v4, &v6);
+	pod_families(m, job->ifaces, &v4, &v6);
 	for (int fam = 0; fam < 2; fam++) {
 		const struct fwmark_rule *rule = fam == 0 ? &redirect_rule_v4 : &redirect_rule_v6;
 
@@ -1816,7 +1987,7 @@ static int verify_job(void *p)
 			problem(r, "the %s fwmark rule (mark 0x%x/0x%x, table %d) is missing", fam ? "IPv6" : "IPv4",
 				REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE);
 		if (rtnl_local_default_route_get(&nl, rule->family, REDIRECT_ROUTE_TABLE, &exists, &have) == 0 &&
-		    wanted_local_route(&nl, m, rule->family, &want) == 0) {
+		    wanted_local_route(&nl, m, job->ifaces, rule->family, &want) == 0) {
 			if (!exists)
 				problem(r, "the %s local route in table %d is missing", fam ? "IPv6" : "IPv4",
 					REDIRECT_ROUTE_TABLE);
@@ -1862,6 +2033,7 @@ static int verify_job(void *p)
 		}
 	}
 	verify_reroutes(job, &nl);
+	verify_ifaces(job, &nl);
 	rtnl_close(&nl);
 	if (m->steering_sk_lookup || m->netns_cookie) { /* on every pod (attach_sk_lookup) */
 		char pin[PATH_MAX];
@@ -1941,7 +2113,8 @@ static void verify_host(struct netns_job *job)
 int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res, struct dp_error *e)
 {
 	struct pod_meta m;
-	struct netns_job job = { .dp = dp, .uid = uid, .meta = &m, .verify = res, .e = e };
+	struct pod_ifaces ifaces;
+	struct netns_job job = { .dp = dp, .uid = uid, .meta = &m, .verify = res, .e = e, .ifaces = &ifaces };
 	unsigned long long ino = 0, dev = 0;
 	int fd, rc;
 
@@ -1954,6 +2127,7 @@ int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res
 		goto out;
 	if (m.state != ATTACH_STATE_ATTACHED)
 		problem(res, "attach did not complete");
+	ifaces_get(dp, uid, &ifaces);
 	fd = open_netns(m.netns_path, &ino, &dev);
 	if (fd < 0 || ino != m.netns_ino || dev != m.netns_dev) {
 		problem(res, "netns %s is gone or was replaced", m.netns_path);
@@ -2012,6 +2186,7 @@ static int gc_one(struct datapath *dp, const char *uid, struct pod_meta *m, void
 	if (!pod_gone(dp, uid, m))
 		return 0;
 	detach_programs(dp, uid, m, false);
+	ifaces_forget(dp, uid, m);
 	policy_remove(&dp->policy, m);
 	policy_release_slot(&dp->policy, uid, m);
 	meta_del(dp, uid);

@@ -39,6 +39,7 @@ struct dp_attach_result {
 	int ifindex;
 	bool updated; /* the pod was attached already (same netns): updated in place */
 	int host_ifindex; /* kubelet probes handled on this node-side device; 0: not (no veth peer there) */
+	char warning[1024]; /* an attached pod's interfaces (or addresses) left out, each said; "": none */
 };
 
 int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct dp_attach_result *res,
@@ -54,6 +55,7 @@ int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res
 struct dp_pod {
 	char uid[POD_UID_LEN];
 	struct pod_meta meta;
+	struct pod_ifaces ifaces; /* its other interfaces, captured like its own */
 	bool netns_present; /* the netns path still names the attached namespace */
 	bool links_pinned; /* tcx: both link pins present */
 	struct pod_counters counters;

@@ -16,6 +16,8 @@
 #include <bpf/bpf.h>
 
 #include "../progs/ambient_shared.h"
+#include "netns_thread.h"
+#include "pod_ifaces.h"
 
 /* What changed in each layout. A map whose value layout changed gets a new pin name, so the older
  * release's map stays pinned as it was (its programs keep running in pods until each is swapped,
@@ -29,6 +31,7 @@ static const struct {
 	{ "pod_counters", 2, MAP_CHANGED }, /* counters for unclassified, spoofed, lookup-refused */
 	{ "probe_nat", 2, MAP_CHANGED }, /* the translation records which side closed */
 	{ "strict_fragments", 2, MAP_ADDED },
+	{ "pod_ifaces", 3, MAP_ADDED }, /* the pod's other interfaces, captured too */
 };
 
 /* Hooks on a pod (pins under pods/<uid>/) that appeared in a layout: an older release knows nothing
@@ -232,6 +235,63 @@ static void pod_meta_for_layout1(struct pod_meta *m)
 	m->flags &= POD_F_BYPASS_INBOUND | POD_F_STRICT;
 }
 
+struct unhook_job {
+	char dir[PATH_MAX];
+	struct pod_ifaces *f;
+	unsigned mode;
+};
+
+static int unhook_in_netns(void *p)
+{
+	struct unhook_job *j = p;
+
+	ifaces_unhook(j->dir, j->f, j->mode, true);
+	return 0;
+}
+
+/* Layout 3's hooks on the pod's other interfaces (layout 2 hooks the pod's own only, and would leave
+ * them running with records it cannot read): removed, inside the pod netns where it is still the
+ * attached one (tc filters and accept_local are reached from there only); the policy of their
+ * addresses goes with them. */
+static void unhook_ifaces(const char *root, const char *uid, const struct pod_meta *m)
+{
+	struct unhook_job j = { .mode = m->mode };
+	struct pod_meta_key k;
+	struct pod_ifaces f;
+	struct pod_policy pol;
+	unsigned long long ino = 0, dev = 0;
+	char path[PATH_MAX];
+	int map, policy, fd;
+
+	snprintf(path, sizeof(path), "%s/maps/pod_ifaces", root);
+	if ((map = bpf_obj_get(path)) < 0)
+		return;
+	memset(&k, 0, sizeof(k));
+	memcpy(k.uid, uid, sizeof(k.uid));
+	if (bpf_map_lookup_elem(map, &k, &f)) {
+		close(map);
+		return;
+	}
+	j.f = &f;
+	snprintf(j.dir, sizeof(j.dir), "%s/pods/%.*s", root, POD_UID_LEN, uid);
+	fd = open_netns(m->netns_path, &ino, &dev);
+	if (fd >= 0 && ino == m->netns_ino && dev == m->netns_dev)
+		run_in_netns(fd, unhook_in_netns, &j);
+	else
+		ifaces_unhook(j.dir, &f, m->mode, false);
+	if (fd >= 0)
+		close(fd);
+	snprintf(path, sizeof(path), "%s/maps/pod_policy", root);
+	if ((policy = bpf_obj_get(path)) >= 0) {
+		for (unsigned i = 0; i < f.addr_count && i < MAX_POD_IPS; i++)
+			if (bpf_map_lookup_elem(policy, &f.addrs[i], &pol) == 0 && pol.slot == m->slot)
+				bpf_map_delete_elem(policy, &f.addrs[i]);
+		close(policy);
+	}
+	bpf_map_delete_elem(map, &k);
+	close(map);
+}
+
 /* Every pod: the hooks layout `to` does not know go, and its record is rewritten for `to`. The keys
  * are read first: rewriting a hash map's entry moves it to the head of its bucket, so a walk that
  * rewrote as it went would revisit the entries of any bucket holding two pods, forever. */
@@ -271,6 +331,8 @@ static int downgrade_pods(const char *root, unsigned to, struct dp_error *e)
 				 pod_pin_changes[i].pin);
 			drop_link(path);
 		}
+		if (to < 3 && bpf_map_lookup_elem(meta, key, &m) == 0)
+			unhook_ifaces(root, key->uid, &m);
 		if (to < 2 && bpf_map_lookup_elem(meta, key, &m) == 0) {
 			pod_meta_for_layout1(&m);
 			if (bpf_map_update_elem(meta, key, &m, BPF_EXIST) && errno != ENOENT) {

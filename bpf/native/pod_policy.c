@@ -120,6 +120,33 @@ int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const
 	return 0;
 }
 
+bool policy_owned_by_other(const struct policy_maps *maps, const struct pod_ip *ip, __u32 slot)
+{
+	struct pod_meta_key owner;
+	struct pod_policy p;
+
+	if (bpf_map_lookup_elem(maps->policy_fd, ip, &p) || p.slot == slot)
+		return false;
+	/* Slot 0 is never a pod's; an entry of a slot nobody holds any more is a crash's leftover. */
+	return !p.slot || bpf_map_lookup_elem(maps->slot_owner_fd, &p.slot, &owner) || owner.uid[0];
+}
+
+int policy_write_secondary(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old)
+{
+	struct pod_policy p = { .slot = m->slot, .flags = policy_flags(m), .netns_cookie = m->netns_cookie };
+
+	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++) {
+		if (policy_owned_by_other(maps, &m->ips[i], m->slot))
+			continue; /* never taken from its pod: verify reports it */
+		if (bpf_map_update_elem(maps->policy_fd, &m->ips[i], &p, BPF_ANY))
+			return -errno;
+	}
+	for (unsigned i = 0; old && i < old->ip_count && i < MAX_POD_IPS; i++)
+		if (!has_ip(m, &old->ips[i]))
+			remove_ip(maps, &old->ips[i], old->slot);
+	return 0;
+}
+
 void policy_remove(const struct policy_maps *maps, const struct pod_meta *m)
 {
 	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++)

@@ -4,6 +4,8 @@
 #ifndef AMBIENT_POD_POLICY_H
 #define AMBIENT_POD_POLICY_H
 
+#include <stdbool.h>
+
 #include "../progs/ambient_shared.h"
 
 struct policy_maps {
@@ -20,6 +22,11 @@ void policy_release_slot(const struct policy_maps *maps, const char *uid, const 
  * whose addresses that the pod no longer has are removed. */
 __u32 policy_flags(const struct pod_meta *m);
 int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old);
+/* Is ip in pod_policy for a pod other than the one of `slot` (a live pod's slot, or slot 0)? */
+bool policy_owned_by_other(const struct policy_maps *maps, const struct pod_ip *ip, __u32 slot);
+/* policy_write for addresses found in the pod's netns (not given by the API): one that is another
+ * pod's already is skipped, never overwritten. */
+int policy_write_secondary(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old);
 /* Removes the pod's addresses, except those another pod has claimed since. */
 void policy_remove(const struct policy_maps *maps, const struct pod_meta *m);
 

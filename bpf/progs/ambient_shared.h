@@ -8,7 +8,7 @@
 /* The layout of the node state under a bpffs root: the pinned maps and their value layouts, what
  * pod_meta records and which hooks a pod has. Bump it (and teach native/layout.c the change) when a
  * release changes any of them. Layout 1 is v0.1.0's, which pinned no stamp. */
-#define DATAPATH_LAYOUT 2
+#define DATAPATH_LAYOUT 3
 
 /* ztunnel's in-pod listeners. */
 #define ZTUNNEL_OUTBOUND_PORT 15001
@@ -182,6 +182,29 @@ struct pod_meta {
 	char host_netns_path[NETNS_PATH_LEN];
 	struct pod_ip ips[MAX_POD_IPS];
 	struct reroute_iface reroute[MAX_REROUTE_IFACES];
+};
+
+/* pod_ifaces map (user-space bookkeeping like pod_meta): the pod netns's other interfaces, every one
+ * but lo, the pod's own (pod_meta.ifindex) and the reroute ones, hooked with pod_ingress/pod_egress
+ * like the pod's own, so that no interface of the pod reaches the app past ztunnel (Multus, a
+ * macvlan, a second veth). Their addresses are the pod's in pod_policy too. A separate map so that
+ * pod_meta keeps its layout. */
+#define MAX_POD_IFACES 8
+
+struct pod_iface {
+	char name[16]; /* when hooked: for status and messages */
+	__u32 ifindex;
+	__u32 owns_clsact; /* tc mode: attach created this interface's clsact qdisc */
+	__u32 owns_accept_local; /* attach set its accept_local (saved_accept_local is the old value) */
+	__u32 saved_accept_local;
+};
+
+struct pod_ifaces {
+	char own[16]; /* the name of the pod's own interface (pod_meta.ifindex), for status */
+	__u32 count;
+	__u32 addr_count;
+	struct pod_iface iface[MAX_POD_IFACES];
+	struct pod_ip addrs[MAX_POD_IPS]; /* their addresses that are not among pod_meta.ips */
 };
 
 /* cls_bpf filter identity used in the tc fallback: ours, fixed, so only ours is replaced or

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* In-pod redirection to ztunnel, attached to the pod's interface (ingress and egress).
+/* In-pod redirection to ztunnel, attached to every interface of the pod but lo (ingress and egress).
  *
  * Outbound: a new TCP connection leaving the pod is looped back into the pod's ingress with
  * REDIRECT_MARK; a fwmark rule routes such packets locally, and the SYN is assigned to ztunnel's
@@ -44,6 +44,15 @@ struct {
 	__type(key, struct pod_meta_key);
 	__type(value, struct pod_meta);
 } pod_meta SEC(".maps");
+
+/* The pod's other interfaces and their addresses: user-space bookkeeping, like pod_meta. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PODS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pod_meta_key);
+	__type(value, struct pod_ifaces);
+} pod_ifaces SEC(".maps");
 
 /* Which pod (uid) owns each pod_counters slot: user-space bookkeeping, like pod_meta. */
 struct {

@@ -117,6 +117,9 @@ export interface AttachResult {
   updated: boolean;
   /** The node-side device where kubelet probes are handled; 0: none (no veth peer in hostNetns). */
   hostIfindex: number;
+  /** An attached pod's interfaces (or addresses) left out of capture (a tun, one too many), each
+   * said, `; `-separated; the others are captured all the same. '': none. */
+  warning: string;
 }
 
 export type AttachedPod = Omit<NativeListedPod, 'attachedAtMs'> & { attachedAt: Date };

@@ -28,6 +28,14 @@ export interface NativeListedPod {
   bypassInbound: boolean;
   strict: boolean;
   rerouteInterfaces: string[];
+  /** The name of the pod's own interface (ifindex), as last attached ('' from a pod attached by an
+   * older release). */
+  interface: string;
+  /** The pod netns's other interfaces (all but lo and the reroute ones), captured like its own. */
+  otherInterfaces: { name: string; ifindex: number }[];
+  /** Their addresses (and any other on the pod's own interface) that are not among its IPs: the
+   * pod's too, wherever the programs look a pod up. */
+  otherAddresses: string[];
   /** The pod's cgroup the socket-option guard (and DNS capture) is hooked to; 0: none. */
   podCgroupId: number;
   /** DNS is captured at that cgroup. */
@@ -117,7 +125,7 @@ export interface NativeAddon {
     reroute: string[],
     podCgroup: string,
     hostNetns: string,
-  ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean; hostIfindex: number }>;
+  ): Promise<{ mode: 'tcx' | 'tc'; ifindex: number; updated: boolean; hostIfindex: number; warning: string }>;
   detach(handle: NativeHandle, uid: string): Promise<{ found: boolean; warning?: string }>;
   verify(handle: NativeHandle, uid: string): Promise<{ found: boolean; problems: string[] }>;
   list(handle: NativeHandle): Promise<NativeListedPod[]>;
@@ -129,6 +137,9 @@ export interface NativeAddon {
   sockets(netns: string, requests: NativeSocketOptions[]): Promise<({ fd: number } | { error: string })[]>;
   seqpacket: NativeSeqpacket;
   netnsAddresses(path: string): Promise<{ inode: number; device: number; ownerUserns: number; addresses: string[] }>;
+  /** A rtnetlink socket made in that netns, readable on every link or address change there, and the
+   * interfaces it had once subscribed. */
+  netnsWatch(path: string): Promise<{ fd: number; ifindexes: number[] }>;
   /** The kernel feature probe (probe.c), keyed by KERNEL_FEATURES. */
   probeKernel(): Promise<{ present: Record<KernelFeature, boolean>; detail: Record<KernelFeature, string>; elapsedMs: number }>;
   constants: {

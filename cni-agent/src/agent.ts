@@ -3,7 +3,7 @@
 // does during an upgrade): the next agent adopts the attachments; unless its DaemonSet is being
 // deleted (shutdown()), then it takes ambient-bpf off the node.
 import { join } from 'node:path';
-import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, chooseModes, Datapath, featureLabel, forceFeatures, KERNEL_FEATURES, probeKernel, type DatapathModes, type KernelFeatures, type KernelProbe, type Steering, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption } from '../../bpf/src/index.js';
+import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, chooseModes, Datapath, featureLabel, forceFeatures, KERNEL_FEATURES, probeKernel, type DatapathModes, type KernelFeatures, type KernelProbe, type Steering, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption, watchNetns } from '../../bpf/src/index.js';
 import { reserveFileDescriptors, type PeerCredentials } from '../../bpf/src/node-netns.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
@@ -178,6 +178,7 @@ export class Agent {
       zds: this.zds,
       netns: new NetnsLocator(this.opts.hostRoot, undefined, undefined, this.opts.netnsDirs),
       cgroups: new CgroupLocator(this.opts.hostRoot),
+      interfaces: { watch: watchNetns },
       sandboxes: new SandboxRecords(this.opts.pluginSocket),
       log,
       attachMode: modes.attachMode,
@@ -251,6 +252,8 @@ export class Agent {
           ztunnel: s.ztunnel,
           netnsPath: s.netnsPath ?? '',
           dnsCapture: s.dns,
+          interfaces: a ? [a.interface || `#${a.ifindex}`, ...a.otherInterfaces.map((i) => i.name)] : [],
+          ...(s.uncaptured ? { uncaptured: s.uncaptured } : {}),
           sinceUnixMs: s.since.getTime(),
           ...(a ? { counters: a.counters } : {}),
         };

@@ -337,6 +337,42 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     assert.equal(reconciler.isEnabled('uid-job'), false);
     assert.equal(reconciler.podEvents.delete, 1);
   });
+
+  it('debounces the passes the netns watch asks for, backs off while changes keep coming, and rate-limits its log', async (t) => {
+    let onChange: ((reason?: string) => void) | undefined;
+    let closed = 0;
+    const interfaces = {
+      watch: (_path: string, cb: (reason?: string) => void) => {
+        onChange = cb;
+        return Promise.resolve({ close: () => void closed++ });
+      },
+    };
+    const { dp, log, reconciler } = rig(t, ['w'], { interfaces, interfaceDebounceMs: 40, interfaceMaxDelayMs: 1000 });
+    await reconciler.start(state(pod('w')));
+    assert.ok(onChange, 'the pod\'s netns is watched');
+    const passes = () => dp.attachCalls('uid-w').length;
+    const logged = () => log.lines.filter((l) => /interfaces (or addresses changed|lost track)/.test(l.msg)).length;
+    assert.equal(passes(), 1);
+    // A burst: one pass, after the delay.
+    for (let i = 0; i < 20; i++) onChange();
+    await sleep(10);
+    assert.equal(passes(), 1, 'not at once');
+    await until(() => passes() === 2, 'one pass for the burst');
+    await sleep(100);
+    assert.equal(passes(), 2, 'one pass only');
+    assert.equal(logged(), 1);
+    // Another change soon after: a longer delay (80 ms), and no new log line within the interval.
+    onChange('the netns watch lost messages');
+    await sleep(50);
+    assert.equal(passes(), 2, 'backed off');
+    await until(() => passes() === 3, 'the backed-off pass');
+    assert.equal(logged(), 1, 'rate-limited');
+    reconciler.stop();
+    onChange();
+    await sleep(150);
+    assert.equal(passes(), 3, 'no pass after stop');
+    assert.equal(closed, 1);
+  });
 });
 
 // A reconciler with the silent logger and no annotator also works over the fakes (the local

@@ -95,14 +95,15 @@ const detach: CommandModule<CommonArgs, CommonArgs & { uid: string }> = {
 };
 
 function formatTable(pods: AttachedPod[]): string {
-  const rows = [['UID', 'MODE', 'STATE', 'IFINDEX', 'IPS', 'NETNS', 'ATTACHED']];
+  const rows = [['UID', 'MODE', 'STATE', 'IFINDEX', 'INTERFACES', 'IPS', 'NETNS', 'ATTACHED']];
   for (const p of pods) {
     rows.push([
       p.uid,
       p.mode,
       p.state,
       String(p.ifindex),
-      p.ips.join(','),
+      [p.interface || '-', ...p.otherInterfaces.map((i) => i.name)].join(','),
+      [...p.ips, ...p.otherAddresses].join(','),
       p.netnsPresent ? p.netnsPath : `${p.netnsPath} (gone)`,
       p.attachedAt.toISOString(),
     ]);
@@ -125,10 +126,11 @@ const verify: CommandModule<CommonArgs, CommonArgs & { uid: string }> = {
   describe: "check that a pod's hooks, rules, routes and sysctls are in place",
   builder: (y) => bpffsOption(y).option('uid', { type: 'string', demandOption: true, describe: 'pod UID' }),
   handler: async (args) => {
-    const r = await withDatapath(args, (dp) => dp.verify(args.uid));
+    const [r, pod] = await withDatapath(args, async (dp) => [await dp.verify(args.uid), (await dp.list()).find((p) => p.uid === args.uid)] as const);
     if (!r.found) throw new CliError(`${args.uid} is not attached`);
     if (!r.ok) throw new CliError(`${args.uid}: ${r.problems.join('; ')}`);
-    process.stdout.write(`${args.uid}: ok\n`);
+    const captured = pod ? [pod.interface || `#${pod.ifindex}`, ...pod.otherInterfaces.map((i) => i.name)] : [];
+    process.stdout.write(`${args.uid}: ok (captured: ${captured.join(', ')})\n`);
   },
 };
 

@@ -16,11 +16,11 @@ function age(sinceMs: number, now = Date.now()): string {
 
 export function formatStatusTable(pods: StatusPod[], now = Date.now()): string {
   // REDIRECTED OUT/IN: connections the datapath's own counters sent to ztunnel (`--json` has every counter).
-  const rows = [['NAMESPACE', 'POD', 'STATE', 'HOOKS', 'ZTUNNEL', 'DNS', 'REDIRECTED OUT/IN', 'AGE', 'REASON']];
+  const rows = [['NAMESPACE', 'POD', 'STATE', 'HOOKS', 'INTERFACES', 'ZTUNNEL', 'DNS', 'REDIRECTED OUT/IN', 'AGE', 'REASON']];
   const sorted = [...pods].sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
   for (const p of sorted) {
     const redirected = p.counters ? `${p.counters.outboundRedirected}/${p.counters.inboundRedirected}` : '-';
-    rows.push([p.namespace, p.name, p.state, p.hooks || '-', p.ztunnel, p.hooks ? p.dnsCapture : '-', redirected, age(p.sinceUnixMs, now), p.reason]);
+    rows.push([p.namespace, p.name, p.state, p.hooks || '-', p.interfaces.join(',') || '-', p.ztunnel, p.hooks ? p.dnsCapture : '-', redirected, age(p.sinceUnixMs, now), p.uncaptured ? `${p.reason} (uncaptured: ${p.uncaptured})` : p.reason]);
   }
   return renderTable(rows);
 }

@@ -41,6 +41,9 @@ export interface PodStatus {
   since: Date;
   /** DNS capture: on, off, or waiting for the pod's cgroup. */
   dns: 'on' | 'off' | 'waiting for the pod’s cgroup';
+  /** Interfaces (or addresses) of the pod's netns the last attach left out of capture (a tun, one
+   * too many), each said; the others are captured. Absent: none. */
+  uncaptured?: string;
 }
 
 interface Entry {
@@ -74,8 +77,12 @@ interface Entry {
   cgroup: { state: 'on'; path: string } | { state: 'off' } | { state: 'waiting' };
   /** DNS capture was asked for at the last attach. */
   dnsCapture: boolean;
+  /** The watch on the netns's interfaces (interfaces option), while the pod is redirected. */
+  interfaceWatch: { path: string; close(): void } | undefined;
   /** What the last attach ignored in the pod's annotations (malformed values). */
   annotationWarnings: string[];
+  /** What the last attach left out of the pod's interfaces (its warning); '': nothing. */
+  interfaceWarning: string;
   /** The pod was told (an Event) that its namespace is excluded although selected. */
   excludedWarned: boolean;
   /** Reconcile passes started so far (a CNI ADD waits for one that starts after it). */
@@ -128,6 +135,13 @@ export interface NetnsFinder {
   holds(path: string, ips: string[]): Promise<boolean>;
 }
 
+/** Tells when interfaces or addresses appear in a netns (watchNetns). */
+export interface InterfaceWatcher {
+  /** onChange's reason, when given: the watch lost messages or failed (and was reopened, or could
+   * not be): a pass looks all the same. */
+  watch(netnsPath: string, onChange: (reason?: string) => void): Promise<{ close(): void }>;
+}
+
 /** Which cgroup is a pod's (CgroupLocator; a fake in the unit tests). */
 export interface CgroupFinder {
   /** The pod's cgroup directory, or undefined while it has none of its own yet. */
@@ -141,6 +155,9 @@ export interface ReconcilerOptions {
   /** Finds pods' cgroups for their cgroup hooks: DNS capture, the socket-option guard (without it,
    * neither). */
   cgroups?: CgroupFinder;
+  /** Watches each redirected pod's netns: an interface or address that appears there gets a pass
+   * (which captures it) at once; without it only the drift check finds them. */
+  interfaces?: InterfaceWatcher;
   /** Persists which sandbox of each pod CNI ADD enrolled, across agent restarts. */
   sandboxes?: SandboxStore;
   log: Logger;
@@ -157,7 +174,16 @@ export interface ReconcilerOptions {
   nodeNetns?: string;
   initialBackoffMs?: number;
   maxBackoffMs?: number;
+  /** A pod's pass after its netns watch reports a change waits this long (ms, default 50), so that
+   * a burst (an interface and its addresses) gets one pass; it doubles, up to
+   * interfaceMaxDelayMs (default 2000), while changes keep coming, and is back to the start after
+   * a quiet interfaceMaxDelayMs. */
+  interfaceDebounceMs?: number;
+  interfaceMaxDelayMs?: number;
 }
+
+/** The netns watch's log lines per pod at most this often (the others counted into the next). */
+export const INTERFACE_LOG_INTERVAL_MS = 10_000;
 
 /** How long no pod must have been enrolled before pods move from tc to tcx. */
 export const UPGRADE_IDLE_MS = 1000;
@@ -222,7 +248,10 @@ export class Reconciler {
   stop(): void {
     this.stopped = true;
     clearTimeout(this.upgradeTimer);
-    for (const e of this.entries.values()) clearTimeout(e.retry);
+    for (const e of this.entries.values()) {
+      clearTimeout(e.retry);
+      this.unwatchInterfaces(e);
+    }
   }
 
   /** What the datapath is asked to attach for a pod (its capture options included). */
@@ -464,6 +493,7 @@ export class Reconciler {
           netnsPath: e.netnsPath,
           since: e.since,
           dns: !e.dnsCapture || e.cgroup.state === 'off' ? 'off' : e.cgroup.state === 'waiting' ? 'waiting for the pod’s cgroup' : 'on',
+          ...(e.interfaceWarning ? { uncaptured: e.interfaceWarning } : {}),
         };
       });
   }
@@ -514,10 +544,12 @@ export class Reconciler {
         cgroup: { state: 'off' },
         dnsCapture: false,
         annotationWarnings: [],
+        interfaceWarning: '',
         excludedWarned: false,
         passes: 0,
         addWaiters: [],
         addPhases: undefined,
+        interfaceWatch: undefined,
       };
       this.entries.set(uid, e);
     }
@@ -617,9 +649,17 @@ export class Reconciler {
     // With `auto`, a new pod gets the tc hooks (well under a millisecond) and moves to tcx once the
     // node is idle (a tcx link waits for RCU grace periods under rtnl_lock: tens of ms per pod).
     const fastPath = this.opts.attachMode === 'auto' && (!e.attached || moved) && !this.tcxUnavailable;
+    await this.watchInterfaces(e, netnsPath);
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
-    await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    const attached = await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    const warning = (attached as { warning?: unknown } | undefined)?.warning;
+    const interfaceWarning = typeof warning === 'string' ? warning : '';
+    // Said when it changes, not on every pass: the interfaces it names stay until the pod drops them.
+    if (interfaceWarning && interfaceWarning !== e.interfaceWarning) {
+      this.opts.log.warn({ uid: e.uid, netns: netnsPath, uncaptured: interfaceWarning }, 'some of the pod’s interfaces cannot be captured; the others are');
+    }
+    e.interfaceWarning = interfaceWarning;
     e.addPhases?.mark('attach');
     if (fastPath) this.queueUpgrade(e.uid);
     e.cgroup = podCgroup ? { state: 'on', path: podCgroup } : this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
@@ -661,7 +701,67 @@ export class Reconciler {
     e.enrollStarted = undefined;
   }
 
+  /** Watches the pod netns for interfaces and addresses that appear: each gets a pass, which
+   * captures it. Opened before the attach looks at the netns, so that nothing appears unseen in
+   * between. Without a watch (it could not be opened) the drift check finds them. */
+  private async watchInterfaces(e: Entry, netnsPath: string): Promise<void> {
+    const watcher = this.opts.interfaces;
+    if (!watcher || e.interfaceWatch?.path === netnsPath) return;
+    this.unwatchInterfaces(e);
+    try {
+      const first = this.opts.interfaceDebounceMs ?? 50;
+      const max = this.opts.interfaceMaxDelayMs ?? 2000;
+      let delay = first;
+      let timer: NodeJS.Timeout | undefined;
+      let lastEvent = -Infinity;
+      let loggedAt = -Infinity;
+      let unlogged = 0;
+      let reasons: string[] = [];
+      // One pass per burst, later under a storm (a pod churning its links must not keep the agent
+      // busy), and a log line per pod at most every INTERFACE_LOG_INTERVAL_MS with what it left out.
+      const changed = (reason?: string) => {
+        const now = performance.now();
+        if (reason && reasons.length < 4) reasons.push(reason);
+        if (now - lastEvent > max) delay = first;
+        else if (!timer) delay = Math.min(delay * 2, max);
+        lastEvent = now;
+        unlogged++;
+        if (timer) return;
+        timer = setTimeout(() => {
+          timer = undefined;
+          if (this.stopped) return;
+          const t = performance.now();
+          if (t - loggedAt >= INTERFACE_LOG_INTERVAL_MS) {
+            const fields = { uid: e.uid, netns: netnsPath, changes: unlogged, ...(reasons.length ? { reasons } : {}) };
+            if (reasons.length) this.opts.log.warn(fields, 'the watch on the pod’s interfaces lost track; looking at them again');
+            else this.opts.log.info(fields, 'the pod’s interfaces or addresses changed; capturing them');
+            loggedAt = t;
+            unlogged = 0;
+            reasons = [];
+          }
+          void this.reconcile(e.uid);
+        }, delay);
+      };
+      const w = await watcher.watch(netnsPath, changed);
+      const close = () => {
+        clearTimeout(timer);
+        timer = undefined;
+        w.close();
+      };
+      if (this.stopped) close();
+      else e.interfaceWatch = { path: netnsPath, close };
+    } catch (err) {
+      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot watch the pod’s interfaces; the drift check captures new ones');
+    }
+  }
+
+  private unwatchInterfaces(e: Entry): void {
+    e.interfaceWatch?.close();
+    e.interfaceWatch = undefined;
+  }
+
   private async unenroll(e: Entry): Promise<void> {
+    this.unwatchInterfaces(e);
     if (e.attached || e.ztunnel) {
       await this.opts.zds.remove(e.uid);
       const r = await this.opts.datapath.detach(e.uid);

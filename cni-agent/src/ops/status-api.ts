@@ -20,6 +20,10 @@ export interface StatusPod {
   netnsPath: string;
   sinceUnixMs: number;
   dnsCapture: string;
+  /** The captured interfaces, the pod's own first. */
+  interfaces: string[];
+  /** Interfaces (or addresses) of the pod netns left out of capture, each said; absent: none. */
+  uncaptured?: string;
   counters?: DatapathCounters;
 }
 
@@ -126,6 +130,8 @@ export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusRepor
           netnsPath: p.netnsPath ?? '',
           sinceUnixMs: Number(p.sinceUnixMs ?? 0),
           dnsCapture: p.dnsCapture ?? '',
+          interfaces: p.interfaces ?? [],
+          ...(p.uncaptured ? { uncaptured: p.uncaptured } : {}),
           ...(p.counters ? { counters: numbers(p.counters) } : {}),
         })),
       });
