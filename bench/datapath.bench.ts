@@ -27,7 +27,9 @@ const PATHS: Path[] = ['none', 'iptables', 'bpf', 'bpf-tc', 'bpf-loop'];
 
 async function inNetns(ns: string, args: string[], input?: string): Promise<string> {
   return new Promise((resolve, reject) => {
-    const child = execFile(TCPBENCH, ['spawn', Topology.netnsPath(ns), ...args], (err, stdout) => (err ? reject(new Error(`${args.join(" ")}: ${err.message}`)) : resolve(stdout)));
+    const child = execFile(TCPBENCH, ['spawn', Topology.netnsPath(ns), ...args], (err, stdout) =>
+      err ? reject(new Error(`${args.join(' ')}: ${err.message}`)) : resolve(stdout),
+    );
     child.stdin?.on('error', () => undefined); // the command may exit without reading it
     child.stdin?.end(input ?? '');
   });
@@ -35,7 +37,9 @@ async function inNetns(ns: string, args: string[], input?: string): Promise<stri
 
 /** tcpbench as the pod's app: in the pod's cgroup and netns. */
 async function tcpbench(app: AppCgroup, ns: string, ...args: string[]): Promise<number> {
-  const child = app.spawn('nsenter', [`--net=${Topology.netnsPath(ns)}`, TCPBENCH, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = app.spawn('nsenter', [`--net=${Topology.netnsPath(ns)}`, TCPBENCH, ...args], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   let out = '';
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   const code = await new Promise((resolve) => child.once('exit', resolve));
@@ -45,7 +49,13 @@ async function tcpbench(app: AppCgroup, ns: string, ...args: string[]): Promise<
 
 /** One measurement of one path, in a pod/remote pair of its own: state a path leaves behind (such
  * as the conntrack hooks iptables' nat table keeps after a flush) cannot tax the next path. */
-async function measurePath(topo: Topology, dp: Datapath, app: AppCgroup, path: Path, tag: string): Promise<{ cps: number; gbps: number }> {
+async function measurePath(
+  topo: Topology,
+  dp: Datapath,
+  app: AppCgroup,
+  path: Path,
+  tag: string,
+): Promise<{ cps: number; gbps: number }> {
   const net = await podWithRemote(topo, 9, tag);
   const listener = await startListener(net.podPath);
   const uid = `bench-${tag}-${topo.id}`;
@@ -58,7 +68,10 @@ async function measurePath(topo: Topology, dp: Datapath, app: AppCgroup, path: P
     }
     if (path.startsWith('bpf')) {
       const podCgroup = path === 'bpf-loop' ? {} : { podCgroup: app.path, dnsCapture: false };
-      await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4], ...podCgroup }, { mode: path === 'bpf-tc' ? 'tc' : 'tcx' });
+      await dp.attach(
+        { uid, netnsPath: net.podPath, ips: [net.podV4], ...podCgroup },
+        { mode: path === 'bpf-tc' ? 'tc' : 'tcx' },
+      );
     }
     const cps = await tcpbench(app, net.pod, 'connrate', target[0]!, target[1]!, String(SECONDS));
     const gbps = await tcpbench(app, net.pod, 'bulk', target[0]!, target[1]!, String(SECONDS));
@@ -71,8 +84,15 @@ async function measurePath(topo: Topology, dp: Datapath, app: AppCgroup, path: P
   }
 }
 
-async function trafficBenchmark(topo: Topology, dp: Datapath, app: AppCgroup): Promise<Record<Path, { cps: number[]; gbps: number[] }>> {
-  const results = Object.fromEntries(PATHS.map((p) => [p, { cps: [] as number[], gbps: [] as number[] }])) as Record<Path, { cps: number[]; gbps: number[] }>;
+async function trafficBenchmark(
+  topo: Topology,
+  dp: Datapath,
+  app: AppCgroup,
+): Promise<Record<Path, { cps: number[]; gbps: number[] }>> {
+  const results = Object.fromEntries(PATHS.map((p) => [p, { cps: [] as number[], gbps: [] as number[] }])) as Record<
+    Path,
+    { cps: number[]; gbps: number[] }
+  >;
   for (let round = 0; round < ROUNDS; round++) {
     // Each round starts with another path: no path always runs first (or after the same one).
     for (let i = 0; i < PATHS.length; i++) {
@@ -86,7 +106,11 @@ async function trafficBenchmark(topo: Topology, dp: Datapath, app: AppCgroup): P
   return results;
 }
 
-async function freshPods(topo: Topology, count: number, label: string): Promise<{ ns: string; ip: string; ip6: string }[]> {
+async function freshPods(
+  topo: Topology,
+  count: number,
+  label: string,
+): Promise<{ ns: string; ip: string; ip6: string }[]> {
   const node = await topo.netns(`n${label}`);
   const pods = [];
   for (let i = 0; i < count; i++) {
@@ -113,14 +137,18 @@ async function attachLatency(topo: Topology, dp: Datapath): Promise<Latencies> {
   for (const mode of ['tcx', 'tc'] as const) {
     for (const [i, p] of (await freshPods(topo, PODS, mode === 'tcx' ? 'x' : 'c')).entries()) {
       const t0 = performance.now();
-      await dp.attach({ uid: `lat-${mode}-${i}-${topo.id}`, netnsPath: Topology.netnsPath(p.ns), ips: [p.ip, p.ip6] }, { mode });
+      await dp.attach(
+        { uid: `lat-${mode}-${i}-${topo.id}`, netnsPath: Topology.netnsPath(p.ns), ips: [p.ip, p.ip6] },
+        { mode },
+      );
       out[mode].push((performance.now() - t0) * 1000);
     }
   }
   for (const p of await freshPods(topo, PODS, 'i')) {
     const r4 = Number(await inNetns(p.ns, ['iptables-restore', '--noflush'], upstreamInpodRules(4)));
     let total = r4 + Number(await inNetns(p.ns, ['ip6tables-restore', '--noflush'], upstreamInpodRules(6)));
-    for (const cmd of [...upstreamRouteCommands(4), ...upstreamRouteCommands(6)]) total += Number(await inNetns(p.ns, cmd));
+    for (const cmd of [...upstreamRouteCommands(4), ...upstreamRouteCommands(6)])
+      total += Number(await inNetns(p.ns, cmd));
     out.restore.push(r4);
     out.upstream.push(total);
   }

@@ -72,7 +72,9 @@ const mark = (uid: string, m: Mark): void => {
   marks.set(uid, e);
 };
 const gcPauses: { start: number; ms: number }[] = [];
-new PerformanceObserver((list) => list.getEntries().forEach((e) => gcPauses.push({ start: e.startTime, ms: e.duration }))).observe({ entryTypes: ['gc'] });
+new PerformanceObserver((list) =>
+  list.getEntries().forEach((e) => gcPauses.push({ start: e.startTime, ms: e.duration })),
+).observe({ entryTypes: ['gc'] });
 
 const PHASES: [string, Mark, Mark][] = [
   ['plugin start + relay', 'spawn', 'request'],
@@ -88,7 +90,9 @@ function phases(uid: string): Record<string, number> & { gc: number } {
   const m = marks.get(uid) ?? {};
   const out: Record<string, number> = {};
   for (const [name, a, b] of PHASES) out[name] = (m[b] ?? NaN) - (m[a] ?? NaN);
-  const gc = gcPauses.filter((g) => g.start >= (m.spawn ?? 0) && g.start <= (m.exit ?? 0)).reduce((t, g) => t + g.ms, 0);
+  const gc = gcPauses
+    .filter((g) => g.start >= (m.spawn ?? 0) && g.start <= (m.exit ?? 0))
+    .reduce((t, g) => t + g.ms, 0);
   return Object.assign(out, { gc });
 }
 
@@ -114,15 +118,30 @@ function timed(redirector: PodRedirector, zds: ZdsServer): PodRedirector {
 }
 
 /** The runtime's CNI ADD of `pod` for our plugin: environment and config. */
-function addInvocation(pluginSocket: string, pod: Pod, namespace = 'bench'): { plugin: string; env: Record<string, string>; stdin: string } {
+function addInvocation(
+  pluginSocket: string,
+  pod: Pod,
+  namespace = 'bench',
+): { plugin: string; env: Record<string, string>; stdin: string } {
   const stdin = JSON.stringify({
     cniVersion: '1.0.0',
     name: 'bench',
     type: 'ambient-bpf-cni',
     agent_socket: pluginSocket,
-    prevResult: { cniVersion: '1.0.0', interfaces: [{ name: 'eth0' }], ips: [{ address: `${pod.ip}/16` }, { address: `${pod.ip6}/64` }] },
+    prevResult: {
+      cniVersion: '1.0.0',
+      interfaces: [{ name: 'eth0' }],
+      ips: [{ address: `${pod.ip}/16` }, { address: `${pod.ip6}/64` }],
+    },
   });
-  const env = { CNI_COMMAND: 'ADD', CNI_CONTAINERID: `c-${pod.name}`, CNI_NETNS: pod.netns, CNI_IFNAME: 'eth0', CNI_PATH, CNI_ARGS: `K8S_POD_NAMESPACE=${namespace};K8S_POD_NAME=${pod.name};K8S_POD_UID=uid-${pod.name}` };
+  const env = {
+    CNI_COMMAND: 'ADD',
+    CNI_CONTAINERID: `c-${pod.name}`,
+    CNI_NETNS: pod.netns,
+    CNI_IFNAME: 'eth0',
+    CNI_PATH,
+    CNI_ARGS: `K8S_POD_NAMESPACE=${namespace};K8S_POD_NAME=${pod.name};K8S_POD_UID=uid-${pod.name}`,
+  };
   return { plugin: PLUGIN, env, stdin };
 }
 
@@ -141,7 +160,9 @@ async function cniAdd(pluginSocket: string, pod: Pod, namespace = 'bench'): Prom
  * runtime's are: milliseconds from the first spawn to the last exit. */
 function burstOfAdds(pluginSocket: string, pods: Pod[]): Promise<number> {
   return new Promise((resolve, reject) => {
-    const child = execFile(process.execPath, [KUBELET], (err, stdout, stderr) => (err ? reject(new Error(`burst: ${stderr || err.message}`)) : resolve(Number(stdout.trim()))));
+    const child = execFile(process.execPath, [KUBELET], (err, stdout, stderr) =>
+      err ? reject(new Error(`burst: ${stderr || err.message}`)) : resolve(Number(stdout.trim())),
+    );
     child.stdin!.end(JSON.stringify(pods.map((pod) => addInvocation(pluginSocket, pod))));
   });
 }
@@ -149,7 +170,11 @@ function burstOfAdds(pluginSocket: string, pods: Pod[]): Promise<number> {
 function exec(binary: string, env: Record<string, string>, stdin: string): Promise<number> {
   return new Promise((resolve, reject) => {
     const t0 = performance.now();
-    const child = execFile(binary, [], { env }, (err, stdout) => (err ? reject(new Error(`${binary} ${env.CNI_ARGS ?? ''}: ${stdout || err.message}`)) : resolve(performance.now() - t0)));
+    const child = execFile(binary, [], { env }, (err, stdout) =>
+      err
+        ? reject(new Error(`${binary} ${env.CNI_ARGS ?? ''}: ${stdout || err.message}`))
+        : resolve(performance.now() - t0),
+    );
     child.stdin!.on('error', () => undefined); // a plugin that fails early may not read it
     child.stdin!.end(stdin);
   });
@@ -189,8 +214,22 @@ async function enroll(backend: Backend, subnet: number): Promise<Result> {
     zds.start();
     standIn = spawn(CLI, ['ztunnel', '--socket', join(dir, 'z.sock'), '--log-level', 'error'], { stdio: 'ignore' });
     await until(() => zds.connectedCount === 1, 'stand-in connected', 60_000);
-    const state: ClusterState = { pods: new Map(), namespaces: new Map([['bench', { metadata: { name: 'bench', labels: { 'istio.io/dataplane-mode': 'ambient' } } }]]) };
-    const reconciler = new Reconciler({ datapath: timed(redirector, zds), zds, netns: new NetnsLocator(), log: silentLogger, ...(backend === 'iptables' ? {} : { attachMode: backend === 'bpf-tc' ? 'tc' : backend === 'bpf-tcx' ? 'tcx' : 'auto' }), capture: { strict: false, dnsCapture: false } });
+    const state: ClusterState = {
+      pods: new Map(),
+      namespaces: new Map([
+        ['bench', { metadata: { name: 'bench', labels: { 'istio.io/dataplane-mode': 'ambient' } } }],
+      ]),
+    };
+    const reconciler = new Reconciler({
+      datapath: timed(redirector, zds),
+      zds,
+      netns: new NetnsLocator(),
+      log: silentLogger,
+      ...(backend === 'iptables'
+        ? {}
+        : { attachMode: backend === 'bpf-tc' ? 'tc' : backend === 'bpf-tcx' ? 'tcx' : 'auto' }),
+      capture: { strict: false, dnsCapture: false },
+    });
     await reconciler.start(state);
     const cni = new CniHandler({ reconciler, state: () => state, policy: DEFAULT_POLICY, log: silentLogger });
     const relay = await serveRelay(join(dir, 'cni.sock'), async (req) => {
@@ -229,16 +268,28 @@ async function pluginCost(): Promise<{ ours: number[]; relay: number[]; bridge: 
   const dir = mkdtempSync(join(tmpdir(), 'abt-bench-plugin-'));
   const state: ClusterState = { pods: new Map(), namespaces: new Map() };
   const stubReconciler = {} as Reconciler; // a non-ambient ADD never reaches the reconciler
-  const cni = new CniHandler({ reconciler: stubReconciler, state: () => state, policy: DEFAULT_POLICY, log: silentLogger });
+  const cni = new CniHandler({
+    reconciler: stubReconciler,
+    state: () => state,
+    policy: DEFAULT_POLICY,
+    log: silentLogger,
+  });
   const relay = await serveRelay(join(dir, 'cni.sock'), (req) => cni.handle(req));
   const version = { CNI_COMMAND: 'VERSION', CNI_PATH };
-  const conf = (type: string) => JSON.stringify({ cniVersion: '1.0.0', name: 'bench', type, agent_socket: join(dir, 'cni.sock') });
+  const conf = (type: string) =>
+    JSON.stringify({ cniVersion: '1.0.0', name: 'bench', type, agent_socket: join(dir, 'cni.sock') });
   const out = { ours: [] as number[], relay: [] as number[], bridge: [] as number[] };
   try {
     for (let i = 0; i < EXECS; i++) {
       out.ours.push(await exec(PLUGIN, version, conf('ambient-bpf-cni')));
       out.bridge.push(await exec('/usr/lib/cni/bridge', version, conf('bridge')));
-      out.relay.push(await cniAdd(join(dir, 'cni.sock'), { name: `plain${i}`, netns: '/var/run/netns/none', ip: '198.18.1.1', ip6: '2001:db8::1' }, 'plain'));
+      out.relay.push(
+        await cniAdd(
+          join(dir, 'cni.sock'),
+          { name: `plain${i}`, netns: '/var/run/netns/none', ip: '198.18.1.1', ip6: '2001:db8::1' },
+          'plain',
+        ),
+      );
     }
   } finally {
     relay.close();
@@ -261,7 +312,9 @@ async function main(): Promise<void> {
     '',
     '| backend | p50 ms | p99 ms | burst of ' + BURST + ', ms |',
     '|---|---|---|---|',
-    ...BACKENDS.map((b) => `| ${b} | ${p(b, 50).toFixed(2)} | ${p(b, 99).toFixed(2)} | ${results[b].burstMs.toFixed(0)} |`),
+    ...BACKENDS.map(
+      (b) => `| ${b} | ${p(b, 50).toFixed(2)} | ${p(b, 99).toFixed(2)} | ${results[b].burstMs.toFixed(0)} |`,
+    ),
     '',
     `p50 speed-up vs iptables: auto ${x(p('iptables', 50), p('bpf-auto', 50))}, tc ${x(p('iptables', 50), p('bpf-tc', 50))}, tcx ${x(p('iptables', 50), p('bpf-tcx', 50))} (target >= 3x); p99: auto ${p('bpf-auto', 99).toFixed(2)} ms, tc ${p('bpf-tc', 99).toFixed(2)} ms, tcx ${p('bpf-tcx', 99).toFixed(2)} ms (target < 15 ms)`,
     `burst speed-up vs iptables: auto ${x(results.iptables.burstMs, results['bpf-auto'].burstMs)}, tc ${x(results.iptables.burstMs, results['bpf-tc'].burstMs)}, tcx ${x(results.iptables.burstMs, results['bpf-tcx'].burstMs)} (target >= 5x)`,
@@ -274,9 +327,28 @@ async function main(): Promise<void> {
     `|---|---|${PHASES.map(() => '---|').join('')}---|`,
     ...BACKENDS.flatMap((b) => {
       const r = results[b];
-      const row = (label: string, ph: ReturnType<typeof phases>, total: number) => `| ${b} | ${label} ${total.toFixed(2)} | ${PHASES.map(([n]) => ph[n]!.toFixed(2)).join(' | ')} | ${ph.gc.toFixed(2)} |`;
-      const p50 = Object.fromEntries([...PHASES.map(([n]) => [n, percentile(r.phases.map((x) => x[n]!), 50)]), ['gc', percentile(r.phases.map((x) => x.gc), 50)]]) as ReturnType<typeof phases>;
-      const slowest = r.sequential.map((ms, i) => ({ ms, i })).sort((a, c) => c.ms - a.ms).slice(0, 2);
+      const row = (label: string, ph: ReturnType<typeof phases>, total: number) =>
+        `| ${b} | ${label} ${total.toFixed(2)} | ${PHASES.map(([n]) => ph[n]!.toFixed(2)).join(' | ')} | ${ph.gc.toFixed(2)} |`;
+      const p50 = Object.fromEntries([
+        ...PHASES.map(([n]) => [
+          n,
+          percentile(
+            r.phases.map((x) => x[n]!),
+            50,
+          ),
+        ]),
+        [
+          'gc',
+          percentile(
+            r.phases.map((x) => x.gc),
+            50,
+          ),
+        ],
+      ]) as ReturnType<typeof phases>;
+      const slowest = r.sequential
+        .map((ms, i) => ({ ms, i }))
+        .sort((a, c) => c.ms - a.ms)
+        .slice(0, 2);
       return [row('p50', p50, p(b, 50)), ...slowest.map(({ ms, i }) => row(`#${i + 1}`, r.phases[i]!, ms))];
     }),
     '',

@@ -13,7 +13,9 @@ const TCPBENCH = fileURLToPath(new URL('../../bench/bin/tcpbench', import.meta.u
 
 function spawnIn(netns: string, args: string[], input = ''): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = execFile(TCPBENCH, ['spawn', netns, ...args], (err) => (err ? reject(new Error(`${args.join(' ')}: ${err.message}`)) : resolve()));
+    const child = execFile(TCPBENCH, ['spawn', netns, ...args], (err) =>
+      err ? reject(new Error(`${args.join(' ')}: ${err.message}`)) : resolve(),
+    );
     child.stdin?.on('error', () => undefined);
     child.stdin?.end(input);
   });
@@ -28,7 +30,11 @@ export class IptablesRedirector implements PodRedirector {
   async attach(pod: PodAttachment): Promise<void> {
     if (this.pods.get(pod.uid) === pod.netnsPath) return; // upstream checks its rules are in place
     for (const family of new Set(pod.ips.map((ip) => isIP(ip) as 4 | 6))) {
-      await spawnIn(pod.netnsPath, [family === 4 ? 'iptables-restore' : 'ip6tables-restore', '--noflush'], upstreamInpodRules(family, this.options));
+      await spawnIn(
+        pod.netnsPath,
+        [family === 4 ? 'iptables-restore' : 'ip6tables-restore', '--noflush'],
+        upstreamInpodRules(family, this.options),
+      );
       for (const cmd of upstreamRouteCommands(family)) await spawnIn(pod.netnsPath, cmd);
     }
     this.pods.set(pod.uid, pod.netnsPath);

@@ -12,7 +12,9 @@ interface Invocation {
 
 function exec(i: Invocation): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = execFile(i.plugin, [], { env: i.env }, (err, stdout) => (err ? reject(new Error(`${i.env.CNI_ARGS}: ${stdout || err.message}`)) : resolve()));
+    const child = execFile(i.plugin, [], { env: i.env }, (err, stdout) =>
+      err ? reject(new Error(`${i.env.CNI_ARGS}: ${stdout || err.message}`)) : resolve(),
+    );
     child.stdin!.on('error', () => undefined); // a plugin that fails early may not read it
     child.stdin!.end(i.stdin);
   });

@@ -10,7 +10,13 @@
 import { execFileSync } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
 import { leftoverCgroupsAnyHierarchy, type K8sPod } from '../test/helpers/cri.js';
-import { AMBIENT_NAMESPACE, appPod, DeployedNode, missingRuntime, PLAIN_NAMESPACE } from '../test/helpers/deployed-node.js';
+import {
+  AMBIENT_NAMESPACE,
+  appPod,
+  DeployedNode,
+  missingRuntime,
+  PLAIN_NAMESPACE,
+} from '../test/helpers/deployed-node.js';
 import { kernelTest } from '../test/helpers/kernel.js';
 import { assertNothingLeft } from '../test/helpers/leftovers.js';
 import { sleep } from '../test/helpers/wait.js';
@@ -31,7 +37,9 @@ let interrupted = false;
 for (const sig of ['SIGINT', 'SIGTERM'] as const) {
   process.once(sig, () => {
     interrupted = true;
-    process.stderr.write(`pod-start: ${sig}, stopping after the current step and cleaning up (again to kill without cleaning up)\n`);
+    process.stderr.write(
+      `pod-start: ${sig}, stopping after the current step and cleaning up (again to kill without cleaning up)\n`,
+    );
   });
 }
 const checkInterrupted = (): void => {
@@ -44,14 +52,20 @@ let seq = 0;
 
 /** Starts one sandbox of `kind` (its API object first, as kubelet does); the RunPodSandbox time in
  * ms. Retries only when `retryUntil` is set (the warm-up, while the agent and ztunnel come up). */
-async function startSandbox(d: DeployedNode, kind: Kind, retryUntil?: number): Promise<{ ms: number; id: string; pod: K8sPod }> {
+async function startSandbox(
+  d: DeployedNode,
+  kind: Kind,
+  retryUntil?: number,
+): Promise<{ ms: number; id: string; pod: K8sPod }> {
   const kubelet = d.kubelet!;
   const pod = appPod(`ps-${kind[0]}${seq++}`, NAMESPACE[kind]);
   const { sandboxConfig } = kubelet.prepareSandbox(pod);
   for (;;) {
     const t0 = performance.now();
     try {
-      const { pod_sandbox_id } = await d.node!.cri.call<{ pod_sandbox_id: string }>('RunPodSandbox', { config: sandboxConfig });
+      const { pod_sandbox_id } = await d.node!.cri.call<{ pod_sandbox_id: string }>('RunPodSandbox', {
+        config: sandboxConfig,
+      });
       const ms = performance.now() - t0;
       live.set(pod_sandbox_id, pod);
       return { ms, id: pod_sandbox_id, pod };
@@ -76,9 +90,13 @@ async function enrollHistogram(d: DeployedNode): Promise<{ sum: number; count: n
   const port = d.kubelet!.containerPort(d.agent!.pod.spec.containers[0]!, 'metrics');
   const { body } = await d.kubelet!.httpGetFromNode('127.0.0.1', port, '/metrics');
   const value = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(body)?.[1] ?? NaN);
-  return { sum: value('ambient_bpf_enroll_duration_seconds_sum'), count: value('ambient_bpf_enroll_duration_seconds_count') };
+  return {
+    sum: value('ambient_bpf_enroll_duration_seconds_sum'),
+    count: value('ambient_bpf_enroll_duration_seconds_count'),
+  };
 }
-const meanEnrollMs = (a: { sum: number; count: number }, b: { sum: number; count: number }) => `${(((b.sum - a.sum) / (b.count - a.count)) * 1000).toFixed(1)} ms over ${b.count - a.count} pods`;
+const meanEnrollMs = (a: { sum: number; count: number }, b: { sum: number; count: number }) =>
+  `${(((b.sum - a.sum) / (b.count - a.count)) * 1000).toFixed(1)} ms over ${b.count - a.count} pods`;
 
 /** Where the agent's time in each sequential ambient ADD went: the median ms of each phase its
  * 'CNI ADD: pod redirected' log line reports (handler.ts), over the pods named `names`. */
@@ -109,7 +127,14 @@ interface Results {
 }
 
 async function measure(d: DeployedNode): Promise<Results> {
-  const r: Results = { sequential: { ambient: [], plain: [] }, parallel: { ambient: [], plain: [] }, bursts: { ambient: [], plain: [] }, enrollSequential: '', enrollParallel: '', addPhases: '' };
+  const r: Results = {
+    sequential: { ambient: [], plain: [] },
+    parallel: { ambient: [], plain: [] },
+    bursts: { ambient: [], plain: [] },
+    enrollSequential: '',
+    enrollParallel: '',
+    addPhases: '',
+  };
   const sequentialAmbient = new Set<string>();
   // Warm-up (untimed): the first ambient ADD waits for the agent to be serving and ztunnel
   // connected; first runs of runc, the CNI plugins and the agent's code paths.
@@ -142,7 +167,9 @@ async function measure(d: DeployedNode): Promise<Results> {
       const failed = started.find((s): s is PromiseRejectedResult => s.status === 'rejected');
       if (failed) throw failed.reason;
       for (const s of started) if (s.status === 'fulfilled') r.parallel[kind].push(s.value.ms);
-      process.stderr.write(`round ${round + 1}/${ROUNDS}: ${PARALLEL} ${kind} pods at once, ${r.bursts[kind].at(-1)!.toFixed(0)} ms\n`);
+      process.stderr.write(
+        `round ${round + 1}/${ROUNDS}: ${PARALLEL} ${kind} pods at once, ${r.bursts[kind].at(-1)!.toFixed(0)} ms\n`,
+      );
     }
   }
   const h2 = await enrollHistogram(d);
@@ -158,7 +185,8 @@ function report(r: Results): string[] {
     const d = p(set.ambient, q) - p(set.plain, q);
     return `p${q} ${d >= 0 ? '+' : ''}${f(d)} ms (target <= ${target} ms: ${d <= target ? 'met' : `MISSED by ${f(d - target)} ms`})`;
   };
-  const row = (label: string, set: Record<Kind, number[]>, kind: Kind) => `| ${label} | ${kind} | ${set[kind].length} | ${f(p(set[kind], 50))} | ${f(p(set[kind], 99))} |`;
+  const row = (label: string, set: Record<Kind, number[]>, kind: Kind) =>
+    `| ${label} | ${kind} | ${set[kind].length} | ${f(p(set[kind], 50))} | ${f(p(set[kind], 99))} |`;
   const burst = (kind: Kind) => `${f(p(r.bursts[kind], 50))} ms`;
   return [
     '| start | kind | pods | p50 ms | p99 ms |',

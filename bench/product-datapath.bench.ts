@@ -50,7 +50,14 @@ async function sandbox(topo: Topology, node: string, subnet: number): Promise<Po
   const name = `p${subnet}`;
   const netns = await topo.netns(name);
   await topo.veth(netns, 'eth0', node, `v${subnet}`);
-  const pod = { name, netns, netnsPath: Topology.netnsPath(netns), ip: `198.18.${subnet}.2`, ip6: `2001:db8:${subnet}::2`, gateway: `198.18.${subnet}.1` };
+  const pod = {
+    name,
+    netns,
+    netnsPath: Topology.netnsPath(netns),
+    ip: `198.18.${subnet}.2`,
+    ip6: `2001:db8:${subnet}::2`,
+    gateway: `198.18.${subnet}.1`,
+  };
   await topo.addAddress(netns, 'eth0', `${pod.ip}/24`);
   await topo.addAddress(netns, 'eth0', `${pod.ip6}/64`);
   await topo.addAddress(node, `v${subnet}`, `${pod.gateway}/24`);
@@ -71,23 +78,48 @@ class Agent {
   constructor(id: string, nodeNetns: string, extraArgs: string[]) {
     this.bpffs = testBpffsRoot(id);
     this.writePods();
-    this.child = spawn(CLI, [
-      'agent', '--local-pods', this.file('pods.yaml'), '--node-name', 'bench-node', '--ztunnel-socket', this.file('z.sock'),
-      '--plugin-socket', this.file('cni.sock'), '--cni-policy-file', this.file('cni-policy'), '--status-socket', this.file('status.sock'), '--bpffs', this.bpffs,
-      '--node-netns', nodeNetns, '--log-level', 'warn', ...extraArgs,
-    ], { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.child = spawn(
+      CLI,
+      [
+        'agent',
+        '--local-pods',
+        this.file('pods.yaml'),
+        '--node-name',
+        'bench-node',
+        '--ztunnel-socket',
+        this.file('z.sock'),
+        '--plugin-socket',
+        this.file('cni.sock'),
+        '--cni-policy-file',
+        this.file('cni-policy'),
+        '--status-socket',
+        this.file('status.sock'),
+        '--bpffs',
+        this.bpffs,
+        '--node-netns',
+        nodeNetns,
+        '--log-level',
+        'warn',
+        ...extraArgs,
+      ],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
     this.child.stderr!.on('data', (d: Buffer) => (this.stderr += d.toString()));
   }
 
   async ready(): Promise<void> {
-    await until(() => {
-      try {
-        this.ztunnel ??= new SinkZtunnel(this.file('z.sock'));
-        return true;
-      } catch {
-        return false; // not listening yet
-      }
-    }, `the agent's ZDS socket (agent log: ${this.stderr})`, 20_000);
+    await until(
+      () => {
+        try {
+          this.ztunnel ??= new SinkZtunnel(this.file('z.sock'));
+          return true;
+        } catch {
+          return false; // not listening yet
+        }
+      },
+      `the agent's ZDS socket (agent log: ${this.stderr})`,
+      20_000,
+    );
   }
 
   /** Enrols `pod` through the pods file; resolves once it is redirected, acked by ztunnel, its
@@ -95,10 +127,14 @@ class Agent {
   async enrol(pod: Pod, hooks: 'tc' | 'tcx'): Promise<void> {
     this.pods.set(pod.name, pod);
     this.writePods();
-    await until(async () => {
-      const s = await this.status(pod.name);
-      return s?.state === 'enabled' && s.dnsCapture === 'on' && s.hooks === hooks;
-    }, `${pod.name} enabled with DNS capture on ${hooks} (agent log: ${this.stderr})`, 60_000);
+    await until(
+      async () => {
+        const s = await this.status(pod.name);
+        return s?.state === 'enabled' && s.dnsCapture === 'on' && s.hooks === hooks;
+      },
+      `${pod.name} enabled with DNS capture on ${hooks} (agent log: ${this.stderr})`,
+      60_000,
+    );
   }
 
   async unenrol(pod: Pod): Promise<void> {
@@ -108,7 +144,9 @@ class Agent {
   }
 
   async status(name: string): Promise<StatusPod | undefined> {
-    return (await fetchStatus(this.file('status.sock'), 2000).catch(() => ({ pods: [] as StatusPod[] }))).pods.find((p) => p.name === name);
+    return (await fetchStatus(this.file('status.sock'), 2000).catch(() => ({ pods: [] as StatusPod[] }))).pods.find(
+      (p) => p.name === name,
+    );
   }
 
   async stop(): Promise<void> {
@@ -125,9 +163,13 @@ class Agent {
   }
 
   private writePods(): void {
-    const docs = ['apiVersion: v1\nkind: Namespace\nmetadata: { name: bench, labels: { istio.io/dataplane-mode: ambient } }'];
+    const docs = [
+      'apiVersion: v1\nkind: Namespace\nmetadata: { name: bench, labels: { istio.io/dataplane-mode: ambient } }',
+    ];
     for (const p of this.pods.values()) {
-      docs.push(`apiVersion: v1\nkind: Pod\nmetadata: { name: ${p.name}, namespace: bench, uid: uid-${p.name} }\nstatus: { phase: Running, podIP: ${p.ip}, podIPs: [{ ip: ${p.ip} }, { ip: ${p.ip6} }] }`);
+      docs.push(
+        `apiVersion: v1\nkind: Pod\nmetadata: { name: ${p.name}, namespace: bench, uid: uid-${p.name} }\nstatus: { phase: Running, podIP: ${p.ip}, podIPs: [{ ip: ${p.ip} }, { ip: ${p.ip6} }] }`,
+      );
     }
     writeFileSync(this.file('pods.yaml.tmp'), docs.join('\n---\n'));
     renameSync(this.file('pods.yaml.tmp'), this.file('pods.yaml')); // never a half-written file
@@ -136,11 +178,17 @@ class Agent {
 
 /** `tcpbench MODE HOST PORT SECONDS` as the pod's app: in the pod's cgroup and netns. */
 function appRun(app: AppCgroup, pod: Pod, mode: 'connrate' | 'bulk', host: string, port: string): Promise<number> {
-  const child = app.spawn('nsenter', [`--net=${pod.netnsPath}`, TCPBENCH, mode, host, port, String(SECONDS)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = app.spawn('nsenter', [`--net=${pod.netnsPath}`, TCPBENCH, mode, host, port, String(SECONDS)], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   let out = '';
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   return new Promise((resolve, reject) => {
-    child.once('exit', (code) => (code === 0 ? resolve(Number(out.trim())) : reject(new Error(`${mode} to ${host}:${port} in ${pod.name} exited ${code}`))));
+    child.once('exit', (code) =>
+      code === 0
+        ? resolve(Number(out.trim()))
+        : reject(new Error(`${mode} to ${host}:${port} in ${pod.name} exited ${code}`)),
+    );
   });
 }
 
@@ -152,7 +200,13 @@ interface Sample {
 }
 
 /** One measurement of one path, in a fresh pod (netns, veth, cgroup with its pause process). */
-async function measure(topo: Topology, node: string, agents: Record<'agent-auto' | 'agent-tc', Agent>, path: Path, subnet: number): Promise<Sample> {
+async function measure(
+  topo: Topology,
+  node: string,
+  agents: Record<'agent-auto' | 'agent-tc', Agent>,
+  path: Path,
+  subnet: number,
+): Promise<Sample> {
   const pod = await sandbox(topo, node, subnet);
   const app = new AppCgroup(`bench-${topo.id}-${subnet}`);
   const pause = app.pause(pod.netnsPath);
@@ -184,7 +238,10 @@ async function main(): Promise<void> {
   const topo = new Topology();
   const node = await topo.netns('node');
   const nodePath = Topology.netnsPath(node);
-  const agents = { 'agent-auto': new Agent(`${topo.id}-auto`, nodePath, []), 'agent-tc': new Agent(`${topo.id}-tc`, nodePath, ['--attach-mode', 'tc']) };
+  const agents = {
+    'agent-auto': new Agent(`${topo.id}-auto`, nodePath, []),
+    'agent-tc': new Agent(`${topo.id}-tc`, nodePath, ['--attach-mode', 'tc']),
+  };
   const samples = Object.fromEntries(PATHS.map((p) => [p, [] as Sample[]])) as Record<Path, Sample[]>;
   try {
     await agents['agent-auto'].ready();
@@ -194,7 +251,9 @@ async function main(): Promise<void> {
       for (const path of PATHS) {
         const s = await measure(topo, node, agents, path, subnet++);
         samples[path].push(s);
-        process.stderr.write(`round ${round + 1}/${ROUNDS} ${path}: ${s.cps} conn/s, ${s.gbps} Gbit/s${s.counted === undefined ? '' : `, ${s.counted} counted as redirected`}\n`);
+        process.stderr.write(
+          `round ${round + 1}/${ROUNDS} ${path}: ${s.cps} conn/s, ${s.gbps} Gbit/s${s.counted === undefined ? '' : `, ${s.counted} counted as redirected`}\n`,
+        );
       }
     }
   } finally {

@@ -31,7 +31,10 @@ const CLI_JS = fileURLToPath(new URL('../cni-agent/src/cli.js', import.meta.url)
 
 function start(args: string[]): { child: ChildProcess; log: () => string } {
   const stdio: ['ignore', 'ignore', 'pipe'] = ['ignore', 'ignore', 'pipe'];
-  const child = CPU_PROF && args[0] === 'agent' ? spawn(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF}`, CLI_JS, ...args], { stdio }) : spawn(CLI, args, { stdio });
+  const child =
+    CPU_PROF && args[0] === 'agent'
+      ? spawn(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF}`, CLI_JS, ...args], { stdio })
+      : spawn(CLI, args, { stdio });
   let log = '';
   child.stderr.on('data', (d: Buffer) => (log += d.toString()));
   return { child, log: () => log };
@@ -56,10 +59,28 @@ async function waitFor(what: string, cond: () => Promise<boolean> | boolean, ms:
 }
 
 async function kernelMemory(root: string): Promise<{ maps: number; progs: number }> {
-  const maps = JSON.parse(await sh("bpftool", ["-j", "-f", "map", "show"])) as { bytes_memlock?: number; pinned?: string[] }[];
+  const maps = JSON.parse(await sh('bpftool', ['-j', '-f', 'map', 'show'])) as {
+    bytes_memlock?: number;
+    pinned?: string[];
+  }[];
   const ours = maps.filter((m) => m.pinned?.some((p) => p.startsWith(`${root}/`)));
   const progs = JSON.parse(await sh('bpftool', ['-j', 'prog', 'show'])) as { name?: string; bytes_memlock?: number }[];
-  const names = new Set(['pod_ingress', 'pod_egress', 'pod_reroute_ing', 'dns_connect4', 'dns_connect6', 'dns_sendmsg4', 'dns_sendmsg6', 'dns_recvmsg4', 'dns_recvmsg6', 'dns_getpeername', 'node_to_pod', 'pod_to_node', 'pod_sk_lookup', 'ztunnel_sockops']);
+  const names = new Set([
+    'pod_ingress',
+    'pod_egress',
+    'pod_reroute_ing',
+    'dns_connect4',
+    'dns_connect6',
+    'dns_sendmsg4',
+    'dns_sendmsg6',
+    'dns_recvmsg4',
+    'dns_recvmsg6',
+    'dns_getpeername',
+    'node_to_pod',
+    'pod_to_node',
+    'pod_sk_lookup',
+    'ztunnel_sockops',
+  ]);
   return {
     maps: ours.reduce((s, m) => s + (m.bytes_memlock ?? 0), 0),
     progs: progs.filter((p) => p.name && names.has(p.name)).reduce((s, p) => s + (p.bytes_memlock ?? 0), 0),
@@ -75,17 +96,44 @@ async function main(): Promise<void> {
   const procs: ChildProcess[] = [];
   const api = SOURCE === 'kube' ? new KubeApiTestServer() : undefined;
   const source = api ? ['--kubeconfig', join(dir, 'kubeconfig')] : ['--local-pods', file];
-  const agentArgs = ['agent', ...source, '--node-name', 'node-a', '--ztunnel-socket', join(dir, 'z.sock'), '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', statusSocket, '--bpffs', root, '--dns-capture=false', '--log-level', 'info'];
+  const agentArgs = [
+    'agent',
+    ...source,
+    '--node-name',
+    'node-a',
+    '--ztunnel-socket',
+    join(dir, 'z.sock'),
+    '--plugin-socket',
+    join(dir, 'cni.sock'),
+    '--cni-policy-file',
+    join(dir, 'cni-policy'),
+    '--status-socket',
+    statusSocket,
+    '--bpffs',
+    root,
+    '--dns-capture=false',
+    '--log-level',
+    'info',
+  ];
   try {
     process.stderr.write(`making ${PODS} pod sandboxes...\n`);
-    const nodes = [await topo.netns('node0'), await topo.netns('node1'), await topo.netns('node2'), await topo.netns('node3')];
-    const docs = ["apiVersion: v1\nkind: Namespace\nmetadata: { name: scale, labels: { istio.io/dataplane-mode: ambient } }"];
+    const nodes = [
+      await topo.netns('node0'),
+      await topo.netns('node1'),
+      await topo.netns('node2'),
+      await topo.netns('node3'),
+    ];
+    const docs = [
+      'apiVersion: v1\nkind: Namespace\nmetadata: { name: scale, labels: { istio.io/dataplane-mode: ambient } }',
+    ];
     for (let i = 0; i < PODS; i++) {
       const ns = await topo.netns(`s${i}`);
       await topo.veth(ns, 'eth0', nodes[i % 4]!, `v${i}`);
       const ip = `198.18.${140 + Math.floor(i / 250)}.${2 + (i % 250)}`;
       await topo.addAddress(ns, 'eth0', `${ip}/16`);
-      docs.push(`apiVersion: v1\nkind: Pod\nmetadata: { name: p${i}, namespace: scale, uid: uid-${i} }\nstatus: { phase: Running, podIP: ${ip} }`);
+      docs.push(
+        `apiVersion: v1\nkind: Pod\nmetadata: { name: p${i}, namespace: scale, uid: uid-${i} }\nstatus: { phase: Running, podIP: ${ip} }`,
+      );
     }
     writeFileSync(file, docs.join('\n---\n'));
     if (api) {
@@ -110,13 +158,24 @@ async function main(): Promise<void> {
     const t0 = performance.now();
     let agent = start(agentArgs);
     procs.push(agent.child);
-    await waitFor(`${PODS} pods enabled`, async () => agent.child.exitCode !== null || (await enabled()) === PODS, 600_000).catch((err: Error) => {
-      throw new Error(`${err.message} (${lastEnabled} enabled); the agent's log ends with:\n${agent.log().slice(-3000)}`);
+    await waitFor(
+      `${PODS} pods enabled`,
+      async () => agent.child.exitCode !== null || (await enabled()) === PODS,
+      600_000,
+    ).catch((err: Error) => {
+      throw new Error(
+        `${err.message} (${lastEnabled} enabled); the agent's log ends with:\n${agent.log().slice(-3000)}`,
+      );
     });
-    if (agent.child.exitCode !== null) throw new Error(`the agent exited (${agent.child.exitCode}):\n${agent.log().slice(-3000)}`);
+    if (agent.child.exitCode !== null)
+      throw new Error(`the agent exited (${agent.child.exitCode}):\n${agent.log().slice(-3000)}`);
     const enrolSeconds = (performance.now() - t0) / 1000;
     await sleep(3000); // let the tc -> tcx moves start; measure memory after the burst
-    await waitFor('all pods on tcx', async () => (await fetchStatus(statusSocket)).pods.every((p) => p.hooks === 'tcx'), 600_000);
+    await waitFor(
+      'all pods on tcx',
+      async () => (await fetchStatus(statusSocket)).pods.every((p) => p.hooks === 'tcx'),
+      600_000,
+    );
     const movedSeconds = (performance.now() - t0) / 1000;
     const rssAfterEnrol = rssMiB(agent.child.pid!);
     const kmem = await kernelMemory(root);
@@ -156,7 +215,11 @@ async function main(): Promise<void> {
   } finally {
     const alive = procs.filter((p) => p.exitCode === null && p.signalCode === null);
     alive.forEach((p) => p.kill('SIGTERM')); // a clean exit writes the CPU profiles
-    await waitFor('processes exited', () => alive.every((p) => p.exitCode !== null || p.signalCode !== null), 10_000).catch(() => alive.forEach((p) => p.kill('SIGKILL')));
+    await waitFor(
+      'processes exited',
+      () => alive.every((p) => p.exitCode !== null || p.signalCode !== null),
+      10_000,
+    ).catch(() => alive.forEach((p) => p.kill('SIGKILL')));
     await sleep(200);
     await api?.close();
     await removeDatapath(root);

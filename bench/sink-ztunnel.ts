@@ -4,7 +4,13 @@
 // It runs in the benchmark's own cgroup, which the agent trusts as ztunnel's (the ZDS peer's).
 import type { ChildProcess } from 'node:child_process';
 import { closeFd, SeqpacketSocket } from '../bpf/src/node-netns.js';
-import { decodeRequest, encodeHello, encodeResponse, ZDS_MAX_MESSAGE, ZDS_VERSION_V1 } from '../ztunnel-bridge/src/protocol.js';
+import {
+  decodeRequest,
+  encodeHello,
+  encodeResponse,
+  ZDS_MAX_MESSAGE,
+  ZDS_VERSION_V1,
+} from '../ztunnel-bridge/src/protocol.js';
 import { startListener } from './harness.js';
 
 export class SinkZtunnel {

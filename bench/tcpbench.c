@@ -211,6 +211,7 @@ int main(int argc, char **argv)
 		return bulk(argv[2], atoi(argv[3]), atof(argv[4]));
 	if (argc >= 4 && !strcmp(argv[1], "spawn"))
 		return spawn(argv[2], argv + 3);
-	fprintf(stderr, "usage: tcpbench server PORT [NETNS] | connrate HOST PORT S | bulk HOST PORT S | spawn NETNS CMD...\n");
+	fprintf(stderr, "usage: tcpbench server PORT [NETNS] | connrate HOST PORT S | bulk HOST PORT S | "
+			"spawn NETNS CMD...\n");
 	return 2;
 }

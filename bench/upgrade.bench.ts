@@ -23,7 +23,16 @@ import { removeDatapath } from '../test/helpers/leftovers.js';
 import { previousRelease } from '../test/helpers/previous-release.js';
 import { StandInProcess } from '../test/helpers/standin-process.js';
 import { podWithRemote, Topology, type PodNet } from '../test/helpers/topology.js';
-import { AgentProcess, EchoServer, enabledPods, linkPrograms, podLinks, startTraffic, type Traffic, type TrafficSummary } from '../test/helpers/upgrade-node.js';
+import {
+  AgentProcess,
+  EchoServer,
+  enabledPods,
+  linkPrograms,
+  podLinks,
+  startTraffic,
+  type Traffic,
+  type TrafficSummary,
+} from '../test/helpers/upgrade-node.js';
 import { sleep, until } from '../test/helpers/wait.js';
 import { machineLine } from './harness.js';
 
@@ -78,7 +87,22 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-bench-upgrade-`));
   const socket = join(dir, 'ztunnel.sock');
   const port = 40000 + Math.floor(Math.random() * 9000);
-  const agentArgs = ['--node-name', 'node-a', '--local-pods', join(dir, 'pods.yaml'), '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--metrics-addr', `127.0.0.1:${port}`];
+  const agentArgs = [
+    '--node-name',
+    'node-a',
+    '--local-pods',
+    join(dir, 'pods.yaml'),
+    '--ztunnel-socket',
+    socket,
+    '--plugin-socket',
+    join(dir, 'cni.sock'),
+    '--status-socket',
+    join(dir, 'status.sock'),
+    '--bpffs',
+    root,
+    '--metrics-addr',
+    `127.0.0.1:${port}`,
+  ];
   const pods: Pod[] = [];
   const agents: AgentProcess[] = [];
   const traffic: Traffic[] = [];
@@ -93,9 +117,13 @@ async function main(): Promise<void> {
       for (const p of pods) {
         await p.server.destroy();
         p.pause.kill('SIGKILL');
-        await new Promise((r) => (p.pause.exitCode === null && p.pause.signalCode === null ? p.pause.once('exit', r) : r(null)));
+        await new Promise((r) =>
+          p.pause.exitCode === null && p.pause.signalCode === null ? p.pause.once('exit', r) : r(null),
+        );
       }
-      for (const tr of traffic) if (tr.child.exitCode === null && tr.child.signalCode === null) await new Promise((r) => tr.child.once('exit', r));
+      for (const tr of traffic)
+        if (tr.child.exitCode === null && tr.child.signalCode === null)
+          await new Promise((r) => tr.child.once('exit', r));
       for (const p of pods) {
         try {
           p.cgroup.remove();
@@ -131,7 +159,14 @@ async function main(): Promise<void> {
       for (const { n, net } of batch) {
         const cgroup = new AppCgroup(`${topo.id}-${n}`);
         // Registered at once, so cleanup finds whatever was made.
-        const pod: Pod = { uid: `upgrade-${n}-${topo.id}`, net, cgroup, pause: cgroup.pause(net.podPath, 3600), server: undefined as unknown as EchoServer, links: [] };
+        const pod: Pod = {
+          uid: `upgrade-${n}-${topo.id}`,
+          net,
+          cgroup,
+          pause: cgroup.pause(net.podPath, 3600),
+          server: undefined as unknown as EchoServer,
+          links: [],
+        };
         pods.push(pod);
         pod.server = await EchoServer.start(Topology.netnsPath(net.remote), net.remoteV4);
       }
@@ -140,7 +175,10 @@ async function main(): Promise<void> {
       join(dir, 'pods.yaml'),
       [
         'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
-        ...pods.map((p, i) => `apiVersion: v1\nkind: Pod\nmetadata: { name: app-${i}, namespace: shop, uid: ${p.uid} }\nstatus: { phase: Running, podIP: ${p.net.podV4} }`),
+        ...pods.map(
+          (p, i) =>
+            `apiVersion: v1\nkind: Pod\nmetadata: { name: app-${i}, namespace: shop, uid: ${p.uid} }\nstatus: { phase: Running, podIP: ${p.net.podV4} }`,
+        ),
       ].join('\n---\n'),
     );
     ztunnel = StandInProcess.start(socket);
@@ -174,15 +212,25 @@ async function main(): Promise<void> {
     let agent = AgentProcess.start(previous.cli, agentArgs);
     agents.push(agent);
     const enrolStart = Date.now();
-    await until(async () => {
-      for (const p of pods) if (!p.links.length && !(await readLinks(p))) return false;
-      return (await enabledPods(port)) === PODS;
-    }, () => `every pod enrolled by the previous release on tcx links (${agent.stderr()})`, 600_000);
-    process.stderr.write(`previous release enrolled ${PODS} pods in ${((Date.now() - enrolStart) / 1000).toFixed(1)} s\n`);
+    await until(
+      async () => {
+        for (const p of pods) if (!p.links.length && !(await readLinks(p))) return false;
+        return (await enabledPods(port)) === PODS;
+      },
+      () => `every pod enrolled by the previous release on tcx links (${agent.stderr()})`,
+      600_000,
+    );
+    process.stderr.write(
+      `previous release enrolled ${PODS} pods in ${((Date.now() - enrolStart) / 1000).toFixed(1)} s\n`,
+    );
 
     // Ten apps at a time: 200 Pythons starting at once on 2 CPUs miss their own 3 s timeouts.
     for (let i = 0; i < pods.length; i += 10) {
-      const started = pods.slice(i, i + 10).map((p) => startTraffic(p.cgroup, p.net, { longLived: LONG_LIVED, newEveryMs: NEW_EVERY_MS, roundMs: ROUND_MS }));
+      const started = pods
+        .slice(i, i + 10)
+        .map((p) =>
+          startTraffic(p.cgroup, p.net, { longLived: LONG_LIVED, newEveryMs: NEW_EVERY_MS, roundMs: ROUND_MS }),
+        );
       traffic.push(...started);
       await Promise.all(started.map((tr) => tr.ready));
     }
@@ -200,7 +248,10 @@ async function main(): Promise<void> {
         downgradeMs = Date.now() - t0;
       }
       // (v0.1.0 had no plugin policy file; this build's goes in the bench's directory, not the host's)
-      agent = AgentProcess.start(cli, current ? [...agentArgs, '--cni-policy-file', join(dir, 'cni-policy')] : agentArgs);
+      agent = AgentProcess.start(
+        cli,
+        current ? [...agentArgs, '--cni-policy-file', join(dir, 'cni-policy')] : agentArgs,
+      );
       agents.push(agent);
       const swappedAt = new Map<string, number>();
       let readyMs: number | undefined;
@@ -211,7 +262,8 @@ async function main(): Promise<void> {
           if (swappedAt.has(p.uid)) continue;
           let progs = p.links.map((id) => links.get(id));
           if (progs.some((x) => x === undefined)) progs = [...((await readLinks(p))?.values() ?? [undefined])]; // links replaced
-          if (progs.every((x) => x !== undefined && !before.has(x)) && connectHooked(p) === current) swappedAt.set(p.uid, Date.now() - t0);
+          if (progs.every((x) => x !== undefined && !before.has(x)) && connectHooked(p) === current)
+            swappedAt.set(p.uid, Date.now() - t0);
         }
         if (swappedAt.size < pods.length) return false;
         if ((await enabledPods(port)) !== PODS) return false;
@@ -239,8 +291,20 @@ async function main(): Promise<void> {
         log[label] = at === undefined ? undefined : at - t0;
       }
       log['process spawned'] = agent.startedAt - t0;
-      process.stderr.write(`${name}: old agent exited ${stoppedMs} ms, ${downgradeMs === undefined ? '' : `downgrade done ${downgradeMs} ms, `}all pods swapped ${Math.max(...times)} ms, ready ${readyMs} ms (${polls.count} polls, ${polls.ms} ms polling)\n`);
-      return { name, stoppedMs, ...(downgradeMs === undefined ? {} : { downgradeMs }), firstSwappedMs: Math.min(...times), allSwappedMs: Math.max(...times), readyMs: readyMs!, polls, log, window: [t0, t0 + readyMs!] };
+      process.stderr.write(
+        `${name}: old agent exited ${stoppedMs} ms, ${downgradeMs === undefined ? '' : `downgrade done ${downgradeMs} ms, `}all pods swapped ${Math.max(...times)} ms, ready ${readyMs} ms (${polls.count} polls, ${polls.ms} ms polling)\n`,
+      );
+      return {
+        name,
+        stoppedMs,
+        ...(downgradeMs === undefined ? {} : { downgradeMs }),
+        firstSwappedMs: Math.min(...times),
+        allSwappedMs: Math.max(...times),
+        readyMs: readyMs!,
+        polls,
+        log,
+        window: [t0, t0 + readyMs!],
+      };
     };
 
     const results: SwitchResult[] = [];
@@ -267,15 +331,21 @@ async function main(): Promise<void> {
     const failedAt = (s: string): number => Number(/(\d+\.\d+)/.exec(s)?.[1] ?? 0) * 1000;
     const inWindow = (at: number, r: SwitchResult): boolean => at >= r.window[0] && at <= r.window[1] + 2000;
     const newFailed = summaries.flatMap((s) => s.new_failed.map(failedAt));
-    const broken = summaries.flatMap((s) => s.long_errors.map((e) => Number(/ at (\d+\.\d+)/.exec(e)?.[1] ?? 0) * 1000));
+    const broken = summaries.flatMap((s) =>
+      s.long_errors.map((e) => Number(/ at (\d+\.\d+)/.exec(e)?.[1] ?? 0) * 1000),
+    );
     const bypassed = pods.flatMap((p) => p.server.bypassed().map((h) => h.at));
     const served = pods.flatMap((p) => p.server.hellos.map((h) => h.at));
     const count = (xs: number[], r: SwitchResult): number => xs.filter((at) => inWindow(at, r)).length;
     const outside = (xs: number[]): number => xs.filter((at) => !results.some((r) => inWindow(at, r))).length;
     const newOk = summaries.reduce((n, s) => n + s.new_ok, 0);
     const rounds = summaries.flatMap((s) => s.long_rounds);
-    const seen = pods.filter((_, i) => settled[i]!.status === 'fulfilled').reduce((n, p) => n + p.server.hellos.length, 0);
-    const carried = pods.filter((p) => (stats.find((st) => st.uid === p.uid)?.stats.outbound.connections ?? 0) >= p.server.hellos.length).length;
+    const seen = pods
+      .filter((_, i) => settled[i]!.status === 'fulfilled')
+      .reduce((n, p) => n + p.server.hellos.length, 0);
+    const carried = pods.filter(
+      (p) => (stats.find((st) => st.uid === p.uid)?.stats.outbound.connections ?? 0) >= p.server.hellos.length,
+    ).length;
     const verdict = (ms: number): string => (ms < TARGET_MS ? 'met' : `MISSED by ${(ms - TARGET_MS).toFixed(0)} ms`);
     const f = (ms: number | undefined): string => (ms === undefined ? '-' : ms.toFixed(0));
 
@@ -285,20 +355,42 @@ async function main(): Promise<void> {
       '',
       '| switch | old agent exited | downgrade done | first pod swapped | all pods swapped | ready (all enabled) | target < 5000 ms | new conns served in window | failed new | broken long-lived | bypassed |',
       '|---|---|---|---|---|---|---|---|---|---|---|',
-      ...results.map((r) => `| ${r.name} | ${f(r.stoppedMs)} | ${f(r.downgradeMs)} | ${f(r.firstSwappedMs)} | ${f(r.allSwappedMs)} | ${f(r.readyMs)} | ${verdict(r.readyMs)} | ${count(served, r)} | ${count(newFailed, r)} | ${count(broken, r)} | ${count(bypassed, r)} |`),
+      ...results.map(
+        (r) =>
+          `| ${r.name} | ${f(r.stoppedMs)} | ${f(r.downgradeMs)} | ${f(r.firstSwappedMs)} | ${f(r.allSwappedMs)} | ${f(r.readyMs)} | ${verdict(r.readyMs)} | ${count(served, r)} | ${count(newFailed, r)} | ${count(broken, r)} | ${count(bypassed, r)} |`,
+      ),
       '',
       "where the time goes: the next agent's log, ms from the SIGTERM",
       `| switch | process spawned | ${LOG_MARKS.map(([l]) => l).join(' | ')} | all pods swapped | ready | bench polls (ms spent polling) |`,
       `|---|---|${LOG_MARKS.map(() => '---|').join('')}---|---|---|`,
-      ...results.map((r) => `| ${r.name} | ${f(r.log['process spawned'])} | ${LOG_MARKS.map(([l]) => f(r.log[l])).join(' | ')} | ${f(r.allSwappedMs)} | ${f(r.readyMs)} | ${r.polls.count} (${r.polls.ms}) |`),
+      ...results.map(
+        (r) =>
+          `| ${r.name} | ${f(r.log['process spawned'])} | ${LOG_MARKS.map(([l]) => f(r.log[l])).join(' | ')} | ${f(r.allSwappedMs)} | ${f(r.readyMs)} | ${r.polls.count} (${r.polls.ms}) |`,
+      ),
       '',
-      ...(lost.length ? [`${lost.length} pods' apps ended without their summary (left out of the counts below): ${lost[0]!.slice(0, 300)}`] : []),
+      ...(lost.length
+        ? [
+            `${lost.length} pods' apps ended without their summary (left out of the counts below): ${lost[0]!.slice(0, 300)}`,
+          ]
+        : []),
       `whole run: ${newOk} new connections ok, ${newFailed.length} failed (${outside(newFailed)} outside any switch); ${rounds.length} long-lived connections, ${broken.length} broken, fewest rounds ${Math.min(...rounds)}; the servers saw ${seen} connections (expected ${newOk + rounds.length}), ${bypassed.length} from the app's own socket (bypassed ztunnel); ztunnel counted at least the server's connections for ${carried} of ${PODS} pods`,
     ];
     process.stdout.write(lines.join('\n') + '\n');
-    const failures = [newFailed.length && 'failed new connections', broken.length && 'broken long-lived connections', bypassed.length && 'bypassed connections', seen !== newOk + rounds.length && 'connection counts differ', carried !== PODS && "ztunnel's counters", lost.length && 'apps without a summary'].filter(Boolean);
+    const failures = [
+      newFailed.length && 'failed new connections',
+      broken.length && 'broken long-lived connections',
+      bypassed.length && 'bypassed connections',
+      seen !== newOk + rounds.length && 'connection counts differ',
+      carried !== PODS && "ztunnel's counters",
+      lost.length && 'apps without a summary',
+    ].filter(Boolean);
     if (failures.length) {
-      process.stderr.write(`upgrade bench: ${failures.join(', ')}\n${summaries.flatMap((s) => [...s.new_failed, ...s.long_errors]).slice(0, 10).join('\n')}\n`);
+      process.stderr.write(
+        `upgrade bench: ${failures.join(', ')}\n${summaries
+          .flatMap((s) => [...s.new_failed, ...s.long_errors])
+          .slice(0, 10)
+          .join('\n')}\n`,
+      );
       process.exitCode = 1;
     }
   } finally {

@@ -59,14 +59,56 @@ describe('agent restarts during pod churn', kernelTest(), () => {
       pods.delete(name);
     };
     const writeFile = () =>
-      writeFileSync(file, [
-        JSON.stringify({ apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'mesh', labels: { 'istio.io/dataplane-mode': 'ambient' } } }),
-        JSON.stringify({ apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'flip', labels: flipAmbient ? { 'istio.io/dataplane-mode': 'ambient' } : {} } }),
-        ...[...pods.values()].map((p) => JSON.stringify({ apiVersion: 'v1', kind: 'Pod', metadata: { name: p.name, namespace: p.ns, uid: `uid-${p.name}` }, status: { phase: 'Running', podIP: p.ip } })),
-      ].join('\n---\n'));
-    const expected = () => [...pods.values()].filter((p) => p.ns === 'mesh' || flipAmbient).map((p) => `uid-${p.name}`).sort();
+      writeFileSync(
+        file,
+        [
+          JSON.stringify({
+            apiVersion: 'v1',
+            kind: 'Namespace',
+            metadata: { name: 'mesh', labels: { 'istio.io/dataplane-mode': 'ambient' } },
+          }),
+          JSON.stringify({
+            apiVersion: 'v1',
+            kind: 'Namespace',
+            metadata: { name: 'flip', labels: flipAmbient ? { 'istio.io/dataplane-mode': 'ambient' } : {} },
+          }),
+          ...[...pods.values()].map((p) =>
+            JSON.stringify({
+              apiVersion: 'v1',
+              kind: 'Pod',
+              metadata: { name: p.name, namespace: p.ns, uid: `uid-${p.name}` },
+              status: { phase: 'Running', podIP: p.ip },
+            }),
+          ),
+        ].join('\n---\n'),
+      );
+    const expected = () =>
+      [...pods.values()]
+        .filter((p) => p.ns === 'mesh' || flipAmbient)
+        .map((p) => `uid-${p.name}`)
+        .sort();
     const startAgent = () => {
-      agent = spawn(CLI, ['agent', '--local-pods', file, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', join(dir, 's.sock'), '--bpffs', root, '--log-level', 'warn'], { stdio: 'ignore' });
+      agent = spawn(
+        CLI,
+        [
+          'agent',
+          '--local-pods',
+          file,
+          '--ztunnel-socket',
+          socket,
+          '--plugin-socket',
+          join(dir, 'cni.sock'),
+          '--cni-policy-file',
+          join(dir, 'cni-policy'),
+          '--status-socket',
+          join(dir, 's.sock'),
+          '--bpffs',
+          root,
+          '--log-level',
+          'warn',
+        ],
+        { stdio: 'ignore' },
+      );
     };
 
     for (let i = 0; i < 8; i++) await addPod();
@@ -90,8 +132,21 @@ describe('agent restarts during pod churn', kernelTest(), () => {
     const dp = await Datapath.open({ bpffsRoot: root });
     t.after(() => dp.close());
     const attached = async () => (await dp.list()).map((p) => p.uid).sort();
-    await until(async () => (await attached()).join() === expected().join(), `attached = expected (${expected().join()})`, 20_000);
-    await until(() => standIn.stats().map((p) => p.uid).sort().join() === expected().join(), 'ztunnel serves exactly the ambient pods', 20_000);
+    await until(
+      async () => (await attached()).join() === expected().join(),
+      `attached = expected (${expected().join()})`,
+      20_000,
+    );
+    await until(
+      () =>
+        standIn
+          .stats()
+          .map((p) => p.uid)
+          .sort()
+          .join() === expected().join(),
+      'ztunnel serves exactly the ambient pods',
+      20_000,
+    );
     assert.ok(expected().length > 0);
     assert.ok((await dp.list()).every((p) => p.state === 'attached' && p.netnsPresent));
   });

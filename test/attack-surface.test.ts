@@ -28,8 +28,24 @@ describe('local attack surface', kernelTest(), () => {
     chmodSync(base, 0o755); // even where others may traverse, the sockets stay closed to them
     const dirs = { run: join(base, 'run'), ztunnel: join(base, 'ztunnel') };
     writeFileSync(join(base, 'pods.yaml'), '');
-    const sockets = { plugin: join(dirs.run, 'cni.sock'), status: join(dirs.run, 'status.sock'), ztunnel: join(dirs.ztunnel, 'ztunnel.sock') };
-    const agent = new Agent({ nodeName: 'n', source: { localPods: join(base, 'pods.yaml') }, ztunnelSocket: sockets.ztunnel, pluginSocket: sockets.plugin, cniPolicyFile: join(base, 'cni-policy'), statusSocket: sockets.status, bpffs: root, hostRoot: '/', attachMode: 'auto', verifyIntervalMs: 0, log: silentLogger });
+    const sockets = {
+      plugin: join(dirs.run, 'cni.sock'),
+      status: join(dirs.run, 'status.sock'),
+      ztunnel: join(dirs.ztunnel, 'ztunnel.sock'),
+    };
+    const agent = new Agent({
+      nodeName: 'n',
+      source: { localPods: join(base, 'pods.yaml') },
+      ztunnelSocket: sockets.ztunnel,
+      pluginSocket: sockets.plugin,
+      cniPolicyFile: join(base, 'cni-policy'),
+      statusSocket: sockets.status,
+      bpffs: root,
+      hostRoot: '/',
+      attachMode: 'auto',
+      verifyIntervalMs: 0,
+      log: silentLogger,
+    });
     t.after(async () => {
       agent.stop();
       await removeDatapath(root);

@@ -31,7 +31,11 @@ describe('bypass attempts from an ambient pod', kernelTest(), () => {
 
   /** SYNs for APP_PORT that reached the remote host while `send` ran. */
   async function synsSeenDuring(send: () => Promise<unknown>): Promise<number> {
-    const sniffer = app.spawn('nsenter', [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff-syn', String(APP_PORT)], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const sniffer = app.spawn(
+      'nsenter',
+      [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff-syn', String(APP_PORT)],
+      { stdio: ['pipe', 'pipe', 'inherit'] },
+    );
     let out = '';
     sniffer.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     const exited = new Promise((r) => sniffer.once('exit', r));
@@ -66,7 +70,10 @@ describe('bypass attempts from an ambient pod', kernelTest(), () => {
   });
 
   it('an unprivileged app cannot set ztunnel’s mark, and its TCP (IPv4 and IPv6) goes through ztunnel', async () => {
-    assert.match(await app.unprivilegedClient(net.podPath, 'tcp', net.remoteV4, APP_PORT, '0x539'), /^ERR PermissionError/);
+    assert.match(
+      await app.unprivilegedClient(net.podPath, 'tcp', net.remoteV4, APP_PORT, '0x539'),
+      /^ERR PermissionError/,
+    );
     const before = proxy.stats.outbound.connections;
     assert.equal(await app.unprivilegedClient(net.podPath, 'tcp', net.remoteV4, APP_PORT), 'remote');
     assert.equal(await app.unprivilegedClient(net.podPath, 'tcp', net.remoteV6, APP_PORT), 'remote');
@@ -75,16 +82,27 @@ describe('bypass attempts from an ambient pod', kernelTest(), () => {
 
   it('an unprivileged app cannot take over ztunnel’s ports, even with SO_REUSEPORT', async () => {
     for (const port of [15001, 15006, 15008]) {
-      assert.match(await app.unprivilegedClient(net.podPath, 'bind', port), /^ERR (OSError|PermissionError).*(in use|denied)/i, `port ${port}`);
+      assert.match(
+        await app.unprivilegedClient(net.podPath, 'bind', port),
+        /^ERR (OSError|PermissionError).*(in use|denied)/i,
+        `port ${port}`,
+      );
     }
   });
 
   it('a hand-made SYN on a raw socket (NET_RAW) never leaves the pod', async () => {
-    assert.equal(await synsSeenDuring(() => app.client(net.podPath, 'raw-syn', net.remoteV4, APP_PORT)), 0, 'a raw SYN reached the remote host');
+    assert.equal(
+      await synsSeenDuring(() => app.client(net.podPath, 'raw-syn', net.remoteV4, APP_PORT)),
+      0,
+      'a raw SYN reached the remote host',
+    );
     // Control: without redirection the same SYN does reach it (the sniffer works).
     await dp.detach(uid);
     try {
-      assert.ok((await synsSeenDuring(() => app.client(net.podPath, 'raw-syn', net.remoteV4, APP_PORT))) >= 1, 'the sniffer saw nothing even without redirection');
+      assert.ok(
+        (await synsSeenDuring(() => app.client(net.podPath, 'raw-syn', net.remoteV4, APP_PORT))) >= 1,
+        'the sniffer saw nothing even without redirection',
+      );
     } finally {
       await attach();
     }
@@ -92,11 +110,19 @@ describe('bypass attempts from an ambient pod', kernelTest(), () => {
 
   it('connecting to ztunnel’s own ports directly reaches ztunnel, which refuses to loop to itself', async () => {
     const before = proxy.stats.outbound.connections;
-    for (const [host, port] of [[net.podV4, 15001], [net.podV4, 15006], ['127.0.0.1', 15001], [net.podV6, 15001]] as const) {
+    for (const [host, port] of [
+      [net.podV4, 15001],
+      [net.podV4, 15006],
+      ['127.0.0.1', 15001],
+      [net.podV6, 15001],
+    ] as const) {
       const out = await app.client(net.podPath, 'tcp', host, port);
       assert.doesNotMatch(out, /^(remote|app)$/, `${host}:${port} answered as ${out}`);
     }
     await new Promise((r) => setTimeout(r, 300));
-    assert.ok(proxy.stats.outbound.connections - before <= 4, `a connection storm: ${proxy.stats.outbound.connections - before} outbound connections`);
+    assert.ok(
+      proxy.stats.outbound.connections - before <= 4,
+      `a connection storm: ${proxy.stats.outbound.connections - before} outbound connections`,
+    );
   });
 });

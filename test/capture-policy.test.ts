@@ -79,17 +79,28 @@ describe('capture policy and counters', kernelTest(), () => {
 
   it('counts exactly the connections it redirected and bypassed, per pod', async () => {
     const before = await counters();
-    for (let i = 0; i < 3; i++) assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: APP_PORT }), 'ztunnel-15001');
+    for (let i = 0; i < 3; i++)
+      assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: APP_PORT }), 'ztunnel-15001');
     assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV6, port: APP_PORT }), 'ztunnel-15001');
-    for (let i = 0; i < 2; i++) assert.equal(await whoAnswers({ netns: remoteNs(), host: net.podV4, port: APP_PORT }), 'ztunnel-15006');
+    for (let i = 0; i < 2; i++)
+      assert.equal(await whoAnswers({ netns: remoteNs(), host: net.podV4, port: APP_PORT }), 'ztunnel-15006');
     assert.equal(await whoAnswers({ netns: remoteNs(), host: net.podV6, port: 15008 }), 'ztunnel-15008');
-    assert.equal(await whoAnswers({ netns: remoteNs(), host: net.podV4, port: APP_PORT, localAddress: PROBE_V4 }), 'app');
+    assert.equal(
+      await whoAnswers({ netns: remoteNs(), host: net.podV4, port: APP_PORT, localAddress: PROBE_V4 }),
+      'app',
+    );
     // ztunnel's own connection out of the pod (marked, from the test runner: the root cgroup).
     assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: APP_PORT, mark: 0x539 }), 'remote');
     const after = await counters();
     const delta = (k: keyof DatapathCounters): number => after[k] - before[k];
     assert.deepEqual(
-      { out: delta('outboundRedirected'), in: delta('inboundRedirected'), hbone: delta('bypassHbone'), probe: delta('bypassProbe'), ztunnel: delta('bypassZtunnel') },
+      {
+        out: delta('outboundRedirected'),
+        in: delta('inboundRedirected'),
+        hbone: delta('bypassHbone'),
+        probe: delta('bypassProbe'),
+        ztunnel: delta('bypassZtunnel'),
+      },
       { out: 4, in: 2, hbone: 1, probe: 1, ztunnel: 1 },
     );
     assert.deepEqual([delta('forgedMark'), delta('strictDropped'), delta('inboundNoZtunnel')], [0, 0, 0]);
@@ -113,7 +124,11 @@ describe('capture policy and counters', kernelTest(), () => {
     try {
       assert.equal(await fresh.client(net.podPath, 'tcp', net.remoteV4, APP_PORT, '0x539'), 'ztunnel-15001');
       await dp.configure({ ztunnelExemption: 'mark', strictAllow: [] });
-      assert.equal(await fresh.client(net.podPath, 'tcp', net.remoteV4, APP_PORT, '0x539'), 'remote', 'mark-only mode is upstream’s rule');
+      assert.equal(
+        await fresh.client(net.podPath, 'tcp', net.remoteV4, APP_PORT, '0x539'),
+        'remote',
+        'mark-only mode is upstream’s rule',
+      );
     } finally {
       fresh.remove();
     }
@@ -133,10 +148,19 @@ describe('capture policy and counters', kernelTest(), () => {
   it('strict mode drops UDP (but DNS) and other protocols from the pod, keeps TCP, ND and the allow list', async () => {
     const udp = await udpInNetns(remoteNs(), '::', 9999);
     const dns = await udpInNetns(remoteNs(), '::', 53);
-    for (const s of [udp, dns]) s.on('message', (m, r) => s.send(`${s.address().port}:${m.toString()}`, r.port, r.address));
+    for (const s of [udp, dns])
+      s.on('message', (m, r) => s.send(`${s.address().port}:${m.toString()}`, r.port, r.address));
     try {
-      assert.equal(await app.client(net.podPath, 'udp', net.remoteV4, 9999), '9999:ping', 'UDP passes without strict mode');
-      assert.equal(await app.client(net.podPath, 'icmp', net.remoteV4), 'echo-reply', 'ICMP passes without strict mode');
+      assert.equal(
+        await app.client(net.podPath, 'udp', net.remoteV4, 9999),
+        '9999:ping',
+        'UDP passes without strict mode',
+      );
+      assert.equal(
+        await app.client(net.podPath, 'icmp', net.remoteV4),
+        'echo-reply',
+        'ICMP passes without strict mode',
+      );
       await attach({ strict: true });
       const before = await counters();
       assert.match(await app.client(net.podPath, 'udp', net.remoteV4, 9999), /^ERR .*timed out/);
@@ -148,7 +172,10 @@ describe('capture policy and counters', kernelTest(), () => {
       assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV6, port: APP_PORT }), 'ztunnel-15001');
       const dropped = (await counters()).strictDropped - before.strictDropped;
       assert.ok(dropped >= 3, `strictDropped counted ${dropped}, want at least 3`);
-      await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [{ protocol: 17, port: 9999 }, { protocol: 1 }] });
+      await dp.configure({
+        ztunnelExemption: 'ztunnel-sockets',
+        strictAllow: [{ protocol: 17, port: 9999 }, { protocol: 1 }],
+      });
       assert.equal(await app.client(net.podPath, 'udp', net.remoteV4, 9999), '9999:ping', 'the allow list');
       assert.equal(await app.client(net.podPath, 'icmp', net.remoteV4), 'echo-reply');
     } finally {
@@ -171,7 +198,8 @@ for (const mode of ['tcx', 'tc'] as const) {
     let vm: string;
     let servers: RecordingServer[] = [];
 
-    const attach = () => dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], rerouteInterfaces: ['vm0'] }, { mode });
+    const attach = () =>
+      dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], rerouteInterfaces: ['vm0'] }, { mode });
 
     before(async () => {
       net = await podWithRemote(topo, subnet);
@@ -181,7 +209,12 @@ for (const mode of ['tcx', 'tc'] as const) {
       await attach(); // before the VM's interface exists, as when a VM starts after the pod
       servers = [
         await ztunnelListener(net.podPath, 15001),
-        await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT }),
+        await RecordingServer.start('remote', {
+          netns: Topology.netnsPath(net.remote),
+          family: 6,
+          address: '::',
+          port: APP_PORT,
+        }),
       ];
     });
 
@@ -207,7 +240,10 @@ for (const mode of ['tcx', 'tc'] as const) {
       await attach();
       assert.equal((await dp.verify(uid)).ok, true);
       const before = dp.nodeCounters().rerouted;
-      assert.equal(await whoAnswers({ netns: Topology.netnsPath(vm), host: net.remoteV4, port: APP_PORT }), 'ztunnel-15001');
+      assert.equal(
+        await whoAnswers({ netns: Topology.netnsPath(vm), host: net.remoteV4, port: APP_PORT }),
+        'ztunnel-15001',
+      );
       const got = servers[0]!.accepted.at(-1)!;
       assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [net.remoteV4, APP_PORT, vmV4]);
       assert.equal(servers[1]!.accepted.length, 0, 'the VM reached the remote host around ztunnel');
@@ -245,11 +281,18 @@ for (const mode of ['tcx', 'tc'] as const) {
     let servers: RecordingServer[] = [];
 
     const attach = () =>
-      dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], rerouteInterfaces: ['tun0', 'vm0'] }, { mode });
+      dp.attach(
+        { uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], rerouteInterfaces: ['tun0', 'vm0'] },
+        { mode },
+      );
     const synFromBehindTun = async (): Promise<TunAnswer> => {
-      const { stdout } = await execFileP('nsenter', [`--net=${net.podPath}`, '/usr/bin/python3', TUN_SYN, 'tun0', behindTun, net.remoteV4, String(APP_PORT)], {
-        timeout: 20_000,
-      });
+      const { stdout } = await execFileP(
+        'nsenter',
+        [`--net=${net.podPath}`, '/usr/bin/python3', TUN_SYN, 'tun0', behindTun, net.remoteV4, String(APP_PORT)],
+        {
+          timeout: 20_000,
+        },
+      );
       return JSON.parse(stdout.trim()) as TunAnswer;
     };
 
@@ -262,7 +305,12 @@ for (const mode of ['tcx', 'tc'] as const) {
       await attach(); // before the tun device exists
       servers = [
         await ztunnelListener(net.podPath, 15001),
-        await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT }),
+        await RecordingServer.start('remote', {
+          netns: Topology.netnsPath(net.remote),
+          family: 6,
+          address: '::',
+          port: APP_PORT,
+        }),
       ];
       // The pod routes for what is behind the tun device, and the remote host knows the way back:
       // a SYN the hook lets through reaches the remote host and is answered by it.
@@ -289,8 +337,15 @@ for (const mode of ['tcx', 'tc'] as const) {
       const got = await synFromBehindTun();
       assert.deepEqual([got.result, got.banner], ['synack', 'ztunnel-15001']);
       const acc = servers[0]!.accepted.at(-1)!;
-      assert.deepEqual([acc.localAddress, acc.localPort, acc.remoteAddress, acc.remotePort], [net.remoteV4, APP_PORT, behindTun, got.sport]);
-      assert.equal(servers[1]!.accepted.length, 0, 'the SYN from behind the tun device reached the remote host around ztunnel');
+      assert.deepEqual(
+        [acc.localAddress, acc.localPort, acc.remoteAddress, acc.remotePort],
+        [net.remoteV4, APP_PORT, behindTun, got.sport],
+      );
+      assert.equal(
+        servers[1]!.accepted.length,
+        0,
+        'the SYN from behind the tun device reached the remote host around ztunnel',
+      );
       assert.equal(dp.nodeCounters().rerouted - before, 1);
     });
 
@@ -330,7 +385,12 @@ describe('the ztunnel exemption and the root cgroup', kernelTest(), () => {
     await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
     servers = [
       await ztunnelListener(net.podPath, 15001),
-      await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT }),
+      await RecordingServer.start('remote', {
+        netns: Topology.netnsPath(net.remote),
+        family: 6,
+        address: '::',
+        port: APP_PORT,
+      }),
     ];
   });
 

@@ -26,7 +26,20 @@ describe('ambient-bpf datapath CLI', kernelTest(), () => {
     });
     const net = await podWithRemote(topo, 7);
     const uid = `cli-${topo.id}`;
-    const attach = ['datapath', 'attach', '--netns', net.podPath, '--uid', uid, '--pod-ip', net.podV4, '--pod-ip', net.podV6, '--bpffs', root];
+    const attach = [
+      'datapath',
+      'attach',
+      '--netns',
+      net.podPath,
+      '--uid',
+      uid,
+      '--pod-ip',
+      net.podV4,
+      '--pod-ip',
+      net.podV6,
+      '--bpffs',
+      root,
+    ];
 
     const first = await runCli(attach);
     assert.equal(first.code, 0, first.stderr);
@@ -37,7 +50,10 @@ describe('ambient-bpf datapath CLI', kernelTest(), () => {
 
     const listed = await runCli(['datapath', 'list', '--json', '--bpffs', root]);
     const pods = JSON.parse(listed.stdout) as { uid: string; ips: string[]; netnsPath: string; mode: string }[];
-    assert.deepEqual(pods.map((p) => [p.uid, p.ips, p.netnsPath, p.mode]), [[uid, [net.podV4, net.podV6], net.podPath, 'tcx']]);
+    assert.deepEqual(
+      pods.map((p) => [p.uid, p.ips, p.netnsPath, p.mode]),
+      [[uid, [net.podV4, net.podV6], net.podPath, 'tcx']],
+    );
     const table = await runCli(['datapath', 'list', '--bpffs', root]);
     assert.match(table.stdout, new RegExp(`^UID .*\\n${uid} +tcx +attached`));
 
@@ -60,14 +76,26 @@ describe('ambient-bpf datapath CLI', kernelTest(), () => {
     const root = testBpffsRoot(`cli-bad-${uniqueSuffix()}`);
     t.after(() => rmSync(root, { recursive: true, force: true }));
     const cases: [string[], RegExp][] = [
-      [['datapath', 'attach', '--uid', 'x', '--netns', '/nonexistent', '--pod-ip', '198.18.0.9', '--bpffs', root], /netns \/nonexistent does not exist/],
-      [['datapath', 'attach', '--uid', 'x', '--netns', '/etc/hostname', '--pod-ip', '198.18.0.9', '--bpffs', root], /not a network namespace/],
-      [['datapath', 'attach', '--uid', 'x', '--netns', '/proc/self/ns/net', '--pod-ip', 'bogus', '--bpffs', root], /not an IP address: bogus/],
+      [
+        ['datapath', 'attach', '--uid', 'x', '--netns', '/nonexistent', '--pod-ip', '198.18.0.9', '--bpffs', root],
+        /netns \/nonexistent does not exist/,
+      ],
+      [
+        ['datapath', 'attach', '--uid', 'x', '--netns', '/etc/hostname', '--pod-ip', '198.18.0.9', '--bpffs', root],
+        /not a network namespace/,
+      ],
+      [
+        ['datapath', 'attach', '--uid', 'x', '--netns', '/proc/self/ns/net', '--pod-ip', 'bogus', '--bpffs', root],
+        /not an IP address: bogus/,
+      ],
       [['datapath', 'attach', '--uid', 'x', '--pod-ip', '198.18.0.9'], /Missing required argument/],
       [['datapath', 'list', '--bpffs', '/tmp'], /not on a bpffs/],
       [['datapath', 'frobnicate'], /Unknown argument|name a datapath command/],
       [[], /^ambient-bpf: name a command \(see --help\)\n$/],
-      [['status', '--status-socket', `${root}-none.sock`], /no agent here: nothing at .*-none\.sock; is the agent running on this node\?/],
+      [
+        ['status', '--status-socket', `${root}-none.sock`],
+        /no agent here: nothing at .*-none\.sock; is the agent running on this node\?/,
+      ],
     ];
     for (const [args, message] of cases) {
       const r = await runCli(args);
@@ -82,8 +110,13 @@ describe('ambient-bpf --version', () => {
   it('names the version and the commit built', async () => {
     const r = await runCli(['--version']);
     assert.equal(r.code, 0, r.stderr);
-    const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
-    assert.match(r.stdout, new RegExp(`^ambient-bpf ${version.replace(/\./g, '\\.')} \\(commit ([0-9a-f]{40}|unknown)\\)\n$`));
+    const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as {
+      version: string;
+    };
+    assert.match(
+      r.stdout,
+      new RegExp(`^ambient-bpf ${version.replace(/\./g, '\\.')} \\(commit ([0-9a-f]{40}|unknown)\\)\n$`),
+    );
   });
 });
 
@@ -93,7 +126,9 @@ describe('ambient-bpf ztunnel CLI', kernelTest(), () => {
     const socketPath = `/tmp/abt-zt-cli-${topo.id}.sock`;
     const server = new ZdsServer({ socketPath });
     server.start();
-    const child = spawn(CLI, ['ztunnel', '--socket', socketPath, '--dns-upstream', '198.18.30.1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(CLI, ['ztunnel', '--socket', socketPath, '--dns-upstream', '198.18.30.1'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -107,11 +142,23 @@ describe('ambient-bpf ztunnel CLI', kernelTest(), () => {
     const net = await podWithRemote(topo, 30);
     for (let i = 0; i < 200 && server.connectedCount === 0; i++) await sleep(25);
     assert.equal(server.connectedCount, 1, `stand-in did not connect: ${stderr}`);
-    assert.deepEqual(await server.enroll({ uid: 'cli-pod', info: { name: 'p', namespace: 'n', serviceAccount: 's' }, netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+    assert.deepEqual(
+      await server.enroll({
+        uid: 'cli-pod',
+        info: { name: 'p', namespace: 'n', serviceAccount: 's' },
+        netnsFd: openSync(net.podPath, 'r'),
+      }),
+      { status: 'acked' },
+    );
     child.kill('SIGUSR1');
     for (let i = 0; i < 100 && !stdout.includes('\n'); i++) await sleep(20);
-    const stats = JSON.parse(stdout.split('\n')[0]!) as { pods: { uid: string; stats: { outbound: { connections: number } } }[] };
-    assert.deepEqual(stats.pods.map((p) => [p.uid, p.stats.outbound.connections]), [['cli-pod', 0]]);
+    const stats = JSON.parse(stdout.split('\n')[0]!) as {
+      pods: { uid: string; stats: { outbound: { connections: number } } }[];
+    };
+    assert.deepEqual(
+      stats.pods.map((p) => [p.uid, p.stats.outbound.connections]),
+      [['cli-pod', 0]],
+    );
     child.kill('SIGTERM');
     assert.equal(await exited, 0, stderr);
     assert.match(stderr, /"msg":"pod proxy started"/);
@@ -121,7 +168,9 @@ describe('ambient-bpf ztunnel CLI', kernelTest(), () => {
     const socketPath = `/tmp/abt-zt-cli-${Date.now()}.sock`;
     const agent = new FakeAgent(socketPath);
     t.after(() => agent.close());
-    const child = spawn(CLI, ['ztunnel', '--socket', socketPath, '--log-level', 'error'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(CLI, ['ztunnel', '--socket', socketPath, '--log-level', 'error'], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     let stderr = '';
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
@@ -133,14 +182,18 @@ describe('ambient-bpf ztunnel CLI', kernelTest(), () => {
     FakeAgent.send(inbox, { snapshotSent: {} });
     assert.match((await FakeAgent.reply(inbox)) ?? '', /second SnapshotSent/);
     assert.equal(await exited, 1);
-    assert.match(stderr.trim().split('\n').at(-1)!, /^ambient-bpf: stopped on a ZDS protocol violation: second SnapshotSent$/);
+    assert.match(
+      stderr.trim().split('\n').at(-1)!,
+      /^ambient-bpf: stopped on a ZDS protocol violation: second SnapshotSent$/,
+    );
   });
 });
 
 describe('ambient-bpf agent capability check', () => {
   it('names each missing capability and what it is for, from CapEff', async () => {
     const { missingCapabilities } = await import('../cni-agent/src/commands/agent.js');
-    const status = (eff: bigint) => `Name:\tnode\nCapInh:\t0000000000000000\nCapEff:\t${eff.toString(16).padStart(16, '0')}\n`;
+    const status = (eff: bigint) =>
+      `Name:\tnode\nCapInh:\t0000000000000000\nCapEff:\t${eff.toString(16).padStart(16, '0')}\n`;
     const daemonSet = (1n << 12n) | (1n << 21n) | (1n << 19n) | (1n << 39n);
     assert.deepEqual(missingCapabilities(status(daemonSet)), []);
     assert.deepEqual(missingCapabilities(status((1n << 41n) - 1n)), [], 'root with every capability');

@@ -21,42 +21,64 @@ import { until } from './helpers/wait.js';
 after(assertNothingLeft);
 
 describe('CNI ADD of an ambient pod', kernelTest(), () => {
-  it('answers once redirected and acked, without waiting for the annotation or for later passes', { timeout: 60_000 }, async (t) => {
-    const topo = new Topology();
-    const root = testBpffsRoot(topo.id);
-    const dir = mkdtempSync(join(tmpdir(), 'abt-cniadd-'));
-    const net = await podWithRemote(topo, 93);
-    const dp = await Datapath.open({ bpffsRoot: root });
-    const zds = new ZdsServer({ socketPath: join(dir, 'z.sock') });
-    const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
-    // An API server that takes the annotation but never answers (until the test ends).
-    const patches: RedirectionAnnotation[] = [];
-    let release!: () => void;
-    const held = new Promise<void>((r) => (release = r));
-    const reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, annotator: { setRedirection: (_pod, value) => (patches.push(value), held) } });
-    t.after(async () => {
-      release();
-      reconciler.stop();
-      standIn.stop();
-      zds.close();
-      dp.close();
-      await removeDatapath(root);
-      await topo.cleanup();
-      rmSync(dir, { recursive: true, force: true });
-    });
-    zds.start();
-    standIn.start();
-    await until(() => zds.connectedCount === 1, 'the stand-in connected');
-    const pod: Pod = { metadata: { name: 'cart', namespace: 'shop', uid: `uid-cart-${topo.id}`, labels: { 'istio.io/dataplane-mode': 'ambient' } }, spec: {}, status: {} };
-    reconciler.applyChanges([], { pods: new Map(), namespaces: new Map() });
+  it(
+    'answers once redirected and acked, without waiting for the annotation or for later passes',
+    { timeout: 60_000 },
+    async (t) => {
+      const topo = new Topology();
+      const root = testBpffsRoot(topo.id);
+      const dir = mkdtempSync(join(tmpdir(), 'abt-cniadd-'));
+      const net = await podWithRemote(topo, 93);
+      const dp = await Datapath.open({ bpffsRoot: root });
+      const zds = new ZdsServer({ socketPath: join(dir, 'z.sock') });
+      const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
+      // An API server that takes the annotation but never answers (until the test ends).
+      const patches: RedirectionAnnotation[] = [];
+      let release!: () => void;
+      const held = new Promise<void>((r) => (release = r));
+      const reconciler = new Reconciler({
+        datapath: dp,
+        zds,
+        netns: new NetnsLocator(),
+        log: silentLogger,
+        annotator: { setRedirection: (_pod, value) => (patches.push(value), held) },
+      });
+      t.after(async () => {
+        release();
+        reconciler.stop();
+        standIn.stop();
+        zds.close();
+        dp.close();
+        await removeDatapath(root);
+        await topo.cleanup();
+        rmSync(dir, { recursive: true, force: true });
+      });
+      zds.start();
+      standIn.start();
+      await until(() => zds.connectedCount === 1, 'the stand-in connected');
+      const pod: Pod = {
+        metadata: {
+          name: 'cart',
+          namespace: 'shop',
+          uid: `uid-cart-${topo.id}`,
+          labels: { 'istio.io/dataplane-mode': 'ambient' },
+        },
+        spec: {},
+        status: {},
+      };
+      reconciler.applyChanges([], { pods: new Map(), namespaces: new Map() });
 
-    const add = reconciler.cniAdd(pod, net.podPath, [net.podV4]);
-    // The pod's watch event arrives during the ADD: it asks for another pass.
-    reconciler.applyChanges([{ kind: 'pod', type: 'added', pod: { ...pod, status: { phase: 'Pending' } } }], { pods: new Map([[pod.metadata.uid, pod]]), namespaces: new Map() });
-    const answer = await Promise.race([add, new Promise<'held'>((r) => setTimeout(() => r('held'), 10_000))]);
-    assert.deepEqual(answer, { ok: true }, 'the ADD answered while the annotation is still held');
-    assert.deepEqual(patches, ['enabled'], 'the annotation was asked for');
-    assert.equal(standIn.stats()[0]?.name, 'cart', 'ztunnel has the pod');
-    assert.equal((await dp.list())[0]?.uid, pod.metadata.uid, 'the pod is redirected');
-  });
+      const add = reconciler.cniAdd(pod, net.podPath, [net.podV4]);
+      // The pod's watch event arrives during the ADD: it asks for another pass.
+      reconciler.applyChanges([{ kind: 'pod', type: 'added', pod: { ...pod, status: { phase: 'Pending' } } }], {
+        pods: new Map([[pod.metadata.uid, pod]]),
+        namespaces: new Map(),
+      });
+      const answer = await Promise.race([add, new Promise<'held'>((r) => setTimeout(() => r('held'), 10_000))]);
+      assert.deepEqual(answer, { ok: true }, 'the ADD answered while the annotation is still held');
+      assert.deepEqual(patches, ['enabled'], 'the annotation was asked for');
+      assert.equal(standIn.stats()[0]?.name, 'cart', 'ztunnel has the pod');
+      assert.equal((await dp.list())[0]?.uid, pod.metadata.uid, 'the pod is redirected');
+    },
+  );
 });

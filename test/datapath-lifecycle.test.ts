@@ -15,7 +15,9 @@ import { runCli } from './helpers/cli.js';
 after(assertNothingLeft);
 
 /** A topology and a datapath on a fresh bpffs root, both removed after the test. */
-async function fixture(t: { after: (fn: () => Promise<void>) => void }): Promise<{ topo: Topology; dp: Datapath; root: string }> {
+async function fixture(t: {
+  after: (fn: () => Promise<void>) => void;
+}): Promise<{ topo: Topology; dp: Datapath; root: string }> {
   const topo = new Topology();
   const root = testBpffsRoot(topo.id);
   const dp = await Datapath.open({ bpffsRoot: root });
@@ -66,14 +68,22 @@ describe('datapath lifecycle', kernelTest(), () => {
     const zt = await ztunnelListener(net.podPath, 15001);
     t.after(() => zt.close());
     // A process that attaches, says so, and then waits to be killed.
-    const child = spawn(process.execPath, ['--input-type=module', '-e', `
+    const child = spawn(
+      process.execPath,
+      [
+        '--input-type=module',
+        '-e',
+        `
       const { Datapath } = await import(${JSON.stringify(new URL('../bpf/src/index.js', import.meta.url).href)});
       const dp = await Datapath.open({ bpffsRoot: ${JSON.stringify(root)} });
       if (${JSON.stringify(KERNEL_STEERING)} !== 'sk-assign') await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering: ${JSON.stringify(KERNEL_STEERING)} });
       await dp.attach({ uid: ${JSON.stringify(uid)}, netnsPath: ${JSON.stringify(net.podPath)}, ips: [${JSON.stringify(net.podV4)}] });
       console.log('attached');
       setInterval(() => {}, 1000);
-    `], { stdio: ['ignore', 'pipe', 'inherit'] });
+    `,
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
     await new Promise<void>((resolve, reject) => {
       child.stdout.on('data', (d: Buffer) => d.toString().includes('attached') && resolve());
       child.on('exit', (code) => reject(new Error(`attacher exited early (${code})`)));
@@ -86,7 +96,10 @@ describe('datapath lifecycle', kernelTest(), () => {
     assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 80 }), 'ztunnel-15001');
     const listed = await runCli(['datapath', 'list', '--json', '--bpffs', root]);
     assert.equal(listed.code, 0);
-    assert.deepEqual((JSON.parse(listed.stdout) as { uid: string }[]).map((p) => p.uid), [uid]);
+    assert.deepEqual(
+      (JSON.parse(listed.stdout) as { uid: string }[]).map((p) => p.uid),
+      [uid],
+    );
     assert.equal((await runCli(['datapath', 'verify', '--uid', uid, '--bpffs', root])).code, 0);
     assert.equal((await runCli(['datapath', 'detach', '--uid', uid, '--bpffs', root])).code, 0);
     await assert.rejects(whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 80, timeoutMs: 1000 }));
@@ -118,12 +131,18 @@ describe('datapath lifecycle', kernelTest(), () => {
       const before = redirected;
       assert.equal((await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4] }, { mode })).mode, mode);
       for (let i = 0; i < 1000 && redirected < before + 20; i++) await new Promise((r) => setTimeout(r, 5));
-      assert.ok(redirected >= before + 20, `only ${redirected - before} connections redirected after switching to ${mode}`);
+      assert.ok(
+        redirected >= before + 20,
+        `only ${redirected - before} connections redirected after switching to ${mode}`,
+      );
     }
     running = false;
     await load;
     assert.deepEqual(escaped, []);
-    assert.deepEqual((await dp.list()).map((p) => p.mode), ['tcx']);
+    assert.deepEqual(
+      (await dp.list()).map((p) => p.mode),
+      ['tcx'],
+    );
     assert.equal((await dp.verify(uid)).ok, true);
     assert.equal(await topo.exec(net.pod, 'tc', 'filter', 'show', 'dev', 'eth0', 'ingress'), '');
     assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', 'eth0'), /clsact/);
@@ -162,13 +181,37 @@ describe('datapath lifecycle', kernelTest(), () => {
       [{ uid: 'a', netnsPath: net.podPath, ips: [] }, 'EINVALID', /1 to 8 IPs/],
       [{ uid: 'a', netnsPath: net.podPath, ips: ['not-an-ip'] }, 'EINVALID', /not an IP address/],
       // The node's own namespace is never a pod's (this test runs in it, as the agent does).
-      [{ uid: 'a', netnsPath: '/proc/self/ns/net', ips: [net.podV4] }, 'ENETNS', /own network namespace \(the node's\)/],
-      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['bad/name'] }, 'EINVALID', /not an interface name/],
-      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['eth0'] }, 'EINVALID', /is the pod's own interface/],
-      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], podCgroup: '/sys/fs/cgroup/none-such' }, 'EINVALID', /cannot open the pod's cgroup/],
+      [
+        { uid: 'a', netnsPath: '/proc/self/ns/net', ips: [net.podV4] },
+        'ENETNS',
+        /own network namespace \(the node's\)/,
+      ],
+      [
+        { uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['bad/name'] },
+        'EINVALID',
+        /not an interface name/,
+      ],
+      [
+        { uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['eth0'] },
+        'EINVALID',
+        /is the pod's own interface/,
+      ],
+      [
+        { uid: 'a', netnsPath: net.podPath, ips: [net.podV4], podCgroup: '/sys/fs/cgroup/none-such' },
+        'EINVALID',
+        /cannot open the pod's cgroup/,
+      ],
       // One past the longest: a uid of 64 characters, an interface name of 16 bytes.
-      [{ uid: 'u'.repeat(64), netnsPath: net.podPath, ips: [net.podV4] }, 'EINVALID', /pod uid \(at most 63 characters\)/],
-      [{ uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['abcdefghijklmnop'] }, 'EINVALID', /interface name \(at most 15 characters\)/],
+      [
+        { uid: 'u'.repeat(64), netnsPath: net.podPath, ips: [net.podV4] },
+        'EINVALID',
+        /pod uid \(at most 63 characters\)/,
+      ],
+      [
+        { uid: 'a', netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['abcdefghijklmnop'] },
+        'EINVALID',
+        /interface name \(at most 15 characters\)/,
+      ],
     ];
     for (const [pod, code, message] of cases) {
       await assert.rejects(dp.attach(pod), (err: DatapathError) => {
@@ -182,7 +225,10 @@ describe('datapath lifecycle', kernelTest(), () => {
     // The longest of each fits: a 63-character uid, a 15-character interface name.
     const longest = 'u'.repeat(63);
     await dp.attach({ uid: longest, netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['abcdefghijklmno'] });
-    assert.deepEqual((await dp.list()).map((p) => [p.uid, p.rerouteInterfaces]), [[longest, ['abcdefghijklmno']]]);
+    assert.deepEqual(
+      (await dp.list()).map((p) => [p.uid, p.rerouteInterfaces]),
+      [[longest, ['abcdefghijklmno']]],
+    );
     assert.equal((await dp.detach(longest)).found, true);
     await assert.rejects(Datapath.open({ bpffsRoot: '/tmp/not-bpffs' }), (err: DatapathError) => err.code === 'EBPFFS');
   });
@@ -200,13 +246,19 @@ describe('datapath lifecycle', kernelTest(), () => {
     assert.equal(linksBefore.length, 2);
     // Something already occupies the egress pin path: the links attach, then pinning fails.
     mkdirSync(`${root}/pods/${uid}/egress`, { recursive: true });
-    await assert.rejects(dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode: 'tcx' }), /cannot attach tcx links/);
+    await assert.rejects(
+      dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode: 'tcx' }),
+      /cannot attach tcx links/,
+    );
     assert.deepEqual(await linksOfPrograms(ours), linksBefore);
     assert.doesNotMatch(await topo.ip(net.pod, 'rule'), /0x111/);
     assert.doesNotMatch(await topo.ip(net.pod, '-6', 'rule'), /0x111/);
     assert.equal(await topo.ip(net.pod, 'route', 'show', 'table', '100').catch(() => ''), '');
     assert.equal((await topo.exec(net.pod, 'sysctl', '-n', 'net.ipv4.conf.eth0.accept_local')).trim(), '0');
-    assert.deepEqual((await dp.list()).map((p) => p.uid), [`first-${topo.id}`]);
+    assert.deepEqual(
+      (await dp.list()).map((p) => p.uid),
+      [`first-${topo.id}`],
+    );
     await dp.detach(`first-${topo.id}`);
     rmSync(`${root}/pods/${uid}`, { recursive: true });
   });

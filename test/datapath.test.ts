@@ -17,7 +17,10 @@ const APP_PORT = 8080;
 
 after(assertNothingLeft);
 
-for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
+for (const [mode, subnet] of [
+  ['tcx', 1],
+  ['tc', 2],
+] as const) {
   describe(`datapath with ${mode}`, kernelTest({ name: `datapath with ${mode}`, tcx: mode === 'tcx' }), () => {
     const topo = new Topology();
     const uid = `pod-${topo.id}`;
@@ -45,7 +48,12 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
       inbound = await ztunnelListener(net.podPath, 15006);
       hbone = await ztunnelListener(net.podPath, 15008);
       app = await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT });
-      remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT });
+      remote = await RecordingServer.start('remote', {
+        netns: Topology.netnsPath(net.remote),
+        family: 6,
+        address: '::',
+        port: APP_PORT,
+      });
     });
 
     after(async () => {
@@ -57,7 +65,10 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
     });
 
     it('sends outbound TCP (IPv4 and IPv6) to 15001 with the original destination as local address', async () => {
-      for (const [host, src] of [[net.remoteV4, net.podV4], [net.remoteV6, net.podV6]] as const) {
+      for (const [host, src] of [
+        [net.remoteV4, net.podV4],
+        [net.remoteV6, net.podV6],
+      ] as const) {
         assert.equal(await whoAnswers({ netns: net.podPath, host, port: APP_PORT }, 'hello'), 'ztunnel-15001');
         const got = outbound.accepted.at(-1)!;
         assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [host, APP_PORT, src]);
@@ -66,8 +77,14 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
     });
 
     it('sends inbound TCP to 15006 with local address = pod IP:port', async () => {
-      for (const [host, src] of [[net.podV4, net.remoteV4], [net.podV6, net.remoteV6]] as const) {
-        assert.equal(await whoAnswers({ netns: Topology.netnsPath(net.remote), host, port: APP_PORT }), 'ztunnel-15006');
+      for (const [host, src] of [
+        [net.podV4, net.remoteV4],
+        [net.podV6, net.remoteV6],
+      ] as const) {
+        assert.equal(
+          await whoAnswers({ netns: Topology.netnsPath(net.remote), host, port: APP_PORT }),
+          'ztunnel-15006',
+        );
         const got = inbound.accepted.at(-1)!;
         assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [host, APP_PORT, src]);
       }
@@ -88,7 +105,10 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
       for (const host of [net.remoteV4, net.remoteV6]) {
         assert.equal(await whoAnswers({ netns: net.podPath, host, port: APP_PORT, mark: 0x539 }), 'remote');
       }
-      assert.deepEqual(remote.accepted.map((a) => a.remoteAddress), [net.podV4, net.podV6]);
+      assert.deepEqual(
+        remote.accepted.map((a) => a.remoteAddress),
+        [net.podV4, net.podV6],
+      );
       assert.equal(outbound.accepted.length, before);
     });
 
@@ -102,8 +122,16 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
 
     it('leaves kubelet probe traffic alone in both directions', async () => {
       const inBefore = inbound.accepted.length;
-      for (const [host, probe] of [[net.podV4, PROBE_V4], [net.podV6, PROBE_V6]] as const) {
-        const answer = await whoAnswers({ netns: Topology.netnsPath(net.remote), host, port: APP_PORT, localAddress: probe });
+      for (const [host, probe] of [
+        [net.podV4, PROBE_V4],
+        [net.podV6, PROBE_V6],
+      ] as const) {
+        const answer = await whoAnswers({
+          netns: Topology.netnsPath(net.remote),
+          host,
+          port: APP_PORT,
+          localAddress: probe,
+        });
         assert.equal(answer, 'app');
         assert.equal(app.accepted.at(-1)!.remoteAddress, probe);
       }
@@ -116,15 +144,30 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
     });
 
     it("returns the app's replies to ztunnel's spoofed-source connections", async () => {
-      for (const [host, client] of [[net.podV4, net.remoteV4], [net.podV6, net.remoteV6]] as const) {
+      for (const [host, client] of [
+        [net.podV4, net.remoteV4],
+        [net.podV6, net.remoteV6],
+      ] as const) {
         const answer = await whoAnswers(
-          { netns: net.podPath, host, port: APP_PORT, localAddress: client, transparent: true, freebind: true, mark: 0x539 },
+          {
+            netns: net.podPath,
+            host,
+            port: APP_PORT,
+            localAddress: client,
+            transparent: true,
+            freebind: true,
+            mark: 0x539,
+          },
           'from-ztunnel',
         );
         assert.equal(answer, 'app');
         assert.equal(app.accepted.at(-1)!.remoteAddress, client);
       }
-      assert.equal(remote.accepted.filter((a) => a.localAddress === net.remoteV4).length, 1, 'only the marked test reached the remote');
+      assert.equal(
+        remote.accepted.filter((a) => a.localAddress === net.remoteV4).length,
+        1,
+        'only the marked test reached the remote',
+      );
     });
 
     it('verifies the attachment and reports what was removed behind its back; re-attach repairs it', async () => {
@@ -141,7 +184,10 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
     it('is idempotent and updates the pod IPs in place', async () => {
       assert.equal((await attach()).updated, true);
       assert.equal((await attach([net.podV4])).updated, true);
-      assert.deepEqual((await dp.list()).map((p) => [p.uid, p.ips, p.state]), [[uid, [net.podV4], 'attached']]);
+      assert.deepEqual(
+        (await dp.list()).map((p) => [p.uid, p.ips, p.state]),
+        [[uid, [net.podV4], 'attached']],
+      );
       assert.equal((await attach()).updated, true);
       assert.deepEqual((await dp.list())[0]!.ips, [net.podV4, net.podV6]);
       assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: APP_PORT }), 'ztunnel-15001');
@@ -151,7 +197,12 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
       await inbound.close();
       const appBefore = app.accepted.length;
       for (const host of [net.podV4, net.podV6]) {
-        const err = await connectFails({ netns: Topology.netnsPath(net.remote), host, port: APP_PORT, timeoutMs: 1000 });
+        const err = await connectFails({
+          netns: Topology.netnsPath(net.remote),
+          host,
+          port: APP_PORT,
+          timeoutMs: 1000,
+        });
         assert.match(err.message, /ECONNREFUSED/, host);
       }
       assert.equal(app.accepted.length, appBefore, 'inbound reached the app without ztunnel');
@@ -184,7 +235,16 @@ for (const [mode, subnet] of [['tcx', 1], ['tc', 2]] as const) {
       assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV6, port: APP_PORT }), 'remote');
       assert.equal(await whoAnswers({ netns: Topology.netnsPath(net.remote), host: net.podV4, port: APP_PORT }), 'app');
       // Without the return path, ztunnel's spoofed connection never completes.
-      await connectFails({ netns: net.podPath, host: net.podV4, port: APP_PORT, localAddress: net.remoteV4, transparent: true, freebind: true, mark: 0x539, timeoutMs: 700 });
+      await connectFails({
+        netns: net.podPath,
+        host: net.podV4,
+        port: APP_PORT,
+        localAddress: net.remoteV4,
+        transparent: true,
+        freebind: true,
+        mark: 0x539,
+        timeoutMs: 700,
+      });
       assert.doesNotMatch(await topo.ip(net.pod, 'rule'), /0x111/);
       assert.doesNotMatch(await topo.ip(net.pod, '-6', 'rule'), /0x111/);
       for (const family of ['-4', '-6']) {

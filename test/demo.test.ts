@@ -17,20 +17,33 @@ async function demoLeftovers(): Promise<string[]> {
 }
 
 describe('ambient-bpf demo', kernelTest(), () => {
-  it('shows ambient pods going through ztunnel and the others going direct, then cleans up', { timeout: 90_000 }, async () => {
-    const r = await runCli(['demo']);
-    assert.equal(r.code, 0, r.stderr);
-    assert.match(r.stdout, /shop\/cart +yes +enabled +tcx? +acked/);
-    assert.match(r.stdout, /shop\/legacy +no +not ambient/);
-    // Each leg: through ztunnel per the stand-in, and the datapath's own count for it.
-    assert.match(r.stdout, /shop\/cart +external \(198\.18\.101\.2\) +external +yes \(bpf 1\) +- +198\.18\.101\.2:8080 +yes/);
-    assert.match(r.stdout, /shop\/web +shop\/cart +shop\/cart +yes \(bpf 1\) +yes \(bpf 1\) +198\.18\.100\.10:8080 +yes/);
-    assert.match(r.stdout, /plain\/api +shop\/cart +shop\/cart +no \(bpf -\) +yes \(bpf 1\) +198\.18\.100\.10:8080 +yes/);
-    assert.match(r.stdout, /Everything behaved as expected/);
-    assert.doesNotMatch(r.stdout, / NO\n/);
-    assert.match(r.stderr, /• creating the node/);
-    assert.deepEqual(await demoLeftovers(), []);
-  });
+  it(
+    'shows ambient pods going through ztunnel and the others going direct, then cleans up',
+    { timeout: 90_000 },
+    async () => {
+      const r = await runCli(['demo']);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, /shop\/cart +yes +enabled +tcx? +acked/);
+      assert.match(r.stdout, /shop\/legacy +no +not ambient/);
+      // Each leg: through ztunnel per the stand-in, and the datapath's own count for it.
+      assert.match(
+        r.stdout,
+        /shop\/cart +external \(198\.18\.101\.2\) +external +yes \(bpf 1\) +- +198\.18\.101\.2:8080 +yes/,
+      );
+      assert.match(
+        r.stdout,
+        /shop\/web +shop\/cart +shop\/cart +yes \(bpf 1\) +yes \(bpf 1\) +198\.18\.100\.10:8080 +yes/,
+      );
+      assert.match(
+        r.stdout,
+        /plain\/api +shop\/cart +shop\/cart +no \(bpf -\) +yes \(bpf 1\) +198\.18\.100\.10:8080 +yes/,
+      );
+      assert.match(r.stdout, /Everything behaved as expected/);
+      assert.doesNotMatch(r.stdout, / NO\n/);
+      assert.match(r.stderr, /• creating the node/);
+      assert.deepEqual(await demoLeftovers(), []);
+    },
+  );
 
   it('--keep leaves it running for `ambient-bpf status`, and Ctrl-C tears it down', { timeout: 90_000 }, async () => {
     const child = spawn(CLI, ['demo', '--keep', '--attach-mode', 'tc'], { stdio: ['ignore', 'pipe', 'pipe'] });

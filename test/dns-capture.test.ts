@@ -26,7 +26,8 @@ describe('DNS capture', kernelTest(), () => {
   let proxy: PodProxy;
   let server: TestDnsServer;
 
-  const attach = (dns: boolean) => dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...(dns ? { podCgroup: app.path } : {}) });
+  const attach = (dns: boolean) =>
+    dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...(dns ? { podCgroup: app.path } : {}) });
   const viaZtunnel = (): number => proxy.recent.filter((c) => c.direction === 'dns').length;
 
   before(async () => {
@@ -73,7 +74,14 @@ describe('DNS capture', kernelTest(), () => {
 
   it('leaves processes outside the pod’s cgroup alone', async () => {
     const seen = viaZtunnel();
-    const out = await sh('nsenter', [`--net=${net.podPath}`, 'python3', app.clientScript, 'dns-udp', net.remoteV4, 'connected']);
+    const out = await sh('nsenter', [
+      `--net=${net.podPath}`,
+      'python3',
+      app.clientScript,
+      'dns-udp',
+      net.remoteV4,
+      'connected',
+    ]);
     assert.equal(out.trim(), `${ANSWER} from ${net.remoteV4}:53`);
     assert.equal(viaZtunnel(), seen, 'a process in another cgroup was captured');
   });
@@ -86,23 +94,38 @@ describe('DNS capture', kernelTest(), () => {
     await attach(true);
     assert.equal((await dp.verify(uid)).ok, true);
     const seen = viaZtunnel();
-    assert.equal(await app.client(net.podPath, 'dns-udp', net.remoteV4, 'unconnected'), `${ANSWER} from ${net.remoteV4}:53`);
+    assert.equal(
+      await app.client(net.podPath, 'dns-udp', net.remoteV4, 'unconnected'),
+      `${ANSWER} from ${net.remoteV4}:53`,
+    );
     assert.equal(viaZtunnel(), seen + 1);
   });
 
   it('turned off with the pod’s cgroup kept: queries go straight, the socket-option guard stays', async () => {
     const refused = 'ERR PermissionError: [Errno 1] Operation not permitted';
     assert.equal(await app.client(net.podPath, 'qdisc-bypass'), refused);
-    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], podCgroup: app.path, dnsCapture: false });
+    await dp.attach({
+      uid,
+      netnsPath: net.podPath,
+      ips: [net.podV4, net.podV6],
+      podCgroup: app.path,
+      dnsCapture: false,
+    });
     const pod = (await dp.list()).find((p) => p.uid === uid);
     assert.deepEqual([pod?.dnsCapture, pod?.podCgroupId !== 0], [false, true]);
     assert.equal((await dp.verify(uid)).ok, true);
     const seen = viaZtunnel();
-    assert.equal(await app.client(net.podPath, 'dns-udp', net.remoteV4, 'connected'), `${ANSWER} from ${net.remoteV4}:53`);
+    assert.equal(
+      await app.client(net.podPath, 'dns-udp', net.remoteV4, 'connected'),
+      `${ANSWER} from ${net.remoteV4}:53`,
+    );
     assert.equal(viaZtunnel(), seen, 'DNS was captured with dnsCapture false');
     assert.equal(await app.client(net.podPath, 'qdisc-bypass'), refused);
     // The control: outside the pod's cgroup the option is allowed.
-    assert.equal((await sh('nsenter', [`--net=${net.podPath}`, 'python3', app.clientScript, 'qdisc-bypass'])).trim(), 'set');
+    assert.equal(
+      (await sh('nsenter', [`--net=${net.podPath}`, 'python3', app.clientScript, 'qdisc-bypass'])).trim(),
+      'set',
+    );
     await attach(true);
     assert.equal((await dp.list()).find((p) => p.uid === uid)?.dnsCapture, true);
   });
@@ -111,7 +134,10 @@ describe('DNS capture', kernelTest(), () => {
     await attach(false);
     const seen = viaZtunnel();
     const queries = server.queries;
-    assert.equal(await app.client(net.podPath, 'dns-udp', net.remoteV4, 'connected'), `${ANSWER} from ${net.remoteV4}:53`);
+    assert.equal(
+      await app.client(net.podPath, 'dns-udp', net.remoteV4, 'connected'),
+      `${ANSWER} from ${net.remoteV4}:53`,
+    );
     assert.equal(await app.client(net.podPath, 'dns-tcp', net.remoteV4), `${ANSWER} from ${net.remoteV4}:53`);
     assert.equal(viaZtunnel(), seen);
     assert.equal(server.queries, queries + 2);

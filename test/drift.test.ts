@@ -26,28 +26,52 @@ describe('drift repair', kernelTest(), () => {
     const dir = mkdtempSync(join(tmpdir(), 'abt-drift-'));
     const net = await podWithRemote(topo, 97);
     const uid = `drift-${topo.id}`;
-    writeFileSync(join(dir, 'pods.yaml'), `apiVersion: v1\nkind: Pod\nmetadata: { name: p, uid: ${uid}, labels: { istio.io/dataplane-mode: ambient } }\nstatus: { podIP: ${net.podV4} }\n`);
+    writeFileSync(
+      join(dir, 'pods.yaml'),
+      `apiVersion: v1\nkind: Pod\nmetadata: { name: p, uid: ${uid}, labels: { istio.io/dataplane-mode: ambient } }\nstatus: { podIP: ${net.podV4} }\n`,
+    );
     // The pod has a cgroup of its own from the start (its "pause" process): an agent still waiting
     // for one re-attaches periodically, which would repair too.
     const cgroup = new AppCgroup(topo.id);
     const pause = cgroup.pause(net.podPath);
-    const agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket: join(dir, 'cni.sock'), cniPolicyFile: join(dir, 'cni-policy'), bpffs: root, hostRoot: '/', attachMode: 'tcx', verifyIntervalMs: 200, log: silentLogger });
+    const agent = new Agent({
+      nodeName: 'n',
+      source: { localPods: join(dir, 'pods.yaml') },
+      ztunnelSocket: join(dir, 'z.sock'),
+      pluginSocket: join(dir, 'cni.sock'),
+      cniPolicyFile: join(dir, 'cni-policy'),
+      bpffs: root,
+      hostRoot: '/',
+      attachMode: 'tcx',
+      verifyIntervalMs: 200,
+      log: silentLogger,
+    });
     const standIn = new ZtunnelStandIn({ socketPath: join(dir, 'z.sock') });
-    const remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 4, address: net.remoteV4, port: 8080 });
+    const remote = await RecordingServer.start('remote', {
+      netns: Topology.netnsPath(net.remote),
+      family: 4,
+      address: net.remoteV4,
+      port: 8080,
+    });
     t.after(async () => {
       standIn.stop();
       agent.stop();
       await remote.close();
       await removeDatapath(root);
       pause.kill();
-      await new Promise((r) => (pause.exitCode !== null || pause.signalCode !== null ? r(undefined) : pause.once('exit', r)));
+      await new Promise((r) =>
+        pause.exitCode !== null || pause.signalCode !== null ? r(undefined) : pause.once('exit', r),
+      );
       cgroup.remove();
       await topo.cleanup();
       rmSync(dir, { recursive: true, force: true });
     });
     standIn.start();
     await agent.start();
-    await until(() => agent.status()[0]?.state === 'enabled' && agent.status()[0]?.dns === 'on', 'enabled, with its cgroup hooked');
+    await until(
+      () => agent.status()[0]?.state === 'enabled' && agent.status()[0]?.dns === 'on',
+      'enabled, with its cgroup hooked',
+    );
     const dp = await Datapath.open({ bpffsRoot: root });
     t.after(() => dp.close());
     const outbound = () => standIn.stats()[0]?.stats.outbound.connections ?? 0;

@@ -9,18 +9,38 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { renderCniPolicy } from '../cni-agent/src/cni/policy-file.js';
-import { DEFAULT_ENABLEMENT_SELECTORS, EnablementSelectors, labelSelectorMatches, parseEnablementSelectors, type LabelSelector } from '../cni-agent/src/pods/enablement.js';
+import {
+  DEFAULT_ENABLEMENT_SELECTORS,
+  EnablementSelectors,
+  labelSelectorMatches,
+  parseEnablementSelectors,
+  type LabelSelector,
+} from '../cni-agent/src/pods/enablement.js';
 import type { ClusterState, Namespace, Pod } from '../cni-agent/src/pods/pod.js';
 import { DEFAULT_POLICY, selectPod, type SelectionPolicy } from '../cni-agent/src/pods/selection.js';
 import { runCli } from './helpers/cli.js';
 import { TEST_PREFIX } from './helpers/kernel.js';
 
-const pod = (namespace: string, labels: Record<string, string> = {}, extra: { hostNetwork?: boolean; annotations?: Record<string, string>; name?: string } = {}): Pod => ({
-  metadata: { name: extra.name ?? 'p', namespace, uid: `uid-${namespace}-${extra.name ?? 'p'}`, labels, annotations: extra.annotations ?? {} },
+const pod = (
+  namespace: string,
+  labels: Record<string, string> = {},
+  extra: { hostNetwork?: boolean; annotations?: Record<string, string>; name?: string } = {},
+): Pod => ({
+  metadata: {
+    name: extra.name ?? 'p',
+    namespace,
+    uid: `uid-${namespace}-${extra.name ?? 'p'}`,
+    labels,
+    annotations: extra.annotations ?? {},
+  },
   spec: { hostNetwork: extra.hostNetwork ?? false },
 });
 const ns = (name: string, labels: Record<string, string> = {}): Namespace => ({ metadata: { name, labels } });
-const policy = (selectorsYaml: string, more: Partial<SelectionPolicy> = {}): SelectionPolicy => ({ ...DEFAULT_POLICY, enablementSelectors: parseEnablementSelectors(selectorsYaml), ...more });
+const policy = (selectorsYaml: string, more: Partial<SelectionPolicy> = {}): SelectionPolicy => ({
+  ...DEFAULT_POLICY,
+  enablementSelectors: parseEnablementSelectors(selectorsYaml),
+  ...more,
+});
 
 describe('label selectors', () => {
   const labels = { app: 'cart', tier: 'web' };
@@ -30,26 +50,59 @@ describe('label selectors', () => {
     ['matchLabels, all present', { matchLabels: { app: 'cart', tier: 'web' } }, labels, true],
     ['matchLabels, one differs', { matchLabels: { app: 'cart', tier: 'db' } }, labels, false],
     ['matchLabels, one missing', { matchLabels: { app: 'cart', zone: 'a' } }, labels, false],
-    ['In, value listed', { matchExpressions: [{ key: 'app', operator: 'In', values: ['shop', 'cart'] }] }, labels, true],
+    [
+      'In, value listed',
+      { matchExpressions: [{ key: 'app', operator: 'In', values: ['shop', 'cart'] }] },
+      labels,
+      true,
+    ],
     ['In, value not listed', { matchExpressions: [{ key: 'app', operator: 'In', values: ['shop'] }] }, labels, false],
     ['In, key missing', { matchExpressions: [{ key: 'zone', operator: 'In', values: ['a'] }] }, labels, false],
     ['NotIn, value listed', { matchExpressions: [{ key: 'app', operator: 'NotIn', values: ['cart'] }] }, labels, false],
-    ['NotIn, value not listed', { matchExpressions: [{ key: 'app', operator: 'NotIn', values: ['shop'] }] }, labels, true],
-    ['NotIn, key missing matches', { matchExpressions: [{ key: 'zone', operator: 'NotIn', values: ['a'] }] }, labels, true],
+    [
+      'NotIn, value not listed',
+      { matchExpressions: [{ key: 'app', operator: 'NotIn', values: ['shop'] }] },
+      labels,
+      true,
+    ],
+    [
+      'NotIn, key missing matches',
+      { matchExpressions: [{ key: 'zone', operator: 'NotIn', values: ['a'] }] },
+      labels,
+      true,
+    ],
     ['Exists', { matchExpressions: [{ key: 'tier', operator: 'Exists' }] }, labels, true],
     ['Exists, missing', { matchExpressions: [{ key: 'zone', operator: 'Exists' }] }, labels, false],
     ['Exists, empty value counts', { matchExpressions: [{ key: 'zone', operator: 'Exists' }] }, { zone: '' }, true],
     ['DoesNotExist', { matchExpressions: [{ key: 'zone', operator: 'DoesNotExist' }] }, labels, true],
     ['DoesNotExist, present', { matchExpressions: [{ key: 'tier', operator: 'DoesNotExist' }] }, labels, false],
-    ['matchLabels and expressions are ANDed', { matchLabels: { app: 'cart' }, matchExpressions: [{ key: 'tier', operator: 'In', values: ['db'] }] }, labels, false],
-    ['several expressions are ANDed', { matchExpressions: [{ key: 'app', operator: 'Exists' }, { key: 'tier', operator: 'NotIn', values: ['db'] }] }, labels, true],
+    [
+      'matchLabels and expressions are ANDed',
+      { matchLabels: { app: 'cart' }, matchExpressions: [{ key: 'tier', operator: 'In', values: ['db'] }] },
+      labels,
+      false,
+    ],
+    [
+      'several expressions are ANDed',
+      {
+        matchExpressions: [
+          { key: 'app', operator: 'Exists' },
+          { key: 'tier', operator: 'NotIn', values: ['db'] },
+        ],
+      },
+      labels,
+      true,
+    ],
   ];
-  for (const [what, selector, l, expected] of cases) it(what, () => assert.equal(labelSelectorMatches(selector, l), expected));
+  for (const [what, selector, l, expected] of cases)
+    it(what, () => assert.equal(labelSelectorMatches(selector, l), expected));
 });
 
 describe('enablement selectors', () => {
   it('an entry needs both its pod and its namespace selector to match', () => {
-    const s = parseEnablementSelectors('[{podSelector: {matchLabels: {mesh: "on"}}, namespaceSelector: {matchLabels: {team: payments}}}]');
+    const s = parseEnablementSelectors(
+      '[{podSelector: {matchLabels: {mesh: "on"}}, namespaceSelector: {matchLabels: {team: payments}}}]',
+    );
     assert.equal(s.match({ mesh: 'on' }, { team: 'payments' }), 0);
     assert.equal(s.match({ mesh: 'on' }, { team: 'search' }), -1, 'pod matches, namespace does not');
     assert.equal(s.match({}, { team: 'payments' }), -1, 'namespace matches, pod does not');
@@ -99,7 +152,10 @@ describe('enablement selectors', () => {
   });
 
   it('the DaemonSet’s commented example is the default', () => {
-    const daemonSet = readFileSync(fileURLToPath(new URL('../../manifests/base/daemonset.yaml', import.meta.url)), 'utf8');
+    const daemonSet = readFileSync(
+      fileURLToPath(new URL('../../manifests/base/daemonset.yaml', import.meta.url)),
+      'utf8',
+    );
     const example = /^\s*# - '--enablement-selectors=(.*)'$/m.exec(daemonSet);
     assert.ok(example, 'no commented --enablement-selectors in the DaemonSet');
     assert.equal(parseEnablementSelectors(example[1]!).isDefault, true);
@@ -109,15 +165,25 @@ describe('enablement selectors', () => {
     ['{podSelector: {}}', /must be a list/],
     ['[]', /empty list/],
     ['[{podSelektor: {}}]', /\[0\]: unknown field "podSelektor"/],
-    ['[{podSelector: {matchLabels: {mesh: [on]}}}]', /\[0\]\.podSelector\.matchLabels: label mesh: the value must be a string/],
+    [
+      '[{podSelector: {matchLabels: {mesh: [on]}}}]',
+      /\[0\]\.podSelector\.matchLabels: label mesh: the value must be a string/,
+    ],
     ['[{podSelector: {matchLabels: {"bad key!": x}}}]', /label key "bad key!"/],
-    ['[{namespaceSelector: {matchExpressions: [{key: team, operator: Equals, values: [a]}]}}]', /\[0\]\.namespaceSelector\.matchExpressions\[0\]: "Equals" is not a valid label selector operator/],
+    [
+      '[{namespaceSelector: {matchExpressions: [{key: team, operator: Equals, values: [a]}]}}]',
+      /\[0\]\.namespaceSelector\.matchExpressions\[0\]: "Equals" is not a valid label selector operator/,
+    ],
     ['[{podSelector: {matchExpressions: [{key: team, operator: In}]}}]', /values set can't be empty/],
     ['[{podSelector: {matchExpressions: [{key: team, operator: Exists, values: [a]}]}}]', /values set must be empty/],
-    ['[{podSelector: {matchExpressions: [{key: team, operator: In, values: ["not a value"]}]}}]', /"not a value" is not a label value/],
+    [
+      '[{podSelector: {matchExpressions: [{key: team, operator: In, values: ["not a value"]}]}}]',
+      /"not a value" is not a label value/,
+    ],
     ['[{podSelector: [', /not JSON or YAML/],
   ];
-  for (const [text, message] of bad) it(`refuses ${text}`, () => assert.throws(() => parseEnablementSelectors(text), message));
+  for (const [text, message] of bad)
+    it(`refuses ${text}`, () => assert.throws(() => parseEnablementSelectors(text), message));
 });
 
 describe('selection with custom selectors', () => {
@@ -127,9 +193,16 @@ describe('selection with custom selectors', () => {
     assert.match(selectPod(pod('shop'), ns('shop'), everything).reason, /every pod is selected/);
     assert.match(selectPod(pod('shop', {}, { hostNetwork: true }), ns('shop'), everything).reason, /host network/);
     assert.equal(selectPod(pod('shop', {}, { hostNetwork: true }), ns('shop'), everything).ambient, false);
-    assert.equal(selectPod(pod('shop', {}, { annotations: { 'sidecar.istio.io/status': '{}' } }), ns('shop'), everything).ambient, false);
+    assert.equal(
+      selectPod(pod('shop', {}, { annotations: { 'sidecar.istio.io/status': '{}' } }), ns('shop'), everything).ambient,
+      false,
+    );
     assert.equal(selectPod(pod('istio-system', { app: 'ztunnel' }), ns('istio-system'), everything).ambient, false);
-    assert.equal(selectPod(pod('istio-system', { 'app.kubernetes.io/name': 'ambient-bpf' }), ns('istio-system'), everything).ambient, false);
+    assert.equal(
+      selectPod(pod('istio-system', { 'app.kubernetes.io/name': 'ambient-bpf' }), ns('istio-system'), everything)
+        .ambient,
+      false,
+    );
     assert.equal(selectPod(pod('kube-system'), ns('kube-system'), everything).ambient, false);
   });
 
@@ -148,10 +221,25 @@ describe('selection with custom selectors', () => {
     const custom = { ...DEFAULT_POLICY, excludedNamespaces: ['legacy'] };
     const s = selectPod(pod('legacy'), ns('legacy', { 'istio.io/dataplane-mode': 'ambient' }), custom);
     assert.equal(s.ambient, false);
-    assert.match(s.reason, /namespace legacy is excluded \(--exclude-namespaces\), although its labels or the pod's select it/);
+    assert.match(
+      s.reason,
+      /namespace legacy is excluded \(--exclude-namespaces\), although its labels or the pod's select it/,
+    );
     assert.match(selectPod(pod('legacy'), ns('legacy'), custom).reason, /^namespace legacy is excluded$/);
-    assert.match(selectPod(pod('legacy', {}, { hostNetwork: true }), ns('legacy', { 'istio.io/dataplane-mode': 'ambient' }), custom).reason, /^namespace legacy is excluded$/, 'a host-network pod would not be enrolled anyway');
-    assert.equal(selectPod(pod('kube-system'), ns('kube-system', { 'istio.io/dataplane-mode': 'ambient' }), custom).ambient, true, 'kube-system is only excluded by default');
+    assert.match(
+      selectPod(
+        pod('legacy', {}, { hostNetwork: true }),
+        ns('legacy', { 'istio.io/dataplane-mode': 'ambient' }),
+        custom,
+      ).reason,
+      /^namespace legacy is excluded$/,
+      'a host-network pod would not be enrolled anyway',
+    );
+    assert.equal(
+      selectPod(pod('kube-system'), ns('kube-system', { 'istio.io/dataplane-mode': 'ambient' }), custom).ambient,
+      true,
+      'kube-system is only excluded by default',
+    );
   });
 
   it('the CNI policy file follows the selectors', () => {
@@ -180,8 +268,14 @@ describe('selection with custom selectors', () => {
     assert.ok(lines.includes('namespace plain none'));
     assert.ok(lines.includes('namespace kube-system excluded'));
     // (the pod's uid last, so that a pod made again under its name is not taken for it)
-    assert.ok(lines.some((l) => /^pod labelled a ambient \S+$/.test(l)), lines.join('\n'));
-    assert.ok(lines.some((l) => /^pod plain b none \S+$/.test(l)), lines.join('\n'));
+    assert.ok(
+      lines.some((l) => /^pod labelled a ambient \S+$/.test(l)),
+      lines.join('\n'),
+    );
+    assert.ok(
+      lines.some((l) => /^pod plain b none \S+$/.test(l)),
+      lines.join('\n'),
+    );
   });
 });
 
@@ -189,7 +283,22 @@ describe('agent flags', () => {
   async function agentWith(args: string[]): Promise<{ code: number; stderr: string; left: string[] }> {
     const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-enable-`));
     try {
-      const r = await runCli(['agent', '--local-pods', join(dir, 'pods.yaml'), '--cni-policy-file', join(dir, 'policy'), '--plugin-socket', join(dir, 'cni.sock'), '--status-socket', join(dir, 'status.sock'), '--ztunnel-socket', join(dir, 'z.sock'), '--bpffs', join(dir, 'bpf'), ...args]);
+      const r = await runCli([
+        'agent',
+        '--local-pods',
+        join(dir, 'pods.yaml'),
+        '--cni-policy-file',
+        join(dir, 'policy'),
+        '--plugin-socket',
+        join(dir, 'cni.sock'),
+        '--status-socket',
+        join(dir, 'status.sock'),
+        '--ztunnel-socket',
+        join(dir, 'z.sock'),
+        '--bpffs',
+        join(dir, 'bpf'),
+        ...args,
+      ]);
       return { ...r, left: readdirSync(dir) };
     } finally {
       rmSync(dir, { recursive: true, force: true });
@@ -222,6 +331,7 @@ describe('agent flags', () => {
 
   it('the help lists the selection flags', async () => {
     const help = (await runCli(['agent', '--help'])).stdout;
-    for (const flag of ['--enablement-selectors', '--exclude-namespaces', '--system-namespace']) assert.match(help, new RegExp(flag));
+    for (const flag of ['--enablement-selectors', '--exclude-namespaces', '--system-namespace'])
+      assert.match(help, new RegExp(flag));
   });
 });

@@ -37,18 +37,45 @@ async function setup(t: { after: (fn: () => unknown) => void }, minIntervalMs: n
 describe('pod events', () => {
   it('creates a core v1 Event about the pod, as kubectl describe shows it', async (t) => {
     const { api, recorder } = await setup(t, 60_000);
-    recorder.podEvent(cart, 'Warning', 'AmbientEnrollmentFailed', 'cannot enrol the pod in ambient (retrying): no network namespace holds the pod IPs');
+    recorder.podEvent(
+      cart,
+      'Warning',
+      'AmbientEnrollmentFailed',
+      'cannot enrol the pod in ambient (retrying): no network namespace holds the pod IPs',
+    );
     await recorder.idle();
     assert.equal(api.eventCalls.length, 1);
     const [call] = api.eventCalls;
     assert.equal(call!.method, 'POST');
     assert.equal(call!.namespace, 'shop');
-    const e = call!.body as { involvedObject: Record<string, string>; source: Record<string, string>; count: number; firstTimestamp: string; lastTimestamp: string; reason: string; type: string };
-    assert.deepEqual(e.involvedObject, { apiVersion: 'v1', kind: 'Pod', name: 'cart', namespace: 'shop', uid: 'uid-cart', resourceVersion: '7' });
+    const e = call!.body as {
+      involvedObject: Record<string, string>;
+      source: Record<string, string>;
+      count: number;
+      firstTimestamp: string;
+      lastTimestamp: string;
+      reason: string;
+      type: string;
+    };
+    assert.deepEqual(e.involvedObject, {
+      apiVersion: 'v1',
+      kind: 'Pod',
+      name: 'cart',
+      namespace: 'shop',
+      uid: 'uid-cart',
+      resourceVersion: '7',
+    });
     assert.deepEqual(e.source, { component: 'ambient-bpf', host: 'node-a' });
     assert.equal(e.count, 1);
     assert.match(e.firstTimestamp, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
-    assert.deepEqual(api.eventsFor('shop', 'cart'), [{ reason: 'AmbientEnrollmentFailed', type: 'Warning', count: 1, message: 'cannot enrol the pod in ambient (retrying): no network namespace holds the pod IPs' }]);
+    assert.deepEqual(api.eventsFor('shop', 'cart'), [
+      {
+        reason: 'AmbientEnrollmentFailed',
+        type: 'Warning',
+        count: 1,
+        message: 'cannot enrol the pod in ambient (retrying): no network namespace holds the pod IPs',
+      },
+    ]);
   });
 
   it('repeats patch one Event’s count, at most once per interval; other reasons and pods are their own', async (t) => {
@@ -56,17 +83,28 @@ describe('pod events', () => {
     recorder.podEvent(cart, 'Warning', 'AmbientEnrollmentFailed', 'ztunnel refused: no');
     await recorder.idle();
     for (let i = 1; i < 20; i++) recorder.podEvent(cart, 'Warning', 'AmbientEnrollmentFailed', 'ztunnel refused: no');
-    recorder.podEvent(cart, 'Warning', 'AmbientAnnotationInvalid', 'annotation ambient.istio.io/dns-capture: "maybe" is not a boolean');
+    recorder.podEvent(
+      cart,
+      'Warning',
+      'AmbientAnnotationInvalid',
+      'annotation ambient.istio.io/dns-capture: "maybe" is not a boolean',
+    );
     recorder.podEvent(other, 'Warning', 'AmbientEnrollmentFailed', 'ztunnel refused: no');
     await recorder.idle();
     assert.equal(api.eventCalls.filter((c) => c.method === 'POST').length, 3, 'one Event per pod, reason and message');
-    await until(() => api.eventsFor('shop', 'cart').find((e) => e.reason === 'AmbientEnrollmentFailed')?.count === 20, 'the repeats counted into the one Event');
+    await until(
+      () => api.eventsFor('shop', 'cart').find((e) => e.reason === 'AmbientEnrollmentFailed')?.count === 20,
+      'the repeats counted into the one Event',
+    );
     const patches = api.eventCalls.filter((c) => c.method === 'PATCH');
     assert.equal(patches.length, 1, 'twenty repeats in one interval: one patch');
     assert.equal(api.events.size, 3);
     // Later repeats: patched again, no new object.
     recorder.podEvent(cart, 'Warning', 'AmbientEnrollmentFailed', 'ztunnel refused: no');
-    await until(() => api.eventsFor('shop', 'cart').find((e) => e.reason === 'AmbientEnrollmentFailed')?.count === 21, 'counted');
+    await until(
+      () => api.eventsFor('shop', 'cart').find((e) => e.reason === 'AmbientEnrollmentFailed')?.count === 21,
+      'counted',
+    );
     assert.equal(api.events.size, 3);
   });
 
@@ -92,7 +130,10 @@ describe('pod events', () => {
     api.events.clear();
     recorder.podEvent(cart, 'Warning', 'AmbientEnrollmentFailed', 'boom');
     await until(() => api.events.size === 1, 'created again');
-    assert.deepEqual(api.eventCalls.map((c) => c.method), ['POST', 'POST']);
+    assert.deepEqual(
+      api.eventCalls.map((c) => c.method),
+      ['POST', 'POST'],
+    );
     assert.equal(api.eventsFor('shop', 'cart')[0]!.count, 2);
   });
 

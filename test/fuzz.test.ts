@@ -47,7 +47,10 @@ function assertCniError(stdout: string, context: string): void {
   assert.ok(typeof parsed.msg === 'string' && parsed.msg.length > 0, `${context}: no message in ${stdout}`);
 }
 
-function runPlugin(env: Record<string, string>, stdin: string): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string }> {
+function runPlugin(
+  env: Record<string, string>,
+  stdin: string,
+): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string }> {
   return new Promise((resolve) => {
     const child = execFile(PLUGIN, [], { env, timeout: 10_000 }, (err, stdout) => {
       const e = err as (Error & { code?: number | string; signal?: NodeJS.Signals }) | null;
@@ -59,7 +62,11 @@ function runPlugin(env: Record<string, string>, stdin: string): Promise<{ code: 
 }
 
 /** Arbitrary strings that look like what a runtime would pass, and some that do not. */
-const text = fc.oneof(fc.string({ maxLength: 40 }), fc.string({ unit: 'binary', maxLength: 40 }), fc.constantFrom('', '../../etc', '/proc/self/ns/net', '/dev/null', '/etc/passwd', 'a'.repeat(5000)));
+const text = fc.oneof(
+  fc.string({ maxLength: 40 }),
+  fc.string({ unit: 'binary', maxLength: 40 }),
+  fc.constantFrom('', '../../etc', '/proc/self/ns/net', '/dev/null', '/etc/passwd', 'a'.repeat(5000)),
+);
 
 describe('fuzzing the agent’s inputs', kernelTest(), () => {
   const id = uniqueSuffix();
@@ -70,8 +77,23 @@ describe('fuzzing the agent’s inputs', kernelTest(), () => {
   let agent: Agent;
 
   before(async () => {
-    writeFileSync(join(dir, 'pods.yaml'), 'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }\n');
-    agent = new Agent({ nodeName: 'n', source: { localPods: join(dir, 'pods.yaml') }, ztunnelSocket: join(dir, 'z.sock'), pluginSocket, cniPolicyFile: join(dir, 'cni-policy'), statusSocket, bpffs: root, hostRoot: '/', attachMode: 'auto', verifyIntervalMs: 0, log: silentLogger });
+    writeFileSync(
+      join(dir, 'pods.yaml'),
+      'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }\n',
+    );
+    agent = new Agent({
+      nodeName: 'n',
+      source: { localPods: join(dir, 'pods.yaml') },
+      ztunnelSocket: join(dir, 'z.sock'),
+      pluginSocket,
+      cniPolicyFile: join(dir, 'cni-policy'),
+      statusSocket,
+      bpffs: root,
+      hostRoot: '/',
+      attachMode: 'auto',
+      verifyIntervalMs: 0,
+      log: silentLogger,
+    });
     await agent.start();
   });
 
@@ -85,20 +107,38 @@ describe('fuzzing the agent’s inputs', kernelTest(), () => {
     const commands = fc.oneof(fc.constantFrom('ADD', 'DEL', 'CHECK', 'VERSION', 'GC', 'STATUS', ''), text);
     const cniArgs = fc.oneof(
       text,
-      fc.record({ ns: fc.constantFrom('shop', 'plain', '', 'a;b'), name: text, uid: text }).map((a) => `IgnoreUnknown=1;K8S_POD_NAMESPACE=${a.ns};K8S_POD_NAME=${a.name};K8S_POD_UID=${a.uid}`),
+      fc
+        .record({ ns: fc.constantFrom('shop', 'plain', '', 'a;b'), name: text, uid: text })
+        .map((a) => `IgnoreUnknown=1;K8S_POD_NAMESPACE=${a.ns};K8S_POD_NAME=${a.name};K8S_POD_UID=${a.uid}`),
     );
     const config = fc.oneof(
       text,
-      fc.record({
-        cniVersion: fc.oneof(fc.constantFrom('0.3.1', '0.4.0', '1.0.0', '1.1.0', '9.9.9'), text, fc.integer()),
-        name: fc.oneof(text, fc.constant(undefined)),
-        type: fc.constant('ambient-bpf-cni'),
-        agent_socket: fc.oneof(fc.constant(pluginSocket), fc.constant(pluginSocket), text),
-        policy_file: fc.oneof(fc.constant(join(dir, 'cni-policy')), fc.constant(undefined), text),
-        prevResult: fc.oneof(fc.constant(undefined), fc.anything(), fc.record({ cniVersion: fc.constant('1.0.0'), ips: fc.array(fc.record({ address: text }), { maxLength: 3 }) })),
-      }).map((c) => JSON.stringify(c)),
+      fc
+        .record({
+          cniVersion: fc.oneof(fc.constantFrom('0.3.1', '0.4.0', '1.0.0', '1.1.0', '9.9.9'), text, fc.integer()),
+          name: fc.oneof(text, fc.constant(undefined)),
+          type: fc.constant('ambient-bpf-cni'),
+          agent_socket: fc.oneof(fc.constant(pluginSocket), fc.constant(pluginSocket), text),
+          policy_file: fc.oneof(fc.constant(join(dir, 'cni-policy')), fc.constant(undefined), text),
+          prevResult: fc.oneof(
+            fc.constant(undefined),
+            fc.anything(),
+            fc.record({
+              cniVersion: fc.constant('1.0.0'),
+              ips: fc.array(fc.record({ address: text }), { maxLength: 3 }),
+            }),
+          ),
+        })
+        .map((c) => JSON.stringify(c)),
     );
-    const env = fc.record({ CNI_COMMAND: commands, CNI_CONTAINERID: text, CNI_NETNS: text, CNI_IFNAME: text, CNI_ARGS: cniArgs, CNI_PATH: fc.constant(CNI_PATH) });
+    const env = fc.record({
+      CNI_COMMAND: commands,
+      CNI_CONTAINERID: text,
+      CNI_NETNS: text,
+      CNI_IFNAME: text,
+      CNI_ARGS: cniArgs,
+      CNI_PATH: fc.constant(CNI_PATH),
+    });
     const clean = (s: string): string => s.replace(/\0/g, ''); // an environment cannot hold NUL
     await fc.assert(
       fc.asyncProperty(env, config, async (e, stdin) => {
@@ -116,7 +156,9 @@ describe('fuzzing the agent’s inputs', kernelTest(), () => {
   it('the relay socket answers arbitrary bytes with a CNI error, and keeps serving', async () => {
     const payload = fc.oneof(
       fc.uint8Array({ maxLength: 2000 }).map((a) => Buffer.from(a)),
-      fc.tuple(fc.array(fc.string({ maxLength: 30 }), { maxLength: 6 }), fc.string({ maxLength: 200 })).map(([lines, body]) => Buffer.from(`AMBIENT-BPF-CNI 1\n${lines.join('\n')}\n\n${body}`)),
+      fc
+        .tuple(fc.array(fc.string({ maxLength: 30 }), { maxLength: 6 }), fc.string({ maxLength: 200 }))
+        .map(([lines, body]) => Buffer.from(`AMBIENT-BPF-CNI 1\n${lines.join('\n')}\n\n${body}`)),
     );
     await fc.assert(
       fc.asyncProperty(payload, async (bytes) => {
@@ -162,20 +204,28 @@ describe('fuzzing ZDS', kernelTest(), () => {
     try {
       const fdsBefore = openFds();
       await fc.assert(
-        fc.asyncProperty(fc.boolean(), fc.array(fc.uint8Array({ maxLength: 1024 }), { minLength: 1, maxLength: 4 }), async (hello, datagrams) => {
-          const zt = new FakeZtunnel(socketPath);
-          if (hello) zt.hello();
-          for (const d of datagrams) zt.send(Buffer.from(d));
-          // Either the server closes the connection, or (a datagram that decoded as a valid
-          // message where one may come) it goes on; nothing it does may bring the server down.
-          await zt.inbox.next(hello ? 300 : 600);
-          zt.close();
-        }),
+        fc.asyncProperty(
+          fc.boolean(),
+          fc.array(fc.uint8Array({ maxLength: 1024 }), { minLength: 1, maxLength: 4 }),
+          async (hello, datagrams) => {
+            const zt = new FakeZtunnel(socketPath);
+            if (hello) zt.hello();
+            for (const d of datagrams) zt.send(Buffer.from(d));
+            // Either the server closes the connection, or (a datagram that decoded as a valid
+            // message where one may come) it goes on; nothing it does may bring the server down.
+            await zt.inbox.next(hello ? 300 : 600);
+            zt.close();
+          },
+        ),
         runs(100),
       );
       const good = new FakeZtunnel(socketPath).hello();
       const first = await good.request(2000);
-      assert.deepEqual(first?.request, { snapshotSent: {} }, 'a well-behaved ztunnel after the garbage got no snapshot');
+      assert.deepEqual(
+        first?.request,
+        { snapshotSent: {} },
+        'a well-behaved ztunnel after the garbage got no snapshot',
+      );
       good.ack();
       await until(() => server.connectedCount >= 1, 'connected');
       good.close();
@@ -214,7 +264,8 @@ describe('fuzzing ZDS', kernelTest(), () => {
             if (fd >= 0) closeSync(fd);
             const reply = await inbox.next(1000);
             if (reply) assert.ok(reply.data.length < 1024);
-            else assert.equal(fatal.length > 0 || inbox.socket.isClosed, true, 'neither an answer nor a stated violation');
+            else
+              assert.equal(fatal.length > 0 || inbox.socket.isClosed, true, 'neither an answer nor a stated violation');
             if (fatal.length) assert.ok(fatal[0]!.length > 0);
           } finally {
             standIn.stop();
@@ -234,7 +285,15 @@ describe('fuzzing files', () => {
     const doc = fc.oneof(
       fc.string({ maxLength: 300 }),
       fc.anything().map((v) => JSON.stringify(v) ?? ''),
-      fc.record({ apiVersion: fc.constantFrom('v1', 'v2', ''), kind: fc.constantFrom('Pod', 'Namespace', 'List', 'Service'), metadata: fc.anything(), status: fc.anything(), items: fc.anything() }).map((v) => JSON.stringify(v)),
+      fc
+        .record({
+          apiVersion: fc.constantFrom('v1', 'v2', ''),
+          kind: fc.constantFrom('Pod', 'Namespace', 'List', 'Service'),
+          metadata: fc.anything(),
+          status: fc.anything(),
+          items: fc.anything(),
+        })
+        .map((v) => JSON.stringify(v)),
     );
     fc.assert(
       fc.property(fc.array(doc, { maxLength: 4 }), (docs) => {
@@ -251,14 +310,36 @@ describe('fuzzing files', () => {
   });
 
   it('conflists: our entry goes last (before istio-cni entries ending the list) and comes out again, others untouched, or the file is refused with a ConflistError', () => {
-    const plugin = fc.record({ type: fc.oneof(fc.constantFrom('bridge', 'portmap', 'ambient-bpf-cni', 'calico', 'istio-cni'), fc.string({ maxLength: 10 })), ipam: fc.anything() });
+    const plugin = fc.record({
+      type: fc.oneof(
+        fc.constantFrom('bridge', 'portmap', 'ambient-bpf-cni', 'calico', 'istio-cni'),
+        fc.string({ maxLength: 10 }),
+      ),
+      ipam: fc.anything(),
+    });
     const conf = fc.oneof(
       fc.string({ maxLength: 200 }),
       fc.anything().map((v) => JSON.stringify(v) ?? ''),
-      fc.record({ cniVersion: fc.constantFrom('1.0.0', '0.3.1'), name: fc.string({ maxLength: 10 }), plugins: fc.array(plugin, { maxLength: 4 }) }).map((v) => JSON.stringify(v)),
-      fc.record({ cniVersion: fc.constant('0.3.1'), name: fc.constant('single'), type: fc.constantFrom('bridge', 'ptp') }).map((v) => JSON.stringify(v)),
+      fc
+        .record({
+          cniVersion: fc.constantFrom('1.0.0', '0.3.1'),
+          name: fc.string({ maxLength: 10 }),
+          plugins: fc.array(plugin, { maxLength: 4 }),
+        })
+        .map((v) => JSON.stringify(v)),
+      fc
+        .record({
+          cniVersion: fc.constant('0.3.1'),
+          name: fc.constant('single'),
+          type: fc.constantFrom('bridge', 'ptp'),
+        })
+        .map((v) => JSON.stringify(v)),
     );
-    const entry = { type: 'ambient-bpf-cni', agent_socket: '/var/run/ambient-bpf/cni.sock', policy_file: '/var/lib/ambient-bpf/cni-policy' } as const;
+    const entry = {
+      type: 'ambient-bpf-cni',
+      agent_socket: '/var/run/ambient-bpf/cni.sock',
+      policy_file: '/var/lib/ambient-bpf/cni-policy',
+    } as const;
     fc.assert(
       fc.property(conf, fc.constantFrom('10-net.conflist', '10-net.conf'), (text, file) => {
         let added;
@@ -271,9 +352,18 @@ describe('fuzzing files', () => {
         assert.ok(hasEntryInPlace(added.text, file), 'our entry is not in its place');
         const plugins = (JSON.parse(added.text) as { plugins: { type: unknown }[] }).plugins;
         const after = plugins.slice(plugins.findIndex((p) => p.type === 'ambient-bpf-cni') + 1);
-        assert.ok(after.every((p) => p.type === 'istio-cni'), 'a plugin other than istio-cni follows ours');
-        const others = (text: string) => JSON.stringify((JSON.parse(text) as { plugins?: { type: unknown }[] }).plugins?.filter((p) => p.type !== 'ambient-bpf-cni'));
-        if (file.endsWith('.conflist') && Array.isArray((JSON.parse(text) as { plugins?: unknown }).plugins)) assert.equal(others(added.text), others(text), 'other plugins were removed or reordered');
+        assert.ok(
+          after.every((p) => p.type === 'istio-cni'),
+          'a plugin other than istio-cni follows ours',
+        );
+        const others = (text: string) =>
+          JSON.stringify(
+            (JSON.parse(text) as { plugins?: { type: unknown }[] }).plugins?.filter(
+              (p) => p.type !== 'ambient-bpf-cni',
+            ),
+          );
+        if (file.endsWith('.conflist') && Array.isArray((JSON.parse(text) as { plugins?: unknown }).plugins))
+          assert.equal(others(added.text), others(text), 'other plugins were removed or reordered');
         assert.equal(withEntry(added.text, file, entry).changed, false, 'adding twice changed the file');
         const removed = withoutEntry(added.text, file);
         assert.ok(removed === undefined || !hasEntryInPlace(removed, file), 'the entry survived removal');

@@ -7,7 +7,13 @@ import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, st
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { hasEntryInPlace, primaryConfigFile, withEntry, withoutEntry, ConflistError } from '../cni-agent/src/installer/conflist.js';
+import {
+  hasEntryInPlace,
+  primaryConfigFile,
+  withEntry,
+  withoutEntry,
+  ConflistError,
+} from '../cni-agent/src/installer/conflist.js';
 import { CniInstaller } from '../cni-agent/src/installer/installer.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { until } from './helpers/wait.js';
@@ -16,7 +22,15 @@ const entry = { type: 'ambient-bpf-cni' as const, agent_socket: '/run/a.sock', p
 const bridge = { type: 'bridge', bridge: 'cni0', ipam: { type: 'host-local' } };
 const conflist = (plugins: object[]) => JSON.stringify({ cniVersion: '1.0.0', name: 'k8s', plugins });
 /** Upstream's entry as its installer writes it (sidecar mode: ambient off). */
-const istioCni = { name: 'istio-cni', type: 'istio-cni', plugin_log_level: 'info', cni_agent_run_dir: '/var/run/istio-cni', ambient_enabled: false, exclude_namespaces: ['kube-system'], pod_namespace: 'istio-system' };
+const istioCni = {
+  name: 'istio-cni',
+  type: 'istio-cni',
+  plugin_log_level: 'info',
+  cni_agent_run_dir: '/var/run/istio-cni',
+  ambient_enabled: false,
+  exclude_namespaces: ['kube-system'],
+  pod_namespace: 'istio-system',
+};
 const plugins = (text: string) => (JSON.parse(text) as { plugins: Record<string, unknown>[] }).plugins;
 
 /** What upstream's installer does to the primary conflist, as istio/istio's
@@ -35,7 +49,10 @@ function upstreamInstall(text: string): string {
 
 describe('conflist', () => {
   it('picks the file a runtime loads first', () => {
-    assert.equal(primaryConfigFile(['99-z.conflist', '10-calico.conflist', '05-a.conf', 'README', '.hidden.conf']), '05-a.conf');
+    assert.equal(
+      primaryConfigFile(['99-z.conflist', '10-calico.conflist', '05-a.conf', 'README', '.hidden.conf']),
+      '05-a.conf',
+    );
     assert.equal(primaryConfigFile(['notes.txt']), undefined);
   });
 
@@ -44,8 +61,14 @@ describe('conflist', () => {
     assert.deepEqual((JSON.parse(once.text) as { plugins: object[] }).plugins, [bridge, entry]);
     assert.equal(once.changed, true);
     assert.equal(withEntry(once.text, 'x.conflist', entry).changed, false);
-    const moved = withEntry(conflist([entry, bridge, { type: 'portmap' }]), 'x.conflist', { ...entry, agent_socket: '/run/b.sock' });
-    assert.deepEqual((JSON.parse(moved.text) as { plugins: { type: string }[] }).plugins.map((p) => p.type), ['bridge', 'portmap', 'ambient-bpf-cni']);
+    const moved = withEntry(conflist([entry, bridge, { type: 'portmap' }]), 'x.conflist', {
+      ...entry,
+      agent_socket: '/run/b.sock',
+    });
+    assert.deepEqual(
+      (JSON.parse(moved.text) as { plugins: { type: string }[] }).plugins.map((p) => p.type),
+      ['bridge', 'portmap', 'ambient-bpf-cni'],
+    );
     assert.equal(hasEntryInPlace(moved.text, 'x.conflist'), true);
   });
 
@@ -69,10 +92,17 @@ describe('conflist', () => {
     assert.equal(hasEntryInPlace(later, 'x.conflist'), true);
     assert.equal(withEntry(later, 'x.conflist', entry).changed, false);
     // Our entry after istio-cni (written by hand, or by an older version of ours): put before it.
-    assert.deepEqual(plugins(withEntry(conflist([bridge, istioCni, entry]), 'x.conflist', entry).text), [bridge, entry, istioCni]);
+    assert.deepEqual(plugins(withEntry(conflist([bridge, istioCni, entry]), 'x.conflist', entry).text), [
+      bridge,
+      entry,
+      istioCni,
+    ]);
     assert.equal(hasEntryInPlace(conflist([bridge, istioCni, entry]), 'x.conflist'), false);
     // istio-cni alone sets up no interface: nothing to chain after.
-    assert.throws(() => withEntry(conflist([istioCni]), 'x.conflist', entry), /no plugin that sets up the pod interface/);
+    assert.throws(
+      () => withEntry(conflist([istioCni]), 'x.conflist', entry),
+      /no plugin that sets up the pod interface/,
+    );
     // Uninstall takes only ours out.
     assert.deepEqual(plugins(withoutEntry(r.text, 'x.conflist')!), [bridge, portmap, istioCni]);
   });
@@ -80,7 +110,10 @@ describe('conflist', () => {
   it('removes only our entry, and rejects what it cannot chain into', () => {
     assert.deepEqual(JSON.parse(withoutEntry(conflist([bridge, entry]), 'x')!), JSON.parse(conflist([bridge])));
     assert.equal(withoutEntry(conflist([bridge]), 'x'), undefined);
-    assert.throws(() => withEntry('{', 'bad.conflist', entry), (e: Error) => e instanceof ConflistError && /not valid JSON/.test(e.message));
+    assert.throws(
+      () => withEntry('{', 'bad.conflist', entry),
+      (e: Error) => e instanceof ConflistError && /not valid JSON/.test(e.message),
+    );
     assert.throws(() => withEntry(conflist([]), 'empty.conflist', entry), /no plugin that sets up the pod interface/);
     assert.throws(() => withEntry('{"name":"x"}', 'odd.conf', entry), /neither "plugins" nor "type"/);
   });
@@ -106,7 +139,16 @@ describe('CNI installer', () => {
     chmodSync(primary, 0o640);
     writeFileSync(join(confDir, '99-other.conflist'), conflist([{ type: 'macvlan' }]));
     const conflicts: number[] = [];
-    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log: silentLogger, debounceMs: 10, onConflict: (n) => conflicts.push(n) });
+    const installer = new CniInstaller({
+      binDir,
+      confDir,
+      binarySource,
+      agentSocket: '/run/a.sock',
+      policyFile: '/var/lib/a/cni-policy',
+      log: silentLogger,
+      debounceMs: 10,
+      onConflict: (n) => conflicts.push(n),
+    });
     t.after(() => installer.stop());
     installer.start();
 
@@ -114,7 +156,11 @@ describe('CNI installer', () => {
     assert.equal(statSync(join(binDir, 'ambient-bpf-cni')).mode & 0o777, 0o755);
     assert.deepEqual((JSON.parse(readFileSync(primary, 'utf8')) as { plugins: object[] }).plugins, [bridge, entry]);
     assert.equal(statSync(primary).mode & 0o777, 0o640);
-    assert.equal(readFileSync(join(confDir, '99-other.conflist'), 'utf8'), conflist([{ type: 'macvlan' }]), 'a file runtimes do not load was changed');
+    assert.equal(
+      readFileSync(join(confDir, '99-other.conflist'), 'utf8'),
+      conflist([{ type: 'macvlan' }]),
+      'a file runtimes do not load was changed',
+    );
     assert.equal(installer.entryInPlace, true);
 
     // Another component (the primary CNI) rewrites its file without our entry, again and again.
@@ -134,7 +180,15 @@ describe('CNI installer', () => {
     const primary = join(confDir, '10-bridge.conflist');
     // Upstream's installer was there first.
     writeFileSync(primary, upstreamInstall(conflist([bridge])));
-    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log: silentLogger, debounceMs: 10 });
+    const installer = new CniInstaller({
+      binDir,
+      confDir,
+      binarySource,
+      agentSocket: '/run/a.sock',
+      policyFile: '/var/lib/a/cni-policy',
+      log: silentLogger,
+      debounceMs: 10,
+    });
     t.after(() => installer.stop());
     installer.start();
     assert.deepEqual(plugins(readFileSync(primary, 'utf8')), [bridge, entry, istioCni]);
@@ -169,35 +223,77 @@ describe('CNI installer', () => {
     writeFileSync(primary, conflist([bridge, ambientOn]));
     const warnings: string[] = [];
     const log = { ...silentLogger, warn: (_o: object, msg?: string) => warnings.push(msg ?? '') };
-    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log, debounceMs: 10 });
+    const installer = new CniInstaller({
+      binDir,
+      confDir,
+      binarySource,
+      agentSocket: '/run/a.sock',
+      policyFile: '/var/lib/a/cni-policy',
+      log,
+      debounceMs: 10,
+    });
     t.after(() => installer.stop());
     installer.start();
-    const ambientWarnings = () => warnings.filter((w) => /istio-cni .* runs its ambient mode \("ambient_enabled": true\)/.test(w)).length;
+    const ambientWarnings = () =>
+      warnings.filter((w) => /istio-cni .* runs its ambient mode \("ambient_enabled": true\)/.test(w)).length;
     assert.equal(ambientWarnings(), 1);
-    assert.deepEqual(plugins(readFileSync(primary, 'utf8')), [bridge, entry, ambientOn], 'installed anyway, in its place');
+    assert.deepEqual(
+      plugins(readFileSync(primary, 'utf8')),
+      [bridge, entry, ambientOn],
+      'installed anyway, in its place',
+    );
     // Rewrites while it stays on: no repeat. Off, then on again: warned again.
     writeFileSync(primary, conflist([bridge, ambientOn]));
-    await until(() => plugins(readFileSync(primary, 'utf8')).length === 3, () => 'our entry put back', 2_000);
+    await until(
+      () => plugins(readFileSync(primary, 'utf8')).length === 3,
+      () => 'our entry put back',
+      2_000,
+    );
     assert.equal(ambientWarnings(), 1, 'warned again while nothing changed for it');
     writeFileSync(primary, conflist([bridge, entry, istioCni]));
-    await until(() => !installer.upstreamAmbient, () => 'the change to off seen', 2_000);
+    await until(
+      () => !installer.upstreamAmbient,
+      () => 'the change to off seen',
+      2_000,
+    );
     writeFileSync(primary, conflist([bridge, entry, ambientOn]));
-    await until(() => ambientWarnings() === 2, () => `warnings: ${JSON.stringify(warnings)}`, 2_000);
+    await until(
+      () => ambientWarnings() === 2,
+      () => `warnings: ${JSON.stringify(warnings)}`,
+      2_000,
+    );
   });
 
   it('wraps a lone .conf into a .conflist of the same name', (t) => {
     const { binDir, confDir, binarySource } = dirs(t);
     writeFileSync(join(confDir, '05-net.conf'), JSON.stringify({ cniVersion: '1.0.0', name: 'net', ...bridge }));
-    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log: silentLogger });
+    const installer = new CniInstaller({
+      binDir,
+      confDir,
+      binarySource,
+      agentSocket: '/run/a.sock',
+      policyFile: '/var/lib/a/cni-policy',
+      log: silentLogger,
+    });
     t.after(() => installer.stop());
     installer.start();
     assert.equal(existsSync(join(confDir, '05-net.conf')), false);
-    assert.deepEqual((JSON.parse(readFileSync(join(confDir, '05-net.conflist'), 'utf8')) as { plugins: object[] }).plugins, [bridge, entry]);
+    assert.deepEqual(
+      (JSON.parse(readFileSync(join(confDir, '05-net.conflist'), 'utf8')) as { plugins: object[] }).plugins,
+      [bridge, entry],
+    );
   });
 
   it('refuses to start without a CNI configuration to chain into', (t) => {
     const { binDir, confDir, binarySource } = dirs(t);
-    const installer = new CniInstaller({ binDir, confDir, binarySource, agentSocket: '/run/a.sock', policyFile: '/var/lib/a/cni-policy', log: silentLogger });
+    const installer = new CniInstaller({
+      binDir,
+      confDir,
+      binarySource,
+      agentSocket: '/run/a.sock',
+      policyFile: '/var/lib/a/cni-policy',
+      log: silentLogger,
+    });
     assert.throws(() => installer.start(), /no CNI configuration in .* to chain into/);
   });
 });

@@ -31,10 +31,32 @@ interface OtherNet {
   farV6: string;
 }
 
-async function addresses(topo: Topology, pod: string, dev: string, far: string, farDev: string, n: number): Promise<OtherNet> {
-  const net = { ns: far, dev, podV4: `198.18.${n}.2`, podV6: `2001:db8:${n}::2`, farV4: `198.18.${n}.1`, farV6: `2001:db8:${n}::1` };
-  await topo.batch(pod, [`link set ${dev} up`, `addr add ${net.podV4}/24 dev ${dev}`, `addr add ${net.podV6}/64 dev ${dev} nodad`]);
-  await topo.batch(far, [`link set ${farDev} up`, `addr add ${net.farV4}/24 dev ${farDev}`, `addr add ${net.farV6}/64 dev ${farDev} nodad`]);
+async function addresses(
+  topo: Topology,
+  pod: string,
+  dev: string,
+  far: string,
+  farDev: string,
+  n: number,
+): Promise<OtherNet> {
+  const net = {
+    ns: far,
+    dev,
+    podV4: `198.18.${n}.2`,
+    podV6: `2001:db8:${n}::2`,
+    farV4: `198.18.${n}.1`,
+    farV6: `2001:db8:${n}::1`,
+  };
+  await topo.batch(pod, [
+    `link set ${dev} up`,
+    `addr add ${net.podV4}/24 dev ${dev}`,
+    `addr add ${net.podV6}/64 dev ${dev} nodad`,
+  ]);
+  await topo.batch(far, [
+    `link set ${farDev} up`,
+    `addr add ${net.farV4}/24 dev ${farDev}`,
+    `addr add ${net.farV6}/64 dev ${farDev} nodad`,
+  ]);
   return net;
 }
 
@@ -50,13 +72,19 @@ async function macvlan(topo: Topology, pod: string, dev: string, n: number): Pro
   const parent = await topo.netns(`p${n}`);
   const far = await topo.netns(`m${n}`);
   await topo.batch(undefined, [`link add uplink netns ${parent} type veth peer name eth0 netns ${far}`]);
-  await topo.batch(parent, ['link set uplink up', `link add ${dev} link uplink type macvlan mode bridge`, `link set ${dev} netns ${pod}`]);
+  await topo.batch(parent, [
+    'link set uplink up',
+    `link add ${dev} link uplink type macvlan mode bridge`,
+    `link set ${dev} netns ${pod}`,
+  ]);
   return addresses(topo, pod, dev, far, 'eth0', n);
 }
 
 /** The tc filters on a device of a netns, as bpftool lists them (it predates tcx: see tcxLinks). */
 async function filtersOn(topo: Topology, ns: string, dev: string): Promise<string[]> {
-  const out = JSON.parse(await topo.exec(ns, 'bpftool', '-j', 'net', 'show', 'dev', dev)) as { tc?: { kind: string; name?: string }[] }[];
+  const out = JSON.parse(await topo.exec(ns, 'bpftool', '-j', 'net', 'show', 'dev', dev)) as {
+    tc?: { kind: string; name?: string }[];
+  }[];
   return (out[0]?.tc ?? []).map((h) => `${h.kind}:${(h.name ?? '').replace(/:\[\d+\]$/, '')}`).sort();
 }
 
@@ -71,223 +99,305 @@ async function sysctl(topo: Topology, ns: string, key: string): Promise<string> 
 
 // sk-lookup steering (the pre-6.6 path, forced here) needs each address in pod_policy: the programs
 // steer a SYN for the netns cookie found there.
-for (const [mode, subnet, steering] of [['tcx', 180, 'sk-assign'], ['tc', 190, 'sk-assign'], ['tcx', 170, 'sk-lookup']] as const) {
+for (const [mode, subnet, steering] of [
+  ['tcx', 180, 'sk-assign'],
+  ['tc', 190, 'sk-assign'],
+  ['tcx', 170, 'sk-lookup'],
+] as const) {
   /** Steering as the kernel needs it, or sk-lookup forced; the test's own marked sockets play ztunnel's. */
   const steer = async (dp: Datapath) => {
     if (steering === 'sk-assign') await useKernelSteering(dp);
     else await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering });
     dp.trustZtunnelCgroup(testRunnerCgroup());
   };
-  describe(`other interfaces of the pod with ${mode}, ${steering}`, kernelTest({ name: `interfaces with ${mode}, ${steering}`, tcx: mode === 'tcx' }), () => {
-    const topo = new Topology();
-    const uid = `pod-${topo.id}`;
-    const root = testBpffsRoot(topo.id);
-    let net: PodNet;
-    let veth: OtherNet, mv: OtherNet;
-    let dp: Datapath;
-    let outbound: RecordingServer, inbound: RecordingServer, hbone: RecordingServer, app: RecordingServer;
-    const farServers: RecordingServer[] = [];
+  describe(
+    `other interfaces of the pod with ${mode}, ${steering}`,
+    kernelTest({ name: `interfaces with ${mode}, ${steering}`, tcx: mode === 'tcx' }),
+    () => {
+      const topo = new Topology();
+      const uid = `pod-${topo.id}`;
+      const root = testBpffsRoot(topo.id);
+      let net: PodNet;
+      let veth: OtherNet, mv: OtherNet;
+      let dp: Datapath;
+      let outbound: RecordingServer, inbound: RecordingServer, hbone: RecordingServer, app: RecordingServer;
+      const farServers: RecordingServer[] = [];
 
-    const attach = () => dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
-    const from = (o: OtherNet) => Topology.netnsPath(o.ns);
+      const attach = () => dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+      const from = (o: OtherNet) => Topology.netnsPath(o.ns);
 
-    before(async () => {
-      net = await podWithRemote(topo, subnet);
-      veth = await secondVeth(topo, net.pod, 'net1', subnet + 1);
-      mv = await macvlan(topo, net.pod, 'mv0', subnet + 2);
-      dp = await Datapath.open({ bpffsRoot: root });
-      await steer(dp);
-      app = await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT });
-      for (const o of [veth, mv]) farServers.push(await RecordingServer.start(`far-${o.dev}`, { netns: from(o), family: 6, address: '::', port: APP_PORT }));
-    });
+      before(async () => {
+        net = await podWithRemote(topo, subnet);
+        veth = await secondVeth(topo, net.pod, 'net1', subnet + 1);
+        mv = await macvlan(topo, net.pod, 'mv0', subnet + 2);
+        dp = await Datapath.open({ bpffsRoot: root });
+        await steer(dp);
+        app = await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT });
+        for (const o of [veth, mv])
+          farServers.push(
+            await RecordingServer.start(`far-${o.dev}`, { netns: from(o), family: 6, address: '::', port: APP_PORT }),
+          );
+      });
 
-    after(async () => {
-      for (const s of [outbound, inbound, hbone, app, ...farServers]) await s?.close();
-      await dp?.detach(uid);
-      dp?.close();
-      await topo.cleanup();
-      rmSync(root, { recursive: true, force: true });
-    });
+      after(async () => {
+        for (const s of [outbound, inbound, hbone, app, ...farServers]) await s?.close();
+        await dp?.detach(uid);
+        dp?.close();
+        await topo.cleanup();
+        rmSync(root, { recursive: true, force: true });
+      });
 
-    it('control: before the programs, inbound TCP on the other interfaces reaches the app', async () => {
-      for (const o of [veth, mv]) for (const host of [o.podV4, o.podV6]) assert.equal(await whoAnswers({ netns: from(o), host, port: APP_PORT }), 'app');
-      assert.equal(await whoAnswers({ netns: net.podPath, host: veth.farV4, port: APP_PORT }), 'far-net1');
-    });
+      it('control: before the programs, inbound TCP on the other interfaces reaches the app', async () => {
+        for (const o of [veth, mv])
+          for (const host of [o.podV4, o.podV6])
+            assert.equal(await whoAnswers({ netns: from(o), host, port: APP_PORT }), 'app');
+        assert.equal(await whoAnswers({ netns: net.podPath, host: veth.farV4, port: APP_PORT }), 'far-net1');
+      });
 
-    it('attaches to every interface but lo, and lists them with their addresses', async () => {
-      const r = await attach();
-      assert.equal(r.mode, mode);
-      outbound = await ztunnelListener(net.podPath, 15001);
-      inbound = await ztunnelListener(net.podPath, 15006);
-      hbone = await ztunnelListener(net.podPath, 15008);
-      const [pod] = await dp.list();
-      assert.equal(pod?.interface, 'eth0');
-      assert.deepEqual(pod.otherInterfaces.map((i) => i.name).sort(), ['mv0', 'net1']);
-      assert.deepEqual([...pod.otherAddresses].sort(), [mv.podV4, mv.podV6, veth.podV4, veth.podV6].sort());
-      if (mode === 'tcx') assert.equal((await tcxLinks(root, uid)).length, 6, 'ingress and egress on each of the 3 interfaces');
-      for (const dev of ['eth0', 'net1', 'mv0']) {
-        assert.deepEqual(await filtersOn(topo, net.pod, dev), mode === 'tcx' ? [] : ['clsact/egress:pod_egress', 'clsact/ingress:pod_ingress'], dev);
-        assert.equal(await sysctl(topo, net.pod, `net.ipv4.conf.${dev}.accept_local`), '1', dev);
-      }
-      assert.deepEqual((await dp.verify(uid)).problems, []);
-      const cli = await runCli(['datapath', 'verify', '--uid', uid, '--bpffs', root]);
-      assert.equal(cli.code, 0, cli.stderr);
-      assert.match(cli.stdout, /: ok \(captured: eth0, (net1, mv0|mv0, net1)\)\n$/);
-      assert.match((await runCli(['datapath', 'list', '--bpffs', root])).stdout, /\beth0,(net1,mv0|mv0,net1)\b/);
-    });
-
-    it('sends inbound TCP arriving on the other interfaces to 15006, with their address as local address', async () => {
-      const appBefore = app.accepted.length;
-      for (const o of [veth, mv]) {
-        for (const [host, src] of [[o.podV4, o.farV4], [o.podV6, o.farV6]] as const) {
-          assert.equal(await whoAnswers({ netns: from(o), host, port: APP_PORT }), 'ztunnel-15006', `${o.dev} ${host}`);
-          const got = inbound.accepted.at(-1)!;
-          assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [host, APP_PORT, src]);
+      it('attaches to every interface but lo, and lists them with their addresses', async () => {
+        const r = await attach();
+        assert.equal(r.mode, mode);
+        outbound = await ztunnelListener(net.podPath, 15001);
+        inbound = await ztunnelListener(net.podPath, 15006);
+        hbone = await ztunnelListener(net.podPath, 15008);
+        const [pod] = await dp.list();
+        assert.equal(pod?.interface, 'eth0');
+        assert.deepEqual(pod.otherInterfaces.map((i) => i.name).sort(), ['mv0', 'net1']);
+        assert.deepEqual([...pod.otherAddresses].sort(), [mv.podV4, mv.podV6, veth.podV4, veth.podV6].sort());
+        if (mode === 'tcx')
+          assert.equal((await tcxLinks(root, uid)).length, 6, 'ingress and egress on each of the 3 interfaces');
+        for (const dev of ['eth0', 'net1', 'mv0']) {
+          assert.deepEqual(
+            await filtersOn(topo, net.pod, dev),
+            mode === 'tcx' ? [] : ['clsact/egress:pod_egress', 'clsact/ingress:pod_ingress'],
+            dev,
+          );
+          assert.equal(await sysctl(topo, net.pod, `net.ipv4.conf.${dev}.accept_local`), '1', dev);
         }
-      }
-      assert.equal(app.accepted.length, appBefore, 'the app took a connection on another interface directly');
-    });
+        assert.deepEqual((await dp.verify(uid)).problems, []);
+        const cli = await runCli(['datapath', 'verify', '--uid', uid, '--bpffs', root]);
+        assert.equal(cli.code, 0, cli.stderr);
+        assert.match(cli.stdout, /: ok \(captured: eth0, (net1, mv0|mv0, net1)\)\n$/);
+        assert.match((await runCli(['datapath', 'list', '--bpffs', root])).stdout, /\beth0,(net1,mv0|mv0,net1)\b/);
+      });
 
-    it('sends outbound TCP leaving through the other interfaces to 15001 with the original destination', async () => {
-      for (const o of [veth, mv]) {
-        for (const [host, src] of [[o.farV4, o.podV4], [o.farV6, o.podV6]] as const) {
-          assert.equal(await whoAnswers({ netns: net.podPath, host, port: APP_PORT }), 'ztunnel-15001', `${o.dev} ${host}`);
-          const got = outbound.accepted.at(-1)!;
-          assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [host, APP_PORT, src]);
+      it('sends inbound TCP arriving on the other interfaces to 15006, with their address as local address', async () => {
+        const appBefore = app.accepted.length;
+        for (const o of [veth, mv]) {
+          for (const [host, src] of [
+            [o.podV4, o.farV4],
+            [o.podV6, o.farV6],
+          ] as const) {
+            assert.equal(
+              await whoAnswers({ netns: from(o), host, port: APP_PORT }),
+              'ztunnel-15006',
+              `${o.dev} ${host}`,
+            );
+            const got = inbound.accepted.at(-1)!;
+            assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [host, APP_PORT, src]);
+          }
         }
-      }
-      assert.deepEqual(farServers.map((s) => s.accepted.length), [1, 0], 'a far side saw a connection that should have gone to ztunnel (net1: the control only)');
-    });
+        assert.equal(app.accepted.length, appBefore, 'the app took a connection on another interface directly');
+      });
 
-    it('leaves HBONE (15008) on the other interfaces to its own listener', async () => {
-      const before = inbound.accepted.length;
-      for (const o of [veth, mv]) for (const host of [o.podV4, o.podV6]) assert.equal(await whoAnswers({ netns: from(o), host, port: 15008 }), 'ztunnel-15008');
-      assert.equal(inbound.accepted.length, before);
-    });
+      it('sends outbound TCP leaving through the other interfaces to 15001 with the original destination', async () => {
+        for (const o of [veth, mv]) {
+          for (const [host, src] of [
+            [o.farV4, o.podV4],
+            [o.farV6, o.podV6],
+          ] as const) {
+            assert.equal(
+              await whoAnswers({ netns: net.podPath, host, port: APP_PORT }),
+              'ztunnel-15001',
+              `${o.dev} ${host}`,
+            );
+            const got = outbound.accepted.at(-1)!;
+            assert.deepEqual([got.localAddress, got.localPort, got.remoteAddress], [host, APP_PORT, src]);
+          }
+        }
+        assert.deepEqual(
+          farServers.map((s) => s.accepted.length),
+          [1, 0],
+          'a far side saw a connection that should have gone to ztunnel (net1: the control only)',
+        );
+      });
 
-    it('applies the pod\'s options to the other interfaces\' addresses: strict mode drops UDP leaving through net1', async () => {
-      const far = await udpInNetns(from(veth), '0.0.0.0', 9999);
-      const local = await udpInNetns(net.podPath, veth.podV4, 0);
-      let got = 0;
-      far.on('message', () => got++);
-      const sent = async () => {
-        const before = got;
-        local.send('x', 9999, veth.farV4);
-        await sleep(300);
-        return got - before;
-      };
-      try {
-        assert.equal(await sent(), 1, 'control: without strict mode it leaves');
-        await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], strict: true }, { mode });
-        const dropped = (await dp.list())[0]!.counters.strictDropped;
-        assert.equal(await sent(), 0, 'with strict mode it is dropped');
-        assert.equal((await dp.list())[0]!.counters.strictDropped, dropped + 1, 'and counted for the pod');
-      } finally {
-        far.close();
-        local.close();
-        await attach();
-      }
-    });
+      it('leaves HBONE (15008) on the other interfaces to its own listener', async () => {
+        const before = inbound.accepted.length;
+        for (const o of [veth, mv])
+          for (const host of [o.podV4, o.podV6])
+            assert.equal(await whoAnswers({ netns: from(o), host, port: 15008 }), 'ztunnel-15008');
+        assert.equal(inbound.accepted.length, before);
+      });
 
-    it('classifies the other interfaces\' traffic as the pod\'s (its counters)', async () => {
-      const [pod] = await dp.list();
-      assert.equal(pod!.counters.inboundRedirected, 4);
-      assert.equal(pod!.counters.outboundRedirected, 4);
-      assert.equal(pod!.counters.bypassHbone, 4);
-    });
+      it("applies the pod's options to the other interfaces' addresses: strict mode drops UDP leaving through net1", async () => {
+        const far = await udpInNetns(from(veth), '0.0.0.0', 9999);
+        const local = await udpInNetns(net.podPath, veth.podV4, 0);
+        let got = 0;
+        far.on('message', () => got++);
+        const sent = async () => {
+          const before = got;
+          local.send('x', 9999, veth.farV4);
+          await sleep(300);
+          return got - before;
+        };
+        try {
+          assert.equal(await sent(), 1, 'control: without strict mode it leaves');
+          await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], strict: true }, { mode });
+          const dropped = (await dp.list())[0]!.counters.strictDropped;
+          assert.equal(await sent(), 0, 'with strict mode it is dropped');
+          assert.equal((await dp.list())[0]!.counters.strictDropped, dropped + 1, 'and counted for the pod');
+        } finally {
+          far.close();
+          local.close();
+          await attach();
+        }
+      });
 
-    it('verify reports another interface whose hook was removed behind its back, and an update repairs it', async () => {
-      if (mode === 'tcx') {
-        const [f] = (await dp.list())[0]!.otherInterfaces.filter((i) => i.name === 'net1');
-        await sh('bpftool', ['link', 'detach', 'pinned', join(root, 'pods', uid, `iface-${f!.ifindex}-ingress`)]);
-      } else {
-        await topo.exec(net.pod, 'tc', 'filter', 'del', 'dev', 'net1', 'ingress');
-      }
-      const broken = await dp.verify(uid);
-      assert.ok(broken.problems.some((p) => /ingress hook of interface net1/.test(p)), broken.problems.join('; '));
-      assert.equal(await whoAnswers({ netns: from(veth), host: veth.podV4, port: APP_PORT }), 'app', 'the broken hook really let it through');
-      await attach();
-      assert.deepEqual((await dp.verify(uid)).problems, []);
-      assert.equal(await whoAnswers({ netns: from(veth), host: veth.podV4, port: APP_PORT }), 'ztunnel-15006');
-    });
+      it("classifies the other interfaces' traffic as the pod's (its counters)", async () => {
+        const [pod] = await dp.list();
+        assert.equal(pod!.counters.inboundRedirected, 4);
+        assert.equal(pod!.counters.outboundRedirected, 4);
+        assert.equal(pod!.counters.bypassHbone, 4);
+      });
 
-    it('verify reports an interface that appeared after enrollment; the next attach captures it', async () => {
-      const late = await secondVeth(topo, net.pod, 'net2', subnet + 3);
-      const far = await RecordingServer.start('far-net2', { netns: from(late), family: 6, address: '::', port: APP_PORT });
-      try {
-        const seen = await dp.verify(uid);
-        assert.ok(seen.problems.some((p) => /interface net2 appeared and is not captured yet/.test(p)), seen.problems.join('; '));
-        assert.ok(seen.problems.some((p) => p.includes(`address ${late.podV4} appeared`)), seen.problems.join('; '));
-        assert.equal(await whoAnswers({ netns: from(late), host: late.podV4, port: APP_PORT }), 'app', 'control: not captured before');
+      it('verify reports another interface whose hook was removed behind its back, and an update repairs it', async () => {
+        if (mode === 'tcx') {
+          const [f] = (await dp.list())[0]!.otherInterfaces.filter((i) => i.name === 'net1');
+          await sh('bpftool', ['link', 'detach', 'pinned', join(root, 'pods', uid, `iface-${f!.ifindex}-ingress`)]);
+        } else {
+          await topo.exec(net.pod, 'tc', 'filter', 'del', 'dev', 'net1', 'ingress');
+        }
+        const broken = await dp.verify(uid);
+        assert.ok(
+          broken.problems.some((p) => /ingress hook of interface net1/.test(p)),
+          broken.problems.join('; '),
+        );
+        assert.equal(
+          await whoAnswers({ netns: from(veth), host: veth.podV4, port: APP_PORT }),
+          'app',
+          'the broken hook really let it through',
+        );
         await attach();
         assert.deepEqual((await dp.verify(uid)).problems, []);
-        assert.equal(await whoAnswers({ netns: from(late), host: late.podV4, port: APP_PORT }), 'ztunnel-15006');
-        assert.equal(await whoAnswers({ netns: net.podPath, host: late.farV6, port: APP_PORT }), 'ztunnel-15001');
-        await topo.ip(net.pod, 'link', 'del', 'net2');
-        assert.ok((await dp.verify(uid)).problems.some((p) => /captured interface net2 .* is gone/.test(p)));
-        await attach();
+        assert.equal(await whoAnswers({ netns: from(veth), host: veth.podV4, port: APP_PORT }), 'ztunnel-15006');
+      });
+
+      it('verify reports an interface that appeared after enrollment; the next attach captures it', async () => {
+        const late = await secondVeth(topo, net.pod, 'net2', subnet + 3);
+        const far = await RecordingServer.start('far-net2', {
+          netns: from(late),
+          family: 6,
+          address: '::',
+          port: APP_PORT,
+        });
+        try {
+          const seen = await dp.verify(uid);
+          assert.ok(
+            seen.problems.some((p) => /interface net2 appeared and is not captured yet/.test(p)),
+            seen.problems.join('; '),
+          );
+          assert.ok(
+            seen.problems.some((p) => p.includes(`address ${late.podV4} appeared`)),
+            seen.problems.join('; '),
+          );
+          assert.equal(
+            await whoAnswers({ netns: from(late), host: late.podV4, port: APP_PORT }),
+            'app',
+            'control: not captured before',
+          );
+          await attach();
+          assert.deepEqual((await dp.verify(uid)).problems, []);
+          assert.equal(await whoAnswers({ netns: from(late), host: late.podV4, port: APP_PORT }), 'ztunnel-15006');
+          assert.equal(await whoAnswers({ netns: net.podPath, host: late.farV6, port: APP_PORT }), 'ztunnel-15001');
+          await topo.ip(net.pod, 'link', 'del', 'net2');
+          assert.ok((await dp.verify(uid)).problems.some((p) => /captured interface net2 .* is gone/.test(p)));
+          await attach();
+          assert.deepEqual((await dp.verify(uid)).problems, []);
+          assert.equal(far.accepted.length, 0);
+        } finally {
+          await far.close();
+        }
+      });
+
+      it('detach restores every interface: no hook, no qdisc, accept_local back, the app reachable again', async () => {
+        const programs = mode === 'tcx' ? await podProgramIds(root, uid) : new Set<number>();
+        const { found } = await dp.detach(uid);
+        assert.ok(found);
+        assert.deepEqual(await linksOfPrograms(programs), []);
+        for (const dev of ['eth0', 'net1', 'mv0']) {
+          assert.deepEqual(await filtersOn(topo, net.pod, dev), [], dev);
+          assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', dev), /clsact/, dev);
+          assert.equal(await sysctl(topo, net.pod, `net.ipv4.conf.${dev}.accept_local`), '0', dev);
+        }
+        assert.ok(!existsSync(join(root, 'pods', uid)), "the pod's pins are gone");
+        assert.equal(await whoAnswers({ netns: from(mv), host: mv.podV6, port: APP_PORT }), 'app');
+      });
+    },
+  );
+
+  describe(
+    `a pod whose IPv4 and IPv6 are on different interfaces, with ${mode}, ${steering}`,
+    kernelTest({ name: `split families with ${mode}, ${steering}`, tcx: mode === 'tcx' }),
+    () => {
+      const topo = new Topology();
+      const uid = `pod-${topo.id}`;
+      const root = testBpffsRoot(topo.id);
+      let pod: string, v4: OtherNet, v6: OtherNet;
+      let dp: Datapath;
+      let servers: RecordingServer[] = [];
+
+      before(async () => {
+        pod = await topo.netns('pod');
+        v4 = await secondVeth(topo, pod, 'eth0', subnet + 5);
+        v6 = await secondVeth(topo, pod, 'net1', subnet + 6);
+        await topo.ip(pod, '-6', 'addr', 'del', `${v4.podV6}/64`, 'dev', 'eth0');
+        await topo.ip(pod, 'addr', 'del', `${v6.podV4}/24`, 'dev', 'net1');
+        dp = await Datapath.open({ bpffsRoot: root });
+        await steer(dp);
+        servers = [
+          await RecordingServer.start('app', {
+            netns: Topology.netnsPath(pod),
+            family: 6,
+            address: '::',
+            port: APP_PORT,
+          }),
+          await ztunnelListener(Topology.netnsPath(pod), 15006),
+        ];
+      });
+
+      after(async () => {
+        for (const s of servers) await s.close();
+        await dp?.detach(uid);
+        dp?.close();
+        await topo.cleanup();
+        rmSync(root, { recursive: true, force: true });
+      });
+
+      it('is enrolled, and both families are captured', async () => {
+        assert.equal(
+          await whoAnswers({ netns: Topology.netnsPath(v6.ns), host: v6.podV6, port: APP_PORT }),
+          'app',
+          'control',
+        );
+        await dp.attach({ uid, netnsPath: Topology.netnsPath(pod), ips: [v4.podV4, v6.podV6] }, { mode });
+        const [p] = await dp.list();
+        assert.deepEqual(
+          [p?.interface, p?.otherInterfaces.map((i) => i.name), p?.otherAddresses],
+          ['eth0', ['net1'], []],
+        );
+        assert.equal(
+          await whoAnswers({ netns: Topology.netnsPath(v4.ns), host: v4.podV4, port: APP_PORT }),
+          'ztunnel-15006',
+        );
+        assert.equal(
+          await whoAnswers({ netns: Topology.netnsPath(v6.ns), host: v6.podV6, port: APP_PORT }),
+          'ztunnel-15006',
+        );
         assert.deepEqual((await dp.verify(uid)).problems, []);
-        assert.equal(far.accepted.length, 0);
-      } finally {
-        await far.close();
-      }
-    });
-
-    it('detach restores every interface: no hook, no qdisc, accept_local back, the app reachable again', async () => {
-      const programs = mode === 'tcx' ? await podProgramIds(root, uid) : new Set<number>();
-      const { found } = await dp.detach(uid);
-      assert.ok(found);
-      assert.deepEqual(await linksOfPrograms(programs), []);
-      for (const dev of ['eth0', 'net1', 'mv0']) {
-        assert.deepEqual(await filtersOn(topo, net.pod, dev), [], dev);
-        assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', dev), /clsact/, dev);
-        assert.equal(await sysctl(topo, net.pod, `net.ipv4.conf.${dev}.accept_local`), '0', dev);
-      }
-      assert.ok(!existsSync(join(root, 'pods', uid)), 'the pod\'s pins are gone');
-      assert.equal(await whoAnswers({ netns: from(mv), host: mv.podV6, port: APP_PORT }), 'app');
-    });
-  });
-
-  describe(`a pod whose IPv4 and IPv6 are on different interfaces, with ${mode}, ${steering}`, kernelTest({ name: `split families with ${mode}, ${steering}`, tcx: mode === 'tcx' }), () => {
-    const topo = new Topology();
-    const uid = `pod-${topo.id}`;
-    const root = testBpffsRoot(topo.id);
-    let pod: string, v4: OtherNet, v6: OtherNet;
-    let dp: Datapath;
-    let servers: RecordingServer[] = [];
-
-    before(async () => {
-      pod = await topo.netns('pod');
-      v4 = await secondVeth(topo, pod, 'eth0', subnet + 5);
-      v6 = await secondVeth(topo, pod, 'net1', subnet + 6);
-      await topo.ip(pod, '-6', 'addr', 'del', `${v4.podV6}/64`, 'dev', 'eth0');
-      await topo.ip(pod, 'addr', 'del', `${v6.podV4}/24`, 'dev', 'net1');
-      dp = await Datapath.open({ bpffsRoot: root });
-      await steer(dp);
-      servers = [
-        await RecordingServer.start('app', { netns: Topology.netnsPath(pod), family: 6, address: '::', port: APP_PORT }),
-        await ztunnelListener(Topology.netnsPath(pod), 15006),
-      ];
-    });
-
-    after(async () => {
-      for (const s of servers) await s.close();
-      await dp?.detach(uid);
-      dp?.close();
-      await topo.cleanup();
-      rmSync(root, { recursive: true, force: true });
-    });
-
-    it('is enrolled, and both families are captured', async () => {
-      assert.equal(await whoAnswers({ netns: Topology.netnsPath(v6.ns), host: v6.podV6, port: APP_PORT }), 'app', 'control');
-      await dp.attach({ uid, netnsPath: Topology.netnsPath(pod), ips: [v4.podV4, v6.podV6] }, { mode });
-      const [p] = await dp.list();
-      assert.deepEqual([p?.interface, p?.otherInterfaces.map((i) => i.name), p?.otherAddresses], ['eth0', ['net1'], []]);
-      assert.equal(await whoAnswers({ netns: Topology.netnsPath(v4.ns), host: v4.podV4, port: APP_PORT }), 'ztunnel-15006');
-      assert.equal(await whoAnswers({ netns: Topology.netnsPath(v6.ns), host: v6.podV6, port: APP_PORT }), 'ztunnel-15006');
-      assert.deepEqual((await dp.verify(uid)).problems, []);
-    });
-  });
+      });
+    },
+  );
 }
 
 /** A pod_policy entry (slot, flags) by address, read from the pinned map; undefined if absent. */
@@ -295,7 +405,9 @@ async function policyEntry(root: string, ip: string): Promise<{ slot: number; fl
   const v4 = ip.split('.').map(Number);
   const key = [...new Array<number>(10).fill(0), 0xff, 0xff, ...v4].map((b) => b.toString(16).padStart(2, '0'));
   try {
-    const out = JSON.parse(await sh('bpftool', ['-j', 'map', 'lookup', 'pinned', join(root, 'maps', 'pod_policy'), 'key', 'hex', ...key])) as { value: string[] };
+    const out = JSON.parse(
+      await sh('bpftool', ['-j', 'map', 'lookup', 'pinned', join(root, 'maps', 'pod_policy'), 'key', 'hex', ...key]),
+    ) as { value: string[] };
     const b = Buffer.from(out.value.map((x) => parseInt(x, 16)));
     return { slot: b.readUInt32LE(0), flags: b.readUInt32LE(4) };
   } catch (e) {
@@ -304,7 +416,7 @@ async function policyEntry(root: string, ip: string): Promise<{ slot: number; fl
   }
 }
 
-describe('another pod\'s address on a second interface', kernelTest({ name: 'interfaces: foreign address' }), () => {
+describe("another pod's address on a second interface", kernelTest({ name: 'interfaces: foreign address' }), () => {
   const topo = new Topology();
   const root = testBpffsRoot(topo.id);
   const uidA = `poda-${topo.id}`;
@@ -340,20 +452,34 @@ describe('another pod\'s address on a second interface', kernelTest({ name: 'int
     await dp.attach({ uid: uidB, netnsPath: b.podPath, ips: [b.podV4, b.podV6] });
     const mine = await policyEntry(root, b.podV4);
     assert.ok(mine && mine.slot > 0, 'B is in pod_policy');
-    assert.equal(await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }), 'ztunnel-15006', 'control: B captured');
+    assert.equal(
+      await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }),
+      'ztunnel-15006',
+      'control: B captured',
+    );
     await topo.batch(a.pod, ['link set net1 up', `addr add ${b.podV4}/32 dev net1`]);
     await dp.attach({ uid: uidA, netnsPath: a.podPath, ips: [a.podV4, a.podV6], bypassInbound: true });
-    assert.deepEqual(await policyEntry(root, b.podV4), mine, 'B\'s entry (slot, flags) unchanged');
-    assert.equal(await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }), 'ztunnel-15006', 'B still captured');
+    assert.deepEqual(await policyEntry(root, b.podV4), mine, "B's entry (slot, flags) unchanged");
+    assert.equal(
+      await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }),
+      'ztunnel-15006',
+      'B still captured',
+    );
     await dp.attach({ uid: uidA, netnsPath: a.podPath, ips: [a.podV4, a.podV6], bypassInbound: true }); // an update too
     assert.deepEqual(await policyEntry(root, b.podV4), mine);
     const seen = await dp.verify(uidA);
-    assert.ok(seen.problems.some((p) => p.includes(`address ${b.podV4} on net1 belongs to another pod`)), seen.problems.join('; '));
+    assert.ok(
+      seen.problems.some((p) => p.includes(`address ${b.podV4} on net1 belongs to another pod`)),
+      seen.problems.join('; '),
+    );
     assert.deepEqual((await dp.verify(uidB)).problems, []);
     await dp.detach(uidA);
-    assert.deepEqual(await policyEntry(root, b.podV4), mine, 'detaching A leaves B\'s entry');
-    assert.equal(await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }), 'ztunnel-15006');
-    assert.equal(servers[0]!.accepted.length, 0, 'B\'s app never took a connection directly');
+    assert.deepEqual(await policyEntry(root, b.podV4), mine, "detaching A leaves B's entry");
+    assert.equal(
+      await whoAnswers({ netns: Topology.netnsPath(b.remote), host: b.podV4, port: APP_PORT }),
+      'ztunnel-15006',
+    );
+    assert.equal(servers[0]!.accepted.length, 0, "B's app never took a connection directly");
   });
 });
 
@@ -376,7 +502,10 @@ describe('an interface without an Ethernet header', kernelTest({ name: 'interfac
   });
 
   it('is refused, named (its traffic could not be captured), and nothing is left attached', async () => {
-    await assert.rejects(dp.attach({ uid: `pod-${topo.id}`, netnsPath: net.podPath, ips: [net.podV4] }), /interface tun0 of the pod carries no Ethernet header/);
+    await assert.rejects(
+      dp.attach({ uid: `pod-${topo.id}`, netnsPath: net.podPath, ips: [net.podV4] }),
+      /interface tun0 of the pod carries no Ethernet header/,
+    );
     assert.deepEqual(await dp.list(), []);
     assert.deepEqual(await filtersOn(topo, net.pod, 'eth0'), []);
   });
@@ -389,53 +518,80 @@ describe('an interface without an Ethernet header', kernelTest({ name: 'interfac
   });
 });
 
-describe('an enrolled pod that gets an interface it cannot capture and one it can', kernelTest({ name: 'interfaces: refused and hookable' }), () => {
-  const topo = new Topology();
-  const root = testBpffsRoot(topo.id);
-  const uid = `pod-${topo.id}`;
-  let net: PodNet;
-  let dp: Datapath;
-  let servers: RecordingServer[] = [];
+describe(
+  'an enrolled pod that gets an interface it cannot capture and one it can',
+  kernelTest({ name: 'interfaces: refused and hookable' }),
+  () => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const uid = `pod-${topo.id}`;
+    let net: PodNet;
+    let dp: Datapath;
+    let servers: RecordingServer[] = [];
 
-  before(async () => {
-    net = await podWithRemote(topo, 162);
-    dp = await Datapath.open({ bpffsRoot: root });
-    await useKernelSteering(dp);
-    servers = [
-      await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
-      await ztunnelListener(net.podPath, 15006),
-    ];
-  });
+    before(async () => {
+      net = await podWithRemote(topo, 162);
+      dp = await Datapath.open({ bpffsRoot: root });
+      await useKernelSteering(dp);
+      servers = [
+        await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
+        await ztunnelListener(net.podPath, 15006),
+      ];
+    });
 
-  after(async () => {
-    for (const s of servers) await s.close();
-    await dp?.detach(uid);
-    dp?.close();
-    await topo.cleanup();
-    rmSync(root, { recursive: true, force: true });
-  });
+    after(async () => {
+      for (const s of servers) await s.close();
+      await dp?.detach(uid);
+      dp?.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+    });
 
-  it('hooks the one it can, says the other (attach warning, verify), and more than the address limit is no refusal', async () => {
-    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
-    await topo.ip(net.pod, 'tuntap', 'add', 'dev', 'tun0', 'mode', 'tun');
-    const late = await secondVeth(topo, net.pod, 'net1', 163);
-    // More addresses than a record holds (MAX_POD_IPS): capture does not need them.
-    await topo.batch(net.pod, Array.from({ length: 8 }, (_, i) => `addr add 198.18.163.${10 + i}/32 dev net1`));
-    assert.equal(await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT }), 'app', 'control: not captured yet');
-    const r = await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
-    assert.match(r.warning, /interface tun0 of the pod carries no Ethernet header/);
-    assert.match(r.warning, /more than \d+ addresses/);
-    const [pod] = await dp.list();
-    assert.deepEqual(pod?.otherInterfaces.map((i) => i.name), ['net1']);
-    assert.equal(await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT }), 'ztunnel-15006');
-    assert.equal(await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV6, port: APP_PORT }), 'ztunnel-15006');
-    assert.equal(await whoAnswers({ netns: Topology.netnsPath(late.ns), host: '198.18.163.17', port: APP_PORT }), 'ztunnel-15006', 'an address beyond the record is captured too');
-    const problems = (await dp.verify(uid)).problems;
-    assert.ok(problems.some((p) => /interface tun0 of the pod carries no Ethernet header/.test(p)), problems.join('; '));
-    assert.ok(!problems.some((p) => /net1/.test(p)), problems.join('; '));
-    assert.equal(servers[0]!.accepted.length, 1, 'the app took only the control');
-  });
-});
+    it('hooks the one it can, says the other (attach warning, verify), and more than the address limit is no refusal', async () => {
+      await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
+      await topo.ip(net.pod, 'tuntap', 'add', 'dev', 'tun0', 'mode', 'tun');
+      const late = await secondVeth(topo, net.pod, 'net1', 163);
+      // More addresses than a record holds (MAX_POD_IPS): capture does not need them.
+      await topo.batch(
+        net.pod,
+        Array.from({ length: 8 }, (_, i) => `addr add 198.18.163.${10 + i}/32 dev net1`),
+      );
+      assert.equal(
+        await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT }),
+        'app',
+        'control: not captured yet',
+      );
+      const r = await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
+      assert.match(r.warning, /interface tun0 of the pod carries no Ethernet header/);
+      assert.match(r.warning, /more than \d+ addresses/);
+      const [pod] = await dp.list();
+      assert.deepEqual(
+        pod?.otherInterfaces.map((i) => i.name),
+        ['net1'],
+      );
+      assert.equal(
+        await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT }),
+        'ztunnel-15006',
+      );
+      assert.equal(
+        await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV6, port: APP_PORT }),
+        'ztunnel-15006',
+      );
+      assert.equal(
+        await whoAnswers({ netns: Topology.netnsPath(late.ns), host: '198.18.163.17', port: APP_PORT }),
+        'ztunnel-15006',
+        'an address beyond the record is captured too',
+      );
+      const problems = (await dp.verify(uid)).problems;
+      assert.ok(
+        problems.some((p) => /interface tun0 of the pod carries no Ethernet header/.test(p)),
+        problems.join('; '),
+      );
+      assert.ok(!problems.some((p) => /net1/.test(p)), problems.join('; '));
+      assert.equal(servers[0]!.accepted.length, 1, 'the app took only the control');
+    });
+  },
+);
 
 describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), () => {
   const topo = new Topology();
@@ -454,8 +610,13 @@ describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), (
     }
     try {
       // The event loop blocked while the kernel announces more than the buffer holds.
-      execFileSync('ip', ['-n', ns, '-batch', '-'], { input: Array.from({ length: 20 }, (_, i) => `link add va${i} type veth peer name vb${i}\n`).join('') });
-      await until(() => reasons.some((r) => r !== undefined && /reopened/.test(r)), () => `the watch reopened (got ${JSON.stringify(reasons)})`);
+      execFileSync('ip', ['-n', ns, '-batch', '-'], {
+        input: Array.from({ length: 20 }, (_, i) => `link add va${i} type veth peer name vb${i}\n`).join(''),
+      });
+      await until(
+        () => reasons.some((r) => r !== undefined && /reopened/.test(r)),
+        () => `the watch reopened (got ${JSON.stringify(reasons)})`,
+      );
       const before = reasons.length;
       await topo.ip(ns, 'link', 'add', 'late0', 'type', 'veth', 'peer', 'name', 'late1');
       await until(() => reasons.length > before, 'the interface created after the overrun noticed');
@@ -485,26 +646,31 @@ describe('a downgrade to layout 2', kernelTest({ name: 'interfaces: downgrade' }
   });
 
   for (const mode of ['tc', 'tcx'] as const) {
-    it(`removes the other interfaces' hooks (${mode}), which layout 2 does not know, and keeps the pod's own`, { skip: mode === 'tcx' && !KERNEL_HAS_TCX ? 'the kernel has no tcx' : false }, async () => {
-      const dp = await Datapath.open({ bpffsRoot: root });
-      await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
-      dp.close();
-      const hooks = async (dev: string) => (mode === 'tcx' ? (await tcxLinks(root, uid)).length : (await filtersOn(topo, net.pod, dev)).length);
-      assert.equal(await hooks('net1'), mode === 'tcx' ? 4 : 2);
-      const down = await runCli(['datapath', 'downgrade', '--layout', '2', '--bpffs', root]);
-      assert.equal(down.code, 0, down.stderr);
-      assert.equal(await hooks('net1'), mode === 'tcx' ? 2 : 0, 'net1 unhooked');
-      assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', 'net1'), /clsact/);
-      assert.equal(await sysctl(topo, net.pod, 'net.ipv4.conf.net1.accept_local'), '0');
-      assert.equal(await hooks('eth0'), 2, 'the pod\'s own hooks stay');
-      assert.ok(!existsSync(join(root, 'maps', 'pod_ifaces')));
-      // This release adopts layout 2 again and captures net1 on its next attach.
-      const again = await Datapath.open({ bpffsRoot: root });
-      await again.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
-      assert.equal(await hooks('net1'), mode === 'tcx' ? 4 : 2);
-      await again.detach(uid);
-      again.close();
-    });
+    it(
+      `removes the other interfaces' hooks (${mode}), which layout 2 does not know, and keeps the pod's own`,
+      { skip: mode === 'tcx' && !KERNEL_HAS_TCX ? 'the kernel has no tcx' : false },
+      async () => {
+        const dp = await Datapath.open({ bpffsRoot: root });
+        await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+        dp.close();
+        const hooks = async (dev: string) =>
+          mode === 'tcx' ? (await tcxLinks(root, uid)).length : (await filtersOn(topo, net.pod, dev)).length;
+        assert.equal(await hooks('net1'), mode === 'tcx' ? 4 : 2);
+        const down = await runCli(['datapath', 'downgrade', '--layout', '2', '--bpffs', root]);
+        assert.equal(down.code, 0, down.stderr);
+        assert.equal(await hooks('net1'), mode === 'tcx' ? 2 : 0, 'net1 unhooked');
+        assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', 'net1'), /clsact/);
+        assert.equal(await sysctl(topo, net.pod, 'net.ipv4.conf.net1.accept_local'), '0');
+        assert.equal(await hooks('eth0'), 2, "the pod's own hooks stay");
+        assert.ok(!existsSync(join(root, 'maps', 'pod_ifaces')));
+        // This release adopts layout 2 again and captures net1 on its next attach.
+        const again = await Datapath.open({ bpffsRoot: root });
+        await again.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+        assert.equal(await hooks('net1'), mode === 'tcx' ? 4 : 2);
+        await again.detach(uid);
+        again.close();
+      },
+    );
   }
 });
 
@@ -516,25 +682,65 @@ describe('the agent', kernelTest({ name: 'interfaces: agent' }), () => {
     const net = await podWithRemote(topo, 210);
     const uid = `ifaces-${topo.id}`;
     const pods = join(dir, 'pods.yaml');
-    writeFileSync(pods, [
-      'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
-      `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, namespace: shop, uid: ${uid} }\nstatus: { phase: Running, podIP: ${net.podV4} }`,
-    ].join('\n---\n'));
+    writeFileSync(
+      pods,
+      [
+        'apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }',
+        `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, namespace: shop, uid: ${uid} }\nstatus: { phase: Running, podIP: ${net.podV4} }`,
+      ].join('\n---\n'),
+    );
     const socket = join(dir, 'ztunnel.sock');
     const procs: ChildProcess[] = [];
     t.after(async () => {
       for (const p of procs) p.kill('SIGKILL');
-      await Promise.all(procs.map((p) => new Promise((r) => (p.exitCode === null && p.signalCode === null ? p.once('exit', r) : r(null)))));
+      await Promise.all(
+        procs.map(
+          (p) => new Promise((r) => (p.exitCode === null && p.signalCode === null ? p.once('exit', r) : r(null))),
+        ),
+      );
       await removeDatapath(root);
       await topo.cleanup();
       rmSync(dir, { recursive: true, force: true });
     });
     let stderr = '';
-    const agent = spawn(CLI, ['agent', '--node-name', 'node-a', '--local-pods', pods, '--ztunnel-socket', socket, '--plugin-socket', join(dir, 'cni.sock'), '--cni-policy-file', join(dir, 'cni-policy'), '--status-socket', join(dir, 'status.sock'), '--bpffs', root, '--verify-interval', '0', '--attach-mode', 'tc'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const agent = spawn(
+      CLI,
+      [
+        'agent',
+        '--node-name',
+        'node-a',
+        '--local-pods',
+        pods,
+        '--ztunnel-socket',
+        socket,
+        '--plugin-socket',
+        join(dir, 'cni.sock'),
+        '--cni-policy-file',
+        join(dir, 'cni-policy'),
+        '--status-socket',
+        join(dir, 'status.sock'),
+        '--bpffs',
+        root,
+        '--verify-interval',
+        '0',
+        '--attach-mode',
+        'tc',
+      ],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
     agent.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     procs.push(agent, spawn(CLI, ['ztunnel', '--socket', socket], { stdio: 'ignore' }));
-    const status = async () => (JSON.parse((await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout || '{"pods":[]}') as { pods: { state: string; interfaces: string[] }[] }).pods[0];
-    await until(async () => (await status().catch(() => undefined))?.state === 'enabled', () => `pod enabled; agent: ${stderr}`, 15_000);
+    const status = async () =>
+      (
+        JSON.parse(
+          (await runCli(['status', '--json', '--status-socket', join(dir, 'status.sock')])).stdout || '{"pods":[]}',
+        ) as { pods: { state: string; interfaces: string[] }[] }
+      ).pods[0];
+    await until(
+      async () => (await status().catch(() => undefined))?.state === 'enabled',
+      () => `pod enabled; agent: ${stderr}`,
+      15_000,
+    );
     assert.deepEqual((await status())?.interfaces, ['eth0']);
 
     const appeared = performance.now();
@@ -542,74 +748,119 @@ describe('the agent', kernelTest({ name: 'interfaces: agent' }), () => {
     const captured = async () => {
       const dp = await Datapath.open({ bpffsRoot: root });
       try {
-        return (await dp.verify(uid)).problems.length === 0 && (await dp.list())[0]?.otherAddresses.includes(late.podV6) === true;
+        return (
+          (await dp.verify(uid)).problems.length === 0 &&
+          (await dp.list())[0]?.otherAddresses.includes(late.podV6) === true
+        );
       } finally {
         dp.close();
       }
     };
-    await until(captured, () => `net1 captured (the drift check is off: only the watch can have told the agent); agent: ${stderr}`, 2000);
+    await until(
+      captured,
+      () => `net1 captured (the drift check is off: only the watch can have told the agent); agent: ${stderr}`,
+      2000,
+    );
     const ms = performance.now() - appeared;
     t.diagnostic(`net1 captured ${ms.toFixed(0)} ms after it was made`);
     assert.deepEqual((await status())?.interfaces, ['eth0', 'net1']);
     assert.match(stderr, /the pod’s interfaces or addresses changed; capturing them/);
     const dp = await Datapath.open({ bpffsRoot: root });
     const before = (await dp.list())[0]!.counters.inboundRedirected;
-    await connectFails({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: 8080, timeoutMs: 2000 }).catch(() => undefined);
+    await connectFails({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: 8080, timeoutMs: 2000 }).catch(
+      () => undefined,
+    );
     assert.equal((await dp.list())[0]!.counters.inboundRedirected, before + 1, 'the SYN on net1 went to ztunnel');
     dp.close();
   });
 });
 
-for (const [mode, subnet] of [['tcx', 220], ['tc', 225]] as const) {
-  describe(`crafted SYNs on another interface, with ${mode}`, kernelTest({ name: `interfaces: crafted with ${mode}`, tcx: mode === 'tcx' }), () => {
-    const topo = new Topology();
-    const uid = `pod-${topo.id}`;
-    const root = testBpffsRoot(topo.id);
-    let net: PodNet, other: OtherNet;
-    let dp: Datapath | undefined;
-    let peer: Crafter;
-    let podMac: string;
-    const servers: RecordingServer[] = [];
-    const attacker = { v4: `198.18.${subnet + 1}.66`, v6: `2001:db8:${subnet + 1}::66` };
-    // scapy-made, from an address no namespace owns (so no kernel resets the pod's SYN-ACK): a plain
-    // SYN, one carrying data, one with an IP option.
-    const cases = [['control', false], ['control', true], ['syn-data', false], ['ipopt-nop', false]] as const;
-    const send = (name: string, v6: boolean) => peer.send({ op: 'inbound', case: name, src: v6 ? attacker.v6 : attacker.v4, dst: v6 ? other.podV6 : other.podV4, dport: APP_PORT, dmac: podMac });
+for (const [mode, subnet] of [
+  ['tcx', 220],
+  ['tc', 225],
+] as const) {
+  describe(
+    `crafted SYNs on another interface, with ${mode}`,
+    kernelTest({ name: `interfaces: crafted with ${mode}`, tcx: mode === 'tcx' }),
+    () => {
+      const topo = new Topology();
+      const uid = `pod-${topo.id}`;
+      const root = testBpffsRoot(topo.id);
+      let net: PodNet, other: OtherNet;
+      let dp: Datapath | undefined;
+      let peer: Crafter;
+      let podMac: string;
+      const servers: RecordingServer[] = [];
+      const attacker = { v4: `198.18.${subnet + 1}.66`, v6: `2001:db8:${subnet + 1}::66` };
+      // scapy-made, from an address no namespace owns (so no kernel resets the pod's SYN-ACK): a plain
+      // SYN, one carrying data, one with an IP option.
+      const cases = [
+        ['control', false],
+        ['control', true],
+        ['syn-data', false],
+        ['ipopt-nop', false],
+      ] as const;
+      const send = (name: string, v6: boolean) =>
+        peer.send({
+          op: 'inbound',
+          case: name,
+          src: v6 ? attacker.v6 : attacker.v4,
+          dst: v6 ? other.podV6 : other.podV4,
+          dport: APP_PORT,
+          dmac: podMac,
+        });
 
-    before(async () => {
-      net = await podWithRemote(topo, subnet);
-      other = await secondVeth(topo, net.pod, 'net1', subnet + 1);
-      const mac = async (ns: string, dev: string) => (JSON.parse(await topo.ip(ns, '-j', 'link', 'show', dev)) as { address: string }[])[0]!.address;
-      podMac = await mac(net.pod, 'net1');
-      const farMac = await mac(other.ns, 'eth0');
-      await topo.ip(net.pod, 'neigh', 'replace', attacker.v4, 'lladdr', farMac, 'dev', 'net1', 'nud', 'permanent');
-      await topo.ip(net.pod, '-6', 'neigh', 'replace', attacker.v6, 'lladdr', farMac, 'dev', 'net1', 'nud', 'permanent');
-      servers.push(await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }));
-      peer = await crafter(Topology.netnsPath(other.ns));
-    });
+      before(async () => {
+        net = await podWithRemote(topo, subnet);
+        other = await secondVeth(topo, net.pod, 'net1', subnet + 1);
+        const mac = async (ns: string, dev: string) =>
+          (JSON.parse(await topo.ip(ns, '-j', 'link', 'show', dev)) as { address: string }[])[0]!.address;
+        podMac = await mac(net.pod, 'net1');
+        const farMac = await mac(other.ns, 'eth0');
+        await topo.ip(net.pod, 'neigh', 'replace', attacker.v4, 'lladdr', farMac, 'dev', 'net1', 'nud', 'permanent');
+        await topo.ip(
+          net.pod,
+          '-6',
+          'neigh',
+          'replace',
+          attacker.v6,
+          'lladdr',
+          farMac,
+          'dev',
+          'net1',
+          'nud',
+          'permanent',
+        );
+        servers.push(
+          await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
+        );
+        peer = await crafter(Topology.netnsPath(other.ns));
+      });
 
-    after(async () => {
-      await peer?.stop();
-      for (const s of servers) await s.close();
-      await dp?.detach(uid);
-      dp?.close();
-      await topo.cleanup();
-      rmSync(root, { recursive: true, force: true });
-    });
+      after(async () => {
+        await peer?.stop();
+        for (const s of servers) await s.close();
+        await dp?.detach(uid);
+        dp?.close();
+        await topo.cleanup();
+        rmSync(root, { recursive: true, force: true });
+      });
 
-    it('control: without the programs each reaches the app', async () => {
-      for (const [name, v6] of cases) assert.equal((await send(name, v6)).banner, 'app', `${name} IPv${v6 ? 6 : 4}`);
-    });
+      it('control: without the programs each reaches the app', async () => {
+        for (const [name, v6] of cases) assert.equal((await send(name, v6)).banner, 'app', `${name} IPv${v6 ? 6 : 4}`);
+      });
 
-    it('with them, each reaches ztunnel’s 15006, never the app', async () => {
-      dp = await Datapath.open({ bpffsRoot: root });
-      await useKernelSteering(dp);
-      dp.trustZtunnelCgroup(testRunnerCgroup());
-      await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
-      servers.push(await ztunnelListener(net.podPath, 15006));
-      const appBefore = servers[0]!.accepted.length;
-      for (const [name, v6] of cases) assert.equal((await send(name, v6)).banner, 'ztunnel-15006', `${name} IPv${v6 ? 6 : 4}`);
-      assert.equal(servers[0]!.accepted.length, appBefore);
-    });
-  });
+      it('with them, each reaches ztunnel’s 15006, never the app', async () => {
+        dp = await Datapath.open({ bpffsRoot: root });
+        await useKernelSteering(dp);
+        dp.trustZtunnelCgroup(testRunnerCgroup());
+        await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+        servers.push(await ztunnelListener(net.podPath, 15006));
+        const appBefore = servers[0]!.accepted.length;
+        for (const [name, v6] of cases)
+          assert.equal((await send(name, v6)).banner, 'ztunnel-15006', `${name} IPv${v6 ? 6 : 4}`);
+        assert.equal(servers[0]!.accepted.length, appBefore);
+      });
+    },
+  );
 }

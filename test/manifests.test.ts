@@ -34,7 +34,10 @@ describe('manifests', () => {
     assert.ok(objects.length >= 5);
     for (const o of objects) {
       const [group, version] = o.apiVersion.includes('/') ? o.apiVersion.split('/') : ['', o.apiVersion];
-      const mod = (await import(`kubernetes-models/${group ? `${group}/` : ''}${version}/${o.kind}`)) as Record<string, new (o: object) => { validate(): void }>;
+      const mod = (await import(`kubernetes-models/${group ? `${group}/` : ''}${version}/${o.kind}`)) as Record<
+        string,
+        new (o: object) => { validate(): void }
+      >;
       assert.doesNotThrow(() => new mod[o.kind]!(o).validate(), `${o.kind}/${o.metadata.name}`);
     }
   });
@@ -43,7 +46,8 @@ describe('manifests', () => {
     const dockerfile = readFileSync(`${ROOT}Dockerfile`, 'utf8');
     const copied = [...dockerfile.matchAll(/^COPY --from=build \/src\/(\S+) /gm)].map((m) => m[1]!);
     assert.ok(copied.length > 5);
-    for (const path of copied) assert.ok(existsSync(fileURLToPath(new URL(`../../${path}`, import.meta.url))), `the image would miss ${path}`);
+    for (const path of copied)
+      assert.ok(existsSync(fileURLToPath(new URL(`../../${path}`, import.meta.url))), `the image would miss ${path}`);
   });
 
   it('are all in the kustomization', () => {
@@ -58,12 +62,26 @@ describe('manifests', () => {
       tolerations: { operator: string }[];
       priorityClassName: string;
       nodeSelector: Record<string, string>;
-      containers: { name: string; args: string[]; securityContext: { privileged: boolean; capabilities: { add: string[]; drop: string[] }; allowPrivilegeEscalation: boolean; appArmorProfile: { type: string }; seLinuxOptions: { type: string } }; livenessProbe: { httpGet: { path: string } }; readinessProbe: { httpGet: { path: string } }; volumeMounts: { mountPath: string }[] }[];
+      containers: {
+        name: string;
+        args: string[];
+        securityContext: {
+          privileged: boolean;
+          capabilities: { add: string[]; drop: string[] };
+          allowPrivilegeEscalation: boolean;
+          appArmorProfile: { type: string };
+          seLinuxOptions: { type: string };
+        };
+        livenessProbe: { httpGet: { path: string } };
+        readinessProbe: { httpGet: { path: string } };
+        volumeMounts: { mountPath: string }[];
+      }[];
       volumes: { hostPath?: { path: string } }[];
     };
     const [c] = pod.containers;
     const help = (await runCli(['agent', '--help'])).stdout;
-    for (const arg of c!.args.slice(1)) assert.match(help, new RegExp(`--${arg.replace(/^--/, '').split('=')[0]}\\b`), `${arg} is not an agent flag`);
+    for (const arg of c!.args.slice(1))
+      assert.match(help, new RegExp(`--${arg.replace(/^--/, '').split('=')[0]}\\b`), `${arg} is not an agent flag`);
     assert.equal(c!.args[0], 'agent');
     assert.equal(c!.securityContext.privileged, false);
     assert.equal(c!.securityContext.allowPrivilegeEscalation, false);
@@ -77,14 +95,33 @@ describe('manifests', () => {
     // annotation) and SELinux spc_t, or the runtime's profiles deny bpffs writes and bpf().
     assert.deepEqual(pod.nodeSelector, { 'kubernetes.io/os': 'linux' });
     assert.equal(c!.securityContext.appArmorProfile.type, 'Unconfined');
-    assert.equal((ds as unknown as { spec: { template: { metadata: { annotations: Record<string, string> } } } }).spec.template.metadata.annotations[`container.apparmor.security.beta.kubernetes.io/${c!.name}`], 'unconfined');
+    assert.equal(
+      (ds as unknown as { spec: { template: { metadata: { annotations: Record<string, string> } } } }).spec.template
+        .metadata.annotations[`container.apparmor.security.beta.kubernetes.io/${c!.name}`],
+      'unconfined',
+    );
     assert.equal(c!.securityContext.seLinuxOptions.type, 'spc_t');
     // GKE admits system-node-critical pods outside kube-system only under a quota naming the class.
-    const [quota] = byKind('ResourceQuota') as unknown as { spec: { scopeSelector: { matchExpressions: { scopeName: string; values: string[] }[] } } }[];
-    assert.deepEqual(quota?.spec.scopeSelector.matchExpressions.map((e) => [e.scopeName, e.values]), [['PriorityClass', [pod.priorityClassName]]]);
+    const [quota] = byKind('ResourceQuota') as unknown as {
+      spec: { scopeSelector: { matchExpressions: { scopeName: string; values: string[] }[] } };
+    }[];
+    assert.deepEqual(
+      quota?.spec.scopeSelector.matchExpressions.map((e) => [e.scopeName, e.values]),
+      [['PriorityClass', [pod.priorityClassName]]],
+    );
     assert.equal(pod.serviceAccountName, byKind('ServiceAccount')[0]!.metadata.name);
     const hostPaths = pod.volumes.flatMap((v) => (v.hostPath ? [v.hostPath.path] : [])).sort();
-    assert.deepEqual(hostPaths, ['/etc/cni/net.d', '/opt/cni/bin', '/proc', '/sys/fs/bpf', '/sys/fs/cgroup', '/var/lib/ambient-bpf', '/var/run/ambient-bpf', '/var/run/netns', '/var/run/ztunnel']);
+    assert.deepEqual(hostPaths, [
+      '/etc/cni/net.d',
+      '/opt/cni/bin',
+      '/proc',
+      '/sys/fs/bpf',
+      '/sys/fs/cgroup',
+      '/var/lib/ambient-bpf',
+      '/var/run/ambient-bpf',
+      '/var/run/netns',
+      '/var/run/ztunnel',
+    ]);
   });
 
   it('grant exactly the API calls the agent makes', async (t) => {
@@ -93,7 +130,12 @@ describe('manifests', () => {
     t.after(() => api.close());
     api.upsert('namespaces', { metadata: { name: 'shop' } });
     api.upsert('pods', { metadata: { name: 'p', namespace: 'shop', uid: 'u' }, spec: { nodeName: 'n' } });
-    const source = new KubePodSource({ kubeconfig: api.connection(), nodeName: 'n', onChange: () => undefined, log: silentLogger });
+    const source = new KubePodSource({
+      kubeconfig: api.connection(),
+      nodeName: 'n',
+      onChange: () => undefined,
+      log: silentLogger,
+    });
     t.after(() => source.stop());
     const state = await source.start();
     await source.setRedirection(state.pods.get('u')!, 'enabled');
@@ -109,7 +151,10 @@ describe('manifests', () => {
     await events.idle();
     events.podEvent(state.pods.get('u')!, 'Warning', 'AmbientEnrollmentFailed', 'boom');
     await events.idle();
-    assert.deepEqual(api.eventCalls.map((c) => c.method), ['POST', 'PATCH']);
+    assert.deepEqual(
+      api.eventCalls.map((c) => c.method),
+      ['POST', 'PATCH'],
+    );
     // A CNI ADD before the pod's watch event: the pod and its namespace are read from the API.
     await source.lookup('shop', 'p', 5000);
     // On SIGTERM: is the DaemonSet being deleted, or does it no longer select this node (the
@@ -118,25 +163,44 @@ describe('manifests', () => {
     const client = new KubeClient(api.connection());
     t.after(() => client.close());
     api.daemonSets.set(`istio-system/${ds!.metadata.name}`, ds as unknown as Parameters<typeof api.daemonSets.set>[1]);
-    api.nodes.set('n', { apiVersion: 'v1', kind: 'Node', metadata: { name: 'n', labels: { 'kubernetes.io/os': 'linux' } } });
+    api.nodes.set('n', {
+      apiVersion: 'v1',
+      kind: 'Node',
+      metadata: { name: 'n', labels: { 'kubernetes.io/os': 'linux' } },
+    });
     assert.equal(await whyLeavingNode(client, 'istio-system', ds!.metadata.name, 'n', 0), undefined);
     await removeRedirectionAnnotations(client, 'n');
-    const used = new Set(api.requests.map((r) => {
-      const status = /^\/api\/v1\/namespaces\/[^/]+\/pods\/[^/]+\/status$/.test(r.path);
-      const daemonSet = /^\/apis\/apps\/v1\/namespaces\/[^/]+\/daemonsets\/([^/]+)$/.exec(r.path);
-      if (daemonSet) return `daemonsets/${daemonSet[1]} get`;
-      if (/^\/api\/v1\/nodes\/[^/]+$/.test(r.path)) return 'nodes get';
-      if (/^\/api\/v1\/namespaces\/[^/]+\/events(\/[^/]+)?$/.test(r.path)) return `events ${r.method === 'POST' ? 'create' : r.method === 'PATCH' ? 'patch' : r.method}`;
-      const one = /^\/api\/v1\/namespaces\/[^/]+(\/pods\/[^/]+)?$/.exec(r.path);
-      if (one && r.method === 'GET') return `${one[1] ? 'pods' : 'namespaces'} get`;
-      const resource = status ? 'pods/status' : r.path.split('/').at(-1)!;
-      const verb = r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : 'list';
-      return `${resource} ${verb}`;
-    }));
-    const [role] = byKind('ClusterRole') as unknown as { metadata: { name: string }; rules: { apiGroups: string[]; resources: string[]; resourceNames?: string[]; verbs: string[] }[] }[];
-    const granted = new Set(role!.rules.flatMap((r) => r.resources.flatMap((res) => (r.resourceNames ?? ['']).flatMap((n) => r.verbs.map((v) => `${res}${n ? `/${n}` : ''} ${v}`)))));
+    const used = new Set(
+      api.requests.map((r) => {
+        const status = /^\/api\/v1\/namespaces\/[^/]+\/pods\/[^/]+\/status$/.test(r.path);
+        const daemonSet = /^\/apis\/apps\/v1\/namespaces\/[^/]+\/daemonsets\/([^/]+)$/.exec(r.path);
+        if (daemonSet) return `daemonsets/${daemonSet[1]} get`;
+        if (/^\/api\/v1\/nodes\/[^/]+$/.test(r.path)) return 'nodes get';
+        if (/^\/api\/v1\/namespaces\/[^/]+\/events(\/[^/]+)?$/.test(r.path))
+          return `events ${r.method === 'POST' ? 'create' : r.method === 'PATCH' ? 'patch' : r.method}`;
+        const one = /^\/api\/v1\/namespaces\/[^/]+(\/pods\/[^/]+)?$/.exec(r.path);
+        if (one && r.method === 'GET') return `${one[1] ? 'pods' : 'namespaces'} get`;
+        const resource = status ? 'pods/status' : r.path.split('/').at(-1)!;
+        const verb = r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : 'list';
+        return `${resource} ${verb}`;
+      }),
+    );
+    const [role] = byKind('ClusterRole') as unknown as {
+      metadata: { name: string };
+      rules: { apiGroups: string[]; resources: string[]; resourceNames?: string[]; verbs: string[] }[];
+    }[];
+    const granted = new Set(
+      role!.rules.flatMap((r) =>
+        r.resources.flatMap((res) =>
+          (r.resourceNames ?? ['']).flatMap((n) => r.verbs.map((v) => `${res}${n ? `/${n}` : ''} ${v}`)),
+        ),
+      ),
+    );
     assert.deepEqual([...granted].sort(), [...used].sort());
-    const [binding] = byKind('ClusterRoleBinding') as unknown as { subjects: { name: string }[]; roleRef: { name: string } }[];
+    const [binding] = byKind('ClusterRoleBinding') as unknown as {
+      subjects: { name: string }[];
+      roleRef: { name: string };
+    }[];
     assert.equal(binding!.roleRef.name, role!.metadata.name);
     assert.equal(binding!.subjects[0]!.name, 'ambient-bpf');
   });
@@ -144,19 +208,47 @@ describe('manifests', () => {
 
 // ---- Platform overlays ----
 
-type Container = { name: string; args: string[]; securityContext: unknown; volumeMounts: { name: string; mountPath: string; mountPropagation?: string }[] };
-type DaemonSet = K8sObject & { spec: { template: { spec: { containers: Container[]; volumes: { name: string; hostPath?: { path: string; type?: string } }[] } & Record<string, unknown> } } };
+type Container = {
+  name: string;
+  args: string[];
+  securityContext: unknown;
+  volumeMounts: { name: string; mountPath: string; mountPropagation?: string }[];
+};
+type DaemonSet = K8sObject & {
+  spec: {
+    template: {
+      spec: {
+        containers: Container[];
+        volumes: { name: string; hostPath?: { path: string; type?: string } }[];
+      } & Record<string, unknown>;
+    };
+  };
+};
 
 /** The platform paths each overlay must give the agent (node paths; the agent sees them under
  * --host-root). Every overlay is listed: a new one needs its row. */
-const BASE_PATHS = { binDir: '/opt/cni/bin', confDir: '/etc/cni/net.d', confFile: undefined as string | undefined, netnsDirs: ['/var/run/netns'] };
+const BASE_PATHS = {
+  binDir: '/opt/cni/bin',
+  confDir: '/etc/cni/net.d',
+  confFile: undefined as string | undefined,
+  netnsDirs: ['/var/run/netns'],
+};
 const PLATFORMS: Record<string, typeof BASE_PATHS> = {
   gke: { ...BASE_PATHS, binDir: '/home/kubernetes/bin' },
   k3s: { ...BASE_PATHS, binDir: '/var/lib/rancher/k3s/data/cni', confDir: '/var/lib/rancher/k3s/agent/etc/cni/net.d' },
   k3d: { ...BASE_PATHS, binDir: '/bin', confDir: '/var/lib/rancher/k3s/agent/etc/cni/net.d' },
-  microk8s: { ...BASE_PATHS, binDir: '/var/snap/microk8s/current/opt/cni/bin', confDir: '/var/snap/microk8s/current/args/cni-network' },
+  microk8s: {
+    ...BASE_PATHS,
+    binDir: '/var/snap/microk8s/current/opt/cni/bin',
+    confDir: '/var/snap/microk8s/current/args/cni-network',
+  },
   minikube: { ...BASE_PATHS, netnsDirs: ['/var/run/netns', '/var/run/docker/netns'] },
-  openshift: { ...BASE_PATHS, binDir: '/var/lib/cni/bin', confDir: '/etc/kubernetes/cni/net.d', confFile: '00-multus.conf' },
+  openshift: {
+    ...BASE_PATHS,
+    binDir: '/var/lib/cni/bin',
+    confDir: '/etc/kubernetes/cni/net.d',
+    confFile: '00-multus.conf',
+  },
 };
 
 /** Is kubectl there? Outside CI a machine without it skips the rendering tests; in CI it fails. */
@@ -173,7 +265,11 @@ function kubectlMissing(): string | undefined {
 
 /** `kubectl kustomize DIR`, as objects (stderr: newer kustomize's deprecation warnings). */
 function render(dir: string): K8sObject[] {
-  const out = execFileSync('kubectl', ['kustomize', dir], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 16 << 20 });
+  const out = execFileSync('kubectl', ['kustomize', dir], {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'pipe'],
+    maxBuffer: 16 << 20,
+  });
   return parseAllDocuments(out).map((d) => d.toJS() as K8sObject);
 }
 
@@ -215,11 +311,24 @@ function platformPaths(ds: DaemonSet): typeof BASE_PATHS {
   const netnsDirs = f.get('netns-dir') ?? [];
   assert.ok(netnsDirs.length > 0, '--netns-dir is given');
   for (const d of netnsDirs) {
-    assert.equal(mountedFrom(`${hostRoot}${d}`, 'netns-dir'), d, `--netns-dir=${d}: its hostPath is not the node's ${d}`);
+    assert.equal(
+      mountedFrom(`${hostRoot}${d}`, 'netns-dir'),
+      d,
+      `--netns-dir=${d}: its hostPath is not the node's ${d}`,
+    );
     // Namespaces bind-mounted after the agent started must show up in it.
-    assert.equal(c!.volumeMounts.find((m) => m.mountPath === `${hostRoot}${d}`)!.mountPropagation, 'HostToContainer', `--netns-dir=${d}`);
+    assert.equal(
+      c!.volumeMounts.find((m) => m.mountPath === `${hostRoot}${d}`)!.mountPropagation,
+      'HostToContainer',
+      `--netns-dir=${d}`,
+    );
   }
-  return { binDir: node('cni-bin-dir'), confDir: node('cni-conf-dir'), confFile: f.get('cni-conf-file')?.[0], netnsDirs };
+  return {
+    binDir: node('cni-bin-dir'),
+    confDir: node('cni-conf-dir'),
+    confFile: f.get('cni-conf-file')?.[0],
+    netnsDirs,
+  };
 }
 
 /** The DaemonSet less what a platform may change (args, volumes and their mounts). */
@@ -244,7 +353,10 @@ describe('platform overlays', () => {
 
   it('manifests/ renders the base', { skip }, () => {
     const rendered = render(ROOT);
-    assert.deepEqual(rendered.map((o) => `${o.kind}/${o.metadata.name}`).sort(), objects.map((o) => `${o.kind}/${o.metadata.name}`).sort());
+    assert.deepEqual(
+      rendered.map((o) => `${o.kind}/${o.metadata.name}`).sort(),
+      objects.map((o) => `${o.kind}/${o.metadata.name}`).sort(),
+    );
     const ds = rendered.find((o) => o.kind === 'DaemonSet') as DaemonSet;
     assert.deepEqual(platformPaths(ds), BASE_PATHS);
   });
@@ -255,7 +367,10 @@ describe('platform overlays', () => {
       const rendered = render(`${ROOT}overlays/${name}`);
       for (const o of rendered) {
         const [group, version] = o.apiVersion.includes('/') ? o.apiVersion.split('/') : ['', o.apiVersion];
-        const mod = (await import(`kubernetes-models/${group ? `${group}/` : ''}${version}/${o.kind}`)) as Record<string, new (o: object) => { validate(): void }>;
+        const mod = (await import(`kubernetes-models/${group ? `${group}/` : ''}${version}/${o.kind}`)) as Record<
+          string,
+          new (o: object) => { validate(): void }
+        >;
         assert.doesNotThrow(() => new mod[o.kind]!(o).validate(), `${o.kind}/${o.metadata.name}`);
       }
       // Everything of the base is there, unchanged but for the DaemonSet.
@@ -272,18 +387,31 @@ describe('platform overlays', () => {
       // Every other flag as in the base, in the base's order.
       const platformFlag = /^--(cni-bin-dir|cni-conf-dir|cni-conf-file|netns-dir)=/;
       const [c] = ds.spec.template.spec.containers;
-      assert.deepEqual(c!.args.filter((a) => !platformFlag.test(a)), baseDs.spec.template.spec.containers[0]!.args.filter((a) => !platformFlag.test(a)));
+      assert.deepEqual(
+        c!.args.filter((a) => !platformFlag.test(a)),
+        baseDs.spec.template.spec.containers[0]!.args.filter((a) => !platformFlag.test(a)),
+      );
       // The agent's own start-up checks accept them, and its --help names each.
       const { checkPlatformPaths } = await import('../cni-agent/src/commands/agent.js');
       const f = flags(c!.args);
       const one = (k: string) => f.get(k)?.[0] ?? '';
       assert.doesNotThrow(() =>
-        checkPlatformPaths({ 'host-root': one('host-root'), bpffs: one('bpffs'), 'plugin-socket': one('plugin-socket'), 'cni-policy-file': one('cni-policy-file'), 'cni-bin-dir': one('cni-bin-dir'), 'cni-conf-dir': one('cni-conf-dir'), 'cni-conf-file': f.get('cni-conf-file')?.[0], 'netns-dir': f.get('netns-dir') ?? [] }),
+        checkPlatformPaths({
+          'host-root': one('host-root'),
+          bpffs: one('bpffs'),
+          'plugin-socket': one('plugin-socket'),
+          'cni-policy-file': one('cni-policy-file'),
+          'cni-bin-dir': one('cni-bin-dir'),
+          'cni-conf-dir': one('cni-conf-dir'),
+          'cni-conf-file': f.get('cni-conf-file')?.[0],
+          'netns-dir': f.get('netns-dir') ?? [],
+        }),
       );
       const help = (await runCli(['agent', '--help'])).stdout;
       for (const k of f.keys()) assert.match(help, new RegExp(`--${k}\\b`), `--${k} is not an agent flag`);
       // No hostPath volume without its use: the base's, with the platform's paths.
-      const hostPaths = (d: DaemonSet) => d.spec.template.spec.volumes.flatMap((v) => (v.hostPath ? [v.hostPath.path] : []));
+      const hostPaths = (d: DaemonSet) =>
+        d.spec.template.spec.volumes.flatMap((v) => (v.hostPath ? [v.hostPath.path] : []));
       const expected = hostPaths(baseDs)
         .filter((p) => p !== BASE_PATHS.binDir && p !== BASE_PATHS.confDir && !BASE_PATHS.netnsDirs.includes(p))
         .concat(PLATFORMS[name]!.binDir, PLATFORMS[name]!.confDir, ...PLATFORMS[name]!.netnsDirs);
@@ -291,9 +419,21 @@ describe('platform overlays', () => {
       if (name === 'openshift') {
         // The SCC its pods are admitted under, granted to the agent's service account only.
         const role = rendered.find((o) => key(o) === 'ClusterRole/ambient-bpf-scc') as unknown as { rules: unknown[] };
-        assert.deepEqual(role.rules, [{ apiGroups: ['security.openshift.io'], resources: ['securitycontextconstraints'], resourceNames: ['privileged'], verbs: ['use'] }]);
-        const binding = rendered.find((o) => key(o) === 'ClusterRoleBinding/ambient-bpf-scc') as unknown as { subjects: unknown[]; roleRef: { name: string } };
-        assert.deepEqual(binding.subjects, [{ kind: 'ServiceAccount', name: 'ambient-bpf', namespace: 'istio-system' }]);
+        assert.deepEqual(role.rules, [
+          {
+            apiGroups: ['security.openshift.io'],
+            resources: ['securitycontextconstraints'],
+            resourceNames: ['privileged'],
+            verbs: ['use'],
+          },
+        ]);
+        const binding = rendered.find((o) => key(o) === 'ClusterRoleBinding/ambient-bpf-scc') as unknown as {
+          subjects: unknown[];
+          roleRef: { name: string };
+        };
+        assert.deepEqual(binding.subjects, [
+          { kind: 'ServiceAccount', name: 'ambient-bpf', namespace: 'istio-system' },
+        ]);
         assert.equal(binding.roleRef.name, 'ambient-bpf-scc');
         assert.equal(rendered.length, base.length + 2);
       } else {

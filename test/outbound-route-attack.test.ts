@@ -25,7 +25,8 @@ const APP_PORT = 8080;
 type Who = 'root' | 'netraw' | 'nobody';
 const DROP: Record<Who, string> = {
   root: '',
-  netraw: 'setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all,+net_raw --ambient-caps=-all,+net_raw --bounding-set=-all,+net_raw',
+  netraw:
+    'setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all,+net_raw --ambient-caps=-all,+net_raw --bounding-set=-all,+net_raw',
   nobody: 'setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all',
 };
 
@@ -49,9 +50,16 @@ describe('attacks on the outbound loopback route', kernelTest(), () => {
   let otherZtunnel: RecordingServer;
 
   const attach = () =>
-    dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, second4, net.podV6], podCgroup: app.path, dnsCapture: false });
+    dp.attach({
+      uid,
+      netnsPath: net.podPath,
+      ips: [net.podV4, second4, net.podV6],
+      podCgroup: app.path,
+      dnsCapture: false,
+    });
   /** Connections the app's own listener took that were not for the pod's own addresses. */
-  const stolen = () => appListener.accepted.filter((a) => ![net.podV4, net.podV6, second4].includes(a.localAddress)).length;
+  const stolen = () =>
+    appListener.accepted.filter((a) => ![net.podV4, net.podV6, second4].includes(a.localAddress)).length;
 
   /** Runs the attacking app in the pod's cgroup (or none: `cgroup` false) and netns. */
   const run = async (who: Who, args: (string | number)[], cgroup = true): Promise<string> => {
@@ -74,9 +82,21 @@ describe('attacks on the outbound loopback route', kernelTest(), () => {
     app = new AppCgroup(topo.id);
     await attach();
     await dp.attach({ uid: otherUid, netnsPath: other.podPath, ips: [other.podV4, other.podV6] });
-    remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT });
+    remote = await RecordingServer.start('remote', {
+      netns: Topology.netnsPath(net.remote),
+      family: 6,
+      address: '::',
+      port: APP_PORT,
+    });
     for (const port of [15006, 15008]) {
-      remoteZ.push(await RecordingServer.start(`remote-${port}`, { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port }));
+      remoteZ.push(
+        await RecordingServer.start(`remote-${port}`, {
+          netns: Topology.netnsPath(net.remote),
+          family: 6,
+          address: '::',
+          port,
+        }),
+      );
     }
     appListener = await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT });
     ztunnel = await ztunnelListener(net.podPath, 15001);
@@ -101,7 +121,9 @@ describe('attacks on the outbound loopback route', kernelTest(), () => {
     const finished = attempt.finally(() => (done = true));
     let seen = false;
     while (!seen && !done) {
-      seen = (await sh('ip', ['netns', 'exec', ns, 'ss', '-Htan', 'state', 'syn-recv'])).includes(source.includes(':') ? `[${source}]` : `${source}:`);
+      seen = (await sh('ip', ['netns', 'exec', ns, 'ss', '-Htan', 'state', 'syn-recv'])).includes(
+        source.includes(':') ? `[${source}]` : `${source}:`,
+      );
       await new Promise((r) => setTimeout(r, 50));
     }
     await finished;
@@ -154,7 +176,10 @@ describe('attacks on the outbound loopback route', kernelTest(), () => {
     it(`${who}: a source address bound with IP_FREEBIND that is another enrolled pod's: never that pod's ztunnel`, async () => {
       // The SYN is queued on this pod's ztunnel listener (a request socket in this netns), never
       // handed to pod B's in B's netns. (Counters cannot tell: they go by the SYN's source.)
-      for (const [host, src] of [[net.remoteV4, other.podV4], [net.remoteV6, other.podV6]] as const) {
+      for (const [host, src] of [
+        [net.remoteV4, other.podV4],
+        [net.remoteV6, other.podV6],
+      ] as const) {
         const attempt = conn(who, host, APP_PORT, `src=${src}`, 'freebind=1', 'timeout=2');
         const here = await synRecvFrom(net.pod, src, attempt);
         if (/Network is unreachable/.test(await attempt)) continue; // no SYN at all (IPv4 freebind without a route)
@@ -169,9 +194,13 @@ describe('attacks on the outbound loopback route', kernelTest(), () => {
       try {
         const results: string[] = [];
         for (const port of [15006, 15008]) {
-          for (const host of [net.remoteV4, net.remoteV6]) results.push(`${host}:${port} ${await conn(who, host, port, 'timeout=2')}`);
+          for (const host of [net.remoteV4, net.remoteV6])
+            results.push(`${host}:${port} ${await conn(who, host, port, 'timeout=2')}`);
           // The interface path (a socket marked by the app, NET_ADMIN) for comparison.
-          if (who === 'root') results.push(`${net.remoteV4}:${port} via pod_egress ${await conn(who, net.remoteV4, port, 'mark=0x100', 'timeout=2')}`);
+          if (who === 'root')
+            results.push(
+              `${net.remoteV4}:${port} via pod_egress ${await conn(who, net.remoteV4, port, 'mark=0x100', 'timeout=2')}`,
+            );
         }
         for (const r of results) assert.match(r, / ztunnel-15001 /, results.join('\n'));
       } finally {
@@ -214,7 +243,10 @@ describe('attacks on the outbound loopback route', kernelTest(), () => {
     await dp.detach(uid);
     const flag = join(tmpdir(), `${TEST_PREFIX}-flag-${topo.id}`);
     try {
-      const child = spawn('sh', ['-c', `echo $$ > ${join(app.path, 'cgroup.procs')} && exec nsenter --net=${net.podPath} ${DROP.nobody} /usr/bin/python3 ${script} conn ${net.remoteV4} ${APP_PORT} wait=${flag}`]);
+      const child = spawn('sh', [
+        '-c',
+        `echo $$ > ${join(app.path, 'cgroup.procs')} && exec nsenter --net=${net.podPath} ${DROP.nobody} /usr/bin/python3 ${script} conn ${net.remoteV4} ${APP_PORT} wait=${flag}`,
+      ]);
       let out = '';
       child.stdout.on('data', (d: Buffer) => (out += d.toString()));
       const done = new Promise<void>((r) => child.on('exit', () => r()));
@@ -233,96 +265,174 @@ describe('attacks on the outbound loopback route', kernelTest(), () => {
     nothingAround('early socket');
   });
 
-  it('a reconnect on the same 4-tuple right after a closed flow (a TIME_WAIT on the tuple) goes to ztunnel again, never the app’s listener', { timeout: 30000 }, async () => {
-    await ztunnel.destroy();
-    const closer = await listenInNetns({ netns: net.podPath, family: 6, address: '::', port: 15001, transparent: true, reuseport: true, mark: 0x539 });
-    let accepted = 0;
-    const open = new Set<import('node:net').Socket>();
-    closer.on('connection', (s) => {
-      accepted++;
-      open.add(s);
-      s.on('close', () => open.delete(s));
-      s.on('error', () => undefined);
-      s.end('ztunnel-closer\n'); // ztunnel closes first: its socket (remote -> pod) goes to TIME_WAIT
-    });
-    try {
-      for (const host of [net.remoteV4, net.remoteV6]) {
-        const first = await conn('nobody', host, APP_PORT, 'sport=41234', 'reuse=1');
-        console.log(`time-wait first ${host}: ${first}`);
-        assert.match(first, /^ztunnel-closer /, first);
-        await new Promise((r) => setTimeout(r, 300));
-        const tw = await sh('ip', ['netns', 'exec', net.pod, 'ss', '-tanH', 'state', 'time-wait']);
-        console.log(`time-wait sockets: ${tw}`);
-        const second = await conn('nobody', host, APP_PORT, 'sport=41234', 'reuse=1');
-        console.log(`time-wait second ${host}: ${second}`);
-        assert.match(second, /^ztunnel-closer /, `${second}\nTIME_WAIT sockets:\n${tw}`);
+  it(
+    'a reconnect on the same 4-tuple right after a closed flow (a TIME_WAIT on the tuple) goes to ztunnel again, never the app’s listener',
+    { timeout: 30000 },
+    async () => {
+      await ztunnel.destroy();
+      const closer = await listenInNetns({
+        netns: net.podPath,
+        family: 6,
+        address: '::',
+        port: 15001,
+        transparent: true,
+        reuseport: true,
+        mark: 0x539,
+      });
+      let accepted = 0;
+      const open = new Set<import('node:net').Socket>();
+      closer.on('connection', (s) => {
+        accepted++;
+        open.add(s);
+        s.on('close', () => open.delete(s));
+        s.on('error', () => undefined);
+        s.end('ztunnel-closer\n'); // ztunnel closes first: its socket (remote -> pod) goes to TIME_WAIT
+      });
+      try {
+        for (const host of [net.remoteV4, net.remoteV6]) {
+          const first = await conn('nobody', host, APP_PORT, 'sport=41234', 'reuse=1');
+          console.log(`time-wait first ${host}: ${first}`);
+          assert.match(first, /^ztunnel-closer /, first);
+          await new Promise((r) => setTimeout(r, 300));
+          const tw = await sh('ip', ['netns', 'exec', net.pod, 'ss', '-tanH', 'state', 'time-wait']);
+          console.log(`time-wait sockets: ${tw}`);
+          const second = await conn('nobody', host, APP_PORT, 'sport=41234', 'reuse=1');
+          console.log(`time-wait second ${host}: ${second}`);
+          assert.match(second, /^ztunnel-closer /, `${second}\nTIME_WAIT sockets:\n${tw}`);
+        }
+        assert.equal(accepted, 4);
+        nothingAround('time-wait');
+      } finally {
+        for (const o of open) o.destroy();
+        await new Promise<void>((r) => closer.close(() => r()));
+        ztunnel = await ztunnelListener(net.podPath, 15001);
       }
-      assert.equal(accepted, 4);
-      nothingAround('time-wait');
-    } finally {
-      for (const o of open) o.destroy();
-      await new Promise<void>((r) => closer.close(() => r()));
-      ztunnel = await ztunnelListener(net.podPath, 15001);
-    }
-  });
+    },
+  );
 
-  it('DNS capture on the same cgroup: TCP to a server’s port 53 still reaches ztunnel’s 15053', { timeout: 30000 }, async () => {
-    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, second4, net.podV6], podCgroup: app.path, dnsCapture: true });
-    const dns4 = await RecordingServer.start('dns-15053', { netns: net.podPath, family: 4, address: '127.0.0.1', port: 15053 });
-    const dns6 = await RecordingServer.start('dns6-15053', { netns: net.podPath, family: 6, address: '::1', port: 15053 });
-    try {
-      console.log(`dns: ${(await dp.list()).find((p) => p.uid === uid)?.dnsCapture}`);
-      const r4 = await conn('nobody', net.remoteV4, 53);
-      const r6 = await conn('nobody', net.remoteV6, 53);
-      assert.match(r4, /^dns-15053 /, r4);
-      assert.match(r6, /^dns6-15053 /, r6);
-      const still = await conn('nobody', net.remoteV4, APP_PORT);
-      assert.match(still, /^ztunnel-15001 mark=0x111 /, still);
-    } finally {
-      await dns6.destroy();
-      await dns4.destroy();
-      await attach();
-    }
-  });
+  it(
+    'DNS capture on the same cgroup: TCP to a server’s port 53 still reaches ztunnel’s 15053',
+    { timeout: 30000 },
+    async () => {
+      await dp.attach({
+        uid,
+        netnsPath: net.podPath,
+        ips: [net.podV4, second4, net.podV6],
+        podCgroup: app.path,
+        dnsCapture: true,
+      });
+      const dns4 = await RecordingServer.start('dns-15053', {
+        netns: net.podPath,
+        family: 4,
+        address: '127.0.0.1',
+        port: 15053,
+      });
+      const dns6 = await RecordingServer.start('dns6-15053', {
+        netns: net.podPath,
+        family: 6,
+        address: '::1',
+        port: 15053,
+      });
+      try {
+        console.log(`dns: ${(await dp.list()).find((p) => p.uid === uid)?.dnsCapture}`);
+        const r4 = await conn('nobody', net.remoteV4, 53);
+        const r6 = await conn('nobody', net.remoteV6, 53);
+        assert.match(r4, /^dns-15053 /, r4);
+        assert.match(r6, /^dns6-15053 /, r6);
+        const still = await conn('nobody', net.remoteV4, APP_PORT);
+        assert.match(still, /^ztunnel-15001 mark=0x111 /, still);
+      } finally {
+        await dns6.destroy();
+        await dns4.destroy();
+        await attach();
+      }
+    },
+  );
 
-  it('the bundled ztunnel stand-in: a connection to a remote’s port 15006 leaves through ztunnel’s inbound relay, not its outbound', { timeout: 30000 }, async () => {
-    await ztunnel.destroy();
-    const fd = openSync(net.podPath, 'r');
-    const proxy = await PodProxy.open(uid, fd);
-    const remote15006 = remoteZ[0]!;
-    try {
-      const before = remote15006.accepted.length;
-      const r = await conn('nobody', net.remoteV4, 15006, 'payload=exfil');
-      const seen = JSON.stringify({ outbound: proxy.stats.outbound, inbound: proxy.stats.inbound, remote: remote15006.accepted.slice(before) });
-      assert.equal(proxy.stats.inbound.connections, 0, `the app's outbound connection was taken by ztunnel's inbound listener: ${r} ${seen}`);
-      assert.equal(remote15006.accepted.length - before, proxy.stats.outbound.connections, seen);
-    } finally {
-      proxy.close(); // closes fd too
-      ztunnel = await ztunnelListener(net.podPath, 15001);
-    }
-  });
+  it(
+    'the bundled ztunnel stand-in: a connection to a remote’s port 15006 leaves through ztunnel’s inbound relay, not its outbound',
+    { timeout: 30000 },
+    async () => {
+      await ztunnel.destroy();
+      const fd = openSync(net.podPath, 'r');
+      const proxy = await PodProxy.open(uid, fd);
+      const remote15006 = remoteZ[0]!;
+      try {
+        const before = remote15006.accepted.length;
+        const r = await conn('nobody', net.remoteV4, 15006, 'payload=exfil');
+        const seen = JSON.stringify({
+          outbound: proxy.stats.outbound,
+          inbound: proxy.stats.inbound,
+          remote: remote15006.accepted.slice(before),
+        });
+        assert.equal(
+          proxy.stats.inbound.connections,
+          0,
+          `the app's outbound connection was taken by ztunnel's inbound listener: ${r} ${seen}`,
+        );
+        assert.equal(remote15006.accepted.length - before, proxy.stats.outbound.connections, seen);
+      } finally {
+        proxy.close(); // closes fd too
+        ztunnel = await ztunnelListener(net.podPath, 15001);
+      }
+    },
+  );
 
-  it('nobody: an IPV6_FREEBIND source that is no pod’s: the app’s own listener never takes the connection, and no app data leaves', { timeout: 30000 }, async () => {
-    // The app binds the address it wants packets sent to (here the remote host's) and connects to
-    // any address D:P. Such a socket is not routed over lo (its source is no pod's); pod_egress
-    // hands the SYN to ztunnel, whose handshake reply from D:P goes to that source out of eth0, as
-    // upstream's REDIRECT replies do: a SYN-ACK, never the app's data (the handshake cannot
-    // complete: the real owner of the source does not answer it).
-    const sport = 42424;
-    const sniffer = spawn('nsenter', [`--net=${Topology.netnsPath(net.remote)}`, '/usr/bin/python3', script, 'sniff6', '3', `${sport},${sport + 1}`]);
-    let out = '';
-    sniffer.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    const done = new Promise<void>((r) => sniffer.on('exit', () => r()));
-    for (let i = 0; !out.includes('ready'); i++) {
-      assert.ok(i < 100, 'the sniffer never started');
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    const withListener = await conn('nobody', '2001:db8:99::9', APP_PORT, `src=${net.remoteV6}`, `sport=${sport}`, 'freebind=1', 'timeout=1');
-    const noListener = await conn('nobody', '2001:db8:99::9', 9, `src=${net.remoteV6}`, `sport=${sport + 1}`, 'freebind=1', 'timeout=1');
-    await done;
-    const seen = out.split('\n')[1] ?? '';
-    console.log(`freebind reflection: app saw "${withListener}" / "${noListener}"; the remote host received: ${seen}`);
-    for (const segment of seen === 'none' ? [] : seen.split(',')) assert.match(segment, /\/SA$/, `a segment other than ztunnel's SYN-ACK left the pod: ${seen}`);
-    assert.doesNotMatch(withListener, /^app /, 'the app’s own listener took its marked outbound connection (the socket lookup passed it: its source is no pod’s)');
-  });
+  it(
+    'nobody: an IPV6_FREEBIND source that is no pod’s: the app’s own listener never takes the connection, and no app data leaves',
+    { timeout: 30000 },
+    async () => {
+      // The app binds the address it wants packets sent to (here the remote host's) and connects to
+      // any address D:P. Such a socket is not routed over lo (its source is no pod's); pod_egress
+      // hands the SYN to ztunnel, whose handshake reply from D:P goes to that source out of eth0, as
+      // upstream's REDIRECT replies do: a SYN-ACK, never the app's data (the handshake cannot
+      // complete: the real owner of the source does not answer it).
+      const sport = 42424;
+      const sniffer = spawn('nsenter', [
+        `--net=${Topology.netnsPath(net.remote)}`,
+        '/usr/bin/python3',
+        script,
+        'sniff6',
+        '3',
+        `${sport},${sport + 1}`,
+      ]);
+      let out = '';
+      sniffer.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      const done = new Promise<void>((r) => sniffer.on('exit', () => r()));
+      for (let i = 0; !out.includes('ready'); i++) {
+        assert.ok(i < 100, 'the sniffer never started');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      const withListener = await conn(
+        'nobody',
+        '2001:db8:99::9',
+        APP_PORT,
+        `src=${net.remoteV6}`,
+        `sport=${sport}`,
+        'freebind=1',
+        'timeout=1',
+      );
+      const noListener = await conn(
+        'nobody',
+        '2001:db8:99::9',
+        9,
+        `src=${net.remoteV6}`,
+        `sport=${sport + 1}`,
+        'freebind=1',
+        'timeout=1',
+      );
+      await done;
+      const seen = out.split('\n')[1] ?? '';
+      console.log(
+        `freebind reflection: app saw "${withListener}" / "${noListener}"; the remote host received: ${seen}`,
+      );
+      for (const segment of seen === 'none' ? [] : seen.split(','))
+        assert.match(segment, /\/SA$/, `a segment other than ztunnel's SYN-ACK left the pod: ${seen}`);
+      assert.doesNotMatch(
+        withListener,
+        /^app /,
+        'the app’s own listener took its marked outbound connection (the socket lookup passed it: its source is no pod’s)',
+      );
+    },
+  );
 });

@@ -29,12 +29,15 @@ describe('outbound TCP over the pod’s loopback', kernelTest(), () => {
   let remote: RecordingServer;
   let appListener: RecordingServer;
 
-  const attach = () => dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], podCgroup: app.path, dnsCapture: false });
+  const attach = () =>
+    dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], podCgroup: app.path, dnsCapture: false });
   /** Connections the app's own listener took that were not for the pod's own addresses. */
-  const stolen = () => appListener.accepted.filter((a) => a.localAddress !== net.podV4 && a.localAddress !== net.podV6).length;
+  const stolen = () =>
+    appListener.accepted.filter((a) => a.localAddress !== net.podV4 && a.localAddress !== net.podV6).length;
   const counters = async () => (await dp.list()).find((p) => p.uid === uid)!.counters;
   /** "<who answered> mark=0x.. mss=N", or "ERR ..." */
-  const route = (host: string, mark?: string) => app.client(net.podPath, 'route', host, APP_PORT, ...(mark ? [mark] : []));
+  const route = (host: string, mark?: string) =>
+    app.client(net.podPath, 'route', host, APP_PORT, ...(mark ? [mark] : []));
   const parse = (line: string) => {
     const m = /^(\S+) mark=(0x[0-9a-f]+) mss=(\d+)$/.exec(line);
     assert.ok(m, `unexpected answer: ${line}`);
@@ -50,7 +53,12 @@ describe('outbound TCP over the pod’s loopback', kernelTest(), () => {
     app = new AppCgroup(topo.id);
     await attach();
     await dp.attach({ uid: otherUid, netnsPath: other.podPath, ips: [other.podV4, other.podV6] });
-    remote = await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT });
+    remote = await RecordingServer.start('remote', {
+      netns: Topology.netnsPath(net.remote),
+      family: 6,
+      address: '::',
+      port: APP_PORT,
+    });
     // The app's own listener on the remote's port: what a looped SYN must never reach.
     appListener = await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT });
   });
@@ -70,14 +78,20 @@ describe('outbound TCP over the pod’s loopback', kernelTest(), () => {
     const ztunnel = await ztunnelListener(net.podPath, 15001);
     try {
       const before = (await counters()).outboundRedirected;
-      for (const [dst, src] of [[net.remoteV4, net.podV4], [net.remoteV6, net.podV6]] as const) {
+      for (const [dst, src] of [
+        [net.remoteV4, net.podV4],
+        [net.remoteV6, net.podV6],
+      ] as const) {
         const r = parse(await route(dst));
         assert.equal(r.who, 'ztunnel-15001', `to ${dst}`);
         assert.equal(r.mark, 0x111, 'the connect hook did not mark the socket');
         assert.ok(r.mss <= POD_MTU - 40, `MSS ${r.mss}: segments must be cut to the pod interface's MTU`);
         // What a socket with that mark is routed by: lo, from the pod's address, the interface's MTU.
         const routeOut = await sh('ip', ['-n', net.pod, 'route', 'get', dst, 'mark', '0x111']);
-        assert.match(routeOut, new RegExp(`^local ${dst} (from \\S+ )?dev lo table 100 src ${src} .*mtu ${POD_MTU}\\b`, 's'));
+        assert.match(
+          routeOut,
+          new RegExp(`^local ${dst} (from \\S+ )?dev lo table 100 src ${src} .*mtu ${POD_MTU}\\b`, 's'),
+        );
         assert.deepEqual(
           { ...ztunnel.accepted.at(-1)!, remotePort: 0 },
           { localAddress: dst, localPort: APP_PORT, remoteAddress: src, remotePort: 0 },
@@ -106,8 +120,19 @@ describe('outbound TCP over the pod’s loopback', kernelTest(), () => {
 
   it('ztunnel’s inbound connections to the app, spoofing another enrolled pod’s address, still reach the app', async () => {
     // As ztunnel delivers pod B -> pod A on one node: from B's address, inside A's netns, over lo.
-    for (const [src, dst] of [[other.podV4, net.podV4], [other.podV6, net.podV6]] as const) {
-      const who = await whoAnswers({ netns: net.podPath, host: dst, port: APP_PORT, localAddress: src, transparent: true, freebind: true, mark: 0x539 });
+    for (const [src, dst] of [
+      [other.podV4, net.podV4],
+      [other.podV6, net.podV6],
+    ] as const) {
+      const who = await whoAnswers({
+        netns: net.podPath,
+        host: dst,
+        port: APP_PORT,
+        localAddress: src,
+        transparent: true,
+        freebind: true,
+        mark: 0x539,
+      });
       assert.equal(who, 'app', `from ${src}`);
     }
   });
@@ -157,9 +182,31 @@ describe('outbound TCP over the pod’s loopback', kernelTest(), () => {
   it('verify notices the local route without the pod’s source or MTU, and an update repairs it', async () => {
     assert.deepEqual((await dp.verify(uid)).problems, []);
     await sh('ip', ['-n', net.pod, 'route', 'replace', 'local', 'default', 'dev', 'lo', 'table', '100']);
-    assert.match((await dp.verify(uid)).problems.join('\n'), /IPv4 local route in table 100 has not the pod's address as source/);
-    await sh('ip', ['-n', net.pod, '-6', 'route', 'replace', 'local', 'default', 'dev', 'lo', 'table', '100', 'src', net.podV6, 'mtu', '9000']);
-    assert.match((await dp.verify(uid)).problems.join('\n'), /IPv6 local route in table 100 has MTU 9000, not the pod interface's 1500/);
+    assert.match(
+      (await dp.verify(uid)).problems.join('\n'),
+      /IPv4 local route in table 100 has not the pod's address as source/,
+    );
+    await sh('ip', [
+      '-n',
+      net.pod,
+      '-6',
+      'route',
+      'replace',
+      'local',
+      'default',
+      'dev',
+      'lo',
+      'table',
+      '100',
+      'src',
+      net.podV6,
+      'mtu',
+      '9000',
+    ]);
+    assert.match(
+      (await dp.verify(uid)).problems.join('\n'),
+      /IPv6 local route in table 100 has MTU 9000, not the pod interface's 1500/,
+    );
     await attach();
     assert.deepEqual((await dp.verify(uid)).problems, []);
     const ztunnel = await ztunnelListener(net.podPath, 15001);

@@ -25,14 +25,32 @@ describe('pod cgroup paths', () => {
       [`/kubepods/besteffort/pod${UID}/${CTR}`, `/kubepods/besteffort/pod${UID}`],
       [`/kubepods/besteffort/pod${UID}`, `/kubepods/besteffort/pod${UID}`],
       // systemd driver
-      [`/kubepods.slice/kubepods-pod${UID_}.slice/cri-containerd-${CTR}.scope`, `/kubepods.slice/kubepods-pod${UID_}.slice`],
-      [`/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod${UID_}.slice/crio-${CTR}.scope`, `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod${UID_}.slice`],
-      [`/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod${UID_}.slice/docker-${CTR}.scope`, `/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod${UID_}.slice`],
+      [
+        `/kubepods.slice/kubepods-pod${UID_}.slice/cri-containerd-${CTR}.scope`,
+        `/kubepods.slice/kubepods-pod${UID_}.slice`,
+      ],
+      [
+        `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod${UID_}.slice/crio-${CTR}.scope`,
+        `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod${UID_}.slice`,
+      ],
+      [
+        `/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod${UID_}.slice/docker-${CTR}.scope`,
+        `/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod${UID_}.slice`,
+      ],
       // leading prefixes: kubelet's --cgroup-root, a kind node inside docker, another cgroup namespace
-      [`/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubepods-besteffort-pod${UID_}.slice/cri-containerd-${CTR}.scope`, `/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubepods-besteffort-pod${UID_}.slice`],
-      [`/docker/8d461fa5765781bcf5f7eb192f101bc3103d4b932e26236f43feecfa20664f96/kubepods/besteffort/pod${UID}/${CTR}`, `/docker/8d461fa5765781bcf5f7eb192f101bc3103d4b932e26236f43feecfa20664f96/kubepods/besteffort/pod${UID}`],
+      [
+        `/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubepods-besteffort-pod${UID_}.slice/cri-containerd-${CTR}.scope`,
+        `/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubepods-besteffort-pod${UID_}.slice`,
+      ],
+      [
+        `/docker/8d461fa5765781bcf5f7eb192f101bc3103d4b932e26236f43feecfa20664f96/kubepods/besteffort/pod${UID}/${CTR}`,
+        `/docker/8d461fa5765781bcf5f7eb192f101bc3103d4b932e26236f43feecfa20664f96/kubepods/besteffort/pod${UID}`,
+      ],
       [`/../../pod${UID}/${CTR}`, `/../../pod${UID}`],
-      [`/../../kubepods-besteffort-pod${UID_}.slice/cri-containerd-${CTR}.scope`, `/../../kubepods-besteffort-pod${UID_}.slice`],
+      [
+        `/../../kubepods-besteffort-pod${UID_}.slice/cri-containerd-${CTR}.scope`,
+        `/../../kubepods-besteffort-pod${UID_}.slice`,
+      ],
       // a runtime's directory below the pod cgroup, and a deleted cgroup
       [`/kubepods/burstable/pod${UID}/${CTR}/init`, `/kubepods/burstable/pod${UID}`],
       [`/kubepods/pod${UID}/${CTR} (deleted)`, `/kubepods/pod${UID}`],
@@ -89,8 +107,14 @@ describe('DNS capture’s pod cgroup', kernelTest(), () => {
       ['cgroupfs burstable', (uid) => `kubepods/burstable/pod${uid}`],
       ['cgroupfs besteffort', (uid) => `kubepods/besteffort/pod${uid}`],
       ['systemd guaranteed', (uid) => `kubepods.slice/kubepods-pod${uid.replace(/-/g, '_')}.slice`],
-      ['systemd burstable', (uid) => `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod${uid.replace(/-/g, '_')}.slice`],
-      ['systemd besteffort', (uid) => `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod${uid.replace(/-/g, '_')}.slice`],
+      [
+        'systemd burstable',
+        (uid) => `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod${uid.replace(/-/g, '_')}.slice`,
+      ],
+      [
+        'systemd besteffort',
+        (uid) => `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod${uid.replace(/-/g, '_')}.slice`,
+      ],
     ];
     const locator = new CgroupLocator('/', { kubeletRoot: cgroups.root });
     let n = 0;

@@ -31,16 +31,28 @@ interface PodSpec {
 
 function podsYaml(namespaces: Record<string, string | undefined>, pods: PodSpec[]): string {
   const docs = Object.entries(namespaces).map(([name, mode]) =>
-    JSON.stringify({ apiVersion: 'v1', kind: 'Namespace', metadata: { name, labels: mode ? { 'istio.io/dataplane-mode': mode } : {} } }),
+    JSON.stringify({
+      apiVersion: 'v1',
+      kind: 'Namespace',
+      metadata: { name, labels: mode ? { 'istio.io/dataplane-mode': mode } : {} },
+    }),
   );
   for (const p of pods) {
-    docs.push(JSON.stringify({
-      apiVersion: 'v1',
-      kind: 'Pod',
-      metadata: { name: p.name, namespace: p.namespace, uid: `uid-${p.name}`, labels: p.labels ?? {}, annotations: p.annotations ?? {} },
-      spec: { serviceAccountName: p.name },
-      status: { phase: 'Running', podIP: p.ip, podIPs: [{ ip: p.ip }] },
-    }));
+    docs.push(
+      JSON.stringify({
+        apiVersion: 'v1',
+        kind: 'Pod',
+        metadata: {
+          name: p.name,
+          namespace: p.namespace,
+          uid: `uid-${p.name}`,
+          labels: p.labels ?? {},
+          annotations: p.annotations ?? {},
+        },
+        spec: { serviceAccountName: p.name },
+        status: { phase: 'Running', podIP: p.ip, podIPs: [{ ip: p.ip }] },
+      }),
+    );
   }
   return docs.join('\n---\n');
 }
@@ -69,8 +81,20 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     const dp = await Datapath.open({ bpffsRoot: root });
     const standIn = new ZtunnelStandIn({ socketPath });
     let zds = new ZdsServer({ socketPath, onStatus: (uid, r) => reconciler.ztunnelStatus(uid, r) });
-    let reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50 });
-    const source = new LocalPodSource({ file, nodeName: 'node-a', onChange: (c, s) => reconciler.applyChanges(c, s), onError: (e) => assert.fail(e), debounceMs: 20 });
+    let reconciler = new Reconciler({
+      datapath: dp,
+      zds,
+      netns: new NetnsLocator(),
+      log: silentLogger,
+      initialBackoffMs: 50,
+    });
+    const source = new LocalPodSource({
+      file,
+      nodeName: 'node-a',
+      onChange: (c, s) => reconciler.applyChanges(c, s),
+      onError: (e) => assert.fail(e),
+      debounceMs: 20,
+    });
     t.after(async () => {
       source.stop();
       reconciler.stop();
@@ -83,7 +107,11 @@ describe('enrollment with the local pod source', kernelTest(), () => {
       rmSync(dir, { recursive: true, force: true });
     });
     const attached = async () => (await dp.list()).map((p) => p.uid).sort();
-    const proxied = () => standIn.stats().map((p) => p.uid).sort();
+    const proxied = () =>
+      standIn
+        .stats()
+        .map((p) => p.uid)
+        .sort();
     const states = () => Object.fromEntries(reconciler.status().map((s) => [s.name, s.state]));
 
     // ztunnel is not there yet: redirected, but pending.
@@ -99,7 +127,13 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     assert.deepEqual(proxied(), ['uid-cart', 'uid-web']);
 
     // Label flips: the namespace opts out, a pod in a plain namespace opts in.
-    writeFileSync(file, podsYaml({ shop: undefined, plain: undefined }, pods.map((p) => (p.name === 'api' ? { ...p, labels: { 'istio.io/dataplane-mode': 'ambient' } } : p))));
+    writeFileSync(
+      file,
+      podsYaml(
+        { shop: undefined, plain: undefined },
+        pods.map((p) => (p.name === 'api' ? { ...p, labels: { 'istio.io/dataplane-mode': 'ambient' } } : p)),
+      ),
+    );
     await until(async () => (await attached()).join() === 'uid-api', 'namespace opt-out and pod opt-in');
     await until(() => proxied().join() === 'uid-api', 'stand-in follows');
     // (the stand-in lists the pod before the agent has read its ack)
@@ -110,7 +144,13 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     zds.close();
     const before = await dp.list();
     zds = new ZdsServer({ socketPath, onStatus: (uid, r) => reconciler.ztunnelStatus(uid, r) });
-    reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50 });
+    reconciler = new Reconciler({
+      datapath: dp,
+      zds,
+      netns: new NetnsLocator(),
+      log: silentLogger,
+      initialBackoffMs: 50,
+    });
     // As the agent does: adopt, then serve ztunnel, then reconcile. A ztunnel connecting right
     // then gets the adopted pod in its first snapshot (one missing from it would be drained).
     standIn.stop();
@@ -118,7 +158,10 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     zds.start();
     const early = new FakeZtunnel(socketPath).hello();
     const first = await early.request(2000);
-    assert.deepEqual([first?.request, first?.fdCount], [{ add: { uid: 'uid-api', workloadInfo: { name: 'api', namespace: 'plain', serviceAccount: 'api' } } }, 1]);
+    assert.deepEqual(
+      [first?.request, first?.fdCount],
+      [{ add: { uid: 'uid-api', workloadInfo: { name: 'api', namespace: 'plain', serviceAccount: 'api' } } }, 1],
+    );
     early.ack();
     assert.deepEqual((await early.request(2000))?.request, { snapshotSent: {} });
     early.ack();
@@ -127,11 +170,20 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     await reconciler.reconcileAll();
     await until(() => states().api === 'enabled', 're-acked after restart');
     const afterRestart = await dp.list();
-    assert.deepEqual(afterRestart.map((p) => [p.uid, p.attachedAt.getTime()]), before.map((p) => [p.uid, p.attachedAt.getTime()]));
+    assert.deepEqual(
+      afterRestart.map((p) => [p.uid, p.attachedAt.getTime()]),
+      before.map((p) => [p.uid, p.attachedAt.getTime()]),
+    );
     await until(() => proxied().join() === 'uid-api', 'the reconnected stand-in serves the pod');
 
     // The pod is deleted from the source: unenrolled.
-    writeFileSync(file, podsYaml({ shop: undefined, plain: undefined }, pods.filter((p) => p.name !== 'api')));
+    writeFileSync(
+      file,
+      podsYaml(
+        { shop: undefined, plain: undefined },
+        pods.filter((p) => p.name !== 'api'),
+      ),
+    );
     await until(async () => (await attached()).length === 0, 'deleted pod detached');
     await until(() => proxied().length === 0, 'stand-in drops it');
     assert.equal(states().api, undefined);
@@ -139,7 +191,11 @@ describe('enrollment with the local pod source', kernelTest(), () => {
 
   /** One pod (netns, veth, address) in an ambient namespace of a local pods file, with a reconciler
    * that is started; everything is removed after the test. */
-  async function onePod(t: { after: (fn: () => Promise<void>) => void }, pod: PodSpec, options: Partial<ReconcilerOptions> = {}) {
+  async function onePod(
+    t: { after: (fn: () => Promise<void>) => void },
+    pod: PodSpec,
+    options: Partial<ReconcilerOptions> = {},
+  ) {
     const topo = new Topology();
     const root = testBpffsRoot(topo.id);
     const dir = mkdtempSync(join(tmpdir(), 'abt-rec-'));
@@ -148,12 +204,26 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     const ns = await topo.netns(pod.name);
     await topo.veth(ns, 'eth0', node, 'v0');
     await topo.addAddress(ns, 'eth0', `${pod.ip}/24`);
-    const write = (annotations: Record<string, string>) => writeFileSync(file, podsYaml({ shop: 'ambient' }, [{ ...pod, annotations }]));
+    const write = (annotations: Record<string, string>) =>
+      writeFileSync(file, podsYaml({ shop: 'ambient' }, [{ ...pod, annotations }]));
     write(pod.annotations ?? {});
     const dp = await Datapath.open({ bpffsRoot: root });
     const zds = new ZdsServer({ socketPath: join(dir, 'ztunnel.sock') });
-    const reconciler = new Reconciler({ datapath: dp, zds, netns: new NetnsLocator(), log: silentLogger, initialBackoffMs: 50, ...options });
-    const source = new LocalPodSource({ file, nodeName: 'node-a', onChange: (c, s) => reconciler.applyChanges(c, s), onError: (e) => assert.fail(e), debounceMs: 20 });
+    const reconciler = new Reconciler({
+      datapath: dp,
+      zds,
+      netns: new NetnsLocator(),
+      log: silentLogger,
+      initialBackoffMs: 50,
+      ...options,
+    });
+    const source = new LocalPodSource({
+      file,
+      nodeName: 'node-a',
+      onChange: (c, s) => reconciler.applyChanges(c, s),
+      onError: (e) => assert.fail(e),
+      debounceMs: 20,
+    });
     t.after(async () => {
       source.stop();
       reconciler.stop();
@@ -170,8 +240,16 @@ describe('enrollment with the local pod source', kernelTest(), () => {
   }
 
   it('applies capture annotations in place, and ignores a malformed one with a warning in the pod’s status, never failing the pod', async (t) => {
-    const annotations = { 'ambient.istio.io/bypass-inbound-capture': 'true', 'istio.io/reroute-virtual-interfaces': 'tap0, tap1' };
-    const { dp, reconciler, write, start } = await onePod(t, { name: 'vm', namespace: 'shop', ip: '198.18.51.2', annotations });
+    const annotations = {
+      'ambient.istio.io/bypass-inbound-capture': 'true',
+      'istio.io/reroute-virtual-interfaces': 'tap0, tap1',
+    };
+    const { dp, reconciler, write, start } = await onePod(t, {
+      name: 'vm',
+      namespace: 'shop',
+      ip: '198.18.51.2',
+      annotations,
+    });
     const attached = async () => (await dp.list())[0];
 
     await start();
@@ -185,7 +263,10 @@ describe('enrollment with the local pod source', kernelTest(), () => {
     assert.equal(second?.attachedAt.getTime(), first?.attachedAt.getTime(), 'updated in place, not re-attached');
 
     write({ 'ambient.istio.io/bypass-inbound-capture': 'yes', 'istio.io/reroute-virtual-interfaces': 'tap0,a/b' });
-    await until(() => /reroute-virtual-interfaces/.test(reconciler.status()[0]?.reason ?? ''), 'the warning in the status');
+    await until(
+      () => /reroute-virtual-interfaces/.test(reconciler.status()[0]?.reason ?? ''),
+      'the warning in the status',
+    );
     const status = reconciler.status()[0]!;
     assert.notEqual(status.state, 'failed', 'a malformed annotation must not fail the pod');
     assert.equal((await dp.list()).length, 1, 'the pod must stay redirected');
@@ -196,10 +277,18 @@ describe('enrollment with the local pod source', kernelTest(), () => {
   });
 
   it('with attach mode auto, enrols on the tc fast path and moves to tcx once idle, still redirected', async (t) => {
-    const { dp, start } = await onePod(t, { name: 'fast', namespace: 'shop', ip: '198.18.52.2' }, { attachMode: 'auto', capture: { strict: false, dnsCapture: false } });
+    const { dp, start } = await onePod(
+      t,
+      { name: 'fast', namespace: 'shop', ip: '198.18.52.2' },
+      { attachMode: 'auto', capture: { strict: false, dnsCapture: false } },
+    );
     const t0 = performance.now();
     await start();
-    assert.deepEqual((await dp.list()).map((p) => p.mode), ['tc'], 'not attached on the tc fast path');
+    assert.deepEqual(
+      (await dp.list()).map((p) => p.mode),
+      ['tc'],
+      'not attached on the tc fast path',
+    );
     await until(async () => (await dp.list())[0]?.mode === 'tcx', 'moved to tcx', 10_000);
     assert.ok(performance.now() - t0 >= UPGRADE_IDLE_MS, 'moved before the node was idle');
     assert.equal((await dp.verify('uid-fast')).ok, true);

@@ -37,8 +37,13 @@ describe('sk_lookup steering (the pre-6.6 fallback, forced)', kernelTest(), () =
     const lines = out.split('\n').filter(Boolean).length;
     standIn!.kill('SIGUSR1');
     await until(() => out.split('\n').filter(Boolean).length > lines, 'stand-in stats');
-    const last = JSON.parse(out.split('\n').filter(Boolean).at(-1)!) as { pods: { stats: { outbound: { connections: number }; inbound: { connections: number } } }[] };
-    return { outbound: last.pods[0]?.stats.outbound.connections ?? 0, inbound: last.pods[0]?.stats.inbound.connections ?? 0 };
+    const last = JSON.parse(out.split('\n').filter(Boolean).at(-1)!) as {
+      pods: { stats: { outbound: { connections: number }; inbound: { connections: number } } }[];
+    };
+    return {
+      outbound: last.pods[0]?.stats.outbound.connections ?? 0,
+      inbound: last.pods[0]?.stats.inbound.connections ?? 0,
+    };
   }
 
   before(async () => {
@@ -52,13 +57,27 @@ describe('sk_lookup steering (the pre-6.6 fallback, forced)', kernelTest(), () =
     dp.trustZtunnelCgroup(cgroup.path); // before ztunnel opens its listeners, as the agent does at hello
     server = new ZdsServer({ socketPath: `${dir}/ztunnel.sock` });
     server.start();
-    standIn = cgroup.spawn(CLI, ['ztunnel', '--socket', `${dir}/ztunnel.sock`, '--dns-upstream', net.remoteV4], { stdio: ['ignore', 'pipe', 'ignore'] });
+    standIn = cgroup.spawn(CLI, ['ztunnel', '--socket', `${dir}/ztunnel.sock`, '--dns-upstream', net.remoteV4], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
     standIn.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     await until(() => server.connectedCount === 1, 'stand-in connected', 10_000);
-    assert.deepEqual(await server.enroll({ uid, info: { name: 'p', namespace: 'demo', serviceAccount: 'default' }, netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+    assert.deepEqual(
+      await server.enroll({
+        uid,
+        info: { name: 'p', namespace: 'demo', serviceAccount: 'default' },
+        netnsFd: openSync(net.podPath, 'r'),
+      }),
+      { status: 'acked' },
+    );
     servers.push(
       await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
-      await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT }),
+      await RecordingServer.start('remote', {
+        netns: Topology.netnsPath(net.remote),
+        family: 6,
+        address: '::',
+        port: APP_PORT,
+      }),
     );
   });
 
@@ -82,7 +101,11 @@ describe('sk_lookup steering (the pre-6.6 fallback, forced)', kernelTest(), () =
     assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV6, port: APP_PORT }), 'remote');
     assert.equal(await whoAnswers({ netns: Topology.netnsPath(net.remote), host: net.podV4, port: APP_PORT }), 'app');
     const after = await standInStats();
-    assert.deepEqual([after.outbound - before.outbound, after.inbound - before.inbound], [2, 1], 'a connection went around ztunnel');
+    assert.deepEqual(
+      [after.outbound - before.outbound, after.inbound - before.inbound],
+      [2, 1],
+      'a connection went around ztunnel',
+    );
     // ztunnel's inbound leg reaches the app from the real client's address.
     assert.equal(servers[0]!.accepted.at(-1)!.remoteAddress, net.remoteV4);
     const pod = (await dp.list()).find((p) => p.uid === uid)!;
@@ -98,7 +121,11 @@ describe('sk_lookup steering (the pre-6.6 fallback, forced)', kernelTest(), () =
     await dp.detach(uid);
     const links = JSON.parse(await sh('bpftool', ['-j', 'link', 'show'])) as { type: string; netns_ino?: number }[];
     const podIno = Number((await sh('stat', ['-L', '-c', '%i', net.podPath])).trim());
-    assert.equal(links.filter((l) => l.type === 'netns' && l.netns_ino === podIno).length, 0, 'the sk_lookup link outlived detach');
+    assert.equal(
+      links.filter((l) => l.type === 'netns' && l.netns_ino === podIno).length,
+      0,
+      'the sk_lookup link outlived detach',
+    );
     assert.equal(await whoAnswers({ netns: Topology.netnsPath(net.remote), host: net.podV4, port: APP_PORT }), 'app');
   });
 });

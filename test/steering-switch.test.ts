@@ -16,7 +16,10 @@ const APP_PORT = 8080;
 
 after(assertNothingLeft);
 
-for (const [mode, subnet] of [['tcx', 44], ['tc', 45]] as const) {
+for (const [mode, subnet] of [
+  ['tcx', 44],
+  ['tc', 45],
+] as const) {
   describe(`switching steering with a pod attached (${mode})`, kernelTest(), () => {
     const topo = new Topology();
     const uid = `pod-${topo.id}`;
@@ -25,12 +28,18 @@ for (const [mode, subnet] of [['tcx', 44], ['tc', 45]] as const) {
     let dp: Datapath;
     const servers: RecordingServer[] = [];
 
-    const steer = (steering: Steering) => dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering });
+    const steer = (steering: Steering) =>
+      dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering });
     const attach = () => dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
 
     async function assertCaptured(): Promise<void> {
-      for (const host of [net.podV4, net.podV6]) assert.equal(await whoAnswers({ netns: Topology.netnsPath(net.remote), host, port: APP_PORT }), 'ztunnel-15006');
-      for (const host of [net.remoteV4, net.remoteV6]) assert.equal(await whoAnswers({ netns: net.podPath, host, port: APP_PORT }), 'ztunnel-15001');
+      for (const host of [net.podV4, net.podV6])
+        assert.equal(
+          await whoAnswers({ netns: Topology.netnsPath(net.remote), host, port: APP_PORT }),
+          'ztunnel-15006',
+        );
+      for (const host of [net.remoteV4, net.remoteV6])
+        assert.equal(await whoAnswers({ netns: net.podPath, host, port: APP_PORT }), 'ztunnel-15001');
     }
 
     before(async () => {
@@ -43,7 +52,12 @@ for (const [mode, subnet] of [['tcx', 44], ['tc', 45]] as const) {
         await ztunnelListener(net.podPath, 15001),
         await ztunnelListener(net.podPath, 15006),
         await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
-        await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT }),
+        await RecordingServer.start('remote', {
+          netns: Topology.netnsPath(net.remote),
+          family: 6,
+          address: '::',
+          port: APP_PORT,
+        }),
       );
       await steer('sk-assign');
       assert.equal((await attach()).mode, mode);

@@ -27,13 +27,21 @@ describe('strict mode', kernelTest(), () => {
 
   const remoteNs = (): string => Topology.netnsPath(net.remote);
   const attach = (extra: { strict?: boolean; podCgroup?: string }) =>
-    dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...extra }, { mode: KERNEL_HAS_TCX ? 'tcx' : 'tc' });
-  const strictDropped = async (): Promise<number> => (await dp.list()).find((p) => p.uid === uid)!.counters.strictDropped;
+    dp.attach(
+      { uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], ...extra },
+      { mode: KERNEL_HAS_TCX ? 'tcx' : 'tc' },
+    );
+  const strictDropped = async (): Promise<number> =>
+    (await dp.list()).find((p) => p.uid === uid)!.counters.strictDropped;
 
   /** Frames of `kind` the remote host's eth0 saw while `send` ran (app-client.py sniff). A packet
    * strict mode drops may fail its send (ENOBUFS): what counts is what arrived. */
   async function seenByRemote(kind: string, send: () => Promise<string>): Promise<number> {
-    const sniffer = app.spawn('nsenter', [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff', kind, String(scaled(1200) / 1000)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const sniffer = app.spawn(
+      'nsenter',
+      [`--net=${remoteNs()}`, 'python3', app.clientScript, 'sniff', kind, String(scaled(1200) / 1000)],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
     let out = '';
     sniffer.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     const exited = new Promise((r) => sniffer.once('exit', r));
@@ -79,8 +87,16 @@ describe('strict mode', kernelTest(), () => {
       await attach({ strict: true });
       await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [{ protocol: 17, port: 9999 }] });
       for (const host of [net.remoteV4, net.remoteV6]) {
-        assert.equal(await app.client(net.podPath, 'udp', host, 9999, 4000), '9999:4000', `${host}: the allow-listed datagram`);
-        assert.match(await app.client(net.podPath, 'udp', host, 9998, 4000), /^ERR .*timed out/, `${host}: a datagram not on the list`);
+        assert.equal(
+          await app.client(net.podPath, 'udp', host, 9999, 4000),
+          '9999:4000',
+          `${host}: the allow-listed datagram`,
+        );
+        assert.match(
+          await app.client(net.podPath, 'udp', host, 9998, 4000),
+          /^ERR .*timed out/,
+          `${host}: a datagram not on the list`,
+        );
       }
     } finally {
       for (const s of echo) s.close();
@@ -91,10 +107,20 @@ describe('strict mode', kernelTest(), () => {
   it('keeps neighbour discovery on the link: to an on-link neighbour yes, through a router no', async () => {
     const solicit = (host: string) => () => app.client(net.podPath, 'nd', host, host);
     await attach({ strict: false });
-    assert.ok((await seenByRemote(`ns6:${OFF_LINK_V6}`, solicit(OFF_LINK_V6))) >= 1, 'control: the harness did not see the off-link solicitation');
+    assert.ok(
+      (await seenByRemote(`ns6:${OFF_LINK_V6}`, solicit(OFF_LINK_V6))) >= 1,
+      'control: the harness did not see the off-link solicitation',
+    );
     await attach({ strict: true });
-    assert.ok((await seenByRemote(`ns6:${net.remoteV6}`, solicit(net.remoteV6))) >= 1, 'a solicitation to an on-link neighbour was dropped');
-    assert.equal(await seenByRemote(`ns6:${OFF_LINK_V6}`, solicit(OFF_LINK_V6)), 0, 'a solicitation left through the router');
+    assert.ok(
+      (await seenByRemote(`ns6:${net.remoteV6}`, solicit(net.remoteV6))) >= 1,
+      'a solicitation to an on-link neighbour was dropped',
+    );
+    assert.equal(
+      await seenByRemote(`ns6:${OFF_LINK_V6}`, solicit(OFF_LINK_V6)),
+      0,
+      'a solicitation left through the router',
+    );
   });
 
   it('drops the app’s own UDP/53 once its DNS is captured at the socket, and only then', async () => {

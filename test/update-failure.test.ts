@@ -14,12 +14,26 @@ import { RecordingServer, whoAnswers, ztunnelListener } from './helpers/traffic.
 import { sleep } from './helpers/wait.js';
 
 const APP_PORT = 8080;
-const STEPS = ['routing', 'programs', 'mode-switch', 'ifaces', 'reroutes', 'policy', 'sk_lookup', 'host', 'dns', 'record'];
+const STEPS = [
+  'routing',
+  'programs',
+  'mode-switch',
+  'ifaces',
+  'reroutes',
+  'policy',
+  'sk_lookup',
+  'host',
+  'dns',
+  'record',
+];
 
 after(assertNothingLeft);
 
 /** Connections made one after another in both directions until stop(); who answered each. */
-function continuousTraffic(net: PodNet, peer: string): { stop: () => Promise<{ inbound: string[]; outbound: string[] }> } {
+function continuousTraffic(
+  net: PodNet,
+  peer: string,
+): { stop: () => Promise<{ inbound: string[]; outbound: string[] }> } {
   let running = true;
   const inbound: string[] = [];
   const outbound: string[] = [];
@@ -27,8 +41,12 @@ function continuousTraffic(net: PodNet, peer: string): { stop: () => Promise<{ i
     while (running) out.push(await connect().catch((e: Error) => `error: ${e.message}`));
   };
   const loops = Promise.all([
-    loop(inbound, () => whoAnswers({ netns: Topology.netnsPath(peer), host: net.podV4, port: APP_PORT, timeoutMs: 2000 })),
-    loop(inbound, () => whoAnswers({ netns: Topology.netnsPath(peer), host: net.podV6, port: APP_PORT, timeoutMs: 2000 })),
+    loop(inbound, () =>
+      whoAnswers({ netns: Topology.netnsPath(peer), host: net.podV4, port: APP_PORT, timeoutMs: 2000 }),
+    ),
+    loop(inbound, () =>
+      whoAnswers({ netns: Topology.netnsPath(peer), host: net.podV6, port: APP_PORT, timeoutMs: 2000 }),
+    ),
     loop(outbound, () => whoAnswers({ netns: net.podPath, host: net.remoteV4, port: APP_PORT, timeoutMs: 2000 })),
     loop(outbound, () => whoAnswers({ netns: net.podPath, host: net.remoteV6, port: APP_PORT, timeoutMs: 2000 })),
   ]);
@@ -45,12 +63,26 @@ function continuousTraffic(net: PodNet, peer: string): { stop: () => Promise<{ i
 function assertCaptured(seen: { inbound: string[]; outbound: string[] }): void {
   // Each of the four loops made at least one connection (an inbound SYN is sometimes retransmitted
   // after 1 s when an update with tc puts a clsact qdisc on the node side of the veth).
-  assert.ok(seen.inbound.length >= 2 && seen.outbound.length >= 2, `too little traffic: ${seen.inbound.length} in, ${seen.outbound.length} out`);
-  assert.deepEqual(seen.inbound.filter((w) => w !== 'ztunnel-15006'), [], 'inbound connections not captured');
-  assert.deepEqual(seen.outbound.filter((w) => w !== 'ztunnel-15001'), [], 'outbound connections not captured');
+  assert.ok(
+    seen.inbound.length >= 2 && seen.outbound.length >= 2,
+    `too little traffic: ${seen.inbound.length} in, ${seen.outbound.length} out`,
+  );
+  assert.deepEqual(
+    seen.inbound.filter((w) => w !== 'ztunnel-15006'),
+    [],
+    'inbound connections not captured',
+  );
+  assert.deepEqual(
+    seen.outbound.filter((w) => w !== 'ztunnel-15001'),
+    [],
+    'outbound connections not captured',
+  );
 }
 
-for (const [mode, other, subnet] of [['tc', 'tcx', 40], ['tcx', 'tc', 41]] as const) {
+for (const [mode, other, subnet] of [
+  ['tc', 'tcx', 40],
+  ['tcx', 'tc', 41],
+] as const) {
   describe(`a failed update of a pod attached with ${mode}`, kernelTest(), () => {
     const topo = new Topology();
     const uid = `pod-${topo.id}`;
@@ -66,7 +98,12 @@ for (const [mode, other, subnet] of [['tc', 'tcx', 40], ['tcx', 'tc', 41]] as co
     const first = (): PodAttachment => ({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
     // Everything an update can change at once: the mode, a reroute interface, DNS capture, the
     // node-side hooks (the pod's veth peer lives in the remote netns here).
-    const update = (): PodAttachment => ({ ...first(), rerouteInterfaces: ['vm0'], podCgroup: cg.path, hostNetns: Topology.netnsPath(net.remote) });
+    const update = (): PodAttachment => ({
+      ...first(),
+      rerouteInterfaces: ['vm0'],
+      podCgroup: cg.path,
+      hostNetns: Topology.netnsPath(net.remote),
+    });
 
     /** The pod is attached as before the update, verify is clean, and nothing the update added remains. */
     async function assertAsBefore(): Promise<void> {
@@ -107,7 +144,12 @@ for (const [mode, other, subnet] of [['tc', 'tcx', 40], ['tcx', 'tc', 41]] as co
         await ztunnelListener(net.podPath, 15001),
         await ztunnelListener(net.podPath, 15006),
         await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
-        await RecordingServer.start('remote', { netns: Topology.netnsPath(net.remote), family: 6, address: '::', port: APP_PORT }),
+        await RecordingServer.start('remote', {
+          netns: Topology.netnsPath(net.remote),
+          family: 6,
+          address: '::',
+          port: APP_PORT,
+        }),
       ];
       pinsBefore = readdirSync(`${root}/pods/${uid}`).sort();
       rulesBefore = await topo.ip(net.pod, 'rule');
@@ -146,7 +188,10 @@ for (const [mode, other, subnet] of [['tc', 'tcx', 40], ['tcx', 'tc', 41]] as co
     it('refuses to reroute the pod’s own interface before changing anything, and stays attached', async () => {
       const traffic = continuousTraffic(net, peer);
       for (let i = 0; i < 5; i++) {
-        await assert.rejects(dp.attach({ ...update(), rerouteInterfaces: ['eth0'] }, { mode: other }), /reroute interface eth0 is the pod's own interface/);
+        await assert.rejects(
+          dp.attach({ ...update(), rerouteInterfaces: ['eth0'] }, { mode: other }),
+          /reroute interface eth0 is the pod's own interface/,
+        );
       }
       assertCaptured(await traffic.stop());
       await assertAsBefore();

@@ -48,7 +48,8 @@ describe('ZDS protocol', () => {
       [() => decodeResponse(Buffer.from('0a05', 'hex')), /malformed WorkloadResponse/],
       [() => decodeHello(Buffer.from('08', 'hex')), /malformed ZdsHello/],
     ];
-    for (const [fn, message] of bad) assert.throws(fn, (err: Error) => err instanceof ProtocolError && message.test(err.message));
+    for (const [fn, message] of bad)
+      assert.throws(fn, (err: Error) => err instanceof ProtocolError && message.test(err.message));
   });
 
   it('takes the last oneof member on the wire, as proto3 (and ztunnel’s decoder) do', () => {

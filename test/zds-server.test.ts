@@ -17,7 +17,11 @@ const openFds = () => readdirSync('/proc/self/fd').length;
 function fixture(t: { after: (fn: () => void) => void }, options: ConstructorParameters<typeof ZdsServer>[0] = {}) {
   const dir = `/tmp/${TEST_PREFIX}-zds-${uniqueSuffix()}`;
   const statuses: [string, ZtunnelResult][] = [];
-  const server = new ZdsServer({ socketPath: `${dir}/ztunnel.sock`, onStatus: (uid, r) => statuses.push([uid, r]), ...options });
+  const server = new ZdsServer({
+    socketPath: `${dir}/ztunnel.sock`,
+    onStatus: (uid, r) => statuses.push([uid, r]),
+    ...options,
+  });
   server.start();
   const peers: FakeZtunnel[] = [];
   const connect = () => {
@@ -33,9 +37,13 @@ function fixture(t: { after: (fn: () => void) => void }, options: ConstructorPar
   return { server, statuses, connect, dir };
 }
 
-
 describe('ZDS server', () => {
-  after(() => assert.deepEqual(readdirSync('/tmp').filter((n) => n.startsWith(`${TEST_PREFIX}-zds-`)), []));
+  after(() =>
+    assert.deepEqual(
+      readdirSync('/tmp').filter((n) => n.startsWith(`${TEST_PREFIX}-zds-`)),
+      [],
+    ),
+  );
 
   it('bound by listen() before it knows its pods: ztunnel connects at once, and its hello is served by start()', async (t) => {
     const dir = `/tmp/${TEST_PREFIX}-zds-${uniqueSuffix()}`;
@@ -51,7 +59,11 @@ describe('ZDS server', () => {
     assert.equal(server.connectedCount, 0, 'a hello served before start()');
     await server.enroll({ uid: 'a', info: info('a'), netnsFd: netnsFd() }); // known before serving
     server.start();
-    assert.deepEqual(await zt.request(), { request: { add: { uid: 'a', workloadInfo: info('a') } }, fdCount: 1 }, 'the snapshot holds the pod known before start()');
+    assert.deepEqual(
+      await zt.request(),
+      { request: { add: { uid: 'a', workloadInfo: info('a') } }, fdCount: 1 },
+      'the snapshot holds the pod known before start()',
+    );
     zt.ack();
     assert.deepEqual(await zt.request(), { request: { snapshotSent: {} }, fdCount: 0 });
     zt.ack();
@@ -60,7 +72,10 @@ describe('ZDS server', () => {
 
   it('sends a snapshot of Add+fd and Keep, then SnapshotSent, waiting for each Ack', async (t) => {
     const { server, statuses, connect } = fixture(t);
-    assert.deepEqual(await server.enroll({ uid: 'a', info: info('a'), netnsFd: netnsFd() }), { status: 'unreachable', reason: 'ztunnel is not connected' });
+    assert.deepEqual(await server.enroll({ uid: 'a', info: info('a'), netnsFd: netnsFd() }), {
+      status: 'unreachable',
+      reason: 'ztunnel is not connected',
+    });
     await server.enroll({ uid: 'b', info: info('b') });
     const zt = connect().hello();
     assert.deepEqual(await zt.request(), { request: { add: { uid: 'a', workloadInfo: info('a') } }, fdCount: 1 });
@@ -112,7 +127,11 @@ describe('ZDS server', () => {
     assert.deepEqual(await server.enroll({ uid: 'c', info: info('c'), netnsFd: netnsFd() }), { status: 'acked' });
     await server.remove('c');
     assert.deepEqual(oldSeen, [{ snapshotSent: {} }, { del: { uid: 'c' } }]);
-    assert.deepEqual(freshSeen, [{ snapshotSent: {} }, { add: { uid: 'c', workloadInfo: info('c') } }, { del: { uid: 'c' } }]);
+    assert.deepEqual(freshSeen, [
+      { snapshotSent: {} },
+      { add: { uid: 'c', workloadInfo: info('c') } },
+      { del: { uid: 'c' } },
+    ]);
   });
 
   it('reports a nack with ztunnel’s error, and a pod enrolled before the snapshot with its result', async (t) => {
@@ -173,7 +192,10 @@ describe('ZDS server', () => {
     const second = connect().hello();
     const seen = second.autoAck();
     await until(() => seen.length === 3, 'snapshot');
-    assert.deepEqual(seen.map((r) => Object.keys(r)[0]), ['add', 'add', 'snapshotSent']);
+    assert.deepEqual(
+      seen.map((r) => Object.keys(r)[0]),
+      ['add', 'add', 'snapshotSent'],
+    );
   });
 
   it('closes connections that misbehave, and keeps serving others', async (t) => {
@@ -182,23 +204,32 @@ describe('ZDS server', () => {
       ['garbage instead of a hello', (zt) => zt.send(Buffer.from('ffffffff', 'hex'))],
       ['an unknown version', (zt) => void zt.hello(2)],
       ['no hello at all', () => undefined],
-      ['an oversize datagram', async (zt) => {
-        zt.hello();
-        await zt.request();
-        zt.send(Buffer.alloc(2000, 1));
-      }],
-      ['an unsolicited message', async (zt) => {
-        zt.hello();
-        await zt.request();
-        zt.ack();
-        await sleep(50);
-        zt.ack();
-      }],
-      ['a reply that is not an Ack', async (zt) => {
-        zt.hello();
-        await zt.request();
-        zt.send(Buffer.from('1a00', 'hex'));
-      }],
+      [
+        'an oversize datagram',
+        async (zt) => {
+          zt.hello();
+          await zt.request();
+          zt.send(Buffer.alloc(2000, 1));
+        },
+      ],
+      [
+        'an unsolicited message',
+        async (zt) => {
+          zt.hello();
+          await zt.request();
+          zt.ack();
+          await sleep(50);
+          zt.ack();
+        },
+      ],
+      [
+        'a reply that is not an Ack',
+        async (zt) => {
+          zt.hello();
+          await zt.request();
+          zt.send(Buffer.from('1a00', 'hex'));
+        },
+      ],
     ];
     for (const [what, act] of cases) {
       const zt = connect();
@@ -216,10 +247,16 @@ describe('ZDS server', () => {
     const zt = connect().hello();
     const seen = zt.autoAck();
     await until(() => seen.length === 1, 'snapshot');
-    assert.deepEqual(await server.enroll({ uid: 'g', info: info('g') }), { status: 'unreachable', reason: 'no netns to hand over' });
+    assert.deepEqual(await server.enroll({ uid: 'g', info: info('g') }), {
+      status: 'unreachable',
+      reason: 'no netns to hand over',
+    });
     await sleep(100);
     assert.deepEqual(seen, [{ snapshotSent: {} }]);
-    await assert.rejects(server.enroll({ uid: 'h', info: { name: '', namespace: 'x', serviceAccount: '' }, netnsFd: netnsFd() }), /a name and a namespace/);
+    await assert.rejects(
+      server.enroll({ uid: 'h', info: { name: '', namespace: 'x', serviceAccount: '' }, netnsFd: netnsFd() }),
+      /a name and a namespace/,
+    );
   });
 
   it('replaces a stale socket file, creates the socket 0600 in a directory that is not world-writable', (t) => {
@@ -245,11 +282,12 @@ describe('ZDS server', () => {
     await until(() => seen.length === 1, 'snapshot');
     const before = openFds();
     for (let i = 0; i < 2000; i++) {
-      assert.deepEqual(await server.enroll({ uid: `p${i}`, info: info(`p${i}`), netnsFd: netnsFd() }), { status: 'acked' });
+      assert.deepEqual(await server.enroll({ uid: `p${i}`, info: info(`p${i}`), netnsFd: netnsFd() }), {
+        status: 'acked',
+      });
       await server.remove(`p${i}`);
     }
     assert.equal(seen.length, 4001);
     assert.equal(openFds(), before);
   });
 });
-

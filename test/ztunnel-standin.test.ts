@@ -20,10 +20,12 @@ import { sleep, until } from './helpers/wait.js';
 
 const info = (name: string) => ({ name, namespace: 'demo', serviceAccount: 'default' });
 
-
 after(async () => {
   await assertNothingLeft();
-  assert.deepEqual(readdirSync('/tmp').filter((n) => n.startsWith(`${TEST_PREFIX}-zt-`)), []);
+  assert.deepEqual(
+    readdirSync('/tmp').filter((n) => n.startsWith(`${TEST_PREFIX}-zt-`)),
+    [],
+  );
 });
 
 /** ztunnel's ports listening in a netns, as `ss` reports them ("tcp 15001", "udp 15053", ...). */
@@ -73,8 +75,19 @@ describe('ztunnel stand-in', kernelTest(), () => {
     const result = await server.enroll({ uid: 'pod-a', info: info('a'), netnsFd: openSync(net.podPath, 'r') });
     assert.deepEqual(result, { status: 'acked' });
     // DNS on 127.0.0.1 and [::1], like ztunnel when the pod's lo has IPv6.
-    assert.deepEqual(await listening(topo, net.pod), ['tcp 15001', 'tcp 15006', 'tcp 15008', 'tcp 15053', 'tcp 15053', 'udp 15053', 'udp 15053']);
-    assert.deepEqual(standIn.stats().map((p) => [p.uid, p.name, p.namespace]), [['pod-a', 'a', 'demo']]);
+    assert.deepEqual(await listening(topo, net.pod), [
+      'tcp 15001',
+      'tcp 15006',
+      'tcp 15008',
+      'tcp 15053',
+      'tcp 15053',
+      'udp 15053',
+      'udp 15053',
+    ]);
+    assert.deepEqual(
+      standIn.stats().map((p) => [p.uid, p.name, p.namespace]),
+      [['pod-a', 'a', 'demo']],
+    );
     await server.remove('pod-a');
     assert.deepEqual(await listening(topo, net.pod), []);
     assert.deepEqual(standIn.stats(), []);
@@ -89,7 +102,10 @@ describe('ztunnel stand-in', kernelTest(), () => {
     await until(() => server.connectedCount === 1, 'stand-in connected');
     const openFds = () => readdirSync('/proc/self/fd').length;
     const cycle = async (i: number) => {
-      assert.deepEqual(await server.enroll({ uid: `pod-${i}`, info: info(`p${i}`), netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+      assert.deepEqual(
+        await server.enroll({ uid: `pod-${i}`, info: info(`p${i}`), netnsFd: openSync(net.podPath, 'r') }),
+        { status: 'acked' },
+      );
       await server.remove(`pod-${i}`);
     };
     await cycle(0);
@@ -126,7 +142,9 @@ describe('ztunnel stand-in', kernelTest(), () => {
     server.start();
     standIn.start();
     await until(() => server.connectedCount === 1, 'stand-in connected');
-    assert.deepEqual(await server.enroll({ uid: 'pod-c', info: info('c'), netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+    assert.deepEqual(await server.enroll({ uid: 'pod-c', info: info('c'), netnsFd: openSync(net.podPath, 'r') }), {
+      status: 'acked',
+    });
     const sockets = (await topo.exec(net.pod, 'ss', '-Hltun'))
       .trim()
       .split('\n')
@@ -134,7 +152,14 @@ describe('ztunnel stand-in', kernelTest(), () => {
       .map((c) => `${c[0]} ${c[4]}`)
       .filter((l) => /:150(01|06|08|53)$/.test(l))
       .sort();
-    assert.deepEqual(sockets, ['tcp *:15006', 'tcp *:15008', 'tcp 0.0.0.0:15001', 'tcp 127.0.0.1:15053', 'tcp [::]:15001', 'udp 127.0.0.1:15053']);
+    assert.deepEqual(sockets, [
+      'tcp *:15006',
+      'tcp *:15008',
+      'tcp 0.0.0.0:15001',
+      'tcp 127.0.0.1:15053',
+      'tcp [::]:15001',
+      'udp 127.0.0.1:15053',
+    ]);
     await server.remove('pod-c');
     assert.deepEqual(await listening(topo, net.pod), ['tcp 15001'], 'only the blocker is left');
   });
@@ -147,8 +172,13 @@ describe('ztunnel stand-in', kernelTest(), () => {
     server.start();
     standIn.start();
     await until(() => server.connectedCount === 1, 'stand-in connected');
-    for (const [uid, net] of [['pod-a', a], ['pod-b', b]] as const) {
-      assert.deepEqual(await server.enroll({ uid, info: info(uid), netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+    for (const [uid, net] of [
+      ['pod-a', a],
+      ['pod-b', b],
+    ] as const) {
+      assert.deepEqual(await server.enroll({ uid, info: info(uid), netnsFd: openSync(net.podPath, 'r') }), {
+        status: 'acked',
+      });
     }
     server.close();
     // The restarted agent only knows pod-a (pod-b went away while it was down).
@@ -157,7 +187,10 @@ describe('ztunnel stand-in', kernelTest(), () => {
     await restarted.enroll({ uid: 'pod-a', info: info('pod-a'), netnsFd: openSync(a.podPath, 'r') });
     restarted.start();
     await until(() => standIn.stats().length === 1, 'pod-b drained');
-    assert.deepEqual(standIn.stats().map((p) => p.uid), ['pod-a']);
+    assert.deepEqual(
+      standIn.stats().map((p) => p.uid),
+      ['pod-a'],
+    );
     assert.deepEqual(restarted.status('pod-a'), { status: 'acked' });
     assert.deepEqual(await listening(topo, b.pod), []);
     assert.equal((await listening(topo, a.pod)).length, 7, 'the same netns again is a no-op: listeners kept');
@@ -167,21 +200,45 @@ describe('ztunnel stand-in', kernelTest(), () => {
     const { topo, dir } = setup(t);
     const net = await podWithRemote(topo, 24);
     const add = (uid: string) => ({ add: { uid, workloadInfo: info(uid) } });
-    const cases: [string, (agent: typeof FakeAgent, inbox: Awaited<ReturnType<FakeAgent['accept']>>) => Promise<void> | void, RegExp][] = [
+    const cases: [
+      string,
+      (agent: typeof FakeAgent, inbox: Awaited<ReturnType<FakeAgent['accept']>>) => Promise<void> | void,
+      RegExp,
+    ][] = [
       ['Add without fd', (A, ib) => A.send(ib, add('x')), /Add without a netns fd/],
-      ['Add with two fds', (A, ib) => A.send(ib, add('x'), [openSync(net.podPath, 'r'), openSync(net.podPath, 'r')]), /Add with 2 fds/],
-      ['Add without workload info', (A, ib) => A.send(ib, { add: { uid: 'x' } }, [openSync(net.podPath, 'r')]), /without workload info/],
-      ['an fd with Del', (A, ib) => A.send(ib, { del: { uid: 'x' } }, [openSync(net.podPath, 'r')]), /file descriptor sent with del/],
-      ['Keep after SnapshotSent', async (A, ib) => {
-        A.send(ib, { snapshotSent: {} });
-        assert.equal(await A.reply(ib), '');
-        A.send(ib, { keep: { uid: 'x' } });
-      }, /Keep after SnapshotSent/],
-      ['a second SnapshotSent', async (A, ib) => {
-        A.send(ib, { snapshotSent: {} });
-        assert.equal(await A.reply(ib), '');
-        A.send(ib, { snapshotSent: {} });
-      }, /second SnapshotSent/],
+      [
+        'Add with two fds',
+        (A, ib) => A.send(ib, add('x'), [openSync(net.podPath, 'r'), openSync(net.podPath, 'r')]),
+        /Add with 2 fds/,
+      ],
+      [
+        'Add without workload info',
+        (A, ib) => A.send(ib, { add: { uid: 'x' } }, [openSync(net.podPath, 'r')]),
+        /without workload info/,
+      ],
+      [
+        'an fd with Del',
+        (A, ib) => A.send(ib, { del: { uid: 'x' } }, [openSync(net.podPath, 'r')]),
+        /file descriptor sent with del/,
+      ],
+      [
+        'Keep after SnapshotSent',
+        async (A, ib) => {
+          A.send(ib, { snapshotSent: {} });
+          assert.equal(await A.reply(ib), '');
+          A.send(ib, { keep: { uid: 'x' } });
+        },
+        /Keep after SnapshotSent/,
+      ],
+      [
+        'a second SnapshotSent',
+        async (A, ib) => {
+          A.send(ib, { snapshotSent: {} });
+          assert.equal(await A.reply(ib), '');
+          A.send(ib, { snapshotSent: {} });
+        },
+        /second SnapshotSent/,
+      ],
     ];
     for (const [i, [what, misuse, reason]] of cases.entries()) {
       const agent = new FakeAgent(`${dir}-${i}.sock`);
@@ -220,7 +277,12 @@ describe('ztunnel stand-in', kernelTest(), () => {
     const remote = await RecordingServer.start('remote', { netns: remoteNs, family: 6, address: '::', port: 8080 });
     const dns = await udpInNetns(remoteNs, net.remoteV4, 53);
     dns.on('message', (msg, rinfo) => dns.send(Buffer.concat([msg, Buffer.from('answer')]), rinfo.port, rinfo.address));
-    const dnsTcp = await RecordingServer.start('dns-over-tcp', { netns: remoteNs, family: 4, address: net.remoteV4, port: 53 });
+    const dnsTcp = await RecordingServer.start('dns-over-tcp', {
+      netns: remoteNs,
+      family: 4,
+      address: net.remoteV4,
+      port: 53,
+    });
     t.after(async () => {
       await app.close();
       await remote.close();
@@ -233,18 +295,32 @@ describe('ztunnel stand-in', kernelTest(), () => {
     server.start();
     standInDns.start();
     await until(() => server.connectedCount === 1, 'stand-in connected');
-    assert.deepEqual(await server.enroll({ uid: 'pod-e2e', info: info('e2e'), netnsFd: openSync(net.podPath, 'r') }), { status: 'acked' });
+    assert.deepEqual(await server.enroll({ uid: 'pod-e2e', info: info('e2e'), netnsFd: openSync(net.podPath, 'r') }), {
+      status: 'acked',
+    });
 
     // Outbound: the app in the pod reaches the remote host through the stand-in.
     for (const host of [net.remoteV4, net.remoteV6]) {
       assert.equal(await whoAnswers({ netns: net.podPath, host, port: 8080 }, 'out'), 'remote');
     }
-    assert.deepEqual(remote.accepted.map((a) => [a.localAddress, a.remoteAddress]), [[net.remoteV4, net.podV4], [net.remoteV6, net.podV6]]);
+    assert.deepEqual(
+      remote.accepted.map((a) => [a.localAddress, a.remoteAddress]),
+      [
+        [net.remoteV4, net.podV4],
+        [net.remoteV6, net.podV6],
+      ],
+    );
     // Inbound: the remote host reaches the app, which sees the real client address.
     for (const host of [net.podV4, net.podV6]) {
       assert.equal(await whoAnswers({ netns: remoteNs, host, port: 8080 }, 'in'), 'app');
     }
-    assert.deepEqual(app.accepted.map((a) => [a.localAddress, a.remoteAddress]), [[net.podV4, net.remoteV4], [net.podV6, net.remoteV6]]);
+    assert.deepEqual(
+      app.accepted.map((a) => [a.localAddress, a.remoteAddress]),
+      [
+        [net.podV4, net.remoteV4],
+        [net.podV6, net.remoteV6],
+      ],
+    );
     // HBONE (plain CONNECT): tunnelled to the app.
     const tunnel = await connectFromNetns({ netns: remoteNs, host: net.podV4, port: 15008 });
     const tunnelled = await new Promise<string>((resolve) => {
@@ -276,7 +352,10 @@ describe('ztunnel stand-in', kernelTest(), () => {
     assert.equal(pod?.stats.inbound.connections, 2);
     assert.equal(pod?.stats.hbone.connections, 1);
     assert.equal(pod?.stats.dns.connections, 2);
-    assert.ok(pod.stats.outbound.bytesUp >= 6 && pod.stats.outbound.bytesDown >= 14, JSON.stringify(pod.stats.outbound));
+    assert.ok(
+      pod.stats.outbound.bytesUp >= 6 && pod.stats.outbound.bytesDown >= 14,
+      JSON.stringify(pod.stats.outbound),
+    );
     assert.deepEqual(
       pod.recent.filter((c) => c.direction === 'outbound').map((c) => c.destination),
       [`${net.remoteV4}:8080`, `[${net.remoteV6}]:8080`],
@@ -290,7 +369,10 @@ describe('ztunnel stand-in', kernelTest(), () => {
     const { dir, socketPath } = setup(t);
     mkdirSync(dir, { recursive: true });
     const fdSize = (pid: number) => Number(/FDSize:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
-    for (const [prefix, expected] of [[[], 8192], [['prlimit', '--nofile=1000:1000'], 1024]] as const) {
+    for (const [prefix, expected] of [
+      [[], 8192],
+      [['prlimit', '--nofile=1000:1000'], 1024],
+    ] as const) {
       // No agent at socketPath: the stand-in keeps retrying, alive.
       const [cmd, ...args] = [...prefix, CLI, 'ztunnel', '--socket', socketPath, '--log-level', 'error'];
       const child = spawn(cmd, args, { stdio: 'ignore' });
@@ -302,4 +384,3 @@ describe('ztunnel stand-in', kernelTest(), () => {
     }
   });
 });
-

@@ -18,12 +18,12 @@
 #include "probe.h"
 #include "seqpacket.h"
 
-#define CHECK(call)                                                                                               \
-	do {                                                                                                      \
-		if ((call) != napi_ok) {                                                                          \
-			napi_throw_error(env, "EADDON", "N-API call failed: " #call);                              \
-			return NULL;                                                                              \
-		}                                                                                                 \
+#define CHECK(call)                                                                   \
+	do {                                                                          \
+		if ((call) != napi_ok) {                                              \
+			napi_throw_error(env, "EADDON", "N-API call failed: " #call); \
+			return NULL;                                                  \
+		}                                                                     \
 	} while (0)
 
 /* ---- the datapath handle ---- */
@@ -305,7 +305,8 @@ static napi_value js_open(napi_env env, napi_callback_info info)
 	struct job *job = job_new(open_run, open_result);
 
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-	if (!job || argc < 2 || !get_string(env, argv[0], job->u.open.root, sizeof(job->u.open.root), "bpffs root") ||
+	if (!job || argc < 2 ||
+	    !get_string(env, argv[0], job->u.open.root, sizeof(job->u.open.root), "bpffs root") ||
 	    !get_string(env, argv[1], job->u.open.object, sizeof(job->u.open.object), "object path")) {
 		free(job);
 		return NULL;
@@ -350,7 +351,8 @@ static napi_value js_downgrade(napi_env env, napi_callback_info info)
 	struct job *job = job_new(downgrade_run, downgrade_result);
 
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-	if (!job || argc < 2 || !get_string(env, argv[0], job->u.downgrade.root, sizeof(job->u.downgrade.root), "bpffs root") ||
+	if (!job || argc < 2 ||
+	    !get_string(env, argv[0], job->u.downgrade.root, sizeof(job->u.downgrade.root), "bpffs root") ||
 	    napi_get_value_uint32(env, argv[1], &job->u.downgrade.to) != napi_ok) {
 		free(job);
 		return NULL;
@@ -393,8 +395,10 @@ static napi_value js_attach(napi_env env, napi_callback_info info)
 	if (!job)
 		return NULL;
 	req = &job->u.attach.req;
-	if (argc < 5 || !get_string(env, argv[1], req->uid, sizeof(req->uid), "pod uid (at most 63 characters)") ||
-	    !get_string(env, argv[2], req->netns_path, sizeof(req->netns_path), "netns path (at most 255 bytes)"))
+	if (argc < 5 ||
+	    !get_string(env, argv[1], req->uid, sizeof(req->uid), "pod uid (at most 63 characters)") ||
+	    !get_string(env, argv[2], req->netns_path, sizeof(req->netns_path),
+			"netns path (at most 255 bytes)"))
 		goto bad;
 	if (napi_get_array_length(env, argv[3], &n) != napi_ok || n == 0 || n > MAX_POD_IPS) {
 		napi_throw_range_error(env, DPE_INVALID, "a pod needs 1 to 8 IPs");
@@ -437,9 +441,11 @@ static napi_value js_attach(napi_env env, napi_callback_info info)
 		}
 		req->reroute_count = n;
 	}
-	if (argc >= 8 && !get_string(env, argv[7], req->pod_cgroup, sizeof(req->pod_cgroup), "cgroup path (at most 255 bytes)"))
+	if (argc >= 8 && !get_string(env, argv[7], req->pod_cgroup, sizeof(req->pod_cgroup),
+				     "cgroup path (at most 255 bytes)"))
 		goto bad;
-	if (argc >= 9 && !get_string(env, argv[8], req->host_netns, sizeof(req->host_netns), "node netns path (at most 255 bytes)"))
+	if (argc >= 9 && !get_string(env, argv[8], req->host_netns, sizeof(req->host_netns),
+				     "node netns path (at most 255 bytes)"))
 		goto bad;
 	if (!take_handle(env, argv[0], job))
 		goto bad;
@@ -489,8 +495,8 @@ static napi_value verify_result(napi_env env, struct job *job)
 
 /* Starts a job on a datapath handle (argv[0]); with a uid_offset, argv[1] is a pod uid copied to
  * that offset of the job. */
-static napi_value handle_job(napi_env env, napi_callback_info info, job_run run, job_result result, size_t uid_offset,
-			     const char *name)
+static napi_value handle_job(napi_env env, napi_callback_info info, job_run run, job_result result,
+			     size_t uid_offset, const char *name)
 {
 	size_t argc = 2, want = uid_offset ? 2 : 1;
 	napi_value argv[2];
@@ -500,7 +506,8 @@ static napi_value handle_job(napi_env env, napi_callback_info info, job_run run,
 	if (!job)
 		return NULL;
 	if (argc < want ||
-	    (uid_offset && !get_string(env, argv[1], (char *)job + uid_offset, POD_UID_LEN, "pod uid (at most 63 characters)")) ||
+	    (uid_offset && !get_string(env, argv[1], (char *)job + uid_offset, POD_UID_LEN,
+				       "pod uid (at most 63 characters)")) ||
 	    !take_handle(env, argv[0], job)) {
 		free(job);
 		return NULL;
@@ -510,12 +517,14 @@ static napi_value handle_job(napi_env env, napi_callback_info info, job_run run,
 
 static napi_value js_detach(napi_env env, napi_callback_info info)
 {
-	return handle_job(env, info, detach_run, detach_result, offsetof(struct job, u.detach.uid), "ambient-bpf:detach");
+	return handle_job(env, info, detach_run, detach_result, offsetof(struct job, u.detach.uid),
+			  "ambient-bpf:detach");
 }
 
 static napi_value js_verify(napi_env env, napi_callback_info info)
 {
-	return handle_job(env, info, verify_run, verify_result, offsetof(struct job, u.verify.uid), "ambient-bpf:verify");
+	return handle_job(env, info, verify_run, verify_result, offsetof(struct job, u.verify.uid),
+			  "ambient-bpf:verify");
 }
 
 /* ---- list / gc ---- */
@@ -523,8 +532,8 @@ static napi_value js_verify(napi_env env, napi_callback_info info)
 /* Names of enum pod_counter, in order. */
 static const char *const counter_names[CNT_COUNT] = {
 	"outboundRedirected", "outboundNoZtunnel", "inboundRedirected", "inboundNoZtunnel",
-	"bypassZtunnel",      "bypassHbone",       "bypassProbe",       "bypassInboundAnnotation",
-	"forgedMark",         "strictDropped",     "rerouted",          "unclassifiedDropped",
+	"bypassZtunnel",      "bypassHbone",	   "bypassProbe",	"bypassInboundAnnotation",
+	"forgedMark",	      "strictDropped",	   "rerouted",		"unclassifiedDropped",
 	"spoofedDropped",     "lookupRefused",
 };
 
@@ -557,7 +566,10 @@ static napi_value list_result(napi_env env, struct job *job)
 		set_str(env, obj, "netnsPath", p->meta.netns_path);
 		set_double(env, obj, "netnsInode", (double)p->meta.netns_ino);
 		set_u32(env, obj, "ifindex", p->meta.ifindex);
-		set_str(env, obj, "mode", p->meta.mode == ATTACH_MODE_TCX ? "tcx" : p->meta.mode == ATTACH_MODE_TC ? "tc" : "none");
+		set_str(env, obj, "mode",
+			p->meta.mode == ATTACH_MODE_TCX	 ? "tcx"
+			: p->meta.mode == ATTACH_MODE_TC ? "tc"
+							 : "none");
 		set_str(env, obj, "state", p->meta.state == ATTACH_STATE_ATTACHED ? "attached" : "attaching");
 		set_double(env, obj, "attachedAtMs", (double)(p->meta.attached_at_ns / 1000000ull));
 		set_bool(env, obj, "netnsPresent", p->netns_present);
@@ -569,7 +581,8 @@ static napi_value list_result(napi_env env, struct job *job)
 		set_named(env, obj, "counters", counters_value(env, &p->counters));
 		set_bool(env, obj, "bypassInbound", p->meta.flags & POD_F_BYPASS_INBOUND);
 		set_bool(env, obj, "strict", p->meta.flags & POD_F_STRICT);
-		set_bool(env, obj, "dnsCapture", p->meta.pod_cgroup_id && (p->meta.flags & POD_F_DNS_CAPTURE));
+		set_bool(env, obj, "dnsCapture",
+			 p->meta.pod_cgroup_id && (p->meta.flags & POD_F_DNS_CAPTURE));
 		set_double(env, obj, "podCgroupId", (double)p->meta.pod_cgroup_id);
 		set_u32(env, obj, "hostIfindex", p->meta.host_ifindex);
 		set_str(env, obj, "steering", p->meta.steering_sk_lookup ? "sk-lookup" : "sk-assign");
@@ -745,7 +758,8 @@ static napi_value js_socket(napi_env env, napi_callback_info info)
 
 static void sockets_run(struct job *job)
 {
-	netns_sockets(job->u.sockets.netns, job->u.sockets.reqs, job->u.sockets.res, job->u.sockets.n, &job->err);
+	netns_sockets(job->u.sockets.netns, job->u.sockets.reqs, job->u.sockets.res, job->u.sockets.n,
+		      &job->err);
 }
 
 static napi_value sockets_result(napi_env env, struct job *job)
@@ -778,7 +792,8 @@ static napi_value js_sockets(napi_env env, napi_callback_info info)
 	struct job *job;
 
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-	if (argc < 2 || napi_get_array_length(env, argv[1], &n) != napi_ok || n == 0 || n > NETNS_SOCKETS_MAX) {
+	if (argc < 2 || napi_get_array_length(env, argv[1], &n) != napi_ok || n == 0 ||
+	    n > NETNS_SOCKETS_MAX) {
 		napi_throw_range_error(env, DPE_INVALID, "sockets(netns, requests: 1 to 12 options objects)");
 		return NULL;
 	}
@@ -828,7 +843,8 @@ static napi_value js_configure(napi_env env, napi_callback_info info)
 	req = &job->u.configure;
 	if (argc < 3 || napi_get_value_uint32(env, argv[1], &req->flags) != napi_ok ||
 	    napi_get_array_length(env, argv[2], &n) != napi_ok || n > MAX_STRICT_ALLOW) {
-		napi_throw_range_error(env, DPE_INVALID, "configure(handle, flags, allow: at most 64 entries)");
+		napi_throw_range_error(env, DPE_INVALID,
+				       "configure(handle, flags, allow: at most 64 entries)");
 		goto bad;
 	}
 	for (uint32_t i = 0; i < n; i++) {
@@ -841,7 +857,8 @@ static napi_value js_configure(napi_env env, napi_callback_info info)
 		napi_get_element(env, entry, 1, &v);
 		napi_get_value_uint32(env, v, &port);
 		if (proto > 255 || port > 65535) {
-			napi_throw_range_error(env, DPE_INVALID, "strict allow entries are [protocol 0-255, port 0-65535]");
+			napi_throw_range_error(env, DPE_INVALID,
+					       "strict allow entries are [protocol 0-255, port 0-65535]");
 			goto bad;
 		}
 		req->allow[i].protocol = (__u8)proto;
@@ -883,7 +900,8 @@ static napi_value js_trust_ztunnel_cgroup(napi_env env, napi_callback_info info)
 	char dir[4096];
 
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-	if (argc < 2 || !(dp = live_dp(env, argv[0])) || !get_string(env, argv[1], dir, sizeof(dir), "cgroup directory"))
+	if (argc < 2 || !(dp = live_dp(env, argv[0])) ||
+	    !get_string(env, argv[1], dir, sizeof(dir), "cgroup directory"))
 		return NULL;
 	if (dp_trust_ztunnel_cgroup(dp, dir, &e))
 		return throw_dp_error(env, &e);
@@ -939,7 +957,8 @@ static napi_value js_netns_addresses(napi_env env, napi_callback_info info)
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
 	if (!job)
 		return NULL;
-	if (argc < 1 || !get_string(env, argv[0], job->u.addresses.path, sizeof(job->u.addresses.path), "netns path")) {
+	if (argc < 1 ||
+	    !get_string(env, argv[0], job->u.addresses.path, sizeof(job->u.addresses.path), "netns path")) {
 		free(job);
 		return NULL;
 	}
@@ -982,7 +1001,8 @@ static napi_value js_netns_watch(napi_env env, napi_callback_info info)
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
 	if (!job)
 		return NULL;
-	if (argc < 1 || !get_string(env, argv[0], job->u.watch.path, sizeof(job->u.watch.path), "netns path")) {
+	if (argc < 1 ||
+	    !get_string(env, argv[0], job->u.watch.path, sizeof(job->u.watch.path), "netns path")) {
 		free(job);
 		return NULL;
 	}

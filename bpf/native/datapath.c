@@ -46,13 +46,15 @@ static const char *const host_prog_names[2] = { "pod_to_node", "node_to_pod" };
  * when the pod's DNS is captured. */
 #define CGROUP_HOOKS 11
 static const char *const cgroup_prog_names[CGROUP_HOOKS] = {
-	"pod_setsockopt", "pod_connect4", "pod_connect6", "dns_connect4", "dns_connect6", "dns_sendmsg4",
-	"dns_sendmsg6", "dns_recvmsg4", "dns_recvmsg6", "dns_getpeername4", "dns_getpeername6",
+	"pod_setsockopt", "pod_connect4",     "pod_connect6",	  "dns_connect4",
+	"dns_connect6",	  "dns_sendmsg4",     "dns_sendmsg6",	  "dns_recvmsg4",
+	"dns_recvmsg6",	  "dns_getpeername4", "dns_getpeername6",
 };
 static const enum bpf_attach_type cgroup_attach_types[CGROUP_HOOKS] = {
-	BPF_CGROUP_SETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET4_CONNECT,
-	BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG, BPF_CGROUP_UDP4_RECVMSG,
-	BPF_CGROUP_UDP6_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
+	BPF_CGROUP_SETSOCKOPT,	      BPF_CGROUP_INET4_CONNECT,	    BPF_CGROUP_INET6_CONNECT,
+	BPF_CGROUP_INET4_CONNECT,     BPF_CGROUP_INET6_CONNECT,	    BPF_CGROUP_UDP4_SENDMSG,
+	BPF_CGROUP_UDP6_SENDMSG,      BPF_CGROUP_UDP4_RECVMSG,	    BPF_CGROUP_UDP6_RECVMSG,
+	BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
 };
 
 #define GUARD_HOOK 0
@@ -122,7 +124,6 @@ static int libbpf_log_cb(enum libbpf_print_level level, const char *fmt, va_list
 	return 0;
 }
 
-
 static bool ip_is_v4(const struct pod_ip *ip)
 {
 	static const uint8_t v4_prefix[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
@@ -148,8 +149,8 @@ static bool uid_valid(const char *uid)
 	for (size_t i = 0; i < n; i++) {
 		char c = uid[i];
 
-		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-		      c == '_' || c == '.'))
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+		      c == '-' || c == '_' || c == '.'))
 			return false;
 	}
 	return true;
@@ -301,7 +302,8 @@ static int reroute_l2_of(struct rtnl *nl, unsigned ifindex, enum reroute_l2 *l2)
 	return 0;
 }
 
-static void reroute_pin_path(const struct datapath *dp, const char *uid, const char *ifname, char out[PATH_MAX])
+static void reroute_pin_path(const struct datapath *dp, const char *uid, const char *ifname,
+			     char out[PATH_MAX])
 {
 	snprintf(out, PATH_MAX, "%s/pods/%s/reroute-%s", dp->root, uid, ifname);
 }
@@ -441,8 +443,9 @@ static int check_bpffs(const char *root, struct dp_error *e)
 	}
 	if ((unsigned long)sfs.f_type != BPF_FS_MAGIC)
 		return dp_fail(e, DPE_BPFFS, 0,
-			    "%s is not on a bpffs (%s is not bpffs; mount one with: mount -t bpf bpf /sys/fs/bpf)",
-			    root, path);
+			       "%s is not on a bpffs (%s is not bpffs; mount one with: mount -t bpf bpf "
+			       "/sys/fs/bpf)",
+			       root, path);
 	return 0;
 }
 
@@ -462,10 +465,12 @@ static int check_kernel(struct dp_error *e)
 		int ok = libbpf_probe_bpf_helper(BPF_PROG_TYPE_SCHED_CLS, helpers[i].id, NULL);
 
 		if (ok == 0)
-			return dp_fail(e, DPE_KERNEL, 0, "the kernel lacks the BPF helper %s for tc programs (Linux %s+)",
-				    helpers[i].name, helpers[i].since);
+			return dp_fail(e, DPE_KERNEL, 0,
+				       "the kernel lacks the BPF helper %s for tc programs (Linux %s+)",
+				       helpers[i].name, helpers[i].since);
 		if (ok < 0)
-			return dp_fail(e, DPE_KERNEL, ok, "cannot probe the kernel for BPF support (is this root?)");
+			return dp_fail(e, DPE_KERNEL, ok,
+				       "cannot probe the kernel for BPF support (is this root?)");
 	}
 	return 0;
 }
@@ -504,13 +509,15 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	libbpf_log[0] = '\0';
 	dp->obj = bpf_object__open_file(object_path, NULL);
 	if (!dp->obj) {
-		dp_fail(e, DPE_LOAD, errno, "cannot open BPF object %s (was `npm run build` run?)", object_path);
+		dp_fail(e, DPE_LOAD, errno, "cannot open BPF object %s (was `npm run build` run?)",
+			object_path);
 		goto out_close;
 	}
 	/* Maps are shared through pins by every process using this root, so a restarted agent and
 	 * the CLI see the same records; those whose layout changed since an older release are pinned
 	 * beside that release's (layout.c). */
-	bpf_object__for_each_map(map, dp->obj) {
+	bpf_object__for_each_map(map, dp->obj)
+	{
 		char name[64];
 
 		if (bpf_map__is_internal(map)) /* .rodata and friends: per load, never shared */
@@ -520,16 +527,18 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 		bpf_map__set_pin_path(map, path);
 	}
 	flock(dp->root_fd, LOCK_EX);
-	if (layout_read(root, &layout, e) || (layout > DATAPATH_LAYOUT && layout_refuse_newer(root, layout, e))) {
+	if (layout_read(root, &layout, e) ||
+	    (layout > DATAPATH_LAYOUT && layout_refuse_newer(root, layout, e))) {
 		flock(dp->root_fd, LOCK_UN);
 		goto out_obj;
 	}
 	err = bpf_object__load(dp->obj);
 	if (err)
 		dp_fail(e, DPE_LOAD, err, "cannot load BPF object %s (%s)%s", object_path, libbpf_log,
-			strstr(libbpf_log, "reuse") ? "; a pinned map does not match its layout (a build of another version "
-						      "with the same layout number?)"
-						    : "");
+			strstr(libbpf_log, "reuse")
+				? "; a pinned map does not match its layout (a build of another version "
+				  "with the same layout number?)"
+				: "");
 	else if (layout != DATAPATH_LAYOUT && layout_adopt(root, layout, dp->obj, e))
 		err = -1;
 	flock(dp->root_fd, LOCK_UN);
@@ -543,9 +552,11 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	dp->sk_lookup_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_sk_lookup"));
 	dp->sockops_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "ztunnel_sockops"));
 	for (int d = 0; d < 2; d++)
-		dp->host_prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, host_prog_names[d]));
+		dp->host_prog_fd[d] =
+			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, host_prog_names[d]));
 	for (int i = 0; i < CGROUP_HOOKS; i++)
-		dp->cgroup_prog_fd[i] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, cgroup_prog_names[i]));
+		dp->cgroup_prog_fd[i] =
+			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, cgroup_prog_names[i]));
 	dp->meta_fd = map_fd(dp->obj, "pod_meta");
 	dp->ifaces_fd = map_fd(dp->obj, "pod_ifaces");
 	dp->settings_fd = map_fd(dp->obj, "settings");
@@ -617,8 +628,8 @@ static void pod_families(const struct pod_meta *m, const struct pod_ifaces *f, b
 /* The redirect table's local route for pod m: its first address of the family as source (its
  * primary one, as the pod's status lists them; else the first of its other interfaces', f) and its
  * interface's MTU. */
-static int wanted_local_route(struct rtnl *nl, const struct pod_meta *m, const struct pod_ifaces *f, int family,
-			      struct local_route *want)
+static int wanted_local_route(struct rtnl *nl, const struct pod_meta *m, const struct pod_ifaces *f,
+			      int family, struct local_route *want)
 {
 	const struct pod_ip *src = NULL;
 
@@ -719,14 +730,16 @@ static void detach_tc_filters(struct pod_meta *m)
 /* Removes the reroute hook of one extra interface (tc filters only from inside the netns). */
 /* Removes an extra interface's reroute hook of one mode: its tcx link through the pin, or its tc
  * filters (only from inside the netns). */
-static void detach_reroute(struct datapath *dp, const char *uid, struct reroute_iface *r, unsigned mode, bool in_netns)
+static void detach_reroute(struct datapath *dp, const char *uid, struct reroute_iface *r, unsigned mode,
+			   bool in_netns)
 {
 	char pin[PATH_MAX];
 
 	if (mode == ATTACH_MODE_TCX) {
 		reroute_pin_path(dp, uid, r->name, pin);
 		detach_pinned_link(pin);
-	} else if (mode == ATTACH_MODE_TC && in_netns && r->ifindex && tc_detach_filters((int)r->ifindex, r->owns_clsact)) {
+	} else if (mode == ATTACH_MODE_TC && in_netns && r->ifindex &&
+		   tc_detach_filters((int)r->ifindex, r->owns_clsact)) {
 		r->owns_clsact = 0;
 	}
 }
@@ -780,7 +793,8 @@ struct netns_job {
 	struct dp_verify_result *verify;
 	int host_peer; /* attach: the pod interface's veth peer index (0: none) */
 	const struct pod_meta *old; /* attach: the attachment being updated in place; NULL: a first attach */
-	struct pod_ifaces *ifaces; /* attach: the pod's other interfaces found in its netns; verify: recorded */
+	struct pod_ifaces
+		*ifaces; /* attach: the pod's other interfaces found in its netns; verify: recorded */
 	const struct pod_ifaces *old_ifaces; /* attach: those hooked before (none on a first attach) */
 	bool restored; /* attach: a failed update was already restored inside the netns */
 	struct ifaces_refused refused; /* attach: interfaces (and addresses) left out, said */
@@ -823,13 +837,13 @@ static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const c
 		int idx = 0, err = rtnl_find_address(nl, m->ips[i].addr, &idx);
 
 		if (err == -ENOENT)
-			return dp_fail(e, DPE_POD_IP, 0, "pod IP %s is not configured in netns %s", ip_str(&m->ips[i], a),
-				    netns);
+			return dp_fail(e, DPE_POD_IP, 0, "pod IP %s is not configured in netns %s",
+				       ip_str(&m->ips[i], a), netns);
 		if (err)
 			return dp_fail(e, DPE_SYSTEM, err, "cannot list addresses in netns %s", netns);
 		if (idx == (int)if_nametoindex("lo"))
 			return dp_fail(e, DPE_POD_IP, 0, "pod IP %s is on the loopback device in netns %s",
-				    ip_str(&m->ips[i], a), netns);
+				       ip_str(&m->ips[i], a), netns);
 		if (!first)
 			first = idx;
 	}
@@ -839,7 +853,8 @@ static int find_pod_interface(struct rtnl *nl, const struct pod_meta *m, const c
 
 /* Adds what is missing of the fwmark rules, local routes and accept_local; records in m->owns
  * what this created, so detach removes exactly that. */
-static int configure_routing(struct rtnl *nl, struct pod_meta *m, const struct pod_ifaces *f, struct dp_error *e)
+static int configure_routing(struct rtnl *nl, struct pod_meta *m, const struct pod_ifaces *f,
+			     struct dp_error *e)
 {
 	struct local_route have, want;
 	bool v4, v6, exists;
@@ -862,15 +877,17 @@ static int configure_routing(struct rtnl *nl, struct pod_meta *m, const struct p
 			m->owns |= fam[i].rule_bit;
 		else if (err != -EEXIST)
 			return dp_fail(e, DPE_SYSTEM, err, "cannot add the %s fwmark rule", fam[i].name);
-		if ((err = rtnl_local_default_route_get(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &exists, &have)))
+		if ((err = rtnl_local_default_route_get(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE,
+							&exists, &have)))
 			return dp_fail(e, DPE_SYSTEM, err, "cannot read table %d", REDIRECT_ROUTE_TABLE);
 		if ((err = wanted_local_route(nl, m, f, fam[i].rule->family, &want)))
 			return dp_fail(e, DPE_SYSTEM, err, "cannot read the MTU of interface %u", m->ifindex);
 		if (exists && !memcmp(&have, &want, sizeof(want)))
 			continue;
-		if ((err = rtnl_local_default_route_set(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE, &want)))
-			return dp_fail(e, DPE_SYSTEM, err, "cannot set the %s local route in table %d", fam[i].name,
-				    REDIRECT_ROUTE_TABLE);
+		if ((err = rtnl_local_default_route_set(nl, fam[i].rule->family, REDIRECT_ROUTE_TABLE,
+							&want)))
+			return dp_fail(e, DPE_SYSTEM, err, "cannot set the %s local route in table %d",
+				       fam[i].name, REDIRECT_ROUTE_TABLE);
 		if (!exists)
 			m->owns |= fam[i].route_bit;
 	}
@@ -900,7 +917,8 @@ int attach_tcx_pinned(const char *pin, int prog_fd, unsigned ifindex, unsigned t
 	int fd, err = 0;
 
 	if (pinned_link_info(pin, &info) == 0) {
-		if (info.type == AMB_BPF_LINK_TYPE_TCX && info.ifindex == ifindex && info.attach_type == type) {
+		if (info.type == AMB_BPF_LINK_TYPE_TCX && info.ifindex == ifindex &&
+		    info.attach_type == type) {
 			fd = bpf_obj_get(pin);
 			if (fd < 0)
 				return -errno;
@@ -940,8 +958,8 @@ static int attach_tc(struct datapath *dp, struct pod_meta *m)
 	return err;
 }
 
-static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, enum dp_mode_request want,
-			   struct dp_error *e)
+static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta *m,
+			   enum dp_mode_request want, struct dp_error *e)
 {
 	char dir[PATH_MAX];
 	int err;
@@ -959,9 +977,10 @@ static int attach_programs(struct datapath *dp, const char *uid, struct pod_meta
 		}
 		if (want == DP_MODE_TCX || err != -EINVAL)
 			return dp_fail(e, err == -EINVAL ? DPE_KERNEL : DPE_SYSTEM, err,
-				    err == -EINVAL ? "cannot attach with tcx (the kernel needs tcx, Linux 6.6+; "
-						     "the tc fallback works on older kernels)"
-						   : "cannot attach tcx links");
+				       err == -EINVAL
+					       ? "cannot attach with tcx (the kernel needs tcx, Linux 6.6+; "
+						 "the tc fallback works on older kernels)"
+					       : "cannot attach tcx links");
 		detach_main_tcx(dp, uid);
 	}
 	m->mode = ATTACH_MODE_TC;
@@ -1000,7 +1019,8 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 		count = MAX_REROUTE_IFACES;
 	for (unsigned j = 0; j < count; j++)
 		if (if_nametoindex(names[j]) == m->ifindex)
-			return dp_fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface", names[j]);
+			return dp_fail(job->e, DPE_INVALID, 0,
+				       "reroute interface %s is the pod's own interface", names[j]);
 	if ((err = rtnl_open(&nl)))
 		return dp_fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in the pod netns");
 	memset(next, 0, sizeof(next));
@@ -1023,7 +1043,8 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 		}
 		if (!err && mode == ATTACH_MODE_TCX) {
 			reroute_pin_path(job->dp, job->uid, r->name, pin);
-			err = attach_tcx_pinned(pin, job->dp->reroute_prog_fd[l2], r->ifindex, AMB_BPF_TCX_INGRESS);
+			err = attach_tcx_pinned(pin, job->dp->reroute_prog_fd[l2], r->ifindex,
+						AMB_BPF_TCX_INGRESS);
 		} else if (!err) {
 			err = attach_reroute_tc(job->dp->reroute_prog_fd[l2], r);
 		}
@@ -1087,7 +1108,8 @@ static __u32 pinned_sk_lookup_prog(const char *pin, __u64 netns_ino)
 {
 	struct bpf_link_info info;
 
-	if (pinned_link(pin, &info, sizeof(info)) || info.type != BPF_LINK_TYPE_NETNS || info.netns.netns_ino != netns_ino)
+	if (pinned_link(pin, &info, sizeof(info)) || info.type != BPF_LINK_TYPE_NETNS ||
+	    info.netns.netns_ino != netns_ino)
 		return 0;
 	return info.prog_id;
 }
@@ -1173,7 +1195,8 @@ static int cgroup_hooks_prepare(struct netns_job *job)
 	close(cg);
 	if (err) {
 		cgroup_hooks_abort(job->dp, job->uid);
-		return dp_fail(job->e, DPE_SYSTEM, err, "cannot attach the hooks on the pod's cgroup %s", path);
+		return dp_fail(job->e, DPE_SYSTEM, err, "cannot attach the hooks on the pod's cgroup %s",
+			       path);
 	}
 	job->meta->pod_cgroup_id = st.st_ino;
 	return 0;
@@ -1222,14 +1245,16 @@ static bool sk_lookup_steering(struct datapath *dp)
 	struct dp_settings st = { 0 };
 	__u32 zero = 0;
 
-	return bpf_map_lookup_elem(dp->settings_fd, &zero, &st) == 0 && (st.flags & SETTING_SK_LOOKUP_STEERING);
+	return bpf_map_lookup_elem(dp->settings_fd, &zero, &st) == 0 &&
+	       (st.flags & SETTING_SK_LOOKUP_STEERING);
 }
 
 /* The pod netns's sk_lookup link (pin "sk_lookup"), on every pod whatever the node's steering: it
  * steers SYNs with sk_lookup steering and is the backstop in both modes, and a node that switches
  * steering finds every pod ready (verify reports a pod without it). Only a kernel without netns
  * cookies (before 5.14) goes without, and it cannot steer so. */
-static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_meta *m, int netns_fd, struct dp_error *e)
+static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_meta *m, int netns_fd,
+			    struct dp_error *e)
 {
 	char pin[PATH_MAX];
 	int fd, err = 0;
@@ -1237,7 +1262,8 @@ static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_met
 	sk_lookup_pin_path(dp, uid, pin);
 	if (!m->netns_cookie) {
 		if (sk_lookup_steering(dp))
-			return dp_fail(e, DPE_KERNEL, 0, "sk_lookup steering needs netns cookies (Linux 5.14+)");
+			return dp_fail(e, DPE_KERNEL, 0,
+				       "sk_lookup steering needs netns cookies (Linux 5.14+)");
 		detach_pinned_link(pin);
 		m->steering_sk_lookup = 0;
 		return 0;
@@ -1251,7 +1277,8 @@ static int attach_sk_lookup(struct datapath *dp, const char *uid, struct pod_met
 		detach_pinned_link(pin);
 		fd = bpf_link_create(dp->sk_lookup_prog_fd, netns_fd, BPF_SK_LOOKUP, NULL);
 		if (fd < 0)
-			return dp_fail(e, DPE_KERNEL, errno, "cannot attach the sk_lookup program (Linux 5.9+)");
+			return dp_fail(e, DPE_KERNEL, errno,
+				       "cannot attach the sk_lookup program (Linux 5.9+)");
 		if (bpf_obj_pin(fd, pin)) {
 			err = -errno;
 			bpf_link_detach(fd);
@@ -1282,7 +1309,8 @@ static void restore_in_netns(struct netns_job *job)
 {
 	struct pod_meta *m = job->meta, cur = *m;
 	const struct pod_meta *old = job->old;
-	const unsigned routing = OWNS_RULE_V4 | OWNS_RULE_V6 | OWNS_ROUTE_V4 | OWNS_ROUTE_V6 | OWNS_ACCEPT_LOCAL;
+	const unsigned routing =
+		OWNS_RULE_V4 | OWNS_RULE_V6 | OWNS_ROUTE_V4 | OWNS_ROUTE_V6 | OWNS_ACCEPT_LOCAL;
 	unsigned added = cur.owns & ~old->owns & routing;
 	char names[MAX_REROUTE_IFACES][16], dir[PATH_MAX];
 	struct pod_ifaces cur_ifaces, restored_ifaces;
@@ -1304,11 +1332,12 @@ static void restore_in_netns(struct netns_job *job)
 	ifaces_get(job->dp, job->uid, &cur_ifaces);
 	restored_ifaces = *job->old_ifaces;
 	pod_dir(job->dp, job->uid, dir);
-	if (ifaces_hook(dir, job->dp->prog_fd, old->mode, &restored_ifaces, &cur_ifaces, cur.mode, NULL, job->e) == 0)
+	if (ifaces_hook(dir, job->dp->prog_fd, old->mode, &restored_ifaces, &cur_ifaces, cur.mode, NULL,
+			job->e) == 0)
 		ifaces_put(job->dp, job->uid, &restored_ifaces);
 	for (unsigned i = 0; i < old->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		snprintf(names[i], sizeof(names[i]), "%s", old->reroute[i].name);
-	attach_reroutes(job, cur.mode, (const char (*)[16])names,
+	attach_reroutes(job, cur.mode, (const char(*)[16])names,
 			old->reroute_count < MAX_REROUTE_IFACES ? old->reroute_count : MAX_REROUTE_IFACES);
 	if (added && rtnl_open(&nl) == 0) {
 		if (added & OWNS_RULE_V4)
@@ -1345,14 +1374,15 @@ static int attach_job(void *p)
 	int ifindex = 0, err;
 
 	if ((err = rtnl_open(&nl)))
-		return dp_fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s", job->req->netns_path);
+		return dp_fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s",
+			       job->req->netns_path);
 	if (find_pod_interface(&nl, m, job->req->netns_path, &ifindex, job->e))
 		goto out;
 	/* What only the netns can tell, refused before anything in it changes. */
 	for (unsigned j = 0; j < job->req->reroute_count; j++)
 		if (if_nametoindex(job->req->reroute[j]) == (unsigned)ifindex) {
 			dp_fail(job->e, DPE_INVALID, 0, "reroute interface %s is the pod's own interface",
-			     job->req->reroute[j]);
+				job->req->reroute[j]);
 			goto out;
 		}
 	if (!netns_cookie() && sk_lookup_steering(job->dp)) {
@@ -1363,8 +1393,8 @@ static int attach_job(void *p)
 	job->host_peer = 0;
 	if (job->req->host_netns[0] && rtnl_veth_peer(&nl, ifindex, &job->host_peer))
 		job->host_peer = 0;
-	if (ifaces_scan(&nl, (unsigned)ifindex, (const char (*)[16])job->req->reroute, job->req->reroute_count, m,
-			job->ifaces, &job->refused, job->e))
+	if (ifaces_scan(&nl, (unsigned)ifindex, (const char(*)[16])job->req->reroute, job->req->reroute_count,
+			m, job->ifaces, &job->refused, job->e))
 		goto out;
 	/* A first attach refuses what it cannot capture (fail closed: CNI ADD fails, the pod does not
 	 * start half captured). An attached pod never leaves the interfaces it can hook unhooked for
@@ -1395,7 +1425,8 @@ static int attach_job(void *p)
 	}
 	if (configure_routing(&nl, m, job->ifaces, job->e) || fault(job, "routing") ||
 	    attach_programs(job->dp, job->uid, m,
-			    job->req->mode == DP_MODE_AUTO && m->mode ? (enum dp_mode_request)m->mode : job->req->mode,
+			    job->req->mode == DP_MODE_AUTO && m->mode ? (enum dp_mode_request)m->mode
+								      : job->req->mode,
 			    job->e) ||
 	    fault(job, "programs"))
 		goto out;
@@ -1419,7 +1450,7 @@ static int attach_job(void *p)
 			  job->old ? &job->refused : NULL, job->e);
 	ifaces_put(job->dp, job->uid, err ? &prev_ifaces : job->ifaces);
 	if (err || fault(job, "ifaces") ||
-	    attach_reroutes(job, old_mode, (const char (*)[16])job->req->reroute, job->req->reroute_count) ||
+	    attach_reroutes(job, old_mode, (const char(*)[16])job->req->reroute, job->req->reroute_count) ||
 	    fault(job, "reroutes"))
 		goto out;
 	m->state = ATTACH_STATE_ATTACHED;
@@ -1453,7 +1484,8 @@ static int open_pod_netns(const char *path, struct pod_meta *m, struct dp_error 
 /* Undoes a recorded attachment: inside its netns when that is still reachable. */
 static void detach_host(struct datapath *dp, const char *uid, struct pod_meta *m);
 
-static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta *m, char *warning, size_t wlen)
+static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta *m, char *warning,
+			  size_t wlen)
 {
 	struct netns_job job = { .dp = dp, .uid = uid, .meta = m };
 	unsigned long long ino = 0, dev = 0;
@@ -1467,7 +1499,8 @@ static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta 
 	} else {
 		detach_programs(dp, uid, m, false);
 		if (warning && netns_present(m) == false && m->mode == ATTACH_MODE_TC)
-			snprintf(warning, wlen, "netns %s is gone; its tc filters went with it", m->netns_path);
+			snprintf(warning, wlen, "netns %s is gone; its tc filters went with it",
+				 m->netns_path);
 		else if (warning)
 			snprintf(warning, wlen, "netns %s is gone or was replaced; nothing to undo inside it",
 				 m->netns_path);
@@ -1548,8 +1581,8 @@ static int host_attach_job(void *p)
 			m->host_owns_clsact = 1;
 	}
 	if (err)
-		return dp_fail(job->e, DPE_SYSTEM, err, "cannot hook the node side (ifindex %u) of the pod's veth",
-			    m->host_ifindex);
+		return dp_fail(job->e, DPE_SYSTEM, err,
+			       "cannot hook the node side (ifindex %u) of the pod's veth", m->host_ifindex);
 	return 0;
 }
 
@@ -1567,7 +1600,8 @@ static int attach_host(struct datapath *dp, const struct dp_attach_request *req,
 	}
 	if ((fd = open_netns(req->host_netns, &ino, &dev)) < 0)
 		return dp_fail(e, DPE_NETNS, fd, "cannot open the node's netns %s", req->host_netns);
-	if (m->host_ifindex && (m->host_ifindex != (unsigned)peer || m->host_netns_ino != ino || m->host_netns_dev != dev))
+	if (m->host_ifindex &&
+	    (m->host_ifindex != (unsigned)peer || m->host_netns_ino != ino || m->host_netns_dev != dev))
 		detach_host(dp, req->uid, m);
 	m->host_ifindex = (unsigned)peer;
 	m->host_netns_ino = ino;
@@ -1595,23 +1629,30 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 {
 	struct pod_meta m, old;
 	struct pod_ifaces ifaces, old_ifaces, recorded;
-	struct netns_job job = { .dp = dp, .uid = req->uid, .meta = &m, .req = req, .e = e, .ifaces = &ifaces,
+	struct netns_job job = { .dp = dp,
+				 .uid = req->uid,
+				 .meta = &m,
+				 .req = req,
+				 .e = e,
+				 .ifaces = &ifaces,
 				 .old_ifaces = &old_ifaces };
 	struct timespec now;
 	bool undo = false;
 	int fd, rc, err;
 
 	if (!uid_valid(req->uid))
-		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", req->uid);
+		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s",
+			       req->uid);
 	if (req->ip_count == 0 || req->ip_count > MAX_POD_IPS)
-		return dp_fail(e, DPE_INVALID, 0, "a pod needs 1 to %d IPs, got %u", MAX_POD_IPS, req->ip_count);
+		return dp_fail(e, DPE_INVALID, 0, "a pod needs 1 to %d IPs, got %u", MAX_POD_IPS,
+			       req->ip_count);
 	if (req->netns_path[0] != '/')
 		return dp_fail(e, DPE_INVALID, 0, "netns path must be absolute: %s", req->netns_path);
 	if (req->flags & ~(POD_F_BYPASS_INBOUND | POD_F_STRICT | POD_F_DNS_CAPTURE))
 		return dp_fail(e, DPE_INVALID, 0, "unknown pod flags 0x%x", req->flags);
 	if (req->reroute_count > MAX_REROUTE_IFACES)
 		return dp_fail(e, DPE_INVALID, 0, "at most %d reroute interfaces, got %u", MAX_REROUTE_IFACES,
-			    req->reroute_count);
+			       req->reroute_count);
 	for (unsigned i = 0; i < req->reroute_count; i++) {
 		const char *n = req->reroute[i];
 
@@ -1626,8 +1667,10 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		return -1;
 	if (is_own_netns(&m)) {
 		close(fd);
-		return dp_fail(e, DPE_NETNS, 0, "%s is this process's own network namespace (the node's), not a pod's: refused",
-			    req->netns_path);
+		return dp_fail(
+			e, DPE_NETNS, 0,
+			"%s is this process's own network namespace (the node's), not a pod's: refused",
+			req->netns_path);
 	}
 	dp_lock(dp);
 	res->updated = false;
@@ -1635,7 +1678,8 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	memset(&ifaces, 0, sizeof(ifaces));
 	memset(&old_ifaces, 0, sizeof(old_ifaces));
 	if (meta_get(dp, req->uid, &old) == 0) {
-		if (old.state == ATTACH_STATE_ATTACHED && old.netns_ino == m.netns_ino && old.netns_dev == m.netns_dev) {
+		if (old.state == ATTACH_STATE_ATTACHED && old.netns_ino == m.netns_ino &&
+		    old.netns_dev == m.netns_dev) {
 			m = old; /* same pod, same netns: update in place */
 			res->updated = true;
 			job.old = &old;
@@ -1660,21 +1704,22 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	/* The programs read the pod's options from its addresses: in place before they run. */
 	if ((err = policy_claim_slot(&dp->policy, req->uid, &m)) ||
 	    (err = policy_write(&dp->policy, &m, res->updated ? &old : NULL)))
-		dp_fail(e, err == -ENOSPC ? DPE_INVALID : DPE_SYSTEM, err, "cannot record the policy of pod %s", req->uid);
+		dp_fail(e, err == -ENOSPC ? DPE_INVALID : DPE_SYSTEM, err,
+			"cannot record the policy of pod %s", req->uid);
 	else if ((rc = run_in_netns(fd, attach_job, &job)) < 0 && !e->code)
 		dp_fail(e, DPE_NETNS, rc, "cannot enter netns %s", req->netns_path);
 	else if (!e->code)
 		undo = true; /* the netns job has run: a later failure must be undone */
 	/* Nothing half-applied: a failure from here on is undone or restored below. */
 	if (!e->code && !attach_sk_lookup(dp, req->uid, &m, fd, e) && !fault(&job, "sk_lookup") &&
-	    !attach_host(dp, req, &m, job.host_peer, e) && !fault(&job, "host") && !cgroup_hooks_prepare(&job) &&
-	    !fault(&job, "dns")) {
+	    !attach_host(dp, req, &m, job.host_peer, e) && !fault(&job, "host") &&
+	    !cgroup_hooks_prepare(&job) && !fault(&job, "dns")) {
 		struct pod_policy now;
 
 		/* The cookie is known once inside the netns (sk_lookup steering needs it in the policy),
 		 * and whether DNS is captured once the cgroup hooks are prepared (they run already). */
-		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) || now.netns_cookie != m.netns_cookie ||
-		    now.flags != policy_flags(&m))
+		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) ||
+		    now.netns_cookie != m.netns_cookie || now.flags != policy_flags(&m))
 			err = policy_write(&dp->policy, &m, NULL);
 		if (!err) /* the addresses of its other interfaces: the pod's too */
 			err = ifaces_policy_write(dp, &m, &ifaces, &old_ifaces);
@@ -1753,7 +1798,8 @@ int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res
 	struct pod_meta m;
 
 	if (!uid_valid(uid))
-		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", uid);
+		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s",
+			       uid);
 	res->warning[0] = '\0';
 	dp_lock(dp);
 	res->found = meta_get(dp, uid, &m) == 0;
@@ -1769,8 +1815,8 @@ int dp_detach(struct datapath *dp, const char *uid, struct dp_detach_result *res
 	return 0;
 }
 
-static int for_each_meta(struct datapath *dp, int (*fn)(struct datapath *, const char *, struct pod_meta *, void *),
-			 void *ctx)
+static int for_each_meta(struct datapath *dp,
+			 int (*fn)(struct datapath *, const char *, struct pod_meta *, void *), void *ctx)
 {
 	struct pod_meta_key key, next;
 	struct pod_meta m;
@@ -1863,7 +1909,8 @@ void verify_program_name(struct dp_verify_result *r, __u32 prog_id, const char *
 	bool full = strlen(want) >= BPF_OBJ_NAME_LEN - 1;
 
 	if (prog_name_by_id(prog_id, full, name) ||
-	    (full && strlen(name) >= BPF_OBJ_NAME_LEN ? strcmp(name, want) : strncmp(name, want, BPF_OBJ_NAME_LEN - 1)))
+	    (full && strlen(name) >= BPF_OBJ_NAME_LEN ? strcmp(name, want)
+						      : strncmp(name, want, BPF_OBJ_NAME_LEN - 1)))
 		problem(r, "%s hook runs program %u (%s), not %s", hook, prog_id, name, want);
 }
 
@@ -1881,8 +1928,9 @@ static void verify_reroutes(struct netns_job *job, struct rtnl *nl)
 
 		snprintf(hook, sizeof(hook), "reroute %s", r->name);
 		if (now != r->ifindex) {
-			problem(res, r->ifindex ? "reroute interface %s is gone or was replaced"
-						: "reroute interface %s appeared and is not hooked yet",
+			problem(res,
+				r->ifindex ? "reroute interface %s is gone or was replaced"
+					   : "reroute interface %s appeared and is not hooked yet",
 				r->name);
 			continue;
 		}
@@ -1903,8 +1951,10 @@ static void verify_reroutes(struct netns_job *job, struct rtnl *nl)
 			else
 				verify_program_name(res, info.prog_id, hook, want);
 		} else {
-			LIBBPF_OPTS(bpf_tc_hook, tch, .ifindex = (int)r->ifindex, .attach_point = BPF_TC_INGRESS);
-			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+			LIBBPF_OPTS(bpf_tc_hook, tch, .ifindex = (int)r->ifindex,
+				    .attach_point = BPF_TC_INGRESS);
+			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE,
+				    .priority = TC_FILTER_PRIORITY);
 
 			if (bpf_tc_query(&tch, &opts))
 				problem(res, "the %s tc filter is missing", hook);
@@ -1926,9 +1976,9 @@ static void verify_ifaces(struct netns_job *job, struct rtnl *nl)
 
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		snprintf(names[i], sizeof(names[i]), "%s", m->reroute[i].name);
-	scanned = ifaces_scan(nl, m->ifindex, (const char (*)[16])names,
-			      m->reroute_count < MAX_REROUTE_IFACES ? m->reroute_count : MAX_REROUTE_IFACES, m, &now, &ref,
-			      &e) == 0;
+	scanned = ifaces_scan(nl, m->ifindex, (const char(*)[16])names,
+			      m->reroute_count < MAX_REROUTE_IFACES ? m->reroute_count : MAX_REROUTE_IFACES,
+			      m, &now, &ref, &e) == 0;
 	if (!scanned)
 		problem(job->verify, "%s", e.message);
 	for (unsigned i = 0; scanned && i < ref.count && i < IFACES_MAX_REFUSED; i++)
@@ -1946,7 +1996,8 @@ static void verify_ifaces(struct netns_job *job, struct rtnl *nl)
 			continue;
 		if (rtnl_find_address(nl, job->ifaces->addrs[i].addr, &idx) == 0 && idx)
 			if_indextoname((unsigned)idx, name);
-		problem(job->verify, "address %s on %s belongs to another pod: not taken (its traffic is that pod's)",
+		problem(job->verify,
+			"address %s on %s belongs to another pod: not taken (its traffic is that pod's)",
 			ip_str(&job->ifaces->addrs[i], ip), name);
 	}
 }
@@ -1974,8 +2025,8 @@ static int verify_job(void *p)
 		for (unsigned j = 0; j < job->ifaces->count && j < MAX_POD_IFACES; j++)
 			captured |= idx && job->ifaces->iface[j].ifindex == (unsigned)idx;
 		if (found || (idx != (int)m->ifindex && !captured))
-			problem(r, "pod IP %s is no longer on interface %u or another captured one", ip_str(&m->ips[i], ip),
-				m->ifindex);
+			problem(r, "pod IP %s is no longer on interface %u or another captured one",
+				ip_str(&m->ips[i], ip), m->ifindex);
 	}
 	pod_families(m, job->ifaces, &v4, &v6);
 	for (int fam = 0; fam < 2; fam++) {
@@ -1984,18 +2035,22 @@ static int verify_job(void *p)
 		if (!(fam == 0 ? v4 : v6))
 			continue;
 		if (rtnl_rule_exists(&nl, rule, &exists) == 0 && !exists)
-			problem(r, "the %s fwmark rule (mark 0x%x/0x%x, table %d) is missing", fam ? "IPv6" : "IPv4",
-				REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE);
-		if (rtnl_local_default_route_get(&nl, rule->family, REDIRECT_ROUTE_TABLE, &exists, &have) == 0 &&
+			problem(r, "the %s fwmark rule (mark 0x%x/0x%x, table %d) is missing",
+				fam ? "IPv6" : "IPv4", REDIRECT_MARK, MARK_MASK, REDIRECT_ROUTE_TABLE);
+		if (rtnl_local_default_route_get(&nl, rule->family, REDIRECT_ROUTE_TABLE, &exists, &have) ==
+			    0 &&
 		    wanted_local_route(&nl, m, job->ifaces, rule->family, &want) == 0) {
 			if (!exists)
 				problem(r, "the %s local route in table %d is missing", fam ? "IPv6" : "IPv4",
 					REDIRECT_ROUTE_TABLE);
 			else if (memcmp(have.prefsrc, want.prefsrc, sizeof(want.prefsrc)))
-				problem(r, "the %s local route in table %d has not the pod's address as source",
+				problem(r,
+					"the %s local route in table %d has not the pod's address as source",
 					fam ? "IPv6" : "IPv4", REDIRECT_ROUTE_TABLE);
 			else if (have.mtu != want.mtu)
-				problem(r, "the %s local route in table %d has MTU %u, not the pod interface's %u",
+				problem(r,
+					"the %s local route in table %d has MTU %u, not the pod interface's "
+					"%u",
 					fam ? "IPv6" : "IPv4", REDIRECT_ROUTE_TABLE, have.mtu, want.mtu);
 		}
 	}
@@ -2023,7 +2078,8 @@ static int verify_job(void *p)
 		LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)m->ifindex);
 
 		for (int d = 0; d < 2; d++) {
-			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE,
+				    .priority = TC_FILTER_PRIORITY);
 
 			hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
 			if (bpf_tc_query(&hook, &opts))
@@ -2055,7 +2111,8 @@ static int verify_job(void *p)
 			continue;
 		cgroup_pin_path(job->dp, job->uid, i, pin);
 		if (pinned_cgroup_link(pin, &linked, &prog) || linked != m->pod_cgroup_id)
-			problem(r, "the %s hook %s is missing or detached (cgroup gone?)", what, cgroup_prog_names[i]);
+			problem(r, "the %s hook %s is missing or detached (cgroup gone?)", what,
+				cgroup_prog_names[i]);
 		else
 			verify_program_name(r, prog, what, cgroup_prog_names[i]);
 	}
@@ -2072,9 +2129,11 @@ static int verify_host_tc_job(void *p)
 
 		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
 		if (bpf_tc_query(&hook, &opts))
-			problem(job->verify, "the node-side %s tc filter (kubelet probes) is missing", hook_names[d]);
+			problem(job->verify, "the node-side %s tc filter (kubelet probes) is missing",
+				hook_names[d]);
 		else
-			verify_program_name(job->verify, opts.prog_id, host_hook_names[d], host_prog_names[d]);
+			verify_program_name(job->verify, opts.prog_id, host_hook_names[d],
+					    host_prog_names[d]);
 	}
 	return 0;
 }
@@ -2095,9 +2154,12 @@ static void verify_host(struct netns_job *job)
 
 			host_pin_path(job->dp, job->uid, d, pin);
 			if (pinned_link_info(pin, &info) || info.ifindex != m->host_ifindex)
-				problem(job->verify, "the node-side %s link (kubelet probes) is missing or detached", hook_names[d]);
+				problem(job->verify,
+					"the node-side %s link (kubelet probes) is missing or detached",
+					hook_names[d]);
 			else
-				verify_program_name(job->verify, info.prog_id, host_hook_names[d], host_prog_names[d]);
+				verify_program_name(job->verify, info.prog_id, host_hook_names[d],
+						    host_prog_names[d]);
 		}
 		return;
 	}
@@ -2119,7 +2181,8 @@ int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res
 	int fd, rc;
 
 	if (!uid_valid(uid))
-		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s", uid);
+		return dp_fail(e, DPE_INVALID, 0, "pod uid must be 1-63 characters of [A-Za-z0-9._-]: %s",
+			       uid);
 	memset(res, 0, sizeof(*res));
 	dp_lock(dp);
 	res->found = meta_get(dp, uid, &m) == 0;
@@ -2294,8 +2357,8 @@ int dp_configure(struct datapath *dp, const struct dp_settings_request *req, str
 	if (req->flags & ~(SETTING_MARK_ONLY_EXEMPTION | SETTING_SK_LOOKUP_STEERING))
 		return dp_fail(e, DPE_INVALID, 0, "unknown settings flags 0x%x", req->flags);
 	if (req->allow_count > MAX_STRICT_ALLOW)
-		return dp_fail(e, DPE_INVALID, 0, "at most %d strict-mode allow entries, got %u", MAX_STRICT_ALLOW,
-			    req->allow_count);
+		return dp_fail(e, DPE_INVALID, 0, "at most %d strict-mode allow entries, got %u",
+			       MAX_STRICT_ALLOW, req->allow_count);
 	dp_lock(dp);
 	/* The allow list first: a moment with the old list and new flags is the safer order. */
 	while (!err && bpf_map_get_next_key(dp->strict_allow_fd, NULL, &next) == 0) {
@@ -2340,7 +2403,8 @@ int dp_trust_ztunnel_cgroup(struct datapath *dp, const char *cgroup_dir, struct 
 		mkdir_p(dir);
 		fd = bpf_link_create(dp->sockops_prog_fd, cg, BPF_CGROUP_SOCK_OPS, NULL);
 		if (fd < 0) {
-			err = dp_fail(e, DPE_SYSTEM, errno, "cannot attach the sockops program to ztunnel's cgroup");
+			err = dp_fail(e, DPE_SYSTEM, errno,
+				      "cannot attach the sockops program to ztunnel's cgroup");
 		} else {
 			if (bpf_obj_pin(fd, pin))
 				err = dp_fail(e, DPE_SYSTEM, errno, "cannot pin %s", pin);

@@ -9,7 +9,6 @@
 #include "../progs/ambient_shared.h"
 #include "dp_error.h"
 
-
 struct datapath;
 
 enum dp_mode_request {
@@ -30,8 +29,10 @@ struct dp_attach_request {
 	unsigned flags; /* POD_F_* */
 	char reroute[MAX_REROUTE_IFACES][16]; /* interface names whose inbound TCP goes to 15001 */
 	unsigned reroute_count;
-	char pod_cgroup[NETNS_PATH_LEN]; /* the pod's cgroup v2 directory: socket-option guard, and DNS capture with POD_F_DNS_CAPTURE; empty: no hooks there */
-	char host_netns[NETNS_PATH_LEN]; /* the node's netns, where the pod's veth peer is; empty: no probe SNAT */
+	char pod_cgroup
+		[NETNS_PATH_LEN]; /* the pod's cgroup v2 directory: socket-option guard, and DNS capture with POD_F_DNS_CAPTURE; empty: no hooks there */
+	char host_netns
+		[NETNS_PATH_LEN]; /* the node's netns, where the pod's veth peer is; empty: no probe SNAT */
 };
 
 struct dp_attach_result {

@@ -17,6 +17,7 @@ struct dp_error {
 #define DPE_SYSTEM "ESYSTEM" /* anything else, with errno text */
 
 /* Fills *e (err: an errno, appended as text when non-zero); returns -1. */
-int dp_fail(struct dp_error *e, const char *code, int err, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+int dp_fail(struct dp_error *e, const char *code, int err, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
 
 #endif

@@ -81,12 +81,15 @@ int layout_read(const char *root, unsigned *layout, struct dp_error *e)
 
 int layout_refuse_newer(const char *root, unsigned found, struct dp_error *e)
 {
-	return dp_fail(e, DPE_LAYOUT, 0,
-		       "the pins under %s are of datapath layout %u, written by a newer ambient-bpf; this release "
-		       "knows layouts 1 to %u. They are left as they are (pods stay redirected). Run the newer release "
-		       "again, or hand the node back with its `ambient-bpf datapath downgrade --layout %u --bpffs %s` "
-		       "(agent stopped) before starting this one",
-		       root, found, DATAPATH_LAYOUT, DATAPATH_LAYOUT, root);
+	return dp_fail(
+		e, DPE_LAYOUT, 0,
+		"the pins under %s are of datapath layout %u, written by a newer ambient-bpf; this release "
+		"knows layouts 1 to %u. They are left as they are (pods stay redirected). Run the newer "
+		"release "
+		"again, or hand the node back with its `ambient-bpf datapath downgrade --layout %u --bpffs "
+		"%s` "
+		"(agent stopped) before starting this one",
+		root, found, DATAPATH_LAYOUT, DATAPATH_LAYOUT, root);
 }
 
 void layout_pin_name(const char *map, unsigned layout, char out[64])
@@ -308,7 +311,8 @@ static int downgrade_pods(const char *root, unsigned to, struct dp_error *e)
 		return errno == ENOENT ? 0 : dp_fail(e, DPE_SYSTEM, errno, "cannot open %s", path);
 	while (bpf_map_get_next_key(meta, n ? &keys[n - 1] : NULL, &next) == 0) {
 		if (n == cap) {
-			struct pod_meta_key *grown = realloc(keys, (cap = cap ? cap * 2 : 256) * sizeof(*keys));
+			struct pod_meta_key *grown =
+				realloc(keys, (cap = cap ? cap * 2 : 256) * sizeof(*keys));
 
 			if (!grown) {
 				rc = dp_fail(e, DPE_SYSTEM, ENOMEM, "cannot list the pods");
@@ -324,7 +328,8 @@ static int downgrade_pods(const char *root, unsigned to, struct dp_error *e)
 		for (size_t i = 0; i < N(pod_pin_changes); i++) {
 			if (pod_pin_changes[i].layout <= to)
 				continue;
-			snprintf(path, sizeof(path), "%s/pods/%.*s/%s", root, POD_UID_LEN, key->uid, pod_pin_changes[i].pin);
+			snprintf(path, sizeof(path), "%s/pods/%.*s/%s", root, POD_UID_LEN, key->uid,
+				 pod_pin_changes[i].pin);
 			drop_link(path);
 			/* (and one an update left prepared when it was stopped) */
 			snprintf(path, sizeof(path), "%s/pods/%.*s/%s_next", root, POD_UID_LEN, key->uid,
@@ -336,8 +341,8 @@ static int downgrade_pods(const char *root, unsigned to, struct dp_error *e)
 		if (to < 2 && bpf_map_lookup_elem(meta, key, &m) == 0) {
 			pod_meta_for_layout1(&m);
 			if (bpf_map_update_elem(meta, key, &m, BPF_EXIST) && errno != ENOENT) {
-				rc = dp_fail(e, DPE_SYSTEM, errno, "cannot rewrite the record of pod %.*s", POD_UID_LEN,
-					     key->uid);
+				rc = dp_fail(e, DPE_SYSTEM, errno, "cannot rewrite the record of pod %.*s",
+					     POD_UID_LEN, key->uid);
 				goto out;
 			}
 		}
@@ -373,7 +378,8 @@ static int downgrade_maps(const char *root, unsigned from, unsigned to, struct d
 			if (dst >= 0)
 				close(dst);
 			if (err)
-				return dp_fail(e, DPE_LAYOUT, err, "cannot copy %s back into %s", newer, older);
+				return dp_fail(e, DPE_LAYOUT, err, "cannot copy %s back into %s", newer,
+					       older);
 		}
 		if (unlink(newer) && errno != ENOENT)
 			return dp_fail(e, DPE_SYSTEM, errno, "cannot unpin %s", newer);

@@ -51,7 +51,8 @@ int netns_addresses(const char *path, struct netns_addresses *out, struct dp_err
 	out->count = 0;
 	if (fd < 0) {
 		e->code = DPE_NETNS;
-		snprintf(e->message, sizeof(e->message), "%s: %s", path, fd == -EINVAL ? "not a network namespace" : strerror(-fd));
+		snprintf(e->message, sizeof(e->message), "%s: %s", path,
+			 fd == -EINVAL ? "not a network namespace" : strerror(-fd));
 		return -1;
 	}
 	/* Who owns it: a netns a process made in a user namespace of its own (unprivileged) is owned
@@ -69,7 +70,8 @@ int netns_addresses(const char *path, struct netns_addresses *out, struct dp_err
 	close(fd);
 	if (err) {
 		e->code = DPE_SYSTEM;
-		snprintf(e->message, sizeof(e->message), "cannot list addresses in %s: %s", path, strerror(-err));
+		snprintf(e->message, sizeof(e->message), "cannot list addresses in %s: %s", path,
+			 strerror(-err));
 		return -1;
 	}
 	return 0;

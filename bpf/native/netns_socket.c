@@ -47,8 +47,9 @@ static int make_socket(void *p)
 		return sock_fail(job, "SO_REUSEPORT");
 	if (r->has_mark && setsockopt(job->fd, SOL_SOCKET, SO_MARK, &r->mark, sizeof(r->mark)))
 		return sock_fail(job, "SO_MARK");
-	if (r->transparent && setsockopt(job->fd, af == AF_INET6 ? SOL_IPV6 : SOL_IP,
-					 af == AF_INET6 ? IPV6_TRANSPARENT : IP_TRANSPARENT, &one, sizeof(one)))
+	if (r->transparent &&
+	    setsockopt(job->fd, af == AF_INET6 ? SOL_IPV6 : SOL_IP,
+		       af == AF_INET6 ? IPV6_TRANSPARENT : IP_TRANSPARENT, &one, sizeof(one)))
 		return sock_fail(job, "IP_TRANSPARENT");
 	if (r->freebind && setsockopt(job->fd, af == AF_INET6 ? SOL_IPV6 : SOL_IP,
 				      af == AF_INET6 ? IPV6_FREEBIND : IP_FREEBIND, &one, sizeof(one)))
@@ -75,7 +76,8 @@ static int make_socket(void *p)
 
 			sin6->sin6_family = AF_INET6;
 			sin6->sin6_port = htons(r->bind_port);
-			if (r->bind_address[0] && inet_pton(AF_INET6, r->bind_address, &sin6->sin6_addr) != 1) {
+			if (r->bind_address[0] &&
+			    inet_pton(AF_INET6, r->bind_address, &sin6->sin6_addr) != 1) {
 				errno = EINVAL;
 				return sock_fail(job, "bind address");
 			}
@@ -142,8 +144,8 @@ static int make_sockets(void *p)
 	return 0;
 }
 
-int netns_sockets(const char *netns_path, const struct netns_socket_request *reqs, struct netns_socket_result *res,
-		  size_t n, struct dp_error *e)
+int netns_sockets(const char *netns_path, const struct netns_socket_request *reqs,
+		  struct netns_socket_result *res, size_t n, struct dp_error *e)
 {
 	struct socket_batch batch = { .reqs = reqs, .res = res, .n = n };
 

@@ -35,7 +35,7 @@ struct netns_socket_result {
  * not read; empty: the caller's netns): a proxy's listeners for a pod cost one netns entry, not
  * one each. Each request succeeds or fails on its own. Returns 0, or -1 with e filled when the
  * netns cannot be entered (then no socket was made). */
-int netns_sockets(const char *netns_path, const struct netns_socket_request *reqs, struct netns_socket_result *res,
-		  size_t n, struct dp_error *e);
+int netns_sockets(const char *netns_path, const struct netns_socket_request *reqs,
+		  struct netns_socket_result *res, size_t n, struct dp_error *e);
 
 #endif

@@ -105,7 +105,8 @@ static void refuse(struct ifaces_refused *ref, const char *fmt, ...)
 }
 
 int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsigned skip_count,
-		const struct pod_meta *m, struct pod_ifaces *out, struct ifaces_refused *ref, struct dp_error *e)
+		const struct pod_meta *m, struct pod_ifaces *out, struct ifaces_refused *ref,
+		struct dp_error *e)
 {
 	struct if_nameindex *all = if_nameindex(), *i;
 	struct scan_ctx ctx = { .m = m, .out = out, .primary = primary };
@@ -137,12 +138,16 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 		else if (type == ARPHRD_LOOPBACK)
 			continue;
 		else if (type != ARPHRD_ETHER)
-			refuse(ref, "interface %s of the pod carries no Ethernet header (type %u: a tunnel, tun or "
+			refuse(ref,
+			       "interface %s of the pod carries no Ethernet header (type %u: a tunnel, tun "
+			       "or "
 			       "wireguard device); its traffic cannot be captured: refused (list it in "
-			       "istio.io/reroute-virtual-interfaces if it carries a workload's outbound traffic)",
+			       "istio.io/reroute-virtual-interfaces if it carries a workload's outbound "
+			       "traffic)",
 			       i->if_name, type);
 		else if (out->count == MAX_POD_IFACES)
-			refuse(ref, "interface %s: the pod has more than %d interfaces besides its own: refused",
+			refuse(ref,
+			       "interface %s: the pod has more than %d interfaces besides its own: refused",
 			       i->if_name, MAX_POD_IFACES);
 		else {
 			struct pod_iface *f = &out->iface[out->count++];
@@ -160,8 +165,11 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 	 * the first MAX_POD_IPS are kept, the others dropped and said. */
 	if (ctx.overflow) {
 		ref->dropped_addresses = true;
-		refuse(ref, "the pod's interfaces carry more than %d addresses besides its IPs (%s is one too many): "
-		       "those are not recorded", MAX_POD_IPS, addr_str(ctx.extra, a));
+		refuse(ref,
+		       "the pod's interfaces carry more than %d addresses besides its IPs (%s is one too "
+		       "many): "
+		       "those are not recorded",
+		       MAX_POD_IPS, addr_str(ctx.extra, a));
 	}
 	return 0;
 }
@@ -230,7 +238,8 @@ static void unhook_one(const char *pod_dir, struct pod_iface *f, unsigned mode, 
 	}
 }
 
-void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod_ifaces *prev, unsigned prev_mode)
+void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod_ifaces *prev,
+			unsigned prev_mode)
 {
 	for (unsigned j = 0; j < next->count && j < MAX_POD_IFACES; j++) {
 		struct pod_iface *f = &next->iface[j];
@@ -243,7 +252,8 @@ void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod
 }
 
 int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct pod_ifaces *next,
-		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref, struct dp_error *e)
+		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref,
+		struct dp_error *e)
 {
 	unsigned n = next->count < MAX_POD_IFACES ? next->count : MAX_POD_IFACES, done = 0;
 	int err = 0;
@@ -331,8 +341,10 @@ void ifaces_verify(struct rtnl *nl, const char *pod_dir, unsigned mode, const st
 					verify_program_name(r, info.prog_id, hook, prog_names[d]);
 			} else {
 				LIBBPF_OPTS(bpf_tc_hook, tch, .ifindex = (int)x->ifindex,
-					    .attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS);
-				LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
+					    .attach_point =
+						    d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS);
+				LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE,
+					    .priority = TC_FILTER_PRIORITY);
 
 				if (bpf_tc_query(&tch, &opts))
 					problem(r, "%s (tc filter) is missing", hook);
@@ -347,7 +359,8 @@ void ifaces_verify(struct rtnl *nl, const char *pod_dir, unsigned mode, const st
 		if (!find_iface(f, now->iface[i].ifindex))
 			problem(r, "interface %s appeared and is not captured yet", now->iface[i].name);
 	for (unsigned i = 0; now && i < now->addr_count && i < MAX_POD_IPS; i++)
-		if (!has_ip(f->addrs, f->addr_count < MAX_POD_IPS ? f->addr_count : MAX_POD_IPS, now->addrs[i].addr))
+		if (!has_ip(f->addrs, f->addr_count < MAX_POD_IPS ? f->addr_count : MAX_POD_IPS,
+			    now->addrs[i].addr))
 			problem(r, "address %s appeared on the pod's interfaces and is not the pod's yet",
 				addr_str(now->addrs[i].addr, a));
 }

@@ -25,12 +25,14 @@ struct ifaces_refused {
  * in ref, as are addresses beyond MAX_POD_IPS; every other interface is in out all the same. -1 (e
  * filled) only when the netns cannot be read. */
 int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsigned skip_count,
-		const struct pod_meta *m, struct pod_ifaces *out, struct ifaces_refused *ref, struct dp_error *e);
+		const struct pod_meta *m, struct pod_ifaces *out, struct ifaces_refused *ref,
+		struct dp_error *e);
 
 /* What prev's interfaces that next keeps own (accept_local set by us, and its old value; the clsact
  * qdisc, in the same mode) copied to next: before next is recorded, so that a crash before the
  * hooks are done leaves a record that still restores them. */
-void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod_ifaces *prev, unsigned prev_mode);
+void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod_ifaces *prev,
+			unsigned prev_mode);
 
 /* Hooks next's interfaces (pod_ingress and pod_egress: prog_fd[2]) in `mode` and sets their
  * accept_local; prev is what is hooked now, in prev_mode. New hooks first, stale ones removed
@@ -40,7 +42,8 @@ void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod
  * attached pod never keeps a hookable interface unhooked for another's sake). Pins go to
  * pod_dir/iface-<ifindex>-<ingress|egress>. */
 int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct pod_ifaces *next,
-		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref, struct dp_error *e);
+		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref,
+		struct dp_error *e);
 
 /* Removes every hook of f: tcx links through their pins from anywhere; tc filters and accept_local
  * only from inside the netns (in_netns). */

@@ -51,7 +51,8 @@ int policy_claim_slot(const struct policy_maps *maps, const char *uid, struct po
 	__u32 start = uid_hash(uid);
 
 	if (m->slot) {
-		if (bpf_map_lookup_elem(maps->slot_owner_fd, &m->slot, &owner) == 0 && !strcmp(owner.uid, mine.uid))
+		if (bpf_map_lookup_elem(maps->slot_owner_fd, &m->slot, &owner) == 0 &&
+		    !strcmp(owner.uid, mine.uid))
 			return 0;
 		m->slot = 0; /* lost (a crash between writes): claim again */
 	}
@@ -78,7 +79,8 @@ void policy_release_slot(const struct policy_maps *maps, const char *uid, const 
 {
 	struct pod_meta_key mine = owner_key(uid), owner, empty;
 
-	if (!m->slot || bpf_map_lookup_elem(maps->slot_owner_fd, &m->slot, &owner) || strcmp(owner.uid, mine.uid))
+	if (!m->slot || bpf_map_lookup_elem(maps->slot_owner_fd, &m->slot, &owner) ||
+	    strcmp(owner.uid, mine.uid))
 		return;
 	memset(&empty, 0, sizeof(empty));
 	bpf_map_update_elem(maps->slot_owner_fd, &m->slot, &empty, BPF_ANY);
@@ -131,7 +133,8 @@ bool policy_owned_by_other(const struct policy_maps *maps, const struct pod_ip *
 	return !p.slot || bpf_map_lookup_elem(maps->slot_owner_fd, &p.slot, &owner) || owner.uid[0];
 }
 
-int policy_write_secondary(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old)
+int policy_write_secondary(const struct policy_maps *maps, const struct pod_meta *m,
+			   const struct pod_meta *old)
 {
 	struct pod_policy p = { .slot = m->slot, .flags = policy_flags(m), .netns_cookie = m->netns_cookie };
 

@@ -26,7 +26,8 @@ int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const
 bool policy_owned_by_other(const struct policy_maps *maps, const struct pod_ip *ip, __u32 slot);
 /* policy_write for addresses found in the pod's netns (not given by the API): one that is another
  * pod's already is skipped, never overwritten. */
-int policy_write_secondary(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old);
+int policy_write_secondary(const struct policy_maps *maps, const struct pod_meta *m,
+			   const struct pod_meta *old);
 /* Removes the pod's addresses, except those another pod has claimed since. */
 void policy_remove(const struct policy_maps *maps, const struct pod_meta *m);
 

@@ -34,7 +34,8 @@ const char *const kernel_feature_names[KF_COUNT] = {
 };
 
 /* Instructions for the few programs the probes load (libbpf exports no instruction macros). */
-#define I(c, d, s, o, i) ((struct bpf_insn){ .code = (c), .dst_reg = (d), .src_reg = (s), .off = (o), .imm = (i) })
+#define I(c, d, s, o, i) \
+	((struct bpf_insn){ .code = (c), .dst_reg = (d), .src_reg = (s), .off = (o), .imm = (i) })
 #define MOV_REG(d, s) I(BPF_ALU64 | BPF_MOV | BPF_X, d, s, 0, 0)
 #define MOV_IMM(d, i) I(BPF_ALU64 | BPF_MOV | BPF_K, d, 0, 0, i)
 #define ADD_IMM(d, i) I(BPF_ALU64 | BPF_ADD | BPF_K, d, 0, 0, i)
@@ -116,8 +117,9 @@ static void probe_tc_programs(struct kernel_probe *p)
 			return note(p, KF_TC_PROGRAMS, false, "libbpf_probe_bpf_helper(sched_cls, %s): %s",
 				    helpers[i].name, ok ? strerror(-ok) : "no");
 	}
-	note(p, KF_TC_PROGRAMS, true, "libbpf_probe_bpf_prog_type(sched_cls) and _helper(bpf_skc_lookup_tcp, "
-				      "bpf_sk_assign, bpf_redirect)");
+	note(p, KF_TC_PROGRAMS, true,
+	     "libbpf_probe_bpf_prog_type(sched_cls) and _helper(bpf_skc_lookup_tcp, "
+	     "bpf_sk_assign, bpf_redirect)");
 }
 
 static void probe_sk_lookup(struct kernel_probe *p)
@@ -128,7 +130,9 @@ static void probe_sk_lookup(struct kernel_probe *p)
 		ok = libbpf_probe_bpf_helper(BPF_PROG_TYPE_SK_LOOKUP, BPF_FUNC_sk_assign, NULL);
 	/* The netns link itself is tried in the throwaway netns (probe_in_netns). */
 	note(p, KF_SK_LOOKUP, ok > 0, "libbpf_probe_bpf_prog_type(sk_lookup) and _helper(bpf_sk_assign): %s",
-	     ok > 0 ? "yes" : ok ? strerror(-ok) : "no");
+	     ok > 0 ? "yes"
+	     : ok   ? strerror(-ok)
+		    : "no");
 }
 
 static void probe_netns_cookies(struct kernel_probe *p)
@@ -136,23 +140,29 @@ static void probe_netns_cookies(struct kernel_probe *p)
 	__u64 cookie = 0;
 	socklen_t len = sizeof(cookie);
 	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	int err = fd < 0 ? errno : getsockopt(fd, SOL_SOCKET, 71 /* SO_NETNS_COOKIE */, &cookie, &len) ? errno : 0;
+	int err = fd < 0								? errno
+		  : getsockopt(fd, SOL_SOCKET, 71 /* SO_NETNS_COOKIE */, &cookie, &len) ? errno
+											: 0;
 	int ok;
 
 	if (fd >= 0)
 		close(fd);
 	if (err || !cookie)
-		return note(p, KF_NETNS_COOKIES, false, "getsockopt(SO_NETNS_COOKIE): %s", err ? strerror(err) : "0");
+		return note(p, KF_NETNS_COOKIES, false, "getsockopt(SO_NETNS_COOKIE): %s",
+			    err ? strerror(err) : "0");
 	/* Per program type: the helper is in some types and not in others (sk_lookup has none). */
 	ok = libbpf_probe_bpf_helper(BPF_PROG_TYPE_SOCK_OPS, BPF_FUNC_get_netns_cookie, NULL);
 	if (ok <= 0)
-		return note(p, KF_NETNS_COOKIES, false, "libbpf_probe_bpf_helper(sock_ops, bpf_get_netns_cookie): %s",
+		return note(p, KF_NETNS_COOKIES, false,
+			    "libbpf_probe_bpf_helper(sock_ops, bpf_get_netns_cookie): %s",
 			    ok ? strerror(-ok) : "no");
-	if (!helper_with_ctx(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT, BPF_FUNC_get_netns_cookie))
-		return note(p, KF_NETNS_COOKIES, false, "bpf_get_netns_cookie in a cgroup/connect4 program: %s",
-			    strerror(errno));
-	note(p, KF_NETNS_COOKIES, true, "getsockopt(SO_NETNS_COOKIE), bpf_get_netns_cookie in sock_ops "
-					"(libbpf_probe_bpf_helper) and cgroup/connect4 programs");
+	if (!helper_with_ctx(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT,
+			     BPF_FUNC_get_netns_cookie))
+		return note(p, KF_NETNS_COOKIES, false,
+			    "bpf_get_netns_cookie in a cgroup/connect4 program: %s", strerror(errno));
+	note(p, KF_NETNS_COOKIES, true,
+	     "getsockopt(SO_NETNS_COOKIE), bpf_get_netns_cookie in sock_ops "
+	     "(libbpf_probe_bpf_helper) and cgroup/connect4 programs");
 }
 
 static void probe_cgroup_hooks(struct kernel_probe *p)
@@ -161,30 +171,40 @@ static void probe_cgroup_hooks(struct kernel_probe *p)
 		enum bpf_attach_type attach;
 		const char *name;
 	} sock_addr[] = {
-		{ BPF_CGROUP_INET4_CONNECT, "connect4" },	  { BPF_CGROUP_INET6_CONNECT, "connect6" },
-		{ BPF_CGROUP_UDP4_SENDMSG, "sendmsg4" },	  { BPF_CGROUP_UDP6_SENDMSG, "sendmsg6" },
-		{ BPF_CGROUP_UDP4_RECVMSG, "recvmsg4" },	  { BPF_CGROUP_UDP6_RECVMSG, "recvmsg6" },
-		{ BPF_CGROUP_INET4_GETPEERNAME, "getpeername4" }, { BPF_CGROUP_INET6_GETPEERNAME, "getpeername6" },
+		{ BPF_CGROUP_INET4_CONNECT, "connect4" },
+		{ BPF_CGROUP_INET6_CONNECT, "connect6" },
+		{ BPF_CGROUP_UDP4_SENDMSG, "sendmsg4" },
+		{ BPF_CGROUP_UDP6_SENDMSG, "sendmsg6" },
+		{ BPF_CGROUP_UDP4_RECVMSG, "recvmsg4" },
+		{ BPF_CGROUP_UDP6_RECVMSG, "recvmsg6" },
+		{ BPF_CGROUP_INET4_GETPEERNAME, "getpeername4" },
+		{ BPF_CGROUP_INET6_GETPEERNAME, "getpeername6" },
 	};
 	int fd;
 
 	/* libbpf's type probe loads sock_addr programs without the expected attach type the kernel
 	 * requires of them, and could not tell the hooks apart anyway: each is loaded for its hook. */
-	note(p, KF_CGROUP_SOCK_ADDR, true, "cgroup sock_addr programs load for connect, sendmsg, recvmsg and getpeername");
+	note(p, KF_CGROUP_SOCK_ADDR, true,
+	     "cgroup sock_addr programs load for connect, sendmsg, recvmsg and getpeername");
 	for (size_t i = 0; i < sizeof(sock_addr) / sizeof(sock_addr[0]); i++) {
 		fd = load_trivial(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, sock_addr[i].attach, 1);
 		if (fd < 0) {
-			note(p, KF_CGROUP_SOCK_ADDR, false, "a cgroup/%s program: %s", sock_addr[i].name, strerror(-fd));
+			note(p, KF_CGROUP_SOCK_ADDR, false, "a cgroup/%s program: %s", sock_addr[i].name,
+			     strerror(-fd));
 			break;
 		}
 		close(fd);
 	}
 	fd = load_trivial(BPF_PROG_TYPE_CGROUP_SOCKOPT, BPF_CGROUP_SETSOCKOPT, 1);
-	note(p, KF_CGROUP_SOCKOPT, fd >= 0, "a cgroup/setsockopt program: %s", fd >= 0 ? "loads" : strerror(-fd));
+	note(p, KF_CGROUP_SOCKOPT, fd >= 0, "a cgroup/setsockopt program: %s",
+	     fd >= 0 ? "loads" : strerror(-fd));
 	if (fd >= 0)
 		close(fd);
 	fd = libbpf_probe_bpf_prog_type(BPF_PROG_TYPE_SOCK_OPS, NULL);
-	note(p, KF_SOCK_OPS, fd > 0, "libbpf_probe_bpf_prog_type(sock_ops): %s", fd > 0 ? "yes" : fd ? strerror(-fd) : "no");
+	note(p, KF_SOCK_OPS, fd > 0, "libbpf_probe_bpf_prog_type(sock_ops): %s",
+	     fd > 0 ? "yes"
+	     : fd   ? strerror(-fd)
+		    : "no");
 }
 
 /* ---- real attempts, in a netns of the probe's own ---- */
@@ -261,13 +281,15 @@ static int lo_up(void)
 /* ztunnel's kind of listener: SO_REUSEPORT, on 127.0.0.1:port. */
 static int reuseport_listener(int port)
 {
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in sa = { .sin_family = AF_INET,
+				  .sin_port = htons(port),
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	int one = 1, err, fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
 	if (fd < 0)
 		return -errno;
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) ||
-	    listen(fd, 4)) {
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) ||
+	    bind(fd, (struct sockaddr *)&sa, sizeof(sa)) || listen(fd, 4)) {
 		err = -errno;
 		close(fd);
 		return err;
@@ -295,7 +317,9 @@ static int client_socket(void)
  * lo's ingress already. 1: yes, 0: refused, -errno: the attempt failed. */
 static int steer_to_reuseport_listener(void)
 {
-	struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(STEER_FROM), .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in to = { .sin_family = AF_INET,
+				  .sin_port = htons(STEER_FROM),
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	int listener = reuseport_listener(STEER_TO), client, ret;
 
 	if (listener < 0)
@@ -305,7 +329,9 @@ static int steer_to_reuseport_listener(void)
 		close(listener);
 		return client;
 	}
-	ret = connect(client, (struct sockaddr *)&to, sizeof(to)) == 0 ? 1 : errno == ECONNREFUSED ? 0 : -errno;
+	ret = connect(client, (struct sockaddr *)&to, sizeof(to)) == 0 ? 1
+	      : errno == ECONNREFUSED				       ? 0
+								       : -errno;
 	close(client);
 	close(listener);
 	return ret;
@@ -339,9 +365,10 @@ static void *probe_in_netns(void *arg)
 	 * attempt needs anyway (a tcx link's attach and detach each wait for RCU: one link, not two). */
 	prog = load_steer_prog();
 	if (prog < 0) {
-		note(p, KF_TCX, false, "the tc program (bpf_skc_lookup_tcp, bpf_sk_assign): %s", strerror(-prog));
-		note(p, KF_SK_ASSIGN_REUSEPORT, false, "the tc program (bpf_skc_lookup_tcp, bpf_sk_assign): %s",
+		note(p, KF_TCX, false, "the tc program (bpf_skc_lookup_tcp, bpf_sk_assign): %s",
 		     strerror(-prog));
+		note(p, KF_SK_ASSIGN_REUSEPORT, false,
+		     "the tc program (bpf_skc_lookup_tcp, bpf_sk_assign): %s", strerror(-prog));
 	} else {
 		link = bpf_link_create(prog, 1 /* lo */, AMB_BPF_TCX_INGRESS, NULL);
 		note(p, KF_TCX, link >= 0, "bpf_link_create(BPF_TCX_INGRESS) on lo of a throwaway netns: %s",
@@ -360,11 +387,13 @@ static void *probe_in_netns(void *arg)
 		}
 		steered = err ? err : steer_to_reuseport_listener();
 		if (steered < 0)
-			note(p, KF_SK_ASSIGN_REUSEPORT, false, "a SYN steered on lo of a throwaway netns (%s): %s",
+			note(p, KF_SK_ASSIGN_REUSEPORT, false,
+			     "a SYN steered on lo of a throwaway netns (%s): %s",
 			     link >= 0 ? "tcx" : "cls_bpf", strerror(-steered));
 		else
-			note(p, KF_SK_ASSIGN_REUSEPORT, steered, "a SYN steered by tc's bpf_sk_assign to an SO_REUSEPORT "
-								 "listener on lo of a throwaway netns: %s",
+			note(p, KF_SK_ASSIGN_REUSEPORT, steered,
+			     "a SYN steered by tc's bpf_sk_assign to an SO_REUSEPORT "
+			     "listener on lo of a throwaway netns: %s",
 			     steered ? "accepted" : "refused");
 		if (link >= 0)
 			close(link);
@@ -379,10 +408,12 @@ static void *probe_in_netns(void *arg)
 		netns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
 		link = sk_prog >= 0 && netns >= 0 ? bpf_link_create(sk_prog, netns, BPF_SK_LOOKUP, NULL) : -1;
 		if (link < 0) {
-			note(p, KF_SK_LOOKUP, false, "an sk_lookup link on a throwaway netns: %s", strerror(errno));
+			note(p, KF_SK_LOOKUP, false, "an sk_lookup link on a throwaway netns: %s",
+			     strerror(errno));
 		} else {
-			note(p, KF_SK_LOOKUP, true, "libbpf_probe_bpf_prog_type(sk_lookup), _helper(bpf_sk_assign), and "
-						    "an sk_lookup link on a throwaway netns");
+			note(p, KF_SK_LOOKUP, true,
+			     "libbpf_probe_bpf_prog_type(sk_lookup), _helper(bpf_sk_assign), and "
+			     "an sk_lookup link on a throwaway netns");
 			close(link);
 		}
 		if (netns >= 0)
@@ -416,9 +447,10 @@ void kernel_probe_run(struct kernel_probe *p)
 	}
 	if (np.result < 0) {
 		/* Not tried, so not known: taken as absent (the older kernels' modes), and said so. */
-		note(p, KF_TCX, false, "not tried: no throwaway netns with lo up to try it in (%s)", strerror(-np.result));
-		note(p, KF_SK_ASSIGN_REUSEPORT, false, "not tried: no throwaway netns with lo up to try it in (%s)",
+		note(p, KF_TCX, false, "not tried: no throwaway netns with lo up to try it in (%s)",
 		     strerror(-np.result));
+		note(p, KF_SK_ASSIGN_REUSEPORT, false,
+		     "not tried: no throwaway netns with lo up to try it in (%s)", strerror(-np.result));
 	}
 	p->elapsed_ms = now_ms() - start;
 }

@@ -348,7 +348,8 @@ static int route_match_cb(struct nlmsghdr *h, void *p)
 	return 0;
 }
 
-int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bool *exists, struct local_route *have)
+int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bool *exists,
+				 struct local_route *have)
 {
 	struct msg m;
 	struct rtmsg *rtm = msg_init(&m, RTM_GETROUTE, NLM_F_DUMP, sizeof(*rtm));

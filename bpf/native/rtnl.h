@@ -42,7 +42,8 @@ struct local_route {
 int rtnl_local_default_route_set(struct rtnl *nl, int family, uint32_t table, const struct local_route *want);
 int rtnl_local_default_route_del(struct rtnl *nl, int family, uint32_t table);
 /* Is it there, and its source and MTU (zeros if none). */
-int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bool *exists, struct local_route *have);
+int rtnl_local_default_route_get(struct rtnl *nl, int family, uint32_t table, bool *exists,
+				 struct local_route *have);
 
 /* net.ipv4.conf.<dev>.accept_local, through IFLA_AF_SPEC/IFLA_INET_CONF. */
 int rtnl_get_accept_local(struct rtnl *nl, int ifindex, uint32_t *value);

@@ -23,9 +23,15 @@
 static napi_value throw_errno(napi_env env, int err, const char *what)
 {
 	char msg[256];
-	const char *code = err == ENOENT ? "ENOENT" : err == ECONNREFUSED ? "ECONNREFUSED" : err == EPIPE ? "EPIPE"
-			 : err == ECONNRESET ? "ECONNRESET" : err == EMSGSIZE ? "EMSGSIZE" : err == EADDRINUSE ? "EADDRINUSE"
-			 : err == EACCES ? "EACCES" : err == EBADF ? "EBADF" : "ESYSTEM";
+	const char *code = err == ENOENT	 ? "ENOENT"
+			   : err == ECONNREFUSED ? "ECONNREFUSED"
+			   : err == EPIPE	 ? "EPIPE"
+			   : err == ECONNRESET	 ? "ECONNRESET"
+			   : err == EMSGSIZE	 ? "EMSGSIZE"
+			   : err == EADDRINUSE	 ? "EADDRINUSE"
+			   : err == EACCES	 ? "EACCES"
+			   : err == EBADF	 ? "EBADF"
+						 : "ESYSTEM";
 
 	snprintf(msg, sizeof(msg), "%s: %s", what, strerror(err));
 	napi_throw_error(env, code, msg);
@@ -246,7 +252,8 @@ static napi_value sp_recv(napi_env env, napi_callback_info info)
 		for (int i = 0; i < nfds; i++)
 			close(got[i]);
 		napi_throw_error(env, "ETRUNCATED",
-				 msg.msg_flags & MSG_TRUNC ? "datagram longer than the receive buffer" : "too many file descriptors");
+				 msg.msg_flags & MSG_TRUNC ? "datagram longer than the receive buffer"
+							   : "too many file descriptors");
 		return NULL;
 	}
 	napi_create_object(env, &out);
@@ -497,8 +504,8 @@ void seqpacket_register(napi_env env, napi_value exports)
 
 	napi_create_object(env, &sp);
 	napi_define_properties(env, sp, sizeof(fns) / sizeof(fns[0]), fns);
-	napi_define_class(env, "Watcher", NAPI_AUTO_LENGTH, watcher_new, NULL, sizeof(methods) / sizeof(methods[0]),
-			  methods, &watcher);
+	napi_define_class(env, "Watcher", NAPI_AUTO_LENGTH, watcher_new, NULL,
+			  sizeof(methods) / sizeof(methods[0]), methods, &watcher);
 	napi_set_named_property(env, sp, "Watcher", watcher);
 	napi_set_named_property(env, exports, "seqpacket", sp);
 }

@@ -44,8 +44,8 @@
 /* LRU maps are preallocated: sized for what is in flight on a node, not for every pod. */
 #define MAX_STEERED_SYNS 16384 /* SYNs between the tc decision and the socket lookup */
 #define MAX_PROBE_FLOWS 16384 /* node-opened connections to ambient pods at once */
-#define MAX_STRICT_FRAGMENTS 4096 /* fragmented datagrams strict mode let out, awaiting their later fragments */
-
+#define MAX_STRICT_FRAGMENTS \
+	4096 /* fragmented datagrams strict mode let out, awaiting their later fragments */
 
 struct pod_ip {
 	__u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
@@ -55,7 +55,8 @@ struct pod_ip {
 #define POD_F_BYPASS_INBOUND (1u << 0) /* ambient.istio.io/bypass-inbound-capture=true */
 #define POD_F_STRICT (1u << 1) /* drop what would escape ztunnel (UDP but DNS, other protocols) */
 #define POD_F_DNS_CAPTURED (1u << 2) /* DNS capture hooks hold the pod's cgroup: its DNS never leaves as is */
-#define POD_F_DNS_CAPTURE (1u << 3) /* asked: capture DNS at the pod's cgroup (POD_F_DNS_CAPTURED once hooked) */
+#define POD_F_DNS_CAPTURE \
+	(1u << 3) /* asked: capture DNS at the pod's cgroup (POD_F_DNS_CAPTURED once hooked) */
 
 struct pod_policy {
 	__u32 slot; /* index into pod_counters; 0 is the node-wide "no pod" slot */
@@ -146,7 +147,6 @@ enum attach_state {
 struct pod_meta_key {
 	char uid[POD_UID_LEN];
 };
-
 
 /* An extra interface whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces). */
 struct reroute_iface {

@@ -62,8 +62,8 @@ static __always_inline void offsets(const struct tcp_flow *f, struct rewrite_at 
 
 /* Rewrites the address at `off` from `from` to `to`, with the IPv4 header and TCP checksums
  * (the TCP one through the pseudo header, which also works for CHECKSUM_PARTIAL packets). */
-static __always_inline int rewrite(struct __sk_buff *skb, const struct tcp_flow *f, bool source, const struct pod_ip *from,
-				   const struct pod_ip *to)
+static __always_inline int rewrite(struct __sk_buff *skb, const struct tcp_flow *f, bool source,
+				   const struct pod_ip *from, const struct pod_ip *to)
 {
 	struct rewrite_at at;
 	__u32 off, tcp_csum;
@@ -87,8 +87,8 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct tcp_flow 
 }
 
 /* Ends a translation with its connection: after a reset, or on the last ACK once both sides sent FIN. */
-static __always_inline void track_close(const struct tcp_flow *f, struct probe_flow *key, struct probe_translation *t,
-					__u32 fin_bit)
+static __always_inline void track_close(const struct tcp_flow *f, struct probe_flow *key,
+					struct probe_translation *t, __u32 fin_bit)
 {
 	if (f->rst || (t->closing == (CLOSING_NODE_FIN | CLOSING_POD_FIN) && f->ack && !f->fin))
 		bpf_map_delete_elem(&probe_nat, key);

@@ -159,7 +159,8 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 		v4_mapped(&ip->saddr, h.saddr);
 		v4_mapped(&ip->daddr, h.daddr);
 		if (h.ihl < 5) {
-			ip->unwalkable = true; /* malformed: the stack drops it, and so do we if it says TCP */
+			ip->unwalkable =
+				true; /* malformed: the stack drops it, and so do we if it says TCP */
 			return;
 		}
 		ip->plain = h.ihl == 5;

@@ -217,7 +217,8 @@ enum assign_result {
 /* sk_lookup steering: records the decision for the pod netns's sk_lookup program
  * (listener_steering.bpf.c), which assigns the SYN to ztunnel's listener when the stack looks up
  * its socket. */
-static __always_inline enum assign_result steer_later(const struct tcp_flow *f, const struct pod_policy *p, __u16 port)
+static __always_inline enum assign_result steer_later(const struct tcp_flow *f, const struct pod_policy *p,
+						      __u16 port)
 {
 	struct listener_key target = {};
 	struct steer_key k = {};
@@ -301,7 +302,8 @@ static __always_inline bool same_prefix64(const struct ip_info *ip)
 }
 
 /* Is this non-TCP packet one strict mode lets out? Later fragments follow their first fragment. */
-static __always_inline bool strict_allows(struct __sk_buff *skb, const struct ip_info *ip, const struct pod_policy *p)
+static __always_inline bool strict_allows(struct __sk_buff *skb, const struct ip_info *ip,
+					  const struct pod_policy *p)
 {
 	struct strict_allow_key k = {};
 	struct frag_key fk = {};
@@ -372,7 +374,8 @@ int pod_egress(struct __sk_buff *skb)
 	case PKT_OTHER:
 		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC : strict_egress(skb, &f.ip);
 	default:
-		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC : drop_unclassified(policy_of_address(&f.ip.saddr));
+		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC
+						   : drop_unclassified(policy_of_address(&f.ip.saddr));
 	}
 	if (is_probe_or_loopback(&f, false)) {
 		if (f.bare_syn)

@@ -24,7 +24,11 @@ export function cgroup2Mount(hostRoot = '/', mountinfo = '/proc/self/mountinfo')
   }
   const underHost = hostRoot === '/' ? undefined : mounts.find((m) => m.startsWith(`${hostRoot.replace(/\/$/, '')}/`));
   const mount = underHost ?? mounts[0];
-  if (!mount) throw new CgroupError('ENOCGROUP2', 'no cgroup v2 mount (cgroup2) on this node: DNS capture and the ztunnel-sockets exemption need cgroup v2');
+  if (!mount)
+    throw new CgroupError(
+      'ENOCGROUP2',
+      'no cgroup v2 mount (cgroup2) on this node: DNS capture and the ztunnel-sockets exemption need cgroup v2',
+    );
   return mount;
 }
 

@@ -177,9 +177,22 @@ export class Datapath {
     const mode = options.mode ?? 'auto';
     if (!(mode in MODE_CODES)) throw new DatapathError('EINVALID', `unknown attach mode: ${String(mode)}`);
     const { POD_F_BYPASS_INBOUND, POD_F_STRICT, POD_F_DNS_CAPTURE } = addon().constants;
-    const flags = (pod.bypassInbound ? POD_F_BYPASS_INBOUND : 0) | (pod.strict ? POD_F_STRICT : 0) | (pod.dnsCapture === false ? 0 : POD_F_DNS_CAPTURE);
+    const flags =
+      (pod.bypassInbound ? POD_F_BYPASS_INBOUND : 0) |
+      (pod.strict ? POD_F_STRICT : 0) |
+      (pod.dnsCapture === false ? 0 : POD_F_DNS_CAPTURE);
     return call(() =>
-      addon().attach(this.live(), pod.uid, pod.netnsPath, pod.ips, MODE_CODES[mode], flags, pod.rerouteInterfaces ?? [], pod.podCgroup ?? '', pod.hostNetns ?? ''),
+      addon().attach(
+        this.live(),
+        pod.uid,
+        pod.netnsPath,
+        pod.ips,
+        MODE_CODES[mode],
+        flags,
+        pod.rerouteInterfaces ?? [],
+        pod.podCgroup ?? '',
+        pod.hostNetns ?? '',
+      ),
     );
   }
 
@@ -191,7 +204,9 @@ export class Datapath {
     const steering = settings.steering ?? 'sk-assign';
     if (!STEERINGS.includes(steering)) throw new DatapathError('EINVALID', `unknown steering: ${String(steering)}`);
     const { SETTING_MARK_ONLY_EXEMPTION, SETTING_SK_LOOKUP_STEERING } = addon().constants;
-    const flags = (settings.ztunnelExemption === 'mark' ? SETTING_MARK_ONLY_EXEMPTION : 0) | (steering === 'sk-lookup' ? SETTING_SK_LOOKUP_STEERING : 0);
+    const flags =
+      (settings.ztunnelExemption === 'mark' ? SETTING_MARK_ONLY_EXEMPTION : 0) |
+      (steering === 'sk-lookup' ? SETTING_SK_LOOKUP_STEERING : 0);
     const allow = settings.strictAllow.map((e): [number, number] => [e.protocol, e.port ?? 0]);
     return call(() => addon().configure(this.live(), flags, allow));
   }

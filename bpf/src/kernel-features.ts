@@ -5,7 +5,16 @@ import { addon } from './native.js';
 import { DatapathError, type AttachMode, type Steering } from './datapath.js';
 
 /** Every feature the probe answers, as it names them. */
-export const KERNEL_FEATURES = ['tcPrograms', 'tcx', 'skAssignReuseport', 'skLookup', 'netnsCookies', 'cgroupSockAddr', 'cgroupSockopt', 'sockOps'] as const;
+export const KERNEL_FEATURES = [
+  'tcPrograms',
+  'tcx',
+  'skAssignReuseport',
+  'skLookup',
+  'netnsCookies',
+  'cgroupSockAddr',
+  'cgroupSockopt',
+  'sockOps',
+] as const;
 export type KernelFeature = (typeof KERNEL_FEATURES)[number];
 
 /** Present (true) or not, per feature:
@@ -42,7 +51,12 @@ export async function probeKernel(): Promise<KernelProbe> {
 
 /** The probe with some results replaced (tests; what a feature's absence makes the agent do). */
 export function forceFeatures(probe: KernelProbe, forced: Partial<KernelFeatures>): KernelProbe {
-  const out: KernelProbe = { features: { ...probe.features }, detail: { ...probe.detail }, elapsedMs: probe.elapsedMs, forced: [...probe.forced] };
+  const out: KernelProbe = {
+    features: { ...probe.features },
+    detail: { ...probe.detail },
+    elapsedMs: probe.elapsedMs,
+    forced: [...probe.forced],
+  };
   for (const f of KERNEL_FEATURES) {
     const v = forced[f];
     if (v === undefined) continue;
@@ -66,18 +80,30 @@ export interface DatapathModes {
 
 /** The modes the features allow, honouring what was asked. An explicit ask the kernel cannot do is
  * an EKERNEL error (it would fail at every pod's attach otherwise). */
-export function chooseModes(features: KernelFeatures, asked: { attachMode: AttachMode; steering?: Steering | 'auto' | undefined }): DatapathModes {
-  if (!features.tcPrograms) throw new DatapathError('EKERNEL', 'the kernel lacks tc BPF programs with bpf_skc_lookup_tcp, bpf_sk_assign and bpf_redirect (Linux 5.7+)');
+export function chooseModes(
+  features: KernelFeatures,
+  asked: { attachMode: AttachMode; steering?: Steering | 'auto' | undefined },
+): DatapathModes {
+  if (!features.tcPrograms)
+    throw new DatapathError(
+      'EKERNEL',
+      'the kernel lacks tc BPF programs with bpf_skc_lookup_tcp, bpf_sk_assign and bpf_redirect (Linux 5.7+)',
+    );
   let attachMode: AttachMode;
   let hooks: 'tcx' | 'tc';
   let whyHooks: string;
   if (asked.attachMode === 'tc') {
     [attachMode, hooks, whyHooks] = ['tc', 'tc', 'asked (--attach-mode tc)'];
   } else if (asked.attachMode === 'tcx') {
-    if (!features.tcx) throw new DatapathError('EKERNEL', '--attach-mode tcx, but the kernel has no tcx links (probed); use auto or tc');
+    if (!features.tcx)
+      throw new DatapathError('EKERNEL', '--attach-mode tcx, but the kernel has no tcx links (probed); use auto or tc');
     [attachMode, hooks, whyHooks] = ['tcx', 'tcx', 'asked (--attach-mode tcx)'];
   } else if (features.tcx) {
-    [attachMode, hooks, whyHooks] = ['auto', 'tcx', 'the kernel has tcx links (probed): tc at enrolment, tcx once idle'];
+    [attachMode, hooks, whyHooks] = [
+      'auto',
+      'tcx',
+      'the kernel has tcx links (probed): tc at enrolment, tcx once idle',
+    ];
   } else {
     [attachMode, hooks, whyHooks] = ['tc', 'tc', 'the kernel has no tcx links (probed): clsact/cls_bpf hooks'];
   }
@@ -90,15 +116,25 @@ export function chooseModes(features: KernelFeatures, asked: { attachMode: Attac
   if (askedSteering === 'sk-assign') {
     [steering, whySteering] = ['sk-assign', 'asked (--steering sk-assign)'];
   } else if (askedSteering === 'sk-lookup') {
-    if (skLookupMissing.length > 0) throw new DatapathError('EKERNEL', `--steering sk-lookup, but the kernel lacks ${skLookupMissing.join(', ')} (probed)`);
+    if (skLookupMissing.length > 0)
+      throw new DatapathError(
+        'EKERNEL',
+        `--steering sk-lookup, but the kernel lacks ${skLookupMissing.join(', ')} (probed)`,
+      );
     [steering, whySteering] = ['sk-lookup', 'asked (--steering sk-lookup)'];
   } else if (features.skAssignReuseport) {
     [steering, whySteering] = ['sk-assign', "tc's bpf_sk_assign takes SO_REUSEPORT listeners (probed)"];
   } else if (skLookupMissing.length === 0) {
-    [steering, whySteering] = ['sk-lookup', "tc's bpf_sk_assign refuses SO_REUSEPORT listeners (probed): sk_lookup programs steer instead"];
+    [steering, whySteering] = [
+      'sk-lookup',
+      "tc's bpf_sk_assign refuses SO_REUSEPORT listeners (probed): sk_lookup programs steer instead",
+    ];
   } else {
     // Neither steers to ztunnel's SO_REUSEPORT listeners: sk-assign still serves listeners without it.
-    [steering, whySteering] = ['sk-assign', `tc's bpf_sk_assign refuses SO_REUSEPORT listeners and sk-lookup steering needs ${skLookupMissing.join(', ')} (probed): only listeners without SO_REUSEPORT can be reached`];
+    [steering, whySteering] = [
+      'sk-assign',
+      `tc's bpf_sk_assign refuses SO_REUSEPORT listeners and sk-lookup steering needs ${skLookupMissing.join(', ')} (probed): only listeners without SO_REUSEPORT can be reached`,
+    ];
   }
   return { attachMode, hooks, steering, why: { hooks: whyHooks, steering: whySteering } };
 }

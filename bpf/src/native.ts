@@ -141,7 +141,11 @@ export interface NativeAddon {
    * interfaces it had once subscribed. */
   netnsWatch(path: string): Promise<{ fd: number; ifindexes: number[] }>;
   /** The kernel feature probe (probe.c), keyed by KERNEL_FEATURES. */
-  probeKernel(): Promise<{ present: Record<KernelFeature, boolean>; detail: Record<KernelFeature, string>; elapsedMs: number }>;
+  probeKernel(): Promise<{
+    present: Record<KernelFeature, boolean>;
+    detail: Record<KernelFeature, string>;
+    elapsedMs: number;
+  }>;
   constants: {
     DATAPATH_LAYOUT: number;
     ZTUNNEL_OUTBOUND_PORT: number;

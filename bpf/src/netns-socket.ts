@@ -20,7 +20,8 @@ export async function listenInNetns(options: NetnsListenOptions): Promise<net.Se
   return serverOnFd(await addon().socket(listenOptions(options)));
 }
 
-const listenOptions = (options: NetnsListenOptions): NativeSocketOptions => socketOptions(options, { bind: true, listen: options.backlog ?? 511 });
+const listenOptions = (options: NetnsListenOptions): NativeSocketOptions =>
+  socketOptions(options, { bind: true, listen: options.backlog ?? 511 });
 
 /** A net.Server (with these options) on a listening socket made by socketsInNetns. */
 export async function serverOnFd(fd: number, options: net.ServerOpts = {}): Promise<net.Server> {
@@ -77,7 +78,16 @@ export async function connectFromNetns(options: NetnsConnectOptions): Promise<ne
 }
 
 function socketOptions(
-  o: { netns?: string | undefined; family?: 4 | 6 | undefined; address?: string | undefined; port: number; mark?: number | undefined; transparent?: boolean | undefined; reuseport?: boolean | undefined; v6only?: boolean | undefined },
+  o: {
+    netns?: string | undefined;
+    family?: 4 | 6 | undefined;
+    address?: string | undefined;
+    port: number;
+    mark?: number | undefined;
+    transparent?: boolean | undefined;
+    reuseport?: boolean | undefined;
+    v6only?: boolean | undefined;
+  },
   extra: { bind: boolean; listen?: number },
 ): NativeSocketOptions {
   const family = o.family ?? (o.address?.includes(':') ? 6 : 4);
@@ -108,7 +118,12 @@ export async function udpSocketInNetns(options: NetnsUdpOptions): Promise<number
 }
 
 function udpOptions(options: NetnsUdpOptions): NativeSocketOptions {
-  const o: NativeSocketOptions = { family: isIP(options.address) === 6 ? 6 : 4, type: 'udp', bindAddress: options.address, bindPort: options.port };
+  const o: NativeSocketOptions = {
+    family: isIP(options.address) === 6 ? 6 : 4,
+    type: 'udp',
+    bindAddress: options.address,
+    bindPort: options.port,
+  };
   if (options.netns !== undefined) o.netns = options.netns;
   if (options.mark !== undefined) o.mark = options.mark;
   return o;
@@ -119,7 +134,10 @@ export type NetnsSocketSpec = { listen: Omit<NetnsListenOptions, 'netns'> } | { 
 /** Up to 12 sockets made on one thread inside `netns` (one netns entry instead of one each, which
  * is most of the cost of a proxy's per-pod set-up); each succeeds or fails on its own: an fd (for
  * serverOnFd or dgram's bind({ fd })) or why not. Rejects only when the netns cannot be entered. */
-export function socketsInNetns(netns: string, specs: NetnsSocketSpec[]): Promise<({ fd: number } | { error: string })[]> {
+export function socketsInNetns(
+  netns: string,
+  specs: NetnsSocketSpec[],
+): Promise<({ fd: number } | { error: string })[]> {
   return addon().sockets(
     netns,
     specs.map((s) => ('listen' in s ? listenOptions(s.listen) : udpOptions(s.udp))),

@@ -33,7 +33,7 @@ export async function watchNetns(netnsPath: string, onChange: (reason?: string) 
   let known = new Set<number>();
   const relevant = (m: Buffer): boolean => {
     let changed = false;
-    for (let off = 0; off + NLMSG_HDRLEN <= m.length; ) {
+    for (let off = 0; off + NLMSG_HDRLEN <= m.length;) {
       const len = m.readUInt32LE(off);
       const type = m.readUInt16LE(off + 4);
       if (len < NLMSG_HDRLEN || off + len > m.length) return true; // cannot tell: look

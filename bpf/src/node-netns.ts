@@ -3,7 +3,14 @@
 import { addon } from './native.js';
 export { listenInNetns, connectFromNetns, udpSocketInNetns, socketsInNetns, serverOnFd } from './netns-socket.js';
 export type { NetnsListenOptions, NetnsConnectOptions, NetnsSocketSpec } from './netns-socket.js';
-export { SeqpacketServer, SeqpacketSocket, SeqpacketError, closeFd, dupFd, reserveFileDescriptors } from './seqpacket.js';
+export {
+  SeqpacketServer,
+  SeqpacketSocket,
+  SeqpacketError,
+  closeFd,
+  dupFd,
+  reserveFileDescriptors,
+} from './seqpacket.js';
 export type { PeerCredentials } from './seqpacket.js';
 
 /** The IPv4 and IPv6 addresses configured in a netns (any interface). */

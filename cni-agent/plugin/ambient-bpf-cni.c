@@ -42,7 +42,8 @@
 #define CNI_ERR_DECODE 6
 #define CNI_ERR_TRY_LATER 11
 
-static const char *const relayed_env[] = { "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH" };
+static const char *const relayed_env[] = { "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS",
+					   "CNI_IFNAME",  "CNI_ARGS",	     "CNI_PATH" };
 
 struct buf {
 	char *data;
@@ -131,8 +132,8 @@ static const char *skip_value(const char *p)
 		else if (depth == 0 && (*p == ',' || *p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
 			break;
 		p++;
-	} while (depth > 0 || (*p && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\n' && *p != '\r' &&
-			       *p != '\t'));
+	} while (depth > 0 || (*p && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\n' &&
+			       *p != '\r' && *p != '\t'));
 	return p;
 }
 
@@ -235,7 +236,8 @@ static struct decision decide(const char *policy_file)
 		snprintf(ns, sizeof(d.ns), "default");
 	f = fopen(policy_file, "re");
 	if (!f) {
-		snprintf(d.why, sizeof(d.why), "it may be ambient: no policy at %s (%s)", policy_file, strerror(errno));
+		snprintf(d.why, sizeof(d.why), "it may be ambient: no policy at %s (%s)", policy_file,
+			 strerror(errno));
 		return d;
 	}
 	while (fgets(line, sizeof(line), f)) {
@@ -266,7 +268,8 @@ static struct decision decide(const char *policy_file)
 	}
 	fclose(f);
 	if (!complete) {
-		snprintf(d.why, sizeof(d.why), "it may be ambient: the policy at %s is incomplete", policy_file);
+		snprintf(d.why, sizeof(d.why), "it may be ambient: the policy at %s is incomplete",
+			 policy_file);
 		return d;
 	}
 	if (strcmp(ns_mode, "excluded") == 0) {
@@ -279,10 +282,12 @@ static struct decision decide(const char *policy_file)
 	} else {
 		/* (a mode this build does not know fails too: the agent that wrote it knows better) */
 		snprintf(d.why, sizeof(d.why), "%s",
-			 !ns_mode[0]			   ? "it may be ambient: its namespace is not in the policy" :
-			 strcmp(ns_mode, "ambient") == 0 ? "its namespace is ambient" :
-			 strcmp(ns_mode, "held") == 0	   ? "it may be ambient: the agent holds pods it has not seen (--unseen-pods=hold)" :
-							     "it may be ambient: pods of its namespace opt in by label");
+			 !ns_mode[0] ? "it may be ambient: its namespace is not in the policy"
+			 : strcmp(ns_mode, "ambient") == 0 ? "its namespace is ambient"
+			 : strcmp(ns_mode, "held") == 0
+				 ? "it may be ambient: the agent holds pods it has not seen "
+				   "(--unseen-pods=hold)"
+				 : "it may be ambient: pods of its namespace opt in by label");
 	}
 	return d;
 }
@@ -299,7 +304,8 @@ static int agent_down(const char *command, const char *socket_path, const char *
 	d = decide(policy_file ? policy_file : DEFAULT_POLICY_FILE);
 	if (!d.start)
 		return cni_error(CNI_ERR_TRY_LATER,
-				 "pod %s/%s: %s, and the ambient-bpf agent is not reachable at %s (%s): check the ambient-bpf "
+				 "pod %s/%s: %s, and the ambient-bpf agent is not reachable at %s (%s): "
+				 "check the ambient-bpf "
 				 "DaemonSet pod on this node and its logs; the runtime retries",
 				 d.ns, d.name, d.why, socket_path, strerror(err));
 	if (!strcmp(command, "ADD")) {
@@ -365,7 +371,10 @@ int main(void)
 	while (fd >= 0 && (err = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ? errno : 0) == EINTR)
 		;
 	if (fd < 0 || err)
-		return agent_down(command, socket_path, in.data, fd < 0 ? errno : err == EAGAIN ? ETIMEDOUT : err);
+		return agent_down(command, socket_path, in.data,
+				  fd < 0	  ? errno
+				  : err == EAGAIN ? ETIMEDOUT
+						  : err);
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	hlen = (size_t)snprintf(header, sizeof(header), "AMBIENT-BPF-CNI 1\n");
@@ -373,7 +382,8 @@ int main(void)
 		const char *v = getenv(relayed_env[i]);
 
 		if (v && !strchr(v, '\n') && hlen < sizeof(header))
-			hlen += (size_t)snprintf(header + hlen, sizeof(header) - hlen, "%s=%s\n", relayed_env[i], v);
+			hlen += (size_t)snprintf(header + hlen, sizeof(header) - hlen, "%s=%s\n",
+						 relayed_env[i], v);
 	}
 	if (hlen + 1 >= sizeof(header))
 		return cni_error(4, "the CNI environment is too large");

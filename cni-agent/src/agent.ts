@@ -3,7 +3,26 @@
 // does during an upgrade): the next agent adopts the attachments; unless its DaemonSet is being
 // deleted (shutdown()), then it takes ambient-bpf off the node.
 import { join } from 'node:path';
-import { cgroup2Mount, cgroupDirectory, cgroupPathOfPid, chooseModes, Datapath, featureLabel, forceFeatures, KERNEL_FEATURES, probeKernel, type DatapathModes, type KernelFeatures, type KernelProbe, type Steering, type AttachMode, type DatapathCounters, type StrictAllowEntry, type ZtunnelExemption, watchNetns } from '../../bpf/src/index.js';
+import {
+  cgroup2Mount,
+  cgroupDirectory,
+  cgroupPathOfPid,
+  chooseModes,
+  Datapath,
+  featureLabel,
+  forceFeatures,
+  KERNEL_FEATURES,
+  probeKernel,
+  type DatapathModes,
+  type KernelFeatures,
+  type KernelProbe,
+  type Steering,
+  type AttachMode,
+  type DatapathCounters,
+  type StrictAllowEntry,
+  type ZtunnelExemption,
+  watchNetns,
+} from '../../bpf/src/index.js';
 import { reserveFileDescriptors, type PeerCredentials } from '../../bpf/src/node-netns.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
 import { ZdsServer } from '../../ztunnel-bridge/src/zds-server.js';
@@ -53,7 +72,9 @@ export interface AgentOptions {
   daemonSet?: { namespace: string; name: string; keepPodRedirection: boolean } | undefined;
   /** Which pods are ambient: enablement selectors, excluded namespaces, the system namespace
    * (where ztunnel and the agent run); unset parts are upstream's defaults (DEFAULT_POLICY). */
-  selection?: Partial<Pick<SelectionPolicy, 'enablementSelectors' | 'excludedNamespaces' | 'systemNamespace' | 'unseenPods'>> | undefined;
+  selection?:
+    | Partial<Pick<SelectionPolicy, 'enablementSelectors' | 'excludedNamespaces' | 'systemNamespace' | 'unseenPods'>>
+    | undefined;
   /** Repeats of a pod's Kubernetes Event are patched at most this often (default 60 s). */
   eventIntervalMs?: number | undefined;
   bpffs: string;
@@ -109,8 +130,15 @@ export class Agent {
   private verifyTimer: NodeJS.Timeout | undefined;
   private installer: CniInstaller | undefined;
   private synced = false;
-  private readonly enrollSeconds = new Histogram('ambient_bpf_enroll_duration_seconds', 'From the start of enrolling a pod to ztunnel’s ack.', [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
-  private readonly cniRequests = new Counter('ambient_bpf_cni_requests_total', 'CNI requests relayed by the plugin, by command and result (ok or the CNI error code).');
+  private readonly enrollSeconds = new Histogram(
+    'ambient_bpf_enroll_duration_seconds',
+    'From the start of enrolling a pod to ztunnel’s ack.',
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+  );
+  private readonly cniRequests = new Counter(
+    'ambient_bpf_cni_requests_total',
+    'CNI requests relayed by the plugin, by command and result (ok or the CNI error code).',
+  );
 
   private kernel: KernelProbe | undefined;
   private modes: DatapathModes | undefined;
@@ -147,11 +175,26 @@ export class Agent {
     const modes = chooseModes(kernel.features, { attachMode: this.opts.attachMode, steering: this.opts.steering });
     this.kernel = kernel;
     this.modes = modes;
-    log.info({ features: kernel.features, forced: kernel.forced, probeMs: Math.round(kernel.elapsedMs * 10) / 10 }, 'kernel features probed');
-    log.info({ hooks: modes.hooks, attachMode: modes.attachMode, why: modes.why.hooks }, `pods get ${modes.hooks} hooks`);
-    log.info({ steering: modes.steering, why: modes.why.steering }, modes.steering === 'sk-lookup' ? 'SYNs reach ztunnel through sk_lookup programs' : 'SYNs reach ztunnel through bpf_sk_assign');
+    log.info(
+      { features: kernel.features, forced: kernel.forced, probeMs: Math.round(kernel.elapsedMs * 10) / 10 },
+      'kernel features probed',
+    );
+    log.info(
+      { hooks: modes.hooks, attachMode: modes.attachMode, why: modes.why.hooks },
+      `pods get ${modes.hooks} hooks`,
+    );
+    log.info(
+      { steering: modes.steering, why: modes.why.steering },
+      modes.steering === 'sk-lookup'
+        ? 'SYNs reach ztunnel through sk_lookup programs'
+        : 'SYNs reach ztunnel through bpf_sk_assign',
+    );
     this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
-    await this.datapath.configure({ ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets', strictAllow: this.opts.strictAllow ?? [], steering: modes.steering });
+    await this.datapath.configure({
+      ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets',
+      strictAllow: this.opts.strictAllow ?? [],
+      steering: modes.steering,
+    });
     await this.collectGarbage();
     const onChange = (changes: SourceChange[], state: ClusterState): void => {
       log.debug({ changes: changes.length }, 'pod source changed');
@@ -165,10 +208,20 @@ export class Agent {
         file,
         nodeName: this.opts.nodeName,
         onChange,
-        onError: (err) => log.error({ file, error: err.message }, 'ignoring an edit that does not parse; the last good state stays in force'),
+        onError: (err) =>
+          log.error(
+            { file, error: err.message },
+            'ignoring an edit that does not parse; the last good state stays in force',
+          ),
       });
     } else {
-      const kube = new KubePodSource({ kubeconfig: this.opts.source.kubeconfig, nodeName: this.opts.nodeName, onChange, log, ...(this.opts.eventIntervalMs !== undefined ? { eventIntervalMs: this.opts.eventIntervalMs } : {}) });
+      const kube = new KubePodSource({
+        kubeconfig: this.opts.source.kubeconfig,
+        nodeName: this.opts.nodeName,
+        onChange,
+        log,
+        ...(this.opts.eventIntervalMs !== undefined ? { eventIntervalMs: this.opts.eventIntervalMs } : {}),
+      });
       this.source = kube;
       this.kube = kube;
       annotator = kube;
@@ -212,7 +265,12 @@ export class Agent {
     this.synced = true;
     if (this.opts.installCni) {
       // Last, as upstream: new pods only wait for an agent that can serve them.
-      this.installer = new CniInstaller({ ...this.opts.installCni, agentSocket: this.opts.pluginSocket, policyFile: this.opts.cniPolicyFile, log });
+      this.installer = new CniInstaller({
+        ...this.opts.installCni,
+        agentSocket: this.opts.pluginSocket,
+        policyFile: this.opts.cniPolicyFile,
+        log,
+      });
       this.installer.start();
     }
     this.gcTimer = setInterval(() => void this.collectGarbage(), GC_INTERVAL_MS);
@@ -318,9 +376,16 @@ export class Agent {
       try {
         client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
         leaving = await whyLeavingNode(client, ds.namespace, ds.name, this.opts.nodeName);
-        if (!leaving) log.info({ daemonSet: `${ds.namespace}/${ds.name}` }, 'the DaemonSet still runs on this node (an upgrade or a restart): leaving everything in place');
+        if (!leaving)
+          log.info(
+            { daemonSet: `${ds.namespace}/${ds.name}` },
+            'the DaemonSet still runs on this node (an upgrade or a restart): leaving everything in place',
+          );
       } catch (err) {
-        log.warn({ daemonSet: `${ds.namespace}/${ds.name}`, error: (err as Error).message }, 'cannot tell whether the DaemonSet is being deleted or leaves this node; leaving everything in place');
+        log.warn(
+          { daemonSet: `${ds.namespace}/${ds.name}`, error: (err as Error).message },
+          'cannot tell whether the DaemonSet is being deleted or leaves this node; leaving everything in place',
+        );
         leaving = undefined;
       }
       this.stop();
@@ -355,25 +420,46 @@ export class Agent {
     const reasons: string[] = [];
     if (!this.synced) reasons.push('pod source not synced');
     if (!this.zds) reasons.push('ZDS server not started');
-    if (this.opts.installCni && !this.installer?.entryInPlace) reasons.push('the CNI entry is not in the primary conflist');
+    if (this.opts.installCni && !this.installer?.entryInPlace)
+      reasons.push('the CNI entry is not in the primary conflist');
     return reasons;
   }
 
   async metrics(): Promise<string> {
     const status = this.status();
-    const byState = new Map<string, number>([['enabled', 0], ['pending', 0], ['failed', 0]]);
+    const byState = new Map<string, number>([
+      ['enabled', 0],
+      ['pending', 0],
+      ['failed', 0],
+    ]);
     for (const s of status) if (byState.has(s.state)) byState.set(s.state, byState.get(s.state)! + 1);
-    return [
-      await this.datapathMetrics(status),
-      this.kernelMetrics(),
-      samples('ambient_bpf_pods', 'Pods by enrollment state.', 'gauge', [...byState].map(([state, n]) => [{ state }, n])),
-      samples('ambient_bpf_ztunnel_connections', 'ztunnel connections past their hello.', 'gauge', [[{}, this.zds?.connectedCount ?? 0]]),
-      samples('ambient_bpf_reconcile_errors_total', 'Failed reconcile passes.', 'counter', [[{}, this.reconciler?.reconcileErrors ?? 0]]),
-      samples('ambient_bpf_drift_repairs_total', 'Redirections found changed behind the agent’s back and repaired.', 'counter', [[{}, this.reconciler?.driftRepairs ?? 0]]),
-      this.enrollSeconds.render(),
-      this.cniRequests.render(),
-      this.upstreamMetrics(),
-    ].join('\n') + '\n';
+    return (
+      [
+        await this.datapathMetrics(status),
+        this.kernelMetrics(),
+        samples(
+          'ambient_bpf_pods',
+          'Pods by enrollment state.',
+          'gauge',
+          [...byState].map(([state, n]) => [{ state }, n]),
+        ),
+        samples('ambient_bpf_ztunnel_connections', 'ztunnel connections past their hello.', 'gauge', [
+          [{}, this.zds?.connectedCount ?? 0],
+        ]),
+        samples('ambient_bpf_reconcile_errors_total', 'Failed reconcile passes.', 'counter', [
+          [{}, this.reconciler?.reconcileErrors ?? 0],
+        ]),
+        samples(
+          'ambient_bpf_drift_repairs_total',
+          'Redirections found changed behind the agent’s back and repaired.',
+          'counter',
+          [[{}, this.reconciler?.driftRepairs ?? 0]],
+        ),
+        this.enrollSeconds.render(),
+        this.cniRequests.render(),
+        this.upstreamMetrics(),
+      ].join('\n') + '\n'
+    );
   }
 
   /** Upstream istio-cni's node agent metrics, same names and meanings, so its dashboards and
@@ -382,11 +468,23 @@ export class Agent {
     const installer = this.installer;
     return [
       samples('ztunnel_connected', 'number of connections to ztunnel', 'gauge', [[{}, this.zds?.connectedCount ?? 0]]),
-      samples('nodeagent_reconcile_events_total', 'The total number of node agent reconcile events.', 'counter', Object.entries(this.reconciler?.podEvents ?? {}).map(([type, n]) => [{ type }, n])),
+      samples(
+        'nodeagent_reconcile_events_total',
+        'The total number of node agent reconcile events.',
+        'counter',
+        Object.entries(this.reconciler?.podEvents ?? {}).map(([type, n]) => [{ type }, n]),
+      ),
       ...(this.opts.installCni
         ? [
-            samples('istio_cni_install_ready', 'Whether the CNI plugin installation is ready or not', 'gauge', [[{}, installer?.entryInPlace ? 1 : 0]]),
-            samples('istio_cni_installs_total', 'Total number of CNI plugins installed by the Istio CNI installer', 'counter', [...(installer?.installs ?? [])].map(([result, n]) => [{ result }, n])),
+            samples('istio_cni_install_ready', 'Whether the CNI plugin installation is ready or not', 'gauge', [
+              [{}, installer?.entryInPlace ? 1 : 0],
+            ]),
+            samples(
+              'istio_cni_installs_total',
+              'Total number of CNI plugins installed by the Istio CNI installer',
+              'counter',
+              [...(installer?.installs ?? [])].map(([result, n]) => [{ result }, n]),
+            ),
           ]
         : []),
     ].join('\n');
@@ -397,8 +495,21 @@ export class Agent {
     if (!this.kernel || !this.modes) return '';
     const { features, forced } = this.kernel;
     return [
-      samples('ambient_bpf_kernel_feature', 'Kernel features the datapath uses, as probed at start (1 present, 0 not); forced="true": set by the agent\'s options, not probed.', 'gauge', KERNEL_FEATURES.map((f) => [{ feature: featureLabel(f), forced: String(forced.includes(f)) }, features[f] ? 1 : 0])),
-      samples('ambient_bpf_datapath_mode', 'The modes chosen from the kernel features (and the options): hooks tcx or tc, steering sk-assign or sk-lookup; always 1.', 'gauge', [[{ hooks: this.modes.hooks, attach_mode: this.modes.attachMode, steering: this.modes.steering }, 1]]),
+      samples(
+        'ambient_bpf_kernel_feature',
+        'Kernel features the datapath uses, as probed at start (1 present, 0 not); forced="true": set by the agent\'s options, not probed.',
+        'gauge',
+        KERNEL_FEATURES.map((f) => [
+          { feature: featureLabel(f), forced: String(forced.includes(f)) },
+          features[f] ? 1 : 0,
+        ]),
+      ),
+      samples(
+        'ambient_bpf_datapath_mode',
+        'The modes chosen from the kernel features (and the options): hooks tcx or tc, steering sk-assign or sk-lookup; always 1.',
+        'gauge',
+        [[{ hooks: this.modes.hooks, attach_mode: this.modes.attachMode, steering: this.modes.steering }, 1]],
+      ),
     ].join('\n');
   }
 
@@ -408,14 +519,20 @@ export class Agent {
     const names = new Map(status.map((s) => [s.uid, s]));
     const rows: [Record<string, string>, number][] = [];
     const add = (labels: Record<string, string>, c: DatapathCounters): void => {
-      for (const [name, value] of Object.entries(c) as [string, number][]) rows.push([{ ...labels, counter: name }, value]);
+      for (const [name, value] of Object.entries(c) as [string, number][])
+        rows.push([{ ...labels, counter: name }, value]);
     };
     for (const p of await this.datapath.list()) {
       const s = names.get(p.uid);
       add({ namespace: s?.namespace ?? '', pod: s?.name ?? '', uid: p.uid }, p.counters);
     }
     add({ namespace: '', pod: '', uid: '' }, this.datapath.nodeCounters());
-    return samples('ambient_bpf_datapath_events_total', 'What the BPF programs did, per pod (empty pod: not attributable to one): connections redirected, bypassed (and why), dropped; strictDropped, unclassifiedDropped and spoofedDropped count packets.', 'counter', rows);
+    return samples(
+      'ambient_bpf_datapath_events_total',
+      'What the BPF programs did, per pod (empty pod: not attributable to one): connections redirected, bypassed (and why), dropped; strictDropped, unclassifiedDropped and spoofedDropped count packets.',
+      'counter',
+      rows,
+    );
   }
 
   /** One verify pass after another, never two at once. */

@@ -20,7 +20,10 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
 /** "0.1.0 (commit 1a2b3c4...)", from what the build recorded (scripts/build-info.js). */
 function versionLine(): string {
   try {
-    const info = JSON.parse(readFileSync(new URL('../../build-info.json', import.meta.url), 'utf8')) as { version: string; commit: string };
+    const info = JSON.parse(readFileSync(new URL('../../build-info.json', import.meta.url), 'utf8')) as {
+      version: string;
+      commit: string;
+    };
     return `ambient-bpf ${info.version} (commit ${info.commit})`;
   } catch {
     return 'ambient-bpf (version unknown: dist/build-info.json is missing; run npm run build:ts)';
@@ -37,7 +40,12 @@ async function main(): Promise<void> {
   const named = args[0] !== undefined && Object.hasOwn(COMMANDS, args[0]) ? [args[0]] : Object.keys(COMMANDS);
   const commands = await Promise.all(named.map((name) => COMMANDS[name]!()));
   await commands
-    .reduce((y, command) => y.command(command), yargs(args).scriptName('ambient-bpf').usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.'))
+    .reduce(
+      (y, command) => y.command(command),
+      yargs(args)
+        .scriptName('ambient-bpf')
+        .usage('$0 <command> [options]\n\nIstio ambient in-pod redirection with BPF instead of iptables.'),
+    )
     .demandCommand(1, 'name a command')
     .strict()
     .help()

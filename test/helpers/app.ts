@@ -52,7 +52,11 @@ export class AppCgroup {
 
   /** Any command, started in this cgroup (so every socket it makes belongs to the cgroup). */
   spawn(cmd: string, args: string[], options: SpawnOptions = {}): ChildProcess {
-    return spawn('sh', ['-c', `echo $$ > ${join(this.path, 'cgroup.procs')} && exec "$@"`, 'sh', cmd, ...args], options);
+    return spawn(
+      'sh',
+      ['-c', `echo $$ > ${join(this.path, 'cgroup.procs')} && exec "$@"`, 'sh', cmd, ...args],
+      options,
+    );
   }
 
   remove(): void {

@@ -21,16 +21,27 @@ export interface PluginRun {
 
 /** Executes one plugin binary in `nodeNs` with the CNI environment and `config` on stdin.
  * `pluginDirs` are searched before CNI_PATH (a bin dir an installer wrote, a stand-in plugin). */
-export function execPlugin(nodeNs: string, type: string, env: Record<string, string>, stdin: string, pluginDirs: string[] = []): Promise<PluginRun> {
+export function execPlugin(
+  nodeNs: string,
+  type: string,
+  env: Record<string, string>,
+  stdin: string,
+  pluginDirs: string[] = [],
+): Promise<PluginRun> {
   const path = [...pluginDirs, CNI_PATH].join(':');
   const binary = path
     .split(':')
     .map((d) => `${d}/${type}`)
     .find((p) => existsSync(p));
   return new Promise((resolve) => {
-    const child = execFile('nsenter', [`--net=${Topology.netnsPath(nodeNs)}`, binary ?? type], { env: { PATH: process.env.PATH ?? '', CNI_PATH: path, ...env } }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
+    const child = execFile(
+      'nsenter',
+      [`--net=${Topology.netnsPath(nodeNs)}`, binary ?? type],
+      { env: { PATH: process.env.PATH ?? '', CNI_PATH: path, ...env } },
+      (err, stdout, stderr) => {
+        resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
+      },
+    );
     // A plugin may exit before reading its stdin (an error it can tell from the environment alone).
     child.stdin!.on('error', () => undefined);
     child.stdin!.end(stdin);
@@ -45,7 +56,12 @@ export interface Invocation {
 }
 
 /** Runs ADD over the chain; returns the last plugin's run (and each result along the way). */
-export async function chainAdd(nodeNs: string, list: Conflist, inv: Invocation, pluginDirs: string[] = []): Promise<{ last: PluginRun; results: unknown[] }> {
+export async function chainAdd(
+  nodeNs: string,
+  list: Conflist,
+  inv: Invocation,
+  pluginDirs: string[] = [],
+): Promise<{ last: PluginRun; results: unknown[] }> {
   let prevResult: unknown;
   const results: unknown[] = [];
   let last: PluginRun = { code: 0, stdout: '', stderr: '' };
@@ -59,7 +75,12 @@ export async function chainAdd(nodeNs: string, list: Conflist, inv: Invocation, 
   return { last, results };
 }
 
-export async function chainDel(nodeNs: string, list: Conflist, inv: Invocation, pluginDirs: string[] = []): Promise<PluginRun[]> {
+export async function chainDel(
+  nodeNs: string,
+  list: Conflist,
+  inv: Invocation,
+  pluginDirs: string[] = [],
+): Promise<PluginRun[]> {
   const runs: PluginRun[] = [];
   for (const plugin of [...list.plugins].reverse()) {
     const config = { cniVersion: list.cniVersion, name: list.name, ...plugin };

@@ -12,7 +12,18 @@
 // and mean those directories. /proc and /sys/fs/cgroup are the machine's (hostPID, cgroups).
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmdirSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -29,7 +40,12 @@ const run = promisify(execFile);
 const PROTO = fileURLToPath(new URL('../../../test/cri/runtime-v1-subset.proto', import.meta.url));
 export const MANIFESTS = fileURLToPath(new URL('../../../manifests/base', import.meta.url));
 
-type Call = (req: unknown, meta: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: unknown) => void) => void;
+type Call = (
+  req: unknown,
+  meta: grpc.Metadata,
+  opts: grpc.CallOptions,
+  cb: (err: grpc.ServiceError | null, res: unknown) => void,
+) => void;
 
 /** The runtime service of a CRI socket (runtime.v1). */
 export class CriClient {
@@ -37,13 +53,24 @@ export class CriClient {
 
   constructor(socket: string) {
     const def = protoLoader.loadSync(PROTO, { keepCase: true, longs: Number, enums: String, defaults: true });
-    const pkg = grpc.loadPackageDefinition(def) as unknown as { runtime: { v1: { RuntimeService: grpc.ServiceClientConstructor } } };
-    this.client = new pkg.runtime.v1.RuntimeService(`unix://${socket}`, grpc.credentials.createInsecure()) as unknown as grpc.Client & Record<string, Call>;
+    const pkg = grpc.loadPackageDefinition(def) as unknown as {
+      runtime: { v1: { RuntimeService: grpc.ServiceClientConstructor } };
+    };
+    this.client = new pkg.runtime.v1.RuntimeService(
+      `unix://${socket}`,
+      grpc.credentials.createInsecure(),
+    ) as unknown as grpc.Client & Record<string, Call>;
   }
 
   call<T = Record<string, unknown>>(method: string, req: unknown, timeoutMs = 120_000): Promise<T> {
     return new Promise((resolve, reject) => {
-      this.client[method]!.call(this.client, req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(new Error(`CRI ${method}: ${err.details || err.message}`)) : resolve(res as T)));
+      this.client[method]!.call(
+        this.client,
+        req,
+        new grpc.Metadata(),
+        { deadline: Date.now() + timeoutMs },
+        (err, res) => (err ? reject(new Error(`CRI ${method}: ${err.details || err.message}`)) : resolve(res as T)),
+      );
     });
   }
 
@@ -76,7 +103,13 @@ function removeCgroupTree(path: string): void {
 
 /** Test cgroups under any hierarchy (v1 or v2) left behind. */
 export function leftoverCgroupsAnyHierarchy(): string[] {
-  return cgroupHierarchies().flatMap((h) => (existsSync(h) ? readdirSync(h).filter((n) => n.startsWith(`${TEST_PREFIX}-`)).map((n) => join(h, n)) : []));
+  return cgroupHierarchies().flatMap((h) =>
+    existsSync(h)
+      ? readdirSync(h)
+          .filter((n) => n.startsWith(`${TEST_PREFIX}-`))
+          .map((n) => join(h, n))
+      : [],
+  );
 }
 
 /** The test's containerd: its node network namespace, its mount namespace, its CRI socket. */
@@ -109,9 +142,23 @@ export class ContainerdNode {
   }
 
   async start(): Promise<void> {
-    for (const d of ['run/netns', 'opt/cni/bin', 'cni-conf', 'etc-up', 'etc-work', 'varlib-up', 'varlib-work', 'root', 'state', 'pods', 'logs']) mkdirSync(join(this.dir, d), { recursive: true });
+    for (const d of [
+      'run/netns',
+      'opt/cni/bin',
+      'cni-conf',
+      'etc-up',
+      'etc-work',
+      'varlib-up',
+      'varlib-work',
+      'root',
+      'state',
+      'pods',
+      'logs',
+    ])
+      mkdirSync(join(this.dir, d), { recursive: true });
     mkdirSync(this.bpffs);
-    for (const plugin of ['bridge', 'host-local', 'loopback']) await run('cp', [`/usr/lib/cni/${plugin}`, join(this.dir, 'opt/cni/bin/')]);
+    for (const plugin of ['bridge', 'host-local', 'loopback'])
+      await run('cp', [`/usr/lib/cni/${plugin}`, join(this.dir, 'opt/cni/bin/')]);
     await run('ip', ['netns', 'add', this.netnsName]);
     await run('ip', ['-n', this.netnsName, 'link', 'set', 'lo', 'up']);
     writeFileSync(join(this.dir, 'containerd.toml'), this.config());
@@ -132,7 +179,11 @@ export class ContainerdNode {
       `exec containerd --config ${d}/containerd.toml`,
     ].join('\n');
     const log = openSync(join(this.dir, 'containerd.log'), 'a');
-    const proc = spawn('nsenter', [`--net=${this.netnsPath}`, 'unshare', '--mount', '--propagation', 'private', 'sh', '-c', script], { stdio: ['ignore', log, log] });
+    const proc = spawn(
+      'nsenter',
+      [`--net=${this.netnsPath}`, 'unshare', '--mount', '--propagation', 'private', 'sh', '-c', script],
+      { stdio: ['ignore', log, log] },
+    );
     closeSync(log);
     this.proc = proc;
     this.exited = new Promise((resolve) => proc.once('exit', () => resolve()));
@@ -187,9 +238,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-${process.env.ABT_RUNC_BINARY ? `      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+${
+  process.env.ABT_RUNC_BINARY
+    ? `      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         BinaryName = "${process.env.ABT_RUNC_BINARY}"
-` : ''}`;
+`
+    : ''
+}`;
   }
 
   /** `ctr` against this containerd, in Kubernetes' namespace. */
@@ -291,7 +346,10 @@ export interface K8sContainer {
   livenessProbe?: { httpGet?: { path: string; port: number | string } };
 }
 /** A Kubernetes seccomp or AppArmor profile as CRI's SecurityProfile. */
-function securityProfile(p: { type: string; localhostProfile?: string } | undefined): { profile_type: string; localhost_ref: string } {
+function securityProfile(p: { type: string; localhostProfile?: string } | undefined): {
+  profile_type: string;
+  localhost_ref: string;
+} {
   const type = p?.type === 'RuntimeDefault' ? 'RuntimeDefault' : p?.type === 'Localhost' ? 'Localhost' : 'Unconfined';
   return { profile_type: type, localhost_ref: p?.localhostProfile ?? '' };
 }
@@ -307,7 +365,13 @@ export interface K8sPodSpec {
   securityContext?: { seccompProfile?: { type: string } };
 }
 export interface K8sPod {
-  metadata: { name: string; namespace: string; labels?: Record<string, string>; annotations?: Record<string, string>; uid?: string };
+  metadata: {
+    name: string;
+    namespace: string;
+    labels?: Record<string, string>;
+    annotations?: Record<string, string>;
+    uid?: string;
+  };
   spec: K8sPodSpec;
 }
 
@@ -318,8 +382,18 @@ export function loadManifest(file: string): Obj[] {
 
 /** The pod the DaemonSet makes on a node (its template, named as a DaemonSet's pods are). */
 export function daemonSetPod(file: string, namespace: string): K8sPod {
-  const ds = loadManifest(file).find((o) => o.kind === 'DaemonSet') as { metadata: { name: string }; spec: { template: { metadata: { labels: Record<string, string> }; spec: K8sPodSpec } } };
-  return { metadata: { name: `${ds.metadata.name}-${uniqueSuffix().slice(0, 5)}`, namespace, labels: ds.spec.template.metadata.labels }, spec: structuredClone(ds.spec.template.spec) };
+  const ds = loadManifest(file).find((o) => o.kind === 'DaemonSet') as {
+    metadata: { name: string };
+    spec: { template: { metadata: { labels: Record<string, string> }; spec: K8sPodSpec } };
+  };
+  return {
+    metadata: {
+      name: `${ds.metadata.name}-${uniqueSuffix().slice(0, 5)}`,
+      namespace,
+      labels: ds.spec.template.metadata.labels,
+    },
+    spec: structuredClone(ds.spec.template.spec),
+  };
 }
 
 /** Kubernetes quantities kubelet turns into cgroup settings. */
@@ -336,7 +410,19 @@ function milliCpu(q: string | undefined): number {
 }
 
 /** kubelet's masked and read-only /proc and /sys paths for unprivileged containers. */
-const DEFAULT_MASKED_PATHS = ['/proc/asound', '/proc/acpi', '/proc/kcore', '/proc/keys', '/proc/latency_stats', '/proc/timer_list', '/proc/timer_stats', '/proc/sched_debug', '/proc/scsi', '/sys/firmware', '/sys/devices/virtual/powercap'];
+const DEFAULT_MASKED_PATHS = [
+  '/proc/asound',
+  '/proc/acpi',
+  '/proc/kcore',
+  '/proc/keys',
+  '/proc/latency_stats',
+  '/proc/timer_list',
+  '/proc/timer_stats',
+  '/proc/sched_debug',
+  '/proc/scsi',
+  '/sys/firmware',
+  '/sys/devices/virtual/powercap',
+];
 const DEFAULT_READONLY_PATHS = ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'];
 
 /** Docker's short image names, as kubelet and containerd resolve them. */
@@ -366,7 +452,9 @@ export type QosClass = 'Guaranteed' | 'Burstable' | 'BestEffort';
 export function qosClass(spec: K8sPodSpec): QosClass {
   const res = spec.containers.map((c) => ({ r: c.resources?.requests ?? {}, l: c.resources?.limits ?? {} }));
   if (!res.some(({ r, l }) => r.cpu || r.memory || l.cpu || l.memory)) return 'BestEffort';
-  const guaranteed = res.every(({ r, l }) => l.cpu && l.memory && (!r.cpu || r.cpu === l.cpu) && (!r.memory || r.memory === l.memory));
+  const guaranteed = res.every(
+    ({ r, l }) => l.cpu && l.memory && (!r.cpu || r.cpu === l.cpu) && (!r.memory || r.memory === l.memory),
+  );
   return guaranteed ? 'Guaranteed' : 'Burstable';
 }
 
@@ -375,7 +463,9 @@ export function podCgroupPath(root: string, uid: string, qos: QosClass, driver: 
   const q = qos.toLowerCase();
   if (driver === 'cgroupfs') return qos === 'Guaranteed' ? `${root}/pod${uid}` : `${root}/${q}/pod${uid}`;
   const u = uid.replace(/-/g, '_');
-  return qos === 'Guaranteed' ? `${root}/kubepods.slice/kubepods-pod${u}.slice` : `${root}/kubepods.slice/kubepods-${q}.slice/kubepods-${q}-pod${u}.slice`;
+  return qos === 'Guaranteed'
+    ? `${root}/kubepods.slice/kubepods-pod${u}.slice`
+    : `${root}/kubepods.slice/kubepods-${q}.slice/kubepods-${q}-pod${u}.slice`;
 }
 
 export interface KubeletOptions {
@@ -417,13 +507,22 @@ export class Kubelet {
     env.set('KUBERNETES_SERVICE_HOST', this.o.serviceHost);
     env.set('KUBERNETES_SERVICE_PORT', String(this.o.servicePort));
     for (const from of c.envFrom ?? []) {
-      if (from.configMapRef) for (const [k, v] of Object.entries(this.configMap(from.configMapRef.name, pod.metadata.namespace))) env.set(k, String(v));
+      if (from.configMapRef)
+        for (const [k, v] of Object.entries(this.configMap(from.configMapRef.name, pod.metadata.namespace)))
+          env.set(k, String(v));
     }
     for (const e of c.env ?? []) {
       if (e.value !== undefined) env.set(e.name, expand(e.value, env));
       else if (e.valueFrom?.fieldRef) {
         const field = e.valueFrom.fieldRef.fieldPath;
-        const value = { 'spec.nodeName': this.o.nodeName, 'metadata.name': pod.metadata.name, 'metadata.namespace': pod.metadata.namespace, 'metadata.uid': pod.metadata.uid ?? '', 'status.podIP': ips[0] ?? '', 'spec.serviceAccountName': pod.spec.serviceAccountName ?? 'default' }[field];
+        const value = {
+          'spec.nodeName': this.o.nodeName,
+          'metadata.name': pod.metadata.name,
+          'metadata.namespace': pod.metadata.namespace,
+          'metadata.uid': pod.metadata.uid ?? '',
+          'status.podIP': ips[0] ?? '',
+          'spec.serviceAccountName': pod.spec.serviceAccountName ?? 'default',
+        }[field];
         if (value === undefined) throw new Error(`fieldRef ${field} is not supported by the test kubelet`);
         env.set(e.name, value);
       } else throw new Error(`env ${e.name}: only value and fieldRef are supported by the test kubelet`);
@@ -450,7 +549,12 @@ export class Kubelet {
       metadata: { name: pod.metadata.name, namespace: pod.metadata.namespace, uid, attempt: 0 },
       hostname: spec.hostNetwork ? '' : pod.metadata.name,
       log_directory: join(podDir, 'logs'),
-      labels: { ...(pod.metadata.labels ?? {}), 'io.kubernetes.pod.name': pod.metadata.name, 'io.kubernetes.pod.namespace': pod.metadata.namespace, 'io.kubernetes.pod.uid': uid },
+      labels: {
+        ...(pod.metadata.labels ?? {}),
+        'io.kubernetes.pod.name': pod.metadata.name,
+        'io.kubernetes.pod.namespace': pod.metadata.namespace,
+        'io.kubernetes.pod.uid': uid,
+      },
       annotations: pod.metadata.annotations ?? {},
       linux: {
         // containerd takes a parent ending in .slice for its systemd driver's unit name, which
@@ -459,7 +563,10 @@ export class Kubelet {
         security_context: {
           namespace_options: nsMode,
           privileged: spec.containers.some((c) => c.securityContext?.privileged === true),
-          seccomp: { profile_type: spec.securityContext?.seccompProfile?.type === 'RuntimeDefault' ? 'RuntimeDefault' : 'Unconfined' },
+          seccomp: {
+            profile_type:
+              spec.securityContext?.seccompProfile?.type === 'RuntimeDefault' ? 'RuntimeDefault' : 'Unconfined',
+          },
         },
       },
     };
@@ -467,7 +574,12 @@ export class Kubelet {
   }
 
   private apiPod(pod: K8sPod) {
-    return { apiVersion: 'v1', kind: 'Pod', metadata: { ...pod.metadata }, spec: { ...pod.spec, nodeName: this.o.nodeName } };
+    return {
+      apiVersion: 'v1',
+      kind: 'Pod',
+      metadata: { ...pod.metadata },
+      spec: { ...pod.spec, nodeName: this.o.nodeName },
+    };
   }
 
   /** Runs a pod: its API object (as scheduled to this node), the sandbox (CNI ADD), its
@@ -479,7 +591,9 @@ export class Kubelet {
     let pod_sandbox_id = '';
     for (let attempt = 0; ; attempt++) {
       try {
-        ({ pod_sandbox_id } = await this.o.node.cri.call<{ pod_sandbox_id: string }>('RunPodSandbox', { config: sandboxConfig }));
+        ({ pod_sandbox_id } = await this.o.node.cri.call<{ pod_sandbox_id: string }>('RunPodSandbox', {
+          config: sandboxConfig,
+        }));
         break;
       } catch (err) {
         this.sandboxFailures.push(`${pod.metadata.namespace}/${pod.metadata.name}: ${(err as Error).message}`);
@@ -487,12 +601,21 @@ export class Kubelet {
         await sleep(Math.min(500 * 2 ** attempt, 4000));
       }
     }
-    const status = await this.o.node.cri.call<{ status: { network: { ip: string; additional_ips: { ip: string }[] } | null } }>('PodSandboxStatus', { pod_sandbox_id });
-    const ips = spec.hostNetwork ? [] : [status.status.network?.ip, ...(status.status.network?.additional_ips ?? []).map((a) => a.ip)].filter((ip): ip is string => !!ip);
+    const status = await this.o.node.cri.call<{
+      status: { network: { ip: string; additional_ips: { ip: string }[] } | null };
+    }>('PodSandboxStatus', { pod_sandbox_id });
+    const ips = spec.hostNetwork
+      ? []
+      : [status.status.network?.ip, ...(status.status.network?.additional_ips ?? []).map((a) => a.ip)].filter(
+          (ip): ip is string => !!ip,
+        );
     const running: RunningPod = { pod, uid, sandboxId: pod_sandbox_id, sandboxConfig, ips, containers: new Map() };
     this.pods.push(running);
     for (const c of spec.containers) await this.startContainer(running, c.name);
-    this.o.api.upsert('pods', { ...this.apiPod(pod), status: { phase: 'Running', ...(ips.length ? { podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } : {}) } });
+    this.o.api.upsert('pods', {
+      ...this.apiPod(pod),
+      status: { phase: 'Running', ...(ips.length ? { podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } : {}) },
+    });
     return running;
   }
 
@@ -514,13 +637,19 @@ export class Kubelet {
         hostPath = vol.hostPath.path;
         const type = vol.hostPath.type ?? '';
         if (type === 'DirectoryOrCreate') await this.o.node.nodeExec(['mkdir', '-p', hostPath]);
-        else if (type === 'Directory') await this.o.node.nodeExec(['test', '-d', hostPath]).catch(() => Promise.reject(new Error(`hostPath ${hostPath} is not a directory on the node`)));
+        else if (type === 'Directory')
+          await this.o.node
+            .nodeExec(['test', '-d', hostPath])
+            .catch(() => Promise.reject(new Error(`hostPath ${hostPath} is not a directory on the node`)));
         else if (type !== '') throw new Error(`hostPath type ${type} is not supported by the test kubelet`);
       } else if (vol.emptyDir) {
         hostPath = join(podDir, 'volumes', vol.name);
         mkdirSync(hostPath, { recursive: true });
       } else throw new Error(`volume ${vol.name}: only hostPath and emptyDir are supported by the test kubelet`);
-      const propagation = { HostToContainer: 'PROPAGATION_HOST_TO_CONTAINER', Bidirectional: 'PROPAGATION_BIDIRECTIONAL' }[vm.mountPropagation ?? ''] ?? 'PROPAGATION_PRIVATE';
+      const propagation =
+        { HostToContainer: 'PROPAGATION_HOST_TO_CONTAINER', Bidirectional: 'PROPAGATION_BIDIRECTIONAL' }[
+          vm.mountPropagation ?? ''
+        ] ?? 'PROPAGATION_PRIVATE';
       mounts.push({ container_path: vm.mountPath, host_path: hostPath, readonly: vm.readOnly === true, propagation });
     }
     if (spec.automountServiceAccountToken !== false) {
@@ -541,7 +670,12 @@ export class Kubelet {
       args: (c.args ?? []).map((s) => expand(s, env)),
       envs: [...env].map(([key, value]) => ({ key, value })),
       mounts,
-      labels: { 'io.kubernetes.container.name': name, 'io.kubernetes.pod.name': pod.metadata.name, 'io.kubernetes.pod.namespace': pod.metadata.namespace, 'io.kubernetes.pod.uid': rp.uid },
+      labels: {
+        'io.kubernetes.container.name': name,
+        'io.kubernetes.pod.name': pod.metadata.name,
+        'io.kubernetes.pod.namespace': pod.metadata.namespace,
+        'io.kubernetes.pod.uid': rp.uid,
+      },
       log_path: `${name}/${attempt}.log`,
       linux: {
         resources: {
@@ -551,9 +685,13 @@ export class Kubelet {
           memory_limit_in_bytes: bytes(limits.memory),
         },
         security_context: {
-          capabilities: { add_capabilities: sc.capabilities?.add ?? [], drop_capabilities: sc.capabilities?.drop ?? [] },
+          capabilities: {
+            add_capabilities: sc.capabilities?.add ?? [],
+            drop_capabilities: sc.capabilities?.drop ?? [],
+          },
           privileged: sc.privileged === true,
-          namespace_options: (rp.sandboxConfig.linux as { security_context: { namespace_options: Obj } }).security_context.namespace_options,
+          namespace_options: (rp.sandboxConfig.linux as { security_context: { namespace_options: Obj } })
+            .security_context.namespace_options,
           ...(sc.runAsUser !== undefined ? { run_as_user: { value: sc.runAsUser } } : {}),
           readonly_rootfs: sc.readOnlyRootFilesystem === true,
           no_new_privs: sc.allowPrivilegeEscalation === false,
@@ -562,12 +700,35 @@ export class Kubelet {
           seccomp: securityProfile(sc.seccompProfile),
           // As kubelet passes them (the runtime ignores what its host does not enforce: this
           // test's containerd runs with AppArmor off, and the host has no SELinux).
-          ...(sc.appArmorProfile ? { apparmor: securityProfile(sc.appArmorProfile), apparmor_profile: sc.appArmorProfile.type === 'Unconfined' ? 'unconfined' : sc.appArmorProfile.type === 'Localhost' ? `localhost/${sc.appArmorProfile.localhostProfile ?? ''}` : 'runtime/default' } : {}),
-          ...(sc.seLinuxOptions ? { selinux_options: { user: sc.seLinuxOptions.user ?? '', role: sc.seLinuxOptions.role ?? '', type: sc.seLinuxOptions.type ?? '', level: sc.seLinuxOptions.level ?? '' } } : {}),
+          ...(sc.appArmorProfile
+            ? {
+                apparmor: securityProfile(sc.appArmorProfile),
+                apparmor_profile:
+                  sc.appArmorProfile.type === 'Unconfined'
+                    ? 'unconfined'
+                    : sc.appArmorProfile.type === 'Localhost'
+                      ? `localhost/${sc.appArmorProfile.localhostProfile ?? ''}`
+                      : 'runtime/default',
+              }
+            : {}),
+          ...(sc.seLinuxOptions
+            ? {
+                selinux_options: {
+                  user: sc.seLinuxOptions.user ?? '',
+                  role: sc.seLinuxOptions.role ?? '',
+                  type: sc.seLinuxOptions.type ?? '',
+                  level: sc.seLinuxOptions.level ?? '',
+                },
+              }
+            : {}),
         },
       },
     };
-    const { container_id } = await this.o.node.cri.call<{ container_id: string }>('CreateContainer', { pod_sandbox_id: rp.sandboxId, config, sandbox_config: rp.sandboxConfig });
+    const { container_id } = await this.o.node.cri.call<{ container_id: string }>('CreateContainer', {
+      pod_sandbox_id: rp.sandboxId,
+      config,
+      sandbox_config: rp.sandboxConfig,
+    });
     await this.o.node.cri.call('StartContainer', { container_id });
     rp.containers.set(name, { id: container_id, attempt });
     return container_id;
@@ -599,18 +760,28 @@ export class Kubelet {
       sock.on('end', () => resolve(text));
       sock.on('error', reject);
       sock.setTimeout(3000, () => sock.destroy(new Error(`GET ${path} timed out`)));
-      sock.write(`GET ${path} HTTP/1.1\r\nHost: ${host.includes(':') ? `[${host}]` : host}:${port}\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n`);
+      sock.write(
+        `GET ${path} HTTP/1.1\r\nHost: ${host.includes(':') ? `[${host}]` : host}:${port}\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n`,
+      );
     });
     const split = answer.indexOf('\r\n\r\n');
-    return { status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(answer)?.[1] ?? 0), body: split < 0 ? '' : answer.slice(split + 4) };
+    return {
+      status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(answer)?.[1] ?? 0),
+      body: split < 0 ? '' : answer.slice(split + 4),
+    };
   }
 
   /** Stops a container as kubelet does on a rolling update (SIGTERM, then SIGKILL after the pod's
    * grace period) and removes it; its exit code. */
   async stopContainer(rp: RunningPod, name: string): Promise<number> {
     const id = rp.containers.get(name)!.id;
-    await this.o.node.cri.call('StopContainer', { container_id: id, timeout: rp.pod.spec.terminationGracePeriodSeconds ?? 30 });
-    const { status } = await this.o.node.cri.call<{ status: { exit_code: number } }>('ContainerStatus', { container_id: id });
+    await this.o.node.cri.call('StopContainer', {
+      container_id: id,
+      timeout: rp.pod.spec.terminationGracePeriodSeconds ?? 30,
+    });
+    const { status } = await this.o.node.cri.call<{ status: { exit_code: number } }>('ContainerStatus', {
+      container_id: id,
+    });
     await this.o.node.cri.call('RemoveContainer', { container_id: id });
     return status.exit_code;
   }
@@ -622,8 +793,13 @@ export class Kubelet {
     await this.o.node.cri.call('RemoveContainer', { container_id: id });
   }
 
-  async containerState(rp: RunningPod, name: string): Promise<{ state: string; exit_code: number; reason: string; log_path: string }> {
-    const { status } = await this.o.node.cri.call<{ status: { state: string; exit_code: number; reason: string; log_path: string } }>('ContainerStatus', { container_id: rp.containers.get(name)!.id });
+  async containerState(
+    rp: RunningPod,
+    name: string,
+  ): Promise<{ state: string; exit_code: number; reason: string; log_path: string }> {
+    const { status } = await this.o.node.cri.call<{
+      status: { state: string; exit_code: number; reason: string; log_path: string };
+    }>('ContainerStatus', { container_id: rp.containers.get(name)!.id });
     return status;
   }
 
@@ -638,7 +814,11 @@ export class Kubelet {
   }
 
   async exec(rp: RunningPod, name: string, cmd: string[], timeoutS = 10): Promise<ExecResult> {
-    const r = await this.o.node.cri.call<{ stdout: Buffer; stderr: Buffer; exit_code: number }>('ExecSync', { container_id: rp.containers.get(name)!.id, cmd, timeout: timeoutS }, (timeoutS + 10) * 1000);
+    const r = await this.o.node.cri.call<{ stdout: Buffer; stderr: Buffer; exit_code: number }>(
+      'ExecSync',
+      { container_id: rp.containers.get(name)!.id, cmd, timeout: timeoutS },
+      (timeoutS + 10) * 1000,
+    );
     return { stdout: r.stdout.toString(), stderr: r.stderr.toString(), exit_code: r.exit_code };
   }
 
@@ -668,5 +848,7 @@ export class Kubelet {
 
 /** kubelet's $(VAR) expansion in command, args and env values ($$ escapes). */
 export function expand(text: string, env: Map<string, string>): string {
-  return text.replace(/\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (m, name: string | undefined) => (m === '$$' ? '$' : name !== undefined && env.has(name) ? env.get(name)! : m));
+  return text.replace(/\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (m, name: string | undefined) =>
+    m === '$$' ? '$' : name !== undefined && env.has(name) ? env.get(name)! : m,
+  );
 }

@@ -35,7 +35,8 @@ export function missingRuntime(): string | undefined {
       return `${tool} is not installed (scripts/setup.sh installs it)`;
     }
   }
-  if (!existsSync('/bin/busybox') || !existsSync('/usr/lib/cni/bridge')) return 'busybox-static and containernetworking-plugins are needed (scripts/setup.sh)';
+  if (!existsSync('/bin/busybox') || !existsSync('/usr/lib/cni/bridge'))
+    return 'busybox-static and containernetworking-plugins are needed (scripts/setup.sh)';
   return undefined;
 }
 
@@ -57,7 +58,11 @@ export async function images(): Promise<string> {
     .filter((f) => f && !/^(test|bench)\//.test(f) && existsSync(join(REPO, f)))
     .sort();
   const h = createHash('sha256').update(process.version);
-  for (const f of files) h.update(f).update('\0').update(readFileSync(join(REPO, f))).update('\0');
+  for (const f of files)
+    h.update(f)
+      .update('\0')
+      .update(readFileSync(join(REPO, f)))
+      .update('\0');
   const dir = join(CACHE, h.digest('hex').slice(0, 16));
   if (existsSync(join(dir, 'app.tar'))) return dir;
   mkdirSync(CACHE, { recursive: true });
@@ -70,7 +75,8 @@ export async function images(): Promise<string> {
     throw new Error(`scripts/build-image.sh failed: ${(e.stderr ?? e.message).split('\n').slice(-12).join('\n')}`);
   }
   // Only the newest build is kept.
-  for (const old of readdirSync(CACHE)) if (join(CACHE, old) !== tmp) rmSync(join(CACHE, old), { recursive: true, force: true });
+  for (const old of readdirSync(CACHE))
+    if (join(CACHE, old) !== tmp) rmSync(join(CACHE, old), { recursive: true, force: true });
   renameSync(tmp, dir);
   return dir;
 }
@@ -105,20 +111,57 @@ export class DeployedNode {
     await node.importImage(join(imageDir, 'pause.tar'), 'localhost/abt-pause:1');
     await node.importImage(join(imageDir, 'app.tar'), 'localhost/abt-app:1');
     // The DaemonSet names the image as the kustomization leaves it; kubelet resolves short names.
-    await node.importImage(join(imageDir, 'ambient-bpf.tar'), 'localhost/ambient-bpf:latest', 'docker.io/library/ambient-bpf:latest');
+    await node.importImage(
+      join(imageDir, 'ambient-bpf.tar'),
+      'localhost/ambient-bpf:latest',
+      'docker.io/library/ambient-bpf:latest',
+    );
 
     // The API server, over HTTPS, on the node's loopback (where a host-network pod reaches it).
-    await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1', '-subj', '/CN=kube-apiserver', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', join(node.dir, 'api.key'), '-out', join(node.dir, 'api.crt')]);
+    await run('openssl', [
+      'req',
+      '-x509',
+      '-newkey',
+      'ec',
+      '-pkeyopt',
+      'ec_paramgen_curve:prime256v1',
+      '-nodes',
+      '-days',
+      '1',
+      '-subj',
+      '/CN=kube-apiserver',
+      '-addext',
+      'subjectAltName=IP:127.0.0.1',
+      '-keyout',
+      join(node.dir, 'api.key'),
+      '-out',
+      join(node.dir, 'api.crt'),
+    ]);
     const [sock] = await socketsInNetns(node.netnsPath, [{ listen: { address: '127.0.0.1', port: 0 } }]);
     if (!sock || !('fd' in sock)) throw new Error(`cannot listen in the node's network: ${JSON.stringify(sock)}`);
     const api = (this.api = new KubeApiTestServer());
     api.token = `token-${node.id}`;
-    await api.start({ tls: { key: readFileSync(join(node.dir, 'api.key')), cert: readFileSync(join(node.dir, 'api.crt')) }, fd: sock.fd });
+    await api.start({
+      tls: { key: readFileSync(join(node.dir, 'api.key')), cert: readFileSync(join(node.dir, 'api.crt')) },
+      fd: sock.fd,
+    });
     const port = Number(new URL(api.url).port);
-    const kubelet = (this.kubelet = new Kubelet({ node, nodeName: NODE_NAME, api, serviceHost: '127.0.0.1', servicePort: port, token: api.token, caCert: readFileSync(join(node.dir, 'api.crt'), 'utf8') }));
+    const kubelet = (this.kubelet = new Kubelet({
+      node,
+      nodeName: NODE_NAME,
+      api,
+      serviceHost: '127.0.0.1',
+      servicePort: port,
+      token: api.token,
+      caCert: readFileSync(join(node.dir, 'api.crt'), 'utf8'),
+    }));
 
     api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'istio-system' } });
-    api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: AMBIENT_NAMESPACE, labels: { 'istio.io/dataplane-mode': 'ambient' } } });
+    api.upsert('namespaces', {
+      apiVersion: 'v1',
+      kind: 'Namespace',
+      metadata: { name: AMBIENT_NAMESPACE, labels: { 'istio.io/dataplane-mode': 'ambient' } },
+    });
     api.upsert('namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: PLAIN_NAMESPACE } });
 
     // The node's primary CNI: bridge + host-local, IPv4 and IPv6.
@@ -134,7 +177,12 @@ export class DeployedNode {
             isGateway: true,
             ipMasq: false,
             hairpinMode: true,
-            ipam: { type: 'host-local', dataDir: '/run/cni-ipam', ranges: [[{ subnet: '198.18.10.0/24' }], [{ subnet: '2001:db8:10::/64' }]], routes: [{ dst: '0.0.0.0/0' }, { dst: '::/0' }] },
+            ipam: {
+              type: 'host-local',
+              dataDir: '/run/cni-ipam',
+              ranges: [[{ subnet: '198.18.10.0/24' }], [{ subnet: '2001:db8:10::/64' }]],
+              routes: [{ dst: '0.0.0.0/0' }, { dst: '::/0' }],
+            },
           },
         ],
       }),
@@ -147,23 +195,42 @@ export class DeployedNode {
     const ds = loadManifest('daemonset.yaml').find((o) => o.kind === 'DaemonSet') as { metadata: { name: string } };
     api.daemonSets.set(`${namespace}/${ds.metadata.name}`, { ...ds, metadata: { ...ds.metadata, namespace } });
     // The node, as kubelet registers it: the agent checks on SIGTERM that the DaemonSet still selects it.
-    api.nodes.set(NODE_NAME, { apiVersion: 'v1', kind: 'Node', metadata: { name: NODE_NAME, labels: { 'kubernetes.io/os': 'linux', 'kubernetes.io/hostname': NODE_NAME } } });
+    api.nodes.set(NODE_NAME, {
+      apiVersion: 'v1',
+      kind: 'Node',
+      metadata: { name: NODE_NAME, labels: { 'kubernetes.io/os': 'linux', 'kubernetes.io/hostname': NODE_NAME } },
+    });
     const agent = (this.agent = await kubelet.runPod(daemonSetPod('daemonset.yaml', namespace)));
     const conflist = node.hostPath('/etc/cni/net.d/10-pods.conflist');
     try {
-      await until(() => (JSON.parse(readFileSync(conflist, 'utf8')) as { plugins: { type: string }[] }).plugins.at(-1)?.type === 'ambient-bpf-cni', 'the agent chaining its plugin into the CNI configuration', this.o.agentStartTimeoutMs ?? 60_000);
+      await until(
+        () =>
+          (JSON.parse(readFileSync(conflist, 'utf8')) as { plugins: { type: string }[] }).plugins.at(-1)?.type ===
+          'ambient-bpf-cni',
+        'the agent chaining its plugin into the CNI configuration',
+        this.o.agentStartTimeoutMs ?? 60_000,
+      );
     } catch (err) {
       const st = await kubelet.containerState(agent, 'agent');
-      throw new Error(`${(err as Error).message}; agent container ${st.state} (exit ${st.exit_code}): ${kubelet.containerLog(agent, 'agent').slice(-3000)}`);
+      throw new Error(
+        `${(err as Error).message}; agent container ${st.state} (exit ${st.exit_code}): ${kubelet.containerLog(agent, 'agent').slice(-3000)}`,
+      );
     }
-    this.ztunnel = await kubelet.runPod(parseYaml(readFileSync(join(REPO, 'test/fixtures/ztunnel-standin-pod.yaml'), 'utf8')) as K8sPod);
+    this.ztunnel = await kubelet.runPod(
+      parseYaml(readFileSync(join(REPO, 'test/fixtures/ztunnel-standin-pod.yaml'), 'utf8')) as K8sPod,
+    );
     // Ambient pods start only once ztunnel is connected (their ADD fails closed until then).
     const metricsPort = kubelet.containerPort(agent.pod.spec.containers[0]!, 'metrics');
     const connected = async () => {
       const { body } = await kubelet.httpGetFromNode('127.0.0.1', metricsPort, '/metrics').catch(() => ({ body: '' }));
       return Number(/^ambient_bpf_ztunnel_connections (\d+)/m.exec(body)?.[1] ?? 0) >= 1;
     };
-    await until(connected, () => `the ztunnel stand-in connecting to the agent; its log: ${kubelet.containerLog(this.ztunnel!, 'istio-proxy').slice(-2000)}`, this.o.agentStartTimeoutMs ?? 60_000);
+    await until(
+      connected,
+      () =>
+        `the ztunnel stand-in connecting to the agent; its log: ${kubelet.containerLog(this.ztunnel!, 'istio-proxy').slice(-2000)}`,
+      this.o.agentStartTimeoutMs ?? 60_000,
+    );
   }
 
   /** Deletes every pod (the agent last, as on a drained node: each CNI DEL reaches a running
@@ -194,7 +261,8 @@ export class DeployedNode {
           const dp = await Datapath.open({ bpffsRoot: root });
           const left = await dp.list();
           dp.close();
-          if (left.length) errors.push(new Error(`pods still attached after the node stopped: ${left.map((p) => p.uid).join(', ')}`));
+          if (left.length)
+            errors.push(new Error(`pods still attached after the node stopped: ${left.map((p) => p.uid).join(', ')}`));
         } catch (err) {
           errors.push(err);
         }

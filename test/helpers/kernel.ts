@@ -46,14 +46,16 @@ export const KERNEL_HAS_TCX = KERNEL?.features.tcx ?? false;
 export function kernelTest(needs?: KernelNeeds): { skip?: string } {
   const missing = missingPrerequisite() ?? (needs ? unavailable(needs) : undefined);
   if (!missing) return {};
-  if (needs && (JSON.parse(process.env.OLD_KERNEL_NOT_APPLICABLE || '[]') as string[]).includes(needs.name)) return { skip: `not applicable: ${missing}` };
+  if (needs && (JSON.parse(process.env.OLD_KERNEL_NOT_APPLICABLE || '[]') as string[]).includes(needs.name))
+    return { skip: `not applicable: ${missing}` };
   if (process.env.CI === 'true') throw new Error(`CI=true and ${missing}: kernel tests must run in CI`);
   return { skip: missing };
 }
 
 function unavailable(needs: KernelNeeds): string | undefined {
   if (needs.tcx && !KERNEL_HAS_TCX) return `Linux ${release()} has no tcx (6.6+)`;
-  if (needs.steering === 'sk-assign' && KERNEL_STEERING !== 'sk-assign') return `Linux ${release()}'s bpf_sk_assign refuses SO_REUSEPORT listeners (6.6+)`;
+  if (needs.steering === 'sk-assign' && KERNEL_STEERING !== 'sk-assign')
+    return `Linux ${release()}'s bpf_sk_assign refuses SO_REUSEPORT listeners (6.6+)`;
   return undefined;
 }
 
@@ -65,7 +67,9 @@ export function uniqueSuffix(): string {
 /** Every name a test makes starts with this, so a suite can check nothing of its own is left.
  * TEST_NAME_PREFIX (2-4 lowercase letters) keeps two suites running side by side on one machine
  * from seeing each other's namespaces as leftovers. */
-export const TEST_PREFIX = /^[a-z]{2,4}$/.test(process.env.TEST_NAME_PREFIX ?? '') ? process.env.TEST_NAME_PREFIX! : 'abt';
+export const TEST_PREFIX = /^[a-z]{2,4}$/.test(process.env.TEST_NAME_PREFIX ?? '')
+  ? process.env.TEST_NAME_PREFIX!
+  : 'abt';
 
 /** Directory for one test's pins; removed by the test, checked by assertNothingLeft. */
 export function testBpffsRoot(id: string): string {

@@ -14,7 +14,11 @@ import type { AddressInfo } from 'node:net';
 import type { KubeConnection } from '../../cni-agent/src/pods/kube-client.js';
 
 type Kind = 'pods' | 'namespaces';
-type Obj = { metadata: { name: string; namespace?: string; resourceVersion?: string; uid?: string; [k: string]: unknown }; spec?: { nodeName?: string; [k: string]: unknown }; [k: string]: unknown };
+type Obj = {
+  metadata: { name: string; namespace?: string; resourceVersion?: string; uid?: string; [k: string]: unknown };
+  spec?: { nodeName?: string; [k: string]: unknown };
+  [k: string]: unknown;
+};
 interface Event {
   kind: Kind;
   type: 'ADDED' | 'MODIFIED' | 'DELETED';
@@ -48,7 +52,8 @@ export class KubeApiTestServer {
   /** core v1 Events, by namespace/name, as created and patched. */
   readonly events = new Map<string, Record<string, unknown>>();
   /** Every call on events: POST (create) or PATCH, with its body. */
-  readonly eventCalls: { method: 'POST' | 'PATCH'; namespace: string; name: string; body: Record<string, unknown> }[] = [];
+  readonly eventCalls: { method: 'POST' | 'PATCH'; namespace: string; name: string; body: Record<string, unknown> }[] =
+    [];
   /** Every request, as RBAC sees it: method, path, and whether it was a watch. */
   readonly requests: { method: string; path: string; watch: boolean }[] = [];
   /** Watch requests served (a restarted watch shows up here). */
@@ -67,9 +72,13 @@ export class KubeApiTestServer {
    * namespace); with `tls`, HTTPS as a real API server speaks it (clients then trust its cert). */
   async start(options: { tls?: { key: string | Buffer; cert: string | Buffer }; fd?: number } = {}): Promise<void> {
     const handler = (req: http.IncomingMessage, res: http.ServerResponse) => this.handle(req, res);
-    const server = options.tls ? https.createServer({ key: options.tls.key, cert: options.tls.cert }, handler) : http.createServer(handler);
+    const server = options.tls
+      ? https.createServer({ key: options.tls.key, cert: options.tls.cert }, handler)
+      : http.createServer(handler);
     this.server = server;
-    await new Promise<void>((resolve) => (options.fd !== undefined ? server.listen({ fd: options.fd }, resolve) : server.listen(0, '127.0.0.1', resolve)));
+    await new Promise<void>((resolve) =>
+      options.fd !== undefined ? server.listen({ fd: options.fd }, resolve) : server.listen(0, '127.0.0.1', resolve),
+    );
     const address = server.address() as AddressInfo;
     this.url = `${options.tls ? 'https' : 'http'}://${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${address.port}`;
   }
@@ -119,7 +128,16 @@ export class KubeApiTestServer {
 
   bookmark(): void {
     for (const w of this.watchers) {
-      w.res.write(JSON.stringify({ type: 'BOOKMARK', object: { kind: w.kind === 'pods' ? 'Pod' : 'Namespace', apiVersion: 'v1', metadata: { resourceVersion: String(this.rv) } } }) + '\n');
+      w.res.write(
+        JSON.stringify({
+          type: 'BOOKMARK',
+          object: {
+            kind: w.kind === 'pods' ? 'Pod' : 'Namespace',
+            apiVersion: 'v1',
+            metadata: { resourceVersion: String(this.rv) },
+          },
+        }) + '\n',
+      );
     }
   }
 
@@ -160,7 +178,11 @@ export class KubeApiTestServer {
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const url = new URL(req.url ?? '/', this.url);
-    this.requests.push({ method: req.method ?? '', path: url.pathname, watch: url.searchParams.get('watch') === 'true' });
+    this.requests.push({
+      method: req.method ?? '',
+      path: url.pathname,
+      watch: url.searchParams.get('watch') === 'true',
+    });
     if (this.token !== undefined && req.headers.authorization !== `Bearer ${this.token}`) {
       return reply(res, 401, statusObj(401, 'Unauthorized', 'Unauthorized'));
     }
@@ -171,40 +193,84 @@ export class KubeApiTestServer {
     const daemonSet = /^\/apis\/apps\/v1\/namespaces\/([^/]+)\/daemonsets\/([^/]+)$/.exec(url.pathname);
     if (req.method === 'GET' && daemonSet) {
       const ds = this.daemonSets.get(`${decodeURIComponent(daemonSet[1]!)}/${decodeURIComponent(daemonSet[2]!)}`);
-      return ds ? reply(res, 200, ds) : reply(res, 404, statusObj(404, 'NotFound', `daemonsets.apps "${decodeURIComponent(daemonSet[2]!)}" not found`));
+      return ds
+        ? reply(res, 200, ds)
+        : reply(
+            res,
+            404,
+            statusObj(404, 'NotFound', `daemonsets.apps "${decodeURIComponent(daemonSet[2]!)}" not found`),
+          );
     }
     const node = /^\/api\/v1\/nodes\/([^/]+)$/.exec(url.pathname);
     if (req.method === 'GET' && node) {
       const n = this.nodes.get(decodeURIComponent(node[1]!));
-      return n ? reply(res, 200, n) : reply(res, 404, statusObj(404, 'NotFound', `nodes "${decodeURIComponent(node[1]!)}" not found`));
+      return n
+        ? reply(res, 200, n)
+        : reply(res, 404, statusObj(404, 'NotFound', `nodes "${decodeURIComponent(node[1]!)}" not found`));
     }
     const events = /^\/api\/v1\/namespaces\/([^/]+)\/events(?:\/([^/]+))?$/.exec(url.pathname);
-    if (events && ((req.method === 'POST' && !events[2]) || (req.method === 'PATCH' && events[2]))) return this.event(req, res, decodeURIComponent(events[1]!), events[2] === undefined ? undefined : decodeURIComponent(events[2]));
+    if (events && ((req.method === 'POST' && !events[2]) || (req.method === 'PATCH' && events[2])))
+      return this.event(
+        req,
+        res,
+        decodeURIComponent(events[1]!),
+        events[2] === undefined ? undefined : decodeURIComponent(events[2]),
+      );
     const status = /^\/api\/v1\/namespaces\/([^/]+)\/pods\/([^/]+)\/status$/.exec(url.pathname);
-    if (req.method === 'PATCH' && status) return this.patchStatus(req, res, decodeURIComponent(status[1]!), decodeURIComponent(status[2]!));
+    if (req.method === 'PATCH' && status)
+      return this.patchStatus(req, res, decodeURIComponent(status[1]!), decodeURIComponent(status[2]!));
     const one = req.method === 'GET' ? /^\/api\/v1\/namespaces\/([^/]+)(?:\/pods\/([^/]+))?$/.exec(url.pathname) : null;
     if (one) {
       if (this.stallGets) return; // no answer: the client's timeout has to act
-      const [namespace, name] = [decodeURIComponent(one[1]!), one[2] === undefined ? undefined : decodeURIComponent(one[2])];
-      const obj = name === undefined ? this.objects.namespaces.get(namespace) : this.objects.pods.get(`${namespace}/${name}`);
-      return obj ? reply(res, 200, obj) : reply(res, 404, statusObj(404, 'NotFound', name === undefined ? `namespaces "${namespace}" not found` : `pods "${name}" not found`));
+      const [namespace, name] = [
+        decodeURIComponent(one[1]!),
+        one[2] === undefined ? undefined : decodeURIComponent(one[2]),
+      ];
+      const obj =
+        name === undefined ? this.objects.namespaces.get(namespace) : this.objects.pods.get(`${namespace}/${name}`);
+      return obj
+        ? reply(res, 200, obj)
+        : reply(
+            res,
+            404,
+            statusObj(
+              404,
+              'NotFound',
+              name === undefined ? `namespaces "${namespace}" not found` : `pods "${name}" not found`,
+            ),
+          );
     }
-    const kind: Kind | undefined = url.pathname === '/api/v1/pods' ? 'pods' : url.pathname === '/api/v1/namespaces' ? 'namespaces' : undefined;
-    if (req.method !== 'GET' || !kind) return reply(res, 404, statusObj(404, 'NotFound', `no route for ${req.method} ${url.pathname}`));
+    const kind: Kind | undefined =
+      url.pathname === '/api/v1/pods' ? 'pods' : url.pathname === '/api/v1/namespaces' ? 'namespaces' : undefined;
+    if (req.method !== 'GET' || !kind)
+      return reply(res, 404, statusObj(404, 'NotFound', `no route for ${req.method} ${url.pathname}`));
     const selector = url.searchParams.get('fieldSelector');
     const nodeMatch = selector ? /^spec\.nodeName=(.*)$/.exec(selector) : null;
-    if (selector && (!nodeMatch || kind !== 'pods')) return reply(res, 400, statusObj(400, 'BadRequest', `unsupported field selector ${selector}`));
+    if (selector && (!nodeMatch || kind !== 'pods'))
+      return reply(res, 400, statusObj(400, 'BadRequest', `unsupported field selector ${selector}`));
     const nodeName = nodeMatch?.[1];
     if (url.searchParams.get('watch') !== 'true') {
-      const items = [...this.objects[kind].values()].filter((o) => nodeName === undefined || o.spec?.nodeName === nodeName);
-      return reply(res, 200, { kind: kind === 'pods' ? 'PodList' : 'NamespaceList', apiVersion: 'v1', metadata: { resourceVersion: String(this.rv) }, items });
+      const items = [...this.objects[kind].values()].filter(
+        (o) => nodeName === undefined || o.spec?.nodeName === nodeName,
+      );
+      return reply(res, 200, {
+        kind: kind === 'pods' ? 'PodList' : 'NamespaceList',
+        apiVersion: 'v1',
+        metadata: { resourceVersion: String(this.rv) },
+        items,
+      });
     }
     const from = url.searchParams.get('resourceVersion');
     this.watchRequests.push({ kind, resourceVersion: from });
     res.writeHead(200, { 'content-type': 'application/json', 'transfer-encoding': 'chunked' });
     res.flushHeaders(); // a watch with nothing to say yet is still an answered request
     if (from && Number(from) < this.compactedThrough) {
-      res.end(JSON.stringify({ type: 'ERROR', object: statusObj(410, 'Expired', `too old resource version: ${from} (${this.compactedThrough})`) }) + '\n');
+      res.end(
+        JSON.stringify({
+          type: 'ERROR',
+          object: statusObj(410, 'Expired', `too old resource version: ${from} (${this.compactedThrough})`),
+        }) + '\n',
+      );
       return;
     }
     const w: Watcher = { kind, nodeName, res };
@@ -214,7 +280,12 @@ export class KubeApiTestServer {
   }
 
   /** POST creates an Event (409 if the name is taken), PATCH merge-patches one (404 if gone). */
-  private event(req: http.IncomingMessage, res: http.ServerResponse, namespace: string, name: string | undefined): void {
+  private event(
+    req: http.IncomingMessage,
+    res: http.ServerResponse,
+    namespace: string,
+    name: string | undefined,
+  ): void {
     let raw = '';
     req.on('data', (d: Buffer) => (raw += d.toString()));
     req.on('end', () => {
@@ -226,18 +297,27 @@ export class KubeApiTestServer {
       }
       if (name === undefined) {
         const meta = body.metadata as { name?: string; namespace?: string } | undefined;
-        if (body.kind !== 'Event' || body.apiVersion !== 'v1' || !meta?.name) return reply(res, 400, statusObj(400, 'BadRequest', 'not a v1 Event with a name'));
-        if ((meta.namespace ?? namespace) !== namespace) return reply(res, 400, statusObj(400, 'BadRequest', 'the namespace of the Event does not match the path'));
+        if (body.kind !== 'Event' || body.apiVersion !== 'v1' || !meta?.name)
+          return reply(res, 400, statusObj(400, 'BadRequest', 'not a v1 Event with a name'));
+        if ((meta.namespace ?? namespace) !== namespace)
+          return reply(res, 400, statusObj(400, 'BadRequest', 'the namespace of the Event does not match the path'));
         const involved = body.involvedObject as { namespace?: string } | undefined;
-        if (involved?.namespace !== namespace) return reply(res, 422, statusObj(422, 'Invalid', 'involvedObject.namespace: does not match the Event namespace'));
-        if (this.events.has(`${namespace}/${meta.name}`)) return reply(res, 409, statusObj(409, 'AlreadyExists', `events "${meta.name}" already exists`));
+        if (involved?.namespace !== namespace)
+          return reply(
+            res,
+            422,
+            statusObj(422, 'Invalid', 'involvedObject.namespace: does not match the Event namespace'),
+          );
+        if (this.events.has(`${namespace}/${meta.name}`))
+          return reply(res, 409, statusObj(409, 'AlreadyExists', `events "${meta.name}" already exists`));
         this.eventCalls.push({ method: 'POST', namespace, name: meta.name, body });
         const created = { ...body, metadata: { ...meta, namespace, resourceVersion: String(++this.rv) } };
         this.events.set(`${namespace}/${meta.name}`, created);
         return reply(res, 201, created);
       }
       const existing = this.events.get(`${namespace}/${name}`);
-      if (!(req.headers['content-type'] ?? '').startsWith('application/merge-patch+json')) return reply(res, 415, statusObj(415, 'UnsupportedMediaType', 'unsupported patch type'));
+      if (!(req.headers['content-type'] ?? '').startsWith('application/merge-patch+json'))
+        return reply(res, 415, statusObj(415, 'UnsupportedMediaType', 'unsupported patch type'));
       if (!existing) return reply(res, 404, statusObj(404, 'NotFound', `events "${name}" not found`));
       this.eventCalls.push({ method: 'PATCH', namespace, name, body });
       const patched = mergePatch(existing, body) as Record<string, unknown>;
@@ -253,7 +333,12 @@ export class KubeApiTestServer {
         const o = e.involvedObject as { kind?: string; name?: string; namespace?: string };
         return o.kind === 'Pod' && o.name === name && o.namespace === namespace;
       })
-      .map((e) => ({ reason: e.reason as string, message: e.message as string, type: e.type as string, count: e.count as number }));
+      .map((e) => ({
+        reason: e.reason as string,
+        message: e.message as string,
+        type: e.type as string,
+        count: e.count as number,
+      }));
   }
 
   private patchStatus(req: http.IncomingMessage, res: http.ServerResponse, namespace: string, name: string): void {
@@ -262,7 +347,8 @@ export class KubeApiTestServer {
     req.on('end', () => {
       const contentType = req.headers['content-type'] ?? '';
       const pod = this.objects.pods.get(`${namespace}/${name}`);
-      if (!contentType.startsWith('application/merge-patch+json')) return reply(res, 415, statusObj(415, 'UnsupportedMediaType', `unsupported patch type ${contentType}`));
+      if (!contentType.startsWith('application/merge-patch+json'))
+        return reply(res, 415, statusObj(415, 'UnsupportedMediaType', `unsupported patch type ${contentType}`));
       if (!pod) return reply(res, 404, statusObj(404, 'NotFound', `pods "${name}" not found`));
       const body = JSON.parse(raw) as unknown;
       this.patches.push({ namespace, name, contentType, body });
@@ -288,7 +374,10 @@ function statusObj(code: number, reason: string, message: string): object {
 /** RFC 7386 JSON merge patch. */
 export function mergePatch(target: unknown, patch: unknown): unknown {
   if (typeof patch !== 'object' || patch === null || Array.isArray(patch)) return patch;
-  const out: Record<string, unknown> = typeof target === 'object' && target !== null && !Array.isArray(target) ? { ...(target as Record<string, unknown>) } : {};
+  const out: Record<string, unknown> =
+    typeof target === 'object' && target !== null && !Array.isArray(target)
+      ? { ...(target as Record<string, unknown>) }
+      : {};
   for (const [k, v] of Object.entries(patch)) {
     if (v === null) delete out[k];
     else out[k] = mergePatch(out[k], v);

@@ -28,7 +28,11 @@ export class KubeletCgroups {
    * both (its /proc/PID/cgroup names the cgroup). */
   async sleeper(relative: string, netnsPath: string): Promise<ChildProcess> {
     const dir = this.mkdir(relative);
-    const child = spawn('sh', ['-c', `echo $$ > ${join(dir, 'cgroup.procs')} && exec nsenter --net=${netnsPath} sleep 600`], { stdio: 'ignore' });
+    const child = spawn(
+      'sh',
+      ['-c', `echo $$ > ${join(dir, 'cgroup.procs')} && exec nsenter --net=${netnsPath} sleep 600`],
+      { stdio: 'ignore' },
+    );
     this.children.push(child);
     const netnsIno = statSync(netnsPath).ino;
     await until(() => {
@@ -46,14 +50,28 @@ export class KubeletCgroups {
    * dummy module); resolves once it runs in a netns owned by its own user namespace. */
   async ownNetns(relative: string, addresses: string[]): Promise<ChildProcess> {
     const dir = this.mkdir(relative);
-    const setup = ['ip link add v0 type veth peer name v1', 'ip link set v0 up', ...addresses.map((a) => `ip addr add ${a} dev v0${a.includes(':') ? ' nodad' : ''}`)].join(' && ');
-    const child = spawn('sh', ['-c', `echo $$ > ${join(dir, 'cgroup.procs')} && exec unshare --user --map-root-user --net sh -c '${setup} && exec sleep 600'`], { stdio: 'ignore' });
+    const setup = [
+      'ip link add v0 type veth peer name v1',
+      'ip link set v0 up',
+      ...addresses.map((a) => `ip addr add ${a} dev v0${a.includes(':') ? ' nodad' : ''}`),
+    ].join(' && ');
+    const child = spawn(
+      'sh',
+      [
+        '-c',
+        `echo $$ > ${join(dir, 'cgroup.procs')} && exec unshare --user --map-root-user --net sh -c '${setup} && exec sleep 600'`,
+      ],
+      { stdio: 'ignore' },
+    );
     this.children.push(child);
     const hostUserns = statSync('/proc/self/ns/user').ino;
     await until(() => {
       try {
         // the final sleep: in a user namespace of its own, its addresses set
-        return statSync(`/proc/${child.pid}/ns/user`).ino !== hostUserns && readFileSync(`/proc/${child.pid}/comm`, 'utf8').trim() === 'sleep';
+        return (
+          statSync(`/proc/${child.pid}/ns/user`).ino !== hostUserns &&
+          readFileSync(`/proc/${child.pid}/comm`, 'utf8').trim() === 'sleep'
+        );
       } catch {
         return false;
       }

@@ -29,7 +29,13 @@ export async function assertNothingLeft(): Promise<void> {
 export async function podProgramIds(root: string, uid: string): Promise<Set<number>> {
   const ids = new Set<number>();
   for (const hook of ['ingress', 'egress']) {
-    ids.add((JSON.parse(await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`])) as { prog_id: number }).prog_id);
+    ids.add(
+      (
+        JSON.parse(await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`])) as {
+          prog_id: number;
+        }
+      ).prog_id,
+    );
   }
   return ids;
 }

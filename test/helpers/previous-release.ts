@@ -26,8 +26,14 @@ export function previousRelease(): PreviousRelease {
     rmSync(tmp, { recursive: true, force: true });
     mkdirSync(tmp, { recursive: true });
     try {
-      execFileSync('sh', ['-c', `git -C "${REPO}" archive ${commit} | tar -x -C "${tmp}"`], { stdio: ['ignore', 'ignore', 'pipe'] });
-      execFileSync('sh', ['-c', 'npm ci --no-audit --no-fund && npm run build'], { cwd: tmp, stdio: ['ignore', 'ignore', 'pipe'], maxBuffer: 64 << 20 });
+      execFileSync('sh', ['-c', `git -C "${REPO}" archive ${commit} | tar -x -C "${tmp}"`], {
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
+      execFileSync('sh', ['-c', 'npm ci --no-audit --no-fund && npm run build'], {
+        cwd: tmp,
+        stdio: ['ignore', 'ignore', 'pipe'],
+        maxBuffer: 64 << 20,
+      });
       writeFileSync(join(tmp, '.built'), `${commit}\n`);
       rmSync(dir, { recursive: true, force: true });
       renameSync(tmp, dir);

@@ -21,7 +21,9 @@ export class StandInProcess {
   }
 
   static start(socketPath: string): StandInProcess {
-    return new StandInProcess(spawn(CLI, ['ztunnel', '--socket', socketPath, '--log-level', 'error'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+    return new StandInProcess(
+      spawn(CLI, ['ztunnel', '--socket', socketPath, '--log-level', 'error'], { stdio: ['ignore', 'pipe', 'pipe'] }),
+    );
   }
 
   get pid(): number {

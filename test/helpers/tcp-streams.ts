@@ -51,7 +51,11 @@ const CHUNK = 64 << 10;
 /** Writes `total` pseudo-random bytes with backpressure (waits for 'drain'), then ends the socket
  * (`seed` makes the stream differ from others; `close`: and closes it at once, close(2) right after the last write). Resolves with what was
  * written; `progress` is updated as chunks are handed to the socket. */
-export async function send(s: net.Socket, total: number, options: { close?: boolean; progress?: { bytes: number }; seed?: number } = {}): Promise<Digest> {
+export async function send(
+  s: net.Socket,
+  total: number,
+  options: { close?: boolean; progress?: { bytes: number }; seed?: number } = {},
+): Promise<Digest> {
   const hash = createHash('sha256');
   let sent = 0;
   for (let i = 0; sent < total; i++) {

@@ -60,7 +60,10 @@ export class Topology {
   }
 
   async addAddress(ns: string, dev: string, cidr: string): Promise<void> {
-    await this.ip(ns, ...(cidr.includes(':') ? ['-6', 'addr', 'add', cidr, 'dev', dev, 'nodad'] : ['addr', 'add', cidr, 'dev', dev]));
+    await this.ip(
+      ns,
+      ...(cidr.includes(':') ? ['-6', 'addr', 'add', cidr, 'dev', dev, 'nodad'] : ['addr', 'add', cidr, 'dev', dev]),
+    );
   }
 
   async deleteNetns(name: string): Promise<void> {
@@ -110,8 +113,24 @@ export async function podWithRemote(topo: Topology, subnet = 0, tag = ''): Promi
     remoteV4: `198.18.${subnet}.1`,
     remoteV6: `2001:db8:${subnet}::1`,
   };
-  await topo.batch(undefined, [`netns add ${pod}`, `netns add ${remote}`, `link add eth0 netns ${pod} type veth peer name eth0 netns ${remote}`]);
-  await topo.batch(remote, ['link set lo up', 'link set eth0 up', `addr add ${net.remoteV4}/24 dev eth0`, `addr add ${net.remoteV6}/64 dev eth0 nodad`]);
-  await topo.batch(pod, ['link set lo up', 'link set eth0 up', `addr add ${net.podV4}/24 dev eth0`, `addr add ${net.podV6}/64 dev eth0 nodad`, `route add default via ${net.remoteV4}`, `route add default via ${net.remoteV6}`]);
+  await topo.batch(undefined, [
+    `netns add ${pod}`,
+    `netns add ${remote}`,
+    `link add eth0 netns ${pod} type veth peer name eth0 netns ${remote}`,
+  ]);
+  await topo.batch(remote, [
+    'link set lo up',
+    'link set eth0 up',
+    `addr add ${net.remoteV4}/24 dev eth0`,
+    `addr add ${net.remoteV6}/64 dev eth0 nodad`,
+  ]);
+  await topo.batch(pod, [
+    'link set lo up',
+    'link set eth0 up',
+    `addr add ${net.podV4}/24 dev eth0`,
+    `addr add ${net.podV6}/64 dev eth0 nodad`,
+    `route add default via ${net.remoteV4}`,
+    `route add default via ${net.remoteV6}`,
+  ]);
   return net;
 }

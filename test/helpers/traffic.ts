@@ -1,7 +1,12 @@
 // Real sockets in test namespaces that record who took each connection, and with which addresses.
 import dgram from 'node:dgram';
 import type net from 'node:net';
-import { connectFromNetns, listenInNetns, type NetnsConnectOptions, type NetnsListenOptions } from '../../bpf/src/index.js';
+import {
+  connectFromNetns,
+  listenInNetns,
+  type NetnsConnectOptions,
+  type NetnsListenOptions,
+} from '../../bpf/src/index.js';
 import { udpSocketInNetns } from '../../bpf/src/node-netns.js';
 import { scaled } from './wait.js';
 
@@ -61,7 +66,15 @@ export class RecordingServer {
 
 /** ztunnel's in-pod listener shape: wildcard [::] (dual stack), transparent, reuseport, marked. */
 export function ztunnelListener(netns: string, port: number, name = `ztunnel-${port}`): Promise<RecordingServer> {
-  return RecordingServer.start(name, { netns, family: 6, address: '::', port, transparent: true, reuseport: true, mark: 0x539 });
+  return RecordingServer.start(name, {
+    netns,
+    family: 6,
+    address: '::',
+    port,
+    transparent: true,
+    reuseport: true,
+    mark: 0x539,
+  });
 }
 
 /** Connects, sends `payload`, and returns the first line the server answered (its name). */
@@ -70,7 +83,10 @@ export async function whoAnswers(options: NetnsConnectOptions, payload = 'ping')
   try {
     return await new Promise<string>((resolve, reject) => {
       let buf = '';
-      const timer = setTimeout(() => reject(new Error(`no answer from ${options.host}:${options.port}`)), options.timeoutMs ?? scaled(3000));
+      const timer = setTimeout(
+        () => reject(new Error(`no answer from ${options.host}:${options.port}`)),
+        options.timeoutMs ?? scaled(3000),
+      );
       socket.on('data', (d: Buffer) => {
         buf += d.toString();
         const nl = buf.indexOf('\n');

@@ -82,7 +82,16 @@ export interface Traffic {
 /** The app of one pod: upgrade-traffic.py in the pod's cgroup and netns, talking to the pod's
  * remote on port 8080. */
 export function startTraffic(cgroup: AppCgroup, net: PodNet, o: TrafficOptions): Traffic {
-  const args = [`--net=${net.podPath}`, 'python3', TRAFFIC, net.remoteV4, '8080', String(o.longLived), String(o.newEveryMs), String(o.roundMs ?? 50)];
+  const args = [
+    `--net=${net.podPath}`,
+    'python3',
+    TRAFFIC,
+    net.remoteV4,
+    '8080',
+    String(o.longLived),
+    String(o.newEveryMs),
+    String(o.roundMs ?? 50),
+  ];
   const child = cgroup.spawn('nsenter', args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
@@ -157,7 +166,9 @@ export class AgentProcess {
 
 /** The agent's metrics: how many pods it reports enabled (redirected and acked by ztunnel). */
 export async function enabledPods(metricsPort: number): Promise<number> {
-  const body = await fetch(`http://127.0.0.1:${metricsPort}/metrics`).then((r) => r.text()).catch(() => '');
+  const body = await fetch(`http://127.0.0.1:${metricsPort}/metrics`)
+    .then((r) => r.text())
+    .catch(() => '');
   return Number(/ambient_bpf_pods\{state="enabled"\} (\d+)\n/.exec(body)?.[1] ?? 0);
 }
 
@@ -172,7 +183,10 @@ export async function linkPrograms(): Promise<Map<number, number>> {
 export async function podLinks(root: string, uid: string): Promise<{ link: number; prog: number }[]> {
   const out: { link: number; prog: number }[] = [];
   for (const hook of ['ingress', 'egress']) {
-    const l = JSON.parse(await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`])) as { id: number; prog_id: number };
+    const l = JSON.parse(await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`])) as {
+      id: number;
+      prog_id: number;
+    };
     out.push({ link: l.id, prog: l.prog_id });
   }
   return out;

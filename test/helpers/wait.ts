@@ -8,8 +8,14 @@ export const scaled = (ms: number): number => ms * TIME_SCALE;
 
 /** `what` may be a function, read when the wait times out (e.g. a process's stderr by then).
  * `everyMs` spaces the checks (a costly check would load the machine it measures). */
-export async function until(cond: () => boolean | Promise<boolean>, what: string | (() => string), ms = 5000, everyMs = 10): Promise<void> {
+export async function until(
+  cond: () => boolean | Promise<boolean>,
+  what: string | (() => string),
+  ms = 5000,
+  everyMs = 10,
+): Promise<void> {
   for (const start = Date.now(); !(await cond()); await sleep(everyMs)) {
-    if (Date.now() - start > ms * TIME_SCALE) throw new Error(`timed out waiting for ${typeof what === 'function' ? what() : what}`);
+    if (Date.now() - start > ms * TIME_SCALE)
+      throw new Error(`timed out waiting for ${typeof what === 'function' ? what() : what}`);
   }
 }

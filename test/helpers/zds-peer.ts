@@ -2,7 +2,14 @@ import { rmSync } from 'node:fs';
 // A scriptable ZDS peer over a real SEQPACKET socket, for protocol tests: plays ztunnel toward the
 // agent's server, or the agent toward the stand-in.
 import { closeFd, SeqpacketServer, SeqpacketSocket } from '../../bpf/src/node-netns.js';
-import { decodeRequest, decodeResponse, encodeHello, encodeRequest, encodeResponse, type WorkloadRequest } from '../../ztunnel-bridge/src/protocol.js';
+import {
+  decodeRequest,
+  decodeResponse,
+  encodeHello,
+  encodeRequest,
+  encodeResponse,
+  type WorkloadRequest,
+} from '../../ztunnel-bridge/src/protocol.js';
 
 export interface Received {
   data: Buffer;
@@ -116,7 +123,8 @@ export class FakeAgent {
     const inbox = await this.connection;
     this.connection = this.nextConnection();
     const hello = await inbox.next();
-    if (!hello || hello.data.toString('hex') !== '0801') throw new Error(`expected ZdsHello{V1}, got ${hello?.data.toString('hex')}`);
+    if (!hello || hello.data.toString('hex') !== '0801')
+      throw new Error(`expected ZdsHello{V1}, got ${hello?.data.toString('hex')}`);
     return inbox;
   }
 

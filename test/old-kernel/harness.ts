@@ -7,7 +7,17 @@
 // come back through a shared directory (one JSON line per test, reporter.ts) and the serial console.
 // Every step is bounded in time; QEMU and the temporary files are gone when run() returns or throws.
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -23,9 +33,30 @@ const INIT = join(REPO, 'test/old-kernel/init.sh');
  * nftables' NAT (iptables-nft's MASQUERADE in the probes test's node namespace; libcrc32c, which
  * nf_nat needs, asks for crc32c only as a soft dependency). */
 export const GUEST_MODULES = [
-  'virtio_pci', '9pnet_virtio', '9p', 'overlay', 'veth', 'tun', 'dummy', 'sch_ingress', 'cls_bpf', 'af_packet',
-  'inet_diag', 'tcp_diag', 'udp_diag', 'raw_diag', 'unix_diag',
-  'crc32c_generic', 'nf_tables', 'nft_compat', 'nft_chain_nat', 'nft_masq', 'xt_MASQUERADE', 'xt_nat', 'xt_mark', 'nf_nat',
+  'virtio_pci',
+  '9pnet_virtio',
+  '9p',
+  'overlay',
+  'veth',
+  'tun',
+  'dummy',
+  'sch_ingress',
+  'cls_bpf',
+  'af_packet',
+  'inet_diag',
+  'tcp_diag',
+  'udp_diag',
+  'raw_diag',
+  'unix_diag',
+  'crc32c_generic',
+  'nf_tables',
+  'nft_compat',
+  'nft_chain_nat',
+  'nft_masq',
+  'xt_MASQUERADE',
+  'xt_nat',
+  'xt_mark',
+  'nf_nat',
 ];
 
 export interface GuestTest {
@@ -78,14 +109,24 @@ export interface RunOptions {
 
 /** A failure of one named step of the harness (download, unpack, modules, initramfs, boot, ...). */
 export class HarnessError extends Error {
-  constructor(readonly step: string, message: string, readonly console = '') {
+  constructor(
+    readonly step: string,
+    message: string,
+    readonly console = '',
+  ) {
     super(`old-kernel harness, step "${step}": ${message}`);
   }
 }
 
 function run(step: string, cmd: string, args: string[], opts: { cwd?: string; timeoutMs: number }): string {
   try {
-    return execFileSync(cmd, args, { cwd: opts.cwd, timeout: opts.timeoutMs, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 64 << 20 });
+    return execFileSync(cmd, args, {
+      cwd: opts.cwd,
+      timeout: opts.timeoutMs,
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'pipe'],
+      maxBuffer: 64 << 20,
+    });
   } catch (e) {
     const err = e as { stderr?: string; message: string };
     throw new HarnessError(step, `${cmd} ${args.join(' ')}: ${(err.stderr ?? '').trim() || err.message}`);
@@ -97,7 +138,8 @@ export function defaultKernelPackage(): string {
   if (process.env.OLD_KERNEL_PACKAGE) return process.env.OLD_KERNEL_PACKAGE;
   const out = run('download', 'apt-cache', ['depends', 'linux-image-amd64'], { timeoutMs: 30_000 });
   const pkg = /Depends: (linux-image-[0-9][^\s]*-amd64)\s/.exec(out)?.[1];
-  if (!pkg) throw new HarnessError('download', `apt-cache depends linux-image-amd64 names no linux-image-*-amd64:\n${out}`);
+  if (!pkg)
+    throw new HarnessError('download', `apt-cache depends linux-image-amd64 names no linux-image-*-amd64:\n${out}`);
   return pkg;
 }
 
@@ -134,7 +176,10 @@ export function resolveModules(moduleDir: string, wanted: string[]): { name: str
   walk(moduleDir);
   const builtin = new Set(
     existsSync(join(moduleDir, 'modules.builtin'))
-      ? readFileSync(join(moduleDir, 'modules.builtin'), 'utf8').split('\n').filter(Boolean).map((l) => modName(l.replace(/^.*\//, '').replace(/\.ko$/, '')))
+      ? readFileSync(join(moduleDir, 'modules.builtin'), 'utf8')
+          .split('\n')
+          .filter(Boolean)
+          .map((l) => modName(l.replace(/^.*\//, '').replace(/\.ko$/, '')))
       : [],
   );
   const order: { name: string; path: string }[] = [];
@@ -187,8 +232,10 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
   const started = Date.now();
   const qemu = qemuBinary();
   const busybox = busyboxStatic();
-  if (!existsSync(join(REPO, 'dist/test/old-kernel/reporter.js'))) throw new HarnessError('prepare', 'dist/ is not built (npm run build)');
-  for (const f of opts.files) if (!existsSync(join(REPO, f))) throw new HarnessError('prepare', `no test file ${f} in ${REPO}`);
+  if (!existsSync(join(REPO, 'dist/test/old-kernel/reporter.js')))
+    throw new HarnessError('prepare', 'dist/ is not built (npm run build)');
+  for (const f of opts.files)
+    if (!existsSync(join(REPO, f))) throw new HarnessError('prepare', `no test file ${f} in ${REPO}`);
   const kernelPackage = opts.kernelPackage ?? defaultKernelPackage();
   const deb = fetchKernelPackage(kernelPackage);
   const tmp = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-oldk-`));
@@ -206,13 +253,17 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
     const tar = `dpkg-deb --fsys-tarfile ${shellQuote(deb)} | tar -x -C ${shellQuote(unpacked)} --wildcards './boot/vmlinuz-*' './lib/modules/*/modules.builtin' './lib/modules/*/kernel/net/*' './lib/modules/*/kernel/fs/*' './lib/modules/*/kernel/drivers/net/*' './lib/modules/*/kernel/drivers/virtio/*' './lib/modules/*/kernel/lib/*' './lib/modules/*/kernel/crypto/*'`;
     run('unpack', 'sh', ['-c', tar], { timeoutMs: 180_000 });
     const releases = readdirSync(join(unpacked, 'lib/modules'));
-    if (releases.length !== 1) throw new HarnessError('unpack', `expected one kernel release in ${deb}, found ${releases.join(', ') || 'none'}`);
+    if (releases.length !== 1)
+      throw new HarnessError('unpack', `expected one kernel release in ${deb}, found ${releases.join(', ') || 'none'}`);
     const release = releases[0]!;
     const image = opts.kernelImage ?? join(unpacked, 'boot', `vmlinuz-${release}`);
     if (!existsSync(image)) throw new HarnessError('unpack', `no kernel image ${image}`);
     const kernel = join(tmp, 'vmlinuz');
     copyFileSync(image, kernel);
-    const modules = resolveModules(join(unpacked, 'lib/modules', release), [...GUEST_MODULES, ...(opts.extraModules ?? [])]);
+    const modules = resolveModules(join(unpacked, 'lib/modules', release), [
+      ...GUEST_MODULES,
+      ...(opts.extraModules ?? []),
+    ]);
 
     // The initramfs: busybox, /init, the modules and their load order, the guest's settings.
     const root = join(tmp, 'initramfs');
@@ -222,7 +273,9 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
     chmodSync(join(root, 'bin/busybox'), 0o755);
     copyFileSync(INIT, join(root, 'init'));
     chmodSync(join(root, 'init'), 0o755);
-    writeFileSync(join(root, 'modprobe-log'), '#!/bin/busybox sh\necho "OLDK modprobe $*" > /dev/console\nexit 1\n', { mode: 0o755 });
+    writeFileSync(join(root, 'modprobe-log'), '#!/bin/busybox sh\necho "OLDK modprobe $*" > /dev/console\nexit 1\n', {
+      mode: 0o755,
+    });
     for (const m of modules) copyFileSync(m.path, join(root, 'modules', `${m.name}.ko`));
     writeFileSync(join(root, 'modules.order'), modules.map((m) => m.name).join('\n') + '\n');
     const env: Record<string, string> = {
@@ -240,9 +293,19 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
       TEST_TIME_SCALE: String(opts.timeScale ?? (existsSync('/dev/kvm') ? 2 : 12)),
       NO_COLOR: '1',
     };
-    writeFileSync(join(root, 'guest.env'), Object.entries(env).map(([k, v]) => `export ${k}=${shellQuote(v)}`).join('\n') + '\n');
+    writeFileSync(
+      join(root, 'guest.env'),
+      Object.entries(env)
+        .map(([k, v]) => `export ${k}=${shellQuote(v)}`)
+        .join('\n') + '\n',
+    );
     const initrd = join(tmp, 'initrd.cpio');
-    run('initramfs', 'sh', ['-c', `cd ${shellQuote(root)} && find . | ${shellQuote(busybox)} cpio -o -H newc > ${shellQuote(initrd)}`], { timeoutMs: 60_000 });
+    run(
+      'initramfs',
+      'sh',
+      ['-c', `cd ${shellQuote(root)} && find . | ${shellQuote(busybox)} cpio -o -H newc > ${shellQuote(initrd)}`],
+      { timeoutMs: 60_000 },
+    );
     rmSync(unpacked, { recursive: true, force: true });
     const results = join(tmp, 'results');
     mkdirSync(results);
@@ -253,16 +316,38 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
     const bootTimeoutMs = opts.bootTimeoutMs ?? 180_000;
     // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail and panic.
     const args = [
-      '-machine', 'pc', '-accel', existsSync('/dev/kvm') ? 'kvm' : 'tcg,thread=multi', '-cpu', 'max', '-smp', '2', '-m', '2048',
-      '-nodefaults', '-no-reboot', '-display', 'none', '-serial', 'stdio',
-      '-kernel', kernel, '-initrd', initrd,
-      '-append', 'console=ttyS0 panic=-1 oops=panic no_timer_check quiet loglevel=4 rdinit=/init',
-      '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
-      '-virtfs', `local,path=${results},mount_tag=results,security_model=none`,
+      '-machine',
+      'pc',
+      '-accel',
+      existsSync('/dev/kvm') ? 'kvm' : 'tcg,thread=multi',
+      '-cpu',
+      'max',
+      '-smp',
+      '2',
+      '-m',
+      '2048',
+      '-nodefaults',
+      '-no-reboot',
+      '-display',
+      'none',
+      '-serial',
+      'stdio',
+      '-kernel',
+      kernel,
+      '-initrd',
+      initrd,
+      '-append',
+      'console=ttyS0 panic=-1 oops=panic no_timer_check quiet loglevel=4 rdinit=/init',
+      '-virtfs',
+      'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
+      '-virtfs',
+      `local,path=${results},mount_tag=results,security_model=none`,
     ];
     const qemuStarted = Date.now();
     // `timeout` bounds QEMU even if this process dies without its exit handler (SIGKILL).
-    child = spawn('timeout', ['-k', '5', String(Math.ceil(totalTimeoutMs / 1000) + 10), qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    child = spawn('timeout', ['-k', '5', String(Math.ceil(totalTimeoutMs / 1000) + 10), qemu, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let consoleText = '';
     let step = 'boot';
     let failed: string | undefined;
@@ -278,7 +363,8 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
       for (const line of lines) {
         consoleText += `${line}\n`;
         opts.onConsole?.(line);
-        if (/Kernel panic - not syncing/.test(line) && !failed) failed = `${step}: kernel panic: ${line.replace(/^\[[^\]]*\] */, '')}`;
+        if (/Kernel panic - not syncing/.test(line) && !failed)
+          failed = `${step}: kernel panic: ${line.replace(/^\[[^\]]*\] */, '')}`;
         const m = /^OLDK (\S+) ?(.*)$/.exec(line);
         if (!m) continue;
         if (m[1] === 'step') step = m[2]!;
@@ -292,7 +378,9 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
     };
     child.stdout!.on('data', onData);
     child.stderr!.on('data', onData);
-    const exited = new Promise<number>((resolve) => child!.once('exit', (code, signal) => resolve(code ?? (signal ? 128 : 1))));
+    const exited = new Promise<number>((resolve) =>
+      child!.once('exit', (code, signal) => resolve(code ?? (signal ? 128 : 1))),
+    );
     let timedOut: string | undefined;
     const bootTimer = setTimeout(() => {
       if (Number.isNaN(bootSeconds)) {
@@ -309,18 +397,48 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
     clearTimeout(totalTimer);
     if (partial) consoleText += partial;
     const tail = consoleText.split('\n').slice(-40).join('\n');
-    if (failed) throw new HarnessError(failed.split(':')[0]!, `the guest failed: ${failed}\n--- console (last lines) ---\n${tail}`, consoleText);
+    if (failed)
+      throw new HarnessError(
+        failed.split(':')[0]!,
+        `the guest failed: ${failed}\n--- console (last lines) ---\n${tail}`,
+        consoleText,
+      );
     if (timedOut) {
       // What finished before the guest was stopped (the reporter writes each test as it ends).
-      const done = existsSync(join(results, 'results.jsonl')) ? readFileSync(join(results, 'results.jsonl'), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as GuestTest) : [];
-      const summary = done.filter((t) => t.nesting === 0).map((t) => `${t.result} ${t.file.replace(`${REPO}/`, '')} › ${t.name} (${Math.round(t.ms / 1000)} s)`).join('\n');
-      throw new HarnessError(step, `${timedOut} (QEMU killed)\n--- finished before that ---\n${summary || '(nothing)'}\n--- console (last lines) ---\n${tail}`, consoleText);
+      const done = existsSync(join(results, 'results.jsonl'))
+        ? readFileSync(join(results, 'results.jsonl'), 'utf8')
+            .split('\n')
+            .filter(Boolean)
+            .map((l) => JSON.parse(l) as GuestTest)
+        : [];
+      const summary = done
+        .filter((t) => t.nesting === 0)
+        .map((t) => `${t.result} ${t.file.replace(`${REPO}/`, '')} › ${t.name} (${Math.round(t.ms / 1000)} s)`)
+        .join('\n');
+      throw new HarnessError(
+        step,
+        `${timedOut} (QEMU killed)\n--- finished before that ---\n${summary || '(nothing)'}\n--- console (last lines) ---\n${tail}`,
+        consoleText,
+      );
     }
-    if (!testsEnded) throw new HarnessError(step, `QEMU exited (${exitCode}) before the tests ended\n--- console (last lines) ---\n${tail}`, consoleText);
+    if (!testsEnded)
+      throw new HarnessError(
+        step,
+        `QEMU exited (${exitCode}) before the tests ended\n--- console (last lines) ---\n${tail}`,
+        consoleText,
+      );
     const rcFile = join(results, 'rc');
     const jsonl = join(results, 'results.jsonl');
-    if (!existsSync(rcFile) || !existsSync(jsonl)) throw new HarnessError('results', `the guest wrote no results\n--- console (last lines) ---\n${tail}`, consoleText);
-    const tests = readFileSync(jsonl, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as GuestTest);
+    if (!existsSync(rcFile) || !existsSync(jsonl))
+      throw new HarnessError(
+        'results',
+        `the guest wrote no results\n--- console (last lines) ---\n${tail}`,
+        consoleText,
+      );
+    const tests = readFileSync(jsonl, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as GuestTest);
     for (const t of tests) t.file = t.file ? t.file.replace(`${REPO}/`, '') : '';
     return {
       kernelPackage,
@@ -340,4 +458,3 @@ export async function runOnOldKernel(opts: RunOptions): Promise<OldKernelRun> {
     rmSync(tmp, { recursive: true, force: true });
   }
 }
-

@@ -2,7 +2,14 @@
 // nesting, passed/failed/skipped and why, duration), read back by the host (harness.ts).
 interface TestEvent {
   type: string;
-  data: { name: string; nesting: number; file?: string; skip?: string | boolean; todo?: string | boolean; details?: { duration_ms?: number; error?: unknown } };
+  data: {
+    name: string;
+    nesting: number;
+    file?: string;
+    skip?: string | boolean;
+    todo?: string | boolean;
+    details?: { duration_ms?: number; error?: unknown };
+  };
 }
 
 export default async function* reporter(source: AsyncIterable<TestEvent>): AsyncGenerator<string> {

@@ -19,17 +19,38 @@ export const GUEST_SUITE = [
 export const BY_HAND_ONLY = ['dist/test/datapath-lifecycle.test.js'];
 
 const TCX = 'tcx links need Linux 6.6';
-const SK_ASSIGN = "bpf_sk_assign takes ztunnel's SO_REUSEPORT listeners only from Linux 6.6 (before, the agent steers with sk_lookup)";
+const SK_ASSIGN =
+  "bpf_sk_assign takes ztunnel's SO_REUSEPORT listeners only from Linux 6.6 (before, the agent steers with sk_lookup)";
 
 export const NOT_APPLICABLE_ON_6_1: { file: string; name: string; reason: string }[] = [
   { file: 'dist/test/datapath.test.js', name: 'datapath with tcx', reason: TCX },
-  { file: 'dist/test/datapath-lifecycle.test.js', name: 'attaches and detaches 50 pods (tcx) leaving no pins, links, rules or filters', reason: TCX },
-  { file: 'dist/test/datapath-lifecycle.test.js', name: 'switches attach mode in place without a moment in which traffic escapes', reason: `${TCX} (it switches tcx → tc → tcx)` },
-  { file: 'dist/test/datapath-lifecycle.test.js', name: 'collects the pins and record of a pod whose netns was deleted (tcx)', reason: TCX },
-  { file: 'dist/test/datapath-lifecycle.test.js', name: 'rolls back a failure half-way: no links, rules, routes or sysctl changes remain', reason: `${TCX} (the failure it provokes is pinning a tcx link)` },
+  {
+    file: 'dist/test/datapath-lifecycle.test.js',
+    name: 'attaches and detaches 50 pods (tcx) leaving no pins, links, rules or filters',
+    reason: TCX,
+  },
+  {
+    file: 'dist/test/datapath-lifecycle.test.js',
+    name: 'switches attach mode in place without a moment in which traffic escapes',
+    reason: `${TCX} (it switches tcx → tc → tcx)`,
+  },
+  {
+    file: 'dist/test/datapath-lifecycle.test.js',
+    name: 'collects the pins and record of a pod whose netns was deleted (tcx)',
+    reason: TCX,
+  },
+  {
+    file: 'dist/test/datapath-lifecycle.test.js',
+    name: 'rolls back a failure half-way: no links, rules, routes or sysctl changes remain',
+    reason: `${TCX} (the failure it provokes is pinning a tcx link)`,
+  },
   { file: 'dist/test/probes.test.js', name: 'kubelet probes with tcx', reason: TCX },
   // attack.test.js:
-  { file: 'dist/test/attack.test.js', name: 'attacks with tcx hooks and sk-assign steering', reason: `${TCX}; ${SK_ASSIGN}` },
+  {
+    file: 'dist/test/attack.test.js',
+    name: 'attacks with tcx hooks and sk-assign steering',
+    reason: `${TCX}; ${SK_ASSIGN}`,
+  },
   { file: 'dist/test/attack.test.js', name: 'attacks with tc hooks and sk-assign steering', reason: SK_ASSIGN },
   { file: 'dist/test/attack.test.js', name: 'attacks with tcx hooks and sk-lookup steering', reason: TCX },
 ];

@@ -3,7 +3,14 @@
 // and delays. Nothing here needs root or the kernel: only types come from bpf/src.
 import { closeSync } from 'node:fs';
 import type { AttachOptions, PodAttachment } from '../../bpf/src/index.js';
-import type { Annotator, CgroupFinder, NetnsFinder, PodRedirector, RedirectionAnnotation, ZdsPort } from '../../cni-agent/src/enrollment/reconciler.js';
+import type {
+  Annotator,
+  CgroupFinder,
+  NetnsFinder,
+  PodRedirector,
+  RedirectionAnnotation,
+  ZdsPort,
+} from '../../cni-agent/src/enrollment/reconciler.js';
 import type { SandboxStore } from '../../cni-agent/src/enrollment/sandbox-records.js';
 import type { Pod } from '../../cni-agent/src/pods/pod.js';
 import type { Logger } from '../../ztunnel-bridge/src/logger.js';
@@ -97,7 +104,14 @@ export class FakeRedirector implements PodRedirector {
 
   list(): Promise<{ uid: string; netnsPath: string; netnsPresent: boolean; mode?: string }[]> {
     this.calls.push({ op: 'list', at: performance.now() });
-    return Promise.resolve([...this.attachments.values()].map((a) => ({ uid: a.pod.uid, netnsPath: a.pod.netnsPath, netnsPresent: a.netnsPresent, mode: a.mode })));
+    return Promise.resolve(
+      [...this.attachments.values()].map((a) => ({
+        uid: a.pod.uid,
+        netnsPath: a.pod.netnsPath,
+        netnsPresent: a.netnsPresent,
+        mode: a.mode,
+      })),
+    );
   }
 
   verify(uid: string): Promise<{ found: boolean; ok: boolean; problems: string[] }> {
@@ -148,7 +162,8 @@ export class FakeZds implements ZdsPort {
   remove(uid: string): Promise<void> {
     this.known.delete(uid);
     this.removed.push(uid);
-    for (const p of this.pending.filter((w) => w.uid === uid)) p.resolve({ status: 'unreachable', reason: 'pod removed' });
+    for (const p of this.pending.filter((w) => w.uid === uid))
+      p.resolve({ status: 'unreachable', reason: 'pod removed' });
     this.pending = this.pending.filter((w) => w.uid !== uid);
     return Promise.resolve();
   }

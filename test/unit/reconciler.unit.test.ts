@@ -7,11 +7,32 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import { Reconciler, UPGRADE_IDLE_MS, type AddVerdict, type ReconcilerOptions } from '../../cni-agent/src/enrollment/reconciler.js';
-import { REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../../cni-agent/src/pods/pod.js';
+import {
+  Reconciler,
+  UPGRADE_IDLE_MS,
+  type AddVerdict,
+  type ReconcilerOptions,
+} from '../../cni-agent/src/enrollment/reconciler.js';
+import {
+  REDIRECTION_ANNOTATION,
+  type ClusterState,
+  type Namespace,
+  type Pod,
+  type SourceChange,
+} from '../../cni-agent/src/pods/pod.js';
 import { silentLogger } from '../../ztunnel-bridge/src/logger.js';
 import { sleep, until } from '../helpers/wait.js';
-import { failure, FakeCgroups, FakeNetns, FakeRedirector, FakeZds, Gate, MemorySandboxStore, RecordingAnnotator, RecordingLogger } from './fakes.js';
+import {
+  failure,
+  FakeCgroups,
+  FakeNetns,
+  FakeRedirector,
+  FakeZds,
+  Gate,
+  MemorySandboxStore,
+  RecordingAnnotator,
+  RecordingLogger,
+} from './fakes.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'abt-unit-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -29,7 +50,13 @@ interface PodSpec {
 function pod(name: string, spec: PodSpec = {}): Pod {
   const ip = spec.ip ?? ipOf(name);
   return {
-    metadata: { name, namespace: 'shop', uid: `uid-${name}`, labels: spec.labels ?? {}, annotations: spec.annotations ?? {} },
+    metadata: {
+      name,
+      namespace: 'shop',
+      uid: `uid-${name}`,
+      labels: spec.labels ?? {},
+      annotations: spec.annotations ?? {},
+    },
     spec: { serviceAccountName: name } as NonNullable<Pod['spec']>, // sources keep fields the type does not name
     status: { phase: 'Running', podIP: ip, podIPs: [{ ip }] },
   };
@@ -64,7 +91,16 @@ function rig(t: { after: (fn: () => void) => void }, names: string[], options: P
   const annotator = new RecordingAnnotator();
   const log = new RecordingLogger();
   for (const n of names) netns.paths.set(`uid-${n}`, netnsFile(n));
-  const reconciler = new Reconciler({ datapath: dp, zds, netns, log, annotator, initialBackoffMs: 20, maxBackoffMs: 80, ...options });
+  const reconciler = new Reconciler({
+    datapath: dp,
+    zds,
+    netns,
+    log,
+    annotator,
+    initialBackoffMs: 20,
+    maxBackoffMs: 80,
+    ...options,
+  });
   t.after(() => reconciler.stop());
   const states = () => Object.fromEntries(reconciler.status().map((s) => [s.name, s.state]));
   return { dp, zds, netns, annotator, log, reconciler, states };
@@ -81,12 +117,17 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     // Two more changes while the first attach is pending.
     const v2 = pod('web', { annotations: { 'ambient.istio.io/bypass-inbound-capture': 'true' } });
     reconciler.applyChanges([updated(v2)], state(v2));
-    const v3 = pod('web', { annotations: { 'ambient.istio.io/bypass-inbound-capture': 'true', 'istio.io/reroute-virtual-interfaces': 'tap0' } });
+    const v3 = pod('web', {
+      annotations: { 'ambient.istio.io/bypass-inbound-capture': 'true', 'istio.io/reroute-virtual-interfaces': 'tap0' },
+    });
     reconciler.applyChanges([updated(v3)], state(v3));
     await sleep(30);
     assert.equal(dp.attachCalls().length, 1, 'a second pass started while the first was in progress');
     dp.gate.open();
-    await until(() => dp.attachCalls().length === 2 && dp.attachments.get('uid-web')?.pod.bypassInbound === true, 'the pass for the later changes');
+    await until(
+      () => dp.attachCalls().length === 2 && dp.attachments.get('uid-web')?.pod.bypassInbound === true,
+      'the pass for the later changes',
+    );
     await sleep(30);
     assert.equal(dp.attachCalls().length, 2, 'the changes made meanwhile are one more pass, not one each');
     assert.equal(dp.maxConcurrentPerPod, 1, 'two datapath calls for the pod at once');
@@ -106,11 +147,17 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     const v2 = pod('api', { labels: { 'istio.io/dataplane-mode': 'none' } });
     reconciler.applyChanges([updated(v2)], state(v2));
     dp.gate.open();
-    await until(() => dp.detachCalls().length === 1 && zds.removed.length === 1 && !reconciler.status()[0]?.attached, 'detached after the attach in progress');
+    await until(
+      () => dp.detachCalls().length === 1 && zds.removed.length === 1 && !reconciler.status()[0]?.attached,
+      'detached after the attach in progress',
+    );
     await sleep(30);
     assert.equal(dp.attachments.size, 0);
     assert.equal(states().api, 'not ambient');
-    assert.deepEqual(dp.calls.filter((c) => c.op !== 'list').map((c) => c.op), ['attach', 'detach']);
+    assert.deepEqual(
+      dp.calls.filter((c) => c.op !== 'list').map((c) => c.op),
+      ['attach', 'detach'],
+    );
     assert.equal(dp.maxConcurrentPerPod, 1);
     assert.deepEqual(zds.removed, ['uid-api']);
     assert.equal(zds.known.size, 0);
@@ -127,11 +174,16 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     assert.match(reconciler.status()[0]!.reason, /attach failed/);
     await until(() => states().db === 'enabled', 'enabled once the datapath stops failing', 5000);
     // Each failure has its own message, so each is logged with the delay before its retry.
-    const retries = () => log.lines.filter((l) => l.msg === 'cannot reconcile pod; will retry').map((l) => l.obj.retryMs);
+    const retries = () =>
+      log.lines.filter((l) => l.msg === 'cannot reconcile pod; will retry').map((l) => l.obj.retryMs);
     assert.deepEqual(retries(), [20, 40, 80, 80, 80]);
     const at = dp.attachCalls('uid-db').map((c) => c.at);
     assert.equal(at.length, 6);
-    for (let i = 1; i < at.length; i++) assert.ok(at[i]! - at[i - 1]! >= [20, 40, 80, 80, 80][i - 1]! - 2, `retry ${i} came before its backoff: ${at[i]! - at[i - 1]!} ms`);
+    for (let i = 1; i < at.length; i++)
+      assert.ok(
+        at[i]! - at[i - 1]! >= [20, 40, 80, 80, 80][i - 1]! - 2,
+        `retry ${i} came before its backoff: ${at[i]! - at[i - 1]!} ms`,
+      );
     assert.equal(reconciler.reconcileErrors, 5);
     assert.ok(log.lines.some((l) => l.msg === 'pod reconciled after earlier failures'));
 
@@ -144,12 +196,19 @@ describe('reconciler (unit, fakes, no kernel)', () => {
   });
 
   it('with attach mode auto, attaches with tc and moves to tcx once no pod was enrolled for the idle delay', async (t) => {
-    const { dp, zds, reconciler, states } = rig(t, ['a', 'b'], { attachMode: 'auto', capture: { strict: false, dnsCapture: false } });
+    const { dp, zds, reconciler, states } = rig(t, ['a', 'b'], {
+      attachMode: 'auto',
+      capture: { strict: false, dnsCapture: false },
+    });
     await reconciler.start(state());
     const a = pod('a');
     reconciler.applyChanges([added(a)], state(a));
     await until(() => states().a === 'enabled', 'a enabled');
-    assert.deepEqual(dp.attachCalls().map((c) => c.mode), ['tc'], 'not on the tc fast path');
+    assert.deepEqual(
+      dp.attachCalls().map((c) => c.mode),
+      ['tc'],
+      'not on the tc fast path',
+    );
     await sleep(UPGRADE_IDLE_MS / 2);
     // Another pod enrolled: the node is not idle yet, nothing moves.
     const b = pod('b');
@@ -158,27 +217,46 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     const bEnrolledAt = dp.attachCalls('uid-b')[0]!.at;
     await until(() => dp.attachCalls().filter((c) => c.mode === 'tcx').length === 2, 'both moved to tcx', 5000);
     const moves = dp.attachCalls().filter((c) => c.mode === 'tcx');
-    assert.deepEqual(moves.map((c) => c.uid), ['uid-a', 'uid-b'], 'moved one at a time, in order');
-    assert.ok(moves[0]!.at - bEnrolledAt >= UPGRADE_IDLE_MS - 5, `moved ${moves[0]!.at - bEnrolledAt} ms after the last enrollment`);
-    assert.deepEqual([...dp.attachments.values()].map((x) => x.mode), ['tcx', 'tcx']);
+    assert.deepEqual(
+      moves.map((c) => c.uid),
+      ['uid-a', 'uid-b'],
+      'moved one at a time, in order',
+    );
+    assert.ok(
+      moves[0]!.at - bEnrolledAt >= UPGRADE_IDLE_MS - 5,
+      `moved ${moves[0]!.at - bEnrolledAt} ms after the last enrollment`,
+    );
+    assert.deepEqual(
+      [...dp.attachments.values()].map((x) => x.mode),
+      ['tcx', 'tcx'],
+    );
     assert.equal(zds.enrolled.length, 2, 'the move is not a new hand-off to ztunnel');
     assert.deepEqual(states(), { a: 'enabled', b: 'enabled' });
   });
 
   it('with attach mode auto, a kernel without tcx leaves the pod on tc, and later pods skip the fast path', async (t) => {
-    const { dp, reconciler, states } = rig(t, ['c', 'd'], { attachMode: 'auto', capture: { strict: false, dnsCapture: false } });
+    const { dp, reconciler, states } = rig(t, ['c', 'd'], {
+      attachMode: 'auto',
+      capture: { strict: false, dnsCapture: false },
+    });
     await reconciler.start(state());
     const c = pod('c');
     reconciler.applyChanges([added(c)], state(c));
     await until(() => states().c === 'enabled', 'c enabled');
     dp.attachFailures.push(failure('no tcx links here', 'EKERNEL'));
     await until(() => dp.attachCalls().length >= 3, 'the failed move and the pass after it', 5000);
-    assert.deepEqual(dp.attachCalls().map((x) => x.mode), ['tc', 'tcx', 'auto']);
+    assert.deepEqual(
+      dp.attachCalls().map((x) => x.mode),
+      ['tc', 'tcx', 'auto'],
+    );
     assert.equal(states().c, 'enabled', 'a failed move must leave the pod redirected');
     const d = pod('d');
     reconciler.applyChanges([added(d)], state(c, d));
     await until(() => states().d === 'enabled', 'd enabled');
-    assert.deepEqual(dp.attachCalls('uid-d').map((x) => x.mode), ['auto']);
+    assert.deepEqual(
+      dp.attachCalls('uid-d').map((x) => x.mode),
+      ['auto'],
+    );
   });
 
   it('a CNI ADD answers only once ztunnel acked; a nack answers the failure and is retried', async (t) => {
@@ -230,7 +308,13 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     dp.broken.add('uid-bad');
     await reconciler.verifyAll();
     assert.equal(reconciler.driftRepairs, 1);
-    assert.deepEqual(dp.attachCalls().map((c) => c.uid).sort(), ['uid-bad', 'uid-bad', 'uid-ok']);
+    assert.deepEqual(
+      dp
+        .attachCalls()
+        .map((c) => c.uid)
+        .sort(),
+      ['uid-bad', 'uid-bad', 'uid-ok'],
+    );
     assert.equal(zds.enrolled.length, 2, 'a repair is not a new hand-off to ztunnel');
   });
 
@@ -261,7 +345,10 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     reconciler.ztunnelStatus('uid-cart', { status: 'unreachable', reason: 'ztunnel restarted' });
     await until(() => annotator.values().length === 2, 'the pending annotation');
     assert.equal(states().cart, 'pending');
-    const v4 = pod('cart', { labels: { app: 'cart-v2', 'istio.io/dataplane-mode': 'none' }, annotations: { [REDIRECTION_ANNOTATION]: 'pending' } });
+    const v4 = pod('cart', {
+      labels: { app: 'cart-v2', 'istio.io/dataplane-mode': 'none' },
+      annotations: { [REDIRECTION_ANNOTATION]: 'pending' },
+    });
     reconciler.applyChanges([updated(v4)], state(v4));
     await until(() => annotator.values().length === 3, 'the annotation removed');
     assert.deepEqual(annotator.values(), ['enabled', 'pending', undefined]);
@@ -287,23 +374,50 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     const path = (n: string) => netns.paths.get(`uid-${n}`)!;
     for (const n of ['kept', 'optedout', 'gone']) dp.preload({ uid: `uid-${n}`, netnsPath: path(n), ips: [ipOf(n)] });
     const kept = pod('kept', { annotations: { [REDIRECTION_ANNOTATION]: 'enabled' } });
-    const optedOut = pod('optedout', { labels: { 'istio.io/dataplane-mode': 'none' }, annotations: { [REDIRECTION_ANNOTATION]: 'enabled' } });
+    const optedOut = pod('optedout', {
+      labels: { 'istio.io/dataplane-mode': 'none' },
+      annotations: { [REDIRECTION_ANNOTATION]: 'enabled' },
+    });
 
     await reconciler.adopt(state(kept, optedOut));
-    assert.deepEqual(dp.calls.map((c) => c.op), ['list'], 'adopting changed the datapath');
-    assert.deepEqual(zds.remembered.map((p) => [p.uid, p.info, p.netnsFd !== undefined]), [['uid-kept', { name: 'kept', namespace: 'shop', serviceAccount: 'kept' }, true]], 'the first snapshot must hold the adopted pod, and only it');
+    assert.deepEqual(
+      dp.calls.map((c) => c.op),
+      ['list'],
+      'adopting changed the datapath',
+    );
+    assert.deepEqual(
+      zds.remembered.map((p) => [p.uid, p.info, p.netnsFd !== undefined]),
+      [['uid-kept', { name: 'kept', namespace: 'shop', serviceAccount: 'kept' }, true]],
+      'the first snapshot must hold the adopted pod, and only it',
+    );
     assert.equal(zds.enrolled.length, 0);
 
     await reconciler.reconcileAll();
-    assert.deepEqual(dp.detachCalls().map((c) => c.uid).sort(), ['uid-gone', 'uid-optedout']);
+    assert.deepEqual(
+      dp
+        .detachCalls()
+        .map((c) => c.uid)
+        .sort(),
+      ['uid-gone', 'uid-optedout'],
+    );
     assert.deepEqual([...dp.attachments.keys()], ['uid-kept']);
     // The adopted pod is updated in place in the netns it was attached in (not looked up again).
-    assert.deepEqual(dp.attachCalls().map((c) => [c.uid, c.pod?.netnsPath]), [['uid-kept', path('kept')]]);
+    assert.deepEqual(
+      dp.attachCalls().map((c) => [c.uid, c.pod?.netnsPath]),
+      [['uid-kept', path('kept')]],
+    );
     assert.equal(netns.finds, 0);
     assert.deepEqual(zds.removed.sort(), ['uid-gone', 'uid-optedout']);
-    assert.deepEqual(zds.enrolled.map((p) => p.uid), ['uid-kept']);
+    assert.deepEqual(
+      zds.enrolled.map((p) => p.uid),
+      ['uid-kept'],
+    );
     assert.deepEqual(states(), { kept: 'enabled', optedout: 'not ambient' });
-    assert.equal(reconciler.status().some((s) => s.uid === 'uid-gone'), false, 'a pod gone from the source is forgotten once detached');
+    assert.equal(
+      reconciler.status().some((s) => s.uid === 'uid-gone'),
+      false,
+      'a pod gone from the source is forgotten once detached',
+    );
     // The stale annotation of the pod that opted out is removed; the adopted one's is left alone.
     assert.deepEqual(annotator.writes, [{ pod: 'optedout', value: undefined }]);
   });
@@ -329,7 +443,10 @@ describe('reconciler (unit, fakes, no kernel)', () => {
 
     reconciler.applyChanges([deleted(p)], state());
     await until(() => reconciler.status().length === 0, 'the pod forgotten');
-    assert.deepEqual(dp.detachCalls().map((c) => c.uid), ['uid-job']);
+    assert.deepEqual(
+      dp.detachCalls().map((c) => c.uid),
+      ['uid-job'],
+    );
     assert.equal(dp.attachments.size, 0);
     assert.deepEqual(zds.removed, ['uid-job']);
     assert.equal(zds.known.size, 0);
@@ -349,7 +466,7 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     };
     const { dp, log, reconciler } = rig(t, ['w'], { interfaces, interfaceDebounceMs: 40, interfaceMaxDelayMs: 1000 });
     await reconciler.start(state(pod('w')));
-    assert.ok(onChange, 'the pod\'s netns is watched');
+    assert.ok(onChange, "the pod's netns is watched");
     const passes = () => dp.attachCalls('uid-w').length;
     const logged = () => log.lines.filter((l) => /interfaces (or addresses changed|lost track)/.test(l.msg)).length;
     assert.equal(passes(), 1);

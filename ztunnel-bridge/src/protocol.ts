@@ -53,7 +53,10 @@ function encode(type: protobuf.Type, value: object): Buffer {
 }
 
 export const encodeHello = (h: ZdsHello): Buffer => encode(types.hello, h);
-export const decodeHello = (b: Uint8Array): ZdsHello => ({ version: 0, ...decode<Partial<ZdsHello>>(types.hello, b, 'ZdsHello') });
+export const decodeHello = (b: Uint8Array): ZdsHello => ({
+  version: 0,
+  ...decode<Partial<ZdsHello>>(types.hello, b, 'ZdsHello'),
+});
 export const encodeRequest = (r: WorkloadRequest): Buffer => encode(types.request, r);
 export const encodeResponse = (r: WorkloadResponse): Buffer => encode(types.response, r);
 
@@ -61,7 +64,8 @@ export const encodeResponse = (r: WorkloadResponse): Buffer => encode(types.resp
 export function decodeRequest(b: Uint8Array): WorkloadRequest {
   const r = decode<Record<string, unknown>>(types.request, b, 'WorkloadRequest');
   const keys = Object.keys(r);
-  if (keys.length !== 1) throw new ProtocolError(`WorkloadRequest with ${keys.length === 0 ? 'no' : 'more than one'} payload`);
+  if (keys.length !== 1)
+    throw new ProtocolError(`WorkloadRequest with ${keys.length === 0 ? 'no' : 'more than one'} payload`);
   const req = r as WorkloadRequest;
   if ('add' in req) req.add.uid ??= '';
   if ('del' in req) req.del.uid ??= '';

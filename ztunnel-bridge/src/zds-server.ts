@@ -8,7 +8,14 @@
 // protocol error and closes that connection.
 import { chmodSync, existsSync, fstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { closeFd, dupFd, SeqpacketServer, type PeerCredentials, type SeqpacketError, type SeqpacketSocket } from '../../bpf/src/node-netns.js';
+import {
+  closeFd,
+  dupFd,
+  SeqpacketServer,
+  type PeerCredentials,
+  type SeqpacketError,
+  type SeqpacketSocket,
+} from '../../bpf/src/node-netns.js';
 import {
   decodeHello,
   decodeResponse,
@@ -24,9 +31,7 @@ import { silentLogger, type Logger } from './logger.js';
 export const DEFAULT_ZTUNNEL_SOCKET = '/var/run/ztunnel/ztunnel.sock';
 
 export type ZtunnelResult =
-  | { status: 'acked' }
-  | { status: 'nacked'; error: string }
-  | { status: 'unreachable'; reason: string };
+  { status: 'acked' } | { status: 'nacked'; error: string } | { status: 'unreachable'; reason: string };
 
 export interface PodEnrollment {
   uid: string;
@@ -176,7 +181,10 @@ export class ZdsServer {
   /** Oldest first: Add goes to the last one. */
   private readonly connections: ZtunnelConnection[] = [];
   /** enroll() calls that wait for a snapshot in progress on a connection. */
-  private readonly snapshotWaiters = new Map<string, { connection: ZtunnelConnection; resolve: (r: ZtunnelResult) => void }[]>();
+  private readonly snapshotWaiters = new Map<
+    string,
+    { connection: ZtunnelConnection; resolve: (r: ZtunnelResult) => void }[]
+  >();
   private server: SeqpacketServer | undefined;
 
   constructor(private readonly options: ZdsServerOptions = {}) {
@@ -242,7 +250,8 @@ export class ZdsServer {
       throw new Error('a pod needs a uid, a name and a namespace');
     }
     const previous = this.pods.get(pod.uid);
-    const sameNetns = previous?.netnsFd !== undefined && pod.netnsFd !== undefined && sameFile(previous.netnsFd, pod.netnsFd);
+    const sameNetns =
+      previous?.netnsFd !== undefined && pod.netnsFd !== undefined && sameFile(previous.netnsFd, pod.netnsFd);
     if (previous?.netnsFd !== undefined && previous.netnsFd !== pod.netnsFd) closeFd(previous.netnsFd);
     this.pods.set(pod.uid, pod);
     const connection = this.connections.at(-1);

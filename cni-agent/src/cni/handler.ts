@@ -83,7 +83,8 @@ export class CniHandler {
     try {
       const command = req.env.CNI_COMMAND;
       if (!command) throw new CniFailure(CniCode.InvalidEnvironment, 'CNI_COMMAND is not set');
-      if (!COMMANDS.includes(command)) throw new CniFailure(CniCode.InvalidEnvironment, `unknown CNI_COMMAND ${command}`);
+      if (!COMMANDS.includes(command))
+        throw new CniFailure(CniCode.InvalidEnvironment, `unknown CNI_COMMAND ${command}`);
       const config = this.parseConfig(req.stdin);
       version = config.cniVersion;
       if (command === 'VERSION') return ok({ cniVersion: version, supportedVersions: SUPPORTED_CNI_VERSIONS });
@@ -108,12 +109,24 @@ export class CniHandler {
       // CHECK: an ambient pod must be redirected and acked (the pod found as for ADD).
       const { pod } = await this.podForAdd(req.env, namespace, name, args.K8S_POD_UID);
       if (name && this.isAmbient(pod) && !(uid && this.deps.reconciler.isEnabled(uid))) {
-        throw new CniFailure(CniCode.TryAgainLater, `ambient pod ${namespace}/${name} is not redirected and acked by ztunnel`);
+        throw new CniFailure(
+          CniCode.TryAgainLater,
+          `ambient pod ${namespace}/${name} is not redirected and acked by ztunnel`,
+        );
       }
       return ok(undefined);
     } catch (err) {
       const f = err instanceof CniFailure ? err : new CniFailure(999, `internal error: ${(err as Error).message}`);
-      return { exitCode: 1, stdout: JSON.stringify({ cniVersion: version, code: f.code, msg: f.message, ...(f.details ? { details: f.details } : {}) }) + '\n' };
+      return {
+        exitCode: 1,
+        stdout:
+          JSON.stringify({
+            cniVersion: version,
+            code: f.code,
+            msg: f.message,
+            ...(f.details ? { details: f.details } : {}),
+          }) + '\n',
+      };
     }
   }
 
@@ -122,15 +135,22 @@ export class CniHandler {
     try {
       config = JSON.parse(stdin);
     } catch (err) {
-      throw new CniFailure(CniCode.DecodingFailure, `cannot decode the network configuration: ${(err as Error).message}`);
+      throw new CniFailure(
+        CniCode.DecodingFailure,
+        `cannot decode the network configuration: ${(err as Error).message}`,
+      );
     }
     if (typeof config !== 'object' || config === null || Array.isArray(config)) {
       throw new CniFailure(CniCode.DecodingFailure, 'the network configuration is not a JSON object');
     }
     const { cniVersion } = config as { cniVersion?: unknown };
-    if (typeof cniVersion !== 'string') throw new CniFailure(CniCode.InvalidConfig, 'the network configuration has no cniVersion');
+    if (typeof cniVersion !== 'string')
+      throw new CniFailure(CniCode.InvalidConfig, 'the network configuration has no cniVersion');
     if (!SUPPORTED_CNI_VERSIONS.includes(cniVersion)) {
-      throw new CniFailure(CniCode.IncompatibleVersion, `CNI version ${cniVersion} is not supported (supported: ${SUPPORTED_CNI_VERSIONS.join(', ')})`);
+      throw new CniFailure(
+        CniCode.IncompatibleVersion,
+        `CNI version ${cniVersion} is not supported (supported: ${SUPPORTED_CNI_VERSIONS.join(', ')})`,
+      );
     }
     return config as { cniVersion: string };
   }
@@ -153,12 +173,20 @@ export class CniHandler {
   /** The pod an ADD is for: from the watch cache; else, with the Kubernetes source, from the API
    * (the watch event may come after the ADD), failing closed when the API does not answer and the
    * pod may be ambient; else a pod without labels, judged by its namespace. */
-  private async podForAdd(env: Record<string, string>, namespace: string, name: string, uid: string | undefined): Promise<{ pod: Pod; from: PodOrigin }> {
-    const unknown = (): Pod => ({ metadata: { name, namespace, uid: uid || `cni-${env.CNI_CONTAINERID}`, labels: {} } });
+  private async podForAdd(
+    env: Record<string, string>,
+    namespace: string,
+    name: string,
+    uid: string | undefined,
+  ): Promise<{ pod: Pod; from: PodOrigin }> {
+    const unknown = (): Pod => ({
+      metadata: { name, namespace, uid: uid || `cni-${env.CNI_CONTAINERID}`, labels: {} },
+    });
     if (!name) return { pod: unknown(), from: 'namespace' };
     const cached = this.findPod(namespace, name, uid);
     if (cached) return { pod: cached, from: 'cache' };
-    if (!this.deps.lookup || this.deps.policy.excludedNamespaces.includes(namespace)) return { pod: unknown(), from: 'namespace' };
+    if (!this.deps.lookup || this.deps.policy.excludedNamespaces.includes(namespace))
+      return { pod: unknown(), from: 'namespace' };
     try {
       const fetched = await this.deps.lookup(namespace, name);
       // Another pod of the same name (this sandbox's pod was deleted and made again) is not it.
@@ -176,24 +204,44 @@ export class CniHandler {
           'pod-label': 'pods of its namespace opt in by label',
           held: 'the agent holds pods it has not seen (--unseen-pods=hold)',
         }[mode];
-        this.deps.log.warn({ pod: `${namespace}/${name}`, error: message }, 'CNI ADD for a pod not in the watch cache, and the Kubernetes API did not answer: failing closed');
-        throw new CniFailure(CniCode.TryAgainLater, `pod ${namespace}/${name} is not in the agent's watch cache yet and the Kubernetes API did not answer (${message}); it may be ambient (${why}), so it does not start before the agent can tell`);
+        this.deps.log.warn(
+          { pod: `${namespace}/${name}`, error: message },
+          'CNI ADD for a pod not in the watch cache, and the Kubernetes API did not answer: failing closed',
+        );
+        throw new CniFailure(
+          CniCode.TryAgainLater,
+          `pod ${namespace}/${name} is not in the agent's watch cache yet and the Kubernetes API did not answer (${message}); it may be ambient (${why}), so it does not start before the agent can tell`,
+        );
       }
-      this.deps.log.warn({ pod: `${namespace}/${name}`, error: message }, 'CNI ADD for a pod not in the watch cache, and the Kubernetes API did not answer; no pod of its namespace is ambient: judged by its namespace');
+      this.deps.log.warn(
+        { pod: `${namespace}/${name}`, error: message },
+        'CNI ADD for a pod not in the watch cache, and the Kubernetes API did not answer; no pod of its namespace is ambient: judged by its namespace',
+      );
       return { pod: unknown(), from: 'namespace' };
     }
   }
 
-  private async add(config: { prevResult?: unknown }, env: Record<string, string>, namespace: string, name: string, uid: string | undefined): Promise<CniResponse> {
+  private async add(
+    config: { prevResult?: unknown },
+    env: Record<string, string>,
+    namespace: string,
+    name: string,
+    uid: string | undefined,
+  ): Promise<CniResponse> {
     const prev = config.prevResult as { ips?: { address?: unknown }[] } | undefined;
     if (typeof prev !== 'object' || prev === null) {
-      throw new CniFailure(CniCode.InvalidConfig, 'no prevResult: ambient-bpf-cni must be chained after the plugin that sets up the pod interface');
+      throw new CniFailure(
+        CniCode.InvalidConfig,
+        'no prevResult: ambient-bpf-cni must be chained after the plugin that sets up the pod interface',
+      );
     }
     const phases = new PhaseClock();
     const passThrough = ok(prev);
     const { pod, from } = await this.podForAdd(env, namespace, name, uid);
     if (!name || !this.isAmbient(pod)) return passThrough;
-    const ips = (prev.ips ?? []).map((i) => (typeof i.address === 'string' ? i.address.split('/')[0]! : '')).filter(Boolean);
+    const ips = (prev.ips ?? [])
+      .map((i) => (typeof i.address === 'string' ? i.address.split('/')[0]! : ''))
+      .filter(Boolean);
     if (ips.length === 0) throw new CniFailure(CniCode.InvalidConfig, 'prevResult has no IP addresses for the pod');
     let netns: string;
     try {
@@ -205,12 +253,18 @@ export class CniHandler {
     const r = await this.deps.reconciler.cniAdd(pod, netns, ips, env.CNI_CONTAINERID, phases);
     phases.mark('answer');
     if (!r.ok) {
-      this.deps.log.warn({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, reason: r.reason, ms: phases.ms }, 'CNI ADD failed for an ambient pod; the runtime will retry');
+      this.deps.log.warn(
+        { uid: pod.metadata.uid, pod: `${namespace}/${name}`, reason: r.reason, ms: phases.ms },
+        'CNI ADD failed for an ambient pod; the runtime will retry',
+      );
       throw new CniFailure(CniCode.TryAgainLater, `ambient pod ${namespace}/${name} is not ready: ${r.reason}`);
     }
     // ms: where the ADD's time went (pod lookup, waiting for the pod's reconcile pass, netns, cgroup,
     // datapath attach, ztunnel's Add to its ack, the answer).
-    this.deps.log.info({ uid: pod.metadata.uid, pod: `${namespace}/${name}`, from, ms: phases.ms }, 'CNI ADD: pod redirected and acked by ztunnel');
+    this.deps.log.info(
+      { uid: pod.metadata.uid, pod: `${namespace}/${name}`, from, ms: phases.ms },
+      'CNI ADD: pod redirected and acked by ztunnel',
+    );
     return passThrough;
   }
 }

@@ -28,7 +28,11 @@ export class NetnsPathError extends Error {
 
 /** The agent's view of a CNI_NETNS path (`hostPath` maps it under --host-root), once it is known
  * to be acceptable; throws NetnsPathError saying why not. */
-export function checkNetnsPath(path: string, hostPath: (p: string) => string = (p) => p, netnsDirs: readonly string[] = DEFAULT_NETNS_DIRECTORIES): string {
+export function checkNetnsPath(
+  path: string,
+  hostPath: (p: string) => string = (p) => p,
+  netnsDirs: readonly string[] = DEFAULT_NETNS_DIRECTORIES,
+): string {
   const directories = netnsDirectoryAliases(netnsDirs);
   if (!path.startsWith('/') || posix.normalize(path) !== path || path.endsWith('/')) {
     throw new NetnsPathError(`${JSON.stringify(path)} is not a plain absolute path`);
@@ -55,7 +59,8 @@ export function checkNetnsPath(path: string, hostPath: (p: string) => string = (
       return undefined;
     }
   });
-  if (!allowed.includes(real)) throw new NetnsPathError(`${path} resolves into ${real}, not a network namespace directory`);
+  if (!allowed.includes(real))
+    throw new NetnsPathError(`${path} resolves into ${real}, not a network namespace directory`);
   return notTheNodes(path, local);
 }
 

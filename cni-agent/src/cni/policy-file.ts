@@ -15,7 +15,12 @@ const END = 'end';
 /** How the plugin treats a namespace's pods it has no line for. */
 type NamespaceMode = 'excluded' | 'ambient' | 'pod-label' | 'held' | 'none';
 
-function namespaceMode(name: string, state: ClusterState, policy: SelectionPolicy, podSelected: Set<string>): NamespaceMode {
+function namespaceMode(
+  name: string,
+  state: ClusterState,
+  policy: SelectionPolicy,
+  podSelected: Set<string>,
+): NamespaceMode {
   if (policy.excludedNamespaces.includes(name)) return 'excluded';
   // A pod with no labels would be selected here (with the default selectors: the namespace is
   // labelled ambient): a pod the plugin never saw is ambient unless its own labels opt out.
@@ -37,21 +42,33 @@ export function namespaceModeOf(name: string, state: ClusterState, policy: Selec
 /** Namespaces where some pod the agent knows is selected (by its labels and its namespace's). */
 function namespacesWithSelectedPods(state: ClusterState, policy: SelectionPolicy): Set<string> {
   const selectors = policy.enablementSelectors;
-  return new Set([...state.pods.values()].filter((p) => selectors.match(p.metadata.labels, state.namespaces.get(p.metadata.namespace)?.metadata.labels) >= 0).map((p) => p.metadata.namespace));
+  return new Set(
+    [...state.pods.values()]
+      .filter(
+        (p) => selectors.match(p.metadata.labels, state.namespaces.get(p.metadata.namespace)?.metadata.labels) >= 0,
+      )
+      .map((p) => p.metadata.namespace),
+  );
 }
 
 /** The policy as text; see the plugin for how it is read. */
 export function renderCniPolicy(state: ClusterState, policy: SelectionPolicy): string {
-  const lines = ['# ambient-bpf: read by ambient-bpf-cni when the agent is unreachable. Generated; do not edit.', MAGIC];
+  const lines = [
+    '# ambient-bpf: read by ambient-bpf-cni when the agent is unreachable. Generated; do not edit.',
+    MAGIC,
+  ];
   const podSelected = namespacesWithSelectedPods(state, policy);
   const namespaces = new Set([...state.namespaces.keys(), ...policy.excludedNamespaces]);
-  for (const name of [...namespaces].sort()) lines.push(`namespace ${name} ${namespaceMode(name, state, policy, podSelected)}`);
+  for (const name of [...namespaces].sort())
+    lines.push(`namespace ${name} ${namespaceMode(name, state, policy, podSelected)}`);
   for (const pod of state.pods.values()) {
     const { namespace, name } = pod.metadata;
     if (!/^[^\s]+$/.test(name) || !/^[^\s]+$/.test(namespace)) continue;
     // The uid last: a plugin of the previous release reads the first four fields only.
     const uid = /^[^\s]+$/.test(pod.metadata.uid) ? ` ${pod.metadata.uid}` : '';
-    lines.push(`pod ${namespace} ${name} ${selectPod(pod, state.namespaces.get(namespace), policy).ambient ? 'ambient' : 'none'}${uid}`);
+    lines.push(
+      `pod ${namespace} ${name} ${selectPod(pod, state.namespaces.get(namespace), policy).ambient ? 'ambient' : 'none'}${uid}`,
+    );
   }
   lines.push(END);
   return lines.join('\n') + '\n';

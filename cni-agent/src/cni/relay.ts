@@ -42,12 +42,17 @@ export async function serveRelay(path: string, handle: (req: CniRequest) => Prom
       try {
         req = parseRelayRequest(Buffer.concat(chunks));
       } catch (err) {
-        return void socket.end(`1\n${JSON.stringify({ cniVersion: '1.1.0', code: 4, msg: `bad request from the plugin: ${(err as Error).message}` })}\n`);
+        return void socket.end(
+          `1\n${JSON.stringify({ cniVersion: '1.1.0', code: 4, msg: `bad request from the plugin: ${(err as Error).message}` })}\n`,
+        );
       }
       handle(req).then(
         (res) => socket.end(`${res.exitCode}\n${res.stdout}`),
         // A bug must not take the agent down; the runtime retries the ADD.
-        (err: Error) => socket.end(`1\n${JSON.stringify({ cniVersion: '1.1.0', code: 11, msg: `the agent failed on this request: ${err.message}` })}\n`),
+        (err: Error) =>
+          socket.end(
+            `1\n${JSON.stringify({ cniVersion: '1.1.0', code: 11, msg: `the agent failed on this request: ${err.message}` })}\n`,
+          ),
       );
     });
   });

@@ -1,6 +1,15 @@
 // `ambient-bpf datapath ...`: direct access to the pod datapath, for operators and for checks.
 import type { ArgumentsCamelCase, Argv, CommandModule } from 'yargs';
-import { ATTACH_MODES, chooseModes, Datapath, DEFAULT_ATTACH_MODE, DEFAULT_BPFFS_ROOT, probeKernel, type AttachMode, type AttachedPod } from '../../../bpf/src/index.js';
+import {
+  ATTACH_MODES,
+  chooseModes,
+  Datapath,
+  DEFAULT_ATTACH_MODE,
+  DEFAULT_BPFFS_ROOT,
+  probeKernel,
+  type AttachMode,
+  type AttachedPod,
+} from '../../../bpf/src/index.js';
 import { kernelStatus } from '../ops/status-api.js';
 import { formatKernel } from './status.js';
 import { renderTable } from '../table.js';
@@ -26,7 +35,6 @@ function bpffsOption<T>(y: Argv<T>): Argv<T & CommonArgs> {
     describe: 'bpffs directory for the datapath maps and per-pod pins',
   });
 }
-
 
 type AttachArgs = CommonArgs & {
   netns: string;
@@ -54,15 +62,41 @@ const attach: CommandModule<CommonArgs, AttachArgs> = {
         default: DEFAULT_ATTACH_MODE,
         describe: 'tcx links (Linux 6.6+), the clsact/cls_bpf fallback, or auto (tcx where the kernel has it, probed)',
       })
-      .option('bypass-inbound', { type: 'boolean', default: false, describe: 'no inbound capture (ambient.istio.io/bypass-inbound-capture)' })
-      .option('strict', { type: 'boolean', default: false, describe: 'drop what the pod sends around ztunnel (UDP but DNS, other protocols)' })
-      .option('reroute', { type: 'string', array: true, default: [] as string[], describe: 'an interface whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces; repeat)' })
-      .option('pod-cgroup', { type: 'string', describe: "the pod's cgroup v2 directory: refuse PACKET_QDISC_BYPASS there and capture its DNS" })
-      .option('dns-capture', { type: 'boolean', default: true, describe: "capture DNS at --pod-cgroup (--no-dns-capture: the guard only)" })
-      .option('node-netns', { type: 'string', describe: "the netns of the pod's veth peer: handle kubelet probes there" }),
+      .option('bypass-inbound', {
+        type: 'boolean',
+        default: false,
+        describe: 'no inbound capture (ambient.istio.io/bypass-inbound-capture)',
+      })
+      .option('strict', {
+        type: 'boolean',
+        default: false,
+        describe: 'drop what the pod sends around ztunnel (UDP but DNS, other protocols)',
+      })
+      .option('reroute', {
+        type: 'string',
+        array: true,
+        default: [] as string[],
+        describe: 'an interface whose inbound TCP goes to 15001 (istio.io/reroute-virtual-interfaces; repeat)',
+      })
+      .option('pod-cgroup', {
+        type: 'string',
+        describe: "the pod's cgroup v2 directory: refuse PACKET_QDISC_BYPASS there and capture its DNS",
+      })
+      .option('dns-capture', {
+        type: 'boolean',
+        default: true,
+        describe: 'capture DNS at --pod-cgroup (--no-dns-capture: the guard only)',
+      })
+      .option('node-netns', {
+        type: 'string',
+        describe: "the netns of the pod's veth peer: handle kubelet probes there",
+      }),
   handler: async (args: ArgumentsCamelCase<AttachArgs>) => {
     // auto: the hooks the probed kernel allows (a one-off attach has no later move to tcx).
-    const mode = args.attachMode === 'auto' ? chooseModes((await probeKernel()).features, { attachMode: 'auto' }).hooks : args.attachMode;
+    const mode =
+      args.attachMode === 'auto'
+        ? chooseModes((await probeKernel()).features, { attachMode: 'auto' }).hooks
+        : args.attachMode;
     const r = await withDatapath(args, (dp) =>
       dp.attach(
         {
@@ -126,7 +160,10 @@ const verify: CommandModule<CommonArgs, CommonArgs & { uid: string }> = {
   describe: "check that a pod's hooks, rules, routes and sysctls are in place",
   builder: (y) => bpffsOption(y).option('uid', { type: 'string', demandOption: true, describe: 'pod UID' }),
   handler: async (args) => {
-    const [r, pod] = await withDatapath(args, async (dp) => [await dp.verify(args.uid), (await dp.list()).find((p) => p.uid === args.uid)] as const);
+    const [r, pod] = await withDatapath(
+      args,
+      async (dp) => [await dp.verify(args.uid), (await dp.list()).find((p) => p.uid === args.uid)] as const,
+    );
     if (!r.found) throw new CliError(`${args.uid} is not attached`);
     if (!r.ok) throw new CliError(`${args.uid}: ${r.problems.join('; ')}`);
     const captured = pod ? [pod.interface || `#${pod.ifindex}`, ...pod.otherInterfaces.map((i) => i.name)] : [];
@@ -147,10 +184,19 @@ const gc: CommandModule<CommonArgs, CommonArgs> = {
 const downgrade: CommandModule<CommonArgs, CommonArgs & { layout: number }> = {
   command: 'downgrade',
   describe: `hand the node's pins to an older release (layout 1: v0.1.0; this release pins layout ${Datapath.layout}); stop the agent first`,
-  builder: (y) => bpffsOption(y).option('layout', { type: 'number', demandOption: true, describe: 'the datapath layout of the release to hand over to' }),
+  builder: (y) =>
+    bpffsOption(y).option('layout', {
+      type: 'number',
+      demandOption: true,
+      describe: 'the datapath layout of the release to hand over to',
+    }),
   handler: async (args) => {
     const from = await Datapath.downgrade(args.layout, { bpffsRoot: args.bpffs });
-    process.stdout.write(from > args.layout ? `pins under ${args.bpffs}: layout ${from} -> ${args.layout}\n` : `pins under ${args.bpffs} are layout ${from}: nothing to do\n`);
+    process.stdout.write(
+      from > args.layout
+        ? `pins under ${args.bpffs}: layout ${from} -> ${args.layout}\n`
+        : `pins under ${args.bpffs} are layout ${from}: nothing to do\n`,
+    );
   },
 };
 
@@ -167,7 +213,8 @@ const kernel: CommandModule<object, { json: boolean }> = {
 
 export const datapathCommand: CommandModule = {
   command: 'datapath <command>',
-  describe: 'attach, detach, list, verify and collect pod datapaths directly; hand the node to an older release; probe the kernel',
+  describe:
+    'attach, detach, list, verify and collect pod datapaths directly; hand the node to an older release; probe the kernel',
   builder: (y) =>
     y
       .command(attach as unknown as CommandModule)

@@ -10,14 +10,17 @@ interface DemoArgs {
   'attach-mode': AttachMode;
 }
 
-
 export const demoCommand: CommandModule<object, DemoArgs> = {
   command: 'demo',
   describe: 'run the embedded default: pods as network namespaces, the agent and the ztunnel stand-in, with traffic',
   builder: (y) =>
     y
       .option('keep', { type: 'boolean', default: false, describe: 'leave it running for exploration until Ctrl-C' })
-      .option('attach-mode', { choices: ATTACH_MODES, default: DEFAULT_ATTACH_MODE, describe: 'how the datapath attaches' })
+      .option('attach-mode', {
+        choices: ATTACH_MODES,
+        default: DEFAULT_ATTACH_MODE,
+        describe: 'how the datapath attaches',
+      })
       .epilog('Needs root. Everything it makes (namespaces, pins, sockets, processes) is removed at the end.'),
   handler: async (args) => {
     if (process.getuid?.() !== 0) throw new CliError('the demo needs root (network namespaces and BPF)');
@@ -45,6 +48,8 @@ export const demoCommand: CommandModule<object, DemoArgs> = {
     await demo.teardown();
     process.off('SIGINT', interrupted);
     if (problems.length) throw new CliError(`not as expected: ${problems.join('; ')}`);
-    process.stdout.write('\nEverything behaved as expected: ambient pods went through ztunnel with their original destinations; the others went direct.\n');
+    process.stdout.write(
+      '\nEverything behaved as expected: ambient pods went through ztunnel with their original destinations; the others went direct.\n',
+    );
   },
 };

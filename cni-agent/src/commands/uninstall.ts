@@ -24,16 +24,45 @@ interface UninstallArgs {
 
 export const uninstallCommand: CommandModule<object, UninstallArgs> = {
   command: 'uninstall',
-  describe: 'remove the CNI plugin, its entry and policy file, and the redirection of running pods and their annotations (stop the agent first)',
+  describe:
+    'remove the CNI plugin, its entry and policy file, and the redirection of running pods and their annotations (stop the agent first)',
   builder: (y) =>
     y
-      .option('cni-bin-dir', { type: 'string', default: DEFAULT_CNI_BIN_DIR, describe: 'where the plugin binary was installed' })
-      .option('cni-conf-dir', { type: 'string', default: DEFAULT_CNI_CONF_DIR, describe: 'the node’s CNI configuration directory' })
-      .option('cni-policy-file', { type: 'string', default: DEFAULT_POLICY_FILE, describe: 'the plugin’s policy file (the agent’s --cni-policy-file)' })
-      .option('bpffs', { type: 'string', default: DEFAULT_BPFFS_ROOT, describe: 'bpffs directory of the datapath pins' })
-      .option('keep-pod-redirection', { type: 'boolean', default: false, describe: 'leave running pods redirected and annotated (as upstream does)' })
-      .option('kubeconfig', { type: 'string', describe: 'the Kubernetes API, to remove the pods’ ambient.istio.io/redirection annotations [default: in-cluster when there]' })
-      .option('node-name', { type: 'string', default: process.env.NODE_NAME ?? hostname(), describe: 'this node (whose pods lose the annotation) [default: $NODE_NAME or the hostname]' }),
+      .option('cni-bin-dir', {
+        type: 'string',
+        default: DEFAULT_CNI_BIN_DIR,
+        describe: 'where the plugin binary was installed',
+      })
+      .option('cni-conf-dir', {
+        type: 'string',
+        default: DEFAULT_CNI_CONF_DIR,
+        describe: 'the node’s CNI configuration directory',
+      })
+      .option('cni-policy-file', {
+        type: 'string',
+        default: DEFAULT_POLICY_FILE,
+        describe: 'the plugin’s policy file (the agent’s --cni-policy-file)',
+      })
+      .option('bpffs', {
+        type: 'string',
+        default: DEFAULT_BPFFS_ROOT,
+        describe: 'bpffs directory of the datapath pins',
+      })
+      .option('keep-pod-redirection', {
+        type: 'boolean',
+        default: false,
+        describe: 'leave running pods redirected and annotated (as upstream does)',
+      })
+      .option('kubeconfig', {
+        type: 'string',
+        describe:
+          'the Kubernetes API, to remove the pods’ ambient.istio.io/redirection annotations [default: in-cluster when there]',
+      })
+      .option('node-name', {
+        type: 'string',
+        default: process.env.NODE_NAME ?? hostname(),
+        describe: 'this node (whose pods lose the annotation) [default: $NODE_NAME or the hostname]',
+      }),
   handler: async (args) => {
     // A relative or malformed path would remove things relative to the working directory.
     checkPathFlags([

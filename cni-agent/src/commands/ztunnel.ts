@@ -43,13 +43,28 @@ export const ztunnelCommand: CommandModule<object, ZtunnelArgs> = {
   describe: 'run the bundled ztunnel stand-in (plain-TCP proxy speaking ZDS like upstream ztunnel)',
   builder: (y) =>
     y
-      .option('socket', { type: 'string', default: DEFAULT_ZTUNNEL_SOCKET, describe: "the agent's ZDS socket (ztunnel's INPOD_UDS)" })
-      .option('dns-upstream', { type: 'string', describe: 'DNS server for the 15053 listeners [default: first nameserver of /etc/resolv.conf]' })
-      .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'log level (JSON logs on stderr)' })
+      .option('socket', {
+        type: 'string',
+        default: DEFAULT_ZTUNNEL_SOCKET,
+        describe: "the agent's ZDS socket (ztunnel's INPOD_UDS)",
+      })
+      .option('dns-upstream', {
+        type: 'string',
+        describe: 'DNS server for the 15053 listeners [default: first nameserver of /etc/resolv.conf]',
+      })
+      .option('log-level', {
+        choices: ['debug', 'info', 'warn', 'error'],
+        default: 'info',
+        describe: 'log level (JSON logs on stderr)',
+      })
       .epilog('Per-pod connection and byte counters are printed as JSON on stdout on SIGUSR1 and at exit.'),
   handler: async (args) => {
-    const dnsUpstream = args['dns-upstream'] !== undefined ? parseEndpoint(args['dns-upstream'], 53) : resolvConfNameserver();
-    const log = pino({ level: args['log-level'], base: { component: 'ztunnel-standin' } }, pino.destination({ dest: 2, sync: true }));
+    const dnsUpstream =
+      args['dns-upstream'] !== undefined ? parseEndpoint(args['dns-upstream'], 53) : resolvConfNameserver();
+    const log = pino(
+      { level: args['log-level'], base: { component: 'ztunnel-standin' } },
+      pino.destination({ dest: 2, sync: true }),
+    );
     const printStats = () => process.stdout.write(JSON.stringify({ pods: standIn.stats() }) + '\n');
     let fatal: string | undefined;
     let finish!: () => void;

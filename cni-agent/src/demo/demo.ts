@@ -32,7 +32,14 @@ interface DemoPod {
 const PODS: DemoPod[] = [
   { namespace: 'shop', name: 'cart', ip: '198.18.100.10', ambient: true, why: 'namespace shop is labelled ambient' },
   { namespace: 'shop', name: 'web', ip: '198.18.100.11', ambient: true, why: 'namespace shop is labelled ambient' },
-  { namespace: 'shop', name: 'legacy', ip: '198.18.100.12', labels: { 'istio.io/dataplane-mode': 'none' }, ambient: false, why: 'pod opts out (dataplane-mode=none)' },
+  {
+    namespace: 'shop',
+    name: 'legacy',
+    ip: '198.18.100.12',
+    labels: { 'istio.io/dataplane-mode': 'none' },
+    ambient: false,
+    why: 'pod opts out (dataplane-mode=none)',
+  },
   { namespace: 'plain', name: 'api', ip: '198.18.100.13', ambient: false, why: 'namespace plain is not ambient' },
 ];
 const EXTERNAL = { name: 'external', ip: '198.18.101.2' };
@@ -186,7 +193,10 @@ export class Demo {
   }
 
   private async startApps(): Promise<void> {
-    const targets = [...PODS.map((p) => ({ path: this.path(p.name), name: `${p.namespace}/${p.name}` })), { path: this.path('ext'), name: EXTERNAL.name }];
+    const targets = [
+      ...PODS.map((p) => ({ path: this.path(p.name), name: `${p.namespace}/${p.name}` })),
+      { path: this.path('ext'), name: EXTERNAL.name },
+    ];
     for (const t of targets) {
       const server = await listenInNetns({ netns: t.path, family: 6, address: '::', port: APP_PORT });
       server.on('connection', (s) => {
@@ -204,7 +214,11 @@ export class Demo {
 
   private startAgent(): void {
     const docs = [
-      { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'shop', labels: { 'istio.io/dataplane-mode': 'ambient' } } },
+      {
+        apiVersion: 'v1',
+        kind: 'Namespace',
+        metadata: { name: 'shop', labels: { 'istio.io/dataplane-mode': 'ambient' } },
+      },
       { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'plain' } },
       ...PODS.map((p) => ({
         apiVersion: 'v1',
@@ -214,9 +228,32 @@ export class Demo {
       })),
     ];
     writeFileSync(join(this.dir, 'pods.yaml'), docs.map((d) => JSON.stringify(d, null, 2)).join('\n---\n') + '\n');
-    this.agent = spawn(process.execPath, [CLI_JS, 'agent', '--node-name', 'demo-node', '--local-pods', join(this.dir, 'pods.yaml'),
-      '--ztunnel-socket', join(this.dir, 'ztunnel.sock'), '--plugin-socket', join(this.dir, 'cni.sock'), '--cni-policy-file', join(this.dir, 'cni-policy'), '--status-socket', join(this.dir, 'status.sock'),
-      '--bpffs', this.bpffs, '--attach-mode', this.opts.attachMode, '--node-netns', this.path('node')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.agent = spawn(
+      process.execPath,
+      [
+        CLI_JS,
+        'agent',
+        '--node-name',
+        'demo-node',
+        '--local-pods',
+        join(this.dir, 'pods.yaml'),
+        '--ztunnel-socket',
+        join(this.dir, 'ztunnel.sock'),
+        '--plugin-socket',
+        join(this.dir, 'cni.sock'),
+        '--cni-policy-file',
+        join(this.dir, 'cni-policy'),
+        '--status-socket',
+        join(this.dir, 'status.sock'),
+        '--bpffs',
+        this.bpffs,
+        '--attach-mode',
+        this.opts.attachMode,
+        '--node-netns',
+        this.path('node'),
+      ],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
     this.agent.stderr!.on('data', (d: Buffer) => (this.agentLog = (this.agentLog + d.toString()).slice(-4000)));
   }
 
@@ -224,7 +261,8 @@ export class Demo {
     const deadline = Date.now() + 20_000;
     let last = 'no answer yet';
     while (Date.now() < deadline) {
-      if (this.agent?.exitCode !== null) throw new Error(`the agent exited (${this.agent?.exitCode}): ${this.agentLog.trim().split('\n').at(-1) ?? ''}`);
+      if (this.agent?.exitCode !== null)
+        throw new Error(`the agent exited (${this.agent?.exitCode}): ${this.agentLog.trim().split('\n').at(-1) ?? ''}`);
       try {
         const { pods } = await fetchStatus(join(this.dir, 'status.sock'), 1000);
         const want = PODS.filter((p) => p.ambient);
@@ -238,12 +276,22 @@ export class Demo {
     throw new Error(`the ambient pods were not enabled within 20 s (${last})`);
   }
 
-  private statsOf(key: string): { outbound: number; inbound: number; lastOutbound?: string | undefined; lastInbound?: string | undefined } {
+  private statsOf(key: string): {
+    outbound: number;
+    inbound: number;
+    lastOutbound?: string | undefined;
+    lastInbound?: string | undefined;
+  } {
     const [namespace, name] = key.split('/');
     const pod = this.standIn!.stats().find((p) => p.namespace === namespace && p.name === name);
     if (!pod) return { outbound: 0, inbound: 0 };
     const recent = (dir: string) => pod.recent.filter((c) => c.direction === dir).at(-1)?.destination;
-    return { outbound: pod.stats.outbound.connections, inbound: pod.stats.inbound.connections, lastOutbound: recent('outbound'), lastInbound: recent('inbound') };
+    return {
+      outbound: pod.stats.outbound.connections,
+      inbound: pod.stats.inbound.connections,
+      lastOutbound: recent('outbound'),
+      lastInbound: recent('inbound'),
+    };
   }
 
   /** The datapath's own counters of a pod (from the agent's status API); undefined if not attached. */
@@ -263,11 +311,23 @@ export class Demo {
     await new Promise((r) => setTimeout(r, 50));
     const viaZtunnel = this.statsOf(to).inbound > before;
     const countersAfter = await this.countersOf();
-    const delta = (key: 'inboundRedirected' | 'bypassProbe'): number => (countersAfter.get(to)?.[key] ?? 0) - (countersBefore.get(to)?.[key] ?? 0);
+    const delta = (key: 'inboundRedirected' | 'bypassProbe'): number =>
+      (countersAfter.get(to)?.[key] ?? 0) - (countersBefore.get(to)?.[key] ?? 0);
     if (!problems.length && answeredBy !== to) problems.push(`answered by ${answeredBy || 'nobody'}, expected ${to}`);
     if (viaZtunnel) problems.push('the node’s own connection went through ztunnel (kubelet probes would)');
-    if (delta('bypassProbe') !== 1) problems.push(`the datapath counted ${delta('bypassProbe')} probe bypasses, expected 1`);
-    return { from: 'node (as kubelet)', to, answeredBy, outboundViaZtunnel: undefined, inboundViaZtunnel: viaZtunnel, datapathOut: undefined, datapathIn: delta('inboundRedirected'), ztunnelSaw: '-', problems };
+    if (delta('bypassProbe') !== 1)
+      problems.push(`the datapath counted ${delta('bypassProbe')} probe bypasses, expected 1`);
+    return {
+      from: 'node (as kubelet)',
+      to,
+      answeredBy,
+      outboundViaZtunnel: undefined,
+      inboundViaZtunnel: viaZtunnel,
+      datapathOut: undefined,
+      datapathIn: delta('inboundRedirected'),
+      ztunnelSaw: '-',
+      problems,
+    };
   }
 
   private async flow(from: string, to: string): Promise<FlowResult> {
@@ -290,15 +350,35 @@ export class Demo {
     const datapathOut = delta(from, 'outboundRedirected');
     const datapathIn = dst ? delta(to, 'inboundRedirected') : undefined;
     // The datapath must agree with ztunnel: one connection redirected where ztunnel saw one.
-    if ((datapathOut ?? 0) !== (outboundViaZtunnel ? 1 : 0)) problems.push(`the datapath counted ${datapathOut ?? 0} outbound redirections, ztunnel saw ${outboundViaZtunnel ? 1 : 0}`);
-    if (dst && (datapathIn ?? 0) !== (inboundViaZtunnel ? 1 : 0)) problems.push(`the datapath counted ${datapathIn ?? 0} inbound redirections, ztunnel saw ${inboundViaZtunnel ? 1 : 0}`);
+    if ((datapathOut ?? 0) !== (outboundViaZtunnel ? 1 : 0))
+      problems.push(
+        `the datapath counted ${datapathOut ?? 0} outbound redirections, ztunnel saw ${outboundViaZtunnel ? 1 : 0}`,
+      );
+    if (dst && (datapathIn ?? 0) !== (inboundViaZtunnel ? 1 : 0))
+      problems.push(
+        `the datapath counted ${datapathIn ?? 0} inbound redirections, ztunnel saw ${inboundViaZtunnel ? 1 : 0}`,
+      );
     const expectedAnswer = dst ? to : EXTERNAL.name;
-    if (!problems.length && answeredBy !== expectedAnswer) problems.push(`answered by ${answeredBy || 'nobody'}, expected ${expectedAnswer}`);
-    if (outboundViaZtunnel !== src.ambient) problems.push(`outbound ${outboundViaZtunnel ? 'went' : 'did not go'} through ztunnel (${src.why})`);
-    if (dst && inboundViaZtunnel !== dst.ambient) problems.push(`inbound ${inboundViaZtunnel ? 'went' : 'did not go'} through ztunnel (${dst.why})`);
+    if (!problems.length && answeredBy !== expectedAnswer)
+      problems.push(`answered by ${answeredBy || 'nobody'}, expected ${expectedAnswer}`);
+    if (outboundViaZtunnel !== src.ambient)
+      problems.push(`outbound ${outboundViaZtunnel ? 'went' : 'did not go'} through ztunnel (${src.why})`);
+    if (dst && inboundViaZtunnel !== dst.ambient)
+      problems.push(`inbound ${inboundViaZtunnel ? 'went' : 'did not go'} through ztunnel (${dst.why})`);
     const saw = outboundViaZtunnel ? after[0].lastOutbound : inboundViaZtunnel ? after[1]?.lastInbound : undefined;
-    if (saw && saw !== `${host}:${APP_PORT}`) problems.push(`ztunnel saw ${saw}, not the original destination ${host}:${APP_PORT}`);
-    return { from, to: dst ? to : `external (${EXTERNAL.ip})`, answeredBy, outboundViaZtunnel, inboundViaZtunnel, datapathOut, datapathIn, ztunnelSaw: saw ?? '-', problems };
+    if (saw && saw !== `${host}:${APP_PORT}`)
+      problems.push(`ztunnel saw ${saw}, not the original destination ${host}:${APP_PORT}`);
+    return {
+      from,
+      to: dst ? to : `external (${EXTERNAL.ip})`,
+      answeredBy,
+      outboundViaZtunnel,
+      inboundViaZtunnel,
+      datapathOut,
+      datapathIn,
+      ztunnelSaw: saw ?? '-',
+      problems,
+    };
   }
 }
 
@@ -326,7 +406,14 @@ function renderPods(pods: StatusPod[]): string {
   const rows = [['POD', 'AMBIENT?', 'STATE', 'HOOKS', 'ZTUNNEL', 'WHY']];
   for (const p of PODS) {
     const s = pods.find((x) => x.name === p.name);
-    rows.push([`${p.namespace}/${p.name}`, p.ambient ? 'yes' : 'no', s?.state ?? '?', s?.hooks || '-', s?.ztunnel ?? '?', p.why]);
+    rows.push([
+      `${p.namespace}/${p.name}`,
+      p.ambient ? 'yes' : 'no',
+      s?.state ?? '?',
+      s?.hooks || '-',
+      s?.ztunnel ?? '?',
+      p.why,
+    ]);
   }
   return 'Pods\n' + renderTable(rows);
 }
@@ -336,9 +423,19 @@ function renderFlows(flows: FlowResult[]): string {
   // "yes (bpf 1)": ztunnel's stand-in took the leg, and the BPF programs counted 1 redirection for it.
   const leg = (viaZtunnel: boolean | undefined, counted: number | undefined) =>
     viaZtunnel === undefined ? '-' : `${yesNo(viaZtunnel)} (bpf ${counted === undefined ? '-' : counted})`;
-  const rows = [['FROM', 'TO', 'ANSWERED BY', 'OUT VIA ZTUNNEL', 'IN VIA ZTUNNEL', 'ZTUNNEL SAW DESTINATION', 'AS EXPECTED']];
+  const rows = [
+    ['FROM', 'TO', 'ANSWERED BY', 'OUT VIA ZTUNNEL', 'IN VIA ZTUNNEL', 'ZTUNNEL SAW DESTINATION', 'AS EXPECTED'],
+  ];
   for (const f of flows) {
-    rows.push([f.from, f.to, f.answeredBy || '-', leg(f.outboundViaZtunnel, f.datapathOut), leg(f.inboundViaZtunnel, f.datapathIn), f.ztunnelSaw, f.problems.length ? 'NO' : 'yes']);
+    rows.push([
+      f.from,
+      f.to,
+      f.answeredBy || '-',
+      leg(f.outboundViaZtunnel, f.datapathOut),
+      leg(f.inboundViaZtunnel, f.datapathIn),
+      f.ztunnelSaw,
+      f.problems.length ? 'NO' : 'yes',
+    ]);
   }
   return (
     'Traffic\n' +

@@ -55,7 +55,11 @@ export class CgroupLocator {
     if (inPod.length === 0) return undefined;
     const common = commonAncestor(inPod);
     // The cgroup must be the pod's alone: not the root, and no outside process in it or below it.
-    if (common === '/' || scan.some((p) => p.netns !== want && (p.cgroup === common || p.cgroup.startsWith(`${common}/`)))) return undefined;
+    if (
+      common === '/' ||
+      scan.some((p) => p.netns !== want && (p.cgroup === common || p.cgroup.startsWith(`${common}/`)))
+    )
+      return undefined;
     return cgroupDirectory(common, this.mount!);
   }
 }
@@ -94,7 +98,8 @@ export function kubeletPodCgroup(root: string, uid: string): string | undefined 
         if (podUidOfCgroupName(entry) === want) return join(dir, entry);
         // Descend into kubepods* and the QoS levels below it, and into kubelet.slice's children.
         const kubepods = entry.includes('kubepods');
-        if (kubepods || entry === 'kubelet.slice' || (underKubepods && isKubepodsAncestorName(entry))) next.push({ dir: join(dir, entry), underKubepods: underKubepods || kubepods });
+        if (kubepods || entry === 'kubelet.slice' || (underKubepods && isKubepodsAncestorName(entry)))
+          next.push({ dir: join(dir, entry), underKubepods: underKubepods || kubepods });
       }
     }
     level = next;

@@ -6,7 +6,14 @@ import { existsSync, openSync, statSync } from 'node:fs';
 import { type AttachMode, type AttachOptions, type PodAttachment } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { PodEnrollment, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
-import { podIPs, REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from '../pods/pod.js';
+import {
+  podIPs,
+  REDIRECTION_ANNOTATION,
+  type ClusterState,
+  type Namespace,
+  type Pod,
+  type SourceChange,
+} from '../pods/pod.js';
 import { excludedButSelected, selectPod, DEFAULT_POLICY, type SelectionPolicy } from '../pods/selection.js';
 import { EVENT_REASONS, type PodEventSink } from '../pods/events.js';
 import { captureOptions, type CaptureDefaults, type CaptureOptions } from '../pods/capture-options.js';
@@ -255,7 +262,13 @@ export class Reconciler {
   }
 
   /** What the datapath is asked to attach for a pod (its capture options included). */
-  private attachment(e: Entry, capture: CaptureOptions, netnsPath: string, ips: string[], podCgroup: string | undefined): PodAttachment {
+  private attachment(
+    e: Entry,
+    capture: CaptureOptions,
+    netnsPath: string,
+    ips: string[],
+    podCgroup: string | undefined,
+  ): PodAttachment {
     return {
       uid: e.uid,
       netnsPath,
@@ -291,7 +304,16 @@ export class Reconciler {
     if (e && e.attached && e.pod && e.netnsPath && !e.running && !this.tcxUnavailable) {
       const podCgroup = e.cgroup.state === 'on' ? e.cgroup.path : undefined;
       e.running = this.opts.datapath
-        .attach(this.attachment(e, captureOptions(e.pod, this.opts.capture ?? DEFAULT_CAPTURE), e.netnsPath, this.ipsOf(e), podCgroup), { mode: 'tcx' })
+        .attach(
+          this.attachment(
+            e,
+            captureOptions(e.pod, this.opts.capture ?? DEFAULT_CAPTURE),
+            e.netnsPath,
+            this.ipsOf(e),
+            podCgroup,
+          ),
+          { mode: 'tcx' },
+        )
         .then(
           () => this.opts.log.debug({ uid }, 'moved to tcx'),
           (err: Error & { code?: string }) => {
@@ -320,13 +342,18 @@ export class Reconciler {
     this.namespaces = new Map(state.namespaces);
     const policy = this.policy;
     for (const name of [...this.excludedLabelled]) {
-      if (!policy.enablementSelectors.matchesNamespace(this.namespaces.get(name)?.metadata.labels)) this.excludedLabelled.delete(name);
+      if (!policy.enablementSelectors.matchesNamespace(this.namespaces.get(name)?.metadata.labels))
+        this.excludedLabelled.delete(name);
     }
     for (const name of policy.excludedNamespaces) {
       const ns = this.namespaces.get(name);
-      if (!ns || this.excludedLabelled.has(name) || !policy.enablementSelectors.matchesNamespace(ns.metadata.labels)) continue;
+      if (!ns || this.excludedLabelled.has(name) || !policy.enablementSelectors.matchesNamespace(ns.metadata.labels))
+        continue;
       this.excludedLabelled.add(name);
-      this.opts.log.warn({ namespace: name, labels: ns.metadata.labels ?? {} }, 'namespace is labelled for ambient but excluded (--exclude-namespaces): its pods are not enrolled');
+      this.opts.log.warn(
+        { namespace: name, labels: ns.metadata.labels ?? {} },
+        'namespace is labelled for ambient but excluded (--exclude-namespaces): its pods are not enrolled',
+      );
     }
   }
 
@@ -341,11 +368,13 @@ export class Reconciler {
         const before = e.pod;
         e.pod = c.type === 'deleted' ? undefined : c.pod;
         // Our own annotation coming back changes nothing to reconcile (a pass would attach again).
-        if (c.type === 'updated' && before && e.annotation && onlyAnnotationBecame(before, c.pod, e.annotation.value)) continue;
+        if (c.type === 'updated' && before && e.annotation && onlyAnnotationBecame(before, c.pod, e.annotation.value))
+          continue;
         touched.add(c.pod.metadata.uid);
       } else {
         // A namespace label changes the fate of every pod in it.
-        for (const e of this.entries.values()) if (e.pod?.metadata.namespace === c.namespace.metadata.name) touched.add(e.uid);
+        for (const e of this.entries.values())
+          if (e.pod?.metadata.namespace === c.namespace.metadata.name) touched.add(e.uid);
       }
     }
     for (const uid of touched) void this.reconcile(uid);
@@ -356,14 +385,23 @@ export class Reconciler {
    * not wait for what follows in the same pass (the annotation) nor for passes that other changes
    * ask for meanwhile (the pod's own watch events): they do not make the pod more redirected.
    * `phases` collects where the time went. */
-  async cniAdd(pod: Pod, netnsPath: string, ips: string[], containerId?: string, phases?: PhaseClock): Promise<AddVerdict> {
+  async cniAdd(
+    pod: Pod,
+    netnsPath: string,
+    ips: string[],
+    containerId?: string,
+    phases?: PhaseClock,
+  ): Promise<AddVerdict> {
     const e = this.entry(pod.metadata.uid);
     if (containerId && e.sandboxId !== containerId) {
       e.sandboxId = containerId;
       try {
         this.opts.sandboxes?.set(e.uid, containerId);
       } catch (err) {
-        this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot record the pod’s sandbox; a stale DEL after an agent restart is judged by its netns');
+        this.opts.log.warn(
+          { uid: e.uid, error: (err as Error).message },
+          'cannot record the pod’s sandbox; a stale DEL after an agent restart is judged by its netns',
+        );
       }
     }
     e.pod ??= pod;
@@ -397,7 +435,15 @@ export class Reconciler {
     if (!e) return false;
     const stale = this.staleDel(e, containerId, netnsPath);
     if (stale) {
-      this.opts.log.info({ uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined, containerId, enrolled: e.sandboxId ?? e.netnsPath }, `CNI DEL for another sandbox of the pod ignored: ${stale}`);
+      this.opts.log.info(
+        {
+          uid,
+          pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined,
+          containerId,
+          enrolled: e.sandboxId ?? e.netnsPath,
+        },
+        `CNI DEL for another sandbox of the pod ignored: ${stale}`,
+      );
       return false;
     }
     e.sandboxGone = true;
@@ -415,7 +461,8 @@ export class Reconciler {
   private staleDel(e: Entry, containerId: string | undefined, netnsPath: string | undefined): string | undefined {
     if (!e.attached && !e.ztunnel) return undefined;
     e.sandboxId ??= this.opts.sandboxes?.get(e.uid);
-    if (e.sandboxId && containerId) return containerId === e.sandboxId ? undefined : `the enrolled sandbox is ${e.sandboxId}`;
+    if (e.sandboxId && containerId)
+      return containerId === e.sandboxId ? undefined : `the enrolled sandbox is ${e.sandboxId}`;
     if (!e.netnsPath) return undefined;
     const enrolled = inodeOf(e.netnsPath);
     if (enrolled === undefined) return undefined;
@@ -435,7 +482,8 @@ export class Reconciler {
 
   /** The uid of a pod known by namespace and name (runtimes that pass no K8S_POD_UID). */
   uidOf(namespace: string, name: string): string | undefined {
-    for (const e of this.entries.values()) if (e.pod?.metadata.namespace === namespace && e.pod.metadata.name === name) return e.uid;
+    for (const e of this.entries.values())
+      if (e.pod?.metadata.namespace === namespace && e.pod.metadata.name === name) return e.uid;
     return undefined;
   }
 
@@ -453,7 +501,14 @@ export class Reconciler {
       const r = await this.opts.datapath.verify(e.uid);
       if (!r.found || r.ok) continue;
       this.driftRepairs++;
-      this.opts.log.warn({ uid: e.uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined, problems: r.problems }, 'redirection changed behind our back; repairing');
+      this.opts.log.warn(
+        {
+          uid: e.uid,
+          pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined,
+          problems: r.problems,
+        },
+        'redirection changed behind our back; repairing',
+      );
       await this.reconcile(e.uid);
     }
   }
@@ -476,10 +531,15 @@ export class Reconciler {
     return [...this.entries.values()]
       .filter((e) => e.pod || e.attached)
       .map((e) => {
-        const selection = e.pod ? selectPod(e.pod, this.namespaces.get(e.pod.metadata.namespace), this.policy) : undefined;
+        const selection = e.pod
+          ? selectPod(e.pod, this.namespaces.get(e.pod.metadata.namespace), this.policy)
+          : undefined;
         const state = stateOf(e);
         const reason = [
-          e.error ?? (e.attached && e.ztunnel && e.ztunnel.status !== 'acked' ? describe(e.ztunnel) : selection?.reason ?? 'pod is gone'),
+          e.error ??
+            (e.attached && e.ztunnel && e.ztunnel.status !== 'acked'
+              ? describe(e.ztunnel)
+              : (selection?.reason ?? 'pod is gone')),
           ...(e.attached ? e.annotationWarnings : []),
         ].join('; ');
         return {
@@ -492,7 +552,12 @@ export class Reconciler {
           ztunnel: e.ztunnel?.status ?? 'not sent',
           netnsPath: e.netnsPath,
           since: e.since,
-          dns: !e.dnsCapture || e.cgroup.state === 'off' ? 'off' : e.cgroup.state === 'waiting' ? 'waiting for the pod’s cgroup' : 'on',
+          dns:
+            !e.dnsCapture || e.cgroup.state === 'off'
+              ? 'off'
+              : e.cgroup.state === 'waiting'
+                ? 'waiting for the pod’s cgroup'
+                : 'on',
           ...(e.interfaceWarning ? { uncaptured: e.interfaceWarning } : {}),
         };
       });
@@ -563,7 +628,10 @@ export class Reconciler {
     try {
       return this.opts.cgroups.find(e.uid, netnsPath);
     } catch (err) {
-      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot look for the pod’s cgroup; its cgroup hooks (socket-option guard, DNS capture) wait');
+      this.opts.log.warn(
+        { uid: e.uid, error: (err as Error).message },
+        'cannot look for the pod’s cgroup; its cgroup hooks (socket-option guard, DNS capture) wait',
+      );
       return undefined;
     }
   }
@@ -575,7 +643,14 @@ export class Reconciler {
 
   private desired(e: Entry): boolean {
     const pod = e.pod;
-    if (!pod || e.sandboxGone || pod.status?.phase === 'Succeeded' || pod.status?.phase === 'Failed' || this.ipsOf(e).length === 0) return false;
+    if (
+      !pod ||
+      e.sandboxGone ||
+      pod.status?.phase === 'Succeeded' ||
+      pod.status?.phase === 'Failed' ||
+      this.ipsOf(e).length === 0
+    )
+      return false;
     return selectPod(pod, this.namespaces.get(pod.metadata.namespace), this.policy).ambient;
   }
 
@@ -596,7 +671,8 @@ export class Reconciler {
       if (e.attached && e.cgroup.state === 'waiting' && !this.stopped) {
         // Redirected, but the cgroup hooks (the socket-option guard, DNS capture) need the pod's
         // cgroup, which appears with its processes.
-        if (e.backoffMs === (this.opts.initialBackoffMs ?? 200)) this.opts.log.info(log, 'the pod’s cgroup hooks (socket-option guard, DNS capture) wait for its cgroup');
+        if (e.backoffMs === (this.opts.initialBackoffMs ?? 200))
+          this.opts.log.info(log, 'the pod’s cgroup hooks (socket-option guard, DNS capture) wait for its cgroup');
         e.retry = setTimeout(() => void this.reconcile(e.uid), e.backoffMs);
         e.backoffMs = Math.min(e.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
       } else {
@@ -605,9 +681,16 @@ export class Reconciler {
     } catch (err) {
       const message = (err as Error).message;
       this.reconcileErrors++;
-      if (e.error !== message) this.opts.log.warn({ ...log, error: message, retryMs: e.backoffMs }, 'cannot reconcile pod; will retry');
+      if (e.error !== message)
+        this.opts.log.warn({ ...log, error: message, retryMs: e.backoffMs }, 'cannot reconcile pod; will retry');
       // Every failed pass: the recorder counts repeats into one Event.
-      if (e.pod) this.opts.events?.podEvent(e.pod, 'Warning', wanted ? EVENT_REASONS.enrollmentFailed : EVENT_REASONS.unenrollmentFailed, `${wanted ? 'cannot enrol the pod in ambient' : 'cannot remove the pod’s ambient redirection'} (retrying): ${message}`);
+      if (e.pod)
+        this.opts.events?.podEvent(
+          e.pod,
+          'Warning',
+          wanted ? EVENT_REASONS.enrollmentFailed : EVENT_REASONS.unenrollmentFailed,
+          `${wanted ? 'cannot enrol the pod in ambient' : 'cannot remove the pod’s ambient redirection'} (retrying): ${message}`,
+        );
       e.error = message;
       e.since = new Date();
       if (!this.stopped) {
@@ -634,13 +717,19 @@ export class Reconciler {
     e.netnsFromCni = false;
     // find() goes by the pod's identity (its kubelet cgroup), not by who holds its IPs, and throws
     // with the reason when it cannot tell for sure (an error for this pod, retried with backoff).
-    const netnsPath = trusted || (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips))) ? e.netnsPath : await this.opts.netns.find(e.uid, ips);
+    const netnsPath =
+      trusted || (e.netnsPath && (await this.opts.netns.holds(e.netnsPath, ips)))
+        ? e.netnsPath
+        : await this.opts.netns.find(e.uid, ips);
     if (!netnsPath) throw new Error(`no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)`);
     e.addPhases?.mark('netns');
     const moved = netnsPath !== e.netnsPath;
     const capture = captureOptions(pod, this.opts.capture ?? DEFAULT_CAPTURE);
     if (capture.warnings.join('\n') !== e.annotationWarnings.join('\n') && capture.warnings.length > 0) {
-      this.opts.log.warn({ uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, warnings: capture.warnings }, 'pod annotations ignored');
+      this.opts.log.warn(
+        { uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, warnings: capture.warnings },
+        'pod annotations ignored',
+      );
       for (const w of capture.warnings) this.opts.events?.podEvent(pod, 'Warning', EVENT_REASONS.annotationInvalid, w);
     }
     e.annotationWarnings = capture.warnings;
@@ -652,26 +741,43 @@ export class Reconciler {
     await this.watchInterfaces(e, netnsPath);
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
-    const attached = await this.opts.datapath.attach(this.attachment(e, capture, netnsPath, ips, podCgroup), fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {});
+    const attached = await this.opts.datapath.attach(
+      this.attachment(e, capture, netnsPath, ips, podCgroup),
+      fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {},
+    );
     const warning = (attached as { warning?: unknown } | undefined)?.warning;
     const interfaceWarning = typeof warning === 'string' ? warning : '';
     // Said when it changes, not on every pass: the interfaces it names stay until the pod drops them.
     if (interfaceWarning && interfaceWarning !== e.interfaceWarning) {
-      this.opts.log.warn({ uid: e.uid, netns: netnsPath, uncaptured: interfaceWarning }, 'some of the pod’s interfaces cannot be captured; the others are');
+      this.opts.log.warn(
+        { uid: e.uid, netns: netnsPath, uncaptured: interfaceWarning },
+        'some of the pod’s interfaces cannot be captured; the others are',
+      );
     }
     e.interfaceWarning = interfaceWarning;
     e.addPhases?.mark('attach');
     if (fastPath) this.queueUpgrade(e.uid);
-    e.cgroup = podCgroup ? { state: 'on', path: podCgroup } : this.opts.cgroups ? { state: 'waiting' } : { state: 'off' };
+    e.cgroup = podCgroup
+      ? { state: 'on', path: podCgroup }
+      : this.opts.cgroups
+        ? { state: 'waiting' }
+        : { state: 'off' };
     e.dnsCapture = capture.dnsCapture;
     if (!e.attached || moved) {
       e.since = new Date();
-      this.opts.log.info({ uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, netns: netnsPath }, 'pod redirected');
+      this.opts.log.info(
+        { uid: e.uid, pod: `${pod.metadata.namespace}/${pod.metadata.name}`, netns: netnsPath },
+        'pod redirected',
+      );
     }
     e.attached = true;
     e.netnsPath = netnsPath;
     if (!e.ztunnel || e.ztunnel.status !== 'acked' || moved) {
-      e.ztunnel = await this.opts.zds.enroll({ uid: e.uid, info: workloadInfo(pod), netnsFd: openSync(netnsPath, 'r') });
+      e.ztunnel = await this.opts.zds.enroll({
+        uid: e.uid,
+        info: workloadInfo(pod),
+        netnsFd: openSync(netnsPath, 'r'),
+      });
       if (e.ztunnel.status === 'acked') this.enrolled(e);
       e.addPhases?.mark('ztunnel');
     }
@@ -688,7 +794,12 @@ export class Reconciler {
     const pod = e.pod;
     const excluded = !!pod && excludedButSelected(pod, this.namespaces.get(pod.metadata.namespace), this.policy);
     if (excluded && !e.excludedWarned) {
-      this.opts.events?.podEvent(pod, 'Warning', EVENT_REASONS.namespaceExcluded, `not enrolled in ambient: namespace ${pod.metadata.namespace} is excluded (--exclude-namespaces), although the enablement selectors pick the pod`);
+      this.opts.events?.podEvent(
+        pod,
+        'Warning',
+        EVENT_REASONS.namespaceExcluded,
+        `not enrolled in ambient: namespace ${pod.metadata.namespace} is excluded (--exclude-namespaces), although the enablement selectors pick the pod`,
+      );
     }
     e.excludedWarned = excluded;
   }
@@ -733,7 +844,8 @@ export class Reconciler {
           const t = performance.now();
           if (t - loggedAt >= INTERFACE_LOG_INTERVAL_MS) {
             const fields = { uid: e.uid, netns: netnsPath, changes: unlogged, ...(reasons.length ? { reasons } : {}) };
-            if (reasons.length) this.opts.log.warn(fields, 'the watch on the pod’s interfaces lost track; looking at them again');
+            if (reasons.length)
+              this.opts.log.warn(fields, 'the watch on the pod’s interfaces lost track; looking at them again');
             else this.opts.log.info(fields, 'the pod’s interfaces or addresses changed; capturing them');
             loggedAt = t;
             unlogged = 0;
@@ -751,7 +863,10 @@ export class Reconciler {
       if (this.stopped) close();
       else e.interfaceWatch = { path: netnsPath, close };
     } catch (err) {
-      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot watch the pod’s interfaces; the drift check captures new ones');
+      this.opts.log.warn(
+        { uid: e.uid, error: (err as Error).message },
+        'cannot watch the pod’s interfaces; the drift check captures new ones',
+      );
     }
   }
 
@@ -766,7 +881,10 @@ export class Reconciler {
       await this.opts.zds.remove(e.uid);
       const r = await this.opts.datapath.detach(e.uid);
       if (r.warning) this.opts.log.warn({ uid: e.uid, warning: r.warning }, 'detached with a warning');
-      this.opts.log.info({ uid: e.uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined }, 'pod no longer redirected');
+      this.opts.log.info(
+        { uid: e.uid, pod: e.pod ? `${e.pod.metadata.namespace}/${e.pod.metadata.name}` : undefined },
+        'pod no longer redirected',
+      );
       e.attached = false;
       e.ztunnel = undefined;
       e.enrollStarted = undefined;
@@ -811,7 +929,8 @@ function onlyAnnotationBecame(before: Pod, after: Pod, value: RedirectionAnnotat
 function addVerdict(e: Entry): AddVerdict {
   if (e.error) return { ok: false, reason: e.error };
   if (!e.attached) return { ok: false, reason: 'the pod was not redirected' };
-  if (e.ztunnel?.status !== 'acked') return { ok: false, reason: e.ztunnel ? describe(e.ztunnel) : 'ztunnel not asked' };
+  if (e.ztunnel?.status !== 'acked')
+    return { ok: false, reason: e.ztunnel ? describe(e.ztunnel) : 'ztunnel not asked' };
   return { ok: true };
 }
 
@@ -825,5 +944,9 @@ function workloadInfo(pod: Pod): { name: string; namespace: string; serviceAccou
 }
 
 function describe(r: ZtunnelResult): string {
-  return r.status === 'nacked' ? `ztunnel refused: ${r.error}` : r.status === 'unreachable' ? `ztunnel unreachable: ${r.reason}` : 'acked';
+  return r.status === 'nacked'
+    ? `ztunnel refused: ${r.error}`
+    : r.status === 'unreachable'
+      ? `ztunnel unreachable: ${r.reason}`
+      : 'acked';
 }

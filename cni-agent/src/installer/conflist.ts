@@ -38,7 +38,8 @@ function parse(text: string, file: string): Record<string, unknown> {
   } catch (err) {
     throw new ConflistError(`${file} is not valid JSON: ${(err as Error).message}`);
   }
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new ConflistError(`${file} is not a JSON object`);
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    throw new ConflistError(`${file} is not a JSON object`);
   return value as Record<string, unknown>;
 }
 
@@ -54,7 +55,11 @@ function asConflist(text: string, file: string): Conflist {
 /** The plugins with `entry` in its place: after the last plugin that is neither ours nor
  * upstream's istio-cni, so that the istio-cni entries ending the list stay last. Every other
  * plugin keeps its order. */
-function arranged(plugins: Record<string, unknown>[], entry: Record<string, unknown>, file: string): Record<string, unknown>[] {
+function arranged(
+  plugins: Record<string, unknown>[],
+  entry: Record<string, unknown>,
+  file: string,
+): Record<string, unknown>[] {
   const others = plugins.filter((p) => p.type !== PLUGIN_TYPE);
   let at = others.length;
   while (at > 0 && others[at - 1]!.type === UPSTREAM_PLUGIN_TYPE) at--;
@@ -64,7 +69,11 @@ function arranged(plugins: Record<string, unknown>[], entry: Record<string, unkn
 
 /** The file's text with our entry in its place (replacing any earlier one of ours), and whether
  * that changed anything. `wrapped` when a lone .conf became a conflist. */
-export function withEntry(text: string, file: string, entry: PluginEntry): { text: string; changed: boolean; wrapped: boolean } {
+export function withEntry(
+  text: string,
+  file: string,
+  entry: PluginEntry,
+): { text: string; changed: boolean; wrapped: boolean } {
   const wrapped = !Array.isArray(parse(text, file).plugins);
   const list = asConflist(text, file);
   const plugins = arranged(list.plugins, entry, file);

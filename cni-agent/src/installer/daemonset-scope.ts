@@ -18,7 +18,9 @@ interface NodeSelectorTerm {
 /** The parts of a pod spec that decide which nodes it may run on (taints aside). */
 export interface NodePlacement {
   nodeSelector?: Record<string, string>;
-  affinity?: { nodeAffinity?: { requiredDuringSchedulingIgnoredDuringExecution?: { nodeSelectorTerms?: NodeSelectorTerm[] } } };
+  affinity?: {
+    nodeAffinity?: { requiredDuringSchedulingIgnoredDuringExecution?: { nodeSelectorTerms?: NodeSelectorTerm[] } };
+  };
 }
 
 export interface NodeFacts {
@@ -107,10 +109,17 @@ export async function whyLeavingNode(
   return second?.deselected === false ? second : second && first;
 }
 
-async function askOnce(client: KubeClient, namespace: string, name: string, nodeName: string): Promise<Leaving | undefined> {
+async function askOnce(
+  client: KubeClient,
+  namespace: string,
+  name: string,
+  nodeName: string,
+): Promise<Leaving | undefined> {
   let ds: { metadata?: { deletionTimestamp?: string }; spec?: { template?: { spec?: NodePlacement } } };
   try {
-    ds = await client.get(`/apis/apps/v1/namespaces/${encodeURIComponent(namespace)}/daemonsets/${encodeURIComponent(name)}`);
+    ds = await client.get(
+      `/apis/apps/v1/namespaces/${encodeURIComponent(namespace)}/daemonsets/${encodeURIComponent(name)}`,
+    );
   } catch (err) {
     if (err instanceof KubeApiError && err.code === 404) return { why: 'the DaemonSet is gone', deselected: false };
     throw err;
@@ -119,7 +128,12 @@ async function askOnce(client: KubeClient, namespace: string, name: string, node
   const placement = ds.spec?.template?.spec ?? {};
   if (!placement.nodeSelector && !placement.affinity?.nodeAffinity) return undefined;
   // A node the API does not know (deleted meanwhile) throws here too: nothing is removed on a guess.
-  const node = await client.get<{ metadata?: { labels?: Record<string, string> } }>(`/api/v1/nodes/${encodeURIComponent(nodeName)}`);
+  const node = await client.get<{ metadata?: { labels?: Record<string, string> } }>(
+    `/api/v1/nodes/${encodeURIComponent(nodeName)}`,
+  );
   if (placesOnNode(placement, { name: nodeName, labels: node.metadata?.labels ?? {} })) return undefined;
-  return { why: `the DaemonSet no longer selects node ${nodeName} (its nodeSelector or node affinity)`, deselected: true };
+  return {
+    why: `the DaemonSet no longer selects node ${nodeName} (its nodeSelector or node affinity)`,
+    deselected: true,
+  };
 }

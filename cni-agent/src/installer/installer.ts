@@ -2,10 +2,30 @@
 // last in the primary conflist (before upstream istio-cni's, when that ends it) (atomically, keeping the file's mode); watches the conf dir and puts
 // the entry back whenever another component rewrites the file, reporting repeated conflicts
 // (upstream's known pain: a primary CNI that overwrites the conflist makes pods bypass the mesh).
-import { chmodSync, copyFileSync, existsSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import {
+  chmodSync,
+  copyFileSync,
+  existsSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  statSync,
+  unlinkSync,
+  watch,
+  writeFileSync,
+  type FSWatcher,
+} from 'node:fs';
 import { basename, join } from 'node:path';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
-import { hasEntryInPlace, primaryConfigFile, PLUGIN_TYPE, upstreamAmbientEnabled, withEntry, withoutEntry, type PluginEntry } from './conflist.js';
+import {
+  hasEntryInPlace,
+  primaryConfigFile,
+  PLUGIN_TYPE,
+  upstreamAmbientEnabled,
+  withEntry,
+  withoutEntry,
+  type PluginEntry,
+} from './conflist.js';
 
 export const PLUGIN_BINARY = PLUGIN_TYPE;
 /** More re-inserts than this within CONFLICT_WINDOW_MS is reported as a conflict. */
@@ -138,7 +158,12 @@ export class CniInstaller {
    * already. */
   private ensureEntry(why: 'install' | 'repair'): boolean {
     const file = this.primary();
-    if (!file) throw new Error(this.opts.confFile === undefined ? `no CNI configuration in ${this.opts.confDir} to chain into (is the primary CNI installed?)` : `no ${this.opts.confFile} in ${this.opts.confDir} to chain into (--cni-conf-file; is the primary CNI installed?)`);
+    if (!file)
+      throw new Error(
+        this.opts.confFile === undefined
+          ? `no CNI configuration in ${this.opts.confDir} to chain into (is the primary CNI installed?)`
+          : `no ${this.opts.confFile} in ${this.opts.confDir} to chain into (--cni-conf-file; is the primary CNI installed?)`,
+      );
     const path = join(this.opts.confDir, file);
     const current = readFileSync(path, 'utf8');
     this.checkUpstreamAmbient(current, file);
@@ -153,7 +178,10 @@ export class CniInstaller {
     } else {
       writeAtomic(path, text, mode);
     }
-    this.opts.log.info({ file, wrapped }, why === 'install' ? 'CNI entry installed' : 'CNI entry was missing; put back');
+    this.opts.log.info(
+      { file, wrapped },
+      why === 'install' ? 'CNI entry installed' : 'CNI entry was missing; put back',
+    );
     if (why === 'repair') this.noteReinsert();
     return true;
   }
@@ -173,7 +201,10 @@ export class CniInstaller {
     const now = Date.now();
     this.reinserts = [...this.reinserts.filter((t) => now - t < CONFLICT_WINDOW_MS), now];
     if (this.reinserts.length > CONFLICT_THRESHOLD) {
-      this.opts.log.warn({ reinserts: this.reinserts.length, windowMs: CONFLICT_WINDOW_MS }, 'another component keeps rewriting the CNI configuration without our entry');
+      this.opts.log.warn(
+        { reinserts: this.reinserts.length, windowMs: CONFLICT_WINDOW_MS },
+        'another component keeps rewriting the CNI configuration without our entry',
+      );
       this.opts.onConflict?.(this.reinserts.length);
     }
   }

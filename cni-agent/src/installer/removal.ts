@@ -32,7 +32,13 @@ export interface RemovalOptions {
 export async function removeFromNode(opts: RemovalOptions): Promise<string[]> {
   const failed: string[] = [];
   if (opts.cni) {
-    const installer = new CniInstaller({ ...opts.cni, binarySource: '', agentSocket: '', policyFile: opts.policyFile, log: opts.log });
+    const installer = new CniInstaller({
+      ...opts.cni,
+      binarySource: '',
+      agentSocket: '',
+      policyFile: opts.policyFile,
+      log: opts.log,
+    });
     for (const file of installer.uninstall()) opts.report(`removed the ambient-bpf-cni entry from ${file}`);
   }
   removeCniPolicy(opts.policyFile);
@@ -53,14 +59,20 @@ export async function removeFromNode(opts: RemovalOptions): Promise<string[]> {
   opts.report(`removed ${opts.bpffs}`);
   if (!opts.kube) {
     // A node without the API (the local pod source) has no annotations; on a cluster node, say so.
-    opts.warn(`did not remove the ${REDIRECTION_ANNOTATION} annotations of this node's pods: no Kubernetes API (pass --kubeconfig, or run in the cluster)`);
+    opts.warn(
+      `did not remove the ${REDIRECTION_ANNOTATION} annotations of this node's pods: no Kubernetes API (pass --kubeconfig, or run in the cluster)`,
+    );
     return failed;
   }
   try {
     const n = await removeRedirectionAnnotations(await opts.kube.connect(), opts.kube.nodeName);
-    opts.report(`removed the ${REDIRECTION_ANNOTATION} annotation from ${n} pod${n === 1 ? '' : 's'} of node ${opts.kube.nodeName}`);
+    opts.report(
+      `removed the ${REDIRECTION_ANNOTATION} annotation from ${n} pod${n === 1 ? '' : 's'} of node ${opts.kube.nodeName}`,
+    );
   } catch (err) {
-    failed.push(`could not remove the ${REDIRECTION_ANNOTATION} annotations of node ${opts.kube.nodeName}'s pods: ${(err as Error).message}`);
+    failed.push(
+      `could not remove the ${REDIRECTION_ANNOTATION} annotations of node ${opts.kube.nodeName}'s pods: ${(err as Error).message}`,
+    );
   }
   return failed;
 }

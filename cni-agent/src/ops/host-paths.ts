@@ -28,16 +28,34 @@ export interface HostPathOptions {
 /** What is missing, one line each naming the path, what it is for and where it comes from. */
 export function hostPathProblems(o: HostPathOptions): string[] {
   const problems: string[] = [];
-  const fromHost = (path: string, nodePath: string, what: string) => `${path}: ${what}; it must be the node's ${nodePath} (hostPath ${nodePath})`;
+  const fromHost = (path: string, nodePath: string, what: string) =>
+    `${path}: ${what}; it must be the node's ${nodePath} (hostPath ${nodePath})`;
   const proc = join(o.hostRoot, 'proc');
-  if (!existsSync(join(proc, '1', 'ns'))) problems.push(fromHost(proc, '/proc', "missing: the node's processes (running pods' network namespaces, ztunnel's cgroup) are read there"));
+  if (!existsSync(join(proc, '1', 'ns')))
+    problems.push(
+      fromHost(
+        proc,
+        '/proc',
+        "missing: the node's processes (running pods' network namespaces, ztunnel's cgroup) are read there",
+      ),
+    );
   for (const dir of o.netnsDirs ?? DEFAULT_NETNS_DIRECTORIES) {
     const netns = join(o.hostRoot, dir);
-    if (!existsSync(netns)) problems.push(fromHost(netns, dir, 'missing: the runtime names pod network namespaces there (CNI_NETNS; --netns-dir)'));
+    if (!existsSync(netns))
+      problems.push(
+        fromHost(netns, dir, 'missing: the runtime names pod network namespaces there (CNI_NETNS; --netns-dir)'),
+      );
   }
   let bpffsDir = o.bpffs;
   while (!existsSync(bpffsDir) && dirname(bpffsDir) !== bpffsDir) bpffsDir = dirname(bpffsDir);
-  if (statfsSync(bpffsDir).type !== BPF_FS_MAGIC) problems.push(fromHost(bpffsDir, '/sys/fs/bpf', `not a bpffs: the pinned maps and links (redirection that outlives the agent) go under ${o.bpffs}`));
+  if (statfsSync(bpffsDir).type !== BPF_FS_MAGIC)
+    problems.push(
+      fromHost(
+        bpffsDir,
+        '/sys/fs/bpf',
+        `not a bpffs: the pinned maps and links (redirection that outlives the agent) go under ${o.bpffs}`,
+      ),
+    );
   for (const [dir, what] of [
     [dirname(o.ztunnelSocket), 'the ZDS socket ztunnel connects to'],
     [dirname(o.pluginSocket), "the CNI plugin's socket, the enrolled sandboxes' IDs"],
@@ -47,14 +65,31 @@ export function hostPathProblems(o: HostPathOptions): string[] {
       if (!existsSync(dir)) mkdirSync(dir, { recursive: !existsSync(dirname(dir)), mode: 0o750 });
       accessSync(dir, constants.W_OK);
     } catch (err) {
-      problems.push(fromHost(dir, dir, `cannot be written (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}): it holds ${what}`));
+      problems.push(
+        fromHost(
+          dir,
+          dir,
+          `cannot be written (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}): it holds ${what}`,
+        ),
+      );
     }
   }
-  for (const [dir, what] of o.cni ? ([[o.cni.binDir, 'the CNI plugin binary is installed there'], [o.cni.confDir, "the node's CNI configuration, where the plugin is chained"]] as const) : []) {
+  for (const [dir, what] of o.cni
+    ? ([
+        [o.cni.binDir, 'the CNI plugin binary is installed there'],
+        [o.cni.confDir, "the node's CNI configuration, where the plugin is chained"],
+      ] as const)
+    : []) {
     try {
       accessSync(dir, constants.W_OK);
     } catch (err) {
-      problems.push(fromHost(dir, dir.startsWith(o.hostRoot) && o.hostRoot !== '/' ? dir.slice(o.hostRoot.replace(/\/$/, '').length) : dir, `${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : 'cannot be written'}: ${what}`));
+      problems.push(
+        fromHost(
+          dir,
+          dir.startsWith(o.hostRoot) && o.hostRoot !== '/' ? dir.slice(o.hostRoot.replace(/\/$/, '').length) : dir,
+          `${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : 'cannot be written'}: ${what}`,
+        ),
+      );
     }
   }
   const cgroup = cgroupProblem(o.hostRoot, o.mountinfo);

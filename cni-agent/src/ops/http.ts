@@ -13,15 +13,21 @@ export interface MetricsSource {
 
 /** Serves /healthz (alive), /readyz (ready, or 503 with the reasons) and /metrics on one listener,
  * or only what was given. Resolves once listening. */
-export async function serveOps(address: string, routes: { health?: HealthSource; metrics?: MetricsSource }): Promise<http.Server> {
+export async function serveOps(
+  address: string,
+  routes: { health?: HealthSource; metrics?: MetricsSource },
+): Promise<http.Server> {
   const { host, port } = parseHostPort(address);
   const server = http.createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method !== 'GET') return void res.writeHead(405).end();
-    if (routes.health && path === '/healthz') return void res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+    if (routes.health && path === '/healthz')
+      return void res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
     if (routes.health && path === '/readyz') {
       const reasons = routes.health.notReady();
-      return void res.writeHead(reasons.length ? 503 : 200, { 'content-type': 'text/plain' }).end(reasons.length ? reasons.join('\n') + '\n' : 'ready\n');
+      return void res
+        .writeHead(reasons.length ? 503 : 200, { 'content-type': 'text/plain' })
+        .end(reasons.length ? reasons.join('\n') + '\n' : 'ready\n');
     }
     if (routes.metrics && path === '/metrics') {
       routes.metrics.metrics().then(

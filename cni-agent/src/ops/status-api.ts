@@ -4,7 +4,13 @@ import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { featureLabel, KERNEL_FEATURES, type DatapathCounters, type DatapathModes, type KernelProbe } from '../../../bpf/src/index.js';
+import {
+  featureLabel,
+  KERNEL_FEATURES,
+  type DatapathCounters,
+  type DatapathModes,
+  type KernelProbe,
+} from '../../../bpf/src/index.js';
 
 export const DEFAULT_STATUS_SOCKET = '/var/run/ambient-bpf/status.sock';
 const PROTO = fileURLToPath(new URL('../../../../cni-agent/proto/status.proto', import.meta.url));
@@ -41,7 +47,12 @@ export interface StatusKernel {
 /** The status API's kernel section: each feature probed, the modes and why. */
 export function kernelStatus(kernel: KernelProbe, modes: DatapathModes): StatusKernel {
   return {
-    features: KERNEL_FEATURES.map((f) => ({ name: featureLabel(f), present: kernel.features[f], detail: kernel.detail[f], forced: kernel.forced.includes(f) })),
+    features: KERNEL_FEATURES.map((f) => ({
+      name: featureLabel(f),
+      present: kernel.features[f],
+      detail: kernel.detail[f],
+      forced: kernel.forced.includes(f),
+    })),
     probeMs: kernel.elapsedMs,
     hooks: modes.hooks,
     attachMode: modes.attachMode,
@@ -59,12 +70,21 @@ export interface StatusReport {
 }
 
 type StatusClient = grpc.Client & {
-  ListPods(req: object, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res?: { pods?: Partial<StatusPod>[]; ztunnelConnections?: number; kernel?: Partial<StatusKernel> | null }) => void): void;
+  ListPods(
+    req: object,
+    options: grpc.CallOptions,
+    cb: (
+      err: grpc.ServiceError | null,
+      res?: { pods?: Partial<StatusPod>[]; ztunnelConnections?: number; kernel?: Partial<StatusKernel> | null },
+    ) => void,
+  ): void;
 };
 
 function service(): { Status: grpc.ServiceClientConstructor } {
   const def = protoLoader.loadSync(PROTO, { keepCase: false, longs: Number, defaults: true });
-  const pkg = grpc.loadPackageDefinition(def) as unknown as { ambient_bpf: { status: { v1: { Status: grpc.ServiceClientConstructor } } } };
+  const pkg = grpc.loadPackageDefinition(def) as unknown as {
+    ambient_bpf: { status: { v1: { Status: grpc.ServiceClientConstructor } } };
+  };
   return pkg.ambient_bpf.status.v1;
 }
 
@@ -81,18 +101,25 @@ export async function serveStatus(path: string, report: () => Promise<StatusRepo
       );
     },
   });
-  await new Promise<void>((resolve, reject) => server.bindAsync(`unix://${path}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())));
+  await new Promise<void>((resolve, reject) =>
+    server.bindAsync(`unix://${path}`, grpc.ServerCredentials.createInsecure(), (err) =>
+      err ? reject(err) : resolve(),
+    ),
+  );
   chmodSync(path, 0o600);
   return { close: () => server.forceShutdown() };
 }
 
-const CHECK_AGENT = 'is the agent running on this node? (kubectl -n istio-system get pods -o wide -l app.kubernetes.io/name=ambient-bpf, or --status-socket for another path)';
+const CHECK_AGENT =
+  'is the agent running on this node? (kubectl -n istio-system get pods -o wide -l app.kubernetes.io/name=ambient-bpf, or --status-socket for another path)';
 
 /** One line for a failed call: whether an agent is there at all, and what to check. */
 function unreachable(path: string, timeoutMs: number, err: grpc.ServiceError): Error {
   if (!existsSync(path)) return new Error(`no agent here: nothing at ${path}; ${CHECK_AGENT}`);
-  if (err.code === grpc.status.DEADLINE_EXCEEDED) return new Error(`the agent at ${path} did not answer within ${timeoutMs / 1000} s`);
-  if (/ECONNREFUSED/.test(err.details)) return new Error(`no agent listens at ${path} (the socket is left from one that stopped); ${CHECK_AGENT}`);
+  if (err.code === grpc.status.DEADLINE_EXCEEDED)
+    return new Error(`the agent at ${path} did not answer within ${timeoutMs / 1000} s`);
+  if (/ECONNREFUSED/.test(err.details))
+    return new Error(`no agent listens at ${path} (the socket is left from one that stopped); ${CHECK_AGENT}`);
   return new Error(`cannot reach the agent at ${path}: ${err.details.split('. ')[0] || err.message}`);
 }
 
@@ -109,7 +136,12 @@ export function fetchStatus(path: string, timeoutMs = 5000): Promise<StatusRepor
         ...(k
           ? {
               kernel: {
-                features: (k.features ?? []).map((f) => ({ name: f.name ?? '', present: f.present ?? false, detail: f.detail ?? '', forced: f.forced ?? false })),
+                features: (k.features ?? []).map((f) => ({
+                  name: f.name ?? '',
+                  present: f.present ?? false,
+                  detail: f.detail ?? '',
+                  forced: f.forced ?? false,
+                })),
                 probeMs: Number(k.probeMs ?? 0),
                 hooks: k.hooks ?? '',
                 attachMode: k.attachMode ?? '',

@@ -44,7 +44,9 @@ export function captureOptions(pod: Pod, defaults: CaptureDefaults): ParsedCaptu
   });
   reroute = [...new Set(reroute)];
   if (reroute.length > MAX_REROUTE_INTERFACES) {
-    warnings.push(`annotation ${REROUTE_INTERFACES_ANNOTATION}: at most ${MAX_REROUTE_INTERFACES} interfaces, got ${reroute.length}; the annotation is ignored`);
+    warnings.push(
+      `annotation ${REROUTE_INTERFACES_ANNOTATION}: at most ${MAX_REROUTE_INTERFACES} interfaces, got ${reroute.length}; the annotation is ignored`,
+    );
     reroute = [];
   }
   return {
@@ -65,7 +67,9 @@ function flag(annotations: Record<string, string>, name: string, fallback: boole
   if (v === undefined) return fallback;
   if (TRUE.has(v)) return true;
   if (FALSE.has(v)) return false;
-  warnings.push(`annotation ${name}: "${v}" is not a boolean (true, false, 1, 0, ...), ignored: ${String(fallback)} applies`);
+  warnings.push(
+    `annotation ${name}: "${v}" is not a boolean (true, false, 1, 0, ...), ignored: ${String(fallback)} applies`,
+  );
   return fallback;
 }
 
@@ -80,7 +84,8 @@ export function parseStrictAllow(entries: string[]): StrictAllowEntry[] {
     if (!Number.isInteger(protocol) || protocol < 0 || protocol > 255 || port > 65535) {
       throw new Error(`not a strict-mode allow entry: "${text}" (examples: udp/123, icmp, icmpv6, sctp/5000, 47)`);
     }
-    if (port !== 0 && protocol !== 17 && protocol !== 132 && protocol !== 6) throw new Error(`"${text}": only udp, tcp and sctp have ports`);
+    if (port !== 0 && protocol !== 17 && protocol !== 132 && protocol !== 6)
+      throw new Error(`"${text}": only udp, tcp and sctp have ports`);
     return { protocol, port };
   });
 }

@@ -54,7 +54,11 @@ function requirementText(r: LabelSelectorRequirement): string {
 
 function requirements(s: LabelSelector | undefined): LabelSelectorRequirement[] {
   return [
-    ...Object.entries(s?.matchLabels ?? {}).map(([key, v]): LabelSelectorRequirement => ({ key, operator: 'In', values: [v] })),
+    ...Object.entries(s?.matchLabels ?? {}).map(([key, v]): LabelSelectorRequirement => ({
+      key,
+      operator: 'In',
+      values: [v],
+    })),
     ...(s?.matchExpressions ?? []),
   ];
 }
@@ -83,7 +87,15 @@ export function isEmptySelector(s: LabelSelector | undefined): boolean {
 
 export function selectorText(s: LabelSelector | undefined): string {
   const r = requirements(s);
-  return r.length ? r.map((x) => (x.operator === 'In' && x.values?.length === 1 && s?.matchLabels?.[x.key] === x.values[0] ? `${x.key}=${x.values[0]}` : requirementText(x))).join(',') : '(everything)';
+  return r.length
+    ? r
+        .map((x) =>
+          x.operator === 'In' && x.values?.length === 1 && s?.matchLabels?.[x.key] === x.values[0]
+            ? `${x.key}=${x.values[0]}`
+            : requirementText(x),
+        )
+        .join(',')
+    : '(everything)';
 }
 
 /** One entry, as a reason can name it. */
@@ -102,12 +114,17 @@ export class EnablementSelectors {
   /** The index of the first entry selecting a pod with these labels in a namespace with those, or
    * -1. (Host network and sidecars are selection.ts's business.) */
   match(podLabels: Labels, namespaceLabels: Labels): number {
-    return this.selectors.findIndex((s) => labelSelectorMatches(s.podSelector, podLabels) && labelSelectorMatches(s.namespaceSelector, namespaceLabels));
+    return this.selectors.findIndex(
+      (s) =>
+        labelSelectorMatches(s.podSelector, podLabels) && labelSelectorMatches(s.namespaceSelector, namespaceLabels),
+    );
   }
 
   /** Upstream's MatchesNamespace: is the namespace enabled by a (non-empty) namespace selector? */
   matchesNamespace(namespaceLabels: Labels): boolean {
-    return this.selectors.some((s) => !isEmptySelector(s.namespaceSelector) && labelSelectorMatches(s.namespaceSelector, namespaceLabels));
+    return this.selectors.some(
+      (s) => !isEmptySelector(s.namespaceSelector) && labelSelectorMatches(s.namespaceSelector, namespaceLabels),
+    );
   }
 
   /** Would a pod with no labels at all be selected in this namespace? (The CNI plugin's view of a
@@ -128,14 +145,17 @@ function labelKeyProblem(key: unknown): string | undefined {
   const slash = key.lastIndexOf('/');
   const prefix = slash >= 0 ? key.slice(0, slash) : undefined;
   const name = slash >= 0 ? key.slice(slash + 1) : key;
-  if (prefix !== undefined && (!DNS_SUBDOMAIN.test(prefix) || prefix.length > 253)) return `label key "${key}": the prefix must be a DNS subdomain`;
-  if (!NAME.test(name) || name.length > 63) return `label key "${key}": the name must be 63 characters at most, alphanumeric, '-', '_' or '.', starting and ending alphanumeric`;
+  if (prefix !== undefined && (!DNS_SUBDOMAIN.test(prefix) || prefix.length > 253))
+    return `label key "${key}": the prefix must be a DNS subdomain`;
+  if (!NAME.test(name) || name.length > 63)
+    return `label key "${key}": the name must be 63 characters at most, alphanumeric, '-', '_' or '.', starting and ending alphanumeric`;
   return undefined;
 }
 
 function labelValueProblem(key: string, value: unknown): string | undefined {
   if (typeof value !== 'string') return `label ${key}: the value must be a string, not ${JSON.stringify(value)}`;
-  if (value !== '' && (!NAME.test(value) || value.length > 63)) return `label ${key}: "${value}" is not a label value (63 characters at most, alphanumeric, '-', '_' or '.', starting and ending alphanumeric)`;
+  if (value !== '' && (!NAME.test(value) || value.length > 63))
+    return `label ${key}: "${value}" is not a label value (63 characters at most, alphanumeric, '-', '_' or '.', starting and ending alphanumeric)`;
   return undefined;
 }
 
@@ -144,7 +164,9 @@ const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'obj
 function checkLabelSelector(v: unknown, where: string): LabelSelector {
   if (v === undefined || v === null) return {};
   if (!isObject(v)) throw new Error(`${where}: must be a label selector (matchLabels, matchExpressions)`);
-  for (const k of Object.keys(v)) if (k !== 'matchLabels' && k !== 'matchExpressions') throw new Error(`${where}: unknown field "${k}" (matchLabels, matchExpressions)`);
+  for (const k of Object.keys(v))
+    if (k !== 'matchLabels' && k !== 'matchExpressions')
+      throw new Error(`${where}: unknown field "${k}" (matchLabels, matchExpressions)`);
   const out: LabelSelector = {};
   if (v.matchLabels !== undefined && v.matchLabels !== null) {
     if (!isObject(v.matchLabels)) throw new Error(`${where}.matchLabels: must be a map of label to value`);
@@ -159,16 +181,23 @@ function checkLabelSelector(v: unknown, where: string): LabelSelector {
     out.matchExpressions = v.matchExpressions.map((r: unknown, i): LabelSelectorRequirement => {
       const at = `${where}.matchExpressions[${i}]`;
       if (!isObject(r)) throw new Error(`${at}: must be {key, operator, values}`);
-      for (const k of Object.keys(r)) if (k !== 'key' && k !== 'operator' && k !== 'values') throw new Error(`${at}: unknown field "${k}" (key, operator, values)`);
+      for (const k of Object.keys(r))
+        if (k !== 'key' && k !== 'operator' && k !== 'values')
+          throw new Error(`${at}: unknown field "${k}" (key, operator, values)`);
       const keyProblem = labelKeyProblem(r.key);
       if (keyProblem) throw new Error(`${at}: ${keyProblem}`);
       const key = r.key as string;
-      if (typeof r.operator !== 'string' || !OPERATORS.includes(r.operator)) throw new Error(`${at}: "${String(r.operator)}" is not a valid label selector operator (In, NotIn, Exists, DoesNotExist)`);
+      if (typeof r.operator !== 'string' || !OPERATORS.includes(r.operator))
+        throw new Error(
+          `${at}: "${String(r.operator)}" is not a valid label selector operator (In, NotIn, Exists, DoesNotExist)`,
+        );
       const operator = r.operator as Operator;
       const values = r.values ?? [];
       if (!Array.isArray(values)) throw new Error(`${at}.values: must be a list`);
-      if ((operator === 'In' || operator === 'NotIn') && values.length === 0) throw new Error(`${at}: for 'in', 'notin' operators, values set can't be empty`);
-      if ((operator === 'Exists' || operator === 'DoesNotExist') && values.length > 0) throw new Error(`${at}: values set must be empty for exists and does not exist`);
+      if ((operator === 'In' || operator === 'NotIn') && values.length === 0)
+        throw new Error(`${at}: for 'in', 'notin' operators, values set can't be empty`);
+      if ((operator === 'Exists' || operator === 'DoesNotExist') && values.length > 0)
+        throw new Error(`${at}: values set must be empty for exists and does not exist`);
       for (const value of values) {
         const p = labelValueProblem(key, value);
         if (p) throw new Error(`${at}.values: ${p}`);
@@ -193,10 +222,15 @@ export function parseEnablementSelectors(text: string): EnablementSelectors {
   return new EnablementSelectors(
     doc.map((e: unknown, i): EnablementSelector => {
       if (!isObject(e)) throw new Error(`[${i}]: must be {podSelector, namespaceSelector}`);
-      for (const k of Object.keys(e)) if (k !== 'podSelector' && k !== 'namespaceSelector') throw new Error(`[${i}]: unknown field "${k}" (podSelector, namespaceSelector)`);
+      for (const k of Object.keys(e))
+        if (k !== 'podSelector' && k !== 'namespaceSelector')
+          throw new Error(`[${i}]: unknown field "${k}" (podSelector, namespaceSelector)`);
       const podSelector = checkLabelSelector(e.podSelector, `[${i}].podSelector`);
       const namespaceSelector = checkLabelSelector(e.namespaceSelector, `[${i}].namespaceSelector`);
-      return { ...(isEmptySelector(podSelector) && e.podSelector === undefined ? {} : { podSelector }), ...(isEmptySelector(namespaceSelector) && e.namespaceSelector === undefined ? {} : { namespaceSelector }) };
+      return {
+        ...(isEmptySelector(podSelector) && e.podSelector === undefined ? {} : { podSelector }),
+        ...(isEmptySelector(namespaceSelector) && e.namespaceSelector === undefined ? {} : { namespaceSelector }),
+      };
     }),
   );
 }

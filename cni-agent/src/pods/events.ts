@@ -90,7 +90,23 @@ export class EventRecorder implements PodEventSink {
         clearTimeout(old.timer);
         this.recorded.delete(k);
       }
-      const fresh: Recorded = { key, uid, namespace: pod.metadata.namespace, name: undefined, pod, type, reason, message: text, count: 1, sent: 0, first: now, last: now, sentAt: 0, timer: undefined, queued: false };
+      const fresh: Recorded = {
+        key,
+        uid,
+        namespace: pod.metadata.namespace,
+        name: undefined,
+        pod,
+        type,
+        reason,
+        message: text,
+        count: 1,
+        sent: 0,
+        first: now,
+        last: now,
+        sentAt: 0,
+        timer: undefined,
+        queued: false,
+      };
       this.recorded.set(key, fresh);
       this.enqueue(fresh);
       return;
@@ -135,7 +151,10 @@ export class EventRecorder implements PodEventSink {
   private enqueue(r: Recorded): void {
     if (this.queued >= (this.opts.maxQueued ?? 100)) {
       this.stats.dropped++;
-      this.opts.log.debug({ reason: r.reason, pod: `${r.namespace}/${r.pod.metadata.name}` }, 'too many Kubernetes events waiting; dropping one');
+      this.opts.log.debug(
+        { reason: r.reason, pod: `${r.namespace}/${r.pod.metadata.name}` },
+        'too many Kubernetes events waiting; dropping one',
+      );
       return;
     }
     this.queued++;
@@ -147,7 +166,10 @@ export class EventRecorder implements PodEventSink {
         if (!this.stopped) await this.send(r);
       } catch (err) {
         this.stats.failed++;
-        this.opts.log.warn({ reason: r.reason, pod: `${r.namespace}/${r.pod.metadata.name}`, error: (err as Error).message }, 'cannot record a Kubernetes event on the pod');
+        this.opts.log.warn(
+          { reason: r.reason, pod: `${r.namespace}/${r.pod.metadata.name}`, error: (err as Error).message },
+          'cannot record a Kubernetes event on the pod',
+        );
       } finally {
         r.sentAt = Date.now();
         this.queued--;
@@ -177,7 +199,14 @@ export class EventRecorder implements PodEventSink {
       apiVersion: 'v1',
       kind: 'Event',
       metadata: { name, namespace: r.namespace },
-      involvedObject: { apiVersion: 'v1', kind: 'Pod', name: pod.metadata.name, namespace: pod.metadata.namespace, uid: pod.metadata.uid, ...(pod.metadata.resourceVersion ? { resourceVersion: pod.metadata.resourceVersion } : {}) },
+      involvedObject: {
+        apiVersion: 'v1',
+        kind: 'Pod',
+        name: pod.metadata.name,
+        namespace: pod.metadata.namespace,
+        uid: pod.metadata.uid,
+        ...(pod.metadata.resourceVersion ? { resourceVersion: pod.metadata.resourceVersion } : {}),
+      },
       type: r.type,
       reason: r.reason,
       message: r.message,

@@ -15,7 +15,9 @@ export const SERVICE_ACCOUNT_DIR = '/var/run/secrets/kubernetes.io/serviceaccoun
 const TOKEN_REREAD_MS = 60_000;
 
 /** What every request carries: TLS material and headers. */
-type RequestSettings = Pick<https.RequestOptions, 'ca' | 'cert' | 'key' | 'rejectUnauthorized' | 'servername'> & { headers: Record<string, string> };
+type RequestSettings = Pick<https.RequestOptions, 'ca' | 'cert' | 'key' | 'rejectUnauthorized' | 'servername'> & {
+  headers: Record<string, string>;
+};
 
 export interface KubeConnection {
   server: URL;
@@ -45,10 +47,17 @@ function rereadEvery(path: string, ms = TOKEN_REREAD_MS): () => string {
 }
 
 /** The pod's service account, as every in-cluster client finds it. */
-export function inClusterConnection({ env = process.env, dir = SERVICE_ACCOUNT_DIR, tokenRereadMs = TOKEN_REREAD_MS } = {}): KubeConnection {
+export function inClusterConnection({
+  env = process.env,
+  dir = SERVICE_ACCOUNT_DIR,
+  tokenRereadMs = TOKEN_REREAD_MS,
+} = {}): KubeConnection {
   const host = env.KUBERNETES_SERVICE_HOST;
   const port = env.KUBERNETES_SERVICE_PORT;
-  if (!host || !port) throw new KubeConfigError('not running in a cluster (KUBERNETES_SERVICE_HOST/PORT unset): pass --kubeconfig or --local-pods');
+  if (!host || !port)
+    throw new KubeConfigError(
+      'not running in a cluster (KUBERNETES_SERVICE_HOST/PORT unset): pass --kubeconfig or --local-pods',
+    );
   let ca: Buffer;
   try {
     ca = readFileSync(join(dir, 'ca.crt'));
@@ -92,7 +101,11 @@ export async function kubeconfigConnection(path: string): Promise<KubeConnection
 
   const file = (p: unknown) => readFileSync(isAbsolute(String(p)) ? String(p) : join(dirname(path), String(p)));
   const material = (dataKey: string, fileKey: string, from: Fields): Buffer | undefined =>
-    typeof from[dataKey] === 'string' ? Buffer.from(from[dataKey], 'base64') : from[fileKey] !== undefined ? file(from[fileKey]) : undefined;
+    typeof from[dataKey] === 'string'
+      ? Buffer.from(from[dataKey], 'base64')
+      : from[fileKey] !== undefined
+        ? file(from[fileKey])
+        : undefined;
   const tls: Omit<RequestSettings, 'headers'> = {};
   try {
     const ca = material('certificate-authority-data', 'certificate-authority', cluster);
@@ -106,13 +119,23 @@ export async function kubeconfigConnection(path: string): Promise<KubeConnection
   }
   if (cluster['insecure-skip-tls-verify'] === true) tls.rejectUnauthorized = false;
   if (typeof cluster['tls-server-name'] === 'string') tls.servername = cluster['tls-server-name'];
-  const tokenFile = typeof user.tokenFile === 'string' ? rereadEvery(isAbsolute(user.tokenFile) ? user.tokenFile : join(dirname(path), user.tokenFile)) : undefined;
-  const basic = typeof user.username === 'string' ? Buffer.from(`${user.username}:${typeof user.password === 'string' ? user.password : ''}`).toString('base64') : undefined;
+  const tokenFile =
+    typeof user.tokenFile === 'string'
+      ? rereadEvery(isAbsolute(user.tokenFile) ? user.tokenFile : join(dirname(path), user.tokenFile))
+      : undefined;
+  const basic =
+    typeof user.username === 'string'
+      ? Buffer.from(`${user.username}:${typeof user.password === 'string' ? user.password : ''}`).toString('base64')
+      : undefined;
   return {
     server: new URL(cluster.server),
     settings: () => {
       const token = typeof user.token === 'string' ? user.token : tokenFile?.();
-      const headers: Record<string, string> = token ? { authorization: `Bearer ${token}` } : basic ? { authorization: `Basic ${basic}` } : {};
+      const headers: Record<string, string> = token
+        ? { authorization: `Bearer ${token}` }
+        : basic
+          ? { authorization: `Basic ${basic}` }
+          : {};
       return Promise.resolve({ ...tls, headers });
     },
   };
@@ -128,7 +151,13 @@ async function pluginConnection(path: string, server: URL): Promise<KubeConnecti
     settings: async () => {
       const o: https.RequestOptions = {};
       await kc.applyToHTTPSOptions(o);
-      return { ca: o.ca, cert: o.cert, key: o.key, rejectUnauthorized: o.rejectUnauthorized ?? true, headers: Object.fromEntries(Object.entries(o.headers ?? {}).map(([k, v]) => [k, String(v)])) };
+      return {
+        ca: o.ca,
+        cert: o.cert,
+        key: o.key,
+        rejectUnauthorized: o.rejectUnauthorized ?? true,
+        headers: Object.fromEntries(Object.entries(o.headers ?? {}).map(([k, v]) => [k, String(v)])),
+      };
     },
   };
 }
@@ -151,7 +180,10 @@ export class KubeClient {
   private readonly agent: http.Agent;
 
   constructor(private readonly connection: KubeConnection) {
-    this.agent = connection.server.protocol === 'https:' ? new https.Agent({ keepAlive: true }) : new http.Agent({ keepAlive: true });
+    this.agent =
+      connection.server.protocol === 'https:'
+        ? new https.Agent({ keepAlive: true })
+        : new http.Agent({ keepAlive: true });
   }
 
   async list<T>(path: string, query: Record<string, string> = {}): Promise<{ items: T[]; resourceVersion: string }> {
@@ -177,7 +209,13 @@ export class KubeClient {
 
   /** Streams changes after `resourceVersion`, with bookmarks. */
   async watch<T>(path: string, query: Record<string, string>, onEvent: (e: WatchEvent<T>) => void): Promise<Watching> {
-    const req = await this.request('GET', path, { ...query, watch: 'true', allowWatchBookmarks: 'true', timeoutSeconds: String(WATCH_TIMEOUT_S) }, {}, undefined);
+    const req = await this.request(
+      'GET',
+      path,
+      { ...query, watch: 'true', allowWatchBookmarks: 'true', timeoutSeconds: String(WATCH_TIMEOUT_S) },
+      {},
+      undefined,
+    );
     let stop!: () => void;
     const done = new Promise<void>((resolve, reject) => {
       stop = () => {
@@ -186,7 +224,8 @@ export class KubeClient {
       };
       req.on('error', (err) => reject(new KubeApiError(0, `watch ${path}: ${err.message}`)));
       req.on('response', (res) => {
-        if (res.statusCode !== 200) return void readBody(res).then((b) => reject(apiError('watch', path, res.statusCode ?? 0, b)), reject);
+        if (res.statusCode !== 200)
+          return void readBody(res).then((b) => reject(apiError('watch', path, res.statusCode ?? 0, b)), reject);
         let buffered = '';
         res.setEncoding('utf8');
         res.on('data', (chunk: string) => {
@@ -210,7 +249,9 @@ export class KubeClient {
             onEvent(event as WatchEvent<T>);
           }
         });
-        res.on('close', () => (res.complete ? resolve() : reject(new KubeApiError(0, `watch ${path}: the stream broke`))));
+        res.on('close', () =>
+          res.complete ? resolve() : reject(new KubeApiError(0, `watch ${path}: the stream broke`)),
+        );
       });
       req.end();
     });
@@ -221,13 +262,21 @@ export class KubeClient {
     this.agent.destroy();
   }
 
-  private async call(method: string, path: string, query: Record<string, string>, headers: Record<string, string> = {}, body?: string, timeoutMs = 30_000): Promise<unknown> {
+  private async call(
+    method: string,
+    path: string,
+    query: Record<string, string>,
+    headers: Record<string, string> = {},
+    body?: string,
+    timeoutMs = 30_000,
+  ): Promise<unknown> {
     const req = await this.request(method, path, query, headers, timeoutMs);
     return new Promise((resolve, reject) => {
       req.on('error', (err) => reject(new KubeApiError(0, `${method} ${path}: ${err.message}`)));
       req.on('response', (res) => {
         readBody(res).then((text) => {
-          if (res.statusCode !== 200 && res.statusCode !== 201) return reject(apiError(method, path, res.statusCode ?? 0, text));
+          if (res.statusCode !== 200 && res.statusCode !== 201)
+            return reject(apiError(method, path, res.statusCode ?? 0, text));
           try {
             resolve(JSON.parse(text));
           } catch {
@@ -241,12 +290,23 @@ export class KubeClient {
 
   /** `timeoutMs`: a pooled request (list, get, patch) that fails without an answer in that time;
    * undefined: a watch, on its own connection, without a timeout. */
-  private async request(method: string, path: string, query: Record<string, string>, headers: Record<string, string>, timeoutMs: number | undefined): Promise<http.ClientRequest> {
+  private async request(
+    method: string,
+    path: string,
+    query: Record<string, string>,
+    headers: Record<string, string>,
+    timeoutMs: number | undefined,
+  ): Promise<http.ClientRequest> {
     const pooled = timeoutMs !== undefined;
     const url = new URL(path, this.connection.server);
     for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
     const settings = await this.connection.settings();
-    const options: https.RequestOptions = { ...settings, method, headers: { accept: 'application/json', ...settings.headers, ...headers }, timeout: timeoutMs ?? 0 };
+    const options: https.RequestOptions = {
+      ...settings,
+      method,
+      headers: { accept: 'application/json', ...settings.headers, ...headers },
+      timeout: timeoutMs ?? 0,
+    };
     if (pooled) options.agent = this.agent;
     const req = (url.protocol === 'https:' ? https : http).request(url, options);
     if (pooled) req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs / 1000} s`)));

@@ -6,7 +6,14 @@
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { Annotator, RedirectionAnnotation } from '../enrollment/reconciler.js';
 import { EventRecorder, type EventType, type PodEventSink } from './events.js';
-import { KubeApiError, KubeClient, loadKubeConnection, type KubeConnection, type WatchEvent, type Watching } from './kube-client.js';
+import {
+  KubeApiError,
+  KubeClient,
+  loadKubeConnection,
+  type KubeConnection,
+  type WatchEvent,
+  type Watching,
+} from './kube-client.js';
 import { REDIRECTION_ANNOTATION, type ClusterState, type Namespace, type Pod, type SourceChange } from './pod.js';
 
 export interface KubePodSourceOptions {
@@ -22,7 +29,18 @@ export interface KubePodSourceOptions {
 }
 
 type Kind = 'pods' | 'namespaces';
-type ApiObject = { metadata?: { name?: string; namespace?: string; uid?: string; resourceVersion?: string; labels?: Record<string, string>; annotations?: Record<string, string> }; spec?: Record<string, unknown>; status?: Record<string, unknown> };
+type ApiObject = {
+  metadata?: {
+    name?: string;
+    namespace?: string;
+    uid?: string;
+    resourceVersion?: string;
+    labels?: Record<string, string>;
+    annotations?: Record<string, string>;
+  };
+  spec?: Record<string, unknown>;
+  status?: Record<string, unknown>;
+};
 
 interface Informer {
   kind: Kind;
@@ -50,7 +68,14 @@ function toPod(o: ApiObject): Pod | undefined {
   const spec = o.spec ?? {};
   const status = o.status ?? {};
   return {
-    metadata: { name: m.name, namespace: m.namespace, uid: m.uid, resourceVersion: m.resourceVersion, labels: m.labels, annotations: m.annotations },
+    metadata: {
+      name: m.name,
+      namespace: m.namespace,
+      uid: m.uid,
+      resourceVersion: m.resourceVersion,
+      labels: m.labels,
+      annotations: m.annotations,
+    },
     spec: { nodeName: spec.nodeName, hostNetwork: spec.hostNetwork, serviceAccountName: spec.serviceAccountName },
     status: { phase: status.phase, podIP: status.podIP, podIPs: status.podIPs },
   } as Pod;
@@ -58,7 +83,9 @@ function toPod(o: ApiObject): Pod | undefined {
 
 function toNamespace(o: ApiObject): Namespace | undefined {
   const m = o.metadata;
-  return m?.name ? ({ metadata: { name: m.name, labels: m.labels, resourceVersion: m.resourceVersion } } as Namespace) : undefined;
+  return m?.name
+    ? ({ metadata: { name: m.name, labels: m.labels, resourceVersion: m.resourceVersion } } as Namespace)
+    : undefined;
 }
 
 export class KubePodSource implements Annotator, PodEventSink {
@@ -108,7 +135,12 @@ export class KubePodSource implements Annotator, PodEventSink {
   async start(): Promise<ClusterState> {
     const k = this.opts.kubeconfig;
     this.client = new KubeClient(typeof k === 'object' ? k : await loadKubeConnection(k));
-    this.events = new EventRecorder({ client: this.client, nodeName: this.opts.nodeName, log: this.opts.log, ...(this.opts.eventIntervalMs !== undefined ? { minIntervalMs: this.opts.eventIntervalMs } : {}) });
+    this.events = new EventRecorder({
+      client: this.client,
+      nodeName: this.opts.nodeName,
+      log: this.opts.log,
+      ...(this.opts.eventIntervalMs !== undefined ? { minIntervalMs: this.opts.eventIntervalMs } : {}),
+    });
     void this.run(this.informers.namespaces);
     void this.run(this.informers.pods);
     await Promise.all([this.informers.namespaces.listed.promise, this.informers.pods.listed.promise]);
@@ -147,12 +179,21 @@ export class KubePodSource implements Annotator, PodEventSink {
     };
     let timer: NodeJS.Timeout | undefined;
     const deadline = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new KubeApiError(0, `the Kubernetes API did not answer within ${timeoutMs} ms`)), timeoutMs);
+      timer = setTimeout(
+        () => reject(new KubeApiError(0, `the Kubernetes API did not answer within ${timeoutMs} ms`)),
+        timeoutMs,
+      );
     });
     let found: [ApiObject | undefined, ApiObject | undefined];
     try {
       const ns = encodeURIComponent(namespace);
-      found = await Promise.race([Promise.all([get(`/api/v1/namespaces/${ns}/pods/${encodeURIComponent(name)}`), get(`/api/v1/namespaces/${ns}`)]), deadline]);
+      found = await Promise.race([
+        Promise.all([
+          get(`/api/v1/namespaces/${ns}/pods/${encodeURIComponent(name)}`),
+          get(`/api/v1/namespaces/${ns}`),
+        ]),
+        deadline,
+      ]);
     } finally {
       clearTimeout(timer);
     }
@@ -160,18 +201,21 @@ export class KubePodSource implements Annotator, PodEventSink {
     const [podObj, nsObj] = found;
     // The namespace as read now, also when the cache has an older version (labelled since).
     const namespaceFound = nsObj ? toNamespace(nsObj) : undefined;
-    if (namespaceFound && this.newer('namespaces', namespaceFound.metadata.name, nsObj!)) this.readAheadOf('namespaces', namespaceFound.metadata.name, nsObj!);
+    if (namespaceFound && this.newer('namespaces', namespaceFound.metadata.name, nsObj!))
+      this.readAheadOf('namespaces', namespaceFound.metadata.name, nsObj!);
     const pod = podObj ? toPod(podObj) : undefined;
     if (!pod || pod.spec?.nodeName !== this.opts.nodeName) return undefined;
     // (not one the watch deleted while the answer was on its way: that answer is older)
-    if (!this.recentlyDeleted.has(pod.metadata.uid) && this.newer('pods', pod.metadata.uid, podObj!)) this.readAheadOf('pods', pod.metadata.uid, podObj!);
+    if (!this.recentlyDeleted.has(pod.metadata.uid) && this.newer('pods', pod.metadata.uid, podObj!))
+      this.readAheadOf('pods', pod.metadata.uid, podObj!);
     return this.state.pods.get(pod.metadata.uid);
   }
 
   /** Is `o` newer than the cached object of that key (or is there none)? resourceVersions are
    * compared as numbers where both are (etcd's revisions); otherwise any other version counts. */
   private newer(kind: Kind, key: string, o: ApiObject): boolean {
-    const cached = (kind === 'pods' ? this.state.pods.get(key) : this.state.namespaces.get(key))?.metadata.resourceVersion;
+    const cached = (kind === 'pods' ? this.state.pods.get(key) : this.state.namespaces.get(key))?.metadata
+      .resourceVersion;
     if (cached === undefined) return true;
     const [a, b] = [revision(o.metadata?.resourceVersion), revision(cached)];
     return a !== undefined && b !== undefined ? a > b : o.metadata?.resourceVersion !== cached;
@@ -216,13 +260,18 @@ export class KubePodSource implements Annotator, PodEventSink {
         if (i.resourceVersion === undefined) await this.list(i);
         const began = Date.now();
         let events = 0;
-        i.watching = await this.client!.watch<ApiObject>(i.path, { ...i.query, resourceVersion: i.resourceVersion! }, (e) => {
-          events++;
-          this.event(i, e);
-        });
+        i.watching = await this.client!.watch<ApiObject>(
+          i.path,
+          { ...i.query, resourceVersion: i.resourceVersion! },
+          (e) => {
+            events++;
+            this.event(i, e);
+          },
+        );
         await i.watching.done;
         // The server ends a watch after its timeout; one that ends at once is a failing server.
-        if (!this.stopped && events === 0 && Date.now() - began < 1000) throw new KubeApiError(0, `watch ${i.path} ended at once`);
+        if (!this.stopped && events === 0 && Date.now() - began < 1000)
+          throw new KubeApiError(0, `watch ${i.path} ended at once`);
         i.backoffMs = this.opts.initialBackoffMs ?? 200;
       } catch (err) {
         if (this.stopped) return;
@@ -231,7 +280,10 @@ export class KubePodSource implements Annotator, PodEventSink {
           i.resourceVersion = undefined;
           continue;
         }
-        this.opts.log.warn({ kind: i.kind, error: (err as Error).message, retryMs: i.backoffMs }, 'Kubernetes watch failed; restarting');
+        this.opts.log.warn(
+          { kind: i.kind, error: (err as Error).message, retryMs: i.backoffMs },
+          'Kubernetes watch failed; restarting',
+        );
         await new Promise<void>((wake) => (i.retry = { timer: setTimeout(wake, i.backoffMs), wake }));
         i.retry = undefined;
         i.backoffMs = Math.min(i.backoffMs * 2, this.opts.maxBackoffMs ?? 30_000);
@@ -249,12 +301,17 @@ export class KubePodSource implements Annotator, PodEventSink {
       const key = this.keyOf(i.kind, item);
       if (!key) continue;
       seen.add(key);
-      if (cache.get(key)?.metadata.resourceVersion !== item.metadata?.resourceVersion && !this.behindReadAhead(i.kind, item)) this.apply(i.kind, item, false);
+      if (
+        cache.get(key)?.metadata.resourceVersion !== item.metadata?.resourceVersion &&
+        !this.behindReadAhead(i.kind, item)
+      )
+        this.apply(i.kind, item, false);
     }
     // (an object a lookup read after this list's snapshot was taken is not gone)
     const listRv = revision(resourceVersion);
     const readAfter = (key: string) => listRv !== undefined && (this.readAhead.get(`${i.kind}/${key}`) ?? -1n) > listRv;
-    for (const [key, old] of [...cache]) if (!seen.has(key) && !readAfter(key)) this.apply(i.kind, old as ApiObject, true);
+    for (const [key, old] of [...cache])
+      if (!seen.has(key) && !readAfter(key)) this.apply(i.kind, old as ApiObject, true);
     i.resourceVersion = resourceVersion;
     i.listed.resolve();
   }
@@ -292,8 +349,7 @@ export class KubePodSource implements Annotator, PodEventSink {
     if (deleted) {
       this.state.namespaces.delete(namespace.metadata.name);
       this.readAhead.delete(`namespaces/${namespace.metadata.name}`);
-    }
-    else this.state.namespaces.set(namespace.metadata.name, namespace);
+    } else this.state.namespaces.set(namespace.metadata.name, namespace);
     report({ kind: 'namespace', type, namespace });
   }
 }

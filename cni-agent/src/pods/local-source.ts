@@ -37,20 +37,28 @@ export function parseLocalPods(text: string, nodeName: string): ClusterState {
     } else objects.push(value);
   }
   for (const [i, value] of objects.entries()) {
-    const obj = value as { apiVersion?: unknown; kind?: unknown; metadata?: { name?: unknown; namespace?: unknown; uid?: unknown } };
+    const obj = value as {
+      apiVersion?: unknown;
+      kind?: unknown;
+      metadata?: { name?: unknown; namespace?: unknown; uid?: unknown };
+    };
     const where = `object ${i + 1}`;
     if (typeof obj !== 'object' || obj === null) throw new LocalPodsError(`${where} is not a mapping`);
     if (obj.apiVersion !== 'v1' || (obj.kind !== 'Pod' && obj.kind !== 'Namespace')) {
-      throw new LocalPodsError(`${where}: only v1 Pod and Namespace objects are supported, not ${String(obj.apiVersion)} ${String(obj.kind)}`);
+      throw new LocalPodsError(
+        `${where}: only v1 Pod and Namespace objects are supported, not ${String(obj.apiVersion)} ${String(obj.kind)}`,
+      );
     }
     const name = obj.metadata?.name;
-    if (typeof name !== 'string' || name === '') throw new LocalPodsError(`${where}: ${obj.kind} without metadata.name`);
+    if (typeof name !== 'string' || name === '')
+      throw new LocalPodsError(`${where}: ${obj.kind} without metadata.name`);
     if (obj.kind === 'Namespace') {
       state.namespaces.set(name, obj as Namespace);
       continue;
     }
     const pod = obj as Pod;
-    pod.metadata.namespace = typeof obj.metadata?.namespace === 'string' && obj.metadata.namespace ? obj.metadata.namespace : 'default';
+    pod.metadata.namespace =
+      typeof obj.metadata?.namespace === 'string' && obj.metadata.namespace ? obj.metadata.namespace : 'default';
     // Hand-written files may leave the uid out: derive a stable one from the pod's identity.
     if (typeof obj.metadata?.uid !== 'string' || obj.metadata.uid === '') {
       pod.metadata.uid = `${DERIVED_UID_PREFIX}${createHash('sha256').update(`${pod.metadata.namespace}/${name}`).digest('hex').slice(0, 24)}`;
@@ -69,7 +77,8 @@ export function diffStates(before: ClusterState, after: ClusterState): SourceCha
   for (const [name, namespace] of after.namespaces) {
     const old = before.namespaces.get(name);
     if (!old) changes.push({ kind: 'namespace', type: 'added', namespace });
-    else if (JSON.stringify(old) !== JSON.stringify(namespace)) changes.push({ kind: 'namespace', type: 'updated', namespace });
+    else if (JSON.stringify(old) !== JSON.stringify(namespace))
+      changes.push({ kind: 'namespace', type: 'updated', namespace });
   }
   for (const [uid, pod] of after.pods) {
     const old = before.pods.get(uid);
@@ -109,9 +118,12 @@ export class LocalPodSource {
 
   /** Reads the file once (it must parse) and starts watching it. */
   async start(): Promise<ClusterState> {
-    this.state = parseLocalPods(await readFile(this.file, 'utf8').catch((err: Error) => {
-      throw new LocalPodsError(`cannot read ${this.file}: ${err.message}`);
-    }), this.options.nodeName);
+    this.state = parseLocalPods(
+      await readFile(this.file, 'utf8').catch((err: Error) => {
+        throw new LocalPodsError(`cannot read ${this.file}: ${err.message}`);
+      }),
+      this.options.nodeName,
+    );
     // Watch the directory: editors and `kubectl get > file` replace the file rather than write it.
     this.watcher = watch(dirname(this.file), (_event, name) => {
       if (name !== null && name !== basename(this.file)) return;
@@ -133,7 +145,11 @@ export class LocalPodSource {
       try {
         next = parseLocalPods(await readFile(this.file, 'utf8'), this.options.nodeName);
       } catch (err) {
-        this.options.onError(err instanceof LocalPodsError ? err : new LocalPodsError(`cannot read ${this.file}: ${(err as Error).message}`));
+        this.options.onError(
+          err instanceof LocalPodsError
+            ? err
+            : new LocalPodsError(`cannot read ${this.file}: ${(err as Error).message}`),
+        );
         return;
       }
       const changes = diffStates(this.state, next);

@@ -42,9 +42,15 @@ async function inodeOf(path: string): Promise<{ ino: number; dev: number } | und
 /** Every netns other than the host's (the agent's own, as it runs with the host network, and
  * that of PID 1 under the host root when readable), with its global addresses and the pod cgroups
  * of its processes. */
-export async function scanNetns(hostRoot = '/', netnsDirs: readonly string[] = DEFAULT_NETNS_DIRECTORIES): Promise<NetnsScan> {
+export async function scanNetns(
+  hostRoot = '/',
+  netnsDirs: readonly string[] = DEFAULT_NETNS_DIRECTORIES,
+): Promise<NetnsScan> {
   const named: string[] = [];
-  for (const dir of netnsDirs) named.push(...(await readdir(join(hostRoot, dir)).catch(() => [] as string[])).sort().map((n) => join(hostRoot, dir, n)));
+  for (const dir of netnsDirs)
+    named.push(
+      ...(await readdir(join(hostRoot, dir)).catch(() => [] as string[])).sort().map((n) => join(hostRoot, dir, n)),
+    );
   const pids = (await readdir(join(hostRoot, 'proc')).catch(() => [] as string[]))
     .filter((p) => /^\d+$/.test(p))
     .map(Number)

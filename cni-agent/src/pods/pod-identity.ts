@@ -27,13 +27,19 @@ export function resolvePodNetns(scan: NetnsScan, uid: string, ips: string[]): Po
   const holdsAll = (c: NetnsCandidate): boolean => ips.every((ip) => c.addresses.includes(ip));
   const ofPod = preferNodeOwned(scan.candidates.filter((c) => c.podUids.includes(want)));
   if (ofPod.length > 1) {
-    return { refused: `the pod’s processes are in ${ofPod.length} network namespaces (${ofPod.map((c) => c.path).join(', ')}); refusing to pick one` };
+    return {
+      refused: `the pod’s processes are in ${ofPod.length} network namespaces (${ofPod.map((c) => c.path).join(', ')}); refusing to pick one`,
+    };
   }
   if (ofPod.length === 1) {
     const c = ofPod[0]!;
     const others = c.podUids.filter((u) => u !== want);
-    if (others.length > 0) return { refused: `the pod’s network namespace ${c.path} also has processes of pod ${others.join(', ')}` };
-    if (!holdsAll(c)) return { refused: `the pod’s network namespace ${c.path} does not hold its IPs ${ips.join(', ')} (has ${c.addresses.join(', ') || 'none'})` };
+    if (others.length > 0)
+      return { refused: `the pod’s network namespace ${c.path} also has processes of pod ${others.join(', ')}` };
+    if (!holdsAll(c))
+      return {
+        refused: `the pod’s network namespace ${c.path} does not hold its IPs ${ips.join(', ')} (has ${c.addresses.join(', ') || 'none'})`,
+      };
     return { found: c };
   }
   if (scan.hostPodUids.has(want)) return { refused: 'the pod’s processes are in the node’s network namespace' };
@@ -41,7 +47,9 @@ export function resolvePodNetns(scan: NetnsScan, uid: string, ips: string[]): Po
   const any = preferNodeOwned(scan.candidates.filter((c) => ips.some((ip) => c.addresses.includes(ip))));
   const all = any.filter(holdsAll);
   if (any.length > 1) {
-    return { refused: `ambiguous: ${any.length} network namespaces hold the pod’s IPs (${any.map((c) => c.path).join(', ')})` };
+    return {
+      refused: `ambiguous: ${any.length} network namespaces hold the pod’s IPs (${any.map((c) => c.path).join(', ')})`,
+    };
   }
   if (all.length === 0) {
     return any.length === 1
@@ -49,7 +57,8 @@ export function resolvePodNetns(scan: NetnsScan, uid: string, ips: string[]): Po
       : { missing: `no network namespace holds the pod IPs ${ips.join(', ')} (not started yet?)` };
   }
   const c = all[0]!;
-  if (c.podUids.length > 0) return { refused: `the network namespace holding the pod IPs (${c.path}) belongs to pod ${c.podUids.join(', ')}` };
+  if (c.podUids.length > 0)
+    return { refused: `the network namespace holding the pod IPs (${c.path}) belongs to pod ${c.podUids.join(', ')}` };
   return { found: c };
 }
 

@@ -3,7 +3,12 @@ import { isIPv6 } from 'node:net';
 import type { NamespaceLike, PodLike } from './selection.js';
 
 export interface Pod extends PodLike {
-  metadata: NonNullable<PodLike['metadata']> & { name: string; namespace: string; uid: string; resourceVersion?: string | undefined };
+  metadata: NonNullable<PodLike['metadata']> & {
+    name: string;
+    namespace: string;
+    uid: string;
+    resourceVersion?: string | undefined;
+  };
   spec?: PodLike['spec'] & { nodeName?: string };
   status?: { podIP?: string; podIPs?: { ip: string }[]; phase?: string };
 }

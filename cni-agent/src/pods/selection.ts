@@ -3,14 +3,25 @@
 // labels enrol a pod is upstream's enablement selectors (enablement.ts; --enablement-selectors);
 // what is never enrolled (excluded namespaces, host network, sidecars, ztunnel, the agent) is
 // checked first, whatever the selectors say.
-import { DEFAULT_SELECTORS, enablementSelectorText, isEmptySelector, selectorText, type EnablementSelectors } from './enablement.js';
+import {
+  DEFAULT_SELECTORS,
+  enablementSelectorText,
+  isEmptySelector,
+  selectorText,
+  type EnablementSelectors,
+} from './enablement.js';
 
 export const DATAPLANE_MODE_LABEL = 'istio.io/dataplane-mode';
 export const SIDECAR_STATUS_ANNOTATION = 'sidecar.istio.io/status';
 
 /** The parts of a v1 Pod / Namespace the rules read (API objects and YAML both fit). */
 export interface PodLike {
-  metadata?: { name?: string; namespace?: string; labels?: Record<string, string>; annotations?: Record<string, string> };
+  metadata?: {
+    name?: string;
+    namespace?: string;
+    labels?: Record<string, string>;
+    annotations?: Record<string, string>;
+  };
   spec?: { hostNetwork?: boolean };
 }
 
@@ -51,20 +62,36 @@ export type Selection = { ambient: boolean; reason: string };
 /** Would the selectors enrol this pod, were its namespace not excluded? (A labelled namespace, or
  * a labelled pod, in an excluded namespace is worth a warning; a host-network or sidecar pod,
  * never enrolled anyway, is not.) */
-export function excludedButSelected(pod: PodLike, namespace: NamespaceLike | undefined, policy: SelectionPolicy): boolean {
+export function excludedButSelected(
+  pod: PodLike,
+  namespace: NamespaceLike | undefined,
+  policy: SelectionPolicy,
+): boolean {
   const ns = pod.metadata?.namespace ?? 'default';
-  if (!policy.excludedNamespaces.includes(ns) || pod.spec?.hostNetwork || pod.metadata?.annotations?.[SIDECAR_STATUS_ANNOTATION] !== undefined) return false;
+  if (
+    !policy.excludedNamespaces.includes(ns) ||
+    pod.spec?.hostNetwork ||
+    pod.metadata?.annotations?.[SIDECAR_STATUS_ANNOTATION] !== undefined
+  )
+    return false;
   return policy.enablementSelectors.match(pod.metadata?.labels, namespace?.metadata?.labels) >= 0;
 }
 
-export function selectPod(pod: PodLike, namespace: NamespaceLike | undefined, policy: SelectionPolicy = DEFAULT_POLICY): Selection {
+export function selectPod(
+  pod: PodLike,
+  namespace: NamespaceLike | undefined,
+  policy: SelectionPolicy = DEFAULT_POLICY,
+): Selection {
   const ns = pod.metadata?.namespace ?? 'default';
   const labels = pod.metadata?.labels ?? {};
   const podMode = labels[DATAPLANE_MODE_LABEL];
 
   if (policy.excludedNamespaces.includes(ns)) {
     return excludedButSelected(pod, namespace, policy)
-      ? { ambient: false, reason: `namespace ${ns} is excluded (--exclude-namespaces), although its labels or the pod's select it for ambient` }
+      ? {
+          ambient: false,
+          reason: `namespace ${ns} is excluded (--exclude-namespaces), although its labels or the pod's select it for ambient`,
+        }
       : { ambient: false, reason: `namespace ${ns} is excluded` };
   }
   if (pod.spec?.hostNetwork) return { ambient: false, reason: 'host network pod' };
@@ -72,7 +99,8 @@ export function selectPod(pod: PodLike, namespace: NamespaceLike | undefined, po
   if (ns === policy.agentNamespace && Object.entries(policy.agentLabels).every(([k, v]) => labels[k] === v)) {
     return { ambient: false, reason: 'the node agent’s own pod' };
   }
-  if (pod.metadata?.annotations?.[SIDECAR_STATUS_ANNOTATION] !== undefined) return { ambient: false, reason: 'sidecar injected' };
+  if (pod.metadata?.annotations?.[SIDECAR_STATUS_ANNOTATION] !== undefined)
+    return { ambient: false, reason: 'sidecar injected' };
   const selectors = policy.enablementSelectors;
   const matched = selectors.match(labels, namespace?.metadata?.labels);
   const entry = selectors.selectors[matched];
@@ -81,12 +109,22 @@ export function selectPod(pod: PodLike, namespace: NamespaceLike | undefined, po
     if (selectors.isDefault) return { ambient: true, reason: matched === 0 ? 'pod label' : 'namespace label' };
     const podPart = selectorText(entry.podSelector);
     const nsPart = selectorText(entry.namespaceSelector);
-    if (isEmptySelector(entry.namespaceSelector)) return { ambient: true, reason: isEmptySelector(entry.podSelector) ? 'every pod is selected' : `pod label ${podPart}` };
-    return { ambient: true, reason: `namespace label ${nsPart}${isEmptySelector(entry.podSelector) ? '' : `, pod labels ${podPart}`}` };
+    if (isEmptySelector(entry.namespaceSelector))
+      return {
+        ambient: true,
+        reason: isEmptySelector(entry.podSelector) ? 'every pod is selected' : `pod label ${podPart}`,
+      };
+    return {
+      ambient: true,
+      reason: `namespace label ${nsPart}${isEmptySelector(entry.podSelector) ? '' : `, pod labels ${podPart}`}`,
+    };
   }
   if (selectors.isDefault) {
     if (podMode === 'none') return { ambient: false, reason: `pod label ${DATAPLANE_MODE_LABEL}=none` };
     return { ambient: false, reason: `no ${DATAPLANE_MODE_LABEL}=ambient label on the pod or namespace ${ns}` };
   }
-  return { ambient: false, reason: `no enablement selector matches the pod and namespace ${ns} (${selectors.selectors.map(enablementSelectorText).join('; ')})` };
+  return {
+    ambient: false,
+    reason: `no enablement selector matches the pod and namespace ${ns} (${selectors.selectors.map(enablementSelectorText).join('; ')})`,
+  };
 }

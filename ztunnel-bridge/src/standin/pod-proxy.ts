@@ -8,7 +8,15 @@
 // Each TCP connection is relayed with TCP's semantics (relay.ts): half-close, resets, backpressure.
 import dgram from 'node:dgram';
 import net from 'node:net';
-import { closeFd, connectFromNetns, netnsAddresses, netnsPathOfFd, serverOnFd, socketsInNetns, type NetnsSocketSpec } from '../../../bpf/src/node-netns.js';
+import {
+  closeFd,
+  connectFromNetns,
+  netnsAddresses,
+  netnsPathOfFd,
+  serverOnFd,
+  socketsInNetns,
+  type NetnsSocketSpec,
+} from '../../../bpf/src/node-netns.js';
 import { relay, reset } from './relay.js';
 
 export const ZTUNNEL_MARK = 0x539;
@@ -53,7 +61,10 @@ export class PodProxy {
   private readonly sockets = new Set<net.Socket>();
   /** DNS over UDP: listeners on 127.0.0.1 (and [::1] when lo has IPv6), one upstream socket. */
   private udp: { locals: dgram.Socket[]; upstream: dgram.Socket } | undefined;
-  private readonly dnsPending = new Map<number, { id: number; address: string; port: number; at: number; via: dgram.Socket }>();
+  private readonly dnsPending = new Map<
+    number,
+    { id: number; address: string; port: number; at: number; via: dgram.Socket }
+  >();
   private nextDnsId = 1;
   /** The pod's own addresses, to refuse connections that would loop back into these listeners. */
   private readonly ownAddresses = new Set<string>();
@@ -109,7 +120,16 @@ export class PodProxy {
    * ztunnel, 0.0.0.0 where that fails, as without IPv6: a second trip), DNS on 127.0.0.1 and, when the pod's
    * lo has IPv6, [::1], over TCP and UDP, and the DNS upstream socket. */
   private async listenAll(): Promise<void> {
-    const wildcard = (family: 4 | 6, port: number): NetnsSocketSpec => ({ listen: { family, address: family === 6 ? '::' : '0.0.0.0', port, transparent: true, reuseport: true, mark: ZTUNNEL_MARK } });
+    const wildcard = (family: 4 | 6, port: number): NetnsSocketSpec => ({
+      listen: {
+        family,
+        address: family === 6 ? '::' : '0.0.0.0',
+        port,
+        transparent: true,
+        reuseport: true,
+        mark: ZTUNNEL_MARK,
+      },
+    });
     const wildcardPorts = [PORTS.outbound, PORTS.inbound, PORTS.hbone];
     const upstreamAddress = this.dnsUpstream?.host.includes(':') ? '::' : '0.0.0.0';
     const specs: NetnsSocketSpec[] = [
@@ -123,14 +143,19 @@ export class PodProxy {
     const made = await socketsInNetns(this.netns, specs);
     const retry = wildcardPorts.flatMap((_port, i) => ('error' in made[i]! ? [i] : []));
     if (retry.length > 0) {
-      const v4 = await socketsInNetns(this.netns, retry.map((i) => wildcard(4, wildcardPorts[i]!)));
+      const v4 = await socketsInNetns(
+        this.netns,
+        retry.map((i) => wildcard(4, wildcardPorts[i]!)),
+      );
       retry.forEach((i, k) => (made[i] = v4[k]!));
     }
     const optional = new Set([4, 6]); // [::1]: only when the pod's lo has IPv6
     const failed = made.findIndex((r, i) => 'error' in r && !optional.has(i));
     if (failed >= 0) {
       for (const r of made) if ('fd' in r) closeFd(r.fd);
-      throw new Error(`cannot open ${describeSpec(specs[failed]!)} in the pod: ${(made[failed] as { error: string }).error}`);
+      throw new Error(
+        `cannot open ${describeSpec(specs[failed]!)} in the pod: ${(made[failed] as { error: string }).error}`,
+      );
     }
     const fds = made.map((r) => ('fd' in r ? r.fd : undefined));
     const take = (i: number): number | undefined => {
@@ -145,7 +170,13 @@ export class PodProxy {
       return socket;
     };
     try {
-      const handlers: ((s: net.Socket) => void)[] = [(s) => void this.outbound(s), (s) => void this.inbound(s), (s) => this.hbone(s), (s) => void this.dnsTcp(s), (s) => void this.dnsTcp(s)];
+      const handlers: ((s: net.Socket) => void)[] = [
+        (s) => void this.outbound(s),
+        (s) => void this.inbound(s),
+        (s) => this.hbone(s),
+        (s) => void this.dnsTcp(s),
+        (s) => void this.dnsTcp(s),
+      ];
       for (const [i, handler] of handlers.entries()) {
         const f = take(i);
         if (f === undefined) continue;
@@ -226,7 +257,9 @@ export class PodProxy {
    * connection made straight to 15001 on the pod's own address, say). ztunnel refuses those too. */
   private isSelf(to: Endpoint): boolean {
     const ports: number[] = Object.values(PORTS);
-    return ports.includes(to.port) && (this.ownAddresses.has(to.host) || to.host === '::1' || to.host.startsWith('127.'));
+    return (
+      ports.includes(to.port) && (this.ownAddresses.has(to.host) || to.host === '::1' || to.host.startsWith('127.'))
+    );
   }
 
   private refuseLoop(direction: Direction, client: net.Socket): void {
@@ -277,7 +310,14 @@ export class PodProxy {
   /** Connects to the app from inside the pod as ztunnel does: with the real client's address as
    * (non-local) source, so the app sees who is calling. */
   private connectAs(source: string, target: Endpoint): Promise<net.Socket> {
-    return connectFromNetns({ netns: this.netns, ...target, localAddress: source, transparent: true, freebind: true, mark: ZTUNNEL_MARK });
+    return connectFromNetns({
+      netns: this.netns,
+      ...target,
+      localAddress: source,
+      transparent: true,
+      freebind: true,
+      mark: ZTUNNEL_MARK,
+    });
   }
 
   private reject(client: net.Socket, status: string): void {
@@ -287,7 +327,11 @@ export class PodProxy {
   private async dnsTcp(client: net.Socket): Promise<void> {
     this.track(client);
     client.pause();
-    this.see('dns', `${unmap(client.remoteAddress)}:${client.remotePort}`, this.dnsUpstream ? hostPort(this.dnsUpstream) : 'none');
+    this.see(
+      'dns',
+      `${unmap(client.remoteAddress)}:${client.remotePort}`,
+      this.dnsUpstream ? hostPort(this.dnsUpstream) : 'none',
+    );
     if (!this.dnsUpstream) {
       this.stats.dns.failures++;
       return void reset(client);
@@ -334,7 +378,9 @@ function emptyStats(): DirectionStats {
 }
 
 function describeSpec(s: NetnsSocketSpec): string {
-  return 'listen' in s ? `a TCP listener on ${s.listen.address ?? '*'}:${s.listen.port}` : `a UDP socket on ${s.udp.address}:${s.udp.port}`;
+  return 'listen' in s
+    ? `a TCP listener on ${s.listen.address ?? '*'}:${s.listen.port}`
+    : `a UDP socket on ${s.udp.address}:${s.udp.port}`;
 }
 
 function bindUdp(fd: number, ipv6 = false): Promise<dgram.Socket> {

@@ -5,7 +5,15 @@
 // SnapshotSent and a second SnapshotSent are fatal (nack, then stop, as ztunnel exits).
 import { fstatSync } from 'node:fs';
 import { closeFd, reserveFileDescriptors, SeqpacketSocket } from '../../../bpf/src/node-netns.js';
-import { decodeRequest, encodeHello, encodeResponse, ProtocolError, ZDS_MAX_MESSAGE, ZDS_VERSION_V1, type WorkloadInfo } from '../protocol.js';
+import {
+  decodeRequest,
+  encodeHello,
+  encodeResponse,
+  ProtocolError,
+  ZDS_MAX_MESSAGE,
+  ZDS_VERSION_V1,
+  type WorkloadInfo,
+} from '../protocol.js';
 import { silentLogger, type Logger } from '../logger.js';
 import { PodProxy, type Direction, type DirectionStats, type Endpoint, type SeenConnection } from './pod-proxy.js';
 
@@ -113,9 +121,11 @@ export class ZtunnelStandIn {
     if (socket.isClosed) return fds.forEach(closeFd);
     try {
       const req = decodeRequest(data);
-      if (!('add' in req) && fds.length > 0) throw new ProtocolError(`file descriptor sent with ${Object.keys(req)[0]}`);
+      if (!('add' in req) && fds.length > 0)
+        throw new ProtocolError(`file descriptor sent with ${Object.keys(req)[0]}`);
       if ('add' in req) {
-        if (fds.length !== 1) throw new ProtocolError(fds.length === 0 ? 'Add without a netns fd' : `Add with ${fds.length} fds`);
+        if (fds.length !== 1)
+          throw new ProtocolError(fds.length === 0 ? 'Add without a netns fd' : `Add with ${fds.length} fds`);
         if (!req.add.workloadInfo) throw new ProtocolError('Add without workload info');
         const error = await this.addPod(req.add.uid, req.add.workloadInfo, fds.splice(0)[0]!);
         return this.reply(socket, error);
