@@ -53,7 +53,7 @@ describe('ambient-bpf demo', kernelTest(), () => {
     await until(() => out.includes('Ctrl-C tears everything down'), 'the demo to settle', 60_000);
     const socket = /status --status-socket (\S+)/.exec(out)![1]!;
     const status = await runCli(['status', '--status-socket', socket]);
-    assert.match(status.stdout, /shop +cart +enabled +tc +acked/);
+    assert.match(status.stdout, /shop +cart +enabled +tc +eth0 +acked/);
     child.kill('SIGINT');
     assert.equal(await exited, 0);
     assert.deepEqual(await demoLeftovers(), []);

@@ -113,7 +113,14 @@ export class ZtunnelStandIn {
         this.retry = setTimeout(() => this.connect(), this.backoffMs);
       }
     };
-    socket.send(encodeHello({ version: ZDS_VERSION_V1 }));
+    try {
+      socket.send(encodeHello({ version: ZDS_VERSION_V1 }));
+    } catch (err) {
+      // The agent went away between connect and hello (a restart): the send closed the socket,
+      // and onClose has asked for the next attempt.
+      this.log.info({ error: (err as Error).message }, 'the agent went away during the hello; reconnecting');
+      return;
+    }
     this.log.info({ socket: this.options.socketPath }, 'connected to the agent');
   }
 
