@@ -3,13 +3,24 @@
 # cleanup hooks), so that each test file's "nothing left behind" check measures this run only.
 # Touches nothing but the test prefix's own names: network namespaces, cgroups, bpffs directories
 # and /tmp directories called "<prefix>-*" (TEST_NAME_PREFIX, default abt), and the processes
-# running inside those namespaces and cgroups, which only the tests start.
+# running inside those namespaces and cgroups, which only the tests start; with the default prefix
+# also a killed demo test's demo (below).
 set -uo pipefail
 prefix="${TEST_NAME_PREFIX:-abt}"
 [[ "$prefix" =~ ^[a-z]{2,4}$ ]] || prefix=abt
 swept=()
 
-for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${prefix}-"); do
+# The demo (test/demo.test.ts runs it) names its own: netns "ambd-<id>-*", bpffs and /tmp
+# "ambient-bpf-demo-<id>". Swept with the default prefix only, the one CI's run uses: a side run
+# with its own prefix must not take a demo another run is showing.
+demo_ns='^$'
+demo_dirs=()
+if [ "$prefix" = abt ]; then
+  demo_ns='^ambd-'
+  demo_dirs=(/sys/fs/bpf/ambient-bpf-demo-* /tmp/ambient-bpf-demo-*)
+fi
+
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${prefix}-|${demo_ns}"); do
   pids=$(ip netns pids "$ns" 2>/dev/null)
   [ -n "$pids" ] && kill -9 $pids 2>/dev/null
   ip netns delete "$ns" 2>/dev/null && swept+=("netns $ns")
@@ -31,7 +42,7 @@ for mnt in $(awk '$3 == "cgroup" || $3 == "cgroup2" {print $2}' /proc/mounts); d
   done
 done
 
-for dir in /sys/fs/bpf/"${prefix}"-* /tmp/"${prefix}"-*; do
+for dir in /sys/fs/bpf/"${prefix}"-* /tmp/"${prefix}"-* "${demo_dirs[@]}"; do
   [ -e "$dir" ] || continue
   rm -rf "$dir" 2>/dev/null && swept+=("$dir") || echo "sweep: could not remove $dir" >&2
 done

@@ -50,11 +50,15 @@ describe('ambient-bpf demo', kernelTest(), () => {
     let out = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString()));
     const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
-    await until(() => out.includes('Ctrl-C tears everything down'), 'the demo to settle', 60_000);
-    const socket = /status --status-socket (\S+)/.exec(out)![1]!;
-    const status = await runCli(['status', '--status-socket', socket]);
-    assert.match(status.stdout, /shop +cart +enabled +tc +eth0 +acked/);
-    child.kill('SIGINT');
+    try {
+      await until(() => out.includes('Ctrl-C tears everything down'), 'the demo to settle', 60_000);
+      const socket = /status --status-socket (\S+)/.exec(out)![1]!;
+      const status = await runCli(['status', '--status-socket', socket]);
+      assert.match(status.stdout, /shop +cart +enabled +tc +eth0 +acked/);
+    } finally {
+      // Also when an assertion failed: a demo left running would hold this file open until its timeout.
+      child.kill('SIGINT');
+    }
     assert.equal(await exited, 0);
     assert.deepEqual(await demoLeftovers(), []);
   });
