@@ -395,16 +395,19 @@ describe('node lifecycle', kernelTest(), () => {
 
       // The DaemonSet still selects this node by its labels: an upgrade, everything stays. Its node
       // unknown to the API: nothing is removed on a guess.
+      /** node-a, as kubelet registers it, in a node pool. */
+      const labelNode = (pool: string) =>
+        api.nodes.set('node-a', {
+          apiVersion: 'v1',
+          kind: 'Node',
+          metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool } },
+        });
       const linuxOnly = {
         ...daemonSet,
         spec: { template: { spec: { nodeSelector: { 'kubernetes.io/os': 'linux' } } } },
       };
       api.daemonSets.set('istio-system/ambient-bpf', linuxOnly);
-      api.nodes.set('node-a', {
-        apiVersion: 'v1',
-        kind: 'Node',
-        metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'mesh' } },
-      });
+      labelNode('mesh');
       agent = await start();
       await stop(agent);
       assert.match(agent.stderr(), /the DaemonSet still runs on this node \(an upgrade or a restart\)/);
@@ -417,11 +420,7 @@ describe('node lifecycle', kernelTest(), () => {
 
       // The DaemonSet no longer selects this node for a moment only (a selector edit ahead of the
       // labels it needs, set right): asked again after a few seconds, it does; everything stays.
-      api.nodes.set('node-a', {
-        apiVersion: 'v1',
-        kind: 'Node',
-        metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'mesh' } },
-      });
+      labelNode('mesh');
       const otherPool = {
         ...daemonSet,
         spec: { template: { spec: { nodeSelector: { 'kubernetes.io/os': 'linux', pool: 'other' } } } },
@@ -430,11 +429,7 @@ describe('node lifecycle', kernelTest(), () => {
       api.daemonSets.set('istio-system/ambient-bpf', otherPool);
       const stopping = stop(agent);
       await sleep(500);
-      api.nodes.set('node-a', {
-        apiVersion: 'v1',
-        kind: 'Node',
-        metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'other' } },
-      });
+      labelNode('other');
       await stopping;
       assert.match(agent.stderr(), /the DaemonSet still runs on this node/);
       await everythingInPlace('after a deselection that was undone within the confirmation');
@@ -442,11 +437,7 @@ describe('node lifecycle', kernelTest(), () => {
       // For good (its nodeSelector changed, as when a node pool leaves the mesh): the plugin, its
       // entry and the policy go, as for a deletion, but the pods stay redirected (a deselection is
       // as easily undone), whatever --keep-pod-redirection says.
-      api.nodes.set('node-a', {
-        apiVersion: 'v1',
-        kind: 'Node',
-        metadata: { name: 'node-a', labels: { 'kubernetes.io/os': 'linux', pool: 'mesh' } },
-      });
+      labelNode('mesh');
       api.daemonSets.set('istio-system/ambient-bpf', linuxOnly);
       agent = await start();
       api.daemonSets.set('istio-system/ambient-bpf', otherPool);

@@ -78,6 +78,17 @@ for (const [mode, n] of [
 
       const path = (ns: string): string => Topology.netnsPath(ns);
       const counters = async (): Promise<DatapathCounters> => (await dp.list()).find((p) => p.uid === uid)!.counters;
+      /** The probe translations, from the map's current pin: probe_nat, or probe_nat_vN once its
+       * layout changed (bpf/native/layout.h). */
+      const translations = async (): Promise<{ formatted?: { key: { node_port: number } } }[]> => {
+        const version = (name: string) => Number(/_v(\d+)$/.exec(name)?.[1] ?? 1);
+        const pin = readdirSync(`${root}/maps`)
+          .filter((n) => /^probe_nat(_v\d+)?$/.test(n))
+          .sort((a, b) => version(b) - version(a))[0];
+        return JSON.parse(await sh('bpftool', ['-j', 'map', 'dump', 'pinned', `${root}/maps/${pin}`])) as {
+          formatted?: { key: { node_port: number } };
+        }[];
+      };
       const attach = () =>
         dp.attach({ uid, netnsPath: path(pod), ips: [addr.podV4, addr.podV6], hostNetns: path(node) }, { mode });
 
@@ -150,13 +161,7 @@ for (const [mode, n] of [
       });
 
       it('forgets each translation when its connection ends, so probe churn cannot evict a live one', async () => {
-        // The map's current pin: probe_nat, or probe_nat_vN once its layout changed (bpf/native/layout.h).
-        const version = (name: string) => Number(/_v(\d+)$/.exec(name)?.[1] ?? 1);
-        const pin = readdirSync(`${root}/maps`)
-          .filter((n) => /^probe_nat(_v\d+)?$/.test(n))
-          .sort((a, b) => version(b) - version(a))[0];
-        const entries = async (): Promise<number> =>
-          (JSON.parse(await sh('bpftool', ['-j', 'map', 'dump', 'pinned', `${root}/maps/${pin}`])) as unknown[]).length;
+        const entries = async (): Promise<number> => (await translations()).length;
         for (let i = 0; i < 20; i++) {
           assert.equal(
             await whoAnswers({ netns: path(node), host: i % 2 ? addr.podV6 : addr.podV4, port: APP_PORT }),
@@ -176,24 +181,13 @@ for (const [mode, n] of [
         'ignores a forwarded reset that names a live probe connection, even from the node’s own address',
         { timeout: scaled(30_000) },
         async () => {
-          const version = (name: string) => Number(/_v(\d+)$/.exec(name)?.[1] ?? 1);
-          const pin = readdirSync(`${root}/maps`)
-            .filter((n) => /^probe_nat(_v\d+)?$/.test(n))
-            .sort((a, b) => version(b) - version(a))[0];
           const nodePorts = async (): Promise<number[]> =>
-            (
-              JSON.parse(await sh('bpftool', ['-j', 'map', 'dump', 'pinned', `${root}/maps/${pin}`])) as {
-                formatted?: { key: { node_port: number } };
-              }[]
-            ).map((e) => e.formatted?.key.node_port ?? -1);
+            (await translations()).map((e) => e.formatted?.key.node_port ?? -1);
           const probe = await connectFromNetns({ netns: path(node), host: addr.podV6, port: APP_PORT });
           try {
             const nodePort = probe.localPort!;
             const port = ((nodePort & 0xff) << 8) | (nodePort >> 8); // as the map holds it (network order)
             await until(async () => (await nodePorts()).includes(port), 'the live probe’s translation', 3000);
-            // An IPv6 RST forwarded through the node (IPv6 forwarding keeps a local source address),
-            // spoofing the node's address and the probe's ports: without a socket, like the node's own
-            // TIME_WAIT segments on older kernels, but received on an interface.
             // The control: the reset does reach the pod, with the source it was sent with (translated,
             // it would come from the probe address).
             const sniffer = spawn('nsenter', [`--net=${path(pod)}`, 'python3', '-c', RST_SOURCE, String(APP_PORT)], {
@@ -202,6 +196,9 @@ for (const [mode, n] of [
             let seen = '';
             sniffer.stdout.on('data', (d: Buffer) => (seen += d.toString()));
             await until(() => seen.includes('ready'), 'the sniffer in the pod', 5000);
+            // An IPv6 RST forwarded through the node (IPv6 forwarding keeps a local source address),
+            // spoofing the node's address and the probe's ports: without a socket, like the node's own
+            // TIME_WAIT segments on older kernels, but received on an interface.
             await sh('nsenter', [
               `--net=${path(outside)}`,
               'python3',

@@ -947,22 +947,30 @@ static napi_value addresses_result(napi_env env, struct job *job)
 	return obj;
 }
 
-/* netnsAddresses(path) -> { inode, device, ownerUserns, addresses } */
-static napi_value js_netns_addresses(napi_env env, napi_callback_info info)
+/* Starts `job`, whose one argument, a netns path, goes to `path` (a buffer inside the job). */
+static napi_value start_netns_path_job(napi_env env, napi_callback_info info, struct job *job, char *path,
+				       size_t size, const char *name)
 {
 	size_t argc = 1;
 	napi_value argv[1];
-	struct job *job = job_new(addresses_run, addresses_result);
 
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
 	if (!job)
 		return NULL;
-	if (argc < 1 ||
-	    !get_string(env, argv[0], job->u.addresses.path, sizeof(job->u.addresses.path), "netns path")) {
+	if (argc < 1 || !get_string(env, argv[0], path, size, "netns path")) {
 		free(job);
 		return NULL;
 	}
-	return job_start(env, job, "ambient-bpf:netns-addresses");
+	return job_start(env, job, name);
+}
+
+/* netnsAddresses(path) -> { inode, device, ownerUserns, addresses } */
+static napi_value js_netns_addresses(napi_env env, napi_callback_info info)
+{
+	struct job *job = job_new(addresses_run, addresses_result);
+
+	return start_netns_path_job(env, info, job, job ? job->u.addresses.path : NULL,
+				    sizeof(job->u.addresses.path), "ambient-bpf:netns-addresses");
 }
 
 /* ---- a netns's interface changes ---- */
@@ -994,19 +1002,10 @@ static napi_value watch_result(napi_env env, struct job *job)
  * netns, ifindexes its interfaces then */
 static napi_value js_netns_watch(napi_env env, napi_callback_info info)
 {
-	size_t argc = 1;
-	napi_value argv[1];
 	struct job *job = job_new(watch_run, watch_result);
 
-	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-	if (!job)
-		return NULL;
-	if (argc < 1 ||
-	    !get_string(env, argv[0], job->u.watch.path, sizeof(job->u.watch.path), "netns path")) {
-		free(job);
-		return NULL;
-	}
-	return job_start(env, job, "ambient-bpf:netns-watch");
+	return start_netns_path_job(env, info, job, job ? job->u.watch.path : NULL, sizeof(job->u.watch.path),
+				    "ambient-bpf:netns-watch");
 }
 
 /* ---- kernel features ---- */
