@@ -18,6 +18,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AppCgroup } from '../test/helpers/app.js';
 import { CLI, runCli } from '../test/helpers/cli.js';
+import { fixedListenPort } from '../test/helpers/ports.js';
 import { TEST_PREFIX, testBpffsRoot } from '../test/helpers/kernel.js';
 import { removeDatapath } from '../test/helpers/leftovers.js';
 import { previousRelease } from '../test/helpers/previous-release.js';
@@ -86,7 +87,7 @@ async function main(): Promise<void> {
   const root = testBpffsRoot(topo.id);
   const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-bench-upgrade-`));
   const socket = join(dir, 'ztunnel.sock');
-  const port = 40000 + Math.floor(Math.random() * 9000);
+  const port = await fixedListenPort();
   const agentArgs = [
     '--node-name',
     'node-a',

@@ -10,6 +10,7 @@ import { after, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { AppCgroup } from './helpers/app.js';
 import { CLI, runCli } from './helpers/cli.js';
+import { fixedListenPort } from './helpers/ports.js';
 import { TestDnsServer } from './helpers/dns-server.js';
 import { KERNEL_HAS_TCX, kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, removeDatapath } from './helpers/leftovers.js';
@@ -64,7 +65,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
         `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, namespace: shop, uid: agent-cart-${topo.id} }\nstatus: { phase: Running, podIP: ${net.podV4} }`,
       ].join('\n---\n'),
     );
-    const port = 40000 + Math.floor(Math.random() * 9000);
+    const port = await fixedListenPort();
     const socket = join(dir, 'ztunnel.sock');
     const agentArgs = [
       'agent',
@@ -268,7 +269,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
       pods,
       `apiVersion: v1\nkind: Pod\nmetadata: { name: cart, uid: agent-cart2-${topo.id}, labels: { istio.io/dataplane-mode: ambient } }\nstatus: { podIP: ${net.podV4} }\n`,
     );
-    const port = 40000 + Math.floor(Math.random() * 9000);
+    const port = await fixedListenPort();
     const agent = run([
       'agent',
       '--local-pods',

@@ -14,6 +14,7 @@ import { REDIRECTION_ANNOTATION } from '../cni-agent/src/pods/pod.js';
 import { silentLogger } from '../ztunnel-bridge/src/logger.js';
 import { ZtunnelStandIn } from '../ztunnel-bridge/src/standin/ztunnel.js';
 import { CLI, runCli } from './helpers/cli.js';
+import { fixedListenPort } from './helpers/ports.js';
 import { chainAdd, execPlugin, type Conflist } from './helpers/cni-runtime.js';
 import { kernelTest, TEST_PREFIX, testBpffsRoot } from './helpers/kernel.js';
 import { KubeApiTestServer } from './helpers/kube-api-server.js';
@@ -330,7 +331,7 @@ describe('node lifecycle', kernelTest(), () => {
         '--cni-conf-dir',
         confDir,
       ];
-      const port = 40000 + Math.floor(Math.random() * 9000);
+      const port = await fixedListenPort();
       args.push('--health-addr', `127.0.0.1:${port}`);
       const ready = async () =>
         (await fetch(`http://127.0.0.1:${port}/readyz`).catch(() => ({ status: 0 }))).status === 200;

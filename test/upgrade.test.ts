@@ -12,6 +12,7 @@ import { after, describe, it } from 'node:test';
 import { connectFromNetns, Datapath, DatapathError } from '../bpf/src/index.js';
 import { AppCgroup } from './helpers/app.js';
 import { CLI, runCli } from './helpers/cli.js';
+import { fixedListenPort } from './helpers/ports.js';
 import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft, podProgramIds, removeDatapath } from './helpers/leftovers.js';
 import { previousRelease } from './helpers/previous-release.js';
@@ -46,7 +47,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
       const root = testBpffsRoot(topo.id);
       const dir = mkdtempSync(join(tmpdir(), 'abt-upgrade-'));
       const socket = join(dir, 'ztunnel.sock');
-      const port = 40000 + Math.floor(Math.random() * 9000);
+      const port = await fixedListenPort();
       const agentArgs = [
         '--node-name',
         'node-a',
