@@ -593,6 +593,85 @@ describe(
   },
 );
 
+describe('an update that cannot hook an interface again', kernelTest({ name: 'interfaces: failed re-hook' }), () => {
+  const topo = new Topology();
+  const root = testBpffsRoot(topo.id);
+  const uid = `pod-${topo.id}`;
+  let net: PodNet;
+  let veth: OtherNet;
+  let dp: Datapath;
+  let servers: RecordingServer[] = [];
+  const viaNet1 = () => whoAnswers({ netns: Topology.netnsPath(veth.ns), host: veth.podV4, port: APP_PORT });
+
+  before(async () => {
+    net = await podWithRemote(topo, 164);
+    veth = await secondVeth(topo, net.pod, 'net1', 165);
+    dp = await Datapath.open({ bpffsRoot: root });
+    await useKernelSteering(dp);
+    servers = [
+      await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
+      await ztunnelListener(net.podPath, 15006),
+    ];
+  });
+
+  after(async () => {
+    delete process.env.AMBIENT_BPF_FAULT_IFACE;
+    for (const s of servers) await s.close();
+    await dp?.detach(uid);
+    dp?.close();
+    await topo.cleanup();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  /** An update of the attached pod while hooking net1 fails (injected once its work is done). */
+  const failingUpdate = async (mode: 'tc' | 'tcx') => {
+    process.env.AMBIENT_BPF_FAULT_IFACE = 'net1';
+    try {
+      return await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+    } finally {
+      delete process.env.AMBIENT_BPF_FAULT_IFACE;
+    }
+  };
+
+  it('keeps the interface hooked and recorded in the same mode, and says so', async () => {
+    const mode = KERNEL_HAS_TCX ? 'tcx' : 'tc';
+    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });
+    assert.equal(await viaNet1(), 'ztunnel-15006', 'control: net1 captured');
+    const r = await failingUpdate(mode);
+    assert.match(r.warning, /cannot hook interface net1 again .*its previous hooks are kept/);
+    assert.deepEqual(
+      (await dp.list())[0]?.otherInterfaces.map((i) => i.name),
+      ['net1'],
+    );
+    assert.equal(await viaNet1(), 'ztunnel-15006', 'net1 still captured after the failed re-hook');
+    assert.deepEqual((await dp.verify(uid)).problems, []);
+    assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');
+  });
+
+  it(
+    'fails a mode switch and restores the previous mode, net1 captured throughout',
+    { skip: KERNEL_HAS_TCX ? false : 'the kernel has no tcx' },
+    async () => {
+      await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode: 'tc' });
+      assert.equal(await viaNet1(), 'ztunnel-15006', 'control: net1 captured with tc');
+      await assert.rejects(failingUpdate('tcx'), /cannot hook interface net1 in the new mode/);
+      const [pod] = await dp.list();
+      assert.equal(pod?.mode, 'tc');
+      assert.deepEqual(
+        pod?.otherInterfaces.map((i) => i.name),
+        ['net1'],
+      );
+      assert.deepEqual(await filtersOn(topo, net.pod, 'net1'), [
+        'clsact/egress:pod_egress',
+        'clsact/ingress:pod_ingress',
+      ]);
+      assert.equal(await viaNet1(), 'ztunnel-15006', 'net1 still captured after the failed switch');
+      assert.deepEqual((await dp.verify(uid)).problems, []);
+      assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');
+    },
+  );
+});
+
 describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), () => {
   const topo = new Topology();
 
