@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { Datapath, watchNetns, type NetnsWatch } from '../bpf/src/index.js';
+import { Datapath, watchNetns, type NetnsChange, type NetnsWatch } from '../bpf/src/index.js';
 import { testRunnerCgroup, useKernelSteering } from './helpers/app.js';
 import { CLI, runCli } from './helpers/cli.js';
 import { crafter, type Crafter } from './helpers/crafter.js';
@@ -683,7 +683,7 @@ describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), (
     process.env.AMBIENT_BPF_TEST_WATCH_RCVBUF = '1'; // the kernel's minimum: a few links overrun it
     let w: NetnsWatch;
     try {
-      w = await watchNetns(Topology.netnsPath(ns), (reason) => reasons.push(reason));
+      w = await watchNetns(Topology.netnsPath(ns), ({ reason }) => reasons.push(reason));
     } finally {
       delete process.env.AMBIENT_BPF_TEST_WATCH_RCVBUF; // the reopened socket has the normal buffer
     }
@@ -701,6 +701,79 @@ describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), (
       await until(() => reasons.length > before, 'the interface created after the overrun noticed');
     } finally {
       w.close();
+    }
+  });
+
+  it('says whether a new interface is among the changes (it gets a pass at once), and not for an address', async () => {
+    const ns = await topo.netns('n');
+    const changes: NetnsChange[] = [];
+    const w = await watchNetns(Topology.netnsPath(ns), (c) => changes.push(c));
+    try {
+      await topo.ip(ns, 'link', 'add', 'new0', 'type', 'veth', 'peer', 'name', 'new1');
+      await until(() => changes.length > 0, 'the new interface reported');
+      assert.ok(changes.some((c) => c.newInterface));
+      await sleep(100); // its trailing messages (the peer, state changes)
+      const before = changes.length;
+      await topo.batch(ns, ['link set new0 up', 'addr add 198.18.164.77/32 dev new0']);
+      await until(() => changes.length > before, 'the address reported');
+      assert.ok(
+        changes.slice(before).every((c) => !c.newInterface && c.reason === undefined),
+        JSON.stringify(changes.slice(before)),
+      );
+    } finally {
+      w.close();
+    }
+  });
+
+  it('keeps trying to reopen a watch that cannot be reopened, and then reports again', async () => {
+    const ns = await topo.netns('r');
+    // The watch's own path to the netns: a bind mount the test can take away and give back.
+    const dir = mkdtempSync(join(tmpdir(), `${TEST_PREFIX}-watch-`));
+    const path = join(dir, 'netns');
+    writeFileSync(path, '');
+    execFileSync('mount', ['--bind', Topology.netnsPath(ns), path]);
+    let mounted = true;
+    const changes: NetnsChange[] = [];
+    const reasons = () => changes.flatMap((c) => (c.reason ? [c.reason] : []));
+    process.env.AMBIENT_BPF_TEST_WATCH_RCVBUF = '1';
+    let w: NetnsWatch;
+    try {
+      w = await watchNetns(path, (c) => changes.push(c));
+    } finally {
+      delete process.env.AMBIENT_BPF_TEST_WATCH_RCVBUF;
+    }
+    try {
+      execFileSync('umount', [path]);
+      mounted = false;
+      execFileSync('ip', ['-n', ns, '-batch', '-'], {
+        input: Array.from({ length: 20 }, (_, i) => `link add ra${i} type veth peer name rb${i}\n`).join(''),
+      });
+      await until(
+        () => reasons().filter((r) => /cannot be reopened/.test(r)).length >= 2,
+        () => `two failed reopens said (got ${JSON.stringify(reasons())})`,
+      );
+      assert.match(
+        reasons().find((r) => /cannot be reopened/.test(r))!,
+        /tried again in 1000 ms/,
+      );
+      assert.ok(!reasons().some((r) => /reopened$/.test(r)), 'not reopened while the path is gone');
+      execFileSync('mount', ['--bind', Topology.netnsPath(ns), path]);
+      mounted = true;
+      await until(
+        () => reasons().some((r) => /the watch was reopened$/.test(r)),
+        () => `reopened once the path is back (got ${JSON.stringify(reasons())})`,
+        10_000,
+      );
+      const before = changes.length;
+      await topo.ip(ns, 'link', 'add', 'rlate0', 'type', 'veth', 'peer', 'name', 'rlate1');
+      await until(
+        () => changes.slice(before).some((c) => c.newInterface && !c.reason),
+        'the reopened watch notices a later interface',
+      );
+    } finally {
+      w.close();
+      if (mounted) execFileSync('umount', [path]);
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });

@@ -16,6 +16,21 @@ export interface NetnsWatch {
   close(): void;
 }
 
+/** What the watch saw: an interface that appeared (it may carry traffic at once: the caller should
+ * not wait), or only address changes and departures; `reason` when the watch lost messages or
+ * failed and was reopened (or cannot be yet): the netns should be looked at afresh. */
+export interface NetnsChange {
+  newInterface: boolean;
+  reason?: string;
+}
+
+/** A reopen waits at least this long after the previous one (a netns whose changes overrun the
+ * socket again and again must not make the agent spin), and a failed reopen is retried after
+ * RETRY_FIRST_MS, doubling up to RETRY_MAX_MS, until it succeeds or the watch is closed. */
+const REOPEN_MIN_INTERVAL_MS = 1000;
+const RETRY_FIRST_MS = 1000;
+const RETRY_MAX_MS = 30_000;
+
 /** Calls onChange (once per batch of messages) when an interface appears in or leaves the netns,
  * or an address that is not link- or host-scoped is added or removed: what can give the pod
  * something more to capture. Other link changes (state, settings such as our own accept_local)
@@ -24,29 +39,31 @@ export interface NetnsWatch {
  * Messages lost (ENOBUFS: the socket's buffer overran) or a poll error (libuv then stops polling
  * and calls back once with the error) do not end the watch silently: the socket is replaced by a
  * new one (subscribed, then the interfaces listed afresh) and onChange is called with the reason,
- * so that a pass looks at the netns as it is. If the watch cannot be reopened, onChange gets that
- * reason too (the drift check is then what notices new interfaces). */
-export async function watchNetns(netnsPath: string, onChange: (reason?: string) => void): Promise<NetnsWatch> {
+ * so that a pass looks at the netns as it is. A watch that cannot be reopened says so to onChange
+ * and keeps trying (the drift check covers the gap). */
+export async function watchNetns(netnsPath: string, onChange: (change: NetnsChange) => void): Promise<NetnsWatch> {
   const sp = addon().seqpacket;
   let closed = false;
   let current: { fd: number; watcher: { close(): void } } | undefined;
   let known = new Set<number>();
-  const relevant = (m: Buffer): boolean => {
+  /** What a batch of messages changed: nothing, something, or a new interface among it. */
+  const relevant = (m: Buffer): 'none' | 'changed' | 'new-interface' => {
     let changed = false;
+    let fresh = false;
     for (let off = 0; off + NLMSG_HDRLEN <= m.length;) {
       const len = m.readUInt32LE(off);
       const type = m.readUInt16LE(off + 4);
-      if (len < NLMSG_HDRLEN || off + len > m.length) return true; // cannot tell: look
+      if (len < NLMSG_HDRLEN || off + len > m.length) return 'new-interface'; // cannot tell: assume the worst
       if ((type === RTM_NEWLINK || type === RTM_DELLINK) && len >= NLMSG_HDRLEN + 8) {
         const ifindex = m.readInt32LE(off + NLMSG_HDRLEN + 4);
-        if (type === RTM_NEWLINK && !known.has(ifindex)) changed = (known.add(ifindex), true);
+        if (type === RTM_NEWLINK && !known.has(ifindex)) fresh = (known.add(ifindex), true);
         if (type === RTM_DELLINK) changed = known.delete(ifindex) || changed;
       } else if ((type === RTM_NEWADDR || type === RTM_DELADDR) && len >= NLMSG_HDRLEN + 8) {
         changed ||= m.readUInt8(off + NLMSG_HDRLEN + 3) < RT_SCOPE_LINK;
       }
       off += (len + 3) & ~3;
     }
-    return changed;
+    return fresh ? 'new-interface' : changed ? 'changed' : 'none';
   };
   const drop = () => {
     if (!current) return;
@@ -55,20 +72,37 @@ export async function watchNetns(netnsPath: string, onChange: (reason?: string) 
     current = undefined;
   };
   let reopening = false;
+  let lastReopen = -Infinity;
+  let retryTimer: NodeJS.Timeout | undefined;
   /** A new socket in place of one that lost messages or errored; then a pass, whatever it says. */
-  const reopen = (why: string) => {
+  const reopen = (why: string, delayMs = 0) => {
     if (reopening || closed) return;
     reopening = true;
     drop();
-    open().then(
+    const wait = Math.max(0, lastReopen + REOPEN_MIN_INTERVAL_MS - performance.now());
+    retryTimer = setTimeout(
       () => {
-        reopening = false;
-        if (!closed) onChange(`${why}: the watch was reopened`);
+        retryTimer = undefined;
+        if (closed) return;
+        lastReopen = performance.now();
+        open().then(
+          () => {
+            reopening = false;
+            if (!closed) onChange({ newInterface: true, reason: `${why}: the watch was reopened` });
+          },
+          (err: unknown) => {
+            if (closed) return;
+            const next = delayMs ? Math.min(delayMs * 2, RETRY_MAX_MS) : RETRY_FIRST_MS;
+            onChange({
+              newInterface: false,
+              reason: `${why}; the watch cannot be reopened (${(err as Error).message}), tried again in ${next} ms`,
+            });
+            reopening = false;
+            reopen(why, next);
+          },
+        );
       },
-      (err: unknown) => {
-        reopening = false;
-        if (!closed) onChange(`${why}; the watch cannot be reopened (${(err as Error).message})`);
-      },
+      Math.max(wait, delayMs),
     );
   };
   const open = async () => {
@@ -82,6 +116,7 @@ export async function watchNetns(netnsPath: string, onChange: (reason?: string) 
       if (closed || current?.fd !== fd) return;
       if (events < 0) return reopen(`polling the netns watch failed (${events})`);
       let changed = false;
+      let newInterface = false;
       for (let i = 0; i < BATCH && !closed; i++) {
         let got;
         try {
@@ -91,9 +126,11 @@ export async function watchNetns(netnsPath: string, onChange: (reason?: string) 
           return reopen(`the netns watch lost messages (${(err as Error).message})`);
         }
         if (got === null || 'eof' in got) break;
-        changed = relevant(got.data) || changed;
+        const what = relevant(got.data);
+        changed ||= what !== 'none';
+        newInterface ||= what === 'new-interface';
       }
-      if (changed && !closed) onChange();
+      if (changed && !closed) onChange({ newInterface });
     });
     current = { fd, watcher };
     watcher.start(READABLE);
@@ -103,6 +140,7 @@ export async function watchNetns(netnsPath: string, onChange: (reason?: string) 
     close: () => {
       if (closed) return;
       closed = true;
+      clearTimeout(retryTimer);
       drop();
     },
   };

@@ -7,7 +7,9 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
+import type { NetnsChange } from '../../bpf/src/index.js';
 import {
+  INTERFACE_URGENT_PASSES,
   Reconciler,
   UPGRADE_IDLE_MS,
   type AddVerdict,
@@ -456,10 +458,10 @@ describe('reconciler (unit, fakes, no kernel)', () => {
   });
 
   it('debounces the passes the netns watch asks for, backs off while changes keep coming, and rate-limits its log', async (t) => {
-    let onChange: ((reason?: string) => void) | undefined;
+    let onChange: ((change: NetnsChange) => void) | undefined;
     let closed = 0;
     const interfaces = {
-      watch: (_path: string, cb: (reason?: string) => void) => {
+      watch: (_path: string, cb: (change: NetnsChange) => void) => {
         onChange = cb;
         return Promise.resolve({ close: () => void closed++ });
       },
@@ -471,7 +473,7 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     const logged = () => log.lines.filter((l) => /interfaces (or addresses changed|lost track)/.test(l.msg)).length;
     assert.equal(passes(), 1);
     // A burst: one pass, after the delay.
-    for (let i = 0; i < 20; i++) onChange();
+    for (let i = 0; i < 20; i++) onChange({ newInterface: false });
     await sleep(10);
     assert.equal(passes(), 1, 'not at once');
     await until(() => passes() === 2, 'one pass for the burst');
@@ -479,16 +481,43 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     assert.equal(passes(), 2, 'one pass only');
     assert.equal(logged(), 1);
     // Another change soon after: a longer delay (80 ms), and no new log line within the interval.
-    onChange('the netns watch lost messages');
+    onChange({ newInterface: false, reason: 'the netns watch lost messages' });
     await sleep(50);
     assert.equal(passes(), 2, 'backed off');
     await until(() => passes() === 3, 'the backed-off pass');
     assert.equal(logged(), 1, 'rate-limited');
     reconciler.stop();
-    onChange();
+    onChange({ newInterface: false });
     await sleep(150);
     assert.equal(passes(), 3, 'no pass after stop');
     assert.equal(closed, 1);
+  });
+
+  it('passes at once for a new interface, up to its limit per window, then debounces those too', async (t) => {
+    let onChange: ((change: NetnsChange) => void) | undefined;
+    const interfaces = {
+      watch: (_path: string, cb: (change: NetnsChange) => void) => {
+        onChange = cb;
+        return Promise.resolve({ close: () => undefined });
+      },
+    };
+    const { dp, reconciler } = rig(t, ['n'], { interfaces, interfaceDebounceMs: 1000, interfaceMaxDelayMs: 1000 });
+    await reconciler.start(state(pod('n')));
+    assert.ok(onChange, "the pod's netns is watched");
+    const passes = () => dp.attachCalls('uid-n').length;
+    for (let i = 0; i < INTERFACE_URGENT_PASSES; i++) {
+      const before = passes();
+      const asked = performance.now();
+      onChange({ newInterface: true });
+      await until(() => passes() === before + 1, `immediate pass ${i + 1}`);
+      assert.ok(performance.now() - asked < 500, 'well before the 1000 ms debounce');
+    }
+    // A pod that keeps creating interfaces: the next one waits like any other change.
+    const before = passes();
+    onChange({ newInterface: true });
+    await sleep(300);
+    assert.equal(passes(), before, 'debounced beyond the limit');
+    await until(() => passes() === before + 1, 'the debounced pass');
   });
 });
 

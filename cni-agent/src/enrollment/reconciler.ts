@@ -3,7 +3,7 @@
 // agree. Inputs: the pod source (state and changes), ztunnel's answers, and the datapath's own
 // records (so a restarted agent adopts what it attached before instead of attaching twice).
 import { existsSync, openSync, statSync } from 'node:fs';
-import { type AttachMode, type AttachOptions, type PodAttachment } from '../../../bpf/src/index.js';
+import { type AttachMode, type AttachOptions, type NetnsChange, type PodAttachment } from '../../../bpf/src/index.js';
 import type { Logger } from '../../../ztunnel-bridge/src/logger.js';
 import type { PodEnrollment, ZtunnelResult } from '../../../ztunnel-bridge/src/zds-server.js';
 import {
@@ -144,9 +144,10 @@ export interface NetnsFinder {
 
 /** Tells when interfaces or addresses appear in a netns (watchNetns). */
 export interface InterfaceWatcher {
-  /** onChange's reason, when given: the watch lost messages or failed (and was reopened, or could
-   * not be): a pass looks all the same. */
-  watch(netnsPath: string, onChange: (reason?: string) => void): Promise<{ close(): void }>;
+  /** onChange's newInterface: an interface appeared (it gets a pass at once); reason, when given:
+   * the watch lost messages or failed (and was reopened, or is being retried): a pass looks all the
+   * same. */
+  watch(netnsPath: string, onChange: (change: NetnsChange) => void): Promise<{ close(): void }>;
 }
 
 /** Which cgroup is a pod's (CgroupLocator; a fake in the unit tests). */
@@ -181,8 +182,9 @@ export interface ReconcilerOptions {
   nodeNetns?: string;
   initialBackoffMs?: number;
   maxBackoffMs?: number;
-  /** A pod's pass after its netns watch reports a change waits this long (ms, default 50), so that
-   * a burst (an interface and its addresses) gets one pass; it doubles, up to
+  /** A new interface in a pod's netns gets a pass at once (up to INTERFACE_URGENT_PASSES per
+   * INTERFACE_URGENT_WINDOW_MS; beyond, as other changes). Other changes (addresses, departures)
+   * wait this long (ms, default 50), so that a burst gets one pass; it doubles, up to
    * interfaceMaxDelayMs (default 2000), while changes keep coming, and is back to the start after
    * a quiet interfaceMaxDelayMs. */
   interfaceDebounceMs?: number;
@@ -191,6 +193,12 @@ export interface ReconcilerOptions {
 
 /** The netns watch's log lines per pod at most this often (the others counted into the next). */
 export const INTERFACE_LOG_INTERVAL_MS = 10_000;
+
+/** A new interface can carry traffic as soon as it is up: its pass is not debounced, but a pod that
+ * keeps creating interfaces gets no more than this many immediate passes per window (the rest
+ * debounced like address changes), so it cannot keep the agent busy. */
+export const INTERFACE_URGENT_PASSES = 10;
+export const INTERFACE_URGENT_WINDOW_MS = 10_000;
 
 /** How long no pod must have been enrolled before pods move from tc to tcx. */
 export const UPGRADE_IDLE_MS = 1000;
@@ -828,31 +836,40 @@ export class Reconciler {
       let loggedAt = -Infinity;
       let unlogged = 0;
       let reasons: string[] = [];
+      let urgent: number[] = [];
       // One pass per burst, later under a storm (a pod churning its links must not keep the agent
       // busy), and a log line per pod at most every INTERFACE_LOG_INTERVAL_MS with what it left out.
-      const changed = (reason?: string) => {
+      const pass = () => {
+        timer = undefined;
+        if (this.stopped) return;
+        const t = performance.now();
+        if (t - loggedAt >= INTERFACE_LOG_INTERVAL_MS) {
+          const fields = { uid: e.uid, netns: netnsPath, changes: unlogged, ...(reasons.length ? { reasons } : {}) };
+          if (reasons.length)
+            this.opts.log.warn(fields, 'the watch on the pod’s interfaces lost track; looking at them again');
+          else this.opts.log.info(fields, 'the pod’s interfaces or addresses changed; capturing them');
+          loggedAt = t;
+          unlogged = 0;
+          reasons = [];
+        }
+        void this.reconcile(e.uid);
+      };
+      const changed = ({ newInterface, reason }: NetnsChange) => {
         const now = performance.now();
         if (reason && reasons.length < 4) reasons.push(reason);
+        unlogged++;
+        urgent = urgent.filter((at) => now - at < INTERFACE_URGENT_WINDOW_MS);
+        if (newInterface && urgent.length < INTERFACE_URGENT_PASSES) {
+          urgent.push(now);
+          clearTimeout(timer);
+          lastEvent = now;
+          return pass();
+        }
         if (now - lastEvent > max) delay = first;
         else if (!timer) delay = Math.min(delay * 2, max);
         lastEvent = now;
-        unlogged++;
         if (timer) return;
-        timer = setTimeout(() => {
-          timer = undefined;
-          if (this.stopped) return;
-          const t = performance.now();
-          if (t - loggedAt >= INTERFACE_LOG_INTERVAL_MS) {
-            const fields = { uid: e.uid, netns: netnsPath, changes: unlogged, ...(reasons.length ? { reasons } : {}) };
-            if (reasons.length)
-              this.opts.log.warn(fields, 'the watch on the pod’s interfaces lost track; looking at them again');
-            else this.opts.log.info(fields, 'the pod’s interfaces or addresses changed; capturing them');
-            loggedAt = t;
-            unlogged = 0;
-            reasons = [];
-          }
-          void this.reconcile(e.uid);
-        }, delay);
+        timer = setTimeout(pass, delay);
       };
       const w = await watcher.watch(netnsPath, changed);
       const close = () => {
