@@ -301,11 +301,10 @@ for (const [mode, subnet, steering] of [
             seen.problems.some((p) => p.includes(`address ${late.podV4} appeared`)),
             seen.problems.join('; '),
           );
-          assert.equal(
-            await whoAnswers({ netns: from(late), host: late.podV4, port: APP_PORT }),
-            'app',
-            'control: not captured before',
-          );
+          // Not captured yet (no hooks): the socket lookup refuses an address the record lacks.
+          const taken = app.accepted.length;
+          await connectFails({ netns: from(late), host: late.podV4, port: APP_PORT, timeoutMs: 1500 });
+          assert.equal(app.accepted.length, taken, 'never the app');
           await attach();
           assert.deepEqual((await dp.verify(uid)).problems, []);
           assert.equal(await whoAnswers({ netns: from(late), host: late.podV4, port: APP_PORT }), 'ztunnel-15006');
@@ -672,6 +671,112 @@ describe('an update that cannot hook an interface again', kernelTest({ name: 'in
   );
 });
 
+describe(
+  'an interface of an enrolled pod that has no hooks (over the interface limit)',
+  kernelTest({ name: 'interfaces: unhooked interface' }),
+  () => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const uid = `pod-${topo.id}`;
+    let net: PodNet;
+    let extra: OtherNet;
+    let dp: Datapath;
+    let servers: RecordingServer[] = [];
+
+    before(async () => {
+      net = await podWithRemote(topo, 166);
+      dp = await Datapath.open({ bpffsRoot: root });
+      await useKernelSteering(dp);
+      servers = [
+        await RecordingServer.start('app', { netns: net.podPath, family: 6, address: '::', port: APP_PORT }),
+        await ztunnelListener(net.podPath, 15006),
+      ];
+      await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
+      // As many interfaces as a pod's record holds, then one more that carries traffic: the last
+      // one (the highest index) is left without hooks.
+      await topo.batch(
+        net.pod,
+        Array.from({ length: 4 }, (_, i) => `link add da${i} type veth peer name db${i}`),
+      );
+      extra = await secondVeth(topo, net.pod, 'net9', 167);
+      const r = await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
+      assert.match(r.warning, /interface net9: the pod has more than \d+ interfaces/);
+    });
+
+    after(async () => {
+      for (const s of servers) await s.close();
+      await dp?.detach(uid);
+      dp?.close();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+    });
+
+    it('refuses a connection to its own address (the socket lookup, node-wide lookupRefused), never the app', async () => {
+      const refused = dp.nodeCounters().lookupRefused;
+      for (const host of [extra.podV4, extra.podV6])
+        await connectFails({ netns: Topology.netnsPath(extra.ns), host, port: APP_PORT, timeoutMs: 1500 });
+      assert.ok(dp.nodeCounters().lookupRefused >= refused + 2, 'counted node-wide');
+      assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');
+    });
+
+    it("refuses a connection to the pod's own IP that comes in on it (the pod's lookupRefused), never the app", async () => {
+      // The far side sends to the pod's IPs through net9: Linux takes any local address on any
+      // interface, and net9's tc never sees it.
+      // (IPv6 neighbour discovery answers only for the receiving interface's own addresses.)
+      const [link] = JSON.parse(await topo.exec(net.pod, 'ip', '-j', 'link', 'show', 'net9')) as { address: string }[];
+      const mac = link!.address;
+      await topo.batch(extra.ns, [
+        `route add ${net.podV4}/32 dev eth0`,
+        `route add ${net.podV6}/128 dev eth0`,
+        `neigh replace ${net.podV6} lladdr ${mac} dev eth0`,
+      ]);
+      const refused = (await dp.list())[0]!.counters.lookupRefused;
+      for (const host of [net.podV4, net.podV6])
+        await connectFails({ netns: Topology.netnsPath(extra.ns), host, port: APP_PORT, timeoutMs: 1500 });
+      const after = (await dp.list())[0]!.counters.lookupRefused;
+      assert.ok(
+        after >= refused + 2,
+        `counted for the pod: ${refused} -> ${after}, node-wide ${dp.nodeCounters().lookupRefused}`,
+      );
+      assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');
+      assert.equal(
+        await whoAnswers({ netns: Topology.netnsPath(net.remote), host: net.podV4, port: APP_PORT }),
+        'ztunnel-15006',
+        'through its own interface: captured',
+      );
+    });
+
+    it('still lets the pod connect to that address itself', async () => {
+      assert.equal(await whoAnswers({ netns: net.podPath, host: extra.podV4, port: APP_PORT }), 'app');
+      assert.equal(await whoAnswers({ netns: net.podPath, host: extra.podV6, port: APP_PORT }), 'app');
+    });
+
+    it('a downgrade to layout 3 turns the check off with its map; adopted again, verify says so until the next attach', async () => {
+      const taken = servers[0]!.accepted.length;
+      dp.close();
+      const down = await runCli(['datapath', 'downgrade', '--layout', '3', '--bpffs', root]);
+      assert.equal(down.code, 0, down.stderr);
+      assert.ok(!existsSync(join(root, 'maps', 'captured_ifaces')), 'its map unpinned');
+      dp = await Datapath.open({ bpffsRoot: root });
+      const seen = await dp.verify(uid);
+      assert.ok(
+        seen.problems.some((p) => /does not refuse connections from interfaces without hooks yet/.test(p)),
+        seen.problems.join('; '),
+      );
+      const r = await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
+      assert.match(r.warning, /interface net9/);
+      assert.ok(!(await dp.verify(uid)).problems.some((p) => /without hooks yet|captured_ifaces/.test(p)));
+      await connectFails({ netns: Topology.netnsPath(extra.ns), host: net.podV4, port: APP_PORT, timeoutMs: 1500 });
+      assert.equal(servers[0]!.accepted.length, taken, 'the app took no connection');
+    });
+
+    it('after detach, the address reaches the app again (control)', async () => {
+      await dp.detach(uid);
+      assert.equal(await whoAnswers({ netns: Topology.netnsPath(extra.ns), host: extra.podV4, port: APP_PORT }), 'app');
+    });
+  },
+);
+
 describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), () => {
   const topo = new Topology();
 
@@ -814,7 +919,7 @@ describe('a downgrade to layout 2', kernelTest({ name: 'interfaces: downgrade' }
         assert.doesNotMatch(await topo.exec(net.pod, 'tc', 'qdisc', 'show', 'dev', 'net1'), /clsact/);
         assert.equal(await sysctl(topo, net.pod, 'net.ipv4.conf.net1.accept_local'), '0');
         assert.equal(await hooks('eth0'), 2, "the pod's own hooks stay");
-        assert.ok(!existsSync(join(root, 'maps', 'pod_ifaces')));
+        assert.ok(!existsSync(join(root, 'maps', 'pod_ifaces')) && !existsSync(join(root, 'maps', 'captured_ifaces')));
         // This release adopts layout 2 again and captures net1 on its next attach.
         const again = await Datapath.open({ bpffsRoot: root });
         await again.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode });

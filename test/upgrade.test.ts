@@ -320,8 +320,8 @@ describe('upgrade from the previous release', kernelTest(), () => {
       (e: unknown) => e,
     );
     assert.ok(refused instanceof DatapathError && refused.code === 'ELAYOUT', `open: ${String(refused)}`);
-    assert.match(refused.message, /layout 7, written by a newer ambient-bpf; this release knows layouts 1 to 3/);
-    assert.match(refused.message, /datapath downgrade --layout 3/);
+    assert.match(refused.message, /layout 7, written by a newer ambient-bpf; this release knows layouts 1 to 4/);
+    assert.match(refused.message, /datapath downgrade --layout 4/);
     const cli = await runCli(['datapath', 'downgrade', '--layout', '1', '--bpffs', root]);
     assert.notEqual(cli.code, 0);
     assert.match(cli.stderr, /layout 7/);
@@ -341,7 +341,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
       '0',
       '0',
       'value',
-      '3',
+      '4',
       '0',
       '0',
       '0',
@@ -351,8 +351,9 @@ describe('upgrade from the previous release', kernelTest(), () => {
     assert.ok(
       !existsSync(join(root, 'maps', 'layout')) &&
         !existsSync(join(root, 'maps', 'pod_counters_v2')) &&
-        !existsSync(join(root, 'maps', 'pod_ifaces')),
-      "layout 2 and 3's own pins removed",
+        !existsSync(join(root, 'maps', 'pod_ifaces')) &&
+        !existsSync(join(root, 'maps', 'captured_ifaces')),
+      "layouts 2, 3 and 4's own pins removed",
     );
     assert.match(await sh(previous.cli, ['datapath', 'verify', '--uid', uid, '--bpffs', root]), /ok/);
     assert.equal(await oldCount(), counted, "the count went back into the previous release's map");

@@ -244,16 +244,20 @@ static int ifaces_policy_write(struct datapath *dp, const struct pod_meta *m, co
 	return policy_write_secondary(&dp->policy, &now, &gone);
 }
 
-/* Drops the record of the pod's other interfaces (unhooked already) and their addresses' policy. */
+/* Drops the record of the pod's other interfaces (unhooked already), their addresses' policy and
+ * the pod's captured_ifaces entries. */
 static void ifaces_forget(struct datapath *dp, const char *uid, const struct pod_meta *m)
 {
 	struct pod_meta_key k = meta_key(uid);
+	struct captured_set captured;
 	struct pod_ifaces f;
 	struct pod_meta a;
 
 	ifaces_get(dp, uid, &f);
 	a = with_iface_addrs(m, &f);
 	policy_remove(&dp->policy, &a);
+	captured_set_of(m, &f, &captured);
+	captured_remove(&dp->policy, m, &captured);
 	bpf_map_delete_elem(dp->ifaces_fd, &k);
 }
 
@@ -565,6 +569,7 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 	dp->policy.policy_fd = map_fd(dp->obj, "pod_policy");
 	dp->policy.counters_fd = map_fd(dp->obj, "pod_counters");
 	dp->policy.slot_owner_fd = map_fd(dp->obj, "slot_owner");
+	dp->policy.captured_fd = map_fd(dp->obj, "captured_ifaces");
 	*out = dp;
 	return 0;
 
@@ -1701,6 +1706,9 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	if (!res->updated)
 		m.attached_at_ns = (__u64)now.tv_sec * 1000000000ull + (__u64)now.tv_nsec;
 
+	/* The gate stays on through an update only while the pod's entries are there (a node handed to
+	 * an older release and back starts with none). */
+	m.ifaces_gated = res->updated && m.ifaces_gated && captured_has(&dp->policy, &m, m.ifindex);
 	/* The programs read the pod's options from its addresses: in place before they run. */
 	if ((err = policy_claim_slot(&dp->policy, req->uid, &m)) ||
 	    (err = policy_write(&dp->policy, &m, res->updated ? &old : NULL)))
@@ -1714,12 +1722,20 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	if (!e->code && !attach_sk_lookup(dp, req->uid, &m, fd, e) && !fault(&job, "sk_lookup") &&
 	    !attach_host(dp, req, &m, job.host_peer, e) && !fault(&job, "host") &&
 	    !cgroup_hooks_prepare(&job) && !fault(&job, "dns")) {
+		struct captured_set captured, was_captured;
 		struct pod_policy now;
 
+		/* The interfaces that carry hooks now, before the pod's entries say the set is complete
+		 * (then its socket lookup refuses what came in on any other). */
+		captured_set_of(&m, &ifaces, &captured);
+		if (res->updated)
+			captured_set_of(&old, &old_ifaces, &was_captured);
+		err = captured_write(&dp->policy, &m, &captured, res->updated ? &was_captured : NULL);
+		m.ifaces_gated = !err;
 		/* The cookie is known once inside the netns (sk_lookup steering needs it in the policy),
 		 * and whether DNS is captured once the cgroup hooks are prepared (they run already). */
-		if (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) ||
-		    now.netns_cookie != m.netns_cookie || now.flags != policy_flags(&m))
+		if (!err && (bpf_map_lookup_elem(dp->policy.policy_fd, &m.ips[0], &now) ||
+			     now.netns_cookie != m.netns_cookie || now.flags != policy_flags(&m)))
 			err = policy_write(&dp->policy, &m, NULL);
 		if (!err) /* the addresses of its other interfaces: the pod's too */
 			err = ifaces_policy_write(dp, &m, &ifaces, &old_ifaces);
@@ -1763,6 +1779,19 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		old.host_netns_ino = m.host_netns_ino;
 		old.host_netns_dev = m.host_netns_dev;
 		memcpy(old.host_netns_path, m.host_netns_path, sizeof(old.host_netns_path));
+		{
+			struct captured_set restored, tried;
+
+			/* The interfaces hooked again, and none the update added that are unhooked now. */
+			captured_set_of(&old, &recorded, &restored);
+			captured_set_of(&m, &ifaces, &tried);
+			if (captured_write(&dp->policy, &old, &restored, &tried) && old.ifaces_gated) {
+				old.ifaces_gated =
+					0; /* cannot say which are hooked: not gated, never wrongly */
+				policy_write(&dp->policy, &old, NULL);
+				ifaces_policy_write(dp, &old, &recorded, &ifaces);
+			}
+		}
 		meta_put(dp, req->uid, &old);
 	} else if (e->code) {
 		struct pod_meta found = with_iface_addrs(&m, &ifaces);
@@ -2172,6 +2201,26 @@ static void verify_host(struct netns_job *job)
 		close(fd);
 }
 
+/* The socket lookup's view of the pod's interfaces: every one with hooks is in captured_ifaces. */
+static void verify_captured(struct datapath *dp, const struct pod_meta *m, const struct pod_ifaces *f,
+			    struct dp_verify_result *res)
+{
+	struct captured_set s;
+
+	if (m->state != ATTACH_STATE_ATTACHED)
+		return;
+	if (!m->ifaces_gated) {
+		problem(res, "the pod's socket lookup does not refuse connections from interfaces without "
+			     "hooks yet (attached by an older release)");
+		return;
+	}
+	captured_set_of(m, f, &s);
+	for (unsigned i = 0; i < s.count; i++)
+		if (!captured_has(&dp->policy, m, s.ifindex[i]))
+			problem(res, "interface %u is missing from the pod's captured_ifaces entries",
+				s.ifindex[i]);
+}
+
 int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res, struct dp_error *e)
 {
 	struct pod_meta m;
@@ -2200,6 +2249,7 @@ int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res
 			problem(res, "cannot inspect netns %s: %s", m.netns_path, strerror(-rc));
 		verify_host(&job);
 	}
+	verify_captured(dp, &m, &ifaces, res);
 	if (fd >= 0)
 		close(fd);
 out:
@@ -2302,6 +2352,7 @@ static void gc_policy(struct datapath *dp)
 		    (bpf_map_lookup_elem(dp->policy.slot_owner_fd, &pol.slot, &owner) || !owner.uid[0]))
 			bpf_map_delete_elem(dp->policy.policy_fd, &ip);
 	}
+	captured_gc(&dp->policy);
 }
 
 int dp_gc(struct datapath *dp, char (**uids)[POD_UID_LEN], size_t *count, struct dp_error *e)

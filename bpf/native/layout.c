@@ -32,6 +32,7 @@ static const struct {
 	{ "probe_nat", 2, MAP_CHANGED }, /* the translation records which side closed */
 	{ "strict_fragments", 2, MAP_ADDED },
 	{ "pod_ifaces", 3, MAP_ADDED }, /* the pod's other interfaces, captured too */
+	{ "captured_ifaces", 4, MAP_ADDED }, /* interfaces with hooks: the socket lookup refuses others */
 };
 
 /* Hooks on a pod (pins under pods/<uid>/) that appeared in a layout: an older release knows nothing
@@ -338,6 +339,15 @@ static int downgrade_pods(const char *root, unsigned to, struct dp_error *e)
 		}
 		if (to < 3 && bpf_map_lookup_elem(meta, key, &m) == 0)
 			unhook_ifaces(root, key->uid, &m);
+		/* Layout 3 keeps the field as padding; a later layout 4 starts with no entries. */
+		if (to < 4 && bpf_map_lookup_elem(meta, key, &m) == 0 && m.ifaces_gated) {
+			m.ifaces_gated = 0;
+			if (bpf_map_update_elem(meta, key, &m, BPF_EXIST) && errno != ENOENT) {
+				rc = dp_fail(e, DPE_SYSTEM, errno, "cannot rewrite the record of pod %.*s",
+					     POD_UID_LEN, key->uid);
+				goto out;
+			}
+		}
 		if (to < 2 && bpf_map_lookup_elem(meta, key, &m) == 0) {
 			pod_meta_for_layout1(&m);
 			if (bpf_map_update_elem(meta, key, &m, BPF_EXIST) && errno != ENOENT) {

@@ -102,11 +102,13 @@ static void remove_ip(const struct policy_maps *maps, const struct pod_ip *ip, _
 		bpf_map_delete_elem(maps->policy_fd, ip);
 }
 
-/* The flags the programs read: the pod's options, and whether its DNS is captured at the socket
- * (then strict mode lets no DNS of the app's leave as is). */
+/* The flags the programs read: the pod's options, whether its DNS is captured at the socket (then
+ * strict mode lets no DNS of the app's leave as is), and whether its captured interfaces are
+ * recorded (then its socket lookup refuses what came in elsewhere). */
 __u32 policy_flags(const struct pod_meta *m)
 {
-	return m->flags | (m->pod_cgroup_id && (m->flags & POD_F_DNS_CAPTURE) ? POD_F_DNS_CAPTURED : 0);
+	return m->flags | (m->pod_cgroup_id && (m->flags & POD_F_DNS_CAPTURE) ? POD_F_DNS_CAPTURED : 0) |
+	       (m->ifaces_gated ? POD_F_IFACES_GATED : 0);
 }
 
 int policy_write(const struct policy_maps *maps, const struct pod_meta *m, const struct pod_meta *old)
@@ -154,6 +156,77 @@ void policy_remove(const struct policy_maps *maps, const struct pod_meta *m)
 {
 	for (unsigned i = 0; i < m->ip_count && i < MAX_POD_IPS; i++)
 		remove_ip(maps, &m->ips[i], m->slot);
+}
+
+void captured_set_of(const struct pod_meta *m, const struct pod_ifaces *f, struct captured_set *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (m->ifindex)
+		out->ifindex[out->count++] = m->ifindex;
+	for (unsigned i = 0; f && i < f->count && i < MAX_POD_IFACES; i++)
+		if (f->iface[i].ifindex)
+			out->ifindex[out->count++] = f->iface[i].ifindex;
+	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
+		if (m->reroute[i].ifindex)
+			out->ifindex[out->count++] = m->reroute[i].ifindex;
+}
+
+static bool set_has(const struct captured_set *s, __u32 ifindex)
+{
+	for (unsigned i = 0; i < s->count; i++)
+		if (s->ifindex[i] == ifindex)
+			return true;
+	return false;
+}
+
+int captured_write(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *now,
+		   const struct captured_set *gone)
+{
+	for (unsigned i = 0; i < now->count; i++) {
+		struct captured_key k = { .slot = m->slot, .ifindex = now->ifindex[i] };
+
+		if (bpf_map_update_elem(maps->captured_fd, &k, &m->netns_cookie, BPF_ANY))
+			return -errno;
+	}
+	for (unsigned i = 0; gone && i < gone->count; i++) {
+		struct captured_key k = { .slot = m->slot, .ifindex = gone->ifindex[i] };
+
+		if (!set_has(now, gone->ifindex[i]))
+			bpf_map_delete_elem(maps->captured_fd, &k);
+	}
+	return 0;
+}
+
+bool captured_has(const struct policy_maps *maps, const struct pod_meta *m, __u32 ifindex)
+{
+	struct captured_key k = { .slot = m->slot, .ifindex = ifindex };
+	__u64 cookie;
+
+	return bpf_map_lookup_elem(maps->captured_fd, &k, &cookie) == 0 && cookie == m->netns_cookie;
+}
+
+void captured_remove(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *s)
+{
+	for (unsigned i = 0; i < s->count; i++)
+		if (captured_has(maps, m, s->ifindex[i])) {
+			struct captured_key k = { .slot = m->slot, .ifindex = s->ifindex[i] };
+
+			bpf_map_delete_elem(maps->captured_fd, &k);
+		}
+}
+
+void captured_gc(const struct policy_maps *maps)
+{
+	struct captured_key k, next;
+	struct pod_meta_key owner;
+	void *prev = NULL;
+
+	while (bpf_map_get_next_key(maps->captured_fd, prev, &next) == 0) {
+		k = next;
+		prev = &k;
+		if (bpf_map_lookup_elem(maps->slot_owner_fd, &k.slot, &owner) || !owner.uid[0])
+			bpf_map_delete_elem(maps->captured_fd, &k);
+	}
 }
 
 int counters_read(const struct policy_maps *maps, __u32 slot, struct pod_counters *out)

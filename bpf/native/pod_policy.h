@@ -12,6 +12,7 @@ struct policy_maps {
 	int policy_fd;
 	int counters_fd;
 	int slot_owner_fd;
+	int captured_fd;
 };
 
 /* Gives m->slot a free counters slot (zeroed), unless it holds one already. */
@@ -30,6 +31,25 @@ int policy_write_secondary(const struct policy_maps *maps, const struct pod_meta
 			   const struct pod_meta *old);
 /* Removes the pod's addresses, except those another pod has claimed since. */
 void policy_remove(const struct policy_maps *maps, const struct pod_meta *m);
+
+/* The interfaces of a pod netns that carry its hooks: the pod's own, its other ones, its reroute
+ * ones (those present). */
+struct captured_set {
+	unsigned count;
+	__u32 ifindex[1 + MAX_POD_IFACES + MAX_REROUTE_IFACES];
+};
+
+void captured_set_of(const struct pod_meta *m, const struct pod_ifaces *f, struct captured_set *out);
+/* Writes the pod's entries in captured_ifaces (with its netns cookie); those of `gone` (may be NULL)
+ * not in `now` are removed. */
+int captured_write(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *now,
+		   const struct captured_set *gone);
+/* Removes the pod's entries (those still carrying its netns cookie). */
+void captured_remove(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *s);
+/* Is this interface in the pod's entries? */
+bool captured_has(const struct policy_maps *maps, const struct pod_meta *m, __u32 ifindex);
+/* Entries of slots nobody holds (a crash between writes). */
+void captured_gc(const struct policy_maps *maps);
 
 /* Sums a slot's per-CPU counters. */
 int counters_read(const struct policy_maps *maps, __u32 slot, struct pod_counters *out);

@@ -8,7 +8,7 @@
 /* The layout of the node state under a bpffs root: the pinned maps and their value layouts, what
  * pod_meta records and which hooks a pod has. Bump it (and teach native/layout.c the change) when a
  * release changes any of them. Layout 1 is v0.1.0's, which pinned no stamp. */
-#define DATAPATH_LAYOUT 3
+#define DATAPATH_LAYOUT 4
 
 /* ztunnel's in-pod listeners. */
 #define ZTUNNEL_OUTBOUND_PORT 15001
@@ -57,6 +57,9 @@ struct pod_ip {
 #define POD_F_DNS_CAPTURED (1u << 2) /* DNS capture hooks hold the pod's cgroup: its DNS never leaves as is */
 #define POD_F_DNS_CAPTURE \
 	(1u << 3) /* asked: capture DNS at the pod's cgroup (POD_F_DNS_CAPTURED once hooked) */
+/* The pod's captured_ifaces entries are written: its sk_lookup program refuses connections that came
+ * in on any other interface (one without hooks). Not set for pods an older release attached. */
+#define POD_F_IFACES_GATED (1u << 4)
 
 struct pod_policy {
 	__u32 slot; /* index into pod_counters; 0 is the node-wide "no pod" slot */
@@ -79,7 +82,7 @@ enum pod_counter {
 	CNT_REROUTED, /* inbound on a reroute-virtual-interfaces device, to 15001 */
 	CNT_UNCLASSIFIED_DROPPED, /* packets that may carry TCP but cannot be classified: fragments, odd headers */
 	CNT_SPOOFED_DROPPED, /* packets from outside carrying one of the pod's own addresses as source */
-	CNT_LOOKUP_REFUSED, /* looped outbound packets the socket lookup refused (a SYN tc did not steer, a late segment) */
+	CNT_LOOKUP_REFUSED, /* packets the socket lookup refused: looped outbound ones tc did not steer, any to an address the pod's record lacks */
 	CNT_COUNT
 };
 
@@ -173,7 +176,7 @@ struct pod_meta {
 	__u64 pod_cgroup_id; /* the pod's cgroup v2, hooked (socket-option guard, DNS capture); 0: none */
 	__u64 netns_cookie;
 	__u32 steering_sk_lookup; /* an sk_lookup link on the pod netns steers SYNs (pin "sk_lookup") */
-	__u32 pad2;
+	__u32 ifaces_gated; /* layout 4: captured_ifaces holds the pod's interfaces (POD_F_IFACES_GATED) */
 	/* Kubelet probes: the node side of the pod's veth, hooked in the node's netns (0: none). */
 	__u32 host_ifindex;
 	__u32 host_owns_clsact;
@@ -205,6 +208,16 @@ struct pod_ifaces {
 	__u32 addr_count;
 	struct pod_iface iface[MAX_POD_IFACES];
 	struct pod_ip addrs[MAX_POD_IPS]; /* their addresses that are not among pod_meta.ips */
+};
+
+/* captured_ifaces map: the interfaces of a pod netns that carry its hooks (its own, its other ones,
+ * its reroute ones), by the pod's slot; the value is the pod netns's cookie, so that an entry left
+ * by a crashed pod whose slot was reused never counts for the next holder. */
+#define MAX_CAPTURED_IFACES (MAX_PODS * 4)
+
+struct captured_key {
+	__u32 slot;
+	__u32 ifindex;
 };
 
 /* cls_bpf filter identity used in the tc fallback: ours, fixed, so only ours is replaced or

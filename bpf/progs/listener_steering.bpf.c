@@ -9,6 +9,8 @@
  *     (Inbound lookups cannot be told from the pod's own connections over lo here: for a local
  *     destination the kernel reports the address's device, not lo, as the ingress interface. tc
  *     guards inbound alone: every TCP packet classified or dropped, TIME_WAIT SYNs to ztunnel.)
+ *     And a lookup for an address the pod's record does not hold is refused: only an interface
+ *     without hooks (tc never saw the packet) delivers one.
  *   Steering, for kernels whose bpf_sk_assign in tc refuses SO_REUSEPORT listeners (before Linux
  *     6.6), which is how ztunnel binds 15001/15006: tc records its decision for each SYN in the
  *     steer map, and this program assigns the SYN to ztunnel's listener, learnt by ztunnel_sockops
@@ -45,6 +47,8 @@ int ztunnel_sockops(struct bpf_sock_ops *skops)
 extern POD_POLICY_MAP pod_policy SEC(".maps");
 
 extern POD_COUNTERS_MAP pod_counters SEC(".maps");
+
+CAPTURED_IFACES_MAP captured_ifaces SEC(".maps");
 
 static __always_inline bool ztunnel_port(__u32 port)
 {
@@ -100,6 +104,15 @@ static __always_inline int refuse(const struct pod_policy *p)
 	return SK_DROP;
 }
 
+/* Did the connection come in on an interface that carries pod p's hooks? (Where tc saw it.) */
+static __always_inline bool on_captured_interface(const struct pod_policy *p, __u32 ifindex)
+{
+	struct captured_key k = { .slot = p->slot, .ifindex = ifindex };
+	__u64 *cookie = bpf_map_lookup_elem(&captured_ifaces, &k);
+
+	return cookie && *cookie == p->netns_cookie;
+}
+
 SEC("sk_lookup")
 int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -146,11 +159,31 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 	 * ordinary lookup. */
 	if (ztunnel_port(ctx->local_port))
 		return SK_PASS;
+	/* An interface without hooks (a tun or wireguard device, one beyond the interface limit, one
+	 * that has just appeared) delivers connections to any address of the netns, the pod's own
+	 * included (Linux takes any local address on any interface), that tc never saw: refused, fail
+	 * closed, unless the pod connects to itself (for a local destination the kernel names the
+	 * address's device). lo is never one: it carries the pod's own connections and the routed
+	 * outbound ones above. */
+	p = bpf_map_lookup_elem(&pod_policy, &k.local);
+	if (p && (p->flags & POD_F_IFACES_GATED) && ctx->ingress_ifindex != LOOPBACK_IFINDEX &&
+	    !on_captured_interface(p, ctx->ingress_ifindex) && !same_address(&k.local, &k.remote))
+		return refuse(p);
 	/* The backstop: from a pod address to a destination that is no pod address (nor the probe's). */
-	if (bpf_map_lookup_elem(&pod_policy, &k.local) || is_probe_address(&k.local))
+	if (p || is_probe_address(&k.local))
 		return SK_PASS;
 	p = bpf_map_lookup_elem(&pod_policy, &k.remote);
-	return p ? refuse(p) : SK_PASS;
+	if (p)
+		return refuse(p);
+	/* An address the pod's record does not hold: on an interface that is not captured (a tun or
+	 * wireguard device, one over the interface limit, one that appeared and has no hooks yet),
+	 * where tc never saw the packet. Every address of a captured interface is recorded, so this
+	 * is never a connection ztunnel should have had: refused, fail closed, unless it is the pod
+	 * connecting to itself (a packet from outside with the destination as source is a martian;
+	 * a spoofed IPv6 one could not complete the handshake). */
+	if (same_address(&k.local, &k.remote))
+		return SK_PASS;
+	return refuse(NULL);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -14,6 +14,16 @@
 		__type(value, struct pod_policy);     \
 	}
 
+/* The interfaces with hooks, per pod (by slot): read by the pod netns's sk_lookup program. */
+#define CAPTURED_IFACES_MAP                               \
+	struct {                                          \
+		__uint(type, BPF_MAP_TYPE_HASH);          \
+		__uint(max_entries, MAX_CAPTURED_IFACES); \
+		__uint(map_flags, BPF_F_NO_PREALLOC);     \
+		__type(key, struct captured_key);         \
+		__type(value, __u64);                     \
+	}
+
 /* Per-pod counters, by the slot in pod_policy. */
 #define POD_COUNTERS_MAP                                 \
 	struct {                                         \
