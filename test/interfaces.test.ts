@@ -555,11 +555,8 @@ describe(
         net.pod,
         Array.from({ length: 8 }, (_, i) => `addr add 198.18.163.${10 + i}/32 dev net1`),
       );
-      assert.equal(
-        await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT }),
-        'app',
-        'control: not captured yet',
-      );
+      // Not hooked yet: the socket lookup refuses an address the pod's record lacks.
+      await connectFails({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT, timeoutMs: 1500 });
       const r = await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
       assert.match(r.warning, /interface tun0 of the pod carries no Ethernet header/);
       assert.match(r.warning, /more than \d+ addresses/);
@@ -587,7 +584,7 @@ describe(
         problems.join('; '),
       );
       assert.ok(!problems.some((p) => /net1/.test(p)), problems.join('; '));
-      assert.equal(servers[0]!.accepted.length, 1, 'the app took only the control');
+      assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');
     });
   },
 );
