@@ -71,6 +71,7 @@ struct job {
 	union {
 		struct {
 			char root[4096], object[4096];
+			int tc_netns_cookie; /* -1: probed at open */
 			struct datapath *dp;
 		} open;
 		struct {
@@ -285,7 +286,8 @@ static void set_double(napi_env env, napi_value obj, const char *name, double d)
 
 static void open_run(struct job *job)
 {
-	dp_open(job->u.open.root, job->u.open.object, &job->u.open.dp, &job->err);
+	dp_open(job->u.open.root, job->u.open.object, job->u.open.tc_netns_cookie, &job->u.open.dp,
+		&job->err);
 }
 
 static napi_value open_result(napi_env env, struct job *job)
@@ -300,9 +302,10 @@ static napi_value open_result(napi_env env, struct job *job)
 
 static napi_value js_open(napi_env env, napi_callback_info info)
 {
-	size_t argc = 2;
-	napi_value argv[2];
+	size_t argc = 3;
+	napi_value argv[3];
 	struct job *job = job_new(open_run, open_result);
+	bool cookie;
 
 	CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
 	if (!job || argc < 2 ||
@@ -311,6 +314,9 @@ static napi_value js_open(napi_env env, napi_callback_info info)
 		free(job);
 		return NULL;
 	}
+	/* Whether the tc programs check pod_policy entries' netns cookies: a boolean, or probed. */
+	job->u.open.tc_netns_cookie =
+		argc >= 3 && napi_get_value_bool(env, argv[2], &cookie) == napi_ok ? cookie : -1;
 	return job_start(env, job, "ambient-bpf:open");
 }
 

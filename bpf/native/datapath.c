@@ -29,6 +29,7 @@
 #include "netns_thread.h"
 #include "pod_ifaces.h"
 #include "pod_policy.h"
+#include "probe.h"
 #include "rtnl.h"
 
 #define BPF_FS_MAGIC 0xcafe4a11
@@ -92,8 +93,11 @@ struct datapath {
 	int ztunnel_cgroups_fd;
 	int strict_allow_fd;
 	struct policy_maps policy;
+	bool tc_netns_cookie; /* the tc programs check pod_policy entries' netns cookies */
 	pthread_mutex_t lock;
 };
+
+static __u64 netns_cookie(void);
 
 static int map_fd(struct bpf_object *obj, const char *name)
 {
@@ -479,7 +483,56 @@ static int check_kernel(struct dp_error *e)
 	return 0;
 }
 
-int dp_open(const char *root, const char *object_path, struct datapath **out, struct dp_error *e)
+/* Sets a `const volatile` __u32 of the object's .rodata, found by name in its BTF (before the load,
+ * which freezes it: the verifier then prunes what the value rules out). */
+static int set_rodata_u32(struct bpf_object *obj, const char *var, __u32 value)
+{
+	struct btf *btf = bpf_object__btf(obj);
+	const struct btf_var_secinfo *vs;
+	const struct btf_type *sec;
+	struct bpf_map *map, *rodata = NULL;
+	const void *init;
+	size_t size = 0;
+	int id, err = -ENOENT;
+
+	bpf_object__for_each_map(map, obj)
+	{
+		const char *n = bpf_map__name(map);
+		size_t len = strlen(n);
+
+		if (bpf_map__is_internal(map) && len >= 7 && !strcmp(n + len - 7, ".rodata"))
+			rodata = map;
+	}
+	if (!btf || !rodata || (id = btf__find_by_name_kind(btf, ".rodata", BTF_KIND_DATASEC)) < 0 ||
+	    !(init = bpf_map__initial_value(rodata, &size)))
+		return -ENOENT;
+	sec = btf__type_by_id(btf, (__u32)id);
+	vs = btf_var_secinfos(sec);
+	for (unsigned i = 0; i < btf_vlen(sec); i++, vs++) {
+		const struct btf_type *t = btf__type_by_id(btf, vs->type);
+		char *copy;
+
+		if (strcmp(btf__name_by_offset(btf, t->name_off), var) || vs->size != sizeof(value) ||
+		    vs->offset + sizeof(value) > size)
+			continue;
+		if (!(copy = malloc(size)))
+			return -ENOMEM;
+		memcpy(copy, init, size);
+		memcpy(copy + vs->offset, &value, sizeof(value));
+		err = bpf_map__set_initial_value(rodata, copy, size);
+		free(copy);
+		break;
+	}
+	return err;
+}
+
+bool dp_tc_netns_cookie(const struct datapath *dp)
+{
+	return dp->tc_netns_cookie;
+}
+
+int dp_open(const char *root, const char *object_path, int tc_netns_cookie, struct datapath **out,
+	    struct dp_error *e)
 {
 	char path[PATH_MAX];
 	struct datapath *dp;
@@ -529,6 +582,20 @@ int dp_open(const char *root, const char *object_path, struct datapath **out, st
 		layout_pin_name(bpf_map__name(map), DATAPATH_LAYOUT, name);
 		snprintf(path, sizeof(path), "%s/maps/%s", root, name);
 		bpf_map__set_pin_path(map, path);
+	}
+	/* Entries of pod_policy checked against the netns the programs run in (pod_redirect.bpf.c,
+	 * policy_of_address) where tc programs can read its cookie; user space writes every entry with
+	 * the pod netns's cookie (SO_NETNS_COOKIE), so both are needed. */
+	if (tc_netns_cookie < 0) {
+		char detail[160];
+
+		tc_netns_cookie = netns_cookie() != 0 && tc_reads_netns_cookie(detail, sizeof(detail));
+	}
+	dp->tc_netns_cookie = tc_netns_cookie > 0;
+	if ((err = set_rodata_u32(dp->obj, "tc_netns_cookie", dp->tc_netns_cookie))) {
+		dp_fail(e, DPE_LOAD, err, "BPF object %s has no tc_netns_cookie constant (an older build?)",
+			object_path);
+		goto out_obj;
 	}
 	flock(dp->root_fd, LOCK_EX);
 	if (layout_read(root, &layout, e) ||
@@ -803,7 +870,49 @@ struct netns_job {
 	const struct pod_ifaces *old_ifaces; /* attach: those hooked before (none on a first attach) */
 	bool restored; /* attach: a failed update was already restored inside the netns */
 	struct ifaces_refused refused; /* attach: interfaces (and addresses) left out, said */
+	struct ifaces_refused foreign; /* attach: addresses of its other interfaces another pod holds */
 };
+
+/* An address of the pod's other interfaces that is another enrolled pod's in pod_policy (never
+ * taken from it), found by `nl` in the pod netns: said in the attach's warning and by verify, with
+ * what the pod's traffic on it gets, which depends on whether the tc programs can tell the two pods
+ * apart (pod_redirect.bpf.c, policy_of_address). */
+static void foreign_addresses(struct datapath *dp, struct rtnl *nl, const struct pod_meta *m,
+			      const struct pod_ifaces *f, void (*say)(void *, const char *), void *to)
+{
+	for (unsigned i = 0; i < f->addr_count && i < MAX_POD_IPS; i++) {
+		char ip[INET6_ADDRSTRLEN], name[IF_NAMESIZE] = "?", msg[200];
+		int idx = 0;
+
+		if (!policy_owned_by_other(&dp->policy, &f->addrs[i], m->slot))
+			continue;
+		if (rtnl_find_address(nl, f->addrs[i].addr, &idx) == 0 && idx)
+			if_indextoname((unsigned)idx, name);
+		if (dp->tc_netns_cookie)
+			snprintf(msg, sizeof(msg),
+				 "address %s on %s belongs to another pod: not taken; here it has the "
+				 "node-wide "
+				 "policy (no bypass-inbound-capture, strict mode)",
+				 ip_str(&f->addrs[i], ip), name);
+		else
+			snprintf(msg, sizeof(msg),
+				 "address %s on %s belongs to another pod, whose options "
+				 "(bypass-inbound-capture, "
+				 "strict mode) apply here too: tc cannot read the netns cookie here",
+				 ip_str(&f->addrs[i], ip), name);
+		say(to, msg);
+	}
+}
+
+static void say_refused(void *to, const char *msg)
+{
+	struct ifaces_refused *r = to;
+
+	if (r->count < IFACES_MAX_REFUSED)
+		snprintf(r->message[r->count++], sizeof(r->message[0]), "%s", msg);
+	else
+		r->more++;
+}
 
 /* TEST ONLY: AMBIENT_BPF_FAULT_STEP=<step> makes that step of an update of an attached pod fail
  * once its work is done ("routing", "programs", "mode-switch", "ifaces", "reroutes", "policy", "sk_lookup",
@@ -1401,6 +1510,9 @@ static int attach_job(void *p)
 	if (ifaces_scan(&nl, (unsigned)ifindex, (const char(*)[16])job->req->reroute, job->req->reroute_count,
 			m, job->ifaces, &job->refused, job->e))
 		goto out;
+	/* Never a refusal (overlapping ranges are a pod's right), but said. */
+	memset(&job->foreign, 0, sizeof(job->foreign));
+	foreign_addresses(job->dp, &nl, m, job->ifaces, say_refused, &job->foreign);
 	/* A first attach refuses what it cannot capture (fail closed: CNI ADD fails, the pod does not
 	 * start half captured). An attached pod never leaves the interfaces it can hook unhooked for
 	 * the sake of one it cannot: those are hooked, the others said (the attach's warning, verify). */
@@ -1418,6 +1530,13 @@ static int attach_job(void *p)
 	}
 	m->ifindex = (unsigned)ifindex;
 	m->netns_cookie = netns_cookie();
+	/* The pod's entries carry its netns's cookie before its programs run (a first attach wrote
+	 * them without): to the programs an entry without it is another netns's, which fails closed
+	 * (pod_redirect.bpf.c, policy_of_address). */
+	if ((err = policy_write(&job->dp->policy, m, NULL))) {
+		dp_fail(job->e, DPE_SYSTEM, err, "cannot record the policy of pod %s", job->uid);
+		goto out;
+	}
 	if (m->state != ATTACH_STATE_ATTACHED) {
 		/* Before touching the netns: a crash from here on leaves a record detach can act on. */
 		m->owns = OWNS_RULE_V4 | OWNS_RULE_V6 | OWNS_ROUTE_V4 | OWNS_ROUTE_V6;
@@ -1807,11 +1926,14 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		policy_release_slot(&dp->policy, req->uid, &m);
 	} else {
 		res->warning[0] = '\0';
-		for (unsigned i = 0; i < job.refused.count && i < IFACES_MAX_REFUSED; i++) {
+		for (unsigned i = 0; i < job.refused.count + job.foreign.count; i++) {
 			size_t len = strlen(res->warning);
+			const char *msg = i < job.refused.count ? job.refused.message[i]
+								: job.foreign.message[i - job.refused.count];
 
-			snprintf(res->warning + len, sizeof(res->warning) - len, "%s%s", len ? "; " : "",
-				 job.refused.message[i]);
+			if (i < IFACES_MAX_REFUSED * 2)
+				snprintf(res->warning + len, sizeof(res->warning) - len, "%s%s",
+					 len ? "; " : "", msg);
 		}
 		res->mode = m.mode;
 		res->ifindex = (int)m.ifindex;
@@ -1993,6 +2115,11 @@ static void verify_reroutes(struct netns_job *job, struct rtnl *nl)
 	}
 }
 
+static void say_problem(void *to, const char *msg)
+{
+	problem(to, "%s", msg);
+}
+
 /* The pod's other interfaces: hooked as recorded, and none or no address the record lacks. */
 static void verify_ifaces(struct netns_job *job, struct rtnl *nl)
 {
@@ -2017,18 +2144,7 @@ static void verify_ifaces(struct netns_job *job, struct rtnl *nl)
 	pod_dir(job->dp, job->uid, dir);
 	ifaces_verify(nl, dir, m->mode, job->ifaces, scanned ? &now : NULL, job->verify);
 	/* An address another pod holds is found, never taken: said, not silently skipped. */
-	for (unsigned i = 0; i < job->ifaces->addr_count && i < MAX_POD_IPS; i++) {
-		char ip[INET6_ADDRSTRLEN], name[IF_NAMESIZE] = "?";
-		int idx = 0;
-
-		if (!policy_owned_by_other(&job->dp->policy, &job->ifaces->addrs[i], m->slot))
-			continue;
-		if (rtnl_find_address(nl, job->ifaces->addrs[i].addr, &idx) == 0 && idx)
-			if_indextoname((unsigned)idx, name);
-		problem(job->verify,
-			"address %s on %s belongs to another pod: not taken (its traffic is that pod's)",
-			ip_str(&job->ifaces->addrs[i], ip), name);
-	}
+	foreign_addresses(job->dp, nl, m, job->ifaces, say_problem, job->verify);
 }
 
 static int verify_job(void *p)

@@ -17,7 +17,14 @@ enum dp_mode_request {
 	DP_MODE_TC = ATTACH_MODE_TC,
 };
 
-int dp_open(const char *root, const char *object_path, struct datapath **out, struct dp_error *e);
+/* tc_netns_cookie: whether the tc programs read the cookie of the netns they run in, and so honour a
+ * pod_policy entry only in the netns it was written for (1), or not (0: a kernel where they cannot,
+ * or a test); -1: probed here (probe.h, tc_reads_netns_cookie). Asking 1 of a kernel where they
+ * cannot fails the load. */
+int dp_open(const char *root, const char *object_path, int tc_netns_cookie, struct datapath **out,
+	    struct dp_error *e);
+/* Does the loaded object check pod_policy entries' netns cookies (dp_open's tc_netns_cookie)? */
+bool dp_tc_netns_cookie(const struct datapath *dp);
 void dp_close(struct datapath *dp);
 
 struct dp_attach_request {

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
 #include <linux/bpf.h>
 
@@ -31,6 +32,7 @@ const char *const kernel_feature_names[KF_COUNT] = {
 	[KF_CGROUP_SOCK_ADDR] = "cgroupSockAddr",
 	[KF_CGROUP_SOCKOPT] = "cgroupSockopt",
 	[KF_SOCK_OPS] = "sockOps",
+	[KF_TC_NETNS_COOKIE] = "tcNetnsCookie",
 };
 
 /* Instructions for the few programs the probes load (libbpf exports no instruction macros). */
@@ -163,6 +165,65 @@ static void probe_netns_cookies(struct kernel_probe *p)
 	note(p, KF_NETNS_COOKIES, true,
 	     "getsockopt(SO_NETNS_COOKIE), bpf_get_netns_cookie in sock_ops "
 	     "(libbpf_probe_bpf_helper) and cgroup/connect4 programs");
+}
+
+bool tc_reads_netns_cookie(char *detail, size_t len)
+{
+	/* bpf_probe_read_kernel(fp - 8, 8, ctx): what the CO-RE read of skb->dev compiles to. */
+	const struct bpf_insn insns[] = {
+		MOV_REG(BPF_REG_3, BPF_REG_1),
+		MOV_REG(BPF_REG_1, BPF_REG_10),
+		ADD_IMM(BPF_REG_1, -8),
+		MOV_IMM(BPF_REG_2, 8),
+		CALL(BPF_FUNC_probe_read_kernel),
+		MOV_IMM(BPF_REG_0, 0),
+		EXIT(),
+	};
+	struct btf *vmlinux = btf__load_vmlinux_btf();
+	bool cookie = false;
+	int id, fd;
+
+	if (!vmlinux) {
+		snprintf(detail, len, "no kernel BTF (/sys/kernel/btf/vmlinux) to relocate the read against");
+		return false;
+	}
+	if ((id = btf__find_by_name_kind(vmlinux, "net", BTF_KIND_STRUCT)) > 0) {
+		const struct btf_type *t = btf__type_by_id(vmlinux, (__u32)id);
+		const struct btf_member *m = btf_members(t);
+
+		for (unsigned i = 0; i < btf_vlen(t); i++, m++)
+			cookie |= !strcmp(btf__name_by_offset(vmlinux, m->name_off), "net_cookie");
+	}
+	btf__free(vmlinux);
+	if (!cookie) {
+		snprintf(detail, len, "the kernel's struct net has no net_cookie (BTF)");
+		return false;
+	}
+	fd = bpf_prog_load(BPF_PROG_TYPE_SCHED_CLS, "amb_kprobe", "GPL", insns,
+			   sizeof(insns) / sizeof(insns[0]), NULL);
+	if (fd < 0) {
+		snprintf(detail, len, "bpf_probe_read_kernel from a tc program's context: %s",
+			 strerror(errno));
+		return false;
+	}
+	close(fd);
+	snprintf(detail, len,
+		 "bpf_probe_read_kernel from a tc program's context, and struct net's net_cookie in the "
+		 "kernel's BTF");
+	return true;
+}
+
+/* Can tc programs read the cookie of their netns? Then a pod_policy entry counts only in the pod
+ * netns it was written for (pod_redirect.bpf.c, policy_of_address). */
+static void probe_tc_netns_cookie(struct kernel_probe *p)
+{
+	char detail[sizeof(p->detail[0])];
+	bool ok;
+
+	if (!p->present[KF_NETNS_COOKIES])
+		return note(p, KF_TC_NETNS_COOKIE, false, "not tried: no netns cookies");
+	ok = tc_reads_netns_cookie(detail, sizeof(detail));
+	note(p, KF_TC_NETNS_COOKIE, ok, "%s", detail);
 }
 
 static void probe_cgroup_hooks(struct kernel_probe *p)
@@ -436,6 +497,7 @@ void kernel_probe_run(struct kernel_probe *p)
 	probe_tc_programs(p);
 	probe_sk_lookup(p);
 	probe_netns_cookies(p);
+	probe_tc_netns_cookie(p);
 	probe_cgroup_hooks(p);
 	if (!p->present[KF_TC_PROGRAMS]) {
 		note(p, KF_TCX, false, "not tried: no tc programs");

@@ -5,6 +5,7 @@
 #define AMBIENT_PROBE_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 enum kernel_feature {
 	KF_TC_PROGRAMS, /* sched_cls programs with bpf_skc_lookup_tcp, bpf_sk_assign and bpf_redirect */
@@ -15,6 +16,7 @@ enum kernel_feature {
 	KF_CGROUP_SOCK_ADDR, /* cgroup connect, sendmsg, recvmsg and getpeername hooks */
 	KF_CGROUP_SOCKOPT, /* the cgroup setsockopt hook */
 	KF_SOCK_OPS, /* sockops programs */
+	KF_TC_NETNS_COOKIE, /* tc programs read their netns's cookie (skb->dev's, CO-RE) */
 	KF_COUNT,
 };
 
@@ -29,5 +31,11 @@ struct kernel_probe {
 /* Probes every feature. Blocks (tens of syscalls, a short-lived thread in a throwaway netns that
  * it leaves by ending): call it off the JS main thread. Leaves no netns, pin, link, program or fd. */
 void kernel_probe_run(struct kernel_probe *p);
+
+/* Can tc programs read the cookie of the netns they run in, as pod_redirect.bpf.c does (a CO-RE read
+ * of skb->dev->nd_net.net->net_cookie with bpf_probe_read_kernel from the context)? Says what was
+ * tried in detail. (bpf_get_netns_cookie is no substitute: in tc it is the netns of the packet's
+ * socket, and the initial netns's for a packet without one.) */
+bool tc_reads_netns_cookie(char *detail, size_t len);
 
 #endif

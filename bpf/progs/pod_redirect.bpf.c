@@ -23,14 +23,17 @@
  * ztunnel's own traffic (SO_MARK 0x539 on a socket of ztunnel's cgroup) is never touched; the mark
  * alone is not enough unless the node runs in mark-only mode. Each new connection is counted per
  * pod (pod_counters), found by the pod-side address of the packet (pod_policy), which also carries
- * the pod's options: bypass-inbound-capture and strict mode. Packets that are not ours continue to the
- * next program (TC_ACT_UNSPEC, i.e. TCX_NEXT), so a primary CNI's programs keep working. */
+ * the pod's options: bypass-inbound-capture and strict mode; where the kernel lets tc programs read
+ * their netns's cookie, an entry counts only in the netns it was written for (policy_of_address).
+ * Packets that are not ours continue to the next program (TC_ACT_UNSPEC, i.e. TCX_NEXT), so a
+ * primary CNI's programs keep working. */
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <linux/if_packet.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "ambient_shared.h"
 #include "parse.h"
@@ -123,15 +126,84 @@ static __always_inline __u32 setting_flags(void)
 
 /* ---- per-pod policy and counters ---- */
 
-static __always_inline struct pod_policy *policy_of_address(const struct pod_ip *a)
+/* Set by the loader (datapath.c, before the object is loaded) where tc programs can read the
+ * cookie of the netns they run in (probed: the feature tcNetnsCookie). A frozen read-only constant:
+ * without it the verifier prunes the branch that reads it, so the object loads on any kernel. */
+const volatile __u32 tc_netns_cookie = 0;
+
+/* The kernel's structures, as far as the netns of the packet's device goes (CO-RE: libbpf relocates
+ * the offsets against the running kernel's BTF). */
+struct net___amb {
+	__u64 net_cookie;
+} __attribute__((preserve_access_index));
+
+struct net_device___amb {
+	struct {
+		struct net___amb *net;
+	} nd_net;
+} __attribute__((preserve_access_index));
+
+struct sk_buff___amb {
+	struct net_device___amb *dev;
+} __attribute__((preserve_access_index));
+
+/* The cookie of the netns this program runs in: that of the packet's device, the pod's interface
+ * (0 if it cannot be read: then no entry is this netns's, which fails closed). Not
+ * bpf_get_netns_cookie(skb): in tc that is the netns of the packet's socket, and the initial netns's
+ * for a packet without one, which is every packet coming in. */
+static __always_inline __u64 this_netns_cookie(struct __sk_buff *skb)
 {
-	return bpf_map_lookup_elem(&pod_policy, a);
+	struct sk_buff___amb *kskb = (void *)skb;
+
+	return BPF_CORE_READ(kskb, dev, nd_net.net, net_cookie);
+}
+
+/* In a policy read through policy_of_address only, never in the map: the entry is another netns's. */
+#define POD_F_FOREIGN (1u << 31)
+
+/* The policy a pod_policy entry gives a packet of this netns (NULL: the address is no pod's).
+ * An entry is written for one pod netns (its netns_cookie, which user space always sets with the
+ * entry: 0 only where the kernel has no netns cookies, and then this check is off too). Another
+ * pod may hold the same address on one of its interfaces (a second network whose range overlaps the
+ * pod network's): in that pod's netns the entry is foreign, and so is one whose cookie is 0. A
+ * foreign entry fails closed; it reads as `*foreign`, filled here:
+ *   - slot 0: counted node-wide, never for the entry's pod;
+ *   - no bypass-inbound-capture: an inbound SYN goes to this netns's ztunnel (15006), or is
+ *     refused without a listener, like any other;
+ *   - strict mode: what strict mode drops is dropped (only DNS, IPv6 neighbour discovery and the
+ *     allow list leave), as this pod's own strictness cannot be told from the address;
+ *   - the netns cookie of this netns, so that sk_lookup steering steers to this netns's ztunnel;
+ *   - POD_F_FOREIGN, so that it is never taken for this pod's own address (the spoofed-source check).
+ * Where tc cannot read the cookie (tc_netns_cookie 0) the entry is taken as is: user space says so
+ * for each address of another pod's found on a pod's interface (datapath.c, foreign_addresses). */
+static __always_inline struct pod_policy *policy_of_address(struct __sk_buff *skb, const struct pod_ip *a,
+							    struct pod_policy *foreign)
+{
+	struct pod_policy *p = bpf_map_lookup_elem(&pod_policy, a);
+	__u64 cookie;
+
+	if (!p || !tc_netns_cookie)
+		return p;
+	cookie = this_netns_cookie(skb);
+	if (p->netns_cookie && p->netns_cookie == cookie)
+		return p;
+	foreign->slot = 0;
+	foreign->flags = POD_F_STRICT | POD_F_FOREIGN;
+	foreign->netns_cookie = cookie;
+	return foreign;
 }
 
 /* The policy of the pod that owns the pod-side address of a flow (NULL: not a pod's). */
-static __always_inline struct pod_policy *policy_of(const struct tcp_flow *f, bool local_is_source)
+static __always_inline struct pod_policy *policy_of(struct __sk_buff *skb, const struct tcp_flow *f,
+						    bool local_is_source, struct pod_policy *foreign)
 {
-	return policy_of_address(local_is_source ? &f->ip.saddr : &f->ip.daddr);
+	return policy_of_address(skb, local_is_source ? &f->ip.saddr : &f->ip.daddr, foreign);
+}
+
+/* Are both this netns's pod's own entries, of the same pod? (Two foreign ones are not.) */
+static __always_inline bool same_pod(const struct pod_policy *a, const struct pod_policy *b)
+{
+	return a->slot == b->slot && !(a->flags & POD_F_FOREIGN) && !(b->flags & POD_F_FOREIGN);
 }
 
 static __always_inline void count(const struct pod_policy *p, enum pod_counter c)
@@ -348,11 +420,11 @@ static __always_inline bool strict_allows(struct __sk_buff *skb, const struct ip
  * dropped unless it is allowed (DNS, IPv6 neighbour discovery, the allow list). */
 static __always_inline int strict_egress(struct __sk_buff *skb, const struct ip_info *ip)
 {
-	struct pod_policy *p;
+	struct pod_policy foreign, *p;
 
 	if (!ip->is_ip)
 		return TC_ACT_UNSPEC;
-	p = policy_of_address(&ip->saddr);
+	p = policy_of_address(skb, &ip->saddr, &foreign);
 	if (!p || !(p->flags & POD_F_STRICT) || strict_allows(skb, ip, p))
 		return TC_ACT_UNSPEC;
 	count(p, CNT_STRICT_DROPPED);
@@ -365,6 +437,7 @@ SEC("tc")
 int pod_egress(struct __sk_buff *skb)
 {
 	bool marked = is_marked(skb, ZTUNNEL_MARK);
+	struct pod_policy foreign;
 	bool forged = false;
 	struct tcp_flow f;
 
@@ -374,18 +447,19 @@ int pod_egress(struct __sk_buff *skb)
 	case PKT_OTHER:
 		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC : strict_egress(skb, &f.ip);
 	default:
-		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC
-						   : drop_unclassified(policy_of_address(&f.ip.saddr));
+		return marked && ztunnel_owns(skb)
+			       ? TC_ACT_UNSPEC
+			       : drop_unclassified(policy_of_address(skb, &f.ip.saddr, &foreign));
 	}
 	if (is_probe_or_loopback(&f, false)) {
 		if (f.bare_syn)
-			count(policy_of(&f, true), CNT_BYPASS_PROBE);
+			count(policy_of(skb, &f, true, &foreign), CNT_BYPASS_PROBE);
 		return TC_ACT_UNSPEC;
 	}
 	if (marked) {
 		if (ztunnel_owns(skb)) {
 			if (f.bare_syn)
-				count(policy_of(&f, true), CNT_BYPASS_ZTUNNEL);
+				count(policy_of(skb, &f, true, &foreign), CNT_BYPASS_ZTUNNEL);
 			return TC_ACT_UNSPEC;
 		}
 		forged = true;
@@ -394,7 +468,7 @@ int pod_egress(struct __sk_buff *skb)
 	 * never through this interface.) */
 	if (f.bare_syn) {
 		if (forged)
-			count(policy_of(&f, true), CNT_FORGED_MARK);
+			count(policy_of(skb, &f, true, &foreign), CNT_FORGED_MARK);
 		return loop_to_ingress(skb);
 	}
 	/* Redirected outbound flows and the app's replies to ztunnel's spoofed connections; flows that
@@ -408,16 +482,17 @@ int pod_egress(struct __sk_buff *skb)
  * 15001, or is refused at once when ztunnel does not listen. */
 static __always_inline int looped_ingress(struct __sk_buff *skb)
 {
-	struct pod_policy *p;
+	struct pod_policy foreign, *p;
 	struct tcp_flow f;
 
 	/* The destination MAC is the gateway's, so the stack would drop it as another host's packet. */
 	bpf_skb_change_type(skb, PACKET_HOST);
 	if (parse_tcp(skb, &f) != PKT_TCP)
-		return drop_unclassified(policy_of_address(&f.ip.saddr)); /* pod_egress loops TCP only */
+		return drop_unclassified(
+			policy_of_address(skb, &f.ip.saddr, &foreign)); /* pod_egress loops TCP only */
 	if (!f.bare_syn)
 		return TC_ACT_OK;
-	p = policy_of(&f, true);
+	p = policy_of(skb, &f, true, &foreign);
 	switch (assign_to_listener(skb, &f, ZTUNNEL_OUTBOUND_PORT, p)) {
 	case ASSIGNED:
 		count(p, CNT_OUTBOUND_REDIRECTED);
@@ -437,7 +512,7 @@ static __always_inline int looped_ingress(struct __sk_buff *skb)
 SEC("tc")
 int pod_ingress(struct __sk_buff *skb)
 {
-	struct pod_policy *p, *from;
+	struct pod_policy foreign_from, foreign, *p, *from;
 	struct tcp_flow f;
 
 	if (is_marked(skb, REDIRECT_MARK))
@@ -448,13 +523,13 @@ int pod_ingress(struct __sk_buff *skb)
 	case PKT_OTHER:
 		return TC_ACT_UNSPEC;
 	default:
-		return drop_unclassified(policy_of_address(&f.ip.daddr));
+		return drop_unclassified(policy_of_address(skb, &f.ip.daddr, &foreign));
 	}
 	/* The pod's own address as the source of a packet from outside: the pod accepts local sources
 	 * on this interface only for what pod_egress looped (accept_local), never for anyone else. */
-	from = policy_of_address(&f.ip.saddr);
-	p = from ? policy_of(&f, false) : NULL;
-	if (from && p && from->slot == p->slot) {
+	from = policy_of_address(skb, &f.ip.saddr, &foreign_from);
+	p = from ? policy_of(skb, &f, false, &foreign) : NULL;
+	if (from && p && same_pod(from, p)) {
 		count(p, CNT_SPOOFED_DROPPED);
 		return TC_ACT_SHOT;
 	}
@@ -464,7 +539,7 @@ int pod_ingress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	/* Like upstream's PREROUTING rule, any destination: only the pod's addresses arrive here. */
 	if (!p)
-		p = policy_of(&f, false);
+		p = policy_of(skb, &f, false, &foreign);
 	if (flow_dport(&f) == bpf_htons(ZTUNNEL_HBONE_PORT)) {
 		count(p, CNT_BYPASS_HBONE);
 		return TC_ACT_UNSPEC;

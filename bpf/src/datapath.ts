@@ -140,6 +140,10 @@ export interface DatapathOptions {
   bpffsRoot?: string;
   /** The compiled BPF object (default: the one `npm run build` makes). */
   objectPath?: string;
+  /** Whether the tc programs honour a pod_policy entry only in the pod netns it was written for (they
+   * read the packet's netns cookie: the probed feature tcNetnsCookie). Default: probed at open. false
+   * leaves the check out (what a kernel without it gets); true where the kernel lacks it fails. */
+  tcNetnsCookie?: boolean;
 }
 
 export class Datapath {
@@ -153,7 +157,12 @@ export class Datapath {
   /** Loads and verifies the BPF programs once; every attach reuses them. */
   static async open(options: DatapathOptions = {}): Promise<Datapath> {
     const root = options.bpffsRoot ?? DEFAULT_BPFFS_ROOT;
-    const handle = await call(() => addon().open(root, options.objectPath ?? BPF_OBJECT_PATH));
+    const objectPath = options.objectPath ?? BPF_OBJECT_PATH;
+    const handle = await call(() =>
+      options.tcNetnsCookie === undefined
+        ? addon().open(root, objectPath)
+        : addon().open(root, objectPath, options.tcNetnsCookie),
+    );
     return new Datapath(handle, root);
   }
 

@@ -14,6 +14,7 @@ export const KERNEL_FEATURES = [
   'cgroupSockAddr',
   'cgroupSockopt',
   'sockOps',
+  'tcNetnsCookie',
 ] as const;
 export type KernelFeature = (typeof KERNEL_FEATURES)[number];
 
@@ -28,7 +29,14 @@ export type KernelFeature = (typeof KERNEL_FEATURES)[number];
  *   (Linux 5.14/5.15+), which sk-lookup steering keys ztunnel's listeners by.
  * - cgroupSockAddr: cgroup connect, sendmsg, recvmsg and getpeername programs (DNS capture).
  * - cgroupSockopt: cgroup setsockopt programs (the socket-option guard).
- * - sockOps: sockops programs (how sk-lookup steering learns ztunnel's listeners). */
+ * - sockOps: sockops programs (how sk-lookup steering learns ztunnel's listeners).
+ * - tcNetnsCookie: tc programs can read the cookie of the netns they run in (that of the packet's
+ *   device: a CO-RE read with bpf_probe_read_kernel from the context, which needs kernel BTF and
+ *   CAP_PERFMON; a tc program that does it is loaded). Then a pod_policy entry counts only in the pod
+ *   netns it was written for, so a pod holding another pod's address on one of its interfaces never
+ *   gets that pod's options (bypass-inbound-capture, strict mode). Without it the agent says so for
+ *   each such address (the attach's warning, verify). bpf_get_netns_cookie is no substitute: in tc
+ *   it names the netns of the packet's socket, and the initial netns for a packet without one. */
 export type KernelFeatures = Record<KernelFeature, boolean>;
 
 export interface KernelProbe {

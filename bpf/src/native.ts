@@ -111,7 +111,8 @@ export interface NativeSeqpacket {
 }
 
 export interface NativeAddon {
-  open(bpffsRoot: string, objectPath: string): Promise<NativeHandle>;
+  /** tcNetnsCookie: whether the tc programs check pod_policy entries' netns cookies; absent: probed. */
+  open(bpffsRoot: string, objectPath: string, tcNetnsCookie?: boolean): Promise<NativeHandle>;
   /** Resolves with the layout the pins had. */
   downgrade(bpffsRoot: string, layout: number): Promise<number>;
   close(handle: NativeHandle): void;

@@ -189,7 +189,12 @@ export class Agent {
         ? 'SYNs reach ztunnel through sk_lookup programs'
         : 'SYNs reach ztunnel through bpf_sk_assign',
     );
-    this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs });
+    if (!kernel.features.tcNetnsCookie)
+      log.warn(
+        { detail: kernel.detail.tcNetnsCookie },
+        'tc programs cannot read the netns cookie: a pod holding another pod’s address on one of its interfaces gets that pod’s options for it (each said at attach)',
+      );
+    this.datapath = await Datapath.open({ bpffsRoot: this.opts.bpffs, tcNetnsCookie: kernel.features.tcNetnsCookie });
     await this.datapath.configure({
       ztunnelExemption: this.opts.ztunnelExemption ?? 'ztunnel-sockets',
       strictAllow: this.opts.strictAllow ?? [],

@@ -29,6 +29,8 @@ export interface KernelNeeds {
   name: string;
   tcx?: boolean;
   steering?: Steering;
+  /** tc programs that read the cookie of their netns (kernel-features.ts, tcNetnsCookie). */
+  tcNetnsCookie?: boolean;
 }
 
 /** What this kernel can do, probed as the agent probes it (where kernel tests can run at all). */
@@ -38,6 +40,8 @@ const MODES = KERNEL ? chooseModes(KERNEL.features, { attachMode: 'auto', steeri
 export const KERNEL_STEERING: Steering = MODES?.steering ?? 'sk-assign';
 /** Does this kernel have tcx links (6.6+)? */
 export const KERNEL_HAS_TCX = KERNEL?.features.tcx ?? false;
+/** Can this kernel's tc programs read the cookie of their netns (tcNetnsCookie)? */
+export const KERNEL_HAS_TC_NETNS_COOKIE = KERNEL?.features.tcNetnsCookie ?? false;
 
 /** Options for `describe`/`it`: skip with the reason, or throw in CI where skipping is a failure.
  * With `needs`, a test of tcx or of sk-assign steering on a kernel before 6.6 (the old-kernel
@@ -54,6 +58,8 @@ export function kernelTest(needs?: KernelNeeds): { skip?: string } {
 
 function unavailable(needs: KernelNeeds): string | undefined {
   if (needs.tcx && !KERNEL_HAS_TCX) return `Linux ${release()} has no tcx (6.6+)`;
+  if (needs.tcNetnsCookie && !KERNEL_HAS_TC_NETNS_COOKIE)
+    return `Linux ${release()}'s tc programs cannot read their netns's cookie (tcNetnsCookie, probed)`;
   if (needs.steering === 'sk-assign' && KERNEL_STEERING !== 'sk-assign')
     return `Linux ${release()}'s bpf_sk_assign refuses SO_REUSEPORT listeners (6.6+)`;
   return undefined;

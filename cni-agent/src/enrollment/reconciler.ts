@@ -759,7 +759,7 @@ export class Reconciler {
     if (interfaceWarning && interfaceWarning !== e.interfaceWarning) {
       this.opts.log.warn(
         { uid: e.uid, netns: netnsPath, uncaptured: interfaceWarning },
-        'some of the pod’s interfaces cannot be captured; the others are',
+        'some of the pod’s interfaces cannot be captured, or carry another pod’s address; the others are captured',
       );
     }
     e.interfaceWarning = interfaceWarning;
