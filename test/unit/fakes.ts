@@ -64,6 +64,9 @@ export class FakeRedirector implements PodRedirector {
   delayMs = 0;
   /** Pods verify reports broken. */
   readonly broken = new Set<string>();
+  /** What attach says it left out, per pod (its warning), and verify's problems when set. */
+  readonly attachWarnings = new Map<string, string>();
+  readonly problems = new Map<string, string[]>();
   /** The most attach/detach calls in progress at once for any one pod. */
   maxConcurrentPerPod = 0;
   private readonly inProgress = new Map<string, number>();
@@ -88,7 +91,8 @@ export class FakeRedirector implements PodRedirector {
       const error = this.attachFailures.shift();
       if (error) throw error;
       this.attachments.set(pod.uid, { pod, mode, netnsPresent: true });
-      return { uid: pod.uid };
+      const warning = this.attachWarnings.get(pod.uid);
+      return warning === undefined ? { uid: pod.uid } : { uid: pod.uid, warning };
     });
   }
 
@@ -118,6 +122,8 @@ export class FakeRedirector implements PodRedirector {
     this.calls.push({ op: 'verify', uid, at: performance.now() });
     const found = this.attachments.has(uid);
     const ok = !this.broken.has(uid);
+    const problems = this.problems.get(uid);
+    if (problems) return Promise.resolve({ found, ok: problems.length === 0, problems });
     return Promise.resolve({ found, ok, problems: ok ? [] : ['a hook was removed'] });
   }
 

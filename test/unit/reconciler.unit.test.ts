@@ -320,6 +320,24 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     assert.equal(zds.enrolled.length, 2, 'a repair is not a new hand-off to ztunnel');
   });
 
+  it('drift repair leaves a pod alone whose only problems are what its attach said it cannot capture', async (t) => {
+    const { dp, reconciler } = rig(t, ['tun']);
+    const refusal = 'interface tun0 of the pod carries no Ethernet header (type 65534); refused';
+    dp.attachWarnings.set('uid-tun', `${refusal}; interface net9: the pod has more than 8 interfaces`);
+    await reconciler.start(state(pod('tun')));
+    assert.equal(dp.attachCalls('uid-tun').length, 1);
+    dp.problems.set('uid-tun', [refusal]);
+    await reconciler.verifyAll();
+    await reconciler.verifyAll();
+    assert.equal(reconciler.driftRepairs, 0, 'nothing a repair could change');
+    assert.equal(dp.attachCalls('uid-tun').length, 1);
+    // Anything else is drift, repaired as ever.
+    dp.problems.set('uid-tun', [refusal, 'the ingress link is detached']);
+    await reconciler.verifyAll();
+    assert.equal(reconciler.driftRepairs, 1);
+    assert.equal(dp.attachCalls('uid-tun').length, 2);
+  });
+
   it('writes the annotation once while it holds, and again when its value changes', async (t) => {
     const { dp, annotator, reconciler, states } = rig(t, ['cart']);
     await reconciler.start(state());

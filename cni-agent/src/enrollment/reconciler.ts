@@ -508,6 +508,9 @@ export class Reconciler {
       if (!e.attached || e.running || this.stopped) continue;
       const r = await this.opts.datapath.verify(e.uid);
       if (!r.found || r.ok) continue;
+      // What the last attach said it cannot capture (a tun device, an interface past the limit)
+      // stays a problem for verify; attaching again would change nothing but the repair count.
+      if (r.problems.length > 0 && r.problems.every((p) => e.interfaceWarning.includes(p))) continue;
       this.driftRepairs++;
       this.opts.log.warn(
         {
