@@ -277,7 +277,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
     const counted = await oldCount();
     assert.ok(counted > 0);
 
-    assert.equal(Datapath.layout, 3);
+    assert.equal(Datapath.layout, 4);
     let dp = await Datapath.open({ bpffsRoot: root });
     const [pod] = await dp.list();
     assert.equal(pod?.uid, uid);
@@ -295,7 +295,7 @@ describe('upgrade from the previous release', kernelTest(), () => {
       ).value
         .map((b) => parseInt(b, 16))
         .reduce((a, b, i) => a + b * 256 ** i, 0);
-    assert.equal(await stamp(), 3);
+    assert.equal(await stamp(), 4);
 
     // A newer release's pins: refused, named, left alone.
     await sh('bpftool', [
