@@ -619,7 +619,7 @@ describe('an update that cannot hook an interface again', kernelTest({ name: 'in
     rmSync(root, { recursive: true, force: true });
   });
 
-  /** An update of the attached pod while hooking net1 fails (injected once its work is done). */
+  /** An update of the attached pod while hooking net1 fails (injected, before any work). */
   const failingUpdate = async (mode: 'tc' | 'tcx') => {
     process.env.AMBIENT_BPF_FAULT_IFACE = 'net1';
     try {
@@ -666,6 +666,20 @@ describe('an update that cannot hook an interface again', kernelTest({ name: 'in
       assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');
     },
   );
+
+  it('leaves out an interface whose hooks are gone when hooking it again fails: the socket lookup refuses it', async () => {
+    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode: 'tc' });
+    assert.equal(await viaNet1(), 'ztunnel-15006', 'control: net1 captured');
+    // Its hooks go behind the agent's back (its clsact qdisc deleted), then the update fails on it.
+    await topo.exec(net.pod, 'tc', 'qdisc', 'del', 'dev', 'net1', 'clsact');
+    const r = await failingUpdate('tc');
+    assert.match(r.warning, /cannot hook interface net1: /);
+    assert.deepEqual((await dp.list())[0]?.otherInterfaces, [], 'not recorded as captured');
+    await connectFails({ netns: Topology.netnsPath(veth.ns), host: veth.podV4, port: APP_PORT, timeoutMs: 1500 });
+    assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');
+    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] }, { mode: 'tc' });
+    assert.equal(await viaNet1(), 'ztunnel-15006', 'the next pass hooks it again');
+  });
 });
 
 describe(
@@ -806,22 +820,26 @@ describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), (
     }
   });
 
-  it('says whether a new interface is among the changes (it gets a pass at once), and not for an address', async () => {
+  it('says whether an interface appeared or left (a pass at once), and not for an address', async () => {
     const ns = await topo.netns('n');
     const changes: NetnsChange[] = [];
     const w = await watchNetns(Topology.netnsPath(ns), (c) => changes.push(c));
     try {
       await topo.ip(ns, 'link', 'add', 'new0', 'type', 'veth', 'peer', 'name', 'new1');
       await until(() => changes.length > 0, 'the new interface reported');
-      assert.ok(changes.some((c) => c.newInterface));
+      assert.ok(changes.some((c) => c.interfaces));
       await sleep(100); // its trailing messages (the peer, state changes)
       const before = changes.length;
       await topo.batch(ns, ['link set new0 up', 'addr add 198.18.164.77/32 dev new0']);
       await until(() => changes.length > before, 'the address reported');
       assert.ok(
-        changes.slice(before).every((c) => !c.newInterface && c.reason === undefined),
+        changes.slice(before).every((c) => !c.interfaces && c.reason === undefined),
         JSON.stringify(changes.slice(before)),
       );
+      await sleep(100);
+      const beforeDel = changes.length;
+      await topo.ip(ns, 'link', 'del', 'new0');
+      await until(() => changes.slice(beforeDel).some((c) => c.interfaces), 'the departure reported as such');
     } finally {
       w.close();
     }
@@ -869,7 +887,7 @@ describe('the netns watch', kernelTest({ name: 'interfaces: watch overrun' }), (
       const before = changes.length;
       await topo.ip(ns, 'link', 'add', 'rlate0', 'type', 'veth', 'peer', 'name', 'rlate1');
       await until(
-        () => changes.slice(before).some((c) => c.newInterface && !c.reason),
+        () => changes.slice(before).some((c) => c.interfaces && !c.reason),
         'the reopened watch notices a later interface',
       );
     } finally {

@@ -869,6 +869,7 @@ struct netns_job {
 		*ifaces; /* attach: the pod's other interfaces found in its netns; verify: recorded */
 	const struct pod_ifaces *old_ifaces; /* attach: those hooked before (none on a first attach) */
 	bool restored; /* attach: a failed update was already restored inside the netns */
+	unsigned ifaces_mode; /* attach: the mode the pod_ifaces record's interfaces are hooked in */
 	struct ifaces_refused refused; /* attach: interfaces (and addresses) left out, said */
 	struct ifaces_refused foreign; /* attach: addresses of its other interfaces another pod holds */
 };
@@ -1446,8 +1447,8 @@ static void restore_in_netns(struct netns_job *job)
 	ifaces_get(job->dp, job->uid, &cur_ifaces);
 	restored_ifaces = *job->old_ifaces;
 	pod_dir(job->dp, job->uid, dir);
-	if (ifaces_hook(dir, job->dp->prog_fd, old->mode, &restored_ifaces, &cur_ifaces, cur.mode, NULL,
-			job->e) == 0)
+	if (ifaces_hook(dir, job->dp->prog_fd, old->mode, &restored_ifaces, &cur_ifaces, job->ifaces_mode,
+			NULL, job->e) == 0)
 		ifaces_put(job->dp, job->uid, &restored_ifaces);
 	for (unsigned i = 0; i < old->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		snprintf(names[i], sizeof(names[i]), "%s", old->reroute[i].name);
@@ -1487,6 +1488,7 @@ static int attach_job(void *p)
 	unsigned old_mode = 0;
 	int ifindex = 0, err;
 
+	job->ifaces_mode = m->mode;
 	if ((err = rtnl_open(&nl)))
 		return dp_fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in netns %s",
 			       job->req->netns_path);
@@ -1524,6 +1526,9 @@ static int attach_job(void *p)
 		if (m->ifindex != (unsigned)ifindex) {
 			detach_programs(job->dp, job->uid, m, true); /* the pod's interface was replaced */
 			memset(&prev_ifaces, 0, sizeof(prev_ifaces));
+			/* The socket lookup's check waits for the new interface's entry (written at the
+			 * end of the attach): else it would refuse every connection until then. */
+			m->ifaces_gated = 0;
 		} else {
 			old_mode = m->mode;
 		}
@@ -1573,6 +1578,7 @@ static int attach_job(void *p)
 	err = ifaces_hook(dir, job->dp->prog_fd, m->mode, job->ifaces, &prev_ifaces, old_mode,
 			  job->old ? &job->refused : NULL, job->e);
 	ifaces_put(job->dp, job->uid, err ? &prev_ifaces : job->ifaces);
+	job->ifaces_mode = err ? old_mode : m->mode;
 	if (err || fault(job, "ifaces") ||
 	    attach_reroutes(job, old_mode, (const char(*)[16])job->req->reroute, job->req->reroute_count) ||
 	    fault(job, "reroutes"))

@@ -196,7 +196,7 @@ static int set_accept_local(struct pod_iface *f)
 }
 
 /* TEST ONLY: AMBIENT_BPF_FAULT_IFACE=<name> makes hooking that interface in an update of an attached
- * pod fail once its work is done, so tests can show what a failure to hook one interface leaves.
+ * pod fail before any work, so tests can show what a failure to hook one interface leaves.
  * Never set in production; a first attach and the restore of a failed update ignore it. */
 static int injected_failure(const struct pod_iface *f)
 {
@@ -223,6 +223,30 @@ static int hook_one(const char *pod_dir, const int prog_fd[2], unsigned mode, st
 			f->owns_clsact = 1;
 	}
 	return err ? err : set_accept_local(f);
+}
+
+/* Are both of this interface's hooks of `mode` in place (run in the pod netns)? */
+static bool still_hooked(const char *pod_dir, const struct pod_iface *f, unsigned mode)
+{
+	for (int d = 0; d < 2; d++) {
+		if (mode == ATTACH_MODE_TCX) {
+			struct tcx_link_info info;
+			char pin[PATH_MAX];
+
+			pin_of(pod_dir, f->ifindex, d, pin);
+			if (pinned_link_info(pin, &info) || info.ifindex != f->ifindex)
+				return false;
+		} else {
+			LIBBPF_OPTS(bpf_tc_hook, tch, .ifindex = (int)f->ifindex,
+				    .attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS);
+			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE,
+				    .priority = TC_FILTER_PRIORITY);
+
+			if (bpf_tc_query(&tch, &opts))
+				return false;
+		}
+	}
+	return true;
 }
 
 /* The hooks of one mode; `all`: its accept_local too. */
@@ -272,11 +296,11 @@ int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct
 	ifaces_carry_owned(next, mode, prev, prev_mode);
 	for (; done < n && !err; done++) {
 		struct pod_iface *f = &next->iface[done];
-		int one = hook_one(pod_dir, prog_fd, mode, f);
+		int one = ref ? injected_failure(f) : 0;
 		const struct pod_iface *was;
 
-		if (!one && ref)
-			one = injected_failure(f);
+		if (!one)
+			one = hook_one(pod_dir, prog_fd, mode, f);
 
 		if (!one)
 			continue;
@@ -285,9 +309,11 @@ int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct
 			continue;
 		}
 		/* Partial: this one is said and the others hooked all the same. An interface that was
-		 * hooked in this mode keeps its record and its hooks: a failed re-hook leaves the
-		 * previous link or filter in place, and dropping the record would make the loop below
-		 * unhook it (the drift check says if it is broken). A new one is left out. */
+		 * hooked in this mode, and whose hooks are still there (a failed update of a live link
+		 * or filter leaves it), keeps its record and its hooks: dropping the record would make
+		 * the loop below unhook it. One whose hooks are gone (its device was re-created, its
+		 * qdisc deleted) or a new one is left out: without a record, the socket lookup refuses
+		 * what comes in on it. */
 		was = find_iface(prev, f->ifindex);
 		if (was && prev_mode != mode) {
 			/* Its old-mode hooks cannot stay alone (one mode per pod): the update fails
@@ -296,7 +322,7 @@ int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct
 				      f->name);
 			continue;
 		}
-		if (was) {
+		if (was && still_hooked(pod_dir, f, mode)) {
 			refuse(ref, "cannot hook interface %s again (%s): its previous hooks are kept",
 			       f->name, strerror(-one));
 			*f = *was;

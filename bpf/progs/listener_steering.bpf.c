@@ -162,12 +162,11 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 	/* An interface without hooks (a tun or wireguard device, one beyond the interface limit, one
 	 * that has just appeared) delivers connections to any address of the netns, the pod's own
 	 * included (Linux takes any local address on any interface), that tc never saw: refused, fail
-	 * closed, unless the pod connects to itself (for a local destination the kernel names the
-	 * address's device). lo is never one: it carries the pod's own connections and the routed
-	 * outbound ones above. */
+	 * closed. The pod's own connections to its recorded addresses (ztunnel's to the app among
+	 * them) name the address's device, a captured one, or lo. */
 	p = bpf_map_lookup_elem(&pod_policy, &k.local);
 	if (p && (p->flags & POD_F_IFACES_GATED) && ctx->ingress_ifindex != LOOPBACK_IFINDEX &&
-	    !on_captured_interface(p, ctx->ingress_ifindex) && !same_address(&k.local, &k.remote))
+	    !on_captured_interface(p, ctx->ingress_ifindex))
 		return refuse(p);
 	/* The backstop: from a pod address to a destination that is no pod address (nor the probe's). */
 	if (p || is_probe_address(&k.local))
@@ -177,10 +176,11 @@ int pod_sk_lookup(struct bpf_sk_lookup *ctx)
 		return refuse(p);
 	/* An address the pod's record does not hold: on an interface that is not captured (a tun or
 	 * wireguard device, one over the interface limit, one that appeared and has no hooks yet),
-	 * where tc never saw the packet. Every address of a captured interface is recorded, so this
-	 * is never a connection ztunnel should have had: refused, fail closed, unless it is the pod
-	 * connecting to itself (a packet from outside with the destination as source is a martian;
-	 * a spoofed IPv6 one could not complete the handshake). */
+	 * where tc never saw the packet, or one past the record's limit or link-local (tc sends
+	 * those to ztunnel, whose own connection onward to the app then ends here too). Refused,
+	 * fail closed, unless it is the pod connecting to itself (an IPv4 packet from outside with
+	 * the destination as source is a martian; a spoofed IPv6 one cannot complete the handshake
+	 * without TCP Fast Open cookies turned off). */
 	if (same_address(&k.local, &k.remote))
 		return SK_PASS;
 	return refuse(NULL);

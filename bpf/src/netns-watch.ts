@@ -16,11 +16,12 @@ export interface NetnsWatch {
   close(): void;
 }
 
-/** What the watch saw: an interface that appeared (it may carry traffic at once: the caller should
- * not wait), or only address changes and departures; `reason` when the watch lost messages or
- * failed and was reopened (or cannot be yet): the netns should be looked at afresh. */
+/** What the watch saw: an interface that appeared or left (the caller should not wait: a new one can
+ * carry traffic at once, and a departed one's index can come back on a device without hooks), or
+ * only address changes; `reason` when the watch lost messages or failed and was reopened (or cannot
+ * be yet): the netns should be looked at afresh. */
 export interface NetnsChange {
-  newInterface: boolean;
+  interfaces: boolean;
   reason?: string;
 }
 
@@ -46,24 +47,24 @@ export async function watchNetns(netnsPath: string, onChange: (change: NetnsChan
   let closed = false;
   let current: { fd: number; watcher: { close(): void } } | undefined;
   let known = new Set<number>();
-  /** What a batch of messages changed: nothing, something, or a new interface among it. */
-  const relevant = (m: Buffer): 'none' | 'changed' | 'new-interface' => {
+  /** What a batch of messages changed: nothing, addresses only, or the interfaces.*/
+  const relevant = (m: Buffer): 'none' | 'changed' | 'interfaces' => {
     let changed = false;
     let fresh = false;
     for (let off = 0; off + NLMSG_HDRLEN <= m.length;) {
       const len = m.readUInt32LE(off);
       const type = m.readUInt16LE(off + 4);
-      if (len < NLMSG_HDRLEN || off + len > m.length) return 'new-interface'; // cannot tell: assume the worst
+      if (len < NLMSG_HDRLEN || off + len > m.length) return 'interfaces'; // cannot tell: assume the worst
       if ((type === RTM_NEWLINK || type === RTM_DELLINK) && len >= NLMSG_HDRLEN + 8) {
         const ifindex = m.readInt32LE(off + NLMSG_HDRLEN + 4);
         if (type === RTM_NEWLINK && !known.has(ifindex)) fresh = (known.add(ifindex), true);
-        if (type === RTM_DELLINK) changed = known.delete(ifindex) || changed;
+        if (type === RTM_DELLINK) fresh = known.delete(ifindex) || fresh;
       } else if ((type === RTM_NEWADDR || type === RTM_DELADDR) && len >= NLMSG_HDRLEN + 8) {
         changed ||= m.readUInt8(off + NLMSG_HDRLEN + 3) < RT_SCOPE_LINK;
       }
       off += (len + 3) & ~3;
     }
-    return fresh ? 'new-interface' : changed ? 'changed' : 'none';
+    return fresh ? 'interfaces' : changed ? 'changed' : 'none';
   };
   const drop = () => {
     if (!current) return;
@@ -88,13 +89,13 @@ export async function watchNetns(netnsPath: string, onChange: (change: NetnsChan
         open().then(
           () => {
             reopening = false;
-            if (!closed) onChange({ newInterface: true, reason: `${why}: the watch was reopened` });
+            if (!closed) onChange({ interfaces: true, reason: `${why}: the watch was reopened` });
           },
           (err: unknown) => {
             if (closed) return;
             const next = delayMs ? Math.min(delayMs * 2, RETRY_MAX_MS) : RETRY_FIRST_MS;
             onChange({
-              newInterface: false,
+              interfaces: false,
               reason: `${why}; the watch cannot be reopened (${(err as Error).message}), tried again in ${next} ms`,
             });
             reopening = false;
@@ -116,7 +117,7 @@ export async function watchNetns(netnsPath: string, onChange: (change: NetnsChan
       if (closed || current?.fd !== fd) return;
       if (events < 0) return reopen(`polling the netns watch failed (${events})`);
       let changed = false;
-      let newInterface = false;
+      let interfaces = false;
       for (let i = 0; i < BATCH && !closed; i++) {
         let got;
         try {
@@ -128,9 +129,9 @@ export async function watchNetns(netnsPath: string, onChange: (change: NetnsChan
         if (got === null || 'eof' in got) break;
         const what = relevant(got.data);
         changed ||= what !== 'none';
-        newInterface ||= what === 'new-interface';
+        interfaces ||= what === 'interfaces';
       }
-      if (changed && !closed) onChange({ newInterface });
+      if (changed && !closed) onChange({ interfaces });
     });
     current = { fd, watcher };
     watcher.start(READABLE);

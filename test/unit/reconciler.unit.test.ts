@@ -491,7 +491,7 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     const logged = () => log.lines.filter((l) => /interfaces (or addresses changed|lost track)/.test(l.msg)).length;
     assert.equal(passes(), 1);
     // A burst: one pass, after the delay.
-    for (let i = 0; i < 20; i++) onChange({ newInterface: false });
+    for (let i = 0; i < 20; i++) onChange({ interfaces: false });
     await sleep(10);
     assert.equal(passes(), 1, 'not at once');
     await until(() => passes() === 2, 'one pass for the burst');
@@ -499,13 +499,13 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     assert.equal(passes(), 2, 'one pass only');
     assert.equal(logged(), 1);
     // Another change soon after: a longer delay (80 ms), and no new log line within the interval.
-    onChange({ newInterface: false, reason: 'the netns watch lost messages' });
+    onChange({ interfaces: false, reason: 'the netns watch lost messages' });
     await sleep(50);
     assert.equal(passes(), 2, 'backed off');
     await until(() => passes() === 3, 'the backed-off pass');
     assert.equal(logged(), 1, 'rate-limited');
     reconciler.stop();
-    onChange({ newInterface: false });
+    onChange({ interfaces: false });
     await sleep(150);
     assert.equal(passes(), 3, 'no pass after stop');
     assert.equal(closed, 1);
@@ -526,13 +526,13 @@ describe('reconciler (unit, fakes, no kernel)', () => {
     for (let i = 0; i < INTERFACE_URGENT_PASSES; i++) {
       const before = passes();
       const asked = performance.now();
-      onChange({ newInterface: true });
+      onChange({ interfaces: true });
       await until(() => passes() === before + 1, `immediate pass ${i + 1}`);
       assert.ok(performance.now() - asked < 500, 'well before the 1000 ms debounce');
     }
     // A pod that keeps creating interfaces: the next one waits like any other change.
     const before = passes();
-    onChange({ newInterface: true });
+    onChange({ interfaces: true });
     await sleep(300);
     assert.equal(passes(), before, 'debounced beyond the limit');
     await until(() => passes() === before + 1, 'the debounced pass');

@@ -144,7 +144,7 @@ export interface NetnsFinder {
 
 /** Tells when interfaces or addresses appear in a netns (watchNetns). */
 export interface InterfaceWatcher {
-  /** onChange's newInterface: an interface appeared (it gets a pass at once); reason, when given:
+  /** onChange's interfaces: an interface appeared or left (a pass at once); reason, when given:
    * the watch lost messages or failed (and was reopened, or is being retried): a pass looks all the
    * same. */
   watch(netnsPath: string, onChange: (change: NetnsChange) => void): Promise<{ close(): void }>;
@@ -182,9 +182,8 @@ export interface ReconcilerOptions {
   nodeNetns?: string;
   initialBackoffMs?: number;
   maxBackoffMs?: number;
-  /** A new interface in a pod's netns gets a pass at once (up to INTERFACE_URGENT_PASSES per
-   * INTERFACE_URGENT_WINDOW_MS; beyond, as other changes). Other changes (addresses, departures)
-   * wait this long (ms, default 50), so that a burst gets one pass; it doubles, up to
+  /** An interface that appears in or leaves a pod's netns gets a pass at once (up to INTERFACE_URGENT_PASSES per
+   * INTERFACE_URGENT_WINDOW_MS; beyond, as other changes). Other changes (addresses) wait this long (ms, default 50), so that a burst gets one pass; it doubles, up to
    * interfaceMaxDelayMs (default 2000), while changes keep coming, and is back to the start after
    * a quiet interfaceMaxDelayMs. */
   interfaceDebounceMs?: number;
@@ -194,9 +193,10 @@ export interface ReconcilerOptions {
 /** The netns watch's log lines per pod at most this often (the others counted into the next). */
 export const INTERFACE_LOG_INTERVAL_MS = 10_000;
 
-/** A new interface can carry traffic as soon as it is up: its pass is not debounced, but a pod that
- * keeps creating interfaces gets no more than this many immediate passes per window (the rest
- * debounced like address changes), so it cannot keep the agent busy. */
+/** A new interface can carry traffic as soon as it is up, and a departed one's index can come back
+ * on a device without hooks while its captured_ifaces entry stands: their pass is not debounced,
+ * but a pod that keeps changing interfaces gets no more than this many immediate passes per window
+ * (the rest debounced like address changes), so it cannot keep the agent busy. */
 export const INTERFACE_URGENT_PASSES = 10;
 export const INTERFACE_URGENT_WINDOW_MS = 10_000;
 
@@ -857,12 +857,12 @@ export class Reconciler {
         }
         void this.reconcile(e.uid);
       };
-      const changed = ({ newInterface, reason }: NetnsChange) => {
+      const changed = ({ interfaces, reason }: NetnsChange) => {
         const now = performance.now();
         if (reason && reasons.length < 4) reasons.push(reason);
         unlogged++;
         urgent = urgent.filter((at) => now - at < INTERFACE_URGENT_WINDOW_MS);
-        if (newInterface && urgent.length < INTERFACE_URGENT_PASSES) {
+        if (interfaces && urgent.length < INTERFACE_URGENT_PASSES) {
           urgent.push(now);
           clearTimeout(timer);
           lastEvent = now;
