@@ -35,8 +35,23 @@ function run(args: string[]): {
 }
 
 async function get(url: string): Promise<{ status: number; body: string }> {
-  const res = await fetch(url);
+  const res = await fetch(url, { signal: AbortSignal.timeout(30_000) });
   return { status: res.status, body: await res.text() };
+}
+
+/** The process's exit code, or a failure naming what it printed if it has not exited in time. */
+async function exitCode(p: ReturnType<typeof run>, ms = 60_000): Promise<number | null> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      p.exited,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`not exited after ${ms} ms; stderr: ${p.stderr()}`)), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 describe('ambient-bpf agent', kernelTest(), () => {
@@ -228,7 +243,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
     t.after(() => dp.close());
     const before = await dp.list();
     agent.child.kill('SIGTERM');
-    assert.equal(await agent.exited, 0, agent.stderr());
+    assert.equal(await exitCode(agent), 0, agent.stderr());
     assert.equal(await whoAnswers({ netns: net.podPath, host: net.remoteV4, port: 8080 }), 'remote');
     const again = run(agentArgs);
     procs.push(again);
@@ -325,7 +340,7 @@ describe('ambient-bpf agent', kernelTest(), () => {
       10_000,
     );
     agent.child.kill('SIGTERM');
-    assert.equal(await agent.exited, 0);
+    assert.equal(await exitCode(agent), 0, agent.stderr());
     assert.equal((await dp.list()).length, 1, 'the stopped agent left the pod redirected');
     const removed = await runCli([
       'uninstall',

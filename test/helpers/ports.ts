@@ -20,12 +20,17 @@ function bindable(port: number): Promise<boolean> {
   });
 }
 
-export async function fixedListenPort(): Promise<number> {
-  const highest = Math.min(ephemeralStart(), 32768) - 1;
-  if (highest <= LOWEST) throw new Error(`the ephemeral port range starts at ${highest + 1}: no fixed port below it`);
+/** The first of `count` consecutive free ports (the agent takes port and port + 1: health and
+ * metrics). */
+export async function fixedListenPort(count = 2): Promise<number> {
+  const highest = Math.min(ephemeralStart(), 32768) - count;
+  if (highest <= LOWEST)
+    throw new Error(`the ephemeral port range starts at ${highest + count}: no fixed port below it`);
   for (let attempt = 0; attempt < 50; attempt++) {
     const port = LOWEST + Math.floor(Math.random() * (highest - LOWEST));
-    if (await bindable(port)) return port;
+    let free = true;
+    for (let i = 0; i < count && free; i++) free = await bindable(port + i);
+    if (free) return port;
   }
   throw new Error(`no free port found in ${LOWEST}-${highest} after 50 tries`);
 }

@@ -67,6 +67,8 @@ interface Entry {
   /** Reconcile runs for this pod one at a time; `again` asks for one more pass. */
   running: Promise<void> | undefined;
   again: boolean;
+  /** The next pass moves the pod's hooks from tc to tcx (attach mode auto, once the node is idle). */
+  moveToTcx: boolean;
   retry: NodeJS.Timeout | undefined;
   backoffMs: number;
   /** IPs from the CNI ADD, before the pod source reports them. */
@@ -309,34 +311,10 @@ export class Reconciler {
     const uid = this.upgrades.values().next().value as string;
     this.upgrades.delete(uid);
     const e = this.entries.get(uid);
-    if (e && e.attached && e.pod && e.netnsPath && !e.running && !this.tcxUnavailable) {
-      const podCgroup = e.cgroup.state === 'on' ? e.cgroup.path : undefined;
-      e.running = this.opts.datapath
-        .attach(
-          this.attachment(
-            e,
-            captureOptions(e.pod, this.opts.capture ?? DEFAULT_CAPTURE),
-            e.netnsPath,
-            this.ipsOf(e),
-            podCgroup,
-          ),
-          { mode: 'tcx' },
-        )
-        .then(
-          () => this.opts.log.debug({ uid }, 'moved to tcx'),
-          (err: Error & { code?: string }) => {
-            if (err.code === 'EKERNEL') this.tcxUnavailable = true;
-            // A failed update leaves the previous attachment in place (the pod stays redirected
-            // with its tc hooks); reconcile once more so a passing failure is retried.
-            this.opts.log.warn({ uid, error: err.message }, 'cannot move the pod to tcx; it stays on tc');
-            e.again = true;
-          },
-        )
-        .finally(() => {
-          e.running = undefined;
-          if (e.again) void this.reconcile(uid);
-        });
-      await e.running;
+    if (e && e.attached && !e.running && !this.tcxUnavailable) {
+      // A pass like any other (one at a time per pod), whose attach asks for tcx.
+      e.moveToTcx = true;
+      await this.reconcile(uid);
     } else if (e?.running) {
       this.upgrades.add(uid); // in a reconcile pass: later
       this.upgradeTimer = setTimeout(() => void this.upgradeOne(), UPGRADE_IDLE_MS);
@@ -610,6 +588,7 @@ export class Reconciler {
         since: new Date(),
         running: undefined,
         again: false,
+        moveToTcx: false,
         retry: undefined,
         backoffMs: this.opts.initialBackoffMs ?? 200,
         cniIps: undefined,
@@ -752,10 +731,25 @@ export class Reconciler {
     await this.watchInterfaces(e, netnsPath);
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
-    const attached = await this.opts.datapath.attach(
-      this.attachment(e, capture, netnsPath, ips, podCgroup),
-      fastPath ? { mode: 'tc' } : this.opts.attachMode ? { mode: this.opts.attachMode } : {},
-    );
+    const moveToTcx = e.moveToTcx && e.attached && !moved;
+    e.moveToTcx = false;
+    const mode = moveToTcx ? 'tcx' : fastPath ? 'tc' : this.opts.attachMode;
+    let attached: unknown;
+    try {
+      attached = await this.opts.datapath.attach(
+        this.attachment(e, capture, netnsPath, ips, podCgroup),
+        mode ? { mode } : {},
+      );
+    } catch (err) {
+      if (!moveToTcx) throw err;
+      // A failed update leaves the previous attachment in place (the pod stays redirected with
+      // its tc hooks); one more pass, in the configured mode, retries whatever else failed.
+      if ((err as { code?: string }).code === 'EKERNEL') this.tcxUnavailable = true;
+      this.opts.log.warn({ uid: e.uid, error: (err as Error).message }, 'cannot move the pod to tcx; it stays on tc');
+      e.again = true;
+      return;
+    }
+    if (moveToTcx) this.opts.log.debug({ uid: e.uid }, 'moved to tcx');
     const warning = (attached as { warning?: unknown } | undefined)?.warning;
     const interfaceWarning = typeof warning === 'string' ? warning : '';
     // Said when it changes, not on every pass: the interfaces it names stay until the pod drops them.
