@@ -907,12 +907,7 @@ static void foreign_addresses(struct datapath *dp, struct rtnl *nl, const struct
 
 static void say_refused(void *to, const char *msg)
 {
-	struct ifaces_refused *r = to;
-
-	if (r->count < IFACES_MAX_REFUSED)
-		snprintf(r->message[r->count++], sizeof(r->message[0]), "%s", msg);
-	else
-		r->more++;
+	ifaces_refuse(to, "%s", msg);
 }
 
 /* TEST ONLY: AMBIENT_BPF_FAULT_STEP=<step> makes that step of an update of an attached pod fail
@@ -1891,9 +1886,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		}
 		if (!job.restored)
 			run_in_netns(fd, restore_job, &job);
-		policy_write(&dp->policy, &old, &m);
 		ifaces_get(dp, req->uid, &recorded);
-		ifaces_policy_write(dp, &old, &recorded, &ifaces);
 		old.mode = m.mode;
 		old.owns = m.owns;
 		old.ifindex = m.ifindex;
@@ -1907,16 +1900,16 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		{
 			struct captured_set restored, tried;
 
-			/* The interfaces hooked again, and none the update added that are unhooked now. */
+			/* The interfaces hooked again, and none the update added that are unhooked now,
+			 * before the policy says whether the set is complete: if they cannot be written,
+			 * it does not (not gated, never wrongly). */
 			captured_set_of(&old, &recorded, &restored);
 			captured_set_of(&m, &ifaces, &tried);
-			if (captured_write(&dp->policy, &old, &restored, &tried) && old.ifaces_gated) {
-				old.ifaces_gated =
-					0; /* cannot say which are hooked: not gated, never wrongly */
-				policy_write(&dp->policy, &old, NULL);
-				ifaces_policy_write(dp, &old, &recorded, &ifaces);
-			}
+			if (captured_write(&dp->policy, &old, &restored, &tried))
+				old.ifaces_gated = 0;
 		}
+		policy_write(&dp->policy, &old, &m);
+		ifaces_policy_write(dp, &old, &recorded, &ifaces);
 		meta_put(dp, req->uid, &old);
 	} else if (e->code) {
 		struct pod_meta found = with_iface_addrs(&m, &ifaces);

@@ -90,9 +90,7 @@ static const char *addr_str(const uint8_t a[16], char buf[INET6_ADDRSTRLEN])
 	return inet_ntop(AF_INET6, a, buf, INET6_ADDRSTRLEN);
 }
 
-static void refuse(struct ifaces_refused *ref, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void refuse(struct ifaces_refused *ref, const char *fmt, ...)
+void ifaces_refuse(struct ifaces_refused *ref, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -139,17 +137,19 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 		else if (type == ARPHRD_LOOPBACK)
 			continue;
 		else if (type != ARPHRD_ETHER)
-			refuse(ref,
-			       "interface %s of the pod carries no Ethernet header (type %u: a tunnel, tun "
-			       "or "
-			       "wireguard device); its traffic cannot be captured: refused (list it in "
-			       "istio.io/reroute-virtual-interfaces if it carries a workload's outbound "
-			       "traffic)",
-			       i->if_name, type);
+			ifaces_refuse(
+				ref,
+				"interface %s of the pod carries no Ethernet header (type %u: a tunnel, tun "
+				"or "
+				"wireguard device); its traffic cannot be captured: refused (list it in "
+				"istio.io/reroute-virtual-interfaces if it carries a workload's outbound "
+				"traffic)",
+				i->if_name, type);
 		else if (out->count == MAX_POD_IFACES)
-			refuse(ref,
-			       "interface %s: the pod has more than %d interfaces besides its own: refused",
-			       i->if_name, MAX_POD_IFACES);
+			ifaces_refuse(
+				ref,
+				"interface %s: the pod has more than %d interfaces besides its own: refused",
+				i->if_name, MAX_POD_IFACES);
 		else {
 			struct pod_iface *f = &out->iface[out->count++];
 
@@ -166,11 +166,12 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 	 * the first MAX_POD_IPS are kept, the others dropped and said. */
 	if (ctx.overflow) {
 		ref->dropped_addresses = true;
-		refuse(ref,
-		       "the pod's interfaces carry more than %d addresses besides its IPs (%s is one too "
-		       "many): "
-		       "those are not recorded",
-		       MAX_POD_IPS, addr_str(ctx.extra, a));
+		ifaces_refuse(
+			ref,
+			"the pod's interfaces carry more than %d addresses besides its IPs (%s is one too "
+			"many): "
+			"those are not recorded",
+			MAX_POD_IPS, addr_str(ctx.extra, a));
 	}
 	return 0;
 }
@@ -323,12 +324,12 @@ int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct
 			continue;
 		}
 		if (was && still_hooked(pod_dir, f, mode)) {
-			refuse(ref, "cannot hook interface %s again (%s): its previous hooks are kept",
-			       f->name, strerror(-one));
+			ifaces_refuse(ref, "cannot hook interface %s again (%s): its previous hooks are kept",
+				      f->name, strerror(-one));
 			*f = *was;
 			continue;
 		}
-		refuse(ref, "cannot hook interface %s: %s", f->name, strerror(-one));
+		ifaces_refuse(ref, "cannot hook interface %s: %s", f->name, strerror(-one));
 		unhook_one(pod_dir, f, mode, true, !was);
 		f->ifindex = 0; /* dropped below */
 	}

@@ -19,6 +19,9 @@ struct ifaces_refused {
 	char message[IFACES_MAX_REFUSED][200];
 };
 
+/* Adds a message to `ref` (counted in `more` past IFACES_MAX_REFUSED). */
+void ifaces_refuse(struct ifaces_refused *ref, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 /* Every interface of the netns but lo, `primary` and the reroute ones (skip[], skip_count names),
  * and every address on them or on `primary` that is not one of m->ips. What cannot be captured (an
  * interface without an Ethernet header, more than MAX_POD_IFACES interfaces) is left out and said

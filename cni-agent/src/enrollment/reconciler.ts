@@ -650,8 +650,11 @@ export class Reconciler {
     e.passes++;
     e.addPhases?.mark('queued');
     const wanted = this.desired(e);
+    // Asked of this pass only, whatever becomes of it.
+    const moveToTcx = e.moveToTcx;
+    e.moveToTcx = false;
     try {
-      if (wanted) await this.enroll(e);
+      if (wanted) await this.enroll(e, moveToTcx);
       else {
         this.warnExcluded(e);
         await this.unenroll(e);
@@ -697,7 +700,8 @@ export class Reconciler {
     }
   }
 
-  private async enroll(e: Entry): Promise<void> {
+  /** `tcx`: move an attached pod's hooks from tc to tcx (its netns unchanged). */
+  private async enroll(e: Entry, tcx = false): Promise<void> {
     const pod = e.pod!;
     const ips = this.ipsOf(e);
     if (!e.attached || e.ztunnel?.status !== 'acked') e.enrollStarted ??= performance.now();
@@ -731,8 +735,7 @@ export class Reconciler {
     await this.watchInterfaces(e, netnsPath);
     // Idempotent: also repairs rules or hooks removed behind our back, and updates IPs and the
     // pod's capture options in place.
-    const moveToTcx = e.moveToTcx && e.attached && !moved;
-    e.moveToTcx = false;
+    const moveToTcx = tcx && e.attached && !moved;
     const mode = moveToTcx ? 'tcx' : fastPath ? 'tc' : this.opts.attachMode;
     let attached: unknown;
     try {
