@@ -195,6 +195,8 @@ for (const [mode, n] of [
             });
             let seen = '';
             sniffer.stdout.on('data', (d: Buffer) => (seen += d.toString()));
+            // Listened for now: the sniffer can see the reset and exit before the sender returns.
+            const sniffed = new Promise<void>((r) => sniffer.once('exit', () => r()));
             await until(() => seen.includes('ready'), 'the sniffer in the pod', 5000);
             // An IPv6 RST forwarded through the node (IPv6 forwarding keeps a local source address),
             // spoofing the node's address and the probe's ports: without a socket, like the node's own
@@ -209,7 +211,7 @@ for (const [mode, n] of [
               String(nodePort),
               String(APP_PORT),
             ]);
-            await new Promise<void>((r) => sniffer.once('exit', () => r()));
+            await sniffed;
             assert.equal(
               seen.replace('ready', '').trim(),
               addr.nodeV6,
