@@ -111,9 +111,9 @@ describe('pod events', () => {
   it('never throws nor waits when the API fails; logs, and records on the next occurrence', async (t) => {
     const { api, recorder, log } = await setup(t, 50);
     api.failNext(1);
-    const began = performance.now();
     recorder.podEvent(cart, 'Warning', 'AmbientEnrollmentFailed', 'boom');
-    assert.ok(performance.now() - began < 20, 'returned at once');
+    // Returned before the API's answer was in (a timed check flakes on a busy machine).
+    assert.equal(recorder.stats.failed, 0, 'podEvent waited for the API');
     await recorder.idle();
     assert.equal(api.events.size, 0);
     assert.equal(recorder.stats.failed, 1);
