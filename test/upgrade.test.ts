@@ -351,8 +351,10 @@ describe('upgrade from the previous release', kernelTest(), () => {
     assert.ok(
       !existsSync(join(root, 'maps', 'layout')) &&
         !existsSync(join(root, 'maps', 'pod_counters_v2')) &&
+        !existsSync(join(root, 'maps', 'pod_counters_v4')) &&
         !existsSync(join(root, 'maps', 'pod_ifaces')) &&
-        !existsSync(join(root, 'maps', 'captured_ifaces')),
+        !existsSync(join(root, 'maps', 'captured_ifaces')) &&
+        !existsSync(join(root, 'maps', 'gated_netns')),
       "layouts 2, 3 and 4's own pins removed",
     );
     assert.match(await sh(previous.cli, ['datapath', 'verify', '--uid', uid, '--bpffs', root]), /ok/);

@@ -540,7 +540,7 @@ static const char *const counter_names[CNT_COUNT] = {
 	"outboundRedirected", "outboundNoZtunnel", "inboundRedirected", "inboundNoZtunnel",
 	"bypassZtunnel",      "bypassHbone",	   "bypassProbe",	"bypassInboundAnnotation",
 	"forgedMark",	      "strictDropped",	   "rerouted",		"unclassifiedDropped",
-	"spoofedDropped",     "lookupRefused",
+	"spoofedDropped",     "lookupRefused",	   "uncapturedDropped",
 };
 
 static napi_value counters_value(napi_env env, const struct pod_counters *c)

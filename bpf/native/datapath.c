@@ -41,32 +41,36 @@ static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS }
 static const char *const host_hook_names[2] = { "host-ingress", "host-egress" };
 static const char *const host_prog_names[2] = { "pod_to_node", "node_to_pod" };
 
-/* Hooks on the pod's cgroup v2: always the socket-option guard (progs/socket_guard.bpf.c) and
- * the outbound connect hooks that route the apps' TCP over lo to ztunnel
- * (progs/outbound_route.bpf.c); then DNS capture's socket-call hooks (progs/dns_capture.bpf.c)
- * when the pod's DNS is captured. */
-#define CGROUP_HOOKS 11
+/* Hooks on the pod's cgroup v2: always the socket-option guard (progs/socket_guard.bpf.c); the
+ * egress guard (progs/egress_guard.bpf.c) where programs can read a device's netns cookie; the
+ * outbound connect hooks that route the apps' TCP over lo to ztunnel (progs/outbound_route.bpf.c);
+ * then DNS capture's socket-call hooks (progs/dns_capture.bpf.c) when the pod's DNS is captured. */
+#define CGROUP_HOOKS 12
 static const char *const cgroup_prog_names[CGROUP_HOOKS] = {
-	"pod_setsockopt", "pod_connect4",     "pod_connect6",	  "dns_connect4",
-	"dns_connect6",	  "dns_sendmsg4",     "dns_sendmsg6",	  "dns_recvmsg4",
-	"dns_recvmsg6",	  "dns_getpeername4", "dns_getpeername6",
+	"pod_setsockopt", "pod_egress_guard", "pod_connect4",	  "pod_connect6",
+	"dns_connect4",	  "dns_connect6",     "dns_sendmsg4",	  "dns_sendmsg6",
+	"dns_recvmsg4",	  "dns_recvmsg6",     "dns_getpeername4", "dns_getpeername6",
 };
 static const enum bpf_attach_type cgroup_attach_types[CGROUP_HOOKS] = {
-	BPF_CGROUP_SETSOCKOPT,	      BPF_CGROUP_INET4_CONNECT,	    BPF_CGROUP_INET6_CONNECT,
-	BPF_CGROUP_INET4_CONNECT,     BPF_CGROUP_INET6_CONNECT,	    BPF_CGROUP_UDP4_SENDMSG,
-	BPF_CGROUP_UDP6_SENDMSG,      BPF_CGROUP_UDP4_RECVMSG,	    BPF_CGROUP_UDP6_RECVMSG,
-	BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
+	BPF_CGROUP_SETSOCKOPT,	  BPF_CGROUP_INET_EGRESS,	BPF_CGROUP_INET4_CONNECT,
+	BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET4_CONNECT,	BPF_CGROUP_INET6_CONNECT,
+	BPF_CGROUP_UDP4_SENDMSG,  BPF_CGROUP_UDP6_SENDMSG,	BPF_CGROUP_UDP4_RECVMSG,
+	BPF_CGROUP_UDP6_RECVMSG,  BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
 };
 
 #define GUARD_HOOK 0
-#define ROUTE_HOOKS 3 /* the connect hooks: 1 and 2 */
+#define EGRESS_GUARD_HOOK 1
+#define ROUTE_HOOKS 4 /* the connect hooks: 2 and 3 */
 
-/* Is cgroup hook i wanted for pod m? The route hooks only with the pod netns's sk_lookup program,
- * which alone may take the SYNs they route over lo (it is there when the netns has a cookie). */
-static bool cgroup_hook_wanted(int i, const struct pod_meta *m)
+/* Is cgroup hook i wanted for pod m? The egress guard where it can tell the pod's netns; the route
+ * hooks only with the pod netns's sk_lookup program, which alone may take the SYNs they route over
+ * lo (it is there when the netns has a cookie). */
+static bool cgroup_hook_wanted(const struct datapath *dp, int i, const struct pod_meta *m)
 {
 	if (i == GUARD_HOOK)
 		return true;
+	if (i == EGRESS_GUARD_HOOK)
+		return dp_tc_netns_cookie(dp) && m->netns_cookie != 0;
 	if (i < ROUTE_HOOKS)
 		return m->netns_cookie != 0;
 	return m->flags & POD_F_DNS_CAPTURE;
@@ -74,7 +78,10 @@ static bool cgroup_hook_wanted(int i, const struct pod_meta *m)
 
 static const char *cgroup_hook_purpose(int i)
 {
-	return i == GUARD_HOOK ? "socket-option guard" : i < ROUTE_HOOKS ? "outbound route" : "DNS capture";
+	return i == GUARD_HOOK		? "socket-option guard"
+	       : i == EGRESS_GUARD_HOOK ? "egress guard"
+	       : i < ROUTE_HOOKS	? "outbound route"
+					: "DNS capture";
 }
 
 struct datapath {
@@ -637,6 +644,7 @@ int dp_open(const char *root, const char *object_path, int tc_netns_cookie, stru
 	dp->policy.counters_fd = map_fd(dp->obj, "pod_counters");
 	dp->policy.slot_owner_fd = map_fd(dp->obj, "slot_owner");
 	dp->policy.captured_fd = map_fd(dp->obj, "captured_ifaces");
+	dp->policy.gated_fd = map_fd(dp->obj, "gated_netns");
 	*out = dp;
 	return 0;
 
@@ -1281,7 +1289,7 @@ static int cgroup_hooks_prepare(struct netns_job *job)
 		cgroup_pin_path(job->dp, job->uid, i, pin);
 		cgroup_next_pin_path(job->dp, job->uid, i, next);
 		detach_pinned_link(next); /* left by a crash */
-		if (!cgroup_hook_wanted(i, job->meta))
+		if (!cgroup_hook_wanted(job->dp, i, job->meta))
 			continue; /* (detached by cgroup_hooks_commit, once the update is recorded) */
 		if (pinned_cgroup_link(pin, &linked, &prog) == 0 && linked == st.st_ino) {
 			fd = bpf_obj_get(pin);
@@ -1326,7 +1334,7 @@ static int cgroup_hooks_commit(struct netns_job *job)
 	for (int i = 0; i < CGROUP_HOOKS; i++) {
 		cgroup_pin_path(job->dp, job->uid, i, pin);
 		cgroup_next_pin_path(job->dp, job->uid, i, next);
-		if (!cgroup_hook_wanted(i, job->meta))
+		if (!cgroup_hook_wanted(job->dp, i, job->meta))
 			detach_pinned_link(pin);
 		else if (access(next, F_OK) == 0 && rename(next, pin))
 			return dp_fail(job->e, DPE_SYSTEM, errno, "cannot replace the cgroup link %s", pin);
@@ -1828,7 +1836,11 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 
 	/* The gate stays on through an update only while the pod's entries are there (a node handed to
 	 * an older release and back starts with none). */
-	m.ifaces_gated = res->updated && m.ifaces_gated && captured_has(&dp->policy, &m, m.ifindex);
+	{
+		struct captured_set own = { .count = 1, .ifindex = { m.ifindex } };
+
+		m.ifaces_gated = res->updated && m.ifaces_gated && captured_has(&dp->policy, &m, &own, 0);
+	}
 	/* The programs read the pod's options from its addresses: in place before they run. */
 	if ((err = policy_claim_slot(&dp->policy, req->uid, &m)) ||
 	    (err = policy_write(&dp->policy, &m, res->updated ? &old : NULL)))
@@ -2251,7 +2263,7 @@ static int verify_job(void *p)
 		__u64 linked = 0;
 		__u32 prog = 0;
 
-		if (!cgroup_hook_wanted(i, m))
+		if (!cgroup_hook_wanted(job->dp, i, m))
 			continue;
 		cgroup_pin_path(job->dp, job->uid, i, pin);
 		if (pinned_cgroup_link(pin, &linked, &prog) || linked != m->pod_cgroup_id)
@@ -2331,9 +2343,12 @@ static void verify_captured(struct datapath *dp, const struct pod_meta *m, const
 	}
 	captured_set_of(m, f, &s);
 	for (unsigned i = 0; i < s.count; i++)
-		if (!captured_has(&dp->policy, m, s.ifindex[i]))
+		if (!captured_has(&dp->policy, m, &s, i))
 			problem(res, "interface %u is missing from the pod's captured_ifaces entries",
 				s.ifindex[i]);
+	if (m->netns_cookie && !captured_gated(&dp->policy, m))
+		problem(res, "the pod's netns is missing from gated_netns (its egress guard lets TCP out of "
+			     "interfaces without hooks)");
 }
 
 int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res, struct dp_error *e)

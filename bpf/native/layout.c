@@ -33,6 +33,8 @@ static const struct {
 	{ "strict_fragments", 2, MAP_ADDED },
 	{ "pod_ifaces", 3, MAP_ADDED }, /* the pod's other interfaces, captured too */
 	{ "captured_ifaces", 4, MAP_ADDED }, /* interfaces with hooks: the socket lookup refuses others */
+	{ "gated_netns", 4, MAP_ADDED }, /* the egress guard finds a pod's captured_ifaces by its netns */
+	{ "pod_counters", 4, MAP_CHANGED }, /* uncapturedDropped (the egress guard) */
 };
 
 /* Hooks on a pod (pins under pods/<uid>/) that appeared in a layout: an older release knows nothing
@@ -46,6 +48,8 @@ static const struct {
 	{ "pod_connect4", 2 },
 	{ "pod_connect6", 2 },
 	{ "pod_setsockopt", 2 },
+	/* Drops TCP out of interfaces without hooks, by gated_netns. */
+	{ "pod_egress_guard", 4 },
 };
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))
@@ -364,10 +368,11 @@ out:
 }
 
 /* The maps: changed ones copied back into their older pins (when those are still there), then
- * every pin of a layout newer than `to` removed. Programs still running keep their maps. */
+ * every pin of a layout newer than `to` removed (a map changed twice has one pin per change).
+ * Programs still running keep their maps. */
 static int downgrade_maps(const char *root, unsigned from, unsigned to, struct dp_error *e)
 {
-	char name[64], newer[PATH_MAX], older[PATH_MAX];
+	char name[64], newer[PATH_MAX], older[PATH_MAX], own[PATH_MAX];
 
 	for (size_t i = 0; i < N(map_changes); i++) {
 		int src, dst, err = 0;
@@ -376,7 +381,10 @@ static int downgrade_maps(const char *root, unsigned from, unsigned to, struct d
 			continue;
 		layout_pin_name(map_changes[i].map, from, name);
 		snprintf(newer, sizeof(newer), "%s/maps/%s", root, name);
-		if (map_changes[i].change == MAP_CHANGED) {
+		layout_pin_name(map_changes[i].map, map_changes[i].layout, name);
+		snprintf(own, sizeof(own), "%s/maps/%s", root, name);
+		/* Copied once, from the pin `from` uses, when this is the change that made it. */
+		if (map_changes[i].change == MAP_CHANGED && !strcmp(newer, own)) {
 			layout_pin_name(map_changes[i].map, to, name);
 			snprintf(older, sizeof(older), "%s/maps/%s", root, name);
 			src = bpf_obj_get(newer);
@@ -391,8 +399,8 @@ static int downgrade_maps(const char *root, unsigned from, unsigned to, struct d
 				return dp_fail(e, DPE_LAYOUT, err, "cannot copy %s back into %s", newer,
 					       older);
 		}
-		if (unlink(newer) && errno != ENOENT)
-			return dp_fail(e, DPE_SYSTEM, errno, "cannot unpin %s", newer);
+		if (unlink(own) && errno != ENOENT)
+			return dp_fail(e, DPE_SYSTEM, errno, "cannot unpin %s", own);
 	}
 	return 0;
 }

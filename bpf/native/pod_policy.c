@@ -167,8 +167,10 @@ void captured_set_of(const struct pod_meta *m, const struct pod_ifaces *f, struc
 		if (f->iface[i].ifindex)
 			out->ifindex[out->count++] = f->iface[i].ifindex;
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
-		if (m->reroute[i].ifindex)
+		if (m->reroute[i].ifindex) {
+			out->ingress_only[out->count] = true;
 			out->ifindex[out->count++] = m->reroute[i].ifindex;
+		}
 }
 
 static bool set_has(const struct captured_set *s, __u32 ifindex)
@@ -179,13 +181,20 @@ static bool set_has(const struct captured_set *s, __u32 ifindex)
 	return false;
 }
 
+/* The captured_ifaces value of the set's interface i. */
+static __u64 captured_value(const struct pod_meta *m, const struct captured_set *s, unsigned i)
+{
+	return m->netns_cookie | (s->ingress_only[i] ? CAPTURED_INGRESS_ONLY : 0);
+}
+
 int captured_write(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *now,
 		   const struct captured_set *gone)
 {
 	for (unsigned i = 0; i < now->count; i++) {
 		struct captured_key k = { .slot = m->slot, .ifindex = now->ifindex[i] };
+		__u64 v = captured_value(m, now, i);
 
-		if (bpf_map_update_elem(maps->captured_fd, &k, &m->netns_cookie, BPF_ANY))
+		if (bpf_map_update_elem(maps->captured_fd, &k, &v, BPF_ANY))
 			return -errno;
 	}
 	for (unsigned i = 0; gone && i < gone->count; i++) {
@@ -194,37 +203,75 @@ int captured_write(const struct policy_maps *maps, const struct pod_meta *m, con
 		if (!set_has(now, gone->ifindex[i]))
 			bpf_map_delete_elem(maps->captured_fd, &k);
 	}
+	/* Last: the egress guard acts on the netns only once its interfaces are all there. */
+	if (m->netns_cookie && bpf_map_update_elem(maps->gated_fd, &m->netns_cookie, &m->slot, BPF_ANY))
+		return -errno;
 	return 0;
 }
 
-bool captured_has(const struct policy_maps *maps, const struct pod_meta *m, __u32 ifindex)
+static bool captured_entry(const struct policy_maps *maps, const struct pod_meta *m, __u32 ifindex, __u64 *v)
 {
 	struct captured_key k = { .slot = m->slot, .ifindex = ifindex };
-	__u64 cookie;
 
-	return bpf_map_lookup_elem(maps->captured_fd, &k, &cookie) == 0 && cookie == m->netns_cookie;
+	return bpf_map_lookup_elem(maps->captured_fd, &k, v) == 0 &&
+	       (*v & ~CAPTURED_INGRESS_ONLY) == m->netns_cookie;
+}
+
+bool captured_has(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *s,
+		  unsigned i)
+{
+	__u64 v;
+
+	return captured_entry(maps, m, s->ifindex[i], &v) && v == captured_value(m, s, i);
+}
+
+bool captured_gated(const struct policy_maps *maps, const struct pod_meta *m)
+{
+	__u32 slot;
+
+	return bpf_map_lookup_elem(maps->gated_fd, &m->netns_cookie, &slot) == 0 && slot == m->slot;
 }
 
 void captured_remove(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *s)
 {
+	__u64 v;
+
+	/* First: never a netns the guard acts on with entries missing. */
+	if (m->netns_cookie && captured_gated(maps, m))
+		bpf_map_delete_elem(maps->gated_fd, &m->netns_cookie);
 	for (unsigned i = 0; i < s->count; i++)
-		if (captured_has(maps, m, s->ifindex[i])) {
+		if (captured_entry(maps, m, s->ifindex[i], &v)) {
 			struct captured_key k = { .slot = m->slot, .ifindex = s->ifindex[i] };
 
 			bpf_map_delete_elem(maps->captured_fd, &k);
 		}
 }
 
+static bool slot_unowned(const struct policy_maps *maps, __u32 slot)
+{
+	struct pod_meta_key owner;
+
+	return bpf_map_lookup_elem(maps->slot_owner_fd, &slot, &owner) || !owner.uid[0];
+}
+
 void captured_gc(const struct policy_maps *maps)
 {
 	struct captured_key k, next;
-	struct pod_meta_key owner;
+	__u64 cookie, next_cookie;
 	void *prev = NULL;
+	__u32 slot;
 
+	while (bpf_map_get_next_key(maps->gated_fd, prev, &next_cookie) == 0) {
+		cookie = next_cookie;
+		prev = &cookie;
+		if (bpf_map_lookup_elem(maps->gated_fd, &cookie, &slot) == 0 && slot_unowned(maps, slot))
+			bpf_map_delete_elem(maps->gated_fd, &cookie);
+	}
+	prev = NULL;
 	while (bpf_map_get_next_key(maps->captured_fd, prev, &next) == 0) {
 		k = next;
 		prev = &k;
-		if (bpf_map_lookup_elem(maps->slot_owner_fd, &k.slot, &owner) || !owner.uid[0])
+		if (slot_unowned(maps, k.slot))
 			bpf_map_delete_elem(maps->captured_fd, &k);
 	}
 }

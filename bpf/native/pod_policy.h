@@ -13,6 +13,7 @@ struct policy_maps {
 	int counters_fd;
 	int slot_owner_fd;
 	int captured_fd;
+	int gated_fd;
 };
 
 /* Gives m->slot a free counters slot (zeroed), unless it holds one already. */
@@ -33,21 +34,26 @@ int policy_write_secondary(const struct policy_maps *maps, const struct pod_meta
 void policy_remove(const struct policy_maps *maps, const struct pod_meta *m);
 
 /* The interfaces of a pod netns that carry its hooks: the pod's own, its other ones, its reroute
- * ones (those present). */
+ * ones (those present: ingress hook only). */
 struct captured_set {
 	unsigned count;
 	__u32 ifindex[1 + MAX_POD_IFACES + MAX_REROUTE_IFACES];
+	bool ingress_only[1 + MAX_POD_IFACES + MAX_REROUTE_IFACES];
 };
 
 void captured_set_of(const struct pod_meta *m, const struct pod_ifaces *f, struct captured_set *out);
-/* Writes the pod's entries in captured_ifaces (with its netns cookie); those of `gone` (may be NULL)
- * not in `now` are removed. */
+/* Writes the pod's entries in captured_ifaces (with its netns cookie), then its gated_netns entry;
+ * those of `gone` (may be NULL) not in `now` are removed. */
 int captured_write(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *now,
 		   const struct captured_set *gone);
-/* Removes the pod's entries (those still carrying its netns cookie). */
+/* Removes the pod's gated_netns entry, then its captured_ifaces entries (those still carrying its
+ * netns cookie). */
 void captured_remove(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *s);
-/* Is this interface in the pod's entries? */
-bool captured_has(const struct policy_maps *maps, const struct pod_meta *m, __u32 ifindex);
+/* Is this interface in the pod's entries, as the set has it (ingress only or both ways)? */
+bool captured_has(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *s,
+		  unsigned i);
+/* Does gated_netns lead the egress guard from the pod's netns to its slot? */
+bool captured_gated(const struct policy_maps *maps, const struct pod_meta *m);
 /* Entries of slots nobody holds (a crash between writes). */
 void captured_gc(const struct policy_maps *maps);
 

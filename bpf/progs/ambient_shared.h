@@ -83,6 +83,7 @@ enum pod_counter {
 	CNT_UNCLASSIFIED_DROPPED, /* packets that may carry TCP but cannot be classified: fragments, odd headers */
 	CNT_SPOOFED_DROPPED, /* packets from outside carrying one of the pod's own addresses as source */
 	CNT_LOOKUP_REFUSED, /* packets the socket lookup refused: looped outbound ones tc did not steer, any to an address the pod's record lacks */
+	CNT_UNCAPTURED_DROPPED, /* layout 4: TCP the pod's sockets sent out through an interface without hooks (egress guard) */
 	CNT_COUNT
 };
 
@@ -219,6 +220,15 @@ struct captured_key {
 	__u32 slot;
 	__u32 ifindex;
 };
+
+/* A captured_ifaces value: the pod netns's cookie, with this bit set for an interface whose
+ * outbound has no hook (a reroute-virtual-interfaces one: ingress only). Cookies count up from 1
+ * and never reach it. */
+#define CAPTURED_INGRESS_ONLY (1ull << 63)
+
+/* gated_netns map: the pod netns whose captured_ifaces entries are written (POD_F_IFACES_GATED),
+ * by netns cookie, to the pod's slot: how the egress guard on the pod's cgroup, which knows the
+ * netns of the device a packet leaves by but not the pod, finds the pod's entries. */
 
 /* cls_bpf filter identity used in the tc fallback: ours, fixed, so only ours is replaced or
  * deleted and other users of the clsact qdisc are never touched. */

@@ -110,7 +110,7 @@ static __always_inline bool on_captured_interface(const struct pod_policy *p, __
 	struct captured_key k = { .slot = p->slot, .ifindex = ifindex };
 	__u64 *cookie = bpf_map_lookup_elem(&captured_ifaces, &k);
 
-	return cookie && *cookie == p->netns_cookie;
+	return cookie && (*cookie & ~CAPTURED_INGRESS_ONLY) == p->netns_cookie; /* ingress is hooked on all */
 }
 
 SEC("sk_lookup")

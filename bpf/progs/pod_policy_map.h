@@ -24,6 +24,16 @@
 		__type(value, __u64);                     \
 	}
 
+/* The pod netns whose captured_ifaces entries are written, by netns cookie, to the pod's slot. */
+#define GATED_NETNS_MAP                               \
+	struct {                                      \
+		__uint(type, BPF_MAP_TYPE_HASH);      \
+		__uint(max_entries, MAX_PODS);        \
+		__uint(map_flags, BPF_F_NO_PREALLOC); \
+		__type(key, __u64);                   \
+		__type(value, __u32);                 \
+	}
+
 /* Per-pod counters, by the slot in pod_policy. */
 #define POD_COUNTERS_MAP                                 \
 	struct {                                         \

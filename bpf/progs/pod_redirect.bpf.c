@@ -36,6 +36,7 @@
 #include <bpf/bpf_core_read.h>
 
 #include "ambient_shared.h"
+#include "netns_cookie.h"
 #include "parse.h"
 #include "refuse.h"
 #include "pod_policy_map.h"
@@ -127,36 +128,8 @@ static __always_inline __u32 setting_flags(void)
 /* ---- per-pod policy and counters ---- */
 
 /* Set by the loader (datapath.c, before the object is loaded) where tc programs can read the
- * cookie of the netns they run in (probed: the feature tcNetnsCookie). A frozen read-only constant:
- * without it the verifier prunes the branch that reads it, so the object loads on any kernel. */
+ * cookie of the netns they run in (probed: the feature tcNetnsCookie); declared in netns_cookie.h. */
 const volatile __u32 tc_netns_cookie = 0;
-
-/* The kernel's structures, as far as the netns of the packet's device goes (CO-RE: libbpf relocates
- * the offsets against the running kernel's BTF). */
-struct net___amb {
-	__u64 net_cookie;
-} __attribute__((preserve_access_index));
-
-struct net_device___amb {
-	struct {
-		struct net___amb *net;
-	} nd_net;
-} __attribute__((preserve_access_index));
-
-struct sk_buff___amb {
-	struct net_device___amb *dev;
-} __attribute__((preserve_access_index));
-
-/* The cookie of the netns this program runs in: that of the packet's device, the pod's interface
- * (0 if it cannot be read: then no entry is this netns's, which fails closed). Not
- * bpf_get_netns_cookie(skb): in tc that is the netns of the packet's socket, and the initial netns's
- * for a packet without one, which is every packet coming in. */
-static __always_inline __u64 this_netns_cookie(struct __sk_buff *skb)
-{
-	struct sk_buff___amb *kskb = (void *)skb;
-
-	return BPF_CORE_READ(kskb, dev, nd_net.net, net_cookie);
-}
 
 /* In a policy read through policy_of_address only, never in the map: the entry is another netns's. */
 #define POD_F_FOREIGN (1u << 31)

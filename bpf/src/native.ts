@@ -86,6 +86,9 @@ export interface DatapathCounters {
   /** looped outbound packets the pod netns's socket lookup refused: a SYN tc did not hand to
    * ztunnel, or a late segment of a connection whose ztunnel socket is gone */
   lookupRefused: number;
+  /** packets that may carry TCP sent by the pod's sockets out through an interface without the
+   * pod's egress hook (bound to it, or routed there past the connect hook): dropped */
+  uncapturedDropped: number;
 }
 
 export interface NativeWatcher {

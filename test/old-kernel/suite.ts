@@ -14,6 +14,8 @@ export const GUEST_SUITE = [
   // A pod holding another pod's address on a second interface: the object loads with or without
   // the netns check, and without it the attach says so.
   'dist/test/foreign-address.test.js',
+  // TCP a pod's sockets send out through an interface without hooks, dropped on the pod's cgroup.
+  'dist/test/egress-guard.test.js',
 ];
 
 /** Runs on 6.1 by hand only (`node dist/test/old-kernel/run.js dist/test/datapath-lifecycle.test.js`),
@@ -56,6 +58,11 @@ export const NOT_APPLICABLE_ON_6_1: { file: string; name: string; reason: string
   },
   { file: 'dist/test/attack.test.js', name: 'attacks with tc hooks and sk-assign steering', reason: SK_ASSIGN },
   { file: 'dist/test/attack.test.js', name: 'attacks with tcx hooks and sk-lookup steering', reason: TCX },
+  {
+    file: 'dist/test/egress-guard.test.js',
+    name: 'egress guard, reroute',
+    reason: `${SK_ASSIGN}; reroute-virtual-interfaces needs it`,
+  },
   // (foreign-address's netns-cookie suite is not listed: Debian's 6.1 has tcNetnsCookie, probed in
   // the guest, so it runs there and must pass.)
 ];

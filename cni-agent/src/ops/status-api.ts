@@ -189,5 +189,6 @@ function numbers(c: Partial<Record<keyof DatapathCounters, number | string>>): D
     unclassifiedDropped: n(c.unclassifiedDropped),
     spoofedDropped: n(c.spoofedDropped),
     lookupRefused: n(c.lookupRefused),
+    uncapturedDropped: n(c.uncapturedDropped),
   };
 }

@@ -1,0 +1,172 @@
+// The egress guard on the pod's cgroup (bpf/progs/egress_guard.bpf.c): TCP that the pod's own
+// sockets send out through an interface of the pod netns without the pod's egress hook (a tun
+// device, or a reroute-virtual-interfaces one, which has an ingress hook only) is dropped and
+// counted, never sent past ztunnel. Seen from the other end: a reader holding the tun device
+// counts what leaves through it. The same sockets from outside the pod's cgroup (the control) and
+// from a netns nested in the pod (a container runtime inside it) are not the guard's.
+import assert from 'node:assert/strict';
+import type { ChildProcess } from 'node:child_process';
+import { rmSync } from 'node:fs';
+import { after, before, describe, it } from 'node:test';
+import { Datapath } from '../bpf/src/index.js';
+import { AppCgroup, useKernelSteering } from './helpers/app.js';
+import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { assertNothingLeft } from './helpers/leftovers.js';
+import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
+import { until } from './helpers/wait.js';
+
+after(assertNothingLeft);
+
+/** Addresses beyond the pod's tun device (nothing answers there: the reader only counts), apart
+ * from the pods' own subnets (184, 185). */
+const TUN_V4 = { local: '198.18.186.1', peer: '198.18.186.2' };
+const TUN_V6 = { local: '2001:db8:186::1', peer: '2001:db8:186::2' };
+const NESTED_V4 = { local: '198.18.187.1', peer: '198.18.187.2' };
+const PORT = 8080;
+
+/** A tun device `dev` in `ns` with the v4 (and v6) prefix above on it. */
+async function tunDevice(topo: Topology, ns: string, dev: string, v4: typeof TUN_V4, v6?: typeof TUN_V6) {
+  await topo.ip(ns, 'tuntap', 'add', 'dev', dev, 'mode', 'tun');
+  await topo.batch(ns, [
+    `link set ${dev} up`,
+    `addr add ${v4.local}/24 dev ${dev}`,
+    ...(v6 ? [`addr add ${v6.local}/64 dev ${dev} nodad`] : []),
+  ]);
+}
+
+/** What left through tun device `dev` of `netns` while `send` ran, as its reader counted it. */
+async function leftThrough(
+  app: AppCgroup,
+  netns: string,
+  dev: string,
+  send: () => Promise<unknown>,
+): Promise<{ tcp: number; udp: number }> {
+  const reader: ChildProcess = app.spawn('nsenter', [`--net=${netns}`, 'python3', app.clientScript, 'tun-count', dev], {
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  let out = '';
+  reader.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  const exited = new Promise((r) => reader.once('exit', r));
+  try {
+    await until(() => /ready|ERR/.test(out), () => `the reader of ${dev} ready (it printed: ${out})`, 10_000);
+    assert.doesNotMatch(out, /ERR/, `the reader of ${dev} failed`);
+    await send();
+    // A packet is in the device's queue when the sender's call returns; the reader gets it within this.
+    await new Promise((r) => setTimeout(r, 300));
+  } finally {
+    reader.stdin!.end();
+    await exited;
+  }
+  const m = /tcp=(\d+) udp=(\d+)/.exec(out);
+  assert.ok(m, `the reader of ${dev} printed ${out}`);
+  return { tcp: Number(m[1]), udp: Number(m[2]) };
+}
+
+for (const reroute of [false, true]) {
+  describe(
+    reroute ? 'egress guard: a reroute-virtual-interfaces device (ingress hook only)' : 'egress guard: a tun device without hooks',
+    kernelTest({
+      name: reroute ? 'egress guard, reroute' : 'egress guard',
+      tcNetnsCookie: true,
+      ...(reroute ? { steering: 'sk-assign' as const } : {}),
+    }),
+    () => {
+      const topo = new Topology();
+      const root = testBpffsRoot(topo.id);
+      const uid = `pod-${topo.id}`;
+      let net: PodNet;
+      let dp: Datapath;
+      let app: AppCgroup;
+      let nested: string;
+
+      const pod = () => net.podPath;
+      const dropped = async () => (await dp.list())[0]!.counters.uncapturedDropped;
+      /** The app's answer, from a process in the pod's cgroup (`inApp`) or outside it. */
+      const run = async (inApp: boolean, netns: string, ...args: (string | number)[]) =>
+        inApp
+          ? app.client(netns, ...args)
+          : (await sh('nsenter', [`--net=${netns}`, 'python3', app.clientScript, ...args.map(String)])).trim();
+
+      before(async () => {
+        net = await podWithRemote(topo, reroute ? 185 : 184);
+        nested = topo.track('nest');
+        await topo.batch(undefined, [`netns add ${nested}`]);
+        await topo.batch(nested, ['link set lo up']);
+        await tunDevice(topo, nested, 'tun1', NESTED_V4);
+        dp = await Datapath.open({ bpffsRoot: root });
+        await useKernelSteering(dp);
+        app = new AppCgroup(topo.id);
+        const attach = () =>
+          dp.attach({
+            uid,
+            netnsPath: net.podPath,
+            ips: [net.podV4, net.podV6],
+            podCgroup: app.path,
+            dnsCapture: false,
+            ...(reroute ? { rerouteInterfaces: ['tun0'] } : {}),
+          });
+        // A first attach refuses a pod with an interface it cannot hook; one that appears in an
+        // enrolled pod is reported, and the pod's other interfaces stay captured.
+        await attach();
+        await tunDevice(topo, net.pod, 'tun0', TUN_V4, TUN_V6);
+        const r = await attach();
+        if (!reroute) assert.match(r.warning, /interface tun0 of the pod carries no Ethernet header/);
+        else assert.equal(r.warning, '');
+      });
+
+      after(async () => {
+        await dp?.detach(uid);
+        dp?.close();
+        app?.remove();
+        await topo.cleanup();
+        rmSync(root, { recursive: true, force: true });
+      });
+
+      it('control: a socket outside the pod’s cgroup sends its SYN out through tun0', async () => {
+        const seen = await leftThrough(app, pod(), 'tun0', () => run(false, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT));
+        assert.ok(seen.tcp >= 1, `the reader saw no SYN (${JSON.stringify(seen)}): it cannot tell`);
+      });
+
+      it('drops the pod’s TCP bound to tun0, v4 and v6 (also behind a Hop-by-Hop header), and counts it', async () => {
+        const before = await dropped();
+        const seen = await leftThrough(app, pod(), 'tun0', async () => {
+          assert.match(await run(true, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT), /^ERR/);
+          assert.match(await run(true, pod(), 'tcp-dev', 'tun0', TUN_V6.peer, PORT), /^ERR/);
+          assert.match(await run(true, pod(), 'tcp-dev', 'tun0', TUN_V6.peer, PORT, 'hbh'), /^ERR/);
+        });
+        assert.equal(seen.tcp, 0, 'TCP of the pod’s left through tun0 without ztunnel');
+        assert.ok((await dropped()) >= before + 3, `counted: ${before} -> ${await dropped()}`);
+      });
+
+      it('drops a hand-made SYN from the pod’s raw socket routed out through tun0', async () => {
+        const seen = await leftThrough(app, pod(), 'tun0', async () => {
+          // (the guard's drop reaches a raw socket's sendto as EPERM)
+          assert.match(await run(true, pod(), 'raw-syn', TUN_V4.peer, PORT), /^sent$|Operation not permitted/);
+        });
+        assert.equal(seen.tcp, 0, 'a raw TCP SYN left through tun0');
+      });
+
+      it('lets the pod’s UDP out through tun0 (ztunnel carries TCP only)', async () => {
+        const seen = await leftThrough(app, pod(), 'tun0', () => run(true, pod(), 'udp-dev', 'tun0', TUN_V4.peer, 9999));
+        assert.equal(seen.udp, 1);
+      });
+
+      it('leaves a netns nested in the pod (its cgroup, not its netns) alone', async () => {
+        const before = await dropped();
+        const seen = await leftThrough(app, Topology.netnsPath(nested), 'tun1', () =>
+          run(true, Topology.netnsPath(nested), 'tcp-dev', 'tun1', NESTED_V4.peer, PORT),
+        );
+        assert.ok(seen.tcp >= 1, 'the nested netns’s SYN was dropped');
+        assert.equal(await dropped(), before);
+      });
+
+      it('is part of the pod’s hooks: verify checks it, detach removes it', async () => {
+        const problems = (await dp.verify(uid)).problems;
+        assert.ok(!problems.some((p) => /egress guard|gated_netns/.test(p)), problems.join('; '));
+        await dp.detach(uid);
+        const seen = await leftThrough(app, pod(), 'tun0', () => run(true, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT));
+        assert.ok(seen.tcp >= 1, 'the pod’s TCP is still dropped after detach');
+      });
+    },
+  );
+}
