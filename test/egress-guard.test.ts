@@ -48,7 +48,11 @@ async function leftThrough(
   reader.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   const exited = new Promise((r) => reader.once('exit', r));
   try {
-    await until(() => /ready|ERR/.test(out), () => `the reader of ${dev} ready (it printed: ${out})`, 10_000);
+    await until(
+      () => /ready|ERR/.test(out),
+      () => `the reader of ${dev} ready (it printed: ${out})`,
+      10_000,
+    );
     assert.doesNotMatch(out, /ERR/, `the reader of ${dev} failed`);
     await send();
     // A packet is in the device's queue when the sender's call returns; the reader gets it within this.
@@ -64,7 +68,9 @@ async function leftThrough(
 
 for (const reroute of [false, true]) {
   describe(
-    reroute ? 'egress guard: a reroute-virtual-interfaces device (ingress hook only)' : 'egress guard: a tun device without hooks',
+    reroute
+      ? 'egress guard: a reroute-virtual-interfaces device (ingress hook only)'
+      : 'egress guard: a tun device without hooks',
     kernelTest({
       name: reroute ? 'egress guard, reroute' : 'egress guard',
       tcNetnsCookie: true,
@@ -80,6 +86,9 @@ for (const reroute of [false, true]) {
       let nested: string;
 
       const pod = () => net.podPath;
+      /** Entries in one of the datapath's pinned maps. */
+      const entries = async (map: string) =>
+        (JSON.parse(await sh('bpftool', ['-j', 'map', 'dump', 'pinned', `${root}/maps/${map}`])) as unknown[]).length;
       const dropped = async () => (await dp.list())[0]!.counters.uncapturedDropped;
       /** The app's answer, from a process in the pod's cgroup (`inApp`) or outside it. */
       const run = async (inApp: boolean, netns: string, ...args: (string | number)[]) =>
@@ -123,7 +132,9 @@ for (const reroute of [false, true]) {
       });
 
       it('control: a socket outside the pod’s cgroup sends its SYN out through tun0', async () => {
-        const seen = await leftThrough(app, pod(), 'tun0', () => run(false, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT));
+        const seen = await leftThrough(app, pod(), 'tun0', () =>
+          run(false, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT),
+        );
         assert.ok(seen.tcp >= 1, `the reader saw no SYN (${JSON.stringify(seen)}): it cannot tell`);
       });
 
@@ -146,8 +157,26 @@ for (const reroute of [false, true]) {
         assert.equal(seen.tcp, 0, 'a raw TCP SYN left through tun0');
       });
 
+      it('drops a SYN of one IP version sent on a raw socket of the other (what a tun reader reads by the version)', async () => {
+        const before = await dropped();
+        const seen = await leftThrough(app, pod(), 'tun0', async () => {
+          for (const [packet, route, src, dst] of [
+            ['v4', TUN_V6.peer, TUN_V4.local, TUN_V4.peer],
+            ['v6', TUN_V4.peer, TUN_V6.local, TUN_V6.peer],
+          ])
+            assert.match(
+              await run(true, pod(), 'raw-other-family', 'tun0', packet!, route!, src!, dst!, PORT),
+              /^sent$|Operation not permitted/,
+            );
+        });
+        assert.equal(seen.tcp, 0, `TCP of the other IP version left through tun0 (${JSON.stringify(seen)})`);
+        assert.ok((await dropped()) >= before + 2, `counted: ${before} -> ${await dropped()}`);
+      });
+
       it('lets the pod’s UDP out through tun0 (ztunnel carries TCP only)', async () => {
-        const seen = await leftThrough(app, pod(), 'tun0', () => run(true, pod(), 'udp-dev', 'tun0', TUN_V4.peer, 9999));
+        const seen = await leftThrough(app, pod(), 'tun0', () =>
+          run(true, pod(), 'udp-dev', 'tun0', TUN_V4.peer, 9999),
+        );
         assert.equal(seen.udp, 1);
       });
 
@@ -160,13 +189,103 @@ for (const reroute of [false, true]) {
         assert.equal(await dropped(), before);
       });
 
-      it('is part of the pod’s hooks: verify checks it, detach removes it', async () => {
+      it('is part of the pod’s hooks: verify checks it, detach removes it and every entry it reads', async () => {
         const problems = (await dp.verify(uid)).problems;
         assert.ok(!problems.some((p) => /egress guard|gated_netns/.test(p)), problems.join('; '));
+        assert.ok((await entries('gated_netns')) > 0 && (await entries('captured_ifaces')) > 0);
         await dp.detach(uid);
-        const seen = await leftThrough(app, pod(), 'tun0', () => run(true, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT));
+        assert.deepEqual(
+          [await entries('gated_netns'), await entries('captured_ifaces')],
+          [0, 0],
+          'entries left after detach (a reroute interface’s among them?)',
+        );
+        const seen = await leftThrough(app, pod(), 'tun0', () =>
+          run(true, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT),
+        );
         assert.ok(seen.tcp >= 1, 'the pod’s TCP is still dropped after detach');
       });
     },
   );
 }
+
+describe(
+  'the pod’s cgroup hooks through an update that finds the pod’s interface replaced',
+  kernelTest({ name: 'egress guard, interface replaced', tcNetnsCookie: true }),
+  () => {
+    const topo = new Topology();
+    const root = testBpffsRoot(topo.id);
+    const uid = `pod-${topo.id}`;
+    let net: PodNet;
+    let dp: Datapath;
+    let app: AppCgroup;
+
+    const attach = () =>
+      dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], podCgroup: app.path, dnsCapture: false });
+    /** The link behind each of the pod's cgroup hook pins (0: none). */
+    const cgroupLinks = async (): Promise<Record<string, number>> =>
+      Object.fromEntries(
+        await Promise.all(
+          ['pod_setsockopt', 'pod_egress_guard', 'pod_connect4', 'pod_connect6'].map(async (hook) => {
+            const show = await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`]).catch(
+              () => '{"id":0}',
+            );
+            return [hook, (JSON.parse(show) as { id: number }).id];
+          }),
+        ),
+      );
+    /** The pod's eth0 deleted and made again (a new index), addresses and routes as before. */
+    const replaceEth0 = async () => {
+      await topo.ip(net.pod, 'link', 'del', 'eth0');
+      await topo.batch(undefined, [`link add eth0 netns ${net.pod} type veth peer name eth0 netns ${net.remote}`]);
+      await topo.batch(net.remote, [
+        'link set eth0 up',
+        `addr add ${net.remoteV4}/24 dev eth0`,
+        `addr add ${net.remoteV6}/64 dev eth0 nodad`,
+      ]);
+      await topo.batch(net.pod, [
+        'link set eth0 up',
+        `addr add ${net.podV4}/24 dev eth0`,
+        `addr add ${net.podV6}/64 dev eth0 nodad`,
+        `route add default via ${net.remoteV4}`,
+        `route add default via ${net.remoteV6}`,
+      ]);
+    };
+
+    before(async () => {
+      net = await podWithRemote(topo, 188);
+      dp = await Datapath.open({ bpffsRoot: root });
+      await useKernelSteering(dp);
+      app = new AppCgroup(topo.id);
+      await attach();
+    });
+
+    after(async () => {
+      delete process.env.AMBIENT_BPF_FAULT_STEP;
+      await dp?.detach(uid);
+      dp?.close();
+      app?.remove();
+      await topo.cleanup();
+      rmSync(root, { recursive: true, force: true });
+    });
+
+    it('keeps them in place when the update fails, and updates them in place when it succeeds', async () => {
+      const links = await cgroupLinks();
+      assert.ok(
+        Object.values(links).every((id) => id > 0),
+        `hooks attached: ${JSON.stringify(links)}`,
+      );
+      await replaceEth0();
+      process.env.AMBIENT_BPF_FAULT_STEP = 'host';
+      try {
+        await assert.rejects(attach(), /injected failure at step host/);
+      } finally {
+        delete process.env.AMBIENT_BPF_FAULT_STEP;
+      }
+      assert.deepEqual(await cgroupLinks(), links, 'the failed update took the cgroup hooks away');
+      await attach();
+      assert.deepEqual(await cgroupLinks(), links, 'the update made new cgroup links');
+      const problems = (await dp.verify(uid)).problems;
+      assert.deepEqual(problems, []);
+    });
+  },
+);

@@ -767,16 +767,21 @@ describe(
       dp.close();
       const down = await runCli(['datapath', 'downgrade', '--layout', '3', '--bpffs', root]);
       assert.equal(down.code, 0, down.stderr);
-      assert.ok(!existsSync(join(root, 'maps', 'captured_ifaces')), 'its map unpinned');
+      assert.ok(
+        !existsSync(join(root, 'maps', 'captured_ifaces')) && !existsSync(join(root, 'maps', 'gated_netns')),
+        'its maps unpinned',
+      );
       dp = await Datapath.open({ bpffsRoot: root });
       const seen = await dp.verify(uid);
       assert.ok(
-        seen.problems.some((p) => /does not refuse connections from interfaces without hooks yet/.test(p)),
+        seen.problems.some((p) =>
+          /interfaces are not recorded .*does not refuse connections from interfaces without hooks/.test(p),
+        ),
         seen.problems.join('; '),
       );
       const r = await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
       assert.match(r.warning, /interface net9/);
-      assert.ok(!(await dp.verify(uid)).problems.some((p) => /without hooks yet|captured_ifaces/.test(p)));
+      assert.ok(!(await dp.verify(uid)).problems.some((p) => /not recorded|captured_ifaces|gated_netns/.test(p)));
       await connectFails({ netns: Topology.netnsPath(extra.ns), host: net.podV4, port: APP_PORT, timeoutMs: 1500 });
       assert.equal(servers[0]!.accepted.length, taken, 'the app took no connection');
     });

@@ -824,14 +824,17 @@ static void detach_reroute(struct datapath *dp, const char *uid, struct reroute_
 	}
 }
 
-/* Removes the pod's programs: links from anywhere, tc filters only from inside the netns. */
-static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
+/* Removes the programs on the pod's interfaces (links from anywhere, tc filters only from inside the
+ * netns), their captured_ifaces entries first (while the record still names every interface). */
+static void detach_iface_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
 {
+	struct captured_set captured;
 	struct pod_ifaces f;
 	char dir[PATH_MAX];
 
-	detach_cgroup_hooks(dp, uid, m);
 	ifaces_get(dp, uid, &f);
+	captured_set_of(m, &f, &captured);
+	captured_remove(&dp->policy, m, &captured);
 	pod_dir(dp, uid, dir);
 	ifaces_unhook(dir, &f, m->mode, in_netns);
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++) {
@@ -841,6 +844,13 @@ static void detach_programs(struct datapath *dp, const char *uid, struct pod_met
 	detach_tcx_links(dp, uid); /* (also any reroute pin left from another mode) */
 	if (in_netns && (m->mode == ATTACH_MODE_TC || (m->owns & OWNS_CLSACT)))
 		detach_tc_filters(m);
+}
+
+/* Removes all of the pod's programs: its cgroup's hooks and its interfaces'. */
+static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
+{
+	detach_cgroup_hooks(dp, uid, m);
+	detach_iface_programs(dp, uid, m, in_netns);
 }
 
 /* Undoes, best effort, everything the meta record says attach did in this netns. */
@@ -1527,7 +1537,9 @@ static int attach_job(void *p)
 	}
 	if (m->state == ATTACH_STATE_ATTACHED) {
 		if (m->ifindex != (unsigned)ifindex) {
-			detach_programs(job->dp, job->uid, m, true); /* the pod's interface was replaced */
+			/* The pod's interface was replaced: its interfaces' hooks go (the cgroup's stay:
+			 * they are the cgroup's, updated in place below). */
+			detach_iface_programs(job->dp, job->uid, m, true);
 			memset(&prev_ifaces, 0, sizeof(prev_ifaces));
 			/* The socket lookup's check waits for the new interface's entry (written at the
 			 * end of the attach): else it would refuse every connection until then. */
@@ -2337,8 +2349,10 @@ static void verify_captured(struct datapath *dp, const struct pod_meta *m, const
 	if (m->state != ATTACH_STATE_ATTACHED)
 		return;
 	if (!m->ifaces_gated) {
-		problem(res, "the pod's socket lookup does not refuse connections from interfaces without "
-			     "hooks yet (attached by an older release)");
+		problem(res, "the pod's interfaces are not recorded (attached by an older release, or the "
+			     "record could "
+			     "not be written): its socket lookup does not refuse connections from interfaces "
+			     "without hooks, nor its egress guard TCP sent out through them");
 		return;
 	}
 	captured_set_of(m, f, &s);

@@ -194,8 +194,15 @@ int captured_write(const struct policy_maps *maps, const struct pod_meta *m, con
 		struct captured_key k = { .slot = m->slot, .ifindex = now->ifindex[i] };
 		__u64 v = captured_value(m, now, i);
 
-		if (bpf_map_update_elem(maps->captured_fd, &k, &v, BPF_ANY))
-			return -errno;
+		if (bpf_map_update_elem(maps->captured_fd, &k, &v, BPF_ANY)) {
+			int err = -errno;
+
+			/* The entries are not the pod's interfaces any more: the guard stands down with
+			 * the socket lookup's check (the caller's pod is not gated), as verify says. */
+			if (m->netns_cookie && captured_gated(maps, m))
+				bpf_map_delete_elem(maps->gated_fd, &m->netns_cookie);
+			return err;
+		}
 	}
 	for (unsigned i = 0; gone && i < gone->count; i++) {
 		struct captured_key k = { .slot = m->slot, .ifindex = gone->ifindex[i] };

@@ -53,7 +53,7 @@ struct ip_info {
 	bool first_fragment; /* offset 0, more fragments follow */
 	bool later_fragment; /* offset > 0: no transport header */
 	bool unwalkable; /* IPv6 chain that cannot be followed (routing with segments left, too long, cut) */
-	bool hidden; /* the link layer hides what the frame carries (see link_hides) */
+	bool hidden; /* the link layer or the IP version hides what the packet carries (see parse_ip) */
 };
 
 static __always_inline bool ip_fragment(const struct ip_info *ip)
@@ -138,7 +138,10 @@ static __always_inline bool link_hides(struct __sk_buff *skb)
 }
 
 /* Reads the IP header at `l3_off` (L2_ETHERNET or L2_NONE). Non-IP packets have is_ip false; an
- * Ethernet frame whose type field does not say what skb->protocol says is `hidden`. */
+ * Ethernet frame whose type field does not say what skb->protocol says is `hidden`, and so is an IP
+ * header whose version is not the one skb->protocol says (a raw socket of one family can send the
+ * other's packet, as skb->protocol is the socket's, and a tun device's reader, like
+ * the receiving stack, goes by the version). */
 static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct ip_info *ip)
 {
 	__builtin_memset(ip, 0, sizeof(*ip));
@@ -153,6 +156,10 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 
 		if (bpf_skb_load_bytes(skb, l3_off, &h, sizeof(h)))
 			return;
+		if (h.version != 4) {
+			ip->hidden = true; /* what it carries is not what skb->protocol says */
+			return;
+		}
 		ip->is_ip = true;
 		ip->proto = h.protocol;
 		ip->hop_limit = h.ttl;
@@ -176,6 +183,10 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 
 		if (bpf_skb_load_bytes(skb, l3_off, &h, sizeof(h)))
 			return;
+		if (h.version != 6) {
+			ip->hidden = true; /* what it carries is not what skb->protocol says */
+			return;
+		}
 		ip->is_ip = true;
 		ip->ipv6 = true;
 		ip->plain = true;
