@@ -225,12 +225,14 @@ describe(
     const cgroupLinks = async (): Promise<Record<string, number>> =>
       Object.fromEntries(
         await Promise.all(
-          ['pod_setsockopt', 'pod_egress_guard', 'pod_connect4', 'pod_connect6'].map(async (hook) => {
-            const show = await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`]).catch(
-              () => '{"id":0}',
-            );
-            return [hook, (JSON.parse(show) as { id: number }).id];
-          }),
+          ['pod_setsockopt', 'pod_egress_guard', 'pod_connect4', 'pod_connect6'].map(
+            async (hook): Promise<[string, number]> => {
+              const show = await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`]).catch(
+                () => '{"id":0}',
+              );
+              return [hook, (JSON.parse(show) as { id: number }).id];
+            },
+          ),
         ),
       );
     /** The pod's eth0 deleted and made again (a new index), addresses and routes as before. */
