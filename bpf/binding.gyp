@@ -4,6 +4,7 @@
       "target_name": "ambient_bpf",
       "sources": [
         "native/addon.c",
+        "native/cgroup_hooks.c",
         "native/datapath.c",
         "native/dp_error.c",
         "native/layout.c",

@@ -24,6 +24,7 @@
 #include <bpf/btf.h>
 #include <bpf/libbpf.h>
 
+#include "cgroup_hooks.h"
 #include "hooks.h"
 #include "layout.h"
 #include "netns_thread.h"
@@ -41,49 +42,6 @@ static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS }
 static const char *const host_hook_names[2] = { "host-ingress", "host-egress" };
 static const char *const host_prog_names[2] = { "pod_to_node", "node_to_pod" };
 
-/* Hooks on the pod's cgroup v2: always the socket-option guard (progs/socket_guard.bpf.c); the
- * egress guard (progs/egress_guard.bpf.c) where programs can read a device's netns cookie; the
- * outbound connect hooks that route the apps' TCP over lo to ztunnel (progs/outbound_route.bpf.c);
- * then DNS capture's socket-call hooks (progs/dns_capture.bpf.c) when the pod's DNS is captured. */
-#define CGROUP_HOOKS 12
-static const char *const cgroup_prog_names[CGROUP_HOOKS] = {
-	"pod_setsockopt", "pod_egress_guard", "pod_connect4",	  "pod_connect6",
-	"dns_connect4",	  "dns_connect6",     "dns_sendmsg4",	  "dns_sendmsg6",
-	"dns_recvmsg4",	  "dns_recvmsg6",     "dns_getpeername4", "dns_getpeername6",
-};
-static const enum bpf_attach_type cgroup_attach_types[CGROUP_HOOKS] = {
-	BPF_CGROUP_SETSOCKOPT,	  BPF_CGROUP_INET_EGRESS,	BPF_CGROUP_INET4_CONNECT,
-	BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET4_CONNECT,	BPF_CGROUP_INET6_CONNECT,
-	BPF_CGROUP_UDP4_SENDMSG,  BPF_CGROUP_UDP6_SENDMSG,	BPF_CGROUP_UDP4_RECVMSG,
-	BPF_CGROUP_UDP6_RECVMSG,  BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
-};
-
-#define GUARD_HOOK 0
-#define EGRESS_GUARD_HOOK 1
-#define ROUTE_HOOKS 4 /* the connect hooks: 2 and 3 */
-
-/* Is cgroup hook i wanted for pod m? The egress guard where it can tell the pod's netns; the route
- * hooks only with the pod netns's sk_lookup program, which alone may take the SYNs they route over
- * lo (it is there when the netns has a cookie). */
-static bool cgroup_hook_wanted(const struct datapath *dp, int i, const struct pod_meta *m)
-{
-	if (i == GUARD_HOOK)
-		return true;
-	if (i == EGRESS_GUARD_HOOK)
-		return dp_tc_netns_cookie(dp) && m->netns_cookie != 0;
-	if (i < ROUTE_HOOKS)
-		return m->netns_cookie != 0;
-	return m->flags & POD_F_DNS_CAPTURE;
-}
-
-static const char *cgroup_hook_purpose(int i)
-{
-	return i == GUARD_HOOK		? "socket-option guard"
-	       : i == EGRESS_GUARD_HOOK ? "egress guard"
-	       : i < ROUTE_HOOKS	? "outbound route"
-					: "DNS capture";
-}
-
 struct datapath {
 	char root[PATH_MAX];
 	int root_fd; /* flock'ed around every operation: other processes share the pins */
@@ -93,7 +51,7 @@ struct datapath {
 	int sk_lookup_prog_fd;
 	int sockops_prog_fd;
 	int host_prog_fd[2];
-	int cgroup_prog_fd[CGROUP_HOOKS];
+	struct cgroup_hooks cgroup;
 	int meta_fd;
 	int ifaces_fd;
 	int settings_fd;
@@ -286,11 +244,6 @@ static int mkdir_p(const char *path)
 		*p = '/';
 	}
 	return mkdir(buf, 0700) && errno != EEXIST ? -errno : 0;
-}
-
-static void cgroup_pin_path(const struct datapath *dp, const char *uid, int hook, char out[PATH_MAX])
-{
-	snprintf(out, PATH_MAX, "%s/pods/%s/%s", dp->root, uid, cgroup_prog_names[hook]);
 }
 
 /* What a reroute interface carries before the IP header: tap and veth devices Ethernet, L3 devices
@@ -632,9 +585,7 @@ int dp_open(const char *root, const char *object_path, int tc_netns_cookie, stru
 	for (int d = 0; d < 2; d++)
 		dp->host_prog_fd[d] =
 			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, host_prog_names[d]));
-	for (int i = 0; i < CGROUP_HOOKS; i++)
-		dp->cgroup_prog_fd[i] =
-			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, cgroup_prog_names[i]));
+	cgroup_hooks_init(&dp->cgroup, dp->root, dp->obj, dp->tc_netns_cookie);
 	dp->meta_fd = map_fd(dp->obj, "pod_meta");
 	dp->ifaces_fd = map_fd(dp->obj, "pod_ifaces");
 	dp->settings_fd = map_fd(dp->obj, "settings");
@@ -727,7 +678,6 @@ static int wanted_local_route(struct rtnl *nl, const struct pod_meta *m, const s
 	return rtnl_link_mtu(nl, (int)m->ifindex, &want->mtu);
 }
 
-static void detach_cgroup_hooks(struct datapath *dp, const char *uid, struct pod_meta *m);
 static void detach_main_tcx(struct datapath *dp, const char *uid);
 
 /* Detaches a pinned tcx link (the pod's own hooks and its reroute interfaces' hooks). */
@@ -849,7 +799,7 @@ static void detach_iface_programs(struct datapath *dp, const char *uid, struct p
 /* Removes all of the pod's programs: its cgroup's hooks and its interfaces'. */
 static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
 {
-	detach_cgroup_hooks(dp, uid, m);
+	cgroup_hooks_detach(&dp->cgroup, uid, m);
 	detach_iface_programs(dp, uid, m, in_netns);
 }
 
@@ -1214,18 +1164,6 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 	return 0;
 }
 
-static int pinned_cgroup_link(const char *pin, __u64 *cgroup_id, __u32 *prog_id)
-{
-	struct bpf_link_info info;
-	int err = pinned_link(pin, &info, sizeof(info));
-
-	if (!err && info.type != BPF_LINK_TYPE_CGROUP)
-		err = -EINVAL;
-	*cgroup_id = err ? 0 : info.cgroup.cgroup_id;
-	*prog_id = err ? 0 : info.prog_id;
-	return err;
-}
-
 static void sk_lookup_pin_path(const struct datapath *dp, const char *uid, char out[PATH_MAX])
 {
 	snprintf(out, PATH_MAX, "%s/pods/%s/sk_lookup", dp->root, uid);
@@ -1240,116 +1178,6 @@ static __u32 pinned_sk_lookup_prog(const char *pin, __u64 netns_ino)
 	    info.netns.netns_ino != netns_ino)
 		return 0;
 	return info.prog_id;
-}
-
-static void cgroup_next_pin_path(const struct datapath *dp, const char *uid, int hook, char out[PATH_MAX])
-{
-	snprintf(out, PATH_MAX, "%s/pods/%s/%s_next", dp->root, uid, cgroup_prog_names[hook]);
-}
-
-/* Drops cgroup links prepared for an update that did not happen. */
-static void cgroup_hooks_abort(struct datapath *dp, const char *uid)
-{
-	char pin[PATH_MAX];
-
-	for (int i = 0; i < CGROUP_HOOKS; i++) {
-		cgroup_next_pin_path(dp, uid, i, pin);
-		detach_pinned_link(pin);
-	}
-}
-
-static void detach_cgroup_hooks(struct datapath *dp, const char *uid, struct pod_meta *m)
-{
-	char pin[PATH_MAX];
-
-	cgroup_hooks_abort(dp, uid);
-	for (int i = 0; i < CGROUP_HOOKS; i++) {
-		cgroup_pin_path(dp, uid, i, pin);
-		detach_pinned_link(pin);
-	}
-	m->pod_cgroup_id = 0;
-}
-
-/* The pod's cgroup hooks, first half: links from the pod's cgroup to the hooks wanted, swapped in place
- * when they are there already; links on a new cgroup are made and pinned beside the old ones
- * ("<hook>_next": bpffs refuses dots in names), which keep capturing until cgroup_hooks_commit renames the new pins over them. */
-static int cgroup_hooks_prepare(struct netns_job *job)
-{
-	const char *path = job->req->pod_cgroup;
-	char pin[PATH_MAX], next[PATH_MAX];
-	struct stat st;
-	int cg, err = 0;
-
-	if (!path[0]) {
-		job->meta->pod_cgroup_id = 0; /* turned off: cgroup_hooks_commit detaches */
-		return 0;
-	}
-	cg = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (cg < 0 || fstat(cg, &st)) {
-		err = errno;
-		if (cg >= 0)
-			close(cg);
-		return dp_fail(job->e, DPE_INVALID, err, "cannot open the pod's cgroup %s", path);
-	}
-	for (int i = 0; i < CGROUP_HOOKS && !err; i++) {
-		__u64 linked = 0;
-		__u32 prog = 0;
-		int fd;
-
-		cgroup_pin_path(job->dp, job->uid, i, pin);
-		cgroup_next_pin_path(job->dp, job->uid, i, next);
-		detach_pinned_link(next); /* left by a crash */
-		if (!cgroup_hook_wanted(job->dp, i, job->meta))
-			continue; /* (detached by cgroup_hooks_commit, once the update is recorded) */
-		if (pinned_cgroup_link(pin, &linked, &prog) == 0 && linked == st.st_ino) {
-			fd = bpf_obj_get(pin);
-			if (fd < 0 || bpf_link_update(fd, job->dp->cgroup_prog_fd[i], NULL))
-				err = -errno;
-			if (fd >= 0)
-				close(fd);
-			continue;
-		}
-		fd = bpf_link_create(job->dp->cgroup_prog_fd[i], cg, cgroup_attach_types[i], NULL);
-		if (fd < 0) {
-			err = -errno;
-			break;
-		}
-		if (bpf_obj_pin(fd, next)) {
-			err = -errno;
-			bpf_link_detach(fd);
-		}
-		close(fd);
-	}
-	close(cg);
-	if (err) {
-		cgroup_hooks_abort(job->dp, job->uid);
-		return dp_fail(job->e, DPE_SYSTEM, err, "cannot attach the hooks on the pod's cgroup %s",
-			       path);
-	}
-	job->meta->pod_cgroup_id = st.st_ino;
-	return 0;
-}
-
-/* Second half: the prepared links replace the old ones (rename over their pins: the old link goes
- * with its last pin, the new one already runs); hooks no longer wanted (DNS capture turned off)
- * go. */
-static int cgroup_hooks_commit(struct netns_job *job)
-{
-	char pin[PATH_MAX], next[PATH_MAX];
-
-	if (!job->req->pod_cgroup[0]) {
-		detach_cgroup_hooks(job->dp, job->uid, job->meta);
-		return 0;
-	}
-	for (int i = 0; i < CGROUP_HOOKS; i++) {
-		cgroup_pin_path(job->dp, job->uid, i, pin);
-		cgroup_next_pin_path(job->dp, job->uid, i, next);
-		if (!cgroup_hook_wanted(job->dp, i, job->meta))
-			detach_pinned_link(pin);
-		else if (access(next, F_OK) == 0 && rename(next, pin))
-			return dp_fail(job->e, DPE_SYSTEM, errno, "cannot replace the cgroup link %s", pin);
-	}
-	return 0;
 }
 
 /* This thread's netns's cookie (Linux 5.14+), the key sk_lookup steering finds a pod's ztunnel
@@ -1865,7 +1693,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 	/* Nothing half-applied: a failure from here on is undone or restored below. */
 	if (!e->code && !attach_sk_lookup(dp, req->uid, &m, fd, e) && !fault(&job, "sk_lookup") &&
 	    !attach_host(dp, req, &m, job.host_peer, e) && !fault(&job, "host") &&
-	    !cgroup_hooks_prepare(&job) && !fault(&job, "dns")) {
+	    !cgroup_hooks_prepare(&dp->cgroup, req->uid, req->pod_cgroup, &m, e) && !fault(&job, "dns")) {
 		struct captured_set captured, was_captured;
 		struct pod_policy now;
 
@@ -1889,12 +1717,12 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 			if ((err = meta_put(dp, req->uid, &m)))
 				dp_fail(e, DPE_SYSTEM, err, "cannot record pod %s", req->uid);
 			else
-				cgroup_hooks_commit(&job);
+				cgroup_hooks_commit(&dp->cgroup, req->uid, req->pod_cgroup, &m, e);
 		}
 	}
 	if (e->code && res->updated) {
 		/* A failed update of an attached pod: the previous attachment again, never a detach. */
-		cgroup_hooks_abort(dp, req->uid);
+		cgroup_hooks_abort(&dp->cgroup, req->uid);
 		if (!old.steering_sk_lookup && m.steering_sk_lookup) {
 			char pin[PATH_MAX];
 
@@ -1940,7 +1768,7 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 
 		if (undo)
 			undo_recorded(dp, req->uid, &m, NULL, 0);
-		cgroup_hooks_abort(dp, req->uid);
+		cgroup_hooks_abort(&dp->cgroup, req->uid);
 		policy_remove(&dp->policy, &found);
 		ifaces_forget(dp, req->uid, &m);
 		meta_del(dp, req->uid);
@@ -2269,21 +2097,7 @@ static int verify_job(void *p)
 		else
 			verify_program_name(r, prog, "sk_lookup", "pod_sk_lookup");
 	}
-	for (int i = 0; m->pod_cgroup_id && i < CGROUP_HOOKS; i++) {
-		const char *what = cgroup_hook_purpose(i);
-		char pin[PATH_MAX];
-		__u64 linked = 0;
-		__u32 prog = 0;
-
-		if (!cgroup_hook_wanted(job->dp, i, m))
-			continue;
-		cgroup_pin_path(job->dp, job->uid, i, pin);
-		if (pinned_cgroup_link(pin, &linked, &prog) || linked != m->pod_cgroup_id)
-			problem(r, "the %s hook %s is missing or detached (cgroup gone?)", what,
-				cgroup_prog_names[i]);
-		else
-			verify_program_name(r, prog, what, cgroup_prog_names[i]);
-	}
+	cgroup_hooks_verify(&job->dp->cgroup, job->uid, m, r);
 	return 0;
 }
 
