@@ -221,11 +221,12 @@ describe(
 
     const attach = () =>
       dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6], podCgroup: app.path, dnsCapture: false });
-    /** The link behind each of the pod's cgroup hook pins (0: none). */
+    /** The link behind each pin of the pod's cgroup hooks and of its netns's sk_lookup link (0: none):
+     * neither is an interface's. */
     const cgroupLinks = async (): Promise<Record<string, number>> =>
       Object.fromEntries(
         await Promise.all(
-          ['pod_setsockopt', 'pod_egress_guard', 'pod_connect4', 'pod_connect6'].map(
+          ['pod_setsockopt', 'pod_egress_guard', 'pod_connect4', 'pod_connect6', 'sk_lookup'].map(
             async (hook): Promise<[string, number]> => {
               const show = await sh('bpftool', ['-j', 'link', 'show', 'pinned', `${root}/pods/${uid}/${hook}`]).catch(
                 () => '{"id":0}',
@@ -277,13 +278,16 @@ describe(
         `hooks attached: ${JSON.stringify(links)}`,
       );
       await replaceEth0();
-      process.env.AMBIENT_BPF_FAULT_STEP = 'host';
-      try {
-        await assert.rejects(attach(), /injected failure at step host/);
-      } finally {
-        delete process.env.AMBIENT_BPF_FAULT_STEP;
+      // Failed inside the pod netns (the interface's programs) and after it (the node side).
+      for (const step of ['programs', 'host']) {
+        process.env.AMBIENT_BPF_FAULT_STEP = step;
+        try {
+          await assert.rejects(attach(), new RegExp(`injected failure at step ${step}`));
+        } finally {
+          delete process.env.AMBIENT_BPF_FAULT_STEP;
+        }
+        assert.deepEqual(await cgroupLinks(), links, `the update failed at ${step} took a hook away`);
       }
-      assert.deepEqual(await cgroupLinks(), links, 'the failed update took the cgroup hooks away');
       await attach();
       assert.deepEqual(await cgroupLinks(), links, 'the update made new cgroup links');
       const problems = (await dp.verify(uid)).problems;

@@ -24,10 +24,10 @@ static const char *const prog_names[CGROUP_HOOKS] = {
 	"dns_recvmsg4",	  "dns_recvmsg6",     "dns_getpeername4", "dns_getpeername6",
 };
 static const enum bpf_attach_type attach_types[CGROUP_HOOKS] = {
-	BPF_CGROUP_SETSOCKOPT,	      BPF_CGROUP_INET_EGRESS,	    BPF_CGROUP_INET4_CONNECT,
-	BPF_CGROUP_INET6_CONNECT,     BPF_CGROUP_INET4_CONNECT,	    BPF_CGROUP_INET6_CONNECT,
-	BPF_CGROUP_UDP4_SENDMSG,      BPF_CGROUP_UDP6_SENDMSG,	    BPF_CGROUP_UDP4_RECVMSG,
-	BPF_CGROUP_UDP6_RECVMSG,      BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
+	BPF_CGROUP_SETSOCKOPT,	  BPF_CGROUP_INET_EGRESS,	BPF_CGROUP_INET4_CONNECT,
+	BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET4_CONNECT,	BPF_CGROUP_INET6_CONNECT,
+	BPF_CGROUP_UDP4_SENDMSG,  BPF_CGROUP_UDP6_SENDMSG,	BPF_CGROUP_UDP4_RECVMSG,
+	BPF_CGROUP_UDP6_RECVMSG,  BPF_CGROUP_INET4_GETPEERNAME, BPF_CGROUP_INET6_GETPEERNAME,
 };
 
 #define GUARD_HOOK 0
@@ -206,7 +206,8 @@ void cgroup_hooks_verify(const struct cgroup_hooks *h, const char *uid, const st
 			continue;
 		pin_path(h, uid, i, pin);
 		if (pinned_cgroup_link(pin, &linked, &prog) || linked != m->pod_cgroup_id)
-			problem(r, "the %s hook %s is missing or detached (cgroup gone?)", what, prog_names[i]);
+			problem(r, "the %s hook %s is missing or detached (cgroup gone?)", what,
+				prog_names[i]);
 		else
 			verify_program_name(r, prog, what, prog_names[i]);
 	}

@@ -680,17 +680,18 @@ static int wanted_local_route(struct rtnl *nl, const struct pod_meta *m, const s
 
 static void detach_main_tcx(struct datapath *dp, const char *uid);
 
-/* Detaches a pinned tcx link (the pod's own hooks and its reroute interfaces' hooks). */
+/* Detaches a pinned tcx link of the pod's interfaces: its own, its other ones, its reroute ones and
+ * the node side of its veth (not the netns's sk_lookup link, nor the cgroup's hooks). */
 static void detach_tcx_pin(const char *pin)
 {
 	const char *name = strrchr(pin, '/') + 1;
 
 	if (!strcmp(name, "ingress") || !strcmp(name, "egress") || !strncmp(name, "reroute-", 8) ||
-	    !strncmp(name, "host-", 5) || !strcmp(name, "sk_lookup") || ifaces_pin(name))
+	    !strncmp(name, "host-", 5) || ifaces_pin(name))
 		detach_pinned_link(pin);
 }
 
-/* Removes the pod's tcx links through their pins (works from any netns). */
+/* Removes the pod's interfaces' tcx links through their pins (works from any netns). */
 static void detach_tcx_links(struct datapath *dp, const char *uid)
 {
 	for_each_pin(dp, uid, detach_tcx_pin);
@@ -796,11 +797,18 @@ static void detach_iface_programs(struct datapath *dp, const char *uid, struct p
 		detach_tc_filters(m);
 }
 
-/* Removes all of the pod's programs: its cgroup's hooks and its interfaces'. */
+static void sk_lookup_pin_path(const struct datapath *dp, const char *uid, char out[PATH_MAX]);
+
+/* Removes all of the pod's programs: its cgroup's hooks, its interfaces' and its netns's sk_lookup
+ * link. */
 static void detach_programs(struct datapath *dp, const char *uid, struct pod_meta *m, bool in_netns)
 {
+	char pin[PATH_MAX];
+
 	cgroup_hooks_detach(&dp->cgroup, uid, m);
 	detach_iface_programs(dp, uid, m, in_netns);
+	sk_lookup_pin_path(dp, uid, pin);
+	detach_pinned_link(pin);
 }
 
 /* Undoes, best effort, everything the meta record says attach did in this netns. */
@@ -1365,8 +1373,9 @@ static int attach_job(void *p)
 	}
 	if (m->state == ATTACH_STATE_ATTACHED) {
 		if (m->ifindex != (unsigned)ifindex) {
-			/* The pod's interface was replaced: its interfaces' hooks go (the cgroup's stay:
-			 * they are the cgroup's, updated in place below). */
+			/* The pod's interface was replaced: its interfaces' hooks go (the cgroup's and the
+			 * netns's sk_lookup link stay: they are not an interface's, and are updated in
+			 * place below; the connect hooks route over lo only with that link there). */
 			detach_iface_programs(job->dp, job->uid, m, true);
 			memset(&prev_ifaces, 0, sizeof(prev_ifaces));
 			/* The socket lookup's check waits for the new interface's entry (written at the

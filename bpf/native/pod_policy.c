@@ -211,8 +211,13 @@ int captured_write(const struct policy_maps *maps, const struct pod_meta *m, con
 			bpf_map_delete_elem(maps->captured_fd, &k);
 	}
 	/* Last: the egress guard acts on the netns only once its interfaces are all there. */
-	if (m->netns_cookie && bpf_map_update_elem(maps->gated_fd, &m->netns_cookie, &m->slot, BPF_ANY))
-		return -errno;
+	if (m->netns_cookie && bpf_map_update_elem(maps->gated_fd, &m->netns_cookie, &m->slot, BPF_ANY)) {
+		int err = -errno;
+
+		if (captured_gated(maps, m)) /* (an update's, standing: down with the caller's gate) */
+			bpf_map_delete_elem(maps->gated_fd, &m->netns_cookie);
+		return err;
+	}
 	return 0;
 }
 

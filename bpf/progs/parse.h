@@ -2,8 +2,9 @@
  * as the stack walks them) down to the transport header. One rule for all callers: a packet that
  * may carry TCP but whose TCP header cannot be read here as the stack will read it (a fragment, a
  * routing header still to be followed, a chain too long to walk, a truncated header, an Ethernet
- * frame whose type field says something else than skb->protocol or hides IP behind VLAN tags) is
- * PKT_UNCLASSIFIED, and the callers drop it rather than pass it. */
+ * frame whose type field says something else than skb->protocol or hides IP behind VLAN tags, an IP
+ * header of another version than skb->protocol says) is PKT_UNCLASSIFIED, and the callers drop it
+ * rather than pass it. */
 #ifndef AMBIENT_PARSE_H
 #define AMBIENT_PARSE_H
 
