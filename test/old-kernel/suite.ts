@@ -60,7 +60,7 @@ export const NOT_APPLICABLE_ON_6_1: { file: string; name: string; reason: string
   { file: 'dist/test/attack.test.js', name: 'attacks with tcx hooks and sk-lookup steering', reason: TCX },
   {
     file: 'dist/test/egress-guard.test.js',
-    name: 'egress guard, reroute',
+    name: 'egress guard: a reroute-virtual-interfaces device (ingress hook only)',
     reason: `${SK_ASSIGN}; reroute-virtual-interfaces needs it`,
   },
   // (foreign-address's netns-cookie suite is not listed: Debian's 6.1 has tcNetnsCookie, probed in
