@@ -78,14 +78,8 @@ void cgroup_hooks_init(struct cgroup_hooks *h, const char *root, struct bpf_obje
 int pinned_cgroup_link(const char *pin, __u64 *cgroup_id, __u32 *prog_id)
 {
 	struct bpf_link_info info;
-	__u32 len = sizeof(info);
-	int fd = bpf_obj_get(pin), err = 0;
+	int err = pinned_link(pin, &info, sizeof(info));
 
-	memset(&info, 0, sizeof(info));
-	if (fd < 0 || bpf_obj_get_info_by_fd(fd, &info, &len))
-		err = -errno;
-	if (fd >= 0)
-		close(fd);
 	if (!err && info.type != BPF_LINK_TYPE_CGROUP)
 		err = -EINVAL;
 	*cgroup_id = err ? 0 : info.cgroup.cgroup_id;

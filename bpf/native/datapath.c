@@ -213,20 +213,17 @@ static int ifaces_policy_write(struct datapath *dp, const struct pod_meta *m, co
 	return policy_write_secondary(&dp->policy, &now, &gone);
 }
 
-/* Drops the record of the pod's other interfaces (unhooked already), their addresses' policy and
- * the pod's captured_ifaces entries. */
+/* Drops the record of the pod's other interfaces (unhooked already, their captured_ifaces entries
+ * with them: detach_iface_programs) and their addresses' policy. */
 static void ifaces_forget(struct datapath *dp, const char *uid, const struct pod_meta *m)
 {
 	struct pod_meta_key k = meta_key(uid);
-	struct captured_set captured;
 	struct pod_ifaces f;
 	struct pod_meta a;
 
 	ifaces_get(dp, uid, &f);
 	a = with_iface_addrs(m, &f);
 	policy_remove(&dp->policy, &a);
-	captured_set_of(m, &f, &captured);
-	captured_remove(&dp->policy, m, &captured);
 	bpf_map_delete_elem(dp->ifaces_fd, &k);
 }
 
@@ -332,7 +329,7 @@ static bool netns_present(const struct pod_meta *m)
 
 /* Reads the info of the link a pin holds into `info` (`size` bytes: struct bpf_link_info, or the
  * tcx layout below for tcx links). */
-static int pinned_link(const char *pin, void *info, __u32 size)
+int pinned_link(const char *pin, void *info, __u32 size)
 {
 	int fd = bpf_obj_get(pin);
 	int err = 0;

@@ -21,6 +21,8 @@ struct tcx_link_info {
 	__u8 rest[64];
 };
 
+/* A pinned link's info (-errno if the pin holds none); `size` is info's, of any link type's struct. */
+int pinned_link(const char *pin, void *info, __u32 size);
 int pinned_link_info(const char *pin, struct tcx_link_info *info);
 void detach_pinned_link(const char *pin);
 int attach_tcx_pinned(const char *pin, int prog_fd, unsigned ifindex, unsigned type);

@@ -181,6 +181,13 @@ static bool set_has(const struct captured_set *s, __u32 ifindex)
 	return false;
 }
 
+/* The pod's gated_netns entry goes (if it is still this pod's): the egress guard stands down. */
+static void gated_remove(const struct policy_maps *maps, const struct pod_meta *m)
+{
+	if (m->netns_cookie && captured_gated(maps, m))
+		bpf_map_delete_elem(maps->gated_fd, &m->netns_cookie);
+}
+
 /* The captured_ifaces value of the set's interface i. */
 static __u64 captured_value(const struct pod_meta *m, const struct captured_set *s, unsigned i)
 {
@@ -199,8 +206,7 @@ int captured_write(const struct policy_maps *maps, const struct pod_meta *m, con
 
 			/* The entries are not the pod's interfaces any more: the guard stands down with
 			 * the socket lookup's check (the caller's pod is not gated), as verify says. */
-			if (m->netns_cookie && captured_gated(maps, m))
-				bpf_map_delete_elem(maps->gated_fd, &m->netns_cookie);
+			gated_remove(maps, m);
 			return err;
 		}
 	}
@@ -214,8 +220,7 @@ int captured_write(const struct policy_maps *maps, const struct pod_meta *m, con
 	if (m->netns_cookie && bpf_map_update_elem(maps->gated_fd, &m->netns_cookie, &m->slot, BPF_ANY)) {
 		int err = -errno;
 
-		if (captured_gated(maps, m)) /* (an update's, standing: down with the caller's gate) */
-			bpf_map_delete_elem(maps->gated_fd, &m->netns_cookie);
+		gated_remove(maps, m); /* (an update's, standing: down with the caller's gate) */
 		return err;
 	}
 	return 0;
@@ -248,9 +253,7 @@ void captured_remove(const struct policy_maps *maps, const struct pod_meta *m, c
 {
 	__u64 v;
 
-	/* First: never a netns the guard acts on with entries missing. */
-	if (m->netns_cookie && captured_gated(maps, m))
-		bpf_map_delete_elem(maps->gated_fd, &m->netns_cookie);
+	gated_remove(maps, m); /* first: never a netns the guard acts on with entries missing */
 	for (unsigned i = 0; i < s->count; i++)
 		if (captured_entry(maps, m, s->ifindex[i], &v)) {
 			struct captured_key k = { .slot = m->slot, .ifindex = s->ifindex[i] };
