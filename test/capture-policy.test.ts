@@ -236,7 +236,10 @@ for (const mode of ['tcx', 'tc'] as const) {
       await topo.exec(net.pod, 'sysctl', '-qw', 'net.ipv4.ip_forward=1');
       await topo.ip(net.remote, 'route', 'add', `198.18.${subnet + 100}.0/24`, 'via', net.podV4);
       const v = await dp.verify(uid);
-      assert.deepEqual(v.problems, ['reroute interface vm0 appeared and is not hooked yet']);
+      assert.deepEqual(v.problems, [
+        'reroute interface vm0 appeared and is not hooked yet',
+        'interface vm0 has no egress guard', // (on the egress of every interface without pod_egress)
+      ]);
       await attach();
       assert.equal((await dp.verify(uid)).ok, true);
       const before = dp.nodeCounters().rerouted;
@@ -330,7 +333,10 @@ for (const mode of ['tcx', 'tc'] as const) {
       await topo.ip(net.pod, 'tuntap', 'add', 'dev', 'tun0', 'mode', 'tun');
       await topo.addAddress(net.pod, 'tun0', `${tunGw}/24`);
       await topo.ip(net.pod, 'link', 'set', 'tun0', 'up');
-      assert.deepEqual((await dp.verify(uid)).problems, ['reroute interface tun0 appeared and is not hooked yet']);
+      assert.deepEqual((await dp.verify(uid)).problems, [
+        'reroute interface tun0 appeared and is not hooked yet',
+        'interface tun0 has no egress guard',
+      ]);
       await attach(); // an update: the tun device is hooked now
       assert.deepEqual((await dp.verify(uid)).problems, []); // tun0 runs the L3 program, vm0 the Ethernet one
       const before = dp.nodeCounters().rerouted;

@@ -34,14 +34,15 @@ async function tunDevice(topo: Topology, ns: string, dev: string, v4: typeof TUN
   ]);
 }
 
-/** What left through tun device `dev` of `netns` while `send` ran, as its reader counted it. */
-async function leftThrough(
+/** What a counting fixture command (`args`, in `netns`; it counts until its stdin ends) printed
+ * last, having counted while `send` ran. */
+async function countedWhile(
   app: AppCgroup,
   netns: string,
-  dev: string,
+  args: string[],
   send: () => Promise<unknown>,
-): Promise<{ tcp: number; udp: number }> {
-  const reader: ChildProcess = app.spawn('nsenter', [`--net=${netns}`, 'python3', app.clientScript, 'tun-count', dev], {
+): Promise<string> {
+  const reader: ChildProcess = app.spawn('nsenter', [`--net=${netns}`, 'python3', app.clientScript, ...args], {
     stdio: ['pipe', 'pipe', 'inherit'],
   });
   let out = '';
@@ -50,10 +51,10 @@ async function leftThrough(
   try {
     await until(
       () => /ready|ERR/.test(out),
-      () => `the reader of ${dev} ready (it printed: ${out})`,
+      () => `${args.join(' ')} ready (it printed: ${out})`,
       10_000,
     );
-    assert.doesNotMatch(out, /ERR/, `the reader of ${dev} failed`);
+    assert.doesNotMatch(out, /ERR/, `${args.join(' ')} failed`);
     await send();
     // A packet is in the device's queue when the sender's call returns; the reader gets it within this.
     await new Promise((r) => setTimeout(r, 300));
@@ -61,6 +62,17 @@ async function leftThrough(
     reader.stdin!.end();
     await exited;
   }
+  return out.trim().split('\n').pop()!;
+}
+
+/** What left through tun device `dev` of `netns` while `send` ran, as its reader counted it. */
+async function leftThrough(
+  app: AppCgroup,
+  netns: string,
+  dev: string,
+  send: () => Promise<unknown>,
+): Promise<{ tcp: number; udp: number }> {
+  const out = await countedWhile(app, netns, ['tun-count', dev], send);
   const m = /tcp=(\d+) udp=(\d+)/.exec(out);
   assert.ok(m, `the reader of ${dev} printed ${out}`);
   return { tcp: Number(m[1]), udp: Number(m[2]) };
@@ -97,6 +109,30 @@ for (const reroute of [false, true]) {
           ? app.client(netns, ...args)
           : (await sh('nsenter', [`--net=${netns}`, 'python3', app.clientScript, ...args.map(String)])).trim();
 
+      const attach = () =>
+        dp.attach({
+          uid,
+          netnsPath: net.podPath,
+          ips: [net.podV4, net.podV6],
+          podCgroup: app.path,
+          dnsCapture: false,
+          ...(reroute ? { rerouteInterfaces: ['tun0'] } : {}),
+        });
+      /** A packet socket's hand-made segment, sent from the pod's cgroup (`ERR` when the drop reaches
+       * the sender as an error). */
+      const packet = async (dev: string, src: string, dst: string, what: string, ethertype?: string) => {
+        const out = await run(true, pod(), 'packet', dev, src, dst, PORT, what, ...(ethertype ? [ethertype] : []));
+        assert.match(out, /^sent$|^ERR OSError: \[Errno 105\]/, `the packet socket: ${out}`);
+      };
+      /** TCP frames to PORT that reached the remote's eth0 while `send` ran. */
+      const reachedRemote = async (send: () => Promise<unknown>) =>
+        Number(await countedWhile(app, Topology.netnsPath(net.remote), ['sniff-tcp', String(PORT)], send));
+      /** The guard's hooks: its tcx links' pins, or its cls_bpf filter on tun0 (in the tc fallback). */
+      const guardPins = async () =>
+        (await sh('ls', [`${root}/pods/${uid}`]).catch(() => '')).split('\n').filter((n) => n.startsWith('guard-'));
+      const guardFilter = async () =>
+        /pod_guard/.test(await sh('nsenter', [`--net=${pod()}`, 'tc', 'filter', 'show', 'dev', 'tun0', 'egress']));
+
       before(async () => {
         net = await podWithRemote(topo, reroute ? 185 : 184);
         nested = topo.track('nest');
@@ -106,15 +142,6 @@ for (const reroute of [false, true]) {
         dp = await Datapath.open({ bpffsRoot: root });
         await useKernelSteering(dp);
         app = new AppCgroup(topo.id);
-        const attach = () =>
-          dp.attach({
-            uid,
-            netnsPath: net.podPath,
-            ips: [net.podV4, net.podV6],
-            podCgroup: app.path,
-            dnsCapture: false,
-            ...(reroute ? { rerouteInterfaces: ['tun0'] } : {}),
-          });
         // A first attach refuses a pod with an interface it cannot hook; one that appears in an
         // enrolled pod is reported, and the pod's other interfaces stay captured.
         await attach();
@@ -174,6 +201,35 @@ for (const reroute of [false, true]) {
         assert.ok((await dropped()) >= before + 2, `counted: ${before} -> ${await dropped()}`);
       });
 
+      it('drops the TCP a packet socket sends through tun0 (no cgroup hook sees it), however labelled, and counts it', async () => {
+        const before = await dropped();
+        const seen = await leftThrough(app, pod(), 'tun0', async () => {
+          await packet('tun0', TUN_V4.local, TUN_V4.peer, 'syn');
+          await packet('tun0', TUN_V6.local, TUN_V6.peer, 'synack');
+          // skb->protocol says ARP; the tun reader goes by the version nibble
+          await packet('tun0', TUN_V4.local, TUN_V4.peer, 'data', '0806');
+        });
+        assert.equal(seen.tcp, 0, `a packet socket's TCP left through tun0 (${JSON.stringify(seen)})`);
+        assert.ok((await dropped()) >= before + 3, `counted: ${before} -> ${await dropped()}`);
+        const udp = await leftThrough(app, pod(), 'tun0', () => packet('tun0', TUN_V4.local, TUN_V4.peer, 'udp'));
+        assert.equal(udp.udp, 1, 'the packet socket’s UDP did not leave: the test cannot tell');
+      });
+
+      it('on the captured eth0: a packet socket’s SYN goes to ztunnel’s side, its other TCP is dropped', async () => {
+        const before = await dropped();
+        const reached = await reachedRemote(async () => {
+          await packet('eth0', net.podV4, net.remoteV4, 'syn');
+          // What a user-space TCP answering an inbound SYN sends, and its data: from the pod's
+          // address and from one the pod does not hold.
+          await packet('eth0', net.podV4, net.remoteV4, 'synack');
+          await packet('eth0', net.podV4, net.remoteV4, 'data');
+          await packet('eth0', net.podV6, net.remoteV6, 'data');
+          await packet('eth0', TUN_V4.peer, net.remoteV4, 'data');
+        });
+        assert.equal(reached, 0, 'hand-made TCP reached the remote past ztunnel');
+        assert.ok((await dropped()) >= before + 4, `counted: ${before} -> ${await dropped()}`);
+      });
+
       it('lets the pod’s UDP out through tun0 (ztunnel carries TCP only)', async () => {
         const seen = await leftThrough(app, pod(), 'tun0', () =>
           run(true, pod(), 'udp-dev', 'tun0', TUN_V4.peer, 9999),
@@ -193,6 +249,22 @@ for (const reroute of [false, true]) {
       it('is part of the pod’s hooks: verify checks it, detach removes it and every entry it reads', async () => {
         const problems = (await dp.verify(uid)).problems;
         assert.ok(!problems.some((p) => /egress guard|gated_netns/.test(p)), problems.join('; '));
+        const pins = await guardPins();
+        assert.ok(pins.length === 1 || (await guardFilter()), 'tun0 carries no guard');
+        // The guard taken away (its tcx link detached, or its tc filter deleted) is a problem, and
+        // the next attach puts it back.
+        if (pins.length) await sh('bpftool', ['link', 'detach', 'pinned', `${root}/pods/${uid}/${pins[0]}`]);
+        else await sh('nsenter', [`--net=${pod()}`, 'tc', 'filter', 'del', 'dev', 'tun0', 'egress', 'pref', '6834']);
+        assert.ok(
+          (await dp.verify(uid)).problems.some((p) => /interface tun0 has no egress guard/.test(p)),
+          'verify did not see the guard gone',
+        );
+        await attach();
+        assert.deepEqual(
+          (await dp.verify(uid)).problems.filter((p) => /egress guard/.test(p)),
+          [],
+          'the attach did not put the guard back',
+        );
         assert.ok((await entries('gated_netns')) > 0 && (await entries('captured_ifaces')) > 0);
         await dp.detach(uid);
         assert.deepEqual(
@@ -200,10 +272,16 @@ for (const reroute of [false, true]) {
           [0, 0],
           'entries left after detach (a reroute interface’s among them?)',
         );
-        const seen = await leftThrough(app, pod(), 'tun0', () =>
-          run(true, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT),
+        assert.deepEqual([await guardPins(), await guardFilter()], [[], false], 'a guard is left after detach');
+        const seen = await leftThrough(app, pod(), 'tun0', async () => {
+          await run(true, pod(), 'tcp-dev', 'tun0', TUN_V4.peer, PORT);
+          await packet('tun0', TUN_V4.local, TUN_V4.peer, 'syn');
+        });
+        assert.ok(seen.tcp >= 2, `the pod’s TCP is still dropped after detach (${JSON.stringify(seen)})`);
+        assert.ok(
+          (await reachedRemote(() => packet('eth0', net.podV4, net.remoteV4, 'data'))) >= 1,
+          'a packet socket’s TCP on eth0 is still dropped after detach',
         );
-        assert.ok(seen.tcp >= 1, 'the pod’s TCP is still dropped after detach');
       });
     },
   );

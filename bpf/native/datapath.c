@@ -26,6 +26,7 @@
 
 #include "cgroup_hooks.h"
 #include "hooks.h"
+#include "iface_guard.h"
 #include "layout.h"
 #include "netns_thread.h"
 #include "pod_ifaces.h"
@@ -48,6 +49,7 @@ struct datapath {
 	struct bpf_object *obj;
 	int prog_fd[2];
 	int reroute_prog_fd[2]; /* by enum reroute_l2: Ethernet or none */
+	int guard_prog_fd[2]; /* by enum guard_l2: Ethernet or none */
 	int sk_lookup_prog_fd;
 	int sockops_prog_fd;
 	int host_prog_fd[2];
@@ -577,6 +579,9 @@ int dp_open(const char *root, const char *object_path, int tc_netns_cookie, stru
 	for (int k = 0; k < 2; k++)
 		dp->reroute_prog_fd[k] =
 			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, reroute_prog_names[k]));
+	for (int k = 0; k < 2; k++)
+		dp->guard_prog_fd[k] =
+			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, guard_prog_names[k]));
 	dp->sk_lookup_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_sk_lookup"));
 	dp->sockops_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "ztunnel_sockops"));
 	for (int d = 0; d < 2; d++)
@@ -677,14 +682,15 @@ static int wanted_local_route(struct rtnl *nl, const struct pod_meta *m, const s
 
 static void detach_main_tcx(struct datapath *dp, const char *uid);
 
-/* Detaches a pinned tcx link of the pod's interfaces: its own, its other ones, its reroute ones and
- * the node side of its veth (not the netns's sk_lookup link, nor the cgroup's hooks). */
+/* Detaches a pinned tcx link of the pod's interfaces: its own, its other ones, its reroute ones, the
+ * guards of the uncaptured ones and the node side of its veth (not the netns's sk_lookup link, nor
+ * the cgroup's hooks). */
 static void detach_tcx_pin(const char *pin)
 {
 	const char *name = strrchr(pin, '/') + 1;
 
 	if (!strcmp(name, "ingress") || !strcmp(name, "egress") || !strncmp(name, "reroute-", 8) ||
-	    !strncmp(name, "host-", 5) || ifaces_pin(name))
+	    !strncmp(name, "host-", 5) || ifaces_pin(name) || guards_pin(name))
 		detach_pinned_link(pin);
 }
 
@@ -695,7 +701,7 @@ static void detach_tcx_links(struct datapath *dp, const char *uid)
 }
 
 /* Removes the clsact qdisc of a device if nobody has filters on it any more; true if it did. */
-static bool destroy_clsact_if_unused(int ifindex)
+bool tc_destroy_clsact_if_unused(int ifindex)
 {
 	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = ifindex, .attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS);
 	struct rtnl nl;
@@ -745,7 +751,7 @@ bool tc_detach_filters(int ifindex, bool owns_clsact)
 		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
 		bpf_tc_detach(&hook, &opts);
 	}
-	return owns_clsact && destroy_clsact_if_unused(ifindex);
+	return owns_clsact && tc_destroy_clsact_if_unused(ifindex);
 }
 
 /* The pod interface's filters (from inside the netns). */
@@ -789,7 +795,8 @@ static void detach_iface_programs(struct datapath *dp, const char *uid, struct p
 		detach_reroute(dp, uid, &m->reroute[i], m->mode, in_netns);
 		m->reroute[i].ifindex = 0;
 	}
-	detach_tcx_links(dp, uid); /* (also any reroute pin left from another mode) */
+	detach_tcx_links(dp, uid); /* (also any reroute pin left from another mode, and the guards') */
+	guards_remove(dir, in_netns);
 	if (in_netns && (m->mode == ATTACH_MODE_TC || (m->owns & OWNS_CLSACT)))
 		detach_tc_filters(m);
 }
@@ -1276,6 +1283,7 @@ static void restore_in_netns(struct netns_job *job)
 	char names[MAX_REROUTE_IFACES][16], dir[PATH_MAX];
 	struct pod_ifaces cur_ifaces, restored_ifaces;
 	struct dp_error scratch = { 0 }, *err = job->e;
+	struct ifaces_refused scratch_refused = { 0 };
 	struct rtnl nl;
 
 	job->e = &scratch;
@@ -1300,6 +1308,9 @@ static void restore_in_netns(struct netns_job *job)
 		snprintf(names[i], sizeof(names[i]), "%s", old->reroute[i].name);
 	attach_reroutes(job, cur.mode, (const char(*)[16])names,
 			old->reroute_count < MAX_REROUTE_IFACES ? old->reroute_count : MAX_REROUTE_IFACES);
+	ifaces_get(job->dp, job->uid, &cur_ifaces);
+	guards_sync(dir, job->dp->guard_prog_fd, old->mode, m->ifindex, &cur_ifaces, &scratch_refused,
+		    job->e);
 	if (added && rtnl_open(&nl) == 0) {
 		if (added & OWNS_RULE_V4)
 			rtnl_rule_del(&nl, &redirect_rule_v4);
@@ -1430,7 +1441,10 @@ static int attach_job(void *p)
 	job->ifaces_mode = err ? old_mode : m->mode;
 	if (err || fault(job, "ifaces") ||
 	    attach_reroutes(job, old_mode, (const char(*)[16])job->req->reroute, job->req->reroute_count) ||
-	    fault(job, "reroutes"))
+	    fault(job, "reroutes") ||
+	    guards_sync(dir, job->dp->guard_prog_fd, m->mode, m->ifindex, job->ifaces,
+			job->old ? &job->refused : NULL, job->e) ||
+	    fault(job, "guards"))
 		goto out;
 	m->state = ATTACH_STATE_ATTACHED;
 out:
@@ -2012,7 +2026,7 @@ static int verify_job(void *p)
 	struct rtnl nl;
 	bool v4, v6, exists;
 	struct local_route have, want;
-	char ip[INET6_ADDRSTRLEN];
+	char ip[INET6_ADDRSTRLEN], dir[PATH_MAX];
 	int err;
 
 	if ((err = rtnl_open(&nl)))
@@ -2092,6 +2106,8 @@ static int verify_job(void *p)
 	}
 	verify_reroutes(job, &nl);
 	verify_ifaces(job, &nl);
+	pod_dir(job->dp, job->uid, dir);
+	guards_verify(&nl, dir, m->mode, m->ifindex, job->ifaces, r);
 	rtnl_close(&nl);
 	if (m->steering_sk_lookup || m->netns_cookie) { /* on every pod (attach_sk_lookup) */
 		char pin[PATH_MAX];

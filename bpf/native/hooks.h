@@ -28,6 +28,8 @@ void detach_pinned_link(const char *pin);
 int attach_tcx_pinned(const char *pin, int prog_fd, unsigned ifindex, unsigned type);
 int tc_attach_filters(int ifindex, const int prog_fd[2], bool *created);
 bool tc_detach_filters(int ifindex, bool owns_clsact);
+/* Removes a device's clsact qdisc if nobody has filters on it any more; true if it did. */
+bool tc_destroy_clsact_if_unused(int ifindex);
 
 void problem(struct dp_verify_result *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void verify_program_name(struct dp_verify_result *r, __u32 prog_id, const char *hook, const char *want);

@@ -27,8 +27,7 @@
 
 extern POD_COUNTERS_MAP pod_counters SEC(".maps");
 extern CAPTURED_IFACES_MAP captured_ifaces SEC(".maps");
-
-GATED_NETNS_MAP gated_netns SEC(".maps");
+extern GATED_NETNS_MAP gated_netns SEC(".maps");
 
 #define CG_PASS 1
 #define CG_DROP 0

@@ -73,6 +73,10 @@ STEER_MAP steer SEC(".maps");
 
 POD_COUNTERS_MAP pod_counters SEC(".maps");
 
+/* The pod netns whose interfaces the egress guard knows, by cookie (egress_guard.bpf.c). Defined in
+ * this, the first object linked: the linker resolves an extern map only to one defined before it. */
+GATED_NETNS_MAP gated_netns SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -188,6 +192,26 @@ static __always_inline void count(const struct pod_policy *p, enum pod_counter c
 		v->value[c]++;
 }
 
+/* Counts for the pod whose netns this is where that is known (gated_netns: the egress guard's pods),
+ * else for the pod that holds address `a`: a hand-made packet's source may be anybody's. */
+static __always_inline void count_in_netns(struct __sk_buff *skb, const struct pod_ip *a, enum pod_counter c)
+{
+	struct pod_policy foreign, in_netns = {};
+	__u64 cookie;
+	__u32 *slot;
+
+	if (tc_netns_cookie) {
+		cookie = this_netns_cookie(skb);
+		slot = bpf_map_lookup_elem(&gated_netns, &cookie);
+		if (slot) {
+			in_netns.slot = *slot;
+			count(&in_netns, c);
+			return;
+		}
+	}
+	count(policy_of_address(skb, a, &foreign), c);
+}
+
 /* ---- ztunnel's own traffic ---- */
 
 /* Is this ztunnel-marked packet really ztunnel's? By default only sockets of ztunnel's cgroups count
@@ -205,6 +229,20 @@ static __always_inline bool ztunnel_owns(struct __sk_buff *skb)
 	if (cgroup == 0)
 		return true;
 	return bpf_map_lookup_elem(&ztunnel_cgroups, &cgroup) != NULL;
+}
+
+/* Was this packet built by hand: by a raw IP socket or a packet socket (AF_PACKET, which no cgroup
+ * hook sees)? ztunnel builds none; the stack's own connections never are. */
+#define HAND_MADE_SOCK_RAW 3 /* SOCK_RAW */
+#define HAND_MADE_AF_PACKET 17 /* AF_PACKET */
+static __always_inline bool hand_made(const struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk)
+		return false;
+	sk = bpf_sk_fullsock(sk);
+	return sk && (sk->type == HAND_MADE_SOCK_RAW || sk->family == HAND_MADE_AF_PACKET);
 }
 
 static __always_inline bool is_probe_or_loopback_v4(__be32 addr)
@@ -444,6 +482,13 @@ int pod_egress(struct __sk_buff *skb)
 			count(policy_of(skb, &f, true, &foreign), CNT_FORGED_MARK);
 		return loop_to_ingress(skb);
 	}
+	/* Hand-made TCP is no connection of the stack's: past its SYN (above), it is dropped (a
+	 * user-space TCP answering an inbound SYN that ztunnel was given, or speaking from an address
+	 * the pod does not hold, would be past ztunnel). */
+	if (hand_made(skb)) {
+		count_in_netns(skb, &f.ip.saddr, CNT_UNCAPTURED_DROPPED);
+		return TC_ACT_SHOT;
+	}
 	/* Redirected outbound flows and the app's replies to ztunnel's spoofed connections; flows that
 	 * existed before the pod was enrolled find no local socket and keep going out. */
 	if (flow_terminates_locally(skb, &f))
@@ -587,6 +632,39 @@ SEC("tc")
 int pod_reroute_ingress_l3(struct __sk_buff *skb)
 {
 	return reroute_ingress(skb, L2_NONE);
+}
+
+/* On an interface of the pod without pod_egress (a reroute-virtual-interfaces one, hooked at ingress
+ * only; one an update could not capture: a tun or wireguard device, one past the interface limit):
+ * hand-made frames that may carry TCP are dropped. A user-space TCP on a packet socket (NET_RAW, a
+ * default capability) has to send to open or answer any connection, so this closes it both ways.
+ * The pod's kernel sockets are the egress guard's (egress_guard.bpf.c, on its cgroup); ztunnel's
+ * traffic (as pod_egress knows it), forwarded packets and the kernel's own segments are not touched. On a device without a
+ * link header, a frame that is not IP by skb->protocol is dropped too: a tun device's reader goes
+ * by the version nibble. */
+static __always_inline int guard_egress(struct __sk_buff *skb, __u32 l3_off)
+{
+	struct ip_info ip;
+
+	if (!hand_made(skb) || (is_marked(skb, ZTUNNEL_MARK) && ztunnel_owns(skb)))
+		return TC_ACT_UNSPEC;
+	parse_ip(skb, l3_off, &ip);
+	if (!may_carry_tcp(&ip) && (ip.is_ip || l3_off != L2_NONE))
+		return TC_ACT_UNSPEC;
+	count_in_netns(skb, &ip.saddr, CNT_UNCAPTURED_DROPPED);
+	return TC_ACT_SHOT;
+}
+
+SEC("tc")
+int pod_guard_egress(struct __sk_buff *skb)
+{
+	return guard_egress(skb, L2_ETHERNET);
+}
+
+SEC("tc")
+int pod_guard_egress_l3(struct __sk_buff *skb)
+{
+	return guard_egress(skb, L2_NONE);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
