@@ -121,11 +121,15 @@ describe('DNS capture', kernelTest(), () => {
     );
     assert.equal(viaZtunnel(), seen, 'DNS was captured with dnsCapture false');
     assert.equal(await app.client(net.podPath, 'qdisc-bypass'), refused);
-    // The control: outside the pod's cgroup the option is allowed.
-    assert.equal(
-      (await sh('nsenter', [`--net=${net.podPath}`, 'python3', app.clientScript, 'qdisc-bypass'])).trim(),
-      'set',
-    );
+    // AF_XDP sends past tc as well: its options (the UMEM first) are refused too.
+    assert.equal(await app.client(net.podPath, 'xdp-umem'), refused);
+    // The control: outside the pod's cgroup the options are allowed.
+    for (const option of ['qdisc-bypass', 'xdp-umem'])
+      assert.equal(
+        (await sh('nsenter', [`--net=${net.podPath}`, 'python3', app.clientScript, option])).trim(),
+        'set',
+        option,
+      );
     await attach(true);
     assert.equal((await dp.list()).find((p) => p.uid === uid)?.dnsCapture, true);
   });

@@ -10,7 +10,7 @@ import { rmSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { Datapath } from '../bpf/src/index.js';
 import { AppCgroup, useKernelSteering } from './helpers/app.js';
-import { kernelTest, testBpffsRoot } from './helpers/kernel.js';
+import { KERNEL_STEERING, kernelTest, testBpffsRoot } from './helpers/kernel.js';
 import { assertNothingLeft } from './helpers/leftovers.js';
 import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js';
 import { until } from './helpers/wait.js';
@@ -120,13 +120,13 @@ for (const reroute of [false, true]) {
         });
       /** A packet socket's hand-made segment, sent from the pod's cgroup (`ERR` when the drop reaches
        * the sender as an error). */
-      const packet = async (dev: string, src: string, dst: string, what: string, ethertype?: string) => {
-        const out = await run(true, pod(), 'packet', dev, src, dst, PORT, what, ...(ethertype ? [ethertype] : []));
+      const packet = async (dev: string, src: string, dst: string, what: string, ethertype = '-', mark = '') => {
+        const out = await run(true, pod(), 'packet', dev, src, dst, PORT, what, ethertype, ...(mark ? [mark] : []));
         assert.match(out, /^sent$|^ERR OSError: \[Errno 105\]/, `the packet socket: ${out}`);
       };
-      /** TCP frames to PORT that reached the remote's eth0 while `send` ran. */
-      const reachedRemote = async (send: () => Promise<unknown>) =>
-        Number(await countedWhile(app, Topology.netnsPath(net.remote), ['sniff-tcp', String(PORT)], send));
+      /** TCP frames to (or from) PORT that reached the remote's eth0 while `send` ran. */
+      const reachedRemote = async (send: () => Promise<unknown>, direction = 'to') =>
+        Number(await countedWhile(app, Topology.netnsPath(net.remote), ['sniff-tcp', String(PORT), direction], send));
       /** The guard's hooks: its tcx links' pins, or its cls_bpf filter on tun0 (in the tc fallback). */
       const guardPins = async () =>
         (await sh('ls', [`${root}/pods/${uid}`]).catch(() => '')).split('\n').filter((n) => n.startsWith('guard-'));
@@ -228,6 +228,29 @@ for (const reroute of [false, true]) {
         });
         assert.equal(reached, 0, 'hand-made TCP reached the remote past ztunnel');
         assert.ok((await dropped()) >= before + 4, `counted: ${before} -> ${await dropped()}`);
+      });
+
+      it('does not take a hand-made segment for ztunnel’s by its mark, even under the mark-only rule', async () => {
+        await dp.configure({ ztunnelExemption: 'mark', strictAllow: [], steering: KERNEL_STEERING });
+        try {
+          const before = await dropped();
+          const seen = await leftThrough(app, pod(), 'tun0', () =>
+            packet('tun0', TUN_V4.local, TUN_V4.peer, 'data', '-', '0x539'),
+          );
+          const reached = await reachedRemote(() => packet('eth0', net.podV4, net.remoteV4, 'data', '-', '0x539'));
+          assert.deepEqual([seen.tcp, reached], [0, 0], 'a marked hand-made segment left past ztunnel');
+          assert.ok((await dropped()) >= before + 2, `counted: ${before} -> ${await dropped()}`);
+        } finally {
+          await dp.configure({ ztunnelExemption: 'ztunnel-sockets', strictAllow: [], steering: KERNEL_STEERING });
+        }
+      });
+
+      it('lets out the reset the pod’s kernel sends for a stray segment (from a raw socket of its own, for IPv4)', async () => {
+        const resets = await reachedRemote(
+          () => run(false, Topology.netnsPath(net.remote), 'raw-syn', net.podV4, PORT, 'data'),
+          'from',
+        );
+        assert.ok(resets >= 1, 'the pod’s reset did not reach the remote');
       });
 
       it('lets the pod’s UDP out through tun0 (ztunnel carries TCP only)', async () => {

@@ -1309,7 +1309,7 @@ static void restore_in_netns(struct netns_job *job)
 	attach_reroutes(job, cur.mode, (const char(*)[16])names,
 			old->reroute_count < MAX_REROUTE_IFACES ? old->reroute_count : MAX_REROUTE_IFACES);
 	ifaces_get(job->dp, job->uid, &cur_ifaces);
-	guards_sync(dir, job->dp->guard_prog_fd, old->mode, m->ifindex, &cur_ifaces, &scratch_refused,
+	guards_sync(dir, job->dp->guard_prog_fd, old->mode, m->ifindex, &cur_ifaces, true, &scratch_refused,
 		    job->e);
 	if (added && rtnl_open(&nl) == 0) {
 		if (added & OWNS_RULE_V4)
@@ -1435,6 +1435,11 @@ static int attach_job(void *p)
 		dp_fail(job->e, DPE_SYSTEM, err, "cannot record the interfaces of pod %s", job->uid);
 		goto out;
 	}
+	/* An interface about to lose pod_egress is guarded before it does (the guards are pruned once
+	 * the hooks are done, below). */
+	if (job->old && guards_sync(dir, job->dp->guard_prog_fd, m->mode, m->ifindex, job->ifaces, false,
+				    &job->refused, job->e))
+		goto out;
 	err = ifaces_hook(dir, job->dp->prog_fd, m->mode, job->ifaces, &prev_ifaces, old_mode,
 			  job->old ? &job->refused : NULL, job->e);
 	ifaces_put(job->dp, job->uid, err ? &prev_ifaces : job->ifaces);
@@ -1442,7 +1447,7 @@ static int attach_job(void *p)
 	if (err || fault(job, "ifaces") ||
 	    attach_reroutes(job, old_mode, (const char(*)[16])job->req->reroute, job->req->reroute_count) ||
 	    fault(job, "reroutes") ||
-	    guards_sync(dir, job->dp->guard_prog_fd, m->mode, m->ifindex, job->ifaces,
+	    guards_sync(dir, job->dp->guard_prog_fd, m->mode, m->ifindex, job->ifaces, true,
 			job->old ? &job->refused : NULL, job->e) ||
 	    fault(job, "guards"))
 		goto out;

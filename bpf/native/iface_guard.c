@@ -164,7 +164,7 @@ static void unguard_tc_all(const struct guard_set *keep)
 }
 
 int guards_sync(const char *pod_dir, const int prog_fd[2], unsigned mode, unsigned primary,
-		const struct pod_ifaces *captured, struct ifaces_refused *ref, struct dp_error *e)
+		const struct pod_ifaces *captured, bool prune, struct ifaces_refused *ref, struct dp_error *e)
 {
 	struct guard_set *want = calloc(1, sizeof(*want));
 	struct rtnl nl;
@@ -189,11 +189,9 @@ int guards_sync(const char *pod_dir, const int prog_fd[2], unsigned mode, unsign
 		free(want);
 		return -1;
 	}
-	if (overflow)
+	if (overflow && prune)
 		ifaces_refuse(ref, "%u interfaces of the pod beyond %u are left without the egress guard",
 			      overflow, want->count);
-	/* New guards first, then what is no longer wanted: an interface never goes unguarded for a
-	 * moment for the sake of this update. */
 	for (unsigned i = 0; i < want->count; i++) {
 		int one = guard_one(pod_dir, prog_fd, mode, want->ifindex[i], want->l2[i]);
 
@@ -205,11 +203,14 @@ int guards_sync(const char *pod_dir, const int prog_fd[2], unsigned mode, unsign
 			free(want);
 			return -1;
 		}
-		ifaces_refuse(ref, "cannot put the egress guard on interface %s: %s", want->name[i],
-			      strerror(-one));
+		if (prune) /* (said once, by the last call) */
+			ifaces_refuse(ref, "cannot put the egress guard on interface %s: %s", want->name[i],
+				      strerror(-one));
 	}
-	unpin_stale(pod_dir, mode == ATTACH_MODE_TCX ? want : NULL);
-	unguard_tc_all(mode == ATTACH_MODE_TCX ? NULL : want);
+	if (prune) {
+		unpin_stale(pod_dir, mode == ATTACH_MODE_TCX ? want : NULL);
+		unguard_tc_all(mode == ATTACH_MODE_TCX ? NULL : want);
+	}
 	free(want);
 	return 0;
 }
@@ -228,6 +229,7 @@ void guards_verify(struct rtnl *nl, const char *pod_dir, unsigned mode, unsigned
 	unsigned overflow = 0;
 
 	if (!want || wanted(nl, primary, captured, want, &overflow)) {
+		problem(r, "cannot list the interfaces of the pod netns to check their egress guards");
 		free(want);
 		return;
 	}
@@ -251,7 +253,8 @@ void guards_verify(struct rtnl *nl, const char *pod_dir, unsigned mode, unsigned
 		} else {
 			LIBBPF_OPTS(bpf_tc_hook, tch, .ifindex = (int)want->ifindex[i],
 				    .attach_point = BPF_TC_EGRESS);
-			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = GUARD_TC_PRIORITY);
+			LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE,
+				    .priority = GUARD_TC_PRIORITY);
 
 			if (bpf_tc_query(&tch, &opts))
 				problem(r, "interface %s has no egress guard", name);

@@ -18,12 +18,15 @@
 enum guard_l2 { GUARD_ETHERNET, GUARD_L3 };
 extern const char *const guard_prog_names[2];
 
-/* Every interface but lo, the pod's own (`primary`) and `captured`'s gets the guard in `mode`, and
- * only those: the guard goes from any other (one now captured) and every hook of the other mode
- * goes. Without ref, all or nothing: the first interface that cannot be guarded fails the call (its
- * caller undoes). With ref, such an interface is said there and the others guarded all the same. */
+/* Every interface but lo, the pod's own (`primary`) and `captured`'s gets the guard in `mode`; with
+ * `prune`, only those: the guard goes from any other (one now captured) and every guard of the
+ * other mode goes. An update calls it without prune before it changes the interfaces' hooks (so an
+ * interface that loses pod_egress has its guard first) and with prune once they are done. Without
+ * ref, all or nothing: the first interface that cannot be guarded fails the call (its caller
+ * undoes). With ref, such an interface is said there and the others guarded all the same. */
 int guards_sync(const char *pod_dir, const int prog_fd[2], unsigned mode, unsigned primary,
-		const struct pod_ifaces *captured, struct ifaces_refused *ref, struct dp_error *e);
+		const struct pod_ifaces *captured, bool prune, struct ifaces_refused *ref,
+		struct dp_error *e);
 
 /* Removes every guard of the pod: tcx links through their pins from anywhere, cls_bpf filters only
  * from inside the netns (in_netns). */

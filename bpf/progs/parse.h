@@ -218,6 +218,8 @@ struct tcp_flow {
 	__be32 seq;
 	bool ipv6;
 	bool bare_syn; /* SYN without ACK: the first packet of a new connection */
+	bool syn;
+	bool data; /* bytes after the TCP header (or what a hand-made packet claims to be beyond it) */
 	bool rst;
 	bool fin;
 	bool ack;
@@ -249,6 +251,8 @@ static __always_inline enum pkt_class parse_tcp_at(struct __sk_buff *skb, __u32 
 	}
 	f->seq = th.seq;
 	f->bare_syn = th.syn && !th.ack;
+	f->syn = th.syn;
+	f->data = skb->len > f->ip.l4_off + (__u32)th.doff * 4;
 	f->rst = th.rst;
 	f->fin = th.fin;
 	f->ack = th.ack;

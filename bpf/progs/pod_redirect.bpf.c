@@ -245,6 +245,29 @@ static __always_inline bool hand_made(const struct __sk_buff *skb)
 	return sk && (sk->type == HAND_MADE_SOCK_RAW || sk->family == HAND_MADE_AF_PACKET);
 }
 
+/* Can this segment neither open a connection nor carry data: a reset or a bare ACK? The kernel
+ * sends such segments from a raw control socket of its own (IPv4 resets for no socket; before
+ * Linux 6.13 also the ACKs of TIME_WAIT and SYN_RECV), which hand_made cannot tell from an app's. */
+static __always_inline bool inert(const struct tcp_flow *f)
+{
+	return !f->data && !f->syn && !f->fin && (f->rst || f->ack);
+}
+
+/* Is this marked packet ztunnel's own? As ztunnel_owns says; a hand-made one only by its socket's
+ * cgroup, never by the mark alone: with the mark-only rule any process with NET_RAW can set the
+ * mark (SO_MARK, or per packet in a control message), and ztunnel makes no packet by hand. */
+static __always_inline bool from_ztunnel(struct __sk_buff *skb, bool marked)
+{
+	__u64 cgroup;
+
+	if (!marked)
+		return false;
+	if (!hand_made(skb))
+		return ztunnel_owns(skb);
+	cgroup = bpf_skb_cgroup_id(skb);
+	return cgroup && bpf_map_lookup_elem(&ztunnel_cgroups, &cgroup);
+}
+
 static __always_inline bool is_probe_or_loopback_v4(__be32 addr)
 {
 	__u32 a = bpf_ntohl(addr);
@@ -456,11 +479,19 @@ int pod_egress(struct __sk_buff *skb)
 	case PKT_TCP:
 		break;
 	case PKT_OTHER:
-		return marked && ztunnel_owns(skb) ? TC_ACT_UNSPEC : strict_egress(skb, &f.ip);
+		return from_ztunnel(skb, marked) ? TC_ACT_UNSPEC : strict_egress(skb, &f.ip);
 	default:
-		return marked && ztunnel_owns(skb)
+		return from_ztunnel(skb, marked)
 			       ? TC_ACT_UNSPEC
 			       : drop_unclassified(policy_of_address(skb, &f.ip.saddr, &foreign));
+	}
+	/* Hand-made TCP is no connection of the stack's: but for a new connection's SYN, which goes to
+	 * ztunnel like any other (below), and segments that carry nothing, it is dropped, whatever its
+	 * destination (a user-space TCP answering an inbound SYN that ztunnel was given, or speaking
+	 * from an address the pod does not hold, would be past ztunnel). */
+	if (hand_made(skb) && !f.bare_syn && !inert(&f) && !from_ztunnel(skb, marked)) {
+		count_in_netns(skb, &f.ip.saddr, CNT_UNCAPTURED_DROPPED);
+		return TC_ACT_SHOT;
 	}
 	if (is_probe_or_loopback(&f, false)) {
 		if (f.bare_syn)
@@ -468,7 +499,7 @@ int pod_egress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 	if (marked) {
-		if (ztunnel_owns(skb)) {
+		if (from_ztunnel(skb, true)) {
 			if (f.bare_syn)
 				count(policy_of(skb, &f, true, &foreign), CNT_BYPASS_ZTUNNEL);
 			return TC_ACT_UNSPEC;
@@ -481,13 +512,6 @@ int pod_egress(struct __sk_buff *skb)
 		if (forged)
 			count(policy_of(skb, &f, true, &foreign), CNT_FORGED_MARK);
 		return loop_to_ingress(skb);
-	}
-	/* Hand-made TCP is no connection of the stack's: past its SYN (above), it is dropped (a
-	 * user-space TCP answering an inbound SYN that ztunnel was given, or speaking from an address
-	 * the pod does not hold, would be past ztunnel). */
-	if (hand_made(skb)) {
-		count_in_netns(skb, &f.ip.saddr, CNT_UNCAPTURED_DROPPED);
-		return TC_ACT_SHOT;
 	}
 	/* Redirected outbound flows and the app's replies to ztunnel's spoofed connections; flows that
 	 * existed before the pod was enrolled find no local socket and keep going out. */
@@ -636,22 +660,32 @@ int pod_reroute_ingress_l3(struct __sk_buff *skb)
 
 /* On an interface of the pod without pod_egress (a reroute-virtual-interfaces one, hooked at ingress
  * only; one an update could not capture: a tun or wireguard device, one past the interface limit):
- * hand-made frames that may carry TCP are dropped. A user-space TCP on a packet socket (NET_RAW, a
+ * hand-made frames that may carry TCP are dropped, but for segments that carry nothing (inert: the
+ * kernel's own resets are hand-made too). A user-space TCP on a packet socket (NET_RAW, a
  * default capability) has to send to open or answer any connection, so this closes it both ways.
  * The pod's kernel sockets are the egress guard's (egress_guard.bpf.c, on its cgroup); ztunnel's
- * traffic (as pod_egress knows it), forwarded packets and the kernel's own segments are not touched. On a device without a
- * link header, a frame that is not IP by skb->protocol is dropped too: a tun device's reader goes
- * by the version nibble. */
+ * traffic (as pod_egress knows it), forwarded packets and the kernel's own segments are not
+ * touched. On a device without a link header, a frame that is not IP by skb->protocol is dropped
+ * too: a tun device's reader goes by the version nibble. */
 static __always_inline int guard_egress(struct __sk_buff *skb, __u32 l3_off)
 {
-	struct ip_info ip;
+	struct tcp_flow f;
 
-	if (!hand_made(skb) || (is_marked(skb, ZTUNNEL_MARK) && ztunnel_owns(skb)))
+	if (!hand_made(skb) || from_ztunnel(skb, is_marked(skb, ZTUNNEL_MARK)))
 		return TC_ACT_UNSPEC;
-	parse_ip(skb, l3_off, &ip);
-	if (!may_carry_tcp(&ip) && (ip.is_ip || l3_off != L2_NONE))
-		return TC_ACT_UNSPEC;
-	count_in_netns(skb, &ip.saddr, CNT_UNCAPTURED_DROPPED);
+	switch (parse_tcp_at(skb, l3_off, &f)) {
+	case PKT_TCP:
+		if (inert(&f))
+			return TC_ACT_UNSPEC;
+		break;
+	case PKT_OTHER:
+		if (f.ip.is_ip || l3_off != L2_NONE)
+			return TC_ACT_UNSPEC;
+		break;
+	default:
+		break;
+	}
+	count_in_netns(skb, &f.ip.saddr, CNT_UNCAPTURED_DROPPED);
 	return TC_ACT_SHOT;
 }
 
