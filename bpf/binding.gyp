@@ -5,6 +5,7 @@
       "sources": [
         "native/addon.c",
         "native/cgroup_hooks.c",
+        "native/host_hooks.c",
         "native/iface_guard.c",
         "native/datapath.c",
         "native/dp_error.c",

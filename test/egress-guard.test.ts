@@ -245,6 +245,19 @@ for (const reroute of [false, true]) {
         }
       });
 
+      it('lets out a hand-made reset only as the kernel makes one, never one with headers full of data', async () => {
+        const before = await dropped();
+        const reached = await reachedRemote(async () => {
+          await packet('eth0', net.podV4, net.remoteV4, 'rst+ext');
+          await packet('eth0', net.podV6, net.remoteV6, 'rst+ext');
+          await packet('tun0', TUN_V6.local, TUN_V6.peer, 'rst+ext'); // (counted, not seen here)
+        });
+        assert.equal(reached, 0, 'a reset carrying IP options or extension headers reached the remote');
+        assert.ok((await dropped()) >= before + 3, `counted: ${before} -> ${await dropped()}`);
+        // The control: the plain reset the kernel would send leaves.
+        assert.equal(await reachedRemote(() => packet('eth0', net.podV4, net.remoteV4, 'rst')), 1);
+      });
+
       it('lets out the reset the pod’s kernel sends for a stray segment (from a raw socket of its own, for IPv4)', async () => {
         const resets = await reachedRemote(
           () => run(false, Topology.netnsPath(net.remote), 'raw-syn', net.podV4, PORT, 'data'),

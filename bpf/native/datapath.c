@@ -26,6 +26,7 @@
 
 #include "cgroup_hooks.h"
 #include "hooks.h"
+#include "host_hooks.h"
 #include "iface_guard.h"
 #include "layout.h"
 #include "netns_thread.h"
@@ -39,9 +40,6 @@
 static const char *const hook_names[2] = { "ingress", "egress" };
 static const char *const prog_names[2] = { "pod_ingress", "pod_egress" };
 static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS };
-/* The node side of the pod's veth: ingress is what the pod sends, egress what goes to it. */
-static const char *const host_hook_names[2] = { "host-ingress", "host-egress" };
-static const char *const host_prog_names[2] = { "pod_to_node", "node_to_pod" };
 
 struct datapath {
 	char root[PATH_MAX];
@@ -52,7 +50,7 @@ struct datapath {
 	int guard_prog_fd[2]; /* by enum guard_l2: Ethernet or none */
 	int sk_lookup_prog_fd;
 	int sockops_prog_fd;
-	int host_prog_fd[2];
+	struct host_hooks host; /* the node side of the pod's veth (kubelet probes) */
 	struct cgroup_hooks cgroup;
 	int meta_fd;
 	int ifaces_fd;
@@ -584,9 +582,7 @@ int dp_open(const char *root, const char *object_path, int tc_netns_cookie, stru
 			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, guard_prog_names[k]));
 	dp->sk_lookup_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "pod_sk_lookup"));
 	dp->sockops_prog_fd = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, "ztunnel_sockops"));
-	for (int d = 0; d < 2; d++)
-		dp->host_prog_fd[d] =
-			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, host_prog_names[d]));
+	host_hooks_init(&dp->host, dp->root, dp->obj);
 	cgroup_hooks_init(&dp->cgroup, dp->root, dp->obj, dp->tc_netns_cookie);
 	dp->meta_fd = map_fd(dp->obj, "pod_meta");
 	dp->ifaces_fd = map_fd(dp->obj, "pod_ifaces");
@@ -1480,8 +1476,6 @@ static int open_pod_netns(const char *path, struct pod_meta *m, struct dp_error 
 }
 
 /* Undoes a recorded attachment: inside its netns when that is still reachable. */
-static void detach_host(struct datapath *dp, const char *uid, struct pod_meta *m);
-
 static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta *m, char *warning,
 			  size_t wlen)
 {
@@ -1489,7 +1483,7 @@ static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta 
 	unsigned long long ino = 0, dev = 0;
 	int fd;
 
-	detach_host(dp, uid, m);
+	host_hooks_detach(&dp->host, uid, m);
 	fd = open_netns(m->netns_path, &ino, &dev);
 
 	if (fd >= 0 && ino == m->netns_ino && dev == m->netns_dev) {
@@ -1505,113 +1499,6 @@ static void undo_recorded(struct datapath *dp, const char *uid, struct pod_meta 
 	}
 	if (fd >= 0)
 		close(fd);
-}
-
-/* ---- kubelet probes: the node side of the pod's veth ---- */
-
-static void host_pin_path(const struct datapath *dp, const char *uid, int d, char out[PATH_MAX])
-{
-	snprintf(out, PATH_MAX, "%s/pods/%s/%s", dp->root, uid, host_hook_names[d]);
-}
-
-/* Removes our tc filters from the node-side device (in the node's netns). */
-static int host_tc_detach_job(void *p)
-{
-	struct netns_job *job = p;
-	struct pod_meta *m = job->meta;
-
-	if (tc_detach_filters((int)m->host_ifindex, m->host_owns_clsact))
-		m->host_owns_clsact = 0;
-	return 0;
-}
-
-/* Removes the node-side hooks: links through their pins, tc filters inside the node's netns. */
-static void detach_host(struct datapath *dp, const char *uid, struct pod_meta *m)
-{
-	struct netns_job job = { .dp = dp, .uid = uid, .meta = m };
-	unsigned long long ino = 0, dev = 0;
-	char pin[PATH_MAX];
-	int fd;
-
-	for (int d = 0; d < 2; d++) {
-		host_pin_path(dp, uid, d, pin);
-		detach_pinned_link(pin);
-	}
-	if (m->host_ifindex && m->host_netns_path[0]) {
-		fd = open_netns(m->host_netns_path, &ino, &dev);
-		if (fd >= 0 && ino == m->host_netns_ino && dev == m->host_netns_dev)
-			run_in_netns(fd, host_tc_detach_job, &job);
-		if (fd >= 0)
-			close(fd);
-	}
-	m->host_ifindex = 0;
-	m->host_netns_path[0] = '\0';
-}
-
-/* In the node's netns: hooks the pod's veth peer, if that is what the index names here. */
-static int host_attach_job(void *p)
-{
-	struct netns_job *job = p;
-	struct pod_meta *m = job->meta;
-	struct rtnl nl;
-	int back = 0, err;
-	char pin[PATH_MAX];
-
-	if ((err = rtnl_open(&nl)))
-		return dp_fail(job->e, DPE_SYSTEM, err, "cannot open rtnetlink in the node's netns");
-	err = rtnl_veth_peer(&nl, (int)m->host_ifindex, &back);
-	rtnl_close(&nl);
-	if (err || back != (int)m->ifindex) {
-		m->host_ifindex = 0; /* the peer lives in another netns: kubelet probes are not handled */
-		return 0;
-	}
-	if (m->mode == ATTACH_MODE_TCX) {
-		host_tc_detach_job(job); /* after a switch from tc */
-		for (int d = 0; d < 2 && !err; d++) {
-			host_pin_path(job->dp, job->uid, d, pin);
-			err = attach_tcx_pinned(pin, job->dp->host_prog_fd[d], m->host_ifindex, tcx_types[d]);
-		}
-	} else {
-		bool created = false;
-
-		err = tc_attach_filters((int)m->host_ifindex, job->dp->host_prog_fd, &created);
-		if (created)
-			m->host_owns_clsact = 1;
-	}
-	if (err)
-		return dp_fail(job->e, DPE_SYSTEM, err,
-			       "cannot hook the node side (ifindex %u) of the pod's veth", m->host_ifindex);
-	return 0;
-}
-
-/* Kubelet probes: hooks the node side of the pod's veth in the node's netns (req->host_netns). */
-static int attach_host(struct datapath *dp, const struct dp_attach_request *req, struct pod_meta *m, int peer,
-		       struct dp_error *e)
-{
-	struct netns_job job = { .dp = dp, .uid = req->uid, .meta = m, .req = req, .e = e };
-	unsigned long long ino = 0, dev = 0;
-	int fd, rc;
-
-	if (!req->host_netns[0] || !peer) {
-		detach_host(dp, req->uid, m);
-		return 0;
-	}
-	if ((fd = open_netns(req->host_netns, &ino, &dev)) < 0)
-		return dp_fail(e, DPE_NETNS, fd, "cannot open the node's netns %s", req->host_netns);
-	if (m->host_ifindex &&
-	    (m->host_ifindex != (unsigned)peer || m->host_netns_ino != ino || m->host_netns_dev != dev))
-		detach_host(dp, req->uid, m);
-	m->host_ifindex = (unsigned)peer;
-	m->host_netns_ino = ino;
-	m->host_netns_dev = dev;
-	snprintf(m->host_netns_path, sizeof(m->host_netns_path), "%s", req->host_netns);
-	rc = run_in_netns(fd, host_attach_job, &job);
-	close(fd);
-	if (rc < 0 && !e->code)
-		dp_fail(e, DPE_NETNS, rc, "cannot enter the node's netns %s", req->host_netns);
-	if (!m->host_ifindex)
-		m->host_netns_path[0] = '\0';
-	return e->code ? -1 : 0;
 }
 
 /* The namespace the agent runs in is the node's: redirecting it would capture the node's traffic. */
@@ -1717,8 +1604,9 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 		undo = true; /* the netns job has run: a later failure must be undone */
 	/* Nothing half-applied: a failure from here on is undone or restored below. */
 	if (!e->code && !attach_sk_lookup(dp, req->uid, &m, fd, e) && !fault(&job, "sk_lookup") &&
-	    !attach_host(dp, req, &m, job.host_peer, e) && !fault(&job, "host") &&
-	    !cgroup_hooks_prepare(&dp->cgroup, req->uid, req->pod_cgroup, &m, e) && !fault(&job, "dns")) {
+	    !host_hooks_attach(&dp->host, req->uid, req->host_netns, job.host_peer, &m, e) &&
+	    !fault(&job, "host") && !cgroup_hooks_prepare(&dp->cgroup, req->uid, req->pod_cgroup, &m, e) &&
+	    !fault(&job, "dns")) {
 		struct captured_set captured, was_captured;
 		struct pod_policy now;
 
@@ -1755,11 +1643,10 @@ int dp_attach(struct datapath *dp, const struct dp_attach_request *req, struct d
 			detach_pinned_link(pin);
 		}
 		if (m.host_ifindex != old.host_ifindex || strcmp(m.host_netns_path, old.host_netns_path)) {
-			struct dp_attach_request prev = *req;
 			struct dp_error scratch = { 0 };
 
-			snprintf(prev.host_netns, sizeof(prev.host_netns), "%s", old.host_netns_path);
-			attach_host(dp, &prev, &m, (int)old.host_ifindex, &scratch);
+			host_hooks_attach(&dp->host, req->uid, old.host_netns_path, (int)old.host_ifindex, &m,
+					  &scratch);
 		}
 		if (!job.restored)
 			run_in_netns(fd, restore_job, &job);
@@ -2128,59 +2015,6 @@ static int verify_job(void *p)
 	return 0;
 }
 
-static int verify_host_tc_job(void *p)
-{
-	struct netns_job *job = p;
-	LIBBPF_OPTS(bpf_tc_hook, hook, .ifindex = (int)job->meta->host_ifindex);
-
-	for (int d = 0; d < 2; d++) {
-		LIBBPF_OPTS(bpf_tc_opts, opts, .handle = TC_FILTER_HANDLE, .priority = TC_FILTER_PRIORITY);
-
-		hook.attach_point = d == HOOK_INGRESS ? BPF_TC_INGRESS : BPF_TC_EGRESS;
-		if (bpf_tc_query(&hook, &opts))
-			problem(job->verify, "the node-side %s tc filter (kubelet probes) is missing",
-				hook_names[d]);
-		else
-			verify_program_name(job->verify, opts.prog_id, host_hook_names[d],
-					    host_prog_names[d]);
-	}
-	return 0;
-}
-
-/* The node side of the pod's veth (kubelet probes). */
-static void verify_host(struct netns_job *job)
-{
-	struct pod_meta *m = job->meta;
-	unsigned long long ino = 0, dev = 0;
-	char pin[PATH_MAX];
-	int fd;
-
-	if (!m->host_ifindex)
-		return;
-	if (m->mode == ATTACH_MODE_TCX) {
-		for (int d = 0; d < 2; d++) {
-			struct tcx_link_info info;
-
-			host_pin_path(job->dp, job->uid, d, pin);
-			if (pinned_link_info(pin, &info) || info.ifindex != m->host_ifindex)
-				problem(job->verify,
-					"the node-side %s link (kubelet probes) is missing or detached",
-					hook_names[d]);
-			else
-				verify_program_name(job->verify, info.prog_id, host_hook_names[d],
-						    host_prog_names[d]);
-		}
-		return;
-	}
-	fd = open_netns(m->host_netns_path, &ino, &dev);
-	if (fd < 0 || ino != m->host_netns_ino || dev != m->host_netns_dev)
-		problem(job->verify, "the node's netns %s is gone or was replaced", m->host_netns_path);
-	else
-		run_in_netns(fd, verify_host_tc_job, job);
-	if (fd >= 0)
-		close(fd);
-}
-
 /* The socket lookup's view of the pod's interfaces: every one with hooks is in captured_ifaces. */
 static void verify_captured(struct datapath *dp, const struct pod_meta *m, const struct pod_ifaces *f,
 			    struct dp_verify_result *res)
@@ -2232,7 +2066,7 @@ int dp_verify(struct datapath *dp, const char *uid, struct dp_verify_result *res
 		rc = run_in_netns(fd, verify_job, &job);
 		if (rc < 0)
 			problem(res, "cannot inspect netns %s: %s", m.netns_path, strerror(-rc));
-		verify_host(&job);
+		host_hooks_verify(&dp->host, uid, &m, res);
 	}
 	verify_captured(dp, &m, &ifaces, res);
 	if (fd >= 0)

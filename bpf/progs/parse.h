@@ -45,6 +45,7 @@ struct ip_info {
 	struct pod_ip saddr, daddr;
 	__u32 l3_off; /* the IP header, from skb->data */
 	__u32 l4_off; /* the upper-layer header, after options and extension headers */
+	__u32 end; /* where the IP header's length says the packet ends, from skb->data */
 	__be32 frag_id; /* IPv4 id (zero-extended) or IPv6 fragment identification */
 	__u8 proto; /* the upper-layer protocol; for a later fragment, the fragment header's next header */
 	__u8 hop_limit; /* TTL or hop limit */
@@ -172,6 +173,7 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 			return;
 		}
 		ip->plain = h.ihl == 5;
+		ip->end = l3_off + bpf_ntohs(h.tot_len);
 		ip->l4_off = l3_off + (__u32)h.ihl * 4;
 		ip->frag_id = (__be32)h.id;
 		fo = bpf_ntohs(h.frag_off);
@@ -192,6 +194,7 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 		ip->ipv6 = true;
 		ip->plain = true;
 		ip->hop_limit = h.hop_limit;
+		ip->end = l3_off + sizeof(h) + bpf_ntohs(h.payload_len);
 		__builtin_memcpy(ip->saddr.addr, &h.saddr, 16);
 		__builtin_memcpy(ip->daddr.addr, &h.daddr, 16);
 		walk_ipv6(skb, ip, h.nexthdr);
@@ -219,7 +222,9 @@ struct tcp_flow {
 	bool ipv6;
 	bool bare_syn; /* SYN without ACK: the first packet of a new connection */
 	bool syn;
-	bool data; /* bytes after the TCP header (or what a hand-made packet claims to be beyond it) */
+	bool urg;
+	__u8 doff; /* the TCP header's length in 32-bit words */
+	bool data; /* bytes after the TCP header, in the skb or by the IP header's length */
 	bool rst;
 	bool fin;
 	bool ack;
@@ -252,7 +257,11 @@ static __always_inline enum pkt_class parse_tcp_at(struct __sk_buff *skb, __u32 
 	f->seq = th.seq;
 	f->bare_syn = th.syn && !th.ack;
 	f->syn = th.syn;
-	f->data = skb->len > f->ip.l4_off + (__u32)th.doff * 4;
+	f->urg = th.urg;
+	f->doff = th.doff;
+	/* (A driver may pad a short frame: the IP header's length counts where the skb's may not.) */
+	f->data =
+		skb->len > f->ip.l4_off + (__u32)th.doff * 4 || f->ip.end > f->ip.l4_off + (__u32)th.doff * 4;
 	f->rst = th.rst;
 	f->fin = th.fin;
 	f->ack = th.ack;

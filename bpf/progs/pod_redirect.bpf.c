@@ -245,12 +245,15 @@ static __always_inline bool hand_made(const struct __sk_buff *skb)
 	return sk && (sk->type == HAND_MADE_SOCK_RAW || sk->family == HAND_MADE_AF_PACKET);
 }
 
-/* Can this segment neither open a connection nor carry data: a reset or a bare ACK? The kernel
- * sends such segments from a raw control socket of its own (IPv4 resets for no socket; before
- * Linux 6.13 also the ACKs of TIME_WAIT and SYN_RECV), which hand_made cannot tell from an app's. */
+/* Is this a segment as the kernel sends it from a raw control socket of its own (IPv4 resets for no
+ * socket; before Linux 6.13 also the ACKs of TIME_WAIT and SYN_RECV), which hand_made cannot tell
+ * from an app's: a reset or a bare ACK, without data, urgent pointer or IP options, with no more
+ * TCP options than timestamps or a signature take? It opens and carries nothing; what its
+ * header fields could still say (sequence, window) is less than strict mode lets out as DNS. */
 static __always_inline bool inert(const struct tcp_flow *f)
 {
-	return !f->data && !f->syn && !f->fin && (f->rst || f->ack);
+	return !f->data && !f->syn && !f->fin && !f->urg && f->ip.plain && f->doff <= 10 &&
+	       (f->rst || f->ack);
 }
 
 /* Is this marked packet ztunnel's own? As ztunnel_owns says; a hand-made one only by its socket's
@@ -485,10 +488,10 @@ int pod_egress(struct __sk_buff *skb)
 			       ? TC_ACT_UNSPEC
 			       : drop_unclassified(policy_of_address(skb, &f.ip.saddr, &foreign));
 	}
-	/* Hand-made TCP is no connection of the stack's: but for a new connection's SYN, which goes to
-	 * ztunnel like any other (below), and segments that carry nothing, it is dropped, whatever its
-	 * destination (a user-space TCP answering an inbound SYN that ztunnel was given, or speaking
-	 * from an address the pod does not hold, would be past ztunnel). */
+	/* Hand-made TCP is no connection of the stack's: but for a new connection's bare SYN, which
+	 * goes to ztunnel like any other (below), and segments that carry nothing, it is dropped,
+	 * whatever its destination (a user-space TCP answering an inbound SYN that ztunnel was given,
+	 * or speaking from an address the pod does not hold, would be past ztunnel). */
 	if (hand_made(skb) && !f.bare_syn && !inert(&f) && !from_ztunnel(skb, marked)) {
 		count_in_netns(skb, &f.ip.saddr, CNT_UNCAPTURED_DROPPED);
 		return TC_ACT_SHOT;
