@@ -1,7 +1,8 @@
 // The egress guard on the pod's cgroup (bpf/progs/egress_guard.bpf.c): TCP that the pod's own
 // sockets send out through an interface of the pod netns without the pod's egress hook (a tun
-// device, or a reroute-virtual-interfaces one, which has an ingress hook only) is dropped and
-// counted, never sent past ztunnel. Seen from the other end: a reader holding the tun device
+// device past the interface limit, or a reroute-virtual-interfaces one, which has an ingress hook
+// only) is dropped and counted, never sent past ztunnel. And the interface guard on such an
+// interface, and pod_egress on a captured one, against hand-made TCP (packet and raw sockets). Seen from the other end: a reader holding the tun device
 // counts what leaves through it. The same sockets from outside the pod's cgroup (the control) and
 // from a netns nested in the pod (a container runtime inside it) are not the guard's.
 import assert from 'node:assert/strict';
@@ -81,7 +82,7 @@ async function leftThrough(
 for (const reroute of [false, true]) {
   const title = reroute
     ? 'egress guard: a reroute-virtual-interfaces device (ingress hook only)'
-    : 'egress guard: a tun device without hooks';
+    : 'egress guard: a tun device without hooks (past the interface limit)';
   describe(
     title,
     kernelTest({
@@ -142,12 +143,19 @@ for (const reroute of [false, true]) {
         dp = await Datapath.open({ bpffsRoot: root });
         await useKernelSteering(dp);
         app = new AppCgroup(topo.id);
-        // A first attach refuses a pod with an interface it cannot hook; one that appears in an
-        // enrolled pod is reported, and the pod's other interfaces stay captured.
+        // Without reroute, tun0 is one interface past the limit (a tun device is captured like
+        // eth0 otherwise): eight others come first. A first attach refuses a pod with an
+        // interface it cannot hook; one that appears in an enrolled pod is reported, and the pod's
+        // other interfaces stay captured.
+        if (!reroute)
+          await topo.batch(
+            net.pod,
+            [1, 2, 3, 4].map((i) => `link add other${i} type veth peer name other${i}p`),
+          );
         await attach();
         await tunDevice(topo, net.pod, 'tun0', TUN_V4, TUN_V6);
         const r = await attach();
-        if (!reroute) assert.match(r.warning, /interface tun0 of the pod carries no Ethernet header/);
+        if (!reroute) assert.match(r.warning, /interface tun0: the pod has more than 8 interfaces/);
         else assert.equal(r.warning, '');
       });
 

@@ -482,44 +482,9 @@ describe("another pod's address on a second interface", kernelTest({ name: 'inte
   });
 });
 
-describe('an interface without an Ethernet header', kernelTest({ name: 'interfaces: tun' }), () => {
-  const topo = new Topology();
-  const root = testBpffsRoot(topo.id);
-  let net: PodNet;
-  let dp: Datapath;
-
-  before(async () => {
-    net = await podWithRemote(topo, 199);
-    await topo.ip(net.pod, 'tuntap', 'add', 'dev', 'tun0', 'mode', 'tun');
-    dp = await Datapath.open({ bpffsRoot: root });
-  });
-
-  after(async () => {
-    dp?.close();
-    await topo.cleanup();
-    rmSync(root, { recursive: true, force: true });
-  });
-
-  it('is refused, named (its traffic could not be captured), and nothing is left attached', async () => {
-    await assert.rejects(
-      dp.attach({ uid: `pod-${topo.id}`, netnsPath: net.podPath, ips: [net.podV4] }),
-      /interface tun0 of the pod carries no Ethernet header/,
-    );
-    assert.deepEqual(await dp.list(), []);
-    assert.deepEqual(await filtersOn(topo, net.pod, 'eth0'), []);
-  });
-
-  it('is accepted when listed as a reroute interface (it has its own hook)', async () => {
-    const uid = `pod-${topo.id}`;
-    await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4], rerouteInterfaces: ['tun0'] });
-    assert.deepEqual((await dp.list())[0]?.otherInterfaces, []);
-    await dp.detach(uid);
-  });
-});
-
 describe(
-  'an enrolled pod that gets an interface it cannot capture and one it can',
-  kernelTest({ name: 'interfaces: refused and hookable' }),
+  'an enrolled pod that gets new interfaces, a tun device and a veth',
+  kernelTest({ name: 'interfaces: tun and veth appear' }),
   () => {
     const topo = new Topology();
     const root = testBpffsRoot(topo.id);
@@ -546,7 +511,7 @@ describe(
       rmSync(root, { recursive: true, force: true });
     });
 
-    it('hooks the one it can, says the other (attach warning, verify), and more than the address limit is no refusal', async () => {
+    it('hooks both, and more than the address limit is no refusal (said in the warning)', async () => {
       await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
       await topo.ip(net.pod, 'tuntap', 'add', 'dev', 'tun0', 'mode', 'tun');
       const late = await secondVeth(topo, net.pod, 'net1', 163);
@@ -558,12 +523,11 @@ describe(
       // Not hooked yet: the socket lookup refuses an address the pod's record lacks.
       await connectFails({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT, timeoutMs: 1500 });
       const r = await dp.attach({ uid, netnsPath: net.podPath, ips: [net.podV4, net.podV6] });
-      assert.match(r.warning, /interface tun0 of the pod carries no Ethernet header/);
       assert.match(r.warning, /more than \d+ addresses/);
       const [pod] = await dp.list();
       assert.deepEqual(
         pod?.otherInterfaces.map((i) => i.name),
-        ['net1'],
+        ['tun0', 'net1'],
       );
       assert.equal(
         await whoAnswers({ netns: Topology.netnsPath(late.ns), host: late.podV4, port: APP_PORT }),
@@ -579,11 +543,7 @@ describe(
         'an address beyond the record is captured too',
       );
       const problems = (await dp.verify(uid)).problems;
-      assert.ok(
-        problems.some((p) => /interface tun0 of the pod carries no Ethernet header/.test(p)),
-        problems.join('; '),
-      );
-      assert.ok(!problems.some((p) => /net1/.test(p)), problems.join('; '));
+      assert.ok(!problems.some((p) => /net1|tun0/.test(p)), problems.join('; '));
       assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');
     });
   },

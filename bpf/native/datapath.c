@@ -45,9 +45,10 @@ struct datapath {
 	char root[PATH_MAX];
 	int root_fd; /* flock'ed around every operation: other processes share the pins */
 	struct bpf_object *obj;
-	int prog_fd[2];
-	int reroute_prog_fd[2]; /* by enum reroute_l2: Ethernet or none */
-	int guard_prog_fd[2]; /* by enum guard_l2: Ethernet or none */
+	int prog_fd[2]
+		   [2]; /* by enum link_layer, then hook_dir: the pod's own interface takes [LINK_ETHERNET] */
+	int reroute_prog_fd[2]; /* by enum link_layer */
+	int guard_prog_fd[2]; /* by enum link_layer */
 	int sk_lookup_prog_fd;
 	int sockops_prog_fd;
 	struct host_hooks host; /* the node side of the pod's veth (kubelet probes) */
@@ -243,29 +244,10 @@ static int mkdir_p(const char *path)
 	return mkdir(buf, 0700) && errno != EEXIST ? -errno : 0;
 }
 
-/* What a reroute interface carries before the IP header: tap and veth devices Ethernet, L3 devices
- * (tun in tun mode and wireguard: ARPHRD_NONE; ipip, sit, ip6tnl, gre: ARPHRD_TUNNEL, _SIT, _TUNNEL6,
- * _IPGRE, _IP6GRE; ppp, raw IP) nothing: tc sees their packets from the IP header on. */
-enum reroute_l2 { REROUTE_ETHERNET, REROUTE_L3 };
-
 static const char *const reroute_prog_names[2] = {
-	[REROUTE_ETHERNET] = "pod_reroute_ingress",
-	[REROUTE_L3] = "pod_reroute_ingress_l3",
+	[LINK_ETHERNET] = "pod_reroute_ingress",
+	[LINK_NONE] = "pod_reroute_ingress_l3",
 };
-
-/* The link-layer kind of a device in the calling thread's netns, from its type (ifi_type through
- * rtnetlink: /sys/class/net shows the netns that mounted sysfs, not this one). */
-static int reroute_l2_of(struct rtnl *nl, unsigned ifindex, enum reroute_l2 *l2)
-{
-	unsigned short type;
-	int err = rtnl_link_type(nl, (int)ifindex, &type);
-
-	if (err)
-		return err;
-	/* Loopback carries a zeroed Ethernet header too. */
-	*l2 = type == ARPHRD_ETHER || type == ARPHRD_LOOPBACK ? REROUTE_ETHERNET : REROUTE_L3;
-	return 0;
-}
 
 static void reroute_pin_path(const struct datapath *dp, const char *uid, const char *ifname,
 			     char out[PATH_MAX])
@@ -573,7 +555,9 @@ int dp_open(const char *root, const char *object_path, int tc_netns_cookie, stru
 	if (err)
 		goto out_obj;
 	for (int d = 0; d < 2; d++)
-		dp->prog_fd[d] = bpf_program__fd(bpf_object__find_program_by_name(dp->obj, prog_names[d]));
+		for (int k = 0; k < 2; k++)
+			dp->prog_fd[k][d] = bpf_program__fd(
+				bpf_object__find_program_by_name(dp->obj, iface_prog_names[k][d]));
 	for (int k = 0; k < 2; k++)
 		dp->reroute_prog_fd[k] =
 			bpf_program__fd(bpf_object__find_program_by_name(dp->obj, reroute_prog_names[k]));
@@ -1031,13 +1015,13 @@ static int attach_tcx(struct datapath *dp, const char *uid, struct pod_meta *m, 
 	char pin[PATH_MAX];
 
 	pin_path(dp, uid, d, pin);
-	return attach_tcx_pinned(pin, dp->prog_fd[d], m->ifindex, tcx_types[d]);
+	return attach_tcx_pinned(pin, dp->prog_fd[LINK_ETHERNET][d], m->ifindex, tcx_types[d]);
 }
 
 static int attach_tc(struct datapath *dp, struct pod_meta *m)
 {
 	bool created = false;
-	int err = tc_attach_filters((int)m->ifindex, dp->prog_fd, &created);
+	int err = tc_attach_filters((int)m->ifindex, dp->prog_fd[LINK_ETHERNET], &created);
 
 	if (created)
 		m->owns |= OWNS_CLSACT;
@@ -1112,7 +1096,7 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 	memset(next, 0, sizeof(next));
 	for (unsigned j = 0; j < count && !err; j++) {
 		struct reroute_iface *r = &next[j];
-		enum reroute_l2 l2;
+		enum link_layer l2;
 
 		snprintf(r->name, sizeof(r->name), "%s", names[j]);
 		r->ifindex = if_nametoindex(r->name);
@@ -1121,7 +1105,7 @@ static int attach_reroutes(struct netns_job *job, unsigned old_mode, const char 
 				r->owns_clsact = prev[i].owns_clsact;
 		if (r->ifindex == 0)
 			continue;
-		err = reroute_l2_of(&nl, r->ifindex, &l2);
+		err = rtnl_link_layer(&nl, (int)r->ifindex, &l2);
 		if (err == -ENODEV) { /* gone since if_nametoindex: as if it did not exist yet */
 			r->ifindex = 0;
 			err = 0;
@@ -1836,7 +1820,7 @@ static void verify_reroutes(struct netns_job *job, struct rtnl *nl)
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++) {
 		struct reroute_iface *r = &m->reroute[i];
 		unsigned now = if_nametoindex(r->name);
-		enum reroute_l2 l2;
+		enum link_layer l2;
 		const char *want;
 		char hook[40];
 
@@ -1850,7 +1834,7 @@ static void verify_reroutes(struct netns_job *job, struct rtnl *nl)
 		}
 		if (!r->ifindex)
 			continue;
-		if (reroute_l2_of(nl, r->ifindex, &l2)) {
+		if (rtnl_link_layer(nl, (int)r->ifindex, &l2)) {
 			problem(res, "reroute interface %s is gone or was replaced", r->name);
 			continue;
 		}

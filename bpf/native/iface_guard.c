@@ -15,8 +15,8 @@
 #include "hooks.h"
 
 const char *const guard_prog_names[2] = {
-	[GUARD_ETHERNET] = "pod_guard_egress",
-	[GUARD_L3] = "pod_guard_egress_l3",
+	[LINK_ETHERNET] = "pod_guard_egress",
+	[LINK_NONE] = "pod_guard_egress_l3",
 };
 
 /* Its own cls_bpf priority: on an interface that is becoming captured, both run for a moment. */
@@ -37,7 +37,7 @@ struct guard_set {
 	unsigned count;
 	unsigned ifindex[64];
 	char name[64][IF_NAMESIZE];
-	enum guard_l2 l2[64];
+	enum link_layer l2[64];
 };
 
 static bool is_captured(unsigned ifindex, unsigned primary, const struct pod_ifaces *captured)
@@ -88,14 +88,14 @@ static int wanted(struct rtnl *nl, unsigned primary, const struct pod_ifaces *ca
 		}
 		s->ifindex[s->count] = i->if_index;
 		snprintf(s->name[s->count], IF_NAMESIZE, "%s", i->if_name);
-		s->l2[s->count++] = type == ARPHRD_ETHER ? GUARD_ETHERNET : GUARD_L3;
+		s->l2[s->count++] = type == ARPHRD_ETHER ? LINK_ETHERNET : LINK_NONE;
 	}
 	if_freenameindex(all);
 	return err;
 }
 
 static int guard_one(const char *pod_dir, const int prog_fd[2], unsigned mode, unsigned ifindex,
-		     enum guard_l2 l2)
+		     enum link_layer l2)
 {
 	char pin[PATH_MAX];
 

@@ -14,8 +14,7 @@
 #include "pod_ifaces.h"
 #include "rtnl.h"
 
-/* The guard's programs, by the link layer of the device: Ethernet (and loopback-like), or none. */
-enum guard_l2 { GUARD_ETHERNET, GUARD_L3 };
+/* The guard's programs, by the link layer of the device (enum link_layer). */
 extern const char *const guard_prog_names[2];
 
 /* Every interface but lo, the pod's own (`primary`) and `captured`'s gets the guard in `mode`; with

@@ -16,7 +16,10 @@
 #include "hooks.h"
 
 static const char *const dir_names[2] = { "ingress", "egress" };
-static const char *const prog_names[2] = { "pod_ingress", "pod_egress" };
+const char *const iface_prog_names[2][2] = {
+	[LINK_ETHERNET] = { "pod_ingress", "pod_egress" },
+	[LINK_NONE] = { "pod_ingress_l3", "pod_egress_l3" },
+};
 static const unsigned tcx_types[2] = { AMB_BPF_TCX_INGRESS, AMB_BPF_TCX_EGRESS };
 
 static void pin_of(const char *pod_dir, unsigned ifindex, int d, char out[PATH_MAX])
@@ -136,14 +139,14 @@ int ifaces_scan(struct rtnl *nl, unsigned primary, const char (*skip)[16], unsig
 			dp_fail(e, DPE_SYSTEM, err, "cannot read the type of interface %s", i->if_name);
 		else if (type == ARPHRD_LOOPBACK)
 			continue;
-		else if (type != ARPHRD_ETHER)
+		else if (type != ARPHRD_ETHER && type != ARPHRD_NONE)
+			/* GRE and its kin may carry their outer header at tc already (header_ops). */
 			ifaces_refuse(
 				ref,
-				"interface %s of the pod carries no Ethernet header (type %u: a tunnel, tun "
-				"or "
-				"wireguard device); its traffic cannot be captured: refused (list it in "
-				"istio.io/reroute-virtual-interfaces if it carries a workload's outbound "
-				"traffic)",
+				"interface %s of the pod has a link header tc cannot read past (type %u: "
+				"a GRE or other tunnel device); its traffic cannot be captured: refused "
+				"(list it in istio.io/reroute-virtual-interfaces if it carries a "
+				"workload's outbound traffic)",
 				i->if_name, type);
 		else if (out->count == MAX_POD_IFACES)
 			ifaces_refuse(
@@ -206,20 +209,28 @@ static int injected_failure(const struct pod_iface *f)
 	return name && !strncmp(name, f->name, sizeof(f->name)) ? -EIO : 0;
 }
 
-static int hook_one(const char *pod_dir, const int prog_fd[2], unsigned mode, struct pod_iface *f)
+static int hook_one(const char *pod_dir, int prog_fd[2][2], unsigned mode, struct pod_iface *f)
 {
+	enum link_layer l2;
 	char pin[PATH_MAX];
-	int err = 0;
+	struct rtnl nl;
+	int err = rtnl_open(&nl);
 
+	if (err)
+		return err;
+	err = rtnl_link_layer(&nl, (int)f->ifindex, &l2);
+	rtnl_close(&nl);
+	if (err)
+		return err;
 	if (mode == ATTACH_MODE_TCX) {
 		for (int d = 0; d < 2 && !err; d++) {
 			pin_of(pod_dir, f->ifindex, d, pin);
-			err = attach_tcx_pinned(pin, prog_fd[d], f->ifindex, tcx_types[d]);
+			err = attach_tcx_pinned(pin, prog_fd[l2][d], f->ifindex, tcx_types[d]);
 		}
 	} else {
 		bool created = false;
 
-		err = tc_attach_filters((int)f->ifindex, prog_fd, &created);
+		err = tc_attach_filters((int)f->ifindex, prog_fd[l2], &created);
 		if (created)
 			f->owns_clsact = 1;
 	}
@@ -287,7 +298,7 @@ void ifaces_carry_owned(struct pod_ifaces *next, unsigned mode, const struct pod
 	}
 }
 
-int ifaces_hook(const char *pod_dir, const int prog_fd[2], unsigned mode, struct pod_ifaces *next,
+int ifaces_hook(const char *pod_dir, int prog_fd[2][2], unsigned mode, struct pod_ifaces *next,
 		const struct pod_ifaces *prev, unsigned prev_mode, struct ifaces_refused *ref,
 		struct dp_error *e)
 {
@@ -381,8 +392,10 @@ void ifaces_verify(struct rtnl *nl, const char *pod_dir, unsigned mode, const st
 		uint32_t al = 0;
 		char hook[48];
 		bool exists = false;
+		enum link_layer l2;
 
-		if (rtnl_link_exists(nl, (int)x->ifindex, &exists) || !exists) {
+		if (rtnl_link_exists(nl, (int)x->ifindex, &exists) || !exists ||
+		    rtnl_link_layer(nl, (int)x->ifindex, &l2)) {
 			problem(r, "captured interface %s (%u) is gone from the netns", x->name, x->ifindex);
 			continue;
 		}
@@ -396,7 +409,7 @@ void ifaces_verify(struct rtnl *nl, const char *pod_dir, unsigned mode, const st
 				if (pinned_link_info(pin, &info) || info.ifindex != x->ifindex)
 					problem(r, "%s is missing or detached", hook);
 				else
-					verify_program_name(r, info.prog_id, hook, prog_names[d]);
+					verify_program_name(r, info.prog_id, hook, iface_prog_names[l2][d]);
 			} else {
 				LIBBPF_OPTS(bpf_tc_hook, tch, .ifindex = (int)x->ifindex,
 					    .attach_point =
@@ -407,7 +420,7 @@ void ifaces_verify(struct rtnl *nl, const char *pod_dir, unsigned mode, const st
 				if (bpf_tc_query(&tch, &opts))
 					problem(r, "%s (tc filter) is missing", hook);
 				else
-					verify_program_name(r, opts.prog_id, hook, prog_names[d]);
+					verify_program_name(r, opts.prog_id, hook, iface_prog_names[l2][d]);
 			}
 		}
 		if (rtnl_get_accept_local(nl, (int)x->ifindex, &al) == 0 && al != 1)

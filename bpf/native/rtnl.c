@@ -7,6 +7,7 @@
 #include <net/if.h>
 #include <sys/socket.h>
 #include <linux/fib_rules.h>
+#include <linux/if_arp.h>
 #include <linux/if_addr.h>
 #include <linux/if_link.h>
 #include <linux/ip.h>
@@ -486,6 +487,15 @@ int rtnl_link_type(struct rtnl *nl, int ifindex, unsigned short *type)
 
 	if (!err)
 		*type = (unsigned short)info.type;
+	return err;
+}
+
+int rtnl_link_layer(struct rtnl *nl, int ifindex, enum link_layer *layer)
+{
+	unsigned short type = 0;
+	int err = rtnl_link_type(nl, ifindex, &type);
+
+	*layer = type == ARPHRD_ETHER || type == ARPHRD_LOOPBACK ? LINK_ETHERNET : LINK_NONE;
 	return err;
 }
 

@@ -57,6 +57,12 @@ int rtnl_link_exists(struct rtnl *nl, int ifindex, bool *exists);
 
 /* A device's type (ARPHRD_*: ifi_type of its RTM_NEWLINK), or -ENODEV. */
 int rtnl_link_type(struct rtnl *nl, int ifindex, unsigned short *type);
+
+/* What a device carries before the IP header, which picks the programs hooked on it: Ethernet (and
+ * loopback, whose header is a zeroed Ethernet one), or nothing: tc sees the packets of tun and
+ * wireguard devices (ARPHRD_NONE), ipip, sit, ip6tnl, gre, ppp from the IP header on. */
+enum link_layer { LINK_ETHERNET = 0, LINK_NONE = 1 };
+int rtnl_link_layer(struct rtnl *nl, int ifindex, enum link_layer *layer);
 int rtnl_link_mtu(struct rtnl *nl, int ifindex, uint32_t *mtu);
 
 /* The peer's ifindex of a veth device (in the peer's netns), or -ENOTSUP if it is no veth. */

@@ -190,8 +190,8 @@ struct pod_meta {
 
 /* pod_ifaces map (user-space bookkeeping like pod_meta): the pod netns's other interfaces, every one
  * but lo, the pod's own (pod_meta.ifindex) and the reroute ones, hooked with pod_ingress/pod_egress
- * like the pod's own, so that no interface of the pod reaches the app past ztunnel (Multus, a
- * macvlan, a second veth). Their addresses are the pod's in pod_policy too. A separate map so that
+ * like the pod's own (their _l3 variants on a device without a link header), so that no interface
+ * of the pod reaches the app past ztunnel (Multus, a macvlan, a second veth, a VPN's tun device). Their addresses are the pod's in pod_policy too. A separate map so that
  * pod_meta keeps its layout. */
 #define MAX_POD_IFACES 8
 

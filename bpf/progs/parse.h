@@ -152,6 +152,13 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 		ip->hidden = true;
 		return;
 	}
+	/* Without a link header nothing says what a frame is but skb->protocol, which a packet socket
+	 * sets as it likes, while a tun device's reader goes by the version nibble. */
+	if (l3_off == L2_NONE && skb->protocol != bpf_htons(ETH_P_IP) &&
+	    skb->protocol != bpf_htons(ETH_P_IPV6)) {
+		ip->hidden = true;
+		return;
+	}
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr h;
 		__u16 fo;

@@ -470,15 +470,16 @@ static __always_inline int strict_egress(struct __sk_buff *skb, const struct ip_
 
 /* ---- programs ---- */
 
-SEC("tc")
-int pod_egress(struct __sk_buff *skb)
+/* pod_egress, with the IP header at `l3_off`: L2_ETHERNET, or L2_NONE on a device without a link
+ * header (tun, wireguard). */
+static __always_inline int egress_at(struct __sk_buff *skb, __u32 l3_off)
 {
 	bool marked = is_marked(skb, ZTUNNEL_MARK);
 	struct pod_policy foreign;
 	bool forged = false;
 	struct tcp_flow f;
 
-	switch (parse_tcp(skb, &f)) {
+	switch (parse_tcp_at(skb, l3_off, &f)) {
 	case PKT_TCP:
 		break;
 	case PKT_OTHER:
@@ -523,16 +524,28 @@ int pod_egress(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
+SEC("tc")
+int pod_egress(struct __sk_buff *skb)
+{
+	return egress_at(skb, L2_ETHERNET);
+}
+
+SEC("tc")
+int pod_egress_l3(struct __sk_buff *skb)
+{
+	return egress_at(skb, L2_NONE);
+}
+
 /* A looped outbound packet (REDIRECT_MARK, from pod_egress): a new connection goes to ztunnel's
  * 15001, or is refused at once when ztunnel does not listen. */
-static __always_inline int looped_ingress(struct __sk_buff *skb)
+static __always_inline int looped_ingress(struct __sk_buff *skb, __u32 l3_off)
 {
 	struct pod_policy foreign, *p;
 	struct tcp_flow f;
 
 	/* The destination MAC is the gateway's, so the stack would drop it as another host's packet. */
 	bpf_skb_change_type(skb, PACKET_HOST);
-	if (parse_tcp(skb, &f) != PKT_TCP)
+	if (parse_tcp_at(skb, l3_off, &f) != PKT_TCP)
 		return drop_unclassified(
 			policy_of_address(skb, &f.ip.saddr, &foreign)); /* pod_egress loops TCP only */
 	if (!f.bare_syn)
@@ -554,15 +567,14 @@ static __always_inline int looped_ingress(struct __sk_buff *skb)
 	}
 }
 
-SEC("tc")
-int pod_ingress(struct __sk_buff *skb)
+static __always_inline int ingress_at(struct __sk_buff *skb, __u32 l3_off)
 {
 	struct pod_policy foreign_from, foreign, *p, *from;
 	struct tcp_flow f;
 
 	if (is_marked(skb, REDIRECT_MARK))
-		return looped_ingress(skb);
-	switch (parse_tcp(skb, &f)) {
+		return looped_ingress(skb, l3_off);
+	switch (parse_tcp_at(skb, l3_off, &f)) {
 	case PKT_TCP:
 		break;
 	case PKT_OTHER:
@@ -611,6 +623,18 @@ int pod_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		return bpf_redirect(skb->ifindex, 0);
 	}
+}
+
+SEC("tc")
+int pod_ingress(struct __sk_buff *skb)
+{
+	return ingress_at(skb, L2_ETHERNET);
+}
+
+SEC("tc")
+int pod_ingress_l3(struct __sk_buff *skb)
+{
+	return ingress_at(skb, L2_NONE);
 }
 
 /* On an interface named by istio.io/reroute-virtual-interfaces (a VM's tap, a tunnel): TCP coming in
@@ -668,8 +692,8 @@ int pod_reroute_ingress_l3(struct __sk_buff *skb)
  * default capability) has to send to open or answer any connection, so this closes it both ways.
  * The pod's kernel sockets are the egress guard's (egress_guard.bpf.c, on its cgroup); ztunnel's
  * traffic (as pod_egress knows it), forwarded packets and the kernel's own segments are not
- * touched. On a device without a link header, a frame that is not IP by skb->protocol is dropped
- * too: a tun device's reader goes by the version nibble. */
+ * touched. (On a device without a link header, a frame that is not IP by skb->protocol may carry
+ * TCP: parse_ip.) */
 static __always_inline int guard_egress(struct __sk_buff *skb, __u32 l3_off)
 {
 	struct tcp_flow f;
@@ -682,9 +706,7 @@ static __always_inline int guard_egress(struct __sk_buff *skb, __u32 l3_off)
 			return TC_ACT_UNSPEC;
 		break;
 	case PKT_OTHER:
-		if (f.ip.is_ip || l3_off != L2_NONE)
-			return TC_ACT_UNSPEC;
-		break;
+		return TC_ACT_UNSPEC;
 	default:
 		break;
 	}

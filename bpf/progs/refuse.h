@@ -101,15 +101,16 @@ static __always_inline int write_reset_ip(struct __sk_buff *skb, const struct tc
 }
 
 /* Turns the SYN `f` into the reset its sender gets from a closed port. With `swap_mac` the
- * Ethernet addresses are swapped too, for a reset sent back out of the interface the SYN came in
- * on. Only plain headers (no IPv4 options or IPv6 extension headers); -1 otherwise. */
+ * Ethernet addresses are swapped too (on a device that has them), for a reset sent back out of the
+ * interface the SYN came in on. Only plain headers (no IPv4 options or IPv6 extension headers); -1
+ * otherwise. */
 static __always_inline int syn_to_reset(struct __sk_buff *skb, const struct tcp_flow *f, bool swap_mac)
 {
-	if (!f->ip.plain || f->ip.l3_off != L2_ETHERNET)
+	if (!f->ip.plain)
 		return -1;
 	if (bpf_skb_change_tail(skb, f->ip.l4_off + sizeof(struct tcphdr), 0))
 		return -1;
-	if (swap_mac) {
+	if (swap_mac && f->ip.l3_off == L2_ETHERNET) {
 		__u8 mac[12], swapped[12];
 
 		if (bpf_skb_load_bytes(skb, 0, mac, sizeof(mac)))

@@ -16,6 +16,8 @@ export const GUEST_SUITE = [
   'dist/test/foreign-address.test.js',
   // TCP a pod's sockets send out through an interface without hooks, dropped on the pod's cgroup.
   'dist/test/egress-guard.test.js',
+  // A tun device captured with the L3 programs (tc there).
+  'dist/test/tun-capture.test.js',
 ];
 
 /** Runs on 6.1 by hand only (`node dist/test/old-kernel/run.js dist/test/datapath-lifecycle.test.js`),
@@ -63,6 +65,7 @@ export const NOT_APPLICABLE_ON_6_1: { file: string; name: string; reason: string
     name: 'egress guard: a reroute-virtual-interfaces device (ingress hook only)',
     reason: `${SK_ASSIGN}; reroute-virtual-interfaces needs it`,
   },
+  { file: 'dist/test/tun-capture.test.js', name: 'a tun device of the pod with tcx', reason: TCX },
   // (foreign-address's netns-cookie suite is not listed: Debian's 6.1 has tcNetnsCookie, probed in
   // the guest, so it runs there and must pass.)
 ];
