@@ -542,6 +542,20 @@ describe(
         'ztunnel-15006',
         'an address beyond the record is captured too',
       );
+      // Kubelet's probes arrive on the pod's own veth only: from the probe address on net1, a
+      // connection goes to ztunnel like any other (the reply routed back through net1).
+      await topo.ip(late.ns, 'addr', 'add', '169.254.7.127/32', 'dev', 'eth0');
+      await topo.ip(net.pod, 'route', 'add', '169.254.7.127/32', 'dev', 'net1');
+      assert.equal(
+        await whoAnswers({
+          netns: Topology.netnsPath(late.ns),
+          host: late.podV4,
+          port: APP_PORT,
+          localAddress: '169.254.7.127',
+        }),
+        'ztunnel-15006',
+        'a connection from the probe address on net1 reached the app',
+      );
       const problems = (await dp.verify(uid)).problems;
       assert.ok(!problems.some((p) => /net1|tun0/.test(p)), problems.join('; '));
       assert.equal(servers[0]!.accepted.length, 0, 'the app never took a connection');

@@ -14,6 +14,8 @@ import { podWithRemote, sh, Topology, type PodNet } from './helpers/topology.js'
 import { RecordingServer, ztunnelListener } from './helpers/traffic.js';
 
 const APP_PORT = 8080;
+/** The source the node side of the pod's veth gives kubelet's probes (ambient_shared.h). */
+const PROBE_V4 = '169.254.7.127';
 const TUN_SYN = fileURLToPath(new URL('../../test/fixtures/tun-syn.py', import.meta.url));
 
 after(assertNothingLeft);
@@ -90,6 +92,19 @@ for (const mode of ['tcx', 'tc'] as const) {
       assert.equal(out.trim(), 'connected');
       const got = servers[2]!.accepted.at(-1)!;
       assert.deepEqual([got.localAddress, got.localPort], [behindTun, APP_PORT]);
+    });
+
+    it('gives a SYN from the probe address to ztunnel: kubelet probes arrive on the pod’s veth only', async () => {
+      // (Routed back through tun0, as a VPN's default route would: the answer is seen there.)
+      await topo.ip(net.pod, 'route', 'add', `${PROBE_V4}/32`, 'dev', 'tun0');
+      try {
+        const accepted = servers[0]!.accepted.length;
+        const got = await synIntoTun(net.podPath, 'tun0', PROBE_V4, tunV4, APP_PORT);
+        assert.deepEqual([got.result, got.banner], ['synack', 'ztunnel-15006']);
+        assert.equal(servers[0]!.accepted.length, accepted, 'the app took a connection from the probe address');
+      } finally {
+        await topo.ip(net.pod, 'route', 'del', `${PROBE_V4}/32`, 'dev', 'tun0');
+      }
     });
 
     it('refuses at once without ztunnel’s listener, with a reset sent back through tun0', async () => {

@@ -164,11 +164,14 @@ void captured_set_of(const struct pod_meta *m, const struct pod_ifaces *f, struc
 	if (m->ifindex)
 		out->ifindex[out->count++] = m->ifindex;
 	for (unsigned i = 0; f && i < f->count && i < MAX_POD_IFACES; i++)
-		if (f->iface[i].ifindex)
+		if (f->iface[i].ifindex) {
+			out->secondary[out->count] = true;
 			out->ifindex[out->count++] = f->iface[i].ifindex;
+		}
 	for (unsigned i = 0; i < m->reroute_count && i < MAX_REROUTE_IFACES; i++)
 		if (m->reroute[i].ifindex) {
 			out->ingress_only[out->count] = true;
+			out->secondary[out->count] = true;
 			out->ifindex[out->count++] = m->reroute[i].ifindex;
 		}
 }
@@ -191,7 +194,8 @@ static void gated_remove(const struct policy_maps *maps, const struct pod_meta *
 /* The captured_ifaces value of the set's interface i. */
 static __u64 captured_value(const struct pod_meta *m, const struct captured_set *s, unsigned i)
 {
-	return m->netns_cookie | (s->ingress_only[i] ? CAPTURED_INGRESS_ONLY : 0);
+	return m->netns_cookie | (s->ingress_only[i] ? CAPTURED_INGRESS_ONLY : 0) |
+	       (s->secondary[i] ? CAPTURED_SECONDARY : 0);
 }
 
 int captured_write(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *now,
@@ -231,7 +235,7 @@ static bool captured_entry(const struct policy_maps *maps, const struct pod_meta
 	struct captured_key k = { .slot = m->slot, .ifindex = ifindex };
 
 	return bpf_map_lookup_elem(maps->captured_fd, &k, v) == 0 &&
-	       (*v & ~CAPTURED_INGRESS_ONLY) == m->netns_cookie;
+	       (*v & ~CAPTURED_FLAGS) == m->netns_cookie;
 }
 
 bool captured_has(const struct policy_maps *maps, const struct pod_meta *m, const struct captured_set *s,

@@ -39,6 +39,7 @@ struct captured_set {
 	unsigned count;
 	__u32 ifindex[1 + MAX_POD_IFACES + MAX_REROUTE_IFACES];
 	bool ingress_only[1 + MAX_POD_IFACES + MAX_REROUTE_IFACES];
+	bool secondary[1 + MAX_POD_IFACES + MAX_REROUTE_IFACES]; /* not the pod's own interface */
 };
 
 void captured_set_of(const struct pod_meta *m, const struct pod_ifaces *f, struct captured_set *out);

@@ -225,6 +225,10 @@ struct captured_key {
  * outbound has no hook (a reroute-virtual-interfaces one: ingress only). Cookies count up from 1
  * and never reach it. */
 #define CAPTURED_INGRESS_ONLY (1ull << 63)
+/* And this one for an interface that is not the pod's own (pod_meta.ifindex): a kubelet probe,
+ * whose source the node side of the pod's veth rewrites, never arrives there. */
+#define CAPTURED_SECONDARY (1ull << 62)
+#define CAPTURED_FLAGS (CAPTURED_INGRESS_ONLY | CAPTURED_SECONDARY)
 
 /* gated_netns map: the pod netns whose captured_ifaces entries are written (POD_F_IFACES_GATED),
  * by netns cookie, to the pod's slot: how the egress guard on the pod's cgroup, which knows the

@@ -38,7 +38,8 @@ static __always_inline bool egress_hooked(__u32 slot, __u32 ifindex, __u64 cooki
 	struct captured_key k = { .slot = slot, .ifindex = ifindex };
 	__u64 *v = bpf_map_lookup_elem(&captured_ifaces, &k);
 
-	return v && *v == cookie; /* (an ingress-only one has CAPTURED_INGRESS_ONLY set) */
+	return v &&
+	       (*v & ~CAPTURED_SECONDARY) == cookie; /* (an ingress-only one has CAPTURED_INGRESS_ONLY set) */
 }
 
 SEC("cgroup_skb/egress")

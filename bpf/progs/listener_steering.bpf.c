@@ -48,7 +48,7 @@ extern POD_POLICY_MAP pod_policy SEC(".maps");
 
 extern POD_COUNTERS_MAP pod_counters SEC(".maps");
 
-CAPTURED_IFACES_MAP captured_ifaces SEC(".maps");
+extern CAPTURED_IFACES_MAP captured_ifaces SEC(".maps");
 
 static __always_inline bool ztunnel_port(__u32 port)
 {
@@ -110,7 +110,7 @@ static __always_inline bool on_captured_interface(const struct pod_policy *p, __
 	struct captured_key k = { .slot = p->slot, .ifindex = ifindex };
 	__u64 *cookie = bpf_map_lookup_elem(&captured_ifaces, &k);
 
-	return cookie && (*cookie & ~CAPTURED_INGRESS_ONLY) == p->netns_cookie; /* ingress is hooked on all */
+	return cookie && (*cookie & ~CAPTURED_FLAGS) == p->netns_cookie; /* ingress is hooked on all */
 }
 
 SEC("sk_lookup")

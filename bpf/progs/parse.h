@@ -163,8 +163,10 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 		struct iphdr h;
 		__u16 fo;
 
-		if (bpf_skb_load_bytes(skb, l3_off, &h, sizeof(h)))
+		if (bpf_skb_load_bytes(skb, l3_off, &h, sizeof(h))) {
+			ip->hidden = l3_off == L2_NONE; /* (nothing else says what it is) */
 			return;
+		}
 		if (h.version != 4) {
 			ip->hidden = true; /* what it carries is not what skb->protocol says */
 			return;
@@ -191,8 +193,10 @@ static __always_inline void parse_ip(struct __sk_buff *skb, __u32 l3_off, struct
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr h;
 
-		if (bpf_skb_load_bytes(skb, l3_off, &h, sizeof(h)))
+		if (bpf_skb_load_bytes(skb, l3_off, &h, sizeof(h))) {
+			ip->hidden = l3_off == L2_NONE;
 			return;
+		}
 		if (h.version != 6) {
 			ip->hidden = true; /* what it carries is not what skb->protocol says */
 			return;

@@ -77,6 +77,10 @@ POD_COUNTERS_MAP pod_counters SEC(".maps");
  * this, the first object linked: the linker resolves an extern map only to one defined before it. */
 GATED_NETNS_MAP gated_netns SEC(".maps");
 
+/* The interfaces with the pod's hooks, per pod slot (the socket lookup's and the egress guard's
+ * check; here: which of them is not the pod's own). Defined here for the same reason. */
+CAPTURED_IFACES_MAP captured_ifaces SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -567,6 +571,26 @@ static __always_inline int looped_ingress(struct __sk_buff *skb, __u32 l3_off)
 	}
 }
 
+/* Can a kubelet probe arrive on this interface? Only on the pod's own veth, whose node side rewrites
+ * the probe's source to the probe address: never on a device without a link header, nor on one the
+ * pod's captured_ifaces entries mark as another of its interfaces. (A pod whose entries are not
+ * written, attached by an older release, keeps the exemption until its next pass writes them.) */
+static __always_inline bool probes_arrive_here(struct __sk_buff *skb, const struct pod_policy *p,
+					       __u32 l3_off)
+{
+	struct captured_key k = {};
+	__u64 *v;
+
+	if (l3_off != L2_ETHERNET)
+		return false;
+	if (!p)
+		return true;
+	k.slot = p->slot;
+	k.ifindex = skb->ifindex;
+	v = bpf_map_lookup_elem(&captured_ifaces, &k);
+	return !v || !(*v & CAPTURED_SECONDARY);
+}
+
 static __always_inline int ingress_at(struct __sk_buff *skb, __u32 l3_off)
 {
 	struct pod_policy foreign_from, foreign, *p, *from;
@@ -601,7 +625,7 @@ static __always_inline int ingress_at(struct __sk_buff *skb, __u32 l3_off)
 		count(p, CNT_BYPASS_HBONE);
 		return TC_ACT_UNSPEC;
 	}
-	if (is_probe_or_loopback(&f, true)) {
+	if (is_probe_or_loopback(&f, true) && probes_arrive_here(skb, p, l3_off)) {
 		count(p, CNT_BYPASS_PROBE);
 		return TC_ACT_UNSPEC;
 	}
